@@ -1,0 +1,1 @@
+"""Merging stage: checkpoint sources, merge methods, rules, planning, execution and writing."""

@@ -1,0 +1,144 @@
+"""Execute a merge plan: stream tensors from the sources, compute on the device, hand to a sink.
+
+Peak memory is one tensor per input plus one output tensor (the file sink) or the resident
+model (the sweep engine's sink). Inputs are computed in float32 and checked for NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from merging.methods import get_method
+from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
+from merging.tensor_source import TensorMeta, TensorSource
+from merging.writer import SafetensorsStreamWriter
+from micromerge.atomic import write_json_atomic
+from micromerge.errors import MicromergeError
+from micromerge.hashing import default_cache_dir, sha256_file
+from micromerge.provenance import provenance
+
+Sink = Callable[[str, torch.Tensor], None]
+
+
+def _check_finite(tensor: torch.Tensor, key: str, label: str, allow: bool) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        message = f"{label}: tensor {key!r} contains NaN or Inf"
+        if not allow:
+            raise MicromergeError(f"{message}; pass --allow-nonfinite to merge anyway")
+        warnings.warn(message + " (merging anyway: --allow-nonfinite)", stacklevel=2)
+
+
+def stream_merge(
+    spec: MergeSpec,
+    plans: list[KeyPlan],
+    base: TensorSource,
+    finetuned: list[TensorSource],
+    sink: Sink,
+    order: Iterable[str],
+    device: torch.device,
+    progress: bool = True,
+) -> None:
+    """Compute every key in `order` and give it to `sink` as a tensor of the planned output dtype."""
+    method = get_method(spec.method)
+    by_key = {plan.key: plan for plan in plans}
+    order = list(order)
+    for key in tqdm(order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False):
+        plan = by_key[key]
+        base_tensor = base.read(key)
+        _check_finite(base_tensor, key, base.label, spec.allow_nonfinite)
+        if not plan.merged:
+            sink(key, base_tensor)
+            continue
+        base32 = base_tensor.to(device=device, dtype=torch.float32)
+        others = []
+        for source in finetuned:
+            tensor = source.read(key)
+            _check_finite(tensor, key, source.label, spec.allow_nonfinite)
+            others.append(tensor.to(device=device, dtype=torch.float32))
+        result = method.merge(key, base32, others, plan.strength, spec.params)
+        if key == LOGIT_SCALE_KEY:
+            result = result.clamp(max=LOGIT_SCALE_MAX)
+        sink(key, result)
+
+
+def _file_metadata(record: dict[str, Any], base: TensorSource) -> dict[str, str]:
+    metadata = {"format": "pt", "micromerge.provenance": json.dumps(record, sort_keys=True)}
+    if base.arch.name:
+        metadata["micromerge.arch"] = base.arch.name
+    if base.arch.model_config:
+        metadata["micromerge.model_config"] = json.dumps(base.arch.model_config, sort_keys=True)
+    return metadata
+
+
+@dataclass(frozen=True)
+class MergeOutput:
+    path: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+
+
+def input_hashes(sources: list[TensorSource]) -> dict[str, str]:
+    """sha256 of every input file, computed in parallel threads (hashlib releases the GIL)."""
+    files = [f for source in sources for f in source.files]
+    cache = default_cache_dir()
+    with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
+        digests = list(pool.map(lambda f: sha256_file(f, cache), files))
+    return {str(f): d for f, d in zip(files, digests, strict=True)}
+
+
+def merge_to_file(
+    spec: MergeSpec,
+    base: TensorSource,
+    finetuned: list[TensorSource],
+    out_path: Path,
+    *,
+    device: torch.device,
+    force: bool = False,
+    progress: bool = True,
+    extra_manifest: dict[str, Any] | None = None,
+) -> MergeOutput:
+    """Merge into a safetensors file plus `<file>.manifest.json`; both appear only when complete."""
+    start = time.perf_counter()
+    if out_path.exists() and not force:
+        raise MicromergeError(f"{out_path}: output exists; pass --force to overwrite or choose another --out")
+    plans = plan_merge(spec, base, finetuned)
+    sources = [base, *finetuned]
+    metas = {p.key: TensorMeta(p.meta.shape, p.out_dtype) for p in plans}
+    record = provenance(
+        method=spec.method,
+        parameters=spec.describe(),
+        inputs={str(f): "0" * 64 for s in sources for f in s.files},  # patched once hashing finishes
+        seed=spec.params.seed if get_method(spec.method).stochastic else None,
+    )
+    record["inputs"] = [s.label for s in sources]
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        hashes_future = hasher.submit(input_hashes, sources)
+        with SafetensorsStreamWriter(out_path, metas, _file_metadata(record, base), force=force) as writer:
+            stream_merge(spec, plans, base, finetuned, writer.write, writer.order, device, progress)
+            record["inputs_sha256"] = hashes_future.result()
+            writer.replace_metadata(_file_metadata(record, base))
+    elapsed = time.perf_counter() - start
+    manifest = {
+        **record,
+        "output": str(out_path),
+        "output_dtype": sorted({str(p.out_dtype).replace("torch.", "") for p in plans}),
+        "device": str(device),
+        "seconds": round(elapsed, 3),
+        "merged_keys": sum(p.merged for p in plans),
+        "copied_keys": sum(not p.merged for p in plans),
+        "logit_scale": f"merged like every parameter, then clamped to <= ln(100) = {LOGIT_SCALE_MAX:.4f}",
+        **(extra_manifest or {}),
+    }
+    manifest_path = out_path.with_name(out_path.name + ".manifest.json")
+    write_json_atomic(manifest_path, manifest)
+    return MergeOutput(out_path, manifest_path, manifest)

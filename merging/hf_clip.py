@@ -1,0 +1,175 @@
+"""Transformers-format CLIP (e.g. PLIP, PubMedCLIP) <-> open_clip keys and configs.
+
+Our own mapping, verified numerically in the tests against transformers' CLIPModel: the
+q/k/v projections are concatenated into open_clip's fused `in_proj`, the projections are
+transposed, and the layer names are renamed. Only ViT-based CLIPs exist in this format.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from merging.tensor_source import Recipe
+
+_LAYER_RENAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_FIXED = {
+    "logit_scale": "logit_scale",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+}
+_TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
+_LAYER = re.compile(r"^(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_IGNORED = re.compile(r"(position_ids|\.num_batches_tracked)$")
+
+
+def is_transformers_clip(keys: list[str]) -> bool:
+    return any(k.startswith("vision_model.") for k in keys) and any(k.startswith("text_model.") for k in keys)
+
+
+def hf_to_openclip_recipes(hf_keys: list[str]) -> dict[str, Recipe]:
+    """Recipes that turn transformers CLIP keys into open_clip keys (q, k, v fused into in_proj)."""
+    recipes: dict[str, Recipe] = {}
+    unknown: list[str] = []
+    for key in hf_keys:
+        if _IGNORED.search(key):
+            continue
+        if key in _FIXED:
+            recipes[_FIXED[key]] = Recipe((key,))
+        elif key in _TRANSPOSED:
+            recipes[_TRANSPOSED[key]] = Recipe((key,), "transpose")
+        elif match := _LAYER.match(key):
+            tower, index, module, kind = match.groups()
+            prefix = f"{'visual.' if tower == 'vision' else ''}transformer.resblocks.{index}."
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module == "self_attn.q_proj":
+                    base = key.rsplit(".", 2)[0]
+                    sources = tuple(f"{base}.{p}_proj.{kind}" for p in "qkv")
+                    recipes[f"{prefix}attn.in_proj_{kind}"] = Recipe(sources, "cat0")
+            elif module in _LAYER_RENAMES:
+                recipes[f"{prefix}{_LAYER_RENAMES[module]}.{kind}"] = Recipe((key,))
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        from micromerge.errors import MicromergeError
+
+        raise MicromergeError(
+            f"transformers CLIP checkpoint has keys with no open_clip equivalent: {unknown[:3]} "
+            f"(+{max(0, len(unknown) - 3)} more); only ViT CLIP checkpoints are supported"
+        )
+    return recipes
+
+
+def openclip_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Export an open_clip ViT CLIP state dict with transformers' CLIPModel key names."""
+    inverse_fixed = {v: k for k, v in _FIXED.items()}
+    inverse_transposed = {v: k for k, v in _TRANSPOSED.items()}
+    inverse_layer = {v: k for k, v in _LAYER_RENAMES.items()}
+    pattern = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(attn\.in_proj|.+)[._](weight|bias)$")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in inverse_fixed:
+            out[inverse_fixed[key]] = value
+        elif key in inverse_transposed:
+            out[inverse_transposed[key]] = value.t().contiguous()
+        elif match := pattern.match(key):
+            visual, index, module, kind = match.groups()
+            base = f"{'vision' if visual else 'text'}_model.encoder.layers.{index}."
+            if module == "attn.in_proj":
+                for name, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
+                    out[f"{base}self_attn.{name}_proj.{kind}"] = chunk.contiguous()
+            else:
+                out[f"{base}{inverse_layer[module]}.{kind}"] = value
+        elif key == "attn_mask":
+            continue
+        else:
+            from micromerge.errors import MicromergeError
+
+            raise MicromergeError(
+                f"cannot export key {key!r} to transformers CLIP format (only ViT CLIPs are supported)"
+            )
+    return out
+
+
+def hf_config_to_openclip(config: dict[str, Any]) -> dict[str, Any]:
+    """open_clip model config (the dict `open_clip.model.CLIP(**cfg)` takes) from a CLIPConfig dict."""
+    text, vision = config["text_config"], config["vision_config"]
+    act = vision.get("hidden_act", "quick_gelu")
+    return {
+        "embed_dim": int(config.get("projection_dim", 512)),
+        "quick_gelu": act == "quick_gelu",
+        "vision_cfg": {
+            "image_size": int(vision.get("image_size", 224)),
+            "layers": int(vision.get("num_hidden_layers", 12)),
+            "width": int(vision.get("hidden_size", 768)),
+            "head_width": int(vision.get("hidden_size", 768)) // int(vision.get("num_attention_heads", 12)),
+            "mlp_ratio": int(vision.get("intermediate_size", 3072)) / int(vision.get("hidden_size", 768)),
+            "patch_size": int(vision.get("patch_size", 32)),
+        },
+        "text_cfg": {
+            "context_length": int(text.get("max_position_embeddings", 77)),
+            "vocab_size": int(text.get("vocab_size", 49408)),
+            "width": int(text.get("hidden_size", 512)),
+            "heads": int(text.get("num_attention_heads", 8)),
+            "layers": int(text.get("num_hidden_layers", 12)),
+            "mlp_ratio": int(text.get("intermediate_size", 2048)) / int(text.get("hidden_size", 512)),
+        },
+    }
+
+
+def openclip_config_to_hf(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A transformers CLIPConfig dict for an open_clip ViT CLIP config (for export)."""
+    vision, text = model_config["vision_cfg"], model_config["text_cfg"]
+    act = "quick_gelu" if model_config.get("quick_gelu") else "gelu"
+    v_width, t_width = int(vision["width"]), int(text["width"])
+    return {
+        "model_type": "clip",
+        "architectures": ["CLIPModel"],
+        "projection_dim": int(model_config["embed_dim"]),
+        "logit_scale_init_value": 2.6592,
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": int(text.get("vocab_size", 49408)),
+            "hidden_size": t_width,
+            "intermediate_size": int(t_width * float(text.get("mlp_ratio", 4.0))),
+            "num_hidden_layers": int(text["layers"]),
+            "num_attention_heads": int(text.get("heads", 8)),
+            "max_position_embeddings": int(text.get("context_length", 77)),
+            "hidden_act": act,
+            "projection_dim": int(model_config["embed_dim"]),
+            # open_clip's tokenizers put start/end of text at the top of the vocabulary
+            "bos_token_id": int(text.get("vocab_size", 49408)) - 2,
+            "eos_token_id": int(text.get("vocab_size", 49408)) - 1,
+            "pad_token_id": 0,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": v_width,
+            "intermediate_size": int(v_width * float(vision.get("mlp_ratio", 4.0))),
+            "num_hidden_layers": int(vision["layers"]),
+            "num_attention_heads": v_width // int(vision.get("head_width", 64)),
+            "image_size": int(vision["image_size"]),
+            "patch_size": int(vision["patch_size"]),
+            "hidden_act": act,
+            "projection_dim": int(model_config["embed_dim"]),
+        },
+    }

@@ -1,0 +1,159 @@
+"""Read tensors out of whole-module pickles (wise-ft, task_vectors) without running their code.
+
+Those checkpoints pickle `ImageEncoder`/`ImageClassifier` objects holding old open_clip classes
+(`VisualTransformer`, ...) that no longer exist, so a plain `torch.load` fails with "Can't get
+attribute 'VisualTransformer'". Here every class the pickle names is replaced by an inert
+stand-in that only records its state; the only real callables are torch's tensor rebuilders.
+Nothing from the file is imported or executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from micromerge.errors import MicromergeError
+
+_WRAPPER_PREFIXES = ("module.", "image_encoder.", "model.")
+
+
+class StandIn:
+    """An inert object standing for a class the pickle named; it records args and state only."""
+
+    stand_in_for = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
+        instance = object.__new__(cls)
+        instance.__dict__["_args"] = args
+        instance.__dict__["_state"] = {}
+        return instance
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            merged = dict(state[0] or {})
+            merged.update(state[1] or {})
+            state = merged
+        self.__dict__["_state"] = state if isinstance(state, dict) else {"_value": state}
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEMS on dict subclasses
+        self.__dict__["_state"][key] = value
+
+    def append(self, value: Any) -> None:  # APPENDS on list subclasses
+        self.__dict__["_state"].setdefault("_items", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+
+def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    return cls.__new__(cls) if isinstance(cls, type) and issubclass(cls, StandIn) else StandIn()
+
+
+def _safe_rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    return func(*args)  # drop the (unknown) tensor subclass, keep the data
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch._tensor", "_rebuild_from_type_v2"): _safe_rebuild_from_type,
+    ("collections", "OrderedDict"): dict,
+    ("torch", "Size"): torch.Size,
+    ("copyreg", "_reconstructor"): _safe_reconstructor,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+}
+
+
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves torch's tensor rebuilders for real and every other name to a StandIn subclass."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)  # protocol-2 pickles name Python 2 modules
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (StandIn,), {"stand_in_for": f"{module}.{name}"})
+
+
+_PICKLE_MODULE = types.SimpleNamespace(
+    Unpickler=RestrictedUnpickler, load=pickle.load, __name__="restricted_pickle"
+)
+
+
+def collect_tensors(
+    obj: Any, prefix: str = "", out: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Walk the unpickled object graph the way nn.Module.state_dict names things."""
+    out = {} if out is None else out
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj.detach()
+    elif isinstance(obj, StandIn):
+        state = obj.__dict__["_state"]
+        if "_parameters" in state or "_modules" in state:
+            skip = set(state.get("_non_persistent_buffers_set") or ())
+            for name, value in (state.get("_parameters") or {}).items():
+                if value is not None:
+                    collect_tensors(value, f"{prefix}{name}.", out)
+            for name, value in (state.get("_buffers") or {}).items():
+                if value is not None and name not in skip:
+                    collect_tensors(value, f"{prefix}{name}.", out)
+            for name, value in (state.get("_modules") or {}).items():
+                if value is not None:
+                    collect_tensors(value, f"{prefix}{name}.", out)
+        else:
+            for name, value in state.items():
+                if isinstance(name, str) and not name.startswith("_"):
+                    collect_tensors(value, f"{prefix}{name}.", out)
+    elif isinstance(obj, dict):
+        for name, value in obj.items():
+            collect_tensors(value, f"{prefix}{name}.", out)
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            collect_tensors(value, f"{prefix}{index}.", out)
+    return out
+
+
+def to_openclip_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the wrappers wise-ft/task_vectors put around the CLIP model (`image_encoder.model.`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        stripped = key
+        changed = True
+        while changed:
+            changed = False
+            for wrapper in _WRAPPER_PREFIXES:
+                if stripped.startswith(wrapper):
+                    stripped, changed = stripped[len(wrapper) :], True
+        out[stripped] = value
+    return out
+
+
+def load_legacy_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a whole-module pickle, by open_clip key, with no code from the file run."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULE)
+    except Exception as exc:  # any failure of a foreign pickle is the file's problem
+        raise MicromergeError(
+            f"{path}: not a readable torch pickle ({type(exc).__name__}: {exc})".splitlines()[0]
+        ) from exc
+    tensors = to_openclip_keys(collect_tensors(obj))
+    if not tensors:
+        raise MicromergeError(f"{path}: the pickle holds no tensors")
+    return tensors

@@ -1,0 +1,178 @@
+"""One door to build a CLIP model: the model-config registry, shape inference, tokenizer, transform.
+
+Configs come from `merging/model_configs/*.json` (this project's, e.g. `micro-clip`) and then
+from open_clip's own registry. Models are built with `open_clip.model.CLIP(**config)` so that
+nothing is registered globally and nothing is downloaded (random init, then our weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.tensor_source import ArchInfo, TensorMeta, TensorSource
+from micromerge.errors import MicromergeError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def project_model_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+@cache
+def _project_config(name: str) -> str | None:
+    path = CONFIG_DIR / f"{name}.json"
+    return path.read_text() if path.is_file() else None
+
+
+def get_model_config(name: str) -> dict[str, Any]:
+    """The open_clip model config for a name: this project's configs first, then open_clip's."""
+    text = _project_config(name)
+    if text is not None:
+        return json.loads(text)
+    import open_clip
+
+    config = open_clip.get_model_config(name)
+    if not config:
+        raise MicromergeError(
+            f"unknown architecture {name!r}: use an open_clip model name (e.g. ViT-B-32) or one of {project_model_names()}"
+        )
+    return copy.deepcopy(config)
+
+
+def infer_model_config(metas: dict[str, TensorMeta]) -> dict[str, Any] | None:
+    """Read a ViT CLIP's config off its tensor shapes (for checkpoints that do not name one)."""
+    try:
+        conv = metas["visual.conv1.weight"].shape
+        width, patch = conv[0], conv[2]
+        grid = int(round((metas["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        v_layers = 1 + max(
+            int(m.group(1)) for k in metas if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))
+        )
+        t_layers = 1 + max(
+            int(m.group(1)) for k in metas if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))
+        )
+        t_width = metas["ln_final.weight"].shape[0]
+        v_mlp = metas["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
+        t_mlp = metas["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width
+    except (KeyError, ValueError):
+        return None
+    return {
+        "embed_dim": metas["text_projection"].shape[1],
+        "quick_gelu": False,
+        "vision_cfg": {
+            "image_size": grid * patch,
+            "layers": v_layers,
+            "width": width,
+            "head_width": 64 if width % 64 == 0 else width // max(1, width // 32),
+            "mlp_ratio": v_mlp,
+            "patch_size": patch,
+        },
+        "text_cfg": {
+            "context_length": metas["positional_embedding"].shape[0],
+            "vocab_size": metas["token_embedding.weight"].shape[0],
+            "width": t_width,
+            "heads": max(1, t_width // 64),
+            "layers": t_layers,
+            "mlp_ratio": t_mlp,
+        },
+    }
+
+
+def resolve_model_config(arch: ArchInfo, metas: dict[str, TensorMeta] | None = None) -> dict[str, Any]:
+    if arch.model_config:
+        return copy.deepcopy(arch.model_config)
+    if arch.name:
+        return get_model_config(arch.name)
+    inferred = infer_model_config(metas or {})
+    if inferred is None:
+        raise MicromergeError(
+            "cannot tell this checkpoint's architecture: pass --arch NAME (an open_clip model name)"
+        )
+    return inferred
+
+
+def build_model(model_config: dict[str, Any]) -> torch.nn.Module:
+    """A randomly initialised open_clip model for a config; never downloads anything."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    config = copy.deepcopy(model_config)
+    for key in ("custom_text", "preprocess_cfg"):
+        config.pop(key, None)
+    text_cfg = config.get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):
+        text_cfg["hf_model_pretrained"] = False
+        vision_cfg = config.get("vision_cfg", {})
+        if vision_cfg.get("timm_model_name"):
+            vision_cfg["timm_model_pretrained"] = False
+        return CustomTextCLIP(**config)
+    return CLIP(**config)
+
+
+def load_model(
+    source: TensorSource, model_config: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the model a source describes and load its weights (strict: every key must match)."""
+    metas = {key: source.meta(key) for key in source.keys()}
+    config = model_config or resolve_model_config(source.arch, metas)
+    model = build_model(config)
+    expected = model.state_dict()
+    state = {}
+    for key, tensor in expected.items():
+        if key not in metas:
+            continue
+        state[key] = source.read(key).to(tensor.dtype).clone()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(metas) - set(expected))
+    mismatched = [k for k in state if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:3]} (+{len(missing) - min(3, len(missing))})")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:3]} (+{len(unexpected) - min(3, len(unexpected))})")
+        if mismatched:
+            k = mismatched[0]
+            details.append(
+                f"shape of {k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+            )
+        raise MicromergeError(
+            f"{source.label}: weights do not fit the architecture: {'; '.join(details)}; check --arch"
+        )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, config
+
+
+def tokenizer_for(model_config: dict[str, Any]):
+    """open_clip's tokenizer for a config; the BPE vocabulary ships in its wheel (no network)."""
+    import open_clip
+
+    text_cfg = model_config.get("text_cfg", {})
+    context_length = int(text_cfg.get("context_length", 77))
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+def eval_transform(model_config: dict[str, Any]):
+    """The evaluation image transform (resize, centre crop, normalise) for a config."""
+    import open_clip
+
+    size = model_config.get("vision_cfg", {}).get("image_size", 224)
+    preprocess = model_config.get("preprocess_cfg", {})
+    return open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
+        std=tuple(preprocess.get("std", OPENAI_STD)),
+    )

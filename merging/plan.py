@@ -1,0 +1,144 @@
+"""A merge plan: the validated, per-key decisions made before any tensor is read.
+
+Config flows one way: CLI flags or a config file -> MergeSpec (frozen) -> plan -> execution.
+Validation happens here so a bad input fails in milliseconds with a message that names it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from merging.methods import MergeMethod, MethodParams, get_method
+from merging.rules import KeyRules
+from merging.tensor_source import TensorMeta, TensorSource
+from micromerge.errors import MicromergeError
+
+LOGIT_SCALE_KEY = "logit_scale"
+LOGIT_SCALE_MAX = math.log(100.0)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    method: str
+    params: MethodParams = field(default_factory=MethodParams)
+    rules: KeyRules = field(default_factory=KeyRules)
+    out_dtype: str | None = None
+    allow_nonfinite: bool = False
+
+    def describe(self) -> dict:
+        method = get_method(self.method)
+        described = {
+            ("alpha" if name == "strength" else name): getattr(self.params, name) for name in method.uses
+        }
+        if described.get("weights") is not None:
+            described["weights"] = list(described["weights"])
+        described.update(
+            include=list(self.rules.include),
+            exclude=list(self.rules.exclude),
+            alpha_rules=[list(rule) for rule in self.rules.strength_rules],
+        )
+        return described
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    key: str
+    meta: TensorMeta
+    out_dtype: torch.dtype
+    merged: bool
+    strength: float
+
+
+def check_strength(method: MergeMethod, value: float, label: str) -> None:
+    if method.name in ("wise-ft", "slerp") and not 0.0 <= value <= 1.0:
+        warnings.warn(
+            f"{label}={value} is outside [0, 1]: this extrapolates beyond the two models, not an interpolation",
+            stacklevel=2,
+        )
+
+
+def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource]) -> list[KeyPlan]:
+    method = get_method(spec.method)
+    count = len(finetuned)
+    if count < method.min_finetuned or (method.max_finetuned is not None and count > method.max_finetuned):
+        wanted = (
+            f"exactly {method.min_finetuned}"
+            if method.min_finetuned == method.max_finetuned
+            else f"at least {method.min_finetuned}"
+        )
+        raise MicromergeError(f"--method {method.name} takes {wanted} --ft checkpoint(s), got {count}")
+    if method.name == "linear":
+        weights = spec.params.weights
+        if weights is not None and len(weights) != count + 1:
+            raise MicromergeError(
+                f"--weights: linear needs {count + 1} weights (base first, then each --ft), got {len(weights)}"
+            )
+        if weights is not None and abs(sum(weights) - 1.0) > 1e-6:
+            warnings.warn(
+                f"--weights sum to {sum(weights):g}, not 1: used as given (no normalisation)", stacklevel=2
+            )
+        if spec.rules.strength_rules:
+            raise MicromergeError(
+                "--alpha-rule does not apply to linear (it uses --weights); use wise-ft or task-arithmetic"
+            )
+    else:
+        check_strength(method, spec.params.strength, "--alpha")
+        for pattern, value in spec.rules.strength_rules:
+            check_strength(method, value, f"--alpha-rule {pattern}")
+    if method.name == "ties" and not 0.0 < spec.params.density <= 1.0:
+        raise MicromergeError(f"--density {spec.params.density}: must be in (0, 1]")
+    if method.name == "dare" and not 0.0 <= spec.params.drop_rate < 1.0:
+        raise MicromergeError(f"--drop-rate {spec.params.drop_rate}: must be in [0, 1)")
+    if spec.out_dtype is not None and spec.out_dtype not in DTYPE_BY_NAME:
+        raise MicromergeError(f"--dtype {spec.out_dtype}: choose one of {sorted(DTYPE_BY_NAME)}")
+
+    base_keys = base.keys()
+    merged_keys = [k for k in base_keys if spec.rules.is_merged(k)]
+    for pattern in spec.rules.unused_patterns(base_keys):
+        warnings.warn(f"rule pattern {pattern!r} matches no key in {base.label}", stacklevel=2)
+    if not merged_keys:
+        raise MicromergeError("the include/exclude rules leave no key to merge")
+    for source in finetuned:
+        _check_compatible(base, source, merged_keys)
+
+    plans = []
+    for key in base_keys:
+        meta = base.meta(key)
+        is_float = meta.dtype in FLOAT_DTYPES
+        out_dtype = DTYPE_BY_NAME[spec.out_dtype] if (spec.out_dtype and is_float) else meta.dtype
+        merged = is_float and key in merged_keys
+        plans.append(
+            KeyPlan(key, meta, out_dtype, merged, spec.rules.strength_for(key, spec.params.strength))
+        )
+    return plans
+
+
+def _check_compatible(base: TensorSource, other: TensorSource, keys: list[str]) -> None:
+    other_keys = set(other.keys())
+    missing = [k for k in keys if k not in other_keys]
+    mismatched = [
+        (k, base.meta(k).shape, other.meta(k).shape)
+        for k in keys
+        if k in other_keys and base.meta(k).shape != other.meta(k).shape
+    ]
+    extra = sorted(other_keys - set(base.keys()))
+    if not (missing or mismatched or extra):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from it, first {missing[:3]}")
+    if extra:
+        parts.append(f"{len(extra)} key(s) not in the base, first {extra[:3]}")
+    if mismatched:
+        k, a, b = mismatched[0]
+        parts.append(f"{len(mismatched)} shape mismatch(es), first {k}: base {list(a)} vs {list(b)}")
+    raise MicromergeError(
+        f"{other.label} does not match the base {base.label} (different architectures?): {'; '.join(parts)}; "
+        "use --include/--exclude to merge only the shared part"
+    )

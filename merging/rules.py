@@ -1,0 +1,62 @@
+"""Which keys are merged and with what strength: include/exclude patterns and per-pattern alpha.
+
+Patterns are shell globs on open_clip keys (`visual.*`, `visual.transformer.resblocks.1[01].*`)
+or regular expressions prefixed with `re:`. Alpha rules are ordered; the first match wins.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from micromerge.errors import MicromergeError
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        try:
+            compiled = re.compile(pattern[3:])
+        except re.error as exc:
+            raise MicromergeError(f"rule pattern {pattern!r}: invalid regular expression ({exc})") from exc
+        return lambda key: compiled.search(key) is not None
+    return lambda key: fnmatch.fnmatchcase(key, pattern)
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    strength_rules: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_include", [_matcher(p) for p in self.include])
+        object.__setattr__(self, "_exclude", [_matcher(p) for p in self.exclude])
+        object.__setattr__(self, "_strength", [(_matcher(p), v) for p, v in self.strength_rules])
+
+    def is_merged(self, key: str) -> bool:
+        if self._include and not any(match(key) for match in self._include):
+            return False
+        return not any(match(key) for match in self._exclude)
+
+    def strength_for(self, key: str, default: float) -> float:
+        for match, value in self._strength:
+            if match(key):
+                return value
+        return default
+
+    def unused_patterns(self, keys: list[str]) -> list[str]:
+        """Patterns that match no key: almost always a typo the user wants to hear about."""
+        patterns = [*self.include, *self.exclude, *(p for p, _ in self.strength_rules)]
+        return [p for p in patterns if not any(_matcher(p)(k) for k in keys)]
+
+
+def parse_strength_rule(text: str) -> tuple[str, float]:
+    """`PATTERN=VALUE` from the command line."""
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern:
+        raise MicromergeError(f"--alpha-rule {text!r}: expected PATTERN=VALUE, e.g. 'visual.*=0.3'")
+    try:
+        return pattern, float(value)
+    except ValueError:
+        raise MicromergeError(f"--alpha-rule {text!r}: {value!r} is not a number") from None

@@ -1,0 +1,235 @@
+"""Resolve what the user names (zoo name, hf-hub id, file, folder) into a TensorSource.
+
+Every format a microscopy researcher holds ends up as open_clip keys: safetensors (single or
+sharded), `.pt`/`.bin` state dicts and open_clip training checkpoints (weights_only), open_clip
+hub folders, transformers CLIP folders (keys converted), and legacy whole-module pickles (only
+with allow_pickle, read by the restricted unpickler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from merging import hf_clip
+from merging.legacy_pickle import load_legacy_pickle
+from merging.tensor_source import ArchInfo, DictSource, MappedSource, SafetensorsSource, TensorSource
+from merging.zoo import ZooEntry, load_zoo
+from micromerge.errors import MicromergeError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def open_source(spec: str, *, allow_pickle: bool = False, arch: str | None = None) -> TensorSource:
+    """Open a checkpoint by zoo name, `hf-hub:org/repo`, file or folder; `arch` overrides detection."""
+    path = Path(spec)
+    if path.exists():
+        source = _open_path(path, allow_pickle)
+    elif spec.startswith("hf-hub:"):
+        source = _open_openclip_hub(spec[len("hf-hub:") :], label=spec)
+    else:
+        zoo = load_zoo()
+        if spec in zoo:
+            source = _open_zoo(zoo[spec])
+        elif any(ch in spec for ch in "/\\.") or spec.endswith(PICKLE_SUFFIXES):
+            raise MicromergeError(f"{spec}: no such file or folder")
+        else:
+            raise MicromergeError(
+                f"{spec}: not a file, folder, hf-hub: id or zoo name (see `micromerge zoo`)"
+            )
+    if arch:
+        source.arch = ArchInfo(name=arch)
+    return source
+
+
+def _open_path(path: Path, allow_pickle: bool) -> TensorSource:
+    if path.is_dir():
+        return _open_folder(path, allow_pickle)
+    if not os.access(path, os.R_OK):
+        raise MicromergeError(f"{path}: file is not readable (check its permissions)")
+    if path.name.endswith(".safetensors.index.json"):
+        return _open_sharded(path)
+    if path.suffix == ".safetensors":
+        return _maybe_transformers(SafetensorsSource([path], label=str(path)), path.parent)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _maybe_transformers(_open_pickle(path, allow_pickle), path.parent)
+    raise MicromergeError(
+        f"{path}: unknown checkpoint format; expected .safetensors, .pt/.pth/.bin/.ckpt or a folder"
+    )
+
+
+def _open_sharded(index_path: Path) -> TensorSource:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, KeyError) as exc:
+        raise MicromergeError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from exc
+    shards = sorted({index_path.parent / name for name in weight_map.values()})
+    for shard in shards:
+        if not shard.is_file():
+            raise MicromergeError(f"{index_path}: shard {shard.name} is missing")
+    source = SafetensorsSource(shards, label=str(index_path))
+    return _maybe_transformers(source, index_path.parent)
+
+
+def _open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise MicromergeError(
+                f"{path}: this pickle holds Python objects, not just tensors; pass --allow-pickle to read its "
+                "tensors with micromerge's restricted unpickler (no code from the file is run)"
+            ) from exc
+        return DictSource(load_legacy_pickle(path), label=str(path), files=[path])
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise MicromergeError(
+            f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]})"
+        ) from exc
+    tensors = _unwrap_state_dict(obj, path)
+    return DictSource(tensors, label=str(path), files=[path])
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or an open_clip/trainer checkpoint ({'state_dict': ...}, 'module.' prefixes)."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MicromergeError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise MicromergeError(f"{path}: holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _maybe_transformers(source: TensorSource, folder: Path) -> TensorSource:
+    keys = source.keys()
+    if not hf_clip.is_transformers_clip(keys):
+        return source
+    config_path = folder / "config.json"
+    arch = ArchInfo()
+    if config_path.is_file():
+        arch = ArchInfo(model_config=hf_clip.hf_config_to_openclip(json.loads(config_path.read_text())))
+    return MappedSource(source, hf_clip.hf_to_openclip_recipes(keys), arch=arch)
+
+
+def _open_folder(folder: Path, allow_pickle: bool) -> TensorSource:
+    """A transformers CLIP folder (config.json + weights) or an open_clip folder (open_clip_config.json)."""
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return _open_path(folder / name, allow_pickle)
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            source = _open_path(folder / name, allow_pickle)
+            config_file = folder / "open_clip_config.json"
+            if config_file.is_file():
+                source.arch = ArchInfo(model_config=json.loads(config_file.read_text()).get("model_cfg"))
+            return source
+    raise MicromergeError(
+        f"{folder}: no checkpoint found (expected model.safetensors, pytorch_model.bin, "
+        "open_clip_model.safetensors or open_clip_pytorch_model.bin)"
+    )
+
+
+def _offline_error(what: str, repo: str, exc: Exception) -> MicromergeError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    why = "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if offline else "the hub is unreachable"
+    return MicromergeError(
+        f"{what}: cannot fetch {repo} ({why}); download it where there is a network "
+        f"(`hf download {repo} --local-dir DIR`) and pass DIR instead, or set HF_HUB_OFFLINE=1 to fail fast"
+    )
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    """A file of a hub repo via the cache; None only when the hub says the repo lacks it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except LocalEntryNotFoundError:
+        raise  # offline and not cached: not the same as "the repo has no such file"
+    except EntryNotFoundError:
+        return None
+
+
+def _open_openclip_hub(repo: str, label: str, model_config: dict | None = None) -> TensorSource:
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        config_file = _hub_file(repo, "open_clip_config.json")
+        weights = Path(download_pretrained_from_hf(repo))
+    except Exception as exc:
+        raise _offline_error(label, repo, exc) from exc
+    source = _open_path(weights, allow_pickle=False)
+    if model_config is None and config_file is not None:
+        model_config = json.loads(config_file.read_text()).get("model_cfg")
+    if model_config is not None:
+        source.arch = ArchInfo(model_config=model_config)
+    return source
+
+
+def _open_transformers_hub(repo: str, label: str) -> TensorSource:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        config_file = _hub_file(repo, "config.json")
+    except Exception as exc:
+        raise _offline_error(label, repo, exc) from exc
+    weights, last_error = None, None
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        try:
+            weights = _hub_file(repo, name)
+        except LocalEntryNotFoundError as exc:  # offline: this form is not cached, another may be
+            last_error = exc
+            continue
+        except Exception as exc:
+            raise _offline_error(label, repo, exc) from exc
+        if weights is not None:
+            break
+    if weights is None and last_error is not None:
+        raise _offline_error(label, repo, last_error)
+    if config_file is None or weights is None:
+        raise MicromergeError(f"{label}: {repo} has no config.json with model weights in transformers format")
+    if weights.name.endswith(".index.json"):
+        for shard in set(json.loads(weights.read_text())["weight_map"].values()):
+            try:
+                _hub_file(repo, shard)
+            except Exception as exc:
+                raise _offline_error(label, repo, exc) from exc
+    return _open_path(weights, allow_pickle=False)
+
+
+def _open_zoo(entry: ZooEntry) -> TensorSource:
+    label = f"zoo:{entry.name}"
+    if entry.format == "open_clip_tag":
+        from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(entry.open_clip_name or "", entry.tag or "")
+        if not cfg:
+            raise MicromergeError(
+                f"{label}: open_clip has no pretrained tag {entry.tag!r} for {entry.open_clip_name}"
+            )
+        try:
+            weights = Path(download_pretrained(cfg))
+        except Exception as exc:
+            raise _offline_error(label, cfg.get("hf_hub", "").rstrip("/"), exc) from exc
+        source = _open_path(weights, allow_pickle=False)
+    elif entry.format == "open_clip_hub":
+        source = _open_openclip_hub(entry.repo or "", label, entry.model_config())
+    else:
+        source = _open_transformers_hub(entry.repo or "", label)
+    if entry.arch and not (source.arch.name or source.arch.model_config):
+        source.arch = ArchInfo(name=entry.arch)
+    source.label = label
+    return source

@@ -1,0 +1,43 @@
+"""Read TOML or YAML configuration files into plain dicts (dataclasses are built by each stage)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from micromerge.errors import MicromergeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    file_path = Path(path)
+    if not file_path.is_file():
+        raise MicromergeError(f"{file_path}: config file not found")
+    text = file_path.read_text()
+    try:
+        if file_path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif file_path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise MicromergeError(f"{file_path}: config must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise MicromergeError(
+            f"{file_path}: not valid {file_path.suffix[1:].upper()}: {exc}".splitlines()[0]
+        ) from exc
+    if not isinstance(data, dict):
+        raise MicromergeError(f"{file_path}: top level must be a table/mapping")
+    return data
+
+
+def reject_unknown_keys(section: str, data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise MicromergeError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

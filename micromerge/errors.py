@@ -1,0 +1,11 @@
+"""One exception type for every problem the user can fix.
+
+The CLI turns it into a one-line message and exit code 2, so no stage ever needs to
+know about click or print tracebacks for bad input.
+"""
+
+
+class MicromergeError(Exception):
+    """A user-fixable problem: the message names the file, key or value and the fix."""
+
+    exit_code = 2

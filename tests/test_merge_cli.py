@@ -1,0 +1,489 @@
+"""`merge` end to end on small open_clip checkpoints, and every bad input the issue lists."""
+
+import json
+import math
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from micromerge.cli import cli, merge_command
+from tests.helpers import random_state_dict, write_checkpoint
+
+
+@pytest.fixture
+def pair(tmp_path):
+    base = write_checkpoint(tmp_path / "base.safetensors", 0)
+    ft = write_checkpoint(tmp_path / "ft.safetensors", 1)
+    return tmp_path, base, ft
+
+
+def invoke(*args):
+    return CliRunner().invoke(merge_command, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
+    tmp, base, ft = pair
+    out = tmp / "m.safetensors"
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "ft.safetensors",
+        "--alpha",
+        0.25,
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    merged = load_file(str(out))
+    for key in base:
+        expected = 0.75 * base[key] + 0.25 * ft[key]
+        if key == "logit_scale":
+            expected = expected.clamp(max=math.log(100))
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=0)
+    manifest = json.loads((tmp / "m.safetensors.manifest.json").read_text())
+    assert manifest["method"] == "wise-ft" and manifest["parameters"]["alpha"] == 0.25
+    digests = manifest["inputs_sha256"]
+    import hashlib
+
+    assert set(digests.values()) == {
+        hashlib.sha256((tmp / n).read_bytes()).hexdigest() for n in ("base.safetensors", "ft.safetensors")
+    }
+    assert manifest["micromerge_version"] and "seconds" in manifest
+    with safe_open(str(out), "pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["micromerge.provenance"])["inputs_sha256"] == digests
+    assert meta["micromerge.arch"] == "nano-clip"
+
+
+def test_same_inputs_same_bytes(pair):
+    tmp, _, _ = pair
+    for name in ("a", "b"):
+        assert (
+            invoke(
+                "--base",
+                tmp / "base.safetensors",
+                "--ft",
+                tmp / "ft.safetensors",
+                "--method",
+                "dare",
+                "--seed",
+                3,
+                "--out",
+                tmp / f"{name}.safetensors",
+            ).exit_code
+            == 0
+        )
+    assert (tmp / "a.safetensors").read_bytes() == (tmp / "b.safetensors").read_bytes()
+
+
+def test_alphas_write_one_checkpoint_per_alpha(pair):
+    tmp, base, ft = pair
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "ft.safetensors",
+        "--alphas",
+        "0:1:0.5",
+        "--out",
+        tmp / "sweep",
+    )
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp / "sweep").glob("*.safetensors"))
+    assert [f.name for f in files] == [
+        "alpha-0.0000.safetensors",
+        "alpha-0.5000.safetensors",
+        "alpha-1.0000.safetensors",
+    ]
+    assert torch.equal(load_file(str(files[0]))["visual.proj"], base["visual.proj"])
+    assert torch.equal(load_file(str(files[2]))["visual.proj"], ft["visual.proj"])
+
+
+def test_task_arithmetic_ties_with_several_ft_and_rules(pair):
+    tmp, base, ft = pair
+    ft2 = write_checkpoint(tmp / "ft2.safetensors", 2)
+    out = tmp / "ta.safetensors"
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "ft.safetensors",
+        "--ft",
+        tmp / "ft2.safetensors",
+        "--method",
+        "task-arithmetic",
+        "--alpha",
+        0.5,
+        "--include",
+        "visual.*",
+        "--alpha-rule",
+        "visual.transformer.resblocks.0.*=0.1",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    merged = load_file(str(out))
+    assert torch.equal(merged["token_embedding.weight"], base["token_embedding.weight"]), (
+        "text tower not merged"
+    )
+    key0 = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    key1 = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    torch.testing.assert_close(
+        merged[key0],
+        base[key0] + 0.1 * ((ft[key0] - base[key0]) + (ft2[key0] - base[key0])),
+        atol=1e-6,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        merged[key1],
+        base[key1] + 0.5 * ((ft[key1] - base[key1]) + (ft2[key1] - base[key1])),
+        atol=1e-6,
+        rtol=0,
+    )
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "ft.safetensors",
+        "--ft",
+        tmp / "ft2.safetensors",
+        "--method",
+        "ties",
+        "--alpha",
+        1.0,
+        "--out",
+        tmp / "ties.safetensors",
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_config_file_and_dtype(pair):
+    tmp, base, ft = pair
+    config = tmp / "merge.toml"
+    config.write_text(
+        f'[merge]\nbase = "{tmp / "base.safetensors"}"\nfinetuned = ["{tmp / "ft.safetensors"}"]\nmethod = "slerp"\n'
+        f'alpha = 0.3\ndtype = "bfloat16"\nout = "{tmp / "cfg.safetensors"}"\n'
+    )
+    result = invoke("--config", config)
+    assert result.exit_code == 0, result.output
+    merged = load_file(str(tmp / "cfg.safetensors"))
+    assert merged["visual.proj"].dtype == torch.bfloat16
+    yaml_config = tmp / "merge.yaml"
+    yaml_config.write_text(
+        f"merge:\n  base: {tmp / 'base.safetensors'}\n  finetuned: [{tmp / 'ft.safetensors'}]\n  alpha: 0.9\n"
+    )
+    result = invoke("--config", yaml_config, "--alpha", 0.2, "--out", tmp / "y.safetensors")  # the flag wins
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(
+        load_file(str(tmp / "y.safetensors"))["visual.proj"],
+        0.8 * base["visual.proj"] + 0.2 * ft["visual.proj"],
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_integer_tensors_are_copied_from_the_base(tmp_path):
+    base, ft = random_state_dict(0), random_state_dict(1)
+    base["position_ids"] = torch.arange(16)
+    ft["position_ids"] = torch.arange(16) * 7
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(ft, str(tmp_path / "f.safetensors"))
+    assert (
+        invoke(
+            "--base",
+            tmp_path / "b.safetensors",
+            "--ft",
+            tmp_path / "f.safetensors",
+            "--out",
+            tmp_path / "o.safetensors",
+        ).exit_code
+        == 0
+    )
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["position_ids"], torch.arange(16))
+
+
+# ---- bad input: one line, exit 2, nothing written ----
+
+
+def test_missing_file(pair):
+    tmp, _, _ = pair
+    one_line_error(
+        invoke(
+            "--base", tmp / "nope.safetensors", "--ft", tmp / "ft.safetensors", "--out", tmp / "o.safetensors"
+        ),
+        "nope.safetensors",
+    )
+    assert not (tmp / "o.safetensors").exists()
+
+
+def test_truncated_and_corrupt_safetensors(pair):
+    tmp, _, _ = pair
+    data = (tmp / "ft.safetensors").read_bytes()
+    (tmp / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    one_line_error(
+        invoke(
+            "--base",
+            tmp / "base.safetensors",
+            "--ft",
+            tmp / "trunc.safetensors",
+            "--out",
+            tmp / "o.safetensors",
+        ),
+        "trunc.safetensors",
+        "truncated",
+    )
+    (tmp / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    one_line_error(
+        invoke(
+            "--base", tmp / "junk.safetensors", "--ft", tmp / "ft.safetensors", "--out", tmp / "o.safetensors"
+        ),
+        "junk.safetensors",
+        "corrupt",
+    )
+    assert not list(tmp.glob("o.safetensors*")) and not list(tmp.glob(".o.safetensors*"))
+
+
+def test_pickle_needing_code_is_refused_without_flag(pair, tmp_path):
+    tmp, _, _ = pair
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.weights = load_file(str(tmp / "ft.safetensors"))
+    Holder.__module__ = "some_research_code.models"
+    Holder.__qualname__ = "Holder"
+    sys.modules.setdefault("some_research_code", type(sys)("some_research_code"))
+    sys.modules["some_research_code.models"] = type(sys)("some_research_code.models")
+    sys.modules["some_research_code.models"].Holder = Holder
+    torch.save(holder, tmp / "obj.pt")
+    del sys.modules["some_research_code.models"]
+    one_line_error(
+        invoke("--base", tmp / "base.safetensors", "--ft", tmp / "obj.pt", "--out", tmp / "o.safetensors"),
+        "obj.pt",
+        "--allow-pickle",
+    )
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "obj.pt",
+        "--allow-pickle",
+        "--out",
+        tmp / "o.safetensors",
+    )
+    # read with stand-ins: its tensors sit under `weights.`, so the names do not match the base
+    one_line_error(result, "does not match the base")
+
+
+def test_different_architectures_name_keys_shapes_and_counts(tmp_path):
+    write_checkpoint(tmp_path / "nano.safetensors", 0, "nano-clip")
+    write_checkpoint(tmp_path / "micro.safetensors", 0, "micro-clip")
+    line = one_line_error(
+        invoke(
+            "--base",
+            tmp_path / "nano.safetensors",
+            "--ft",
+            tmp_path / "micro.safetensors",
+            "--out",
+            tmp_path / "o.safetensors",
+        ),
+        "micro.safetensors",
+        "shape mismatch",
+    )
+    assert "key(s) not in the base" in line and "vs" in line
+
+
+def test_nonfinite_input_refused_or_warned(pair):
+    tmp, _, ft = pair
+    ft["visual.proj"][0, 0] = float("nan")
+    save_file(ft, str(tmp / "nan.safetensors"))
+    one_line_error(
+        invoke(
+            "--base",
+            tmp / "base.safetensors",
+            "--ft",
+            tmp / "nan.safetensors",
+            "--out",
+            tmp / "o.safetensors",
+        ),
+        "visual.proj",
+        "NaN",
+        "--allow-nonfinite",
+    )
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "nan.safetensors",
+        "--allow-nonfinite",
+        "--out",
+        tmp / "o.safetensors",
+    )
+    assert result.exit_code == 0 and "warning:" in result.stderr and "NaN" in result.stderr
+
+
+def test_alpha_outside_unit_interval_warns_extrapolation(pair):
+    tmp, _, _ = pair
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "ft.safetensors",
+        "--alpha",
+        1.5,
+        "--out",
+        tmp / "o.safetensors",
+    )
+    assert result.exit_code == 0 and "extrapolates" in result.stderr
+
+
+def test_existing_output_refused_unless_force(pair):
+    tmp, _, _ = pair
+    (tmp / "o.safetensors").write_bytes(b"precious")
+    one_line_error(
+        invoke(
+            "--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", "--out", tmp / "o.safetensors"
+        ),
+        "--force",
+    )
+    assert (tmp / "o.safetensors").read_bytes() == b"precious"
+    assert (
+        invoke(
+            "--base",
+            tmp / "base.safetensors",
+            "--ft",
+            tmp / "ft.safetensors",
+            "--out",
+            tmp / "o.safetensors",
+            "--force",
+        ).exit_code
+        == 0
+    )
+
+
+def test_bad_method_and_wrong_model_count(pair):
+    tmp, _, _ = pair
+    one_line_error(
+        invoke("--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", "--method", "soup"), "soup"
+    )
+    write_checkpoint(tmp / "ft2.safetensors", 2)
+    one_line_error(
+        invoke(
+            "--base",
+            tmp / "base.safetensors",
+            "--ft",
+            tmp / "ft.safetensors",
+            "--ft",
+            tmp / "ft2.safetensors",
+            "--method",
+            "wise-ft",
+        ),
+        "exactly 1",
+    )
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_disk_full_mid_write_leaves_no_file(tmp_path):
+    """RLIMIT_FSIZE makes writes past 200 kB fail with EFBIG, like a disk filling up."""
+    write_checkpoint(tmp_path / "b.safetensors", 0, "micro-clip")
+    write_checkpoint(tmp_path / "f.safetensors", 1, "micro-clip")
+    out = tmp_path / "out" / "m.safetensors"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from micromerge.cli import merge_main; merge_main()",
+            "--base",
+            str(tmp_path / "b.safetensors"),
+            "--ft",
+            str(tmp_path / "f.safetensors"),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "no file was left behind" in proc.stderr and proc.stderr.count("\n") == 1
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_top_level_cli_lists_zoo():
+    result = CliRunner().invoke(cli, ["zoo"])
+    assert (
+        result.exit_code == 0 and "plip" in result.output and "hf-hub:wisdomik/QuiltNet-B-16" in result.output
+    )
+
+
+def _peak_rss_mb(args, cwd):
+    code = (
+        "import resource, sys\nfrom micromerge.cli import merge_main\nsys.argv=['merge']+sys.argv[1:]\n"
+        "try:\n    merge_main()\nexcept SystemExit:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd, check=True
+    )
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_streaming_peak_memory_is_far_below_loading_every_input(tmp_path):
+    """Two 256 MB checkpoints: naive merging holds ~768 MB extra; streaming holds a few tensors."""
+    for seed, name in ((0, "big_a"), (1, "big_b")):
+        generator = torch.Generator().manual_seed(seed)
+        save_file(
+            {f"layer{i}.weight": torch.randn(2048, 2048, generator=generator) for i in range(16)},
+            str(tmp_path / f"{name}.safetensors"),
+        )
+        save_file(
+            {f"layer{i}.weight": torch.randn(8, 8, generator=generator) for i in range(16)},
+            str(tmp_path / f"{name}_small.safetensors"),
+        )
+    checkpoint_mb = (tmp_path / "big_a.safetensors").stat().st_size / 2**20
+    baseline = _peak_rss_mb(
+        [
+            "--base",
+            "big_a_small.safetensors",
+            "--ft",
+            "big_b_small.safetensors",
+            "--out",
+            "s.safetensors",
+            "--quiet",
+        ],
+        tmp_path,
+    )
+    peak = _peak_rss_mb(
+        ["--base", "big_a.safetensors", "--ft", "big_b.safetensors", "--out", "m.safetensors", "--quiet"],
+        tmp_path,
+    )
+    extra = peak - baseline
+    assert extra < 0.5 * checkpoint_mb, (
+        f"merge held {extra} MB over baseline for {checkpoint_mb:.0f} MB checkpoints"
+    )

@@ -1,0 +1,133 @@
+"""Every merge method against its formula (1e-6) and TIES/DARE/SLERP against hand-worked examples."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from merging.methods import METHODS, MethodParams
+from merging.methods.task_vectors import dare_mask, trim_top_magnitude
+
+torch.manual_seed(0)
+BASE = torch.randn(64, 33)
+FTS = [BASE + 0.1 * torch.randn(64, 33) for _ in range(3)]
+
+
+def run(name, fts, strength=0.5, **params):
+    return METHODS[name].merge(
+        "layer.weight",
+        BASE.clone(),
+        [f.clone() for f in fts],
+        strength,
+        MethodParams(strength=strength, **params),
+    )
+
+
+def test_registry_holds_every_method():
+    assert set(METHODS) == {"linear", "wise-ft", "task-arithmetic", "ties", "dare", "slerp"}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 1.5])
+def test_wise_ft_formula(alpha):
+    expected = (1 - alpha) * BASE + alpha * FTS[0]
+    torch.testing.assert_close(run("wise-ft", FTS[:1], alpha), expected, atol=1e-6, rtol=0)
+    assert torch.equal(run("wise-ft", FTS[:1], 0.0), BASE)
+
+
+def test_linear_formula_uses_weights_as_given():
+    weights = (0.2, 0.3, 0.1, 0.6)  # sums to 1.2 on purpose: no silent normalisation
+    expected = sum(w * t for w, t in zip(weights, [BASE, *FTS], strict=True))
+    torch.testing.assert_close(run("linear", FTS, weights=weights), expected, atol=1e-6, rtol=0)
+    uniform = (BASE + sum(FTS)) / 4
+    torch.testing.assert_close(run("linear", FTS), uniform, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lam", [0.4, 1.0, -1.0])
+def test_task_arithmetic_formula(lam):
+    expected = BASE + lam * sum(f - BASE for f in FTS)
+    torch.testing.assert_close(run("task-arithmetic", FTS, lam), expected, atol=1e-6, rtol=0)
+
+
+def test_ties_hand_worked_example():
+    base = torch.zeros(4)
+    ft1 = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    ft2 = torch.tensor([-1.0, 1.0, 2.0, -4.0])
+    # trim to top 50%: tau1 -> [0,-2,3,0], tau2 -> [0,0,2,-4]; elected sign [0,-1,+1,-1];
+    # disjoint mean -> [0, -2, (3+2)/2, -4]; lambda 1
+    merged = METHODS["ties"].merge("k", base, [ft1, ft2], 1.0, MethodParams(density=0.5))
+    torch.testing.assert_close(merged, torch.tensor([0.0, -2.0, 2.5, -4.0]), atol=1e-6, rtol=0)
+    half = METHODS["ties"].merge("k", base, [ft1, ft2], 0.5, MethodParams(density=0.5))
+    torch.testing.assert_close(half, torch.tensor([0.0, -1.0, 1.25, -2.0]), atol=1e-6, rtol=0)
+
+
+def test_ties_with_full_density_and_one_model_is_task_arithmetic():
+    torch.testing.assert_close(
+        run("ties", FTS[:1], 0.7, density=1.0), run("task-arithmetic", FTS[:1], 0.7), atol=1e-6, rtol=0
+    )
+
+
+def test_trim_keeps_ceil_density_entries():
+    tau = torch.tensor([0.1, -0.5, 0.3, 0.05, -0.2])
+    trimmed = trim_top_magnitude(tau, 0.4)
+    assert torch.equal(trimmed, torch.tensor([0.0, -0.5, 0.3, 0.0, 0.0]))
+
+
+def test_dare_equals_its_formula_with_the_seeded_masks():
+    p, lam, seed = 0.7, 0.8, 11
+    merged = run("dare", FTS[:2], lam, drop_rate=p, seed=seed)
+    masks = [dare_mask(BASE.shape, p, seed, "layer.weight", i) for i in range(2)]
+    expected = BASE + lam * sum(m * (f - BASE) / (1 - p) for m, f in zip(masks, FTS[:2], strict=True))
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
+    assert torch.equal(merged, run("dare", FTS[:2], lam, drop_rate=p, seed=seed)), "same seed, same result"
+    assert not torch.equal(merged, run("dare", FTS[:2], lam, drop_rate=p, seed=seed + 1))
+
+
+def test_dare_drops_about_p_and_preserves_the_mean():
+    base = torch.zeros(200_000)
+    ft = torch.ones(200_000)
+    merged = METHODS["dare"].merge("k", base, [ft], 1.0, MethodParams(drop_rate=0.9, seed=3))
+    kept = merged != 0
+    assert abs(kept.float().mean().item() - 0.1) < 0.005
+    assert torch.allclose(merged[kept], torch.full_like(merged[kept], 10.0))
+    assert abs(merged.mean().item() - 1.0) < 0.05
+    torch.testing.assert_close(
+        METHODS["dare"].merge("k", BASE, FTS, 1.0, MethodParams(drop_rate=0.0)),
+        run("task-arithmetic", FTS, 1.0),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def _numpy_slerp(v0, v1, t):
+    a, b = v0.ravel().astype(np.float64), v1.ravel().astype(np.float64)
+    cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    theta = np.arccos(cos)
+    return (np.sin((1 - t) * theta) * v0 + np.sin(t * theta) * v1) / np.sin(theta)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 1.0])
+def test_slerp_formula(t):
+    other = torch.randn_like(BASE)
+    merged = METHODS["slerp"].merge("k", BASE, [other], t, MethodParams())
+    expected = torch.from_numpy(_numpy_slerp(BASE.numpy(), other.numpy(), t)).float()
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_slerp_orthogonal_unit_vectors_and_colinear_fallback():
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = METHODS["slerp"].merge("k", e0, [e1], 0.5, MethodParams())
+    torch.testing.assert_close(mid, torch.tensor([1.0, 1.0]) / math.sqrt(2), atol=1e-6, rtol=0)
+    colinear = METHODS["slerp"].merge("k", e0, [2 * e0], 0.5, MethodParams())
+    torch.testing.assert_close(colinear, torch.tensor([1.5, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_out_parameter_writes_in_place():
+    out = torch.empty_like(BASE)
+    for name in METHODS:
+        fts = FTS[:1]
+        result = METHODS[name].merge("k", BASE, fts, 0.4, MethodParams(), out=out)
+        assert result.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(
+            out, METHODS[name].merge("k", BASE, fts, 0.4, MethodParams()), atol=1e-6, rtol=0
+        )

@@ -1,0 +1,348 @@
+"""Checkpoint sources: every format ends as open_clip keys, verified numerically where it matters."""
+
+import json
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merging.models import build_model, get_model_config, infer_model_config, load_model
+from merging.sources import open_source
+from merging.zoo import load_zoo
+from micromerge.errors import MicromergeError
+from tests.helpers import random_state_dict, write_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf_clip(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=1000,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            hidden_act="quick_gelu",
+            eos_token_id=999,
+            bos_token_id=998,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=24,
+    )
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def _features(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _inputs():
+    torch.manual_seed(1)
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = torch.randint(1, 990, (3, 16))
+    for row, eos in enumerate((5, 9, 15)):
+        tokens[row, eos] = 999
+        tokens[row, eos + 1 :] = 0
+    return pixels, tokens
+
+
+def assert_same_embeddings(hf_model, oc_model):
+    pixels, tokens = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            oc_model.encode_image(pixels),
+            _features(hf_model.get_image_features(pixel_values=pixels)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            oc_model.encode_text(tokens),
+            _features(hf_model.get_text_features(input_ids=tokens)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_transformers_folder_converts_to_open_clip_with_identical_embeddings(tmp_path):
+    hf_model = tiny_hf_clip()
+    hf_model.save_pretrained(tmp_path / "plip-like")
+    with open_source(str(tmp_path / "plip-like")) as source:
+        assert "visual.transformer.resblocks.0.attn.in_proj_weight" in source.keys()
+        assert not any(k.startswith("vision_model") for k in source.keys())
+        oc_model, config = load_model(source)
+    assert config["quick_gelu"] is True and config["vision_cfg"]["patch_size"] == 8
+    assert_same_embeddings(hf_model, oc_model)
+
+
+def test_export_to_transformers_round_trips(tmp_path):
+    from merging.export import export_transformers
+
+    hf_model = tiny_hf_clip(seed=3)
+    hf_model.save_pretrained(tmp_path / "src")
+    export_transformers(str(tmp_path / "src"), tmp_path / "exported")
+    reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "exported").eval()
+    with open_source(str(tmp_path / "src")) as source:
+        oc_model, _ = load_model(source)
+    assert_same_embeddings(reloaded, oc_model)
+
+
+def test_pytorch_bin_and_sharded_safetensors_forms_of_transformers_checkpoints(tmp_path):
+    hf_model = tiny_hf_clip(seed=4)
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text(hf_model.config.to_json_string())
+    (tmp_path / "sharded").mkdir()
+    keys = sorted(state)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
+    for name, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, str(tmp_path / "sharded" / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "sharded" / "config.json").write_text(hf_model.config.to_json_string())
+    for folder in ("bin", "sharded"):
+        with open_source(str(tmp_path / folder)) as source:
+            oc_model, _ = load_model(source)
+        assert_same_embeddings(hf_model, oc_model)
+
+
+def test_open_clip_training_checkpoint_with_module_prefix(tmp_path):
+    tensors = random_state_dict(5)
+    torch.save(
+        {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in tensors.items()}},
+        tmp_path / "epoch_3.pt",
+    )
+    with open_source(str(tmp_path / "epoch_3.pt")) as source:
+        assert sorted(source.keys()) == sorted(tensors)
+        assert torch.equal(source.read("visual.conv1.weight"), tensors["visual.conv1.weight"])
+        config = infer_model_config({k: source.meta(k) for k in source.keys()})
+    reference = get_model_config("nano-clip")
+    assert config["vision_cfg"]["width"] == reference["vision_cfg"]["width"]
+    assert build_model(config).state_dict().keys() == tensors.keys()
+
+
+def _install_legacy_classes(monkeypatch):
+    """Stand-ins for wise-ft's `src.models.modeling` and old open_clip's `VisualTransformer`."""
+    import open_clip.model as oc_model
+    import open_clip.transformer as oc_transformer
+
+    modeling = types.ModuleType("src.models.modeling")
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.model = clip
+            self.train_preprocess = "transforms would be here"
+
+    class ClassificationHead(torch.nn.Linear):
+        def __init__(self, weights):
+            super().__init__(weights.shape[1], weights.shape[0])
+            self.weight = torch.nn.Parameter(weights.clone())
+            self.normalize = True
+
+    class ImageClassifier(torch.nn.Module):
+        def __init__(self, encoder, head):
+            super().__init__()
+            self.image_encoder = encoder
+            self.classification_head = head
+
+    class VisualTransformer(oc_transformer.VisionTransformer):
+        pass
+
+    for cls, module in (
+        (ImageEncoder, modeling),
+        (ClassificationHead, modeling),
+        (ImageClassifier, modeling),
+    ):
+        cls.__module__ = "src.models.modeling"
+        cls.__qualname__ = cls.__name__
+        setattr(module, cls.__name__, cls)
+    VisualTransformer.__module__ = "open_clip.model"
+    VisualTransformer.__qualname__ = "VisualTransformer"
+    for name in ("src", "src.models", "src.models.modeling"):
+        monkeypatch.setitem(
+            sys.modules, name, modeling if name.endswith("modeling") else types.ModuleType(name)
+        )
+    monkeypatch.setattr(oc_model, "VisualTransformer", VisualTransformer, raising=False)
+    return ImageEncoder, ClassificationHead, ImageClassifier, VisualTransformer
+
+
+def test_legacy_wise_ft_pickle_is_read_without_its_classes(tmp_path, monkeypatch):
+    tensors = random_state_dict(6)
+    with monkeypatch.context() as patch:
+        ImageEncoder, ClassificationHead, ImageClassifier, VisualTransformer = _install_legacy_classes(patch)
+        clip = build_model(get_model_config("nano-clip"))
+        clip.load_state_dict(tensors)
+        clip.visual.__class__ = VisualTransformer
+        head_weights = torch.randn(5, clip.visual.proj.shape[1])
+        classifier = ImageClassifier(ImageEncoder(clip), ClassificationHead(head_weights))
+        torch.save(classifier, tmp_path / "wiseft_finetuned.pt")
+    # Outside the old code base the pickle does not load at all...
+    with pytest.raises(Exception, match="VisualTransformer|No module named 'src'"):
+        torch.load(tmp_path / "wiseft_finetuned.pt", weights_only=False)
+    # ...and micromerge refuses it without the explicit flag:
+    with pytest.raises(MicromergeError, match="--allow-pickle"):
+        open_source(str(tmp_path / "wiseft_finetuned.pt"))
+    with open_source(str(tmp_path / "wiseft_finetuned.pt"), allow_pickle=True) as source:
+        keys = set(source.keys())
+        assert set(tensors) <= keys
+        for key, value in tensors.items():
+            assert torch.equal(source.read(key), value), key
+        assert torch.equal(source.read("classification_head.weight"), head_weights)
+
+
+def test_restricted_unpickler_runs_no_code_from_the_file(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"weight": torch.ones(2), "payload": Evil()}, tmp_path / "evil.pt")
+    with open_source(str(tmp_path / "evil.pt"), allow_pickle=True) as source:
+        assert torch.equal(source.read("weight"), torch.ones(2))
+    assert not marker.exists()
+
+
+def _hub_cache(repo: str, files: dict[str, bytes]) -> Path:
+    """Lay files out exactly as huggingface_hub's cache does (refs/main -> snapshots/<rev>/)."""
+    root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def test_zoo_transformers_entry_resolves_through_the_hub_cache_offline(tmp_path):
+    hf_model = tiny_hf_clip(seed=7)
+    hf_model.save_pretrained(tmp_path / "plip")
+    _hub_cache(
+        "vinid/plip", {n: (tmp_path / "plip" / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    )
+    with open_source("plip") as source:
+        assert source.label == "zoo:plip"
+        oc_model, _ = load_model(source)
+    assert_same_embeddings(hf_model, oc_model)
+
+
+def test_zoo_transformers_entry_with_only_pytorch_model_bin_cached(tmp_path):
+    hf_model = tiny_hf_clip(seed=9)
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    files = {
+        "config.json": hf_model.config.to_json_string().encode(),
+        "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes(),
+    }
+    _hub_cache("vinid/plip", files)
+    with open_source("plip") as source:
+        oc_model, _ = load_model(source)
+    assert_same_embeddings(hf_model, oc_model)
+
+
+def test_zoo_open_clip_entries_resolve_through_open_clip_and_the_hub_cache(tmp_path):
+    tensors = random_state_dict(8)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    _hub_cache("timm/vit_base_patch32_clip_224.openai", {"open_clip_model.safetensors": data})
+    config = {"model_cfg": get_model_config("nano-clip"), "preprocess_cfg": {}}
+    _hub_cache(
+        "wisdomik/QuiltNet-B-32",
+        {"open_clip_config.json": json.dumps(config).encode(), "open_clip_model.safetensors": data},
+    )
+    with open_source("openai-vit-b-32") as source:
+        assert source.arch.name == "ViT-B-32-quickgelu"
+        assert torch.equal(source.read("visual.proj"), tensors["visual.proj"])
+    with open_source("quiltnet-b-32") as source:
+        model, _ = load_model(source)  # the architecture comes from the repo's open_clip_config.json
+        assert torch.equal(model.state_dict()["visual.proj"], tensors["visual.proj"])
+    with open_source("hf-hub:wisdomik/QuiltNet-B-32") as source:
+        assert sorted(source.keys()) == sorted(tensors)
+
+
+@pytest.mark.parametrize(
+    "name,repo",
+    [
+        ("plip", "vinid/plip"),
+        ("openai-vit-b-32", "timm/vit_base_patch32_clip_224.openai"),
+        ("quiltnet-b-16", "wisdomik/QuiltNet-B-16"),
+    ],
+)
+def test_zoo_offline_without_cache_says_how_to_use_a_local_copy(name, repo):
+    with pytest.raises(MicromergeError) as info:
+        open_source(name)
+    message = str(info.value)
+    assert (
+        repo in message and "HF_HUB_OFFLINE=1" in message and "--local-dir" in message and "\n" not in message
+    )
+
+
+def test_zoo_lists_the_checkpoints_researchers_use():
+    zoo = load_zoo()
+    assert {
+        "openai-vit-b-32",
+        "openai-vit-b-16",
+        "plip",
+        "quiltnet-b-32",
+        "quiltnet-b-16",
+        "biomedclip",
+        "pubmedclip",
+    } <= set(zoo)
+    assert zoo["plip"].format == "transformers_hub" and zoo["plip"].finetuned_from == "openai-vit-b-32"
+
+
+@pytest.mark.slow
+def test_biomedclip_architecture_builds_without_any_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_zoo()["biomedclip"].model_config()
+    model = build_model(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 180e6 < n_params < 220e6  # ViT-B/16 + PubMedBERT-base
+    assert type(model.text.transformer).__name__ == "BertModel"
+
+
+def test_pickle_suffix_with_bad_bytes_is_a_clear_error(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a zip or pickle at all")
+    with pytest.raises(MicromergeError, match="broken.pt"):
+        open_source(str(tmp_path / "broken.pt"))
+    with open(tmp_path / "obj.pt", "wb") as handle:
+        pickle.dump([1, 2, 3], handle)
+    with pytest.raises(MicromergeError, match="obj.pt"):
+        open_source(str(tmp_path / "obj.pt"))
+
+
+def test_unknown_name_and_missing_file(tmp_path):
+    with pytest.raises(MicromergeError, match="zoo name"):
+        open_source("no-such-model")
+    with pytest.raises(MicromergeError, match="no such file"):
+        open_source(str(tmp_path / "missing.safetensors"))
+    write_checkpoint(tmp_path / "ok.safetensors", 0)
+    with open_source(str(tmp_path / "ok.safetensors")) as source:
+        assert source.arch.name == "nano-clip"
