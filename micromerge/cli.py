@@ -198,3 +198,220 @@ def main() -> None:
 
 def merge_main() -> None:
     merge_command(prog_name="merge")
+
+
+def _eval_options(func):
+    """Options shared by `eval` and `sweep`."""
+    options = [
+        click.option("--data", default="ubench", show_default=True, help="'ubench' (hub/cache) or a local μ-Bench folder."),
+        click.option("--tasks", default="all", show_default=True, help="all, coarse, fine, or comma-separated task names."),
+        click.option("--store", type=click.Path(), default="results/results.jsonl", show_default=True, help="Results store (JSONL)."),
+        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="Autocast on GPU (CPU always fp32)."),
+        click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for 95% intervals (0: none)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--prompts", type=click.Choice(["names", "captions"]), default="names", show_default=True, help="Class names in templates, or class captions."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--cache-dir", type=click.Path(), help="Image cache folder (default: ~/.cache/micromerge)."),
+        click.option("--allow-pickle", is_flag=True),
+        click.option("--arch", help="Architecture name when a checkpoint does not say."),
+        click.option("--quiet", is_flag=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _eval_settings(values: dict[str, Any]):
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from eval.engine import EvalSettings
+    from micromerge.hashing import default_cache_dir
+
+    state = PartialState(cpu=values["device"] == "cpu")
+    settings = EvalSettings(
+        data=values["data"], store=Path(values["store"]), cache_dir=Path(values["cache_dir"]) if values.get("cache_dir") else default_cache_dir(),
+        tasks=values["tasks"], batch_size=values["batch_size"], precision=values["precision"], bootstrap=values["bootstrap"],
+        seed=values["seed"], prompts=values["prompts"], progress=not values["quiet"] and state.is_main_process,
+        rank=state.process_index, world_size=state.num_processes,
+    )
+    return settings, state
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from eval.aggregate import aggregate
+
+    by_alpha: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_alpha.setdefault(row["alpha"], []).append(row)
+    for alpha, alpha_rows in sorted(by_alpha.items(), key=lambda item: -1 if item[0] is None else item[0]):
+        if alpha is not None:
+            click.echo(f"\nalpha = {alpha:g}")
+        click.echo(f"{'task':<34} {'level':<6} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'macro-F1':>9} {'bal.acc':>8}")
+        table: dict[str, dict[str, Any]] = {}
+        for row in alpha_rows:
+            table.setdefault(row["task"], {})[row["metric"]] = row
+        for task, metrics in table.items():
+            acc = metrics["accuracy"]
+            interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"])
+            corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc["n_corrupt"] else ""
+            click.echo(
+                f"{task:<34} {acc['level']:<6} {acc['n_images']:>6} {acc['value']:>9.3f} {interval:>15} "
+                f"{metrics['macro_f1']['value']:>9.3f} {metrics['balanced_accuracy']['value']:>8.3f}{corrupt}"
+            )
+        for group, value in aggregate(alpha_rows).items():
+            click.echo(f"  mean accuracy {group:<28} {value:.3f}")
+
+
+@cli.command("tasks")
+@click.option("--data", default="ubench", show_default=True, help="'ubench' or a local μ-Bench folder.")
+@friendly_errors
+def tasks_command(data: str) -> None:
+    """List every task in the benchmark with image and class counts."""
+    from eval.data import load_benchmark
+    from eval.tasks import discover_tasks
+
+    bench = load_benchmark(data)
+    click.echo(f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  domain / modality / scale")
+    for task in discover_tasks(bench.dataset):
+        groups = task.groups
+        click.echo(f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {groups.get('domain')} / {groups.get('modality')} / {groups.get('scale')}")
+
+
+@cli.command("eval")
+@click.option("--model", required=True, help="Checkpoint: zoo name, hf-hub: id, file or folder.")
+@_eval_options
+@friendly_errors
+def eval_command(model: str, **values: Any) -> None:
+    """Zero-shot evaluation of one checkpoint on every μ-Bench task."""
+    from eval.engine import run_eval
+    from micromerge.devices import resolve_device
+
+    settings, _ = _eval_settings(values)
+    rows = run_eval(model, settings, resolve_device(values["device"]), values["allow_pickle"], values["arch"])
+    _print_table(rows)
+    click.echo(f"\nresults in {settings.store}")
+
+
+@cli.command("sweep")
+@click.option("--base", required=True)
+@click.option("--ft", "finetuned", multiple=True, required=True)
+@click.option("--method", default="wise-ft", show_default=True)
+@click.option("--alphas", default="0:1:0.1", show_default=True, help="START:STOP:STEP or a,b,c.")
+@click.option("--weights", help="linear: comma-separated weights.")
+@click.option("--density", type=float, default=0.2, show_default=True)
+@click.option("--drop-rate", type=float, default=0.9, show_default=True)
+@click.option("--include", multiple=True)
+@click.option("--exclude", multiple=True)
+@click.option("--alpha-rule", "alpha_rules", multiple=True)
+@_eval_options
+@friendly_errors
+def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: str, **values: Any) -> None:
+    """Evaluate a merge at every alpha on every task (resumable; `accelerate launch` splits alphas)."""
+    from eval.engine import SweepPlan, run_sweep
+    from merging.job import job_from_mapping
+    from micromerge.devices import resolve_device
+
+    job = job_from_mapping(
+        {"base": base, "finetuned": list(finetuned), "method": method, "alphas": alphas, "weights": values.pop("weights"),
+         "density": values.pop("density"), "drop_rate": values.pop("drop_rate"), "seed": values["seed"],
+         "include": list(values.pop("include")), "exclude": list(values.pop("exclude")), "alpha_rules": list(values.pop("alpha_rules"))}
+    )
+    settings, state = _eval_settings(values)
+    plan = SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), values["allow_pickle"], values["arch"])
+    rows = run_sweep(plan, settings, resolve_device(values["device"]))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _print_table(run_sweep_rows(settings, rows))
+        click.echo(f"\nresults in {settings.store}")
+
+
+def run_sweep_rows(settings, rows):
+    """All rows of this run once every process has finished (each process returns its view)."""
+    from eval.store import ResultStore
+
+    run_ids = {r["run_id"] for r in rows}
+    return [r for r in ResultStore(settings.store).rows() if r["run_id"] in run_ids]
+
+
+def _finetune_options(func):
+    options = [
+        click.option("--base", help="Checkpoint to start from: zoo name, hf-hub: id, file or folder."),
+        click.option("--data", help="Training data (see README: CSV/JSONL folder, saved dataset, .tar shards, hub id)."),
+        click.option("--out", type=click.Path(), help="Run folder (model.safetensors, manifest.json, train_log.jsonl, state/)."),
+        click.option("--arch", help="Architecture name when the base does not say."),
+        click.option("--epochs", type=int, default=1, show_default=True),
+        click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs)."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Per process."),
+        click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation."),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--weight-decay", type=float, default=0.1, show_default=True, help="Not applied to norms, biases, embeddings, logit scale."),
+        click.option("--warmup-steps", type=int, default=0, show_default=True),
+        click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="bf16", show_default=True, help="Mixed precision on GPU."),
+        click.option("--device", default="auto", show_default=True, help="auto or cpu."),
+        click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (0: final only)."),
+        click.option("--freeze", multiple=True, help="Freeze parameters matching this glob (repeatable)."),
+        click.option("--max-bad-fraction", type=float, default=0.05, show_default=True, help="Stop if more images than this are unreadable."),
+        click.option("--domain", help="What the specialist is for (e.g. pathology); recorded for analysis."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--force", is_flag=True, help="Discard the run in --out and start over."),
+        click.option("--allow-pickle", is_flag=True),
+        click.option("--config", "config_file", type=click.Path(), help="TOML/YAML with a [finetune] table; flags override it."),
+        click.option("--quiet", is_flag=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_finetune(ctx: click.Context, mode: str, values: dict[str, Any]) -> None:
+    from finetune.config import config_from_mapping
+    from finetune.trainer import run_finetune
+    from micromerge.config_files import load_config_file
+
+    config_file, quiet = values.pop("config_file"), values.pop("quiet")
+    mapping: dict[str, Any] = {}
+    if config_file:
+        loaded = load_config_file(config_file)
+        mapping.update(loaded.get("finetune", loaded))
+    mapping.update({k: v for k, v in values.items() if k not in mapping and v not in ((), None)})
+    mapping.update(explicit_options(ctx, values))
+    mapping = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.items() if v is not None}
+    mapping.update(mode=mode, progress=not quiet)
+    path = run_finetune(config_from_mapping(mapping))
+    click.echo(f"wrote {path} (manifest {path.parent / 'manifest.json'})")
+
+
+@cli.group("finetune")
+def finetune_group() -> None:
+    """Make domain-specialist checkpoints (accelerate: CPU, GPU bf16, DDP via `accelerate launch`)."""
+
+
+@finetune_group.command("contrastive")
+@_finetune_options
+@click.option("--freeze-text/--train-text", default=None, help="Freeze the text tower (default: train it).")
+@click.pass_context
+@friendly_errors
+def finetune_contrastive(ctx: click.Context, **values: Any) -> None:
+    """CLIP InfoNCE on image-caption pairs (how PLIP and QuiltNet were made)."""
+    _run_finetune(ctx, "contrastive", values)
+
+
+@finetune_group.command("supervised")
+@_finetune_options
+@click.option("--task", help="Task name in --data (a μ-Bench-schema dataset).")
+@click.option("--freeze-text/--train-text", default=None, help="Freeze the text tower (default: frozen, as in WiSE-FT).")
+@click.option("--lp-epochs", type=int, default=0, show_default=True, help="Train the head alone first for N epochs (LP-FT).")
+@click.pass_context
+@friendly_errors
+def finetune_supervised(ctx: click.Context, **values: Any) -> None:
+    """Cross-entropy through a head initialised from the class text embeddings (the zero-shot head)."""
+    _run_finetune(ctx, "supervised", values)
+
+
+if __name__ == "__main__":  # `python -m micromerge.cli` / `accelerate launch -m micromerge.cli`
+    main()

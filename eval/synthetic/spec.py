@@ -1,0 +1,42 @@
+"""The synthetic benchmark's sources, registered in one place, mirroring μ-Bench's structure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eval.synthetic import renderers
+from eval.synthetic.renderers import Renderer
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    dataset: str
+    domain: str
+    modality: str
+    submodality: str
+    stain: str
+    scale: str
+    classes: tuple[str, ...]
+    render: Renderer
+    subject: str
+
+
+SOURCES: tuple[SyntheticSource, ...] = (
+    SyntheticSource("synth-colorectal-tissue", "pathology", "light microscopy", "brightfield", "H&E", "tissue",
+                    ("adipose", "tumor", "stroma", "lymphocytes", "mucus"), renderers.colorectal_tissue, "colorectal tissue"),
+    SyntheticSource("synth-blood-cells", "pathology", "light microscopy", "brightfield", "Wright-Giemsa", "cell",
+                    ("lymphocyte", "neutrophil", "eosinophil", "monocyte"), renderers.blood_cells, "a peripheral blood smear"),
+    SyntheticSource("synth-ihc-intensity", "pathology", "light microscopy", "brightfield", "IHC DAB", "tissue",
+                    ("very_weak", "weak", "moderate", "strong"), renderers.ihc_staining, "immunohistochemistry staining"),
+    SyntheticSource("synth-cell-cycle", "biology", "fluorescence microscopy", "widefield", "none", "cell",
+                    ("g1", "g2", "prophase", "metaphase", "anaphase"), renderers.cell_cycle, "a cell nucleus"),
+    SyntheticSource("synth-golgi-phenotypes", "biology", "fluorescence microscopy", "confocal", "none", "subcellular",
+                    ("diffuse", "golgi_twin", "partly_disassembled", "interphase"), renderers.golgi, "the Golgi apparatus"),
+    SyntheticSource("synth-em-ultrastructure", "biology", "electron microscopy", "transmission electron", "none", "subcellular",
+                    ("mitochondria", "tobacco_leaf_chloroplast", "cardiac_muscle", "hela_metaphase"), renderers.em_ultrastructure, "cell ultrastructure"),
+)
+
+
+def all_label_names() -> list[str]:
+    """The one global ClassLabel list spanning every source, as μ-Bench has."""
+    return [c for source in SOURCES for c in source.classes]

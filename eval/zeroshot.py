@@ -1,0 +1,56 @@
+"""CLIP zero-shot classification: prompt-ensembled class embeddings, cosine logits, argmax."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.images import ImageCache
+from eval.tasks import Task
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on GPU when asked; on CPU it is slower here, so fp32."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, task: Task, device: torch.device, prompts: str = "names", token_cache: dict | None = None) -> torch.Tensor:
+    """[C, D]: per class, the mean of its normalised prompt embeddings, renormalised."""
+    if prompts == "captions":
+        texts_per_class = [[caption] for caption in task.class_captions]
+    else:
+        texts_per_class = [[template.format(text) for template in task.templates] for text in task.class_texts]
+    flat = [t for texts in texts_per_class for t in texts]
+    key = (id(tokenizer), tuple(flat))
+    tokens = token_cache.get(key) if token_cache is not None else None
+    if tokens is None:
+        tokens = tokenizer(flat)
+        if token_cache is not None:
+            token_cache[key] = tokens
+    embeddings = F.normalize(model.encode_text(tokens.to(device)).float(), dim=-1)
+    per_class = embeddings.split([len(texts) for texts in texts_per_class])
+    return F.normalize(torch.stack([e.mean(dim=0) for e in per_class]), dim=-1)
+
+
+@torch.no_grad()
+def image_embeddings(
+    model, cache: ImageCache, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+    batch_size: int = 256, precision: str = "fp32",
+) -> torch.Tensor:
+    """[N, D] normalised image embeddings for cache rows, in large batches."""
+    outputs = []
+    with autocast_for(device, precision):
+        for start in range(0, len(rows), batch_size):
+            pixels = cache.batch(rows[start : start + batch_size], mean, std, device)
+            outputs.append(F.normalize(model.encode_image(pixels).float(), dim=-1))
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> np.ndarray:
+    return (image_emb @ class_emb.T).argmax(dim=1).cpu().numpy()

@@ -1,0 +1,80 @@
+"""Fine-tuning configuration: flags and/or a [finetune] config table become this frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from micromerge.errors import MicromergeError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: str  # contrastive | supervised
+    base: str
+    data: str
+    out: Path
+    task: str | None = None
+    arch: str | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "bf16"
+    device: str = "auto"
+    save_every: int = 0
+    freeze_text: bool | None = None  # default: True for supervised, False for contrastive
+    freeze: tuple[str, ...] = ()
+    lp_epochs: int = 0
+    max_bad_fraction: float = 0.05
+    resume: bool = False
+    force: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
+    domain: str | None = None  # what the specialist is for (recorded in the manifest, used by analysis)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("contrastive", "supervised"):
+            raise MicromergeError(f"finetune mode {self.mode!r}: expected contrastive or supervised")
+        if self.mode == "supervised" and not self.task:
+            raise MicromergeError("finetune supervised: --task is required (a task name from `micromerge tasks --data ...`)")
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, name) < 1:
+                raise MicromergeError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.lr <= 0:
+            raise MicromergeError(f"--lr {self.lr}: must be positive")
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise MicromergeError(f"--precision {self.precision}: expected no, bf16 or fp16")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise MicromergeError(f"--max-bad-fraction {self.max_bad_fraction}: must be in [0, 1]")
+
+    @property
+    def text_frozen(self) -> bool:
+        return self.mode == "supervised" if self.freeze_text is None else self.freeze_text
+
+    def hyperparameters(self) -> dict[str, Any]:
+        skip = {"out", "resume", "force", "progress", "allow_pickle", "device"}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        values["freeze"] = list(self.freeze)
+        values["freeze_text"] = self.text_frozen
+        return values
+
+
+def config_from_mapping(values: dict[str, Any]) -> FinetuneConfig:
+    known = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise MicromergeError(f"finetune config: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    for required in ("mode", "base", "data", "out"):
+        if not values.get(required):
+            raise MicromergeError(f"finetune: --{required} is required")
+    values = dict(values)
+    values["out"] = Path(values["out"])
+    values["freeze"] = tuple(values.get("freeze") or ())
+    return FinetuneConfig(**values)

@@ -1,0 +1,181 @@
+"""Training data readers. Every reader yields image payloads ({'bytes'} or {'path'}) plus captions or labels.
+
+Image-caption pairs come from a folder with captions.csv/.jsonl, a Hugging Face dataset (a
+save_to_disk folder or a hub id), or webdataset tar shards (`key.png` + `key.txt` per sample,
+read with the standard tarfile module). Supervised data is one task of a μ-Bench-schema dataset.
+Images are decoded once (see eval.images) and corrupt ones are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from eval.images import decode_payloads
+from micromerge.errors import MicromergeError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename")
+CAPTION_COLUMNS = ("caption", "text", "captions")
+
+
+@dataclass
+class PairData:
+    payloads: list[dict]
+    captions: list[str]
+    source: str
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for payload, caption in zip(self.payloads, self.captions, strict=True):
+            data = payload.get("bytes")
+            if data is None:
+                data = Path(payload["path"]).read_bytes() if Path(payload["path"]).is_file() else b""
+            digest.update(hashlib.sha256(data).digest())
+            digest.update(caption.encode())
+        return digest.hexdigest()
+
+
+@dataclass
+class DecodedData:
+    pixels: np.ndarray  # [N, 3, S, S] uint8
+    targets: list  # captions (contrastive) or class indices (supervised)
+    n_corrupt: int
+
+
+def _pick(columns: list[str], options: tuple[str, ...], what: str, where: str) -> str:
+    for name in options:
+        if name in columns:
+            return name
+    raise MicromergeError(f"{where}: no {what} column (expected one of {list(options)}; found {columns})")
+
+
+def _from_table(path: Path) -> PairData:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            records = list(csv.DictReader(handle))
+    else:
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise MicromergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    if not records:
+        raise MicromergeError(f"{path}: no rows")
+    columns = list(records[0])
+    image_col = _pick(columns, IMAGE_COLUMNS, "image", str(path))
+    caption_col = _pick(columns, CAPTION_COLUMNS, "caption", str(path))
+    payloads, captions = [], []
+    for number, record in enumerate(records, 2 if path.suffix == ".csv" else 1):
+        name, caption = (record.get(image_col) or "").strip(), (record.get(caption_col) or "").strip()
+        if not name:
+            raise MicromergeError(f"{path}: row {number} has a caption but no image")
+        image_path = (path.parent / name).resolve()
+        if not image_path.is_file():
+            raise MicromergeError(f"{path}: row {number}: caption for image {name} but the file does not exist")
+        if not caption:
+            raise MicromergeError(f"{path}: row {number}: image {name} has no caption")
+        payloads.append({"path": str(image_path), "bytes": None})
+        captions.append(caption)
+    return PairData(payloads, captions, str(path))
+
+
+def _from_tar(shards: list[Path]) -> PairData:
+    payloads, captions = [], []
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.rpartition(".")
+                    handle = archive.extractfile(member)
+                    if handle is not None:
+                        samples.setdefault(key, {})[f".{ext.lower()}"] = handle.read()
+        except tarfile.TarError as exc:
+            raise MicromergeError(f"{shard}: not a readable tar shard ({exc})") from exc
+        for key, parts in sorted(samples.items()):
+            image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+            caption = parts.get(".txt", b"").decode("utf-8").strip()
+            if not caption and ".json" in parts:
+                caption = str(json.loads(parts[".json"]).get("caption", "")).strip()
+            if image is None:
+                raise MicromergeError(f"{shard}: sample {key} has a caption but no image")
+            if not caption:
+                raise MicromergeError(f"{shard}: sample {key} has an image but no caption (.txt)")
+            payloads.append({"bytes": image, "path": None})
+            captions.append(caption)
+    return PairData(payloads, captions, ",".join(str(s) for s in shards))
+
+
+def _from_hf(dataset: datasets.Dataset, where: str) -> PairData:
+    image_col = _pick(dataset.column_names, IMAGE_COLUMNS, "image", where)
+    caption_col = _pick(dataset.column_names, CAPTION_COLUMNS, "caption", where)
+    if isinstance(dataset.features[image_col], datasets.Image):
+        payloads = dataset.cast_column(image_col, datasets.Image(decode=False))[image_col]
+    else:
+        payloads = [{"path": p, "bytes": None} for p in dataset[image_col]]
+    captions = [str(c or "").strip() for c in dataset[caption_col]]
+    for index, caption in enumerate(captions):
+        if not caption:
+            raise MicromergeError(f"{where}: row {index} has an image but no caption")
+    return PairData(payloads, captions, where)
+
+
+def load_pairs(spec: str) -> PairData:
+    """Image-caption pairs from a CSV/JSONL file or folder, a save_to_disk folder, tar shards, or a hub id."""
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix in (".csv", ".jsonl"):
+            data = _from_table(path)
+        elif path.suffix == ".tar":
+            data = _from_tar([path])
+        else:
+            raise MicromergeError(f"--data {spec}: expected a .csv/.jsonl of captions, a .tar shard, or a folder")
+    elif path.is_dir():
+        tables = [path / name for name in ("captions.csv", "captions.jsonl") if (path / name).is_file()]
+        shards = sorted(path.glob("*.tar"))
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+            data = _from_hf(loaded, spec)
+        elif tables:
+            data = _from_table(tables[0])
+        elif shards:
+            data = _from_tar(shards)
+        else:
+            raise MicromergeError(f"--data {spec}: folder has no captions.csv/.jsonl, no .tar shards and is not a saved dataset")
+    elif "/" in spec and not spec.startswith((".", "/")):
+        try:
+            data = _from_hf(datasets.load_dataset(spec, split="train"), spec)
+        except Exception as exc:
+            raise MicromergeError(f"--data {spec}: not a local path, and the hub dataset could not be loaded ({type(exc).__name__}); "
+                                  "offline, pass a local copy") from exc
+    else:
+        raise MicromergeError(f"--data {spec}: no such file or folder")
+    if not data.payloads:
+        raise MicromergeError(f"--data {spec}: the dataset is empty")
+    return data
+
+
+def decode_checked(payloads: list[dict], targets: list, size: int, max_bad_fraction: float, where: str, progress: bool) -> DecodedData:
+    """Decode images; drop corrupt ones; stop with a clear error when too many are bad."""
+    pixels, valid = decode_payloads(payloads, size, progress, desc="decode training images")
+    bad = int((~valid).sum())
+    if bad > max_bad_fraction * len(payloads):
+        raise MicromergeError(
+            f"--data {where}: {bad} of {len(payloads)} images are unreadable (more than --max-bad-fraction {max_bad_fraction}); fix or remove them"
+        )
+    keep = np.flatnonzero(valid)
+    return DecodedData(pixels[keep] if bad else pixels, [targets[i] for i in keep], bad)

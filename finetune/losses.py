@@ -1,0 +1,37 @@
+"""Losses: CLIP's symmetric InfoNCE, and cross-entropy through a zero-shot-initialised head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy over the in-batch similarities."""
+    logits = logit_scale * image_features @ text_features.T
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+class ZeroShotHead(torch.nn.Module):
+    """A linear head over normalised image features, initialised from class text embeddings (WiSE-FT's head)."""
+
+    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(class_embeddings.clone() * logit_scale)
+        self.bias = torch.nn.Parameter(torch.zeros(len(class_embeddings)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=-1) @ self.weight.T + self.bias
+
+
+class ImageClassifier(torch.nn.Module):
+    """The CLIP model (text tower unused) plus the head: what supervised fine-tuning trains."""
+
+    def __init__(self, clip: torch.nn.Module, head: ZeroShotHead):
+        super().__init__()
+        self.clip = clip
+        self.head = head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.clip.encode_image(pixels))

@@ -1,0 +1,293 @@
+"""The fine-tuning loop on accelerate: the same code on one CPU, one GPU (bf16) or DDP over many.
+
+Data order is a seeded permutation per epoch, so the data position is one integer; the state
+(model, optimizer, scheduler, RNG, position) is checkpointed every --save-every steps under a
+LATEST pointer that is switched only once a checkpoint is complete. A run killed with
+`kill -9` and resumed ends with the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from tqdm import tqdm
+
+import micromerge
+from finetune.config import FinetuneConfig
+from finetune.data import DecodedData, decode_checked, load_pairs
+from finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
+from merging.execute import input_hashes
+from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
+from merging.plan import LOGIT_SCALE_MAX
+from merging.sources import open_source
+from micromerge.atomic import atomic_output, write_json_atomic, write_text_atomic
+from micromerge.errors import MicromergeError
+from micromerge.hashing import sha256_json
+
+NO_DECAY_MARKERS = ("bias", "logit_scale", "ln_", "norm", "bn", "positional_embedding", "class_embedding")
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module  # what is trained (CLIP, or CLIP + head)
+    clip: torch.nn.Module
+    model_config: dict[str, Any]
+    data: DecodedData
+    tokens: torch.Tensor | None
+    classes: list[str] | None
+    data_fingerprint: str
+    base_label: str
+    base_sha256: dict[str, str]
+    arch_name: str | None
+
+
+def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
+    """The latest resumable state, after refusing to mix runs in one folder."""
+    state_dir = cfg.out / "state"
+    holds_run = (cfg.out / "manifest.json").exists() or state_dir.exists()
+    if holds_run and cfg.force:
+        if is_main:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            for name in ("manifest.json", "model.safetensors", "head.safetensors", "train_log.jsonl"):
+                (cfg.out / name).unlink(missing_ok=True)
+        return None
+    if holds_run and not cfg.resume:
+        raise MicromergeError(f"--out {cfg.out}: holds another run; pass --resume to continue it or --force to start over")
+    latest = state_dir / "LATEST"
+    if cfg.resume and latest.is_file():
+        saved = json.loads((state_dir / latest.read_text().strip() / "trainer_state.json").read_text())
+        if saved["config_digest"] != sha256_json(cfg.hyperparameters()):
+            raise MicromergeError(f"--resume {cfg.out}: the run there used other settings; use the same flags or --force")
+        return state_dir / latest.read_text().strip()
+    return None
+
+
+def _prepare(cfg: FinetuneConfig) -> Prepared:
+    with open_source(cfg.base, allow_pickle=cfg.allow_pickle, arch=cfg.arch) as source:
+        hashes = input_hashes([source])
+        clip, model_config = load_model(source)
+        arch_name = source.arch.name
+    size = int(model_config["vision_cfg"]["image_size"])
+    tokenizer = tokenizer_for(model_config)
+    if cfg.mode == "contrastive":
+        pairs = load_pairs(cfg.data)
+        fingerprint = pairs.fingerprint()
+        data = decode_checked(pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress)
+        return Prepared(clip, clip, model_config, data, tokenizer(data.targets), None, fingerprint, cfg.base, hashes, arch_name)
+    from datasets import Image
+
+    from eval.data import load_benchmark
+    from eval.tasks import discover_tasks, select_tasks
+    from eval.zeroshot import class_embeddings
+
+    bench = load_benchmark(cfg.data)
+    task = select_tasks(discover_tasks(bench.dataset), cfg.task)[0]
+    images = bench.dataset.select(task.rows).cast_column("image", Image(decode=False))["image"]
+    data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
+    texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
+    head = ZeroShotHead(texts, float(clip.logit_scale.exp()))
+    fingerprint = sha256_json({"data": bench.fingerprint, "task": task.name})
+    return Prepared(ImageClassifier(clip, head), clip, model_config, data, None, list(task.classes), fingerprint, cfg.base, hashes, arch_name)
+
+
+def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
+    names_seen = set()
+    for name, param in prepared.clip.named_parameters():
+        frozen = cfg.text_frozen and not name.startswith("visual.") and name != "logit_scale"
+        if cfg.mode == "supervised" and name == "logit_scale":
+            frozen = True
+        for pattern in cfg.freeze:
+            if fnmatch.fnmatchcase(name, pattern):
+                frozen, _ = True, names_seen.add(pattern)
+        if frozen:
+            param.requires_grad_(False)
+    unused = [p for p in cfg.freeze if p not in names_seen]
+    if unused:
+        raise MicromergeError(f"--freeze {unused[0]}: matches no parameter (names look like visual.transformer.resblocks.0.*)")
+
+
+def _param_groups(prepared: Prepared, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in prepared.model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = name.startswith("head.")
+        no_decay = param.ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS)
+        groups.setdefault((is_head, no_decay), []).append(param)
+    return [
+        {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "is_head": is_head}
+        for (is_head, no_decay), params in sorted(groups.items())
+    ]
+
+
+def _lr_lambdas(groups, cfg: FinetuneConfig, total_steps: int, lp_steps: int):
+    def schedule(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def for_group(is_head: bool):
+        return lambda step: schedule(step) if (is_head or step >= lp_steps) else 0.0
+
+    return [for_group(group["is_head"]) for group in groups]
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
+    """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the model path."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
+        return cfg.out / "model.safetensors"  # already finished: resuming is a no-op
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision, gradient_accumulation_steps=cfg.accum_steps
+    )
+    resume_from = _check_output_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    prepared = _prepare(cfg)
+    _freeze(prepared, cfg)
+    n, world, batch = len(prepared.data.targets), accelerator.num_processes, cfg.batch_size
+    per_epoch = n // (batch * world)
+    if per_epoch == 0:
+        raise MicromergeError(f"--data {cfg.data}: {n} usable examples is less than one batch ({batch} x {world} processes); lower --batch-size")
+    lp_micro = cfg.lp_epochs * per_epoch if cfg.mode == "supervised" else 0
+    total_micro = (cfg.epochs * per_epoch + lp_micro) if cfg.max_steps is None else cfg.max_steps * cfg.accum_steps
+    total_steps = math.ceil(total_micro / cfg.accum_steps)
+    groups = _param_groups(prepared, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambdas(groups, cfg, total_steps, lp_micro // cfg.accum_steps))
+    model, optimizer = accelerator.prepare(prepared.model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    micro_step, history = 0, []
+    log_path = cfg.out / "train_log.jsonl"
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        micro_step = json.loads((resume_from / "trainer_state.json").read_text())["micro_step"]
+        if log_path.is_file():
+            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            history = [row for row in history if row["step"] <= micro_step // cfg.accum_steps]
+    mean = torch.tensor(prepared.model_config.get("preprocess_cfg", {}).get("mean", OPENAI_MEAN), device=accelerator.device).view(1, 3, 1, 1)
+    std = torch.tensor(prepared.model_config.get("preprocess_cfg", {}).get("std", OPENAI_STD), device=accelerator.device).view(1, 3, 1, 1)
+    targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
+    clip = accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
+    bar = tqdm(total=total_steps, initial=micro_step // cfg.accum_steps, desc=f"finetune {cfg.mode}", unit="step", disable=not (cfg.progress and accelerator.is_main_process))
+    started, seen, permutation, permutation_epoch = time.perf_counter(), 0, None, -1
+    try:
+        model.train()
+        while micro_step < total_micro:
+            epoch, offset = divmod(micro_step, per_epoch)
+            if epoch != permutation_epoch:
+                permutation = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+                permutation_epoch = epoch
+            start = (offset * world + accelerator.process_index) * batch
+            index = permutation[start : start + batch].numpy()
+            pixels = torch.from_numpy(np.ascontiguousarray(prepared.data.pixels[np.sort(index)])).to(accelerator.device)
+            order = torch.from_numpy(np.argsort(np.argsort(index)))
+            pixels = ((pixels[order].float() / 255.0) - mean) / std
+            batch_targets = targets[torch.from_numpy(index)].to(accelerator.device)
+            with accelerator.accumulate(model), accelerator.autocast():
+                if cfg.mode == "contrastive":
+                    out = model(pixels, batch_targets)
+                    image_f, text_f, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(out, dict) else out[:3]
+                    loss = clip_loss(image_f.float(), text_f.float(), scale.float())
+                else:
+                    loss = torch.nn.functional.cross_entropy(model(pixels).float(), batch_targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            seen += len(index) * world
+            if accelerator.sync_gradients:
+                scheduler.step()
+                with torch.no_grad():
+                    clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+                step = micro_step // cfg.accum_steps
+                rate = seen / max(1e-9, time.perf_counter() - started)
+                row = {"step": step, "loss": round(float(loss.detach()), 6), "lr": scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.0f}")
+                bar.update(1)
+                if cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro:
+                    _save_state(accelerator, cfg, micro_step, step, history)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise MicromergeError(
+            f"out of GPU memory at --batch-size {cfg.batch_size}: lower it and raise --accum-steps to keep the effective batch "
+            f"({cfg.batch_size * cfg.accum_steps})"
+        ) from exc
+    finally:
+        bar.close()
+    accelerator.wait_for_everyone()
+    path = cfg.out / "model.safetensors"
+    if accelerator.is_main_process:
+        _write_final(accelerator.unwrap_model(model), prepared, cfg, history, time.perf_counter() - started, seen)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _save_state(accelerator, cfg: FinetuneConfig, micro_step: int, step: int, history: list[dict[str, Any]]) -> None:
+    state_dir = cfg.out / "state"
+    name = f"step-{step:08d}"
+    accelerator.save_state(str(state_dir / name))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(state_dir / name / "trainer_state.json", {"micro_step": micro_step, "step": step, "config_digest": sha256_json(cfg.hyperparameters())})
+        write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        write_text_atomic(state_dir / "LATEST", name)
+        for old in state_dir.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_final(model, prepared: Prepared, cfg: FinetuneConfig, history, seconds: float, seen: int) -> None:
+    clip = model.clip if cfg.mode == "supervised" else model
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in clip.state_dict().items() if k != "attn_mask"}
+    losses = [row["loss"] for row in history]
+    manifest = {
+        "kind": f"finetune-{cfg.mode}",
+        "micromerge_version": micromerge.__version__,
+        "torch_version": torch.__version__,
+        "base": prepared.base_label,
+        "base_sha256": prepared.base_sha256,
+        "data": cfg.data,
+        "data_fingerprint": prepared.data_fingerprint,
+        "hyperparameters": cfg.hyperparameters(),
+        "seed": cfg.seed,
+        "domain": cfg.domain,
+        "classes": prepared.classes,
+        "steps": len(history),
+        "corrupt_images_skipped": prepared.data.n_corrupt,
+        "loss_summary": {
+            "first": losses[0] if losses else None,
+            "last": losses[-1] if losses else None,
+            "min": min(losses) if losses else None,
+            "mean_last_10": float(np.mean(losses[-10:])) if losses else None,
+        },
+    }
+    metadata = {"format": "pt", "micromerge.provenance": json.dumps(manifest, sort_keys=True), "micromerge.model_config": json.dumps(prepared.model_config, sort_keys=True)}
+    if prepared.arch_name:
+        metadata["micromerge.arch"] = prepared.arch_name
+    with atomic_output(cfg.out / "model.safetensors", "wb") as handle:
+        handle.write(save(tensors, metadata=metadata))
+    if cfg.mode == "supervised":
+        head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        with atomic_output(cfg.out / "head.safetensors", "wb") as handle:
+            handle.write(save(head, metadata={"classes": json.dumps(prepared.classes)}))
+    write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    write_json_atomic(cfg.out / "manifest.json", {**manifest, "seconds": round(seconds, 2), "images_seen": seen, "images_per_s": round(seen / max(seconds, 1e-9), 1)})
+    shutil.rmtree(cfg.out / "state", ignore_errors=True)

@@ -1,0 +1,42 @@
+"""Merge in place into one resident model: what the sweep engine does for every alpha.
+
+Base and fine-tuned float32 copies of the merged keys stay on the device; `apply(alpha)`
+writes each merged tensor straight into the model's parameter storage (no re-instantiation,
+no state-dict copies per alpha).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from merging.methods import get_method
+from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec, plan_merge
+from merging.tensor_source import TensorSource
+
+
+class ResidentMerge:
+    def __init__(self, model: torch.nn.Module, spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource], device: torch.device):
+        self.model = model.to(device)
+        self.spec = spec
+        self.method = get_method(spec.method)
+        self.targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        plans = [p for p in plan_merge(spec, base, finetuned) if p.merged and p.key in self.targets]
+        self.keys = [p.key for p in plans]
+        self.base = {k: base.read(k).to(device=device, dtype=torch.float32).clone() for k in self.keys}
+        self.finetuned = [{k: s.read(k).to(device=device, dtype=torch.float32).clone() for k in self.keys} for s in finetuned]
+
+    @torch.no_grad()
+    def apply(self, alpha: float) -> None:
+        params = replace(self.spec.params, strength=alpha)
+        for key in self.keys:
+            target = self.targets[key].data
+            strength = self.spec.rules.strength_for(key, alpha)
+            others = [ft[key] for ft in self.finetuned]
+            if target.dtype == torch.float32:
+                self.method.merge(key, self.base[key], others, strength, params, out=target)
+            else:
+                target.copy_(self.method.merge(key, self.base[key], others, strength, params))
+            if key == LOGIT_SCALE_KEY:
+                target.clamp_(max=LOGIT_SCALE_MAX)
