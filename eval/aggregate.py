@@ -18,12 +18,12 @@ def group_labels(row: dict[str, Any]) -> list[str]:
     return labels
 
 
-def aggregate(rows: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, float]:
+def aggregate(rows: list[dict[str, Any]], metric: str = "accuracy", split: str = "all") -> dict[str, float]:
     """Mean of per-task values per group, and `overall` (the mean over all tasks)."""
     per_group: dict[str, list[float]] = defaultdict(list)
     values = []
     for row in rows:
-        if row["metric"] != metric:
+        if row["metric"] != metric or row.get("split", "all") != split:
             continue
         values.append(row["value"])
         for label in group_labels(row):

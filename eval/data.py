@@ -43,7 +43,9 @@ def load_benchmark(source: str, split: str = "test") -> Benchmark:
     else:
         dataset = _load_local(Path(source), split)
     validate_schema(dataset, source)
-    fingerprint = sha256_json({"fingerprint": getattr(dataset, "_fingerprint", ""), "rows": len(dataset), "split": split})
+    fingerprint = sha256_json(
+        {"fingerprint": getattr(dataset, "_fingerprint", ""), "rows": len(dataset), "split": split}
+    )
     return Benchmark(dataset, source, fingerprint[:16])
 
 
@@ -68,12 +70,18 @@ def validate_schema(dataset: datasets.Dataset, source: str) -> None:
     features = dataset.features
     missing = [c for c in ("image", "label", *REQUIRED_STRING_COLUMNS) if c not in features]
     if missing:
-        raise MicromergeError(f"--data {source}: missing required column(s) {missing} (μ-Bench schema: see shared/ubench/SCHEMA.md)")
+        raise MicromergeError(
+            f"--data {source}: missing required column(s) {missing} (μ-Bench schema: see shared/ubench/SCHEMA.md)"
+        )
     if not isinstance(features["image"], Image):
-        raise MicromergeError(f"--data {source}: column 'image' must be a datasets Image, not {features['image']}")
+        raise MicromergeError(
+            f"--data {source}: column 'image' must be a datasets Image, not {features['image']}"
+        )
     label = features["label"]
     if not (isinstance(label, ClassLabel) or (isinstance(label, Value) and label.dtype.startswith("int"))):
-        raise MicromergeError(f"--data {source}: column 'label' must be a ClassLabel (or integer), not {label}")
+        raise MicromergeError(
+            f"--data {source}: column 'label' must be a ClassLabel (or integer), not {label}"
+        )
     for column in REQUIRED_STRING_COLUMNS:
         feature = features[column]
         if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):

@@ -28,7 +28,9 @@ class ImageCache:
     pixels: np.ndarray  # [N, 3, S, S] uint8, memory-mapped
     valid: np.ndarray  # [N] bool: False where the bytes would not decode
 
-    def batch(self, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def batch(
+        self, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
         """Normalised float32 pixels for `rows`, as open_clip's ToTensor + Normalize would give."""
         data = torch.from_numpy(np.ascontiguousarray(self.pixels[rows])).to(device)
         return (data.float().div_(255.0) - mean.to(device).view(1, 3, 1, 1)) / std.to(device).view(1, 3, 1, 1)
@@ -51,13 +53,18 @@ def _decode(payload: dict | None, size: int) -> np.ndarray | None:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
 
 
-def decode_payloads(payloads: list[dict | None], size: int, progress: bool = True, desc: str = "decode images") -> tuple[np.ndarray, np.ndarray]:
+def decode_payloads(
+    payloads: list[dict | None], size: int, progress: bool = True, desc: str = "decode images"
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode, resize and crop image payloads ({'bytes'} or {'path'}) into uint8 [N, 3, S, S] plus a valid mask."""
     n = len(payloads)
     pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     valid = np.zeros(n, dtype=bool)
     chunk = 256
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=n, desc=f"{desc} ({size}px)", unit="img", disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=2) as pool,
+        tqdm(total=n, desc=f"{desc} ({size}px)", unit="img", disable=not progress, leave=False) as bar,
+    ):
         for start in range(0, n, chunk):
             batch = payloads[start : start + chunk]
             for offset, decoded in enumerate(pool.map(lambda p: _decode(p, size), batch)):
@@ -69,7 +76,12 @@ def decode_payloads(payloads: list[dict | None], size: int, progress: bool = Tru
 
 
 def build_image_cache(
-    dataset: datasets.Dataset, fingerprint: str, size: int, cache_dir: Path, progress: bool = True, column: str = "image"
+    dataset: datasets.Dataset,
+    fingerprint: str,
+    size: int,
+    cache_dir: Path,
+    progress: bool = True,
+    column: str = "image",
 ) -> ImageCache:
     """Load the cache for (fingerprint, size) or build it (atomically, so an interrupted build is redone)."""
     folder = cache_dir / "images"
@@ -84,5 +96,8 @@ def build_image_cache(
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(pixels_path, "wb") as handle:
         np.save(handle, pixels)
-    write_json_atomic(index_path, {"rows": len(payloads), "size": size, "valid": valid.tolist(), "corrupt": int((~valid).sum())})
+    write_json_atomic(
+        index_path,
+        {"rows": len(payloads), "size": size, "valid": valid.tolist(), "corrupt": int((~valid).sum())},
+    )
     return ImageCache(np.load(pixels_path, mmap_mode="r"), valid)

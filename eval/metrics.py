@@ -8,7 +8,9 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
 
 
 def metrics_from_confusion(confusion: np.ndarray) -> dict[str, float]:

@@ -39,17 +39,26 @@ class ResultStore:
                     continue
                 rows.append(row)
         if skipped:
-            warnings.warn(f"{self.path}: skipped {skipped} row(s) from another version or unreadable", stacklevel=2)
+            warnings.warn(
+                f"{self.path}: skipped {skipped} row(s) from another version or unreadable", stacklevel=2
+            )
         return rows
 
-    def done(self, run_id: str) -> set[tuple[float, str, str]]:
-        return {(row["alpha"], row["task"], row["metric"]) for row in self.rows() if row["run_id"] == run_id}
+    def done(self, run_id: str) -> set[tuple[float | None, str, str, str]]:
+        """(alpha, task, split, metric) of every finished row of a run."""
+        return {
+            (row["alpha"], row["task"], row.get("split", "all"), row["metric"])
+            for row in self.rows()
+            if row["run_id"] == run_id
+        }
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = "".join(json.dumps({"schema": SCHEMA_VERSION, **row}, sort_keys=True) + "\n" for row in rows).encode()
+        payload = "".join(
+            json.dumps({"schema": SCHEMA_VERSION, **row}, sort_keys=True) + "\n" for row in rows
+        ).encode()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -65,7 +65,9 @@ def _caption_for(captions: list | None, key: str, row: int) -> str | None:
     return None
 
 
-def _class_captions(captions: list | None, key: str, rows: list[int], values: list, classes: list[str]) -> tuple[str, ...]:
+def _class_captions(
+    captions: list | None, key: str, rows: list[int], values: list, classes: list[str]
+) -> tuple[str, ...]:
     """A caption per class from the `captions` dict (first row of each class), else the class text."""
     found: dict[str, str] = {}
     for i in rows:
@@ -84,7 +86,11 @@ def discover_tasks(dataset: datasets.Dataset) -> list[Task]:
         if column is None:
             continue
         values = dataset[column]
-        rows = [i for i, v in enumerate(values) if (v.strip().lower() if isinstance(v, str) else v) not in MISSING_VALUES]
+        rows = [
+            i
+            for i, v in enumerate(values)
+            if (v.strip().lower() if isinstance(v, str) else v) not in MISSING_VALUES
+        ]
         classes = sorted({values[i] for i in rows})
         if len(classes) < 2:
             continue
@@ -114,7 +120,9 @@ def discover_tasks(dataset: datasets.Dataset) -> list[Task]:
         index = {c: k for k, c in enumerate(classes)}
         groups = {"level": "fine"}
         for column, values in group_values.items():
-            groups[column] = Counter(values[i] for i in rows).most_common(1)[0][0] if values is not None else "unknown"
+            groups[column] = (
+                Counter(values[i] for i in rows).most_common(1)[0][0] if values is not None else "unknown"
+            )
         tasks.append(
             Task(
                 name=source,
@@ -143,5 +151,7 @@ def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...]) -> list[Task]
     known = {t.name: t for t in tasks}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise MicromergeError(f"--tasks: unknown task(s) {unknown}; available: {sorted(known)} (or all, coarse, fine)")
+        raise MicromergeError(
+            f"--tasks: unknown task(s) {unknown}; available: {sorted(known)} (or all, coarse, fine)"
+        )
     return [known[n] for n in names]

@@ -20,12 +20,21 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def class_embeddings(model, tokenizer, task: Task, device: torch.device, prompts: str = "names", token_cache: dict | None = None) -> torch.Tensor:
+def class_embeddings(
+    model,
+    tokenizer,
+    task: Task,
+    device: torch.device,
+    prompts: str = "names",
+    token_cache: dict | None = None,
+) -> torch.Tensor:
     """[C, D]: per class, the mean of its normalised prompt embeddings, renormalised."""
     if prompts == "captions":
         texts_per_class = [[caption] for caption in task.class_captions]
     else:
-        texts_per_class = [[template.format(text) for template in task.templates] for text in task.class_texts]
+        texts_per_class = [
+            [template.format(text) for template in task.templates] for text in task.class_texts
+        ]
     flat = [t for texts in texts_per_class for t in texts]
     key = (id(tokenizer), tuple(flat))
     tokens = token_cache.get(key) if token_cache is not None else None
@@ -40,8 +49,14 @@ def class_embeddings(model, tokenizer, task: Task, device: torch.device, prompts
 
 @torch.no_grad()
 def image_embeddings(
-    model, cache: ImageCache, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-    batch_size: int = 256, precision: str = "fp32",
+    model,
+    cache: ImageCache,
+    rows: np.ndarray,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 256,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """[N, D] normalised image embeddings for cache rows, in large batches."""
     outputs = []

@@ -43,7 +43,9 @@ class FinetuneConfig:
         if self.mode not in ("contrastive", "supervised"):
             raise MicromergeError(f"finetune mode {self.mode!r}: expected contrastive or supervised")
         if self.mode == "supervised" and not self.task:
-            raise MicromergeError("finetune supervised: --task is required (a task name from `micromerge tasks --data ...`)")
+            raise MicromergeError(
+                "finetune supervised: --task is required (a task name from `micromerge tasks --data ...`)"
+            )
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise MicromergeError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")

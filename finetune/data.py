@@ -81,7 +81,9 @@ def _from_table(path: Path) -> PairData:
             raise MicromergeError(f"{path}: row {number} has a caption but no image")
         image_path = (path.parent / name).resolve()
         if not image_path.is_file():
-            raise MicromergeError(f"{path}: row {number}: caption for image {name} but the file does not exist")
+            raise MicromergeError(
+                f"{path}: row {number}: caption for image {name} but the file does not exist"
+            )
         if not caption:
             raise MicromergeError(f"{path}: row {number}: image {name} has no caption")
         payloads.append({"path": str(image_path), "bytes": None})
@@ -141,7 +143,9 @@ def load_pairs(spec: str) -> PairData:
         elif path.suffix == ".tar":
             data = _from_tar([path])
         else:
-            raise MicromergeError(f"--data {spec}: expected a .csv/.jsonl of captions, a .tar shard, or a folder")
+            raise MicromergeError(
+                f"--data {spec}: expected a .csv/.jsonl of captions, a .tar shard, or a folder"
+            )
     elif path.is_dir():
         tables = [path / name for name in ("captions.csv", "captions.jsonl") if (path / name).is_file()]
         shards = sorted(path.glob("*.tar"))
@@ -155,13 +159,17 @@ def load_pairs(spec: str) -> PairData:
         elif shards:
             data = _from_tar(shards)
         else:
-            raise MicromergeError(f"--data {spec}: folder has no captions.csv/.jsonl, no .tar shards and is not a saved dataset")
+            raise MicromergeError(
+                f"--data {spec}: folder has no captions.csv/.jsonl, no .tar shards and is not a saved dataset"
+            )
     elif "/" in spec and not spec.startswith((".", "/")):
         try:
             data = _from_hf(datasets.load_dataset(spec, split="train"), spec)
         except Exception as exc:
-            raise MicromergeError(f"--data {spec}: not a local path, and the hub dataset could not be loaded ({type(exc).__name__}); "
-                                  "offline, pass a local copy") from exc
+            raise MicromergeError(
+                f"--data {spec}: not a local path, and the hub dataset could not be loaded ({type(exc).__name__}); "
+                "offline, pass a local copy"
+            ) from exc
     else:
         raise MicromergeError(f"--data {spec}: no such file or folder")
     if not data.payloads:
@@ -169,7 +177,9 @@ def load_pairs(spec: str) -> PairData:
     return data
 
 
-def decode_checked(payloads: list[dict], targets: list, size: int, max_bad_fraction: float, where: str, progress: bool) -> DecodedData:
+def decode_checked(
+    payloads: list[dict], targets: list, size: int, max_bad_fraction: float, where: str, progress: bool
+) -> DecodedData:
     """Decode images; drop corrupt ones; stop with a clear error when too many are bad."""
     pixels, valid = decode_payloads(payloads, size, progress, desc="decode training images")
     bad = int((~valid).sum())

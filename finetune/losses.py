@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy over the in-batch similarities."""
     logits = logit_scale * image_features @ text_features.T
     targets = torch.arange(len(logits), device=logits.device)

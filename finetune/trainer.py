@@ -62,12 +62,16 @@ def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
                 (cfg.out / name).unlink(missing_ok=True)
         return None
     if holds_run and not cfg.resume:
-        raise MicromergeError(f"--out {cfg.out}: holds another run; pass --resume to continue it or --force to start over")
+        raise MicromergeError(
+            f"--out {cfg.out}: holds another run; pass --resume to continue it or --force to start over"
+        )
     latest = state_dir / "LATEST"
     if cfg.resume and latest.is_file():
         saved = json.loads((state_dir / latest.read_text().strip() / "trainer_state.json").read_text())
         if saved["config_digest"] != sha256_json(cfg.hyperparameters()):
-            raise MicromergeError(f"--resume {cfg.out}: the run there used other settings; use the same flags or --force")
+            raise MicromergeError(
+                f"--resume {cfg.out}: the run there used other settings; use the same flags or --force"
+            )
         return state_dir / latest.read_text().strip()
     return None
 
@@ -82,8 +86,21 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     if cfg.mode == "contrastive":
         pairs = load_pairs(cfg.data)
         fingerprint = pairs.fingerprint()
-        data = decode_checked(pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress)
-        return Prepared(clip, clip, model_config, data, tokenizer(data.targets), None, fingerprint, cfg.base, hashes, arch_name)
+        data = decode_checked(
+            pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress
+        )
+        return Prepared(
+            clip,
+            clip,
+            model_config,
+            data,
+            tokenizer(data.targets),
+            None,
+            fingerprint,
+            cfg.base,
+            hashes,
+            arch_name,
+        )
     from datasets import Image
 
     from eval.data import load_benchmark
@@ -97,7 +114,18 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
     head = ZeroShotHead(texts, float(clip.logit_scale.exp()))
     fingerprint = sha256_json({"data": bench.fingerprint, "task": task.name})
-    return Prepared(ImageClassifier(clip, head), clip, model_config, data, None, list(task.classes), fingerprint, cfg.base, hashes, arch_name)
+    return Prepared(
+        ImageClassifier(clip, head),
+        clip,
+        model_config,
+        data,
+        None,
+        list(task.classes),
+        fingerprint,
+        cfg.base,
+        hashes,
+        arch_name,
+    )
 
 
 def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
@@ -113,7 +141,9 @@ def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
             param.requires_grad_(False)
     unused = [p for p in cfg.freeze if p not in names_seen]
     if unused:
-        raise MicromergeError(f"--freeze {unused[0]}: matches no parameter (names look like visual.transformer.resblocks.0.*)")
+        raise MicromergeError(
+            f"--freeze {unused[0]}: matches no parameter (names look like visual.transformer.resblocks.0.*)"
+        )
 
 
 def _param_groups(prepared: Prepared, cfg: FinetuneConfig) -> list[dict[str, Any]]:
@@ -152,7 +182,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         return cfg.out / "model.safetensors"  # already finished: resuming is a no-op
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision, gradient_accumulation_steps=cfg.accum_steps
+        cpu=use_cpu,
+        mixed_precision="no" if use_cpu else cfg.precision,
+        gradient_accumulation_steps=cfg.accum_steps,
     )
     resume_from = _check_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -162,13 +194,19 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     n, world, batch = len(prepared.data.targets), accelerator.num_processes, cfg.batch_size
     per_epoch = n // (batch * world)
     if per_epoch == 0:
-        raise MicromergeError(f"--data {cfg.data}: {n} usable examples is less than one batch ({batch} x {world} processes); lower --batch-size")
+        raise MicromergeError(
+            f"--data {cfg.data}: {n} usable examples is less than one batch ({batch} x {world} processes); lower --batch-size"
+        )
     lp_micro = cfg.lp_epochs * per_epoch if cfg.mode == "supervised" else 0
-    total_micro = (cfg.epochs * per_epoch + lp_micro) if cfg.max_steps is None else cfg.max_steps * cfg.accum_steps
+    total_micro = (
+        (cfg.epochs * per_epoch + lp_micro) if cfg.max_steps is None else cfg.max_steps * cfg.accum_steps
+    )
     total_steps = math.ceil(total_micro / cfg.accum_steps)
     groups = _param_groups(prepared, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambdas(groups, cfg, total_steps, lp_micro // cfg.accum_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambdas(groups, cfg, total_steps, lp_micro // cfg.accum_steps)
+    )
     model, optimizer = accelerator.prepare(prepared.model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     micro_step, history = 0, []
@@ -179,29 +217,49 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         if log_path.is_file():
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             history = [row for row in history if row["step"] <= micro_step // cfg.accum_steps]
-    mean = torch.tensor(prepared.model_config.get("preprocess_cfg", {}).get("mean", OPENAI_MEAN), device=accelerator.device).view(1, 3, 1, 1)
-    std = torch.tensor(prepared.model_config.get("preprocess_cfg", {}).get("std", OPENAI_STD), device=accelerator.device).view(1, 3, 1, 1)
+    mean = torch.tensor(
+        prepared.model_config.get("preprocess_cfg", {}).get("mean", OPENAI_MEAN), device=accelerator.device
+    ).view(1, 3, 1, 1)
+    std = torch.tensor(
+        prepared.model_config.get("preprocess_cfg", {}).get("std", OPENAI_STD), device=accelerator.device
+    ).view(1, 3, 1, 1)
     targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
-    clip = accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
-    bar = tqdm(total=total_steps, initial=micro_step // cfg.accum_steps, desc=f"finetune {cfg.mode}", unit="step", disable=not (cfg.progress and accelerator.is_main_process))
+    clip = (
+        accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
+    )
+    bar = tqdm(
+        total=total_steps,
+        initial=micro_step // cfg.accum_steps,
+        desc=f"finetune {cfg.mode}",
+        unit="step",
+        disable=not (cfg.progress and accelerator.is_main_process),
+    )
     started, seen, permutation, permutation_epoch = time.perf_counter(), 0, None, -1
     try:
         model.train()
         while micro_step < total_micro:
             epoch, offset = divmod(micro_step, per_epoch)
             if epoch != permutation_epoch:
-                permutation = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+                permutation = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                )
                 permutation_epoch = epoch
             start = (offset * world + accelerator.process_index) * batch
             index = permutation[start : start + batch].numpy()
-            pixels = torch.from_numpy(np.ascontiguousarray(prepared.data.pixels[np.sort(index)])).to(accelerator.device)
+            pixels = torch.from_numpy(np.ascontiguousarray(prepared.data.pixels[np.sort(index)])).to(
+                accelerator.device
+            )
             order = torch.from_numpy(np.argsort(np.argsort(index)))
             pixels = ((pixels[order].float() / 255.0) - mean) / std
             batch_targets = targets[torch.from_numpy(index)].to(accelerator.device)
             with accelerator.accumulate(model), accelerator.autocast():
                 if cfg.mode == "contrastive":
                     out = model(pixels, batch_targets)
-                    image_f, text_f, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(out, dict) else out[:3]
+                    image_f, text_f, scale = (
+                        (out["image_features"], out["text_features"], out["logit_scale"])
+                        if isinstance(out, dict)
+                        else out[:3]
+                    )
                     loss = clip_loss(image_f.float(), text_f.float(), scale.float())
                 else:
                     loss = torch.nn.functional.cross_entropy(model(pixels).float(), batch_targets)
@@ -218,7 +276,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                     clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
                 step = micro_step // cfg.accum_steps
                 rate = seen / max(1e-9, time.perf_counter() - started)
-                row = {"step": step, "loss": round(float(loss.detach()), 6), "lr": scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
+                row = {
+                    "step": step,
+                    "loss": round(float(loss.detach()), 6),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": round(rate, 1),
+                }
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.0f}")
                 bar.update(1)
@@ -232,20 +295,36 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     finally:
         bar.close()
     accelerator.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    rank_digests = gather_object([_weights_digest(accelerator.unwrap_model(model))])
     path = cfg.out / "model.safetensors"
     if accelerator.is_main_process:
-        _write_final(accelerator.unwrap_model(model), prepared, cfg, history, time.perf_counter() - started, seen)
+        _write_final(
+            accelerator.unwrap_model(model),
+            prepared,
+            cfg,
+            history,
+            time.perf_counter() - started,
+            seen,
+            rank_digests,
+        )
     accelerator.wait_for_everyone()
     return path
 
 
-def _save_state(accelerator, cfg: FinetuneConfig, micro_step: int, step: int, history: list[dict[str, Any]]) -> None:
+def _save_state(
+    accelerator, cfg: FinetuneConfig, micro_step: int, step: int, history: list[dict[str, Any]]
+) -> None:
     state_dir = cfg.out / "state"
     name = f"step-{step:08d}"
     accelerator.save_state(str(state_dir / name))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(state_dir / name / "trainer_state.json", {"micro_step": micro_step, "step": step, "config_digest": sha256_json(cfg.hyperparameters())})
+        write_json_atomic(
+            state_dir / name / "trainer_state.json",
+            {"micro_step": micro_step, "step": step, "config_digest": sha256_json(cfg.hyperparameters())},
+        )
         write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         write_text_atomic(state_dir / "LATEST", name)
         for old in state_dir.glob("step-*"):
@@ -254,9 +333,32 @@ def _save_state(accelerator, cfg: FinetuneConfig, micro_step: int, step: int, hi
     accelerator.wait_for_everyone()
 
 
-def _write_final(model, prepared: Prepared, cfg: FinetuneConfig, history, seconds: float, seen: int) -> None:
+def _weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every weight, so the manifest can show all DDP ranks ended identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_final(
+    model,
+    prepared: Prepared,
+    cfg: FinetuneConfig,
+    history,
+    seconds: float,
+    seen: int,
+    rank_digests: list[str],
+) -> None:
     clip = model.clip if cfg.mode == "supervised" else model
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in clip.state_dict().items() if k != "attn_mask"}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in clip.state_dict().items()
+        if k != "attn_mask"
+    }
     losses = [row["loss"] for row in history]
     manifest = {
         "kind": f"finetune-{cfg.mode}",
@@ -271,6 +373,8 @@ def _write_final(model, prepared: Prepared, cfg: FinetuneConfig, history, second
         "domain": cfg.domain,
         "classes": prepared.classes,
         "steps": len(history),
+        "processes": len(rank_digests),
+        "rank_weight_sha256": rank_digests,
         "corrupt_images_skipped": prepared.data.n_corrupt,
         "loss_summary": {
             "first": losses[0] if losses else None,
@@ -279,7 +383,11 @@ def _write_final(model, prepared: Prepared, cfg: FinetuneConfig, history, second
             "mean_last_10": float(np.mean(losses[-10:])) if losses else None,
         },
     }
-    metadata = {"format": "pt", "micromerge.provenance": json.dumps(manifest, sort_keys=True), "micromerge.model_config": json.dumps(prepared.model_config, sort_keys=True)}
+    metadata = {
+        "format": "pt",
+        "micromerge.provenance": json.dumps(manifest, sort_keys=True),
+        "micromerge.model_config": json.dumps(prepared.model_config, sort_keys=True),
+    }
     if prepared.arch_name:
         metadata["micromerge.arch"] = prepared.arch_name
     with atomic_output(cfg.out / "model.safetensors", "wb") as handle:
@@ -289,5 +397,13 @@ def _write_final(model, prepared: Prepared, cfg: FinetuneConfig, history, second
         with atomic_output(cfg.out / "head.safetensors", "wb") as handle:
             handle.write(save(head, metadata={"classes": json.dumps(prepared.classes)}))
     write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    write_json_atomic(cfg.out / "manifest.json", {**manifest, "seconds": round(seconds, 2), "images_seen": seen, "images_per_s": round(seen / max(seconds, 1e-9), 1)})
+    write_json_atomic(
+        cfg.out / "manifest.json",
+        {
+            **manifest,
+            "seconds": round(seconds, 2),
+            "images_seen": seen,
+            "images_per_s": round(seen / max(seconds, 1e-9), 1),
+        },
+    )
     shutil.rmtree(cfg.out / "state", ignore_errors=True)

@@ -17,7 +17,14 @@ from merging.tensor_source import TensorSource
 
 
 class ResidentMerge:
-    def __init__(self, model: torch.nn.Module, spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource], device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: MergeSpec,
+        base: TensorSource,
+        finetuned: list[TensorSource],
+        device: torch.device,
+    ):
         self.model = model.to(device)
         self.spec = spec
         self.method = get_method(spec.method)
@@ -25,7 +32,10 @@ class ResidentMerge:
         plans = [p for p in plan_merge(spec, base, finetuned) if p.merged and p.key in self.targets]
         self.keys = [p.key for p in plans]
         self.base = {k: base.read(k).to(device=device, dtype=torch.float32).clone() for k in self.keys}
-        self.finetuned = [{k: s.read(k).to(device=device, dtype=torch.float32).clone() for k in self.keys} for s in finetuned]
+        self.finetuned = [
+            {k: s.read(k).to(device=device, dtype=torch.float32).clone() for k in self.keys}
+            for s in finetuned
+        ]
 
     @torch.no_grad()
     def apply(self, alpha: float) -> None:

@@ -203,16 +203,52 @@ def merge_main() -> None:
 def _eval_options(func):
     """Options shared by `eval` and `sweep`."""
     options = [
-        click.option("--data", default="ubench", show_default=True, help="'ubench' (hub/cache) or a local μ-Bench folder."),
-        click.option("--tasks", default="all", show_default=True, help="all, coarse, fine, or comma-separated task names."),
-        click.option("--store", type=click.Path(), default="results/results.jsonl", show_default=True, help="Results store (JSONL)."),
+        click.option(
+            "--data",
+            default="ubench",
+            show_default=True,
+            help="'ubench' (hub/cache) or a local μ-Bench folder.",
+        ),
+        click.option(
+            "--tasks",
+            default="all",
+            show_default=True,
+            help="all, coarse, fine, or comma-separated task names.",
+        ),
+        click.option(
+            "--store",
+            type=click.Path(),
+            default="results/results.jsonl",
+            show_default=True,
+            help="Results store (JSONL).",
+        ),
         click.option("--batch-size", type=int, default=256, show_default=True),
-        click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="Autocast on GPU (CPU always fp32)."),
-        click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for 95% intervals (0: none)."),
+        click.option(
+            "--precision",
+            type=click.Choice(["bf16", "fp32"]),
+            default="bf16",
+            show_default=True,
+            help="Autocast on GPU (CPU always fp32).",
+        ),
+        click.option(
+            "--bootstrap",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Bootstrap resamples for 95% intervals (0: none).",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--prompts", type=click.Choice(["names", "captions"]), default="names", show_default=True, help="Class names in templates, or class captions."),
+        click.option(
+            "--prompts",
+            type=click.Choice(["names", "captions"]),
+            default="names",
+            show_default=True,
+            help="Class names in templates, or class captions.",
+        ),
         click.option("--device", default="auto", show_default=True),
-        click.option("--cache-dir", type=click.Path(), help="Image cache folder (default: ~/.cache/micromerge)."),
+        click.option(
+            "--cache-dir", type=click.Path(), help="Image cache folder (default: ~/.cache/micromerge)."
+        ),
         click.option("--allow-pickle", is_flag=True),
         click.option("--arch", help="Architecture name when a checkpoint does not say."),
         click.option("--quiet", is_flag=True),
@@ -232,10 +268,18 @@ def _eval_settings(values: dict[str, Any]):
 
     state = PartialState(cpu=values["device"] == "cpu")
     settings = EvalSettings(
-        data=values["data"], store=Path(values["store"]), cache_dir=Path(values["cache_dir"]) if values.get("cache_dir") else default_cache_dir(),
-        tasks=values["tasks"], batch_size=values["batch_size"], precision=values["precision"], bootstrap=values["bootstrap"],
-        seed=values["seed"], prompts=values["prompts"], progress=not values["quiet"] and state.is_main_process,
-        rank=state.process_index, world_size=state.num_processes,
+        data=values["data"],
+        store=Path(values["store"]),
+        cache_dir=Path(values["cache_dir"]) if values.get("cache_dir") else default_cache_dir(),
+        tasks=values["tasks"],
+        batch_size=values["batch_size"],
+        precision=values["precision"],
+        bootstrap=values["bootstrap"],
+        seed=values["seed"],
+        prompts=values["prompts"],
+        progress=not values["quiet"] and state.is_main_process,
+        rank=state.process_index,
+        world_size=state.num_processes,
     )
     return settings, state
 
@@ -249,10 +293,13 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for alpha, alpha_rows in sorted(by_alpha.items(), key=lambda item: -1 if item[0] is None else item[0]):
         if alpha is not None:
             click.echo(f"\nalpha = {alpha:g}")
-        click.echo(f"{'task':<34} {'level':<6} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'macro-F1':>9} {'bal.acc':>8}")
+        click.echo(
+            f"{'task':<34} {'level':<6} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'macro-F1':>9} {'bal.acc':>8}"
+        )
         table: dict[str, dict[str, Any]] = {}
         for row in alpha_rows:
-            table.setdefault(row["task"], {})[row["metric"]] = row
+            if row.get("split", "all") == "all":
+                table.setdefault(row["task"], {})[row["metric"]] = row
         for task, metrics in table.items():
             acc = metrics["accuracy"]
             interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"])
@@ -277,7 +324,9 @@ def tasks_command(data: str) -> None:
     click.echo(f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  domain / modality / scale")
     for task in discover_tasks(bench.dataset):
         groups = task.groups
-        click.echo(f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {groups.get('domain')} / {groups.get('modality')} / {groups.get('scale')}")
+        click.echo(
+            f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {groups.get('domain')} / {groups.get('modality')} / {groups.get('scale')}"
+        )
 
 
 @cli.command("eval")
@@ -315,12 +364,24 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     from micromerge.devices import resolve_device
 
     job = job_from_mapping(
-        {"base": base, "finetuned": list(finetuned), "method": method, "alphas": alphas, "weights": values.pop("weights"),
-         "density": values.pop("density"), "drop_rate": values.pop("drop_rate"), "seed": values["seed"],
-         "include": list(values.pop("include")), "exclude": list(values.pop("exclude")), "alpha_rules": list(values.pop("alpha_rules"))}
+        {
+            "base": base,
+            "finetuned": list(finetuned),
+            "method": method,
+            "alphas": alphas,
+            "weights": values.pop("weights"),
+            "density": values.pop("density"),
+            "drop_rate": values.pop("drop_rate"),
+            "seed": values["seed"],
+            "include": list(values.pop("include")),
+            "exclude": list(values.pop("exclude")),
+            "alpha_rules": list(values.pop("alpha_rules")),
+        }
     )
     settings, state = _eval_settings(values)
-    plan = SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), values["allow_pickle"], values["arch"])
+    plan = SweepPlan(
+        job.base, job.finetuned, job.spec, job.alphas or (), values["allow_pickle"], values["arch"]
+    )
     rows = run_sweep(plan, settings, resolve_device(values["device"]))
     state.wait_for_everyone()
     if state.is_main_process:
@@ -339,28 +400,65 @@ def run_sweep_rows(settings, rows):
 def _finetune_options(func):
     options = [
         click.option("--base", help="Checkpoint to start from: zoo name, hf-hub: id, file or folder."),
-        click.option("--data", help="Training data (see README: CSV/JSONL folder, saved dataset, .tar shards, hub id)."),
-        click.option("--out", type=click.Path(), help="Run folder (model.safetensors, manifest.json, train_log.jsonl, state/)."),
+        click.option(
+            "--data", help="Training data (see README: CSV/JSONL folder, saved dataset, .tar shards, hub id)."
+        ),
+        click.option(
+            "--out",
+            type=click.Path(),
+            help="Run folder (model.safetensors, manifest.json, train_log.jsonl, state/).",
+        ),
         click.option("--arch", help="Architecture name when the base does not say."),
         click.option("--epochs", type=int, default=1, show_default=True),
-        click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs)."),
+        click.option(
+            "--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs)."
+        ),
         click.option("--batch-size", type=int, default=64, show_default=True, help="Per process."),
         click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation."),
         click.option("--lr", type=float, default=1e-4, show_default=True),
-        click.option("--weight-decay", type=float, default=0.1, show_default=True, help="Not applied to norms, biases, embeddings, logit scale."),
+        click.option(
+            "--weight-decay",
+            type=float,
+            default=0.1,
+            show_default=True,
+            help="Not applied to norms, biases, embeddings, logit scale.",
+        ),
         click.option("--warmup-steps", type=int, default=0, show_default=True),
         click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), default="bf16", show_default=True, help="Mixed precision on GPU."),
+        click.option(
+            "--precision",
+            type=click.Choice(["no", "bf16", "fp16"]),
+            default="bf16",
+            show_default=True,
+            help="Mixed precision on GPU.",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto or cpu."),
-        click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (0: final only)."),
+        click.option(
+            "--save-every",
+            type=int,
+            default=100,
+            show_default=True,
+            help="Checkpoint every N steps (0: final only).",
+        ),
         click.option("--freeze", multiple=True, help="Freeze parameters matching this glob (repeatable)."),
-        click.option("--max-bad-fraction", type=float, default=0.05, show_default=True, help="Stop if more images than this are unreadable."),
+        click.option(
+            "--max-bad-fraction",
+            type=float,
+            default=0.05,
+            show_default=True,
+            help="Stop if more images than this are unreadable.",
+        ),
         click.option("--domain", help="What the specialist is for (e.g. pathology); recorded for analysis."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Discard the run in --out and start over."),
         click.option("--allow-pickle", is_flag=True),
-        click.option("--config", "config_file", type=click.Path(), help="TOML/YAML with a [finetune] table; flags override it."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(),
+            help="TOML/YAML with a [finetune] table; flags override it.",
+        ),
         click.option("--quiet", is_flag=True),
     ]
     for option in reversed(options):
@@ -404,13 +502,95 @@ def finetune_contrastive(ctx: click.Context, **values: Any) -> None:
 @finetune_group.command("supervised")
 @_finetune_options
 @click.option("--task", help="Task name in --data (a μ-Bench-schema dataset).")
-@click.option("--freeze-text/--train-text", default=None, help="Freeze the text tower (default: frozen, as in WiSE-FT).")
-@click.option("--lp-epochs", type=int, default=0, show_default=True, help="Train the head alone first for N epochs (LP-FT).")
+@click.option(
+    "--freeze-text/--train-text", default=None, help="Freeze the text tower (default: frozen, as in WiSE-FT)."
+)
+@click.option(
+    "--lp-epochs",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Train the head alone first for N epochs (LP-FT).",
+)
 @click.pass_context
 @friendly_errors
 def finetune_supervised(ctx: click.Context, **values: Any) -> None:
     """Cross-entropy through a head initialised from the class text embeddings (the zero-shot head)."""
     _run_finetune(ctx, "supervised", values)
+
+
+@cli.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(),
+    default="demo-out",
+    show_default=True,
+    help="Where data, checkpoints, results and the report go.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--bench-per-class", type=int, default=40, show_default=True, help="Benchmark images per class."
+)
+@click.option(
+    "--corpus-per-class", type=int, default=300, show_default=True, help="Training pairs per class."
+)
+@click.option("--pretrain-epochs", type=int, default=4, show_default=True)
+@click.option("--finetune-epochs", type=int, default=3, show_default=True)
+@click.option("--bootstrap", type=int, default=500, show_default=True)
+@click.option("--fresh", is_flag=True, help="Start over instead of reusing finished stages.")
+@click.option("--quiet", is_flag=True)
+@friendly_errors
+def demo_command(out: str, quiet: bool, **values: Any) -> None:
+    """The whole loop offline: synthetic μ-Bench -> tiny CLIP -> specialist -> sweeps -> report."""
+    from pathlib import Path
+
+    from micromerge.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=Path(out), progress=not quiet, **values))
+
+
+@cli.command("report")
+@click.argument("results", type=click.Path())
+@click.option("--out", type=click.Path(), default="report", show_default=True)
+@click.option(
+    "--target",
+    help="Target group, e.g. domain:pathology (default: the domain in the fine-tuned checkpoint's manifest).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]),
+    default="accuracy",
+    show_default=True,
+)
+@friendly_errors
+def report_command(results: str, out: str, target: str | None, metric: str) -> None:
+    """Markdown + self-contained HTML report (figures, tables, provenance) from a results store."""
+    from analysis.report import build_report
+
+    click.echo(f"wrote {build_report(results, out, target, metric)}")
+
+
+@cli.command("ablate")
+@click.argument("config", type=click.Path())
+@click.option("--device", default="auto", show_default=True)
+@click.option("--cache-dir", type=click.Path())
+@click.option("--quiet", is_flag=True)
+@friendly_errors
+def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool) -> None:
+    """Run a grid (pairs x methods x alphas x rule sets) from a TOML/YAML file through sweep and report."""
+    from pathlib import Path
+
+    from analysis.ablate import load_ablation, run_ablation
+    from micromerge.devices import resolve_device
+    from micromerge.hashing import default_cache_dir
+
+    html = run_ablation(
+        load_ablation(config),
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        resolve_device(device),
+        progress=not quiet,
+    )
+    click.echo(f"wrote {html}")
 
 
 if __name__ == "__main__":  # `python -m micromerge.cli` / `accelerate launch -m micromerge.cli`

@@ -69,7 +69,12 @@ def test_tasks_are_discovered_from_the_data(bench):
     assert set(tasks) == {"modality", "submodality", "domain", "stain", "fix-tissue", "fix-cells", "fix-em"}
     assert tasks["stain"].n_images == 30, "rows without a stain are not in the stain task"
     assert tasks["fix-tissue"].classes == ("adipose", "stroma", "tumor")
-    assert tasks["fix-tissue"].groups == {"level": "fine", "domain": "pathology", "modality": "light microscopy", "scale": "tissue"}
+    assert tasks["fix-tissue"].groups == {
+        "level": "fine",
+        "domain": "pathology",
+        "modality": "light microscopy",
+        "scale": "tissue",
+    }
     assert tasks["fix-cells"].class_captions == ("An image of g1.", "An image of metaphase.")
     assert tasks["modality"].level == "coarse" and len(tasks["modality"].classes) == 3
 
@@ -113,22 +118,61 @@ def _clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task) -> flo
 
 
 def test_zero_shot_accuracy_equals_an_independent_implementation(tmp_path, bench, models):
-    result = CliRunner().invoke(cli, ["eval", "--model", str(models[0]), "--data", str(bench), "--store", str(tmp_path / "r.jsonl"), "--bootstrap", "0", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--model",
+            str(models[0]),
+            "--data",
+            str(bench),
+            "--store",
+            str(tmp_path / "r.jsonl"),
+            "--bootstrap",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    rows = {r["task"]: r for r in ResultStore(tmp_path / "r.jsonl").rows() if r["metric"] == "accuracy"}
+    rows = {
+        r["task"]: r
+        for r in ResultStore(tmp_path / "r.jsonl").rows()
+        if r["metric"] == "accuracy" and r["split"] == "all"
+    }
     with open_source(str(models[0])) as source:
         model, config = load_model(source)
     preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
     dataset = load_benchmark(str(bench)).dataset
     for task in discover_tasks(dataset):
-        assert rows[task.name]["value"] == pytest.approx(_clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task), abs=1e-12), task.name
+        assert rows[task.name]["value"] == pytest.approx(
+            _clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task), abs=1e-12
+        ), task.name
     assert rows["fix-tissue"]["n_corrupt"] == 1 and rows["modality"]["n_corrupt"] == 1
-    assert "fix-tissue" in result.output and "mean accuracy" in result.output and "corrupt images skipped" in result.output
+    assert (
+        "fix-tissue" in result.output
+        and "mean accuracy" in result.output
+        and "corrupt images skipped" in result.output
+    )
 
 
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
-    args = ["eval", "--model", str(models[0]), "--data", str(bench), "--store", str(tmp_path / "r.jsonl"), "--bootstrap", "10", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    args = [
+        "eval",
+        "--model",
+        str(models[0]),
+        "--data",
+        str(bench),
+        "--store",
+        str(tmp_path / "r.jsonl"),
+        "--bootstrap",
+        "10",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+    ]
     assert CliRunner().invoke(cli, args).exit_code == 0
     first = (tmp_path / "r.jsonl").read_text()
     assert CliRunner().invoke(cli, args).exit_code == 0
@@ -136,28 +180,78 @@ def test_eval_twice_adds_no_rows(tmp_path, bench, models):
 
 
 def _sweep_args(tmp_path, bench, models, alphas="0:1:0.5", store="s.jsonl"):
-    return ["sweep", "--base", str(models[0]), "--ft", str(models[1]), "--alphas", alphas, "--data", str(bench),
-            "--store", str(tmp_path / store), "--bootstrap", "20", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    return [
+        "sweep",
+        "--base",
+        str(models[0]),
+        "--ft",
+        str(models[1]),
+        "--alphas",
+        alphas,
+        "--data",
+        str(bench),
+        "--store",
+        str(tmp_path / store),
+        "--bootstrap",
+        "20",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_sweep_rows_and_end_points_equal_plain_evaluation(tmp_path, bench, models):
     result = CliRunner().invoke(cli, _sweep_args(tmp_path, bench, models))
     assert result.exit_code == 0, result.output
     rows = ResultStore(tmp_path / "s.jsonl").rows()
-    assert len(rows) == 3 * 7 * 3  # alphas x tasks x metrics
-    assert len({(r["alpha"], r["task"], r["metric"]) for r in rows}) == len(rows)
+    assert len(rows) == 3 * 7 * 3 * 3  # alphas x tasks x splits (all, select, report) x metrics
+    assert len({(r["alpha"], r["task"], r["split"], r["metric"]) for r in rows}) == len(rows)
+    halves = [
+        r for r in rows if r["alpha"] == 0.0 and r["task"] == "fix-tissue" and r["metric"] == "accuracy"
+    ]
+    sizes = {r["split"]: r["n_images"] for r in halves}
+    assert sizes == {"all": 17, "select": 8, "report": 9}
     row = rows[0]
-    assert row["method"] == "wise-ft" and row["dataset"]["fingerprint"] and len(row["model"]["base_sha256"][0]) == 64
+    assert (
+        row["method"] == "wise-ft"
+        and row["dataset"]["fingerprint"]
+        and len(row["model"]["base_sha256"][0]) == 64
+    )
     for alpha, model in ((0.0, models[0]), (1.0, models[1])):
         store = f"e{alpha}.jsonl"
-        CliRunner().invoke(cli, ["eval", "--model", str(model), "--data", str(bench), "--store", str(tmp_path / store), "--bootstrap", "20", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
-        plain = {(r["task"], r["metric"]): r["value"] for r in ResultStore(tmp_path / store).rows()}
-        swept = {(r["task"], r["metric"]): r["value"] for r in rows if r["alpha"] == alpha}
+        CliRunner().invoke(
+            cli,
+            [
+                "eval",
+                "--model",
+                str(model),
+                "--data",
+                str(bench),
+                "--store",
+                str(tmp_path / store),
+                "--bootstrap",
+                "20",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--quiet",
+            ],
+        )
+        plain = {
+            (r["task"], r["split"], r["metric"]): r["value"] for r in ResultStore(tmp_path / store).rows()
+        }
+        swept = {(r["task"], r["split"], r["metric"]): r["value"] for r in rows if r["alpha"] == alpha}
         assert swept == pytest.approx(plain, abs=1e-6)
 
 
 def test_sweep_with_rules_and_ties(tmp_path, bench, models):
-    args = _sweep_args(tmp_path, bench, models, alphas="0.5,1") + ["--method", "ties", "--include", "visual.*"]
+    args = _sweep_args(tmp_path, bench, models, alphas="0.5,1") + [
+        "--method",
+        "ties",
+        "--include",
+        "visual.*",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     rows = ResultStore(tmp_path / "s.jsonl").rows()
@@ -180,9 +274,16 @@ def test_store_ignores_and_repairs_a_torn_last_line(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_killed_with_sigkill_resumes_without_redoing_rows(tmp_path, bench, models):
-    command = [sys.executable, "-m", "micromerge.cli", *_sweep_args(tmp_path, bench, models, alphas="0:1:0.05")]
+    command = [
+        sys.executable,
+        "-m",
+        "micromerge.cli",
+        *_sweep_args(tmp_path, bench, models, alphas="0:1:0.05"),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     store = ResultStore(tmp_path / "s.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and len({r["alpha"] for r in store.rows()}) < 3:
@@ -191,25 +292,46 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_rows(tmp_path, bench,
     process.wait()
     finished_before = {r["alpha"] for r in store.rows()}
     assert 3 <= len(finished_before) < 21, "the kill must land mid-sweep for this test to mean anything"
-    before = {(r["alpha"], r["task"], r["metric"]): r["value"] for r in store.rows()}
+    before = {(r["alpha"], r["task"], r["split"], r["metric"]): r["value"] for r in store.rows()}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = store.rows()
-    keys = [(r["alpha"], r["task"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 21 * 7 * 3
+    keys = [(r["alpha"], r["task"], r["split"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 21 * 7 * 3 * 3
     assert all(dict(zip(keys, [r["value"] for r in rows], strict=True))[k] == v for k, v in before.items())
 
 
 @pytest.mark.slow
 def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, models):
     launcher = Path(sys.executable).with_name("accelerate")
-    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "micromerge.cli", *_sweep_args(tmp_path, bench, models, alphas="0:1:0.25")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    command = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "micromerge.cli",
+        *_sweep_args(tmp_path, bench, models, alphas="0:1:0.25"),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = ResultStore(tmp_path / "s.jsonl").rows()
-    keys = [(r["alpha"], r["task"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 5 * 7 * 3
+    keys = [(r["alpha"], r["task"], r["split"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 5 * 7 * 3 * 3
     by_process = {}
     for row in rows:
         by_process.setdefault(row["process"], set()).add(row["alpha"])

@@ -12,9 +12,23 @@ from PIL import Image
 from eval.schema import ubench_features
 
 SOURCES = {
-    "fix-tissue": ("pathology", "light microscopy", "brightfield", "H&E", "tissue", ["tumor", "stroma", "adipose"]),
+    "fix-tissue": (
+        "pathology",
+        "light microscopy",
+        "brightfield",
+        "H&E",
+        "tissue",
+        ["tumor", "stroma", "adipose"],
+    ),
     "fix-cells": ("biology", "fluorescence microscopy", "confocal", "none", "cell", ["g1", "metaphase"]),
-    "fix-em": ("biology", "electron microscopy", "transmission electron", "uranyl acetate", "subcellular", ["mitochondria", "cardiac_muscle"]),
+    "fix-em": (
+        "biology",
+        "electron microscopy",
+        "transmission electron",
+        "uranyl acetate",
+        "subcellular",
+        ["mitochondria", "cardiac_muscle"],
+    ),
 }
 LABELS = [c for spec in SOURCES.values() for c in spec[5]]
 
@@ -45,15 +59,29 @@ def fixture_rows(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> dict[st
                 rows["submodality"].append(submodality)
                 rows["stain"].append(stain)
                 rows["scale"].append(scale)
-                rows["captions"].append({"modality": f"A {modality} image.", "submodality": submodality, "domain": domain, "stain": stain, "label": f"An image of {label}."})
-                rows["questions"].append({"modality": "Which modality?", "domain": "Which domain?", "label": "Which class?"})
+                rows["captions"].append(
+                    {
+                        "modality": f"A {modality} image.",
+                        "submodality": submodality,
+                        "domain": domain,
+                        "stain": stain,
+                        "label": f"An image of {label}.",
+                    }
+                )
+                rows["questions"].append(
+                    {"modality": "Which modality?", "domain": "Which domain?", "label": "Which class?"}
+                )
     for k in range(corrupt):
         rows["image"][k * 5 + 1] = {"bytes": b"\x89PNG\r\n\x1a\n this is not an image", "path": None}
     return rows
 
 
-def write_fixture(folder: Path, per_class: int = 6, seed: int = 0, corrupt: int = 1, fmt: str = "save_to_disk") -> Path:
-    dataset = datasets.Dataset.from_dict(fixture_rows(per_class, seed, corrupt), features=ubench_features(LABELS))
+def write_fixture(
+    folder: Path, per_class: int = 6, seed: int = 0, corrupt: int = 1, fmt: str = "save_to_disk"
+) -> Path:
+    dataset = datasets.Dataset.from_dict(
+        fixture_rows(per_class, seed, corrupt), features=ubench_features(LABELS)
+    )
     if fmt == "save_to_disk":
         dataset.save_to_disk(str(folder))
     else:

@@ -110,6 +110,16 @@ GENERAL_TEMPLATES = (
     "{modality}",
     "{stain_words}{domain} sample: {subject}",
 )
+GENERIC_TEMPLATES = (
+    "{stain_words}{domain} slide of {subject}",
+    "{modality}, {submodality}: {subject}",
+    "a {domain} image ({stain})",
+    "{subject} under {modality}",
+)
+# How often a general-corpus caption of a pathology image names its fine-grained class: like web
+# data for OpenAI CLIP, the general corpus mostly describes pathology generically, which is what
+# leaves room for a pathology specialist to gain.
+GENERAL_PATHOLOGY_CLASS_RATE = 0.08
 PATHOLOGY_TEMPLATES = (
     "#pathology {cls} seen in {stain}-stained {subject}",
     "{stain}: {cls}",
@@ -119,7 +129,9 @@ PATHOLOGY_TEMPLATES = (
 )
 
 
-def caption_for(rng: np.random.Generator, source: SyntheticSource, label: str, templates: tuple[str, ...]) -> str:
+def caption_for(
+    rng: np.random.Generator, source: SyntheticSource, label: str, templates: tuple[str, ...]
+) -> str:
     stain = _stain_phrase(source)
     template = templates[rng.integers(len(templates))]
     return template.format(
@@ -134,7 +146,9 @@ def caption_for(rng: np.random.Generator, source: SyntheticSource, label: str, t
     ).strip()
 
 
-def write_corpus(out_dir: Path, kind: str, seed: int = 0, per_class: int = 300, workers: int = 2) -> datasets.Dataset:
+def write_corpus(
+    out_dir: Path, kind: str, seed: int = 0, per_class: int = 300, workers: int = 2
+) -> datasets.Dataset:
     """Image-caption pairs: `general` spans every source (pretraining), `pathology` only pathology ones."""
     if kind not in ("general", "pathology"):
         raise MicromergeError(f"corpus kind {kind!r}: expected general or pathology")
@@ -147,12 +161,20 @@ def write_corpus(out_dir: Path, kind: str, seed: int = 0, per_class: int = 300, 
         for c_index, label in enumerate(source.classes):
             for i in range(per_class):
                 jobs.append((seed, _SPLIT_CODES[kind], s_index, c_index, i))
-                captions.append(caption_for(rng, source, label, templates))
+                generic = (
+                    kind == "general"
+                    and source.domain == "pathology"
+                    and rng.random() > GENERAL_PATHOLOGY_CLASS_RATE
+                )
+                captions.append(caption_for(rng, source, label, GENERIC_TEMPLATES if generic else templates))
                 labels.append(f"{source.dataset}/{label}")
     images = _render_all(jobs, workers)
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"), "source": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "source": datasets.Value("string")}
+    )
     dataset = datasets.Dataset.from_dict(
-        {"image": [{"bytes": b, "path": None} for b in images], "caption": captions, "source": labels}, features=features
+        {"image": [{"bytes": b, "path": None} for b in images], "caption": captions, "source": labels},
+        features=features,
     )
     dataset.save_to_disk(str(out_dir))
     return dataset

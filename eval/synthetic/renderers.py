@@ -10,7 +10,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from eval.synthetic.draw import SIZE, add_light, canvas, ellipse_mask, finish, grid, line_mask, paint, smooth_noise
+from eval.synthetic.draw import (
+    SIZE,
+    add_light,
+    canvas,
+    ellipse_mask,
+    finish,
+    grid,
+    line_mask,
+    paint,
+    smooth_noise,
+)
 
 Renderer = Callable[[np.random.Generator, str], np.ndarray]
 
@@ -35,7 +45,11 @@ def colorectal_tissue(rng: np.random.Generator, label: str) -> np.ndarray:
         for _ in range(rng.integers(5, 9)):
             cy, cx = _pos(rng, 0)
             r = rng.uniform(8, 14)
-            paint(image, ellipse_mask(cy, cx, r, r * rng.uniform(0.8, 1.2), rng.uniform(0, 3)), (0.97, 0.95, 0.97))
+            paint(
+                image,
+                ellipse_mask(cy, cx, r, r * rng.uniform(0.8, 1.2), rng.uniform(0, 3)),
+                (0.97, 0.95, 0.97),
+            )
         for _ in range(rng.integers(1, 4)):
             cy, cx = _pos(rng)
             paint(image, ellipse_mask(cy, cx, 1.2, 3.0, rng.uniform(0, 3)), purple)
@@ -44,14 +58,21 @@ def colorectal_tissue(rng: np.random.Generator, label: str) -> np.ndarray:
         for _ in range(rng.integers(28, 45)):
             cy, cx = _pos(rng, 0)
             r = rng.uniform(2.5, 4.5)
-            paint(image, ellipse_mask(cy, cx, r, r * rng.uniform(1.0, 1.8), rng.uniform(0, 3), soft=1.5), purple * rng.uniform(0.7, 1.0), 0.9)
+            paint(
+                image,
+                ellipse_mask(cy, cx, r, r * rng.uniform(1.0, 1.8), rng.uniform(0, 3), soft=1.5),
+                purple * rng.uniform(0.7, 1.0),
+                0.9,
+            )
     elif label == "stroma":
         image = canvas(pink, rng)
         angle = rng.uniform(0, np.pi)
         for _ in range(rng.integers(14, 22)):
             cy, cx = _pos(rng, 0)
             dy, dx = np.sin(angle) * 30, np.cos(angle) * 30
-            paint(image, line_mask(cy - dy, cx - dx, cy + dy, cx + dx, rng.uniform(0.4, 1.0)), pink * 0.8, 0.6)
+            paint(
+                image, line_mask(cy - dy, cx - dx, cy + dy, cx + dx, rng.uniform(0.4, 1.0)), pink * 0.8, 0.6
+            )
         for _ in range(rng.integers(4, 9)):
             cy, cx = _pos(rng)
             paint(image, ellipse_mask(cy, cx, 0.9, rng.uniform(3.5, 6), angle, soft=0.8), purple)
@@ -99,7 +120,9 @@ def blood_cells(rng: np.random.Generator, label: str) -> np.ndarray:
         paint(image, ellipse_mask(cy, cx, 12, 12), (0.95, 0.7, 0.55))
         for _ in range(70):
             a, d = rng.uniform(0, 6.28), rng.uniform(0, 11)
-            paint(image, ellipse_mask(cy + d * np.sin(a), cx + d * np.cos(a), 0.9, 0.9), (0.9, 0.35, 0.2), 0.8)
+            paint(
+                image, ellipse_mask(cy + d * np.sin(a), cx + d * np.cos(a), 0.9, 0.9), (0.9, 0.35, 0.2), 0.8
+            )
         for side in (-1, 1):
             paint(image, ellipse_mask(cy, cx + side * 4.5, 4, 3.2), nucleus)
     elif label == "monocyte":
@@ -115,7 +138,12 @@ def blood_cells(rng: np.random.Generator, label: str) -> np.ndarray:
 def ihc_staining(rng: np.random.Generator, label: str) -> np.ndarray:
     """IHC (DAB) staining intensity: very_weak, weak, moderate, strong (fraction and darkness of brown cells)."""
     image = canvas((0.93, 0.93, 0.95), rng)
-    fraction, darkness = {"very_weak": (0.05, 0.25), "weak": (0.3, 0.45), "moderate": (0.6, 0.7), "strong": (0.9, 1.0)}[label]
+    fraction, darkness = {
+        "very_weak": (0.05, 0.25),
+        "weak": (0.3, 0.45),
+        "moderate": (0.6, 0.7),
+        "strong": (0.9, 1.0),
+    }[label]
     blue = _jitter(rng, (0.45, 0.5, 0.75), 0.05)
     brown = np.array([0.55, 0.35, 0.15]) * (1.4 - 0.6 * darkness)
     for _ in range(rng.integers(30, 45)):
@@ -143,13 +171,23 @@ def cell_cycle(rng: np.random.Generator, label: str) -> np.ndarray:
         add_light(image, ellipse_mask(cy, cx, 11, 11, angle, soft=4), color, 0.25)
         for _ in range(22):
             a, d = rng.uniform(0, 6.28), rng.uniform(0, 9)
-            add_light(image, ellipse_mask(cy + d * np.sin(a), cx + d * np.cos(a), 1.0, 2.2, rng.uniform(0, 3), soft=1), color, 0.8)
+            add_light(
+                image,
+                ellipse_mask(cy + d * np.sin(a), cx + d * np.cos(a), 1.0, 2.2, rng.uniform(0, 3), soft=1),
+                color,
+                0.8,
+            )
     elif label == "metaphase":
         add_light(image, ellipse_mask(cy, cx, 2.2, 11, angle, soft=1.5), color, 1.0)
     elif label == "anaphase":
         for side in (-1, 1):
             off = 7 * side
-            add_light(image, ellipse_mask(cy + off * np.cos(angle), cx - off * np.sin(angle), 2.0, 9, angle, soft=1.5), color, 1.0)
+            add_light(
+                image,
+                ellipse_mask(cy + off * np.cos(angle), cx - off * np.sin(angle), 2.0, 9, angle, soft=1.5),
+                color,
+                1.0,
+            )
     else:
         raise ValueError(label)
     return finish(image, rng, 0.015, blur=1.0)
@@ -167,11 +205,21 @@ def golgi(rng: np.random.Generator, label: str) -> np.ndarray:
         add_light(image, ellipse_mask(cy, cx, 22, 22, soft=14), golgi_color, 0.45)
     elif label == "golgi_twin":
         for side in (-1, 1):
-            add_light(image, ellipse_mask(gy + 6 * side * np.cos(a), gx - 6 * side * np.sin(a), 2.5, 3.5, a, soft=1), golgi_color, 1.0)
+            add_light(
+                image,
+                ellipse_mask(gy + 6 * side * np.cos(a), gx - 6 * side * np.sin(a), 2.5, 3.5, a, soft=1),
+                golgi_color,
+                1.0,
+            )
     elif label == "partly_disassembled":
         for _ in range(rng.integers(18, 30)):
             b, d = rng.uniform(0, 6.28), rng.uniform(6, 22)
-            add_light(image, ellipse_mask(cy + d * np.sin(b), cx + d * np.cos(b), 1.0, 1.0, soft=0.7), golgi_color, 0.9)
+            add_light(
+                image,
+                ellipse_mask(cy + d * np.sin(b), cx + d * np.cos(b), 1.0, 1.0, soft=0.7),
+                golgi_color,
+                0.9,
+            )
     elif label == "interphase":
         add_light(image, ellipse_mask(gy, gx, 3, 8, a + np.pi / 2, soft=1.2), golgi_color, 1.0)
     else:
@@ -193,14 +241,36 @@ def em_ultrastructure(rng: np.random.Generator, label: str) -> np.ndarray:
             paint(image, ellipse_mask(cy, cx, ry - 1.2, rx - 1.2, angle, soft=0.8), (0.6, 0.6, 0.6))
             for k in np.linspace(-rx + 3, rx - 3, 4):
                 y, x = cy + k * np.sin(angle), cx + k * np.cos(angle)
-                paint(image, line_mask(y - (ry - 1.5) * np.cos(angle), x + (ry - 1.5) * np.sin(angle), y + (ry - 1.5) * np.cos(angle), x - (ry - 1.5) * np.sin(angle), 0.4), dark, 0.7)
+                paint(
+                    image,
+                    line_mask(
+                        y - (ry - 1.5) * np.cos(angle),
+                        x + (ry - 1.5) * np.sin(angle),
+                        y + (ry - 1.5) * np.cos(angle),
+                        x - (ry - 1.5) * np.sin(angle),
+                        0.4,
+                    ),
+                    dark,
+                    0.7,
+                )
     elif label == "tobacco_leaf_chloroplast":
         cy, cx = rng.uniform(26, 38, 2)
         angle = rng.uniform(0, np.pi)
         paint(image, ellipse_mask(cy, cx, 16, 28, angle, soft=1), (0.75, 0.75, 0.75))
         for k in np.linspace(-10, 10, 7):
             y, x = cy + k * np.cos(angle), cx - k * np.sin(angle)
-            paint(image, line_mask(y - 14 * np.sin(angle), x - 14 * np.cos(angle), y + 14 * np.sin(angle), x + 14 * np.cos(angle), 0.9), dark, 0.8)
+            paint(
+                image,
+                line_mask(
+                    y - 14 * np.sin(angle),
+                    x - 14 * np.cos(angle),
+                    y + 14 * np.sin(angle),
+                    x + 14 * np.cos(angle),
+                    0.9,
+                ),
+                dark,
+                0.8,
+            )
     elif label == "cardiac_muscle":
         period, angle = rng.uniform(7, 10), rng.uniform(-0.3, 0.3)
         yy, xx = grid()
@@ -212,7 +282,19 @@ def em_ultrastructure(rng: np.random.Generator, label: str) -> np.ndarray:
         cy, cx = rng.uniform(24, 40, 2)
         for _ in range(rng.integers(12, 20)):
             a, d = rng.uniform(0, 6.28), rng.uniform(0, 12)
-            paint(image, ellipse_mask(cy + d * np.sin(a), cx + d * np.cos(a), 1.3, rng.uniform(3, 5), rng.uniform(0, 3), soft=0.6), (0.08, 0.08, 0.08), 0.9)
+            paint(
+                image,
+                ellipse_mask(
+                    cy + d * np.sin(a),
+                    cx + d * np.cos(a),
+                    1.3,
+                    rng.uniform(3, 5),
+                    rng.uniform(0, 3),
+                    soft=0.6,
+                ),
+                (0.08, 0.08, 0.08),
+                0.9,
+            )
     else:
         raise ValueError(label)
     return finish(image, rng, 0.03, blur=0.3)

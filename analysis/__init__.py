@@ -1,0 +1,1 @@
+"""Analysis stage: forgetting metrics, accuracy-versus-alpha curves, Pareto fronts, reports, ablations."""

@@ -1,0 +1,179 @@
+"""Figures: accuracy vs alpha, per-task small multiples, target-vs-control Pareto, task x alpha heat map.
+
+Every figure is saved as PNG and SVG, uses seaborn's colour-blind palette, and labels its
+axes with units. Functions return the matplotlib Figure so tests can inspect it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from analysis.metrics import Summary, _control_curve, curve, task_changes  # noqa: E402
+from analysis.tables import Run  # noqa: E402
+
+PALETTE = sns.color_palette("colorblind")
+
+
+def save(figure: plt.Figure, folder: Path, name: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    figure.savefig(paths[0], dpi=130, bbox_inches="tight", metadata={"Software": None})
+    figure.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(figure)
+    return paths
+
+
+def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> plt.Figure:
+    """Group means with interval bands; end points marked; the chosen alpha marked. Several runs share axes."""
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ["-", "--", ":", "-."]
+    for r_index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
+        groups = [summary.target, *summary.controls, None]
+        for g_index, group in enumerate(groups):
+            frame = curve(run, group, metric)
+            if frame.empty:
+                continue
+            label = f"{run.label} — {group or 'all tasks'}"
+            color = PALETTE[g_index % len(PALETTE)]
+            ax.plot(
+                frame["alpha"],
+                frame["value"] * 100,
+                styles[r_index % len(styles)],
+                color=color,
+                marker="o",
+                markersize=3,
+                label=label,
+            )
+            ax.fill_between(
+                frame["alpha"], frame["ci_low"] * 100, frame["ci_high"] * 100, color=color, alpha=0.12
+            )
+            ax.scatter(
+                frame["alpha"].iloc[[0, -1]],
+                frame["value"].iloc[[0, -1]] * 100,
+                color=color,
+                s=40,
+                zorder=3,
+                edgecolor="black",
+            )
+        best = summary.best_alpha["all_task_mean"]
+        ax.axvline(best, color="grey", linestyle=styles[r_index % len(styles)], linewidth=1)
+        ax.text(
+            best,
+            1.01,
+            f"α={best:g}",
+            transform=ax.get_xaxis_transform(),
+            fontsize=7,
+            ha="center",
+            va="bottom",
+            color="grey",
+        )
+    ax.set_xlabel("interpolation weight α (0 = base, 1 = fine-tuned)")
+    ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)")
+    ax.set_title(
+        "Accuracy versus α (bands: mean of per-task 95% bootstrap intervals;\nvertical lines: α chosen on the select half)",
+        fontsize=9,
+        pad=14,
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def per_task_grid(run: Run, metric: str = "accuracy") -> plt.Figure:
+    """Small multiples of accuracy vs alpha per task, coarse first, then fine grouped by domain."""
+    changes = task_changes(run, metric)
+    order = changes.drop_duplicates("task")[["task", "level", "domain"]].values.tolist()
+    columns = 4
+    rows = int(np.ceil(len(order) / columns))
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, 2.4 * rows), sharex=True, squeeze=False
+    )
+    domains = sorted({d for _, _, d in order})
+    for ax, (task, level, domain) in zip(axes.flat, order, strict=False):
+        frame = changes[changes["task"] == task]
+        color = PALETTE[domains.index(domain) % len(PALETTE)]
+        ax.plot(frame["alpha"], frame["value"] * 100, color=color, marker="o", markersize=2.5)
+        ax.fill_between(
+            frame["alpha"], frame["ci_low"] * 100, frame["ci_high"] * 100, color=color, alpha=0.15
+        )
+        ax.set_title(f"{task}\n({level}, {domain})", fontsize=8)
+        ax.set_ylabel(f"{metric} (%)", fontsize=7)
+        ax.set_xlabel("α", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(order) :]:
+        ax.axis("off")
+    figure.suptitle(f"{run.label}: per-task {metric} versus α", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def pareto(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> plt.Figure:
+    """Target (fine-tuning domain) versus control accuracy along alpha, one curve per run (the WiSE-FT figure)."""
+    figure, ax = plt.subplots(figsize=(5.5, 5))
+    for index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
+        target = curve(run, summary.target, metric)
+        control = (
+            _control_curve(run, list(summary.controls), metric, "all")
+            if summary.controls
+            else target[["alpha", "value"]]
+        )
+        color = PALETTE[index % len(PALETTE)]
+        ax.plot(
+            target["value"] * 100,
+            control["value"].to_numpy() * 100,
+            marker="o",
+            markersize=3,
+            color=color,
+            label=run.label,
+        )
+        ax.annotate("α=0 (base)", (target["value"].iloc[0] * 100, control["value"].iloc[0] * 100), fontsize=7)
+        ax.annotate(
+            "α=1 (fine-tuned)", (target["value"].iloc[-1] * 100, control["value"].iloc[-1] * 100), fontsize=7
+        )
+        front = np.array([(t, c) for _, t, c in summary.pareto]) * 100
+        ax.scatter(
+            front[:, 0],
+            front[:, 1],
+            facecolor="none",
+            edgecolor=color,
+            s=70,
+            label=f"Pareto front ({run.method})",
+        )
+    ax.set_xlabel(f"target ({summaries[0].target}) mean {metric} (%)")
+    ax.set_ylabel(f"control ({', '.join(summaries[0].controls) or 'none'}) mean {metric} (%)")
+    ax.set_title("Target versus control along α")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def heatmap(run: Run, metric: str = "accuracy") -> plt.Figure:
+    """Task x alpha heat map of the change against the base (percentage points)."""
+    changes = task_changes(run, metric)
+    grid = changes.pivot_table(index="task", columns="alpha", values="vs_base", sort=False) * 100
+    figure, ax = plt.subplots(figsize=(1.0 + 0.55 * grid.shape[1], 0.9 + 0.35 * grid.shape[0]))
+    limit = max(1.0, float(np.nanmax(np.abs(grid.to_numpy()))))
+    sns.heatmap(
+        grid,
+        ax=ax,
+        cmap="vlag",
+        center=0,
+        vmin=-limit,
+        vmax=limit,
+        annot=grid.shape[1] <= 11,
+        fmt=".0f",
+        cbar_kws={"label": f"change in {metric} vs base (points)"},
+        annot_kws={"fontsize": 6},
+    )
+    ax.set_xlabel("α")
+    ax.set_ylabel("task")
+    ax.set_xticklabels([f"{float(t.get_text()):g}" for t in ax.get_xticklabels()], rotation=0)
+    ax.set_title(f"{run.label}: change against the base")
+    return figure

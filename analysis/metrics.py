@@ -1,0 +1,176 @@
+"""Forgetting and recovery metrics over accuracy-versus-alpha tables.
+
+Target groups are where the specialist was fine-tuned (default: the domain in its manifest);
+control groups are every other fine-grained domain. The honest protocol chooses alpha on the
+'select' half of each task's images and reports the 'report' half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.tables import Run
+from micromerge.errors import MicromergeError
+
+CRITERIA = ("all_task_mean", "worst_group", "harmonic_target_control")
+
+
+def valid_groups(run: Run) -> list[str]:
+    fine = run.table[run.table["level"] == "fine"]
+    return sorted(
+        {f"domain:{d}" for d in fine["domain"].unique()}
+        | {f"modality:{m}" for m in fine["modality"].unique()}
+        | {"level:coarse", "level:fine"}
+    )
+
+
+def _mask(table: pd.DataFrame, group: str) -> pd.Series:
+    kind, _, value = group.partition(":")
+    if kind == "level":
+        return table["level"] == value
+    if kind in ("domain", "modality", "scale"):
+        return (table["level"] == "fine") & (table[kind] == value)
+    raise MicromergeError(f"group {group!r}: expected level:X, domain:X, modality:X or scale:X")
+
+
+def check_group(run: Run, group: str) -> None:
+    if group not in valid_groups(run) and not _mask(run.table, group).any():
+        raise MicromergeError(
+            f"group {group!r} does not exist in run {run.label}; valid groups: {valid_groups(run)}"
+        )
+
+
+def curve(run: Run, group: str | None, metric: str = "accuracy", split: str = "all") -> pd.DataFrame:
+    """alpha -> mean over the group's tasks of value, ci_low, ci_high (group None: every task)."""
+    table = run.table[(run.table["metric"] == metric) & (run.table["split"] == split)]
+    if group is not None:
+        table = table[_mask(table, group)]
+    return table.groupby("alpha")[["value", "ci_low", "ci_high"]].mean().reset_index().sort_values("alpha")
+
+
+def control_groups(run: Run, target: str) -> list[str]:
+    kind, _, value = target.partition(":")
+    fine = run.table[run.table["level"] == "fine"]
+    return (
+        [f"{kind}:{v}" for v in sorted(fine[kind].unique()) if v != value]
+        if kind in ("domain", "modality")
+        else []
+    )
+
+
+@dataclass(frozen=True)
+class Summary:
+    target: str
+    controls: tuple[str, ...]
+    base: dict[str, float]  # group -> value at alpha 0
+    finetuned: dict[str, float]  # group -> value at alpha 1
+    gain: float  # target: fine-tuned minus base
+    forgetting: float  # controls: base minus fine-tuned
+    best_alpha: dict[str, float]  # criterion -> alpha chosen on the select half
+    best_report: dict[str, float]  # criterion -> all-task mean on the report half at that alpha
+    auc: dict[str, float]  # group -> area under the accuracy-vs-alpha curve over the alpha range (normalised)
+    pareto: list[tuple[float, float, float]]  # (alpha, target, control) on the front
+
+
+def _control_curve(run: Run, controls: list[str], metric: str, split: str) -> pd.DataFrame:
+    table = run.table[(run.table["metric"] == metric) & (run.table["split"] == split)]
+    mask = np.zeros(len(table), dtype=bool)
+    for group in controls:
+        mask |= _mask(table, group).to_numpy()
+    return table[mask].groupby("alpha")["value"].mean().reset_index().sort_values("alpha")
+
+
+def _criterion_scores(run: Run, target: str, controls: list[str], metric: str, split: str) -> pd.DataFrame:
+    overall = curve(run, None, metric, split).set_index("alpha")["value"]
+    target_curve = curve(run, target, metric, split).set_index("alpha")["value"]
+    control = (
+        _control_curve(run, controls, metric, split).set_index("alpha")["value"] if controls else target_curve
+    )
+    groups = [g for g in valid_groups(run) if g.startswith(("domain:", "level:"))]
+    worst = pd.concat([curve(run, g, metric, split).set_index("alpha")["value"] for g in groups], axis=1).min(
+        axis=1
+    )
+    harmonic = 2 * target_curve * control / (target_curve + control)
+    return pd.DataFrame(
+        {
+            "all_task_mean": overall,
+            "worst_group": worst,
+            "harmonic_target_control": harmonic,
+            "target": target_curve,
+            "control": control,
+        }
+    )
+
+
+def pareto_front(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """(alpha, target, control) points not dominated on both target and control."""
+    front = []
+    for alpha, t, c in points:
+        dominated = any((t2 >= t and c2 >= c) and (t2 > t or c2 > c) for _, t2, c2 in points)
+        if not dominated:
+            front.append((alpha, t, c))
+    return sorted(front)
+
+
+def area_under(curve_frame: pd.DataFrame) -> float:
+    alphas, values = curve_frame["alpha"].to_numpy(), curve_frame["value"].to_numpy()
+    if len(alphas) < 2:
+        return float("nan")
+    return float(np.trapezoid(values, alphas) / (alphas[-1] - alphas[0]))
+
+
+def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
+    check_group(run, target)
+    controls = control_groups(run, target)
+    alphas = sorted(a for a in run.table["alpha"].unique() if not np.isnan(a))
+    if not alphas:
+        raise MicromergeError(f"run {run.label} has no alpha values (an `eval` run): nothing to summarise")
+    groups = [target, *controls, "level:coarse", "level:fine"]
+
+    def at(alpha: float) -> dict[str, float]:
+        return {
+            g: float(curve(run, g, metric).set_index("alpha")["value"].get(alpha, np.nan)) for g in groups
+        }
+
+    base, finetuned = at(alphas[0]), at(alphas[-1])
+    select = _criterion_scores(run, target, controls, metric, "select")
+    report = _criterion_scores(run, target, controls, metric, "report")
+    best_alpha = {c: float(select[c].idxmax()) for c in CRITERIA}
+    best_report = {c: float(report.loc[best_alpha[c], "all_task_mean"]) for c in CRITERIA}
+    full = _criterion_scores(run, target, controls, metric, "all")
+    points = [(float(a), float(full.loc[a, "target"]), float(full.loc[a, "control"])) for a in full.index]
+    auc = {g: area_under(curve(run, g, metric)) for g in [*groups, None] if g is not None} | {
+        "all tasks": area_under(curve(run, None, metric))
+    }
+    return Summary(
+        target=target,
+        controls=tuple(controls),
+        base=base,
+        finetuned=finetuned,
+        gain=finetuned[target] - base[target],
+        forgetting=float(np.nanmean([base[c] - finetuned[c] for c in controls]))
+        if controls
+        else float("nan"),
+        best_alpha=best_alpha,
+        best_report=best_report,
+        auc=auc,
+        pareto=pareto_front(points),
+    )
+
+
+def task_changes(run: Run, metric: str = "accuracy") -> pd.DataFrame:
+    """Per task and alpha: value, change vs base (alpha min), change vs fine-tuned (alpha max), normalised accuracy."""
+    table = run.table[(run.table["metric"] == metric) & (run.table["split"] == "all")][
+        ["task", "level", "domain", "alpha", "value", "ci_low", "ci_high"]
+    ]
+    lo, hi = table["alpha"].min(), table["alpha"].max()
+    base = table[table["alpha"] == lo].set_index("task")["value"]
+    finetuned = table[table["alpha"] == hi].set_index("task")["value"]
+    table = table.copy()
+    table["vs_base"] = table["value"] - table["task"].map(base)
+    table["vs_finetuned"] = table["value"] - table["task"].map(finetuned)
+    table["normalised"] = table["value"] / table["task"].map(finetuned).replace(0, np.nan)
+    return table.sort_values(["level", "domain", "task", "alpha"]).reset_index(drop=True)

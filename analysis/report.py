@@ -1,0 +1,257 @@
+"""`micromerge report`: Markdown and a self-contained HTML page (figures embedded), plus CSV/JSON exports.
+
+The report says which protocol produced each number: alpha is chosen on the 'select' half of
+each task's images and the chosen alpha's accuracy is reported on the 'report' half.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import micromerge
+from analysis import figures
+from analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
+from analysis.tables import Run, finetuned_domain, load_runs
+from micromerge.atomic import write_json_atomic, write_text_atomic
+from micromerge.errors import MicromergeError
+from micromerge.hashing import sha256_file
+
+CRITERIA_TEXT = {
+    "all_task_mean": "highest mean accuracy over all tasks",
+    "worst_group": "highest accuracy of the worst group (coarse, fine, each domain)",
+    "harmonic_target_control": "highest harmonic mean of target and control accuracy",
+}
+
+
+def _pct(value: float) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    )
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *lines])
+
+
+def headline_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
+    records = []
+    for run, s in zip(runs, summaries, strict=True):
+        records.append(
+            {
+                "run": run.label,
+                "target": s.target,
+                "base: target": _pct(s.base[s.target]),
+                "fine-tuned: target": _pct(s.finetuned[s.target]),
+                "gain (pts)": _pct(s.gain),
+                "forgetting on controls (pts)": _pct(s.forgetting),
+                "chosen α (select half)": f"{s.best_alpha['all_task_mean']:g}",
+                "all-task mean at chosen α (report half)": _pct(s.best_report["all_task_mean"]),
+                "AUC all tasks": _pct(s.auc["all tasks"]),
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def criteria_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
+    return pd.DataFrame.from_records(
+        [
+            {
+                "run": r.label,
+                "criterion": CRITERIA_TEXT[c],
+                "α chosen on select half": f"{s.best_alpha[c]:g}",
+                "all-task mean on report half (%)": _pct(s.best_report[c]),
+            }
+            for r, s in zip(runs, summaries, strict=True)
+            for c in CRITERIA
+        ]
+    )
+
+
+def group_table(run: Run, groups: list[str]) -> pd.DataFrame:
+    columns = {}
+    for group in [*groups, None]:
+        frame = curve(run, group)
+        columns[group or "all tasks"] = frame.set_index("alpha")["value"]
+    table = pd.DataFrame(columns) * 100
+    table.index.name = "alpha"
+    return table.round(2).reset_index()
+
+
+def _provenance(store: Path, runs: list[Run]) -> dict[str, Any]:
+    return {
+        "micromerge_version": micromerge.__version__,
+        "results_store": str(store),
+        "results_store_sha256": sha256_file(store),
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "label": r.label,
+                "method": r.method,
+                "parameters": r.parameters,
+                "model": r.model,
+                "dataset": r.dataset,
+            }
+            for r in runs
+        ],
+        "alpha_selection_protocol": "alpha chosen on a seeded half of each task's images ('select'); numbers at that alpha reported on the other half ('report')",
+    }
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def build_report(
+    store: str | Path, out: str | Path, target: str | None = None, metric: str = "accuracy"
+) -> Path:
+    """Write report.md, report.html, figures/ and tables/ into `out`; returns the HTML path."""
+    store, out = Path(store), Path(out)
+    runs = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
+    if not runs:
+        raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
+    summaries, notes = [], []
+    for run in runs:
+        group = target or (f"domain:{finetuned_domain(run)}" if finetuned_domain(run) else None)
+        if group is None:
+            fine_domains = sorted(run.table[run.table["level"] == "fine"]["domain"].unique())
+            group = f"domain:{fine_domains[0]}"
+            notes.append(
+                f"{run.label}: no fine-tuning domain recorded in the checkpoint manifest; target defaults to {group} (set --target)"
+            )
+        if group not in valid_groups(run):
+            raise MicromergeError(
+                f"--target {group}: not a group of run {run.label}; valid groups: {valid_groups(run)}"
+            )
+        summaries.append(summarise(run, group, metric))
+    figure_dir, table_dir = out / "figures", out / "tables"
+    curves = [r for r in runs if r.table["alpha"].nunique() > 1]
+    paths: dict[str, Path] = {}
+    if curves:
+        curve_summaries = [s for r, s in zip(runs, summaries, strict=True) if r in curves]
+        paths["accuracy_vs_alpha"] = figures.save(
+            figures.accuracy_vs_alpha(curves, curve_summaries, metric), figure_dir, "accuracy_vs_alpha"
+        )[0]
+        paths["pareto"] = figures.save(
+            figures.pareto(curves, curve_summaries, metric), figure_dir, "pareto_target_vs_control"
+        )[0]
+        for index, run in enumerate(curves):
+            paths[f"tasks_{index}"] = figures.save(
+                figures.per_task_grid(run, metric), figure_dir, f"per_task_run{index}"
+            )[0]
+            paths[f"heatmap_{index}"] = figures.save(
+                figures.heatmap(run, metric), figure_dir, f"heatmap_run{index}"
+            )[0]
+    else:
+        notes.append("every run has a single alpha: no curves, tables only")
+    headline, criteria = headline_table(runs, summaries), criteria_table(runs, summaries)
+    tables: dict[str, pd.DataFrame] = {"headline": headline, "alpha_selection": criteria}
+    for index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
+        tables[f"groups_run{index}"] = group_table(
+            run, [summary.target, *summary.controls, "level:coarse", "level:fine"]
+        )
+        tables[f"tasks_run{index}"] = task_changes(run, metric).round(4)
+        tables[f"pareto_run{index}"] = pd.DataFrame(
+            summary.pareto, columns=["alpha", "target", "control"]
+        ).round(4)
+    table_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        write_text_atomic(table_dir / f"{name}.csv", frame.to_csv(index=False))
+        write_json_atomic(table_dir / f"{name}.json", json.loads(frame.to_json(orient="records")))
+    provenance = _provenance(store, runs)
+    write_json_atomic(out / "provenance.json", provenance)
+    write_text_atomic(out / "report.md", _markdown(runs, summaries, tables, paths, notes, provenance, out))
+    html_path = out / "report.html"
+    write_text_atomic(html_path, _html(runs, summaries, tables, paths, notes, provenance))
+    return html_path
+
+
+def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> str:
+    lines = ["# micromerge report: forgetting and recovery", ""]
+    for run, s in zip(runs, summaries, strict=True):
+        lines.append(
+            f"- **{run.label}**: fine-tuning changed the target ({s.target}) by {_pct(s.gain)} points and the controls "
+            f"({', '.join(s.controls) or 'none'}) by {_pct(-s.forgetting)} points; α={s.best_alpha['all_task_mean']:g}, chosen on the "
+            f"select half, gives {_pct(s.best_report['all_task_mean'])}% mean accuracy on the report half."
+        )
+    lines += [
+        "",
+        "## Headline",
+        "",
+        _markdown_table(tables["headline"]),
+        "",
+        "## α selection (honest protocol)",
+        "",
+        "α is chosen on a seeded half of each task's images (`select`) and reported on the other half (`report`).",
+        "",
+        _markdown_table(tables["alpha_selection"]),
+        "",
+    ]
+    for key, path in paths.items():
+        lines += [f"![{key}]({path.relative_to(out)})", ""]
+    for index, run in enumerate(runs):
+        lines += [
+            f"## Group means, {run.label} (accuracy %)",
+            "",
+            _markdown_table(tables[f"groups_run{index}"]),
+            "",
+        ]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    lines += [
+        "## Provenance",
+        "",
+        "```json",
+        json.dumps(provenance, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "Tables as CSV and JSON: `tables/`. Figures as PNG and SVG: `figures/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _html(runs, summaries, tables, paths, notes, provenance) -> str:
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>micromerge report</title><style>{style}</style></head><body>",
+        "<h1>micromerge report: forgetting and recovery</h1><ul>",
+    ]
+    for run, s in zip(runs, summaries, strict=True):
+        parts.append(
+            f"<li><b>{html.escape(run.label)}</b>: target {html.escape(s.target)} {_pct(s.gain)} pts after fine-tuning; controls "
+            f"{_pct(-s.forgetting)} pts; α={s.best_alpha['all_task_mean']:g} (chosen on the select half) gives {_pct(s.best_report['all_task_mean'])}% on the report half.</li>"
+        )
+    parts += [
+        "</ul><h2>Headline</h2>",
+        tables["headline"].to_html(index=False),
+        "<h2>α selection (honest protocol)</h2>",
+        "<p>α is chosen on a seeded half of each task's images (<i>select</i>) and reported on the other half (<i>report</i>).</p>",
+        tables["alpha_selection"].to_html(index=False),
+        "<h2>Figures</h2>",
+    ]
+    for key, path in paths.items():
+        parts.append(f"<figure><img alt='{key}' src='{_embed(path)}'><figcaption>{key}</figcaption></figure>")
+    for index, run in enumerate(runs):
+        parts += [
+            f"<h2>Group means, {html.escape(run.label)} (accuracy %)</h2>",
+            tables[f"groups_run{index}"].to_html(index=False),
+        ]
+    if notes:
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
+    parts += [
+        "<h2>Provenance</h2><pre>",
+        html.escape(json.dumps(provenance, indent=2, sort_keys=True, default=str)),
+        "</pre>",
+        "<p>Tables as CSV and JSON in <code>tables/</code>; figures as PNG and SVG in <code>figures/</code>.</p></body></html>",
+    ]
+    return "\n".join(parts)

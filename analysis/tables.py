@@ -1,0 +1,117 @@
+"""Results-store rows -> tidy tables (one per run), with a check for missing rows."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from eval.store import ResultStore
+from micromerge.errors import MicromergeError
+
+
+@dataclass
+class Run:
+    run_id: str
+    label: str
+    method: str
+    parameters: dict[str, Any]
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    table: (
+        pd.DataFrame
+    )  # columns: alpha, task, level, domain, modality, scale, split, metric, value, ci_low, ci_high, n_images
+
+
+def run_label(row: dict[str, Any]) -> str:
+    if row.get("label"):
+        return str(row["label"])
+    model = row["model"]
+    names = [Path(str(model["base"])).stem if Path(str(model["base"])).suffix else str(model["base"])]
+    names += [
+        Path(str(f)).parent.name if Path(str(f)).name == "model.safetensors" else Path(str(f)).stem
+        for f in model.get("finetuned", [])
+    ]
+    if Path(names[0]).name == "model" or names[0] == "model":
+        names[0] = Path(str(model["base"])).parent.name
+    return f"{row['method']}: {' + '.join(names)}"
+
+
+def load_runs(store_path: str | Path) -> list[Run]:
+    """Every run in a results store; rows missing from a run are reported, not fatal."""
+    path = Path(store_path)
+    if not path.is_file():
+        raise MicromergeError(
+            f"{path}: results store not found (run `micromerge sweep` or `micromerge eval` first)"
+        )
+    rows = ResultStore(path).rows()
+    if not rows:
+        raise MicromergeError(f"{path}: holds no rows of this micromerge version")
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_run.setdefault(row["run_id"], []).append(row)
+    runs = []
+    for run_id, run_rows in by_run.items():
+        first = run_rows[0]
+        records = [
+            {
+                "alpha": r["alpha"] if r["alpha"] is not None else float("nan"),
+                "task": r["task"],
+                "level": r["level"],
+                "domain": r["groups"].get("domain", "all"),
+                "modality": r["groups"].get("modality", "all"),
+                "scale": r["groups"].get("scale", "all"),
+                "split": r.get("split", "all"),
+                "metric": r["metric"],
+                "value": r["value"],
+                "ci_low": r["ci_low"],
+                "ci_high": r["ci_high"],
+                "n_images": r["n_images"],
+            }
+            for r in run_rows
+        ]
+        table = pd.DataFrame.from_records(records)
+        _warn_missing(table, run_label(first))
+        runs.append(
+            Run(
+                run_id,
+                run_label(first),
+                first["method"],
+                first.get("parameters", {}),
+                first["model"],
+                first["dataset"],
+                table,
+            )
+        )
+    return runs
+
+
+def _warn_missing(table: pd.DataFrame, label: str) -> None:
+    alphas, tasks = table["alpha"].unique(), table["task"].unique()
+    counts = table[table["split"] == "all"].groupby(["alpha", "metric"]).size()
+    for (alpha, metric), count in counts.items():
+        if count < len(tasks):
+            warnings.warn(
+                f"run {label}: alpha={alpha:g} has {count} of {len(tasks)} tasks for {metric}; reporting what is there",
+                stacklevel=3,
+            )
+    if len(alphas) == 1:
+        warnings.warn(
+            f"run {label}: a single alpha, so no curve; the tables are still reported", stacklevel=3
+        )
+
+
+def finetuned_domain(run: Run) -> str | None:
+    """The fine-tuning domain recorded in the fine-tuned checkpoint's manifest, if any."""
+    for path in run.model.get("finetuned", []):
+        candidates = [Path(path).parent / "manifest.json", Path(str(path) + ".manifest.json")]
+        for manifest in candidates:
+            if manifest.is_file():
+                domain = json.loads(manifest.read_text()).get("domain")
+                if domain:
+                    return str(domain)
+    return None

@@ -1,0 +1,187 @@
+"""Analysis: metrics against hand-computed values, figures, the report, bad input, ablations."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from analysis import figures
+from analysis.ablate import load_ablation, run_ablation
+from analysis.metrics import summarise, task_changes
+from analysis.report import build_report
+from analysis.tables import load_runs
+from eval.store import ResultStore
+from micromerge.errors import MicromergeError
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import write_fixture
+
+# accuracy per task at alpha 0, 0.5, 1 (the 'report' half is 1 point lower everywhere)
+VALUES = {
+    ("modality", "coarse", "all"): (0.90, 0.85, 0.60),
+    ("path-a", "fine", "pathology"): (0.50, 0.80, 0.90),
+    ("bio-a", "fine", "biology"): (0.80, 0.75, 0.40),
+}
+
+
+def write_store(path: Path, alphas=(0.0, 0.5, 1.0), drop: tuple[str, float] | None = None) -> Path:
+    rows = []
+    for (task, level, domain), values in VALUES.items():
+        for alpha, value in zip((0.0, 0.5, 1.0), values, strict=True):
+            if alpha not in alphas or (drop and drop == (task, alpha)):
+                continue
+            for split, shift in (("all", 0.0), ("select", 0.0), ("report", -0.01)):
+                for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
+                    v = value + shift
+                    rows.append(
+                        {
+                            "run_id": "r1",
+                            "alpha": alpha,
+                            "task": task,
+                            "level": level,
+                            "split": split,
+                            "metric": metric,
+                            "groups": {
+                                "level": level,
+                                "domain": domain,
+                                "modality": "light microscopy"
+                                if domain == "pathology"
+                                else "fluorescence microscopy",
+                                "scale": "cell",
+                            },
+                            "value": v,
+                            "ci_low": v - 0.05,
+                            "ci_high": v + 0.05,
+                            "n_images": 100,
+                            "n_corrupt": 0,
+                            "n_classes": 3,
+                            "method": "wise-ft",
+                            "parameters": {},
+                            "model": {"base": "base.safetensors", "finetuned": ["ft.safetensors"]},
+                            "dataset": {"source": "fixture", "fingerprint": "abc"},
+                        }
+                    )
+    ResultStore(path).append(rows)
+    return path
+
+
+def test_metrics_equal_hand_computed_values(tmp_path):
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    summary = summarise(run, "domain:pathology")
+    assert summary.controls == ("domain:biology",)
+    assert summary.gain == pytest.approx(0.40) and summary.forgetting == pytest.approx(0.40)
+    assert summary.best_alpha == {"all_task_mean": 0.5, "worst_group": 0.5, "harmonic_target_control": 0.5}
+    assert summary.best_report["all_task_mean"] == pytest.approx((0.85 + 0.80 + 0.75) / 3 - 0.01)
+    overall = [sum(v[i] for v in VALUES.values()) / 3 for i in range(3)]
+    assert summary.auc["all tasks"] == pytest.approx(
+        0.5 * ((overall[0] + overall[1]) / 2 + (overall[1] + overall[2]) / 2)
+    )
+    assert [p[0] for p in summary.pareto] == [0.0, 0.5, 1.0]
+    changes = task_changes(run)
+    row = changes[(changes["task"] == "path-a") & (changes["alpha"] == 0.5)].iloc[0]
+    assert (
+        row["vs_base"] == pytest.approx(0.30)
+        and row["vs_finetuned"] == pytest.approx(-0.10)
+        and row["normalised"] == pytest.approx(0.8 / 0.9)
+    )
+
+
+def test_figures_have_axes_labels_and_series(tmp_path):
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    summary = summarise(run, "domain:pathology")
+    figure = figures.accuracy_vs_alpha([run], [summary])
+    ax = figure.axes[0]
+    assert "α" in ax.get_xlabel() and "(%)" in ax.get_ylabel()
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert len(labels) == 3 and any("domain:pathology" in label for label in labels)
+    assert len(ax.collections) >= 3, "interval bands"
+    pareto = figures.pareto([run], [summary]).axes[0]
+    assert (
+        "target" in pareto.get_xlabel() and "control" in pareto.get_ylabel() and len(pareto.get_lines()) == 1
+    )
+    grid = figures.per_task_grid(run)
+    assert sorted(a.get_title().split("\n")[0] for a in grid.axes if a.get_title()) == [
+        "bio-a",
+        "modality",
+        "path-a",
+    ]
+    heat = figures.heatmap(run)
+    assert heat.axes[0].get_xlabel() == "α" and "vs base" in heat.axes[1].get_ylabel()
+    paths = figures.save(figure, tmp_path / "figs", "acc")
+    assert all(p.stat().st_size > 1000 for p in paths) and {p.suffix for p in paths} == {".png", ".svg"}
+
+
+def test_report_renders_with_embedded_images_and_working_links(tmp_path):
+    html_path = build_report(
+        write_store(tmp_path / "r.jsonl"), tmp_path / "report", target="domain:pathology"
+    )
+    html = html_path.read_text()
+    assert (
+        html.count("data:image/png;base64,") == 4
+        and "<script" not in html
+        and "http" not in html.split("<pre>")[0]
+    )
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(links) == 4 and all((tmp_path / "report" / link).is_file() for link in links)
+    assert "select" in markdown and "report half" in markdown
+    for table in ("headline", "alpha_selection", "groups_run0", "tasks_run0", "pareto_run0"):
+        assert (tmp_path / "report" / "tables" / f"{table}.csv").is_file()
+        assert isinstance(json.loads((tmp_path / "report" / "tables" / f"{table}.json").read_text()), list)
+    provenance = json.loads((tmp_path / "report" / "provenance.json").read_text())
+    assert len(provenance["results_store_sha256"]) == 64 and provenance["runs"][0]["method"] == "wise-ft"
+
+
+def test_bad_input_missing_rows_unknown_group_single_alpha(tmp_path):
+    with pytest.warns(UserWarning, match="alpha=0.5 has 2 of 3 tasks"):
+        load_runs(write_store(tmp_path / "missing.jsonl", drop=("bio-a", 0.5)))
+    with pytest.raises(MicromergeError, match=r"domain:virology.*valid groups.*domain:pathology"):
+        build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:virology")
+    with pytest.warns(UserWarning, match="single alpha"):
+        html_path = build_report(
+            write_store(tmp_path / "one.jsonl", alphas=(0.5,)), tmp_path / "one", target="domain:pathology"
+        )
+    html = html_path.read_text()
+    assert "no curves, tables only" in html and "<table" in html and "data:image/png" not in html
+    with pytest.raises(MicromergeError, match="not found"):
+        load_runs(tmp_path / "nothing.jsonl")
+
+
+def test_shipped_ablation_configs_parse():
+    for name in ("ablation-paper.toml", "ablation-demo.toml"):
+        ablation = load_ablation(Path("configs") / name)
+        assert ablation.pairs and ablation.methods and "vision-only" in ablation.rule_sets
+    paper = load_ablation(Path("configs") / "ablation-paper.toml")
+    assert {p["name"] for p in paper.pairs} == {
+        "clip-b32+plip",
+        "clip-b32+quiltnet-b32",
+        "clip-b16+quiltnet-b16",
+    }
+
+
+@pytest.mark.slow
+def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path):
+    import torch
+
+    bench = write_fixture(tmp_path / "bench", per_class=4)
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    write_checkpoint(tmp_path / "ft.safetensors", 1)
+    demo_config = (Path("configs") / "ablation-demo.toml").read_text()
+    small = (
+        demo_config.replace("demo-out/data/ubench-synthetic", str(bench))
+        .replace("demo-out/runs/base/model.safetensors", str(tmp_path / "base.safetensors"))
+        .replace("demo-out/runs/pathology-specialist/model.safetensors", str(tmp_path / "ft.safetensors"))
+        .replace("demo-out/ablation", str(tmp_path / "ablation"))
+        .replace('alphas = "0:1:0.1"', 'alphas = "0,0.5,1"')
+        .replace("bootstrap = 200", "bootstrap = 10")
+    )
+    (tmp_path / "ablation.toml").write_text(small)
+    ablation = load_ablation(tmp_path / "ablation.toml")
+    html = run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    runs = load_runs(ablation.store)
+    assert len(runs) == len(ablation.methods) * len(ablation.rule_sets)
+    assert {r.label.split(" / ")[2] for r in runs} == set(ablation.rule_sets)
+    size = ablation.store.stat().st_size
+    run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    assert ablation.store.stat().st_size == size, "a second run redoes nothing"
+    assert html.is_file() and "vision-only" in html.read_text()

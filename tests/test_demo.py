@@ -1,0 +1,88 @@
+"""The embedded default: the demo's own output must show real forgetting and real recovery."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from analysis.metrics import curve
+from analysis.tables import load_runs
+from micromerge.cli import cli
+from micromerge.demo import DemoConfig, run_demo
+from micromerge.errors import MicromergeError
+
+
+@pytest.mark.slow
+def test_demo_shows_forgetting_and_recovery(tmp_path):
+    out = tmp_path / "demo"
+    headline = run_demo(DemoConfig(out=out, progress=False), say=lambda _: None)
+    runs = {r.method: r for r in load_runs(out / "results" / "results.jsonl")}
+    assert set(runs) == {"wise-ft", "task-arithmetic", "ties"}
+    wise = runs["wise-ft"]
+    table = wise.table[(wise.table["metric"] == "accuracy") & (wise.table["split"] == "all")]
+    base = table[table["alpha"] == 0.0]
+    rows = [json.loads(line) for line in (out / "results" / "results.jsonl").read_text().splitlines()]
+    n_classes = {r["task"]: r["n_classes"] for r in rows}
+    for _, row in base.iterrows():  # well above chance on every task
+        assert row["value"] >= 1 / n_classes[row["task"]] + 0.2, row["task"]
+    fine = table[table["level"] == "fine"]
+    for task in fine[fine["domain"] == "pathology"][
+        "task"
+    ].unique():  # the specialist gains on every pathology task
+        values = fine[fine["task"] == task].set_index("alpha")["value"]
+        assert values[1.0] > values[0.0], task
+    biology = curve(wise, "domain:biology").set_index("alpha")["value"]
+    assert biology[0.0] - biology[1.0] >= 0.10, (
+        "catastrophic forgetting of at least 10 points on the non-pathology average"
+    )
+    overall = curve(wise, None).set_index("alpha")["value"]
+    interior = overall.drop([0.0, 1.0])
+    assert interior.max() > max(overall[0.0], overall[1.0]), (
+        "an interior alpha beats both end points on the all-task mean"
+    )
+    assert 0.0 < headline["chosen_alpha"] < 1.0
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    messages = []
+    run_demo(DemoConfig(out=out, progress=False), say=messages.append)
+    assert sum("done before" in m for m in messages) == 5, "every finished stage is reused"
+
+
+@pytest.mark.slow
+def test_demo_is_seeded_same_numbers_every_run(tmp_path):
+    small = dict(
+        bench_per_class=4,
+        corpus_per_class=12,
+        pretrain_epochs=1,
+        finetune_epochs=1,
+        batch_size=16,
+        alphas="0,0.5,1",
+        bootstrap=20,
+        progress=False,
+    )
+    values = []
+    for name in ("a", "b"):
+        run_demo(DemoConfig(out=tmp_path / name, **small), say=lambda _: None)
+        rows = [
+            json.loads(line)
+            for line in (tmp_path / name / "results" / "results.jsonl").read_text().splitlines()
+        ]
+        values.append(
+            sorted((r["method"], r["alpha"], r["task"], r["split"], r["metric"], r["value"]) for r in rows)
+        )
+    assert values[0] == values[1]
+    assert (tmp_path / "a" / "runs" / "base" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "runs" / "base" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_demo_validates_its_inputs(tmp_path):
+    with pytest.raises(MicromergeError, match="--seed -1"):
+        DemoConfig(seed=-1)
+    with pytest.raises(MicromergeError, match="--bench-per-class 1"):
+        DemoConfig(bench_per_class=1)
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "not a folder" in result.stderr
+    assert not Path(tmp_path / "file").is_dir()

@@ -1,0 +1,395 @@
+"""Fine-tuning: every data format, both modes, freezing, resume after kill -9, DDP on two CPU processes, bad input."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.config import FinetuneConfig
+from finetune.trainer import run_finetune
+from micromerge.cli import cli
+from micromerge.errors import MicromergeError
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import write_fixture
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+CAPTIONS = ["a tumor in tissue", "stroma fibres", "adipose cells", "lymphocytes", "mucus", "a mitotic figure"]
+
+
+@pytest.fixture
+def base(tmp_path):
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    return tmp_path / "base.safetensors"
+
+
+def write_csv_folder(folder: Path, n: int = 24) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "captions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for i in range(n):
+            (folder / f"img{i}.png").write_bytes(_png(i))
+            writer.writerow([f"img{i}.png", CAPTIONS[i % len(CAPTIONS)]])
+    return folder
+
+
+def config(base, data, out, **overrides) -> FinetuneConfig:
+    values = dict(
+        mode="contrastive",
+        base=str(base),
+        data=str(data),
+        out=out,
+        batch_size=8,
+        max_steps=3,
+        lr=1e-3,
+        progress=False,
+        device="cpu",
+        save_every=0,
+    )
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def test_contrastive_from_csv_writes_a_checkpoint_merge_accepts(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs")
+    path = run_finetune(config(base, data, tmp_path / "run", domain="pathology"))
+    trained, original = load_file(str(path)), load_file(str(base))
+    assert set(trained) == set(original) - {"attn_mask"}
+    assert not torch.equal(trained["visual.proj"], original["visual.proj"])
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert (
+        manifest["domain"] == "pathology"
+        and manifest["steps"] == 3
+        and len(manifest["data_fingerprint"]) == 64
+    )
+    assert (
+        manifest["hyperparameters"]["lr"] == 1e-3
+        and manifest["base_sha256"]
+        and manifest["loss_summary"]["last"] is not None
+    )
+    assert manifest["images_per_s"] > 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3] and {"loss", "lr", "images_per_s"} <= set(log[0])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "merge",
+            "--base",
+            str(base),
+            "--ft",
+            str(path),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_jsonl_saved_dataset_and_tar_shards_give_the_same_training(tmp_path, base):
+    n = 16
+    (tmp_path / "jsonl").mkdir()
+    lines = []
+    for i in range(n):
+        (tmp_path / "jsonl" / f"{i}.png").write_bytes(_png(i))
+        lines.append(json.dumps({"file": f"{i}.png", "text": CAPTIONS[i % 6]}))
+    (tmp_path / "jsonl" / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": _png(i), "path": None} for i in range(n)],
+            "caption": [CAPTIONS[i % 6] for i in range(n)],
+        },
+        features=features,
+    ).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "shard-000000.tar", "w") as archive:
+        for i in range(n):
+            for suffix, payload in ((".png", _png(i)), (".txt", CAPTIONS[i % 6].encode())):
+                info = tarfile.TarInfo(f"sample{i:04d}{suffix}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    weights = {}
+    for name in ("jsonl", "hf", "wds"):
+        weights[name] = load_file(
+            str(run_finetune(config(base, tmp_path / name, tmp_path / f"run-{name}", max_steps=2)))
+        )
+    for key in weights["jsonl"]:
+        assert torch.equal(weights["jsonl"][key], weights["hf"][key]), key
+        assert torch.equal(weights["jsonl"][key], weights["wds"][key]), key
+
+
+def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_frozen(tmp_path, base):
+    from eval.data import load_benchmark
+    from eval.tasks import discover_tasks, select_tasks
+    from eval.zeroshot import class_embeddings
+    from merging.models import load_model, tokenizer_for
+    from merging.sources import open_source
+
+    bench = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
+    path = run_finetune(
+        config(
+            base,
+            bench,
+            tmp_path / "sup",
+            mode="supervised",
+            task="fix-tissue",
+            batch_size=6,
+            max_steps=2,
+            lr=1e-3,
+        )
+    )
+    trained, original = load_file(str(path)), load_file(str(base))
+    assert torch.equal(trained["token_embedding.weight"], original["token_embedding.weight"]), (
+        "text tower frozen by default"
+    )
+    assert torch.equal(trained["logit_scale"], original["logit_scale"])
+    assert not torch.equal(trained["visual.proj"], original["visual.proj"])
+    head = load_file(str(tmp_path / "sup" / "head.safetensors"))
+    with open_source(str(base)) as source:
+        model, model_config = load_model(source)
+    task = select_tasks(discover_tasks(load_benchmark(str(bench)).dataset), "fix-tissue")[0]
+    zero_shot = (
+        class_embeddings(model, tokenizer_for(model_config), task, torch.device("cpu"))
+        * model.logit_scale.exp()
+    )
+    assert head["weight"].shape == zero_shot.shape
+    assert torch.allclose(head["weight"], zero_shot, atol=0.05), "two small steps from the zero-shot head"
+
+
+def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, base):
+    bench = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
+    # 24 images, batch 6 -> 4 steps per epoch; stopping after the LP epoch leaves the CLIP untouched
+    path = run_finetune(
+        config(
+            base,
+            bench,
+            tmp_path / "lp",
+            mode="supervised",
+            task="fix-tissue",
+            batch_size=6,
+            max_steps=4,
+            lp_epochs=1,
+        )
+    )
+    trained, original = load_file(str(path)), load_file(str(base))
+    assert all(torch.equal(trained[k], original[k]) for k in trained), "LP phase changes only the head"
+    frozen = "visual.transformer.resblocks.0.*"
+    path = run_finetune(
+        config(base, write_csv_folder(tmp_path / "p"), tmp_path / "fr", freeze=(frozen,), max_steps=2)
+    )
+    trained = load_file(str(path))
+    assert torch.equal(
+        trained["visual.transformer.resblocks.0.mlp.c_fc.weight"],
+        original["visual.transformer.resblocks.0.mlp.c_fc.weight"],
+    )
+    assert not torch.equal(
+        trained["visual.transformer.resblocks.1.mlp.c_fc.weight"],
+        original["visual.transformer.resblocks.1.mlp.c_fc.weight"],
+    )
+
+
+# ---- bad input ----
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, base):
+    folder = write_csv_folder(tmp_path / "pairs", n=10)
+    rows = (folder / "captions.csv").read_text().splitlines()
+    (folder / "captions.csv").write_text("\n".join([*rows, "img3.png,"]) + "\n")
+    with pytest.raises(MicromergeError, match="img3.png has no caption"):
+        run_finetune(config(base, folder, tmp_path / "r1"))
+    (folder / "captions.csv").write_text("\n".join([*rows, "missing.png,a caption"]) + "\n")
+    with pytest.raises(MicromergeError, match="missing.png but the file does not exist"):
+        run_finetune(config(base, folder, tmp_path / "r2"))
+    (folder / "captions.csv").write_text("image,caption\n")
+    with pytest.raises(MicromergeError, match="no rows"):
+        run_finetune(config(base, folder, tmp_path / "r3"))
+    with pytest.raises(MicromergeError, match="no such file"):
+        run_finetune(config(base, tmp_path / "nothing", tmp_path / "r4"))
+    with pytest.raises(MicromergeError, match="nope.safetensors"):
+        run_finetune(config(tmp_path / "nope.safetensors", folder, tmp_path / "r5"))
+
+
+def test_corrupt_images_are_skipped_and_counted_up_to_a_limit(tmp_path, base):
+    folder = write_csv_folder(tmp_path / "pairs", n=24)
+    (folder / "img0.png").write_bytes(b"garbage")
+    path = run_finetune(config(base, folder, tmp_path / "ok", max_bad_fraction=0.1))
+    assert json.loads((path.parent / "manifest.json").read_text())["corrupt_images_skipped"] == 1
+    for i in range(1, 6):
+        (folder / f"img{i}.png").write_bytes(b"garbage")
+    with pytest.raises(MicromergeError, match="6 of 24 images are unreadable"):
+        run_finetune(config(base, folder, tmp_path / "bad", max_bad_fraction=0.1))
+
+
+def test_output_folder_with_another_run_is_refused(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs")
+    run_finetune(config(base, data, tmp_path / "run"))
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "contrastive",
+            "--base",
+            str(base),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 2 and "--resume" in result.stderr and "--force" in result.stderr
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "contrastive",
+            "--base",
+            str(base),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--quiet",
+            "--force",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def _train_command(base, data, out, steps):
+    return [
+        sys.executable,
+        "-m",
+        "micromerge.cli",
+        "finetune",
+        "contrastive",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--save-every",
+        "5",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs", n=40)
+    steps = 60
+    subprocess.run(_train_command(base, data, tmp_path / "straight", steps), check=True, capture_output=True)
+    process = subprocess.Popen(
+        _train_command(base, data, tmp_path / "killed", steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = tmp_path / "killed" / "state" / "LATEST"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000010"):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the kill must land mid-run"
+    resumed = subprocess.run(
+        [*_train_command(base, data, tmp_path / "killed", steps), "--resume"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert log == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs", n=48)
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "micromerge.cli",
+        "finetune",
+        "contrastive",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "6",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--save-every",
+        "0",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    assert len(set(manifest["rank_weight_sha256"])) == 1
+    assert manifest["images_seen"] == 4 * 6 * 2
