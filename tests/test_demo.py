@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from analysis.metrics import curve
@@ -72,9 +73,13 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
             sorted((r["method"], r["alpha"], r["task"], r["split"], r["metric"], r["value"]) for r in rows)
         )
     assert values[0] == values[1]
-    assert (tmp_path / "a" / "runs" / "base" / "model.safetensors").read_bytes() == (
-        tmp_path / "b" / "runs" / "base" / "model.safetensors"
-    ).read_bytes()
+    from safetensors.torch import load_file
+
+    weights = [
+        load_file(str(tmp_path / n / "runs" / "pathology-specialist" / "model.safetensors")) for n in "ab"
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "same seed, same weights"
 
 
 def test_demo_validates_its_inputs(tmp_path):
