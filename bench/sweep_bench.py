@@ -7,7 +7,7 @@ the model input), a small open_clip model (micro-clip, 64 px). In one run:
   naive                for each alpha: rebuild the merged model from state dicts, decode every image
                        through a DataLoader with open_clip's preprocess, forward, score,
   forward only         the model's pure image forward over the same images, 11 times.
-Accuracies of engine and naive must be identical. Run: .venv/bin/python bench/sweep_bench.py [--images 2000]
+Accuracies of engine and naive must be identical. Run: .venv/bin/python bench/sweep_bench.py [--images 2000] [--stored-px 224]
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ from merging.plan import MergeSpec
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-def make_fixture(folder: Path, images: int) -> Path:
+def make_fixture(folder: Path, images: int, stored_px: int) -> Path:
     per_class = max(2, images // len(all_label_names()))
     small = write_benchmark(folder / "small", per_class=per_class)
 
     def upscale(example):
-        image = Image.open(io.BytesIO(example["image"]["bytes"])).resize((224, 224), Image.BICUBIC)
+        image = Image.open(io.BytesIO(example["image"]["bytes"])).resize(
+            (stored_px, stored_px), Image.BICUBIC
+        )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=6)
         return {"image": {"bytes": buffer.getvalue(), "path": None}}
@@ -153,10 +155,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--stored-px", type=int, default=224, help="Size the fixture's images are stored at.")
     args = parser.parse_args()
+    datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        bench = make_fixture(folder, args.images)
+        bench = make_fixture(folder, args.images, args.stored_px)
         base, ft = make_checkpoints(folder)
         start = time.perf_counter()
         engine = engine_sweep(bench, base, ft, folder / "s1.jsonl", folder / "cache", args.batch_size)
@@ -178,7 +182,7 @@ def main() -> None:
                 "images": n_images,
                 "alphas": len(ALPHAS),
                 "model": "micro-clip (64 px, 3.8 M parameters)",
-                "stored_image_px": 224,
+                "stored_image_px": args.stored_px,
                 "engine_cold_cache_s": round(engine_cold, 2),
                 "engine_warm_cache_s": round(engine_warm, 2),
                 "naive_s": round(naive_s, 2),

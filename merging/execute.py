@@ -30,8 +30,16 @@ from micromerge.provenance import provenance
 Sink = Callable[[str, torch.Tensor], None]
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One reduction instead of isfinite's full-size mask: a finite sum proves every element finite
+    (NaN and Inf propagate through a sum); only a non-finite sum, rarely an overflow, needs the exact check."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _check_finite(tensor: torch.Tensor, key: str, label: str, allow: bool) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         message = f"{label}: tensor {key!r} contains NaN or Inf"
         if not allow:
             raise MicromergeError(f"{message}; pass --allow-nonfinite to merge anyway")
@@ -48,10 +56,16 @@ def stream_merge(
     device: torch.device,
     progress: bool = True,
 ) -> None:
-    """Compute every key in `order` and give it to `sink` as a tensor of the planned output dtype."""
+    """Compute every key in `order` and give it to `sink`, which must consume it before the next key.
+
+    Results are computed into one reused float32 buffer (sized to the largest merged tensor), so
+    streaming allocates nothing per tensor.
+    """
     method = get_method(spec.method)
     by_key = {plan.key: plan for plan in plans}
     order = list(order)
+    largest = max((p.meta.numel for p in plans if p.merged), default=0)
+    scratch = torch.empty(largest, dtype=torch.float32, device=device)
     for key in tqdm(order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False):
         plan = by_key[key]
         base_tensor = base.read(key)
@@ -65,9 +79,10 @@ def stream_merge(
             tensor = source.read(key)
             _check_finite(tensor, key, source.label, spec.allow_nonfinite)
             others.append(tensor.to(device=device, dtype=torch.float32))
-        result = method.merge(key, base32, others, plan.strength, spec.params)
+        out = scratch[: plan.meta.numel].view(plan.meta.shape)
+        result = method.merge(key, base32, others, plan.strength, spec.params, out=out)
         if key == LOGIT_SCALE_KEY:
-            result = result.clamp(max=LOGIT_SCALE_MAX)
+            result.clamp_(max=LOGIT_SCALE_MAX)
         sink(key, result)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from merging.tensor_source import ArchInfo, TensorMeta, TensorSource
+from merging.tensor_source import ArchInfo, TensorMeta, TensorSource, describe_key_mismatch
 from micromerge.errors import MicromergeError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -126,28 +126,15 @@ def load_model(
     config = model_config or resolve_model_config(source.arch, metas)
     model = build_model(config)
     expected = model.state_dict()
-    state = {}
-    for key, tensor in expected.items():
-        if key not in metas:
-            continue
-        state[key] = source.read(key).to(tensor.dtype).clone()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(metas) - set(expected))
-    mismatched = [k for k in state if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:3]} (+{len(missing) - min(3, len(missing))})")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:3]} (+{len(unexpected) - min(3, len(unexpected))})")
-        if mismatched:
-            k = mismatched[0]
-            details.append(
-                f"shape of {k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
-            )
-        raise MicromergeError(
-            f"{source.label}: weights do not fit the architecture: {'; '.join(details)}; check --arch"
-        )
+    problem = describe_key_mismatch(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: m.shape for k, m in metas.items()},
+        "model",
+        "checkpoint",
+    )
+    if problem:
+        raise MicromergeError(f"{source.label}: weights do not fit the architecture: {problem}; check --arch")
+    state = {key: source.read(key).to(tensor.dtype).clone() for key, tensor in expected.items()}
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config

@@ -14,7 +14,7 @@ import torch
 
 from merging.methods import MergeMethod, MethodParams, get_method
 from merging.rules import KeyRules
-from merging.tensor_source import TensorMeta, TensorSource
+from merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
 from micromerge.errors import MicromergeError
 
 LOGIT_SCALE_KEY = "logit_scale"
@@ -120,25 +120,14 @@ def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource
 
 
 def _check_compatible(base: TensorSource, other: TensorSource, keys: list[str]) -> None:
-    other_keys = set(other.keys())
-    missing = [k for k in keys if k not in other_keys]
-    mismatched = [
-        (k, base.meta(k).shape, other.meta(k).shape)
-        for k in keys
-        if k in other_keys and base.meta(k).shape != other.meta(k).shape
-    ]
-    extra = sorted(other_keys - set(base.keys()))
-    if not (missing or mismatched or extra):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing from it, first {missing[:3]}")
-    if extra:
-        parts.append(f"{len(extra)} key(s) not in the base, first {extra[:3]}")
-    if mismatched:
-        k, a, b = mismatched[0]
-        parts.append(f"{len(mismatched)} shape mismatch(es), first {k}: base {list(a)} vs {list(b)}")
-    raise MicromergeError(
-        f"{other.label} does not match the base {base.label} (different architectures?): {'; '.join(parts)}; "
-        "use --include/--exclude to merge only the shared part"
-    )
+    """The merged keys must exist with equal shapes in `other`, which may not add keys of its own."""
+    base_keys = set(base.keys())
+    merged = set(keys)
+    reference = {k: base.meta(k).shape for k in keys}
+    seen = {k: other.meta(k).shape for k in other.keys() if k in merged or k not in base_keys}
+    problem = describe_key_mismatch(reference, seen, "base", "fine-tuned checkpoint")
+    if problem:
+        raise MicromergeError(
+            f"{other.label} does not match the base {base.label} (different architectures?): {problem}; "
+            "use --include/--exclude to merge only the shared part"
+        )

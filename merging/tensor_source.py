@@ -277,6 +277,29 @@ class MappedSource(TensorSource):
         self.inner.close()
 
 
+def describe_key_mismatch(
+    reference: dict[str, tuple[int, ...]],
+    other: dict[str, tuple[int, ...]],
+    reference_name: str,
+    other_name: str,
+) -> str | None:
+    """None when `other` has exactly `reference`'s keys and shapes; else the counts and first examples."""
+    missing = sorted(k for k in reference if k not in other)
+    extra = sorted(k for k in other if k not in reference)
+    mismatched = sorted(k for k in reference if k in other and tuple(reference[k]) != tuple(other[k]))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the {other_name}, first {missing[:3]}")
+    if extra:
+        parts.append(f"{len(extra)} key(s) not in the {reference_name}, first {extra[:3]}")
+    if mismatched:
+        k = mismatched[0]
+        parts.append(
+            f"{len(mismatched)} shape mismatch(es), first {k}: {reference_name} {list(reference[k])} vs {other_name} {list(other[k])}"
+        )
+    return "; ".join(parts) or None
+
+
 def arch_from_metadata(metadata: dict[str, str]) -> ArchInfo:
     config = metadata.get("micromerge.model_config")
     return ArchInfo(
