@@ -14,15 +14,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 NAIVE = """
 import sys, torch, resource
@@ -44,22 +40,28 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
-def make_checkpoints(folder: Path) -> tuple[Path, Path, Path, Path, int]:
-    from merging.models import build_model, get_model_config
+MAKE = """
+import sys, torch
+from safetensors.torch import save_file
+from merging.models import build_model, get_model_config
+folder = sys.argv[1]
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    state = {k: v.contiguous() for k, v in build_model(get_model_config("ViT-B-16")).state_dict().items() if k != "attn_mask"}
+    save_file(state, f"{folder}/m{seed}.safetensors")
+    torch.save(state, f"{folder}/m{seed}.pt")
+print(sum(v.numel() for v in state.values()))
+"""
 
-    paths = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        state = {
-            k: v.contiguous()
-            for k, v in build_model(get_model_config("ViT-B-16")).state_dict().items()
-            if k != "attn_mask"
-        }
-        save_file(state, str(folder / f"m{seed}.safetensors"))
-        torch.save(state, folder / f"m{seed}.pt")
-        paths += [folder / f"m{seed}.safetensors", folder / f"m{seed}.pt"]
-    n_params = sum(v.numel() for v in state.values())
-    return paths[0], paths[2], paths[1], paths[3], n_params
+
+def make_checkpoints(folder: Path) -> tuple[Path, Path, Path, Path, int]:
+    """In a subprocess: Linux carries a parent's peak RSS into its children's ru_maxrss, so the
+    parent must stay small while it spawns the runs it measures."""
+    result = subprocess.run(
+        [sys.executable, "-c", MAKE, str(folder)], capture_output=True, text=True, check=True
+    )
+    n_params = int(result.stdout.strip().splitlines()[-1])
+    return folder / "m0.safetensors", folder / "m1.safetensors", folder / "m0.pt", folder / "m1.pt", n_params
 
 
 def timed(command: list[str]) -> tuple[float, int]:
@@ -68,11 +70,13 @@ def timed(command: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, int(result.stdout.strip().splitlines()[-1])
 
 
-def in_memory_figures(a_path: Path, b_path: Path, device: torch.device, repeats: int) -> dict[str, float]:
+def in_memory_figures(a_path: Path, b_path: Path, device_name: str, repeats: int) -> dict[str, float]:
+    import torch
     from safetensors.torch import load_file
 
     from merging.methods import METHODS, MethodParams
 
+    device = torch.device(device_name)
     a = {k: v.to(device) for k, v in load_file(str(a_path)).items()}
     b = {k: v.to(device) for k, v in load_file(str(b_path)).items()}
     out = {k: torch.empty_like(v) for k, v in a.items()}
@@ -98,11 +102,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         a_st, b_st, a_pt, b_pt, n_params = make_checkpoints(folder)
         size_mb = a_st.stat().st_size / 2**20
+        baseline_s, baseline_rss = timed(
+            [
+                sys.executable,
+                "-c",
+                "import torch, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)",
+            ]
+        )
         ours, naive = [], []
         for i in range(args.repeats):
             ours.append(
@@ -128,12 +138,14 @@ def main() -> None:
             naive.append(timed([sys.executable, "-c", NAIVE, str(a_pt), str(b_pt), str(folder / f"n{i}.pt")]))
             (folder / f"o{i}.safetensors").unlink()
             (folder / f"n{i}.pt").unlink()
-        memory = in_memory_figures(a_st, b_st, device, args.repeats)
+        memory = in_memory_figures(a_st, b_st, args.device, args.repeats)
+    import torch
+
     best_ours, best_naive = min(t for t, _ in ours), min(t for t, _ in naive)
     figures = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
-        "device": str(device),
+        "device": args.device,
         "parameters": n_params,
         "checkpoint_mb": round(size_mb, 1),
         "a_merge_end_to_end_s": round(best_ours, 3),
@@ -147,7 +159,8 @@ def main() -> None:
         "a_peak_rss_over_checkpoint": round(max(r for _, r in ours) / size_mb, 2),
         "all_runs_a_s": [round(t, 3) for t, _ in ours],
         "all_runs_b_s": [round(t, 3) for t, _ in naive],
-        "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "python_and_torch_import_rss_mb": baseline_rss,
+        "python_and_torch_import_s": round(baseline_s, 3),
     }
     print(json.dumps(figures, indent=2))
 
