@@ -112,7 +112,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     images = bench.dataset.select(task.rows).cast_column("image", Image(decode=False))["image"]
     data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
-    head = ZeroShotHead(texts, float(clip.logit_scale.exp()))
+    head = ZeroShotHead(texts, float(clip.logit_scale.detach().exp()))
     fingerprint = sha256_json({"data": bench.fingerprint, "task": task.name})
     return Prepared(
         ImageClassifier(clip, head),
