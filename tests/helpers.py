@@ -23,3 +23,26 @@ def write_checkpoint(path: Path, seed: int, arch: str = "nano-clip") -> dict[str
     tensors = random_state_dict(seed, arch)
     save_file(tensors, str(path), metadata={"micromerge.arch": arch})
     return tensors
+
+
+def two_process_launch(*cli_args: str) -> list[str]:
+    """`accelerate launch` of the micromerge CLI on two CPU processes (gloo), as users split work."""
+    import sys
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    return [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "micromerge.cli",
+        *cli_args,
+    ]

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -23,7 +22,7 @@ from merging.models import load_model
 from merging.sources import open_source
 from micromerge.cli import cli
 from micromerge.errors import MicromergeError
-from tests.helpers import write_checkpoint
+from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
 
@@ -303,23 +302,7 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_rows(tmp_path, bench,
 
 @pytest.mark.slow
 def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, models):
-    launcher = Path(sys.executable).with_name("accelerate")
-    command = [
-        str(launcher),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "micromerge.cli",
-        *_sweep_args(tmp_path, bench, models, alphas="0:1:0.25"),
-    ]
+    command = two_process_launch(*_sweep_args(tmp_path, bench, models, alphas="0:1:0.25"))
     result = subprocess.run(
         command,
         cwd=tmp_path,
@@ -336,3 +319,49 @@ def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, 
     for row in rows:
         by_process.setdefault(row["process"], set()).add(row["alpha"])
     assert by_process == {"0/2": {0.0, 0.5, 1.0}, "1/2": {0.25, 0.75}}
+
+
+def test_tasks_command_lists_counts(bench):
+    result = CliRunner().invoke(cli, ["tasks", "--data", str(bench)])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("fix-tissue"))
+    assert line.split()[1:4] == ["fine", "18", "3"] and "pathology / light microscopy / tissue" in line
+
+
+def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
+    from eval.zeroshot import class_embeddings
+    from merging.models import tokenizer_for
+
+    task = next(t for t in discover_tasks(load_benchmark(str(bench)).dataset) if t.name == "fix-cells")
+    with open_source(str(models[0])) as source:
+        model, config = load_model(source)
+    tokenizer = tokenizer_for(config)
+    seen = []
+
+    def spy(texts):
+        seen.append(list(texts))
+        return tokenizer(texts)
+
+    by_caption = class_embeddings(model, spy, task, torch.device("cpu"), prompts="captions")
+    by_name = class_embeddings(model, spy, task, torch.device("cpu"), prompts="names")
+    assert seen[0] == ["An image of g1.", "An image of metaphase."]
+    assert len(seen[1]) == len(task.templates) * 2 and not torch.allclose(by_caption, by_name)
+    args = [
+        "eval",
+        "--model",
+        str(models[0]),
+        "--data",
+        str(bench),
+        "--bootstrap",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+    ]
+    assert (
+        CliRunner()
+        .invoke(cli, [*args, "--store", str(tmp_path / "r.jsonl"), "--prompts", "captions"])
+        .exit_code
+        == 0
+    )
+    assert {r["prompts"] for r in ResultStore(tmp_path / "r.jsonl").rows()} == {"captions"}

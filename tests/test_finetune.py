@@ -23,7 +23,7 @@ from finetune.config import FinetuneConfig
 from finetune.trainer import run_finetune
 from micromerge.cli import cli
 from micromerge.errors import MicromergeError
-from tests.helpers import write_checkpoint
+from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
 
@@ -247,46 +247,20 @@ def test_corrupt_images_are_skipped_and_counted_up_to_a_limit(tmp_path, base):
 def test_output_folder_with_another_run_is_refused(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs")
     run_finetune(config(base, data, tmp_path / "run"))
-    result = CliRunner().invoke(
-        cli,
-        [
-            "finetune",
-            "contrastive",
-            "--base",
-            str(base),
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "8",
-            "--quiet",
-        ],
-    )
+    args = [
+        "finetune",
+        "contrastive",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    args += ["--max-steps", "1", "--batch-size", "8", "--quiet", "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "--resume" in result.stderr and "--force" in result.stderr
-    result = CliRunner().invoke(
-        cli,
-        [
-            "finetune",
-            "contrastive",
-            "--base",
-            str(base),
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "8",
-            "--quiet",
-            "--force",
-            "--device",
-            "cpu",
-        ],
-    )
+    result = CliRunner().invoke(cli, [*args, "--force"])
     assert result.exit_code == 0, result.output
 
 
@@ -352,21 +326,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, base):
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs", n=48)
-    launcher = Path(sys.executable).with_name("accelerate")
-    command = [
-        str(launcher),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "micromerge.cli",
+    command = two_process_launch(
         "finetune",
         "contrastive",
         "--base",
@@ -384,7 +344,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
         "--quiet",
         "--save-every",
         "0",
-    ]
+    )
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
     )
