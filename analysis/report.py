@@ -121,7 +121,8 @@ def build_report(
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
     summaries, notes = [], []
     for run in runs:
-        group = target or (f"domain:{finetuned_domain(run)}" if finetuned_domain(run) else None)
+        domain = finetuned_domain(run)
+        group = target or (f"domain:{domain}" if domain else None)
         if group is None:
             fine_domains = sorted(run.table[run.table["level"] == "fine"]["domain"].unique())
             group = f"domain:{fine_domains[0]}"

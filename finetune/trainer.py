@@ -136,7 +136,8 @@ def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
             frozen = True
         for pattern in cfg.freeze:
             if fnmatch.fnmatchcase(name, pattern):
-                frozen, _ = True, names_seen.add(pattern)
+                frozen = True
+                names_seen.add(pattern)
         if frozen:
             param.requires_grad_(False)
     unused = [p for p in cfg.freeze if p not in names_seen]

@@ -124,8 +124,6 @@ def merge_to_file(
 ) -> MergeOutput:
     """Merge into a safetensors file plus `<file>.manifest.json`; both appear only when complete."""
     start = time.perf_counter()
-    if out_path.exists() and not force:
-        raise MicromergeError(f"{out_path}: output exists; pass --force to overwrite or choose another --out")
     plans = plan_merge(spec, base, finetuned)
     sources = [base, *finetuned]
     metas = {p.key: TensorMeta(p.meta.shape, p.out_dtype) for p in plans}

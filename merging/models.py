@@ -149,17 +149,3 @@ def tokenizer_for(model_config: dict[str, Any]):
     if text_cfg.get("hf_tokenizer_name"):
         return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
     return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
-
-
-def eval_transform(model_config: dict[str, Any]):
-    """The evaluation image transform (resize, centre crop, normalise) for a config."""
-    import open_clip
-
-    size = model_config.get("vision_cfg", {}).get("image_size", 224)
-    preprocess = model_config.get("preprocess_cfg", {})
-    return open_clip.image_transform(
-        size,
-        is_train=False,
-        mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
-        std=tuple(preprocess.get("std", OPENAI_STD)),
-    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,15 +306,3 @@ def arch_from_metadata(metadata: dict[str, str]) -> ArchInfo:
         name=metadata.get("micromerge.arch") or None,
         model_config=json.loads(config) if config else None,
     )
-
-
-def mapped_dict(
-    tensors: dict[str, torch.Tensor], rename: Callable[[str], str | None]
-) -> dict[str, torch.Tensor]:
-    """Rename keys of an in-memory state dict, dropping those `rename` maps to None."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        new_key = rename(key)
-        if new_key is not None:
-            out[new_key] = value
-    return out
