@@ -116,24 +116,14 @@ def _clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task) -> flo
     return correct / total
 
 
+def _eval_args(tmp_path, bench, model, store="r.jsonl", bootstrap=0):
+    """`micromerge eval` of one checkpoint on the fixture, quietly, with the image cache in tmp_path."""
+    return ["eval", "--model", str(model), "--data", str(bench), "--store", str(tmp_path / store),
+            "--bootstrap", str(bootstrap), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+
+
 def test_zero_shot_accuracy_equals_an_independent_implementation(tmp_path, bench, models):
-    result = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "--model",
-            str(models[0]),
-            "--data",
-            str(bench),
-            "--store",
-            str(tmp_path / "r.jsonl"),
-            "--bootstrap",
-            "0",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--quiet",
-        ],
-    )
+    result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0]))
     assert result.exit_code == 0, result.output
     rows = {
         r["task"]: r
@@ -158,20 +148,7 @@ def test_zero_shot_accuracy_equals_an_independent_implementation(tmp_path, bench
 
 
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
-    args = [
-        "eval",
-        "--model",
-        str(models[0]),
-        "--data",
-        str(bench),
-        "--store",
-        str(tmp_path / "r.jsonl"),
-        "--bootstrap",
-        "10",
-        "--cache-dir",
-        str(tmp_path / "c"),
-        "--quiet",
-    ]
+    args = _eval_args(tmp_path, bench, models[0], bootstrap=10)
     assert CliRunner().invoke(cli, args).exit_code == 0
     first = (tmp_path / "r.jsonl").read_text()
     assert CliRunner().invoke(cli, args).exit_code == 0
@@ -220,23 +197,7 @@ def test_sweep_rows_and_end_points_equal_plain_evaluation(tmp_path, bench, model
     )
     for alpha, model in ((0.0, models[0]), (1.0, models[1])):
         store = f"e{alpha}.jsonl"
-        CliRunner().invoke(
-            cli,
-            [
-                "eval",
-                "--model",
-                str(model),
-                "--data",
-                str(bench),
-                "--store",
-                str(tmp_path / store),
-                "--bootstrap",
-                "20",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--quiet",
-            ],
-        )
+        CliRunner().invoke(cli, _eval_args(tmp_path, bench, model, store=store, bootstrap=20))
         plain = {
             (r["task"], r["split"], r["metric"]): r["value"] for r in ResultStore(tmp_path / store).rows()
         }
@@ -346,22 +307,6 @@ def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
     by_name = class_embeddings(model, spy, task, torch.device("cpu"), prompts="names")
     assert seen[0] == ["An image of g1.", "An image of metaphase."]
     assert len(seen[1]) == len(task.templates) * 2 and not torch.allclose(by_caption, by_name)
-    args = [
-        "eval",
-        "--model",
-        str(models[0]),
-        "--data",
-        str(bench),
-        "--bootstrap",
-        "0",
-        "--cache-dir",
-        str(tmp_path / "c"),
-        "--quiet",
-    ]
-    assert (
-        CliRunner()
-        .invoke(cli, [*args, "--store", str(tmp_path / "r.jsonl"), "--prompts", "captions"])
-        .exit_code
-        == 0
-    )
+    result = CliRunner().invoke(cli, [*_eval_args(tmp_path, bench, models[0]), "--prompts", "captions"])
+    assert result.exit_code == 0, result.output
     assert {r["prompts"] for r in ResultStore(tmp_path / "r.jsonl").rows()} == {"captions"}
