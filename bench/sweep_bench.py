@@ -1,4 +1,4 @@
-"""Sweep benchmark (issue 3): the sweep engine against the naive loop, 11 alphas, on CPU.
+"""Sweep benchmark (issue 3): the sweep engine against the naive loop, 11 alphas.
 
 Fixture: thousands of μ-Bench-schema images stored at 224 px (real μ-Bench images are larger than
 the model input), a small open_clip model (micro-clip, 64 px). In one run:
@@ -8,6 +8,10 @@ the model input), a small open_clip model (micro-clip, 64 px). In one run:
                        through a DataLoader with open_clip's preprocess, forward, score,
   forward only         the model's pure image forward over the same images, 11 times.
 Accuracies of engine and naive must be identical. Run: .venv/bin/python bench/sweep_bench.py [--images 2000] [--stored-px 224]
+
+On a GPU (issue 3's images/s and full-μ-Bench figures): --model ViT-B-16 --device cuda --rows 17235
+--skip-naive. --rows repeats the fixture's rows up to μ-Bench's 17,235 images, so the sweep is
+full-sized; the forward pass runs in bf16 autocast, as the engine does on a GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from eval.schema import ubench_features
 from eval.synthetic.generate import write_benchmark
 from eval.synthetic.spec import all_label_names
 from eval.tasks import discover_tasks
-from eval.zeroshot import class_embeddings
+from eval.zeroshot import autocast_for, class_embeddings
 from merging.methods import MethodParams
 from merging.models import build_model, get_model_config, tokenizer_for
 from merging.plan import MergeSpec
@@ -42,9 +46,11 @@ from merging.plan import MergeSpec
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-def make_fixture(folder: Path, images: int, stored_px: int) -> Path:
+def make_fixture(folder: Path, images: int, stored_px: int, rows: int) -> tuple[Path, int]:
+    """μ-Bench-schema fixture stored at `stored_px`; returns its folder and its number of distinct images."""
     per_class = max(2, images // len(all_label_names()))
-    small = write_benchmark(folder / "small", per_class=per_class)
+    workers = os.cpu_count() or 2
+    small = write_benchmark(folder / "small", per_class=per_class, workers=workers)
 
     def upscale(example):
         image = Image.open(io.BytesIO(example["image"]["bytes"])).resize(
@@ -55,22 +61,25 @@ def make_fixture(folder: Path, images: int, stored_px: int) -> Path:
         return {"image": {"bytes": buffer.getvalue(), "path": None}}
 
     big = small.cast_column("image", datasets.Image(decode=False)).map(
-        upscale, features=ubench_features(all_label_names())
+        upscale, features=ubench_features(all_label_names()), num_proc=min(8, workers)
     )
+    distinct = len(big)
+    if rows > distinct:
+        big = datasets.concatenate_datasets([big] * -(-rows // distinct)).select(range(rows))
     big.save_to_disk(str(folder / "bench"))
-    return folder / "bench"
+    return folder / "bench", distinct
 
 
-def make_checkpoints(folder: Path) -> tuple[Path, Path]:
+def make_checkpoints(folder: Path, arch: str) -> tuple[Path, Path]:
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         state = {
             k: v.contiguous()
-            for k, v in build_model(get_model_config("micro-clip")).state_dict().items()
+            for k, v in build_model(get_model_config(arch)).state_dict().items()
             if k != "attn_mask"
         }
-        save_file(state, str(folder / f"m{seed}.safetensors"), metadata={"micromerge.arch": "micro-clip"})
+        save_file(state, str(folder / f"m{seed}.safetensors"), metadata={"micromerge.arch": arch})
         paths.append(folder / f"m{seed}.safetensors")
     return paths[0], paths[1]
 
@@ -86,11 +95,14 @@ class _Images(torch.utils.data.Dataset):
         return self.preprocess(self.dataset[index]["image"])
 
 
-def naive_sweep(bench: Path, base: Path, ft: Path, batch_size: int) -> dict[tuple[float, str], float]:
+def naive_sweep(
+    bench: Path, base: Path, ft: Path, batch_size: int, arch: str, device: torch.device
+) -> dict[tuple[float, str], float]:
     """What researchers write: per alpha, a new model from a merged state dict, images re-decoded through a DataLoader."""
     from safetensors.torch import load_file
 
-    config = get_model_config("micro-clip")
+    config = get_model_config(arch)
+    size = config["vision_cfg"]["image_size"]
     dataset = load_benchmark(str(bench)).dataset
     tasks = discover_tasks(dataset)
     a, b = load_file(str(base)), load_file(str(ft))
@@ -98,105 +110,156 @@ def naive_sweep(bench: Path, base: Path, ft: Path, batch_size: int) -> dict[tupl
     for alpha in ALPHAS:
         model = build_model(config)
         model.load_state_dict({k: (1 - alpha) * a[k] + alpha * b[k] for k in a}, strict=False)
-        model.eval()
-        preprocess = open_clip.image_transform(64, is_train=False)
+        model.to(device).eval()
+        preprocess = open_clip.image_transform(size, is_train=False)
         loader = torch.utils.data.DataLoader(
             _Images(dataset, preprocess), batch_size=batch_size, num_workers=2
         )
         with torch.no_grad():
-            features = torch.cat(
-                [torch.nn.functional.normalize(model.encode_image(x), dim=-1) for x in loader]
-            )
+            with autocast_for(device, "bf16"):
+                features = torch.cat(
+                    [
+                        torch.nn.functional.normalize(model.encode_image(x.to(device)).float(), dim=-1)
+                        for x in loader
+                    ]
+                )
             tokenizer = tokenizer_for(config)
             for task in tasks:
-                text = class_embeddings(model, tokenizer, task, torch.device("cpu"))
-                predictions = (features[list(task.rows)] @ text.T).argmax(1).numpy()
+                text = class_embeddings(model, tokenizer, task, device)
+                predictions = (features[list(task.rows)] @ text.T).argmax(1).cpu().numpy()
                 results[(alpha, task.name)] = float((predictions == np.array(task.labels)).mean())
     return results
 
 
 def engine_sweep(
-    bench: Path, base: Path, ft: Path, store: Path, cache: Path, batch_size: int
+    bench: Path,
+    base: Path,
+    ft: Path,
+    store: Path,
+    cache: Path,
+    batch_size: int,
+    device: torch.device,
+    bootstrap: int,
 ) -> dict[tuple[float, str], float]:
     settings = EvalSettings(
-        data=str(bench), store=store, cache_dir=cache, bootstrap=0, batch_size=batch_size, progress=False
+        data=str(bench),
+        store=store,
+        cache_dir=cache,
+        bootstrap=bootstrap,
+        batch_size=batch_size,
+        progress=False,
     )
     spec = MergeSpec(method="wise-ft", params=MethodParams())
-    rows = run_sweep(SweepPlan(str(base), (str(ft),), spec, ALPHAS), settings, torch.device("cpu"))
+    rows = run_sweep(SweepPlan(str(base), (str(ft),), spec, ALPHAS), settings, device)
     return {
         (r["alpha"], r["task"]): r["value"] for r in rows if r["metric"] == "accuracy" and r["split"] == "all"
     }
 
 
-def forward_only(bench: Path, cache: Path, base: Path, batch_size: int) -> float:
-    from eval.images import build_image_cache
+def forward_only(bench: Path, cache: Path, base: Path, batch_size: int, device: torch.device) -> float:
+    """The model's image forward over the same images, 11 times: pixels already resident, no merge, no scoring."""
+    from eval.images import PixelFeed, build_image_cache
     from merging.models import OPENAI_MEAN, OPENAI_STD, load_model
     from merging.sources import open_source
 
     loaded = load_benchmark(str(bench))
-    images = build_image_cache(loaded.dataset, loaded.fingerprint, 64, cache, progress=False)
     with open_source(str(base)) as source:
-        model, _ = load_model(source)
-    rows = np.arange(len(images.valid))
-    mean, std = torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD)
-    pixels = [
-        images.batch(rows[i : i + batch_size], mean, std, torch.device("cpu"))
-        for i in range(0, len(rows), batch_size)
-    ]
-    start = time.perf_counter()
-    with torch.no_grad():
+        model, config = load_model(source)
+    model.to(device).eval()
+    size = config["vision_cfg"]["image_size"]
+    images = build_image_cache(loaded.dataset, loaded.fingerprint, size, cache, progress=False)
+    feed = PixelFeed(
+        images, np.arange(len(images.valid)), torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD), device
+    )
+    with torch.no_grad(), autocast_for(device, "bf16"):
+        model.encode_image(feed.batch(0, batch_size))  # warm-up: kernels and allocator
+        _synchronize(device)
+        start = time.perf_counter()
         for _ in ALPHAS:
-            for batch in pixels:
-                model.encode_image(batch)
+            for i in range(0, len(feed), batch_size):
+                model.encode_image(feed.batch(i, i + batch_size))
+        _synchronize(device)
     return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=2000, help="Distinct images in the fixture.")
+    parser.add_argument("--rows", type=int, default=0, help="Repeat the fixture's rows up to this many.")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--stored-px", type=int, default=224, help="Size the fixture's images are stored at.")
+    parser.add_argument("--model", default="micro-clip")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        help="The engine's bootstrap replicates (the CLI default is 1000).",
+    )
     args = parser.parse_args()
+    device = torch.device(args.device)
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        bench = make_fixture(folder, args.images, args.stored_px)
-        base, ft = make_checkpoints(folder)
         start = time.perf_counter()
-        engine = engine_sweep(bench, base, ft, folder / "s1.jsonl", folder / "cache", args.batch_size)
+        bench, distinct = make_fixture(folder, args.images, args.stored_px, args.rows)
+        fixture_s = time.perf_counter() - start
+        base, ft = make_checkpoints(folder, args.model)
+        start = time.perf_counter()
+        engine = engine_sweep(
+            bench, base, ft, folder / "s1.jsonl", folder / "cache", args.batch_size, device, args.bootstrap
+        )
         engine_cold = time.perf_counter() - start
         start = time.perf_counter()
-        engine_sweep(bench, base, ft, folder / "s2.jsonl", folder / "cache", args.batch_size)
+        engine_sweep(
+            bench, base, ft, folder / "s2.jsonl", folder / "cache", args.batch_size, device, args.bootstrap
+        )
         engine_warm = time.perf_counter() - start
-        start = time.perf_counter()
-        naive = naive_sweep(bench, base, ft, args.batch_size)
-        naive_s = time.perf_counter() - start
-        forward_s = forward_only(bench, folder / "cache", base, args.batch_size)
+        naive_s, naive = float("nan"), {}
+        if not args.skip_naive:
+            start = time.perf_counter()
+            naive = naive_sweep(bench, base, ft, args.batch_size, args.model, device)
+            naive_s = time.perf_counter() - start
+        forward_s = forward_only(bench, folder / "cache", base, args.batch_size, device)
         n_images = len(load_benchmark(str(bench)).dataset)
     mismatched = [k for k in naive if abs(naive[k] - engine[k]) > 1e-12]
-    print(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                "images": n_images,
-                "alphas": len(ALPHAS),
-                "model": "micro-clip (64 px, 3.8 M parameters)",
-                "stored_image_px": args.stored_px,
-                "engine_cold_cache_s": round(engine_cold, 2),
-                "engine_warm_cache_s": round(engine_warm, 2),
-                "naive_s": round(naive_s, 2),
-                "forward_only_s": round(forward_s, 2),
-                "speedup_cold": round(naive_s / engine_cold, 2),
-                "speedup_warm": round(naive_s / engine_warm, 2),
-                "engine_cold_over_forward": round(engine_cold / forward_s, 2),
-                "engine_warm_over_forward": round(engine_warm / forward_s, 2),
-                "accuracies_identical": not mismatched,
-                "mismatched": mismatched[:5],
-            },
-            indent=2,
+    figures = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "images": n_images,
+        "distinct_images": min(
+            n_images, len(all_label_names()) * max(2, args.images // len(all_label_names()))
+        ),
+        "alphas": len(ALPHAS),
+        "model": args.model,
+        "stored_image_px": args.stored_px,
+        "batch_size": args.batch_size,
+        "engine_bootstrap": args.bootstrap,
+        "fixture_build_s": round(fixture_s, 1),
+        "engine_cold_cache_s": round(engine_cold, 2),
+        "engine_warm_cache_s": round(engine_warm, 2),
+        "forward_only_s": round(forward_s, 2),
+        "forward_images_per_s": round(len(ALPHAS) * n_images / forward_s, 1),
+        "engine_warm_images_per_s": round(len(ALPHAS) * n_images / engine_warm, 1),
+        "engine_cold_over_forward": round(engine_cold / forward_s, 2),
+        "engine_warm_over_forward": round(engine_warm / forward_s, 2),
+    }
+    if not args.skip_naive:
+        figures.update(
+            naive_s=round(naive_s, 2),
+            speedup_cold=round(naive_s / engine_cold, 2),
+            speedup_warm=round(naive_s / engine_warm, 2),
+            accuracies_identical=not mismatched,
+            mismatched=mismatched[:5],
         )
-    )
+    print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

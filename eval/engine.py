@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import micromerge
 from eval.data import Benchmark, load_benchmark
-from eval.images import ImageCache, build_image_cache
+from eval.images import ImageCache, PixelFeed, build_image_cache
 from eval.metrics import classification_metrics
 from eval.store import ResultStore
 from eval.tasks import Task, discover_tasks, select_tasks
@@ -77,13 +77,18 @@ class Evaluator:
             bench.dataset, bench.fingerprint, size, settings.cache_dir, settings.progress
         )
         preprocess = model_config.get("preprocess_cfg", {})
-        self.mean = torch.tensor(preprocess.get("mean", OPENAI_MEAN))
-        self.std = torch.tensor(preprocess.get("std", OPENAI_STD))
         self.tokenizer = tokenizer_for(model_config)
         self.token_cache: dict = {}
         needed = sorted({r for t in tasks for r in t.rows})
         self.rows = np.array([r for r in needed if self.cache.valid[r]], dtype=np.int64)
         self.position = {int(r): i for i, r in enumerate(self.rows)}
+        self.pixels = PixelFeed(
+            self.cache,
+            self.rows,
+            torch.tensor(preprocess.get("mean", OPENAI_MEAN)),
+            torch.tensor(preprocess.get("std", OPENAI_STD)),
+            device,
+        )
 
     def _splits(self, task_name: str, n: int) -> dict[str, np.ndarray]:
         """All images, and two seeded halves: 'select' (to choose alpha on) and 'report' (to report on)."""
@@ -95,16 +100,7 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         model.eval()
-        images = image_embeddings(
-            model,
-            self.cache,
-            self.rows,
-            self.mean,
-            self.std,
-            self.device,
-            self.settings.batch_size,
-            self.settings.precision,
-        )
+        images = image_embeddings(model, self.pixels, self.settings.batch_size, self.settings.precision)
         results = []
         for task in self.tasks:
             keep = [(r, y) for r, y in zip(task.rows, task.labels, strict=True) if self.cache.valid[r]]

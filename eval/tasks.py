@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import datasets
 
+from eval.data import column_values
 from eval.prompts import TEMPLATES, class_text
 from micromerge.errors import MicromergeError
 
@@ -52,7 +53,7 @@ class Task:
 
 
 def _column(dataset: datasets.Dataset, name: str) -> list | None:
-    return dataset[name] if name in dataset.column_names else None
+    return column_values(dataset, name) if name in dataset.column_names else None
 
 
 def _caption_for(captions: list | None, key: str, row: int) -> str | None:
@@ -85,7 +86,7 @@ def discover_tasks(dataset: datasets.Dataset) -> list[Task]:
         column = next((c for c in kind.columns if c in dataset.column_names), None)
         if column is None:
             continue
-        values = dataset[column]
+        values = column_values(dataset, column)
         rows = [
             i
             for i, v in enumerate(values)
@@ -109,9 +110,9 @@ def discover_tasks(dataset: datasets.Dataset) -> list[Task]:
             )
         )
     by_source: dict[str, list[int]] = defaultdict(list)
-    for i, source in enumerate(dataset["dataset"]):
+    for i, source in enumerate(column_values(dataset, "dataset")):
         by_source[source].append(i)
-    label_names = dataset["label_name"]
+    label_names = column_values(dataset, "label_name")
     for source in sorted(by_source):
         rows = by_source[source]
         classes = sorted({label_names[i] for i in rows})

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.images import ImageCache
+from eval.images import PixelFeed
 from eval.tasks import Task
 
 
@@ -49,21 +49,14 @@ def class_embeddings(
 
 @torch.no_grad()
 def image_embeddings(
-    model,
-    cache: ImageCache,
-    rows: np.ndarray,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    device: torch.device,
-    batch_size: int = 256,
-    precision: str = "fp32",
+    model, pixels: PixelFeed, batch_size: int = 256, precision: str = "fp32"
 ) -> torch.Tensor:
-    """[N, D] normalised image embeddings for cache rows, in large batches."""
+    """[N, D] normalised image embeddings for the feed's rows, in large batches."""
     outputs = []
-    with autocast_for(device, precision):
-        for start in range(0, len(rows), batch_size):
-            pixels = cache.batch(rows[start : start + batch_size], mean, std, device)
-            outputs.append(F.normalize(model.encode_image(pixels).float(), dim=-1))
+    with autocast_for(pixels.device, precision):
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels.batch(start, start + batch_size)
+            outputs.append(F.normalize(model.encode_image(batch).float(), dim=-1))
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 

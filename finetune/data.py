@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from eval.data import column_values
 from eval.images import decode_payloads
 from micromerge.errors import MicromergeError
 
@@ -124,10 +125,10 @@ def _from_hf(dataset: datasets.Dataset, where: str) -> PairData:
     image_col = _pick(dataset.column_names, IMAGE_COLUMNS, "image", where)
     caption_col = _pick(dataset.column_names, CAPTION_COLUMNS, "caption", where)
     if isinstance(dataset.features[image_col], datasets.Image):
-        payloads = dataset.cast_column(image_col, datasets.Image(decode=False))[image_col]
+        payloads = column_values(dataset.cast_column(image_col, datasets.Image(decode=False)), image_col)
     else:
-        payloads = [{"path": p, "bytes": None} for p in dataset[image_col]]
-    captions = [str(c or "").strip() for c in dataset[caption_col]]
+        payloads = [{"path": p, "bytes": None} for p in column_values(dataset, image_col)]
+    captions = [str(c or "").strip() for c in column_values(dataset, caption_col)]
     for index, caption in enumerate(captions):
         if not caption:
             raise MicromergeError(f"{where}: row {index} has an image but no caption")

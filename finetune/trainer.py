@@ -23,6 +23,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 import micromerge
+from eval.images import resident_on_device
 from finetune.config import FinetuneConfig
 from finetune.data import DecodedData, decode_checked, load_pairs
 from finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
@@ -34,6 +35,8 @@ from micromerge.atomic import atomic_output, write_json_atomic, write_text_atomi
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
 
+# Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
+LOSS_READ_EVERY = 10
 NO_DECAY_MARKERS = ("bias", "logit_scale", "ln_", "norm", "bn", "positional_embedding", "class_embedding")
 
 
@@ -177,11 +180,17 @@ def _lr_lambdas(groups, cfg: FinetuneConfig, total_steps: int, lp_steps: int):
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the model path."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
         return cfg.out / "model.safetensors"  # already finished: resuming is a no-op
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    # accelerate keeps its state in process-wide singletons, so a second run in one process (a
+    # script or notebook: a CPU run, then a bf16 GPU run) would inherit the first run's device and
+    # precision, or refuse. Each run starts from a fresh state; under a distributed launch the
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision="no" if use_cpu else cfg.precision,
@@ -225,6 +234,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         prepared.model_config.get("preprocess_cfg", {}).get("std", OPENAI_STD), device=accelerator.device
     ).view(1, 3, 1, 1)
     targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
+    resident = resident_on_device(
+        prepared.data.pixels, np.arange(len(prepared.data.targets)), accelerator.device
+    )
+    if resident is not None:  # on a GPU: batches are gathered on the device, no per-step copy
+        targets = targets.to(accelerator.device)
     clip = (
         accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
     )
@@ -236,6 +250,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         disable=not (cfg.progress and accelerator.is_main_process),
     )
     started, seen, permutation, permutation_epoch = time.perf_counter(), 0, None, -1
+    pending: list[tuple[dict[str, Any], torch.Tensor]] = []
     try:
         model.train()
         while micro_step < total_micro:
@@ -245,14 +260,19 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                     n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
                 )
                 permutation_epoch = epoch
+                if resident is not None:
+                    device_permutation = permutation.to(accelerator.device)
             start = (offset * world + accelerator.process_index) * batch
             index = permutation[start : start + batch].numpy()
-            pixels = torch.from_numpy(np.ascontiguousarray(prepared.data.pixels[np.sort(index)])).to(
-                accelerator.device
-            )
-            order = torch.from_numpy(np.argsort(np.argsort(index)))
-            pixels = ((pixels[order].float() / 255.0) - mean) / std
-            batch_targets = targets[torch.from_numpy(index)].to(accelerator.device)
+            if resident is not None:
+                chosen = device_permutation[start : start + batch]
+                pixels, batch_targets = resident[chosen], targets[chosen]
+            else:
+                sorted_pixels = np.ascontiguousarray(prepared.data.pixels[np.sort(index)])
+                pixels = torch.from_numpy(sorted_pixels)[torch.from_numpy(np.argsort(np.argsort(index)))]
+                pixels = pixels.to(accelerator.device)
+                batch_targets = targets[torch.from_numpy(index)].to(accelerator.device)
+            pixels = ((pixels.float() / 255.0) - mean) / std
             with accelerator.accumulate(model), accelerator.autocast():
                 if cfg.mode == "contrastive":
                     out = model(pixels, batch_targets)
@@ -277,16 +297,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                     clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
                 step = micro_step // cfg.accum_steps
                 rate = seen / max(1e-9, time.perf_counter() - started)
-                row = {
-                    "step": step,
-                    "loss": round(float(loss.detach()), 6),
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": round(rate, 1),
-                }
-                history.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.0f}")
+                row = {"step": step, "lr": scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
+                pending.append((row, loss.detach()))
                 bar.update(1)
-                if cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro:
+                saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
+                if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
+                    _record_losses(pending, history, bar)
+                if saving:
                     _save_state(accelerator, cfg, micro_step, step, history)
     except torch.cuda.OutOfMemoryError as exc:
         raise MicromergeError(
@@ -309,9 +326,21 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             time.perf_counter() - started,
             seen,
             rank_digests,
+            {"device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision},
         )
     accelerator.wait_for_everyone()
     return path
+
+
+def _record_losses(
+    pending: list[tuple[dict[str, Any], torch.Tensor]], history: list[dict[str, Any]], bar: tqdm
+) -> None:
+    """Read the pending steps' losses into the history: one device sync for several steps."""
+    for row, loss in pending:
+        history.append({"step": row["step"], "loss": round(float(loss), 6), **row})
+    last = history[-1]
+    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{last['images_per_s']:.0f}")
+    pending.clear()
 
 
 def _save_state(
@@ -353,6 +382,7 @@ def _write_final(
     seconds: float,
     seen: int,
     rank_digests: list[str],
+    hardware: dict[str, str],
 ) -> None:
     clip = model.clip if cfg.mode == "supervised" else model
     tensors = {
@@ -375,6 +405,7 @@ def _write_final(
         "classes": prepared.classes,
         "steps": len(history),
         "processes": len(rank_digests),
+        **hardware,
         "rank_weight_sha256": rank_digests,
         "corrupt_images_skipped": prepared.data.n_corrupt,
         "loss_summary": {

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from eval.data import load_benchmark
-from eval.metrics import classification_metrics, metrics_from_confusion
+from eval.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
 from eval.store import ResultStore
 from eval.tasks import discover_tasks
 from merging.models import load_model
@@ -89,6 +89,24 @@ def test_metrics_equal_hand_computed_values():
     with_ci = classification_metrics(y_true, y_pred, 3, bootstrap=200, seed=1)
     assert with_ci["accuracy"]["ci_low"] <= 4 / 6 <= with_ci["accuracy"]["ci_high"]
     assert with_ci == classification_metrics(y_true, y_pred, 3, bootstrap=200, seed=1), "seeded"
+
+
+def test_confusion_bootstrap_matches_resampling_images():
+    """Drawing confusion matrices from the multinomial gives the intervals that resampling images gives."""
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 4, 300)
+    y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 4, 300))
+    result = classification_metrics(y_true, y_pred, 4, bootstrap=20000, seed=3)
+    draws = np.random.default_rng(4).integers(0, 300, (20000, 300))
+    resampled = {name: [] for name in result}
+    for row in draws:
+        for name, value in metrics_from_confusion(confusion_matrix(y_true[row], y_pred[row], 4)).items():
+            resampled[name].append(value)
+    for name, values in resampled.items():
+        low, high = np.nanpercentile(values, [2.5, 97.5])
+        assert result[name]["ci_low"] == pytest.approx(low, abs=0.006), name
+        assert result[name]["ci_high"] == pytest.approx(high, abs=0.006), name
+        assert high - low > 0.05, "the interval has width"
 
 
 def _clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task) -> float:

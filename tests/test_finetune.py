@@ -353,3 +353,16 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     assert manifest["processes"] == 2
     assert len(set(manifest["rank_weight_sha256"])) == 1
     assert manifest["images_seen"] == 4 * 6 * 2
+
+
+def test_runs_in_one_process_each_get_their_own_accelerate_state(tmp_path, base):
+    """accelerate's state is process-wide: a run must not inherit or trip over an earlier one's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # whatever earlier tests left
+    Accelerator(cpu=True, mixed_precision="bf16")  # what an earlier run or a notebook cell left behind
+    data = write_csv_folder(tmp_path / "pairs")
+    run_finetune(config(base, data, tmp_path / "run", max_steps=2))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["device"] == "cpu" and manifest["mixed_precision"] == "no"

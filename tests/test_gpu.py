@@ -1,0 +1,149 @@
+"""GPU correctness: the CUDA paths agree with the CPU paths the rest of the suite checks.
+
+CI has no GPU, so these skip there; they run by hand on a lent GPU machine
+(`pytest -m gpu`, see BENCHMARKS.md for the last run).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from eval.data import load_benchmark
+from eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_sweep
+from eval.images import PixelFeed, build_image_cache
+from finetune.trainer import LOSS_READ_EVERY, run_finetune
+from merging.methods import MethodParams
+from merging.models import OPENAI_MEAN, OPENAI_STD, load_model
+from merging.plan import MergeSpec
+from merging.sources import open_source
+from micromerge.cli import cli
+from tests.helpers import write_checkpoint
+from tests.test_finetune import config, write_csv_folder
+from tests.ubench_fixture import write_fixture
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def models(tmp_path):
+    for name, seed in (("base", 0), ("ft", 1), ("ft2", 2)):
+        write_checkpoint(tmp_path / f"{name}.safetensors", seed)
+    return tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "ft2.safetensors"
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("linear", []),
+        ("wise-ft", ["--alpha", "0.3"]),
+        ("task-arithmetic", ["--alpha", "0.7"]),
+        ("ties", ["--alpha", "1.0", "--density", "0.3"]),
+        ("dare", ["--alpha", "0.8", "--drop-rate", "0.5", "--seed", "3"]),
+        ("slerp", ["--alpha", "0.4"]),
+    ],
+)
+def test_merge_on_cuda_equals_merge_on_cpu(tmp_path, models, method, extra):
+    base, ft, ft2 = models
+    finetuned = ["--ft", str(ft)] + (["--ft", str(ft2)] if method in ("ties", "dare", "linear") else [])
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{method}-{device}.safetensors"
+        args = ["merge", "--base", str(base), *finetuned, "--method", method, *extra]
+        result = CliRunner().invoke(cli, [*args, "--device", device, "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        outputs[device] = load_file(str(out))
+    assert outputs["cpu"].keys() == outputs["cuda"].keys()
+    for key, expected in outputs["cpu"].items():
+        torch.testing.assert_close(outputs["cuda"][key], expected, rtol=0, atol=1e-6, msg=key)
+
+
+def test_resident_pixels_equal_streamed_pixels(tmp_path):
+    loaded = load_benchmark(str(write_fixture(tmp_path / "ubench")))
+    cache = build_image_cache(loaded.dataset, loaded.fingerprint, 32, tmp_path / "cache", progress=False)
+    rows = np.flatnonzero(cache.valid)[::-1].copy()  # any order: the feed follows `rows`
+    mean, std = torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD)
+    on_gpu, on_cpu = (
+        PixelFeed(cache, rows, mean, std, CUDA),
+        PixelFeed(cache, rows, mean, std, torch.device("cpu")),
+    )
+    assert on_gpu.resident is not None and on_cpu.resident is None
+    for start in range(0, len(rows), 16):
+        torch.testing.assert_close(on_gpu.batch(start, start + 16).cpu(), on_cpu.batch(start, start + 16))
+
+
+def _embeddings(tmp_path, bench, model_path, device, precision):
+    settings = EvalSettings(
+        data=str(bench), store=tmp_path / "unused.jsonl", cache_dir=tmp_path / "cache", precision=precision
+    )
+    benchmark, tasks = prepare(settings)
+    with open_source(str(model_path)) as source:
+        model, model_config = load_model(source)
+    evaluator = Evaluator(benchmark, tasks, model_config, settings, device)
+    from eval.zeroshot import image_embeddings
+
+    with torch.no_grad():
+        return image_embeddings(model.to(device).eval(), evaluator.pixels, 16, precision).float().cpu()
+
+
+def test_image_embeddings_on_cuda_agree_with_cpu(tmp_path, models):
+    bench = write_fixture(tmp_path / "ubench")
+    reference = _embeddings(tmp_path, bench, models[0], torch.device("cpu"), "fp32")
+    for precision, floor in (("fp32", 0.9999), ("bf16", 0.99)):
+        on_gpu = _embeddings(tmp_path, bench, models[0], CUDA, precision)
+        cosine = (on_gpu * reference).sum(dim=1)
+        assert cosine.min().item() > floor, (precision, cosine.min().item())
+
+
+def test_sweep_on_cuda_in_bf16_tracks_the_cpu_sweep(tmp_path, models):
+    bench = write_fixture(tmp_path / "ubench")
+    spec = MergeSpec(method="wise-ft", params=MethodParams())
+    plan = SweepPlan(str(models[0]), (str(models[1]),), spec, (0.0, 0.5, 1.0))
+    accuracy = {}
+    for device in ("cpu", "cuda"):
+        settings = EvalSettings(
+            data=str(bench), store=tmp_path / f"{device}.jsonl", cache_dir=tmp_path / "cache", bootstrap=0
+        )
+        rows = run_sweep(plan, settings, torch.device(device))
+        accuracy[device] = {
+            (r["alpha"], r["task"]): (r["value"], r["n_images"])
+            for r in rows
+            if r["metric"] == "accuracy" and r["split"] == "all"
+        }
+    assert accuracy["cpu"].keys() == accuracy["cuda"].keys() and len(accuracy["cpu"]) == 3 * 7
+    flipped = sum(round(abs(accuracy["cuda"][k][0] - value) * n) for k, (value, n) in accuracy["cpu"].items())
+    total = sum(n for _, n in accuracy["cpu"].values())
+    assert flipped <= 0.02 * total, f"bf16 on GPU changed {flipped} of {total} predictions"
+
+
+def test_finetune_on_cuda_in_bf16_trains_and_starts_where_cpu_starts(tmp_path, models):
+    data = write_csv_folder(tmp_path / "pairs", n=48)
+    steps = LOSS_READ_EVERY + 3  # crosses one grouped loss read and ends on a partial group
+    runs = {}
+    for name, device, precision in (("cpu", "cpu", "no"), ("fp32", "cuda", "no"), ("bf16", "cuda", "bf16")):
+        run_finetune(
+            config(models[0], data, tmp_path / name, device=device, precision=precision, max_steps=steps)
+        )
+        runs[name] = [row["loss"] for row in _log(tmp_path / name, device, precision)]
+    assert [len(losses) for losses in runs.values()] == [steps] * 3
+    assert all(math.isfinite(v) for losses in runs.values() for v in losses)
+    assert runs["fp32"][0] == pytest.approx(runs["cpu"][0], rel=1e-3)
+    assert runs["bf16"][0] == pytest.approx(runs["cpu"][0], rel=3e-2)
+    assert runs["bf16"][-1] < runs["bf16"][0], "bf16 training lowers the loss"
+
+
+def _log(run_dir, device, precision):
+    import json
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["device"].split(":")[0] == device and manifest["mixed_precision"] == precision
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
