@@ -250,7 +250,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         disable=not (cfg.progress and accelerator.is_main_process),
     )
     started, seen, permutation, permutation_epoch = time.perf_counter(), 0, None, -1
-    pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+    pending: list[tuple[int, float, float, torch.Tensor]] = []  # step, lr, images/s, loss on device
     try:
         model.train()
         while micro_step < total_micro:
@@ -297,8 +297,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                     clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
                 step = micro_step // cfg.accum_steps
                 rate = seen / max(1e-9, time.perf_counter() - started)
-                row = {"step": step, "lr": scheduler.get_last_lr()[0], "images_per_s": round(rate, 1)}
-                pending.append((row, loss.detach()))
+                pending.append((step, scheduler.get_last_lr()[0], round(rate, 1), loss.detach()))
                 bar.update(1)
                 saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
                 if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
@@ -333,11 +332,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
 
 def _record_losses(
-    pending: list[tuple[dict[str, Any], torch.Tensor]], history: list[dict[str, Any]], bar: tqdm
+    pending: list[tuple[int, float, float, torch.Tensor]], history: list[dict[str, Any]], bar: tqdm
 ) -> None:
     """Read the pending steps' losses into the history: one device sync for several steps."""
-    for row, loss in pending:
-        history.append({"step": row["step"], "loss": round(float(loss), 6), **row})
+    for step, lr, rate, loss in pending:
+        history.append({"step": step, "loss": round(float(loss), 6), "lr": lr, "images_per_s": rate})
     last = history[-1]
     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{last['images_per_s']:.0f}")
     pending.clear()

@@ -6,6 +6,7 @@ CI has no GPU, so these skip there; they run by hand on a lent GPU machine
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from eval.data import load_benchmark
 from eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_sweep
 from eval.images import PixelFeed, build_image_cache
+from eval.zeroshot import image_embeddings
 from finetune.trainer import LOSS_READ_EVERY, run_finetune
 from merging.methods import MethodParams
 from merging.models import OPENAI_MEAN, OPENAI_STD, load_model
@@ -89,8 +91,6 @@ def _embeddings(tmp_path, bench, model_path, device, precision):
     with open_source(str(model_path)) as source:
         model, model_config = load_model(source)
     evaluator = Evaluator(benchmark, tasks, model_config, settings, device)
-    from eval.zeroshot import image_embeddings
-
     with torch.no_grad():
         return image_embeddings(model.to(device).eval(), evaluator.pixels, 16, precision).float().cpu()
 
@@ -142,8 +142,6 @@ def test_finetune_on_cuda_in_bf16_trains_and_starts_where_cpu_starts(tmp_path, m
 
 
 def _log(run_dir, device, precision):
-    import json
-
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["device"].split(":")[0] == device and manifest["mixed_precision"] == precision
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
