@@ -5,7 +5,9 @@ In one run, times
   (b) the naive script researchers write (torch.load both .pt files, a dict comprehension, torch.save),
   (c) a plain in-memory copy of one checkpoint's bytes (the bandwidth limit),
 plus the in-memory merge step alone, and the peak RSS of (a) and (b).
-Run: .venv/bin/python bench/merge_bench.py [--device cuda] [--repeats 3]
+`--engine auto` lets `merge` pick (numpy for this CPU WiSE-FT of safetensors files); the in-memory
+figures use the arrays of the engine that ran (numpy arrays or torch tensors on --device).
+Run: .venv/bin/python bench/merge_bench.py [--engine auto|numpy|torch] [--device cuda] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def timed(command: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, int(result.stdout.strip().splitlines()[-1])
 
 
-def in_memory_figures(a_path: Path, b_path: Path, device_name: str, repeats: int) -> dict[str, float]:
+def in_memory_figures(
+    a_path: Path, b_path: Path, engine: str, device_name: str, repeats: int
+) -> dict[str, float]:
+    if engine == "numpy":
+        return numpy_in_memory_figures(a_path, b_path, repeats)
     import torch
     from safetensors.torch import load_file
 
@@ -97,9 +103,31 @@ def in_memory_figures(a_path: Path, b_path: Path, device_name: str, repeats: int
     return {"copy_s": min(copies), "merge_step_s": min(merges)}
 
 
+def numpy_in_memory_figures(a_path: Path, b_path: Path, repeats: int) -> dict[str, float]:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from merging.methods import METHODS, MethodParams
+
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    out = {k: np.empty_like(v) for k, v in a.items()}
+    flat = np.concatenate([v.reshape(-1) for v in a.values()])
+    copies, merges = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        flat.copy()
+        copies.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for key in a:
+            METHODS["wise-ft"].merge(key, a[key], [b[key]], 0.5, MethodParams(), out=out[key])
+        merges.append(time.perf_counter() - start)
+    return {"copy_s": min(copies), "merge_step_s": min(merges)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", default="auto", choices=["auto", "numpy", "torch"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,13 +160,16 @@ def main() -> None:
                         "--quiet",
                         "--device",
                         args.device,
+                        "--engine",
+                        args.engine,
                     ]
                 )
             )
             naive.append(timed([sys.executable, "-c", NAIVE, str(a_pt), str(b_pt), str(folder / f"n{i}.pt")]))
+            engine = json.loads((folder / f"o{i}.safetensors.manifest.json").read_text())["engine"]
             (folder / f"o{i}.safetensors").unlink()
             (folder / f"n{i}.pt").unlink()
-        memory = in_memory_figures(a_st, b_st, args.device, args.repeats)
+        memory = in_memory_figures(a_st, b_st, engine, args.device, args.repeats)
     import torch
 
     best_ours, best_naive = min(t for t, _ in ours), min(t for t, _ in naive)
@@ -146,6 +177,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
         "device": args.device,
+        "engine": engine,
         "parameters": n_params,
         "checkpoint_mb": round(size_mb, 1),
         "a_merge_end_to_end_s": round(best_ours, 3),

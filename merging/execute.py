@@ -1,7 +1,8 @@
-"""Execute a merge plan: stream tensors from the sources, compute on the device, hand to a sink.
+"""Execute a merge plan: stream tensors from the sources, compute on the device, write a file.
 
-Peak memory is one tensor per input plus one output tensor (the file sink) or the resident
-model (the sweep engine's sink). Inputs are computed in float32 and checked for NaN/Inf.
+Peak memory is one tensor per input plus one output tensor. Inputs are computed in float32
+and checked for NaN/Inf. Array work goes through an ArrayBackend (numpy or torch), so this
+module imports neither.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
+from merging.backend import ArrayBackend
+from merging.dtypes import READABLE_NAMES
 from merging.methods import get_method
 from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
 from merging.tensor_source import TensorMeta, TensorSource
@@ -27,19 +29,11 @@ from micromerge.errors import MicromergeError
 from micromerge.hashing import default_cache_dir, sha256_file
 from micromerge.provenance import provenance
 
-Sink = Callable[[str, torch.Tensor], None]
+Sink = Callable[[str, Any], None]
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """One reduction instead of isfinite's full-size mask: a finite sum proves every element finite
-    (NaN and Inf propagate through a sum); only a non-finite sum, rarely an overflow, needs the exact check."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
-def _check_finite(tensor: torch.Tensor, key: str, label: str, allow: bool) -> None:
-    if not _all_finite(tensor):
+def _check_finite(backend: ArrayBackend, array: Any, key: str, label: str, allow: bool) -> None:
+    if not backend.all_finite(array):
         message = f"{label}: tensor {key!r} contains NaN or Inf"
         if not allow:
             raise MicromergeError(f"{message}; pass --allow-nonfinite to merge anyway")
@@ -53,36 +47,36 @@ def stream_merge(
     finetuned: list[TensorSource],
     sink: Sink,
     order: Iterable[str],
-    device: torch.device,
+    backend: ArrayBackend,
     progress: bool = True,
 ) -> None:
     """Compute every key in `order` and give it to `sink`, which must consume it before the next key.
 
     Results are computed into one reused float32 buffer (sized to the largest merged tensor), so
-    streaming allocates nothing per tensor.
+    the output side allocates nothing per tensor.
     """
     method = get_method(spec.method)
     by_key = {plan.key: plan for plan in plans}
     order = list(order)
     largest = max((p.meta.numel for p in plans if p.merged), default=0)
-    scratch = torch.empty(largest, dtype=torch.float32, device=device)
+    scratch = backend.empty_float32(largest)
     for key in tqdm(order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False):
         plan = by_key[key]
-        base_tensor = base.read(key)
-        _check_finite(base_tensor, key, base.label, spec.allow_nonfinite)
+        base_array = base.read(key)
+        _check_finite(backend, base_array, key, base.label, spec.allow_nonfinite)
         if not plan.merged:
-            sink(key, base_tensor)
+            sink(key, base_array)
             continue
-        base32 = base_tensor.to(device=device, dtype=torch.float32)
+        base32 = backend.to_float32(base_array)
         others = []
         for source in finetuned:
-            tensor = source.read(key)
-            _check_finite(tensor, key, source.label, spec.allow_nonfinite)
-            others.append(tensor.to(device=device, dtype=torch.float32))
-        out = scratch[: plan.meta.numel].view(plan.meta.shape)
+            array = source.read(key)
+            _check_finite(backend, array, key, source.label, spec.allow_nonfinite)
+            others.append(backend.to_float32(array))
+        out = scratch[: plan.meta.numel].reshape(plan.meta.shape)
         result = method.merge(key, base32, others, plan.strength, spec.params, out=out)
         if key == LOGIT_SCALE_KEY:
-            result.clamp_(max=LOGIT_SCALE_MAX)
+            backend.clamp_max_(result, LOGIT_SCALE_MAX)
         sink(key, result)
 
 
@@ -117,7 +111,7 @@ def merge_to_file(
     finetuned: list[TensorSource],
     out_path: Path,
     *,
-    device: torch.device,
+    backend: ArrayBackend,
     force: bool = False,
     progress: bool = True,
     extra_manifest: dict[str, Any] | None = None,
@@ -132,20 +126,26 @@ def merge_to_file(
         parameters=spec.describe(),
         inputs={str(f): "0" * 64 for s in sources for f in s.files},  # patched once hashing finishes
         seed=spec.params.seed if get_method(spec.method).stochastic else None,
+        array_library=backend.name,
     )
     record["inputs"] = [s.label for s in sources]
     with ThreadPoolExecutor(max_workers=1) as hasher:
         hashes_future = hasher.submit(input_hashes, sources)
         with SafetensorsStreamWriter(out_path, metas, _file_metadata(record, base), force=force) as writer:
-            stream_merge(spec, plans, base, finetuned, writer.write, writer.order, device, progress)
+
+            def write(key: str, array: Any) -> None:
+                writer.write(key, backend.host_bytes(array, metas[key].dtype))
+
+            stream_merge(spec, plans, base, finetuned, write, writer.order, backend, progress)
             record["inputs_sha256"] = hashes_future.result()
             writer.replace_metadata(_file_metadata(record, base))
     elapsed = time.perf_counter() - start
     manifest = {
         **record,
         "output": str(out_path),
-        "output_dtype": sorted({str(p.out_dtype).replace("torch.", "") for p in plans}),
-        "device": str(device),
+        "output_dtype": sorted({READABLE_NAMES[p.out_dtype] for p in plans}),
+        "engine": backend.name,
+        "device": backend.device,
         "seconds": round(elapsed, 3),
         "merged_keys": sum(p.merged for p in plans),
         "copied_keys": sum(not p.merged for p in plans),

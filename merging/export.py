@@ -9,6 +9,7 @@ from safetensors.torch import save
 from merging import hf_clip
 from merging.models import resolve_model_config
 from merging.sources import open_source
+from merging.torch_sources import load_all
 from micromerge.atomic import atomic_output, write_json_atomic
 from micromerge.errors import MicromergeError
 
@@ -30,7 +31,7 @@ def export_transformers(
             raise MicromergeError(
                 f"{checkpoint}: only ViT CLIPs with the CLIP text tower export to transformers format"
             )
-        tensors = hf_clip.openclip_to_hf(source.load_all())
+        tensors = hf_clip.openclip_to_hf(load_all(source))
     with atomic_output(folder / "model.safetensors", "wb") as handle:
         handle.write(save(tensors, metadata={"format": "pt"}))
     write_json_atomic(folder / "config.json", hf_clip.openclip_config_to_hf(config))

@@ -8,11 +8,12 @@ transposed, and the layer names are renamed. Only ViT-based CLIPs exist in this 
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from merging.tensor_source import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 _LAYER_RENAMES = {
     "self_attn.out_proj": "attn.out_proj",

@@ -6,17 +6,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from merging.engines import EngineRequest, open_inputs
 from merging.execute import MergeOutput, merge_to_file
 from merging.methods import MethodParams
 from merging.plan import MergeSpec
 from merging.rules import KeyRules, parse_strength_rule
-from merging.sources import open_source
 from micromerge.errors import MicromergeError
 
 JOB_KEYS = {
@@ -34,6 +32,7 @@ JOB_KEYS = {
     "alpha_rules",
     "dtype",
     "device",
+    "engine",
     "out",
     "force",
     "allow_pickle",
@@ -73,6 +72,7 @@ class MergeJob:
     alphas: tuple[float, ...] | None = None
     out: str | None = None
     device: str = "auto"
+    engine: str = "auto"
     force: bool = False
     allow_pickle: bool = False
     arch: str | None = None
@@ -142,15 +142,14 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         alphas=tuple(parse_alphas(alphas)) if alphas not in (None, "") else None,
         out=values.get("out"),
         device=str(values.get("device") or "auto"),
+        engine=str(values.get("engine") or "auto"),
         force=bool(values.get("force", False)),
         allow_pickle=bool(values.get("allow_pickle", False)),
         arch=values.get("arch"),
     )
 
 
-def run_merge_job(job: MergeJob, device: torch.device, progress: bool = True) -> list[MergeOutput]:
-    from dataclasses import replace
-
+def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
     outputs = job.outputs()
     if not job.force:
         for _, path in outputs:
@@ -158,22 +157,31 @@ def run_merge_job(job: MergeJob, device: torch.device, progress: bool = True) ->
                 raise MicromergeError(
                     f"{path}: output exists; pass --force to overwrite or choose another --out"
                 )
+    request = EngineRequest(
+        engine=job.engine,
+        device=job.device,
+        method=job.spec.method,
+        out_dtype=job.spec.out_dtype,
+        checkpoints=(job.base, *job.finetuned),
+        allow_pickle=job.allow_pickle,
+        arch=job.arch,
+    )
+    backend, sources = open_inputs(request)
+    base, finetuned = sources[0], sources[1:]
     results = []
-    with open_source(job.base, allow_pickle=job.allow_pickle, arch=job.arch) as base:
-        finetuned = [open_source(f, allow_pickle=job.allow_pickle, arch=job.arch) for f in job.finetuned]
-        try:
-            for alpha, path in outputs:
-                spec = (
-                    job.spec
-                    if alpha is None
-                    else replace(job.spec, params=replace(job.spec.params, strength=alpha))
+    try:
+        for alpha, path in outputs:
+            spec = (
+                job.spec
+                if alpha is None
+                else replace(job.spec, params=replace(job.spec.params, strength=alpha))
+            )
+            results.append(
+                merge_to_file(
+                    spec, base, finetuned, path, backend=backend, force=job.force, progress=progress
                 )
-                results.append(
-                    merge_to_file(
-                        spec, base, finetuned, path, device=device, force=job.force, progress=progress
-                    )
-                )
-        finally:
-            for source in finetuned:
-                source.close()
+            )
+    finally:
+        for source in sources:
+            source.close()
     return results

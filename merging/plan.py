@@ -10,8 +10,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import torch
-
+from merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES
 from merging.methods import MergeMethod, MethodParams, get_method
 from merging.rules import KeyRules
 from merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
@@ -19,8 +18,6 @@ from micromerge.errors import MicromergeError
 
 LOGIT_SCALE_KEY = "logit_scale"
 LOGIT_SCALE_MAX = math.log(100.0)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class MergeSpec:
 class KeyPlan:
     key: str
     meta: TensorMeta
-    out_dtype: torch.dtype
+    out_dtype: str
     merged: bool
     strength: float
 
@@ -95,8 +92,8 @@ def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource
         raise MicromergeError(f"--density {spec.params.density}: must be in (0, 1]")
     if method.name == "dare" and not 0.0 <= spec.params.drop_rate < 1.0:
         raise MicromergeError(f"--drop-rate {spec.params.drop_rate}: must be in [0, 1)")
-    if spec.out_dtype is not None and spec.out_dtype not in DTYPE_BY_NAME:
-        raise MicromergeError(f"--dtype {spec.out_dtype}: choose one of {sorted(DTYPE_BY_NAME)}")
+    if spec.out_dtype is not None and spec.out_dtype not in OUTPUT_DTYPES:
+        raise MicromergeError(f"--dtype {spec.out_dtype}: choose one of {sorted(OUTPUT_DTYPES)}")
 
     base_keys = base.keys()
     merged_keys = [k for k in base_keys if spec.rules.is_merged(k)]
@@ -111,7 +108,7 @@ def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource
     for key in base_keys:
         meta = base.meta(key)
         is_float = meta.dtype in FLOAT_DTYPES
-        out_dtype = DTYPE_BY_NAME[spec.out_dtype] if (spec.out_dtype and is_float) else meta.dtype
+        out_dtype = OUTPUT_DTYPES[spec.out_dtype] if (spec.out_dtype and is_float) else meta.dtype
         merged = is_float and key in merged_keys
         plans.append(
             KeyPlan(key, meta, out_dtype, merged, spec.rules.strength_for(key, spec.params.strength))

@@ -4,31 +4,42 @@ Every format a microscopy researcher holds ends up as open_clip keys: safetensor
 sharded), `.pt`/`.bin` state dicts and open_clip training checkpoints (weights_only), open_clip
 hub folders, transformers CLIP folders (keys converted), and legacy whole-module pickles (only
 with allow_pickle, read by the restricted unpickler).
+
+Safetensors tensors are read as torch tensors, or with `arrays="numpy"` as numpy arrays for
+the torch-free merge engine; a checkpoint that only torch can read then raises NeedsTorch.
+This module imports torch only on the paths that need it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
-
-import torch
+from typing import Literal
 
 from merging import hf_clip
-from merging.legacy_pickle import load_legacy_pickle
-from merging.tensor_source import ArchInfo, DictSource, MappedSource, SafetensorsSource, TensorSource
+from merging.numpy_backend import NumpyBackend
+from merging.tensor_source import ArchInfo, ArrayView, SafetensorsSource, TensorSource
 from merging.zoo import ZooEntry, load_zoo
 from micromerge.errors import MicromergeError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+ArrayKind = Literal["torch", "numpy"]
 
 
-def open_source(spec: str, *, allow_pickle: bool = False, arch: str | None = None) -> TensorSource:
+class NeedsTorch(MicromergeError):
+    """A checkpoint asked for as numpy arrays that only torch can read (the message says why)."""
+
+
+def open_source(
+    spec: str, *, allow_pickle: bool = False, arch: str | None = None, arrays: ArrayKind = "torch"
+) -> TensorSource:
     """Open a checkpoint by zoo name, `hf-hub:org/repo`, file or folder; `arch` overrides detection."""
     path = Path(spec)
     if path.exists():
-        source = _open_path(path, allow_pickle)
+        source = _open_path(path, allow_pickle, arrays)
+    elif arrays != "torch" and (spec.startswith("hf-hub:") or spec in load_zoo()):
+        raise NeedsTorch(f"{spec}: hub and zoo checkpoints are fetched through open_clip")
     elif spec.startswith("hf-hub:"):
         source = _open_openclip_hub(spec[len("hf-hub:") :], label=spec)
     else:
@@ -46,23 +57,45 @@ def open_source(spec: str, *, allow_pickle: bool = False, arch: str | None = Non
     return source
 
 
-def _open_path(path: Path, allow_pickle: bool) -> TensorSource:
+def _array_view(arrays: ArrayKind) -> ArrayView:
+    if arrays == "numpy":
+        return NumpyBackend().view
+    from merging.torch_backend import torch_view
+
+    return torch_view
+
+
+def _open_path(path: Path, allow_pickle: bool, arrays: ArrayKind = "torch") -> TensorSource:
     if path.is_dir():
-        return _open_folder(path, allow_pickle)
+        return _open_folder(path, allow_pickle, arrays)
     if not os.access(path, os.R_OK):
         raise MicromergeError(f"{path}: file is not readable (check its permissions)")
     if path.name.endswith(".safetensors.index.json"):
-        return _open_sharded(path)
+        return _open_sharded(path, arrays)
     if path.suffix == ".safetensors":
-        return _maybe_transformers(SafetensorsSource([path], label=str(path)), path.parent)
+        return _maybe_transformers(_open_safetensors([path], str(path), arrays), path.parent, arrays)
     if path.suffix in PICKLE_SUFFIXES:
-        return _maybe_transformers(_open_pickle(path, allow_pickle), path.parent)
+        if arrays != "torch":
+            raise NeedsTorch(f"{path}: pickled checkpoints are read with torch.load")
+        from merging.torch_sources import open_pickle
+
+        return _maybe_transformers(open_pickle(path, allow_pickle), path.parent)
     raise MicromergeError(
         f"{path}: unknown checkpoint format; expected .safetensors, .pt/.pth/.bin/.ckpt or a folder"
     )
 
 
-def _open_sharded(index_path: Path) -> TensorSource:
+def _open_safetensors(files: list[Path], label: str, arrays: ArrayKind) -> SafetensorsSource:
+    source = SafetensorsSource(files, label=label, view=_array_view(arrays))
+    if arrays == "numpy":
+        bfloat16 = [key for key in source.keys() if source.meta(key).dtype == "BF16"]
+        if bfloat16:
+            source.close()
+            raise NeedsTorch(f"{label}: holds bfloat16 tensors (first {bfloat16[0]!r}), which numpy lacks")
+    return source
+
+
+def _open_sharded(index_path: Path, arrays: ArrayKind) -> TensorSource:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (ValueError, KeyError) as exc:
@@ -71,51 +104,18 @@ def _open_sharded(index_path: Path) -> TensorSource:
     for shard in shards:
         if not shard.is_file():
             raise MicromergeError(f"{index_path}: shard {shard.name} is missing")
-    source = SafetensorsSource(shards, label=str(index_path))
-    return _maybe_transformers(source, index_path.parent)
+    return _maybe_transformers(_open_safetensors(shards, str(index_path), arrays), index_path.parent, arrays)
 
 
-def _open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
-    except pickle.UnpicklingError as exc:
-        if not allow_pickle:
-            raise MicromergeError(
-                f"{path}: this pickle holds Python objects, not just tensors; pass --allow-pickle to read its "
-                "tensors with micromerge's restricted unpickler (no code from the file is run)"
-            ) from exc
-        return DictSource(load_legacy_pickle(path), label=str(path), files=[path])
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise MicromergeError(
-            f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]})"
-        ) from exc
-    tensors = _unwrap_state_dict(obj, path)
-    return DictSource(tensors, label=str(path), files=[path])
-
-
-def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or an open_clip/trainer checkpoint ({'state_dict': ...}, 'module.' prefixes)."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise MicromergeError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise MicromergeError(f"{path}: holds no tensors")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-    return tensors
-
-
-def _maybe_transformers(source: TensorSource, folder: Path) -> TensorSource:
+def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = "torch") -> TensorSource:
     keys = source.keys()
     if not hf_clip.is_transformers_clip(keys):
         return source
+    if arrays != "torch":
+        source.close()
+        raise NeedsTorch(f"{source.label}: transformers-format keys are converted with torch")
+    from merging.torch_sources import MappedSource
+
     config_path = folder / "config.json"
     arch = ArchInfo()
     if config_path.is_file():
@@ -123,14 +123,14 @@ def _maybe_transformers(source: TensorSource, folder: Path) -> TensorSource:
     return MappedSource(source, hf_clip.hf_to_openclip_recipes(keys), arch=arch)
 
 
-def _open_folder(folder: Path, allow_pickle: bool) -> TensorSource:
+def _open_folder(folder: Path, allow_pickle: bool, arrays: ArrayKind) -> TensorSource:
     """A transformers CLIP folder (config.json + weights) or an open_clip folder (open_clip_config.json)."""
     for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            return _open_path(folder / name, allow_pickle)
+            return _open_path(folder / name, allow_pickle, arrays)
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         if (folder / name).is_file():
-            source = _open_path(folder / name, allow_pickle)
+            source = _open_path(folder / name, allow_pickle, arrays)
             config_file = folder / "open_clip_config.json"
             if config_file.is_file():
                 source.arch = ArchInfo(model_config=json.loads(config_file.read_text()).get("model_cfg"))

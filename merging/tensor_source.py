@@ -2,8 +2,14 @@
 
 Merging streams: only one tensor per input is resident at once, so a source exposes
 key -> (shape, dtype) metadata up front and reads a tensor on demand. Safetensors files
-are read with plain `readinto` into a reused buffer instead of mmap: mmap'd pages count
+are read with plain `preadv` into a reused buffer instead of mmap: mmap'd pages count
 against RSS until the file is closed, which would hold every input in memory.
+
+This module imports neither torch nor any model code: a safetensors source hands its raw
+bytes to the `view` of the array backend it was opened for (torch tensors or numpy arrays),
+which is what lets an elementwise merge of safetensors files run without importing torch.
+Sources that can only exist as torch tensors (state-dict pickles, transformers key
+mappings) live in `merging.torch_sources`.
 """
 
 from __future__ import annotations
@@ -11,35 +17,25 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from merging.dtypes import ITEM_SIZES
 from micromerge.errors import MicromergeError
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20
 
 
 @dataclass(frozen=True)
 class TensorMeta:
+    """Shape and safetensors dtype name ("F32", "BF16", ...) of one tensor."""
+
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str
 
     @property
     def numel(self) -> int:
@@ -50,7 +46,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * ITEM_SIZES[self.dtype]
 
 
 @dataclass
@@ -62,7 +58,7 @@ class ArchInfo:
 
 
 class TensorSource:
-    """A checkpoint's tensors by open_clip key. `read` returns a tensor valid until the next read."""
+    """A checkpoint's tensors by open_clip key. `read` returns an array valid until the next read."""
 
     label: str
     files: list[Path]
@@ -75,7 +71,7 @@ class TensorSource:
     def meta(self, key: str) -> TensorMeta:
         raise NotImplementedError
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -86,10 +82,6 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def load_all(self) -> dict[str, torch.Tensor]:
-        """Materialise every tensor (for small models and for building a resident model)."""
-        return {key: self.read(key).clone() for key in self.keys()}
 
 
 @dataclass
@@ -132,7 +124,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, s
     data_end = 0
     for key, info in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = str(info["dtype"])
+            if dtype not in ITEM_SIZES:
+                raise KeyError(dtype)
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -153,10 +147,17 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, s
     return entries, {str(k): str(v) for k, v in metadata.items()}, size
 
 
+ArrayView = Callable[[np.ndarray, TensorMeta], Any]
+"""Turns a tensor's raw bytes (a uint8 array) into the backend's typed array, without copying."""
+
+
 class SafetensorsSource(TensorSource):
     """One safetensors file or a sharded set (the shards named by an index JSON)."""
 
-    def __init__(self, files: Sequence[Path], label: str, arch: ArchInfo | None = None):
+    def __init__(
+        self, files: Sequence[Path], label: str, view: ArrayView, arch: ArchInfo | None = None
+    ) -> None:
+        self.view = view
         self.files = [Path(f) for f in files]
         self.label = label
         self.metadata = {}
@@ -171,7 +172,7 @@ class SafetensorsSource(TensorSource):
             self.metadata.update(metadata)
         self.arch = arch or arch_from_metadata(self.metadata)
         self._handles: list[Any] = [None] * len(self.files)
-        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._buffer = np.empty(0, dtype=np.uint8)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -179,23 +180,23 @@ class SafetensorsSource(TensorSource):
     def meta(self, key: str) -> TensorMeta:
         return self._entries[key].meta
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> Any:
         entry = self._entries[key]
         nbytes = entry.end - entry.start
-        if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if self._buffer.size < nbytes:
+            self._buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
         handle = self._handles[entry.file_index]
         if handle is None:
             handle = open(self.files[entry.file_index], "rb", buffering=0)  # noqa: SIM115 (closed in close())
             self._handles[entry.file_index] = handle
         view = self._buffer[:nbytes]
         if nbytes:
-            got = os.preadv(handle.fileno(), [memoryview(view.numpy())], entry.start)
+            got = os.preadv(handle.fileno(), [memoryview(view)], entry.start)
             if got != nbytes:
                 raise MicromergeError(
                     f"{self.files[entry.file_index]}: file changed or truncated while reading {key!r}"
                 )
-        return view.view(entry.meta.dtype).reshape(entry.meta.shape)
+        return self.view(view, entry.meta)
 
     def close(self) -> None:
         for handle in self._handles:
@@ -204,77 +205,12 @@ class SafetensorsSource(TensorSource):
         self._handles = [None] * len(self.files)
 
 
-class DictSource(TensorSource):
-    """Tensors already in memory (from a .pt/.bin state dict, a legacy pickle or a model)."""
-
-    def __init__(
-        self,
-        tensors: dict[str, torch.Tensor],
-        label: str,
-        files: Sequence[Path] = (),
-        arch: ArchInfo | None = None,
-        metadata: dict[str, str] | None = None,
-    ):
-        self._tensors = tensors
-        self.label = label
-        self.files = [Path(f) for f in files]
-        self.arch = arch or ArchInfo()
-        self.metadata = metadata or {}
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, key: str) -> TensorMeta:
-        tensor = self._tensors[key]
-        return TensorMeta(tuple(tensor.shape), tensor.dtype)
-
-    def read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
 @dataclass(frozen=True)
 class Recipe:
     """How one output key is made from source keys (e.g. q, k, v concatenated into in_proj)."""
 
     source_keys: tuple[str, ...]
     combine: str = "copy"  # copy | transpose | cat0
-
-
-@dataclass
-class MappedSource(TensorSource):
-    """A source seen through a key mapping, still lazy (used for transformers-format CLIP)."""
-
-    inner: TensorSource
-    recipes: dict[str, Recipe]
-    arch: ArchInfo = field(default_factory=ArchInfo)
-
-    def __post_init__(self) -> None:
-        self.label = self.inner.label
-        self.files = self.inner.files
-        self.metadata = self.inner.metadata
-
-    def keys(self) -> list[str]:
-        return list(self.recipes)
-
-    def meta(self, key: str) -> TensorMeta:
-        recipe = self.recipes[key]
-        metas = [self.inner.meta(k) for k in recipe.source_keys]
-        first = metas[0]
-        if recipe.combine == "transpose":
-            return TensorMeta(tuple(reversed(first.shape)), first.dtype)
-        if recipe.combine == "cat0":
-            return TensorMeta((sum(m.shape[0] for m in metas), *first.shape[1:]), first.dtype)
-        return first
-
-    def read(self, key: str) -> torch.Tensor:
-        recipe = self.recipes[key]
-        if recipe.combine == "cat0":
-            return torch.cat([self.inner.read(k).clone() for k in recipe.source_keys], dim=0)
-        tensor = self.inner.read(recipe.source_keys[0])
-        return tensor.t() if recipe.combine == "transpose" else tensor
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def describe_key_mismatch(

@@ -15,15 +15,14 @@ import struct
 from pathlib import Path
 from typing import IO
 
-import torch
-
-from merging.tensor_source import DTYPE_NAMES, TensorMeta
+from merging.dtypes import ITEM_SIZES
+from merging.tensor_source import TensorMeta
 from micromerge.atomic import atomic_output
 
 
 def canonical_order(metas: dict[str, TensorMeta]) -> list[str]:
     """Larger element sizes first, then by name: keeps every tensor naturally aligned."""
-    return sorted(metas, key=lambda k: (-torch.empty((), dtype=metas[k].dtype).element_size(), k))
+    return sorted(metas, key=lambda k: (-ITEM_SIZES[metas[k].dtype], k))
 
 
 def build_header(metas: dict[str, TensorMeta], metadata: dict[str, str]) -> tuple[bytes, list[str], int]:
@@ -33,7 +32,7 @@ def build_header(metas: dict[str, TensorMeta], metadata: dict[str, str]) -> tupl
     for key in order:
         meta = metas[key]
         header[key] = {
-            "dtype": DTYPE_NAMES[meta.dtype],
+            "dtype": meta.dtype,
             "shape": list(meta.shape),
             "data_offsets": [offset, offset + meta.nbytes],
         }
@@ -44,7 +43,7 @@ def build_header(metas: dict[str, TensorMeta], metadata: dict[str, str]) -> tupl
 
 
 class SafetensorsStreamWriter:
-    """Use as a context manager; call `write` for every key in `order`, in that order."""
+    """Use as a context manager; call `write` with every key's bytes, in `order`."""
 
     def __init__(
         self, path: str | Path, metas: dict[str, TensorMeta], metadata: dict[str, str], force: bool = False
@@ -69,15 +68,18 @@ class SafetensorsStreamWriter:
         self._handle.write(self.header)
         return self
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def write(self, key: str, data: memoryview) -> None:
+        """`data`: the tensor's bytes in its header dtype (an array backend's `host_bytes`)."""
         expected = self.order[self._next]
         if key != expected:
             raise RuntimeError(f"writer expected {expected!r} next, got {key!r}")
-        meta = self.metas[key]
-        data = tensor.detach().to("cpu", meta.dtype).contiguous().reshape(-1)
-        if data.numel():
+        if data.nbytes != self.metas[key].nbytes:
+            raise RuntimeError(
+                f"writer got {data.nbytes} bytes for {key!r}, its header says {self.metas[key].nbytes}"
+            )
+        if data.nbytes:
             assert self._handle is not None
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+            self._handle.write(data)
         self._next += 1
 
     def replace_metadata(self, metadata: dict[str, str]) -> None:

@@ -116,7 +116,21 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     type=click.Choice(["float32", "float16", "bfloat16"]),
     help="Output dtype (default: the base's).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu or cuda[:N]. auto: the CPU for linear, wise-ft and task-arithmetic "
+    "(a one-off merge is I/O-bound), else CUDA when present.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "numpy", "torch"]),
+    default="auto",
+    show_default=True,
+    help="auto: numpy (no torch import) when the method is elementwise, the device the CPU and "
+    "every input a local safetensors file without bfloat16; torch otherwise. Same bytes either way.",
+)
 @click.option("--out", type=click.Path(dir_okay=True), help="Output .safetensors (or folder with --alphas).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option(
@@ -138,7 +152,6 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **values: Any) -> None:
     from merging.job import job_from_mapping, run_merge_job
     from micromerge.config_files import load_config_file
-    from micromerge.devices import resolve_device
 
     mapping: dict[str, Any] = {}
     if config_file:
@@ -149,7 +162,7 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
     mapping.update(explicit_options(ctx, values))
     mapping = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.items()}
     job = job_from_mapping(mapping)
-    outputs = run_merge_job(job, resolve_device(job.device), progress=not quiet)
+    outputs = run_merge_job(job, progress=not quiet)
     for output in outputs:
         click.echo(
             f"wrote {output.path} ({output.manifest['seconds']:.2f} s; manifest {output.manifest_path.name})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 from typing import Any
 
@@ -9,18 +10,23 @@ import micromerge
 
 
 def provenance(
-    *, method: str, parameters: dict[str, Any], inputs: dict[str, str], seed: int | None
+    *,
+    method: str,
+    parameters: dict[str, Any],
+    inputs: dict[str, str],
+    seed: int | None,
+    array_library: str = "torch",
 ) -> dict[str, Any]:
     """What made an artefact: inputs' sha256, method, parameters, seed and versions.
 
-    Deliberately free of timestamps and host names so the same inputs give the same bytes;
-    timing goes in the sidecar manifest, not in the artefact itself.
+    `array_library` is the library that computed it (torch, or numpy for the torch-free merge
+    engine); its version is recorded as `<library>_version`. Deliberately free of timestamps
+    and host names so the same inputs give the same bytes; timing goes in the sidecar manifest.
     """
-    import torch
-
+    library = importlib.import_module(array_library)
     return {
         "micromerge_version": micromerge.__version__,
-        "torch_version": torch.__version__,
+        f"{array_library}_version": library.__version__,
         "python_version": platform.python_version(),
         "method": method,
         "parameters": parameters,

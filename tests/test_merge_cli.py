@@ -454,7 +454,8 @@ def _peak_rss_mb(args, cwd):
 
 
 @pytest.mark.slow
-def test_streaming_peak_memory_is_far_below_loading_every_input(tmp_path):
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_streaming_peak_memory_is_far_below_loading_every_input(tmp_path, engine):
     """Two 256 MB checkpoints: naive merging holds ~768 MB extra; streaming holds a few tensors."""
     for seed, name in ((0, "big_a"), (1, "big_b")):
         generator = torch.Generator().manual_seed(seed)
@@ -476,11 +477,23 @@ def test_streaming_peak_memory_is_far_below_loading_every_input(tmp_path):
             "--out",
             "s.safetensors",
             "--quiet",
+            "--engine",
+            engine,
         ],
         tmp_path,
     )
     peak = _peak_rss_mb(
-        ["--base", "big_a.safetensors", "--ft", "big_b.safetensors", "--out", "m.safetensors", "--quiet"],
+        [
+            "--base",
+            "big_a.safetensors",
+            "--ft",
+            "big_b.safetensors",
+            "--out",
+            "m.safetensors",
+            "--quiet",
+            "--engine",
+            engine,
+        ],
         tmp_path,
     )
     extra = peak - baseline

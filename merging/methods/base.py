@@ -1,17 +1,25 @@
 """What a merge method is: a per-tensor function of the base and the fine-tuned tensors.
 
-Methods see float32 tensors on the compute device, one key at a time, so the executor can
+Methods see float32 arrays on the compute device, one key at a time, so the executor can
 stream checkpoints and the sweep engine can write merged weights straight into a resident
 model. `strength` is the method's scalar (WiSE-FT alpha, task-arithmetic lambda, SLERP t),
 which per-key rules may override.
+
+An `elementwise` method uses arithmetic operators and `out[...] =` only, so the same code runs
+on torch tensors and numpy arrays with the same float32 operations in the same order: the
+numpy engine (no torch import) and the torch engine write identical bytes. Methods that need
+torch's functions (TIES, DARE, SLERP) import it inside those functions, so the registry
+itself loads without torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+Array = Any
+"""A torch.Tensor (torch engine, sweeps) or, for elementwise methods, a numpy.ndarray."""
 
 
 @dataclass(frozen=True)
@@ -33,16 +41,17 @@ class MergeMethod:
     max_finetuned: int | None
     uses: tuple[str, ...]
     stochastic: bool = False
+    elementwise: bool = False
 
     def merge(
         self,
         key: str,
-        base: torch.Tensor,
-        finetuned: list[torch.Tensor],
+        base: Array,
+        finetuned: list[Array],
         strength: float,
         params: MethodParams,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        out: Array | None = None,
+    ) -> Array:
         raise NotImplementedError
 
 
@@ -52,8 +61,8 @@ def key_seed(seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def finish(result: Array, out: Array | None) -> Array:
     if out is None:
         return result
-    out.copy_(result)
+    out[...] = result
     return out

@@ -6,19 +6,21 @@ warns when they do not sum to 1. Without weights every model gets 1/N.
 
 from __future__ import annotations
 
-import torch
-
-from merging.methods.base import MergeMethod, MethodParams
+from merging.methods.base import Array, MergeMethod, MethodParams
 
 
 class Linear(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> torch.Tensor:
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> Array:
         models = [base, *finetuned]
         weights = params.weights or tuple(1.0 / len(models) for _ in models)
-        result = torch.mul(models[0], weights[0], out=out) if out is not None else models[0] * weights[0]
+        if out is None:
+            out = models[0] * weights[0]
+        else:
+            out[...] = models[0]
+            out *= weights[0]
         for weight, tensor in zip(weights[1:], models[1:], strict=True):
-            result.add_(tensor, alpha=weight)
-        return result
+            out += tensor * weight
+        return out
 
 
 METHOD = Linear(
@@ -27,4 +29,5 @@ METHOD = Linear(
     1,
     None,
     ("weights",),
+    elementwise=True,
 )

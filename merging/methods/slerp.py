@@ -7,10 +7,13 @@ applied to the raw tensors (as mergekit does), so norms are interpolated too.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from merging.methods.base import MergeMethod, finish
+from merging.methods.wise_ft import interpolate
+
+if TYPE_CHECKING:
+    import torch
 
 COLINEAR_COS = 0.9995
 
@@ -18,10 +21,10 @@ COLINEAR_COS = 0.9995
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     n0, n1 = v0.norm(), v1.norm()
     if n0 == 0 or n1 == 0:
-        return torch.lerp(v0, v1, t)
-    cos = float(torch.dot(v0.reshape(-1), v1.reshape(-1)) / (n0 * n1))
+        return interpolate(v0, v1, t)
+    cos = float(v0.reshape(-1).dot(v1.reshape(-1)) / (n0 * n1))
     if abs(cos) > COLINEAR_COS:
-        return torch.lerp(v0, v1, t)
+        return interpolate(v0, v1, t)
     theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)
     return (math.sin((1 - t) * theta) / sin_theta) * v0 + (math.sin(t * theta) / sin_theta) * v1

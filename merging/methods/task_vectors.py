@@ -5,22 +5,29 @@ theta = theta_base + lambda * combine(sparsify(tau_i)), tau_i = theta_i - theta_
   TIES:  keep the top-k% magnitudes of each tau_i (per tensor), elect a sign per entry
          (sign of the sum of trimmed tau_i), average only the entries agreeing with it;
   DARE:  drop each entry of tau_i with probability p, rescale survivors by 1/(1-p), sum.
+
+Task arithmetic is elementwise (it also runs on numpy arrays); TIES and DARE need torch, which
+their helpers import where they use it so that the method registry loads without torch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+from merging.methods.base import Array, MergeMethod, MethodParams, finish, key_seed
 
-from merging.methods.base import MergeMethod, MethodParams, finish, key_seed
+if TYPE_CHECKING:
+    import torch
 
-Sparsifier = Callable[[torch.Tensor, str, int], torch.Tensor]
+Sparsifier = Callable[[Array, str, int], Array]
 
 
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ceil(density * n) largest-magnitude entries of tau, zero the rest."""
+    import torch
+
     n = tau.numel()
     k = min(n, math.ceil(density * n))
     if k >= n:
@@ -35,12 +42,16 @@ def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
 
 def dare_mask(shape: torch.Size, drop_rate: float, seed: int, key: str, index: int) -> torch.Tensor:
     """The keep-mask DARE uses for model `index` at `key`: drawn on the CPU, so any device agrees."""
+    import torch
+
     generator = torch.Generator().manual_seed(key_seed(seed, key, index))
     return torch.rand(shape, generator=generator) >= drop_rate
 
 
 def elect_and_mean(taus: list[torch.Tensor]) -> torch.Tensor:
     """TIES: the per-entry mean over the task vectors whose sign agrees with the elected sign."""
+    import torch
+
     stacked = torch.stack(taus)
     elected = torch.sign(stacked.sum(dim=0))
     agree = (torch.sign(stacked) == elected) & (stacked != 0)
@@ -53,25 +64,30 @@ def elect_and_mean(taus: list[torch.Tensor]) -> torch.Tensor:
 
 def combine_task_vectors(
     key: str,
-    base: torch.Tensor,
-    finetuned: list[torch.Tensor],
+    base: Array,
+    finetuned: list[Array],
     strength: float,
     *,
     sparsify: Sparsifier | None,
     sign_consensus: bool,
-) -> torch.Tensor:
+) -> Array:
+    """base + strength * combined task vectors; the sum runs in model order (same bytes on any engine)."""
     taus = [ft - base for ft in finetuned]
     if sparsify is not None:
         taus = [sparsify(tau, key, index) for index, tau in enumerate(taus)]
     if sign_consensus:
         combined = elect_and_mean(taus)
     else:
-        combined = taus[0] if len(taus) == 1 else torch.stack(taus).sum(dim=0)
-    return base + strength * combined
+        combined = taus[0]
+        for tau in taus[1:]:
+            combined += tau
+    combined *= strength
+    combined += base
+    return combined
 
 
 class TaskArithmetic(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> torch.Tensor:
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> Array:
         return finish(
             combine_task_vectors(key, base, finetuned, strength, sparsify=None, sign_consensus=False), out
         )
@@ -106,6 +122,7 @@ TASK_ARITHMETIC = TaskArithmetic(
     1,
     None,
     ("strength",),
+    elementwise=True,
 )
 TIES = Ties(
     "ties",

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-import torch
+from merging.methods.base import Array, MergeMethod
 
-from merging.methods.base import MergeMethod
+
+def interpolate(start: Array, end: Array, weight: float, out: Array | None = None) -> Array:
+    """start + weight * (end - start), computed from the nearer endpoint (as torch.lerp does) so
+    that weight 0 gives `start` and weight 1 gives `end` exactly; three separately rounded float32
+    operations, identical on torch and numpy."""
+    if weight >= 0.5:
+        start, end, weight = end, start, 1.0 - weight
+    if out is None:
+        out = end - start
+    else:
+        out[...] = end
+        out -= start
+    out *= weight
+    out += start
+    return out
 
 
 class WiseFT(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params, out=None) -> torch.Tensor:
-        if out is None:
-            return torch.lerp(base, finetuned[0], strength)
-        return torch.lerp(base, finetuned[0], strength, out=out)
+    def merge(self, key, base, finetuned, strength, params, out=None) -> Array:
+        return interpolate(base, finetuned[0], strength, out)
 
 
 METHOD = WiseFT(
@@ -20,4 +32,5 @@ METHOD = WiseFT(
     1,
     1,
     ("strength",),
+    elementwise=True,
 )

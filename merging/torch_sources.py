@@ -1,0 +1,128 @@
+"""Sources that only exist as torch tensors: state-dict pickles and transformers-format key mappings.
+
+Opening either needs torch (torch.load, torch.cat), so a merge with such an input always runs
+on the torch engine (merging.engines).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merging.legacy_pickle import load_legacy_pickle
+from merging.tensor_source import ArchInfo, Recipe, TensorMeta, TensorSource
+from merging.torch_backend import dtype_name
+from micromerge.errors import MicromergeError
+
+
+class DictSource(TensorSource):
+    """Tensors already in memory (from a .pt/.bin state dict, a legacy pickle or a model)."""
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        label: str,
+        files: Sequence[Path] = (),
+        arch: ArchInfo | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
+        self._tensors = tensors
+        self.label = label
+        self.files = [Path(f) for f in files]
+        self.arch = arch or ArchInfo()
+        self.metadata = metadata or {}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, key: str) -> TensorMeta:
+        tensor = self._tensors[key]
+        return TensorMeta(tuple(tensor.shape), dtype_name(tensor.dtype))
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+@dataclass
+class MappedSource(TensorSource):
+    """A source seen through a key mapping, still lazy (used for transformers-format CLIP)."""
+
+    inner: TensorSource
+    recipes: dict[str, Recipe]
+    arch: ArchInfo = field(default_factory=ArchInfo)
+
+    def __post_init__(self) -> None:
+        self.label = self.inner.label
+        self.files = self.inner.files
+        self.metadata = self.inner.metadata
+
+    def keys(self) -> list[str]:
+        return list(self.recipes)
+
+    def meta(self, key: str) -> TensorMeta:
+        recipe = self.recipes[key]
+        metas = [self.inner.meta(k) for k in recipe.source_keys]
+        first = metas[0]
+        if recipe.combine == "transpose":
+            return TensorMeta(tuple(reversed(first.shape)), first.dtype)
+        if recipe.combine == "cat0":
+            return TensorMeta((sum(m.shape[0] for m in metas), *first.shape[1:]), first.dtype)
+        return first
+
+    def read(self, key: str) -> torch.Tensor:
+        recipe = self.recipes[key]
+        if recipe.combine == "cat0":
+            return torch.cat([self.inner.read(k).clone() for k in recipe.source_keys], dim=0)
+        tensor = self.inner.read(recipe.source_keys[0])
+        return tensor.t() if recipe.combine == "transpose" else tensor
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def load_all(source: TensorSource) -> dict[str, torch.Tensor]:
+    """Materialise every tensor of a torch-backed source (for export and small models)."""
+    return {key: source.read(key).clone() for key in source.keys()}
+
+
+def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
+    """A `.pt`/`.bin` state dict or open_clip checkpoint (weights_only), or with `allow_pickle` a
+    legacy whole-module pickle read by the restricted unpickler."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise MicromergeError(
+                f"{path}: this pickle holds Python objects, not just tensors; pass --allow-pickle to read its "
+                "tensors with micromerge's restricted unpickler (no code from the file is run)"
+            ) from exc
+        return DictSource(load_legacy_pickle(path), label=str(path), files=[path])
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise MicromergeError(
+            f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]})"
+        ) from exc
+    tensors = _unwrap_state_dict(obj, path)
+    return DictSource(tensors, label=str(path), files=[path])
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or an open_clip/trainer checkpoint ({'state_dict': ...}, 'module.' prefixes)."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MicromergeError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise MicromergeError(f"{path}: holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors

@@ -1,0 +1,161 @@
+"""The numpy engine (no torch import) and the torch engine: same tensor bytes, and the right choice."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging.job import job_from_mapping, run_merge_job
+from micromerge.errors import MicromergeError
+from tests.helpers import random_state_dict
+
+
+def _checkpoint(path, seed, dtype=torch.float32):
+    """A nano CLIP with an integer buffer, a logit_scale above the clamp, and weights in `dtype`."""
+    tensors = {k: v.to(dtype) for k, v in random_state_dict(seed).items()}
+    tensors["logit_scale"] = torch.tensor(4.0 + seed, dtype=dtype)  # seed 1: 5.0 > ln(100)
+    tensors["position_ids"] = torch.arange(8) * (seed + 1)
+    tensors["visual.proj"][0, 0] = 2e4 * (seed + 1)  # float16 rounding near its range
+    save_file(tensors, str(path), metadata={"micromerge.arch": "nano-clip"})
+    return tensors
+
+
+def _split(path):
+    """(header tensor entries, provenance record, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    metadata = header.pop("__metadata__")
+    return header, json.loads(metadata["micromerge.provenance"]), raw[8 + length :]
+
+
+def _merge(tmp_path, name, **values):
+    job = job_from_mapping({"out": str(tmp_path / f"{name}.safetensors"), **values})
+    (output,) = run_merge_job(job, progress=False)
+    return output
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    return [str(tmp_path / f"m{seed}.safetensors") for seed in range(3)]
+
+
+CASES = {
+    "wise-ft-0.3": {"method": "wise-ft", "alpha": 0.3},
+    "wise-ft-0.8-rules": {
+        "method": "wise-ft",
+        "alpha": 0.8,
+        "alpha_rules": ["visual.*=0.45"],
+        "exclude": ["transformer.resblocks.0.*"],
+    },
+    "linear-weights": {"method": "linear", "weights": "0.5,0.3,0.2", "extra_ft": True},
+    "task-arithmetic": {"method": "task-arithmetic", "alpha": 0.6, "extra_ft": True},
+    "task-negation-fp16-out": {"method": "task-arithmetic", "alpha": -0.5, "dtype": "float16"},
+}
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_numpy_and_torch_engines_write_identical_tensor_bytes(tmp_path, checkpoints, case, input_dtype):
+    for seed, path in enumerate(checkpoints):
+        _checkpoint(path, seed, input_dtype)
+    values = dict(CASES[case])
+    finetuned = checkpoints[1:] if values.pop("extra_ft", False) else checkpoints[1:2]
+    values.update(base=checkpoints[0], finetuned=finetuned)
+    outputs = {engine: _merge(tmp_path, engine, engine=engine, **values) for engine in ("numpy", "torch")}
+    assert outputs["numpy"].manifest["engine"] == "numpy" and outputs["torch"].manifest["engine"] == "torch"
+    header_np, record_np, data_np = _split(outputs["numpy"].path)
+    header_pt, record_pt, data_pt = _split(outputs["torch"].path)
+    assert header_np == header_pt
+    assert data_np == data_pt
+    assert record_np.pop("numpy_version") == np.__version__
+    assert record_pt.pop("torch_version") == torch.__version__
+    assert record_np == record_pt
+    merged = load_file(str(outputs["numpy"].path))
+    clamp = torch.tensor(np.log(100)).to(merged["logit_scale"].dtype)  # ln(100) as stored
+    assert merged["logit_scale"] <= clamp
+    assert torch.equal(merged["position_ids"], torch.arange(8))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_wise_ft_endpoints_are_exactly_the_models(tmp_path, checkpoints, engine):
+    base = _checkpoint(checkpoints[0], 0)
+    ft = _checkpoint(checkpoints[1], 1)
+    for alpha, expected in ((0.0, base), (1.0, ft)):
+        output = _merge(
+            tmp_path,
+            f"{engine}-{alpha}",
+            engine=engine,
+            base=checkpoints[0],
+            finetuned=[checkpoints[1]],
+            alpha=alpha,
+        )
+        merged = load_file(str(output.path))
+        for key, tensor in expected.items():
+            if key != "logit_scale" and tensor.is_floating_point():  # integer buffers: the base's
+                assert torch.equal(merged[key], tensor), (alpha, key)
+
+
+def _engine_of(tmp_path, name, **values):
+    return _merge(tmp_path, name, **values).manifest["engine"]
+
+
+def test_auto_picks_numpy_only_when_nothing_needs_torch(tmp_path, checkpoints):
+    _checkpoint(checkpoints[0], 0)
+    _checkpoint(checkpoints[1], 1)
+    pair = {"base": checkpoints[0], "finetuned": [checkpoints[1]]}
+    assert _engine_of(tmp_path, "auto", **pair) == "numpy"
+    assert _engine_of(tmp_path, "cpu", device="cpu", **pair) == "numpy"
+    assert _engine_of(tmp_path, "ties", method="ties", **pair) == "torch"
+    assert _engine_of(tmp_path, "slerp", method="slerp", **pair) == "torch"
+    assert _engine_of(tmp_path, "bf16-out", dtype="bfloat16", **pair) == "torch"
+    pt = tmp_path / "ft.pt"
+    torch.save(load_file(checkpoints[1]), pt)
+    assert _engine_of(tmp_path, "pickle", base=checkpoints[0], finetuned=[str(pt)]) == "torch"
+    bf16 = tmp_path / "bf16.safetensors"
+    save_file(
+        {
+            k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in load_file(checkpoints[1]).items()
+        },
+        str(bf16),
+    )
+    assert _engine_of(tmp_path, "bf16-in", base=checkpoints[0], finetuned=[str(bf16)]) == "torch"
+
+
+def test_engine_numpy_says_why_it_cannot_run(tmp_path, checkpoints):
+    _checkpoint(checkpoints[0], 0)
+    _checkpoint(checkpoints[1], 1, torch.bfloat16)
+    pair = {"base": checkpoints[0], "finetuned": [checkpoints[1]], "engine": "numpy"}
+    with pytest.raises(MicromergeError, match="--engine numpy cannot run this merge: .*bfloat16"):
+        _merge(tmp_path, "bf16", **pair)
+    with pytest.raises(MicromergeError, match="--method dare is not elementwise"):
+        _merge(tmp_path, "dare", method="dare", **pair)
+    assert not list(tmp_path.glob("bf16*")) and not list(tmp_path.glob("dare*"))
+
+
+def test_merge_of_safetensors_files_never_imports_torch(tmp_path, checkpoints):
+    _checkpoint(checkpoints[0], 0)
+    _checkpoint(checkpoints[1], 1)
+    code = (
+        "import sys\nfrom micromerge.cli import merge_main\nsys.argv = ['merge'] + sys.argv[1:]\n"
+        "try:\n    merge_main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print('torch imported:', 'torch' in sys.modules)"
+    )
+    args = [
+        "--base",
+        checkpoints[0],
+        "--ft",
+        checkpoints[1],
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        "--quiet",
+    ]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "torch imported: False", result.stdout + result.stderr
+    assert json.loads((tmp_path / "o.safetensors.manifest.json").read_text())["engine"] == "numpy"
