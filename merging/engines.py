@@ -3,7 +3,7 @@
 The numpy engine runs when nothing in the job needs torch: an elementwise method (linear,
 WiSE-FT, task arithmetic), the CPU (`--device auto` or `cpu`), and local safetensors inputs
 with open_clip keys and no bfloat16. Everything else runs on torch, on the device that
-`--device` resolves to. Why `auto` means the CPU for those jobs even when a GPU is present:
+`--device` resolves to. Why `auto` means the CPU for numpy-eligible jobs even when a GPU is present:
 a single streaming merge reads and writes each tensor once, and on an H100 machine the CUDA
 path was slower end to end than the CPU one (BENCHMARKS.md); the GPU pays off in sweeps.
 `--engine torch|numpy` overrides the choice (numpy fails with the reason when it cannot run).

@@ -120,8 +120,8 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     "--device",
     default="auto",
     show_default=True,
-    help="auto, cpu or cuda[:N]. auto: the CPU for linear, wise-ft and task-arithmetic "
-    "(a one-off merge is I/O-bound), else CUDA when present.",
+    help="auto, cpu or cuda[:N]. auto: the CPU when the numpy engine can run the merge "
+    "(a one-off merge is I/O-bound; see --engine), else CUDA when present.",
 )
 @click.option(
     "--engine",
