@@ -159,3 +159,35 @@ def test_merge_of_safetensors_files_never_imports_torch(tmp_path, checkpoints):
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "torch imported: False", result.stdout + result.stderr
     assert json.loads((tmp_path / "o.safetensors.manifest.json").read_text())["engine"] == "numpy"
+
+
+def test_sharded_safetensors_input_runs_on_numpy_with_the_same_bytes(tmp_path, checkpoints):
+    _checkpoint(checkpoints[0], 0)
+    ft = _checkpoint(checkpoints[1], 1)
+    keys = sorted(ft)
+    shards = {"ft-1.safetensors": keys[::2], "ft-2.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_file(
+            {k: ft[k] for k in shard_keys}, str(tmp_path / name), metadata={"micromerge.arch": "nano-clip"}
+        )
+    index = tmp_path / "ft.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    sharded = _merge(tmp_path, "sharded", base=checkpoints[0], finetuned=[str(index)], alpha=0.4)
+    single = _merge(tmp_path, "single", base=checkpoints[0], finetuned=[checkpoints[1]], alpha=0.4)
+    assert sharded.manifest["engine"] == "numpy"
+    assert _split(sharded.path)[2] == _split(single.path)[2]
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_both_engines_refuse_nonfinite_inputs_and_write_nothing(tmp_path, checkpoints, engine):
+    _checkpoint(checkpoints[0], 0)
+    ft = _checkpoint(checkpoints[1], 1, torch.float16)
+    ft["visual.proj"][1, 1] = float("nan")
+    save_file(ft, checkpoints[1])
+    pair = {"base": checkpoints[0], "finetuned": [checkpoints[1]], "engine": engine}
+    with pytest.raises(MicromergeError, match="'visual.proj' contains NaN or Inf"):
+        _merge(tmp_path, "refused", **pair)
+    assert not list(tmp_path.glob("refused*"))
+    with pytest.warns(UserWarning, match="merging anyway"):
+        output = _merge(tmp_path, "allowed", allow_nonfinite=True, **pair)
+    assert torch.isnan(load_file(str(output.path))["visual.proj"][1, 1])
