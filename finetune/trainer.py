@@ -106,13 +106,13 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         )
     from datasets import Image
 
-    from eval.data import load_benchmark
+    from eval.data import column_values, load_benchmark
     from eval.tasks import discover_tasks, select_tasks
     from eval.zeroshot import class_embeddings
 
     bench = load_benchmark(cfg.data)
     task = select_tasks(discover_tasks(bench.dataset), cfg.task)[0]
-    images = bench.dataset.select(task.rows).cast_column("image", Image(decode=False))["image"]
+    images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
     data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
     head = ZeroShotHead(texts, float(clip.logit_scale.detach().exp()))
