@@ -67,9 +67,7 @@ def open_inputs(request: EngineRequest) -> tuple[ArrayBackend, list[TensorSource
     """The backend to merge with and the checkpoints opened for it (the caller closes them)."""
     if request.engine not in ENGINES:
         raise MicromergeError(f"--engine {request.engine}: choose one of {list(ENGINES)}")
-    reason = None if request.engine != "torch" else "--engine torch"
-    if reason is None:
-        reason = _why_not_numpy(request)
+    reason = "--engine torch" if request.engine == "torch" else _why_not_numpy(request)
     if reason is None:
         try:
             return NumpyBackend(), _open_all(request, "numpy")

@@ -38,13 +38,13 @@ def open_source(
     path = Path(spec)
     if path.exists():
         source = _open_path(path, allow_pickle, arrays)
-    elif arrays != "torch" and (spec.startswith("hf-hub:") or spec in load_zoo()):
-        raise NeedsTorch(f"{spec}: hub and zoo checkpoints are fetched through open_clip")
     elif spec.startswith("hf-hub:"):
+        _require_torch(arrays, f"{spec}: hub checkpoints are fetched through open_clip")
         source = _open_openclip_hub(spec[len("hf-hub:") :], label=spec)
     else:
         zoo = load_zoo()
         if spec in zoo:
+            _require_torch(arrays, f"{spec}: zoo checkpoints are fetched through open_clip")
             source = _open_zoo(zoo[spec])
         elif any(ch in spec for ch in "/\\.") or spec.endswith(PICKLE_SUFFIXES):
             raise MicromergeError(f"{spec}: no such file or folder")
@@ -55,6 +55,12 @@ def open_source(
     if arch:
         source.arch = ArchInfo(name=arch)
     return source
+
+
+def _require_torch(arrays: ArrayKind, reason: str) -> None:
+    """Refuse a checkpoint only torch can read when numpy arrays were asked for."""
+    if arrays != "torch":
+        raise NeedsTorch(reason)
 
 
 def _array_view(arrays: ArrayKind) -> ArrayView:
@@ -75,8 +81,7 @@ def _open_path(path: Path, allow_pickle: bool, arrays: ArrayKind = "torch") -> T
     if path.suffix == ".safetensors":
         return _maybe_transformers(_open_safetensors([path], str(path), arrays), path.parent, arrays)
     if path.suffix in PICKLE_SUFFIXES:
-        if arrays != "torch":
-            raise NeedsTorch(f"{path}: pickled checkpoints are read with torch.load")
+        _require_torch(arrays, f"{path}: pickled checkpoints are read with torch.load")
         from merging.torch_sources import open_pickle
 
         return _maybe_transformers(open_pickle(path, allow_pickle), path.parent)

@@ -136,6 +136,10 @@ def test_engine_numpy_says_why_it_cannot_run(tmp_path, checkpoints):
         _merge(tmp_path, "bf16", **pair)
     with pytest.raises(MicromergeError, match="--method dare is not elementwise"):
         _merge(tmp_path, "dare", method="dare", **pair)
+    with pytest.raises(MicromergeError, match="zoo checkpoints are fetched through open_clip"):
+        _merge(tmp_path, "zoo", **{**pair, "base": "openai-vit-b-32"})
+    with pytest.raises(MicromergeError, match="hub checkpoints are fetched through open_clip"):
+        _merge(tmp_path, "hub", **{**pair, "base": "hf-hub:wisdomik/QuiltNet-B-32"})
     assert not list(tmp_path.glob("bf16*")) and not list(tmp_path.glob("dare*"))
 
 
