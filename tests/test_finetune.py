@@ -247,28 +247,16 @@ def test_corrupt_images_are_skipped_and_counted_up_to_a_limit(tmp_path, base):
 def test_output_folder_with_another_run_is_refused(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs")
     run_finetune(config(base, data, tmp_path / "run"))
-    args = [
-        "finetune",
-        "contrastive",
-        "--base",
-        str(base),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    args += ["--max-steps", "1", "--batch-size", "8", "--quiet", "--device", "cpu"]
+    args = _contrastive_args(base, data, tmp_path / "run", steps=1)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "--resume" in result.stderr and "--force" in result.stderr
     result = CliRunner().invoke(cli, [*args, "--force"])
     assert result.exit_code == 0, result.output
 
 
-def _train_command(base, data, out, steps):
+def _contrastive_args(base, data, out, steps, batch_size=8):
+    """`finetune contrastive` arguments as the CLI tests run it: on the CPU, quiet."""
     return [
-        sys.executable,
-        "-m",
-        "micromerge.cli",
         "finetune",
         "contrastive",
         "--base",
@@ -280,14 +268,23 @@ def _train_command(base, data, out, steps):
         "--max-steps",
         str(steps),
         "--batch-size",
-        "8",
+        str(batch_size),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+
+
+def _train_command(base, data, out, steps):
+    return [
+        sys.executable,
+        "-m",
+        "micromerge.cli",
+        *_contrastive_args(base, data, out, steps),
         "--save-every",
         "5",
         "--lr",
         "1e-3",
-        "--device",
-        "cpu",
-        "--quiet",
     ]
 
 
@@ -327,23 +324,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, base):
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs", n=48)
     command = two_process_launch(
-        "finetune",
-        "contrastive",
-        "--base",
-        str(base),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "ddp"),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "6",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--save-every",
-        "0",
+        *_contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=6), "--save-every", "0"
     )
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
