@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 NAIVE = """
@@ -75,12 +76,17 @@ def timed(command: list[str]) -> tuple[float, int]:
 def in_memory_figures(
     a_path: Path, b_path: Path, engine: str, device_name: str, repeats: int
 ) -> dict[str, float]:
+    """Copy and merge timings on the arrays of the engine that ran: numpy arrays, or torch tensors on the device."""
     if engine == "numpy":
-        return numpy_in_memory_figures(a_path, b_path, repeats)
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        a, b = load_file(str(a_path)), load_file(str(b_path))
+        out = {k: np.empty_like(v) for k, v in a.items()}
+        flat = np.concatenate([v.reshape(-1) for v in a.values()])
+        return _time_copy_and_merge(a, b, out, flat.copy, lambda: None, repeats)
     import torch
     from safetensors.torch import load_file
-
-    from merging.methods import METHODS, MethodParams
 
     device = torch.device(device_name)
     a = {k: v.to(device) for k, v in load_file(str(a_path)).items()}
@@ -88,38 +94,26 @@ def in_memory_figures(
     out = {k: torch.empty_like(v) for k, v in a.items()}
     flat = torch.cat([v.reshape(-1) for v in a.values()])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    copies, merges = [], []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        flat.clone()
-        sync()
-        copies.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for key in a:
-            METHODS["wise-ft"].merge(key, a[key], [b[key]], 0.5, MethodParams(), out=out[key])
-        sync()
-        merges.append(time.perf_counter() - start)
-    return {"copy_s": min(copies), "merge_step_s": min(merges)}
+    return _time_copy_and_merge(a, b, out, flat.clone, sync, repeats)
 
 
-def numpy_in_memory_figures(a_path: Path, b_path: Path, repeats: int) -> dict[str, float]:
-    import numpy as np
-    from safetensors.numpy import load_file
-
+def _time_copy_and_merge(
+    a: dict, b: dict, out: dict, copy: Callable[[], object], sync: Callable[[], None], repeats: int
+) -> dict[str, float]:
+    """Min over repeats of (c) one flat copy of a checkpoint and the WiSE-FT step into preallocated outputs."""
     from merging.methods import METHODS, MethodParams
 
-    a, b = load_file(str(a_path)), load_file(str(b_path))
-    out = {k: np.empty_like(v) for k, v in a.items()}
-    flat = np.concatenate([v.reshape(-1) for v in a.values()])
     copies, merges = [], []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
-        flat.copy()
+        copy()
+        sync()
         copies.append(time.perf_counter() - start)
         start = time.perf_counter()
         for key in a:
             METHODS["wise-ft"].merge(key, a[key], [b[key]], 0.5, MethodParams(), out=out[key])
+        sync()
         merges.append(time.perf_counter() - start)
     return {"copy_s": min(copies), "merge_step_s": min(merges)}
 
