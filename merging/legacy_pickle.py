@@ -61,11 +61,26 @@ def _safe_rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> 
     return func(*args)  # drop the (unknown) tensor subclass, keep the data
 
 
+def _plain_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
+    """torch's `_rebuild_tensor_v2` minus the parts a file could abuse: backward hooks (callables
+    that would run later) and metadata are dropped, and only a real storage is accepted."""
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _plain_parameter(data: Any, *_ignored: Any) -> torch.Tensor:
+    """A parameter is read as its data: requires_grad, hooks and extra state carry no weights."""
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError(f"parameter rebuilt from a {type(data).__name__}, not a tensor")
+    return data
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch._utils", "_rebuild_tensor_v2"): _plain_tensor,
+    ("torch._utils", "_rebuild_tensor"): _plain_tensor,
+    ("torch._utils", "_rebuild_parameter"): _plain_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _plain_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _safe_rebuild_from_type,
     ("collections", "OrderedDict"): dict,
     ("torch", "Size"): torch.Size,
@@ -92,8 +107,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         return type(name, (StandIn,), {"stand_in_for": f"{module}.{name}"})
 
 
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    """`pickle.load` for torch's legacy (pre-zip) format, which reads its magic number, protocol and
+    system info with `pickle_module.load` before the main unpickler: every one of those pickles
+    goes through the restricted unpickler too, so a payload placed there (or a plain pickle that
+    is no torch file at all) resolves to inert stand-ins instead of running."""
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
 _PICKLE_MODULE = types.SimpleNamespace(
-    Unpickler=RestrictedUnpickler, load=pickle.load, __name__="restricted_pickle"
+    Unpickler=RestrictedUnpickler, load=_restricted_load, __name__="restricted_pickle"
 )
 
 

@@ -105,13 +105,28 @@ def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
                 f"{path}: this pickle holds Python objects, not just tensors; pass --allow-pickle to read its "
                 "tensors with micromerge's restricted unpickler (no code from the file is run)"
             ) from exc
-        return DictSource(load_legacy_pickle(path), label=str(path), files=[path])
+        tensors = load_legacy_pickle(path)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise MicromergeError(
             f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]})"
         ) from exc
-    tensors = _unwrap_state_dict(obj, path)
+    else:
+        tensors = _unwrap_state_dict(obj, path)
+    _refuse_views_beyond_storage(tensors, path)
     return DictSource(tensors, label=str(path), files=[path])
+
+
+def _refuse_views_beyond_storage(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A pickle stores a storage plus (size, stride): a stride-0 view of a 4-byte storage can
+    claim 10^10 elements, and the first float32 copy of it allocates 40 GB. A checkpoint's weights
+    never need more elements than their storage holds, so such views are refused up front."""
+    for key, tensor in tensors.items():
+        held = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > held:
+            raise MicromergeError(
+                f"{path}: tensor {key!r} claims {tensor.numel():,} elements over a storage of {held:,} "
+                "(an expanded or overlapping view); re-save it with .contiguous() or .clone()"
+            )
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

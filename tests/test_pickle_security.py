@@ -1,0 +1,149 @@
+"""`--allow-pickle` reads tensors out of foreign pickles and must never run code from them.
+
+Every pickle that torch reads goes through `pickle_module`: the zip format through
+`pickle_module.Unpickler`, the legacy (pre-zip) format first through three `pickle_module.load`
+calls (magic number, protocol version, system info) and then the Unpickler. A plain pickle that
+is no torch file at all reaches that first `load`. Each payload below is placed where one of
+those readers meets it; each would run with the standard unpickler (checked first, so the test
+proves the payload is live), and must leave no trace through micromerge.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from merging.sources import open_source
+from micromerge.errors import MicromergeError
+from tests.helpers import write_checkpoint
+
+
+class _Reduce:
+    """Pickles as `callable(*args)`: the shape of every code-running payload."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _payloads(marker: Path) -> dict[str, bytes]:
+    """Each payload creates `marker` when unpickled by the standard unpickler."""
+    shell = f"touch {marker}"
+    # torch._utils._import_dotted_name looks like a harmless torch helper, but it resolves any
+    # dotted name: the pickle imports os.system through it and then calls the result.
+    dotted = b"ctorch._utils\n_import_dotted_name\n(Vos.system\ntR(V" + shell.encode() + b"\ntR."
+    return {
+        "os.system": pickle.dumps(_Reduce(os.system, shell), protocol=2),
+        "builtins.eval": pickle.dumps(_Reduce(eval, f"__import__('os').system({shell!r})"), protocol=2),
+        "subprocess.Popen": pickle.dumps(_Reduce(subprocess.Popen, ["touch", str(marker)]), protocol=2),
+        "torch._utils._import_dotted_name": dotted,
+    }
+
+
+def _legacy_file(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+def _first_pickle_length(data: bytes) -> int:
+    stream = io.BytesIO(data)
+    pickle.load(stream)
+    return stream.tell()
+
+
+def _legacy_with_payload_as_magic(payload: bytes) -> bytes:
+    """A real legacy-format state dict whose first pickle (the magic number) is the payload."""
+    legit = _legacy_file({"weight": torch.ones(2)})
+    return payload + legit[_first_pickle_length(legit) :]
+
+
+def _placements(payload: bytes) -> dict[str, bytes]:
+    return {
+        "plain pickle": payload,
+        "legacy magic number": _legacy_with_payload_as_magic(payload),
+        "legacy object": _legacy_file({"weight": torch.ones(2), "payload": _Stash(payload)}),
+    }
+
+
+class _Stash:
+    """Embeds raw payload bytes as an object inside a torch pickle."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def __reduce__(self):
+        return (pickle.loads, (self.payload,))
+
+
+def _wait_for(process_marker: Path) -> bool:
+    """Popen/`touch` run asynchronously for a moment; give them time before judging."""
+    import time
+
+    for _ in range(20):
+        if process_marker.exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("payload_name", list(_payloads(Path("x"))))
+def test_payloads_are_live_with_the_standard_unpickler(tmp_path, payload_name):
+    marker = tmp_path / "ran"
+    pickle.loads(_payloads(marker)[payload_name])
+    assert _wait_for(marker), "the payload should run under pickle.loads, or the test proves nothing"
+
+
+@pytest.mark.parametrize("payload_name", list(_payloads(Path("x"))))
+@pytest.mark.parametrize("placement", ["plain pickle", "legacy magic number", "legacy object"])
+def test_no_pickle_placement_runs_its_payload(tmp_path, payload_name, placement):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(_placements(_payloads(marker)[payload_name])[placement])
+    try:
+        with open_source(str(path), allow_pickle=True) as source:
+            if placement == "legacy object":  # the tensors around the payload are still read
+                assert torch.equal(source.read("weight"), torch.ones(2))
+    except MicromergeError as error:
+        assert "evil.pt" in str(error)
+    assert not _wait_for(marker), f"{payload_name} ran from a {placement}"
+
+
+def test_merge_cli_refuses_a_legacy_magic_payload_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    base = tmp_path / "base.safetensors"
+    write_checkpoint(base, 0)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(_legacy_with_payload_as_magic(_payloads(marker)["os.system"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "micromerge.cli", "merge", "--base", str(base), "--ft", str(evil)]
+        + ["--alpha", "0.5", "--allow-pickle", "--out", str(tmp_path / "out.safetensors")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "evil.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not _wait_for(marker)
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_a_view_claiming_more_elements_than_its_storage_is_refused(tmp_path, allow_pickle):
+    """torch.save keeps an expanded view as (4-byte storage, size 10^10, stride 0); reading it as
+    weights would allocate 40 GB. Refused by both readers (weights_only and restricted)."""
+    path = tmp_path / "bomb.pt"
+    torch.save({"weight": torch.ones(1).expand(10**10), "ok": torch.ones(3)}, path)
+    if allow_pickle:  # the same view inside a legacy file with an object only --allow-pickle reads
+        path.write_bytes(_legacy_file({"weight": torch.ones(1).expand(10**10), "x": _Reduce(print)}))
+    with pytest.raises(MicromergeError, match=r"bomb.pt: tensor 'weight' claims 10,000,000,000 elements"):
+        open_source(str(path), allow_pickle=allow_pickle)
