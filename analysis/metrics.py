@@ -16,13 +16,19 @@ from analysis.tables import Run
 from micromerge.errors import MicromergeError
 
 CRITERIA = ("all_task_mean", "worst_group", "harmonic_target_control")
+GROUP_KINDS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale")
 
 
 def valid_groups(run: Run) -> list[str]:
     fine = run.table[run.table["level"] == "fine"]
     return sorted(
         {f"domain:{d}" for d in fine["domain"].unique()}
-        | {f"modality:{m}" for m in fine["modality"].unique()}
+        | {
+            f"{kind}:{v}"
+            for kind in GROUP_KINDS[1:]
+            for v in fine[kind].unique()
+            if v not in ("all", "unknown")
+        }
         | {"level:coarse", "level:fine"}
     )
 
@@ -31,9 +37,11 @@ def _mask(table: pd.DataFrame, group: str) -> pd.Series:
     kind, _, value = group.partition(":")
     if kind == "level":
         return table["level"] == value
-    if kind in ("domain", "modality", "scale"):
+    if kind in GROUP_KINDS:
         return (table["level"] == "fine") & (table[kind] == value)
-    raise MicromergeError(f"group {group!r}: expected level:X, domain:X, modality:X or scale:X")
+    raise MicromergeError(
+        f"group {group!r}: expected level:X or one of {', '.join(k + ':X' for k in GROUP_KINDS)}"
+    )
 
 
 def check_group(run: Run, group: str) -> None:
@@ -54,11 +62,7 @@ def curve(run: Run, group: str | None, metric: str = "accuracy", split: str = "a
 def control_groups(run: Run, target: str) -> list[str]:
     kind, _, value = target.partition(":")
     fine = run.table[run.table["level"] == "fine"]
-    return (
-        [f"{kind}:{v}" for v in sorted(fine[kind].unique()) if v != value]
-        if kind in ("domain", "modality")
-        else []
-    )
+    return [f"{kind}:{v}" for v in sorted(fine[kind].unique()) if v != value] if kind in GROUP_KINDS else []
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from eval.aggregate import is_task_row
 from eval.store import ResultStore
 from micromerge.errors import MicromergeError
 
@@ -22,9 +23,9 @@ class Run:
     parameters: dict[str, Any]
     model: dict[str, Any]
     dataset: dict[str, Any]
-    table: (
-        pd.DataFrame
-    )  # columns: alpha, task, level, domain, modality, scale, split, metric, value, ci_low, ci_high, n_images
+    table: pd.DataFrame  # one row per (alpha, task, split, metric): the task's own number, with its groups
+    protocol: str = "closed-set"
+    headline: pd.DataFrame = field(default_factory=pd.DataFrame)  # ubench: the paper's coarse/fine headline
 
 
 def run_label(row: dict[str, Any]) -> str:
@@ -57,24 +58,14 @@ def load_runs(store_path: str | Path) -> list[Run]:
     runs = []
     for run_id, run_rows in by_run.items():
         first = run_rows[0]
-        records = [
-            {
-                "alpha": r["alpha"] if r["alpha"] is not None else float("nan"),
-                "task": r["task"],
-                "level": r["level"],
-                "domain": r["groups"].get("domain", "all"),
-                "modality": r["groups"].get("modality", "all"),
-                "scale": r["groups"].get("scale", "all"),
-                "split": r.get("split", "all"),
-                "metric": r["metric"],
-                "value": r["value"],
-                "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"],
-                "n_images": r["n_images"],
-            }
-            for r in run_rows
-        ]
-        table = pd.DataFrame.from_records(records)
+        table = pd.DataFrame.from_records([_record(r) for r in run_rows if is_task_row(r)])
+        headline = pd.DataFrame.from_records(
+            [
+                {**_record(r), "caption_key": r.get("caption_key")}
+                for r in run_rows
+                if r.get("level") == "headline"
+            ]
+        )
         _warn_missing(table, run_label(first))
         runs.append(
             Run(
@@ -85,9 +76,29 @@ def load_runs(store_path: str | Path) -> list[Run]:
                 first["model"],
                 first["dataset"],
                 table,
+                first.get("protocol", "closed-set"),
+                headline,
             )
         )
     return runs
+
+
+GROUP_COLUMNS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale", "paper")
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "alpha": row["alpha"] if row["alpha"] is not None else float("nan"),
+        "task": row["task"],
+        "level": row["level"],
+        **{column: row["groups"].get(column, "all") for column in GROUP_COLUMNS},
+        "split": row.get("split", "all"),
+        "metric": row["metric"],
+        "value": row["value"],
+        "ci_low": row["ci_low"],
+        "ci_high": row["ci_high"],
+        "n_images": row["n_images"],
+    }
 
 
 def _warn_missing(table: pd.DataFrame, label: str) -> None:

@@ -11,11 +11,17 @@ def group_labels(row: dict[str, Any]) -> list[str]:
     groups = row.get("groups", {})
     labels = [f"level:{groups.get('level', row.get('level', '?'))}"]
     if groups.get("level") == "fine":
-        for column in ("domain", "modality", "scale"):
+        for column in ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale"):
             value = groups.get(column)
             if value and value not in ("all", "unknown"):
                 labels.append(f"{column}:{value}")
     return labels
+
+
+def is_task_row(row: dict[str, Any]) -> bool:
+    """One number per task: closed-set rows, or ubench rows pooled over the task's caption keys
+    (per-key rows and the paper's headline rows are reported beside, not averaged in)."""
+    return row.get("level") != "headline" and row.get("caption_key") in (None, "all")
 
 
 def aggregate(rows: list[dict[str, Any]], metric: str = "accuracy", split: str = "all") -> dict[str, float]:
@@ -23,7 +29,7 @@ def aggregate(rows: list[dict[str, Any]], metric: str = "accuracy", split: str =
     per_group: dict[str, list[float]] = defaultdict(list)
     values = []
     for row in rows:
-        if row["metric"] != metric or row.get("split", "all") != split:
+        if row["metric"] != metric or row.get("split", "all") != split or not is_task_row(row):
             continue
         values.append(row["value"])
         for label in group_labels(row):

@@ -1,9 +1,14 @@
-"""Load μ-Bench (hub id `jnirschl/uBench`, or a local copy) and validate its schema on load.
+"""Load μ-Bench however a user holds it, and validate it against the real schema on load.
 
-Follows ../shared/ubench/SCHEMA.md: required columns are checked by name and type; every
-other column (institution, license, pmid, captions, questions, modality, ...) is optional
-and kept. A local copy may be a `save_to_disk` folder (Dataset or DatasetDict) or a folder
-of parquet/arrow files.
+One door for: the Hub id (`ubench`, `jnirschl/uBench`, optionally `@REVISION`) fetched into the
+Hugging Face cache (eval.hub_layout); a copy of the Hub's `perception/0.1.0` folder or of its
+parent (Arrow stream shards + `dataset_info.json`, no `state.json`); a `save_to_disk` folder; a
+folder of parquet/arrow files. The schema check follows ../shared/ubench/SCHEMA.md: nested
+caption structs, nullable `dataset`/`stain`, unknown extra columns kept.
+
+The fingerprint that keys the image cache and run ids is the sha256 of the files the rows come
+from (cached by path, size and mtime), so a dataset changed in place is never mistaken for the
+old one.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ from pathlib import Path
 import datasets
 from datasets import ClassLabel, Image, Value
 
+from eval.hub_layout import HUB_ID, HUB_REVISION, fetch_from_hub, find_hub_layout, read_hub_layout
+from eval.schema import REQUIRED_STRING_COLUMNS
 from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_json
+from micromerge.hashing import default_cache_dir, sha256_file, sha256_json
 
-HUB_ID = "jnirschl/uBench"
 HUB_ALIASES = ("ubench", HUB_ID)
-REQUIRED_STRING_COLUMNS = ("image_id", "label_name", "dataset", "domain")
 
 
 @dataclass
@@ -36,49 +41,82 @@ def column_values(dataset: datasets.Dataset, name: str) -> list:
     return dataset[name][:]
 
 
-def load_benchmark(source: str, split: str = "test") -> Benchmark:
-    """Open μ-Bench from the hub/cache (`ubench`) or a local folder, then validate it."""
-    if source in HUB_ALIASES:
-        try:
-            dataset = datasets.load_dataset(HUB_ID, split=split)
-        except Exception as exc:
-            raise MicromergeError(
-                f"--data {source}: cannot load {HUB_ID} from the hub or its cache ({type(exc).__name__}); with no "
-                "network, copy it where there is one (`datasets.load_dataset('jnirschl/uBench', split='test')"
-                ".save_to_disk(DIR)`) and pass --data DIR (HF_DATASETS_OFFLINE=1 fails fast)"
-            ) from exc
-    else:
-        dataset = _load_local(Path(source), split)
-    validate_schema(dataset, source)
-    fingerprint = sha256_json(
-        {"fingerprint": getattr(dataset, "_fingerprint", ""), "rows": len(dataset), "split": split}
+def hub_revision(source: str) -> str | None:
+    """The revision a Hub spec asks for (`ubench`, `ubench@REV`), or None for a local path."""
+    name, _, revision = source.partition("@")
+    return (revision or HUB_REVISION) if name in HUB_ALIASES else None
+
+
+def load_benchmark(source: str, split: str = "test", cache_dir: Path | None = None) -> Benchmark:
+    """Open μ-Bench from the Hub cache or a local copy, validate it, fingerprint its files."""
+    revision = hub_revision(source)
+    dataset = (
+        read_hub_layout(fetch_from_hub(revision), split) if revision else _load_local(Path(source), split)
     )
+    validate_schema(dataset, source)
+    files = sorted({f["filename"] for f in dataset.cache_files})
+    digests = [sha256_file(f, cache_dir or default_cache_dir()) for f in files]
+    fingerprint = sha256_json({"files": digests, "rows": len(dataset), "split": split})
     return Benchmark(dataset, source, fingerprint[:16])
 
 
 def _load_local(path: Path, split: str) -> datasets.Dataset:
     if not path.exists():
-        raise MicromergeError(f"--data {path}: no such folder (use 'ubench' for the hub copy)")
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise MicromergeError(f"--data {path}: has splits {sorted(loaded)}, not {split!r}")
-            loaded = loaded[split]
-        return loaded
+        raise MicromergeError(f"--data {path}: no such folder (use 'ubench' for the Hub copy)")
+    if not path.is_dir():
+        raise MicromergeError(f"--data {path}: not a folder (pass the folder holding the shards)")
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return _load_saved(path, split)
+    hub_folder = find_hub_layout(path)
+    if hub_folder is not None:
+        return read_hub_layout(hub_folder, split)
     for kind, pattern in (("parquet", "**/*.parquet"), ("arrow", "**/*.arrow")):
         files = sorted(str(p) for p in path.glob(pattern))
         if files:
-            return datasets.load_dataset(kind, data_files={split: files}, split=split)
-    raise MicromergeError(f"--data {path}: not a save_to_disk folder and holds no .parquet or .arrow files")
+            try:
+                return datasets.load_dataset(kind, data_files={split: files}, split=split)
+            except Exception as exc:
+                raise MicromergeError(
+                    f"--data {path}: its .{kind} files do not load ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:100]})"
+                ) from exc
+    raise MicromergeError(
+        f"--data {path}: not a μ-Bench copy (no perception/0.1.0 shards, no save_to_disk folder, "
+        "no .parquet or .arrow files)"
+    )
+
+
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise MicromergeError(
+            f"--data {path}: a save_to_disk folder that does not load ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:100]})"
+        ) from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise MicromergeError(f"--data {path}: has splits {sorted(loaded)}, not {split!r}")
+        loaded = loaded[split]
+    return loaded
+
+
+def _is_string(feature: object) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def _option_list(feature: object) -> bool:
+    inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
+    return _is_string(inner)
 
 
 def validate_schema(dataset: datasets.Dataset, source: str) -> None:
+    """Required columns by name and type; captions, where present, as the real nested structs."""
     features = dataset.features
-    missing = [c for c in ("image", "label", *REQUIRED_STRING_COLUMNS) if c not in features]
+    missing = [c for c in ("image", "label", "dataset", *REQUIRED_STRING_COLUMNS) if c not in features]
     if missing:
         raise MicromergeError(
-            f"--data {source}: missing required column(s) {missing} (μ-Bench schema: see shared/ubench/SCHEMA.md)"
+            f"--data {source}: missing required column(s) {missing} (μ-Bench schema: shared/ubench/SCHEMA.md)"
         )
     if not isinstance(features["image"], Image):
         raise MicromergeError(
@@ -89,9 +127,22 @@ def validate_schema(dataset: datasets.Dataset, source: str) -> None:
         raise MicromergeError(
             f"--data {source}: column 'label' must be a ClassLabel (or integer), not {label}"
         )
-    for column in REQUIRED_STRING_COLUMNS:
-        feature = features[column]
-        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
-            raise MicromergeError(f"--data {source}: column {column!r} must be a string, not {feature}")
+    for column in ("dataset", *REQUIRED_STRING_COLUMNS):
+        if not _is_string(features[column]):
+            raise MicromergeError(
+                f"--data {source}: column {column!r} must be a string, not {features[column]}"
+            )
+    captions = features.get("captions")
+    if captions is not None:
+        if not isinstance(captions, dict):
+            raise MicromergeError(
+                f"--data {source}: column 'captions' must be a struct of caption questions, not {captions}"
+            )
+        for key, entry in captions.items():
+            if not (isinstance(entry, dict) and _option_list(entry.get("options")) and "answer_idx" in entry):
+                raise MicromergeError(
+                    f"--data {source}: captions.{key} must be a struct with 'options' (list of strings) and "
+                    f"'answer_idx', not {entry}"
+                )
     if len(dataset) == 0:
         raise MicromergeError(f"--data {source}: the split has no rows")

@@ -19,15 +19,17 @@ from tqdm import tqdm
 import micromerge
 from eval.data import Benchmark, load_benchmark
 from eval.images import ImageCache, PixelFeed, build_image_cache
-from eval.metrics import classification_metrics
+from eval.metrics import classification_metrics, correctness_metrics
+from eval.source_metadata import load_source_table
 from eval.store import ResultStore
 from eval.tasks import Task, discover_tasks, select_tasks
-from eval.zeroshot import class_embeddings, image_embeddings, predict
+from eval.zeroshot import class_embeddings, image_embeddings, option_correct, predict, text_embeddings
 from merging.execute import input_hashes
 from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from merging.plan import MergeSpec
 from merging.resident import ResidentMerge
 from merging.sources import open_source
+from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
 
 
@@ -42,6 +44,8 @@ class EvalSettings:
     bootstrap: int = 1000
     seed: int = 0
     prompts: str = "names"
+    protocol: str = "ubench"
+    sources: Path | None = None  # overrides of the source metadata table
     progress: bool = True
     rank: int = 0
     world_size: int = 1
@@ -60,6 +64,20 @@ class SweepPlan:
     )
 
 
+PROTOCOLS = ("ubench", "closed-set")
+HEADLINE_COARSE, HEADLINE_FINE = "ubench:coarse", "ubench:fine"
+POOLED = "all"  # caption_key of a task's row pooled over its caption keys
+
+
+@dataclass
+class _Outcomes:
+    """Right/wrong per scored question of one caption key, with the image row and class of each."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    correct: np.ndarray
+
+
 class Evaluator:
     """Scores one resident model on the selected tasks; everything model-independent is cached."""
 
@@ -70,8 +88,10 @@ class Evaluator:
         model_config: dict[str, Any],
         settings: EvalSettings,
         device: torch.device,
+        outside_paper_rows: np.ndarray | None = None,
     ):
         self.bench, self.tasks, self.settings, self.device = bench, tasks, settings, device
+        self.outside_paper_rows = np.empty(0, np.int64) if outside_paper_rows is None else outside_paper_rows
         size = int(model_config.get("vision_cfg", {}).get("image_size", 224))
         self.cache: ImageCache = build_image_cache(
             bench.dataset, bench.fingerprint, size, settings.cache_dir, settings.progress
@@ -79,9 +99,10 @@ class Evaluator:
         preprocess = model_config.get("preprocess_cfg", {})
         self.tokenizer = tokenizer_for(model_config)
         self.token_cache: dict = {}
-        needed = sorted({r for t in tasks for r in t.rows})
+        needed = sorted({r for t in tasks for r in t.image_rows})
         self.rows = np.array([r for r in needed if self.cache.valid[r]], dtype=np.int64)
-        self.position = {int(r): i for i, r in enumerate(self.rows)}
+        self.position = np.full(len(bench.dataset), -1, dtype=np.int64)
+        self.position[self.rows] = np.arange(len(self.rows))
         self.pixels = PixelFeed(
             self.cache,
             self.rows,
@@ -89,53 +110,183 @@ class Evaluator:
             torch.tensor(preprocess.get("std", OPENAI_STD)),
             device,
         )
+        if settings.protocol == "ubench":
+            self._index_options()
 
-    def _splits(self, task_name: str, n: int) -> dict[str, np.ndarray]:
-        """All images, and two seeded halves: 'select' (to choose alpha on) and 'report' (to report on)."""
+    def _index_options(self) -> None:
+        """One table of every distinct option text over all tasks and keys (embedded once per
+        model), and per question its valid rows, image positions and options as global text ids."""
+        text_ids: dict[str, int] = {}
+        self.option_plans = {}
+        for task in self.tasks:
+            for question in task.questions:
+                local_to_global = np.array([text_ids.setdefault(t, len(text_ids)) for t in question.texts])
+                keep = self.cache.valid[question.rows]
+                options = np.where(question.options >= 0, local_to_global[question.options.clip(min=0)], -1)[
+                    keep
+                ]
+                self.option_plans[(task.name, question.key)] = (
+                    question.rows[keep],
+                    question.labels[keep],
+                    torch.from_numpy(self.position[question.rows[keep]]).to(self.device),
+                    torch.from_numpy(options).to(self.device),
+                    torch.from_numpy(question.answers[keep]).to(self.device),
+                )
+        self.texts = list(text_ids)
+
+    def _splits(self, task_name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """All images, and two seeded halves of the task's images: 'select' (to choose alpha on) and
+        'report' (to report on); as row sets, so every caption key of a task splits alike."""
         seed = int(sha256_json({"seed": self.settings.seed, "task": task_name})[:8], 16)
-        order = np.random.default_rng(seed).permutation(n)
-        half = n // 2
-        return {"all": np.arange(n), "select": np.sort(order[:half]), "report": np.sort(order[half:])}
+        order = np.random.default_rng(seed).permutation(len(rows))
+        half = len(rows) // 2
+        return {"all": rows, "select": np.sort(rows[order[:half]]), "report": np.sort(rows[order[half:]])}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         model.eval()
         images = image_embeddings(model, self.pixels, self.settings.batch_size, self.settings.precision)
+        if self.settings.protocol == "ubench":
+            return self._evaluate_options(model, images)
+        return self._evaluate_closed_set(model, images)
+
+    def _row(self, task: Task, split: str, metric: str, values: dict, n: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "task": task.name,
+            "level": task.level,
+            "groups": task.groups,
+            "protocol": self.settings.protocol,
+            "split": split,
+            "metric": metric,
+            **values,
+            "n_images": int(n),
+            "n_classes": len(task.classes),
+            **extra,
+        }
+
+    def _evaluate_closed_set(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
         results = []
         for task in self.tasks:
             keep = [(r, y) for r, y in zip(task.rows, task.labels, strict=True) if self.cache.valid[r]]
-            n_corrupt = len(task.rows) - len(keep)
             if not keep:
                 continue
-            index = torch.tensor([self.position[r] for r, _ in keep], device=images.device)
+            index = torch.from_numpy(self.position[[r for r, _ in keep]]).to(images.device)
             labels = np.array([y for _, y in keep])
             texts = class_embeddings(
                 model, self.tokenizer, task, self.device, self.settings.prompts, self.token_cache
             )
             predictions = predict(images[index], texts)
-            for split, members in self._splits(task.name, len(keep)).items():
+            kept_rows = np.array([r for r, _ in keep])
+            for split, members in self._splits(task.name, kept_rows).items():
+                chosen = np.isin(kept_rows, members)
                 metrics = classification_metrics(
-                    labels[members],
-                    predictions[members],
+                    labels[chosen],
+                    predictions[chosen],
                     len(task.classes),
                     self.settings.bootstrap,
                     self.settings.seed,
                 )
                 for metric, values in metrics.items():
                     results.append(
-                        {
-                            "task": task.name,
-                            "level": task.level,
-                            "groups": task.groups,
-                            "split": split,
-                            "metric": metric,
-                            **values,
-                            "n_images": int(len(members)),
-                            "n_corrupt": n_corrupt,
-                            "n_classes": len(task.classes),
-                        }
+                        self._row(
+                            task,
+                            split,
+                            metric,
+                            values,
+                            chosen.sum(),
+                            caption_key=None,
+                            n_corrupt=len(task.rows) - len(keep),
+                        )
                     )
         return results
+
+    def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
+        text_emb = text_embeddings(model, self.tokenizer, self.texts, self.device, self.token_cache)
+        outcomes: dict[tuple[str, str], _Outcomes] = {}
+        for (task_name, key), (rows, labels, positions, options, answers) in self.option_plans.items():
+            correct = option_correct(images[positions], text_emb, options, answers)
+            outcomes[(task_name, key)] = _Outcomes(rows, labels, correct)
+        results = []
+        headline: dict[str, dict[str, list[_Outcomes]]] = {HEADLINE_COARSE: {}, HEADLINE_FINE: {}}
+        for task in self.tasks:
+            mine = {q.key: outcomes[(task.name, q.key)] for q in task.questions}
+            if not mine:
+                continue
+            image_rows = np.unique(np.concatenate([o.rows for o in mine.values()]))
+            n_corrupt = len(task.image_rows) - len(image_rows)
+            for split, members in self._splits(task.name, image_rows).items():
+                parts = {key: self._subset(o, members) for key, o in mine.items()}
+                parts[POOLED] = _concat(list(parts.values()))
+                for key, part in parts.items():
+                    metrics = correctness_metrics(
+                        part.labels,
+                        part.correct,
+                        len(task.classes),
+                        self.settings.bootstrap,
+                        self.settings.seed,
+                    )
+                    for metric, values in metrics.items():
+                        results.append(
+                            self._row(
+                                task,
+                                split,
+                                metric,
+                                values,
+                                len(np.unique(part.rows)),
+                                caption_key=key,
+                                n_questions=len(part.rows),
+                                n_corrupt=n_corrupt,
+                            )
+                        )
+                paper = task.groups.get("paper", "yes") == "yes"
+                if task.level == "coarse":
+                    headline[HEADLINE_COARSE].setdefault(split, []).extend(
+                        self._paper_rows(parts[k], task) for k in mine
+                    )
+                elif task.groups.get("fine_headline") == "yes" and paper and "classification_1" in parts:
+                    headline[HEADLINE_FINE].setdefault(split, []).append(parts["classification_1"])
+        for name, by_split in headline.items():
+            for split, parts in by_split.items():
+                pooled = _concat(parts)
+                if not len(pooled.rows):
+                    continue
+                values = correctness_metrics(
+                    np.full(len(pooled.rows), -1),
+                    pooled.correct,
+                    0,
+                    self.settings.bootstrap,
+                    self.settings.seed,
+                )["accuracy"]
+                level_task = Task(name, "headline", (), (), (), (), (), groups={"level": "headline"})
+                results.append(
+                    self._row(
+                        level_task,
+                        split,
+                        "accuracy",
+                        values,
+                        len(np.unique(pooled.rows)),
+                        caption_key="coarse keys pooled" if name == HEADLINE_COARSE else "classification_1",
+                        n_questions=len(pooled.rows),
+                        n_corrupt=0,
+                    )
+                )
+        return results
+
+    def _paper_rows(self, part: _Outcomes, task: Task) -> _Outcomes:
+        """A coarse question's outcomes without the sources outside the paper's tables."""
+        keep = ~np.isin(part.rows, self.outside_paper_rows)
+        return _Outcomes(part.rows[keep], part.labels[keep], part.correct[keep])
+
+    @staticmethod
+    def _subset(outcomes: _Outcomes, members: np.ndarray) -> _Outcomes:
+        chosen = np.isin(outcomes.rows, members)
+        return _Outcomes(outcomes.rows[chosen], outcomes.labels[chosen], outcomes.correct[chosen])
+
+
+def _concat(parts: list[_Outcomes]) -> _Outcomes:
+    if not parts:
+        return _Outcomes(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, bool))
+    return _Outcomes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rows", "labels", "correct")))
 
 
 def _base_row(
@@ -146,17 +297,46 @@ def _base_row(
         "dataset": {"source": bench.source, "fingerprint": bench.fingerprint},
         "seed": settings.seed,
         "bootstrap": settings.bootstrap,
-        "prompts": settings.prompts,
+        "prompts": settings.prompts if settings.protocol == "closed-set" else None,
         "micromerge_version": micromerge.__version__,
         "process": f"{settings.rank}/{settings.world_size}",
         **provenance,
     }
 
 
-def prepare(settings: EvalSettings) -> tuple[Benchmark, list[Task]]:
-    bench = load_benchmark(settings.data)
-    tasks = select_tasks(discover_tasks(bench.dataset), settings.tasks)
-    return bench, tasks
+@dataclass(frozen=True)
+class Prepared:
+    bench: Benchmark
+    tasks: list[Task]
+    outside_paper_rows: (
+        np.ndarray
+    )  # rows of sources outside the paper's tables (all tasks, not just selected)
+
+
+def prepare(settings: EvalSettings) -> Prepared:
+    if settings.protocol not in PROTOCOLS:
+        raise MicromergeError(f"--protocol {settings.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    bench = load_benchmark(settings.data, cache_dir=settings.cache_dir)
+    every = discover_tasks(bench.dataset, load_source_table(settings.sources))
+    tasks = select_tasks(every, settings.tasks)
+    if settings.protocol == "ubench":
+        unscorable = [t.name for t in tasks if not t.questions]
+        tasks = [t for t in tasks if t.questions]
+    else:
+        unscorable = [t.name for t in tasks if len(t.classes) < 2]
+        tasks = [t for t in tasks if len(t.classes) >= 2]
+    if not tasks:
+        raise MicromergeError(
+            f"--tasks {settings.tasks}: no task can be scored under --protocol {settings.protocol} "
+            f"({', '.join(unscorable) or 'none selected'}: no caption options, or a single class)"
+        )
+    outside = sorted({r for t in every if t.groups.get("paper") == "no" for r in t.image_rows})
+    return Prepared(bench, tasks, np.array(outside, dtype=np.int64))
+
+
+def _complete(done: set, alpha: float | None, tasks: list[Task], protocol: str) -> bool:
+    key = POOLED if protocol == "ubench" else None
+    return all((alpha, t.name, key, "report", "accuracy") in done for t in tasks)
 
 
 def run_eval(
@@ -167,7 +347,8 @@ def run_eval(
     arch: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate one checkpoint; rows go to the store (alpha is null). Re-running skips finished work."""
-    bench, tasks = prepare(settings)
+    prepared = prepare(settings)
+    bench, tasks = prepared.bench, prepared.tasks
     with open_source(model_spec, allow_pickle=allow_pickle, arch=arch) as source:
         hashes = input_hashes([source])
         run_id = sha256_json(
@@ -175,17 +356,18 @@ def run_eval(
                 "model": sorted(hashes.values()),
                 "data": bench.fingerprint,
                 "prompts": settings.prompts,
+                "protocol": settings.protocol,
                 "bootstrap": settings.bootstrap,
                 "seed": settings.seed,
             }
         )[:16]
         store = ResultStore(settings.store)
         done = store.done(run_id)
-        if done and all((None, t.name, "all", "accuracy") in done for t in tasks):
+        if _complete(done, None, tasks, settings.protocol):
             return [r for r in store.rows() if r["run_id"] == run_id]
         model, config = load_model(source)
     model.to(device)
-    evaluator = Evaluator(bench, tasks, config, settings, device)
+    evaluator = Evaluator(bench, tasks, config, settings, device, prepared.outside_paper_rows)
     provenance = {
         "method": "none",
         "model": {
@@ -200,13 +382,14 @@ def run_eval(
         {**_base_row(run_id, settings, bench, provenance), "alpha": None, **r}
         for r in evaluator.evaluate(model)
     ]
-    store.append([r for r in rows if (None, r["task"], r["split"], r["metric"]) not in done])
+    store.append([r for r in rows if ResultStore.identity(r) not in done])
     return rows
 
 
 def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> list[dict[str, Any]]:
     """Every alpha on every task; resumable; this process takes alphas rank, rank+world, ..."""
-    bench, tasks = prepare(settings)
+    prepared = prepare(settings)
+    bench, tasks = prepared.bench, prepared.tasks
     store = ResultStore(settings.store)
     base = open_source(plan.base, allow_pickle=plan.allow_pickle, arch=plan.arch)
     finetuned = [open_source(f, allow_pickle=plan.allow_pickle, arch=plan.arch) for f in plan.finetuned]
@@ -224,17 +407,18 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                 "parameters": parameters,
                 "data": bench.fingerprint,
                 "prompts": settings.prompts,
+                "protocol": settings.protocol,
                 "bootstrap": settings.bootstrap,
                 "seed": settings.seed,
             }
         )[:16]
         done = store.done(run_id)
-        todo = [a for a in plan.alphas if not all((a, t.name, "report", "macro_f1") in done for t in tasks)]
+        todo = [a for a in plan.alphas if not _complete(done, a, tasks, settings.protocol)]
         mine = todo[settings.rank :: settings.world_size]
         if mine:
             model, config = load_model(base)
             merger = ResidentMerge(model, plan.spec, base, finetuned, device)
-            evaluator = Evaluator(bench, tasks, config, settings, device)
+            evaluator = Evaluator(bench, tasks, config, settings, device, prepared.outside_paper_rows)
             provenance = {
                 "method": plan.spec.method,
                 "parameters": parameters,
@@ -254,7 +438,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                     {**_base_row(run_id, settings, bench, provenance), "alpha": alpha, **r}
                     for r in evaluator.evaluate(merger.model)
                 ]
-                store.append([r for r in rows if (alpha, r["task"], r["split"], r["metric"]) not in done])
+                store.append([r for r in rows if ResultStore.identity(r) not in done])
     finally:
         base.close()
         for source in finetuned:

@@ -65,3 +65,45 @@ def classification_metrics(
             low, high = np.nanpercentile(samples[name], [2.5, 97.5])
             result[name].update(ci_low=float(low), ci_high=float(high))
     return result
+
+
+def _correctness_summaries(tables: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Per [C+1, 2] table in a [B, C+1, 2] batch (rows: true class, last row unknown class;
+    columns: wrong, right): accuracy, and balanced accuracy over the known classes present."""
+    tables = tables.astype(np.float64)
+    accuracy = tables[:, :, 1].sum(axis=1) / tables.sum(axis=(1, 2))
+    if n_classes == 0:  # pooled over tasks: classes are not comparable, accuracy only
+        return {"accuracy": accuracy}
+    support = tables[:, :n_classes].sum(axis=2)
+    present = support > 0
+    recall = np.divide(tables[:, :n_classes, 1], support, out=np.zeros_like(support), where=present)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        balanced = recall.sum(axis=1) / present.sum(axis=1)
+    return {"accuracy": accuracy, "balanced_accuracy": balanced}
+
+
+def correctness_metrics(
+    labels: np.ndarray, correct: np.ndarray, n_classes: int, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Metrics of per-question right/wrong outcomes, as the μ-Bench protocol scores them (each image
+    chooses among its own options, so there is no shared confusion matrix): accuracy, and
+    balanced accuracy = mean per-class accuracy over the true classes present (label -1: class
+    unknown, counted in accuracy only). Seeded multinomial bootstrap over the outcome table,
+    the same distribution as resampling questions."""
+    labels = np.where(np.asarray(labels) < 0, n_classes, np.asarray(labels)).astype(np.int64)
+    table = np.bincount(labels * 2 + np.asarray(correct, dtype=np.int64), minlength=(n_classes + 1) * 2)
+    point = {
+        k: float(v[0])
+        for k, v in _correctness_summaries(table.reshape(1, n_classes + 1, 2), n_classes).items()
+    }
+    result = {name: {"value": value, "ci_low": value, "ci_high": value} for name, value in point.items()}
+    n = int(table.sum())
+    if bootstrap > 0 and n > 1:
+        cells = np.flatnonzero(table)
+        draws = np.zeros((bootstrap, table.size), dtype=np.int64)
+        draws[:, cells] = np.random.default_rng(seed).multinomial(n, table[cells] / n, size=bootstrap)
+        samples = _correctness_summaries(draws.reshape(bootstrap, n_classes + 1, 2), n_classes)
+        for name in result:
+            low, high = np.nanpercentile(samples[name], [2.5, 97.5])
+            result[name].update(ci_low=float(low), ci_high=float(high))
+    return result

@@ -6,6 +6,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "modality": ("a {} image.", "a microscopy image acquired with {}.", "an image taken by {}."),
     "submodality": ("a {} microscopy image.", "an image acquired with {}.", "a micrograph, {}."),
     "domain": ("a microscopy image from {}.", "a {} image.", "a micrograph used in {}."),
+    "subdomain": ("a microscopy image from {}.", "a micrograph studied in {}.", "an image of {}."),
     "stain": ("a tissue section stained with {}.", "a {} stained image.", "microscopy with {} staining."),
     "fine_grained": ("a microscopy image of {}.", "an image showing {}.", "a micrograph of {}.", "{}."),
 }

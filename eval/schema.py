@@ -1,17 +1,71 @@
-"""μ-Bench's features (datasets schema), for writers of benchmark files: the synthetic
-generator and the test fixtures write exactly what the loader reads from the real dataset."""
+"""μ-Bench's features as published (`jnirschl/uBench`, `perception/0.1.0`), for everything that
+writes or checks benchmark files: the synthetic generator, the test fixtures and the loader.
+
+Source of every fact: ../shared/ubench/SCHEMA.md (the Hub file listing, the authors' eVLLM code
+and rows dumped from the real shards). Where that file is silent, the choice made here is said:
+the element types of `tags` and of annotation `points` (lists of strings and of [x, y] float
+pairs) and the string type of `pmid`/`ncbitaxon_id` are this project's reading, not confirmed.
+"""
 
 from __future__ import annotations
 
-from datasets import ClassLabel, Features, Image, Value
+from datasets import ClassLabel, Features, Image, Sequence, Value
 
-CAPTION_KEYS = ("modality", "submodality", "domain", "stain", "label")
-QUESTION_KEYS = ("modality", "domain", "label")
-OPTIONAL_STRING_COLUMNS = ("institution", "license", "pmid", "modality", "submodality", "stain", "scale")
+NONE_OF_THE_ABOVE = "none of the above"
+# The caption keys seen in the real rows; a `subdomain_*` pair may exist for some sources
+# (not confirmed), and the task registry reads whatever `<kind>_<n>` keys the data holds.
+CAPTION_KINDS = ("modality", "submodality", "domain", "stain", "classification")
+CAPTION_KEYS = tuple(f"{kind}_{variant}" for kind in CAPTION_KINDS for variant in (0, 1))
+QUESTION_KEYS = ("classification", "domain", "modality", "stain", "subdomain", "submodality")
+REQUIRED_STRING_COLUMNS = ("image_id", "label_name", "domain")
+NULLABLE_STRING_COLUMNS = (
+    "dataset",
+    "institution",
+    "license",
+    "modality",
+    "ncbitaxon_id",
+    "ncbitaxon_name",
+    "pmid",
+    "split",
+    "stain",
+    "subdomain",
+    "submodality",
+)
 
 
-def ubench_features(label_names: list[str]) -> Features:
-    """Required columns, the optional ones we write, and the captions/questions dicts."""
+def caption_feature() -> dict:
+    """One caption question: the template, the per-image options and the answer index
+    (a string in the real rows, e.g. "2")."""
+    return {
+        "id": Value("string"),
+        "name": Value("string"),
+        "question": Value("string"),
+        "answer_idx": Value("string"),
+        "options": Sequence(Value("string")),
+        "tags": Sequence(Value("string")),
+    }
+
+
+def question_feature() -> dict:
+    """One question for generative models: short options, the answer and its index (an int)."""
+    return {
+        "answer": Value("string"),
+        "answer_idx": Value("int64"),
+        "id": Value("string"),
+        "name": Value("string"),
+        "options": Sequence(Value("string")),
+        "question": Value("string"),
+        "tags": Sequence(Value("string")),
+    }
+
+
+def annotation_feature() -> list:
+    """`bbox` / `polygon`: lists of {className, points}."""
+    return [{"className": Value("string"), "points": Sequence(Sequence(Value("float64")))}]
+
+
+def ubench_features(label_names: list[str], caption_keys: tuple[str, ...] = CAPTION_KEYS) -> Features:
+    """Every column of the real dataset, in the Hub's order."""
     return Features(
         {
             "image_id": Value("string"),
@@ -20,8 +74,21 @@ def ubench_features(label_names: list[str]) -> Features:
             "label_name": Value("string"),
             "dataset": Value("string"),
             "domain": Value("string"),
-            **{column: Value("string") for column in OPTIONAL_STRING_COLUMNS if column != "domain"},
-            "captions": {key: Value("string") for key in CAPTION_KEYS},
-            "questions": {key: Value("string") for key in QUESTION_KEYS},
+            "institution": Value("string"),
+            "license": Value("string"),
+            "microns_per_pixel": Value("float64"),
+            "modality": Value("string"),
+            "ncbitaxon_id": Value("string"),
+            "ncbitaxon_name": Value("string"),
+            "pmid": Value("string"),
+            "split": Value("string"),
+            "stain": Value("string"),
+            "subdomain": Value("string"),
+            "submodality": Value("string"),
+            "synthetic": Value("bool"),
+            "captions": {key: caption_feature() for key in caption_keys},
+            "questions": {key: question_feature() for key in QUESTION_KEYS},
+            "bbox": annotation_feature(),
+            "polygon": annotation_feature(),
         }
     )

@@ -44,13 +44,14 @@ class ResultStore:
             )
         return rows
 
-    def done(self, run_id: str) -> set[tuple[float | None, str, str, str]]:
-        """(alpha, task, split, metric) of every finished row of a run."""
-        return {
-            (row["alpha"], row["task"], row.get("split", "all"), row["metric"])
-            for row in self.rows()
-            if row["run_id"] == run_id
-        }
+    @staticmethod
+    def identity(row: dict[str, Any]) -> tuple[float | None, str, str | None, str, str]:
+        """What makes a row one result of its run: (alpha, task, caption key, split, metric)."""
+        return (row["alpha"], row["task"], row.get("caption_key"), row.get("split", "all"), row["metric"])
+
+    def done(self, run_id: str) -> set[tuple[float | None, str, str | None, str, str]]:
+        """The identity of every finished row of a run."""
+        return {self.identity(row) for row in self.rows() if row["run_id"] == run_id}
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

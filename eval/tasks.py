@@ -1,38 +1,58 @@
-"""The task registry: every μ-Bench task a CLIP-style model can be scored on, discovered from data.
+"""The task registry: every μ-Bench task, discovered from the rows as the benchmark defines them.
 
-Kinds of task are registered in one place (`COARSE_KINDS` plus the fine-grained kind); the
-tasks themselves are discovered from the rows, never from a closed list: one coarse task per
-perception level present in the data (modality, submodality, domain, stain) and one
-fine-grained task per source `dataset`. Each task carries its classes, a caption text per
-class, its prompt templates and its group (level, domain, modality, scale) for aggregation.
+Kinds of task are registered in one place (`COARSE_KINDS` plus the fine-grained kind): one coarse
+task per perception level (modality, submodality, domain, subdomain, stain) and one fine-grained
+task per source `dataset` (rows with a null `dataset` named by the source table's rule, never
+"None"). Each task carries what both protocols need:
+- `closed-set`: its classes, their texts and prompt templates (every class of the task);
+- `ubench`: per caption key (`modality_0`, `classification_1`, ...) each row's own option texts
+  and answer index, as the authors score CLIP-style models (shared/ubench/SCHEMA.md);
+and its groups (domain, subdomain, modality, submodality, taxonomy, scale, paper) for reports.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from eval.data import column_values
 from eval.prompts import TEMPLATES, class_text
+from eval.source_metadata import SourceTable, load_source_table
 from micromerge.errors import MicromergeError
+from micromerge.hashing import sha256_json
 
 
 @dataclass(frozen=True)
 class CoarseKind:
     name: str
-    columns: tuple[str, ...]  # the first column present holds the class of each row
+    column: str  # the row's class under closed-set; `<name>_<n>` caption keys under ubench
 
 
-COARSE_KINDS: tuple[CoarseKind, ...] = (
-    CoarseKind("modality", ("modality",)),
-    CoarseKind("submodality", ("submodality",)),
-    CoarseKind("domain", ("domain",)),
-    CoarseKind("stain", ("stain", "staining")),
+COARSE_KINDS: tuple[CoarseKind, ...] = tuple(
+    CoarseKind(name, name) for name in ("modality", "submodality", "domain", "subdomain", "stain")
 )
-GROUP_COLUMNS = ("domain", "modality", "scale")
+FINE_CAPTION_KIND = "classification"
+GROUP_COLUMNS = ("domain", "subdomain", "modality", "submodality")
 MISSING_VALUES = ("", "none", "n/a", "na", "unknown", None)
+_CAPTION_KEY = re.compile(r"^(?P<kind>.+)_(?P<variant>\d+)$")
+
+
+@dataclass(frozen=True, eq=False)
+class OptionQuestion:
+    """One caption key of a task under the ubench protocol: each row scores its own options."""
+
+    key: str
+    rows: np.ndarray  # [n] dataset rows holding this caption
+    texts: tuple[str, ...]  # the distinct option texts of this key
+    options: np.ndarray  # [n, m] indices into `texts`, -1 where a row has fewer options
+    answers: np.ndarray  # [n] index of the correct option within the row's options
+    labels: np.ndarray  # [n] the row's class within the task's classes, -1 where unknown
 
 
 @dataclass(frozen=True)
@@ -42,117 +62,242 @@ class Task:
     classes: tuple[str, ...]
     class_texts: tuple[str, ...]
     templates: tuple[str, ...]
-    rows: tuple[int, ...]
+    rows: tuple[int, ...]  # rows scored under closed-set
     labels: tuple[int, ...]
     class_captions: tuple[str, ...] = ()
     groups: dict[str, str] = field(default_factory=dict)
+    questions: tuple[OptionQuestion, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def n_images(self) -> int:
-        return len(self.rows)
+        return len(self.image_rows)
+
+    @property
+    def image_rows(self) -> tuple[int, ...]:
+        """Every row the task scores under either protocol."""
+        rows = set(self.rows)
+        for question in self.questions:
+            rows.update(int(r) for r in question.rows)
+        return tuple(sorted(rows))
 
 
-def _column(dataset: datasets.Dataset, name: str) -> list | None:
-    return column_values(dataset, name) if name in dataset.column_names else None
+def _present(value: object) -> bool:
+    return (value.strip().lower() if isinstance(value, str) else value) not in MISSING_VALUES
 
 
-def _caption_for(captions: list | None, key: str, row: int) -> str | None:
-    if captions is None:
+def _captions_column(dataset: datasets.Dataset) -> pa.StructArray | None:
+    if "captions" not in dataset.column_names:
         return None
-    value = captions[row]
-    if isinstance(value, dict):
-        text = value.get(key)
-        return text if isinstance(text, str) and text.strip() else None
-    return None
+    table = dataset.select_columns(["captions"]).with_format("arrow")[:]
+    return table.column("captions").combine_chunks()
 
 
-def _class_captions(
-    captions: list | None, key: str, rows: list[int], values: list, classes: list[str]
-) -> tuple[str, ...]:
-    """A caption per class from the `captions` dict (first row of each class), else the class text."""
+def caption_keys(dataset: datasets.Dataset) -> tuple[str, ...]:
+    captions = dataset.features.get("captions")
+    return tuple(captions) if isinstance(captions, dict) else ()
+
+
+def _has_key(captions: pa.StructArray | None, key: str) -> bool:
+    return captions is not None and key in {f.name for f in captions.type}
+
+
+def _field(struct: pa.Array, name: str) -> pa.Array:
+    """A child of a struct array with the parent's nulls applied (a null caption stays null)."""
+    return pc.struct_field(struct, name)
+
+
+CaptionLists = dict[str, tuple[list, list]]  # caption key -> (options per row, answer_idx per row)
+
+
+def _caption_lists(captions: pa.StructArray | None, keys: tuple[str, ...]) -> CaptionLists:
+    """Every caption key's options and answers, read once from Arrow (nulls kept as None)."""
+    if captions is None:
+        return {}
+    lists = {}
+    for key in keys:
+        entry = _field(captions, key)
+        lists[key] = (_field(entry, "options").to_pylist(), _field(entry, "answer_idx").to_pylist())
+    return lists
+
+
+def _question(
+    key: str, lists: tuple[list, list], rows: list[int], classes_of_rows: list, classes: tuple[str, ...]
+) -> OptionQuestion | None:
+    options, answers = lists
+    kept = [r for r in rows if options[r] and answers[r] is not None and str(answers[r]).strip() != ""]
+    if not kept:
+        return None
+    text_ids: dict[str, int] = {}
+    width = max(len(options[r]) for r in kept)
+    matrix = np.full((len(kept), width), -1, dtype=np.int64)
+    for i, r in enumerate(kept):
+        matrix[i, : len(options[r])] = [text_ids.setdefault(t, len(text_ids)) for t in options[r]]
+    try:
+        answer_index = np.array([int(answers[r]) for r in kept], dtype=np.int64)
+    except ValueError as exc:
+        raise MicromergeError(f"captions.{key}: an answer_idx is not an integer ({exc})") from exc
+    bad = np.flatnonzero((answer_index < 0) | (answer_index >= (matrix >= 0).sum(axis=1)))
+    if len(bad):
+        raise MicromergeError(
+            f"captions.{key}: answer_idx {answers[kept[bad[0]]]!r} of row {kept[bad[0]]} is outside its "
+            f"{(matrix[bad[0]] >= 0).sum()} options"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index.get(classes_of_rows[r], -1) for r in kept], dtype=np.int64)
+    return OptionQuestion(key, np.array(kept, dtype=np.int64), tuple(text_ids), matrix, answer_index, labels)
+
+
+def _questions(
+    lists: CaptionLists, kind: str, rows: list[int], values: list, classes: tuple[str, ...]
+) -> tuple[OptionQuestion, ...]:
+    found = []
+    for key, key_lists in lists.items():
+        match = _CAPTION_KEY.match(key)
+        if match and match["kind"] == kind and (q := _question(key, key_lists, rows, values, classes)):
+            found.append(q)
+    return tuple(found)
+
+
+def _class_captions(lists: CaptionLists, key: str, rows: list[int], values: list, classes) -> tuple:
+    """For `--prompts captions` under closed-set: per class, the first row's correct option."""
+    if key not in lists:
+        return tuple(class_text(c) for c in classes)
+    options, answers = lists[key]
     found: dict[str, str] = {}
-    for i in rows:
-        if values[i] not in found and (caption := _caption_for(captions, key, i)):
-            found[values[i]] = caption
+    for r in rows:
+        if values[r] not in found and options[r] and answers[r] is not None:
+            found[values[r]] = options[r][int(answers[r])]
     return tuple(found.get(c, class_text(c)) for c in classes)
 
 
-def discover_tasks(dataset: datasets.Dataset) -> list[Task]:
+def _null_source_names(dataset: datasets.Dataset, captions, sources: list, table: SourceTable) -> list[str]:
+    """Name the rows whose `dataset` is null by the table's rule: their classification caption
+    template and annotation class names identify the source. Unmatched rows are grouped by
+    template and named `unassigned_<digest>`, never None."""
+    null_rows = [i for i, s in enumerate(sources) if not _present(s)]
+    if not null_rows:
+        return sources
+    templates = [""] * len(sources)
+    if _has_key(captions, f"{FINE_CAPTION_KIND}_0"):
+        templates = _field(_field(captions, f"{FINE_CAPTION_KIND}_0"), "question").to_pylist()
+    class_names: list[list[str]] = [[] for _ in sources]
+    for column in ("polygon", "bbox"):
+        if column in dataset.column_names:
+            for i, annotations in enumerate(column_values(dataset.select(null_rows), column)):
+                class_names[null_rows[i]] += [a.get("className") or "" for a in annotations or []]
+    named = list(sources)
+    for r in null_rows:
+        evidence = " ".join([templates[r] or "", *class_names[r]])
+        named[r] = table.name_null_source(evidence) or f"unassigned_{sha256_json(templates[r] or '')[:8]}"
+    return named
+
+
+def _majority(values: list | None, rows: list[int]) -> str:
+    if values is None:
+        return "unknown"
+    counts = Counter(values[i] for i in rows if _present(values[i]))
+    return str(counts.most_common(1)[0][0]) if counts else "unknown"
+
+
+def _median_mpp(values: list | None, rows: list[int]) -> float | None:
+    numbers = [values[i] for i in rows if isinstance(values[i], (int, float))] if values is not None else []
+    return float(np.median(numbers)) if numbers else None
+
+
+def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) -> list[Task]:
     """Every task the rows support, coarse-grained first, then fine-grained by source dataset."""
-    captions = _column(dataset, "captions")
-    group_values = {c: _column(dataset, c) for c in GROUP_COLUMNS}
+    table = table or load_source_table()
+    captions = _captions_column(dataset)
+    lists = _caption_lists(captions, caption_keys(dataset))
+
+    def column(name: str) -> list | None:
+        return column_values(dataset, name) if name in dataset.column_names else None
+
     tasks: list[Task] = []
     for kind in COARSE_KINDS:
-        column = next((c for c in kind.columns if c in dataset.column_names), None)
-        if column is None:
+        values = column(kind.column)
+        if values is None:
             continue
-        values = column_values(dataset, column)
-        rows = [
-            i
-            for i, v in enumerate(values)
-            if (v.strip().lower() if isinstance(v, str) else v) not in MISSING_VALUES
-        ]
-        classes = sorted({values[i] for i in rows})
-        if len(classes) < 2:
+        rows = [i for i, v in enumerate(values) if _present(v)]
+        classes = tuple(sorted({values[i] for i in rows}))
+        questions = _questions(lists, kind.name, list(range(len(values))), values, classes)
+        if len(classes) < 2 and not questions:
             continue
         index = {c: i for i, c in enumerate(classes)}
         tasks.append(
             Task(
                 name=kind.name,
                 level="coarse",
-                classes=tuple(classes),
+                classes=classes,
                 class_texts=tuple(class_text(c) for c in classes),
                 templates=TEMPLATES[kind.name],
-                rows=tuple(rows),
-                labels=tuple(index[values[i]] for i in rows),
-                class_captions=_class_captions(captions, kind.name, rows, values, classes),
-                groups={"level": "coarse", "domain": "all", "modality": "all", "scale": "all"},
+                rows=tuple(rows) if len(classes) >= 2 else (),
+                labels=tuple(index[values[i]] for i in rows) if len(classes) >= 2 else (),
+                class_captions=_class_captions(lists, f"{kind.name}_0", rows, values, classes),
+                groups={
+                    "level": "coarse",
+                    **{c: "all" for c in (*GROUP_COLUMNS, "taxonomy", "scale", "paper")},
+                },
+                questions=questions,
             )
         )
+    sources = _null_source_names(dataset, captions, column_values(dataset, "dataset"), table)
     by_source: dict[str, list[int]] = defaultdict(list)
-    for i, source in enumerate(column_values(dataset, "dataset")):
+    for i, source in enumerate(sources):
         by_source[source].append(i)
     label_names = column_values(dataset, "label_name")
+    group_values = {c: column(c) for c in GROUP_COLUMNS}
+    mpp = column("microns_per_pixel")
     for source in sorted(by_source):
         rows = by_source[source]
-        classes = sorted({label_names[i] for i in rows})
-        if len(classes) < 2:
+        classes = tuple(sorted({label_names[i] for i in rows}))
+        questions = _questions(lists, FINE_CAPTION_KIND, rows, label_names, classes)
+        if len(classes) < 2 and not questions:
             continue
+        info = table.info(source)
         index = {c: k for k, c in enumerate(classes)}
-        groups = {"level": "fine"}
-        for column, values in group_values.items():
-            groups[column] = (
-                Counter(values[i] for i in rows).most_common(1)[0][0] if values is not None else "unknown"
-            )
+        notes = [n for n in (table.scale_mismatch(source, _median_mpp(mpp, rows)),) if n]
+        if source.startswith("unassigned_"):
+            notes.append("rows with a null dataset that no null_dataset_match rule names (--sources)")
+        closed = len(classes) >= 2
         tasks.append(
             Task(
                 name=source,
                 level="fine",
-                classes=tuple(classes),
+                classes=classes,
                 class_texts=tuple(class_text(c) for c in classes),
                 templates=TEMPLATES["fine_grained"],
-                rows=tuple(rows),
-                labels=tuple(index[label_names[i]] for i in rows),
-                class_captions=_class_captions(captions, "label", rows, label_names, classes),
-                groups=groups,
+                rows=tuple(rows) if closed else (),
+                labels=tuple(index[label_names[i]] for i in rows) if closed else (),
+                class_captions=_class_captions(lists, f"{FINE_CAPTION_KIND}_0", rows, label_names, classes),
+                groups={
+                    "level": "fine",
+                    **{c: _majority(v, rows) for c, v in group_values.items()},
+                    "taxonomy": info.taxonomy,
+                    "scale": info.scale,
+                    "paper": "yes" if info.paper_tables else "no",
+                    "fine_headline": "yes" if info.fine_headline and info.paper_tables else "no",
+                },
+                questions=questions,
+                notes=tuple(notes),
             )
         )
     return tasks
 
 
 def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...]) -> list[Task]:
-    """`all`, `coarse`, `fine`, or a comma-separated list of task names."""
+    """`all`, `coarse`, `fine`, or a comma-separated list of task names and levels."""
     names = [wanted] if isinstance(wanted, str) else list(wanted)
-    if len(names) == 1 and "," in names[0]:
-        names = [n.strip() for n in names[0].split(",") if n.strip()]
-    if names in (["all"], []):
+    names = [n.strip() for part in names for n in part.split(",") if n.strip()]
+    if not names:
+        raise MicromergeError("--tasks: empty; give all, coarse, fine or task names")
+    if "all" in names:
         return tasks
-    if names in (["coarse"], ["fine"]):
-        return [t for t in tasks if t.level == names[0]]
     known = {t.name: t for t in tasks}
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and n not in ("coarse", "fine")]
     if unknown:
         raise MicromergeError(
             f"--tasks: unknown task(s) {unknown}; available: {sorted(known)} (or all, coarse, fine)"
         )
-    return [known[n] for n in names]
+    return [t for t in tasks if t.name in names or t.level in names]

@@ -62,3 +62,29 @@ def image_embeddings(
 
 def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> np.ndarray:
     return (image_emb @ class_emb.T).argmax(dim=1).cpu().numpy()
+
+
+@torch.no_grad()
+def text_embeddings(
+    model, tokenizer, texts: list[str], device: torch.device, token_cache: dict, batch_size: int = 1024
+) -> torch.Tensor:
+    """[T, D] normalised embeddings of distinct texts; tokens are cached across models (alphas)."""
+    key = (id(tokenizer), "texts", len(texts), hash(tuple(texts)))
+    tokens = token_cache.get(key)
+    if tokens is None:
+        tokens = token_cache[key] = tokenizer(texts)
+    outputs = [
+        F.normalize(model.encode_text(tokens[start : start + batch_size].to(device)).float(), dim=-1)
+        for start in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(outputs)
+
+
+def option_correct(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, options: torch.Tensor, answers: torch.Tensor
+) -> np.ndarray:
+    """Per image, argmax of cosine similarity over ITS OWN options (ids into `text_emb`, -1 =
+    padding), compared with its answer index: the μ-Bench authors' rule for CLIP-style models."""
+    scores = (image_emb @ text_emb.T).gather(1, options.clamp(min=0))
+    scores = scores.masked_fill(options < 0, float("-inf"))
+    return (scores.argmax(dim=1) == answers).cpu().numpy()

@@ -252,11 +252,24 @@ def _eval_options(func):
         ),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option(
+            "--protocol",
+            type=click.Choice(["ubench", "closed-set"]),
+            default="ubench",
+            show_default=True,
+            help="ubench: each image scored against its own caption options, as the μ-Bench authors do; "
+            "closed-set: against every class of the task (CLIP_benchmark-style).",
+        ),
+        click.option(
             "--prompts",
             type=click.Choice(["names", "captions"]),
             default="names",
             show_default=True,
-            help="Class names in templates, or class captions.",
+            help="closed-set: class names in templates, or class captions.",
+        ),
+        click.option(
+            "--sources",
+            type=click.Path(),
+            help="TOML overriding the source metadata table (scale, taxonomy, ...).",
         ),
         click.option("--device", default="auto", show_default=True),
         click.option(
@@ -290,6 +303,8 @@ def _eval_settings(values: dict[str, Any]):
         bootstrap=values["bootstrap"],
         seed=values["seed"],
         prompts=values["prompts"],
+        protocol=values["protocol"],
+        sources=Path(values["sources"]) if values.get("sources") else None,
         progress=not values["quiet"] and state.is_main_process,
         rank=state.process_index,
         world_size=state.num_processes,
@@ -307,39 +322,101 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         if alpha is not None:
             click.echo(f"\nalpha = {alpha:g}")
         click.echo(
-            f"{'task':<34} {'level':<6} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'macro-F1':>9} {'bal.acc':>8}"
+            f"{'task':<34} {'caption key':<18} {'level':<8} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'bal.acc':>8}"
         )
-        table: dict[str, dict[str, Any]] = {}
+        table: dict[tuple[str, Any], dict[str, Any]] = {}
         for row in alpha_rows:
             if row.get("split", "all") == "all":
-                table.setdefault(row["task"], {})[row["metric"]] = row
-        for task, metrics in table.items():
+                table.setdefault((row["task"], row.get("caption_key")), {})[row["metric"]] = row
+        for (task, key), metrics in table.items():
             acc = metrics["accuracy"]
             interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"])
-            corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc["n_corrupt"] else ""
+            corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
+            balanced = metrics.get("balanced_accuracy", {}).get("value", float("nan"))
             click.echo(
-                f"{task:<34} {acc['level']:<6} {acc['n_images']:>6} {acc['value']:>9.3f} {interval:>15} "
-                f"{metrics['macro_f1']['value']:>9.3f} {metrics['balanced_accuracy']['value']:>8.3f}{corrupt}"
+                f"{task:<34} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "
+                f"{interval:>15} {balanced:>8.3f}{corrupt}"
             )
         for group, value in aggregate(alpha_rows).items():
             click.echo(f"  mean accuracy {group:<28} {value:.3f}")
 
 
 @cli.command("tasks")
-@click.option("--data", default="ubench", show_default=True, help="'ubench' or a local μ-Bench folder.")
+@click.option(
+    "--data", default="ubench", show_default=True, help="'ubench[@REVISION]' or a local μ-Bench copy."
+)
+@click.option("--sources", type=click.Path(), help="TOML overriding the source metadata table.")
 @friendly_errors
-def tasks_command(data: str) -> None:
-    """List every task in the benchmark with image and class counts."""
+def tasks_command(data: str, sources: str | None) -> None:
+    """List every task with its images, classes, caption keys and metadata groups."""
+    from pathlib import Path
+
     from eval.data import load_benchmark
+    from eval.source_metadata import load_source_table
     from eval.tasks import discover_tasks
 
     bench = load_benchmark(data)
-    click.echo(f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  domain / modality / scale")
-    for task in discover_tasks(bench.dataset):
-        groups = task.groups
+    click.echo(
+        f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  {'caption keys':<34} "
+        "domain / subdomain / modality / scale / taxonomy / in paper"
+    )
+    for task in discover_tasks(bench.dataset, load_source_table(Path(sources) if sources else None)):
+        g = task.groups
+        keys = ",".join(q.key for q in task.questions) or "-"
         click.echo(
-            f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {groups.get('domain')} / {groups.get('modality')} / {groups.get('scale')}"
+            f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {keys:<34} "
+            f"{g.get('domain')} / {g.get('subdomain')} / {g.get('modality')} / {g.get('scale')} / "
+            f"{g.get('taxonomy')} / {g.get('paper')}"
         )
+        for note in task.notes:
+            click.echo(f"  note: {note}")
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Local copies of μ-Bench."""
+
+
+@data_group.command("verify")
+@click.argument("path", type=click.Path())
+@click.option(
+    "--expected",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON {shard name: sha256} to check against instead of the published checksums.",
+)
+@friendly_errors
+def data_verify_command(path: str, expected: str | None) -> None:
+    """Check a local copy's shards against the published SHA-256 of jnirschl/uBench's seven shards."""
+    import json
+    from pathlib import Path
+
+    from eval.hub_layout import PUBLISHED_SHARDS, find_hub_layout, verify_shards
+    from micromerge.errors import MicromergeError
+
+    folder = find_hub_layout(Path(path)) if Path(path).is_dir() else None
+    if folder is None:
+        raise MicromergeError(
+            f"{path}: no μ-Bench shard folder (perception/0.1.0 with dataset_info.json) here"
+        )
+    checksums = PUBLISHED_SHARDS
+    if expected:
+        try:
+            checksums = json.loads(Path(expected).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MicromergeError(
+                f"--expected {expected}: not a JSON object of shard checksums ({exc})"
+            ) from exc
+        if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+            raise MicromergeError(f"--expected {expected}: must be a JSON object {{shard name: sha256}}")
+    report = verify_shards(folder, checksums)
+    for name, status in report:
+        click.echo(f"{name}  {status}")
+    bad = [name for name, status in report if status != "ok"]
+    if bad:
+        raise MicromergeError(
+            f"{folder}: {len(bad)} of {len(report)} shard(s) differ or are missing: {', '.join(bad)}"
+        )
+    click.echo(f"{folder}: all {len(report)} shards match")
 
 
 @cli.command("eval")

@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eval.data import load_benchmark
+from eval.data import column_values, load_benchmark
 from eval.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
 from eval.store import ResultStore
 from eval.tasks import discover_tasks
@@ -38,44 +40,167 @@ def models(tmp_path):
     return tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
 
 
-def test_loader_reads_save_to_disk_and_parquet_through_one_path(tmp_path):
-    a = load_benchmark(str(write_fixture(tmp_path / "disk")))
-    b = load_benchmark(str(write_fixture(tmp_path / "pq", fmt="parquet")))
-    assert len(a.dataset) == len(b.dataset) == 42
-    assert a.dataset["label_name"] == b.dataset["label_name"]
-    assert isinstance(a.dataset.features["captions"], dict)
+def _identity(row):
+    return (row["alpha"], row["task"], row.get("caption_key"), row["split"], row["metric"])
 
 
-def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path, bench):
-    dataset = datasets.load_from_disk(str(bench))
+def test_loader_reads_every_layout_through_one_path(tmp_path, bench):
+    """The Hub folder, its parent, save_to_disk and parquet give the same rows; nested structs kept."""
+    layouts = [bench, bench.parent.parent, write_fixture(tmp_path / "disk", fmt="save_to_disk")]
+    layouts.append(write_fixture(tmp_path / "pq", fmt="parquet"))
+    loaded = [load_benchmark(str(p)).dataset for p in layouts]
+    assert all(len(d) == 78 for d in loaded)
+    assert all(column_values(d, "label_name") == column_values(loaded[0], "label_name") for d in loaded)
+    assert not (bench / "state.json").exists() and len(list(bench.glob("*.arrow"))) == 7
+    first = loaded[0]
+    assert first.features["captions"]["modality_0"]["answer_idx"] == datasets.Value("string")
+    assert column_values(first, "dataset").count(None) == 18, "the Held rows keep their null dataset"
+    assert column_values(first, "annotator_notes")[0] is None, "unknown extra columns are kept"
+    assert first[0]["captions"]["stain_0"] is not None and first[-1]["captions"]["stain_0"] is None
+
+
+def test_hub_shards_are_memory_mapped_not_copied(bench):
+    dataset = load_benchmark(str(bench)).dataset
+    files = sorted(f["filename"] for f in dataset.cache_files)
+    assert [os.path.basename(f) for f in files] == sorted(p.name for p in bench.glob("*.arrow"))
+
+
+def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
+    dataset = datasets.load_from_disk(str(write_fixture(tmp_path / "disk", fmt="save_to_disk")))
     dataset.remove_columns(["dataset"]).save_to_disk(str(tmp_path / "missing"))
     with pytest.raises(MicromergeError, match=r"missing required column\(s\) \['dataset'\]"):
         load_benchmark(str(tmp_path / "missing"))
     dataset.cast_column("label", datasets.Value("string")).save_to_disk(str(tmp_path / "typed"))
     with pytest.raises(MicromergeError, match="column 'label' must be a ClassLabel"):
         load_benchmark(str(tmp_path / "typed"))
+    flat = dataset.remove_columns(["captions"]).add_column("captions", ["A caption."] * len(dataset))
+    flat.save_to_disk(str(tmp_path / "flat"))
+    with pytest.raises(MicromergeError, match="column 'captions' must be a struct"):
+        load_benchmark(str(tmp_path / "flat"))
     dataset.add_column("a_new_column", ["x"] * len(dataset)).save_to_disk(str(tmp_path / "extra"))
     assert "a_new_column" in load_benchmark(str(tmp_path / "extra")).dataset.column_names
 
 
+def _hub_snapshot(revision: str, source: Path) -> Path:
+    """Lay the fixture out as huggingface_hub's cache holds a dataset snapshot:
+    datasets--jnirschl--uBench/{refs/main, snapshots/<revision>/perception/0.1.0/...}."""
+    root = Path(os.environ["HF_HUB_CACHE"]) / "datasets--jnirschl--uBench"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    target = root / "snapshots" / revision / "perception" / "0.1.0"
+    shutil.copytree(source, target)
+    return target
+
+
+def test_hub_id_reads_the_cached_snapshot_offline(bench):
+    from eval.hub_layout import HUB_REVISION
+
+    _hub_snapshot(HUB_REVISION, bench)
+    assert len(load_benchmark("ubench").dataset) == 78
+    other = "0123456789abcdef0123456789abcdef01234567"
+    _hub_snapshot(other, bench)
+    assert len(load_benchmark(f"jnirschl/uBench@{other}").dataset) == 78
+
+
 def test_hub_copy_offline_without_cache_is_a_clear_error():
-    with pytest.raises(MicromergeError, match="jnirschl/uBench.*save_to_disk"):
+    with pytest.raises(
+        MicromergeError, match="jnirschl/uBench@3f2c5b590bc7: not in the Hugging Face cache.*--data"
+    ):
         load_benchmark("ubench")
 
 
-def test_tasks_are_discovered_from_the_data(bench):
+def _tasks_cli(path):
+    return CliRunner().invoke(cli, ["tasks", "--data", str(path)])
+
+
+def test_bad_copies_are_one_line_errors(tmp_path, bench):
+    missing = tmp_path / "missing"
+    shutil.copytree(bench, missing)
+    (missing / "ubench-test-00003-of-00007.arrow").unlink()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(bench, truncated)
+    shard = truncated / "ubench-test-00002-of-00007.arrow"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for path, message in (
+        (missing, "shard(s) missing: ubench-test-00003-of-00007.arrow"),
+        (truncated, "ubench-test-00002-of-00007.arrow: not a readable Arrow stream shard"),
+        (tmp_path / "nowhere", "no such folder"),
+    ):
+        result = _tasks_cli(path)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_data_verify_names_the_changed_shard(tmp_path, bench):
+    import hashlib
+
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bench.glob("*.arrow")}
+    (tmp_path / "sums.json").write_text(json.dumps(expected))
+    ok = CliRunner().invoke(
+        cli, ["data", "verify", str(bench.parent.parent), "--expected", str(tmp_path / "sums.json")]
+    )
+    assert ok.exit_code == 0 and "all 7 shards match" in ok.output, ok.output
+    shard = bench / "ubench-test-00004-of-00007.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = CliRunner().invoke(cli, ["data", "verify", str(bench), "--expected", str(tmp_path / "sums.json")])
+    assert bad.exit_code == 2
+    assert (
+        "ubench-test-00004-of-00007.arrow  differs" in bad.output and "1 of 7 shard(s) differ" in bad.output
+    )
+    published = CliRunner().invoke(cli, ["data", "verify", str(bench)])  # our fixture is not the real data
+    assert published.exit_code == 2 and "7 of 7 shard(s) differ" in published.output
+
+
+def test_tasks_are_discovered_as_the_benchmark_defines_them(bench):
     tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset)}
-    assert set(tasks) == {"modality", "submodality", "domain", "stain", "fix-tissue", "fix-cells", "fix-em"}
-    assert tasks["stain"].n_images == 30, "rows without a stain are not in the stain task"
-    assert tasks["fix-tissue"].classes == ("adipose", "stroma", "tumor")
-    assert tasks["fix-tissue"].groups == {
+    coarse = {"modality", "submodality", "domain", "subdomain", "stain"}
+    fine = {
+        "kather_et_al_2016",
+        "nirschl_et_al_2018",
+        "held_et_al_2010_h2b",
+        "eulenberg_et_al_2017_darkfield",
+        "opencell",
+    }
+    assert set(tasks) == coarse | fine, "null-dataset rows are named by the source table's rule, never None"
+    held = tasks["held_et_al_2010_h2b"]
+    assert held.classes == ("anaphase", "interphase", "metaphase") and held.n_images == 18
+    assert [q.key for q in held.questions] == ["classification_0", "classification_1"]
+    assert tasks["kather_et_al_2016"].groups == {
         "level": "fine",
         "domain": "pathology",
+        "subdomain": "gastrointestinal pathology",
         "modality": "light microscopy",
+        "submodality": "brightfield microscopy",
+        "taxonomy": "neoplastic histopathology",
         "scale": "tissue",
+        "paper": "yes",
+        "fine_headline": "yes",
     }
-    assert tasks["fix-cells"].class_captions == ("An image of g1.", "An image of metaphase.")
-    assert tasks["modality"].level == "coarse" and len(tasks["modality"].classes) == 3
+    assert tasks["opencell"].groups["paper"] == "no"
+    assert tasks["eulenberg_et_al_2017_darkfield"].groups["fine_headline"] == "no"
+    stain = tasks["stain"]
+    assert [len(q.rows) for q in stain.questions] == [30, 30], "null stain captions are not scored"
+    modality = tasks["modality"].questions[0]
+    assert (
+        modality.options.shape == (78, 5) and "A micrograph acquired through X-ray imaging." in modality.texts
+    )
+    assert tasks["subdomain"].questions == () and len(tasks["subdomain"].classes) == 3
+
+
+def test_source_table_override_changes_a_scale(tmp_path, bench):
+    from eval.source_metadata import load_source_table
+
+    (tmp_path / "mine.toml").write_text('[sources.kather_et_al_2016]\nscale = "subcellular"\n')
+    table = load_source_table(tmp_path / "mine.toml")
+    tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset, table)}
+    assert tasks["kather_et_al_2016"].groups["scale"] == "subcellular"
+    assert tasks["kather_et_al_2016"].notes == ("median 0.5 µm/px is outside subcellular's 0–0.35",)
+    assert tasks["kather_et_al_2016"].groups["taxonomy"] == "neoplastic histopathology", "other keys stay"
+    (tmp_path / "bad.toml").write_text("[sources.kather_et_al_2016]\nscale = 3\n")
+    with pytest.raises(MicromergeError, match=r"bad.toml: sources.kather_et_al_2016.scale must be a str"):
+        load_source_table(tmp_path / "bad.toml")
 
 
 def test_metrics_equal_hand_computed_values():
@@ -134,35 +259,102 @@ def _clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task) -> flo
     return correct / total
 
 
-def _eval_args(tmp_path, bench, model, store="r.jsonl", bootstrap=0):
+def _eval_args(tmp_path, bench, model, store="r.jsonl", bootstrap=0, protocol="ubench"):
     """`micromerge eval` of one checkpoint on the fixture, quietly, with the image cache in tmp_path."""
     return ["eval", "--model", str(model), "--data", str(bench), "--store", str(tmp_path / store),
-            "--bootstrap", str(bootstrap), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+            "--bootstrap", str(bootstrap), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+            "--protocol", protocol]  # fmt: skip
 
 
-def test_zero_shot_accuracy_equals_an_independent_implementation(tmp_path, bench, models):
-    result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0]))
+def _load(model_path):
+    with open_source(str(model_path)) as source:
+        model, config = load_model(source)
+    preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
+    return model, preprocess, tokenizer
+
+
+def test_closed_set_accuracy_equals_an_independent_implementation(tmp_path, bench, models):
+    result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0], protocol="closed-set"))
     assert result.exit_code == 0, result.output
     rows = {
         r["task"]: r
         for r in ResultStore(tmp_path / "r.jsonl").rows()
         if r["metric"] == "accuracy" and r["split"] == "all"
     }
-    with open_source(str(models[0])) as source:
-        model, config = load_model(source)
-    preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
+    assert {r["protocol"] for r in rows.values()} == {"closed-set"}
+    model, preprocess, tokenizer = _load(models[0])
     dataset = load_benchmark(str(bench)).dataset
-    for task in discover_tasks(dataset):
+    scored = [t for t in discover_tasks(dataset) if len(t.classes) >= 2]
+    assert set(rows) == {t.name for t in scored}, "single-class tasks (stain here) are not scored closed-set"
+    for task in scored:
         assert rows[task.name]["value"] == pytest.approx(
             _clip_benchmark_accuracy(model, preprocess, tokenizer, dataset, task), abs=1e-12
         ), task.name
-    assert rows["fix-tissue"]["n_corrupt"] == 1 and rows["modality"]["n_corrupt"] == 1
-    assert (
-        "fix-tissue" in result.output
-        and "mean accuracy" in result.output
-        and "corrupt images skipped" in result.output
+    assert rows["kather_et_al_2016"]["n_corrupt"] == 1 and rows["modality"]["n_corrupt"] == 1
+    assert "kather_et_al_2016" in result.output and "corrupt images skipped" in result.output
+
+
+def _ubench_by_hand(model, preprocess, tokenizer, dataset) -> dict[str, tuple[int, int]]:
+    """The authors' rule written from SCHEMA.md with open_clip alone: per image and caption key,
+    embed that row's own options, argmax cosine similarity, correct when it equals answer_idx.
+    Returns caption key -> (correct, scored), per fine source for classification keys."""
+    counts: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for row in range(len(dataset)):
+            try:
+                record = dataset[row]
+                image = record["image"]
+            except Exception:
+                continue  # the corrupt image
+            features = model.encode_image(preprocess(image).unsqueeze(0))
+            features = features / features.norm(dim=-1, keepdim=True)
+            for key, caption in record["captions"].items():
+                if caption is None:
+                    continue
+                texts = model.encode_text(tokenizer(caption["options"]))
+                texts = texts / texts.norm(dim=-1, keepdim=True)
+                correct = int((features @ texts.T).argmax().item() == int(caption["answer_idx"]))
+                names = [key if not key.startswith("classification") else f"{record['dataset']}/{key}"]
+                if not key.startswith("classification") and record["dataset"] != "opencell":
+                    names.append("coarse in the paper's sources")
+                for name in names:
+                    tally = counts.setdefault(name, [0, 0])
+                    tally[0] += correct
+                    tally[1] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
+    result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[1]))
+    assert result.exit_code == 0, result.output
+    rows = [
+        r
+        for r in ResultStore(tmp_path / "r.jsonl").rows()
+        if r["split"] == "all" and r["metric"] == "accuracy"
+    ]
+    assert {r["protocol"] for r in rows} == {"ubench"}
+    by_key = {(r["task"], r["caption_key"]): r for r in rows}
+    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset)
+    paper_coarse = hand.pop("coarse in the paper's sources")
+    for name, (correct, scored) in hand.items():
+        source, _, key = name.rpartition("/")
+        task = source if source != "None" else "held_et_al_2010_h2b"
+        task = task or key.rsplit("_", 1)[0]
+        row = by_key[(task, key)]
+        assert row["n_questions"] == scored and row["value"] == pytest.approx(correct / scored, abs=1e-12), (
+            name
+        )
+    assert len(hand) == 8 + 5 * 2, "every coarse key and both classification keys of every source"
+    paper_fine = [v for k, v in hand.items() if k.endswith("classification_1") and k.split("/")[0] not in
+                  ("opencell", "eulenberg_et_al_2017_darkfield")]  # fmt: skip
+    headline = {r["task"]: r for r in rows if r["level"] == "headline"}
+    assert headline["ubench:fine"]["value"] == pytest.approx(
+        sum(c for c, _ in paper_fine) / sum(n for _, n in paper_fine), abs=1e-12
     )
+    assert headline["ubench:fine"]["n_questions"] == sum(n for _, n in paper_fine)
+    assert headline["ubench:coarse"]["n_questions"] == paper_coarse[1]
+    assert headline["ubench:coarse"]["value"] == pytest.approx(paper_coarse[0] / paper_coarse[1], abs=1e-12)
 
 
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
@@ -200,11 +392,14 @@ def test_sweep_rows_and_end_points_equal_plain_evaluation(tmp_path, bench, model
     result = CliRunner().invoke(cli, _sweep_args(tmp_path, bench, models))
     assert result.exit_code == 0, result.output
     rows = ResultStore(tmp_path / "s.jsonl").rows()
-    assert len(rows) == 3 * 7 * 3 * 3  # alphas x tasks x splits (all, select, report) x metrics
-    assert len({(r["alpha"], r["task"], r["split"], r["metric"]) for r in rows}) == len(rows)
+    per_alpha = 9 * 3 * 3 * 2 + 2 * 3  # tasks x (2 keys + pooled) x splits x metrics + headline rows
+    assert len(rows) == 3 * per_alpha and len({_identity(r) for r in rows}) == len(rows)
     halves = [
-        r for r in rows if r["alpha"] == 0.0 and r["task"] == "fix-tissue" and r["metric"] == "accuracy"
-    ]
+        r
+        for r in rows
+        if r["alpha"] == 0.0 and r["task"] == "kather_et_al_2016" and r["metric"] == "accuracy"
+        and r["caption_key"] == "all"
+    ]  # fmt: skip
     sizes = {r["split"]: r["n_images"] for r in halves}
     assert sizes == {"all": 17, "select": 8, "report": 9}
     row = rows[0]
@@ -216,10 +411,8 @@ def test_sweep_rows_and_end_points_equal_plain_evaluation(tmp_path, bench, model
     for alpha, model in ((0.0, models[0]), (1.0, models[1])):
         store = f"e{alpha}.jsonl"
         CliRunner().invoke(cli, _eval_args(tmp_path, bench, model, store=store, bootstrap=20))
-        plain = {
-            (r["task"], r["split"], r["metric"]): r["value"] for r in ResultStore(tmp_path / store).rows()
-        }
-        swept = {(r["task"], r["split"], r["metric"]): r["value"] for r in rows if r["alpha"] == alpha}
+        plain = {_identity(r)[1:]: r["value"] for r in ResultStore(tmp_path / store).rows()}
+        swept = {_identity(r)[1:]: r["value"] for r in rows if r["alpha"] == alpha}
         assert swept == pytest.approx(plain, abs=1e-6)
 
 
@@ -270,12 +463,12 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_rows(tmp_path, bench,
     process.wait()
     finished_before = {r["alpha"] for r in store.rows()}
     assert 3 <= len(finished_before) < 21, "the kill must land mid-sweep for this test to mean anything"
-    before = {(r["alpha"], r["task"], r["split"], r["metric"]): r["value"] for r in store.rows()}
+    before = {_identity(r): r["value"] for r in store.rows()}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = store.rows()
-    keys = [(r["alpha"], r["task"], r["split"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 21 * 7 * 3 * 3
+    keys = [_identity(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 21 * (9 * 3 * 3 * 2 + 2 * 3)
     assert all(dict(zip(keys, [r["value"] for r in rows], strict=True))[k] == v for k, v in before.items())
 
 
@@ -292,8 +485,8 @@ def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = ResultStore(tmp_path / "s.jsonl").rows()
-    keys = [(r["alpha"], r["task"], r["split"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 5 * 7 * 3 * 3
+    keys = [_identity(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 5 * (9 * 3 * 3 * 2 + 2 * 3)
     by_process = {}
     for row in rows:
         by_process.setdefault(row["process"], set()).add(row["alpha"])
@@ -303,15 +496,19 @@ def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, 
 def test_tasks_command_lists_counts(bench):
     result = CliRunner().invoke(cli, ["tasks", "--data", str(bench)])
     assert result.exit_code == 0, result.output
-    line = next(line for line in result.output.splitlines() if line.startswith("fix-tissue"))
-    assert line.split()[1:4] == ["fine", "18", "3"] and "pathology / light microscopy / tissue" in line
+    line = next(line for line in result.output.splitlines() if line.startswith("kather_et_al_2016"))
+    assert line.split()[1:5] == ["fine", "18", "3", "classification_0,classification_1"]
+    assert "pathology / gastrointestinal pathology / light microscopy / tissue" in line
+    assert any(line.startswith("held_et_al_2010_h2b") for line in result.output.splitlines())
 
 
 def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
     from eval.zeroshot import class_embeddings
     from merging.models import tokenizer_for
 
-    task = next(t for t in discover_tasks(load_benchmark(str(bench)).dataset) if t.name == "fix-cells")
+    task = next(
+        t for t in discover_tasks(load_benchmark(str(bench)).dataset) if t.name == "nirschl_et_al_2018"
+    )
     with open_source(str(models[0])) as source:
         model, config = load_model(source)
     tokenizer = tokenizer_for(config)
@@ -323,8 +520,12 @@ def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
 
     by_caption = class_embeddings(model, spy, task, torch.device("cpu"), prompts="captions")
     by_name = class_embeddings(model, spy, task, torch.device("cpu"), prompts="names")
-    assert seen[0] == ["An image of g1.", "An image of metaphase."]
+    assert seen[0] == [
+        "An H&E micrograph of chronic_heart_failure.",
+        "An H&E micrograph of not_chronic_heart_failure.",
+    ], "the correct option of each class's first classification_0 caption"
     assert len(seen[1]) == len(task.templates) * 2 and not torch.allclose(by_caption, by_name)
-    result = CliRunner().invoke(cli, [*_eval_args(tmp_path, bench, models[0]), "--prompts", "captions"])
+    args = [*_eval_args(tmp_path, bench, models[0], protocol="closed-set"), "--prompts", "captions"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert {r["prompts"] for r in ResultStore(tmp_path / "r.jsonl").rows()} == {"captions"}

@@ -1,4 +1,23 @@
-"""A small μ-Bench written by the tests themselves: every column, real PNG bytes, one corrupt image."""
+"""A small μ-Bench written by the tests themselves, in the real structure.
+
+Every fact comes from ../shared/ubench/SCHEMA.md (itself from the Hub file listing, the authors'
+eVLLM code and rows dumped from the real shards):
+- columns and their types, including `microns_per_pixel`, `synthetic`, `bbox`/`polygon` and no
+  `scale` column ("Columns");
+- captions as structs {id, name, question, answer_idx (a string), options, tags} under the keys
+  modality_0/1, submodality_0/1, domain_0/1, stain_0/1, classification_0/1, null where a
+  question does not apply (stain for fluorescence sources); options are the template filled with a
+  few candidates, some of which occur in no row (domains cytology/radiology, stains Gram/Congo
+  Red), then "none of the above" ("`captions`");
+- questions as structs {answer, answer_idx (an int), id, name, options, question, tags} ("`questions`");
+- Held et al. 2010 rows with a null `dataset`, source-specific classification template and
+  `H2B-mCherry` polygons; `opencell` on the Hub but not in the paper; `image_id` not unique
+  ("Facts that break naive loaders", "Rows");
+- the Hub layout: Arrow stream shards `ubench-test-0000i-of-0000N.arrow` + `dataset_info.json`,
+  no `state.json` ("Files on the Hub").
+One extra column (`annotator_notes`) stands for columns a later release may add, and one image's
+bytes are corrupt.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +28,92 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from eval.schema import ubench_features
+from eval.hub_layout import write_hub_layout
+from eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 
+TEMPLATES = {
+    "modality": ("A micrograph acquired through {class}.", "A microscopy image obtained through {class}."),
+    "submodality": ("A {class} image.", "An image captured with {class}."),
+    "domain": ("A micrograph, typically studied in {class}.", "A microscopy image used in {class}."),
+    "stain": ("A micrograph stained with {class}.", "A specimen prepared with {class} staining."),
+}
+DISTRACTORS = {  # candidate values, some of which occur in no row
+    "modality": ["light microscopy", "fluorescence microscopy", "electron microscopy", "X-ray imaging"],
+    "submodality": [
+        "brightfield microscopy",
+        "darkfield microscopy",
+        "epifluorescence microscopy",
+        "cryo-electron tomography",
+        "ultrasound",
+    ],
+    "domain": ["pathology", "biology", "cytology", "radiology", "dermatology"],
+    "stain": ["H&E", "Gram", "Congo Red", "Giemsa", "PAS"],
+}
+# dataset: (domain, subdomain, modality, submodality, stain, microns/pixel, classes, templates, polygon class)
 SOURCES = {
-    "fix-tissue": (
+    "kather_et_al_2016": (
         "pathology",
+        "gastrointestinal pathology",
         "light microscopy",
-        "brightfield",
+        "brightfield microscopy",
         "H&E",
+        0.5,
+        ["adipose", "stroma", "tumor"],
+        ("An H&E micrograph of colorectal {class}.", "A colorectal tissue tile showing {class}."),
         "tissue",
-        ["tumor", "stroma", "adipose"],
     ),
-    "fix-cells": ("biology", "fluorescence microscopy", "confocal", "none", "cell", ["g1", "metaphase"]),
-    "fix-em": (
+    "nirschl_et_al_2018": (
+        "pathology",
+        "cardiovascular pathology",
+        "light microscopy",
+        "brightfield microscopy",
+        "H&E",
+        0.5,
+        ["chronic_heart_failure", "not_chronic_heart_failure"],
+        ("An H&E micrograph of {class}.", "A micrograph of cardiac tissue from a patient with {class}."),
+        "myocyte",
+    ),
+    None: (  # Held et al. 2010 (CellCognition): the dataset value is null on the Hub
         "biology",
-        "electron microscopy",
-        "transmission electron",
-        "uranyl acetate",
-        "subcellular",
-        ["mitochondria", "cardiac_muscle"],
+        "cell biology",
+        "fluorescence microscopy",
+        "epifluorescence microscopy",
+        None,
+        0.2,
+        ["anaphase", "interphase", "metaphase"],
+        (
+            "A fluorescence micrograph of H2B-mCherry labelled chromatin in {class}.",
+            "HeLa cell nuclei imaged live during {class}.",
+        ),
+        "H2B-mCherry",
+    ),
+    "eulenberg_et_al_2017_darkfield": (
+        "biology",
+        "cell biology",
+        "light microscopy",
+        "darkfield microscopy",
+        None,
+        0.3,
+        ["g1", "g2", "prophase"],
+        (
+            "A darkfield image of a cell in {class}.",
+            "An imaging flow cytometry image of a Jurkat cell in {class}.",
+        ),
+        "cell",
+    ),
+    "opencell": (
+        "biology",
+        "cell biology",
+        "fluorescence microscopy",
+        "epifluorescence microscopy",
+        None,
+        0.2,
+        ["mitochondria", "nucleolus"],
+        ("A fluorescence image of a protein localised to the {class}.", "OpenCell: {class} localisation."),
+        "protein",
     ),
 }
-LABELS = [c for spec in SOURCES.values() for c in spec[5]]
+ALL_CLASSES = sorted({c for spec in SOURCES.values() for c in spec[6]} | {"unused_class"})
 
 
 def _png(rng: np.random.Generator, shade: int, size: int = 40) -> bytes:
@@ -40,48 +123,115 @@ def _png(rng: np.random.Generator, shade: int, size: int = 40) -> bytes:
     return buffer.getvalue()
 
 
+def _options(rng: np.random.Generator, template: str, answer: str, pool: list[str]) -> tuple[list[str], int]:
+    """A per-image subset: the answer and up to three distractors, shuffled, then none of the above."""
+    others = [v for v in pool if v != answer]
+    picked = [answer, *rng.choice(others, size=min(3, len(others)), replace=False).tolist()]
+    rng.shuffle(picked)
+    return [template.replace("{class}", v) for v in picked] + [NONE_OF_THE_ABOVE], picked.index(answer)
+
+
+def _caption(rng, key: str, template: str, answer: str | None, pool: list[str]) -> dict | None:
+    if answer is None:
+        return None
+    options, index = _options(rng, template, answer, pool)
+    return {
+        "id": f"{key}-{answer}",
+        "name": key,
+        "question": template,
+        "answer_idx": str(index),
+        "options": options,
+        "tags": [key.rsplit("_", 1)[0]],
+    }
+
+
+def _question(rng, key: str, answer: str | None, pool: list[str]) -> dict | None:
+    if answer is None:
+        return None
+    others = [v for v in pool if v != answer]
+    picked = [answer, *rng.choice(others, size=min(2, len(others)), replace=False).tolist()]
+    rng.shuffle(picked)
+    return {
+        "answer": answer,
+        "answer_idx": picked.index(answer),
+        "id": f"q-{key}",
+        "name": key,
+        "options": [*picked, NONE_OF_THE_ABOVE],
+        "question": f"Which {key} best describes this image?",
+        "tags": [key],
+    }
+
+
 def fixture_rows(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> dict[str, list]:
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {name: [] for name in ubench_features(LABELS)}
-    for source, (domain, modality, submodality, stain, scale, classes) in SOURCES.items():
+    rows: dict[str, list] = {name: [] for name in ubench_features(ALL_CLASSES)}
+    rows["annotator_notes"] = []
+    for s_index, (source, spec) in enumerate(SOURCES.items()):
+        domain, subdomain, modality, submodality, stain, mpp, classes, fine_templates, polygon_class = spec
+        values = {"modality": modality, "submodality": submodality, "domain": domain, "stain": stain}
         for c_index, label in enumerate(classes):
             for i in range(per_class):
-                rows["image_id"].append(f"{source}-{label}-{i}")
-                rows["image"].append({"bytes": _png(rng, 40 + 40 * c_index + 10 * len(source)), "path": None})
-                rows["label"].append(LABELS.index(label))
+                shade = 40 + 45 * c_index + 12 * s_index
+                rows["image_id"].append(f"{i:04d}.png")  # not unique, as on the Hub
+                rows["image"].append({"bytes": _png(rng, shade), "path": None})
+                rows["label"].append(ALL_CLASSES.index(label))
                 rows["label_name"].append(label)
                 rows["dataset"].append(source)
                 rows["domain"].append(domain)
                 rows["institution"].append("test lab")
                 rows["license"].append("CC-BY-SA-4.0")
-                rows["pmid"].append("12345")
+                rows["microns_per_pixel"].append(mpp)
                 rows["modality"].append(modality)
-                rows["submodality"].append(submodality)
+                rows["ncbitaxon_id"].append("9606")
+                rows["ncbitaxon_name"].append("Homo sapiens")
+                rows["pmid"].append(None if source == "opencell" else "12345")
+                rows["split"].append("test")
                 rows["stain"].append(stain)
-                rows["scale"].append(scale)
-                rows["captions"].append(
-                    {
-                        "modality": f"A {modality} image.",
-                        "submodality": submodality,
-                        "domain": domain,
-                        "stain": stain,
-                        "label": f"An image of {label}.",
-                    }
+                rows["subdomain"].append(subdomain)
+                rows["submodality"].append(submodality)
+                rows["synthetic"].append(False)
+                captions = {}
+                for kind, templates in TEMPLATES.items():
+                    for variant, template in enumerate(templates):
+                        key = f"{kind}_{variant}"
+                        captions[key] = _caption(rng, key, template, values[kind], DISTRACTORS[kind])
+                for variant, template in enumerate(fine_templates):
+                    key = f"classification_{variant}"
+                    captions[key] = _caption(rng, key, template, label, classes)
+                rows["captions"].append(captions)
+                answers = {**values, "subdomain": subdomain, "classification": label}
+                pools = {
+                    **DISTRACTORS,
+                    "subdomain": ["cell biology", "neuropathology"],
+                    "classification": classes,
+                }
+                rows["questions"].append({k: _question(rng, k, answers[k], pools[k]) for k in QUESTION_KEYS})
+                rows["bbox"].append([])
+                rows["polygon"].append(
+                    [{"className": polygon_class, "points": [[1.0, 2.0], [3.0, 4.0], [5.0, 1.0]]}]
                 )
-                rows["questions"].append(
-                    {"modality": "Which modality?", "domain": "Which domain?", "label": "Which class?"}
-                )
+                rows["annotator_notes"].append(None)
     for k in range(corrupt):
         rows["image"][k * 5 + 1] = {"bytes": b"\x89PNG\r\n\x1a\n this is not an image", "path": None}
     return rows
 
 
+def fixture_features() -> datasets.Features:
+    return datasets.Features({**ubench_features(ALL_CLASSES), "annotator_notes": datasets.Value("string")})
+
+
+def fixture_dataset(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(fixture_rows(per_class, seed, corrupt), features=fixture_features())
+
+
 def write_fixture(
-    folder: Path, per_class: int = 6, seed: int = 0, corrupt: int = 1, fmt: str = "save_to_disk"
+    folder: Path, per_class: int = 6, seed: int = 0, corrupt: int = 1, fmt: str = "hub", shards: int = 7
 ) -> Path:
-    dataset = datasets.Dataset.from_dict(
-        fixture_rows(per_class, seed, corrupt), features=ubench_features(LABELS)
-    )
+    """Write the fixture as the Hub lays it out (`fmt="hub"`: FOLDER/perception/0.1.0/...,
+    returns that inner folder), as a save_to_disk folder, or as a parquet file."""
+    dataset = fixture_dataset(per_class, seed, corrupt)
+    if fmt == "hub":
+        return write_hub_layout(dataset, folder / "perception" / "0.1.0", shards)
     if fmt == "save_to_disk":
         dataset.save_to_disk(str(folder))
     else:

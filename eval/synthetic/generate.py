@@ -1,4 +1,4 @@
-"""Write the synthetic benchmark (μ-Bench schema, save_to_disk) and its image-caption corpora.
+"""Write the synthetic benchmark (μ-Bench's real schema and Hub layout) and its image-caption corpora.
 
 Every image has its own seed derived from (seed, split, source, class, index), so the output
 is the same on every run and machine, and the benchmark never shares an image with a corpus.
@@ -14,8 +14,9 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from eval.hub_layout import HUB_FOLDER, write_hub_layout
 from eval.prompts import class_text
-from eval.schema import ubench_features
+from eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 from eval.synthetic.spec import SOURCES, SyntheticSource, all_label_names
 from micromerge.errors import MicromergeError
 
@@ -46,27 +47,110 @@ def _stain_phrase(source: SyntheticSource) -> str:
     return "" if source.stain == "none" else source.stain
 
 
-def _captions(source: SyntheticSource, label: str) -> dict[str, str]:
-    stain = _stain_phrase(source)
+# Caption templates in μ-Bench's shape (shared/ubench/SCHEMA.md): two variants per coarse kind,
+# `{class}` filled with each candidate; the classification pair is per source.
+CAPTION_TEMPLATES = {
+    "modality": ("A micrograph acquired through {class}.", "A microscopy image obtained through {class}."),
+    "submodality": ("A micrograph taken with {class}.", "An image captured by {class}."),
+    "domain": ("A micrograph, typically studied in {class}.", "A microscopy image from {class}."),
+    "stain": ("A micrograph stained with {class}.", "A section prepared with {class} staining."),
+}
+# Candidate values per coarse kind; some occur in no row, as the real distractors do.
+CAPTION_DISTRACTORS = {
+    "modality": ("light microscopy", "fluorescence microscopy", "electron microscopy", "X-ray imaging"),
+    "submodality": (
+        "brightfield microscopy",
+        "widefield microscopy",
+        "confocal microscopy",
+        "transmission electron microscopy",
+        "phase contrast microscopy",
+    ),
+    "domain": ("pathology", "biology", "cytology", "radiology", "dermatology"),
+    "stain": ("H&E", "Wright-Giemsa", "IHC DAB", "Gram", "Congo Red"),
+}
+OPTION_DISTRACTORS = 3  # candidates besides the answer, then "none of the above"
+
+
+def classification_templates(source: SyntheticSource) -> tuple[str, str]:
+    """The per-source classification pair; the null-dataset source's template names it for the
+    source table's rule (eval/ubench_sources.toml: null_dataset_match)."""
+    if source.null_dataset:
+        return ("A synthetic organelle micrograph showing {class}.", "Organelle phenotype: {class}.")
+    return (
+        f"{source.modality.capitalize()} of {source.subject} showing {{class}}.",
+        f"A {source.domain} micrograph of {{class}}.",
+    )
+
+
+def _column_values(source: SyntheticSource) -> dict[str, str | None]:
     return {
-        "modality": f"A {source.modality} image.",
-        "submodality": f"A {source.submodality} {source.modality.split()[0]} micrograph.",
-        "domain": f"A microscopy image from {source.domain}.",
-        "stain": f"A section stained with {stain}." if stain else "",
-        "label": f"{source.modality.capitalize()} of {source.subject} showing {class_text(label)}.",
+        "modality": source.modality,
+        "submodality": f"{source.submodality} microscopy",
+        "domain": source.domain,
+        "stain": None if source.stain == "none" else source.stain,
     }
 
 
-def _questions(source: SyntheticSource) -> dict[str, str]:
+def _caption(rng: np.random.Generator, key: str, template: str, answer: str, pool) -> dict:
+    others = [v for v in pool if v != answer]
+    picked = [answer, *rng.choice(others, size=min(OPTION_DISTRACTORS, len(others)), replace=False).tolist()]
+    rng.shuffle(picked)
     return {
-        "modality": "Which microscopy modality acquired this image?",
-        "domain": "Is this image from pathology or biology?",
-        "label": f"Which class of {source.subject} does this image show?",
+        "id": f"{key}:{answer}",
+        "name": key,
+        "question": template,
+        "answer_idx": str(picked.index(answer)),
+        "options": [template.replace("{class}", class_text(v)) for v in picked] + [NONE_OF_THE_ABOVE],
+        "tags": [key.rsplit("_", 1)[0]],
     }
 
 
-def write_benchmark(out_dir: Path, seed: int = 0, per_class: int = 40, workers: int = 2) -> datasets.Dataset:
-    """The synthetic μ-Bench test split: every required column plus captions and questions."""
+def _question(rng: np.random.Generator, kind: str, answer: str, pool) -> dict:
+    others = [v for v in pool if v != answer]
+    picked = [answer, *rng.choice(others, size=min(OPTION_DISTRACTORS, len(others)), replace=False).tolist()]
+    rng.shuffle(picked)
+    return {
+        "answer": answer,
+        "answer_idx": picked.index(answer),
+        "id": f"{kind}:{answer}",
+        "name": kind,
+        "options": [*picked, NONE_OF_THE_ABOVE],
+        "question": f"Which {kind} best describes this image?",
+        "tags": [kind],
+    }
+
+
+def _captions_and_questions(
+    rng: np.random.Generator, source: SyntheticSource, label: str
+) -> tuple[dict, dict]:
+    values = _column_values(source)
+    captions: dict[str, dict | None] = {}
+    for kind, templates in CAPTION_TEMPLATES.items():
+        for variant, template in enumerate(templates):
+            key = f"{kind}_{variant}"
+            answer = values[kind]
+            captions[key] = (
+                None if answer is None else _caption(rng, key, template, answer, CAPTION_DISTRACTORS[kind])
+            )
+    for variant, template in enumerate(classification_templates(source)):
+        captions[f"classification_{variant}"] = _caption(
+            rng, f"classification_{variant}", template, label, source.classes
+        )
+    subdomains = sorted({s.subdomain for s in SOURCES})
+    answers = {**values, "subdomain": source.subdomain, "classification": label}
+    pools = {**CAPTION_DISTRACTORS, "subdomain": subdomains, "classification": source.classes}
+    questions = {
+        kind: None if answers[kind] is None else _question(rng, kind, answers[kind], pools[kind])
+        for kind in QUESTION_KEYS
+    }
+    return captions, questions
+
+
+def write_benchmark(
+    out_dir: Path, seed: int = 0, per_class: int = 40, workers: int = 2, layout: str = "hub", shards: int = 7
+) -> datasets.Dataset:
+    """The synthetic μ-Bench test split in the real schema, written as the Hub lays it out
+    (`layout="hub"`: OUT/perception/0.1.0/ with Arrow stream shards) or with save_to_disk."""
     if per_class < 2:
         raise MicromergeError(f"--per-class {per_class}: need at least 2 images per class")
     jobs, meta = [], []
@@ -74,28 +158,42 @@ def write_benchmark(out_dir: Path, seed: int = 0, per_class: int = 40, workers: 
         for c_index, label in enumerate(source.classes):
             for i in range(per_class):
                 jobs.append((seed, _SPLIT_CODES["benchmark"], s_index, c_index, i))
-                meta.append((source, label, i))
+                meta.append((s_index, c_index, source, label, i))
     images = _render_all(jobs, workers)
     names = all_label_names()
-    rows = {column: [] for column in ubench_features(names)}
-    for (source, label, i), png in zip(meta, images, strict=True):
-        rows["image_id"].append(f"{source.dataset}-{label}-{i:04d}")
+    rows: dict[str, list] = {column: [] for column in ubench_features(names)}
+    for (s_index, c_index, source, label, i), png in zip(meta, images, strict=True):
+        rng = np.random.default_rng([seed, _SPLIT_CODES["benchmark"], s_index, c_index, i, 1])
+        values = _column_values(source)
+        captions, questions = _captions_and_questions(rng, source, label)
+        rows["image_id"].append(f"{label}_{i:04d}.png")
         rows["image"].append({"bytes": png, "path": None})
         rows["label"].append(names.index(label))
         rows["label_name"].append(label)
-        rows["dataset"].append(source.dataset)
+        rows["dataset"].append(None if source.null_dataset else source.dataset)
         rows["domain"].append(source.domain)
         rows["institution"].append("micromerge synthetic")
         rows["license"].append("CC0-1.0")
-        rows["pmid"].append("")
-        rows["modality"].append(source.modality)
-        rows["submodality"].append(source.submodality)
-        rows["stain"].append(source.stain)
-        rows["scale"].append(source.scale)
-        rows["captions"].append(_captions(source, label))
-        rows["questions"].append(_questions(source))
+        rows["microns_per_pixel"].append(source.microns_per_pixel)
+        rows["modality"].append(values["modality"])
+        rows["ncbitaxon_id"].append(None)
+        rows["ncbitaxon_name"].append(None)
+        rows["pmid"].append(None)
+        rows["split"].append("test")
+        rows["stain"].append(values["stain"])
+        rows["subdomain"].append(source.subdomain)
+        rows["submodality"].append(values["submodality"])
+        rows["synthetic"].append(True)
+        rows["captions"].append(captions)
+        rows["questions"].append(questions)
+        rows["bbox"].append([])
+        marker = "synthetic organelle marker" if source.null_dataset else source.subject
+        rows["polygon"].append([{"className": marker, "points": []}])
     dataset = datasets.Dataset.from_dict(rows, features=ubench_features(names))
-    dataset.save_to_disk(str(out_dir))
+    if layout == "hub":
+        write_hub_layout(dataset, out_dir / HUB_FOLDER, shards)
+    else:
+        dataset.save_to_disk(str(out_dir))
     return dataset
 
 

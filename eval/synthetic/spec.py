@@ -14,11 +14,13 @@ class SyntheticSource:
     domain: str
     modality: str
     submodality: str
-    stain: str
-    scale: str
+    stain: str  # "none": the benchmark's stain column and stain captions are null, as on the Hub
+    subdomain: str
+    microns_per_pixel: float
     classes: tuple[str, ...]
     render: Renderer
     subject: str
+    null_dataset: bool = False  # written with a null `dataset`, like Held et al. 2010 on the Hub
 
 
 SOURCES: tuple[SyntheticSource, ...] = (
@@ -28,7 +30,8 @@ SOURCES: tuple[SyntheticSource, ...] = (
         "light microscopy",
         "brightfield",
         "H&E",
-        "tissue",
+        "gastrointestinal pathology",
+        0.5,
         ("adipose", "tumor", "stroma", "lymphocytes", "mucus"),
         renderers.colorectal_tissue,
         "colorectal tissue",
@@ -39,7 +42,8 @@ SOURCES: tuple[SyntheticSource, ...] = (
         "light microscopy",
         "brightfield",
         "Wright-Giemsa",
-        "cell",
+        "hematopathology",
+        0.25,
         ("lymphocyte", "neutrophil", "eosinophil", "monocyte"),
         renderers.blood_cells,
         "a peripheral blood smear",
@@ -50,7 +54,8 @@ SOURCES: tuple[SyntheticSource, ...] = (
         "light microscopy",
         "brightfield",
         "IHC DAB",
-        "tissue",
+        "breast pathology",
+        0.5,
         ("very_weak", "weak", "moderate", "strong"),
         renderers.ihc_staining,
         "immunohistochemistry staining",
@@ -61,7 +66,8 @@ SOURCES: tuple[SyntheticSource, ...] = (
         "fluorescence microscopy",
         "widefield",
         "none",
-        "cell",
+        "cell biology",
+        0.3,
         ("g1", "g2", "prophase", "metaphase", "anaphase"),
         renderers.cell_cycle,
         "a cell nucleus",
@@ -72,10 +78,12 @@ SOURCES: tuple[SyntheticSource, ...] = (
         "fluorescence microscopy",
         "confocal",
         "none",
-        "subcellular",
+        "cell biology",
+        0.1,
         ("diffuse", "golgi_twin", "partly_disassembled", "interphase"),
         renderers.golgi,
         "the Golgi apparatus",
+        null_dataset=True,
     ),
     SyntheticSource(
         "synth-em-ultrastructure",
@@ -83,7 +91,8 @@ SOURCES: tuple[SyntheticSource, ...] = (
         "electron microscopy",
         "transmission electron",
         "none",
-        "subcellular",
+        "ultrastructural biology",
+        0.005,
         ("mitochondria", "tobacco_leaf_chloroplast", "cardiac_muscle", "hela_metaphase"),
         renderers.em_ultrastructure,
         "cell ultrastructure",

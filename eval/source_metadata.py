@@ -1,0 +1,108 @@
+"""The per-source metadata table (eval/ubench_sources.toml) and the rule that names null sources.
+
+μ-Bench has no scale or taxonomy column, and the Held et al. 2010 rows have a null `dataset`:
+both are filled from one documented table, which a user may override per source.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from micromerge.errors import MicromergeError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEFAULT_TABLE = Path(__file__).with_name("ubench_sources.toml")
+_FIELDS = {
+    "task": str,
+    "taxonomy": str,
+    "scale": str,
+    "scale_reason": str,
+    "paper_tables": bool,
+    "fine_headline": bool,
+    "null_dataset_match": str,
+}
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    task: str = "unknown"
+    taxonomy: str = "unknown"
+    scale: str = "unknown"
+    scale_reason: str = "not in the metadata table"
+    paper_tables: bool = True
+    fine_headline: bool = True
+    null_dataset_match: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    sources: dict[str, SourceInfo]
+    scales: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def info(self, name: str) -> SourceInfo:
+        return self.sources.get(name, SourceInfo(name))
+
+    def name_null_source(self, evidence: str) -> str | None:
+        """The source whose `null_dataset_match` finds `evidence` (a row's classification template
+        and annotation class names); None when no rule or several rules match."""
+        matches = [
+            s.name
+            for s in self.sources.values()
+            if s.null_dataset_match and re.search(s.null_dataset_match, evidence, re.IGNORECASE)
+        ]
+        return matches[0] if len(matches) == 1 else None
+
+    def scale_mismatch(self, name: str, median_mpp: float | None) -> str | None:
+        """A note when the source's median microns/pixel lies outside its scale's plausible range."""
+        scale = self.info(name).scale
+        if median_mpp is None or scale not in self.scales:
+            return None
+        low, high = self.scales[scale]
+        if low <= median_mpp <= high:
+            return None
+        return f"median {median_mpp:g} µm/px is outside {scale}'s {low:g}–{high:g}"
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise MicromergeError(f"--sources {path}: not a readable TOML file ({exc})") from exc
+
+
+def _entries(data: dict, path: Path) -> dict[str, dict]:
+    sources = data.get("sources", {})
+    if not isinstance(sources, dict):
+        raise MicromergeError(f"--sources {path}: [sources] must be a table of source tables")
+    for name, entry in sources.items():
+        if not isinstance(entry, dict):
+            raise MicromergeError(f"--sources {path}: sources.{name} must be a table")
+        for key, value in entry.items():
+            expected = _FIELDS.get(key)
+            if expected is None:
+                raise MicromergeError(
+                    f"--sources {path}: sources.{name}.{key} is not a known field ({', '.join(_FIELDS)})"
+                )
+            if not isinstance(value, expected):
+                raise MicromergeError(
+                    f"--sources {path}: sources.{name}.{key} must be a {expected.__name__}, not {value!r}"
+                )
+    return sources
+
+
+def load_source_table(override: Path | None = None) -> SourceTable:
+    """The shipped table, with `override`'s entries replacing ours key by key."""
+    data = _read(DEFAULT_TABLE)
+    entries = {name: dict(entry) for name, entry in _entries(data, DEFAULT_TABLE).items()}
+    scales = {name: (float(r[0]), float(r[1])) for name, r in data.get("scales", {}).items()}
+    if override is not None:
+        for name, entry in _entries(_read(override), override).items():
+            entries.setdefault(name, {}).update(entry)
+    return SourceTable({name: SourceInfo(name, **entry) for name, entry in entries.items()}, scales)
