@@ -28,6 +28,7 @@ class Ablation:
     methods: tuple[str, ...]
     rule_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: str = "all"
+    protocol: str = "ubench"
     bootstrap: int = 1000
     seed: int = 0
     batch_size: int = 256
@@ -47,6 +48,7 @@ def load_ablation(path: str | Path) -> Ablation:
         "methods",
         "rule_sets",
         "tasks",
+        "protocol",
         "bootstrap",
         "seed",
         "batch_size",
@@ -84,6 +86,7 @@ def load_ablation(path: str | Path) -> Ablation:
         methods=tuple(section["methods"]),
         rule_sets=section.get("rule_sets") or {"all": {}},
         tasks=section.get("tasks", "all"),
+        protocol=str(section.get("protocol", "ubench")),
         bootstrap=int(section.get("bootstrap", 1000)),
         seed=int(section.get("seed", 0)),
         batch_size=int(section.get("batch_size", 256)),
@@ -105,6 +108,7 @@ def run_ablation(
         store=ablation.store,
         cache_dir=cache_dir,
         tasks=ablation.tasks,
+        protocol=ablation.protocol,
         batch_size=ablation.batch_size,
         bootstrap=ablation.bootstrap,
         seed=ablation.seed,

@@ -39,7 +39,8 @@ def run_label(row: dict[str, Any]) -> str:
     ]
     if Path(names[0]).name == "model" or names[0] == "model":
         names[0] = Path(str(model["base"])).parent.name
-    return f"{row['method']}: {' + '.join(names)}"
+    protocol = f" [{row['protocol']}]" if row.get("protocol") else ""
+    return f"{row['method']}{protocol}: {' + '.join(names)}"
 
 
 def load_runs(store_path: str | Path) -> list[Run]:

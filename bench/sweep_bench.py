@@ -1,17 +1,22 @@
-"""Sweep benchmark (issue 3): the sweep engine against the naive loop, 11 alphas.
+"""Sweep benchmark (issues 3 and 12): the sweep engine against the model's forward and the naive loop, 11 alphas.
 
-Fixture: thousands of μ-Bench-schema images stored at 224 px (real μ-Bench images are larger than
-the model input), a small open_clip model (micro-clip, 64 px). In one run:
+Fixture: thousands of images in μ-Bench's real structure (Hub layout: Arrow stream shards; nested
+caption structs with per-image options, ten caption keys) stored at 224 px (real μ-Bench images are
+larger than the model input), a small open_clip model (micro-clip, 64 px). `--protocol ubench` (the
+default) scores every image against its own options, as the authors do; `closed-set` against every
+class. In one run:
   engine (cold cache)  `run_sweep` with a fresh image cache (decodes once, then reuses it),
   engine (warm cache)  the same sweep again into a new store (the cache from the first run),
   naive                for each alpha: rebuild the merged model from state dicts, decode every image
                        through a DataLoader with open_clip's preprocess, forward, score,
   forward only         the model's pure image forward over the same images, 11 times.
-Accuracies of engine and naive must be identical. Run: .venv/bin/python bench/sweep_bench.py [--images 2000] [--stored-px 224]
+Accuracies of engine and naive must be identical (the naive loop is closed-set only; the ubench
+protocol's scoring is checked against open_clip in tests/test_eval.py).
+Run: .venv/bin/python bench/sweep_bench.py [--images 2000] [--stored-px 224] [--rows 17315 --skip-naive]
 
-On a GPU (issue 3's images/s and full-μ-Bench figures): --model ViT-B-16 --device cuda --rows 17235
---skip-naive. --rows repeats the fixture's rows up to μ-Bench's 17,235 images, so the sweep is
-full-sized; the forward pass runs in bf16 autocast, as the engine does on a GPU.
+On a GPU (full-μ-Bench figures): --model ViT-B-16 --device cuda --rows 17315 --skip-naive. --rows
+repeats the fixture's rows up to μ-Bench's 17,315 rows, so the sweep is full-sized; the forward pass
+runs in bf16 autocast, as the engine does on a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from safetensors.torch import save_file
 
 from eval.data import load_benchmark
 from eval.engine import EvalSettings, SweepPlan, run_sweep
+from eval.hub_layout import HUB_FOLDER, write_hub_layout
 from eval.schema import ubench_features
 from eval.synthetic.generate import write_benchmark
 from eval.synthetic.spec import all_label_names
@@ -50,7 +56,7 @@ def make_fixture(folder: Path, images: int, stored_px: int, rows: int) -> tuple[
     """μ-Bench-schema fixture stored at `stored_px`; returns its folder and its number of distinct images."""
     per_class = max(2, images // len(all_label_names()))
     workers = os.cpu_count() or 2
-    small = write_benchmark(folder / "small", per_class=per_class, workers=workers)
+    small = write_benchmark(folder / "small", per_class=per_class, workers=workers, layout="save_to_disk")
 
     def upscale(example):
         image = Image.open(io.BytesIO(example["image"]["bytes"])).resize(
@@ -66,7 +72,7 @@ def make_fixture(folder: Path, images: int, stored_px: int, rows: int) -> tuple[
     distinct = len(big)
     if rows > distinct:
         big = datasets.concatenate_datasets([big] * -(-rows // distinct)).select(range(rows))
-    big.save_to_disk(str(folder / "bench"))
+    write_hub_layout(big, folder / "bench" / HUB_FOLDER, 7)
     return folder / "bench", distinct
 
 
@@ -140,6 +146,7 @@ def engine_sweep(
     batch_size: int,
     device: torch.device,
     bootstrap: int,
+    protocol: str,
 ) -> dict[tuple[float, str], float]:
     settings = EvalSettings(
         data=str(bench),
@@ -147,12 +154,15 @@ def engine_sweep(
         cache_dir=cache,
         bootstrap=bootstrap,
         batch_size=batch_size,
+        protocol=protocol,
         progress=False,
     )
     spec = MergeSpec(method="wise-ft", params=MethodParams())
     rows = run_sweep(SweepPlan(str(base), (str(ft),), spec, ALPHAS), settings, device)
     return {
-        (r["alpha"], r["task"]): r["value"] for r in rows if r["metric"] == "accuracy" and r["split"] == "all"
+        (r["alpha"], r["task"]): r["value"]
+        for r in rows
+        if r["metric"] == "accuracy" and r["split"] == "all" and r.get("caption_key") in (None, "all")
     }
 
 
@@ -196,6 +206,7 @@ def main() -> None:
     parser.add_argument("--model", default="micro-clip")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--protocol", choices=["ubench", "closed-set"], default="ubench")
     parser.add_argument(
         "--bootstrap",
         type=int,
@@ -213,16 +224,32 @@ def main() -> None:
         base, ft = make_checkpoints(folder, args.model)
         start = time.perf_counter()
         engine = engine_sweep(
-            bench, base, ft, folder / "s1.jsonl", folder / "cache", args.batch_size, device, args.bootstrap
+            bench,
+            base,
+            ft,
+            folder / "s1.jsonl",
+            folder / "cache",
+            args.batch_size,
+            device,
+            args.bootstrap,
+            args.protocol,
         )
         engine_cold = time.perf_counter() - start
         start = time.perf_counter()
         engine_sweep(
-            bench, base, ft, folder / "s2.jsonl", folder / "cache", args.batch_size, device, args.bootstrap
+            bench,
+            base,
+            ft,
+            folder / "s2.jsonl",
+            folder / "cache",
+            args.batch_size,
+            device,
+            args.bootstrap,
+            args.protocol,
         )
         engine_warm = time.perf_counter() - start
         naive_s, naive = float("nan"), {}
-        if not args.skip_naive:
+        if not args.skip_naive and args.protocol == "closed-set":
             start = time.perf_counter()
             naive = naive_sweep(bench, base, ft, args.batch_size, args.model, device)
             naive_s = time.perf_counter() - start
@@ -242,6 +269,8 @@ def main() -> None:
         "stored_image_px": args.stored_px,
         "batch_size": args.batch_size,
         "engine_bootstrap": args.bootstrap,
+        "protocol": args.protocol,
+        "caption_keys": 10,
         "fixture_build_s": round(fixture_s, 1),
         "engine_cold_cache_s": round(engine_cold, 2),
         "engine_warm_cache_s": round(engine_warm, 2),
@@ -251,7 +280,7 @@ def main() -> None:
         "engine_cold_over_forward": round(engine_cold / forward_s, 2),
         "engine_warm_over_forward": round(engine_warm / forward_s, 2),
     }
-    if not args.skip_naive:
+    if naive:
         figures.update(
             naive_s=round(naive_s, 2),
             speedup_cold=round(naive_s / engine_cold, 2),

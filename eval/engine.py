@@ -76,6 +76,7 @@ class _Outcomes:
     rows: np.ndarray
     labels: np.ndarray
     correct: np.ndarray
+    n_options: np.ndarray  # options the question offered (its chance of a right guess is 1/n)
 
 
 class Evaluator:
@@ -128,6 +129,7 @@ class Evaluator:
                 self.option_plans[(task.name, question.key)] = (
                     question.rows[keep],
                     question.labels[keep],
+                    (options >= 0).sum(axis=1),
                     torch.from_numpy(self.position[question.rows[keep]]).to(self.device),
                     torch.from_numpy(options).to(self.device),
                     torch.from_numpy(question.answers[keep]).to(self.device),
@@ -196,6 +198,7 @@ class Evaluator:
                             chosen.sum(),
                             caption_key=None,
                             n_corrupt=len(task.rows) - len(keep),
+                            chance=1 / len(task.classes),
                         )
                     )
         return results
@@ -203,9 +206,16 @@ class Evaluator:
     def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
         text_emb = text_embeddings(model, self.tokenizer, self.texts, self.device, self.token_cache)
         outcomes: dict[tuple[str, str], _Outcomes] = {}
-        for (task_name, key), (rows, labels, positions, options, answers) in self.option_plans.items():
+        for (task_name, key), (
+            rows,
+            labels,
+            n_options,
+            positions,
+            options,
+            answers,
+        ) in self.option_plans.items():
             correct = option_correct(images[positions], text_emb, options, answers)
-            outcomes[(task_name, key)] = _Outcomes(rows, labels, correct)
+            outcomes[(task_name, key)] = _Outcomes(rows, labels, correct, n_options)
         results = []
         headline: dict[str, dict[str, list[_Outcomes]]] = {HEADLINE_COARSE: {}, HEADLINE_FINE: {}}
         for task in self.tasks:
@@ -236,6 +246,7 @@ class Evaluator:
                                 caption_key=key,
                                 n_questions=len(part.rows),
                                 n_corrupt=n_corrupt,
+                                chance=_chance(part),
                             )
                         )
                 paper = task.groups.get("paper", "yes") == "yes"
@@ -268,25 +279,36 @@ class Evaluator:
                         caption_key="coarse keys pooled" if name == HEADLINE_COARSE else "classification_1",
                         n_questions=len(pooled.rows),
                         n_corrupt=0,
+                        chance=_chance(pooled),
                     )
                 )
         return results
 
     def _paper_rows(self, part: _Outcomes, task: Task) -> _Outcomes:
         """A coarse question's outcomes without the sources outside the paper's tables."""
-        keep = ~np.isin(part.rows, self.outside_paper_rows)
-        return _Outcomes(part.rows[keep], part.labels[keep], part.correct[keep])
+        return _take(part, ~np.isin(part.rows, self.outside_paper_rows))
 
     @staticmethod
     def _subset(outcomes: _Outcomes, members: np.ndarray) -> _Outcomes:
-        chosen = np.isin(outcomes.rows, members)
-        return _Outcomes(outcomes.rows[chosen], outcomes.labels[chosen], outcomes.correct[chosen])
+        return _take(outcomes, np.isin(outcomes.rows, members))
+
+
+_OUTCOME_FIELDS = ("rows", "labels", "correct", "n_options")
+
+
+def _take(outcomes: _Outcomes, mask: np.ndarray) -> _Outcomes:
+    return _Outcomes(*(getattr(outcomes, f)[mask] for f in _OUTCOME_FIELDS))
 
 
 def _concat(parts: list[_Outcomes]) -> _Outcomes:
     if not parts:
-        return _Outcomes(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, bool))
-    return _Outcomes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rows", "labels", "correct")))
+        return _Outcomes(*(np.empty(0, np.int64) for _ in _OUTCOME_FIELDS))
+    return _Outcomes(*(np.concatenate([getattr(p, f) for p in parts]) for f in _OUTCOME_FIELDS))
+
+
+def _chance(outcomes: _Outcomes) -> float:
+    """Expected accuracy of a uniform guess among each question's own options."""
+    return float(np.mean(1.0 / outcomes.n_options)) if len(outcomes.n_options) else float("nan")
 
 
 def _base_row(

@@ -111,7 +111,14 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     from eval.zeroshot import class_embeddings
 
     bench = load_benchmark(cfg.data)
-    task = select_tasks(discover_tasks(bench.dataset), cfg.task)[0]
+    chosen = select_tasks(discover_tasks(bench.dataset), cfg.task)
+    if len(chosen) != 1 or len(chosen[0].classes) < 2:
+        names = ", ".join(t.name for t in chosen)
+        raise MicromergeError(
+            f"--task {cfg.task}: supervised fine-tuning trains one task with two or more classes; "
+            f"this selects {len(chosen)} ({names[:200]}): name one task"
+        )
+    task = chosen[0]
     images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
     data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))

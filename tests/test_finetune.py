@@ -156,7 +156,7 @@ def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_froze
             bench,
             tmp_path / "sup",
             mode="supervised",
-            task="fix-tissue",
+            task="kather_et_al_2016",
             batch_size=6,
             max_steps=2,
             lr=1e-3,
@@ -171,13 +171,21 @@ def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_froze
     head = load_file(str(tmp_path / "sup" / "head.safetensors"))
     with open_source(str(base)) as source:
         model, model_config = load_model(source)
-    task = select_tasks(discover_tasks(load_benchmark(str(bench)).dataset), "fix-tissue")[0]
+    task = select_tasks(discover_tasks(load_benchmark(str(bench)).dataset), "kather_et_al_2016")[0]
     zero_shot = (
         class_embeddings(model, tokenizer_for(model_config), task, torch.device("cpu"))
         * model.logit_scale.exp()
     )
     assert head["weight"].shape == zero_shot.shape
     assert torch.allclose(head["weight"], zero_shot, atol=0.05), "two small steps from the zero-shot head"
+
+
+def test_supervised_refuses_a_selection_of_several_tasks(tmp_path, base):
+    bench = write_fixture(tmp_path / "bench", per_class=2, corrupt=0)
+    for task in ("all", "fine", "kather_et_al_2016,opencell"):
+        with pytest.raises(MicromergeError, match=f"--task {task}: supervised fine-tuning trains one task"):
+            run_finetune(config(base, bench, tmp_path / "sup", mode="supervised", task=task, max_steps=1))
+    assert not (tmp_path / "sup" / "model.safetensors").exists()
 
 
 def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, base):
@@ -189,7 +197,7 @@ def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, ba
             bench,
             tmp_path / "lp",
             mode="supervised",
-            task="fix-tissue",
+            task="kather_et_al_2016",
             batch_size=6,
             max_steps=4,
             lp_epochs=1,

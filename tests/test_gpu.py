@@ -87,10 +87,10 @@ def _embeddings(tmp_path, bench, model_path, device, precision):
     settings = EvalSettings(
         data=str(bench), store=tmp_path / "unused.jsonl", cache_dir=tmp_path / "cache", precision=precision
     )
-    benchmark, tasks = prepare(settings)
+    prepared = prepare(settings)
     with open_source(str(model_path)) as source:
         model, model_config = load_model(source)
-    evaluator = Evaluator(benchmark, tasks, model_config, settings, device)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, model_config, settings, device)
     with torch.no_grad():
         return image_embeddings(model.to(device).eval(), evaluator.pixels, 16, precision).float().cpu()
 
@@ -115,11 +115,11 @@ def test_sweep_on_cuda_in_bf16_tracks_the_cpu_sweep(tmp_path, models):
         )
         rows = run_sweep(plan, settings, torch.device(device))
         accuracy[device] = {
-            (r["alpha"], r["task"]): (r["value"], r["n_images"])
+            (r["alpha"], r["task"], r["caption_key"]): (r["value"], r["n_questions"])
             for r in rows
-            if r["metric"] == "accuracy" and r["split"] == "all"
+            if r["metric"] == "accuracy" and r["split"] == "all" and r["caption_key"] != "all"
         }
-    assert accuracy["cpu"].keys() == accuracy["cuda"].keys() and len(accuracy["cpu"]) == 3 * 7
+    assert accuracy["cpu"].keys() == accuracy["cuda"].keys() and len(accuracy["cpu"]) == 3 * (9 * 2 + 2)
     flipped = sum(round(abs(accuracy["cuda"][k][0] - value) * n) for k, (value, n) in accuracy["cpu"].items())
     total = sum(n for _, n in accuracy["cpu"].values())
     assert flipped <= 0.02 * total, f"bf16 on GPU changed {flipped} of {total} predictions"
