@@ -13,8 +13,10 @@ import torch
 
 from analysis.report import build_report
 from eval.engine import EvalSettings, SweepPlan, run_sweep
-from merging.job import job_from_mapping
-from micromerge.config_files import load_config_file, reject_unknown_keys
+from merging.job import MergeJob, job_from_mapping
+from merging.methods import get_method
+from micromerge.config_files import load_section, reject_unknown_keys
+from micromerge.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.errors import MicromergeError
 
 
@@ -37,25 +39,7 @@ class Ablation:
 
 
 def load_ablation(path: str | Path) -> Ablation:
-    data = load_config_file(path)
-    section = data.get("ablation", data)
-    allowed = {
-        "data",
-        "store",
-        "report",
-        "alphas",
-        "pairs",
-        "methods",
-        "rule_sets",
-        "tasks",
-        "protocol",
-        "bootstrap",
-        "seed",
-        "batch_size",
-        "target",
-        "method_parameters",
-    }
-    reject_unknown_keys(f"{path} [ablation]", section, allowed)
+    section = load_section(path, "ablation", ABLATION_SCHEMA)
     for key in ("data", "store", "report", "pairs", "methods"):
         if not section.get(key):
             raise MicromergeError(f"{path}: [ablation] needs {key!r}")
@@ -77,7 +61,7 @@ def load_ablation(path: str | Path) -> Ablation:
                 "finetuned": [resolve(f) for f in finetuned],
             }
         )
-    return Ablation(
+    ablation = Ablation(
         data=resolve(section["data"]),
         store=Path(resolve(section["store"])),
         report=Path(resolve(section["report"])),
@@ -93,6 +77,38 @@ def load_ablation(path: str | Path) -> Ablation:
         target=section.get("target"),
         method_parameters=section.get("method_parameters") or {},
     )
+    grid_jobs(ablation)  # validate the whole grid now
+    return ablation
+
+
+def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob]]:
+    """Every (label, merge job) of the grid, built and validated together: a bad method name,
+    parameter or rule anywhere fails before the first sweep runs."""
+    jobs = []
+    for pair in ablation.pairs:
+        for method in ablation.methods:
+            get_method(method)
+            parameters = ablation.method_parameters.get(method, {})
+            if not isinstance(parameters, dict):
+                raise MicromergeError(f"method_parameters.{method} must be a table, not {parameters!r}")
+            for rule_name, rules in ablation.rule_sets.items():
+                if not isinstance(rules, dict):
+                    raise MicromergeError(f"rule_sets.{rule_name} must be a table, not {rules!r}")
+                reject_unknown_keys(f"rule set {rule_name!r}", rules, {"include", "exclude", "alpha_rules"})
+                values = {**parameters, **rules}
+                check_section(f"{method} / {rule_name}", values, MERGE_SCHEMA)
+                job = job_from_mapping(
+                    {
+                        "base": pair["base"],
+                        "finetuned": pair["finetuned"],
+                        "method": method,
+                        "alphas": ablation.alphas,
+                        "seed": ablation.seed,
+                        **values,
+                    }
+                )
+                jobs.append((f"{pair['name']} / {method} / {rule_name}", job))
+    return jobs
 
 
 def run_ablation(
@@ -116,25 +132,8 @@ def run_ablation(
         rank=rank,
         world_size=world_size,
     )
-    for pair in ablation.pairs:
-        for method in ablation.methods:
-            for rule_name, rules in ablation.rule_sets.items():
-                reject_unknown_keys(f"rule set {rule_name!r}", rules, {"include", "exclude", "alpha_rules"})
-                job = job_from_mapping(
-                    {
-                        "base": pair["base"],
-                        "finetuned": pair["finetuned"],
-                        "method": method,
-                        "alphas": ablation.alphas,
-                        "seed": ablation.seed,
-                        **ablation.method_parameters.get(method, {}),
-                        **rules,
-                    }
-                )
-                label = f"{pair['name']} / {method} / {rule_name}"
-                run_sweep(
-                    SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), label=label),
-                    settings,
-                    device,
-                )
+    for label, job in grid_jobs(ablation):
+        run_sweep(
+            SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), label=label), settings, device
+        )
     return build_report(ablation.store, ablation.report, ablation.target)

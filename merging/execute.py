@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from merging.backend import ArrayBackend
 from merging.dtypes import READABLE_NAMES
 from merging.methods import get_method
 from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
-from merging.tensor_source import TensorMeta, TensorSource
+from merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
 from merging.writer import SafetensorsStreamWriter
 from micromerge.atomic import write_json_atomic
 from micromerge.errors import MicromergeError
@@ -94,6 +95,44 @@ class MergeOutput:
     path: Path
     manifest_path: Path
     manifest: dict[str, Any]
+    reused: bool = False  # finished by an earlier run with the same inputs and parameters
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def finished_output(
+    spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource], out_path: Path, backend: ArrayBackend
+) -> MergeOutput | None:
+    """The existing `out_path` when an earlier run wrote it from the same inputs (sha256), method,
+    parameters and output dtypes; None otherwise. Its provenance is in the file's own header, so a
+    run killed between the checkpoint and its manifest is recovered: the manifest is rewritten."""
+    try:
+        entries, metadata, _ = parse_safetensors_header(out_path)
+        record = json.loads(metadata.get("micromerge.provenance", "null"))
+    except (MicromergeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    sources = [base, *finetuned]
+    plans = plan_merge(spec, base, finetuned)
+    same = (
+        record.get("method") == spec.method
+        and _canonical(record.get("parameters")) == _canonical(spec.describe())
+        and record.get("inputs_sha256") == input_hashes(sources)
+        and {k: e.meta for k, e in entries.items()}
+        == {p.key: TensorMeta(p.meta.shape, p.out_dtype) for p in plans}
+    )
+    if not same:
+        return None
+    manifest_path = out_path.with_name(out_path.name + ".manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = {**record, "output": str(out_path), "engine": backend.name, "recovered_from_header": True}
+        write_json_atomic(manifest_path, manifest)
+    return MergeOutput(out_path, manifest_path, manifest, reused=True)
 
 
 def input_hashes(sources: list[TensorSource]) -> dict[str, str]:
@@ -132,9 +171,20 @@ def merge_to_file(
     with ThreadPoolExecutor(max_workers=1) as hasher:
         hashes_future = hasher.submit(input_hashes, sources)
         with SafetensorsStreamWriter(out_path, metas, _file_metadata(record, base), force=force) as writer:
+            merged = {p.key for p in plans if p.merged}
 
             def write(key: str, array: Any) -> None:
-                writer.write(key, backend.host_bytes(array, metas[key].dtype))
+                data = backend.host_bytes(array, metas[key].dtype)
+                if key in merged:  # what is written, after the cast: float16 overflow shows up here
+                    written = backend.view(np.frombuffer(data, dtype=np.uint8), metas[key])
+                    _check_finite(
+                        backend,
+                        written,
+                        key,
+                        f"{out_path} (merged, {metas[key].dtype})",
+                        spec.allow_nonfinite,
+                    )
+                writer.write(key, data)
 
             stream_merge(spec, plans, base, finetuned, write, writer.order, backend, progress)
             record["inputs_sha256"] = hashes_future.result()

@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from merging.engines import EngineRequest, open_inputs
-from merging.execute import MergeOutput, merge_to_file
+from merging.execute import MergeOutput, finished_output, merge_to_file
 from merging.methods import MethodParams
 from merging.plan import MergeSpec
 from merging.rules import KeyRules, parse_strength_rule
@@ -41,23 +43,48 @@ JOB_KEYS = {
 }
 
 
+MAX_ALPHAS = 10_000
+
+
+def _finite(name: str, value: Any) -> float:
+    """A parameter as a finite float, or a one-line error naming it (NaN/Inf would write an all-NaN model)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MicromergeError(f"{name} {value!r}: expected a number") from None
+    if not math.isfinite(number):
+        raise MicromergeError(f"{name} {value!r}: must be a finite number")
+    return number
+
+
 def parse_alphas(text: str | list[float]) -> list[float]:
-    """`START:STOP:STEP` (inclusive of STOP) or `a,b,c` -> a list of alphas rounded to 10 digits."""
+    """`START:STOP:STEP` (inclusive of STOP) or `a,b,c` -> distinct finite alphas rounded to 10
+    digits, in order (a repeated alpha is one output and one set of result rows)."""
     if isinstance(text, list):
-        return [float(a) for a in text]
-    if ":" in text:
-        try:
-            start, stop, step = (float(part) for part in text.split(":"))
-        except ValueError:
-            raise MicromergeError(f"--alphas {text!r}: expected START:STOP:STEP, e.g. 0:1:0.1") from None
+        alphas = [_finite("--alphas", a) for a in text]
+    elif ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise MicromergeError(f"--alphas {text!r}: expected START:STOP:STEP, e.g. 0:1:0.1")
+        start, stop, step = (_finite(f"--alphas {text!r}:", part) for part in parts)
         if step <= 0 or stop < start:
             raise MicromergeError(f"--alphas {text!r}: STEP must be > 0 and STOP >= START")
-        count = int(round((stop - start) / step))
-        return [round(start + i * step, 10) for i in range(count + 1)]
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise MicromergeError(f"--alphas {text!r}: expected numbers separated by commas") from None
+        count = round((stop - start) / step)
+        if count + 1 > MAX_ALPHAS:
+            raise MicromergeError(f"--alphas {text!r}: {count + 1:,} values; at most {MAX_ALPHAS:,}")
+        alphas = [round(start + i * step, 10) for i in range(count + 1)]
+    else:
+        alphas = [_finite("--alphas", part) for part in text.split(",") if part.strip()]
+    if not alphas:
+        raise MicromergeError(f"--alphas {text!r}: no values; e.g. 0:1:0.1 or 0,0.5,1")
+    if len(alphas) > MAX_ALPHAS:
+        raise MicromergeError(f"--alphas: {len(alphas):,} values; at most {MAX_ALPHAS:,}")
+    return list(dict.fromkeys(alphas))
+
+
+def alpha_file_name(alpha: float) -> str:
+    """A file name per alpha, distinct for distinct alphas (repr round-trips every float)."""
+    return f"alpha-{alpha!r}.safetensors" if alpha != int(alpha) else f"alpha-{alpha:.1f}.safetensors"
 
 
 def _slug(spec: str) -> str:
@@ -92,7 +119,7 @@ class MergeJob:
             raise MicromergeError(
                 f"--out {folder}: with --alphas, --out is a folder (one checkpoint per alpha)"
             )
-        return [(alpha, folder / f"alpha-{alpha:.4f}.safetensors") for alpha in self.alphas]
+        return [(alpha, folder / alpha_file_name(alpha)) for alpha in self.alphas]
 
 
 def job_from_mapping(values: dict[str, Any]) -> MergeJob:
@@ -107,29 +134,38 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         finetuned = [finetuned]
     if not finetuned:
         raise MicromergeError("merge: at least one --ft is required")
+    method = str(values.get("method") or "wise-ft")
     weights = values.get("weights")
     if isinstance(weights, str):
-        try:
-            weights = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise MicromergeError(f"--weights {weights!r}: expected numbers separated by commas") from None
+        weights = [w for w in weights.split(",") if w.strip()]
+    if weights:
+        if method != "linear":
+            raise MicromergeError(f"--weights: only the linear method takes weights ({method} uses --alpha)")
+        weights = [_finite("--weights", w) for w in weights]
     rules_in = values.get("alpha_rules") or []
     if isinstance(rules_in, dict):
-        rules = tuple((str(k), float(v)) for k, v in rules_in.items())
-    else:
-        rules = tuple(
-            parse_strength_rule(r) if isinstance(r, str) else (str(r[0]), float(r[1])) for r in rules_in
-        )
+        rules_in = [[k, v] for k, v in rules_in.items()]
+    rules = tuple(parse_strength_rule(r) if isinstance(r, str) else (str(r[0]), r[1]) for r in rules_in)
+    rules = tuple((pattern, _finite(f"--alpha-rule {pattern}=", value)) for pattern, value in rules)
     alphas = values.get("alphas")
+    density = _finite("--density", values.get("density", 0.2))
+    drop_rate = _finite("--drop-rate", values.get("drop_rate", 0.9))
+    if not 0 < density <= 1:
+        raise MicromergeError(f"--density {density}: must be in (0, 1]")
+    if not 0 <= drop_rate < 1:
+        raise MicromergeError(f"--drop-rate {drop_rate}: must be in [0, 1)")
+    seed = values.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MicromergeError(f"--seed {seed!r}: must be a non-negative integer")
     params = MethodParams(
-        strength=float(values["alpha"]) if values.get("alpha") is not None else 0.5,
+        strength=_finite("--alpha", values["alpha"]) if values.get("alpha") is not None else 0.5,
         weights=tuple(weights) if weights else None,
-        density=float(values.get("density", 0.2)),
-        drop_rate=float(values.get("drop_rate", 0.9)),
-        seed=int(values.get("seed", 0)),
+        density=density,
+        drop_rate=drop_rate,
+        seed=seed,
     )
     spec = MergeSpec(
-        method=str(values.get("method") or "wise-ft"),
+        method=method,
         params=params,
         rules=KeyRules(tuple(values.get("include") or ()), tuple(values.get("exclude") or ()), rules),
         out_dtype=values.get("dtype"),
@@ -149,14 +185,17 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
+    """Write every output; an output an earlier run finished from the same inputs and parameters
+    is kept (so `merge --alphas` resumes after a kill), any other existing output needs --force."""
     outputs = job.outputs()
-    if not job.force:
-        for _, path in outputs:
-            if path.exists():
-                raise MicromergeError(
-                    f"{path}: output exists; pass --force to overwrite or choose another --out"
-                )
     request = EngineRequest(
         engine=job.engine,
         device=job.device,
@@ -170,12 +209,26 @@ def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
     base, finetuned = sources[0], sources[1:]
     results = []
     try:
+        inputs = [f for source in sources for f in source.files]
+        for _, path in outputs:
+            clash = next((f for f in inputs if _same_file(path, f)), None)
+            if clash is not None:
+                raise MicromergeError(f"--out {path}: is an input ({clash}); choose another --out")
         for alpha, path in outputs:
             spec = (
                 job.spec
                 if alpha is None
                 else replace(job.spec, params=replace(job.spec.params, strength=alpha))
             )
+            if not job.force and os.path.lexists(path):
+                done = finished_output(spec, base, finetuned, path, backend) if path.is_file() else None
+                if done is None:
+                    raise MicromergeError(
+                        f"{path}: output exists (not from these inputs and parameters); pass --force to overwrite "
+                        "or choose another --out"
+                    )
+                results.append(done)
+                continue
             results.append(
                 merge_to_file(
                     spec, base, finetuned, path, backend=backend, force=job.force, progress=progress

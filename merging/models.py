@@ -11,21 +11,16 @@ import copy
 import json
 import re
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from merging.arch_names import CONFIG_DIR, project_model_names
 from merging.tensor_source import ArchInfo, TensorMeta, TensorSource, describe_key_mismatch
 from micromerge.errors import MicromergeError
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def project_model_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 @cache
@@ -124,7 +119,13 @@ def load_model(
     """Build the model a source describes and load its weights (strict: every key must match)."""
     metas = {key: source.meta(key) for key in source.keys()}
     config = model_config or resolve_model_config(source.arch, metas)
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as exc:
+        raise MicromergeError(
+            f"{source.label}: its model config does not build an open_clip model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); pass --arch NAME"
+        ) from exc
     expected = model.state_dict()
     problem = describe_key_mismatch(
         {k: tuple(v.shape) for k, v in expected.items()},

@@ -51,5 +51,6 @@ class NumpyBackend:
         np.minimum(array, value, out=array)
 
     def host_bytes(self, array: np.ndarray, dtype: str) -> memoryview:
-        data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
+        with np.errstate(over="ignore"):  # an overflow to Inf is checked (and refused) by the caller
+            data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
         return memoryview(data.view(np.uint8))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from merging import hf_clip
+from merging.arch_names import require_known_architecture
 from merging.numpy_backend import NumpyBackend
 from merging.tensor_source import ArchInfo, ArrayView, SafetensorsSource, TensorSource
 from merging.zoo import ZooEntry, load_zoo
@@ -53,6 +54,7 @@ def open_source(
                 f"{spec}: not a file, folder, hf-hub: id or zoo name (see `micromerge zoo`)"
             )
     if arch:
+        require_known_architecture(arch)
         source.arch = ArchInfo(name=arch)
     return source
 

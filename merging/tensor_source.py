@@ -112,39 +112,54 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, s
         raise MicromergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MicromergeError(
             f"{path}: corrupt safetensors header (not JSON); re-download or re-export it"
         ) from exc
     if not isinstance(header, dict):
         raise MicromergeError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    entries: dict[str, _Entry] = {}
-    data_end = 0
-    for key, info in header.items():
-        try:
-            dtype = str(info["dtype"])
-            if dtype not in ITEM_SIZES:
-                raise KeyError(dtype)
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MicromergeError(
-                f"{path}: tensor {key!r} has an unsupported or malformed header entry"
-            ) from exc
-        meta = TensorMeta(shape, dtype)
-        if end - begin != meta.nbytes or begin < 0:
-            raise MicromergeError(
-                f"{path}: tensor {key!r} header offsets do not match its shape {list(shape)}"
-            )
-        entries[key] = _Entry(0, data_start + begin, data_start + end, meta)
-        data_end = max(data_end, data_start + end)
-    if data_end > size:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MicromergeError(
-            f"{path}: truncated safetensors file ({size} bytes, header needs {data_end}); re-download or re-export it"
+            f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)"
         )
-    return entries, {str(k): str(v) for k, v in metadata.items()}, size
+    data_start = 8 + header_len
+    entries = {key: _parse_entry(path, key, info, data_start) for key, info in header.items()}
+    previous_end, previous_key = data_start, None
+    for key, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start < previous_end and entry.meta.nbytes:
+            raise MicromergeError(f"{path}: tensors {previous_key!r} and {key!r} overlap in the data section")
+        previous_end, previous_key = max(previous_end, entry.end), key
+    if previous_end > size:
+        raise MicromergeError(
+            f"{path}: truncated safetensors file ({size} bytes, header needs {previous_end}); re-download or re-export it"
+        )
+    return entries, dict(metadata), size
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_entry(path: Path, key: str, info: object, data_start: int) -> _Entry:
+    """One tensor's header entry, strictly: a known dtype, non-negative integer dimensions and
+    offsets (2.5 or -1 are refused, not rounded), offsets spanning exactly the tensor's bytes."""
+    if not isinstance(info, dict):
+        raise MicromergeError(f"{path}: tensor {key!r} has a malformed header entry (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
+        raise MicromergeError(f"{path}: tensor {key!r} has an unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise MicromergeError(
+            f"{path}: tensor {key!r} has a malformed shape {shape!r} (non-negative integers)"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise MicromergeError(f"{path}: tensor {key!r} has malformed data_offsets {offsets!r}")
+    meta = TensorMeta(tuple(shape), dtype)
+    begin, end = offsets
+    if end - begin != meta.nbytes:
+        raise MicromergeError(f"{path}: tensor {key!r} header offsets do not match its shape {list(shape)}")
+    return _Entry(0, data_start + begin, data_start + end, meta)
 
 
 ArrayView = Callable[[np.ndarray, TensorMeta], Any]
@@ -170,7 +185,7 @@ class SafetensorsSource(TensorSource):
                 entry.file_index = index
                 self._entries[key] = entry
             self.metadata.update(metadata)
-        self.arch = arch or arch_from_metadata(self.metadata)
+        self.arch = arch or arch_from_metadata(self.metadata, label)
         self._handles: list[Any] = [None] * len(self.files)
         self._buffer = np.empty(0, dtype=np.uint8)
 
@@ -236,9 +251,14 @@ def describe_key_mismatch(
     return "; ".join(parts) or None
 
 
-def arch_from_metadata(metadata: dict[str, str]) -> ArchInfo:
+def arch_from_metadata(metadata: dict[str, str], label: str = "checkpoint") -> ArchInfo:
     config = metadata.get("micromerge.model_config")
-    return ArchInfo(
-        name=metadata.get("micromerge.arch") or None,
-        model_config=json.loads(config) if config else None,
-    )
+    model_config = None
+    if config:
+        try:
+            model_config = json.loads(config)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MicromergeError(f"{label}: its micromerge.model_config metadata is not JSON") from exc
+        if not isinstance(model_config, dict):
+            raise MicromergeError(f"{label}: its micromerge.model_config metadata is not a JSON object")
+    return ArchInfo(name=metadata.get("micromerge.arch") or None, model_config=model_config)

@@ -7,8 +7,11 @@ and the temporary file is removed on any failure.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,17 +22,33 @@ from micromerge.errors import MicromergeError
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path, mode: str = "wb", force: bool = True) -> Iterator[IO[Any]]:
-    """Yield a file object whose contents replace `path` only if the block succeeds."""
+    """Yield a file object whose contents replace `path` only if the block succeeds.
+
+    Without `force` the existence check and the rename are one atomic step (a hard link, which
+    fails if the name exists), so of two writers racing for one name the second gets the one-line
+    "exists" error instead of silently replacing the first. With `force` only a regular file (or
+    nothing) is replaced: a device, a folder or a FIFO under that name is refused. Temporary files
+    carry the writer's pid, so the next writer of the same name removes those a killed writer left."""
     target = Path(path)
-    if not force and target.exists():
-        raise MicromergeError(f"{target}: output exists; pass --force to overwrite or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _refuse_unreplaceable(target, force)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+        )
+    except OSError as exc:
+        raise MicromergeError(
+            f"{target}: cannot write here ({exc.strerror or exc}); choose another --out"
+        ) from exc
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
-        os.replace(tmp_name, target)
+        if force:
+            os.replace(tmp_name, target)
+        else:
+            _publish_without_replacing(tmp_name, target)
     except OSError as exc:
         _remove_quietly(tmp_name)
         raise MicromergeError(
@@ -38,6 +57,59 @@ def atomic_output(path: str | Path, mode: str = "wb", force: bool = True) -> Ite
     except BaseException:
         _remove_quietly(tmp_name)
         raise
+
+
+def _exists_error(target: Path) -> MicromergeError:
+    return MicromergeError(f"{target}: output exists; pass --force to overwrite or choose another --out")
+
+
+def _refuse_unreplaceable(target: Path, force: bool) -> None:
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MicromergeError(f"{target}: cannot check the output ({exc.strerror or exc})") from exc
+    if not force:
+        raise _exists_error(target)
+    if not stat.S_ISREG(mode):
+        raise MicromergeError(
+            f"{target}: exists and is not a regular file; --force only replaces files: choose another --out"
+        )
+
+
+def _publish_without_replacing(tmp_name: str, target: Path) -> None:
+    try:
+        os.link(tmp_name, target)
+    except FileExistsError:
+        raise _exists_error(target) from None
+    except OSError as exc:  # a file system without hard links: check, then rename
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if os.path.lexists(target):
+            raise _exists_error(target) from None
+        os.rename(tmp_name, target)
+        return
+    os.unlink(tmp_name)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove `.NAME.PID.XXXX.tmp` files of this target whose writer is no longer running."""
+    prefix = f".{target.name}."
+    for candidate in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid_text = candidate.name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _running(int(pid_text)):
+            _remove_quietly(str(candidate))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_quietly(name: str) -> None:

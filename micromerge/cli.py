@@ -151,12 +151,12 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @friendly_errors
 def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **values: Any) -> None:
     from merging.job import job_from_mapping, run_merge_job
-    from micromerge.config_files import load_config_file
+    from micromerge.config_files import load_section
+    from micromerge.config_schema import MERGE_SCHEMA
 
     mapping: dict[str, Any] = {}
     if config_file:
-        loaded = load_config_file(config_file)
-        mapping.update(loaded.get("merge", loaded))
+        mapping.update(load_section(config_file, "merge", MERGE_SCHEMA))
     defaults = {k: v for k, v in values.items() if k not in mapping}
     mapping.update({k: v for k, v in defaults.items() if v not in ((), None)})
     mapping.update(explicit_options(ctx, values))
@@ -164,9 +164,12 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
     job = job_from_mapping(mapping)
     outputs = run_merge_job(job, progress=not quiet)
     for output in outputs:
-        click.echo(
-            f"wrote {output.path} ({output.manifest['seconds']:.2f} s; manifest {output.manifest_path.name})"
-        )
+        if output.reused:
+            click.echo(f"kept {output.path} (finished earlier from the same inputs and parameters)")
+        else:
+            click.echo(
+                f"wrote {output.path} ({output.manifest['seconds']:.2f} s; manifest {output.manifest_path.name})"
+            )
 
 
 cli.add_command(merge_command)
@@ -559,13 +562,13 @@ def _finetune_options(func):
 def _run_finetune(ctx: click.Context, mode: str, values: dict[str, Any]) -> None:
     from finetune.config import config_from_mapping
     from finetune.trainer import run_finetune
-    from micromerge.config_files import load_config_file
+    from micromerge.config_files import load_section
+    from micromerge.config_schema import FINETUNE_SCHEMA
 
     config_file, quiet = values.pop("config_file"), values.pop("quiet")
     mapping: dict[str, Any] = {}
     if config_file:
-        loaded = load_config_file(config_file)
-        mapping.update(loaded.get("finetune", loaded))
+        mapping.update(load_section(config_file, "finetune", FINETUNE_SCHEMA))
     mapping.update({k: v for k, v in values.items() if k not in mapping and v not in ((), None)})
     mapping.update(explicit_options(ctx, values))
     mapping = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.items() if v is not None}

@@ -109,9 +109,9 @@ def test_alphas_write_one_checkpoint_per_alpha(pair):
     assert result.exit_code == 0, result.output
     files = sorted((tmp / "sweep").glob("*.safetensors"))
     assert [f.name for f in files] == [
-        "alpha-0.0000.safetensors",
-        "alpha-0.5000.safetensors",
-        "alpha-1.0000.safetensors",
+        "alpha-0.0.safetensors",
+        "alpha-0.5.safetensors",
+        "alpha-1.0.safetensors",
     ]
     assert torch.equal(load_file(str(files[0]))["visual.proj"], base["visual.proj"])
     assert torch.equal(load_file(str(files[2]))["visual.proj"], ft["visual.proj"])

@@ -1,0 +1,33 @@
+"""Which architecture names exist, answered without importing torch or open_clip (the numpy merge
+engine must stay torch-free): this project's JSON configs, then open_clip's shipped JSON configs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from micromerge.errors import MicromergeError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def project_model_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def _open_clip_config_dir() -> Path | None:
+    spec = importlib.util.find_spec("open_clip")
+    return Path(spec.origin).parent / "model_configs" if spec and spec.origin else None
+
+
+def require_known_architecture(name: str) -> None:
+    """Refuse `--arch NAME` up front, so no command writes a checkpoint that no command can load."""
+    if (CONFIG_DIR / f"{name}.json").is_file():
+        return
+    open_clip_dir = _open_clip_config_dir()
+    if open_clip_dir is not None and (open_clip_dir / f"{name}.json").is_file():
+        return
+    raise MicromergeError(
+        f"--arch {name!r}: unknown architecture; use an open_clip model name (e.g. ViT-B-32) "
+        f"or one of {project_model_names()}"
+    )

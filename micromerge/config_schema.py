@@ -1,0 +1,157 @@
+"""One typed schema per command for config files, checked before any work starts.
+
+A config file's values arrive as whatever TOML/YAML made of them: `"false"` is a string (and
+`bool("false")` is True), `include = "visual.*"` is a string a loop would split into characters,
+`alpha = "abc"` fails deep inside. Each command declares its keys' kinds here, and every value is
+checked against its kind, so a wrong key, type or shape is one line naming the file, the key and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from micromerge.errors import MicromergeError
+
+Check = Callable[[Any], bool]
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _list_of(check: Check) -> Check:
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+def _str_or_list_of_str(value: Any) -> bool:
+    return _is_str(value) or _list_of(_is_str)(value)
+
+
+def _alphas(value: Any) -> bool:
+    return _is_str(value) or _list_of(_is_number)(value)
+
+
+def _rules(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_is_str(k) and _is_number(v) for k, v in value.items())
+    return _list_of(
+        lambda r: _is_str(r) or (isinstance(r, list) and len(r) == 2 and _is_str(r[0]) and _is_number(r[1]))
+    )(value)
+
+
+def _weights(value: Any) -> bool:
+    return _is_str(value) or _list_of(_is_number)(value)
+
+
+def _table(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+KINDS: dict[str, tuple[Check, str]] = {
+    "bool": (_is_bool, "a boolean (true or false, unquoted)"),
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a finite number"),
+    "str": (_is_str, "a string"),
+    "str_list": (_list_of(_is_str), 'a list of strings (e.g. ["visual.*"])'),
+    "str_or_str_list": (_str_or_list_of_str, "a string or a list of strings"),
+    "alphas": (_alphas, 'a list of finite numbers or a string "START:STOP:STEP" / "a,b,c"'),
+    "weights": (_weights, 'a list of finite numbers or a string "a,b"'),
+    "rules": (_rules, 'a table {"PATTERN" = number} or a list of "PATTERN=VALUE" strings'),
+    "table": (_table, "a table"),
+    "list_of_tables": (_list_of(_table), "a list of tables"),
+}
+
+MERGE_SCHEMA = {
+    "base": "str",
+    "finetuned": "str_or_str_list",
+    "method": "str",
+    "alpha": "number",
+    "alphas": "alphas",
+    "weights": "weights",
+    "density": "number",
+    "drop_rate": "number",
+    "seed": "int",
+    "include": "str_list",
+    "exclude": "str_list",
+    "alpha_rules": "rules",
+    "dtype": "str",
+    "device": "str",
+    "engine": "str",
+    "out": "str",
+    "force": "bool",
+    "allow_pickle": "bool",
+    "allow_nonfinite": "bool",
+    "arch": "str",
+}
+FINETUNE_SCHEMA = {
+    "mode": "str",
+    "base": "str",
+    "data": "str",
+    "out": "str",
+    "task": "str",
+    "arch": "str",
+    "epochs": "int",
+    "max_steps": "int",
+    "batch_size": "int",
+    "accum_steps": "int",
+    "lr": "number",
+    "weight_decay": "number",
+    "warmup_steps": "int",
+    "grad_clip": "number",
+    "seed": "int",
+    "precision": "str",
+    "device": "str",
+    "save_every": "int",
+    "freeze_text": "bool",
+    "freeze": "str_list",
+    "lp_epochs": "int",
+    "max_bad_fraction": "number",
+    "resume": "bool",
+    "force": "bool",
+    "allow_pickle": "bool",
+    "progress": "bool",
+    "domain": "str",
+}
+ABLATION_SCHEMA = {
+    "data": "str",
+    "store": "str",
+    "report": "str",
+    "alphas": "alphas",
+    "pairs": "list_of_tables",
+    "methods": "str_list",
+    "rule_sets": "table",
+    "tasks": "str",
+    "protocol": "str",
+    "bootstrap": "int",
+    "seed": "int",
+    "batch_size": "int",
+    "target": "str",
+    "method_parameters": "table",
+}
+
+
+def check_section(source: str, values: dict[str, Any], schema: dict[str, str]) -> dict[str, Any]:
+    """`values` unchanged when every key is known and every value of its kind; else one line."""
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise MicromergeError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(schema)}")
+    for key, value in values.items():
+        check, expected = KINDS[schema[key]]
+        if not check(value):
+            raise MicromergeError(f"{source}: {key} must be {expected}, not {value!r}"[:300])
+    return values

@@ -1,0 +1,276 @@
+"""Issue #11 on the merge path: each test fails on the code before the fix and passes after.
+
+Data loss (L1, L2, L4, L6), silent wrong results (M1, M4, M5), typed config files (S2, M11),
+hostile safetensors headers (C1) and number parsing (C3): one line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis.ablate import load_ablation
+from merging.sources import open_source
+from micromerge.atomic import atomic_output
+from micromerge.errors import MicromergeError
+from tests.helpers import random_state_dict, write_checkpoint
+from tests.test_merge_cli import invoke, one_line_error
+
+
+@pytest.fixture
+def pair(tmp_path):
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    write_checkpoint(tmp_path / "ft.safetensors", 1)
+    return tmp_path
+
+
+def _merge(tmp, *extra):
+    return invoke("--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", *extra)
+
+
+# ---- data loss ----
+
+
+def test_force_replaces_only_regular_files(pair):
+    fifo = pair / "pipe"
+    os.mkfifo(fifo)
+    one_line_error(_merge(pair, "--out", fifo, "--force"), "not a regular file")
+    assert fifo.is_fifo()
+    (pair / "folder").mkdir()
+    one_line_error(_merge(pair, "--out", pair / "folder", "--force"), "not a regular file")
+
+
+def test_two_writers_to_one_name_do_not_both_win(tmp_path):
+    """The existence check and the publish are one step: the later writer fails, nothing is lost."""
+    target = tmp_path / "out.bin"
+    with (
+        pytest.raises(MicromergeError, match="output exists"),
+        atomic_output(target, "wb", force=False) as first,
+    ):
+        with atomic_output(target, "wb", force=False) as second:  # finishes while the first still writes
+            second.write(b"second")
+        first.write(b"first")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"], "no temporary left behind"
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    stale = tmp_path / ".out.bin.999999999.abcd.tmp"  # a pid that is not running
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / f".out.bin.{os.getpid()}.efgh.tmp"
+    live.write_bytes(b"y")
+    with atomic_output(tmp_path / "out.bin", "wb") as handle:
+        handle.write(b"ok")
+    assert not stale.exists() and live.exists()
+
+
+def test_distinct_alphas_get_distinct_files(pair):
+    result = _merge(pair, "--alphas", "0.00001,0.00002", "--out", pair / "tiny")
+    assert result.exit_code == 0, result.output
+    assert len(list((pair / "tiny").glob("*.safetensors"))) == 2
+
+
+def test_an_output_that_is_an_input_is_refused(pair):
+    before = (pair / "ft.safetensors").read_bytes()
+    one_line_error(_merge(pair, "--out", pair / "ft.safetensors", "--force"), "is an input")
+    assert (pair / "ft.safetensors").read_bytes() == before
+
+
+# ---- silent wrong results ----
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (("--alpha", "nan"), "--alpha nan: must be a finite number"),
+        (("--alpha", "inf"), "--alpha inf: must be a finite number"),
+        (("--alphas", "nan,0"), "--alphas 'nan'"),
+        (("--alphas", "0:nan:0.1"), "must be a finite number"),
+        (("--alphas", "0:inf:1"), "must be a finite number"),
+        (("--alphas", "0:1:1e-9"), "at most 10,000"),
+        (("--alphas", ","), "no values"),
+        (("--method", "linear", "--weights", "nan,1"), "--weights 'nan'"),
+        (("--weights", "0.5,0.5"), "only the linear method takes weights"),
+        (("--alpha-rule", "visual.*=nan"), "--alpha-rule visual.*="),
+        (("--method", "ties", "--density", "0"), "--density 0.0"),
+    ],
+)
+def test_non_finite_or_meaningless_parameters_are_refused(pair, flags, needle):
+    one_line_error(_merge(pair, *flags, "--out", pair / "o.safetensors"), needle)
+    assert not list(pair.glob("o.safetensors*"))
+
+
+def test_a_merge_that_overflows_the_output_dtype_is_refused(tmp_path):
+    big = {k: v * 0 + 6e4 if v.is_floating_point() else v for k, v in random_state_dict(0).items()}
+    save_file(big, str(tmp_path / "a.safetensors"), metadata={"micromerge.arch": "nano-clip"})
+    save_file(big, str(tmp_path / "b.safetensors"), metadata={"micromerge.arch": "nano-clip"})
+    args = ["--base", tmp_path / "a.safetensors", "--ft", tmp_path / "b.safetensors"]
+    args += ["--method", "task-arithmetic", "--alpha", "1", "--dtype", "float16"]
+    for engine in ("numpy", "torch"):  # 6e4 + 1 * (6e4 - 6e4) fits; linear 1 + 1 overflows below
+        result = invoke(*args, "--engine", engine, "--out", tmp_path / f"{engine}.safetensors")
+        assert result.exit_code == 0, result.output
+    linear = ["--base", tmp_path / "a.safetensors", "--ft", tmp_path / "b.safetensors", "--method", "linear"]
+    linear += ["--weights", "1,1", "--dtype", "float16"]
+    for engine in ("numpy", "torch"):
+        out = tmp_path / f"over-{engine}.safetensors"
+        one_line_error(invoke(*linear, "--engine", engine, "--out", out), "NaN or Inf", "--allow-nonfinite")
+        assert not out.exists()
+
+
+def test_merge_alphas_resume_after_a_kill_and_recover_a_lost_manifest(pair):
+    assert _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "full").exit_code == 0
+    assert _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed").exit_code == 0
+    (pair / "killed" / "alpha-1.0.safetensors").unlink()  # the kill landed before this one
+    (pair / "killed" / "alpha-1.0.safetensors.manifest.json").unlink()
+    (pair / "killed" / "alpha-0.5.safetensors.manifest.json").unlink()  # between rename and manifest
+    rerun = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed")
+    assert rerun.exit_code == 0, rerun.output
+    assert rerun.output.count("kept") == 2 and rerun.output.count("wrote") == 1
+    for name in ("alpha-0.0.safetensors", "alpha-0.5.safetensors", "alpha-1.0.safetensors"):
+        assert (pair / "killed" / name).read_bytes() == (pair / "full" / name).read_bytes(), name
+    recovered = json.loads((pair / "killed" / "alpha-0.5.safetensors.manifest.json").read_text())
+    assert recovered["recovered_from_header"] and recovered["parameters"]["alpha"] == 0.5
+    assert len(recovered["inputs_sha256"]) == 2
+    changed = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed", "--include", "visual.*")
+    one_line_error(changed, "output exists (not from these inputs and parameters)")
+
+
+# ---- config files: one typed schema per command ----
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ('allow_pickle = "false"', "allow_pickle must be a boolean"),
+        ('force = "false"', "force must be a boolean"),
+        ('include = "visual.*"', "include must be a list of strings"),
+        ('alpha = "abc"', "alpha must be a finite number"),
+        ("finetuned = 5", "finetuned must be a string or a list of strings"),
+        ("bogus = 1", "unknown key(s) ['bogus']"),
+    ],
+)
+def test_merge_config_values_of_the_wrong_type_are_one_line(pair, body, needle):
+    config = pair / "merge.toml"
+    config.write_text(
+        f'[merge]\nbase = "{pair / "base.safetensors"}"\nft_unused = 0\n'.replace("ft_unused = 0\n", "")
+        + body
+        + "\n"
+    )
+    one_line_error(invoke("--config", config, "--out", pair / "o.safetensors"), "merge.toml", needle)
+
+
+def test_non_utf8_yaml_is_one_line(pair):
+    config = pair / "merge.yaml"
+    config.write_bytes(b"merge:\n  base: \xff\xfe\n")
+    one_line_error(invoke("--config", config), "merge.yaml: not UTF-8")
+
+
+def _ablation(tmp: Path, extra: str) -> Path:
+    path = tmp / "grid.toml"
+    path.write_text(
+        f'[ablation]\ndata = "x"\nstore = "s.jsonl"\nreport = "r"\nmethods = ["wise-ft", "ties"]\n{extra}\n'
+        f'[[ablation.pairs]]\nbase = "{tmp / "base.safetensors"}"\nfinetuned = ["{tmp / "ft.safetensors"}"]\n'
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ('bootstrap = "abc"', "bootstrap must be an integer"),
+        ('methods = "wise-ft"', "methods must be a list of strings"),
+        ('[ablation.method_parameters.ties]\ndensity = "abc"', "density must be a finite number"),
+    ],
+)
+def test_ablation_config_types_are_checked(pair, extra, needle):
+    if extra.startswith("methods"):
+        path = pair / "grid.toml"
+        path.write_text(f'[ablation]\ndata = "x"\nstore = "s"\nreport = "r"\n{extra}\npairs = []\n')
+    else:
+        path = _ablation(pair, extra)
+    with pytest.raises(MicromergeError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_ablation(path)
+
+
+def test_ablation_grid_is_validated_before_any_sweep(pair):
+    path = _ablation(pair, "").read_text().replace('["wise-ft", "ties"]', '["wise-ft", "bogus"]')
+    (pair / "grid.toml").write_text(path)
+    with pytest.raises(MicromergeError, match="--method bogus: unknown merge method"):
+        load_ablation(pair / "grid.toml")
+
+
+# ---- hostile safetensors headers ----
+
+
+def _with_header(path: Path, header: object, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, data, needle",
+    [
+        (
+            {"__metadata__": ["a"], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "__metadata__",
+        ),
+        (
+            {"__metadata__": "x", "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "__metadata__",
+        ),
+        (b"[" * 100000 + b"]" * 100000, b"", "not JSON"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),
+        ({"w": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed shape"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlap",
+        ),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "__metadata__": {"micromerge.model_config": "{not json"},
+            },
+            b"\0" * 4,
+            "model_config metadata is not JSON",
+        ),
+    ],
+)
+def test_hostile_headers_are_one_line_errors(tmp_path, header, data, needle):
+    path = _with_header(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(MicromergeError, match=needle):
+        open_source(str(path), arrays="numpy")
+
+
+def test_unknown_arch_is_refused_before_writing(pair):
+    one_line_error(_merge(pair, "--arch", "bogus", "--out", pair / "o.safetensors"), "--arch 'bogus'")
+    assert not (pair / "o.safetensors").exists()
+
+
+def test_a_config_that_builds_no_model_is_one_line_in_eval(tmp_path):
+    from merging.models import load_model
+
+    state = random_state_dict(0)
+    save_file(
+        state,
+        str(tmp_path / "m.safetensors"),
+        metadata={"micromerge.model_config": json.dumps({"embed_dim": "x"})},
+    )
+    with (
+        open_source(str(tmp_path / "m.safetensors")) as source,
+        pytest.raises(MicromergeError, match="does not build"),
+    ):
+        load_model(source)
+    assert torch.is_tensor(load_file(str(tmp_path / "m.safetensors"))["logit_scale"])
