@@ -8,6 +8,7 @@ several processes (accelerate launch) split the alphas between them.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from merging.sources import open_source
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
 
+PROTOCOLS = ("ubench", "closed-set")
+MAX_BOOTSTRAP = 100_000
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -50,6 +54,18 @@ class EvalSettings:
     rank: int = 0
     world_size: int = 1
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise MicromergeError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
+            raise MicromergeError(
+                f"--bootstrap {self.bootstrap}: must be in [0, {MAX_BOOTSTRAP:,}] (0: no intervals)"
+            )
+        if self.seed < 0:
+            raise MicromergeError(f"--seed {self.seed}: must be non-negative")
+        if self.protocol not in PROTOCOLS:
+            raise MicromergeError(f"--protocol {self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+
 
 @dataclass(frozen=True)
 class SweepPlan:
@@ -64,7 +80,6 @@ class SweepPlan:
     )
 
 
-PROTOCOLS = ("ubench", "closed-set")
 HEADLINE_COARSE, HEADLINE_FINE = "ubench:coarse", "ubench:fine"
 POOLED = "all"  # caption_key of a task's row pooled over its caption keys
 
@@ -335,9 +350,21 @@ class Prepared:
     )  # rows of sources outside the paper's tables (all tasks, not just selected)
 
 
+def _check_cache_dir(cache_dir: Path) -> None:
+    """A read-only --cache-dir fails now, not after minutes of decoding."""
+    try:
+        (cache_dir / "images").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir / "images", prefix=".probe."):
+            pass
+    except OSError as exc:
+        raise MicromergeError(
+            f"--cache-dir {cache_dir}: cannot write ({exc.strerror or exc}); choose another"
+        ) from exc
+
+
 def prepare(settings: EvalSettings) -> Prepared:
-    if settings.protocol not in PROTOCOLS:
-        raise MicromergeError(f"--protocol {settings.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    ResultStore(settings.store).check_writable()
+    _check_cache_dir(settings.cache_dir)
     bench = load_benchmark(settings.data, cache_dir=settings.cache_dir)
     every = discover_tasks(bench.dataset, load_source_table(settings.sources))
     tasks = select_tasks(every, settings.tasks)

@@ -88,8 +88,8 @@ def _decode(payload: dict | None, size: int) -> np.ndarray | None:
         else:
             return None
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        return None  # corrupt, truncated, or declaring more pixels than any micrograph: counted, skipped
     image = CenterCrop(size)(Resize(size, interpolation=InterpolationMode.BICUBIC)(image))
     return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
 

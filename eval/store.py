@@ -1,77 +1,161 @@
-"""The results store: one JSON row per (run, alpha, task, metric), appended atomically per unit.
+"""The results store: one JSON row per (run, alpha, task, caption key, split, metric), appended
+atomically per unit of work.
 
-A JSONL file survives `kill -9`: a unit's rows go out in one write followed by fsync, a torn
-last line is ignored on read and cut off before the next append, and several processes
-(an accelerate launch) append under an exclusive lock.
+A JSONL file survives `kill -9` and concurrent writers: a unit's rows go out in one write
+followed by fsync, under an exclusive lock held while the file's existing rows are read, so an
+append skips every row whose identity is already there (two identical sweeps, or two processes
+finishing the same alpha, write each row once). A torn last line (a killed writer) is cut off
+before the next append; a last line that parses is kept and given its newline. Lines that are
+not rows of this version (another schema, valid JSON of the wrong shape, non-finite alpha,
+undecodable bytes) are skipped and counted with the first line number, never fatal; readers
+de-duplicate by identity. Non-finite metric values are stored as null (JSON has no NaN).
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from micromerge.errors import MicromergeError
+
 SCHEMA_VERSION = 1
+
+
+def _is_row(row: Any) -> bool:
+    """The shape every reader relies on."""
+    if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
+        return False
+    alpha = row.get("alpha")
+    alpha_ok = alpha is None or (
+        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+    )
+    strings = all(isinstance(row.get(k), str) for k in ("run_id", "task", "metric"))
+    value = row.get("value")
+    value_ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    groups_ok = isinstance(row.get("groups", {}), dict)
+    return alpha_ok and strings and value_ok and groups_ok and isinstance(row.get("split", "all"), str)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class ResultStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def rows(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        rows, skipped = [], 0
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    break  # torn last line of an interrupted append
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    skipped += 1
-                    continue
-                if row.get("schema") != SCHEMA_VERSION:
-                    skipped += 1
-                    continue
-                rows.append(row)
-        if skipped:
-            warnings.warn(
-                f"{self.path}: skipped {skipped} row(s) from another version or unreadable", stacklevel=2
-            )
-        return rows
-
     @staticmethod
     def identity(row: dict[str, Any]) -> tuple[float | None, str, str | None, str, str]:
         """What makes a row one result of its run: (alpha, task, caption key, split, metric)."""
         return (row["alpha"], row["task"], row.get("caption_key"), row.get("split", "all"), row["metric"])
 
+    def check_writable(self) -> None:
+        """Fail before any work when results could not be saved (a folder, a read-only file)."""
+        if self.path.is_dir():
+            raise MicromergeError(f"--store {self.path}: is a folder; pass a .jsonl file path")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        rows, _ = self._parse(data, warn=True)
+        return rows
+
+    def _parse(self, data: bytes, warn: bool) -> tuple[list[dict[str, Any]], set[tuple]]:
+        rows: list[dict[str, Any]] = []
+        seen: set[tuple] = set()
+        skipped, first_bad = 0, None
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if not _is_row(row):
+                if number == len(lines) and not data.endswith(b"\n"):
+                    continue  # the torn tail of an interrupted append
+                skipped += 1
+                first_bad = first_bad or number
+                continue
+            key = (row["run_id"], *self.identity(row))
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        if skipped and warn:
+            warnings.warn(
+                f"{self.path}: skipped {skipped} line(s) that are not rows of this version (first: line {first_bad})",
+                stacklevel=3,
+            )
+        return rows, seen
+
     def done(self, run_id: str) -> set[tuple[float | None, str, str | None, str, str]]:
         """The identity of every finished row of a run."""
         return {self.identity(row) for row in self.rows() if row["run_id"] == run_id}
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
+    def append(self, rows: list[dict[str, Any]]) -> int:
+        """Append the rows not already in the store; returns how many were written."""
         if not rows:
-            return
+            return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = "".join(
-            json.dumps({"schema": SCHEMA_VERSION, **row}, sort_keys=True) + "\n" for row in rows
-        ).encode()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.lseek(fd, 0, os.SEEK_END)
-            if size:
-                os.lseek(fd, size - 1, os.SEEK_SET)
-                if os.read(fd, 1) != b"\n":  # cut a torn tail left by a killed writer
-                    data = os.pread(fd, size, 0)
-                    os.ftruncate(fd, data.rfind(b"\n") + 1)
+            data = os.pread(fd, size, 0) if size else b""
+            _, seen = self._parse(data, warn=False)
+            fresh = []
+            for row in rows:
+                key = (row["run_id"], *self.identity(row))
+                if key not in seen:
+                    seen.add(key)
+                    fresh.append(row)
+            if not fresh:
+                return 0
+            prefix = b""
+            if data and not data.endswith(b"\n"):
+                tail = data[data.rfind(b"\n") + 1 :]
+                if _parses(tail):
+                    prefix = b"\n"  # a complete last row missing its newline: keep it
+                else:
+                    os.ftruncate(fd, len(data) - len(tail))  # a torn tail left by a killed writer
+            payload = (
+                prefix
+                + "".join(
+                    json.dumps(_json_safe({"schema": SCHEMA_VERSION, **row}), sort_keys=True, allow_nan=False)
+                    + "\n"
+                    for row in fresh
+                ).encode()
+            )
             os.lseek(fd, 0, os.SEEK_END)
             os.write(fd, payload)
             os.fsync(fd)
+            return len(fresh)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        return _is_row(json.loads(line.decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False

@@ -439,7 +439,7 @@ def test_store_ignores_and_repairs_a_torn_last_line(tmp_path):
     assert [r["alpha"] for r in store.rows()] == [0.0, 0.5]
     with open(tmp_path / "r.jsonl", "a") as handle:
         handle.write(json.dumps({"schema": 99, "run_id": "x"}) + "\n")
-    with pytest.warns(UserWarning, match="another version"):
+    with pytest.warns(UserWarning, match="not rows of this version"):
         assert len(store.rows()) == 2
 
 

@@ -1,0 +1,193 @@
+"""Issue #11 on the evaluation path: the results store (L3, L5, C7), bad numbers and file-system
+errors (C2, C3), image bombs (C5), and data changed in place (M6). Each test fails on the code
+before the fix and passes after."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from eval.data import load_benchmark
+from eval.images import decode_payloads
+from eval.store import ResultStore
+from micromerge.cli import cli
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import fixture_dataset, write_fixture
+
+
+def _row(alpha, task="t", value=0.5, **extra):
+    return {
+        "run_id": "r",
+        "alpha": alpha,
+        "task": task,
+        "split": "all",
+        "metric": "accuracy",
+        "value": value,
+        **extra,
+    }
+
+
+@pytest.fixture
+def setup(tmp_path):
+    bench = write_fixture(tmp_path / "bench", per_class=2)
+    write_checkpoint(tmp_path / "a.safetensors", 0)
+    write_checkpoint(tmp_path / "b.safetensors", 1)
+    return tmp_path, bench
+
+
+def _sweep(tmp, bench, *extra, store="s.jsonl"):
+    args = [
+        "sweep",
+        "--base",
+        str(tmp / "a.safetensors"),
+        "--ft",
+        str(tmp / "b.safetensors"),
+        "--data",
+        str(bench),
+    ]
+    args += [
+        "--store",
+        str(tmp / store),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--bootstrap",
+        "0",
+        "--quiet",
+        *extra,
+    ]
+    return CliRunner().invoke(cli, args)
+
+
+def test_identical_sweeps_and_repeated_alphas_store_each_row_once(setup):
+    tmp, bench = setup
+    assert _sweep(tmp, bench, "--alphas", "0,0.5,0.5,1").exit_code == 0
+    lines = (tmp / "s.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["alpha"] for line in lines}) == 3
+    # the same sweep again under another store name, then both stores' rows appended to one
+    store = ResultStore(tmp / "s.jsonl")
+    assert store.append(store.rows()) == 0
+    assert len((tmp / "s.jsonl").read_text().splitlines()) == len(lines)
+
+
+def _append_many(path: str, start: int) -> None:
+    store = ResultStore(path)
+    for i in range(40):
+        store.append([_row(float((start + i) % 40))])
+
+
+def test_two_processes_appending_at_once_lose_and_duplicate_nothing(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(path, start)) for start in (0, 20)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    lines = Path(path).read_text().splitlines()
+    assert sorted(json.loads(line)["alpha"] for line in lines) == [float(i) for i in range(40)]
+
+
+def test_a_complete_last_row_without_newline_is_kept(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"schema": 1, **_row(0.0)}))  # no trailing newline
+    store = ResultStore(path)
+    assert len(store.rows()) == 1
+    store.append([_row(1.0)])
+    assert [r["alpha"] for r in store.rows()] == [0.0, 1.0]
+
+
+def test_lines_of_the_wrong_shape_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "r.jsonl"
+    good = json.dumps({"schema": 1, **_row(0.0)})
+    bad = ["42", "null", json.dumps({"schema": 1, "alpha": 0}), json.dumps({"schema": 1, **_row("x")}),
+           json.dumps({"schema": 1, **_row(0.5, groups=None)}), json.dumps({"schema": 1, **_row(float("nan"))})]  # fmt: skip
+    path.write_bytes(("\n".join([good, *bad]) + "\n").encode() + b"\xff\xfe\n")
+    with pytest.warns(UserWarning, match=r"skipped 7 line\(s\).*first: line 2"):
+        rows = ResultStore(path).rows()
+    assert [r["alpha"] for r in rows] == [0.0]
+
+
+def test_non_finite_values_are_stored_as_valid_json(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row(0.0, value=float("nan"))])
+    text = (tmp_path / "r.jsonl").read_text()
+    assert "NaN" not in text and json.loads(text, parse_constant=lambda c: pytest.fail(c))["value"] is None
+
+
+def test_report_survives_a_store_with_junk_lines(setup):
+    tmp, bench = setup
+    assert _sweep(tmp, bench, "--alphas", "0,1").exit_code == 0
+    with open(tmp / "s.jsonl", "a") as handle:
+        handle.write('42\n{"schema": 1, "run_id": "r", "alpha": "x"}\n')
+    result = CliRunner().invoke(
+        cli, ["report", str(tmp / "s.jsonl"), "--out", str(tmp / "rep"), "--target", "domain:pathology"]
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (("--batch-size", "0"), "--batch-size 0: must be at least 1"),
+        (("--batch-size", "-5"), "--batch-size -5"),
+        (("--bootstrap", "100000000"), "--bootstrap 100000000: must be in"),
+        (("--bootstrap", "-1"), "--bootstrap -1"),
+    ],
+)
+def test_bad_numbers_are_one_line(setup, flags, needle):
+    tmp, bench = setup
+    result = _sweep(tmp, bench, "--alphas", "0", *flags)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not (tmp / "s.jsonl").exists()
+
+
+def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
+    tmp, bench = setup
+    (tmp / "store-folder").mkdir()
+    (tmp / "a-file").write_text("x")
+    for extra, needle in (
+        (("--store", str(tmp / "store-folder")), "is a folder"),
+        (("--store", str(tmp / "a-file" / "r.jsonl")), "cannot write"),
+        (("--cache-dir", str(tmp / "a-file" / "cache")), "--cache-dir"),
+    ):
+        args = ["eval", "--model", str(tmp / "a.safetensors"), "--data", str(bench), "--quiet"]
+        args += ["--store", str(tmp / "r.jsonl"), "--cache-dir", str(tmp / "cache"), *extra]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and needle in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_decompression_bomb_is_a_corrupt_image(tmp_path):
+    payloads = [{"bytes": _png_declaring(30000, 30000), "path": None}]
+    pixels, valid = decode_payloads(payloads, 32, progress=False)
+    assert not valid[0] and pixels.shape == (1, 3, 32, 32)
+
+
+def test_a_dataset_changed_in_place_gets_a_new_fingerprint(tmp_path):
+    folder = write_fixture(tmp_path / "bench", per_class=2, corrupt=0)
+    before = load_benchmark(str(folder), cache_dir=tmp_path / "c").fingerprint
+    changed = fixture_dataset(per_class=2, seed=1, corrupt=0)  # same rows, other pixels
+    from eval.hub_layout import write_hub_layout
+
+    write_hub_layout(changed, folder, 7)
+    after = load_benchmark(str(folder), cache_dir=tmp_path / "c").fingerprint
+    assert before != after
