@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from eval.data import load_benchmark
-from eval.images import decode_payloads
+from eval.images import build_image_cache, decode_payloads
 from eval.store import ResultStore
 from micromerge.cli import cli
 from tests.helpers import write_checkpoint
-from tests.ubench_fixture import fixture_dataset, write_fixture
+from tests.ubench_fixture import write_fixture
 
 
 def _row(alpha, task="t", value=0.5, **extra):
@@ -183,11 +185,16 @@ def test_a_decompression_bomb_is_a_corrupt_image(tmp_path):
 
 
 def test_a_dataset_changed_in_place_gets_a_new_fingerprint(tmp_path):
-    folder = write_fixture(tmp_path / "bench", per_class=2, corrupt=0)
-    before = load_benchmark(str(folder), cache_dir=tmp_path / "c").fingerprint
-    changed = fixture_dataset(per_class=2, seed=1, corrupt=0)  # same rows, other pixels
-    from eval.hub_layout import write_hub_layout
-
-    write_hub_layout(changed, folder, 7)
-    after = load_benchmark(str(folder), cache_dir=tmp_path / "c").fingerprint
-    assert before != after
+    """save_to_disk keeps a `_fingerprint` in state.json; a data file replaced under it (same names,
+    same state.json) must still be seen as new data, or the image cache serves stale pixels."""
+    folder = write_fixture(tmp_path / "bench", per_class=2, corrupt=0, fmt="save_to_disk")
+    before = load_benchmark(str(folder), cache_dir=tmp_path / "c")
+    cache = tmp_path / "images"
+    first = np.array(build_image_cache(before.dataset, before.fingerprint, 16, cache, progress=False).pixels)
+    other = write_fixture(tmp_path / "other", per_class=2, seed=1, corrupt=0, fmt="save_to_disk")
+    for data_file in folder.glob("data-*.arrow"):
+        shutil.copyfile(other / data_file.name, data_file)  # state.json and its fingerprint unchanged
+    after = load_benchmark(str(folder), cache_dir=tmp_path / "c")
+    assert before.fingerprint != after.fingerprint
+    second = build_image_cache(after.dataset, after.fingerprint, 16, cache, progress=False)
+    assert not np.array_equal(first, np.asarray(second.pixels)), "the new pixels, not the cached old ones"

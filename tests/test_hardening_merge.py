@@ -98,7 +98,6 @@ def test_an_output_that_is_an_input_is_refused(pair):
         (("--method", "linear", "--weights", "nan,1"), "--weights 'nan'"),
         (("--weights", "0.5,0.5"), "only the linear method takes weights"),
         (("--alpha-rule", "visual.*=nan"), "--alpha-rule visual.*="),
-        (("--method", "ties", "--density", "0"), "--density 0.0"),
     ],
 )
 def test_non_finite_or_meaningless_parameters_are_refused(pair, flags, needle):
