@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,18 @@ class FinetuneConfig:
             raise MicromergeError(
                 "finetune supervised: --task is required (a task name from `micromerge tasks --data ...`)"
             )
-        for name in ("epochs", "batch_size", "accum_steps"):
-            if getattr(self, name) < 1:
-                raise MicromergeError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.lr <= 0:
-            raise MicromergeError(f"--lr {self.lr}: must be positive")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("accum_steps", 1), ("max_steps", 1),
+                          ("warmup_steps", 0), ("save_every", 0), ("lp_epochs", 0), ("seed", 0)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise MicromergeError(
+                    f"--{name.replace('_', '-')} {value}: must be an integer of at least {low}"
+                )
+        for name, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("grad_clip", 0.0, False)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                bound = f"> {low:g}" if strict else f">= {low:g}"
+                raise MicromergeError(f"--{name.replace('_', '-')} {value}: must be a finite number {bound}")
         if self.precision not in ("no", "bf16", "fp16"):
             raise MicromergeError(f"--precision {self.precision}: expected no, bf16 or fp16")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import tarfile
 from dataclasses import dataclass
@@ -58,18 +59,29 @@ def _pick(columns: list[str], options: tuple[str, ...], what: str, where: str) -
     raise MicromergeError(f"{where}: no {what} column (expected one of {list(options)}; found {columns})")
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MicromergeError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+
+
 def _from_table(path: Path) -> PairData:
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            records = list(csv.DictReader(handle))
+        records = list(csv.DictReader(io.StringIO(_read_utf8(path), newline="")))
     else:
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_utf8(path).splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise MicromergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise MicromergeError(
+                        f"{path}:{number}: a JSON object per line is expected, not {record!r}"[:200]
+                    )
+                records.append(record)
     if not records:
         raise MicromergeError(f"{path}: no rows")
     columns = list(records[0])
@@ -77,7 +89,7 @@ def _from_table(path: Path) -> PairData:
     caption_col = _pick(columns, CAPTION_COLUMNS, "caption", str(path))
     payloads, captions = [], []
     for number, record in enumerate(records, 2 if path.suffix == ".csv" else 1):
-        name, caption = (record.get(image_col) or "").strip(), (record.get(caption_col) or "").strip()
+        name, caption = str(record.get(image_col) or "").strip(), str(record.get(caption_col) or "").strip()
         if not name:
             raise MicromergeError(f"{path}: row {number} has a caption but no image")
         image_path = (path.parent / name).resolve()
@@ -109,9 +121,7 @@ def _from_tar(shards: list[Path]) -> PairData:
             raise MicromergeError(f"{shard}: not a readable tar shard ({exc})") from exc
         for key, parts in sorted(samples.items()):
             image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
-            caption = parts.get(".txt", b"").decode("utf-8").strip()
-            if not caption and ".json" in parts:
-                caption = str(json.loads(parts[".json"]).get("caption", "")).strip()
+            caption = _tar_caption(shard, key, parts)
             if image is None:
                 raise MicromergeError(f"{shard}: sample {key} has a caption but no image")
             if not caption:
@@ -119,6 +129,20 @@ def _from_tar(shards: list[Path]) -> PairData:
             payloads.append({"bytes": image, "path": None})
             captions.append(caption)
     return PairData(payloads, captions, ",".join(str(s) for s in shards))
+
+
+def _tar_caption(shard: Path, key: str, parts: dict[str, bytes]) -> str:
+    """A sample's caption from `.txt`, else from the `caption` of its `.json`; bad bytes are one line."""
+    try:
+        caption = parts.get(".txt", b"").decode("utf-8").strip()
+        if not caption and ".json" in parts:
+            meta = json.loads(parts[".json"].decode("utf-8"))
+            caption = str(meta.get("caption", "") if isinstance(meta, dict) else "").strip()
+    except UnicodeDecodeError as exc:
+        raise MicromergeError(f"{shard}: sample {key}: caption is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise MicromergeError(f"{shard}: sample {key}: .json is not valid JSON ({exc.msg})") from exc
+    return caption
 
 
 def _from_hf(dataset: datasets.Dataset, where: str) -> PairData:

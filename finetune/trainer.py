@@ -54,6 +54,22 @@ class Prepared:
     arch_name: str | None
 
 
+def _inputs_digest(prepared: Prepared) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the data's content fingerprint and
+    the base's sha256 (the same paths may hold other bytes by now)."""
+    return {"data": prepared.data_fingerprint, "base": prepared.base_sha256}
+
+
+def _check_resume_inputs(cfg: FinetuneConfig, resume_from: Path, prepared: Prepared) -> None:
+    saved = json.loads((resume_from / "trainer_state.json").read_text()).get("inputs") or {}
+    changed = [k for k, v in _inputs_digest(prepared).items() if saved.get(k) != v]
+    if changed:
+        raise MicromergeError(
+            f"--resume {cfg.out}: the {' and '.join(changed)} changed since that run started (other bytes at "
+            "the same path); restore them, or start over with --force"
+        )
+
+
 def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
     """The latest resumable state, after refusing to mix runs in one folder."""
     state_dir = cfg.out / "state"
@@ -75,6 +91,7 @@ def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
             raise MicromergeError(
                 f"--resume {cfg.out}: the run there used other settings; use the same flags or --force"
             )
+
         return state_dir / latest.read_text().strip()
     return None
 
@@ -191,7 +208,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from accelerate.utils import set_seed
 
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
-        return cfg.out / "model.safetensors"  # already finished: resuming is a no-op
+        # already finished: resuming is a no-op, apart from the state a kill after the manifest left
+        shutil.rmtree(cfg.out / "state", ignore_errors=True)
+        return cfg.out / "model.safetensors"
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     # accelerate keeps its state in process-wide singletons, so a second run in one process (a
     # script or notebook: a CPU run, then a bf16 GPU run) would inherit the first run's device and
@@ -207,6 +226,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     prepared = _prepare(cfg)
+    if resume_from is not None:
+        _check_resume_inputs(cfg, resume_from, prepared)
     _freeze(prepared, cfg)
     n, world, batch = len(prepared.data.targets), accelerator.num_processes, cfg.batch_size
     per_epoch = n // (batch * world)
@@ -310,7 +331,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                 if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
                     _record_losses(pending, history, bar)
                 if saving:
-                    _save_state(accelerator, cfg, micro_step, step, history)
+                    _save_state(accelerator, cfg, prepared, micro_step, step, history)
     except torch.cuda.OutOfMemoryError as exc:
         raise MicromergeError(
             f"out of GPU memory at --batch-size {cfg.batch_size}: lower it and raise --accum-steps to keep the effective batch "
@@ -350,7 +371,12 @@ def _record_losses(
 
 
 def _save_state(
-    accelerator, cfg: FinetuneConfig, micro_step: int, step: int, history: list[dict[str, Any]]
+    accelerator,
+    cfg: FinetuneConfig,
+    prepared: Prepared,
+    micro_step: int,
+    step: int,
+    history: list[dict[str, Any]],
 ) -> None:
     state_dir = cfg.out / "state"
     name = f"step-{step:08d}"
@@ -359,7 +385,12 @@ def _save_state(
     if accelerator.is_main_process:
         write_json_atomic(
             state_dir / name / "trainer_state.json",
-            {"micro_step": micro_step, "step": step, "config_digest": sha256_json(cfg.hyperparameters())},
+            {
+                "micro_step": micro_step,
+                "step": step,
+                "config_digest": sha256_json(cfg.hyperparameters()),
+                "inputs": _inputs_digest(prepared),
+            },
         )
         write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         write_text_atomic(state_dir / "LATEST", name)

@@ -1,0 +1,92 @@
+"""Issue #11 on the fine-tuning path: hyper-parameters validated up front (M3), a resume refuses
+changed data or base (M7), state left by a kill after the manifest is cleaned (smaller), and
+caption files with bad bytes are one line (C9). Each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from finetune.config import FinetuneConfig
+from finetune.trainer import run_finetune
+from micromerge.errors import MicromergeError
+from tests.test_finetune import _png, config, write_csv_folder
+
+
+@pytest.fixture
+def base(tmp_path):
+    from tests.helpers import write_checkpoint
+
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    return tmp_path / "base.safetensors"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ({"lr": float("inf")}, "--lr inf"),
+        ({"weight_decay": float("nan")}, "--weight-decay nan"),
+        ({"grad_clip": -1.0}, "--grad-clip -1.0"),
+        ({"max_steps": 0}, "--max-steps 0"),
+        ({"max_steps": -3}, "--max-steps -3"),
+        ({"lp_epochs": -5}, "--lp-epochs -5"),
+        ({"seed": -1}, "--seed -1"),
+        ({"batch_size": 0}, "--batch-size 0"),
+    ],
+)
+def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
+    with pytest.raises(MicromergeError, match=needle.replace("+", r"\+")):
+        FinetuneConfig(**{**config("b", "d", tmp_path).__dict__, **override})
+
+
+def test_resume_refuses_changed_data_at_the_same_path(tmp_path, base, monkeypatch):
+    data = write_csv_folder(tmp_path / "pairs")
+    with monkeypatch.context() as patch:  # keep the step-2 state a kill would have left behind
+        patch.setattr("finetune.trainer.shutil.rmtree", lambda *a, **k: None)
+        run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2))
+    for name in ("manifest.json", "model.safetensors"):
+        (tmp_path / "run" / name).unlink()
+    assert (tmp_path / "run" / "state" / "LATEST").is_file()
+    (data / "img0.png").write_bytes(_png(99))  # the same path now holds other bytes
+    with pytest.raises(MicromergeError, match="the data changed since that run started"):
+        run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+
+
+def test_state_left_by_a_kill_after_the_manifest_is_removed(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs")
+    run_finetune(config(base, data, tmp_path / "run"))
+    (tmp_path / "run" / "state" / "step-00000001").mkdir(parents=True)  # what the kill left
+    run_finetune(config(base, data, tmp_path / "run", resume=True))
+    assert not (tmp_path / "run" / "state").exists()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: (d / "captions.csv").write_bytes(b"image,caption\nimg0.png,\xff\xfe bad\n"), "not UTF-8"),
+        (lambda d: (d / "captions.jsonl").write_text("42\n"), "a JSON object per line"),
+        (lambda d: _tar(d / "a.tar", {"s1.png": _png(0), "s1.txt": b"\xff\xfe"}), "not UTF-8"),
+        (
+            lambda d: _tar(d / "a.tar", {"s1.png": _png(0), "s1.json": b"{not json"}),
+            ".json is not valid JSON",
+        ),
+    ],
+)
+def test_caption_files_with_bad_bytes_are_one_line(tmp_path, base, make, needle):
+    data = tmp_path / "pairs"
+    data.mkdir()
+    (data / "img0.png").write_bytes(_png(0))
+    make(data)
+    with pytest.raises(MicromergeError, match=needle):
+        run_finetune(config(base, data, tmp_path / "run"))
