@@ -140,11 +140,11 @@ def build_report(
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
     summaries, notes = [], []
     for run in runs:
-        domain = finetuned_domain(run)
+        domain = finetuned_domain(run, Path(store))
         group = target or (f"domain:{domain}" if domain else None)
         if group is None:
             fine_domains = sorted(run.table[run.table["level"] == "fine"]["domain"].unique())
-            group = f"domain:{fine_domains[0]}"
+            group = f"domain:{fine_domains[0]}" if fine_domains else "level:coarse"
             notes.append(
                 f"{run.label}: no fine-tuning domain recorded in the checkpoint manifest; target defaults to {group} (set --target)"
             )

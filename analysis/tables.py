@@ -13,6 +13,7 @@ import pandas as pd
 from eval.aggregate import is_task_row
 from eval.store import ResultStore
 from micromerge.errors import MicromergeError
+from micromerge.hashing import default_cache_dir, sha256_file
 
 
 @dataclass
@@ -117,13 +118,26 @@ def _warn_missing(table: pd.DataFrame, label: str) -> None:
         )
 
 
-def finetuned_domain(run: Run) -> str | None:
-    """The fine-tuning domain recorded in the fine-tuned checkpoint's manifest, if any."""
-    for path in run.model.get("finetuned", []):
-        candidates = [Path(path).parent / "manifest.json", Path(str(path) + ".manifest.json")]
-        for manifest in candidates:
-            if manifest.is_file():
-                domain = json.loads(manifest.read_text()).get("domain")
-                if domain:
-                    return str(domain)
+def finetuned_domain(run: Run, store: Path) -> str | None:
+    """The fine-tuning domain recorded in the fine-tuned checkpoint's manifest, if any.
+
+    The checkpoint is found by what it holds, not by where the report runs: each candidate path
+    (the absolute file the sweep read, the recorded path against the store's own folder, the
+    recorded path as given) counts only when its sha256 is the one the sweep recorded."""
+    model = run.model
+    recorded = list(model.get("finetuned_files") or model.get("finetuned", []))
+    digests = list(model.get("finetuned_sha256") or [])
+    for index, given in enumerate(model.get("finetuned", [])):
+        candidates = [Path(p) for p in (recorded[index : index + 1] or [])]
+        candidates += [store.parent / given, Path(given)]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            if index < len(digests) and sha256_file(path, default_cache_dir()) != digests[index]:
+                continue
+            for manifest in (path.parent / "manifest.json", Path(str(path) + ".manifest.json")):
+                if manifest.is_file():
+                    domain = json.loads(manifest.read_text()).get("domain")
+                    if domain:
+                        return str(domain)
     return None

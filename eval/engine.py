@@ -476,6 +476,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                     "base_sha256": base_hashes,
                     "finetuned": list(plan.finetuned),
                     "finetuned_sha256": ft_hashes,
+                    "finetuned_files": [str(Path(f).resolve()) for s in finetuned for f in s.files],
                 },
                 "label": plan.label,
             }

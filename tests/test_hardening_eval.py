@@ -198,3 +198,29 @@ def test_a_dataset_changed_in_place_gets_a_new_fingerprint(tmp_path):
     assert before.fingerprint != after.fingerprint
     second = build_image_cache(after.dataset, after.fingerprint, 16, cache, progress=False)
     assert not np.array_equal(first, np.asarray(second.pixels)), "the new pixels, not the cached old ones"
+
+
+def test_report_finds_the_specialist_by_its_bytes_not_the_current_folder(setup, monkeypatch):
+    tmp, bench = setup
+    work, elsewhere = tmp / "work", tmp / "elsewhere"
+    for folder in (work / "ckpt", elsewhere / "ckpt"):
+        folder.mkdir(parents=True)
+    write_checkpoint(work / "ckpt" / "ft.safetensors", 1)
+    (work / "ckpt" / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "pathology"}))
+    write_checkpoint(elsewhere / "ckpt" / "ft.safetensors", 2)  # same relative path, other bytes
+    (elsewhere / "ckpt" / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "biology"}))
+    monkeypatch.chdir(work)
+    args = ["sweep", "--base", str(tmp / "a.safetensors"), "--ft", "ckpt/ft.safetensors", "--data", str(bench)]
+    args += ["--store", "results/s.jsonl", "--cache-dir", str(tmp / "cache"), "--bootstrap", "0", "--quiet"]
+    assert CliRunner().invoke(cli, [*args, "--alphas", "0,1"]).exit_code == 0
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(cli, ["report", str(work / "results" / "s.jsonl"), "--out", str(tmp / "rep")])
+    assert result.exit_code == 0, result.output
+    assert "target (domain:pathology)" in (tmp / "rep" / "report.md").read_text()
+
+
+def test_report_on_a_coarse_only_sweep_without_a_manifest(setup):
+    tmp, bench = setup
+    assert _sweep(tmp, bench, "--alphas", "0,1", "--tasks", "coarse").exit_code == 0
+    result = CliRunner().invoke(cli, ["report", str(tmp / "s.jsonl"), "--out", str(tmp / "rep")])
+    assert result.exit_code == 0, result.output

@@ -33,7 +33,6 @@ def base(tmp_path):
         ({"max_steps": -3}, "--max-steps -3"),
         ({"lp_epochs": -5}, "--lp-epochs -5"),
         ({"seed": -1}, "--seed -1"),
-        ({"batch_size": 0}, "--batch-size 0"),
     ],
 )
 def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
