@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from analysis.report import build_report
-from eval.engine import EvalSettings, SweepPlan, run_sweep
+from eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
 from merging.job import MergeJob, job_from_mapping
 from merging.methods import get_method
 from micromerge.config_files import load_section, reject_unknown_keys
@@ -132,6 +132,9 @@ def run_ablation(
         rank=rank,
         world_size=world_size,
     )
+    for pair in ablation.pairs:  # the reference points, once per pair, shared by every method and rule set
+        for model in (pair["base"], *pair["finetuned"]):
+            run_eval(model, settings, device)
     for label, job in grid_jobs(ablation):
         run_sweep(
             SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), label=label), settings, device

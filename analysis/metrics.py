@@ -7,7 +7,7 @@ control groups are every other fine-grained domain. The honest protocol chooses 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -69,14 +69,17 @@ def control_groups(run: Run, target: str) -> list[str]:
 class Summary:
     target: str
     controls: tuple[str, ...]
-    base: dict[str, float]  # group -> value at alpha 0
-    finetuned: dict[str, float]  # group -> value at alpha 1
+    base: dict[str, float]  # group -> value of the base (its own evaluation, else the lowest alpha)
+    finetuned: dict[
+        str, float
+    ]  # group -> value of the specialist (its own evaluation, else the highest alpha)
     gain: float  # target: fine-tuned minus base
     forgetting: float  # controls: base minus fine-tuned
     best_alpha: dict[str, float]  # criterion -> alpha chosen on the select half
     best_report: dict[str, float]  # criterion -> all-task mean on the report half at that alpha
     auc: dict[str, float]  # group -> area under the accuracy-vs-alpha curve over the alpha range (normalised)
     pareto: list[tuple[float, float, float]]  # (alpha, target, control) on the front
+    references: str = "alpha endpoints"  # what base/finetuned are: "evaluated models" or "alpha endpoints"
 
 
 def _control_curve(run: Run, controls: list[str], metric: str, split: str) -> pd.DataFrame:
@@ -139,7 +142,15 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
             g: float(curve(run, g, metric).set_index("alpha")["value"].get(alpha, np.nan)) for g in groups
         }
 
-    base, finetuned = at(alphas[0]), at(alphas[-1])
+    def evaluated(table: pd.DataFrame) -> dict[str, float]:
+        reference = replace(run, table=table.assign(alpha=0.0))
+        return {g: float(curve(reference, g, metric)["value"].iloc[0]) for g in groups}
+
+    has_references = run.base_reference is not None and run.finetuned_reference is not None
+    if has_references:
+        base, finetuned = evaluated(run.base_reference), evaluated(run.finetuned_reference)
+    else:
+        base, finetuned = at(alphas[0]), at(alphas[-1])
     select = _criterion_scores(run, target, controls, metric, "select")
     report = _criterion_scores(run, target, controls, metric, "report")
     best_alpha = {c: float(select[c].idxmax()) for c in CRITERIA}
@@ -162,7 +173,12 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
         best_report=best_report,
         auc=auc,
         pareto=pareto_front(points),
+        references="evaluated models" if has_references else "alpha endpoints",
     )
+
+
+def _task_values(table: pd.DataFrame, metric: str) -> pd.Series:
+    return table[(table["metric"] == metric) & (table["split"] == "all")].set_index("task")["value"]
 
 
 def task_changes(run: Run, metric: str = "accuracy") -> pd.DataFrame:
@@ -171,8 +187,12 @@ def task_changes(run: Run, metric: str = "accuracy") -> pd.DataFrame:
         ["task", "level", "domain", "alpha", "value", "ci_low", "ci_high"]
     ]
     lo, hi = table["alpha"].min(), table["alpha"].max()
-    base = table[table["alpha"] == lo].set_index("task")["value"]
-    finetuned = table[table["alpha"] == hi].set_index("task")["value"]
+    base, finetuned = (
+        _task_values(reference, metric)
+        if reference is not None
+        else table[table["alpha"] == end].set_index("task")["value"]
+        for reference, end in ((run.base_reference, lo), (run.finetuned_reference, hi))
+    )
     table = table.copy()
     table["vs_base"] = table["value"] - table["task"].map(base)
     table["vs_finetuned"] = table["value"] - table["task"].map(finetuned)

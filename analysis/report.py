@@ -153,6 +153,13 @@ def build_report(
                 f"--target {group}: not a group of run {run.label}; valid groups: {valid_groups(run)}"
             )
         summaries.append(summarise(run, group, metric))
+        if summaries[-1].references == "alpha endpoints":
+            rules = any(run.parameters.get(k) for k in ("alpha_rules", "include", "exclude"))
+            notes.append(
+                f"{run.label}: 'base' and 'fine-tuned' are this sweep's lowest and highest α"
+                + (", which under its include/exclude/alpha rules are NOT the real models" if rules else "")
+                + "; `micromerge eval` of the base and the specialist into this store makes them the real ones"
+            )
     figure_dir, table_dir = out / "figures", out / "tables"
     curves = [r for r in runs if r.table["alpha"].nunique() > 1]
     paths: dict[str, Path] = {}

@@ -27,6 +27,10 @@ class Run:
     table: pd.DataFrame  # one row per (alpha, task, split, metric): the task's own number, with its groups
     protocol: str = "closed-set"
     headline: pd.DataFrame = field(default_factory=pd.DataFrame)  # ubench: the paper's coarse/fine headline
+    # The base and the specialist themselves, evaluated once (`micromerge eval`, or `ablate` per pair) on
+    # the same data and protocol; None where the store has no such evaluation (alpha 0/1 stand in).
+    base_reference: pd.DataFrame | None = None
+    finetuned_reference: pd.DataFrame | None = None
 
 
 def run_label(row: dict[str, Any]) -> str:
@@ -82,7 +86,29 @@ def load_runs(store_path: str | Path) -> list[Run]:
                 headline,
             )
         )
+    _attach_references(runs)
     return runs
+
+
+def _reference_key(run: Run, digests: list[str]) -> tuple:
+    return (tuple(sorted(digests)), run.dataset.get("fingerprint"), run.protocol)
+
+
+def _attach_references(runs: list[Run]) -> None:
+    """Give each sweep the evaluation of its real base and specialist, found by sha256 (with the
+    same data and protocol): with per-block alpha rules, alpha 0 and 1 are not those models."""
+    evaluated = {
+        _reference_key(r, list(r.model.get("base_sha256") or [])): r.table
+        for r in runs
+        if r.method == "none" and r.table["alpha"].isna().all()
+    }
+    for run in runs:
+        if run.method == "none":
+            continue
+        run.base_reference = evaluated.get(_reference_key(run, list(run.model.get("base_sha256") or [])))
+        run.finetuned_reference = evaluated.get(
+            _reference_key(run, list(run.model.get("finetuned_sha256") or []))
+        )
 
 
 GROUP_COLUMNS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale", "paper")

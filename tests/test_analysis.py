@@ -178,9 +178,17 @@ def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path):
     (tmp_path / "ablation.toml").write_text(small)
     ablation = load_ablation(tmp_path / "ablation.toml")
     html = run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
-    runs = load_runs(ablation.store)
+    every = load_runs(ablation.store)
+    runs = [r for r in every if r.method != "none"]
     assert len(runs) == len(ablation.methods) * len(ablation.rule_sets)
+    assert len(every) - len(runs) == 2, "the base and the specialist are evaluated once per pair"
     assert {r.label.split(" / ")[2] for r in runs} == set(ablation.rule_sets)
+    # With per-block rules alpha 0 is not the base: gain and forgetting use the evaluated models.
+    by_name = {r.label.split(" / ", 1)[1]: r for r in runs}
+    plain = summarise(by_name["wise-ft / all"], "domain:pathology")
+    ruled = summarise(by_name["wise-ft / late-blocks-strong"], "domain:pathology")
+    assert plain.references == ruled.references == "evaluated models"
+    assert ruled.base == plain.base and ruled.finetuned == plain.finetuned
     size = ablation.store.stat().st_size
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
     assert ablation.store.stat().st_size == size, "a second run redoes nothing"
