@@ -19,7 +19,7 @@ import micromerge
 from analysis import figures
 from analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from analysis.tables import Run, finetuned_domain, load_runs
-from micromerge.atomic import write_json_atomic, write_text_atomic
+from micromerge.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_file
 
@@ -134,7 +134,7 @@ def build_report(
     store: str | Path, out: str | Path, target: str | None = None, metric: str = "accuracy"
 ) -> Path:
     """Write report.md, report.html, figures/ and tables/ into `out`; returns the HTML path."""
-    store, out = Path(store), Path(out)
+    store, out = Path(store), output_folder(out)
     runs = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
     if not runs:
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")

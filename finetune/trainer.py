@@ -31,7 +31,7 @@ from merging.execute import input_hashes
 from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from merging.plan import LOGIT_SCALE_MAX
 from merging.sources import open_source
-from micromerge.atomic import atomic_output, write_json_atomic, write_text_atomic
+from micromerge.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
 
@@ -207,6 +207,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    output_folder(cfg.out)
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
         # already finished: resuming is a no-op, apart from the state a kill after the manifest left
         shutil.rmtree(cfg.out / "state", ignore_errors=True)

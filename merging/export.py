@@ -10,16 +10,17 @@ from merging import hf_clip
 from merging.models import resolve_model_config
 from merging.sources import open_source
 from merging.torch_sources import load_all
-from micromerge.atomic import atomic_output, write_json_atomic
+from micromerge.atomic import atomic_output, output_folder, write_json_atomic
 from micromerge.errors import MicromergeError
 
 
 def export_transformers(
     checkpoint: str, out: str | Path, arch: str | None = None, force: bool = False
 ) -> Path:
-    folder = Path(out)
-    if (folder / "model.safetensors").exists() and not force:
-        raise MicromergeError(f"{folder}: already holds model.safetensors; pass --force to overwrite")
+    folder = output_folder(out)
+    existing = [name for name in ("model.safetensors", "config.json") if (folder / name).exists()]
+    if existing and not force:
+        raise MicromergeError(f"{folder}: already holds {' and '.join(existing)}; pass --force to overwrite")
     with open_source(checkpoint, arch=arch) as source:
         metas = {k: source.meta(k) for k in source.keys()}
         config = resolve_model_config(source.arch, metas)

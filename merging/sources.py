@@ -76,6 +76,8 @@ def _array_view(arrays: ArrayKind) -> ArrayView:
 def _open_path(path: Path, allow_pickle: bool, arrays: ArrayKind = "torch") -> TensorSource:
     if path.is_dir():
         return _open_folder(path, allow_pickle, arrays)
+    if path.exists() and not path.is_file():  # a FIFO or device would block or stream forever
+        raise MicromergeError(f"{path}: not a regular file (a pipe or device); pass a checkpoint file")
     if not os.access(path, os.R_OK):
         raise MicromergeError(f"{path}: file is not readable (check its permissions)")
     if path.name.endswith(".safetensors.index.json"):

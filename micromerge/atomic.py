@@ -127,3 +127,18 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_output(path, "w") as handle:
         handle.write(text)
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as a folder that outputs can be written into: created if missing; a file or an
+    unwritable place under that name is a one-line error before any work."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise MicromergeError(f"{flag} {folder}: is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MicromergeError(f"{flag} {folder}: cannot create this folder ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK):
+        raise MicromergeError(f"{flag} {folder}: not writable; choose another folder")
+    return folder

@@ -208,12 +208,30 @@ def export_command(checkpoint: str, out: str, fmt: str, arch: str | None, force:
     click.echo(f"wrote {path}")
 
 
+def _run(command: click.Command, prog_name: str) -> None:
+    """Run a click command with usage errors as one line (`error: ...`, exit 2), like every other
+    bad input, instead of click's three (usage, hint, error)."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click prints it
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else prog_name
+        click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
 def main() -> None:
-    cli(prog_name="micromerge")
+    _run(cli, "micromerge")
 
 
 def merge_main() -> None:
-    merge_command(prog_name="merge")
+    _run(merge_command, "merge")
 
 
 def _eval_options(func):

@@ -210,7 +210,15 @@ def test_report_finds_the_specialist_by_its_bytes_not_the_current_folder(setup, 
     write_checkpoint(elsewhere / "ckpt" / "ft.safetensors", 2)  # same relative path, other bytes
     (elsewhere / "ckpt" / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "biology"}))
     monkeypatch.chdir(work)
-    args = ["sweep", "--base", str(tmp / "a.safetensors"), "--ft", "ckpt/ft.safetensors", "--data", str(bench)]
+    args = [
+        "sweep",
+        "--base",
+        str(tmp / "a.safetensors"),
+        "--ft",
+        "ckpt/ft.safetensors",
+        "--data",
+        str(bench),
+    ]
     args += ["--store", "results/s.jsonl", "--cache-dir", str(tmp / "cache"), "--bootstrap", "0", "--quiet"]
     assert CliRunner().invoke(cli, [*args, "--alphas", "0,1"]).exit_code == 0
     monkeypatch.chdir(elsewhere)
@@ -224,3 +232,11 @@ def test_report_on_a_coarse_only_sweep_without_a_manifest(setup):
     assert _sweep(tmp, bench, "--alphas", "0,1", "--tasks", "coarse").exit_code == 0
     result = CliRunner().invoke(cli, ["report", str(tmp / "s.jsonl"), "--out", str(tmp / "rep")])
     assert result.exit_code == 0, result.output
+
+
+def test_levels_combine_in_a_task_selection(setup):
+    from eval.tasks import discover_tasks, select_tasks
+
+    tasks = discover_tasks(load_benchmark(str(setup[1])).dataset)
+    assert select_tasks(tasks, "coarse,fine") == tasks
+    assert {t.level for t in select_tasks(tasks, "coarse,kather_et_al_2016")} == {"coarse", "fine"}

@@ -273,3 +273,63 @@ def test_a_config_that_builds_no_model_is_one_line_in_eval(tmp_path):
     ):
         load_model(source)
     assert torch.is_tensor(load_file(str(tmp_path / "m.safetensors"))["logit_scale"])
+
+
+def test_a_named_pipe_as_input_is_refused_not_waited_on(pair):
+    fifo = pair / "ft.pt"
+    os.mkfifo(fifo)
+    one_line_error(
+        invoke("--base", pair / "base.safetensors", "--ft", fifo, "--out", pair / "o.safetensors"),
+        "not a regular file",
+    )
+
+
+def test_usage_errors_are_one_line_from_the_installed_commands(pair):
+    import subprocess
+    import sys
+
+    for args in (["merge", "--bogus"], ["merge", "--alpha", "abc"], ["eval", "--protocol", "nope"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "micromerge.cli", *args], capture_output=True, text=True
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], result.stderr
+
+
+def test_out_that_is_a_file_is_one_line_for_report_finetune_and_export(pair):
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    (pair / "taken").write_text("x")
+    commands = (
+        ["report", str(pair / "none.jsonl"), "--out", str(pair / "taken")],
+        ["export", str(pair / "base.safetensors"), "--out", str(pair / "taken")],
+        [
+            "finetune",
+            "contrastive",
+            "--base",
+            str(pair / "base.safetensors"),
+            "--data",
+            str(pair),
+            "--out",
+            str(pair / "taken"),
+        ],  # fmt: skip
+    )
+    for args in commands:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "is a file, not a folder" in result.output, (args, result.output)
+    assert (pair / "taken").read_text() == "x"
+
+
+def test_export_does_not_overwrite_a_config_without_force(pair):
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    (pair / "hf").mkdir()
+    (pair / "hf" / "config.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["export", str(pair / "base.safetensors"), "--out", str(pair / "hf")])
+    assert result.exit_code == 2 and "config.json" in result.output
+    assert (pair / "hf" / "config.json").read_text() == "{}"
