@@ -223,6 +223,10 @@ def main() -> None:
         fixture_s = time.perf_counter() - start
         base, ft = make_checkpoints(folder, args.model)
         start = time.perf_counter()
+        loaded = load_benchmark(str(bench), cache_dir=folder / "cache")
+        discovered = discover_tasks(loaded.dataset)
+        discovery_s = time.perf_counter() - start
+        start = time.perf_counter()
         engine = engine_sweep(
             bench,
             base,
@@ -272,6 +276,9 @@ def main() -> None:
         "protocol": args.protocol,
         "caption_keys": 10,
         "fixture_build_s": round(fixture_s, 1),
+        "load_and_discover_tasks_s": round(discovery_s, 2),
+        "tasks": len(discovered),
+        "option_questions": sum(len(q.rows) for t in discovered for q in t.questions),
         "engine_cold_cache_s": round(engine_cold, 2),
         "engine_warm_cache_s": round(engine_warm, 2),
         "forward_only_s": round(forward_s, 2),

@@ -9,6 +9,7 @@ several processes (accelerate launch) split the alphas between them.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,6 +379,12 @@ def prepare(settings: EvalSettings) -> Prepared:
         raise MicromergeError(
             f"--tasks {settings.tasks}: no task can be scored under --protocol {settings.protocol} "
             f"({', '.join(unscorable) or 'none selected'}: no caption options, or a single class)"
+        )
+    if unscorable:
+        warnings.warn(
+            f"not scored under --protocol {settings.protocol}: {', '.join(unscorable)} "
+            "(no caption options, or a single class)",
+            stacklevel=2,
         )
     outside = sorted({r for t in every if t.groups.get("paper") == "no" for r in t.image_rows})
     return Prepared(bench, tasks, np.array(outside, dtype=np.int64))

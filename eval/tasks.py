@@ -249,6 +249,7 @@ def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) 
     label_names = column_values(dataset, "label_name")
     group_values = {c: column(c) for c in GROUP_COLUMNS}
     mpp = column("microns_per_pixel")
+    synthetic = column("synthetic")
     for source in sorted(by_source):
         rows = by_source[source]
         classes = tuple(sorted({label_names[i] for i in rows}))
@@ -277,6 +278,7 @@ def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) 
                     "taxonomy": info.taxonomy,
                     "scale": info.scale,
                     "paper": "yes" if info.paper_tables else "no",
+                    "synthetic": {"True": "yes", "False": "no"}.get(_majority(synthetic, rows), "unknown"),
                     "fine_headline": "yes" if info.fine_headline and info.paper_tables else "no",
                 },
                 questions=questions,

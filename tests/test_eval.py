@@ -176,6 +176,7 @@ def test_tasks_are_discovered_as_the_benchmark_defines_them(bench):
         "taxonomy": "neoplastic histopathology",
         "scale": "tissue",
         "paper": "yes",
+        "synthetic": "no",
         "fine_headline": "yes",
     }
     assert tasks["opencell"].groups["paper"] == "no"

@@ -240,3 +240,22 @@ def test_levels_combine_in_a_task_selection(setup):
     tasks = discover_tasks(load_benchmark(str(setup[1])).dataset)
     assert select_tasks(tasks, "coarse,fine") == tasks
     assert {t.level for t in select_tasks(tasks, "coarse,kather_et_al_2016")} == {"coarse", "fine"}
+
+
+def test_tasks_that_cannot_be_scored_are_named_not_silently_dropped(setup):
+    tmp, bench = setup
+    args = [
+        "eval",
+        "--model",
+        str(tmp / "a.safetensors"),
+        "--data",
+        str(bench),
+        "--store",
+        str(tmp / "r.jsonl"),
+    ]
+    args += ["--cache-dir", str(tmp / "cache"), "--bootstrap", "0", "--quiet", "--protocol", "closed-set"]
+    only = CliRunner().invoke(cli, [*args, "--tasks", "stain"])  # one class (H&E) in the fixture
+    assert only.exit_code == 2 and "no task can be scored" in only.output and "stain" in only.output
+    assert not (tmp / "r.jsonl").read_text().strip()
+    mixed = CliRunner().invoke(cli, [*args, "--tasks", "stain,modality"])
+    assert mixed.exit_code == 0 and "not scored under --protocol closed-set: stain" in mixed.output

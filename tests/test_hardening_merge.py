@@ -333,3 +333,10 @@ def test_export_does_not_overwrite_a_config_without_force(pair):
     result = CliRunner().invoke(cli, ["export", str(pair / "base.safetensors"), "--out", str(pair / "hf")])
     assert result.exit_code == 2 and "config.json" in result.output
     assert (pair / "hf" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("out", ["a-file/o.safetensors", "x" * 300 + ".safetensors"])
+def test_unwritable_output_names_are_one_line(pair, out):
+    (pair / "a-file").write_text("x")
+    one_line_error(_merge(pair, "--out", pair / out), "choose another --out")
+    assert (pair / "a-file").read_text() == "x"
