@@ -85,6 +85,19 @@ HEADLINE_COARSE, HEADLINE_FINE = "ubench:coarse", "ubench:fine"
 POOLED = "all"  # caption_key of a task's row pooled over its caption keys
 
 
+@dataclass(frozen=True)
+class _OptionPlan:
+    """One task's caption key, ready to score: its valid rows and, on the device, each row's image
+    position, options (ids into the evaluator's distinct-text table, -1 = padding) and answer."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    n_options: np.ndarray
+    positions: torch.Tensor
+    options: torch.Tensor
+    answers: torch.Tensor
+
+
 @dataclass
 class _Outcomes:
     """Right/wrong per scored question of one caption key, with the image row and class of each."""
@@ -134,7 +147,7 @@ class Evaluator:
         """One table of every distinct option text over all tasks and keys (embedded once per
         model), and per question its valid rows, image positions and options as global text ids."""
         text_ids: dict[str, int] = {}
-        self.option_plans = {}
+        self.option_plans: dict[tuple[str, str], _OptionPlan] = {}
         for task in self.tasks:
             for question in task.questions:
                 local_to_global = np.array([text_ids.setdefault(t, len(text_ids)) for t in question.texts])
@@ -142,13 +155,13 @@ class Evaluator:
                 options = np.where(question.options >= 0, local_to_global[question.options.clip(min=0)], -1)[
                     keep
                 ]
-                self.option_plans[(task.name, question.key)] = (
-                    question.rows[keep],
-                    question.labels[keep],
-                    (options >= 0).sum(axis=1),
-                    torch.from_numpy(self.position[question.rows[keep]]).to(self.device),
-                    torch.from_numpy(options).to(self.device),
-                    torch.from_numpy(question.answers[keep]).to(self.device),
+                self.option_plans[(task.name, question.key)] = _OptionPlan(
+                    rows=question.rows[keep],
+                    labels=question.labels[keep],
+                    n_options=(options >= 0).sum(axis=1),
+                    positions=torch.from_numpy(self.position[question.rows[keep]]).to(self.device),
+                    options=torch.from_numpy(options).to(self.device),
+                    answers=torch.from_numpy(question.answers[keep]).to(self.device),
                 )
         self.texts = list(text_ids)
 
@@ -222,16 +235,9 @@ class Evaluator:
     def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
         text_emb = text_embeddings(model, self.tokenizer, self.texts, self.device, self.token_cache)
         outcomes: dict[tuple[str, str], _Outcomes] = {}
-        for (task_name, key), (
-            rows,
-            labels,
-            n_options,
-            positions,
-            options,
-            answers,
-        ) in self.option_plans.items():
-            correct = option_correct(images[positions], text_emb, options, answers)
-            outcomes[(task_name, key)] = _Outcomes(rows, labels, correct, n_options)
+        for name, plan in self.option_plans.items():
+            correct = option_correct(images[plan.positions], text_emb, plan.options, plan.answers)
+            outcomes[name] = _Outcomes(plan.rows, plan.labels, correct, plan.n_options)
         results = []
         headline: dict[str, dict[str, list[_Outcomes]]] = {HEADLINE_COARSE: {}, HEADLINE_FINE: {}}
         for task in self.tasks:
@@ -268,7 +274,7 @@ class Evaluator:
                 paper = task.groups.get("paper", "yes") == "yes"
                 if task.level == "coarse":
                     headline[HEADLINE_COARSE].setdefault(split, []).extend(
-                        self._paper_rows(parts[k], task) for k in mine
+                        self._paper_rows(parts[k]) for k in mine
                     )
                 elif task.groups.get("fine_headline") == "yes" and paper and "classification_1" in parts:
                     headline[HEADLINE_FINE].setdefault(split, []).append(parts["classification_1"])
@@ -300,7 +306,7 @@ class Evaluator:
                 )
         return results
 
-    def _paper_rows(self, part: _Outcomes, task: Task) -> _Outcomes:
+    def _paper_rows(self, part: _Outcomes) -> _Outcomes:
         """A coarse question's outcomes without the sources outside the paper's tables."""
         return _take(part, ~np.isin(part.rows, self.outside_paper_rows))
 
@@ -346,9 +352,8 @@ def _base_row(
 class Prepared:
     bench: Benchmark
     tasks: list[Task]
-    outside_paper_rows: (
-        np.ndarray
-    )  # rows of sources outside the paper's tables (all tasks, not just selected)
+    # rows of the sources outside the paper's tables, from every task (not only the selected ones)
+    outside_paper_rows: np.ndarray
 
 
 def _check_cache_dir(cache_dir: Path) -> None:
@@ -380,9 +385,10 @@ def prepare(settings: EvalSettings) -> Prepared:
             f"--tasks {settings.tasks}: no task can be scored under --protocol {settings.protocol} "
             f"({', '.join(unscorable) or 'none selected'}: no caption options, or a single class)"
         )
-    if unscorable:
+    named = [t for t in unscorable if t in settings.tasks.split(",")]  # asked for by name: say so
+    if named:
         warnings.warn(
-            f"not scored under --protocol {settings.protocol}: {', '.join(unscorable)} "
+            f"not scored under --protocol {settings.protocol}: {', '.join(named)} "
             "(no caption options, or a single class)",
             stacklevel=2,
         )

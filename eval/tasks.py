@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import datasets
 import numpy as np
@@ -73,7 +74,7 @@ class Task:
     def n_images(self) -> int:
         return len(self.image_rows)
 
-    @property
+    @cached_property
     def image_rows(self) -> tuple[int, ...]:
         """Every row the task scores under either protocol."""
         rows = set(self.rows)
