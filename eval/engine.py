@@ -195,6 +195,11 @@ class Evaluator:
             **extra,
         }
 
+    def _metric_rows(
+        self, task: Task, split: str, metrics: dict[str, dict], n: int, **extra: Any
+    ) -> list[dict[str, Any]]:
+        return [self._row(task, split, metric, values, n, **extra) for metric, values in metrics.items()]
+
     def _evaluate_closed_set(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
         results = []
         for task in self.tasks:
@@ -217,19 +222,15 @@ class Evaluator:
                     self.settings.bootstrap,
                     self.settings.seed,
                 )
-                for metric, values in metrics.items():
-                    results.append(
-                        self._row(
-                            task,
-                            split,
-                            metric,
-                            values,
-                            chosen.sum(),
-                            caption_key=None,
-                            n_corrupt=len(task.rows) - len(keep),
-                            chance=1 / len(task.classes),
-                        )
-                    )
+                results += self._metric_rows(
+                    task,
+                    split,
+                    metrics,
+                    chosen.sum(),
+                    caption_key=None,
+                    n_corrupt=len(task.rows) - len(keep),
+                    chance=1 / len(task.classes),
+                )
         return results
 
     def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
@@ -257,20 +258,16 @@ class Evaluator:
                         self.settings.bootstrap,
                         self.settings.seed,
                     )
-                    for metric, values in metrics.items():
-                        results.append(
-                            self._row(
-                                task,
-                                split,
-                                metric,
-                                values,
-                                len(np.unique(part.rows)),
-                                caption_key=key,
-                                n_questions=len(part.rows),
-                                n_corrupt=n_corrupt,
-                                chance=_chance(part),
-                            )
-                        )
+                    results += self._metric_rows(
+                        task,
+                        split,
+                        metrics,
+                        len(np.unique(part.rows)),
+                        caption_key=key,
+                        n_questions=len(part.rows),
+                        n_corrupt=n_corrupt,
+                        chance=_chance(part),
+                    )
                 paper = task.groups.get("paper", "yes") == "yes"
                 if task.level == "coarse":
                     headline[HEADLINE_COARSE].setdefault(split, []).extend(

@@ -123,11 +123,17 @@ def _png(rng: np.random.Generator, shade: int, size: int = 40) -> bytes:
     return buffer.getvalue()
 
 
-def _options(rng: np.random.Generator, template: str, answer: str, pool: list[str]) -> tuple[list[str], int]:
-    """A per-image subset: the answer and up to three distractors, shuffled, then none of the above."""
+def _pick(rng: np.random.Generator, answer: str, pool: list[str], distractors: int) -> list[str]:
+    """A per-image subset: the answer and up to `distractors` others, shuffled."""
     others = [v for v in pool if v != answer]
-    picked = [answer, *rng.choice(others, size=min(3, len(others)), replace=False).tolist()]
+    picked = [answer, *rng.choice(others, size=min(distractors, len(others)), replace=False).tolist()]
     rng.shuffle(picked)
+    return picked
+
+
+def _options(rng: np.random.Generator, template: str, answer: str, pool: list[str]) -> tuple[list[str], int]:
+    """The template filled with the answer and three distractors, then none of the above."""
+    picked = _pick(rng, answer, pool, 3)
     return [template.replace("{class}", v) for v in picked] + [NONE_OF_THE_ABOVE], picked.index(answer)
 
 
@@ -148,9 +154,7 @@ def _caption(rng, key: str, template: str, answer: str | None, pool: list[str]) 
 def _question(rng, key: str, answer: str | None, pool: list[str]) -> dict | None:
     if answer is None:
         return None
-    others = [v for v in pool if v != answer]
-    picked = [answer, *rng.choice(others, size=min(2, len(others)), replace=False).tolist()]
-    rng.shuffle(picked)
+    picked = _pick(rng, answer, pool, 2)
     return {
         "answer": answer,
         "answer_idx": picked.index(answer),

@@ -91,10 +91,16 @@ def _column_values(source: SyntheticSource) -> dict[str, str | None]:
     }
 
 
-def _caption(rng: np.random.Generator, key: str, template: str, answer: str, pool) -> dict:
+def _candidates(rng: np.random.Generator, answer: str, pool) -> list[str]:
+    """The answer and up to OPTION_DISTRACTORS others from `pool`, shuffled (a per-image subset)."""
     others = [v for v in pool if v != answer]
     picked = [answer, *rng.choice(others, size=min(OPTION_DISTRACTORS, len(others)), replace=False).tolist()]
     rng.shuffle(picked)
+    return picked
+
+
+def _caption(rng: np.random.Generator, key: str, template: str, answer: str, pool) -> dict:
+    picked = _candidates(rng, answer, pool)
     return {
         "id": f"{key}:{answer}",
         "name": key,
@@ -106,9 +112,7 @@ def _caption(rng: np.random.Generator, key: str, template: str, answer: str, poo
 
 
 def _question(rng: np.random.Generator, kind: str, answer: str, pool) -> dict:
-    others = [v for v in pool if v != answer]
-    picked = [answer, *rng.choice(others, size=min(OPTION_DISTRACTORS, len(others)), replace=False).tolist()]
-    rng.shuffle(picked)
+    picked = _candidates(rng, answer, pool)
     return {
         "answer": answer,
         "answer_idx": picked.index(answer),
