@@ -69,10 +69,9 @@ def control_groups(run: Run, target: str) -> list[str]:
 class Summary:
     target: str
     controls: tuple[str, ...]
-    base: dict[str, float]  # group -> value of the base (its own evaluation, else the lowest alpha)
-    finetuned: dict[
-        str, float
-    ]  # group -> value of the specialist (its own evaluation, else the highest alpha)
+    # group -> value of the base / the specialist: their own evaluation, else the lowest / highest alpha
+    base: dict[str, float]
+    finetuned: dict[str, float]
     gain: float  # target: fine-tuned minus base
     forgetting: float  # controls: base minus fine-tuned
     best_alpha: dict[str, float]  # criterion -> alpha chosen on the select half
