@@ -69,7 +69,9 @@ def _refuse_unreplaceable(target: Path, force: bool) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise MicromergeError(f"{target}: cannot write here ({exc.strerror or exc}); choose another --out") from exc
+        raise MicromergeError(
+            f"{target}: cannot write here ({exc.strerror or exc}); choose another --out"
+        ) from exc
     if not force:
         raise _exists_error(target)
     if not stat.S_ISREG(mode):
