@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from merging.backend import ArrayBackend
 from merging.dtypes import READABLE_NAMES
-from merging.methods import get_method
+from merging.methods import ModelScan, get_method
 from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
 from merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
 from merging.writer import SafetensorsStreamWriter
@@ -39,6 +39,20 @@ def _check_finite(backend: ArrayBackend, array: Any, key: str, label: str, allow
         if not allow:
             raise MicromergeError(f"{message}; pass --allow-nonfinite to merge anyway")
         warnings.warn(message + " (merging anyway: --allow-nonfinite)", stacklevel=2)
+
+
+def streamed_scan(
+    plans: list[KeyPlan], base: TensorSource, finetuned: list[TensorSource], backend: ArrayBackend
+) -> ModelScan:
+    """A scan that reads each key from the checkpoints when asked: whole-model statistics cost
+    extra reads of the inputs, never more than one tensor per input in memory."""
+
+    def read(key: str) -> tuple[Any, list[Any]]:
+        return backend.to_float32(base.read(key)), [backend.to_float32(s.read(key)) for s in finetuned]
+
+    merged = tuple(p.key for p in plans if p.merged)
+    sizes = {p.key: p.meta.numel for p in plans}
+    return ModelScan(tuple(p.key for p in plans), merged, read, sizes.__getitem__)
 
 
 def stream_merge(
@@ -60,6 +74,7 @@ def stream_merge(
     by_key = {plan.key: plan for plan in plans}
     order = list(order)
     largest = max((p.meta.numel for p in plans if p.merged), default=0)
+    context = method.prepare(streamed_scan(plans, base, finetuned, backend), spec.params)
     scratch = backend.empty_float32(largest)
     for key in tqdm(order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False):
         plan = by_key[key]
@@ -75,7 +90,7 @@ def stream_merge(
             _check_finite(backend, array, key, source.label, spec.allow_nonfinite)
             others.append(backend.to_float32(array))
         out = scratch[: plan.meta.numel].reshape(plan.meta.shape)
-        result = method.merge(key, base32, others, plan.strength, spec.params, out=out)
+        result = method.merge(key, base32, others, plan.strength, spec.params, out=out, context=context)
         if key == LOGIT_SCALE_KEY:
             backend.clamp_max_(result, LOGIT_SCALE_MAX)
         sink(key, result)

@@ -14,8 +14,8 @@ from typing import Any
 
 from merging.engines import EngineRequest, open_inputs
 from merging.execute import MergeOutput, finished_output, merge_to_file
-from merging.methods import MethodParams
-from merging.plan import MergeSpec
+from merging.methods import MethodParams, get_method
+from merging.plan import MergeSpec, check_method_params
 from merging.rules import KeyRules, parse_strength_rule
 from micromerge.errors import MicromergeError
 
@@ -28,6 +28,11 @@ JOB_KEYS = {
     "weights",
     "density",
     "drop_rate",
+    "topk_scope",
+    "slerp_scope",
+    "gamma",
+    "epsilon",
+    "beta",
     "seed",
     "include",
     "exclude",
@@ -55,6 +60,11 @@ def _finite(name: str, value: Any) -> float:
     if not math.isfinite(number):
         raise MicromergeError(f"{name} {value!r}: must be a finite number")
     return number
+
+
+def _number(values: dict[str, Any], key: str, flag: str, default: float) -> float:
+    value = values.get(key)
+    return default if value is None else _finite(flag, value)
 
 
 def parse_alphas(text: str | list[float]) -> list[float]:
@@ -148,22 +158,24 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     rules = tuple(parse_strength_rule(r) if isinstance(r, str) else (str(r[0]), r[1]) for r in rules_in)
     rules = tuple((pattern, _finite(f"--alpha-rule {pattern}=", value)) for pattern, value in rules)
     alphas = values.get("alphas")
-    density = _finite("--density", values.get("density", 0.2))
-    drop_rate = _finite("--drop-rate", values.get("drop_rate", 0.9))
-    if not 0 < density <= 1:
-        raise MicromergeError(f"--density {density}: must be in (0, 1]")
-    if not 0 <= drop_rate < 1:
-        raise MicromergeError(f"--drop-rate {drop_rate}: must be in [0, 1)")
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MicromergeError(f"--seed {seed!r}: must be a non-negative integer")
+    defaults = MethodParams()
+    alpha = values.get("alpha")
     params = MethodParams(
-        strength=_finite("--alpha", values["alpha"]) if values.get("alpha") is not None else 0.5,
+        strength=_finite("--alpha", alpha) if alpha is not None else get_method(method).default_strength,
         weights=tuple(weights) if weights else None,
-        density=density,
-        drop_rate=drop_rate,
+        density=_number(values, "density", "--density", defaults.density),
+        drop_rate=_number(values, "drop_rate", "--drop-rate", defaults.drop_rate),
+        topk_scope=str(values.get("topk_scope") or defaults.topk_scope),
+        slerp_scope=str(values.get("slerp_scope") or defaults.slerp_scope),
+        gamma=_number(values, "gamma", "--gamma", defaults.gamma),
+        epsilon=_number(values, "epsilon", "--epsilon", defaults.epsilon),
+        beta=_number(values, "beta", "--beta", defaults.beta),
         seed=seed,
     )
+    check_method_params(get_method(method), params)
     spec = MergeSpec(
         method=method,
         params=params,

@@ -16,6 +16,8 @@ from merging.rules import KeyRules
 from merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
 from micromerge.errors import MicromergeError
 
+TOPK_SCOPES = ("model", "tensor")
+SLERP_SCOPES = ("tensor", "row")
 LOGIT_SCALE_KEY = "logit_scale"
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -40,6 +42,9 @@ class MergeSpec:
             exclude=list(self.rules.exclude),
             alpha_rules=[list(rule) for rule in self.rules.strength_rules],
         )
+        conventions = method.conventions(self.params)
+        if conventions:
+            described["conventions"] = conventions
         return described
 
 
@@ -57,6 +62,33 @@ def check_strength(method: MergeMethod, value: float, label: str) -> None:
         warnings.warn(
             f"{label}={value} is outside [0, 1]: this extrapolates beyond the two models, not an interpolation",
             stacklevel=2,
+        )
+
+
+def check_method_params(method: MergeMethod, params: MethodParams) -> None:
+    """The parameters `method` reads, in range; one line naming the flag otherwise."""
+    if "density" in method.uses and not 0.0 < params.density <= 1.0:
+        raise MicromergeError(f"--density {params.density}: must be in (0, 1]")
+    if "drop_rate" in method.uses and not 0.0 <= params.drop_rate < 1.0:
+        raise MicromergeError(f"--drop-rate {params.drop_rate}: must be in [0, 1)")
+    if "topk_scope" in method.uses and params.topk_scope not in TOPK_SCOPES:
+        raise MicromergeError(f"--topk-scope {params.topk_scope!r}: choose one of {list(TOPK_SCOPES)}")
+    if "slerp_scope" in method.uses and params.slerp_scope not in SLERP_SCOPES:
+        raise MicromergeError(f"--slerp-scope {params.slerp_scope!r}: choose one of {list(SLERP_SCOPES)}")
+    if "gamma" in method.uses and not 0.0 <= params.gamma < 1.0:
+        raise MicromergeError(f"--gamma {params.gamma}: must be in [0, 1)")
+    if (
+        "epsilon" in method.uses
+        and params.density < 1
+        and not (
+            params.density - params.epsilon > 0
+            and params.density + params.epsilon < 1
+            and params.epsilon >= 0
+        )
+    ):
+        raise MicromergeError(
+            f"--epsilon {params.epsilon} with --density {params.density}: density - epsilon and "
+            "density + epsilon must lie in (0, 1) (they are the smallest and largest keep probabilities)"
         )
 
 
@@ -88,10 +120,7 @@ def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource
         check_strength(method, spec.params.strength, "--alpha")
         for pattern, value in spec.rules.strength_rules:
             check_strength(method, value, f"--alpha-rule {pattern}")
-    if method.name == "ties" and not 0.0 < spec.params.density <= 1.0:
-        raise MicromergeError(f"--density {spec.params.density}: must be in (0, 1]")
-    if method.name == "dare" and not 0.0 <= spec.params.drop_rate < 1.0:
-        raise MicromergeError(f"--drop-rate {spec.params.drop_rate}: must be in [0, 1)")
+    check_method_params(method, spec.params)
     if spec.out_dtype is not None and spec.out_dtype not in OUTPUT_DTYPES:
         raise MicromergeError(f"--dtype {spec.out_dtype}: choose one of {sorted(OUTPUT_DTYPES)}")
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from merging.methods import get_method
+from merging.methods import ModelScan, get_method
 from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec, plan_merge
 from merging.tensor_source import TensorSource
 
@@ -36,6 +36,13 @@ class ResidentMerge:
             {k: s.read(k).to(device=device, dtype=torch.float32).clone() for k in self.keys}
             for s in finetuned
         ]
+        scan = ModelScan(
+            tuple(base.keys()),
+            tuple(self.keys),
+            lambda key: (self.base[key], [ft[key] for ft in self.finetuned]),
+            lambda key: self.base[key].numel(),
+        )
+        self.context = self.method.prepare(scan, spec.params)  # independent of alpha: once per sweep
 
     @torch.no_grad()
     def apply(self, alpha: float) -> None:
@@ -45,8 +52,12 @@ class ResidentMerge:
             strength = self.spec.rules.strength_for(key, alpha)
             others = [ft[key] for ft in self.finetuned]
             if target.dtype == torch.float32:
-                self.method.merge(key, self.base[key], others, strength, params, out=target)
+                self.method.merge(
+                    key, self.base[key], others, strength, params, out=target, context=self.context
+                )
             else:
-                target.copy_(self.method.merge(key, self.base[key], others, strength, params))
+                target.copy_(
+                    self.method.merge(key, self.base[key], others, strength, params, context=self.context)
+                )
             if key == LOGIT_SCALE_KEY:
                 target.clamp_(max=LOGIT_SCALE_MAX)

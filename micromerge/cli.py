@@ -41,6 +41,42 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+METHOD_OPTION_NAMES = ("density", "drop_rate", "topk_scope", "slerp_scope", "gamma", "epsilon", "beta")
+
+
+def method_options(func):
+    """The method parameters `merge` and `sweep` share; None means the method's default (MethodParams)."""
+    options = [
+        click.option(
+            "--density",
+            type=float,
+            help="TIES/Breadcrumbs/DELLA: fraction of task-vector entries kept [0.2].",
+        ),
+        click.option("--drop-rate", type=float, help="DARE: probability of dropping an entry [0.9]."),
+        click.option(
+            "--topk-scope",
+            type=click.Choice(["model", "tensor"]),
+            help="TIES/Breadcrumbs: rank magnitudes over the whole task vector (model: the TIES paper, "
+            "FusionBench) or per tensor (tensor: mergekit) [model].",
+        ),
+        click.option(
+            "--slerp-scope",
+            type=click.Choice(["tensor", "row"]),
+            help="SLERP: one angle per tensor (mergekit <= 0.1.4) or per output row (mergekit 0.1.5) [tensor].",
+        ),
+        click.option(
+            "--gamma", type=float, help="Breadcrumbs: fraction of largest magnitudes dropped [0.01]."
+        ),
+        click.option(
+            "--epsilon", type=float, help="DELLA: keep probabilities span density +/- epsilon by rank [0.15]."
+        ),
+        click.option("--beta", type=float, help="LiNeS: last block's scale minus the first block's [0.5]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def explicit_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     """Only the options the user typed (so a config file supplies the rest)."""
     return {
@@ -76,14 +112,14 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     type=str,
     default="wise-ft",
     show_default=True,
-    help="linear, wise-ft, task-arithmetic, ties, dare, slerp.",
+    help="One of `micromerge methods` (linear, wise-ft, task-arithmetic, ties, dare, slerp, lines, "
+    "lines-ties, model-stock, breadcrumbs, della, tsv, iso-c).",
 )
 @click.option(
     "--alpha",
     type=float,
-    default=0.5,
-    show_default=True,
-    help="WiSE-FT alpha, task-arithmetic/TIES/DARE lambda, SLERP t.",
+    help="WiSE-FT alpha, task-arithmetic/TIES/DARE/Breadcrumbs/DELLA/TSV/Iso-C lambda, SLERP t, LiNeS's "
+    "first-block scale, Model Stock's step (default 0.5; 1.0 for model-stock, tsv, iso-c).",
 )
 @click.option(
     "--alphas", help="Several alphas, START:STOP:STEP or a,b,c: one checkpoint each (then --out is a folder)."
@@ -91,17 +127,10 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @click.option(
     "--weights", help="linear: comma-separated weights, base first (default uniform; not normalised)."
 )
+@method_options
 @click.option(
-    "--density",
-    type=float,
-    default=0.2,
-    show_default=True,
-    help="TIES: fraction of task-vector entries kept.",
+    "--seed", type=int, default=0, show_default=True, help="Seed for stochastic methods (DARE, DELLA)."
 )
-@click.option(
-    "--drop-rate", type=float, default=0.9, show_default=True, help="DARE: probability of dropping an entry."
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for stochastic methods (DARE).")
 @click.option(
     "--include",
     multiple=True,
@@ -173,6 +202,22 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
 
 
 cli.add_command(merge_command)
+
+
+@cli.command("methods")
+@friendly_errors
+def methods_command() -> None:
+    """List the merge methods: how many --ft each takes, the parameters it reads, the engines it runs on."""
+    from merging.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    click.echo(f"{'method':<{width}}  {'--ft':<5} {'engines':<12} parameters / what it does")
+    for method in METHODS.values():
+        count = f"{method.min_finetuned}+" if method.max_finetuned is None else str(method.max_finetuned)
+        engines = "numpy, torch" if method.elementwise else "torch"
+        uses = ", ".join("alpha" if name == "strength" else name for name in method.uses)
+        click.echo(f"{method.name:<{width}}  {count:<5} {engines:<12} {uses}")
+        click.echo(f"{'':<{width}}  {'':<5} {'':<12} {method.summary}")
 
 
 @cli.command("zoo")
@@ -461,8 +506,7 @@ def eval_command(model: str, **values: Any) -> None:
 @click.option("--method", default="wise-ft", show_default=True)
 @click.option("--alphas", default="0:1:0.1", show_default=True, help="START:STOP:STEP or a,b,c.")
 @click.option("--weights", help="linear: comma-separated weights.")
-@click.option("--density", type=float, default=0.2, show_default=True)
-@click.option("--drop-rate", type=float, default=0.9, show_default=True)
+@method_options
 @click.option("--include", multiple=True)
 @click.option("--exclude", multiple=True)
 @click.option("--alpha-rule", "alpha_rules", multiple=True)
@@ -481,8 +525,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
             "method": method,
             "alphas": alphas,
             "weights": values.pop("weights"),
-            "density": values.pop("density"),
-            "drop_rate": values.pop("drop_rate"),
+            **{name: values.pop(name) for name in METHOD_OPTION_NAMES},
             "seed": values["seed"],
             "include": list(values.pop("include")),
             "exclude": list(values.pop("exclude")),

@@ -56,6 +56,7 @@ CASES = {
     "linear-weights": {"method": "linear", "weights": "0.5,0.3,0.2", "extra_ft": True},
     "task-arithmetic": {"method": "task-arithmetic", "alpha": 0.6, "extra_ft": True},
     "task-negation-fp16-out": {"method": "task-arithmetic", "alpha": -0.5, "dtype": "float16"},
+    "lines-depth-scaled": {"method": "lines", "alpha": 0.3, "beta": 0.6, "extra_ft": True},
 }
 
 

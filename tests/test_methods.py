@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from merging.methods import METHODS, MethodParams
-from merging.methods.task_vectors import dare_mask, trim_top_magnitude
+from merging.methods.task_vectors import dare_mask
 
 torch.manual_seed(0)
 BASE = torch.randn(64, 33)
@@ -25,7 +25,21 @@ def run(name, fts, strength=0.5, **params):
 
 
 def test_registry_holds_every_method():
-    assert set(METHODS) == {"linear", "wise-ft", "task-arithmetic", "ties", "dare", "slerp"}
+    assert set(METHODS) == {
+        "linear",
+        "wise-ft",
+        "task-arithmetic",
+        "ties",
+        "dare",
+        "slerp",
+        "lines",
+        "lines-ties",
+        "model-stock",
+        "breadcrumbs",
+        "della",
+        "tsv",
+        "iso-c",
+    }
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 1.5])
@@ -67,10 +81,10 @@ def test_ties_with_full_density_and_one_model_is_task_arithmetic():
     )
 
 
-def test_trim_keeps_ceil_density_entries():
+def test_ties_keeps_ceil_density_entries():
     tau = torch.tensor([0.1, -0.5, 0.3, 0.05, -0.2])
-    trimmed = trim_top_magnitude(tau, 0.4)
-    assert torch.equal(trimmed, torch.tensor([0.0, -0.5, 0.3, 0.0, 0.0]))
+    merged = METHODS["ties"].merge("k", torch.zeros(5), [tau], 1.0, MethodParams(density=0.4))
+    assert torch.equal(merged, torch.tensor([0.0, -0.5, 0.3, 0.0, 0.0]))
 
 
 def test_dare_equals_its_formula_with_the_seeded_masks():
@@ -125,7 +139,7 @@ def test_slerp_orthogonal_unit_vectors_and_colinear_fallback():
 def test_out_parameter_writes_in_place():
     out = torch.empty_like(BASE)
     for name in METHODS:
-        fts = FTS[:1]
+        fts = FTS[: METHODS[name].min_finetuned]
         result = METHODS[name].merge("k", BASE, fts, 0.4, MethodParams(), out=out)
         assert result.data_ptr() == out.data_ptr()
         torch.testing.assert_close(

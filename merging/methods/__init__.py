@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from merging.methods import linear, slerp, task_vectors, wise_ft
-from merging.methods.base import MergeMethod, MethodParams
+from merging.methods import (
+    breadcrumbs,
+    della,
+    iso_c,
+    linear,
+    lines,
+    model_stock,
+    slerp,
+    task_vectors,
+    tsv,
+    wise_ft,
+)
+from merging.methods.base import MergeMethod, MethodParams, ModelScan
 from micromerge.errors import MicromergeError
 
 METHODS: dict[str, MergeMethod] = {
@@ -15,6 +26,13 @@ METHODS: dict[str, MergeMethod] = {
         task_vectors.TIES,
         task_vectors.DARE,
         slerp.METHOD,
+        lines.LINES,
+        lines.LINES_TIES,
+        model_stock.METHOD,
+        breadcrumbs.METHOD,
+        della.METHOD,
+        tsv.METHOD,
+        iso_c.METHOD,
     )
 }
 
@@ -28,4 +46,4 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-__all__ = ["METHODS", "MergeMethod", "MethodParams", "get_method"]
+__all__ = ["METHODS", "MergeMethod", "MethodParams", "ModelScan", "get_method"]

@@ -5,6 +5,12 @@ stream checkpoints and the sweep engine can write merged weights straight into a
 model. `strength` is the method's scalar (WiSE-FT alpha, task-arithmetic lambda, SLERP t),
 which per-key rules may override.
 
+A few methods need a statistic of the whole model before any tensor is merged (TIES's
+whole-model top-k cut-off, LiNeS's block depth). They compute it in `prepare`, from a
+`ModelScan` that reads the task vectors key by key (so the streaming executor still holds
+one tensor per input at a time), and receive it back as `context` in every `merge` call.
+A context never depends on `strength`, so a sweep prepares once for all its alphas.
+
 An `elementwise` method uses arithmetic operators and `out[...] =` only, so the same code runs
 on torch tensors and numpy arrays with the same float32 operations in the same order: the
 numpy engine (no torch import) and the torch engine write identical bytes. Methods that need
@@ -15,6 +21,8 @@ itself loads without torch.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +39,39 @@ class MethodParams:
     density: float = 0.2
     drop_rate: float = 0.9
     seed: int = 0
+    topk_scope: str = "model"
+    """TIES/Breadcrumbs: rank magnitudes over the whole task vector ("model", the TIES paper) or per tensor."""
+    slerp_scope: str = "tensor"
+    """SLERP: one angle per tensor (mergekit <= 0.1.4) or per output row ("row", mergekit 0.1.5)."""
+    gamma: float = 0.01
+    """Breadcrumbs: fraction of the largest task-vector magnitudes dropped (mergekit's default)."""
+    epsilon: float = 0.15
+    """DELLA: keep probabilities span density +/- epsilon from the smallest to the largest rank."""
+    beta: float = 0.5
+    """LiNeS: the last block's scale minus the first block's."""
+
+
+@dataclass(frozen=True)
+class ModelScan:
+    """What `prepare` may read: the merged keys in checkpoint order and their float32 tensors.
+
+    `read(key)` returns (base, [fine-tuned ...]) on the compute device; the order of
+    `merged_keys` is the order in which ties at a whole-model cut-off are broken.
+    """
+
+    all_keys: tuple[str, ...]
+    merged_keys: tuple[str, ...]
+    read: Callable[[str], tuple[Array, list[Array]]]
+    numel: Callable[[str], int]
+
+    def task_vectors(self, key: str) -> list[Array]:
+        base, finetuned = self.read(key)
+        return [tensor - base for tensor in finetuned]
+
+
+def single_tensor_scan(key: str, base: Array, finetuned: list[Array]) -> ModelScan:
+    """A scan of a model made of this one tensor: what per-tensor scope and direct calls use."""
+    return ModelScan((key,), (key,), lambda _key: (base, finetuned), lambda _key: math.prod(base.shape))
 
 
 @dataclass(frozen=True)
@@ -42,6 +83,16 @@ class MergeMethod:
     uses: tuple[str, ...]
     stochastic: bool = False
     elementwise: bool = False
+    default_strength: float = 0.5
+    """The --alpha used when none is given (1.0 where the paper's method has no scalar)."""
+
+    def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
+        """Whole-model statistics `merge` needs as `context`; None for per-tensor methods."""
+        return None
+
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        """The choices that another tool may make differently, recorded in every manifest."""
+        return {}
 
     def merge(
         self,
@@ -51,6 +102,7 @@ class MergeMethod:
         strength: float,
         params: MethodParams,
         out: Array | None = None,
+        context: Any = None,
     ) -> Array:
         raise NotImplementedError
 

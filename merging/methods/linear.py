@@ -10,7 +10,7 @@ from merging.methods.base import Array, MergeMethod, MethodParams
 
 
 class Linear(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> Array:
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
         models = [base, *finetuned]
         weights = params.weights or tuple(1.0 / len(models) for _ in models)
         if out is None:

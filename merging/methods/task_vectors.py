@@ -2,9 +2,17 @@
 
 theta = theta_base + lambda * combine(sparsify(tau_i)), tau_i = theta_i - theta_base, where
   task-arithmetic: no sparsification, plain sum (a negative lambda negates a task);
-  TIES:  keep the top-k% magnitudes of each tau_i (per tensor), elect a sign per entry
-         (sign of the sum of trimmed tau_i), average only the entries agreeing with it;
-  DARE:  drop each entry of tau_i with probability p, rescale survivors by 1/(1-p), sum.
+  TIES (Yadav et al., NeurIPS 2023): keep the top-k% magnitudes of each tau_i, elect a sign per
+         entry (sign of the sum of trimmed tau_i), average only the entries agreeing with it;
+  DARE (Yu et al., ICML 2024): drop each entry of tau_i with probability p, rescale survivors
+         by 1/(1-p), sum.
+
+TIES follows its authors' code (and FusionBench) by default: the top-k is taken over the
+whole task vector (`--topk-scope model`; `tensor` is mergekit's per-tensor choice), and an
+entry whose elected sign is exactly zero takes the majority sign of all elected signs in the
+scope (their `resolve_zero_signs`), rather than being dropped. k = ceil(density * n): the
+authors keep every entry >= their (n - floor(density * n))-th smallest, floor(density * n) + 1
+entries without ties; the two agree whenever density * n is not an integer.
 
 Task arithmetic is elementwise (it also runs on numpy arrays); TIES and DARE need torch, which
 their helpers import where they use it so that the method registry loads without torch.
@@ -14,30 +22,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from merging.methods.base import Array, MergeMethod, MethodParams, finish, key_seed
+from merging.methods.base import (
+    Array,
+    MergeMethod,
+    MethodParams,
+    ModelScan,
+    finish,
+    key_seed,
+    single_tensor_scan,
+)
+from merging.methods.topk import TopSet, select_top
 
 if TYPE_CHECKING:
     import torch
 
 Sparsifier = Callable[[Array, str, int], Array]
-
-
-def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ceil(density * n) largest-magnitude entries of tau, zero the rest."""
-    import torch
-
-    n = tau.numel()
-    k = min(n, math.ceil(density * n))
-    if k >= n:
-        return tau
-    if k == 0:
-        return torch.zeros_like(tau)
-    flat = tau.reshape(-1)
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    keep[flat.abs().topk(k, sorted=False).indices] = True
-    return torch.where(keep.view_as(tau), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+TIE_BREAK = (
+    "equal magnitudes at the cut-off: lower position first (keys in checkpoint order, then flat index)"
+)
 
 
 def dare_mask(shape: torch.Size, drop_rate: float, seed: int, key: str, index: int) -> torch.Tensor:
@@ -48,18 +53,28 @@ def dare_mask(shape: torch.Size, drop_rate: float, seed: int, key: str, index: i
     return torch.rand(shape, generator=generator) >= drop_rate
 
 
-def elect_and_mean(taus: list[torch.Tensor]) -> torch.Tensor:
-    """TIES: the per-entry mean over the task vectors whose sign agrees with the elected sign."""
+def disjoint_mean(taus: list[torch.Tensor], zero_sign: float) -> torch.Tensor:
+    """Per entry, the mean of the task vectors whose sign agrees with the elected sign.
+
+    The elected sign is the sign of the sum; where that sum is exactly zero, `zero_sign` is used
+    (TIES: the majority sign of the scope; mergekit: +1; 0 leaves the entry at the base).
+    """
     import torch
 
     stacked = torch.stack(taus)
     elected = torch.sign(stacked.sum(dim=0))
+    if zero_sign:
+        elected = torch.where(elected == 0, torch.full_like(elected, zero_sign), elected)
     agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(
-        dim=0
-    )
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count
+    zero = torch.zeros((), dtype=stacked.dtype, device=stacked.device)
+    total = torch.where(agree, stacked, zero).sum(dim=0)
+    return total / agree.sum(dim=0).clamp(min=1)
+
+
+def scale_and_add(combined: Array, strength: float, base: Array) -> Array:
+    combined *= strength
+    combined += base
+    return combined
 
 
 def combine_task_vectors(
@@ -69,51 +84,90 @@ def combine_task_vectors(
     strength: float,
     *,
     sparsify: Sparsifier | None,
-    sign_consensus: bool,
 ) -> Array:
-    """base + strength * combined task vectors; the sum runs in model order (same bytes on any engine)."""
+    """base + strength * sum of (sparsified) task vectors; the sum runs in model order (same bytes on any engine)."""
     taus = [ft - base for ft in finetuned]
     if sparsify is not None:
         taus = [sparsify(tau, key, index) for index, tau in enumerate(taus)]
-    if sign_consensus:
-        combined = elect_and_mean(taus)
-    else:
-        combined = taus[0]
-        for tau in taus[1:]:
-            combined += tau
-    combined *= strength
-    combined += base
-    return combined
+    combined = taus[0]
+    for tau in taus[1:]:
+        combined += tau
+    return scale_and_add(combined, strength, base)
+
+
+def keep_count(density: float, numel: int) -> int:
+    """TIES's k: ceil(density * n), at most n."""
+    return min(numel, math.ceil(density * numel))
+
+
+@dataclass(frozen=True)
+class TiesContext:
+    """What TIES decides once per scope: each task vector's kept set and the majority sign."""
+
+    kept: tuple[TopSet, ...]
+    majority_sign: float
+
+
+def trimmed(scan: ModelScan, key: str, kept: tuple[TopSet, ...]) -> list[torch.Tensor]:
+    import torch
+
+    return [
+        torch.where(top.mask(key, tau), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+        for top, tau in zip(kept, scan.task_vectors(key), strict=True)
+    ]
+
+
+def ties_context(scan: ModelScan, density: float) -> TiesContext:
+    """Top-k per task vector over the scan, then the sign of the sum of all elected signs."""
+    import torch
+
+    total = sum(scan.numel(key) for key in scan.merged_keys)
+    count = len(scan.read(scan.merged_keys[0])[1])
+    kept = tuple(row[0] for row in select_top(scan, [[keep_count(density, total)]] * count))
+    votes = 0.0
+    for key in scan.merged_keys:
+        votes += float(torch.sign(torch.stack(trimmed(scan, key, kept)).sum(dim=0)).sum(dtype=torch.float64))
+    return TiesContext(kept, math.copysign(1.0, votes) if votes else 0.0)
 
 
 class TaskArithmetic(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> Array:
-        return finish(
-            combine_task_vectors(key, base, finetuned, strength, sparsify=None, sign_consensus=False), out
-        )
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        return finish(combine_task_vectors(key, base, finetuned, strength, sparsify=None), out)
 
 
 class Ties(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> torch.Tensor:
-        def trim(tau: torch.Tensor, _key: str, _index: int) -> torch.Tensor:
-            return trim_top_magnitude(tau, params.density)
+    def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
+        return ties_context(scan, params.density) if params.topk_scope == "model" else None
 
-        return finish(
-            combine_task_vectors(key, base, finetuned, strength, sparsify=trim, sign_consensus=True), out
-        )
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        return {
+            "topk_scope": params.topk_scope,
+            "topk_count": "ceil(density * n) per task vector, n = entries in the scope",
+            "tie_break": TIE_BREAK,
+            "zero_elected_sign": "majority sign of all elected signs in the scope (TIES authors' code)",
+        }
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        scan = single_tensor_scan(key, base, finetuned)
+        context = context or ties_context(scan, params.density)
+        combined = disjoint_mean(trimmed(scan, key, context.kept), context.majority_sign)
+        return finish(scale_and_add(combined, strength, base), out)
 
 
 class Dare(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None) -> torch.Tensor:
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        return {
+            "mask_rng": "torch CPU generator seeded by sha256(seed|key|model index), then moved to the device"
+        }
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
         def drop(tau: torch.Tensor, tensor_key: str, index: int) -> torch.Tensor:
             if params.drop_rate == 0:
                 return tau
             mask = dare_mask(tau.shape, params.drop_rate, params.seed, tensor_key, index).to(tau.device)
             return tau * mask / (1.0 - params.drop_rate)
 
-        return finish(
-            combine_task_vectors(key, base, finetuned, strength, sparsify=drop, sign_consensus=False), out
-        )
+        return finish(combine_task_vectors(key, base, finetuned, strength, sparsify=drop), out)
 
 
 TASK_ARITHMETIC = TaskArithmetic(
@@ -126,10 +180,10 @@ TASK_ARITHMETIC = TaskArithmetic(
 )
 TIES = Ties(
     "ties",
-    "trim top-k% (--density), elect sign, disjoint mean, scale by lambda",
+    "trim to the top --density of each task vector (--topk-scope), elect sign, disjoint mean, scale by lambda",
     1,
     None,
-    ("strength", "density"),
+    ("strength", "density", "topk_scope"),
 )
 DARE = Dare(
     "dare",

@@ -22,7 +22,7 @@ def interpolate(start: Array, end: Array, weight: float, out: Array | None = Non
 
 
 class WiseFT(MergeMethod):
-    def merge(self, key, base, finetuned, strength, params, out=None) -> Array:
+    def merge(self, key, base, finetuned, strength, params, out=None, context=None) -> Array:
         return interpolate(base, finetuned[0], strength, out)
 
 

@@ -1,0 +1,107 @@
+"""LiNeS (Wang et al., ICLR 2025, "LiNeS: Post-training Layer Scaling Prevents Forgetting and
+Enhances Model Merging"): scale the task vector by depth so shallow layers stay near the base.
+
+    theta = theta_base + lambda(l) * tau(l),   lambda(l) = alpha + beta * (l - 1) / (L - 1)
+
+for transformer block l of L, counted per tower (CLIP's image and text towers each have their
+own L). Keys outside the blocks (embeddings, final norms, projections, logit scale) get alpha,
+as in the authors' code. `--alpha` is alpha and `--beta` beta; tau is the summed task vector
+(`lines`, task arithmetic) or TIES's merged task vector (`lines-ties`), which is how the paper
+composes LiNeS with merging methods. `lines` is elementwise: it runs on the numpy engine too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish, single_tensor_scan
+from merging.methods.task_vectors import (
+    TIES,
+    combine_task_vectors,
+    disjoint_mean,
+    scale_and_add,
+    ties_context,
+    trimmed,
+)
+
+BLOCK = re.compile(r"^(?P<tower>.*?)(?:resblocks|blocks|layers)\.(?P<index>\d+)\.")
+"""open_clip (`visual.transformer.resblocks.3.`, `transformer.resblocks.3.`), timm (`visual.trunk.blocks.3.`)
+and transformers (`vision_model.encoder.layers.3.`) block keys; the prefix names the tower."""
+
+
+def block_depths(keys: tuple[str, ...]) -> dict[str, float]:
+    """(l - 1) / (L - 1) in [0, 1] for every key inside a block, with L counted per tower."""
+    blocks: dict[str, int] = {}
+    found: dict[str, tuple[str, int]] = {}
+    for key in keys:
+        match = BLOCK.match(key)
+        if match:
+            tower, index = match["tower"], int(match["index"])
+            found[key] = (tower, index)
+            blocks[tower] = max(blocks.get(tower, 0), index + 1)
+    return {
+        key: index / (blocks[tower] - 1) if blocks[tower] > 1 else 0.0
+        for key, (tower, index) in found.items()
+    }
+
+
+@dataclass(frozen=True)
+class LinesContext:
+    depth: dict[str, float]
+    ties: Any = None
+
+    def scale(self, key: str, alpha: float, beta: float) -> float:
+        return alpha + beta * self.depth.get(key, 0.0)
+
+
+CONVENTIONS = {
+    "depth": "block index / (blocks in the tower - 1), per tower; keys outside blocks get alpha (authors' code)",
+}
+
+
+class Lines(MergeMethod):
+    def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
+        return LinesContext(block_depths(scan.all_keys))
+
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        return dict(CONVENTIONS)
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        context = context or self.prepare(single_tensor_scan(key, base, finetuned), params)
+        scale = context.scale(key, strength, params.beta)
+        return finish(combine_task_vectors(key, base, finetuned, scale, sparsify=None), out)
+
+
+class LinesTies(MergeMethod):
+    def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
+        ties = ties_context(scan, params.density) if params.topk_scope == "model" else None
+        return LinesContext(block_depths(scan.all_keys), ties)
+
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        return {**TIES.conventions(params), **CONVENTIONS}
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        scan = single_tensor_scan(key, base, finetuned)
+        context = context or self.prepare(scan, params)
+        ties = context.ties or ties_context(scan, params.density)
+        combined = disjoint_mean(trimmed(scan, key, ties.kept), ties.majority_sign)
+        return finish(scale_and_add(combined, context.scale(key, strength, params.beta), base), out)
+
+
+LINES = Lines(
+    "lines",
+    "LiNeS: task arithmetic with lambda rising by depth from --alpha (first block) to --alpha + --beta (last)",
+    1,
+    None,
+    ("strength", "beta"),
+    elementwise=True,
+)
+LINES_TIES = LinesTies(
+    "lines-ties",
+    "LiNeS over TIES: TIES's merged task vector scaled by depth (--alpha, --beta, --density, --topk-scope)",
+    1,
+    None,
+    ("strength", "beta", "density", "topk_scope"),
+)

@@ -1,0 +1,273 @@
+"""The methods issue #13 adds, each against a hand-worked example or an independent numpy formula,
+and every method through the three engines that run merges (file, in memory, resident sweep).
+
+Facts taken from the public reference code (read through the search tool):
+- LiNeS authors' `LiNeS_scaling`: lambda = alpha + beta * l / (L - 1) for block l (0-based) of
+  L; keys outside the blocks are scaled by alpha.
+- mergekit 0.1.4 `model_stock.py`: mean pairwise cosine of the flattened task vectors (norm
+  products clamped at 1e-6, cosines to [-1, 1]); t = k cos / (1 + (k - 1) cos);
+  w = t * w_avg + (1 - t) * w_0.
+- mergekit 0.1.4 `sparsify.magnitude_outliers`: int(density n) kept after the int(gamma n)
+  largest are removed; `breadcrumbs`: no consensus, no normalise, no rescale.
+- mergekit 0.1.4 `sparsify.della_magprune`: ranks along each row, probabilities
+  (density - eps) + 2 eps (rank - min) / (max - min), L1 rescale; `della`: sign consensus,
+  normalise (mean of the agreeing entries).
+- TSV-Merge authors' `compute_and_sum_svd_mem_reduction` and Iso-C's `iso_c` (as in FusionBench
+  0.2.33): 2-D tensors except text_projection are task matrices, every other tensor the mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merging.in_memory import merge_state_dicts
+from merging.job import job_from_mapping, run_merge_job
+from merging.methods import METHODS, MethodParams
+from merging.methods.della import keep_probabilities
+from merging.methods.lines import block_depths
+from merging.models import load_model
+from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
+from merging.resident import ResidentMerge
+from merging.sources import open_source
+from tests.helpers import random_state_dict, write_checkpoint
+
+NEW = ("lines", "lines-ties", "model-stock", "breadcrumbs", "della", "tsv", "iso-c")
+
+
+def test_lines_depths_are_per_tower_and_outside_blocks_is_alpha():
+    keys = (
+        "visual.conv1.weight",
+        "visual.transformer.resblocks.0.attn.in_proj_weight",
+        "visual.transformer.resblocks.1.mlp.c_fc.bias",
+        "visual.transformer.resblocks.3.ln_1.weight",
+        "transformer.resblocks.0.attn.out_proj.weight",
+        "transformer.resblocks.1.attn.out_proj.weight",
+        "visual.proj",
+    )
+    assert block_depths(keys) == {
+        "visual.transformer.resblocks.0.attn.in_proj_weight": 0.0,
+        "visual.transformer.resblocks.1.mlp.c_fc.bias": 1 / 3,
+        "visual.transformer.resblocks.3.ln_1.weight": 1.0,
+        "transformer.resblocks.0.attn.out_proj.weight": 0.0,
+        "transformer.resblocks.1.attn.out_proj.weight": 1.0,
+    }
+
+
+@pytest.fixture(scope="module")
+def nano():
+    base = random_state_dict(0)
+    fts = [random_state_dict(seed) for seed in (1, 2)]
+    return base, fts
+
+
+def test_lines_scales_the_summed_task_vector_by_depth(nano):
+    base, fts = nano
+    alpha, beta = 0.2, 0.6
+    merged = merge_state_dicts("lines", base, fts, MethodParams(beta=beta), strength=alpha)
+    depth = block_depths(tuple(base))
+    for key in base:
+        scale = alpha + beta * depth.get(key, 0.0)
+        expected = base[key] + scale * sum(ft[key] - base[key] for ft in fts)
+        torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=1e-6, msg=key)
+
+
+def test_lines_over_ties_scales_ties_merged_task_vector(nano):
+    base, fts = nano
+    params = MethodParams(beta=0.5, density=0.3)
+    ties = merge_state_dicts("ties", base, fts, params, strength=1.0)
+    merged = merge_state_dicts("lines-ties", base, fts, params, strength=0.4)
+    depth = block_depths(tuple(base))
+    for key in base:
+        expected = base[key] + (0.4 + 0.5 * depth.get(key, 0.0)) * (ties[key] - base[key])
+        torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=1e-6, msg=key)
+
+
+def test_model_stock_hand_worked():
+    base = torch.tensor([1.0, 1.0])
+    fts = [base + torch.tensor([1.0, 0.0]), base + torch.tensor([1.0, 1.0])]
+    cos = 1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)
+    expected = base + t * torch.tensor([1.0, 0.5])  # t * mean(theta_i) + (1 - t) * theta_0
+    merged = METHODS["model-stock"].merge("k", base, fts, 1.0, MethodParams())
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
+    orthogonal = METHODS["model-stock"].merge(
+        "k", base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 2.0])], 1.0, MethodParams()
+    )
+    torch.testing.assert_close(orthogonal, base, atol=1e-6, rtol=0)  # cos 0: t 0, the base
+
+
+def test_model_stock_three_models_use_the_mean_pairwise_cosine():
+    torch.manual_seed(3)
+    base = torch.randn(40)
+    taus = [torch.randn(40) for _ in range(3)]
+    cosines = [
+        float(torch.nn.functional.cosine_similarity(taus[i], taus[j], dim=0))
+        for i, j in ((0, 1), (0, 2), (1, 2))
+    ]
+    cos = sum(cosines) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    merged = METHODS["model-stock"].merge("k", base, [base + tau for tau in taus], 0.5, MethodParams())
+    torch.testing.assert_close(merged, base + 0.5 * t * sum(taus) / 3, atol=1e-5, rtol=0)
+
+
+def test_breadcrumbs_drops_the_outliers_and_the_smallest():
+    tau = torch.tensor([10.0, -9.0, 8.0, 7.0, -6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    params = MethodParams(density=0.5, gamma=0.1)
+    merged = METHODS["breadcrumbs"].merge("k", torch.zeros(10), [tau], 1.0, params)
+    assert merged.tolist() == [0.0, -9.0, 8.0, 7.0, -6.0, 5.0, 0.0, 0.0, 0.0, 0.0]
+    crowded = METHODS["breadcrumbs"].merge(
+        "k", torch.zeros(10), [tau], 1.0, MethodParams(density=0.95, gamma=0.1)
+    )
+    assert crowded.tolist() == [0.0, *tau[1:].tolist()]  # 9 kept: only 1 outlier can go... and it is 10
+    two = METHODS["breadcrumbs"].merge("k", torch.zeros(10), [tau, -tau], 0.5, params)
+    assert two.tolist() == [0.0] * 10  # summed, no sign election
+
+
+def test_breadcrumbs_scope_model_ranks_over_every_tensor():
+    base = {"a": torch.zeros(5), "b": torch.zeros(5)}
+    ft = {"a": torch.tensor([10.0, 9.0, 8.0, 7.0, 6.0]), "b": torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])}
+    params = MethodParams(density=0.4, gamma=0.1)
+    model = merge_state_dicts("breadcrumbs", base, [ft], params, strength=1.0)
+    assert model["a"].tolist() == [0.0, 9.0, 8.0, 7.0, 6.0] and model["b"].tolist() == [0.0] * 5
+    tensor = merge_state_dicts(
+        "breadcrumbs", base, [ft], MethodParams(density=0.4, gamma=0.1, topk_scope="tensor"), strength=1.0
+    )
+    assert tensor["a"].tolist() == [10.0, 9.0, 0.0, 0.0, 0.0] and tensor["b"].tolist() == [
+        5.0,
+        4.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+
+
+def test_della_probabilities_rise_with_rank_per_row():
+    tau = torch.tensor([[0.1, -3.0, 2.0, 0.5], [4.0, 1.0, -2.0, 3.0]])
+    probabilities = keep_probabilities(tau, density=0.5, epsilon=0.2)
+    ranks = torch.tensor([[0, 3, 2, 1], [3, 0, 1, 2]], dtype=torch.float32)
+    torch.testing.assert_close(probabilities, 0.3 + 0.4 * ranks / 3, atol=1e-6, rtol=0)
+    torch.testing.assert_close(keep_probabilities(torch.tensor([5.0]), 0.5, 0.2), torch.tensor([0.5]))
+
+
+def test_della_samples_by_rank_and_keeps_the_l1_norm():
+    torch.manual_seed(0)
+    tau = torch.randn(4, 50_000)
+    params = MethodParams(density=0.4, epsilon=0.3, seed=5)
+    merged = METHODS["della"].merge("w", torch.zeros_like(tau), [tau], 1.0, params)
+    kept = merged != 0
+    probabilities = keep_probabilities(tau, 0.4, 0.3)
+    low, high = probabilities < 0.2, probabilities > 0.6
+    assert abs(kept[low].float().mean().item() - probabilities[low].mean().item()) < 0.01
+    assert abs(kept[high].float().mean().item() - probabilities[high].mean().item()) < 0.01
+    assert math.isclose(merged.abs().sum().item(), tau.abs().sum().item(), rel_tol=1e-4)
+    assert torch.equal(merged, METHODS["della"].merge("w", torch.zeros_like(tau), [tau], 1.0, params))
+    ratio = merged[kept] / tau[kept]  # one rescale factor for the whole tensor
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), atol=0, rtol=1e-5)
+
+
+def numpy_tsv(taus: list[np.ndarray]) -> np.ndarray:
+    rank = min(taus[0].shape)
+    kept = int(rank / len(taus))
+    u_cat = np.zeros((taus[0].shape[0], rank))
+    s_cat = np.zeros(rank)
+    v_cat = np.zeros((rank, taus[0].shape[1]))
+    for i, tau in enumerate(taus):
+        u, s, vt = np.linalg.svd(tau.astype(np.float64), full_matrices=False)
+        u_cat[:, i * kept : (i + 1) * kept] = u[:, :kept]
+        s_cat[i * kept : (i + 1) * kept] = s[:kept]
+        v_cat[i * kept : (i + 1) * kept] = vt[:kept]
+
+    def polar(matrix):
+        p, _, qt = np.linalg.svd(matrix, full_matrices=False)
+        return p @ qt
+
+    return polar(u_cat) @ np.diag(s_cat) @ polar(v_cat)
+
+
+def numpy_iso_c(taus: list[np.ndarray]) -> np.ndarray:
+    u, s, vt = np.linalg.svd(sum(t.astype(np.float64) for t in taus), full_matrices=False)
+    return s.mean() * u @ vt
+
+
+@pytest.mark.parametrize("name, formula", [("tsv", numpy_tsv), ("iso-c", numpy_iso_c)])
+def test_spectral_methods_match_numpy(name, formula):
+    torch.manual_seed(7)
+    base = {"w": torch.randn(12, 9), "text_projection": torch.randn(6, 6), "b": torch.randn(9)}
+    fts = [{k: v + 0.3 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
+    merged = merge_state_dicts(name, base, fts, MethodParams(), strength=0.8)
+    taus = {k: [(ft[k] - base[k]).numpy() for ft in fts] for k in base}
+    expected_w = base["w"].double() + 0.8 * torch.from_numpy(formula(taus["w"]))
+    torch.testing.assert_close(merged["w"].double(), expected_w, atol=1e-5, rtol=0)
+    for key in ("text_projection", "b"):  # not task matrices: the mean task vector
+        mean = sum(ft[key] - base[key] for ft in fts) / 3
+        torch.testing.assert_close(merged[key], base[key] + 0.8 * mean, atol=1e-5, rtol=0)
+
+
+def test_iso_c_flattens_the_spectrum_and_tsv_of_one_model_is_task_arithmetic():
+    torch.manual_seed(2)
+    base, tau = torch.randn(10, 6), torch.randn(10, 6)
+    iso = METHODS["iso-c"].merge("w", base, [base + tau], 1.0, MethodParams())
+    singular = torch.linalg.svdvals(iso - base)
+    torch.testing.assert_close(
+        singular, torch.full_like(singular, torch.linalg.svdvals(tau).mean().item()), atol=1e-5, rtol=0
+    )
+    tsv = METHODS["tsv"].merge("w", base, [base + tau], 1.0, MethodParams())
+    torch.testing.assert_close(tsv, base + tau, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def checkpoint_files(tmp_path):
+    paths = [tmp_path / f"m{seed}.safetensors" for seed in range(3)]
+    for seed, path in enumerate(paths):
+        write_checkpoint(path, seed)
+    return paths
+
+
+ALL_PARAMS = {"density": 0.3, "beta": 0.4, "gamma": 0.05, "epsilon": 0.1, "seed": 4}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_is_the_same_from_a_file_in_memory_and_in_a_resident_sweep(
+    tmp_path, checkpoint_files, name
+):
+    """The streaming executor, merge_state_dicts and the sweep's in-place merge agree for every method."""
+    method = METHODS[name]
+    fts = checkpoint_files[1:] if method.max_finetuned is None else checkpoint_files[1:2]
+    alpha = 0.6
+    uses = {k: v for k, v in ALL_PARAMS.items() if k in method.uses}
+    values = {
+        "base": str(checkpoint_files[0]),
+        "finetuned": [str(f) for f in fts],
+        "method": name,
+        "engine": "torch",
+        **uses,
+    }
+    if name != "linear":
+        values["alpha"] = alpha
+    job = job_from_mapping({**values, "out": str(tmp_path / "out.safetensors")})
+    (output,) = run_merge_job(job, progress=False)
+    from_file = load_file(str(output.path))
+
+    base_state = load_file(str(checkpoint_files[0]))
+    ft_states = [load_file(str(f)) for f in fts]
+    in_memory = merge_state_dicts(name, base_state, ft_states, job.spec.params)
+    in_memory[LOGIT_SCALE_KEY] = in_memory[LOGIT_SCALE_KEY].clamp(max=LOGIT_SCALE_MAX)
+
+    with open_source(str(checkpoint_files[0])) as base, open_source(str(fts[0])) as first:
+        others = [first] + [open_source(str(f)) for f in fts[1:]]
+        model, _ = load_model(base)
+        resident = ResidentMerge(
+            model, MergeSpec(method=name, params=job.spec.params), base, others, torch.device("cpu")
+        )
+        resident.apply(job.spec.params.strength)
+        swept = {k: v.detach().clone() for k, v in resident.model.state_dict().items()}
+        for source in others[1:]:
+            source.close()
+    for key, tensor in from_file.items():
+        torch.testing.assert_close(in_memory[key], tensor, atol=1e-6, rtol=0, msg=f"{name} {key} in memory")
+        torch.testing.assert_close(swept[key], tensor, atol=1e-6, rtol=0, msg=f"{name} {key} resident")
