@@ -5,6 +5,7 @@ Resumable because every sweep is: re-running the same config finishes what is mi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ from typing import Any
 import torch
 
 from analysis.report import build_report
+from analysis.soup import GREEDY_SOUP, greedy_soup
 from eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
 from merging.job import MergeJob, job_from_mapping
 from merging.methods import get_method
+from merging.rules import KeyRules
 from micromerge.config_files import load_section, reject_unknown_keys
 from micromerge.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.errors import MicromergeError
@@ -81,13 +84,28 @@ def load_ablation(path: str | Path) -> Ablation:
     return ablation
 
 
-def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob]]:
-    """Every (label, merge job) of the grid, built and validated together: a bad method name,
-    parameter or rule anywhere fails before the first sweep runs."""
-    jobs = []
+@dataclass(frozen=True)
+class SoupJob:
+    """A greedy soup in the grid: chosen on the select half instead of swept over alpha."""
+
+    base: str
+    finetuned: tuple[str, ...]
+    rules: KeyRules
+
+
+def _skipped(label: str, why: str) -> None:
+    warnings.warn(f"{label}: skipped ({why})", stacklevel=3)
+
+
+def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
+    """Every (label, job) of the grid, built and validated together: a bad method name,
+    parameter or rule anywhere fails before the first sweep runs. Combinations a method cannot
+    take (Model Stock with one specialist, a soup with alpha rules) are skipped with a warning."""
+    jobs: list[tuple[str, MergeJob | SoupJob]] = []
     for pair in ablation.pairs:
         for method in ablation.methods:
-            get_method(method)
+            if method != GREEDY_SOUP:
+                get_method(method)
             parameters = ablation.method_parameters.get(method, {})
             if not isinstance(parameters, dict):
                 raise MicromergeError(f"method_parameters.{method} must be a table, not {parameters!r}")
@@ -95,8 +113,20 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob]]:
                 if not isinstance(rules, dict):
                     raise MicromergeError(f"rule_sets.{rule_name} must be a table, not {rules!r}")
                 reject_unknown_keys(f"rule set {rule_name!r}", rules, {"include", "exclude", "alpha_rules"})
+                label = f"{pair['name']} / {method} / {rule_name}"
                 values = {**parameters, **rules}
                 check_section(f"{method} / {rule_name}", values, MERGE_SCHEMA)
+                if method == GREEDY_SOUP:
+                    if rules.get("alpha_rules"):
+                        _skipped(label, "a soup is a uniform average: alpha rules do not apply")
+                        continue
+                    rule = KeyRules(tuple(rules.get("include") or ()), tuple(rules.get("exclude") or ()))
+                    jobs.append((label, SoupJob(pair["base"], tuple(pair["finetuned"]), rule)))
+                    continue
+                wanted = get_method(method).min_finetuned
+                if len(pair["finetuned"]) < wanted:
+                    _skipped(label, f"{method} needs at least {wanted} fine-tuned models")
+                    continue
                 job = job_from_mapping(
                     {
                         "base": pair["base"],
@@ -107,7 +137,7 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob]]:
                         **values,
                     }
                 )
-                jobs.append((f"{pair['name']} / {method} / {rule_name}", job))
+                jobs.append((label, job))
     return jobs
 
 
@@ -136,6 +166,10 @@ def run_ablation(
         for model in (pair["base"], *pair["finetuned"]):
             run_eval(model, settings, device)
     for label, job in grid_jobs(ablation):
+        if isinstance(job, SoupJob):
+            if rank == 0:  # each step of a soup depends on the last: one process chooses
+                greedy_soup(job.base, job.finetuned, settings, device, job.rules, label)
+            continue
         run_sweep(
             SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), label=label), settings, device
         )

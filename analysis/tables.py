@@ -33,6 +33,10 @@ class Run:
     finetuned_reference: pd.DataFrame | None = None
 
 
+SINGLE_POINT_METHODS = ("none", "greedy-soup")
+"""Runs with no curve by design: an `eval` of one model, and a greedy soup (one chosen point)."""
+
+
 def run_label(row: dict[str, Any]) -> str:
     if row.get("label"):
         return str(row["label"])
@@ -72,7 +76,7 @@ def load_runs(store_path: str | Path) -> list[Run]:
                 if r.get("level") == "headline"
             ]
         )
-        if first["method"] != "none":  # an `eval` run is one model: no curve is expected
+        if first["method"] not in SINGLE_POINT_METHODS:
             _warn_missing(table, run_label(first))
         runs.append(
             Run(

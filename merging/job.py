@@ -243,7 +243,14 @@ def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
                 continue
             results.append(
                 merge_to_file(
-                    spec, base, finetuned, path, backend=backend, force=job.force, progress=progress
+                    spec,
+                    base,
+                    finetuned,
+                    path,
+                    backend=backend,
+                    force=job.force,
+                    progress=progress,
+                    extra_manifest=job.extra,
                 )
             )
     finally:

@@ -10,6 +10,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -541,6 +542,43 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     if state.is_main_process:
         _print_table(run_sweep_rows(settings, rows))
         click.echo(f"\nresults in {settings.store}")
+
+
+@cli.command("soup")
+@click.option("--base", required=True)
+@click.option("--ft", "finetuned", multiple=True, required=True, help="A fine-tuned model (repeat).")
+@click.option("--include", multiple=True, help="Average only keys matching this glob; others from the base.")
+@click.option("--exclude", multiple=True)
+@click.option("--out", type=click.Path(), help="Also write the chosen soup as a checkpoint (+ manifest).")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@_eval_options
+@friendly_errors
+def soup_command(
+    base: str, finetuned: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], **values: Any
+) -> None:
+    """Greedy soup of the base and the fine-tuned models, chosen on the select half, reported on the other."""
+    from analysis.soup import greedy_soup, write_soup
+    from merging.rules import KeyRules
+    from micromerge.devices import resolve_device
+
+    out, force = values.pop("out"), values.pop("force")
+    settings, state = _eval_settings(values)
+    if not state.is_main_process:
+        return  # one process chooses: each step depends on the last
+    result = greedy_soup(
+        base, finetuned, settings, resolve_device(values["device"]), KeyRules(tuple(include), tuple(exclude))
+    )
+    for step in result.steps:
+        verdict = "kept" if step.kept else "left out"
+        click.echo(f"{100 * step.select_mean:6.2f}%  (select half)  + {step.ingredient}: {verdict}")
+    weights = ", ".join(f"{w:.3g}" for w in result.weights)
+    click.echo(
+        f"soup weights (base, ft...): {weights}; report half: {100 * result.report_mean:.2f}% all-task mean"
+    )
+    click.echo(f"results in {settings.store} (run {result.run_id})")
+    if out:
+        written = write_soup(result, Path(out), force, KeyRules(tuple(include), tuple(exclude)))
+        click.echo(f"wrote {written.path} (manifest {written.manifest_path.name})")
 
 
 def run_sweep_rows(settings, rows):

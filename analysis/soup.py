@@ -1,0 +1,187 @@
+"""Greedy soup (Wortsman et al., ICML 2022, "Model soups: averaging weights of multiple fine-tuned
+models improves accuracy without increasing inference time"), on μ-Bench's halves.
+
+The ingredients are the base and every fine-tuned model. Each is scored alone on the *select*
+half of every task's images; in that order, best first, an ingredient joins the soup (a uniform
+average of its members) when the soup's select-half all-task mean accuracy does not drop. The
+chosen soup is reported on the *report* half, which took no part in the choice. Including the
+base is what makes it a forgetting method: a soup of the base and one specialist is WiSE-FT at
+alpha 1/2.
+
+Every candidate is a `linear` merge evaluated by the sweep engine (in place, on the resident
+model), so candidates are resumable like any sweep; their rows go to a side store
+(`<store>.soup-candidates.jsonl`) and only the chosen soup's rows, relabelled `greedy-soup`,
+to the main store, where reports and ablations see one run with one point.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.metrics import curve
+from analysis.tables import load_runs
+from eval.engine import EvalSettings, SweepPlan, run_sweep
+from eval.store import ResultStore
+from merging.execute import MergeOutput
+from merging.job import job_from_mapping, run_merge_job
+from merging.methods import MethodParams
+from merging.plan import MergeSpec
+from merging.rules import KeyRules
+from micromerge.errors import MicromergeError
+from micromerge.hashing import sha256_json
+
+GREEDY_SOUP = "greedy-soup"
+SELECTION = "select-half all-task mean accuracy; an ingredient joins when it does not drop (>=)"
+
+
+@dataclass(frozen=True)
+class Scored:
+    weights: tuple[float, ...]
+    select_mean: float
+    report_mean: float
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SoupStep:
+    ingredient: str
+    weights: tuple[float, ...]
+    select_mean: float
+    kept: bool
+
+
+@dataclass(frozen=True)
+class SoupResult:
+    models: tuple[str, ...]  # base first, then the fine-tuned models
+    own_select: dict[str, float]  # each ingredient alone, select half
+    steps: tuple[SoupStep, ...]  # in the order tried: best ingredient first
+    weights: tuple[float, ...]  # the chosen soup, as linear weights over `models`
+    select_mean: float
+    report_mean: float
+    run_id: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "ingredients": list(self.models),
+            "weights": list(self.weights),
+            "order": [step.ingredient for step in self.steps],
+            "selection": SELECTION,
+            "steps": [
+                {"ingredient": s.ingredient, "select_mean": s.select_mean, "kept": s.kept} for s in self.steps
+            ],
+        }
+
+
+def candidate_store(store: Path) -> Path:
+    return store.with_name(store.stem + ".soup-candidates.jsonl")
+
+
+def _score(
+    base: str,
+    finetuned: tuple[str, ...],
+    weights: tuple[float, ...],
+    rules: KeyRules,
+    settings: EvalSettings,
+    device: torch.device,
+) -> Scored:
+    spec = MergeSpec("linear", MethodParams(weights=weights), rules)
+    label = f"{GREEDY_SOUP} candidate {list(weights)}"
+    rows = run_sweep(SweepPlan(base, finetuned, spec, (1.0,), label=label), settings, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # candidates are single points by design
+        run = next(r for r in load_runs(settings.store) if r.run_id == rows[0]["run_id"])
+    select = curve(run, None, "accuracy", "select")["value"]
+    report = curve(run, None, "accuracy", "report")["value"]
+    if select.empty or report.empty:
+        raise MicromergeError(
+            f"{settings.store}: candidate {list(weights)} has no select/report-half accuracy"
+        )
+    return Scored(weights, float(select.iloc[0]), float(report.iloc[0]), rows)
+
+
+def uniform(members: list[int], count: int) -> tuple[float, ...]:
+    return tuple(1.0 / len(members) if index in members else 0.0 for index in range(count))
+
+
+def greedy_soup(
+    base: str,
+    finetuned: tuple[str, ...],
+    settings: EvalSettings,
+    device: torch.device,
+    rules: KeyRules = KeyRules(),
+    label: str | None = None,
+) -> SoupResult:
+    """Choose the soup on the select half, write its rows to `settings.store`, and return the recipe."""
+    if rules.strength_rules:
+        raise MicromergeError(
+            "greedy-soup: alpha rules do not apply (a soup is a uniform average); use include/exclude"
+        )
+    models = (base, *finetuned)
+    side = replace(settings, store=candidate_store(Path(settings.store)), rank=0, world_size=1)
+    count = len(models)
+    own = {i: _score(base, finetuned, uniform([i], count), rules, side, device) for i in range(count)}
+    order = sorted(range(count), key=lambda i: (-own[i].select_mean, i))
+    members, best = [order[0]], own[order[0]]
+    steps = [SoupStep(models[order[0]], best.weights, best.select_mean, True)]
+    for index in order[1:]:
+        trial = _score(base, finetuned, uniform([*members, index], count), rules, side, device)
+        kept = trial.select_mean >= best.select_mean
+        steps.append(SoupStep(models[index], trial.weights, trial.select_mean, kept))
+        if kept:
+            members, best = [*members, index], trial
+    result = SoupResult(
+        models,
+        {models[i]: own[i].select_mean for i in range(count)},
+        tuple(steps),
+        best.weights,
+        best.select_mean,
+        best.report_mean,
+        run_id="",
+    )
+    run_id = sha256_json(
+        {"method": GREEDY_SOUP, "chosen": best.rows[0]["run_id"], "recipe": result.describe()}
+    )[:16]
+    parameters = {
+        **result.describe(),
+        "include": list(rules.include),
+        "exclude": list(rules.exclude),
+    }
+    rows = [
+        {
+            **row,
+            "run_id": run_id,
+            "method": GREEDY_SOUP,
+            "parameters": parameters,
+            "label": label or f"{GREEDY_SOUP}: {' + '.join(Path(m).stem for m in models)}",
+        }
+        for row in best.rows
+    ]
+    store = ResultStore(settings.store)
+    done = store.done(run_id)
+    store.append([r for r in rows if ResultStore.identity(r) not in done])
+    return replace(result, run_id=run_id)
+
+
+def write_soup(result: SoupResult, out: Path, force: bool, rules: KeyRules = KeyRules()) -> MergeOutput:
+    """The chosen soup as a checkpoint: a linear merge with the soup's weights; the manifest keeps the recipe."""
+    job = job_from_mapping(
+        {
+            "base": result.models[0],
+            "finetuned": list(result.models[1:]),
+            "method": "linear",
+            "weights": list(result.weights),
+            "include": list(rules.include),
+            "exclude": list(rules.exclude),
+            "out": str(out),
+            "force": force,
+        }
+    )
+    (output,) = run_merge_job(
+        replace(job, extra={GREEDY_SOUP: {**result.describe(), "run_id": result.run_id}})
+    )
+    return output

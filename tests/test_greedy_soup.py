@@ -1,0 +1,146 @@
+"""Greedy soup: the recipe follows its definition step by step, the chosen soup's numbers are what
+evaluating the written checkpoint gives, reruns are free, and ablations run it (and skip what a
+method cannot take). Wortsman et al. 2022, Recipe 1: ingredients sorted by held-out accuracy,
+each added when the held-out accuracy of the uniform soup does not drop."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from analysis.ablate import SoupJob, grid_jobs, load_ablation, run_ablation
+from analysis.metrics import curve
+from analysis.soup import GREEDY_SOUP, candidate_store, greedy_soup, write_soup
+from analysis.tables import load_runs
+from eval.engine import EvalSettings
+from eval.store import ResultStore
+from micromerge.cli import cli
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import write_fixture
+
+
+@pytest.fixture
+def setting(tmp_path):
+    bench = write_fixture(tmp_path / "bench", per_class=4)
+    models = [tmp_path / f"m{seed}.safetensors" for seed in range(3)]
+    for seed, path in enumerate(models):
+        write_checkpoint(path, seed)
+    settings = EvalSettings(
+        data=str(bench),
+        store=tmp_path / "results.jsonl",
+        cache_dir=tmp_path / "cache",
+        bootstrap=0,
+        progress=False,
+    )
+    return settings, [str(m) for m in models]
+
+
+def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path, setting):
+    settings, models = setting
+    result = greedy_soup(models[0], tuple(models[1:]), settings, torch.device("cpu"))
+    own = result.own_select
+    order = [step.ingredient for step in result.steps]
+    assert order == sorted(models, key=lambda m: (-own[m], models.index(m)))
+    best, members = result.steps[0].select_mean, [order[0]]
+    for step in result.steps[1:]:
+        assert step.kept == (step.select_mean >= best)
+        if step.kept:
+            best, members = step.select_mean, [*members, step.ingredient]
+    assert result.select_mean == best
+    assert result.weights == tuple(1 / len(members) if m in members else 0.0 for m in models)
+
+    run = next(r for r in load_runs(settings.store) if r.run_id == result.run_id)
+    assert run.method == GREEDY_SOUP and run.parameters["weights"] == list(result.weights)
+    assert curve(run, None, "accuracy", "report")["value"].iloc[0] == pytest.approx(result.report_mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        candidates = {repr(r.parameters["weights"]) for r in load_runs(candidate_store(settings.store))}
+    assert len(candidates) == 3 + len(result.steps) - 1, "each ingredient alone, then one candidate per step"
+
+    written = write_soup(result, tmp_path / "soup.safetensors", force=False)
+    soup, inputs = load_file(str(written.path)), [load_file(m) for m in models]
+    for key in ("visual.proj", "text_projection"):
+        expected = sum(w * state[key] for w, state in zip(result.weights, inputs, strict=True))
+        torch.testing.assert_close(soup[key], expected, atol=1e-6, rtol=0)
+    assert written.manifest[GREEDY_SOUP]["weights"] == list(result.weights)
+
+    evaluated = CliRunner().invoke(
+        cli,
+        ["eval", "--model", str(written.path), "--data", settings.data, "--store", str(tmp_path / "e.jsonl"),
+         "--cache-dir", str(settings.cache_dir), "--bootstrap", "0", "--device", "cpu", "--quiet"],
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    plain = next(r for r in load_runs(tmp_path / "e.jsonl")).table
+    accuracy = plain[plain["metric"] == "accuracy"]
+    assert accuracy[accuracy["split"] == "select"]["value"].mean() == pytest.approx(
+        result.select_mean, abs=1e-6
+    )
+    assert accuracy[accuracy["split"] == "report"]["value"].mean() == pytest.approx(
+        result.report_mean, abs=1e-6
+    )
+
+    size = Path(settings.store).stat().st_size
+    again = greedy_soup(models[0], tuple(models[1:]), settings, torch.device("cpu"))
+    assert again == result and Path(settings.store).stat().st_size == size, "a rerun adds nothing"
+
+
+def test_soup_command_prints_the_steps_and_writes_the_checkpoint(tmp_path, setting):
+    settings, models = setting
+    args = ["soup", "--base", models[0], "--ft", models[1], "--ft", models[2], "--data", settings.data]
+    args += ["--store", str(settings.store), "--cache-dir", str(settings.cache_dir), "--bootstrap", "0"]
+    result = CliRunner().invoke(
+        cli, [*args, "--device", "cpu", "--quiet", "--out", str(tmp_path / "s.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "report half" in result.output and (tmp_path / "s.safetensors").is_file()
+    refused = CliRunner().invoke(cli, [*args, "--include", "visual.*", "--exclude", "visual.*"])
+    assert refused.exit_code == 2 and "leave no key" in refused.output
+
+
+def test_ablation_runs_soups_and_skips_what_a_method_cannot_take(tmp_path, setting):
+    settings, models = setting
+    config = tmp_path / "grid.toml"
+    config.write_text(
+        f"""[ablation]
+data = "{settings.data}"
+store = "{tmp_path / "grid.jsonl"}"
+report = "{tmp_path / "report"}"
+alphas = "0,1"
+methods = ["greedy-soup", "model-stock", "lines"]
+bootstrap = 0
+target = "domain:pathology"
+
+[[ablation.pairs]]
+name = "one"
+base = "{models[0]}"
+finetuned = ["{models[1]}"]
+
+[[ablation.pairs]]
+name = "two"
+base = "{models[0]}"
+finetuned = ["{models[1]}", "{models[2]}"]
+
+[ablation.rule_sets.all]
+
+[ablation.rule_sets.ruled]
+alpha_rules = {{ "visual.*" = 0.5 }}
+"""
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ablation = load_ablation(config)
+    skipped = sorted(str(w.message).split(":")[0] for w in caught if "skipped" in str(w.message))
+    assert skipped == ["one / greedy-soup / ruled", "one / model-stock / all", "one / model-stock / ruled",
+                       "two / greedy-soup / ruled"]  # fmt: skip
+    labels = [label for label, _ in grid_jobs(ablation)]
+    assert len(labels) == 12 - 4
+    assert isinstance(dict(grid_jobs(ablation))["two / greedy-soup / all"], SoupJob)
+    run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    runs = {r.label for r in load_runs(ablation.store) if r.method != "none"}
+    assert runs == set(labels)
+    assert {r["method"] for r in ResultStore(ablation.store).rows()} >= {GREEDY_SOUP, "model-stock", "lines"}
