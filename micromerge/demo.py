@@ -115,7 +115,7 @@ def _write_init(cfg: DemoConfig, path: Path) -> None:
         )
 
 
-def _train(
+def train_contrastive(
     cfg: DemoConfig, base: Path, data: Path, out: Path, epochs: int, domain: str | None, warmup: int
 ) -> None:
     from finetune.config import FinetuneConfig
@@ -179,7 +179,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         "3/6 pretrain the base on the general corpus",
         stages / "pretrain.json",
         train_digest,
-        lambda: _train(cfg, init, data / "corpus-general", base_run, cfg.pretrain_epochs, "general", 30),
+        lambda: train_contrastive(
+            cfg, init, data / "corpus-general", base_run, cfg.pretrain_epochs, "general", 30
+        ),
         say,
     )
     specialist_digest = cfg.digest(
@@ -195,7 +197,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         "4/6 fine-tune the pathology specialist",
         stages / "specialist.json",
         specialist_digest,
-        lambda: _train(
+        lambda: train_contrastive(
             cfg,
             base_run / "model.safetensors",
             data / "corpus-pathology",
@@ -207,10 +209,27 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         say,
     )
 
+    jobs = [
+        (
+            method,
+            protocol,
+            job_from_mapping(
+                {
+                    "base": str(base_run / "model.safetensors"),
+                    "finetuned": [str(specialist_run / "model.safetensors")],
+                    "method": method,
+                    "alphas": cfg.alphas,
+                    "density": 0.2,
+                }
+            ),
+        )
+        for method, protocol in SWEEPS
+    ]
+
     def sweeps() -> None:
         from micromerge.hashing import default_cache_dir
 
-        for method, protocol in SWEEPS:
+        for method, protocol, job in jobs:
             settings = EvalSettings(
                 data=str(data / "ubench-synthetic"),
                 store=store,
@@ -219,15 +238,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
                 seed=cfg.seed,
                 protocol=protocol,
                 progress=cfg.progress,
-            )
-            job = job_from_mapping(
-                {
-                    "base": str(base_run / "model.safetensors"),
-                    "finetuned": [str(specialist_run / "model.safetensors")],
-                    "method": method,
-                    "alphas": cfg.alphas,
-                    "density": 0.2,
-                }
             )
             run_sweep(
                 SweepPlan(
@@ -241,10 +251,12 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
                 torch.device("cpu"),
             )
 
+    # The methods' parameters and conventions are part of the digest: a changed convention re-sweeps.
+    described = [job.spec.describe() for _, _, job in jobs]
     _stage(
         "5/6 sweep alpha on every task",
         stages / "sweeps.json",
-        sha256_json([specialist_digest, data_digest, cfg.alphas, cfg.bootstrap, SWEEPS])[:16],
+        sha256_json([specialist_digest, data_digest, cfg.alphas, cfg.bootstrap, SWEEPS, described])[:16],
         sweeps,
         say,
     )

@@ -12,6 +12,7 @@ from analysis.metrics import summarise, task_changes
 from analysis.report import build_report
 from analysis.tables import load_runs
 from eval.store import ResultStore
+from merging.methods import METHODS
 from micromerge.errors import MicromergeError
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
@@ -155,8 +156,10 @@ def test_shipped_ablation_configs_parse():
     assert {p["name"] for p in paper.pairs} == {
         "clip-b32+plip",
         "clip-b32+quiltnet-b32",
+        "clip-b32+plip+quiltnet-b32",
         "clip-b16+quiltnet-b16",
     }
+    assert set(paper.methods) == {*METHODS, "greedy-soup"} - {"linear"}, "every forgetting-aware method"
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from merging.in_memory import merge_state_dicts
 from merging.methods import METHODS, MethodParams, ModelScan
@@ -224,3 +226,34 @@ def test_the_manifest_records_every_convention(tmp_path, tiny_checkpoints):
                 "majority" in conventions["zero_elected_sign"]
                 and "lower position" in conventions["tie_break"]
             )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(-4, 4, width=32).map(lambda v: round(v * 4) / 4), min_size=1, max_size=9),
+        min_size=1,
+        max_size=4,
+    ),
+    st.data(),
+)
+def test_radix_select_equals_sorting_for_any_split_into_keys(chunks, data):
+    """Any values, any split into keys, any size: the set is the `size` largest, earlier positions first."""
+    keys = tuple(f"k{i}" for i in range(len(chunks)))
+    tensors = {
+        key: torch.tensor(values, dtype=torch.float32) for key, values in zip(keys, chunks, strict=True)
+    }
+    total = sum(len(c) for c in chunks)
+    size = data.draw(st.integers(0, total))
+    scan = ModelScan(
+        keys,
+        keys,
+        lambda key: (torch.zeros_like(tensors[key]), [tensors[key]]),
+        lambda key: len(tensors[key]),
+    )
+    (top,) = select_top(scan, [[size]])[0]
+    flat = torch.cat([tensors[k] for k in keys])
+    order = sorted(range(total), key=lambda i: (-abs(flat[i].item()), i))
+    expected = torch.zeros(total, dtype=torch.bool)
+    expected[order[:size]] = True
+    assert torch.equal(torch.cat([top.mask(k, tensors[k]) for k in keys]), expected)

@@ -1,0 +1,187 @@
+"""Every merge method on the embedded default (issue 13): one table of forgetting and recovery.
+
+The demo's base and pathology specialist, plus a second pathology specialist fine-tuned by the
+demo's own pipeline on a second, independently drawn pathology corpus (seed 1): two specialists of
+one base, as PLIP and QuiltNet are of OpenAI CLIP, which Model Stock and the multi-model merges
+need. For every method: a sweep over alpha 0:1:0.1 under the μ-Bench protocol, alpha chosen on
+the select half by all-task mean, and at that alpha the all-task mean on the report half, the
+target gain (pathology, over the base) and the control forgetting (every other domain, under the
+base), from the real base and specialist evaluations; then the merge time of one checkpoint at
+that alpha (`merge` on the CPU, engine auto). The greedy soup is chosen on the select half
+directly (no alpha).
+
+Run (nothing else running; `make demo` first or let this run it):
+    .venv/bin/python bench/methods_table.py [--out demo-out]
+Writes OUT/methods/table.md and table.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from analysis.metrics import curve, summarise
+from analysis.soup import greedy_soup
+from analysis.tables import Run, load_runs
+from eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
+from eval.synthetic.generate import write_corpus
+from merging.job import job_from_mapping, run_merge_job
+from merging.methods import METHODS
+from micromerge.demo import DemoConfig, run_demo, train_contrastive
+from micromerge.hashing import default_cache_dir
+
+TARGET = "domain:pathology"
+ALPHAS = "0:1:0.1"
+PARAMETERS = {  # as configs/ablation-paper.toml
+    "ties": {"density": 0.2},
+    "lines-ties": {"density": 0.2, "beta": 0.5},
+    "lines": {"beta": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "della": {"density": 0.4, "epsilon": 0.15},
+}
+ONE = [m for m in METHODS if m != "linear" and METHODS[m].min_finetuned == 1]
+TWO = [m for m in METHODS if m != "linear" and METHODS[m].max_finetuned is None]
+
+
+def second_specialist(out: Path, cfg: DemoConfig) -> Path:
+    run = out / "runs" / "pathology-specialist-b"
+    if (run / "model.safetensors").is_file():
+        return run / "model.safetensors"
+    corpus = out / "data" / "corpus-pathology-b"
+    if not corpus.is_dir():
+        write_corpus(corpus, "pathology", seed=cfg.seed + 1, per_class=cfg.corpus_per_class)
+    train_contrastive(
+        replace(cfg, seed=cfg.seed + 1),
+        out / "runs" / "base" / "model.safetensors",
+        corpus,
+        run,
+        cfg.finetune_epochs,
+        "pathology",
+        10,
+    )
+    return run / "model.safetensors"
+
+
+def at(run: Run, group: str | None, alpha: float) -> float:
+    table = curve(run, group, "accuracy", "all").set_index("alpha")["value"]
+    return float(table.get(alpha, table.iloc[0]))
+
+
+def row_for(run: Run, label: str, base_eval: dict[str, float]) -> dict[str, object]:
+    summary = summarise(run, TARGET)
+    alpha = summary.best_alpha["all_task_mean"] if run.method != "greedy-soup" else None
+    point = alpha if alpha is not None else float(run.table["alpha"].iloc[0])
+    controls = [at(run, group, point) for group in summary.controls]
+    return {
+        "method": label,
+        "alpha": alpha,
+        "report_all_task_mean": summary.best_report["all_task_mean"],
+        "target_gain": at(run, TARGET, point) - base_eval[TARGET],
+        "control_forgetting": sum(base_eval[g] - c for g, c in zip(summary.controls, controls, strict=True))
+        / len(controls),
+    }
+
+
+def merge_seconds(base: str, finetuned: list[str], method: str, alpha: float | None, folder: Path) -> float:
+    values = {"base": base, "finetuned": finetuned, "method": method, **PARAMETERS.get(method, {})}
+    if alpha is not None:
+        values["alpha"] = alpha
+    job = job_from_mapping(
+        {**values, "out": str(folder / f"{method}-{len(finetuned)}.safetensors"), "force": True}
+    )
+    started = time.perf_counter()
+    run_merge_job(job, progress=False)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("demo-out"))
+    parser.add_argument("--bootstrap", type=int, default=200)
+    args = parser.parse_args()
+    cfg = DemoConfig(out=args.out, progress=False)
+    run_demo(cfg, say=lambda _line: None)
+    base = str(args.out / "runs" / "base" / "model.safetensors")
+    first = str(args.out / "runs" / "pathology-specialist" / "model.safetensors")
+    second = str(second_specialist(args.out, cfg))
+    folder = args.out / "methods"
+    settings = EvalSettings(
+        data=str(args.out / "data" / "ubench-synthetic"),
+        store=folder / "results.jsonl",
+        cache_dir=default_cache_dir(),
+        bootstrap=args.bootstrap,
+        progress=False,
+    )
+    device = torch.device("cpu")
+    for model in (base, first, second):
+        run_eval(model, settings, device)
+    labels: dict[str, tuple[str, list[str]]] = {}
+    for count, finetuned, methods in ((1, [first], ONE), (2, [first, second], TWO)):
+        for method in methods:
+            values = {"base": base, "finetuned": finetuned, "method": method, "alphas": ALPHAS}
+            job = job_from_mapping({**values, **PARAMETERS.get(method, {})})
+            label = f"{method} ({count} specialist{'s' if count > 1 else ''})"
+            run_sweep(
+                SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), label=label), settings, device
+            )
+            labels[label] = (method, finetuned)
+        soup_label = f"greedy-soup ({count} specialist{'s' if count > 1 else ''})"
+        greedy_soup(base, tuple(finetuned), settings, device, label=soup_label)
+        labels[soup_label] = ("greedy-soup", finetuned)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = {r.label: r for r in load_runs(settings.store)}
+    base_run = next(r for r in runs.values() if r.method == "none" and r.model["base"] == base)
+    base_eval = {g: float(curve(replace(base_run, table=base_run.table.assign(alpha=0.0)), g)["value"].iloc[0])
+                 for g in [TARGET, *summarise(runs[next(iter(labels))], TARGET).controls]}  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, (method, finetuned) in labels.items():
+            row = row_for(runs[label], label, base_eval)
+            merge_method = "linear" if method == "greedy-soup" else method
+            if method == "greedy-soup":
+                weights = runs[label].parameters["weights"]
+                job = job_from_mapping(
+                    {"base": base, "finetuned": finetuned, "method": "linear", "weights": weights,
+                     "out": str(Path(scratch) / "soup.safetensors"), "force": True}
+                )  # fmt: skip
+                started = time.perf_counter()
+                run_merge_job(job, progress=False)
+                row["merge_seconds"] = time.perf_counter() - started
+            else:
+                row["merge_seconds"] = merge_seconds(
+                    base, finetuned, merge_method, row["alpha"], Path(scratch)
+                )
+            rows.append(row)
+    lines = [
+        "| method | α (select half) | all-task mean, report half | target gain (pathology) | control forgetting | merge time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        alpha = "chosen" if row["alpha"] is None else f"{row['alpha']:g}"
+        lines.append(
+            f"| {row['method']} | {alpha} | {100 * row['report_all_task_mean']:.1f} % | "
+            f"{100 * row['target_gain']:+.1f} pts | {100 * row['control_forgetting']:+.1f} pts | "
+            f"{row['merge_seconds']:.2f} s |"
+        )
+    table = "\n".join(lines)
+    (folder / "table.md").write_text(table + "\n")
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    (folder / "table.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    print(table)
+    print(f"\nbase (evaluated): pathology {100 * base_eval[TARGET]:.1f} %; machine: {machine}")
+
+
+if __name__ == "__main__":
+    main()
