@@ -2,12 +2,13 @@
 # Every GPU check and GPU figure the issues ask for, in one run on a CUDA machine:
 # the GPU tests (tests/test_gpu.py), then the fine-tuning, sweep and merge benches on CUDA.
 # Usage: bench/gpu_all.sh OUT_DIR [STEP ...]   (the project importable by $PYTHON, HF_HUB_OFFLINE=1);
-# STEPs: pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda (default: all, in that order).
+# STEPs: pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda
+# (default: all, in that order).
 # Each step writes its own file, so a step that fails or runs out of time loses only itself.
 set -u
 out=${1:?usage: bench/gpu_all.sh OUT_DIR [STEP ...]}
 shift
-wanted=${*:-pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda}
+wanted=${*:-pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -29,3 +30,5 @@ step sweep_cuda "$py" bench/sweep_bench.py --model ViT-B-16 --device cuda --imag
 step sweep_cuda_closed_set "$py" bench/sweep_bench.py --model ViT-B-16 --device cuda --images 2000 --rows 17315 \
     --stored-px 224 --batch-size 512 --skip-naive --bootstrap 1000 --protocol closed-set
 step merge_cuda "$py" bench/merge_bench.py --device cuda --repeats 3
+# issue 13: every merge method at ViT-B/16 size on CUDA
+step methods_merge_cuda "$py" bench/methods_merge_bench.py --device cuda
