@@ -271,3 +271,58 @@ def test_every_method_is_the_same_from_a_file_in_memory_and_in_a_resident_sweep(
     for key, tensor in from_file.items():
         torch.testing.assert_close(in_memory[key], tensor, atol=1e-6, rtol=0, msg=f"{name} {key} in memory")
         torch.testing.assert_close(swept[key], tensor, atol=1e-6, rtol=0, msg=f"{name} {key} resident")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "model-stock"], "takes at least 2 --ft"),
+        (
+            ["--method", "della", "--density", "0.4", "--epsilon", "0.5"],
+            "density - epsilon and density + epsilon",
+        ),
+        (["--method", "breadcrumbs", "--gamma", "1.5"], "--gamma 1.5: must be in [0, 1)"),
+        (["--method", "ties", "--topk-scope", "layer"], "'layer' is not one of 'model', 'tensor'"),
+        (["--method", "slerp", "--slerp-scope", "col"], "'col' is not one of 'tensor', 'row'"),
+        (["--method", "lines", "--beta", "nan"], "--beta nan: must be a finite number"),
+        (["--method", "greedy-soup"], "run `micromerge soup`"),
+    ],
+)
+def test_bad_method_parameters_are_one_line_usage_errors(tmp_path, checkpoint_files, extra, message):
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    args = ["merge", "--base", str(checkpoint_files[0]), "--ft", str(checkpoint_files[1]), *extra]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_config_file_method_parameters_are_checked(tmp_path, checkpoint_files):
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    config = tmp_path / "m.toml"
+    config.write_text(
+        f'[merge]\nbase = "{checkpoint_files[0]}"\nfinetuned = ["{checkpoint_files[1]}"]\n'
+        f'method = "ties"\ntopk_scope = "everything"\nout = "{tmp_path / "o.safetensors"}"\n'
+    )
+    result = CliRunner().invoke(cli, ["merge", "--config", str(config)])
+    assert (
+        result.exit_code == 2
+        and "--topk-scope 'everything': choose one of ['model', 'tensor']" in result.output
+    )
+
+
+def test_methods_command_lists_every_method_with_its_engines():
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    result = CliRunner().invoke(cli, ["methods"])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:] if line and not line[0].isspace()}
+    assert set(lines) == set(METHODS)
+    assert "numpy, torch" in lines["lines"] and "numpy" not in lines["tsv"] and "2+" in lines["model-stock"]

@@ -41,6 +41,11 @@ def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
     except KeyError:
+        if name == "greedy-soup":
+            raise MicromergeError(
+                "--method greedy-soup: a soup chooses its ingredients with data; run `micromerge soup` "
+                '(or list "greedy-soup" in an ablation\'s methods)'
+            ) from None
         raise MicromergeError(
             f"--method {name}: unknown merge method; choose one of {sorted(METHODS)}"
         ) from None
