@@ -27,6 +27,7 @@ from eval.store import ResultStore
 from eval.tasks import Task, discover_tasks, select_tasks
 from eval.zeroshot import class_embeddings, image_embeddings, option_correct, predict, text_embeddings
 from merging.execute import input_hashes
+from merging.methods import get_method
 from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from merging.plan import MergeSpec
 from merging.resident import ResidentMerge
@@ -35,6 +36,9 @@ from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
 
 PROTOCOLS = ("ubench", "closed-set")
+HALVES = "per-image"
+"""How the benchmark is split into select and report halves; part of every run id, so results of
+the earlier per-task split are never mixed with these."""
 MAX_BOOTSTRAP = 100_000
 
 
@@ -129,6 +133,11 @@ class Evaluator:
         preprocess = model_config.get("preprocess_cfg", {})
         self.tokenizer = tokenizer_for(model_config)
         self.token_cache: dict = {}
+        order = np.random.default_rng(
+            int(sha256_json({"seed": settings.seed, "halves": HALVES})[:8], 16)
+        ).permutation(len(bench.dataset))
+        self.select_half = np.zeros(len(bench.dataset), dtype=bool)
+        self.select_half[order[: len(order) // 2]] = True
         needed = sorted({r for t in tasks for r in t.image_rows})
         self.rows = np.array([r for r in needed if self.cache.valid[r]], dtype=np.int64)
         self.position = np.full(len(bench.dataset), -1, dtype=np.int64)
@@ -166,12 +175,15 @@ class Evaluator:
         self.texts = list(text_ids)
 
     def _splits(self, task_name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """All images, and two seeded halves of the task's images: 'select' (to choose alpha on) and
-        'report' (to report on); as row sets, so every caption key of a task splits alike."""
-        seed = int(sha256_json({"seed": self.settings.seed, "task": task_name})[:8], 16)
-        order = np.random.default_rng(seed).permutation(len(rows))
-        half = len(rows) // 2
-        return {"all": rows, "select": np.sort(rows[order[:half]]), "report": np.sort(rows[order[half:]])}
+        """All of a task's images, and its images in each half of the benchmark: 'select' (to choose
+        alpha, and what data-aware merges learn from) and 'report' (to report on).
+
+        The halves split the *images*, once for the whole benchmark (a seeded permutation of its
+        rows), not each task separately: an image belongs to one half for every task that asks
+        about it, so nothing chosen or learned on the select half has seen a report-half image,
+        even through another task's question. Each task's halves are about, not exactly, half."""
+        in_select = self.select_half[rows]
+        return {"all": rows, "select": rows[in_select], "report": rows[~in_select]}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -418,6 +430,7 @@ def run_eval(
                 "protocol": settings.protocol,
                 "bootstrap": settings.bootstrap,
                 "seed": settings.seed,
+                "halves": HALVES,
             }
         )[:16]
         store = ResultStore(settings.store)
@@ -445,6 +458,17 @@ def run_eval(
     return rows
 
 
+def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.device):
+    """A data-aware method's per-model statistics, on this sweep's own data (its select half)."""
+    kind = get_method(plan.spec.method).statistics
+    if kind is None:
+        return None
+    from eval.statistics import statistics_input
+
+    models = (plan.base, *plan.finetuned)
+    return statistics_input(kind, models, plan.spec.params, settings, device, plan.allow_pickle, plan.arch)
+
+
 def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> list[dict[str, Any]]:
     """Every alpha on every task; resumable; this process takes alphas rank, rank+world, ..."""
     prepared = prepare(settings)
@@ -458,6 +482,9 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         ft_hashes = [hashes[str(f)] for s in finetuned for f in s.files]
         parameters = plan.spec.describe()
         parameters.pop("alpha", None)
+        statistics = _statistics_for(plan, settings, device)
+        if statistics is not None:
+            parameters["statistics"] = statistics.described
         run_id = sha256_json(
             {
                 "base": base_hashes,
@@ -469,6 +496,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                 "protocol": settings.protocol,
                 "bootstrap": settings.bootstrap,
                 "seed": settings.seed,
+                "halves": HALVES,
             }
         )[:16]
         done = store.done(run_id)
@@ -476,7 +504,9 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         mine = todo[settings.rank :: settings.world_size]
         if mine:
             model, config = load_model(base)
-            merger = ResidentMerge(model, plan.spec, base, finetuned, device)
+            merger = ResidentMerge(
+                model, plan.spec, base, finetuned, device, statistics.values if statistics else None
+            )
             evaluator = Evaluator(bench, tasks, config, settings, device, prepared.outside_paper_rows)
             provenance = {
                 "method": plan.spec.method,

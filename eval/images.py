@@ -76,6 +76,16 @@ class PixelFeed:
             )
         return (data.float().div_(255.0) - self.mean) / self.std
 
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        """The pixels at arbitrary positions (into `rows`), normalised like `batch`."""
+        if self.resident is not None:
+            data = self.resident[torch.from_numpy(positions).to(self.resident.device)]
+        else:
+            data = torch.from_numpy(np.ascontiguousarray(self.cache.pixels[self.rows[positions]])).to(
+                self.device
+            )
+        return (data.float().div_(255.0) - self.mean) / self.std
+
 
 def _decode(payload: dict | None, size: int) -> np.ndarray | None:
     if payload is None:

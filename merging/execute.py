@@ -42,7 +42,11 @@ def _check_finite(backend: ArrayBackend, array: Any, key: str, label: str, allow
 
 
 def streamed_scan(
-    plans: list[KeyPlan], base: TensorSource, finetuned: list[TensorSource], backend: ArrayBackend
+    plans: list[KeyPlan],
+    base: TensorSource,
+    finetuned: list[TensorSource],
+    backend: ArrayBackend,
+    statistics: tuple[dict[str, Any], ...] | None = None,
 ) -> ModelScan:
     """A scan that reads each key from the checkpoints when asked: whole-model statistics cost
     extra reads of the inputs, never more than one tensor per input in memory."""
@@ -52,7 +56,7 @@ def streamed_scan(
 
     merged = tuple(p.key for p in plans if p.merged)
     sizes = {p.key: p.meta.numel for p in plans}
-    return ModelScan(tuple(p.key for p in plans), merged, read, sizes.__getitem__)
+    return ModelScan(tuple(p.key for p in plans), merged, read, sizes.__getitem__, statistics)
 
 
 def stream_merge(
@@ -64,6 +68,7 @@ def stream_merge(
     order: Iterable[str],
     backend: ArrayBackend,
     progress: bool = True,
+    statistics: tuple[dict[str, Any], ...] | None = None,
 ) -> None:
     """Compute every key in `order` and give it to `sink`, which must consume it before the next key.
 
@@ -74,7 +79,7 @@ def stream_merge(
     by_key = {plan.key: plan for plan in plans}
     order = list(order)
     largest = max((p.meta.numel for p in plans if p.merged), default=0)
-    context = method.prepare(streamed_scan(plans, base, finetuned, backend), spec.params)
+    context = method.prepare(streamed_scan(plans, base, finetuned, backend, statistics), spec.params)
     scratch = backend.empty_float32(largest)
     for key in tqdm(order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False):
         plan = by_key[key]
@@ -106,6 +111,14 @@ def _file_metadata(record: dict[str, Any], base: TensorSource) -> dict[str, str]
 
 
 @dataclass(frozen=True)
+class StatisticsInput:
+    """Per-model statistics for a data-aware method (base first) and what data they came from."""
+
+    values: tuple[dict[str, Any], ...]
+    described: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class MergeOutput:
     path: Path
     manifest_path: Path
@@ -118,7 +131,12 @@ def _canonical(value: Any) -> Any:
 
 
 def finished_output(
-    spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource], out_path: Path, backend: ArrayBackend
+    spec: MergeSpec,
+    base: TensorSource,
+    finetuned: list[TensorSource],
+    out_path: Path,
+    backend: ArrayBackend,
+    statistics: StatisticsInput | None = None,
 ) -> MergeOutput | None:
     """The existing `out_path` when an earlier run wrote it from the same inputs (sha256), method,
     parameters and output dtypes; None otherwise. Its provenance is in the file's own header, so a
@@ -136,6 +154,7 @@ def finished_output(
         record.get("method") == spec.method
         and _canonical(record.get("parameters")) == _canonical(spec.describe())
         and record.get("inputs_sha256") == input_hashes(sources)
+        and _canonical(record.get("statistics")) == _canonical(statistics.described if statistics else None)
         and {k: e.meta for k, e in entries.items()}
         == {p.key: TensorMeta(p.meta.shape, p.out_dtype) for p in plans}
     )
@@ -169,6 +188,7 @@ def merge_to_file(
     force: bool = False,
     progress: bool = True,
     extra_manifest: dict[str, Any] | None = None,
+    statistics: StatisticsInput | None = None,
 ) -> MergeOutput:
     """Merge into a safetensors file plus `<file>.manifest.json`; both appear only when complete."""
     start = time.perf_counter()
@@ -183,6 +203,8 @@ def merge_to_file(
         array_library=backend.name,
     )
     record["inputs"] = [s.label for s in sources]
+    if statistics is not None:
+        record["statistics"] = statistics.described
     with ThreadPoolExecutor(max_workers=1) as hasher:
         hashes_future = hasher.submit(input_hashes, sources)
         with SafetensorsStreamWriter(out_path, metas, _file_metadata(record, base), force=force) as writer:
@@ -201,7 +223,17 @@ def merge_to_file(
                     )
                 writer.write(key, data)
 
-            stream_merge(spec, plans, base, finetuned, write, writer.order, backend, progress)
+            stream_merge(
+                spec,
+                plans,
+                base,
+                finetuned,
+                write,
+                writer.order,
+                backend,
+                progress,
+                statistics.values if statistics else None,
+            )
             record["inputs_sha256"] = hashes_future.result()
             writer.replace_metadata(_file_metadata(record, base))
     elapsed = time.perf_counter() - start

@@ -20,8 +20,10 @@ def merge_state_dicts(
     finetuned: list[dict[str, torch.Tensor]],
     params: MethodParams,
     strength: float | None = None,
+    statistics: tuple[dict[str, torch.Tensor], ...] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{key: merged float32 tensor} for every key of `base` (all must be floating point)."""
+    """{key: merged float32 tensor} for every key of `base` (all must be floating point);
+    `statistics` (base first) for the data-aware methods."""
     method = get_method(method_name)
     strength = params.strength if strength is None else strength
     base32 = {key: tensor.to(torch.float32) for key, tensor in base.items()}
@@ -32,6 +34,7 @@ def merge_state_dicts(
         keys,
         lambda key: (base32[key], [state[key] for state in others]),
         lambda key: base32[key].numel(),
+        statistics,
     )
     context = method.prepare(scan, params)
     return {

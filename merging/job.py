@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.engines import EngineRequest, open_inputs
-from merging.execute import MergeOutput, finished_output, merge_to_file
+from merging.execute import MergeOutput, StatisticsInput, finished_output, merge_to_file
 from merging.methods import MethodParams, get_method
 from merging.plan import MergeSpec, check_method_params
 from merging.rules import KeyRules, parse_strength_rule
@@ -33,6 +33,10 @@ JOB_KEYS = {
     "gamma",
     "epsilon",
     "beta",
+    "samples",
+    "offdiag_scale",
+    "data",
+    "cache_dir",
     "seed",
     "include",
     "exclude",
@@ -65,6 +69,15 @@ def _finite(name: str, value: Any) -> float:
 def _number(values: dict[str, Any], key: str, flag: str, default: float) -> float:
     value = values.get(key)
     return default if value is None else _finite(flag, value)
+
+
+def _count(values: dict[str, Any], key: str, flag: str, default: int) -> int:
+    value = values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MicromergeError(f"{flag} {value!r}: must be a positive integer")
+    return value
 
 
 def parse_alphas(text: str | list[float]) -> list[float]:
@@ -113,6 +126,9 @@ class MergeJob:
     force: bool = False
     allow_pickle: bool = False
     arch: str | None = None
+    data: str | None = None
+    """Data-aware methods: the μ-Bench copy whose select half the statistics are estimated on."""
+    cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def outputs(self) -> list[tuple[float | None, Path]]:
@@ -173,6 +189,8 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         gamma=_number(values, "gamma", "--gamma", defaults.gamma),
         epsilon=_number(values, "epsilon", "--epsilon", defaults.epsilon),
         beta=_number(values, "beta", "--beta", defaults.beta),
+        samples=_count(values, "samples", "--samples", defaults.samples),
+        offdiag_scale=_number(values, "offdiag_scale", "--offdiag-scale", defaults.offdiag_scale),
         seed=seed,
     )
     check_method_params(get_method(method), params)
@@ -194,6 +212,8 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         force=bool(values.get("force", False)),
         allow_pickle=bool(values.get("allow_pickle", False)),
         arch=values.get("arch"),
+        data=values.get("data"),
+        cache_dir=values.get("cache_dir"),
     )
 
 
@@ -204,7 +224,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
+def run_merge_job(
+    job: MergeJob, progress: bool = True, statistics: StatisticsInput | None = None
+) -> list[MergeOutput]:
     """Write every output; an output an earlier run finished from the same inputs and parameters
     is kept (so `merge --alphas` resumes after a kill), any other existing output needs --force."""
     outputs = job.outputs()
@@ -233,7 +255,11 @@ def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
                 else replace(job.spec, params=replace(job.spec.params, strength=alpha))
             )
             if not job.force and os.path.lexists(path):
-                done = finished_output(spec, base, finetuned, path, backend) if path.is_file() else None
+                done = (
+                    finished_output(spec, base, finetuned, path, backend, statistics)
+                    if path.is_file()
+                    else None
+                )
                 if done is None:
                     raise MicromergeError(
                         f"{path}: output exists (not from these inputs and parameters); pass --force to overwrite "
@@ -251,6 +277,7 @@ def run_merge_job(job: MergeJob, progress: bool = True) -> list[MergeOutput]:
                     force=job.force,
                     progress=progress,
                     extra_manifest=job.extra,
+                    statistics=statistics,
                 )
             )
     finally:

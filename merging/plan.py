@@ -75,6 +75,8 @@ def check_method_params(method: MergeMethod, params: MethodParams) -> None:
         raise MicromergeError(f"--topk-scope {params.topk_scope!r}: choose one of {list(TOPK_SCOPES)}")
     if "slerp_scope" in method.uses and params.slerp_scope not in SLERP_SCOPES:
         raise MicromergeError(f"--slerp-scope {params.slerp_scope!r}: choose one of {list(SLERP_SCOPES)}")
+    if "offdiag_scale" in method.uses and not 0.0 <= params.offdiag_scale <= 1.0:
+        raise MicromergeError(f"--offdiag-scale {params.offdiag_scale}: must be in [0, 1]")
     if "gamma" in method.uses and not 0.0 <= params.gamma < 1.0:
         raise MicromergeError(f"--gamma {params.gamma}: must be in [0, 1)")
     if (

@@ -8,6 +8,7 @@ no state-dict copies per alpha).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ class ResidentMerge:
         base: TensorSource,
         finetuned: list[TensorSource],
         device: torch.device,
+        statistics: tuple[dict[str, Any], ...] | None = None,
     ):
         self.model = model.to(device)
         self.spec = spec
@@ -41,6 +43,7 @@ class ResidentMerge:
             tuple(self.keys),
             lambda key: (self.base[key], [ft[key] for ft in self.finetuned]),
             lambda key: self.base[key].numel(),
+            statistics,
         )
         self.context = self.method.prepare(scan, spec.params)  # independent of alpha: once per sweep
 

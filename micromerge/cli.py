@@ -42,7 +42,17 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-METHOD_OPTION_NAMES = ("density", "drop_rate", "topk_scope", "slerp_scope", "gamma", "epsilon", "beta")
+METHOD_OPTION_NAMES = (
+    "density",
+    "drop_rate",
+    "topk_scope",
+    "slerp_scope",
+    "gamma",
+    "epsilon",
+    "beta",
+    "samples",
+    "offdiag_scale",
+)
 
 
 def method_options(func):
@@ -72,6 +82,14 @@ def method_options(func):
             "--epsilon", type=float, help="DELLA: keep probabilities span density +/- epsilon by rank [0.15]."
         ),
         click.option("--beta", type=float, help="LiNeS: last block's scale minus the first block's [0.5]."),
+        click.option(
+            "--samples",
+            type=int,
+            help="Fisher/RegMean: select-half questions to estimate each model's statistics on [256].",
+        ),
+        click.option(
+            "--offdiag-scale", type=float, help="RegMean: Gram off-diagonals scaled by this [0.95]."
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -171,6 +189,13 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs with NaN/Inf (warn instead of refusing).")
 @click.option("--arch", help="Architecture name when the checkpoint does not say (e.g. ViT-B-32-quickgelu).")
 @click.option(
+    "--data",
+    help="Fisher/RegMean: the μ-Bench copy ('ubench' or a folder) whose select half the statistics come from.",
+)
+@click.option(
+    "--cache-dir", type=click.Path(), help="Image and statistics cache (default: ~/.cache/micromerge)."
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(),
@@ -192,7 +217,7 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
     mapping.update(explicit_options(ctx, values))
     mapping = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.items()}
     job = job_from_mapping(mapping)
-    outputs = run_merge_job(job, progress=not quiet)
+    outputs = run_merge_job(job, progress=not quiet, statistics=_merge_statistics(job, quiet))
     for output in outputs:
         if output.reused:
             click.echo(f"kept {output.path} (finished earlier from the same inputs and parameters)")
@@ -200,6 +225,33 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
             click.echo(
                 f"wrote {output.path} ({output.manifest['seconds']:.2f} s; manifest {output.manifest_path.name})"
             )
+
+
+def _merge_statistics(job, quiet: bool):
+    """The statistics a data-aware method merges with, estimated on --data's select half."""
+    from merging.methods import get_method
+
+    kind = get_method(job.spec.method).statistics
+    if kind is None:
+        return None
+    if not job.data:
+        raise MicromergeError(
+            f"--method {job.spec.method} learns from data: give --data (a μ-Bench folder, or 'ubench')"
+        )
+    from eval.engine import EvalSettings
+    from eval.statistics import statistics_input
+    from micromerge.devices import resolve_device
+    from micromerge.hashing import default_cache_dir
+
+    settings = EvalSettings(
+        data=job.data,
+        store=Path("unused.jsonl"),  # statistics write no result rows
+        cache_dir=Path(job.cache_dir) if job.cache_dir else default_cache_dir(),
+        progress=not quiet,
+    )
+    models = (job.base, *job.finetuned)
+    device = resolve_device(job.device)
+    return statistics_input(kind, models, job.spec.params, settings, device, job.allow_pickle, job.arch)
 
 
 cli.add_command(merge_command)

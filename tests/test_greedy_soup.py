@@ -111,7 +111,7 @@ data = "{settings.data}"
 store = "{tmp_path / "grid.jsonl"}"
 report = "{tmp_path / "report"}"
 alphas = "0,1"
-methods = ["greedy-soup", "model-stock", "lines"]
+methods = ["greedy-soup", "model-stock", "lines", "regmean"]
 bootstrap = 0
 target = "domain:pathology"
 
@@ -138,9 +138,13 @@ alpha_rules = {{ "visual.*" = 0.5 }}
     assert skipped == ["one / greedy-soup / ruled", "one / model-stock / all", "one / model-stock / ruled",
                        "two / greedy-soup / ruled"]  # fmt: skip
     labels = [label for label, _ in grid_jobs(ablation)]
-    assert len(labels) == 12 - 4
+    assert len(labels) == 16 - 4
     assert isinstance(dict(grid_jobs(ablation))["two / greedy-soup / all"], SoupJob)
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
     runs = {r.label for r in load_runs(ablation.store) if r.method != "none"}
     assert runs == set(labels)
-    assert {r["method"] for r in ResultStore(ablation.store).rows()} >= {GREEDY_SOUP, "model-stock", "lines"}
+    rows = ResultStore(ablation.store).rows()
+    assert {r["method"] for r in rows} >= {GREEDY_SOUP, "model-stock", "lines", "regmean"}
+    assert all(
+        r["parameters"]["statistics"][0]["split"] == "select" for r in rows if r["method"] == "regmean"
+    )

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from merging.execute import StatisticsInput
 from merging.in_memory import merge_state_dicts
 from merging.job import job_from_mapping, run_merge_job
 from merging.methods import METHODS, MethodParams
@@ -35,8 +36,6 @@ from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
 from merging.resident import ResidentMerge
 from merging.sources import open_source
 from tests.helpers import random_state_dict, write_checkpoint
-
-NEW = ("lines", "lines-ties", "model-stock", "breadcrumbs", "della", "tsv", "iso-c")
 
 
 def test_lines_depths_are_per_tower_and_outside_blocks_is_alpha():
@@ -231,6 +230,31 @@ def checkpoint_files(tmp_path):
 ALL_PARAMS = {"density": 0.3, "beta": 0.4, "gamma": 0.05, "epsilon": 0.1, "seed": 4}
 
 
+def made_up_statistics(kind: str | None, states: list[dict]) -> StatisticsInput | None:
+    """Positive Fishers / positive-definite Grams of the right shapes, different per model."""
+    if kind is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    values = []
+    for state in states:
+        if kind == "fisher":
+            values.append(
+                {
+                    k: torch.rand(v.shape, generator=generator)
+                    for k, v in state.items()
+                    if v.is_floating_point()
+                }
+            )
+        else:
+            grams = {}
+            for key, tensor in state.items():
+                if tensor.dim() == 2 and key.endswith(("c_fc.weight", "c_proj.weight", "in_proj_weight")):
+                    x = torch.randn(4 * tensor.shape[1], tensor.shape[1], generator=generator)
+                    grams[key] = x.T @ x / len(x)
+            values.append(grams)
+    return StatisticsInput(tuple(values), [{"kind": kind, "made_up": True}] * len(states))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_is_the_same_from_a_file_in_memory_and_in_a_resident_sweep(
     tmp_path, checkpoint_files, name
@@ -250,20 +274,21 @@ def test_every_method_is_the_same_from_a_file_in_memory_and_in_a_resident_sweep(
     if name != "linear":
         values["alpha"] = alpha
     job = job_from_mapping({**values, "out": str(tmp_path / "out.safetensors")})
-    (output,) = run_merge_job(job, progress=False)
-    from_file = load_file(str(output.path))
-
     base_state = load_file(str(checkpoint_files[0]))
     ft_states = [load_file(str(f)) for f in fts]
-    in_memory = merge_state_dicts(name, base_state, ft_states, job.spec.params)
+    statistics = made_up_statistics(method.statistics, [base_state, *ft_states])
+    (output,) = run_merge_job(job, progress=False, statistics=statistics)
+    from_file = load_file(str(output.path))
+
+    values_only = statistics.values if statistics else None
+    in_memory = merge_state_dicts(name, base_state, ft_states, job.spec.params, statistics=values_only)
     in_memory[LOGIT_SCALE_KEY] = in_memory[LOGIT_SCALE_KEY].clamp(max=LOGIT_SCALE_MAX)
 
     with open_source(str(checkpoint_files[0])) as base, open_source(str(fts[0])) as first:
         others = [first] + [open_source(str(f)) for f in fts[1:]]
         model, _ = load_model(base)
-        resident = ResidentMerge(
-            model, MergeSpec(method=name, params=job.spec.params), base, others, torch.device("cpu")
-        )
+        spec = MergeSpec(method=name, params=job.spec.params)
+        resident = ResidentMerge(model, spec, base, others, torch.device("cpu"), values_only)
         resident.apply(job.spec.params.strength)
         swept = {k: v.detach().clone() for k, v in resident.model.state_dict().items()}
         for source in others[1:]:
@@ -323,6 +348,8 @@ def test_methods_command_lists_every_method_with_its_engines():
 
     result = CliRunner().invoke(cli, ["methods"])
     assert result.exit_code == 0
-    lines = {line.split()[0]: line for line in result.output.splitlines()[1:] if line and not line[0].isspace()}
+    lines = {
+        line.split()[0]: line for line in result.output.splitlines()[1:] if line and not line[0].isspace()
+    }
     assert set(lines) == set(METHODS)
     assert "numpy, torch" in lines["lines"] and "numpy" not in lines["tsv"] and "2+" in lines["model-stock"]

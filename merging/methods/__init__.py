@@ -5,10 +5,12 @@ from __future__ import annotations
 from merging.methods import (
     breadcrumbs,
     della,
+    fisher,
     iso_c,
     linear,
     lines,
     model_stock,
+    regmean,
     slerp,
     task_vectors,
     tsv,
@@ -33,6 +35,8 @@ METHODS: dict[str, MergeMethod] = {
         della.METHOD,
         tsv.METHOD,
         iso_c.METHOD,
+        fisher.METHOD,
+        regmean.METHOD,
     )
 }
 

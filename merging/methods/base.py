@@ -49,6 +49,10 @@ class MethodParams:
     """DELLA: keep probabilities span density +/- epsilon from the smallest to the largest rank."""
     beta: float = 0.5
     """LiNeS: the last block's scale minus the first block's."""
+    samples: int = 256
+    """Fisher/RegMean: select-half questions the statistics are estimated on (FusionBench's default)."""
+    offdiag_scale: float = 0.95
+    """RegMean: Gram off-diagonals multiplied by this (FusionBench's CLIP default)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class ModelScan:
     merged_keys: tuple[str, ...]
     read: Callable[[str], tuple[Array, list[Array]]]
     numel: Callable[[str], int]
+    statistics: tuple[dict[str, Any], ...] | None = None
+    """Data-aware methods: per model (base first), statistics keyed by state-dict key."""
 
     def task_vectors(self, key: str) -> list[Array]:
         base, finetuned = self.read(key)
@@ -85,6 +91,8 @@ class MergeMethod:
     elementwise: bool = False
     default_strength: float = 0.5
     """The --alpha used when none is given (1.0 where the paper's method has no scalar)."""
+    statistics: str | None = None
+    """The per-model statistics a data-aware method merges with ("fisher", "gram"); None: data-free."""
 
     def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
         """Whole-model statistics `merge` needs as `context`; None for per-tensor methods."""

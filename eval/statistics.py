@@ -1,0 +1,223 @@
+"""What data-aware merges learn from: per-model statistics on the select half, never the report half.
+
+The questions are μ-Bench's own (each image against its own caption options, the authors'
+protocol), restricted to every task's *select* half exactly as the evaluator splits it, then
+`samples` of them drawn with a seed. No label is read: the targets are the model's own
+predictions, so the same statistics serve unlabeled use.
+
+  Fisher (Matena & Raffel, NeurIPS 2022): the diagonal Fisher of each model, the mean over
+      questions of (d log p(y | x) / d theta)^2 with y drawn from the model's own predictive
+      distribution over the question's options (one draw per question, seeded), per-example
+      gradients (batch size 1), both towers.
+  Gram (RegMean, Jin et al., ICLR 2023): for every linear map, the mean of x x^T over the rows of
+      its inputs (tokens included), as FusionBench accumulates it: the inputs of nn.Linear layers
+      (the MLPs) and of attention's in_proj (the attention block's query input). open_clip's
+      attention applies out_proj inside one fused call, so out_proj has no Gram and gets the mean.
+
+Statistics are cached per (kind, model sha256, data fingerprint, split, samples, seed) under
+`<cache_dir>/statistics/`, written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from eval.data import Benchmark
+from eval.engine import EvalSettings, Evaluator, prepare
+from merging.execute import StatisticsInput, input_hashes
+from merging.methods import MethodParams
+from merging.models import load_model
+from merging.sources import open_source
+from micromerge.atomic import atomic_output
+from micromerge.errors import MicromergeError
+from micromerge.hashing import sha256_json
+
+KINDS = ("fisher", "gram")
+SPLIT = "select"
+
+
+@dataclass(frozen=True)
+class Questions:
+    """Drawn select-half questions: image positions (into the evaluator's pixels), option text ids
+    (-1 pads) and, for the supervised methods only, answers."""
+
+    positions: np.ndarray
+    options: np.ndarray
+    answers: np.ndarray
+
+
+def select_questions(evaluator: Evaluator, samples: int, seed: int) -> Questions:
+    """`samples` questions about select-half images, from every task (the halves split images, so
+    no question about a report-half image is ever drawn)."""
+    positions, options, answers = [], [], []
+    width = max((plan.options.shape[1] for plan in evaluator.option_plans.values()), default=0)
+    for task in evaluator.tasks:
+        for question in task.questions:
+            plan = evaluator.option_plans[(task.name, question.key)]
+            keep = evaluator.select_half[plan.rows]  # the benchmark's select half: no report-half image
+            positions.append(plan.positions.cpu().numpy()[keep])
+            padded = np.full((int(keep.sum()), width), -1, dtype=np.int64)
+            padded[:, : plan.options.shape[1]] = plan.options.cpu().numpy()[keep]
+            options.append(padded)
+            answers.append(plan.answers.cpu().numpy()[keep])
+    if not positions or not sum(len(p) for p in positions):
+        raise MicromergeError("no select-half questions to estimate statistics on (are the tasks scorable?)")
+    every = Questions(np.concatenate(positions), np.concatenate(options), np.concatenate(answers))
+    order = np.random.default_rng(seed).permutation(len(every.positions))[
+        : min(samples, len(every.positions))
+    ]
+    order.sort()
+    return Questions(every.positions[order], every.options[order], every.answers[order])
+
+
+def option_log_probs(
+    model: torch.nn.Module, evaluator: Evaluator, questions: Questions, start: int, stop: int
+):
+    """[B, K] log-probabilities of each question's own options (padding at -inf)."""
+    images = F.normalize(
+        model.encode_image(evaluator.pixels.take(questions.positions[start:stop])).float(), dim=-1
+    )
+    ids = questions.options[start:stop]
+    used = np.unique(ids[ids >= 0])
+    tokens = evaluator.tokenizer([evaluator.texts[i] for i in used]).to(evaluator.device)
+    texts = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    local = torch.from_numpy(np.searchsorted(used, ids.clip(min=0))).to(evaluator.device)
+    scores = model.logit_scale.exp() * (images @ texts.T)
+    scores = scores.gather(1, local).masked_fill(
+        torch.from_numpy(ids < 0).to(evaluator.device), float("-inf")
+    )
+    return scores.log_softmax(dim=1)
+
+
+def fisher_diagonal(model: torch.nn.Module, evaluator: Evaluator, questions: Questions, seed: int) -> dict:
+    model.eval()
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
+    total = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(len(questions.positions)):
+        model.zero_grad(set_to_none=True)
+        log_probs = option_log_probs(model, evaluator, questions, index, index + 1)[0]
+        target = int(torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator))
+        log_probs[target].backward()
+        for key, param in params.items():
+            if param.grad is not None:
+                total[key] += param.grad.float() ** 2
+    model.zero_grad(set_to_none=True)
+    return {key: value / len(questions.positions) for key, value in total.items()}
+
+
+@torch.no_grad()
+def gram_matrices(
+    model: torch.nn.Module, evaluator: Evaluator, questions: Questions, batch_size: int
+) -> dict:
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def recorder(key: str):
+        def hook(_module: torch.nn.Module, inputs: tuple, *_rest: Any) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            sums[key] = sums.get(key, 0) + x.T @ x
+            rows[key] = rows.get(key, 0) + x.shape[0]
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.MultiheadAttention) and module.in_proj_weight is not None:
+            handles.append(module.register_forward_pre_hook(recorder(f"{name}.in_proj_weight")))
+        elif type(module) is torch.nn.Linear:
+            handles.append(module.register_forward_pre_hook(recorder(f"{name}.weight")))
+    try:
+        for start in range(0, len(questions.positions), batch_size):
+            option_log_probs(model, evaluator, questions, start, start + batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: sums[key] / rows[key] for key in sums}
+
+
+@dataclass(frozen=True)
+class StatisticsRequest:
+    """Which statistics, of which data: recorded in every manifest and result row that uses them."""
+
+    kind: str
+    data: str
+    samples: int = 256
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MicromergeError(f"statistics {self.kind!r}: expected one of {list(KINDS)}")
+        if self.samples < 1:
+            raise MicromergeError(f"--samples {self.samples}: must be at least 1")
+
+
+def describe(request: StatisticsRequest, bench: Benchmark) -> dict[str, Any]:
+    return {
+        "kind": request.kind,
+        "data_fingerprint": bench.fingerprint,
+        "split": SPLIT,
+        "samples": request.samples,
+        "seed": request.seed,
+        "targets": "the model's own predictions (no labels)",
+    }
+
+
+def model_statistics(
+    checkpoint: str,
+    request: StatisticsRequest,
+    settings: EvalSettings,
+    device: torch.device,
+    allow_pickle: bool = False,
+    arch: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(statistics keyed by state-dict key, their description), computed once and cached."""
+    settings = replace(settings, protocol="ubench")
+    prepared = prepare(settings)
+    with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
+        digest = input_hashes([source])
+        described = {**describe(request, prepared.bench), "model_sha256": sorted(digest.values())}
+        path = (
+            Path(settings.cache_dir)
+            / "statistics"
+            / f"{request.kind}-{sha256_json(described)[:24]}.safetensors"
+        )
+        if path.is_file():
+            return load_file(str(path)), described
+        model, config = load_model(source)
+    model = model.to(device)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, device)
+    questions = select_questions(evaluator, request.samples, request.seed)
+    if request.kind == "fisher":
+        stats = fisher_diagonal(model, evaluator, questions, request.seed)
+    else:
+        stats = gram_matrices(model, evaluator, questions, request.batch_size)
+    stats = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, "wb") as handle:
+        handle.write(save(stats, metadata={"micromerge.statistics": sha256_json(described)}))
+    return stats, described
+
+
+def statistics_input(
+    kind: str,
+    models: tuple[str, ...],
+    params: MethodParams,
+    settings: EvalSettings,
+    device: torch.device,
+    allow_pickle: bool = False,
+    arch: str | None = None,
+) -> StatisticsInput:
+    """Every model's statistics (base first) for a data-aware merge, with what data they came from."""
+    request = StatisticsRequest(kind, settings.data, params.samples, params.seed)
+    computed = [model_statistics(m, request, settings, device, allow_pickle, arch) for m in models]
+    return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])

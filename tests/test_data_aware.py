@@ -1,0 +1,185 @@
+"""Fisher merging and RegMean (issue 14): their formulas by hand, their statistics honest about the
+data they see (select-half images only), cached, and recorded in every manifest and result row.
+
+Facts from the public reference (FusionBench 0.2.33, read through the search tool and its
+source): `merging_with_fisher_weights` (Fisher + 1e-6, models weighted by the inverse L2 norm of
+their Fishers, normalised), `merging_with_regmean_weights` (W = (sum G_i)^-1 sum G_i W_i^T,
+transposed back; off-diagonals scaled by `reduce_non_diagonal_ratio`, 0.95 for CLIP; every other
+parameter the mean), Gram = mean of x^T x over the rows of a Linear layer's input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from eval.engine import EvalSettings, Evaluator, prepare
+from eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
+from eval.store import ResultStore
+from merging.in_memory import merge_state_dicts
+from merging.methods import MethodParams
+from merging.models import load_model
+from merging.sources import open_source
+from micromerge.cli import cli
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import write_fixture
+
+
+def test_fisher_with_equal_fishers_is_the_simple_mean():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    ft = {k: v + torch.randn_like(v) for k, v in base.items()}
+    fisher = {k: torch.rand_like(v) for k, v in base.items()}
+    merged = merge_state_dicts(
+        "fisher", base, [ft], MethodParams(), strength=0.5, statistics=(fisher, fisher)
+    )
+    for key in base:
+        torch.testing.assert_close(merged[key], (base[key] + ft[key]) / 2, atol=1e-6, rtol=0)
+
+
+def test_fisher_leans_on_the_model_that_is_sure_and_alpha_ends_are_the_models():
+    base, ft = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    sure_base = ({"w": torch.tensor([100.0, 1.0, 1.0])}, {"w": torch.tensor([1e-6, 1.0, 1.0])})
+    merged = merge_state_dicts("fisher", base, [ft], MethodParams(), strength=0.5, statistics=sure_base)["w"]
+    assert merged[0] < 0.05 and abs(merged[1] - merged[2]) < 1e-6
+    for alpha, expected in ((0.0, 0.0), (1.0, 1.0)):
+        ends = merge_state_dicts("fisher", base, [ft], MethodParams(), strength=alpha, statistics=sure_base)[
+            "w"
+        ]
+        torch.testing.assert_close(ends, torch.full((3,), expected), atol=1e-6, rtol=0)
+
+
+def test_regmean_on_one_linear_layer_is_the_least_squares_solution():
+    """min_W sum_i |X_i W^T - X_i W_i^T|^2, solved by numpy's lstsq on the stacked inputs."""
+    rng = np.random.default_rng(3)
+    inputs = [rng.normal(size=(40, 6)), rng.normal(size=(40, 6)) * [1, 2, 3, 1, 1, 0.5]]
+    weights = [rng.normal(size=(5, 6)), rng.normal(size=(5, 6))]
+    stacked = np.concatenate(inputs)
+    targets = np.concatenate([x @ w.T for x, w in zip(inputs, weights, strict=True)])
+    expected = np.linalg.lstsq(stacked, targets, rcond=None)[0].T
+    grams = tuple({"layer.weight": torch.tensor(x.T @ x / len(x), dtype=torch.float32)} for x in inputs)
+    base, ft = ({"layer.weight": torch.tensor(w, dtype=torch.float32)} for w in weights)
+    merged = merge_state_dicts(
+        "regmean", base, [ft], MethodParams(offdiag_scale=1.0), strength=0.5, statistics=grams
+    )
+    torch.testing.assert_close(
+        merged["layer.weight"], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=0
+    )
+    at_zero = merge_state_dicts("regmean", base, [ft], MethodParams(), strength=0.0, statistics=grams)
+    torch.testing.assert_close(at_zero["layer.weight"], base["layer.weight"], atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def setting(tmp_path):
+    bench = write_fixture(tmp_path / "bench", fmt="save_to_disk", per_class=4)
+    for seed in range(2):
+        write_checkpoint(tmp_path / f"m{seed}.safetensors", seed)
+    settings = EvalSettings(
+        data=str(bench), store=tmp_path / "s.jsonl", cache_dir=tmp_path / "cache", bootstrap=0, progress=False
+    )
+    return settings, [str(tmp_path / f"m{seed}.safetensors") for seed in range(2)]
+
+
+def test_grams_are_the_mean_outer_product_of_each_layers_input(setting):
+    settings, models = setting
+    prepared = prepare(settings)
+    with open_source(models[0]) as source:
+        model, config = load_model(source)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    questions = select_questions(evaluator, 12, seed=0)
+    seen = []
+    block = model.visual.transformer.resblocks[0]
+    handle = block.ln_2.register_forward_hook(
+        lambda _m, _i, output: seen.append(output.detach().reshape(-1, output.shape[-1]))
+    )
+    grams = gram_matrices(model, evaluator, questions, batch_size=5)
+    handle.remove()
+    x = torch.cat(seen)  # ln_2's output is c_fc's input
+    torch.testing.assert_close(
+        grams["visual.transformer.resblocks.0.mlp.c_fc.weight"], x.T @ x / len(x), atol=1e-5, rtol=1e-5
+    )
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in grams
+    assert "transformer.resblocks.0.mlp.c_proj.weight" in grams, "the text tower's layers too"
+    assert not any("out_proj" in key for key in grams), "open_clip's fused attention hides out_proj's input"
+
+
+def test_statistics_never_see_the_report_half(tmp_path, setting):
+    """Replace every report-half image by noise: Fishers and Grams do not change."""
+    settings, models = setting
+    prepared = prepare(settings)
+    with open_source(models[1]) as source:
+        _, config = load_model(source)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    report_rows = set(np.flatnonzero(~evaluator.select_half).tolist())
+    dataset = datasets.load_from_disk(settings.data)
+    noise = write_noise_png()
+
+    def poison(row, index):
+        return {"image": {"bytes": noise, "path": None}} if index in report_rows else {"image": row["image"]}
+
+    poisoned = dataset.map(poison, with_indices=True)
+    poisoned.save_to_disk(str(tmp_path / "poisoned"))
+    other = replace(settings, data=str(tmp_path / "poisoned"))
+    for kind in ("fisher", "gram"):
+        request = StatisticsRequest(kind, settings.data, samples=24)
+        clean, described = model_statistics(models[1], request, settings, torch.device("cpu"))
+        dirty, dirty_described = model_statistics(models[1], request, other, torch.device("cpu"))
+        assert described["data_fingerprint"] != dirty_described["data_fingerprint"], "really other data"
+        assert described["split"] == "select"
+        for key in clean:
+            torch.testing.assert_close(dirty[key], clean[key], atol=0, rtol=0, msg=f"{kind} {key}")
+
+
+def write_noise_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
+    return buffer.getvalue()
+
+
+def test_merge_and_sweep_record_the_data_and_reuse_cached_statistics(tmp_path, setting):
+    settings, models = setting
+    args = ["merge", "--base", models[0], "--ft", models[1], "--method", "regmean", "--samples", "16"]
+    common = ["--data", settings.data, "--cache-dir", str(settings.cache_dir), "--quiet"]
+    missing = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "x.safetensors")])
+    assert missing.exit_code == 2 and "give --data" in missing.output
+    first = CliRunner().invoke(cli, [*args, *common, "--out", str(tmp_path / "r.safetensors")])
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((tmp_path / "r.safetensors.manifest.json").read_text())
+    (statistics, _) = manifest["statistics"]
+    assert statistics["kind"] == "gram" and statistics["split"] == "select" and statistics["samples"] == 16
+    cached = sorted((settings.cache_dir / "statistics").iterdir())
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    again = CliRunner().invoke(cli, [*args, *common, "--out", str(tmp_path / "r.safetensors")])
+    assert again.exit_code == 0 and "kept" in again.output, again.output
+    sweep = ["sweep", "--base", models[0], "--ft", models[1], "--method", "regmean", "--samples", "16"]
+    sweep += [
+        "--alphas",
+        "0,1",
+        "--store",
+        str(settings.store),
+        "--bootstrap",
+        "0",
+        "--device",
+        "cpu",
+        *common,
+    ]
+    result = CliRunner().invoke(cli, sweep)
+    assert result.exit_code == 0, result.output
+    assert [path.stat().st_mtime_ns for path in cached] == stamps, "statistics computed once, then reused"
+    rows = ResultStore(settings.store).rows()
+    assert rows and all(r["parameters"]["statistics"][0]["split"] == "select" for r in rows)
+    merged = load_file(str(tmp_path / "r.safetensors"))
+    assert set(merged) == set(load_file(models[0]))
