@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 import warnings
@@ -32,9 +33,10 @@ from analysis.metrics import curve, summarise
 from analysis.soup import greedy_soup
 from analysis.tables import Run, load_runs
 from eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
+from eval.statistics import KINDS, statistics_input
 from eval.synthetic.generate import write_corpus
 from merging.job import job_from_mapping, run_merge_job
-from merging.methods import METHODS
+from merging.methods import METHODS, MethodParams
 from micromerge.demo import DemoConfig, run_demo, train_contrastive
 from micromerge.hashing import default_cache_dir
 
@@ -90,16 +92,34 @@ def row_for(run: Run, label: str, base_eval: dict[str, float]) -> dict[str, obje
     }
 
 
-def merge_seconds(base: str, finetuned: list[str], method: str, alpha: float | None, folder: Path) -> float:
+def merge_seconds(
+    base: str, finetuned: list[str], method: str, alpha: float | None, folder: Path, settings: EvalSettings
+) -> float:
+    """One `merge` at `alpha`; a data-aware method's statistics are cached by then (timed apart)."""
     values = {"base": base, "finetuned": finetuned, "method": method, **PARAMETERS.get(method, {})}
     if alpha is not None:
         values["alpha"] = alpha
-    job = job_from_mapping(
-        {**values, "out": str(folder / f"{method}-{len(finetuned)}.safetensors"), "force": True}
+    out = folder / f"{method}-{len(finetuned)}.safetensors"
+    job = job_from_mapping({**values, "out": str(out), "force": True})
+    kind = METHODS[method].statistics
+    models = (base, *finetuned)
+    statistics = (
+        statistics_input(kind, models, job.spec.params, settings, torch.device("cpu")) if kind else None
     )
     started = time.perf_counter()
-    run_merge_job(job, progress=False)
+    run_merge_job(job, progress=False, statistics=statistics)
     return time.perf_counter() - started
+
+
+def statistics_seconds(models: tuple[str, ...], settings: EvalSettings) -> dict[str, float]:
+    """Seconds per model to estimate each kind of statistics, from an empty statistics cache."""
+    shutil.rmtree(Path(settings.cache_dir) / "statistics", ignore_errors=True)
+    seconds = {}
+    for kind in KINDS:
+        started = time.perf_counter()
+        statistics_input(kind, models, MethodParams(), settings, torch.device("cpu"))
+        seconds[kind] = (time.perf_counter() - started) / len(models)
+    return seconds
 
 
 def main() -> None:
@@ -125,6 +145,7 @@ def main() -> None:
     device = torch.device("cpu")
     for model in (base, first, second):
         run_eval(model, settings, device)
+    estimation = statistics_seconds((base, first, second), settings)
     labels: dict[str, tuple[str, list[str]]] = {}
     for count, finetuned, methods in ((1, [first], ONE), (2, [first, second], TWO)):
         for method in methods:
@@ -161,7 +182,7 @@ def main() -> None:
                 row["merge_seconds"] = time.perf_counter() - started
             else:
                 row["merge_seconds"] = merge_seconds(
-                    base, finetuned, merge_method, row["alpha"], Path(scratch)
+                    base, finetuned, merge_method, row["alpha"], Path(scratch), settings
                 )
             rows.append(row)
     lines = [
@@ -178,8 +199,12 @@ def main() -> None:
     table = "\n".join(lines)
     (folder / "table.md").write_text(table + "\n")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    (folder / "table.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    (folder / "table.json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "statistics_seconds_per_model": estimation}, indent=1)
+        + "\n"
+    )
     print(table)
+    print(f"\nstatistics per model (256 select-half questions, CPU): {estimation}")
     print(f"\nbase (evaluated): pathology {100 * base_eval[TARGET]:.1f} %; machine: {machine}")
 
 

@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
     from analysis.metrics import summarise
     from analysis.report import build_report
     from analysis.tables import load_runs
-    from eval.engine import EvalSettings, SweepPlan, run_sweep
+    from eval.engine import HALVES, EvalSettings, SweepPlan, run_sweep
     from merging.job import job_from_mapping
 
     if cfg.fresh:
@@ -251,12 +251,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
                 torch.device("cpu"),
             )
 
-    # The methods' parameters and conventions are part of the digest: a changed convention re-sweeps.
+    # The methods' parameters and conventions, and how the halves split, are part of the digest: a change re-sweeps.
     described = [job.spec.describe() for _, _, job in jobs]
     _stage(
         "5/6 sweep alpha on every task",
         stages / "sweeps.json",
-        sha256_json([specialist_digest, data_digest, cfg.alphas, cfg.bootstrap, SWEEPS, described])[:16],
+        sha256_json([specialist_digest, data_digest, cfg.alphas, cfg.bootstrap, SWEEPS, described, HALVES])[
+            :16
+        ],
         sweeps,
         say,
     )
