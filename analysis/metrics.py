@@ -2,7 +2,7 @@
 
 Target groups are where the specialist was fine-tuned (default: the domain in its manifest);
 control groups are every other fine-grained domain. The honest protocol chooses alpha on the
-'select' half of each task's images and reports the 'report' half.
+'select' half of the benchmark's images and reports the 'report' half.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`micromerge report`: Markdown and a self-contained HTML page (figures embedded), plus CSV/JSON exports.
 
 The report says which protocol produced each number: alpha is chosen on the 'select' half of
-each task's images and the chosen alpha's accuracy is reported on the 'report' half.
+the benchmark's images and the chosen alpha's accuracy is reported on the 'report' half.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _provenance(store: Path, runs: list[Run]) -> dict[str, Any]:
             }
             for r in runs
         ],
-        "alpha_selection_protocol": "alpha chosen on a seeded half of each task's images ('select'); numbers at that alpha reported on the other half ('report')",
+        "alpha_selection_protocol": "alpha chosen on a seeded half of the benchmark's images ('select', the same images for every task); numbers at that alpha reported on the other half ('report')",
     }
 
 
@@ -233,7 +233,7 @@ def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> s
         "",
         "## α selection (honest protocol)",
         "",
-        "α is chosen on a seeded half of each task's images (`select`) and reported on the other half (`report`).",
+        "α is chosen on a seeded half of the benchmark's images (`select`, the same images for every task) and reported on the other half (`report`).",
         "",
         _markdown_table(tables["alpha_selection"]),
         "",
@@ -283,7 +283,7 @@ def _html(runs, summaries, tables, paths, notes, provenance) -> str:
         if not tables["paper_headline"].empty
         else "<p>(no ubench-protocol run)</p>",
         "<h2>α selection (honest protocol)</h2>",
-        "<p>α is chosen on a seeded half of each task's images (<i>select</i>) and reported on the other half (<i>report</i>).</p>",
+        "<p>α is chosen on a seeded half of the benchmark's images (<i>select</i>, the same images for every task) and reported on the other half (<i>report</i>).</p>",
         tables["alpha_selection"].to_html(index=False),
         "<h2>Figures</h2>",
     ]
