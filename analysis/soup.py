@@ -167,7 +167,9 @@ def greedy_soup(
     return replace(result, run_id=run_id)
 
 
-def write_soup(result: SoupResult, out: Path, force: bool, rules: KeyRules = KeyRules()) -> MergeOutput:
+def write_soup(
+    result: SoupResult, out: Path, force: bool, rules: KeyRules = KeyRules(), progress: bool = True
+) -> MergeOutput:
     """The chosen soup as a checkpoint: a linear merge with the soup's weights; the manifest keeps the recipe."""
     job = job_from_mapping(
         {

@@ -629,7 +629,8 @@ def soup_command(
     )
     click.echo(f"results in {settings.store} (run {result.run_id})")
     if out:
-        written = write_soup(result, Path(out), force, KeyRules(tuple(include), tuple(exclude)))
+        rules = KeyRules(tuple(include), tuple(exclude))
+        written = write_soup(result, Path(out), force, rules, progress=settings.progress)
         click.echo(f"wrote {written.path} (manifest {written.manifest_path.name})")
 
 
