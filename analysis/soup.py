@@ -183,7 +183,6 @@ def write_soup(
             "force": force,
         }
     )
-    (output,) = run_merge_job(
-        replace(job, extra={GREEDY_SOUP: {**result.describe(), "run_id": result.run_id}})
-    )
+    recipe = {GREEDY_SOUP: {**result.describe(), "run_id": result.run_id}}
+    (output,) = run_merge_job(replace(job, extra=recipe), progress=progress)
     return output
