@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from merging.methods import METHODS, MethodParams
+from merging.methods import METHODS, MethodParams, ModelScan
 from merging.methods.task_vectors import dare_mask
 
 torch.manual_seed(0)
@@ -39,6 +39,8 @@ def test_registry_holds_every_method():
         "della",
         "tsv",
         "iso-c",
+        "fisher",
+        "regmean",
     }
 
 
@@ -136,12 +138,27 @@ def test_slerp_orthogonal_unit_vectors_and_colinear_fallback():
     torch.testing.assert_close(colinear, torch.tensor([1.5, 0.0]), atol=1e-6, rtol=0)
 
 
+def made_up_statistics(kind: str | None, count: int) -> tuple[dict, ...] | None:
+    """Positive Fishers or positive-definite Grams for the one key "k", different per model."""
+    if kind is None:
+        return None
+    generator = torch.Generator().manual_seed(1)
+    if kind == "fisher":
+        return tuple({"k": torch.rand(BASE.shape, generator=generator)} for _ in range(count))
+    inputs = [torch.randn(100, BASE.shape[1], generator=generator) for _ in range(count)]
+    return tuple({"k": x.T @ x / len(x)} for x in inputs)
+
+
 def test_out_parameter_writes_in_place():
     out = torch.empty_like(BASE)
-    for name in METHODS:
-        fts = FTS[: METHODS[name].min_finetuned]
-        result = METHODS[name].merge("k", BASE, fts, 0.4, MethodParams(), out=out)
-        assert result.data_ptr() == out.data_ptr()
-        torch.testing.assert_close(
-            out, METHODS[name].merge("k", BASE, fts, 0.4, MethodParams()), atol=1e-6, rtol=0
+    for name, method in METHODS.items():
+        fts = FTS[: method.min_finetuned]
+        statistics = made_up_statistics(method.statistics, len(fts) + 1)
+        scan = ModelScan(
+            ("k",), ("k",), lambda _key, fts=fts: (BASE, fts), lambda _key: BASE.numel(), statistics
         )
+        context = method.prepare(scan, MethodParams())
+        result = method.merge("k", BASE, fts, 0.4, MethodParams(), out=out, context=context)
+        assert result.data_ptr() == out.data_ptr()
+        expected = method.merge("k", BASE, fts, 0.4, MethodParams(), context=context)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0, msg=name)
