@@ -377,8 +377,10 @@ def _check_cache_dir(cache_dir: Path) -> None:
         ) from exc
 
 
-def prepare(settings: EvalSettings) -> Prepared:
-    ResultStore(settings.store).check_writable()
+def prepare(settings: EvalSettings, writes_results: bool = True) -> Prepared:
+    """The benchmark and its tasks; checks first that results can be written, where they will be."""
+    if writes_results:
+        ResultStore(settings.store).check_writable()
     _check_cache_dir(settings.cache_dir)
     bench = load_benchmark(settings.data, cache_dir=settings.cache_dir)
     every = discover_tasks(bench.dataset, load_source_table(settings.sources))

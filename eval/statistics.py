@@ -45,18 +45,17 @@ SPLIT = "select"
 
 @dataclass(frozen=True)
 class Questions:
-    """Drawn select-half questions: image positions (into the evaluator's pixels), option text ids
-    (-1 pads) and, for the supervised methods only, answers."""
+    """Drawn select-half questions: image positions (into the evaluator's pixels) and option text
+    ids (-1 pads). No answers: the statistics use the model's own predictions."""
 
     positions: np.ndarray
     options: np.ndarray
-    answers: np.ndarray
 
 
 def select_questions(evaluator: Evaluator, samples: int, seed: int) -> Questions:
     """`samples` questions about select-half images, from every task (the halves split images, so
     no question about a report-half image is ever drawn)."""
-    positions, options, answers = [], [], []
+    positions, options = [], []
     width = max((plan.options.shape[1] for plan in evaluator.option_plans.values()), default=0)
     for task in evaluator.tasks:
         for question in task.questions:
@@ -66,15 +65,14 @@ def select_questions(evaluator: Evaluator, samples: int, seed: int) -> Questions
             padded = np.full((int(keep.sum()), width), -1, dtype=np.int64)
             padded[:, : plan.options.shape[1]] = plan.options.cpu().numpy()[keep]
             options.append(padded)
-            answers.append(plan.answers.cpu().numpy()[keep])
     if not positions or not sum(len(p) for p in positions):
         raise MicromergeError("no select-half questions to estimate statistics on (are the tasks scorable?)")
-    every = Questions(np.concatenate(positions), np.concatenate(options), np.concatenate(answers))
+    every = Questions(np.concatenate(positions), np.concatenate(options))
     order = np.random.default_rng(seed).permutation(len(every.positions))[
         : min(samples, len(every.positions))
     ]
     order.sort()
-    return Questions(every.positions[order], every.options[order], every.answers[order])
+    return Questions(every.positions[order], every.options[order])
 
 
 def option_log_probs(
@@ -149,7 +147,6 @@ class StatisticsRequest:
     """Which statistics, of which data: recorded in every manifest and result row that uses them."""
 
     kind: str
-    data: str
     samples: int = 256
     seed: int = 0
     batch_size: int = 32
@@ -182,7 +179,7 @@ def model_statistics(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(statistics keyed by state-dict key, their description), computed once and cached."""
     settings = replace(settings, protocol="ubench")
-    prepared = prepare(settings)
+    prepared = prepare(settings, writes_results=False)
     with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
         digest = input_hashes([source])
         described = {**describe(request, prepared.bench), "model_sha256": sorted(digest.values())}
@@ -218,6 +215,6 @@ def statistics_input(
     arch: str | None = None,
 ) -> StatisticsInput:
     """Every model's statistics (base first) for a data-aware merge, with what data they came from."""
-    request = StatisticsRequest(kind, settings.data, params.samples, params.seed)
+    request = StatisticsRequest(kind, params.samples, params.seed)
     computed = [model_statistics(m, request, settings, device, allow_pickle, arch) for m in models]
     return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])

@@ -7,6 +7,7 @@ Every MicromergeError becomes one line on stderr and exit code 2; warnings print
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -245,7 +246,7 @@ def _merge_statistics(job, quiet: bool):
 
     settings = EvalSettings(
         data=job.data,
-        store=Path("unused.jsonl"),  # statistics write no result rows
+        store=Path(os.devnull),  # statistics write no result rows (prepare(writes_results=False))
         cache_dir=Path(job.cache_dir) if job.cache_dir else default_cache_dir(),
         progress=not quiet,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -128,7 +129,7 @@ def test_statistics_never_see_the_report_half(tmp_path, setting):
     poisoned.save_to_disk(str(tmp_path / "poisoned"))
     other = replace(settings, data=str(tmp_path / "poisoned"))
     for kind in ("fisher", "gram"):
-        request = StatisticsRequest(kind, settings.data, samples=24)
+        request = StatisticsRequest(kind, samples=24)
         clean, described = model_statistics(models[1], request, settings, torch.device("cpu"))
         dirty, dirty_described = model_statistics(models[1], request, other, torch.device("cpu"))
         assert described["data_fingerprint"] != dirty_described["data_fingerprint"], "really other data"
@@ -155,8 +156,10 @@ def test_merge_and_sweep_record_the_data_and_reuse_cached_statistics(tmp_path, s
     common = ["--data", settings.data, "--cache-dir", str(settings.cache_dir), "--quiet"]
     missing = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "x.safetensors")])
     assert missing.exit_code == 2 and "give --data" in missing.output
+    before = set(Path.cwd().iterdir())
     first = CliRunner().invoke(cli, [*args, *common, "--out", str(tmp_path / "r.safetensors")])
     assert first.exit_code == 0, first.output
+    assert set(Path.cwd().iterdir()) == before, "estimating statistics writes nothing outside the cache"
     manifest = json.loads((tmp_path / "r.safetensors.manifest.json").read_text())
     (statistics, _) = manifest["statistics"]
     assert statistics["kind"] == "gram" and statistics["split"] == "select" and statistics["samples"] == 16
