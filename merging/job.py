@@ -14,7 +14,7 @@ from typing import Any
 
 from merging.engines import EngineRequest, open_inputs
 from merging.execute import MergeOutput, StatisticsInput, finished_output, merge_to_file
-from merging.methods import MethodParams, get_method
+from merging.methods import TUNABLE, MethodParams, get_method
 from merging.plan import MergeSpec, check_method_params
 from merging.rules import KeyRules, parse_strength_rule
 from micromerge.errors import MicromergeError
@@ -26,15 +26,7 @@ JOB_KEYS = {
     "alpha",
     "alphas",
     "weights",
-    "density",
-    "drop_rate",
-    "topk_scope",
-    "slerp_scope",
-    "gamma",
-    "epsilon",
-    "beta",
-    "samples",
-    "offdiag_scale",
+    *TUNABLE,
     "data",
     "cache_dir",
     "seed",

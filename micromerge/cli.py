@@ -43,21 +43,9 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-METHOD_OPTION_NAMES = (
-    "density",
-    "drop_rate",
-    "topk_scope",
-    "slerp_scope",
-    "gamma",
-    "epsilon",
-    "beta",
-    "samples",
-    "offdiag_scale",
-)
-
-
 def method_options(func):
-    """The method parameters `merge` and `sweep` share; None means the method's default (MethodParams)."""
+    """The method parameters `merge` and `sweep` share (merging.methods.TUNABLE, one option each);
+    None means the method's default (MethodParams)."""
     options = [
         click.option(
             "--density",
@@ -570,6 +558,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     """Evaluate a merge at every alpha on every task (resumable; `accelerate launch` splits alphas)."""
     from eval.engine import SweepPlan, run_sweep
     from merging.job import job_from_mapping
+    from merging.methods import TUNABLE
     from micromerge.devices import resolve_device
 
     job = job_from_mapping(
@@ -579,7 +568,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
             "method": method,
             "alphas": alphas,
             "weights": values.pop("weights"),
-            **{name: values.pop(name) for name in METHOD_OPTION_NAMES},
+            **{name: values.pop(name) for name in TUNABLE},
             "seed": values["seed"],
             "include": list(values.pop("include")),
             "exclude": list(values.pop("exclude")),

@@ -353,3 +353,12 @@ def test_methods_command_lists_every_method_with_its_engines():
     }
     assert set(lines) == set(METHODS)
     assert "numpy, torch" in lines["lines"] and "numpy" not in lines["tsv"] and "2+" in lines["model-stock"]
+
+
+def test_merge_and_sweep_offer_one_flag_per_tunable_parameter():
+    from merging.methods import TUNABLE
+    from micromerge.cli import merge_command, sweep_command
+
+    for command in (merge_command, sweep_command):
+        names = {option.name for option in command.params}
+        assert set(TUNABLE) <= names, command.name

@@ -16,7 +16,7 @@ from merging.methods import (
     tsv,
     wise_ft,
 )
-from merging.methods.base import MergeMethod, MethodParams, ModelScan
+from merging.methods.base import TUNABLE, MergeMethod, MethodParams, ModelScan
 from micromerge.errors import MicromergeError
 
 METHODS: dict[str, MergeMethod] = {
@@ -55,4 +55,4 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-__all__ = ["METHODS", "MergeMethod", "MethodParams", "ModelScan", "get_method"]
+__all__ = ["METHODS", "TUNABLE", "MergeMethod", "MethodParams", "ModelScan", "get_method"]

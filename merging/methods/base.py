@@ -55,6 +55,21 @@ class MethodParams:
     """RegMean: Gram off-diagonals multiplied by this (FusionBench's CLIP default)."""
 
 
+TUNABLE = (
+    "density",
+    "drop_rate",
+    "topk_scope",
+    "slerp_scope",
+    "gamma",
+    "epsilon",
+    "beta",
+    "samples",
+    "offdiag_scale",
+)
+"""The MethodParams fields a user sets by name: `merge`/`sweep` flags (--drop-rate for drop_rate) and
+config keys. strength (--alpha), weights and seed have flags of their own."""
+
+
 @dataclass(frozen=True)
 class ModelScan:
     """What `prepare` may read: the merged keys in checkpoint order and their float32 tensors.
