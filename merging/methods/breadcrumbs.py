@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish, single_tensor_scan
-from merging.methods.task_vectors import TIE_BREAK, scale_and_add
+from merging.methods.task_vectors import TIE_BREAK, scale_and_add, summed
 from merging.methods.topk import TopSet, select_top
 
 
@@ -69,10 +69,7 @@ class Breadcrumbs(MergeMethod):
                 torch.where(outer.mask(key, tau) & ~inner.mask(key, tau), tau, zero)
                 for (outer, inner), tau in zip(context.sets, taus, strict=True)
             ]
-        combined = taus[0]
-        for tau in taus[1:]:
-            combined += tau
-        return finish(scale_and_add(combined, strength, base), out)
+        return finish(scale_and_add(summed(taus), strength, base), out)
 
 
 METHOD = Breadcrumbs(

@@ -28,6 +28,11 @@ def model_weights(strength: float, count: int) -> list[float]:
     return [1.0 - strength] + [strength / count] * count
 
 
+def weighted_mean(weights: list[float], models: list[Array]) -> Array:
+    """What a data-aware method gives a tensor its statistics do not cover."""
+    return sum(weight * model for weight, model in zip(weights, models, strict=True))
+
+
 def require_statistics(scan: ModelScan, name: str) -> tuple[dict[str, Any], ...]:
     if scan.statistics is None:
         raise MicromergeError(f"--method {name} merges with data: give --data (a μ-Bench folder or 'ubench')")
@@ -61,7 +66,7 @@ class FisherMerge(MergeMethod):
         models = [base, *finetuned]
         weights = model_weights(strength, len(finetuned))
         if not all(key in fisher for fisher in context["fishers"]):  # no Fisher (a buffer): the weighted mean
-            return finish(sum(w * m for w, m in zip(weights, models, strict=True)), out)
+            return finish(weighted_mean(weights, models), out)
         numerator = torch.zeros_like(base)
         denominator = torch.zeros_like(base)
         for weight, scale, model, fisher in zip(

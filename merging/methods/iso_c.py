@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from merging.methods.spectral import SpectralMerge
+from merging.methods.task_vectors import summed
 
 if TYPE_CHECKING:
     import torch
@@ -20,10 +21,7 @@ class IsotropicMerge(SpectralMerge):
     def merge_matrices(self, taus: list[torch.Tensor]) -> torch.Tensor:
         import torch
 
-        total = taus[0].clone()
-        for tau in taus[1:]:
-            total += tau
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = torch.linalg.svd(summed(taus), full_matrices=False)
         return (u * s.mean()) @ vh
 
 

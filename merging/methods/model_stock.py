@@ -14,6 +14,7 @@ CLIP -> PLIP and CLIP -> QuiltNet are such a pair.
 from __future__ import annotations
 
 from merging.methods.base import Array, MergeMethod, MethodParams, finish
+from merging.methods.task_vectors import summed
 
 NORM_FLOOR = 1e-6
 
@@ -39,9 +40,7 @@ class ModelStock(MergeMethod):
     def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
         taus = [ft - base for ft in finetuned]
         ratio = interpolation_ratio(taus)
-        mean = taus[0].clone()
-        for tau in taus[1:]:
-            mean += tau
+        mean = summed(taus)
         mean /= len(taus)
         mean *= strength * ratio
         mean += base

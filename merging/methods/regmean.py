@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
-from merging.methods.fisher import model_weights, require_statistics
+from merging.methods.fisher import model_weights, require_statistics, weighted_mean
+from micromerge.errors import MicromergeError
 
 
 def scale_off_diagonal(gram, ratio: float):
@@ -40,8 +41,6 @@ class RegMean(MergeMethod):
     def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
         import torch
 
-        from micromerge.errors import MicromergeError
-
         if context is None:
             raise MicromergeError(
                 "regmean needs the models' Gram matrices (prepare it from a scan with statistics)"
@@ -50,7 +49,7 @@ class RegMean(MergeMethod):
         weights = model_weights(strength, len(finetuned))
         grams = [g.get(key) for g in context["grams"]]
         if base.dim() != 2 or any(g is None for g in grams):
-            return finish(sum(w * m for w, m in zip(weights, models, strict=True)), out)
+            return finish(weighted_mean(weights, models), out)
         total = torch.zeros(base.shape[1], base.shape[1], dtype=base.dtype, device=base.device)
         target = torch.zeros(base.shape[1], base.shape[0], dtype=base.dtype, device=base.device)
         for weight, model, gram in zip(weights, models, grams, strict=True):

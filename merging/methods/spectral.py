@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from merging.methods.base import Array, MergeMethod, MethodParams, finish
+from merging.methods.task_vectors import summed
 
 if TYPE_CHECKING:
     import torch
@@ -25,10 +26,7 @@ def is_task_matrix(key: str, tensor: torch.Tensor) -> bool:
 
 
 def mean_task_vector(taus: list[torch.Tensor]) -> torch.Tensor:
-    mean = taus[0].clone()
-    for tau in taus[1:]:
-        mean += tau
-    return mean / len(taus)
+    return summed(taus) / len(taus)
 
 
 class SpectralMerge(MergeMethod):

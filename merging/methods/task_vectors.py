@@ -77,6 +77,15 @@ def scale_and_add(combined: Array, strength: float, base: Array) -> Array:
     return combined
 
 
+def summed(tensors: list[Array]) -> Array:
+    """Their sum in model order, accumulated into the first (which the caller hands over): the
+    same float32 operations in the same order on numpy and torch."""
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
+
+
 def combine_task_vectors(
     key: str,
     base: Array,
@@ -89,10 +98,7 @@ def combine_task_vectors(
     taus = [ft - base for ft in finetuned]
     if sparsify is not None:
         taus = [sparsify(tau, key, index) for index, tau in enumerate(taus)]
-    combined = taus[0]
-    for tau in taus[1:]:
-        combined += tau
-    return scale_and_add(combined, strength, base)
+    return scale_and_add(summed(taus), strength, base)
 
 
 def keep_count(density: float, numel: int) -> int:
