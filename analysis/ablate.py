@@ -53,7 +53,7 @@ def load_ablation(path: str | Path) -> Ablation:
 
     pairs = []
     for pair in section["pairs"]:
-        reject_unknown_keys(f"{path} pair", pair, {"name", "base", "finetuned"})
+        reject_unknown_keys(f"{path} pair", pair, {"name", "base", "finetuned", "base_data", "ft_data"})
         if not pair.get("base") or not pair.get("finetuned"):
             raise MicromergeError(f"{path}: every pair needs base and finetuned")
         finetuned = pair["finetuned"] if isinstance(pair["finetuned"], list) else [pair["finetuned"]]
@@ -62,6 +62,11 @@ def load_ablation(path: str | Path) -> Ablation:
                 "name": pair.get("name") or pair["base"],
                 "base": resolve(pair["base"]),
                 "finetuned": [resolve(f) for f in finetuned],
+                # Fisher/RegMean: each model's own corpus (the others use the ablation's μ-Bench data)
+                "own_data": {
+                    "base_data": resolve(pair["base_data"]) if pair.get("base_data") else None,
+                    "ft_data": [resolve(f) for f in pair.get("ft_data") or []],
+                },
             }
         )
     ablation = Ablation(
@@ -134,6 +139,7 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                         "method": method,
                         "alphas": ablation.alphas,
                         "seed": ablation.seed,
+                        **(pair["own_data"] if get_method(method).statistics in ("fisher", "gram") else {}),
                         **values,
                     }
                 )
@@ -171,6 +177,10 @@ def run_ablation(
                 greedy_soup(job.base, job.finetuned, settings, device, job.rules, label)
             continue
         run_sweep(
-            SweepPlan(job.base, job.finetuned, job.spec, job.alphas or (), label=label), settings, device
+            SweepPlan(
+                job.base, job.finetuned, job.spec, job.alphas or (), label=label, model_data=job.model_data
+            ),
+            settings,
+            device,
         )
     return build_report(ablation.store, ablation.report, ablation.target)

@@ -30,27 +30,31 @@ def save(figure: plt.Figure, folder: Path, name: str) -> list[Path]:
     return paths
 
 
+STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+
 def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> plt.Figure:
-    """Group means with interval bands; end points marked; the chosen alpha marked. Several runs share axes."""
+    """Group means with interval bands; end points marked; the chosen alpha marked. Several runs share
+    axes: colour = group, line style and marker = run (method). A curve identical to one already drawn
+    (WiSE-FT and task arithmetic with one specialist are one formula) is drawn once, named for both."""
     figure, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["-", "--", ":", "-."]
+    drawn: dict[tuple, dict] = {}  # (group, alphas, values) -> the line drawn for it and its names
     for r_index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
-        groups = [summary.target, *summary.controls, None]
-        for g_index, group in enumerate(groups):
+        style, marker = STYLES[r_index % len(STYLES)], MARKERS[r_index % len(MARKERS)]
+        for g_index, group in enumerate([summary.target, *summary.controls, None]):
             frame = curve(run, group, metric)
             if frame.empty:
                 continue
-            label = f"{run.label} — {group or 'all tasks'}"
+            key = (group, tuple(frame["alpha"].round(10)), tuple(frame["value"].round(10)))
+            if key in drawn:
+                drawn[key]["names"].append(run.label)
+                continue
             color = PALETTE[g_index % len(PALETTE)]
-            ax.plot(
-                frame["alpha"],
-                frame["value"] * 100,
-                styles[r_index % len(styles)],
-                color=color,
-                marker="o",
-                markersize=3,
-                label=label,
+            (line,) = ax.plot(
+                frame["alpha"], frame["value"] * 100, style, color=color, marker=marker, markersize=4
             )
+            drawn[key] = {"line": line, "names": [run.label], "group": group or "all tasks"}
             ax.fill_between(
                 frame["alpha"], frame["ci_low"] * 100, frame["ci_high"] * 100, color=color, alpha=0.12
             )
@@ -58,15 +62,16 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
                 frame["alpha"].iloc[[0, -1]],
                 frame["value"].iloc[[0, -1]] * 100,
                 color=color,
+                marker=marker,
                 s=40,
                 zorder=3,
                 edgecolor="black",
             )
         best = summary.best_alpha["all_task_mean"]
-        ax.axvline(best, color="grey", linestyle=styles[r_index % len(styles)], linewidth=1)
+        ax.axvline(best, color="grey", linestyle=style, linewidth=1)
         ax.text(
             best,
-            1.01,
+            1.01 + 0.035 * (r_index % 3),
             f"α={best:g}",
             transform=ax.get_xaxis_transform(),
             fontsize=7,
@@ -74,12 +79,14 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
             va="bottom",
             color="grey",
         )
+    for entry in drawn.values():
+        entry["line"].set_label(f"{' = '.join(entry['names'])} — {entry['group']}")
     ax.set_xlabel("interpolation weight α (0 = base, 1 = fine-tuned)")
     ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)")
     ax.set_title(
         "Accuracy versus α (bands: mean of per-task 95% bootstrap intervals;\nvertical lines: α chosen on the select half)",
         fontsize=9,
-        pad=14,
+        pad=22,
     )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
@@ -176,4 +183,30 @@ def heatmap(run: Run, metric: str = "accuracy") -> plt.Figure:
     ax.set_ylabel("task")
     ax.set_xticklabels([f"{float(t.get_text()):g}" for t in ax.get_xticklabels()], rotation=0)
     ax.set_title(f"{run.label}: change against the base")
+    return figure
+
+
+def learned_coefficients(saved: dict, label: str) -> plt.Figure:
+    """Each specialist's learned coefficient per group, in the model's parameter order (the per-layer
+    figure AdaMerging and LiNeS users read), with the starting value dashed."""
+    groups, values = saved["table"]["groups"], np.array(saved["table"]["values"])
+    figure, ax = plt.subplots(figsize=(min(14.0, 4.0 + 0.12 * len(groups)), 4.0))
+    for task in range(values.shape[1]):
+        ax.plot(
+            range(len(groups)),
+            values[:, task],
+            marker="o",
+            markersize=3,
+            color=PALETTE[task % len(PALETTE)],
+            label=f"specialist {task + 1}",
+        )
+    ax.axhline(saved["described"]["init"], color="grey", linestyle="--", linewidth=1, label="start")
+    step = max(1, len(groups) // 40)
+    ax.set_xticks(range(0, len(groups), step))
+    ax.set_xticklabels(groups[::step], rotation=90, fontsize=6)
+    ax.set_ylabel("coefficient λ")
+    described = saved["described"]
+    ax.set_title(f"{label}: {described['kind']} coefficients per {described['granularity']}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     return figure

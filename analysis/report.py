@@ -19,6 +19,7 @@ import micromerge
 from analysis import figures
 from analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from analysis.tables import Run, finetuned_domain, load_runs
+from eval.store import coefficients_file
 from micromerge.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_file
@@ -180,6 +181,12 @@ def build_report(
             )[0]
     else:
         notes.append("every run has a single alpha: no curves, tables only")
+    for index, run in enumerate(runs):
+        saved = _learned_coefficients(store, run, notes)
+        if saved is not None:
+            paths[f"coefficients_{index}"] = figures.save(
+                figures.learned_coefficients(saved, run.label), figure_dir, f"coefficients_run{index}"
+            )[0]
     headline, criteria = headline_table(runs, summaries), criteria_table(runs, summaries)
     tables: dict[str, pd.DataFrame] = {
         "headline": headline,
@@ -204,6 +211,19 @@ def build_report(
     html_path = out / "report.html"
     write_text_atomic(html_path, _html(runs, summaries, tables, paths, notes, provenance))
     return html_path
+
+
+def _learned_coefficients(store: Path, run: Run, notes: list[str]) -> dict[str, Any] | None:
+    """The coefficients a learned merge (AdaMerging, supervised α) used, kept beside the store."""
+    described = (run.parameters.get("statistics") or [{}])[0]
+    if "coefficients_sha256" not in described:
+        return None
+    path = coefficients_file(store, described)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        notes.append(f"{run.label}: learned coefficients not found at {path} (the sweep writes them there)")
+        return None
 
 
 def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> str:

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.pairs import decode_checked, load_pairs
 from eval.synthetic.generate import write_corpus
 from eval.zeroshot import autocast_for
 from finetune.config import FinetuneConfig
-from finetune.data import decode_checked, load_pairs
 from finetune.losses import clip_loss
 from finetune.trainer import run_finetune
 from merging.models import OPENAI_MEAN, OPENAI_STD, build_model, get_model_config, tokenizer_for

@@ -3,12 +3,12 @@
 # the GPU tests (tests/test_gpu.py), then the fine-tuning, sweep and merge benches on CUDA.
 # Usage: bench/gpu_all.sh OUT_DIR [STEP ...]   (the project importable by $PYTHON, HF_HUB_OFFLINE=1);
 # STEPs: pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda
-# (default: all, in that order).
+# data_aware_cuda (default: all, in that order).
 # Each step writes its own file, so a step that fails or runs out of time loses only itself.
 set -u
 out=${1:?usage: bench/gpu_all.sh OUT_DIR [STEP ...]}
 shift
-wanted=${*:-pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda}
+wanted=${*:-pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda data_aware_cuda}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -32,3 +32,5 @@ step sweep_cuda_closed_set "$py" bench/sweep_bench.py --model ViT-B-16 --device 
 step merge_cuda "$py" bench/merge_bench.py --device cuda --repeats 3
 # issue 13: every merge method at ViT-B/16 size on CUDA
 step methods_merge_cuda "$py" bench/methods_merge_bench.py --device cuda
+# issue 14: Fishers, Grams and learned coefficients at ViT-B/16 size on μ-Bench-sized data
+step data_aware_cuda "$py" bench/data_aware_bench.py --model ViT-B-16 --device cuda --steps 1000

@@ -49,7 +49,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    data_free = [name for name, method in METHODS.items() if method.statistics is None]
+    parser.add_argument(
+        "--methods", default=",".join(data_free), help="data-aware methods: bench/data_aware_bench.py"
+    )
     args = parser.parse_args()
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,24 +16,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import micromerge
 from eval.data import Benchmark, load_benchmark
 from eval.images import ImageCache, PixelFeed, build_image_cache
 from eval.metrics import classification_metrics, correctness_metrics
 from eval.source_metadata import load_source_table
-from eval.store import ResultStore
+from eval.store import ResultStore, coefficients_file
 from eval.tasks import Task, discover_tasks, select_tasks
 from eval.zeroshot import class_embeddings, image_embeddings, option_correct, predict, text_embeddings
 from merging.execute import input_hashes
 from merging.methods import get_method
-from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
+from merging.models import image_size, load_model, normalisation, tokenizer_for
 from merging.plan import MergeSpec
 from merging.resident import ResidentMerge
 from merging.sources import open_source
+from micromerge.atomic import write_json_atomic
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
+from micromerge.progress import progress_bar
 
 PROTOCOLS = ("ubench", "closed-set")
 HALVES = "per-image"
@@ -83,6 +84,7 @@ class SweepPlan:
     label: str | None = (
         None  # a name for reports (ablations name pair/method/rule set); not part of the run id
     )
+    model_data: tuple[str | None, ...] = ()  # Fisher/RegMean: per model (base first), a corpus of its own
 
 
 HEADLINE_COARSE, HEADLINE_FINE = "ubench:coarse", "ubench:fine"
@@ -126,11 +128,10 @@ class Evaluator:
     ):
         self.bench, self.tasks, self.settings, self.device = bench, tasks, settings, device
         self.outside_paper_rows = np.empty(0, np.int64) if outside_paper_rows is None else outside_paper_rows
-        size = int(model_config.get("vision_cfg", {}).get("image_size", 224))
+        size = image_size(model_config)
         self.cache: ImageCache = build_image_cache(
             bench.dataset, bench.fingerprint, size, settings.cache_dir, settings.progress
         )
-        preprocess = model_config.get("preprocess_cfg", {})
         self.tokenizer = tokenizer_for(model_config)
         self.token_cache: dict = {}
         order = np.random.default_rng(
@@ -145,8 +146,7 @@ class Evaluator:
         self.pixels = PixelFeed(
             self.cache,
             self.rows,
-            torch.tensor(preprocess.get("mean", OPENAI_MEAN)),
-            torch.tensor(preprocess.get("std", OPENAI_STD)),
+            *normalisation(model_config),
             device,
         )
         if settings.protocol == "ubench":
@@ -245,12 +245,36 @@ class Evaluator:
                 )
         return results
 
-    def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
+    def _option_outcomes(
+        self, model: torch.nn.Module, images: torch.Tensor
+    ) -> dict[tuple[str, str], _Outcomes]:
         text_emb = text_embeddings(model, self.tokenizer, self.texts, self.device, self.token_cache)
         outcomes: dict[tuple[str, str], _Outcomes] = {}
         for name, plan in self.option_plans.items():
             correct = option_correct(images[plan.positions], text_emb, plan.options, plan.answers)
             outcomes[name] = _Outcomes(plan.rows, plan.labels, correct, plan.n_options)
+        return outcomes
+
+    @torch.no_grad()
+    def task_correctness(self, model: torch.nn.Module, split: str = "report") -> dict[str, np.ndarray]:
+        """Right/wrong of every question each task asks about one half's images (μ-Bench protocol),
+        in an order fixed by the benchmark: two models' arrays pair question by question."""
+        if self.settings.protocol != "ubench":
+            raise MicromergeError("paired outcomes are defined for --protocol ubench only")
+        model.eval()
+        images = image_embeddings(model, self.pixels, self.settings.batch_size, self.settings.precision)
+        outcomes = self._option_outcomes(model, images)
+        paired = {}
+        for task in self.tasks:
+            parts = [outcomes[(task.name, q.key)] for q in task.questions]
+            pooled = _concat(parts)
+            if len(pooled.rows):
+                members = self._splits(task.name, np.unique(pooled.rows))[split]
+                paired[task.name] = self._subset(pooled, members).correct
+        return paired
+
+    def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
+        outcomes = self._option_outcomes(model, images)
         results = []
         headline: dict[str, dict[str, list[_Outcomes]]] = {HEADLINE_COARSE: {}, HEADLINE_FINE: {}}
         for task in self.tasks:
@@ -468,7 +492,9 @@ def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.devic
     from eval.statistics import statistics_input
 
     models = (plan.base, *plan.finetuned)
-    return statistics_input(kind, models, plan.spec.params, settings, device, plan.allow_pickle, plan.arch)
+    return statistics_input(
+        kind, models, plan.spec.params, settings, device, plan.allow_pickle, plan.arch, plan.model_data
+    )
 
 
 def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> list[dict[str, Any]]:
@@ -487,6 +513,10 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         statistics = _statistics_for(plan, settings, device)
         if statistics is not None:
             parameters["statistics"] = statistics.described
+            if statistics.attachment is not None:
+                write_json_atomic(
+                    coefficients_file(settings.store, statistics.described[0]), statistics.attachment
+                )
         run_id = sha256_json(
             {
                 "base": base_hashes,
@@ -522,7 +552,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                 },
                 "label": plan.label,
             }
-            for alpha in tqdm(
+            for alpha in progress_bar(
                 mine, desc=f"sweep {plan.spec.method}", unit="alpha", disable=not settings.progress
             ):
                 merger.apply(alpha)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-from tqdm import tqdm
 
 from eval.data import column_values
 from micromerge.atomic import atomic_output, write_json_atomic
+from micromerge.progress import progress_bar
 
 _UPLOAD_ROWS = 1024  # rows per host-to-device copy: bounds the extra host memory of the upload
 
@@ -115,7 +115,9 @@ def decode_payloads(
     # Pillow releases the GIL while decoding and resizing, so threads scale with the cores.
     with (
         ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 2)) as pool,
-        tqdm(total=n, desc=f"{desc} ({size}px)", unit="img", disable=not progress, leave=False) as bar,
+        progress_bar(
+            total=n, desc=f"{desc} ({size}px)", unit="img", disable=not progress, leave=False
+        ) as bar,
     ):
         for start in range(0, n, chunk):
             batch = payloads[start : start + chunk]

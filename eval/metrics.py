@@ -107,3 +107,28 @@ def correctness_metrics(
             low, high = np.nanpercentile(samples[name], [2.5, 97.5])
             result[name].update(ci_low=float(low), ci_high=float(high))
     return result
+
+
+def paired_task_mean_difference(
+    pairs: list[tuple[np.ndarray, np.ndarray]], bootstrap: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Mean over tasks of (accuracy of A - accuracy of B), each task's questions answered by both,
+    with a paired percentile bootstrap 95% interval: per task, resampling questions draws the
+    counts of (A right, B wrong) and (A wrong, B right) from one multinomial, tasks independently,
+    so what the two models share (the same hard questions) cancels as it does in the point value."""
+    tables = []
+    for a, b in pairs:
+        a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+        tables.append(np.array([(a & ~b).sum(), (~a & b).sum(), (a == b).sum()], dtype=np.int64))
+    value = float(np.mean([(t[0] - t[1]) / t.sum() for t in tables]))
+    result = {"value": value, "ci_low": value, "ci_high": value}
+    if bootstrap > 0 and tables:
+        rng = np.random.default_rng(seed)
+        differences = np.zeros(bootstrap)
+        for table in tables:
+            n = int(table.sum())
+            draws = rng.multinomial(n, table / n, size=bootstrap)
+            differences += (draws[:, 0] - draws[:, 1]) / n
+        low, high = np.percentile(differences / len(tables), [2.5, 97.5])
+        result.update(ci_low=float(low), ci_high=float(high))
+    return result

@@ -1,9 +1,10 @@
 """What data-aware merges learn from: per-model statistics on the select half, never the report half.
 
-The questions are μ-Bench's own (each image against its own caption options, the authors'
-protocol), restricted to every task's *select* half exactly as the evaluator splits it, then
-`samples` of them drawn with a seed. No label is read: the targets are the model's own
-predictions, so the same statistics serve unlabeled use.
+By default the questions are μ-Bench's own (each image against its own caption options, the
+authors' protocol), restricted to every task's *select* half exactly as the evaluator splits it,
+then `samples` of them drawn with a seed. A model may instead be given data of its own (the
+specialist its fine-tuning corpus, the base a general one: `eval.corpus_questions`). No label is
+read: the targets are the model's own predictions, so the same statistics serve unlabeled use.
 
   Fisher (Matena & Raffel, NeurIPS 2022): the diagonal Fisher of each model, the mean over
       questions of (d log p(y | x) / d theta)^2 with y drawn from the model's own predictive
@@ -14,7 +15,7 @@ predictions, so the same statistics serve unlabeled use.
       (the MLPs) and of attention's in_proj (the attention block's query input). open_clip's
       attention applies out_proj inside one fused call, so out_proj has no Gram and gets the mean.
 
-Statistics are cached per (kind, model sha256, data fingerprint, split, samples, seed) under
+Statistics are cached per (kind, model sha256, data and its fingerprint, split, samples, seed) under
 `<cache_dir>/statistics/`, written atomically.
 """
 
@@ -24,13 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
+from eval.corpus_questions import corpus_questions, open_corpus
 from eval.data import Benchmark
 from eval.engine import EvalSettings, Evaluator, prepare
+from eval.questions import QuestionBank, Questions, option_log_probs, select_questions
 from merging.execute import StatisticsInput, input_hashes
 from merging.methods import MethodParams
 from merging.models import load_model
@@ -43,65 +44,14 @@ KINDS = ("fisher", "gram")
 SPLIT = "select"
 
 
-@dataclass(frozen=True)
-class Questions:
-    """Drawn select-half questions: image positions (into the evaluator's pixels) and option text
-    ids (-1 pads). No answers: the statistics use the model's own predictions."""
-
-    positions: np.ndarray
-    options: np.ndarray
-
-
-def select_questions(evaluator: Evaluator, samples: int, seed: int) -> Questions:
-    """`samples` questions about select-half images, from every task (the halves split images, so
-    no question about a report-half image is ever drawn)."""
-    positions, options = [], []
-    width = max((plan.options.shape[1] for plan in evaluator.option_plans.values()), default=0)
-    for task in evaluator.tasks:
-        for question in task.questions:
-            plan = evaluator.option_plans[(task.name, question.key)]
-            keep = evaluator.select_half[plan.rows]  # the benchmark's select half: no report-half image
-            positions.append(plan.positions.cpu().numpy()[keep])
-            padded = np.full((int(keep.sum()), width), -1, dtype=np.int64)
-            padded[:, : plan.options.shape[1]] = plan.options.cpu().numpy()[keep]
-            options.append(padded)
-    if not positions or not sum(len(p) for p in positions):
-        raise MicromergeError("no select-half questions to estimate statistics on (are the tasks scorable?)")
-    every = Questions(np.concatenate(positions), np.concatenate(options))
-    order = np.random.default_rng(seed).permutation(len(every.positions))[
-        : min(samples, len(every.positions))
-    ]
-    order.sort()
-    return Questions(every.positions[order], every.options[order])
-
-
-def option_log_probs(
-    model: torch.nn.Module, evaluator: Evaluator, questions: Questions, start: int, stop: int
-):
-    """[B, K] log-probabilities of each question's own options (padding at -inf)."""
-    images = F.normalize(
-        model.encode_image(evaluator.pixels.take(questions.positions[start:stop])).float(), dim=-1
-    )
-    ids = questions.options[start:stop]
-    used = np.unique(ids[ids >= 0])
-    tokens = evaluator.tokenizer([evaluator.texts[i] for i in used]).to(evaluator.device)
-    texts = F.normalize(model.encode_text(tokens).float(), dim=-1)
-    local = torch.from_numpy(np.searchsorted(used, ids.clip(min=0))).to(evaluator.device)
-    scores = model.logit_scale.exp() * (images @ texts.T)
-    scores = scores.gather(1, local).masked_fill(
-        torch.from_numpy(ids < 0).to(evaluator.device), float("-inf")
-    )
-    return scores.log_softmax(dim=1)
-
-
-def fisher_diagonal(model: torch.nn.Module, evaluator: Evaluator, questions: Questions, seed: int) -> dict:
+def fisher_diagonal(model: torch.nn.Module, bank: QuestionBank, questions: Questions, seed: int) -> dict:
     model.eval()
     params = {k: p for k, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
     total = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     generator = torch.Generator().manual_seed(seed)
     for index in range(len(questions.positions)):
         model.zero_grad(set_to_none=True)
-        log_probs = option_log_probs(model, evaluator, questions, index, index + 1)[0]
+        log_probs = option_log_probs(model, bank, questions, index, index + 1)[0]
         target = int(torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator))
         log_probs[target].backward()
         for key, param in params.items():
@@ -112,9 +62,7 @@ def fisher_diagonal(model: torch.nn.Module, evaluator: Evaluator, questions: Que
 
 
 @torch.no_grad()
-def gram_matrices(
-    model: torch.nn.Module, evaluator: Evaluator, questions: Questions, batch_size: int
-) -> dict:
+def gram_matrices(model: torch.nn.Module, bank: QuestionBank, questions: Questions, batch_size: int) -> dict:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
@@ -135,7 +83,7 @@ def gram_matrices(
             handles.append(module.register_forward_pre_hook(recorder(f"{name}.weight")))
     try:
         for start in range(0, len(questions.positions), batch_size):
-            option_log_probs(model, evaluator, questions, start, start + batch_size)
+            option_log_probs(model, bank, questions, start, start + batch_size)
     finally:
         for handle in handles:
             handle.remove()
@@ -158,15 +106,17 @@ class StatisticsRequest:
             raise MicromergeError(f"--samples {self.samples}: must be at least 1")
 
 
-def describe(request: StatisticsRequest, bench: Benchmark) -> dict[str, Any]:
+def describe_request(request: StatisticsRequest) -> dict[str, Any]:
     return {
         "kind": request.kind,
-        "data_fingerprint": bench.fingerprint,
-        "split": SPLIT,
         "samples": request.samples,
         "seed": request.seed,
         "targets": "the model's own predictions (no labels)",
     }
+
+
+def describe(request: StatisticsRequest, bench: Benchmark) -> dict[str, Any]:
+    return {**describe_request(request), "data_fingerprint": bench.fingerprint, "split": SPLIT}
 
 
 def model_statistics(
@@ -176,13 +126,19 @@ def model_statistics(
     device: torch.device,
     allow_pickle: bool = False,
     arch: str | None = None,
+    data: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(statistics keyed by state-dict key, their description), computed once and cached."""
+    """(statistics keyed by state-dict key, their description), computed once and cached; on
+    `data` (an image-caption corpus) when given, else on the select half of `settings.data`."""
     settings = replace(settings, protocol="ubench")
-    prepared = prepare(settings, writes_results=False)
+    if data is None:
+        prepared = prepare(settings, writes_results=False)
+        described = describe(request, prepared.bench)
+    else:
+        pairs, corpus = open_corpus(data)
+        described = {**describe_request(request), **corpus}
     with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
-        digest = input_hashes([source])
-        described = {**describe(request, prepared.bench), "model_sha256": sorted(digest.values())}
+        described["model_sha256"] = sorted(input_hashes([source]).values())
         path = (
             Path(settings.cache_dir)
             / "statistics"
@@ -192,12 +148,17 @@ def model_statistics(
             return load_file(str(path)), described
         model, config = load_model(source)
     model = model.to(device)
-    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, device)
-    questions = select_questions(evaluator, request.samples, request.seed)
-    if request.kind == "fisher":
-        stats = fisher_diagonal(model, evaluator, questions, request.seed)
+    if data is None:
+        bank = Evaluator(prepared.bench, prepared.tasks, config, settings, device)
+        questions = select_questions(bank, request.samples, request.seed)
     else:
-        stats = gram_matrices(model, evaluator, questions, request.batch_size)
+        bank, questions = corpus_questions(
+            pairs, config, request.samples, request.seed, device, settings.progress
+        )
+    if request.kind == "fisher":
+        stats = fisher_diagonal(model, bank, questions, request.seed)
+    else:
+        stats = gram_matrices(model, bank, questions, request.batch_size)
     stats = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, "wb") as handle:
@@ -213,8 +174,26 @@ def statistics_input(
     device: torch.device,
     allow_pickle: bool = False,
     arch: str | None = None,
+    model_data: tuple[str | None, ...] = (),
 ) -> StatisticsInput:
-    """Every model's statistics (base first) for a data-aware merge, with what data they came from."""
+    """Every model's statistics (base first) for a data-aware merge, or the coefficients a learned
+    merge learns jointly from all of them, with what data they came from. `model_data`: per model
+    (base first), a corpus of its own to estimate on (None: the select half of `settings.data`)."""
+    if kind not in KINDS:
+        if any(model_data):
+            raise MicromergeError(
+                f"{kind} learns one set of coefficients from μ-Bench's select half: per-model data "
+                "(--base-data/--ft-data) is for fisher and regmean"
+            )
+        from eval.coefficients import learned_coefficients
+
+        return learned_coefficients(kind, models, params, settings, device, allow_pickle, arch)
+    if len(model_data) > len(models):
+        raise MicromergeError(f"{len(model_data)} per-model data given for {len(models)} models")
+    data = (*model_data, *[None] * (len(models) - len(model_data)))
     request = StatisticsRequest(kind, params.samples, params.seed)
-    computed = [model_statistics(m, request, settings, device, allow_pickle, arch) for m in models]
+    computed = [
+        model_statistics(m, request, settings, device, allow_pickle, arch, d)
+        for m, d in zip(models, data, strict=True)
+    ]
     return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])

@@ -26,6 +26,13 @@ from micromerge.errors import MicromergeError
 SCHEMA_VERSION = 1
 
 
+def coefficients_file(store: str | Path, described: dict[str, Any]) -> Path:
+    """Where a sweep keeps the coefficients a learned merge used, beside its store (the rows carry
+    only their sha256): `<store>.coefficients/<sha256[:16]>.json`."""
+    store = Path(store)
+    return store.with_name(store.name + ".coefficients") / f"{described['coefficients_sha256'][:16]}.json"
+
+
 def _is_row(row: Any) -> bool:
     """The shape every reader relies on."""
     if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:

@@ -20,20 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save
-from tqdm import tqdm
 
 import micromerge
 from eval.images import resident_on_device
+from eval.pairs import DecodedData, decode_checked, load_pairs
 from finetune.config import FinetuneConfig
-from finetune.data import DecodedData, decode_checked, load_pairs
 from finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from merging.execute import input_hashes
+from merging.model_card import write_model_card
 from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from merging.plan import LOGIT_SCALE_MAX
 from merging.sources import open_source
 from micromerge.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
 from micromerge.errors import MicromergeError
 from micromerge.hashing import sha256_json
+from micromerge.progress import progress_bar
 
 # Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
 LOSS_READ_EVERY = 10
@@ -77,7 +78,13 @@ def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
     if holds_run and cfg.force:
         if is_main:
             shutil.rmtree(state_dir, ignore_errors=True)
-            for name in ("manifest.json", "model.safetensors", "head.safetensors", "train_log.jsonl"):
+            for name in (
+                "manifest.json",
+                "model.safetensors",
+                "head.safetensors",
+                "train_log.jsonl",
+                "README.md",
+            ):
                 (cfg.out / name).unlink(missing_ok=True)
         return None
     if holds_run and not cfg.resume:
@@ -271,7 +278,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     clip = (
         accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
     )
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps,
         initial=micro_step // cfg.accum_steps,
         desc=f"finetune {cfg.mode}",
@@ -361,7 +368,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
 
 def _record_losses(
-    pending: list[tuple[int, float, float, torch.Tensor]], history: list[dict[str, Any]], bar: tqdm
+    pending: list[tuple[int, float, float, torch.Tensor]], history: list[dict[str, Any]], bar: Any
 ) -> None:
     """Read the pending steps' losses into the history: one device sync for several steps."""
     for step, lr, rate, loss in pending:
@@ -475,5 +482,8 @@ def _write_final(
             "images_seen": seen,
             "images_per_s": round(seen / max(seconds, 1e-9), 1),
         },
+    )
+    write_model_card(
+        cfg.out, str(cfg.out / "model.safetensors"), [cfg.out / "model.safetensors"], "open_clip"
     )
     shutil.rmtree(cfg.out / "state", ignore_errors=True)

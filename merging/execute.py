@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from merging.backend import ArrayBackend
 from merging.dtypes import READABLE_NAMES
@@ -28,6 +27,7 @@ from merging.writer import SafetensorsStreamWriter
 from micromerge.atomic import write_json_atomic
 from micromerge.errors import MicromergeError
 from micromerge.hashing import default_cache_dir, sha256_file
+from micromerge.progress import progress_bar
 from micromerge.provenance import provenance
 
 Sink = Callable[[str, Any], None]
@@ -81,7 +81,9 @@ def stream_merge(
     largest = max((p.meta.numel for p in plans if p.merged), default=0)
     context = method.prepare(streamed_scan(plans, base, finetuned, backend, statistics), spec.params)
     scratch = backend.empty_float32(largest)
-    for key in tqdm(order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False):
+    for key in progress_bar(
+        order, desc=f"merge ({method.name})", unit="tensor", disable=not progress, leave=False
+    ):
         plan = by_key[key]
         base_array = base.read(key)
         _check_finite(backend, base_array, key, base.label, spec.allow_nonfinite)
@@ -112,10 +114,22 @@ def _file_metadata(record: dict[str, Any], base: TensorSource) -> dict[str, str]
 
 @dataclass(frozen=True)
 class StatisticsInput:
-    """Per-model statistics for a data-aware method (base first) and what data they came from."""
+    """What a data-aware method merges with (per-model statistics, base first, or one learned
+    coefficient table) and what data they came from."""
 
-    values: tuple[dict[str, Any], ...]
+    values: tuple[Any, ...]
     described: list[dict[str, Any]]
+    attachment: dict[str, Any] | None = None
+    """Learned coefficients (table, loss history, data) to keep beside the output as
+    `<out>.coefficients.json`, where users and the report read them."""
+
+    def keep_beside(self, out_path: Path) -> dict[str, str]:
+        """Write the attachment beside `out_path`; the manifest entry naming it (empty if none)."""
+        if self.attachment is None:
+            return {}
+        path = out_path.with_name(out_path.name + ".coefficients.json")
+        write_json_atomic(path, self.attachment)
+        return {"coefficients": path.name}
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,8 @@ def finished_output(
     if not same:
         return None
     manifest_path = out_path.with_name(out_path.name + ".manifest.json")
+    if statistics is not None:
+        statistics.keep_beside(out_path)
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -248,6 +264,7 @@ def merge_to_file(
         "copied_keys": sum(not p.merged for p in plans),
         "logit_scale": f"merged like every parameter, then clamped to <= ln(100) = {LOGIT_SCALE_MAX:.4f}",
         **(extra_manifest or {}),
+        **(statistics.keep_beside(out_path) if statistics else {}),
     }
     manifest_path = out_path.with_name(out_path.name + ".manifest.json")
     write_json_atomic(manifest_path, manifest)

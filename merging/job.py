@@ -28,6 +28,8 @@ JOB_KEYS = {
     "weights",
     *TUNABLE,
     "data",
+    "base_data",
+    "ft_data",
     "cache_dir",
     "seed",
     "include",
@@ -120,6 +122,8 @@ class MergeJob:
     arch: str | None = None
     data: str | None = None
     """Data-aware methods: the μ-Bench copy whose select half the statistics are estimated on."""
+    model_data: tuple[str | None, ...] = ()
+    """Fisher/RegMean: per model (base first), a corpus of its own to estimate its statistics on."""
     cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -169,7 +173,7 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MicromergeError(f"--seed {seed!r}: must be a non-negative integer")
-    defaults = MethodParams()
+    defaults = replace(MethodParams(), **dict(get_method(method).param_defaults))
     alpha = values.get("alpha")
     params = MethodParams(
         strength=_finite("--alpha", alpha) if alpha is not None else get_method(method).default_strength,
@@ -183,6 +187,11 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         beta=_number(values, "beta", "--beta", defaults.beta),
         samples=_count(values, "samples", "--samples", defaults.samples),
         offdiag_scale=_number(values, "offdiag_scale", "--offdiag-scale", defaults.offdiag_scale),
+        granularity=str(values.get("granularity") or defaults.granularity),
+        search=str(values.get("search") or defaults.search),
+        steps=_count(values, "steps", "--steps", defaults.steps),
+        learning_rate=_number(values, "learning_rate", "--learning-rate", defaults.learning_rate),
+        init=_number(values, "init", "--init", defaults.init),
         seed=seed,
     )
     check_method_params(get_method(method), params)
@@ -205,8 +214,28 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         allow_pickle=bool(values.get("allow_pickle", False)),
         arch=values.get("arch"),
         data=values.get("data"),
+        model_data=model_data(values, method, len(finetuned)),
         cache_dir=values.get("cache_dir"),
     )
+
+
+def model_data(values: dict[str, Any], method: str, count: int) -> tuple[str | None, ...]:
+    """--base-data and --ft-data (one per --ft, in order) as data per model, base first."""
+    base = values.get("base_data") or None
+    finetuned = values.get("ft_data") or []
+    if isinstance(finetuned, str):
+        finetuned = [finetuned]
+    if not base and not finetuned:
+        return ()
+    if get_method(method).statistics not in ("fisher", "gram"):
+        raise MicromergeError(
+            f"--base-data/--ft-data: only fisher and regmean estimate per-model statistics ({method} does not)"
+        )
+    if finetuned and len(finetuned) != count:
+        raise MicromergeError(
+            f"--ft-data given {len(finetuned)} times for {count} --ft: give one per --ft, in order"
+        )
+    return (base, *(finetuned or [None] * count))
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -23,6 +23,17 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def image_size(model_config: dict[str, Any]) -> int:
+    """The square input size the model's vision tower takes."""
+    return int(model_config.get("vision_cfg", {}).get("image_size", 224))
+
+
+def normalisation(model_config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) the model's images are normalised with (OpenAI CLIP's unless its config says)."""
+    preprocess = model_config.get("preprocess_cfg", {})
+    return torch.tensor(preprocess.get("mean", OPENAI_MEAN)), torch.tensor(preprocess.get("std", OPENAI_STD))
+
+
 @cache
 def _project_config(name: str) -> str | None:
     path = CONFIG_DIR / f"{name}.json"

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES
-from merging.methods import MergeMethod, MethodParams, get_method
+from merging.methods import GRANULARITIES, SEARCHES, MergeMethod, MethodParams, get_method
 from merging.rules import KeyRules
 from merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
 from micromerge.errors import MicromergeError
@@ -77,6 +77,12 @@ def check_method_params(method: MergeMethod, params: MethodParams) -> None:
         raise MicromergeError(f"--slerp-scope {params.slerp_scope!r}: choose one of {list(SLERP_SCOPES)}")
     if "offdiag_scale" in method.uses and not 0.0 <= params.offdiag_scale <= 1.0:
         raise MicromergeError(f"--offdiag-scale {params.offdiag_scale}: must be in [0, 1]")
+    if "granularity" in method.uses and params.granularity not in GRANULARITIES:
+        raise MicromergeError(f"--granularity {params.granularity!r}: choose one of {list(GRANULARITIES)}")
+    if "search" in method.uses and params.search not in SEARCHES:
+        raise MicromergeError(f"--search {params.search!r}: choose one of {list(SEARCHES)}")
+    if "learning_rate" in method.uses and not params.learning_rate > 0:
+        raise MicromergeError(f"--learning-rate {params.learning_rate}: must be positive")
     if "gamma" in method.uses and not 0.0 <= params.gamma < 1.0:
         raise MicromergeError(f"--gamma {params.gamma}: must be in [0, 1)")
     if (

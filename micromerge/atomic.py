@@ -37,6 +37,7 @@ def atomic_output(path: str | Path, mode: str = "wb", force: bool = True) -> Ite
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
         )
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide every output from the group
     except OSError as exc:
         raise MicromergeError(
             f"{target}: cannot write here ({exc.strerror or exc}); choose another --out"
@@ -57,6 +58,20 @@ def atomic_output(path: str | Path, mode: str = "wb", force: bool = True) -> Ite
     except BaseException:
         _remove_quietly(tmp_name)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask sets as it reads,
+    which would race with threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _exists_error(target: Path) -> MicromergeError:

@@ -43,6 +43,27 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+ARCH = click.option(
+    "--arch", help="Architecture name when a checkpoint does not say (e.g. ViT-B-32-quickgelu)."
+)
+ALLOW_PICKLE = click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read pickles that hold Python objects (restricted unpickler, no code run).",
+)
+CACHE_DIR = click.option(
+    "--cache-dir", type=click.Path(), help="Image and statistics cache (default: ~/.cache/micromerge)."
+)
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+SEED = click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
+INCLUDE = click.option(
+    "--include", multiple=True, help="Only keys matching this glob (or re:REGEX); the others from the base."
+)
+EXCLUDE = click.option("--exclude", multiple=True, help="Never keys matching this glob (or re:REGEX).")
+"""Options several commands take, declared once."""
+
+
 def method_options(func):
     """The method parameters `merge` and `sweep` share (merging.methods.TUNABLE, one option each);
     None means the method's default (MethodParams)."""
@@ -74,15 +95,44 @@ def method_options(func):
         click.option(
             "--samples",
             type=int,
-            help="Fisher/RegMean: select-half questions to estimate each model's statistics on [256].",
+            help="Fisher/RegMean/AdaMerging/supervised-alpha: select-half questions to learn from [256].",
         ),
         click.option(
             "--offdiag-scale", type=float, help="RegMean: Gram off-diagonals scaled by this [0.95]."
         ),
+        click.option(
+            "--granularity",
+            type=click.Choice(["task", "block", "layer"]),
+            help="AdaMerging/supervised-alpha: one coefficient per specialist, per residual block or per "
+            "parameter tensor [layer; block for supervised-alpha].",
+        ),
+        click.option(
+            "--search",
+            type=click.Choice(["gradient", "grid"]),
+            help="supervised-alpha: Adam on the zero-shot cross-entropy, or a coordinate grid search [gradient].",
+        ),
+        click.option("--steps", type=int, help="AdaMerging/supervised-alpha: Adam steps [200]."),
+        click.option(
+            "--learning-rate", type=float, help="AdaMerging/supervised-alpha: Adam's learning rate [1e-3]."
+        ),
+        click.option("--init", type=float, help="AdaMerging/supervised-alpha: starting coefficient [0.3]."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def statistics_data_options(func):
+    """Fisher/RegMean: a corpus per model to estimate its statistics on, instead of μ-Bench's select half."""
+    func = click.option(
+        "--ft-data",
+        multiple=True,
+        help="Fisher/RegMean: each specialist's own corpus (its fine-tuning data; repeat, one per --ft, in order).",
+    )(func)
+    return click.option(
+        "--base-data",
+        help="Fisher/RegMean: the base's own corpus (general data: any image-caption format `finetune` reads).",
+    )(func)
 
 
 def explicit_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +171,7 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     default="wise-ft",
     show_default=True,
     help="One of `micromerge methods` (linear, wise-ft, task-arithmetic, ties, dare, slerp, lines, "
-    "lines-ties, model-stock, breadcrumbs, della, tsv, iso-c).",
+    "lines-ties, model-stock, breadcrumbs, della, tsv, iso-c, fisher, regmean, adamerging, supervised-alpha).",
 )
 @click.option(
     "--alpha",
@@ -136,15 +186,12 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     "--weights", help="linear: comma-separated weights, base first (default uniform; not normalised)."
 )
 @method_options
+@statistics_data_options
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for stochastic methods (DARE, DELLA)."
 )
-@click.option(
-    "--include",
-    multiple=True,
-    help="Merge only keys matching this glob (or re:REGEX); others come from the base.",
-)
-@click.option("--exclude", multiple=True, help="Never merge keys matching this glob (or re:REGEX).")
+@INCLUDE
+@EXCLUDE
 @click.option(
     "--alpha-rule", "alpha_rules", multiple=True, help="PATTERN=VALUE: a per-key alpha, first match wins."
 )
@@ -170,27 +217,21 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 )
 @click.option("--out", type=click.Path(dir_okay=True), help="Output .safetensors (or folder with --alphas).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Read pickles that hold Python objects (restricted unpickler, no code run).",
-)
+@ALLOW_PICKLE
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs with NaN/Inf (warn instead of refusing).")
-@click.option("--arch", help="Architecture name when the checkpoint does not say (e.g. ViT-B-32-quickgelu).")
+@ARCH
 @click.option(
     "--data",
     help="Fisher/RegMean: the μ-Bench copy ('ubench' or a folder) whose select half the statistics come from.",
 )
-@click.option(
-    "--cache-dir", type=click.Path(), help="Image and statistics cache (default: ~/.cache/micromerge)."
-)
+@CACHE_DIR
 @click.option(
     "--config",
     "config_file",
     type=click.Path(),
     help="TOML/YAML file with a [merge] table; flags override it.",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@QUIET
 @click.pass_context
 @friendly_errors
 def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **values: Any) -> None:
@@ -223,7 +264,8 @@ def _merge_statistics(job, quiet: bool):
     kind = get_method(job.spec.method).statistics
     if kind is None:
         return None
-    if not job.data:
+    own_data = len(job.model_data) == 1 + len(job.finetuned) and all(job.model_data)
+    if not job.data and not own_data:
         raise MicromergeError(
             f"--method {job.spec.method} learns from data: give --data (a μ-Bench folder, or 'ubench')"
         )
@@ -233,14 +275,16 @@ def _merge_statistics(job, quiet: bool):
     from micromerge.hashing import default_cache_dir
 
     settings = EvalSettings(
-        data=job.data,
+        data=job.data or "",  # every model has data of its own: μ-Bench is not read
         store=Path(os.devnull),  # statistics write no result rows (prepare(writes_results=False))
         cache_dir=Path(job.cache_dir) if job.cache_dir else default_cache_dir(),
         progress=not quiet,
     )
     models = (job.base, *job.finetuned)
     device = resolve_device(job.device)
-    return statistics_input(kind, models, job.spec.params, settings, device, job.allow_pickle, job.arch)
+    return statistics_input(
+        kind, models, job.spec.params, settings, device, job.allow_pickle, job.arch, job.model_data
+    )
 
 
 cli.add_command(merge_command)
@@ -278,26 +322,78 @@ def zoo_command() -> None:
 
 @cli.command("export")
 @click.argument("checkpoint")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write.")
 @click.option(
-    "--out", required=True, type=click.Path(), help="Folder to write (config.json + model.safetensors)."
+    "--format",
+    "fmt",
+    type=click.Choice(["transformers", "open_clip"]),
+    default="transformers",
+    show_default=True,
+    help="transformers: CLIPModel + CLIPProcessor files; open_clip: what `local-dir:`/`hf-hub:` load.",
 )
+@ARCH
 @click.option(
-    "--format", "fmt", type=click.Choice(["transformers"]), default="transformers", show_default=True
+    "--results", type=click.Path(), help="A results store: put this checkpoint's `eval` in its model card."
 )
-@click.option("--arch", help="Architecture name when the checkpoint does not say.")
 @click.option("--force", is_flag=True, help="Overwrite an existing folder's files.")
 @friendly_errors
-def export_command(checkpoint: str, out: str, fmt: str, arch: str | None, force: bool) -> None:
-    """Export a checkpoint as a transformers CLIPModel folder (e.g. a merged PLIP)."""
-    from merging.export import export_transformers
+def export_command(
+    checkpoint: str, out: str, fmt: str, arch: str | None, results: str | None, force: bool
+) -> None:
+    """Export a checkpoint as a folder other tools open (e.g. a merged PLIP), with its model card."""
+    from merging.export import export_checkpoint
 
-    path = export_transformers(checkpoint, out, arch=arch, force=force)
-    click.echo(f"wrote {path}")
+    evaluation = _evaluation_of(checkpoint, results, arch) if results else None
+    path = export_checkpoint(checkpoint, out, fmt, arch=arch, force=force, evaluation=evaluation)
+    click.echo(f"wrote {path} ({fmt}, with README.md)")
+
+
+def _evaluation_of(checkpoint: str, store: str, arch: str | None) -> list[dict[str, Any]]:
+    """The checkpoint's own `eval` rows in the store (matched by sha256): each task's accuracy on
+    all its images, and the paper's headline numbers."""
+    from eval.engine import POOLED
+    from eval.store import ResultStore
+    from merging.execute import input_hashes
+    from merging.sources import open_source
+
+    with open_source(checkpoint, arch=arch) as source:
+        digests = sorted(input_hashes([source]).values())
+    rows = [
+        r
+        for r in ResultStore(Path(store)).rows()
+        if r.get("method") == "none"
+        and sorted(r["model"].get("base_sha256") or []) == digests
+        and r["metric"] == "accuracy"
+        and r["split"] == "all"
+        and r.get("caption_key") in (POOLED, None, "coarse keys pooled", "classification_1")
+    ]
+    if not rows:
+        raise MicromergeError(
+            f"--results {store}: no `micromerge eval` of {checkpoint} in it (matched by sha256)"
+        )
+    return rows
+
+
+@cli.command("push")
+@click.argument("folder", type=click.Path())
+@click.option("--repo", required=True, help="The Hugging Face repo id to create or update (org/name).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--token", envvar="HF_TOKEN", help="A Hugging Face token with write access [env HF_TOKEN].")
+@friendly_errors
+def push_command(folder: str, repo: str, private: bool, token: str | None) -> None:
+    """Upload an exported folder (weights, configs, model card) to the Hugging Face Hub."""
+    from merging.push import push_folder
+
+    click.echo(f"pushed {folder} to {repo}: {push_folder(folder, repo, private, token)}")
 
 
 def _run(command: click.Command, prog_name: str) -> None:
     """Run a click command with usage errors as one line (`error: ...`, exit 2), like every other
-    bad input, instead of click's three (usage, hint, error)."""
+    bad input, instead of click's three (usage, hint, error). Off a terminal, the libraries' own
+    progress bars (datasets, huggingface_hub) stay quiet, as ours print a few lines."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click prints it
@@ -358,7 +454,7 @@ def _eval_options(func):
             show_default=True,
             help="Bootstrap resamples for 95% intervals (0: none).",
         ),
-        click.option("--seed", type=int, default=0, show_default=True),
+        SEED,
         click.option(
             "--protocol",
             type=click.Choice(["ubench", "closed-set"]),
@@ -379,13 +475,11 @@ def _eval_options(func):
             type=click.Path(),
             help="TOML overriding the source metadata table (scale, taxonomy, ...).",
         ),
-        click.option("--device", default="auto", show_default=True),
-        click.option(
-            "--cache-dir", type=click.Path(), help="Image cache folder (default: ~/.cache/micromerge)."
-        ),
-        click.option("--allow-pickle", is_flag=True),
-        click.option("--arch", help="Architecture name when a checkpoint does not say."),
-        click.option("--quiet", is_flag=True),
+        DEVICE,
+        CACHE_DIR,
+        ALLOW_PICKLE,
+        ARCH,
+        QUIET,
     ]
     for option in reversed(options):
         func = option(func)
@@ -549,9 +643,10 @@ def eval_command(model: str, **values: Any) -> None:
 @click.option("--alphas", default="0:1:0.1", show_default=True, help="START:STOP:STEP or a,b,c.")
 @click.option("--weights", help="linear: comma-separated weights.")
 @method_options
-@click.option("--include", multiple=True)
-@click.option("--exclude", multiple=True)
-@click.option("--alpha-rule", "alpha_rules", multiple=True)
+@statistics_data_options
+@INCLUDE
+@EXCLUDE
+@click.option("--alpha-rule", "alpha_rules", multiple=True, help="PATTERN=VALUE: a per-key alpha.")
 @_eval_options
 @friendly_errors
 def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: str, **values: Any) -> None:
@@ -569,6 +664,8 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
             "alphas": alphas,
             "weights": values.pop("weights"),
             **{name: values.pop(name) for name in TUNABLE},
+            "base_data": values.pop("base_data"),
+            "ft_data": list(values.pop("ft_data")),
             "seed": values["seed"],
             "include": list(values.pop("include")),
             "exclude": list(values.pop("exclude")),
@@ -577,7 +674,13 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     )
     settings, state = _eval_settings(values)
     plan = SweepPlan(
-        job.base, job.finetuned, job.spec, job.alphas or (), values["allow_pickle"], values["arch"]
+        job.base,
+        job.finetuned,
+        job.spec,
+        job.alphas or (),
+        values["allow_pickle"],
+        values["arch"],
+        model_data=job.model_data,
     )
     rows = run_sweep(plan, settings, resolve_device(values["device"]))
     state.wait_for_everyone()
@@ -589,8 +692,8 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
 @cli.command("soup")
 @click.option("--base", required=True)
 @click.option("--ft", "finetuned", multiple=True, required=True, help="A fine-tuned model (repeat).")
-@click.option("--include", multiple=True, help="Average only keys matching this glob; others from the base.")
-@click.option("--exclude", multiple=True)
+@INCLUDE
+@EXCLUDE
 @click.option("--out", type=click.Path(), help="Also write the chosen soup as a checkpoint (+ manifest).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @_eval_options
@@ -643,7 +746,7 @@ def _finetune_options(func):
             type=click.Path(),
             help="Run folder (model.safetensors, manifest.json, train_log.jsonl, state/).",
         ),
-        click.option("--arch", help="Architecture name when the base does not say."),
+        ARCH,
         click.option("--epochs", type=int, default=1, show_default=True),
         click.option(
             "--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs)."
@@ -660,7 +763,7 @@ def _finetune_options(func):
         ),
         click.option("--warmup-steps", type=int, default=0, show_default=True),
         click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        SEED,
         click.option(
             "--precision",
             type=click.Choice(["no", "bf16", "fp16"]),
@@ -668,7 +771,7 @@ def _finetune_options(func):
             show_default=True,
             help="Mixed precision on GPU.",
         ),
-        click.option("--device", default="auto", show_default=True, help="auto or cpu."),
+        DEVICE,
         click.option(
             "--save-every",
             type=int,
@@ -687,14 +790,14 @@ def _finetune_options(func):
         click.option("--domain", help="What the specialist is for (e.g. pathology); recorded for analysis."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Discard the run in --out and start over."),
-        click.option("--allow-pickle", is_flag=True),
+        ALLOW_PICKLE,
         click.option(
             "--config",
             "config_file",
             type=click.Path(),
             help="TOML/YAML with a [finetune] table; flags override it.",
         ),
-        click.option("--quiet", is_flag=True),
+        QUIET,
     ]
     for option in reversed(options):
         func = option(func)
@@ -762,7 +865,7 @@ def finetune_supervised(ctx: click.Context, **values: Any) -> None:
     show_default=True,
     help="Where data, checkpoints, results and the report go.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@SEED
 @click.option(
     "--bench-per-class", type=int, default=40, show_default=True, help="Benchmark images per class."
 )
@@ -773,7 +876,7 @@ def finetune_supervised(ctx: click.Context, **values: Any) -> None:
 @click.option("--finetune-epochs", type=int, default=3, show_default=True)
 @click.option("--bootstrap", type=int, default=500, show_default=True)
 @click.option("--fresh", is_flag=True, help="Start over instead of reusing finished stages.")
-@click.option("--quiet", is_flag=True)
+@QUIET
 @friendly_errors
 def demo_command(out: str, quiet: bool, **values: Any) -> None:
     """The whole loop offline: synthetic μ-Bench -> tiny CLIP -> specialist -> sweeps -> report."""
@@ -807,9 +910,9 @@ def report_command(results: str, out: str, target: str | None, metric: str) -> N
 
 @cli.command("ablate")
 @click.argument("config", type=click.Path())
-@click.option("--device", default="auto", show_default=True)
-@click.option("--cache-dir", type=click.Path())
-@click.option("--quiet", is_flag=True)
+@DEVICE
+@CACHE_DIR
+@QUIET
 @friendly_errors
 def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool) -> None:
     """Run a grid (pairs x methods x alphas x rule sets) from a TOML/YAML file through sweep and report."""

@@ -25,7 +25,15 @@ VALUES = {
 }
 
 
-def write_store(path: Path, alphas=(0.0, 0.5, 1.0), drop: tuple[str, float] | None = None) -> Path:
+def write_store(
+    path: Path,
+    alphas=(0.0, 0.5, 1.0),
+    drop: tuple[str, float] | None = None,
+    run_id: str = "r1",
+    method: str = "wise-ft",
+    shift_all: float = 0.0,
+    label: str | None = None,
+) -> Path:
     rows = []
     for (task, level, domain), values in VALUES.items():
         for alpha, value in zip((0.0, 0.5, 1.0), values, strict=True):
@@ -33,10 +41,11 @@ def write_store(path: Path, alphas=(0.0, 0.5, 1.0), drop: tuple[str, float] | No
                 continue
             for split, shift in (("all", 0.0), ("select", 0.0), ("report", -0.01)):
                 for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
-                    v = value + shift
+                    v = value + shift + (shift_all if alpha > 0 else 0.0)
                     rows.append(
                         {
-                            "run_id": "r1",
+                            "run_id": run_id,
+                            **({"label": label} if label else {}),
                             "alpha": alpha,
                             "task": task,
                             "level": level,
@@ -56,7 +65,7 @@ def write_store(path: Path, alphas=(0.0, 0.5, 1.0), drop: tuple[str, float] | No
                             "n_images": 100,
                             "n_corrupt": 0,
                             "n_classes": 3,
-                            "method": "wise-ft",
+                            "method": method,
                             "parameters": {},
                             "model": {"base": "base.safetensors", "finetuned": ["ft.safetensors"]},
                             "dataset": {"source": "fixture", "fingerprint": "abc"},
@@ -110,6 +119,23 @@ def test_figures_have_axes_labels_and_series(tmp_path):
     assert heat.axes[0].get_xlabel() == "α" and "vs base" in heat.axes[1].get_ylabel()
     paths = figures.save(figure, tmp_path / "figs", "acc")
     assert all(p.stat().st_size > 1000 for p in paths) and {p.suffix for p in paths} == {".png", ".svg"}
+
+
+def test_coinciding_curves_are_drawn_once_and_named_for_both(tmp_path):
+    """WiSE-FT and task arithmetic with one specialist are one formula: one line per group, both
+    names in its legend entry; a third method keeps its own line style and marker."""
+    store = write_store(tmp_path / "r.jsonl", label="wise-ft run")
+    write_store(store, run_id="r2", method="task-arithmetic", label="task-arithmetic run")
+    write_store(store, run_id="r3", method="ties", shift_all=-0.05, label="ties run")
+    runs = sorted(load_runs(store), key=lambda r: r.run_id)
+    figure = figures.accuracy_vs_alpha(runs, [summarise(r, "domain:pathology") for r in runs])
+    lines = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
+    labels = [line.get_label() for line in lines]
+    assert len(lines) == 6, labels
+    assert sum(label.startswith("wise-ft run = task-arithmetic run — ") for label in labels) == 3
+    assert sum(label.startswith("ties run — ") for label in labels) == 3
+    styles = {(line.get_linestyle(), line.get_marker()) for line in lines}
+    assert len(styles) == 2, "one line style and marker per drawn run"
 
 
 def test_report_renders_with_embedded_images_and_working_links(tmp_path):

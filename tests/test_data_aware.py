@@ -186,3 +186,73 @@ def test_merge_and_sweep_record_the_data_and_reuse_cached_statistics(tmp_path, s
     assert rows and all(r["parameters"]["statistics"][0]["split"] == "select" for r in rows)
     merged = load_file(str(tmp_path / "r.safetensors"))
     assert set(merged) == set(load_file(models[0]))
+
+
+def write_corpus_folder(folder: Path, seed: int, count: int = 12) -> Path:
+    """An image-caption corpus as `finetune` reads it: PNG files and captions.csv (image,caption)."""
+    import csv
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(folder / "captions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for index in range(count):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+            (folder / f"{index}.png").write_bytes(buffer.getvalue())
+            writer.writerow([f"{index}.png", f"a micrograph of tissue type {index % 5} (corpus {seed})"])
+    return folder
+
+
+def test_a_model_can_have_statistics_on_its_own_corpus(tmp_path, setting):
+    """Matena & Raffel estimate each model's Fisher on its own task's data: here the specialist's
+    fine-tuning corpus. Each image is asked to choose its own caption among distinct captions."""
+    from eval.corpus_questions import CORPUS_OPTIONS, corpus_questions, open_corpus
+
+    settings, models = setting
+    corpus = write_corpus_folder(tmp_path / "corpus", seed=1)
+    pairs, described = open_corpus(str(corpus))
+    with open_source(models[1]) as source:
+        _, config = load_model(source)
+    bank, questions = corpus_questions(
+        pairs, config, samples=10, seed=0, device=torch.device("cpu"), progress=False
+    )
+    assert len(questions) == 10 and questions.options.shape[1] == min(CORPUS_OPTIONS, 5)
+    for position, options in zip(questions.positions, questions.options, strict=True):
+        caption = pairs.captions[np.sort(np.random.default_rng(0).permutation(12)[:10])[position]]
+        assert bank.texts[options[0]] == caption, "the image's own caption is among its options"
+        assert len(set(options.tolist())) == len(options), "distinct options"
+    request = StatisticsRequest("fisher", samples=10)
+    own, own_described = model_statistics(models[1], request, settings, torch.device("cpu"), data=str(corpus))
+    bench, _ = model_statistics(models[1], request, settings, torch.device("cpu"))
+    assert own_described["split"] == "corpus" and own_described["data"] == str(corpus)
+    assert own_described["data_fingerprint"] == described["data_fingerprint"]
+    assert any(not torch.equal(own[k], bench[k]) for k in own), "other data, other Fishers"
+
+
+def test_merge_takes_each_models_own_corpus(tmp_path, setting):
+    settings, models = setting
+    general, special = (
+        write_corpus_folder(tmp_path / "general", 0),
+        write_corpus_folder(tmp_path / "special", 1),
+    )
+    args = ["merge", "--base", models[0], "--ft", models[1], "--method", "fisher", "--samples", "8"]
+    args += ["--cache-dir", str(settings.cache_dir), "--quiet", "--out", str(tmp_path / "f.safetensors")]
+    own = CliRunner().invoke(cli, [*args, "--base-data", str(general), "--ft-data", str(special)])
+    assert own.exit_code == 0, own.output
+    described = json.loads((tmp_path / "f.safetensors.manifest.json").read_text())["statistics"]
+    assert [d["data"] for d in described] == [str(general), str(special)]
+    mixed = CliRunner().invoke(cli, [*args, "--force", "--ft-data", str(special), "--data", settings.data])
+    assert mixed.exit_code == 0, mixed.output
+    described = json.loads((tmp_path / "f.safetensors.manifest.json").read_text())["statistics"]
+    assert [d["split"] for d in described] == ["select", "corpus"], "the base on μ-Bench's select half"
+    alone = CliRunner().invoke(cli, [*args, "--force", "--ft-data", str(special)])
+    assert alone.exit_code == 2 and "give --data" in alone.output
+    free = CliRunner().invoke(cli, [*args[:5], "--method", "wise-ft", "--base-data", str(general)])
+    assert free.exit_code == 2 and "only fisher and regmean" in free.output
+    count = CliRunner().invoke(cli, [*args, "--ft-data", str(special), "--ft-data", str(general)])
+    assert count.exit_code == 2 and "one per --ft" in count.output

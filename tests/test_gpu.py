@@ -175,3 +175,31 @@ def _log(run_dir, device, precision):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["device"].split(":")[0] == device and manifest["mixed_precision"] == precision
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["fisher", "gram", "adamerging", "supervised"])
+def test_statistics_and_learned_coefficients_on_cuda_agree_with_cpu(tmp_path, models, kind):
+    """Issue 14 on CUDA: the same select-half questions give the same Fishers, Grams and learned
+    coefficients (float32 both sides; reductions differ in order, hence the tolerances)."""
+    from eval.statistics import statistics_input
+
+    bench = write_fixture(tmp_path / "bench", fmt="save_to_disk", per_class=4)
+    params = MethodParams(samples=24, steps=10, learning_rate=0.05, granularity="block")
+    results = {}
+    for device in ("cpu", "cuda"):
+        settings = EvalSettings(
+            data=str(bench),
+            store=tmp_path / "s.jsonl",
+            cache_dir=tmp_path / f"cache-{device}",
+            progress=False,
+        )
+        results[device] = statistics_input(
+            kind, tuple(str(m) for m in models), params, settings, torch.device(device)
+        )
+    if kind in ("fisher", "gram"):
+        for cpu, cuda in zip(results["cpu"].values, results["cuda"].values, strict=True):
+            for key in cpu:
+                torch.testing.assert_close(cuda[key], cpu[key], rtol=1e-3, atol=1e-6, msg=key)
+    else:
+        cpu, cuda = (torch.tensor(r.values[0].values) for r in (results["cpu"], results["cuda"]))
+        torch.testing.assert_close(cuda, cpu, rtol=0, atol=1e-3)

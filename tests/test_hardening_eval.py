@@ -259,3 +259,22 @@ def test_tasks_that_cannot_be_scored_are_named_not_silently_dropped(setup):
     assert not (tmp / "r.jsonl").read_text().strip()
     mixed = CliRunner().invoke(cli, [*args, "--tasks", "stain,modality"])
     assert mixed.exit_code == 0 and "not scored under --protocol closed-set: stain" in mixed.output
+
+
+def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
+    """Off a terminal (CI, `make demo > log`) a bar writes plain lines: at the start, every
+    LOG_INTERVAL seconds and at the end, never a carriage-return redraw."""
+    import io
+
+    from micromerge.progress import progress_bar
+
+    log = io.StringIO()
+    for _ in progress_bar(range(20_000), desc="work", unit="step", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 1 <= len(lines) <= 3, lines
+    assert lines[-1].startswith("work: 100%") and "20000/20000" in lines[-1]
+    silent = io.StringIO()
+    for _ in progress_bar(range(10), desc="quiet", file=silent, disable=True):
+        pass
+    assert silent.getvalue() == ""

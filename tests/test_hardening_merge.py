@@ -70,6 +70,21 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+def test_outputs_get_the_permissions_any_new_file_gets(pair):
+    """A temporary file is created 0600; the published checkpoint, its manifest and every other
+    output get what open() would give them under the umask, so a lab group can read them."""
+    previous = os.umask(0o027)
+    try:
+        result = _merge(pair, "--out", pair / "m.safetensors")
+        assert result.exit_code == 0, result.output
+        with atomic_output(pair / "note.txt", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(previous)
+    for name in ("m.safetensors", "m.safetensors.manifest.json", "note.txt"):
+        assert (pair / name).stat().st_mode & 0o777 == 0o640, name
+
+
 def test_distinct_alphas_get_distinct_files(pair):
     result = _merge(pair, "--alphas", "0.00001,0.00002", "--out", pair / "tiny")
     assert result.exit_code == 0, result.output

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from merging.methods import METHODS, MethodParams, ModelScan
+from merging.methods.learned import CoefficientTable
 from merging.methods.task_vectors import dare_mask
 
 torch.manual_seed(0)
@@ -41,6 +42,8 @@ def test_registry_holds_every_method():
         "iso-c",
         "fisher",
         "regmean",
+        "adamerging",
+        "supervised-alpha",
     }
 
 
@@ -139,10 +142,14 @@ def test_slerp_orthogonal_unit_vectors_and_colinear_fallback():
 
 
 def made_up_statistics(kind: str | None, count: int) -> tuple[dict, ...] | None:
-    """Positive Fishers or positive-definite Grams for the one key "k", different per model."""
+    """Positive Fishers or positive-definite Grams for the one key "k", different per model, or a
+    learned coefficient table (one coefficient per specialist)."""
     if kind is None:
         return None
     generator = torch.Generator().manual_seed(1)
+    if kind in ("adamerging", "supervised"):
+        coefficients = tuple(0.2 + 0.3 * i for i in range(count - 1))
+        return (CoefficientTable(("k",), {"k": 0}, (coefficients,)),)
     if kind == "fisher":
         return tuple({"k": torch.rand(BASE.shape, generator=generator)} for _ in range(count))
     inputs = [torch.randn(100, BASE.shape[1], generator=generator) for _ in range(count)]

@@ -30,6 +30,7 @@ from merging.in_memory import merge_state_dicts
 from merging.job import job_from_mapping, run_merge_job
 from merging.methods import METHODS, MethodParams
 from merging.methods.della import keep_probabilities
+from merging.methods.learned import CoefficientTable, coefficient_group
 from merging.methods.lines import block_depths
 from merging.models import load_model
 from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
@@ -231,10 +232,21 @@ ALL_PARAMS = {"density": 0.3, "beta": 0.4, "gamma": 0.05, "epsilon": 0.1, "seed"
 
 
 def made_up_statistics(kind: str | None, states: list[dict]) -> StatisticsInput | None:
-    """Positive Fishers / positive-definite Grams of the right shapes, different per model."""
+    """Positive Fishers / positive-definite Grams of the right shapes, different per model, or a
+    learned table with a coefficient per residual block and specialist."""
     if kind is None:
         return None
     generator = torch.Generator().manual_seed(0)
+    if kind in ("adamerging", "supervised"):
+        keys = [k for k, v in states[0].items() if v.is_floating_point()]
+        groups: dict[str, int] = {}
+        key_groups = {k: groups.setdefault(coefficient_group(k, "block"), len(groups)) for k in keys}
+        values = tuple(
+            tuple(0.1 * (g + 1) + 0.05 * t for t in range(len(states) - 1)) for g in range(len(groups))
+        )
+        return StatisticsInput(
+            (CoefficientTable(tuple(groups), key_groups, values),), [{"kind": kind, "made_up": True}]
+        )
     values = []
     for state in states:
         if kind == "fisher":

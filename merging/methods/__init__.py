@@ -7,6 +7,7 @@ from merging.methods import (
     della,
     fisher,
     iso_c,
+    learned,
     linear,
     lines,
     model_stock,
@@ -16,7 +17,7 @@ from merging.methods import (
     tsv,
     wise_ft,
 )
-from merging.methods.base import TUNABLE, MergeMethod, MethodParams, ModelScan
+from merging.methods.base import GRANULARITIES, SEARCHES, TUNABLE, MergeMethod, MethodParams, ModelScan
 from micromerge.errors import MicromergeError
 
 METHODS: dict[str, MergeMethod] = {
@@ -37,6 +38,8 @@ METHODS: dict[str, MergeMethod] = {
         iso_c.METHOD,
         fisher.METHOD,
         regmean.METHOD,
+        learned.ADAMERGING,
+        learned.SUPERVISED,
     )
 }
 
@@ -55,4 +58,13 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-__all__ = ["METHODS", "TUNABLE", "MergeMethod", "MethodParams", "ModelScan", "get_method"]
+__all__ = [
+    "GRANULARITIES",
+    "METHODS",
+    "SEARCHES",
+    "TUNABLE",
+    "MergeMethod",
+    "MethodParams",
+    "ModelScan",
+    "get_method",
+]

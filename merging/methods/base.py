@@ -53,7 +53,23 @@ class MethodParams:
     """Fisher/RegMean: select-half questions the statistics are estimated on (FusionBench's default)."""
     offdiag_scale: float = 0.95
     """RegMean: Gram off-diagonals multiplied by this (FusionBench's CLIP default)."""
+    granularity: str = "layer"
+    """AdaMerging/supervised α: one coefficient per specialist ("task"), per residual block ("block")
+    or per parameter tensor ("layer")."""
+    search: str = "gradient"
+    """Supervised α: Adam on the zero-shot cross-entropy ("gradient") or a coordinate grid search ("grid")."""
+    steps: int = 200
+    """AdaMerging/supervised α: Adam steps (FusionBench runs 1000 on GPUs; 200 suits the embedded default)."""
+    learning_rate: float = 1e-3
+    """AdaMerging/supervised α: Adam's learning rate (FusionBench's CLIP default)."""
+    init: float = 0.3
+    """AdaMerging/supervised α: every coefficient's starting value (AdaMerging's prior)."""
 
+
+GRANULARITIES = ("task", "block", "layer")
+"""Learned coefficients: one per specialist, per residual block (and each tower's embeddings and
+head), or per parameter tensor."""
+SEARCHES = ("gradient", "grid")
 
 TUNABLE = (
     "density",
@@ -65,6 +81,11 @@ TUNABLE = (
     "beta",
     "samples",
     "offdiag_scale",
+    "granularity",
+    "search",
+    "steps",
+    "learning_rate",
+    "init",
 )
 """The MethodParams fields a user sets by name: `merge`/`sweep` flags (--drop-rate for drop_rate) and
 config keys. strength (--alpha), weights and seed have flags of their own."""
@@ -107,7 +128,10 @@ class MergeMethod:
     default_strength: float = 0.5
     """The --alpha used when none is given (1.0 where the paper's method has no scalar)."""
     statistics: str | None = None
-    """The per-model statistics a data-aware method merges with ("fisher", "gram"); None: data-free."""
+    """What a data-aware method merges with: per-model statistics ("fisher", "gram") or coefficients
+    learned on the select half ("adamerging", "supervised"); None: data-free."""
+    param_defaults: tuple[tuple[str, Any], ...] = ()
+    """MethodParams defaults this method sets otherwise (the supervised α's granularity is "block")."""
 
     def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
         """Whole-model statistics `merge` needs as `context`; None for per-tensor methods."""

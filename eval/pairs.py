@@ -1,4 +1,6 @@
-"""Training data readers. Every reader yields image payloads ({'bytes'} or {'path'}) plus captions or labels.
+"""Image-caption corpora: what `finetune` trains on and what Fisher/RegMean estimate a model's own
+statistics on (`eval.corpus_questions`). Every reader yields image payloads ({'bytes'} or {'path'})
+plus captions or labels.
 
 Image-caption pairs come from a folder with captions.csv/.jsonl, a Hugging Face dataset (a
 save_to_disk folder or a hub id), or webdataset tar shards (`key.png` + `key.txt` per sample,

@@ -1,0 +1,123 @@
+"""A model card (README.md with Hugging Face metadata) for every folder micromerge hands to others.
+
+What a reader of a merged or fine-tuned checkpoint needs, as mergekit writes it for merges: which
+models went in (and their sha256), the method and its parameters, the evaluation it got if one was
+run, and that the inputs' licences still apply. The facts come from the checkpoint's own provenance
+(its manifest beside it, or the record in its safetensors header), never typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import micromerge
+from merging.tensor_source import parse_safetensors_header
+from micromerge.atomic import write_text_atomic
+from micromerge.errors import MicromergeError
+
+LIBRARIES = {"transformers": "transformers", "open_clip": "open_clip", "micromerge": "open_clip"}
+
+
+def checkpoint_provenance(files: list[Path]) -> dict[str, Any]:
+    """The provenance of a checkpoint: `<file>.manifest.json`, a `manifest.json` beside it, or the
+    record in its safetensors header; {} for a checkpoint micromerge did not make."""
+    for file in files:
+        for manifest in (file.with_name(file.name + ".manifest.json"), file.with_name("manifest.json")):
+            try:
+                return json.loads(manifest.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+        if file.suffix == ".safetensors":
+            try:
+                _, metadata, _ = parse_safetensors_header(file)
+                return json.loads(metadata.get("micromerge.provenance", "{}"))
+            except (MicromergeError, json.JSONDecodeError):
+                continue
+    return {}
+
+
+def _hub_ids(record: dict[str, Any]) -> list[str]:
+    """Inputs that name a Hugging Face repo (hf-hub:org/name), for the card's base_model field."""
+    names = [*record.get("inputs", []), record.get("base") or ""]
+    return sorted({str(n).removeprefix("hf-hub:") for n in names if str(n).startswith("hf-hub:")})
+
+
+def model_card(
+    title: str, record: dict[str, Any], library: str, evaluation: list[dict[str, Any]] | None = None
+) -> str:
+    method = record.get("method") or record.get("kind") or "unknown"
+    header = ["---", f"library_name: {LIBRARIES[library]}", "license: other", "tags:"]
+    header += [f"- {tag}" for tag in ("micromerge", "clip", "microscopy", method)]
+    hub = _hub_ids(record)
+    if hub:
+        header += ["base_model:", *[f"- {name}" for name in hub]]
+    header.append("---")
+    inputs = record.get("inputs_sha256") or (
+        {record["base"]: record.get("base_sha256")} if record.get("base") else {}
+    )
+    lines = [
+        *header,
+        "",
+        f"# {title}",
+        "",
+        f"Made with micromerge {micromerge.__version__} (`{method}`)."
+        if record
+        else "Exported by micromerge.",
+        "",
+        "## How it was made",
+        "",
+    ]
+    if record:
+        lines += [
+            "| input | sha256 |",
+            "|---|---|",
+            *[f"| `{name}` | `{digest}` |" for name, digest in inputs.items()],
+            "",
+            "Parameters:",
+            "",
+            "```json",
+            json.dumps(
+                record.get("parameters") or record.get("hyperparameters") or {}, indent=2, sort_keys=True
+            ),
+            "```",
+            "",
+        ]
+        if record.get("statistics"):
+            lines += ["Data it learned from (select half of μ-Bench, or each model's own corpus):", ""]
+            lines += ["```json", json.dumps(record["statistics"], indent=2, sort_keys=True), "```", ""]
+    else:
+        lines += ["No micromerge provenance was found beside this checkpoint.", ""]
+    lines += ["## Evaluation", ""]
+    if evaluation:
+        lines += ["| task | split | accuracy | 95% interval |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['task']} | {r['split']} | {100 * r['value']:.1f} % | "
+            f"{100 * r['ci_low']:.1f} – {100 * r['ci_high']:.1f} |"
+            for r in evaluation
+        ]
+        lines.append("")
+    else:
+        lines += ["Not evaluated here (run `micromerge eval` and export with `--results`).", ""]
+    lines += [
+        "## Licence",
+        "",
+        "A merged or fine-tuned model is derived from its inputs: the licence of every input above "
+        "applies to it. Check each one's source before you share or use this model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    folder: Path,
+    checkpoint: str,
+    files: list[Path],
+    library: str,
+    evaluation: list[dict[str, Any]] | None = None,
+) -> Path:
+    record = checkpoint_provenance(files)
+    path = folder / "README.md"
+    write_text_atomic(path, model_card(Path(checkpoint).stem or checkpoint, record, library, evaluation))
+    return path

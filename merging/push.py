@@ -1,0 +1,36 @@
+"""`micromerge push`: upload an exported folder (weights, configs, model card) to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from micromerge.errors import MicromergeError
+
+WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create the model repo if needed and upload the folder as one commit; returns the commit URL."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MicromergeError(
+            f"{folder}: not a folder; `micromerge export CHECKPOINT --out FOLDER` makes one"
+        )
+    if not any((folder / name).is_file() for name in WEIGHTS) or not (folder / "README.md").is_file():
+        raise MicromergeError(
+            f"{folder}: no weights ({' or '.join(WEIGHTS)}) and model card (README.md); export it first"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise MicromergeError("HF_HUB_OFFLINE is set: the hub cannot be reached; unset it to push")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=f"micromerge: upload {folder.name}",
+    )
+    return str(getattr(commit, "commit_url", commit))

@@ -1,0 +1,232 @@
+"""AdaMerging and the supervised per-block α (issue 14): coefficients learned on the select half
+only, merged by their formula, saved beside every output and plotted in the report.
+
+Facts from the public references (read through the search tool): AdaMerging (Yang et al., ICLR
+2024) merges theta = theta_0 + sum_i lambda_i tau_i (task-wise) or lambda_i^l per layer,
+learning lambda by minimising the entropy of predictions on unlabeled test images; FusionBench's
+`config/method/adamerging/clip.yaml`: Adam, lr 1e-3, init_values 0.3, clamp_weights false,
+batch 16 per task, 1000 steps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from analysis.ablate import load_ablation, run_ablation
+from analysis.report import build_report
+from eval.coefficients import FunctionalMerge, _entropy, _Scorer, learned_coefficients
+from eval.engine import Evaluator, prepare
+from eval.statistics import select_questions
+from eval.store import ResultStore, coefficients_file
+from merging.methods import MethodParams
+from merging.methods.learned import coefficient_group
+from merging.models import load_model
+from merging.sources import open_source
+from micromerge.cli import cli
+from tests.test_data_aware import setting, write_noise_png  # noqa: F401 (a fixture)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def three(setting, tmp_path):  # noqa: F811 (the fixture above)
+    """The shared setting with a second specialist: a base and two task vectors."""
+    from tests.helpers import write_checkpoint
+
+    settings, models = setting
+    write_checkpoint(tmp_path / "m2.safetensors", 2)
+    return settings, (*models, str(tmp_path / "m2.safetensors"))
+
+
+def test_groups_are_one_per_task_block_or_tensor():
+    keys = [
+        "positional_embedding",
+        "visual.conv1.weight",
+        "visual.transformer.resblocks.3.mlp.c_fc.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "visual.proj",
+        "logit_scale",
+    ]
+    assert {coefficient_group(k, "task") for k in keys} == {"all"}
+    assert [coefficient_group(k, "block") for k in keys] == [
+        "text.embeddings",
+        "visual.embeddings",
+        "visual.transformer.resblocks.3",
+        "transformer.resblocks.0",
+        "visual.head",
+        "text.head",
+    ]
+    assert [coefficient_group(k, "layer") for k in keys] == keys
+
+
+def _entropy_at(coefficients, settings, models) -> float:
+    """Mean entropy over every drawn select-half question, at the base model's temperature."""
+    prepared = prepare(settings, writes_results=False)
+    with open_source(models[0]) as source:
+        model, config = load_model(source)
+    finetuned = [load_file(m) for m in models[1:]]
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, CPU)
+    questions = select_questions(evaluator, 256, seed=0)
+    merge = FunctionalMerge(model.requires_grad_(False), finetuned, "layer")
+    with torch.no_grad():
+        log_probs = torch.func.functional_call(_Scorer(model, evaluator), merge(coefficients), (questions,))
+    return float(_entropy(log_probs))
+
+
+def test_adamerging_lowers_the_entropy_and_moves_its_coefficients(three):
+    settings, models = three
+    params = MethodParams(steps=40, learning_rate=0.05)
+    learned = learned_coefficients("adamerging", models, params, settings, CPU)
+    (table,) = learned.values
+    values = torch.tensor(table.values)
+    assert values.shape == (len(table.groups), 2) and len(table.groups) > 20, "layer-wise: one per tensor"
+    moved = (values - 0.3).abs()
+    assert moved.max() > 0.05, "coefficients moved from their start"
+    logit_scale = table.key_groups["logit_scale"]
+    assert torch.equal(values[logit_scale], torch.full((2,), 0.3)), "temperature held: no gradient"
+    before = _entropy_at(torch.full_like(values, 0.3), settings, models)
+    after = _entropy_at(values, settings, models)
+    assert after < before - 0.05, (before, after)
+    described = learned.described[0]
+    assert described["split"] == "select" and described["objective"].endswith("(no labels)")
+    assert described["loss"]["last"] < described["loss"]["first"]
+
+
+def test_a_learned_merge_is_its_formula_and_keeps_its_coefficients_beside_the_checkpoint(tmp_path, three):
+    settings, models = three
+    out = tmp_path / "ada.safetensors"
+    args = ["merge", "--base", models[0], "--ft", models[1], "--ft", models[2], "--method", "adamerging"]
+    args += ["--granularity", "block", "--steps", "5", "--learning-rate", "0.05", "--data", settings.data]
+    args += ["--cache-dir", str(settings.cache_dir), "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "ada.safetensors.manifest.json").read_text())
+    saved = json.loads((tmp_path / "ada.safetensors.coefficients.json").read_text())
+    assert manifest["coefficients"] == "ada.safetensors.coefficients.json"
+    assert manifest["statistics"] == [saved["described"]]
+    assert manifest["parameters"]["granularity"] == "block" and manifest["parameters"]["steps"] == 5
+    assert len(saved["history"]) == 5
+    merged, base = load_file(str(out)), load_file(models[0])
+    specialists = [load_file(m) for m in models[1:]]
+    groups, values = saved["table"]["keys"], saved["table"]["values"]
+    for key, tensor in base.items():
+        expected = tensor + sum(values[groups[key]][i] * (s[key] - tensor) for i, s in enumerate(specialists))
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=0, msg=key)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "kept" in again.output, again.output
+
+
+def _poison(settings, tmp_path, rows: set[int], name: str):
+    """A copy of the benchmark whose `rows` have noise for images and every caption's answer moved."""
+    dataset = datasets.load_from_disk(settings.data)
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))  # corrupt images pass as bytes
+    noise = write_noise_png()
+
+    def poison(row, index):
+        if index not in rows:
+            return {"image": row["image"], "captions": row["captions"]}
+        captions = {
+            key: None
+            if value is None
+            else {**value, "answer_idx": str((int(value["answer_idx"]) + 1) % len(value["options"]))}
+            for key, value in row["captions"].items()
+        }
+        return {"image": {"bytes": noise, "path": None}, "captions": captions}
+
+    dataset.map(poison, with_indices=True).save_to_disk(str(tmp_path / name))
+    return replace(settings, data=str(tmp_path / name))
+
+
+@pytest.mark.parametrize(
+    "search, params",
+    [("gradient", {"steps": 10, "learning_rate": 0.05}), ("grid", {"samples": 24})],
+)
+def test_the_supervised_alpha_never_reads_the_report_half(tmp_path, setting, search, params):  # noqa: F811
+    """Poison the report half (noise images, wrong answers): the coefficients do not change.
+    Poison the select half instead: they do, so the test can see what the search reads."""
+    settings, models = setting
+    prepared = prepare(settings, writes_results=False)
+    with open_source(models[0]) as source:
+        _, config = load_model(source)
+    select = Evaluator(prepared.bench, prepared.tasks, config, settings, CPU).select_half
+    method = MethodParams(granularity="block", search=search, **params)
+
+    def learn(chosen):
+        return learned_coefficients("supervised", tuple(models), method, chosen, CPU)
+
+    clean = learn(settings)
+    report_poisoned = learn(_poison(settings, tmp_path, set(np.flatnonzero(~select).tolist()), "report"))
+    select_poisoned = learn(_poison(settings, tmp_path, set(np.flatnonzero(select).tolist()), "select"))
+    assert report_poisoned.described[0]["data_fingerprint"] != clean.described[0]["data_fingerprint"]
+    assert report_poisoned.values[0].values == clean.values[0].values
+    assert select_poisoned.values[0].values != clean.values[0].values
+    if search == "grid":
+        trace = clean.attachment["history"]
+        assert trace == sorted(trace), "a coordinate step never lowers select-half accuracy"
+
+
+def test_a_sweep_keeps_the_coefficients_beside_its_store_and_the_report_plots_them(tmp_path, setting):  # noqa: F811
+    settings, models = setting
+    args = ["sweep", "--base", models[0], "--ft", models[1], "--method", "supervised-alpha"]
+    args += ["--steps", "5", "--alphas", "0,0.5,1", "--data", settings.data, "--store", str(settings.store)]
+    args += ["--cache-dir", str(settings.cache_dir), "--bootstrap", "0", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = ResultStore(settings.store).rows()
+    described = rows[0]["parameters"]["statistics"][0]
+    assert described["kind"] == "supervised" and described["granularity"] == "block"
+    assert all(r["parameters"]["statistics"] == [described] for r in rows)
+    saved = json.loads(coefficients_file(settings.store, described).read_text())
+    assert saved["described"] == described
+    build_report(settings.store, tmp_path / "report")
+    assert (tmp_path / "report" / "figures" / "coefficients_run0.png").is_file()
+    assert "coefficients_run0.png" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_an_ablation_runs_both_learned_methods(tmp_path, setting):  # noqa: F811
+    settings, models = setting
+    config = tmp_path / "grid.toml"
+    config.write_text(
+        f"""[ablation]
+data = "{settings.data}"
+store = "{tmp_path / "grid.jsonl"}"
+report = "{tmp_path / "report"}"
+alphas = "0,1"
+methods = ["adamerging", "supervised-alpha"]
+bootstrap = 0
+target = "domain:pathology"
+
+[ablation.method_parameters.adamerging]
+steps = 3
+granularity = "task"
+
+[ablation.method_parameters.supervised-alpha]
+search = "grid"
+samples = 8
+
+[[ablation.pairs]]
+name = "one"
+base = "{models[0]}"
+finetuned = ["{models[1]}"]
+"""
+    )
+    ablation = load_ablation(config)
+    run_ablation(ablation, tmp_path / "cache", CPU, progress=False)
+    kinds = {
+        r["method"]: r["parameters"]["statistics"][0]
+        for r in ResultStore(ablation.store).rows()
+        if r["alpha"] is not None
+    }
+    assert kinds["adamerging"]["granularity"] == "task" and kinds["adamerging"]["steps"] == 3
+    assert (
+        kinds["supervised-alpha"]["search"] == "grid" and kinds["supervised-alpha"]["granularity"] == "block"
+    )
+    assert (tmp_path / "report" / "figures" / "coefficients_run1.png").is_file()

@@ -1,0 +1,59 @@
+"""The paired interval on "method A's gain over method B" (issue 14: gains of data-aware merges over
+the best data-free one, with intervals): its value by hand, its interval against an explicit
+question-resampling bootstrap, and the per-question outcomes it pairs against the evaluator's rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eval.engine import POOLED, Evaluator, prepare
+from eval.metrics import paired_task_mean_difference
+from merging.models import load_model
+from merging.sources import open_source
+from tests.test_data_aware import setting  # noqa: F401 (a fixture)
+
+
+def test_the_point_value_is_the_mean_of_per_task_accuracy_differences():
+    a = [np.array([1, 1, 0, 1]), np.array([1, 0])]
+    b = [np.array([1, 0, 0, 0]), np.array([1, 1])]
+    result = paired_task_mean_difference(list(zip(a, b, strict=True)), bootstrap=0)
+    assert result["value"] == pytest.approx(((3 - 1) / 4 + (1 - 2) / 2) / 2, abs=1e-12)
+    same = paired_task_mean_difference([(a[0], a[0]), (a[1], a[1])], bootstrap=500)
+    assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}, "identical models: no spread at all"
+
+
+def test_the_interval_matches_resampling_questions():
+    rng = np.random.default_rng(0)
+    pairs = []
+    for n, pa, pb in ((300, 0.7, 0.6), (120, 0.5, 0.55), (80, 0.9, 0.8)):
+        shared = rng.random(n)
+        pairs.append((shared < pa, (shared + rng.normal(0, 0.2, n)) < pb))  # correlated, as merges are
+    fast = paired_task_mean_difference(pairs, bootstrap=20_000, seed=1)
+    explicit = np.zeros(20_000)
+    for a, b in pairs:
+        picks = rng.integers(0, len(a), (20_000, len(a)))
+        explicit += (a[picks].mean(axis=1) - b[picks].mean(axis=1)) / len(pairs)
+    low, high = np.percentile(explicit, [2.5, 97.5])
+    assert fast["ci_low"] == pytest.approx(low, abs=0.006) and fast["ci_high"] == pytest.approx(
+        high, abs=0.006
+    )
+    assert fast["ci_low"] < fast["value"] < fast["ci_high"]
+
+
+def test_paired_outcomes_are_the_evaluators_report_half(setting):  # noqa: F811
+    settings, models = setting
+    prepared = prepare(settings)
+    with open_source(models[1]) as source:
+        model, config = load_model(source)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    paired = evaluator.task_correctness(model, "report")
+    rows = {
+        r["task"]: r["value"]
+        for r in evaluator.evaluate(model)
+        if r["split"] == "report" and r["caption_key"] == POOLED and r["metric"] == "accuracy"
+    }
+    assert set(paired) == set(rows) and paired
+    for task, correct in paired.items():
+        assert correct.mean() == pytest.approx(rows[task], abs=1e-12), task
