@@ -6,6 +6,7 @@ axes with units. Functions return the matplotlib Figure so tests can inspect it.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -14,9 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
-
-from analysis.metrics import Summary, _control_curve, curve, task_changes  # noqa: E402
-from analysis.tables import Run  # noqa: E402
+from micromerge.analysis.metrics import Summary, _control_curve, curve, task_changes  # noqa: E402
+from micromerge.analysis.tables import Run  # noqa: E402
 
 PALETTE = sns.color_palette("colorblind")
 
@@ -34,12 +34,37 @@ STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
+def _short_labels(runs: list[Run]) -> tuple[list[str], str]:
+    """Run labels without the ending they all share (e.g. ": base + pathology specialist"), and that
+    ending; runs that share a label (an older run kept in the store) are told apart by run id."""
+    labels = [run.label for run in runs]
+    distinct = list(dict.fromkeys(labels))
+    shared = ""
+    if len(distinct) > 1:
+        shared = distinct[0]
+        for label in distinct[1:]:
+            while not label.endswith(shared):
+                shared = shared[1:]
+        cut = shared.find(" ")  # end at a word boundary: never cut a name in half
+        shared = shared[cut:] if cut > 0 else ""
+        if any(len(label) <= len(shared) for label in distinct):
+            shared = ""
+    short = [label[: len(label) - len(shared)].rstrip(" :—") if shared else label for label in labels]
+    counts = Counter(short)
+    named = [
+        s + (f" (run {run.run_id[:6]})" if counts[s] > 1 else "") for s, run in zip(short, runs, strict=True)
+    ]
+    return named, shared.strip(" :—")
+
+
 def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> plt.Figure:
     """Group means with interval bands; end points marked; the chosen alpha marked. Several runs share
     axes: colour = group, line style and marker = run (method). A curve identical to one already drawn
     (WiSE-FT and task arithmetic with one specialist are one formula) is drawn once, named for both."""
-    figure, ax = plt.subplots(figsize=(7, 4.5))
+    figure, ax = plt.subplots(figsize=(8, 5))
+    names, shared = _short_labels(runs)
     drawn: dict[tuple, dict] = {}  # (group, alphas, values) -> the line drawn for it and its names
+    chosen: dict[float, list[str]] = {}
     for r_index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
         style, marker = STYLES[r_index % len(STYLES)], MARKERS[r_index % len(MARKERS)]
         for g_index, group in enumerate([summary.target, *summary.controls, None]):
@@ -48,13 +73,13 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
                 continue
             key = (group, tuple(frame["alpha"].round(10)), tuple(frame["value"].round(10)))
             if key in drawn:
-                drawn[key]["names"].append(run.label)
+                drawn[key]["names"].setdefault(names[r_index])
                 continue
             color = PALETTE[g_index % len(PALETTE)]
             (line,) = ax.plot(
                 frame["alpha"], frame["value"] * 100, style, color=color, marker=marker, markersize=4
             )
-            drawn[key] = {"line": line, "names": [run.label], "group": group or "all tasks"}
+            drawn[key] = {"line": line, "names": {names[r_index]: None}, "group": group or "all tasks"}
             ax.fill_between(
                 frame["alpha"], frame["ci_low"] * 100, frame["ci_high"] * 100, color=color, alpha=0.12
             )
@@ -69,26 +94,22 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
             )
         best = summary.best_alpha["all_task_mean"]
         ax.axvline(best, color="grey", linestyle=style, linewidth=1)
-        ax.text(
-            best,
-            1.01 + 0.035 * (r_index % 3),
-            f"α={best:g}",
-            transform=ax.get_xaxis_transform(),
-            fontsize=7,
-            ha="center",
-            va="bottom",
-            color="grey",
-        )
+        chosen.setdefault(best, [])
+    for best in chosen:
+        ax.text(best, 1.01, f"α={best:g}", transform=ax.get_xaxis_transform(), fontsize=7, ha="center",
+                va="bottom", color="grey")  # fmt: skip
     for entry in drawn.values():
         entry["line"].set_label(f"{' = '.join(entry['names'])} — {entry['group']}")
     ax.set_xlabel("interpolation weight α (0 = base, 1 = fine-tuned)")
     ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)")
     ax.set_title(
-        "Accuracy versus α (bands: mean of per-task 95% bootstrap intervals;\nvertical lines: α chosen on the select half)",
+        "Accuracy versus α"
+        + (f" ({shared})" if shared else "")
+        + "\nbands: mean of per-task 95% bootstrap intervals; vertical lines: α chosen on the select half",
         fontsize=9,
-        pad=22,
+        pad=16,
     )
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     return figure
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+from micromerge.analysis.tables import Run
 
-from analysis.tables import Run
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 CRITERIA = ("all_task_mean", "worst_group", "harmonic_target_control")
 GROUP_KINDS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale")

@@ -22,18 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from micromerge.analysis.metrics import curve
+from micromerge.analysis.tables import load_runs
+from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
+from micromerge.eval.store import ResultStore
+from micromerge.merging.execute import MergeOutput
+from micromerge.merging.job import job_from_mapping, run_merge_job
+from micromerge.merging.methods import MethodParams
+from micromerge.merging.plan import MergeSpec
+from micromerge.merging.rules import KeyRules
 
-from analysis.metrics import curve
-from analysis.tables import load_runs
-from eval.engine import EvalSettings, SweepPlan, run_sweep
-from eval.store import ResultStore
-from merging.execute import MergeOutput
-from merging.job import job_from_mapping, run_merge_job
-from merging.methods import MethodParams
-from merging.plan import MergeSpec
-from merging.rules import KeyRules
-from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_json
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
 
 GREEDY_SOUP = "greedy-soup"
 SELECTION = "select-half all-task mean accuracy; an ingredient joins when it does not drop (>=)"

@@ -30,7 +30,7 @@ from sweep_bench import make_fixture
 MAKE = """
 import sys, torch
 from safetensors.torch import save_file
-from merging.models import build_model, get_model_config
+from micromerge.merging.models import build_model, get_model_config
 folder, arch = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 base = {k: v.contiguous() for k, v in build_model(get_model_config(arch)).state_dict().items() if k != "attn_mask"}
@@ -44,9 +44,9 @@ for index in (1, 2):
 RUN = """
 import json, resource, sys, time, torch
 from pathlib import Path
-from eval.engine import EvalSettings
-from eval.statistics import statistics_input
-from merging.methods import MethodParams
+from micromerge.eval.engine import EvalSettings
+from micromerge.eval.statistics import statistics_input
+from micromerge.merging.methods import MethodParams
 kind, folder, data, cache, device, samples, steps = sys.argv[1:8]
 device = torch.device(device)
 settings = EvalSettings(data=data, store=Path(folder) / "unused.jsonl", cache_dir=Path(cache), progress=False,

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from eval.pairs import decode_checked, load_pairs
-from eval.synthetic.generate import write_corpus
-from eval.zeroshot import autocast_for
-from finetune.config import FinetuneConfig
-from finetune.losses import clip_loss
-from finetune.trainer import run_finetune
-from merging.models import OPENAI_MEAN, OPENAI_STD, build_model, get_model_config, tokenizer_for
+from micromerge.eval.pairs import decode_checked, load_pairs
+from micromerge.eval.synthetic.generate import write_corpus
+from micromerge.eval.zeroshot import autocast_for
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.losses import clip_loss
+from micromerge.finetune.trainer import run_finetune
+from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, build_model, get_model_config, tokenizer_for
 
 
 def plain_loop(data_dir: Path, steps: int, batch: int, lr: float, arch: str, device: torch.device) -> float:

@@ -46,7 +46,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 MAKE = """
 import sys, torch
 from safetensors.torch import save_file
-from merging.models import build_model, get_model_config
+from micromerge.merging.models import build_model, get_model_config
 folder = sys.argv[1]
 for seed in (0, 1):
     torch.manual_seed(seed)
@@ -101,7 +101,7 @@ def _time_copy_and_merge(
     a: dict, b: dict, out: dict, copy: Callable[[], object], sync: Callable[[], None], repeats: int
 ) -> dict[str, float]:
     """Min over repeats of (c) one flat copy of a checkpoint and the WiSE-FT step into preallocated outputs."""
-    from merging.methods import METHODS, MethodParams
+    from micromerge.merging.methods import METHODS, MethodParams
 
     copies, merges = [], []
     for _ in range(repeats):

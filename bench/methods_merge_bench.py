@@ -25,7 +25,7 @@ from merge_bench import OURS, timed
 MAKE = """
 import sys, torch
 from safetensors.torch import save_file
-from merging.models import build_model, get_model_config
+from micromerge.merging.models import build_model, get_model_config
 folder = sys.argv[1]
 torch.manual_seed(0)
 base = {k: v.contiguous() for k, v in build_model(get_model_config("ViT-B-16")).state_dict().items() if k != "attn_mask"}
@@ -45,7 +45,7 @@ EXTRA = {
 
 
 def main() -> None:
-    from merging.methods import METHODS
+    from micromerge.merging.methods import METHODS
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")

@@ -35,22 +35,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from micromerge.analysis.metrics import curve, summarise
+from micromerge.analysis.soup import greedy_soup
+from micromerge.analysis.tables import Run, load_runs
+from micromerge.eval.coefficients import LEARNED
+from micromerge.eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_eval, run_sweep
+from micromerge.eval.metrics import paired_task_mean_difference
+from micromerge.eval.statistics import KINDS, statistics_input
+from micromerge.eval.synthetic.generate import write_corpus
+from micromerge.merging.job import job_from_mapping, run_merge_job
+from micromerge.merging.methods import METHODS, MethodParams
+from micromerge.merging.models import load_model
+from micromerge.merging.resident import ResidentMerge
+from micromerge.merging.sources import open_source
 
-from analysis.metrics import curve, summarise
-from analysis.soup import greedy_soup
-from analysis.tables import Run, load_runs
-from eval.coefficients import LEARNED
-from eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_eval, run_sweep
-from eval.metrics import paired_task_mean_difference
-from eval.statistics import KINDS, statistics_input
-from eval.synthetic.generate import write_corpus
-from merging.job import job_from_mapping, run_merge_job
-from merging.methods import METHODS, MethodParams
-from merging.models import load_model
-from merging.resident import ResidentMerge
-from merging.sources import open_source
+from micromerge.core.hashing import default_cache_dir
 from micromerge.demo import DemoConfig, run_demo, train_contrastive
-from micromerge.hashing import default_cache_dir
 
 TARGET = "domain:pathology"
 ALPHAS = "0:1:0.1"

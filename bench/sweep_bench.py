@@ -34,20 +34,19 @@ import datasets
 import numpy as np
 import open_clip
 import torch
+from micromerge.eval.data import load_benchmark
+from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
+from micromerge.eval.hub_layout import HUB_FOLDER, write_hub_layout
+from micromerge.eval.schema import ubench_features
+from micromerge.eval.synthetic.generate import write_benchmark
+from micromerge.eval.synthetic.spec import all_label_names
+from micromerge.eval.tasks import discover_tasks
+from micromerge.eval.zeroshot import autocast_for, class_embeddings
+from micromerge.merging.methods import MethodParams
+from micromerge.merging.models import build_model, get_model_config, tokenizer_for
+from micromerge.merging.plan import MergeSpec
 from PIL import Image
 from safetensors.torch import save_file
-
-from eval.data import load_benchmark
-from eval.engine import EvalSettings, SweepPlan, run_sweep
-from eval.hub_layout import HUB_FOLDER, write_hub_layout
-from eval.schema import ubench_features
-from eval.synthetic.generate import write_benchmark
-from eval.synthetic.spec import all_label_names
-from eval.tasks import discover_tasks
-from eval.zeroshot import autocast_for, class_embeddings
-from merging.methods import MethodParams
-from merging.models import build_model, get_model_config, tokenizer_for
-from merging.plan import MergeSpec
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -168,9 +167,9 @@ def engine_sweep(
 
 def forward_only(bench: Path, cache: Path, base: Path, batch_size: int, device: torch.device) -> float:
     """The model's image forward over the same images, 11 times: pixels already resident, no merge, no scoring."""
-    from eval.images import PixelFeed, build_image_cache
-    from merging.models import OPENAI_MEAN, OPENAI_STD, load_model
-    from merging.sources import open_source
+    from micromerge.eval.images import PixelFeed, build_image_cache
+    from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model
+    from micromerge.merging.sources import open_source
 
     loaded = load_benchmark(str(bench))
     with open_source(str(base)) as source:

@@ -16,25 +16,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from micromerge.eval.data import Benchmark, load_benchmark
+from micromerge.eval.images import ImageCache, PixelFeed, build_image_cache
+from micromerge.eval.metrics import classification_metrics, correctness_metrics
+from micromerge.eval.source_metadata import load_source_table
+from micromerge.eval.store import ResultStore, coefficients_file
+from micromerge.eval.tasks import Task, discover_tasks, select_tasks
+from micromerge.eval.zeroshot import (
+    class_embeddings,
+    image_embeddings,
+    option_correct,
+    predict,
+    text_embeddings,
+)
+from micromerge.merging.execute import input_hashes
+from micromerge.merging.methods import get_method
+from micromerge.merging.models import image_size, load_model, normalisation, tokenizer_for
+from micromerge.merging.plan import MergeSpec
+from micromerge.merging.resident import ResidentMerge
+from micromerge.merging.sources import open_source
 
 import micromerge
-from eval.data import Benchmark, load_benchmark
-from eval.images import ImageCache, PixelFeed, build_image_cache
-from eval.metrics import classification_metrics, correctness_metrics
-from eval.source_metadata import load_source_table
-from eval.store import ResultStore, coefficients_file
-from eval.tasks import Task, discover_tasks, select_tasks
-from eval.zeroshot import class_embeddings, image_embeddings, option_correct, predict, text_embeddings
-from merging.execute import input_hashes
-from merging.methods import get_method
-from merging.models import image_size, load_model, normalisation, tokenizer_for
-from merging.plan import MergeSpec
-from merging.resident import ResidentMerge
-from merging.sources import open_source
-from micromerge.atomic import write_json_atomic
-from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_json
-from micromerge.progress import progress_bar
+from micromerge.core.atomic import write_json_atomic
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
+from micromerge.core.progress import progress_bar
 
 PROTOCOLS = ("ubench", "closed-set")
 HALVES = "per-image"
@@ -489,7 +495,7 @@ def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.devic
     kind = get_method(plan.spec.method).statistics
     if kind is None:
         return None
-    from eval.statistics import statistics_input
+    from micromerge.eval.statistics import statistics_input
 
     models = (plan.base, *plan.finetuned)
     return statistics_input(

@@ -16,8 +16,8 @@ from pathlib import Path
 import datasets
 from datasets.arrow_writer import ArrowWriter
 
-from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_file
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_file
 
 HUB_ID = "jnirschl/uBench"
 HUB_REVISION = "3f2c5b590bc7a208d5b60f3527ce4c76a331aa2b"

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 try:
     import tomllib

@@ -26,19 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from micromerge.eval.corpus_questions import corpus_questions, open_corpus
+from micromerge.eval.data import Benchmark
+from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.questions import QuestionBank, Questions, option_log_probs, select_questions
+from micromerge.merging.execute import StatisticsInput, input_hashes
+from micromerge.merging.methods import MethodParams
+from micromerge.merging.models import load_model
+from micromerge.merging.sources import open_source
 from safetensors.torch import load_file, save
 
-from eval.corpus_questions import corpus_questions, open_corpus
-from eval.data import Benchmark
-from eval.engine import EvalSettings, Evaluator, prepare
-from eval.questions import QuestionBank, Questions, option_log_probs, select_questions
-from merging.execute import StatisticsInput, input_hashes
-from merging.methods import MethodParams
-from merging.models import load_model
-from merging.sources import open_source
-from micromerge.atomic import atomic_output
-from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_json
+from micromerge.core.atomic import atomic_output
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
 
 KINDS = ("fisher", "gram")
 SPLIT = "select"
@@ -185,7 +185,7 @@ def statistics_input(
                 f"{kind} learns one set of coefficients from μ-Bench's select half: per-model data "
                 "(--base-data/--ft-data) is for fisher and regmean"
             )
-        from eval.coefficients import learned_coefficients
+        from micromerge.eval.coefficients import learned_coefficients
 
         return learned_coefficients(kind, models, params, settings, device, allow_pickle, arch)
     if len(model_data) > len(models):

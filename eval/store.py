@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 SCHEMA_VERSION = 1
 

@@ -7,9 +7,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from eval.images import PixelFeed
-from eval.tasks import Task
+from micromerge.eval.images import PixelFeed
+from micromerge.eval.tasks import Task
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from micromerge.eval.images import resident_on_device
+from micromerge.eval.pairs import DecodedData, decode_checked, load_pairs
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
+from micromerge.merging.execute import input_hashes
+from micromerge.merging.model_card import write_model_card
+from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
+from micromerge.merging.plan import LOGIT_SCALE_MAX
+from micromerge.merging.sources import open_source
 from safetensors.torch import save
 
 import micromerge
-from eval.images import resident_on_device
-from eval.pairs import DecodedData, decode_checked, load_pairs
-from finetune.config import FinetuneConfig
-from finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
-from merging.execute import input_hashes
-from merging.model_card import write_model_card
-from merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
-from merging.plan import LOGIT_SCALE_MAX
-from merging.sources import open_source
-from micromerge.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
-from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_json
-from micromerge.progress import progress_bar
+from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
+from micromerge.core.progress import progress_bar
 
 # Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
 LOSS_READ_EVERY = 10
@@ -129,10 +129,9 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             arch_name,
         )
     from datasets import Image
-
-    from eval.data import column_values, load_benchmark
-    from eval.tasks import discover_tasks, select_tasks
-    from eval.zeroshot import class_embeddings
+    from micromerge.eval.data import column_values, load_benchmark
+    from micromerge.eval.tasks import discover_tasks, select_tasks
+    from micromerge.eval.zeroshot import class_embeddings
 
     bench = load_benchmark(cfg.data)
     chosen = select_tasks(discover_tasks(bench.dataset), cfg.task)
@@ -462,7 +461,7 @@ def _write_final(
     }
     metadata = {
         "format": "pt",
-        "micromerge.provenance": json.dumps(manifest, sort_keys=True),
+        "micromerge.core.provenance": json.dumps(manifest, sort_keys=True),
         "micromerge.model_config": json.dumps(prepared.model_config, sort_keys=True),
     }
     if prepared.arch_name:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
-
-from merging.tensor_source import TensorMeta
+from micromerge.merging.tensor_source import TensorMeta
 
 
 class ArrayBackend(Protocol):

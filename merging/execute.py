@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from micromerge.merging.backend import ArrayBackend
+from micromerge.merging.dtypes import READABLE_NAMES
+from micromerge.merging.methods import ModelScan, get_method
+from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
+from micromerge.merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
+from micromerge.merging.writer import SafetensorsStreamWriter
 
-from merging.backend import ArrayBackend
-from merging.dtypes import READABLE_NAMES
-from merging.methods import ModelScan, get_method
-from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
-from merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
-from merging.writer import SafetensorsStreamWriter
-from micromerge.atomic import write_json_atomic
-from micromerge.errors import MicromergeError
-from micromerge.hashing import default_cache_dir, sha256_file
-from micromerge.progress import progress_bar
-from micromerge.provenance import provenance
+from micromerge.core.atomic import write_json_atomic
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import default_cache_dir, sha256_file
+from micromerge.core.progress import progress_bar
+from micromerge.core.provenance import provenance
 
 Sink = Callable[[str, Any], None]
 
@@ -104,7 +104,7 @@ def stream_merge(
 
 
 def _file_metadata(record: dict[str, Any], base: TensorSource) -> dict[str, str]:
-    metadata = {"format": "pt", "micromerge.provenance": json.dumps(record, sort_keys=True)}
+    metadata = {"format": "pt", "micromerge.core.provenance": json.dumps(record, sort_keys=True)}
     if base.arch.name:
         metadata["micromerge.arch"] = base.arch.name
     if base.arch.model_config:
@@ -157,7 +157,7 @@ def finished_output(
     run killed between the checkpoint and its manifest is recovered: the manifest is rewritten."""
     try:
         entries, metadata, _ = parse_safetensors_header(out_path)
-        record = json.loads(metadata.get("micromerge.provenance", "null"))
+        record = json.loads(metadata.get("micromerge.core.provenance", "null"))
     except (MicromergeError, json.JSONDecodeError):
         return None
     if not isinstance(record, dict):

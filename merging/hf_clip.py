@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from merging.tensor_source import Recipe
+from micromerge.merging.tensor_source import Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ def hf_to_openclip_recipes(hf_keys: list[str]) -> dict[str, Recipe]:
         else:
             unknown.append(key)
     if unknown:
-        from micromerge.errors import MicromergeError
+        from micromerge.core.errors import MicromergeError
 
         raise MicromergeError(
             f"transformers CLIP checkpoint has keys with no open_clip equivalent: {unknown[:3]} "
@@ -103,7 +103,7 @@ def openclip_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         elif key == "attn_mask":
             continue
         else:
-            from micromerge.errors import MicromergeError
+            from micromerge.core.errors import MicromergeError
 
             raise MicromergeError(
                 f"cannot export key {key!r} to transformers CLIP format (only ViT CLIPs are supported)"

@@ -9,8 +9,7 @@ job, not this function's.
 from __future__ import annotations
 
 import torch
-
-from merging.methods import MethodParams, ModelScan, get_method
+from micromerge.merging.methods import MethodParams, ModelScan, get_method
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 _WRAPPER_PREFIXES = ("module.", "image_encoder.", "model.")
 

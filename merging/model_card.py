@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from micromerge.merging.tensor_source import parse_safetensors_header
+
 import micromerge
-from merging.tensor_source import parse_safetensors_header
-from micromerge.atomic import write_text_atomic
-from micromerge.errors import MicromergeError
+from micromerge.core.atomic import write_text_atomic
+from micromerge.core.errors import MicromergeError
 
 LIBRARIES = {"transformers": "transformers", "open_clip": "open_clip", "micromerge": "open_clip"}
 
@@ -32,7 +33,7 @@ def checkpoint_provenance(files: list[Path]) -> dict[str, Any]:
         if file.suffix == ".safetensors":
             try:
                 _, metadata, _ = parse_safetensors_header(file)
-                return json.loads(metadata.get("micromerge.provenance", "{}"))
+                return json.loads(metadata.get("micromerge.core.provenance", "{}"))
             except (MicromergeError, json.JSONDecodeError):
                 continue
     return {}

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from merging.tensor_source import TensorMeta
+from micromerge.merging.tensor_source import TensorMeta
 
 NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "F64": np.float64,

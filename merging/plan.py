@@ -10,11 +10,12 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES
-from merging.methods import GRANULARITIES, SEARCHES, MergeMethod, MethodParams, get_method
-from merging.rules import KeyRules
-from merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
-from micromerge.errors import MicromergeError
+from micromerge.merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES
+from micromerge.merging.methods import GRANULARITIES, SEARCHES, MergeMethod, MethodParams, get_method
+from micromerge.merging.rules import KeyRules
+from micromerge.merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
+
+from micromerge.core.errors import MicromergeError
 
 TOPK_SCOPES = ("model", "tensor")
 SLERP_SCOPES = ("tensor", "row")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
 

@@ -11,10 +11,9 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-
-from merging.methods import ModelScan, get_method
-from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec, plan_merge
-from merging.tensor_source import TensorSource
+from micromerge.merging.methods import ModelScan, get_method
+from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec, plan_merge
+from micromerge.merging.tensor_source import TensorSource
 
 
 class ResidentMerge:

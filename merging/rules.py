@@ -10,7 +10,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 
 def _matcher(pattern: str):

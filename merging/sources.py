@@ -17,12 +17,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from merging import hf_clip
-from merging.arch_names import require_known_architecture
-from merging.numpy_backend import NumpyBackend
-from merging.tensor_source import ArchInfo, ArrayView, SafetensorsSource, TensorSource
-from merging.zoo import ZooEntry, load_zoo
-from micromerge.errors import MicromergeError
+from micromerge.merging import hf_clip
+from micromerge.merging.arch_names import require_known_architecture
+from micromerge.merging.numpy_backend import NumpyBackend
+from micromerge.merging.tensor_source import ArchInfo, ArrayView, SafetensorsSource, TensorSource
+from micromerge.merging.zoo import ZooEntry, load_zoo
+
+from micromerge.core.errors import MicromergeError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 ArrayKind = Literal["torch", "numpy"]
@@ -68,7 +69,7 @@ def _require_torch(arrays: ArrayKind, reason: str) -> None:
 def _array_view(arrays: ArrayKind) -> ArrayView:
     if arrays == "numpy":
         return NumpyBackend().view
-    from merging.torch_backend import torch_view
+    from micromerge.merging.torch_backend import torch_view
 
     return torch_view
 
@@ -86,7 +87,7 @@ def _open_path(path: Path, allow_pickle: bool, arrays: ArrayKind = "torch") -> T
         return _maybe_transformers(_open_safetensors([path], str(path), arrays), path.parent, arrays)
     if path.suffix in PICKLE_SUFFIXES:
         _require_torch(arrays, f"{path}: pickled checkpoints are read with torch.load")
-        from merging.torch_sources import open_pickle
+        from micromerge.merging.torch_sources import open_pickle
 
         return _maybe_transformers(open_pickle(path, allow_pickle), path.parent)
     raise MicromergeError(
@@ -123,7 +124,7 @@ def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = 
     if arrays != "torch":
         source.close()
         raise NeedsTorch(f"{source.label}: transformers-format keys are converted with torch")
-    from merging.torch_sources import MappedSource
+    from micromerge.merging.torch_sources import MappedSource
 
     config_path = folder / "config.json"
     arch = ArchInfo()

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from micromerge.merging.dtypes import ITEM_SIZES
 
-from merging.dtypes import ITEM_SIZES
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 _MAX_HEADER = 100 << 20
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from merging.tensor_source import TensorMeta
+from micromerge.merging.tensor_source import TensorMeta
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

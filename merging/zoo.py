@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from checkpoints import CONFIG_DIR, ZOO_FILE
-from micromerge.errors import MicromergeError
+from micromerge.checkpoints import CONFIG_DIR, ZOO_FILE
+
+from micromerge.core.errors import MicromergeError
 
 if sys.version_info >= (3, 11):
     import tomllib

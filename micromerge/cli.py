@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from micromerge import __version__
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -235,9 +235,9 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @click.pass_context
 @friendly_errors
 def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **values: Any) -> None:
-    from merging.job import job_from_mapping, run_merge_job
-    from micromerge.config_files import load_section
-    from micromerge.config_schema import MERGE_SCHEMA
+    from micromerge.core.config_files import load_section
+    from micromerge.core.config_schema import MERGE_SCHEMA
+    from micromerge.merging.job import job_from_mapping, run_merge_job
 
     mapping: dict[str, Any] = {}
     if config_file:
@@ -259,7 +259,7 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
 
 def _merge_statistics(job, quiet: bool):
     """The statistics a data-aware method merges with, estimated on --data's select half."""
-    from merging.methods import get_method
+    from micromerge.merging.methods import get_method
 
     kind = get_method(job.spec.method).statistics
     if kind is None:
@@ -269,10 +269,10 @@ def _merge_statistics(job, quiet: bool):
         raise MicromergeError(
             f"--method {job.spec.method} learns from data: give --data (a μ-Bench folder, or 'ubench')"
         )
-    from eval.engine import EvalSettings
-    from eval.statistics import statistics_input
-    from micromerge.devices import resolve_device
-    from micromerge.hashing import default_cache_dir
+    from micromerge.core.devices import resolve_device
+    from micromerge.core.hashing import default_cache_dir
+    from micromerge.eval.engine import EvalSettings
+    from micromerge.eval.statistics import statistics_input
 
     settings = EvalSettings(
         data=job.data or "",  # every model has data of its own: μ-Bench is not read
@@ -294,7 +294,7 @@ cli.add_command(merge_command)
 @friendly_errors
 def methods_command() -> None:
     """List the merge methods: how many --ft each takes, the parameters it reads, the engines it runs on."""
-    from merging.methods import METHODS
+    from micromerge.merging.methods import METHODS
 
     width = max(len(name) for name in METHODS)
     click.echo(f"{'method':<{width}}  {'--ft':<5} {'engines':<12} parameters / what it does")
@@ -310,7 +310,7 @@ def methods_command() -> None:
 @friendly_errors
 def zoo_command() -> None:
     """List the checkpoint zoo: names, architectures, sources and formats."""
-    from merging.zoo import load_zoo
+    from micromerge.merging.zoo import load_zoo
 
     entries = load_zoo()
     width = max(len(name) for name in entries)
@@ -341,7 +341,7 @@ def export_command(
     checkpoint: str, out: str, fmt: str, arch: str | None, results: str | None, force: bool
 ) -> None:
     """Export a checkpoint as a folder other tools open (e.g. a merged PLIP), with its model card."""
-    from merging.export import export_checkpoint
+    from micromerge.merging.export import export_checkpoint
 
     evaluation = _evaluation_of(checkpoint, results, arch) if results else None
     path = export_checkpoint(checkpoint, out, fmt, arch=arch, force=force, evaluation=evaluation)
@@ -351,10 +351,10 @@ def export_command(
 def _evaluation_of(checkpoint: str, store: str, arch: str | None) -> list[dict[str, Any]]:
     """The checkpoint's own `eval` rows in the store (matched by sha256): each task's accuracy on
     all its images, and the paper's headline numbers."""
-    from eval.engine import POOLED
-    from eval.store import ResultStore
-    from merging.execute import input_hashes
-    from merging.sources import open_source
+    from micromerge.eval.engine import POOLED
+    from micromerge.eval.store import ResultStore
+    from micromerge.merging.execute import input_hashes
+    from micromerge.merging.sources import open_source
 
     with open_source(checkpoint, arch=arch) as source:
         digests = sorted(input_hashes([source]).values())
@@ -382,7 +382,7 @@ def _evaluation_of(checkpoint: str, store: str, arch: str | None) -> list[dict[s
 @friendly_errors
 def push_command(folder: str, repo: str, private: bool, token: str | None) -> None:
     """Upload an exported folder (weights, configs, model card) to the Hugging Face Hub."""
-    from merging.push import push_folder
+    from micromerge.merging.push import push_folder
 
     click.echo(f"pushed {folder} to {repo}: {push_folder(folder, repo, private, token)}")
 
@@ -491,8 +491,8 @@ def _eval_settings(values: dict[str, Any]):
 
     from accelerate import PartialState
 
-    from eval.engine import EvalSettings
-    from micromerge.hashing import default_cache_dir
+    from micromerge.core.hashing import default_cache_dir
+    from micromerge.eval.engine import EvalSettings
 
     state = PartialState(cpu=values["device"] == "cpu")
     settings = EvalSettings(
@@ -515,7 +515,7 @@ def _eval_settings(values: dict[str, Any]):
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    from eval.aggregate import aggregate
+    from micromerge.eval.aggregate import aggregate
 
     by_alpha: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
@@ -553,9 +553,9 @@ def tasks_command(data: str, sources: str | None) -> None:
     """List every task with its images, classes, caption keys and metadata groups."""
     from pathlib import Path
 
-    from eval.data import load_benchmark
-    from eval.source_metadata import load_source_table
-    from eval.tasks import discover_tasks
+    from micromerge.eval.data import load_benchmark
+    from micromerge.eval.source_metadata import load_source_table
+    from micromerge.eval.tasks import discover_tasks
 
     bench = load_benchmark(data)
     click.echo(
@@ -592,8 +592,8 @@ def data_verify_command(path: str, expected: str | None) -> None:
     import json
     from pathlib import Path
 
-    from eval.hub_layout import PUBLISHED_SHARDS, find_hub_layout, verify_shards
-    from micromerge.errors import MicromergeError
+    from micromerge.core.errors import MicromergeError
+    from micromerge.eval.hub_layout import PUBLISHED_SHARDS, find_hub_layout, verify_shards
 
     folder = find_hub_layout(Path(path)) if Path(path).is_dir() else None
     if folder is None:
@@ -627,8 +627,8 @@ def data_verify_command(path: str, expected: str | None) -> None:
 @friendly_errors
 def eval_command(model: str, **values: Any) -> None:
     """Zero-shot evaluation of one checkpoint on every μ-Bench task."""
-    from eval.engine import run_eval
-    from micromerge.devices import resolve_device
+    from micromerge.core.devices import resolve_device
+    from micromerge.eval.engine import run_eval
 
     settings, _ = _eval_settings(values)
     rows = run_eval(model, settings, resolve_device(values["device"]), values["allow_pickle"], values["arch"])
@@ -651,10 +651,10 @@ def eval_command(model: str, **values: Any) -> None:
 @friendly_errors
 def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: str, **values: Any) -> None:
     """Evaluate a merge at every alpha on every task (resumable; `accelerate launch` splits alphas)."""
-    from eval.engine import SweepPlan, run_sweep
-    from merging.job import job_from_mapping
-    from merging.methods import TUNABLE
-    from micromerge.devices import resolve_device
+    from micromerge.core.devices import resolve_device
+    from micromerge.eval.engine import SweepPlan, run_sweep
+    from micromerge.merging.job import job_from_mapping
+    from micromerge.merging.methods import TUNABLE
 
     job = job_from_mapping(
         {
@@ -702,9 +702,9 @@ def soup_command(
     base: str, finetuned: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], **values: Any
 ) -> None:
     """Greedy soup of the base and the fine-tuned models, chosen on the select half, reported on the other."""
-    from analysis.soup import greedy_soup, write_soup
-    from merging.rules import KeyRules
-    from micromerge.devices import resolve_device
+    from micromerge.analysis.soup import greedy_soup, write_soup
+    from micromerge.core.devices import resolve_device
+    from micromerge.merging.rules import KeyRules
 
     out, force = values.pop("out"), values.pop("force")
     settings, state = _eval_settings(values)
@@ -729,7 +729,7 @@ def soup_command(
 
 def run_sweep_rows(settings, rows):
     """All rows of this run once every process has finished (each process returns its view)."""
-    from eval.store import ResultStore
+    from micromerge.eval.store import ResultStore
 
     run_ids = {r["run_id"] for r in rows}
     return [r for r in ResultStore(settings.store).rows() if r["run_id"] in run_ids]
@@ -805,10 +805,10 @@ def _finetune_options(func):
 
 
 def _run_finetune(ctx: click.Context, mode: str, values: dict[str, Any]) -> None:
-    from finetune.config import config_from_mapping
-    from finetune.trainer import run_finetune
-    from micromerge.config_files import load_section
-    from micromerge.config_schema import FINETUNE_SCHEMA
+    from micromerge.core.config_files import load_section
+    from micromerge.core.config_schema import FINETUNE_SCHEMA
+    from micromerge.finetune.config import config_from_mapping
+    from micromerge.finetune.trainer import run_finetune
 
     config_file, quiet = values.pop("config_file"), values.pop("quiet")
     mapping: dict[str, Any] = {}
@@ -903,7 +903,7 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
 @friendly_errors
 def report_command(results: str, out: str, target: str | None, metric: str) -> None:
     """Markdown + self-contained HTML report (figures, tables, provenance) from a results store."""
-    from analysis.report import build_report
+    from micromerge.analysis.report import build_report
 
     click.echo(f"wrote {build_report(results, out, target, metric)}")
 
@@ -918,9 +918,9 @@ def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool)
     """Run a grid (pairs x methods x alphas x rule sets) from a TOML/YAML file through sweep and report."""
     from pathlib import Path
 
-    from analysis.ablate import load_ablation, run_ablation
-    from micromerge.devices import resolve_device
-    from micromerge.hashing import default_cache_dir
+    from micromerge.analysis.ablate import load_ablation, run_ablation
+    from micromerge.core.devices import resolve_device
+    from micromerge.core.hashing import default_cache_dir
 
     html = run_ablation(
         load_ablation(config),

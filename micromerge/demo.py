@@ -19,8 +19,8 @@ from typing import Any
 import click
 import torch
 
-from micromerge.errors import MicromergeError
-from micromerge.hashing import sha256_json
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
 
 ARCH = "micro-clip"
 METHODS = ("wise-ft", "task-arithmetic", "ties")
@@ -83,7 +83,7 @@ def _stage(
 
 
 def _write_data(cfg: DemoConfig, data: Path) -> None:
-    from eval.synthetic.generate import write_benchmark, write_corpus
+    from micromerge.eval.synthetic.generate import write_benchmark, write_corpus
 
     staging = data.with_name(data.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -97,8 +97,8 @@ def _write_data(cfg: DemoConfig, data: Path) -> None:
 def _write_init(cfg: DemoConfig, path: Path) -> None:
     from safetensors.torch import save
 
-    from merging.models import build_model, get_model_config
-    from micromerge.atomic import atomic_output
+    from micromerge.core.atomic import atomic_output
+    from micromerge.merging.models import build_model, get_model_config
 
     torch.manual_seed(cfg.seed)
     model = build_model(get_model_config(ARCH))
@@ -109,7 +109,7 @@ def _write_init(cfg: DemoConfig, path: Path) -> None:
                 tensors,
                 metadata={
                     "micromerge.arch": ARCH,
-                    "micromerge.provenance": json.dumps({"kind": "random init", "seed": cfg.seed}),
+                    "micromerge.core.provenance": json.dumps({"kind": "random init", "seed": cfg.seed}),
                 },
             )
         )
@@ -118,8 +118,8 @@ def _write_init(cfg: DemoConfig, path: Path) -> None:
 def train_contrastive(
     cfg: DemoConfig, base: Path, data: Path, out: Path, epochs: int, domain: str | None, warmup: int
 ) -> None:
-    from finetune.config import FinetuneConfig
-    from finetune.trainer import run_finetune
+    from micromerge.finetune.config import FinetuneConfig
+    from micromerge.finetune.trainer import run_finetune
 
     run_finetune(
         FinetuneConfig(
@@ -143,11 +143,11 @@ def train_contrastive(
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[str, Any]:
-    from analysis.metrics import summarise
-    from analysis.report import build_report
-    from analysis.tables import load_runs
-    from eval.engine import HALVES, EvalSettings, SweepPlan, run_sweep
-    from merging.job import job_from_mapping
+    from micromerge.analysis.metrics import summarise
+    from micromerge.analysis.report import build_report
+    from micromerge.analysis.tables import load_runs
+    from micromerge.eval.engine import HALVES, EvalSettings, SweepPlan, run_sweep
+    from micromerge.merging.job import job_from_mapping
 
     if cfg.fresh:
         shutil.rmtree(cfg.out, ignore_errors=True)
@@ -227,7 +227,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
     ]
 
     def sweeps() -> None:
-        from micromerge.hashing import default_cache_dir
+        from micromerge.core.hashing import default_cache_dir
 
         for method, protocol, job in jobs:
             settings = EvalSettings(

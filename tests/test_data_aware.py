@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
+from micromerge.eval.store import ResultStore
+from micromerge.merging.in_memory import merge_state_dicts
+from micromerge.merging.methods import MethodParams
+from micromerge.merging.models import load_model
+from micromerge.merging.sources import open_source
 from safetensors.torch import load_file
 
-from eval.engine import EvalSettings, Evaluator, prepare
-from eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
-from eval.store import ResultStore
-from merging.in_memory import merge_state_dicts
-from merging.methods import MethodParams
-from merging.models import load_model
-from merging.sources import open_source
 from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
@@ -211,7 +211,7 @@ def write_corpus_folder(folder: Path, seed: int, count: int = 12) -> Path:
 def test_a_model_can_have_statistics_on_its_own_corpus(tmp_path, setting):
     """Matena & Raffel estimate each model's Fisher on its own task's data: here the specialist's
     fine-tuning corpus. Each image is asked to choose its own caption among distinct captions."""
-    from eval.corpus_questions import CORPUS_OPTIONS, corpus_questions, open_corpus
+    from micromerge.eval.corpus_questions import CORPUS_OPTIONS, corpus_questions, open_corpus
 
     settings, models = setting
     corpus = write_corpus_folder(tmp_path / "corpus", seed=1)

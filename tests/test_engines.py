@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from micromerge.merging.job import job_from_mapping, run_merge_job
 from safetensors.torch import load_file, save_file
 
-from merging.job import job_from_mapping, run_merge_job
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 from tests.helpers import random_state_dict
 
 
@@ -31,7 +31,7 @@ def _split(path):
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + length])
     metadata = header.pop("__metadata__")
-    return header, json.loads(metadata["micromerge.provenance"]), raw[8 + length :]
+    return header, json.loads(metadata["micromerge.core.provenance"]), raw[8 + length :]
 
 
 def _merge(tmp_path, name, **values):

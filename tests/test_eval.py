@@ -15,15 +15,15 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+from micromerge.eval.data import column_values, load_benchmark
+from micromerge.eval.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
+from micromerge.eval.store import ResultStore
+from micromerge.eval.tasks import discover_tasks
+from micromerge.merging.models import load_model
+from micromerge.merging.sources import open_source
 
-from eval.data import column_values, load_benchmark
-from eval.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
-from eval.store import ResultStore
-from eval.tasks import discover_tasks
-from merging.models import load_model
-from merging.sources import open_source
 from micromerge.cli import cli
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
@@ -93,7 +93,7 @@ def _hub_snapshot(revision: str, source: Path) -> Path:
 
 
 def test_hub_id_reads_the_cached_snapshot_offline(bench):
-    from eval.hub_layout import HUB_REVISION
+    from micromerge.eval.hub_layout import HUB_REVISION
 
     _hub_snapshot(HUB_REVISION, bench)
     assert len(load_benchmark("ubench").dataset) == 78
@@ -191,7 +191,7 @@ def test_tasks_are_discovered_as_the_benchmark_defines_them(bench):
 
 
 def test_source_table_override_changes_a_scale(tmp_path, bench):
-    from eval.source_metadata import load_source_table
+    from micromerge.eval.source_metadata import load_source_table
 
     (tmp_path / "mine.toml").write_text('[sources.kather_et_al_2016]\nscale = "subcellular"\n')
     table = load_source_table(tmp_path / "mine.toml")
@@ -504,8 +504,8 @@ def test_tasks_command_lists_counts(bench):
 
 
 def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
-    from eval.zeroshot import class_embeddings
-    from merging.models import tokenizer_for
+    from micromerge.eval.zeroshot import class_embeddings
+    from micromerge.merging.models import tokenizer_for
 
     task = next(
         t for t in discover_tasks(load_benchmark(str(bench)).dataset) if t.name == "nirschl_et_al_2018"

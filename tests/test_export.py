@@ -18,10 +18,10 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+from micromerge.merging.models import load_model, tokenizer_for
+from micromerge.merging.sources import open_source
 from PIL import Image
 
-from merging.models import load_model, tokenizer_for
-from merging.sources import open_source
 from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 
@@ -167,7 +167,7 @@ def test_a_finetuned_run_folder_has_a_model_card(tmp_path):
     data = write_csv_folder(tmp_path / "data")
     base = tmp_path / "base.safetensors"
     write_checkpoint(base, 0)
-    from finetune.trainer import run_finetune
+    from micromerge.finetune.trainer import run_finetune
 
     run_finetune(config(base, data, tmp_path / "run"))
     card = (tmp_path / "run" / "README.md").read_text()

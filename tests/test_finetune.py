@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.trainer import run_finetune
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.config import FinetuneConfig
-from finetune.trainer import run_finetune
 from micromerge.cli import cli
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
@@ -143,11 +143,11 @@ def test_jsonl_saved_dataset_and_tar_shards_give_the_same_training(tmp_path, bas
 
 
 def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_frozen(tmp_path, base):
-    from eval.data import load_benchmark
-    from eval.tasks import discover_tasks, select_tasks
-    from eval.zeroshot import class_embeddings
-    from merging.models import load_model, tokenizer_for
-    from merging.sources import open_source
+    from micromerge.eval.data import load_benchmark
+    from micromerge.eval.tasks import discover_tasks, select_tasks
+    from micromerge.eval.zeroshot import class_embeddings
+    from micromerge.merging.models import load_model, tokenizer_for
+    from micromerge.merging.sources import open_source
 
     bench = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
     path = run_finetune(

@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from micromerge.eval.data import load_benchmark
+from micromerge.eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_sweep
+from micromerge.eval.images import PixelFeed, build_image_cache
+from micromerge.eval.zeroshot import image_embeddings
+from micromerge.finetune.trainer import LOSS_READ_EVERY, run_finetune
+from micromerge.merging.in_memory import merge_state_dicts
+from micromerge.merging.methods import METHODS, MethodParams
+from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model
+from micromerge.merging.plan import MergeSpec
+from micromerge.merging.sources import open_source
 from safetensors.torch import load_file
 
-from eval.data import load_benchmark
-from eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_sweep
-from eval.images import PixelFeed, build_image_cache
-from eval.zeroshot import image_embeddings
-from finetune.trainer import LOSS_READ_EVERY, run_finetune
-from merging.in_memory import merge_state_dicts
-from merging.methods import METHODS, MethodParams
-from merging.models import OPENAI_MEAN, OPENAI_STD, load_model
-from merging.plan import MergeSpec
-from merging.sources import open_source
 from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.test_finetune import config, write_csv_folder
@@ -181,7 +181,7 @@ def _log(run_dir, device, precision):
 def test_statistics_and_learned_coefficients_on_cuda_agree_with_cpu(tmp_path, models, kind):
     """Issue 14 on CUDA: the same select-half questions give the same Fishers, Grams and learned
     coefficients (float32 both sides; reductions differ in order, hence the tolerances)."""
-    from eval.statistics import statistics_input
+    from micromerge.eval.statistics import statistics_input
 
     bench = write_fixture(tmp_path / "bench", fmt="save_to_disk", per_class=4)
     params = MethodParams(samples=24, steps=10, learning_rate=0.05, granularity="block")

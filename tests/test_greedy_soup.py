@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from micromerge.analysis.ablate import SoupJob, grid_jobs, load_ablation, run_ablation
+from micromerge.analysis.metrics import curve
+from micromerge.analysis.soup import GREEDY_SOUP, candidate_store, greedy_soup, write_soup
+from micromerge.analysis.tables import load_runs
+from micromerge.eval.engine import EvalSettings
+from micromerge.eval.store import ResultStore
 from safetensors.torch import load_file
 
-from analysis.ablate import SoupJob, grid_jobs, load_ablation, run_ablation
-from analysis.metrics import curve
-from analysis.soup import GREEDY_SOUP, candidate_store, greedy_soup, write_soup
-from analysis.tables import load_runs
-from eval.engine import EvalSettings
-from eval.store import ResultStore
 from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from micromerge.eval.data import load_benchmark
+from micromerge.eval.images import build_image_cache, decode_payloads
+from micromerge.eval.store import ResultStore
 
-from eval.data import load_benchmark
-from eval.images import build_image_cache, decode_payloads
-from eval.store import ResultStore
 from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
@@ -235,7 +235,7 @@ def test_report_on_a_coarse_only_sweep_without_a_manifest(setup):
 
 
 def test_levels_combine_in_a_task_selection(setup):
-    from eval.tasks import discover_tasks, select_tasks
+    from micromerge.eval.tasks import discover_tasks, select_tasks
 
     tasks = discover_tasks(load_benchmark(str(setup[1])).dataset)
     assert select_tasks(tasks, "coarse,fine") == tasks
@@ -266,7 +266,7 @@ def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
     LOG_INTERVAL seconds and at the end, never a carriage-return redraw."""
     import io
 
-    from micromerge.progress import progress_bar
+    from micromerge.core.progress import progress_bar
 
     log = io.StringIO()
     for _ in progress_bar(range(20_000), desc="work", unit="step", file=log):

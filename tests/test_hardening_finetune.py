@@ -8,10 +8,10 @@ import io
 import tarfile
 
 import pytest
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.trainer import run_finetune
 
-from finetune.config import FinetuneConfig
-from finetune.trainer import run_finetune
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 from tests.test_finetune import _png, config, write_csv_folder
 
 
@@ -43,7 +43,7 @@ def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
 def test_resume_refuses_changed_data_at_the_same_path(tmp_path, base, monkeypatch):
     data = write_csv_folder(tmp_path / "pairs")
     with monkeypatch.context() as patch:  # keep the step-2 state a kill would have left behind
-        patch.setattr("finetune.trainer.shutil.rmtree", lambda *a, **k: None)
+        patch.setattr("micromerge.finetune.trainer.shutil.rmtree", lambda *a, **k: None)
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2))
     for name in ("manifest.json", "model.safetensors"):
         (tmp_path / "run" / name).unlink()

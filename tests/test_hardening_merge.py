@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from micromerge.analysis.ablate import load_ablation
+from micromerge.merging.sources import open_source
 from safetensors.torch import load_file, save_file
 
-from analysis.ablate import load_ablation
-from merging.sources import open_source
-from micromerge.atomic import atomic_output
-from micromerge.errors import MicromergeError
+from micromerge.core.atomic import atomic_output
+from micromerge.core.errors import MicromergeError
 from tests.helpers import random_state_dict, write_checkpoint
 from tests.test_merge_cli import invoke, one_line_error
 
@@ -274,7 +274,7 @@ def test_unknown_arch_is_refused_before_writing(pair):
 
 
 def test_a_config_that_builds_no_model_is_one_line_in_eval(tmp_path):
-    from merging.models import load_model
+    from micromerge.merging.models import load_model
 
     state = random_state_dict(0)
     save_file(

@@ -69,7 +69,7 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
     assert manifest["micromerge_version"] and "seconds" in manifest
     with safe_open(str(out), "pt") as handle:
         meta = handle.metadata()
-    assert json.loads(meta["micromerge.provenance"])["inputs_sha256"] == digests
+    assert json.loads(meta["micromerge.core.provenance"])["inputs_sha256"] == digests
     assert meta["micromerge.arch"] == "nano-clip"
 
 

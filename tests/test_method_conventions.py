@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from micromerge.merging.in_memory import merge_state_dicts
+from micromerge.merging.methods import METHODS, MethodParams, ModelScan
+from micromerge.merging.methods.topk import select_top
 
-from merging.in_memory import merge_state_dicts
-from merging.methods import METHODS, MethodParams, ModelScan
-from merging.methods.topk import select_top
 from tests.helpers import write_checkpoint
 
 
@@ -198,7 +198,7 @@ def test_slerp_per_row_lerps_a_bias():
 
 
 def test_the_manifest_records_every_convention(tmp_path, tiny_checkpoints):
-    from merging.job import job_from_mapping, run_merge_job
+    from micromerge.merging.job import job_from_mapping, run_merge_job
 
     base, fts = tiny_checkpoints
     for method, extra, expected in [

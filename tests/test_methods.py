@@ -5,10 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from merging.methods import METHODS, MethodParams, ModelScan
-from merging.methods.learned import CoefficientTable
-from merging.methods.task_vectors import dare_mask
+from micromerge.merging.methods import METHODS, MethodParams, ModelScan
+from micromerge.merging.methods.learned import CoefficientTable
+from micromerge.merging.methods.task_vectors import dare_mask
 
 torch.manual_seed(0)
 BASE = torch.randn(64, 33)

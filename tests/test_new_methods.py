@@ -23,19 +23,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from micromerge.merging.execute import StatisticsInput
+from micromerge.merging.in_memory import merge_state_dicts
+from micromerge.merging.job import job_from_mapping, run_merge_job
+from micromerge.merging.methods import METHODS, MethodParams
+from micromerge.merging.methods.della import keep_probabilities
+from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
+from micromerge.merging.methods.lines import block_depths
+from micromerge.merging.models import load_model
+from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
+from micromerge.merging.resident import ResidentMerge
+from micromerge.merging.sources import open_source
 from safetensors.torch import load_file
 
-from merging.execute import StatisticsInput
-from merging.in_memory import merge_state_dicts
-from merging.job import job_from_mapping, run_merge_job
-from merging.methods import METHODS, MethodParams
-from merging.methods.della import keep_probabilities
-from merging.methods.learned import CoefficientTable, coefficient_group
-from merging.methods.lines import block_depths
-from merging.models import load_model
-from merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
-from merging.resident import ResidentMerge
-from merging.sources import open_source
 from tests.helpers import random_state_dict, write_checkpoint
 
 
@@ -368,7 +368,8 @@ def test_methods_command_lists_every_method_with_its_engines():
 
 
 def test_merge_and_sweep_offer_one_flag_per_tunable_parameter():
-    from merging.methods import TUNABLE
+    from micromerge.merging.methods import TUNABLE
+
     from micromerge.cli import merge_command, sweep_command
 
     for command in (merge_command, sweep_command):

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from merging.in_memory import merge_state_dicts
-from merging.methods import MethodParams
-from merging.methods.della import keep_probabilities
+from micromerge.merging.in_memory import merge_state_dicts
+from micromerge.merging.methods import MethodParams
+from micromerge.merging.methods.della import keep_probabilities
 
 RECORD = json.loads((Path(__file__).parent / "reference" / "reference_values.json").read_text())
 CASES = RECORD["cases"]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from micromerge.merging.models import build_model, get_model_config, infer_model_config, load_model
+from micromerge.merging.sources import open_source
+from micromerge.merging.zoo import load_zoo
 from safetensors.torch import save_file
 
-from merging.models import build_model, get_model_config, infer_model_config, load_model
-from merging.sources import open_source
-from merging.zoo import load_zoo
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 from tests.helpers import random_state_dict, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -96,7 +96,7 @@ def test_transformers_folder_converts_to_open_clip_with_identical_embeddings(tmp
 
 
 def test_export_to_transformers_round_trips(tmp_path):
-    from merging.export import export_checkpoint
+    from micromerge.merging.export import export_checkpoint
 
     hf_model = tiny_hf_clip(seed=3)
     hf_model.save_pretrained(tmp_path / "src")

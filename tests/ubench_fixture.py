@@ -26,10 +26,9 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from micromerge.eval.hub_layout import write_hub_layout
+from micromerge.eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 from PIL import Image
-
-from eval.hub_layout import write_hub_layout
-from eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 
 TEMPLATES = {
     "modality": ("A micrograph acquired through {class}.", "A microscopy image obtained through {class}."),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eval.synthetic import renderers
-from eval.synthetic.renderers import Renderer
+from micromerge.eval.synthetic import renderers
+from micromerge.eval.synthetic.renderers import Renderer
 
 
 @dataclass(frozen=True)

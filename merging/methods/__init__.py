@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from merging.methods import (
+from micromerge.merging.methods import (
     breadcrumbs,
     della,
     fisher,
@@ -17,8 +17,16 @@ from merging.methods import (
     tsv,
     wise_ft,
 )
-from merging.methods.base import GRANULARITIES, SEARCHES, TUNABLE, MergeMethod, MethodParams, ModelScan
-from micromerge.errors import MicromergeError
+from micromerge.merging.methods.base import (
+    GRANULARITIES,
+    SEARCHES,
+    TUNABLE,
+    MergeMethod,
+    MethodParams,
+    ModelScan,
+)
+
+from micromerge.core.errors import MicromergeError
 
 METHODS: dict[str, MergeMethod] = {
     method.name: method

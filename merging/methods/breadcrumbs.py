@@ -13,9 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish, single_tensor_scan
-from merging.methods.task_vectors import TIE_BREAK, scale_and_add, summed
-from merging.methods.topk import TopSet, select_top
+from micromerge.merging.methods.base import (
+    Array,
+    MergeMethod,
+    MethodParams,
+    ModelScan,
+    finish,
+    single_tensor_scan,
+)
+from micromerge.merging.methods.task_vectors import TIE_BREAK, scale_and_add, summed
+from micromerge.merging.methods.topk import TopSet, select_top
 
 
 def outlier_and_kept_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:

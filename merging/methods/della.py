@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from merging.methods.base import Array, MergeMethod, MethodParams, finish, key_seed
-from merging.methods.task_vectors import disjoint_mean, scale_and_add
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, finish, key_seed
+from micromerge.merging.methods.task_vectors import disjoint_mean, scale_and_add
 
 if TYPE_CHECKING:
     import torch

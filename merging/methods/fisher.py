@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
-from micromerge.errors import MicromergeError
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
+
+from micromerge.core.errors import MicromergeError
 
 MINIMAL_FISHER = 1e-6
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from merging.methods.spectral import SpectralMerge
-from merging.methods.task_vectors import summed
+from micromerge.merging.methods.spectral import SpectralMerge
+from micromerge.merging.methods.task_vectors import summed
 
 if TYPE_CHECKING:
     import torch

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
-from merging.methods.fisher import require_statistics
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
+from micromerge.merging.methods.fisher import require_statistics
 
 _BLOCK = re.compile(r"^((?:visual\.)?transformer\.resblocks\.\d+|visual\.layer\d+)\.")
 _EMBEDDINGS = (

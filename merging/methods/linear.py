@@ -6,7 +6,7 @@ warns when they do not sum to 1. Without weights every model gets 1/N.
 
 from __future__ import annotations
 
-from merging.methods.base import Array, MergeMethod, MethodParams
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams
 
 
 class Linear(MergeMethod):

@@ -16,8 +16,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish, single_tensor_scan
-from merging.methods.task_vectors import (
+from micromerge.merging.methods.base import (
+    Array,
+    MergeMethod,
+    MethodParams,
+    ModelScan,
+    finish,
+    single_tensor_scan,
+)
+from micromerge.merging.methods.task_vectors import (
     TIES,
     combine_task_vectors,
     disjoint_mean,

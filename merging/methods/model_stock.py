@@ -13,8 +13,8 @@ CLIP -> PLIP and CLIP -> QuiltNet are such a pair.
 
 from __future__ import annotations
 
-from merging.methods.base import Array, MergeMethod, MethodParams, finish
-from merging.methods.task_vectors import summed
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, finish
+from micromerge.merging.methods.task_vectors import summed
 
 NORM_FLOOR = 1e-6
 

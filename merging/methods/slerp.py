@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from merging.methods.base import MergeMethod, MethodParams, finish
-from merging.methods.wise_ft import interpolate
+from micromerge.merging.methods.base import MergeMethod, MethodParams, finish
+from micromerge.merging.methods.wise_ft import interpolate
 
 if TYPE_CHECKING:
     import torch

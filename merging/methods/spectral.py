@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from merging.methods.base import Array, MergeMethod, MethodParams, finish
-from merging.methods.task_vectors import summed
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, finish
+from micromerge.merging.methods.task_vectors import summed
 
 if TYPE_CHECKING:
     import torch

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from merging.methods.base import (
+from micromerge.merging.methods.base import (
     Array,
     MergeMethod,
     MethodParams,
@@ -34,7 +34,7 @@ from merging.methods.base import (
     key_seed,
     single_tensor_scan,
 )
-from merging.methods.topk import TopSet, select_top
+from micromerge.merging.methods.topk import TopSet, select_top
 
 if TYPE_CHECKING:
     import torch

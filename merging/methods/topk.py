@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from merging.methods.base import ModelScan
+from micromerge.merging.methods.base import ModelScan
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from merging.methods.spectral import SpectralMerge
+from micromerge.merging.methods.spectral import SpectralMerge
 
 if TYPE_CHECKING:
     import torch

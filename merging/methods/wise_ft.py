@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from merging.methods.base import Array, MergeMethod
+from micromerge.merging.methods.base import Array, MergeMethod
 
 
 def interpolate(start: Array, end: Array, weight: float, out: Array | None = None) -> Array:

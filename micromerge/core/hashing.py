@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from micromerge.atomic import write_json_atomic
+from micromerge.core.atomic import write_json_atomic
 
 _CHUNK = 8 << 20
 

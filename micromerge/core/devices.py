@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from micromerge.config_schema import check_section
-from micromerge.errors import MicromergeError
+from micromerge.core.config_schema import check_section
+from micromerge.core.errors import MicromergeError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 
 @contextlib.contextmanager

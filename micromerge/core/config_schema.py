@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from micromerge.errors import MicromergeError
+from micromerge.core.errors import MicromergeError
 
 Check = Callable[[Any], bool]
 

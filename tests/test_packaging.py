@@ -1,0 +1,108 @@
+"""The wheel and sdist as users get them (issue 15): built, checked by twine, installed (not editable)
+into a fresh environment outside the checkout, where only `micromerge` is importable and the CLI
+merges, lists its zoo and evaluates with the package data that came along.
+
+The fresh environment borrows the dependencies (torch & co.) from this one through a path file,
+without its site hooks, so the project's editable install is not visible there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import write_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment, **kwargs)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--no-isolation",
+            "--wheel",
+            "--sdist",
+            "--outdir",
+            str(out),
+            str(ROOT),
+        ],
+        ROOT,
+    )
+    _run([sys.executable, "-m", "twine", "check", "--strict", *map(str, sorted(out.iterdir()))], out)
+    return out
+
+
+def test_the_wheel_holds_one_top_level_package_and_its_data(dist):
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"micromerge"}, tops
+    for data in (
+        "micromerge/merging/model_configs/micro-clip.json",
+        "micromerge/checkpoints/zoo.toml",
+        "micromerge/checkpoints/configs/biomedclip.json",
+        "micromerge/checkpoints/configs/biomedbert-base-uncased-abstract/config.json",
+        "micromerge/eval/ubench_sources.toml",
+    ):
+        assert data in names, data
+    (sdist,) = dist.glob("*.tar.gz")
+    assert sdist.stat().st_size > 10_000
+
+
+def test_the_installed_wheel_runs_outside_the_checkout(dist, tmp_path):
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
+    python = venv / "bin" / "python"
+    site = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path
+        ).stdout.strip()
+    )
+    (site / "borrowed-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (wheel,) = dist.glob("*.whl")
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        tmp_path,
+    )
+    where = _run(
+        [str(python), "-c", "import micromerge, micromerge.merging; print(micromerge.__file__)"], tmp_path
+    )
+    assert where.stdout.strip().startswith(str(venv)), where.stdout
+    for stage in ("merging", "eval", "analysis", "finetune", "checkpoints"):
+        missing = subprocess.run([str(python), "-c", f"import {stage}"], cwd=tmp_path, capture_output=True)
+        assert missing.returncode != 0, f"{stage} is importable at top level"
+    cli = venv / "bin" / "micromerge"
+    assert "merge" in _run([str(cli), "--help"], tmp_path).stdout
+    assert "biomedclip" in _run([str(cli), "zoo"], tmp_path).stdout
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    write_checkpoint(tmp_path / "ft.safetensors", 1)
+    _run([str(venv / "bin" / "merge"), "--base", "base.safetensors", "--ft", "ft.safetensors", "--alpha", "0.5",
+          "--out", "merged.safetensors", "--quiet"], tmp_path)  # fmt: skip
+    manifest = json.loads((tmp_path / "merged.safetensors.manifest.json").read_text())
+    assert manifest["method"] == "wise-ft"
+    bench = write_fixture(tmp_path / "bench", fmt="save_to_disk", per_class=2)
+    _run([str(cli), "eval", "--model", "merged.safetensors", "--data", str(bench), "--store", "r.jsonl",
+          "--bootstrap", "0", "--cache-dir", "cache", "--device", "cpu", "--quiet"], tmp_path)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert rows and {r["method"] for r in rows} == {"none"}
