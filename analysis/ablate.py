@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from micromerge.analysis.report import build_report
 from micromerge.analysis.soup import GREEDY_SOUP, greedy_soup
+from micromerge.core.config_files import load_section, reject_unknown_keys
+from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
 from micromerge.merging.job import MergeJob, job_from_mapping
 from micromerge.merging.methods import get_method
 from micromerge.merging.rules import KeyRules
-
-from micromerge.core.config_files import load_section, reject_unknown_keys
-from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
-from micromerge.core.errors import MicromergeError
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+
 from micromerge.analysis.metrics import Summary, _control_curve, curve, task_changes  # noqa: E402
 from micromerge.analysis.tables import Run  # noqa: E402
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from micromerge.analysis.tables import Run
 
+from micromerge.analysis.tables import Run
 from micromerge.core.errors import MicromergeError
 
 CRITERIA = ("all_task_mean", "worst_group", "harmonic_target_control")

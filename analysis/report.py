@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+import micromerge
 from micromerge.analysis import figures
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs
-from micromerge.eval.store import coefficients_file
-
-import micromerge
 from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
+from micromerge.eval.store import coefficients_file
 
 CRITERIA_TEXT = {
     "all_task_mean": "highest mean accuracy over all tasks",

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from micromerge.analysis.metrics import curve
 from micromerge.analysis.tables import load_runs
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
 from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
 from micromerge.eval.store import ResultStore
 from micromerge.merging.execute import MergeOutput
@@ -31,9 +34,6 @@ from micromerge.merging.job import job_from_mapping, run_merge_job
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.rules import KeyRules
-
-from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
 
 GREEDY_SOUP = "greedy-soup"
 SELECTION = "select-half all-task mean accuracy; an ingredient joins when it does not drop (>=)"

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from micromerge.eval.aggregate import is_task_row
-from micromerge.eval.store import ResultStore
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
+from micromerge.eval.aggregate import is_task_row
+from micromerge.eval.store import ResultStore
 
 
 @dataclass

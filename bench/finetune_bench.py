@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from micromerge.eval.pairs import decode_checked, load_pairs
 from micromerge.eval.synthetic.generate import write_corpus
 from micromerge.eval.zeroshot import autocast_for

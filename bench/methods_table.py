@@ -35,9 +35,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
 from micromerge.analysis.metrics import curve, summarise
 from micromerge.analysis.soup import greedy_soup
 from micromerge.analysis.tables import Run, load_runs
+from micromerge.core.hashing import default_cache_dir
+from micromerge.demo import DemoConfig, run_demo, train_contrastive
 from micromerge.eval.coefficients import LEARNED
 from micromerge.eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_eval, run_sweep
 from micromerge.eval.metrics import paired_task_mean_difference
@@ -48,9 +51,6 @@ from micromerge.merging.methods import METHODS, MethodParams
 from micromerge.merging.models import load_model
 from micromerge.merging.resident import ResidentMerge
 from micromerge.merging.sources import open_source
-
-from micromerge.core.hashing import default_cache_dir
-from micromerge.demo import DemoConfig, run_demo, train_contrastive
 
 TARGET = "domain:pathology"
 ALPHAS = "0:1:0.1"

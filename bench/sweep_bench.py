@@ -34,6 +34,9 @@ import datasets
 import numpy as np
 import open_clip
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+
 from micromerge.eval.data import load_benchmark
 from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
 from micromerge.eval.hub_layout import HUB_FOLDER, write_hub_layout
@@ -45,8 +48,6 @@ from micromerge.eval.zeroshot import autocast_for, class_embeddings
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.models import build_model, get_model_config, tokenizer_for
 from micromerge.merging.plan import MergeSpec
-from PIL import Image
-from safetensors.torch import save_file
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 

@@ -28,6 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call
+
+from micromerge.core.atomic import write_json_atomic
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
+from micromerge.core.progress import progress_bar
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
 from micromerge.eval.questions import Questions, option_log_probs, select_questions
 from micromerge.eval.statistics import SPLIT
@@ -36,12 +42,6 @@ from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams
 from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-from torch.func import functional_call
-
-from micromerge.core.atomic import write_json_atomic
-from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
-from micromerge.core.progress import progress_bar
 
 LEARNED = ("adamerging", "supervised")
 GRID = tuple(i / 10 for i in range(11))

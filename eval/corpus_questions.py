@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.images import ImageCache, PixelFeed
 from micromerge.eval.pairs import PairData, decode_checked, load_pairs
 from micromerge.eval.questions import Questions
 from micromerge.merging.models import image_size, normalisation, tokenizer_for
-
-from micromerge.core.errors import MicromergeError
 
 CORPUS_OPTIONS = 8
 MAX_BAD_FRACTION = 0.5

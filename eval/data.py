@@ -18,11 +18,11 @@ from pathlib import Path
 
 import datasets
 from datasets import ClassLabel, Image, Value
-from micromerge.eval.hub_layout import HUB_ID, HUB_REVISION, fetch_from_hub, find_hub_layout, read_hub_layout
-from micromerge.eval.schema import REQUIRED_STRING_COLUMNS
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file, sha256_json
+from micromerge.eval.hub_layout import HUB_ID, HUB_REVISION, fetch_from_hub, find_hub_layout, read_hub_layout
+from micromerge.eval.schema import REQUIRED_STRING_COLUMNS
 
 HUB_ALIASES = ("ubench", HUB_ID)
 

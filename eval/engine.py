@@ -16,6 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
+import micromerge
+from micromerge.core.atomic import write_json_atomic
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
+from micromerge.core.progress import progress_bar
 from micromerge.eval.data import Benchmark, load_benchmark
 from micromerge.eval.images import ImageCache, PixelFeed, build_image_cache
 from micromerge.eval.metrics import classification_metrics, correctness_metrics
@@ -35,12 +41,6 @@ from micromerge.merging.models import image_size, load_model, normalisation, tok
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.resident import ResidentMerge
 from micromerge.merging.sources import open_source
-
-import micromerge
-from micromerge.core.atomic import write_json_atomic
-from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
-from micromerge.core.progress import progress_bar
 
 PROTOCOLS = ("ubench", "closed-set")
 HALVES = "per-image"

@@ -17,12 +17,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from micromerge.eval.data import column_values
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from micromerge.core.atomic import atomic_output, write_json_atomic
 from micromerge.core.progress import progress_bar
+from micromerge.eval.data import column_values
 
 _UPLOAD_ROWS = 1024  # rows per host-to-device copy: bounds the extra host memory of the upload
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from micromerge.eval.data import column_values
-from micromerge.eval.images import decode_payloads
 
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.data import column_values
+from micromerge.eval.images import decode_payloads
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename")

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from micromerge.eval.engine import Evaluator
 
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.engine import Evaluator
 
 
 class QuestionBank(Protocol):

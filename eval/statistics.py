@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
+
+from micromerge.core.atomic import atomic_output
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
 from micromerge.eval.corpus_questions import corpus_questions, open_corpus
 from micromerge.eval.data import Benchmark
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
@@ -34,11 +39,6 @@ from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-from safetensors.torch import load_file, save
-
-from micromerge.core.atomic import atomic_output
-from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
 
 KINDS = ("fisher", "gram")
 SPLIT = "select"

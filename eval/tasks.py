@@ -21,12 +21,12 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from micromerge.eval.data import column_values
-from micromerge.eval.prompts import TEMPLATES, class_text
-from micromerge.eval.source_metadata import SourceTable, load_source_table
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
+from micromerge.eval.data import column_values
+from micromerge.eval.prompts import TEMPLATES, class_text
+from micromerge.eval.source_metadata import SourceTable, load_source_table
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from micromerge.eval.images import PixelFeed
 from micromerge.eval.tasks import Task
 

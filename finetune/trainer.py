@@ -19,6 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save
+
+import micromerge
+from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
+from micromerge.core.progress import progress_bar
 from micromerge.eval.images import resident_on_device
 from micromerge.eval.pairs import DecodedData, decode_checked, load_pairs
 from micromerge.finetune.config import FinetuneConfig
@@ -28,13 +35,6 @@ from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from micromerge.merging.plan import LOGIT_SCALE_MAX
 from micromerge.merging.sources import open_source
-from safetensors.torch import save
-
-import micromerge
-from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
-from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
-from micromerge.core.progress import progress_bar
 
 # Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
 LOSS_READ_EVERY = 10
@@ -129,6 +129,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             arch_name,
         )
     from datasets import Image
+
     from micromerge.eval.data import column_values, load_benchmark
     from micromerge.eval.tasks import discover_tasks, select_tasks
     from micromerge.eval.zeroshot import class_embeddings

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+
 from micromerge.merging.tensor_source import TensorMeta
 
 

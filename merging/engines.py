@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.backend import ArrayBackend
 from micromerge.merging.methods import get_method
 from micromerge.merging.numpy_backend import NumpyBackend
 from micromerge.merging.sources import ArrayKind, NeedsTorch, open_source
 from micromerge.merging.tensor_source import TensorSource
-
-from micromerge.core.errors import MicromergeError
 
 ENGINES = ("auto", "numpy", "torch")
 
@@ -76,8 +75,7 @@ def open_inputs(request: EngineRequest) -> tuple[ArrayBackend, list[TensorSource
             reason = str(exc)
     if request.engine == "numpy":
         raise MicromergeError(f"--engine numpy cannot run this merge: {reason}; use --engine auto or torch")
-    from micromerge.merging.torch_backend import TorchBackend
-
     from micromerge.core.devices import resolve_device
+    from micromerge.merging.torch_backend import TorchBackend
 
     return TorchBackend(resolve_device(request.device)), _open_all(request, "torch")

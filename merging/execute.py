@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from micromerge.merging.backend import ArrayBackend
-from micromerge.merging.dtypes import READABLE_NAMES
-from micromerge.merging.methods import ModelScan, get_method
-from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
-from micromerge.merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
-from micromerge.merging.writer import SafetensorsStreamWriter
 
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import provenance
+from micromerge.merging.backend import ArrayBackend
+from micromerge.merging.dtypes import READABLE_NAMES
+from micromerge.merging.methods import ModelScan, get_method
+from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
+from micromerge.merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
+from micromerge.merging.writer import SafetensorsStreamWriter
 
 Sink = Callable[[str, Any], None]
 

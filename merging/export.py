@@ -18,15 +18,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save
+
+from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import image_size, normalisation, resolve_model_config
 from micromerge.merging.sources import open_source
 from micromerge.merging.torch_sources import load_all
-from safetensors.torch import save
-
-from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
-from micromerge.core.errors import MicromergeError
 
 FORMATS = ("transformers", "open_clip")
 FILES = {

@@ -9,6 +9,7 @@ job, not this function's.
 from __future__ import annotations
 
 import torch
+
 from micromerge.merging.methods import MethodParams, ModelScan, get_method
 
 

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.engines import EngineRequest, open_inputs
 from micromerge.merging.execute import MergeOutput, StatisticsInput, finished_output, merge_to_file
 from micromerge.merging.methods import TUNABLE, MethodParams, get_method
 from micromerge.merging.plan import MergeSpec, check_method_params
 from micromerge.merging.rules import KeyRules, parse_strength_rule
-
-from micromerge.core.errors import MicromergeError
 
 JOB_KEYS = {
     "base",

@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from micromerge.merging.tensor_source import parse_safetensors_header
-
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.tensor_source import parse_safetensors_header
 
 LIBRARIES = {"transformers": "transformers", "open_clip": "open_clip", "micromerge": "open_clip"}
 

@@ -14,10 +14,10 @@ from functools import cache
 from typing import Any
 
 import torch
-from micromerge.merging.arch_names import CONFIG_DIR, project_model_names
-from micromerge.merging.tensor_source import ArchInfo, TensorMeta, TensorSource, describe_key_mismatch
 
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.arch_names import CONFIG_DIR, project_model_names
+from micromerge.merging.tensor_source import ArchInfo, TensorMeta, TensorSource, describe_key_mismatch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from micromerge.merging.tensor_source import TensorMeta
 
 NUMPY_DTYPES: dict[str, type[np.generic]] = {

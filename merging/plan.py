@@ -10,12 +10,11 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MergeMethod, MethodParams, get_method
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
-
-from micromerge.core.errors import MicromergeError
 
 TOPK_SCOPES = ("model", "tensor")
 SLERP_SCOPES = ("tensor", "row")

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+
 from micromerge.merging.methods import ModelScan, get_method
 from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec, plan_merge
 from micromerge.merging.tensor_source import TensorSource

@@ -17,13 +17,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
 from micromerge.merging.numpy_backend import NumpyBackend
 from micromerge.merging.tensor_source import ArchInfo, ArrayView, SafetensorsSource, TensorSource
 from micromerge.merging.zoo import ZooEntry, load_zoo
-
-from micromerge.core.errors import MicromergeError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 ArrayKind = Literal["torch", "numpy"]

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from micromerge.merging.dtypes import ITEM_SIZES
 
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.dtypes import ITEM_SIZES
 
 _MAX_HEADER = 100 << 20
 

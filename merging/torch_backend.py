@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from micromerge.merging.tensor_source import TensorMeta
 
 TORCH_DTYPES: dict[str, torch.dtype] = {

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.legacy_pickle import load_legacy_pickle
 from micromerge.merging.tensor_source import ArchInfo, Recipe, TensorMeta, TensorSource
 from micromerge.merging.torch_backend import dtype_name
-
-from micromerge.core.errors import MicromergeError
 
 
 class DictSource(TensorSource):

@@ -15,10 +15,9 @@ import struct
 from pathlib import Path
 from typing import IO
 
+from micromerge.core.atomic import atomic_output
 from micromerge.merging.dtypes import ITEM_SIZES
 from micromerge.merging.tensor_source import TensorMeta
-
-from micromerge.core.atomic import atomic_output
 
 
 def canonical_order(metas: dict[str, TensorMeta]) -> list[str]:

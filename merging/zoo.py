@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from micromerge.checkpoints import CONFIG_DIR, ZOO_FILE
-
 from micromerge.core.errors import MicromergeError
 
 if sys.version_info >= (3, 11):

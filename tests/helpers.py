@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from micromerge.merging.models import build_model, get_model_config
 from safetensors.torch import save_file
+
+from micromerge.merging.models import build_model, get_model_config
 
 
 def random_state_dict(seed: int, arch: str = "nano-clip") -> dict[str, torch.Tensor]:

@@ -5,15 +5,15 @@ import re
 from pathlib import Path
 
 import pytest
+
 from micromerge.analysis import figures
 from micromerge.analysis.ablate import load_ablation, run_ablation
 from micromerge.analysis.metrics import summarise, task_changes
 from micromerge.analysis.report import build_report
 from micromerge.analysis.tables import load_runs
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.store import ResultStore
 from micromerge.merging.methods import METHODS
-
-from micromerge.core.errors import MicromergeError
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
 

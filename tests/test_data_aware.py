@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from micromerge.cli import cli
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
 from micromerge.eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
 from micromerge.eval.store import ResultStore
@@ -26,9 +29,6 @@ from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-from safetensors.torch import load_file
-
-from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
 

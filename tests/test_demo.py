@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
 from micromerge.analysis.metrics import curve
 from micromerge.analysis.tables import load_runs
-
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.demo import DemoConfig, run_demo

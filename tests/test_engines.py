@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from micromerge.merging.job import job_from_mapping, run_merge_job
 from safetensors.torch import load_file, save_file
 
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.job import job_from_mapping, run_merge_job
 from tests.helpers import random_state_dict
 
 

@@ -15,15 +15,15 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+
+from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import column_values, load_benchmark
 from micromerge.eval.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
 from micromerge.eval.store import ResultStore
 from micromerge.eval.tasks import discover_tasks
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-
-from micromerge.cli import cli
-from micromerge.core.errors import MicromergeError
 from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 

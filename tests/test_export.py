@@ -18,11 +18,11 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
-from micromerge.merging.models import load_model, tokenizer_for
-from micromerge.merging.sources import open_source
 from PIL import Image
 
 from micromerge.cli import cli
+from micromerge.merging.models import load_model, tokenizer_for
+from micromerge.merging.sources import open_source
 from tests.helpers import write_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from micromerge.finetune.config import FinetuneConfig
-from micromerge.finetune.trainer import run_finetune
 from PIL import Image
 from safetensors.torch import load_file
 
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.trainer import run_finetune
 from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from micromerge.cli import cli
 from micromerge.eval.data import load_benchmark
 from micromerge.eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_sweep
 from micromerge.eval.images import PixelFeed, build_image_cache
@@ -23,9 +26,6 @@ from micromerge.merging.methods import METHODS, MethodParams
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.sources import open_source
-from safetensors.torch import load_file
-
-from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.test_finetune import config, write_csv_folder
 from tests.ubench_fixture import write_fixture

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
+
 from micromerge.analysis.ablate import SoupJob, grid_jobs, load_ablation, run_ablation
 from micromerge.analysis.metrics import curve
 from micromerge.analysis.soup import GREEDY_SOUP, candidate_store, greedy_soup, write_soup
 from micromerge.analysis.tables import load_runs
+from micromerge.cli import cli
 from micromerge.eval.engine import EvalSettings
 from micromerge.eval.store import ResultStore
-from safetensors.torch import load_file
-
-from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from micromerge.cli import cli
 from micromerge.eval.data import load_benchmark
 from micromerge.eval.images import build_image_cache, decode_payloads
 from micromerge.eval.store import ResultStore
-
-from micromerge.cli import cli
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
 

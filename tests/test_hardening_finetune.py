@@ -8,10 +8,10 @@ import io
 import tarfile
 
 import pytest
-from micromerge.finetune.config import FinetuneConfig
-from micromerge.finetune.trainer import run_finetune
 
 from micromerge.core.errors import MicromergeError
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.trainer import run_finetune
 from tests.test_finetune import _png, config, write_csv_folder
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from micromerge.analysis.ablate import load_ablation
-from micromerge.merging.sources import open_source
 from safetensors.torch import load_file, save_file
 
+from micromerge.analysis.ablate import load_ablation
 from micromerge.core.atomic import atomic_output
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.sources import open_source
 from tests.helpers import random_state_dict, write_checkpoint
 from tests.test_merge_cli import invoke, one_line_error
 

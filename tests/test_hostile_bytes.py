@@ -12,12 +12,12 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from micromerge.eval.store import ResultStore
-from micromerge.merging.tensor_source import parse_safetensors_header
 
 from micromerge.core.config_files import load_section
 from micromerge.core.config_schema import MERGE_SCHEMA
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.store import ResultStore
+from micromerge.merging.tensor_source import parse_safetensors_header
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(

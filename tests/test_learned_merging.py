@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
+
 from micromerge.analysis.ablate import load_ablation, run_ablation
 from micromerge.analysis.report import build_report
+from micromerge.cli import cli
 from micromerge.eval.coefficients import FunctionalMerge, _entropy, _Scorer, learned_coefficients
 from micromerge.eval.engine import Evaluator, prepare
 from micromerge.eval.statistics import select_questions
@@ -28,9 +31,6 @@ from micromerge.merging.methods import MethodParams
 from micromerge.merging.methods.learned import coefficient_group
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-from safetensors.torch import load_file
-
-from micromerge.cli import cli
 from tests.test_data_aware import setting, write_noise_png  # noqa: F401 (a fixture)
 
 CPU = torch.device("cpu")

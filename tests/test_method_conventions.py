@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.methods import METHODS, MethodParams, ModelScan
 from micromerge.merging.methods.topk import select_top
-
 from tests.helpers import write_checkpoint
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from micromerge.merging.methods import METHODS, MethodParams, ModelScan
 from micromerge.merging.methods.learned import CoefficientTable
 from micromerge.merging.methods.task_vectors import dare_mask

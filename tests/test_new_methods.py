@@ -23,6 +23,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from micromerge.merging.execute import StatisticsInput
 from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.job import job_from_mapping, run_merge_job
@@ -34,8 +36,6 @@ from micromerge.merging.models import load_model
 from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
 from micromerge.merging.resident import ResidentMerge
 from micromerge.merging.sources import open_source
-from safetensors.torch import load_file
-
 from tests.helpers import random_state_dict, write_checkpoint
 
 
@@ -368,9 +368,8 @@ def test_methods_command_lists_every_method_with_its_engines():
 
 
 def test_merge_and_sweep_offer_one_flag_per_tunable_parameter():
-    from micromerge.merging.methods import TUNABLE
-
     from micromerge.cli import merge_command, sweep_command
+    from micromerge.merging.methods import TUNABLE
 
     for command in (merge_command, sweep_command):
         names = {option.name for option in command.params}

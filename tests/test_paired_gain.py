@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from micromerge.eval.engine import POOLED, Evaluator, prepare
 from micromerge.eval.metrics import paired_task_mean_difference
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-
 from tests.test_data_aware import setting  # noqa: F401 (a fixture)
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from micromerge.merging.sources import open_source
 
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.sources import open_source
 from tests.helpers import write_checkpoint
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.methods.della import keep_probabilities

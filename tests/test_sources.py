@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from micromerge.merging.models import build_model, get_model_config, infer_model_config, load_model
-from micromerge.merging.sources import open_source
-from micromerge.merging.zoo import load_zoo
 from safetensors.torch import save_file
 
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.models import build_model, get_model_config, infer_model_config, load_model
+from micromerge.merging.sources import open_source
+from micromerge.merging.zoo import load_zoo
 from tests.helpers import random_state_dict, write_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from PIL import Image
+
 from micromerge.eval.hub_layout import write_hub_layout
 from micromerge.eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
-from PIL import Image
 
 TEMPLATES = {
     "modality": ("A micrograph acquired through {class}.", "A microscopy image obtained through {class}."),

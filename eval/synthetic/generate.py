@@ -12,13 +12,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from PIL import Image
+
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.hub_layout import HUB_FOLDER, write_hub_layout
 from micromerge.eval.prompts import class_text
 from micromerge.eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 from micromerge.eval.synthetic.spec import SOURCES, SyntheticSource, all_label_names
-from PIL import Image
-
-from micromerge.core.errors import MicromergeError
 
 _SPLIT_CODES = {"benchmark": 0, "general": 1, "pathology": 2}
 

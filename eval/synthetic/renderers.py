@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from micromerge.eval.synthetic.draw import (
     SIZE,
     add_light,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.methods import (
     breadcrumbs,
     della,
@@ -25,8 +26,6 @@ from micromerge.merging.methods.base import (
     MethodParams,
     ModelScan,
 )
-
-from micromerge.core.errors import MicromergeError
 
 METHODS: dict[str, MergeMethod] = {
     method.name: method

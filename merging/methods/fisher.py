@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
-
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
 
 MINIMAL_FISHER = 1e-6
 

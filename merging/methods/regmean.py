@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
 from micromerge.merging.methods.fisher import model_weights, require_statistics, weighted_mean
-
-from micromerge.core.errors import MicromergeError
 
 
 def scale_off_diagonal(gram, ratio: float):
