@@ -87,7 +87,8 @@ class PixelFeed:
         return (data.float().div_(255.0) - self.mean) / self.std
 
 
-def _decode(payload: dict | None, size: int) -> np.ndarray | None:
+def decode_one(payload: dict | None, size: int) -> np.ndarray | None:
+    """One image payload resized (shorter side, bicubic) and centre-cropped to uint8 [3, S, S]; None if unreadable."""
     if payload is None:
         return None
     try:
@@ -121,7 +122,7 @@ def decode_payloads(
     ):
         for start in range(0, n, chunk):
             batch = payloads[start : start + chunk]
-            for offset, decoded in enumerate(pool.map(lambda p: _decode(p, size), batch)):
+            for offset, decoded in enumerate(pool.map(lambda p: decode_one(p, size), batch)):
                 if decoded is not None:
                     pixels[start + offset] = decoded
                     valid[start + offset] = True

@@ -39,6 +39,9 @@ class FinetuneConfig:
     allow_pickle: bool = False
     progress: bool = True
     domain: str | None = None  # what the specialist is for (recorded in the manifest, used by analysis)
+    data_in_memory: str = "auto"  # auto | yes | no: decode everything once, or stream (finetune.streaming)
+    augment: tuple[str, ...] = ()  # names from finetune.streaming.AUGMENTATIONS, applied in order
+    workers: int = 2  # DataLoader worker processes on the streaming path
 
     def __post_init__(self) -> None:
         if self.mode not in ("contrastive", "supervised"):
@@ -63,14 +66,26 @@ class FinetuneConfig:
             raise MicromergeError(f"--precision {self.precision}: expected no, bf16 or fp16")
         if not 0 <= self.max_bad_fraction <= 1:
             raise MicromergeError(f"--max-bad-fraction {self.max_bad_fraction}: must be in [0, 1]")
+        if self.data_in_memory not in ("auto", "yes", "no"):
+            raise MicromergeError(f"--data-in-memory {self.data_in_memory}: expected auto, yes or no")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise MicromergeError(f"--workers {self.workers}: must be an integer of at least 0")
+        from micromerge.finetune.streaming import check_augment
+
+        check_augment(self.augment)
 
     @property
     def text_frozen(self) -> bool:
         return self.mode == "supervised" if self.freeze_text is None else self.freeze_text
 
     def hyperparameters(self) -> dict[str, Any]:
-        skip = {"out", "resume", "force", "progress", "allow_pickle", "device"}
+        # how the data is read (in memory or streamed, by how many workers) does not change a result
+        skip = {"out", "resume", "force", "progress", "allow_pickle", "device", "data_in_memory", "workers"}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        if not self.augment:  # runs from before augmentation existed keep their digest
+            del values["augment"]
+        else:
+            values["augment"] = list(self.augment)
         values["freeze"] = list(self.freeze)
         values["freeze_text"] = self.text_frozen
         return values
@@ -87,4 +102,5 @@ def config_from_mapping(values: dict[str, Any]) -> FinetuneConfig:
     values = dict(values)
     values["out"] = Path(values["out"])
     values["freeze"] = tuple(values.get("freeze") or ())
+    values["augment"] = tuple(values.get("augment") or ())
     return FinetuneConfig(**values)

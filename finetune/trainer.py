@@ -12,6 +12,7 @@ import fnmatch
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,16 @@ from micromerge.eval.images import resident_on_device
 from micromerge.eval.pairs import DecodedData, decode_checked, load_pairs
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
+from micromerge.finetune.streaming import (
+    CorpusIndex,
+    ShardStream,
+    StreamedSamples,
+    batches,
+    choose_in_memory,
+    index_pairs,
+    is_shard_stream,
+    stream_loader,
+)
 from micromerge.merging.execute import input_hashes
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
@@ -46,13 +57,36 @@ class Prepared:
     model: torch.nn.Module  # what is trained (CLIP, or CLIP + head)
     clip: torch.nn.Module
     model_config: dict[str, Any]
-    data: DecodedData
+    data: DecodedData | None  # the in-memory path; None when streaming
     tokens: torch.Tensor | None
     classes: list[str] | None
     data_fingerprint: str
     base_label: str
     base_sha256: dict[str, str]
     arch_name: str | None
+    stream: StreamedSamples | None = None  # the streaming path, by index
+    shards: ShardStream | None = None  # the streaming path, in order (webdataset)
+    count: int = 0  # usable examples
+    data_path: dict[str, Any] | None = None  # which path, and why
+
+
+class _Tokenize:
+    """A caption to its token row, in a data worker (a class, so spawned workers can unpickle it)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        return self.tokenizer([caption])[0]
+
+
+def _label(value: int) -> torch.Tensor:
+    return torch.tensor(int(value))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of one epoch: the data order of both paths, so the position is one integer."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def _inputs_digest(prepared: Prepared) -> dict[str, Any]:
@@ -110,24 +144,34 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         arch_name = source.arch.name
     size = int(model_config["vision_cfg"]["image_size"])
     tokenizer = tokenizer_for(model_config)
+    common = (cfg.base, hashes, arch_name)
+    if cfg.mode == "contrastive" and is_shard_stream(cfg.data):
+        if cfg.max_steps is None:
+            raise MicromergeError(
+                f"--data {cfg.data}: a shard stream has no length: give --max-steps "
+                "(open_clip_train asks for --train-num-samples likewise)"
+            )
+        shards = ShardStream(cfg.data, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+        why = f"a stream of {len(shards.urls)} shards, read in order by the webdataset library"
+        path = {"in_memory": False, "why": why, "fingerprint": "shard names"}
+        return Prepared(clip, clip, model_config, None, None, None, shards.fingerprint, *common,
+                        shards=shards, data_path=path)  # fmt: skip
     if cfg.mode == "contrastive":
+        index = index_pairs(cfg.data)
+        in_memory, why = choose_in_memory(cfg.data_in_memory, len(index), size, cfg.augment)
+        if not in_memory:
+            stream = StreamedSamples(index, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+            path = {"in_memory": False, "why": why, "fingerprint": "names, sizes and tar headers"}
+            return Prepared(clip, clip, model_config, None, None, None, index.fingerprint, *common,
+                            stream=stream, count=len(index), data_path=path)  # fmt: skip
         pairs = load_pairs(cfg.data)
         fingerprint = pairs.fingerprint()
         data = decode_checked(
             pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress
         )
-        return Prepared(
-            clip,
-            clip,
-            model_config,
-            data,
-            tokenizer(data.targets),
-            None,
-            fingerprint,
-            cfg.base,
-            hashes,
-            arch_name,
-        )
+        path = {"in_memory": True, "why": why, "fingerprint": "every byte"}
+        return Prepared(clip, clip, model_config, data, tokenizer(data.targets), None, fingerprint, *common,
+                        count=len(data.targets), data_path=path)  # fmt: skip
     from datasets import Image
 
     from micromerge.eval.data import column_values, load_benchmark
@@ -143,23 +187,22 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             f"this selects {len(chosen)} ({names[:200]}): name one task"
         )
     task = chosen[0]
-    images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
-    data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
     head = ZeroShotHead(texts, float(clip.logit_scale.detach().exp()))
     fingerprint = sha256_json({"data": bench.fingerprint, "task": task.name})
-    return Prepared(
-        ImageClassifier(clip, head),
-        clip,
-        model_config,
-        data,
-        None,
-        list(task.classes),
-        fingerprint,
-        cfg.base,
-        hashes,
-        arch_name,
-    )
+    model = ImageClassifier(clip, head)
+    in_memory, why = choose_in_memory(cfg.data_in_memory, len(task.rows), size, cfg.augment)
+    if not in_memory:
+        index = CorpusIndex(cfg.data, "arrow", list(task.rows), list(task.labels), fingerprint, "ubench")
+        stream = StreamedSamples(index, size, cfg.augment, cfg.seed, _label)
+        path = {"in_memory": False, "why": why, "fingerprint": "the benchmark's files"}
+        return Prepared(model, clip, model_config, None, None, list(task.classes), fingerprint, *common,
+                        stream=stream, count=len(index), data_path=path)  # fmt: skip
+    images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
+    data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
+    path = {"in_memory": True, "why": why, "fingerprint": "the benchmark's files"}
+    return Prepared(model, clip, model_config, data, None, list(task.classes), fingerprint, *common,
+                    count=len(data.targets), data_path=path)  # fmt: skip
 
 
 def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
@@ -237,8 +280,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if resume_from is not None:
         _check_resume_inputs(cfg, resume_from, prepared)
     _freeze(prepared, cfg)
-    n, world, batch = len(prepared.data.targets), accelerator.num_processes, cfg.batch_size
-    per_epoch = n // (batch * world)
+    n, world, batch = prepared.count, accelerator.num_processes, cfg.batch_size
+    if cfg.progress and accelerator.is_main_process:
+        how = "in memory" if prepared.data_path["in_memory"] else f"streamed by {cfg.workers} workers"
+        size = f"{n} examples, " if prepared.shards is None else ""
+        print(f"data: {size}{how} ({prepared.data_path['why']})", file=sys.stderr)
+    # a shard stream has no epochs: the run is its --max-steps, one pass of the data order
+    per_epoch = n // (batch * world) if prepared.shards is None else cfg.max_steps * cfg.accum_steps
     if per_epoch == 0:
         raise MicromergeError(
             f"--data {cfg.data}: {n} usable examples is less than one batch ({batch} x {world} processes); lower --batch-size"
@@ -269,12 +317,18 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     std = torch.tensor(
         prepared.model_config.get("preprocess_cfg", {}).get("std", OPENAI_STD), device=accelerator.device
     ).view(1, 3, 1, 1)
-    targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
-    resident = resident_on_device(
-        prepared.data.pixels, np.arange(len(prepared.data.targets)), accelerator.device
-    )
-    if resident is not None:  # on a GPU: batches are gathered on the device, no per-step copy
-        targets = targets.to(accelerator.device)
+    resident, stream_batches = None, None
+    if prepared.shards is not None:
+        stream_batches = prepared.shards.loader(batch, cfg.workers, world, skip=micro_step)
+    elif prepared.stream is not None:
+        plan = batches(lambda epoch: epoch_order(n, cfg.seed, epoch), micro_step, total_micro, per_epoch,
+                       batch, world, accelerator.process_index)  # fmt: skip
+        stream_batches = iter(stream_loader(prepared.stream, plan, cfg.workers))
+    else:
+        targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
+        resident = resident_on_device(prepared.data.pixels, np.arange(n), accelerator.device)
+        if resident is not None:  # on a GPU: batches are gathered on the device, no per-step copy
+            targets = targets.to(accelerator.device)
     clip = (
         accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
     )
@@ -291,19 +345,25 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         model.train()
         while micro_step < total_micro:
             epoch, offset = divmod(micro_step, per_epoch)
-            if epoch != permutation_epoch:
-                permutation = torch.randperm(
-                    n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-                )
+            if epoch != permutation_epoch and stream_batches is None:
+                permutation = epoch_order(n, cfg.seed, epoch)
                 permutation_epoch = epoch
                 if resident is not None:
                     device_permutation = permutation.to(accelerator.device)
             start = (offset * world + accelerator.process_index) * batch
-            index = permutation[start : start + batch].numpy()
-            if resident is not None:
+            if stream_batches is not None:
+                pixels, batch_targets, readable = next(stream_batches)
+                if not bool(readable.all()):
+                    raise MicromergeError(
+                        f"--data {cfg.data}: an image of step {micro_step} is unreadable and the streaming path "
+                        "cannot skip it; fix the corpus, or --data-in-memory yes (which drops unreadable images)"
+                    )
+                pixels, batch_targets = pixels.to(accelerator.device), batch_targets.to(accelerator.device)
+            elif resident is not None:
                 chosen = device_permutation[start : start + batch]
                 pixels, batch_targets = resident[chosen], targets[chosen]
             else:
+                index = permutation[start : start + batch].numpy()
                 sorted_pixels = np.ascontiguousarray(prepared.data.pixels[np.sort(index)])
                 pixels = torch.from_numpy(sorted_pixels)[torch.from_numpy(np.argsort(np.argsort(index)))]
                 pixels = pixels.to(accelerator.device)
@@ -326,7 +386,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
-            seen += len(index) * world
+            seen += len(pixels) * world
             if accelerator.sync_gradients:
                 scheduler.step()
                 with torch.no_grad():
@@ -452,7 +512,8 @@ def _write_final(
         "processes": len(rank_digests),
         **hardware,
         "rank_weight_sha256": rank_digests,
-        "corrupt_images_skipped": prepared.data.n_corrupt,
+        "corrupt_images_skipped": prepared.data.n_corrupt if prepared.data is not None else None,
+        "data_path": prepared.data_path,
         "loss_summary": {
             "first": losses[0] if losses else None,
             "last": losses[-1] if losses else None,

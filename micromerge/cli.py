@@ -788,6 +788,24 @@ def _finetune_options(func):
             help="Stop if more images than this are unreadable.",
         ),
         click.option("--domain", help="What the specialist is for (e.g. pathology); recorded for analysis."),
+        click.option(
+            "--data-in-memory",
+            type=click.Choice(["auto", "yes", "no"]),
+            default="auto",
+            show_default=True,
+            help="Decode every image once into memory, or stream (read, decode and augment per batch in "
+            "--workers processes); auto: in memory when the decoded images fit in 4 GiB and nothing is augmented.",
+        ),
+        click.option(
+            "--augment",
+            multiple=True,
+            type=click.Choice(["crop", "flip", "rot90", "stain-jitter"]),
+            help="Augment each image (repeat, applied in order): crop = open_clip's random resized crop; "
+            "flip, rot90 = microscopy's symmetries; stain-jitter = small colour jitter (pathology). Streams.",
+        ),
+        click.option(
+            "--workers", type=int, default=2, show_default=True, help="Data worker processes when streaming."
+        ),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--force", is_flag=True, help="Discard the run in --out and start over."),
         ALLOW_PICKLE,

@@ -269,11 +269,14 @@ def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
     from micromerge.core.progress import progress_bar
 
     log = io.StringIO()
-    for _ in progress_bar(range(20_000), desc="work", unit="step", file=log):
-        pass
+    bar = progress_bar(range(20_000), desc="work", unit="step", file=log)
+    for step in bar:
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{1 / (step + 1):.4f}")  # as the trainer reports its loss
+    bar.close()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and 1 <= len(lines) <= 3, lines
-    assert lines[-1].startswith("work: 100%") and "20000/20000" in lines[-1]
+    assert lines[-1].startswith("work: 100%") and "20000/20000" in lines[-1] and "loss=" in lines[-1]
     silent = io.StringIO()
     for _ in progress_bar(range(10), desc="quiet", file=silent, disable=True):
         pass

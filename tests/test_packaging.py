@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -34,21 +35,25 @@ def _run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--no-isolation",
-            "--wheel",
-            "--sdist",
-            "--outdir",
-            str(out),
-            str(ROOT),
-        ],
-        ROOT,
-    )
+    """Built from a copy of the files git knows (setuptools keeps a build/ folder in the tree it
+    builds, whose stale files could otherwise end up in the wheel)."""
+    out, source = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("source")
+    for name in _run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.splitlines():
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    build = [
+        sys.executable,
+        "-m",
+        "build",
+        "--no-isolation",
+        "--wheel",
+        "--sdist",
+        "--outdir",
+        str(out),
+        str(source),
+    ]
+    _run(build, source)
     _run([sys.executable, "-m", "twine", "check", "--strict", *map(str, sorted(out.iterdir()))], out)
     return out
 

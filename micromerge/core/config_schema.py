@@ -142,6 +142,9 @@ FINETUNE_SCHEMA = {
     "allow_pickle": "bool",
     "progress": "bool",
     "domain": "str",
+    "data_in_memory": "str",
+    "augment": "str_list",
+    "workers": "int",
 }
 ABLATION_SCHEMA = {
     "data": "str",

@@ -31,10 +31,17 @@ class _LogLines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar in a log: a new postfix (a loss, a rate) waits for the next timed line."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):  # noqa: ARG002 (tqdm's signature)
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     """tqdm with its keyword arguments (desc, total, unit, disable, leave, initial ...)."""
     stream = kwargs.pop("file", None) or sys.stderr
     if stream.isatty():
         return tqdm(iterable, file=stream, **kwargs)
     kwargs.update(leave=True, mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL, ascii=True, ncols=100)
-    return tqdm(iterable, file=_LogLines(stream), **kwargs)
+    return _LogBar(iterable, file=_LogLines(stream), **kwargs)

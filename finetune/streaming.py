@@ -1,0 +1,422 @@
+"""Training data read as it is used: memory that does not grow with the corpus, and augmentation.
+
+The in-memory path decodes every image once into one uint8 array, which is the fastest for small
+data (the demo, one μ-Bench task) and impossible for PLIP's 208 k or Quilt-1M's million pairs. Here
+a corpus is an index of where each sample's bytes are — a CSV/JSONL table of image files, a
+`save_to_disk` Arrow dataset (memory-mapped), or webdataset-style tar shards (each member's offset
+read from the tar headers once, so any sample is one seek away) — and DataLoader workers read,
+decode and augment only the samples of the current batches.
+
+Random access keeps the trainer's data order (a seeded permutation per epoch, each rank its own
+slice) identical on both paths: without augmentation the streamed run ends bit-identical to the
+in-memory one, and resuming continues at the exact sample. Augmentation is drawn from a seed per
+(run seed, epoch, sample), so a resumed run also ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.images import decode_one
+from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, load_pairs
+
+IN_MEMORY_BUDGET = 4 << 30
+"""`--data-in-memory auto`: decode into memory when the decoded images take at most this many bytes."""
+
+
+def _crop(size: int) -> Callable:
+    """open_clip's training crop: RandomResizedCrop to the input size, scale (0.9, 1), bicubic."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    return RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC)
+
+
+def _flips(_size: int) -> Callable:
+    from torchvision.transforms import Compose, RandomHorizontalFlip, RandomVerticalFlip
+
+    return Compose([RandomHorizontalFlip(), RandomVerticalFlip()])
+
+
+def _rot90(_size: int) -> Callable:
+    def rotate(image: Image.Image) -> Image.Image:
+        turns = int(torch.randint(0, 4, (1,)))
+        return image.rotate(90 * turns) if turns else image
+
+    return rotate
+
+
+def _stain_jitter(_size: int) -> Callable:
+    """Small colour jitter, the usual stand-in for stain variation between pathology labs."""
+    from torchvision.transforms import ColorJitter
+
+    return ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
+
+
+AUGMENTATIONS: dict[str, Callable[[int], Callable]] = {
+    "crop": _crop,
+    "flip": _flips,
+    "rot90": _rot90,
+    "stain-jitter": _stain_jitter,
+}
+"""Augmentations by name (config `augment = ["crop", "flip", ...]`), applied in the order named."""
+
+
+def check_augment(names: tuple[str, ...]) -> None:
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise MicromergeError(f"--augment {unknown[0]}: choose from {sorted(AUGMENTATIONS)}")
+
+
+@dataclass(frozen=True)
+class CorpusIndex:
+    """Where every sample is: per sample a reader key (file path, Arrow row or tar member offsets)
+    and its caption or label location, plus a cheap fingerprint of the whole corpus."""
+
+    source: str
+    kind: str  # table | arrow | tar | bytes
+    images: list  # table: file paths; arrow: row numbers; tar: (shard, offset, size); bytes: payloads
+    targets: list  # captions (str) or class indices (int); tar: (shard, offset, size, ".txt" or ".json")
+    fingerprint: str
+    arrow_layout: str = "save_to_disk"  # or "ubench": a μ-Bench copy, opened as `eval` opens it
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _file_facts(paths: list[Path]) -> list[tuple[str, int]]:
+    return [(path.name, path.stat().st_size) for path in paths]
+
+
+def index_pairs(spec: str) -> CorpusIndex:
+    """An image-caption corpus as an index: nothing but file names, offsets and captions is read."""
+    path = Path(spec)
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.suffix == ".tar" else []
+    if shards and not any(
+        (path / n).is_file() for n in ("captions.csv", "captions.jsonl", "dataset_info.json")
+    ):
+        return _index_tar(spec, shards)
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        import datasets
+
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        return _index_arrow(spec, dataset, path)
+    pairs = load_pairs(spec)  # a table: paths and captions only (bytes are read per sample)
+    if any(p.get("path") is None for p in pairs.payloads):  # a hub dataset: its bytes are in memory already
+        return CorpusIndex(spec, "bytes", pairs.payloads, pairs.captions, pairs.fingerprint())
+    files = [Path(p["path"]) for p in pairs.payloads]
+    table = (
+        next(path / n for n in ("captions.csv", "captions.jsonl") if (path / n).is_file())
+        if path.is_dir()
+        else path
+    )
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"table": hashlib.sha256(table.read_bytes()).hexdigest(), "files": _file_facts(files)}
+        ).encode()
+    ).hexdigest()
+    return CorpusIndex(spec, "table", [str(f) for f in files], pairs.captions, fingerprint)
+
+
+def _index_arrow(spec: str, dataset, folder: Path) -> CorpusIndex:
+    image_col = next((c for c in IMAGE_COLUMNS if c in dataset.column_names), None)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in dataset.column_names), None)
+    if image_col is None or caption_col is None:
+        raise MicromergeError(
+            f"--data {spec}: needs an image and a caption column; found {dataset.column_names}"
+        )
+    captions = [str(c or "").strip() for c in dataset[caption_col]]
+    arrow_files = sorted(folder.glob("*.arrow"))
+    fingerprint = hashlib.sha256(
+        json.dumps({"fingerprint": dataset._fingerprint, "files": _file_facts(arrow_files)}).encode()
+    ).hexdigest()
+    return CorpusIndex(spec, "arrow", list(range(len(dataset))), captions, fingerprint)
+
+
+def _index_tar(spec: str, shards: list[Path]) -> CorpusIndex:
+    """Each sample's image and caption members located from the tar headers (data is skipped)."""
+    images, targets, headers = [], [], []
+    for shard in shards:
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(shard) as archive:
+                for member in archive:
+                    if member.isfile():
+                        key, _, ext = member.name.rpartition(".")
+                        members.setdefault(key, {})[f".{ext.lower()}"] = (member.offset_data, member.size)
+                        headers.append((shard.name, member.name, member.size))
+        except tarfile.TarError as exc:
+            raise MicromergeError(f"{shard}: not a readable tar shard ({exc})") from exc
+        for key, parts in sorted(members.items()):
+            image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+            caption = next(((s, parts[s]) for s in (".txt", ".json") if s in parts), None)
+            if image is None or caption is None:
+                raise MicromergeError(f"{shard}: sample {key} needs an image and a caption (.txt or .json)")
+            images.append((str(shard), *image))
+            targets.append((str(shard), *caption[1], caption[0]))
+    fingerprint = hashlib.sha256(
+        json.dumps({"shards": _file_facts(shards), "members": headers}).encode()
+    ).hexdigest()
+    return CorpusIndex(spec, "tar", images, targets, fingerprint)
+
+
+def decoded_bytes(count: int, size: int) -> int:
+    return count * 3 * size * size
+
+
+def choose_in_memory(setting: str, count: int, size: int, augment: tuple[str, ...]) -> tuple[bool, str]:
+    """(decode everything into memory?, why): `--data-in-memory auto|yes|no`."""
+    need = decoded_bytes(count, size)
+    if setting == "yes":
+        if augment:
+            raise MicromergeError(
+                "--data-in-memory yes: augmentation needs the streaming path (decoded per step)"
+            )
+        return True, "asked for (--data-in-memory yes)"
+    if setting == "no":
+        return False, "asked for (--data-in-memory no)"
+    if augment:
+        return False, f"augmentation ({', '.join(augment)}) decodes each image per step"
+    if need <= IN_MEMORY_BUDGET:
+        return True, f"the decoded images take {need / 2**20:.0f} MiB, within {IN_MEMORY_BUDGET >> 30} GiB"
+    return False, f"the decoded images would take {need / 2**30:.1f} GiB, over {IN_MEMORY_BUDGET >> 30} GiB"
+
+
+class StreamedSamples(torch.utils.data.Dataset):
+    """Sample (epoch, i) -> (uint8 [3, S, S] image, target): read, decoded and augmented on demand."""
+
+    def __init__(
+        self,
+        index: CorpusIndex,
+        size: int,
+        augment: tuple[str, ...],
+        seed: int,
+        encode_target: Callable[[Any], torch.Tensor],
+    ):
+        self.index, self.size, self.augment, self.seed = index, size, augment, seed
+        self.encode_target = encode_target
+        self._arrow = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _payload(self, i: int) -> dict:
+        location = self.index.images[i]
+        if self.index.kind == "table":
+            return {"path": location, "bytes": None}
+        if self.index.kind == "tar":
+            return {"bytes": _read_member(location), "path": None}
+        if self.index.kind == "bytes":
+            return location
+        if self._arrow is None:  # opened in the worker: memory-mapped, never pickled to it
+            import datasets
+
+            if self.index.arrow_layout == "ubench":
+                from micromerge.eval.data import load_benchmark
+
+                dataset = load_benchmark(self.index.source).dataset
+            else:
+                dataset = datasets.load_from_disk(self.index.source)
+            column = next(c for c in IMAGE_COLUMNS if c in dataset.column_names)
+            self._arrow = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+        (value,) = self._arrow[int(location)].values()
+        return value if isinstance(value, dict) else {"path": value, "bytes": None}
+
+    def _target(self, i: int) -> Any:
+        target = self.index.targets[i]
+        if self.index.kind != "tar":
+            return target
+        text = _read_member(target[:3]).decode("utf-8", "replace")
+        if target[3] == ".json":  # webdataset's other caption form: {"caption": ...}
+            meta = json.loads(text)
+            text = str(meta.get("caption", "") if isinstance(meta, dict) else "")
+        return text.strip()
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixels, target, readable): an unreadable image comes back as zeros with readable False,
+        for the trainer to stop on with one line (an exception here would reach it as a worker's
+        traceback)."""
+        epoch, i = item
+        payload = self._payload(i)
+        # without augmentation, exactly the in-memory path's decode
+        pixels = (
+            augmented_pixels(payload, self.size, self.augment, sample_seed(self.seed, epoch, i))
+            if self.augment
+            else decode_one(payload, self.size)
+        )
+        target = self.encode_target(self._target(i))
+        if pixels is None:
+            return torch.zeros((3, self.size, self.size), dtype=torch.uint8), target, torch.tensor(False)
+        return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)
+
+
+def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
+    """One image through the named augmentations, drawn from `seed` alone; uint8 [3, S, S] or None."""
+    try:
+        image = Image.open(io.BytesIO(payload["bytes"]) if payload.get("bytes") else payload["path"])
+        image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    torch.manual_seed(seed)  # this worker's RNG, for this sample only
+    for name in augment:
+        image = AUGMENTATIONS[name](size)(image)
+    if image.size != (size, size):  # no crop named: fit as the in-memory path does
+        return decode_one({"bytes": _png(image), "path": None}, size)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _read_member(location: tuple[str, int, int]) -> bytes:
+    shard, offset, size = location
+    with open(shard, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def sample_seed(seed: int, epoch: int, i: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{epoch}|{i}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def batches(
+    order: Callable[[int], torch.Tensor],
+    start_micro: int,
+    total_micro: int,
+    per_epoch: int,
+    batch: int,
+    world: int,
+    rank: int,
+) -> Iterator[list[tuple[int, int]]]:
+    """The (epoch, sample) lists this rank trains on from `start_micro` on: the in-memory path's order."""
+    for micro in range(start_micro, total_micro):
+        epoch, offset = divmod(micro, per_epoch)
+        start = (offset * world + rank) * batch
+        yield [(epoch, int(i)) for i in order(epoch)[start : start + batch]]
+
+
+def stream_loader(
+    samples: StreamedSamples, plan: Iterator[list[tuple[int, int]]], workers: int
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        samples,
+        batch_sampler=plan,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+STREAM_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+SHARD_SHUFFLE = 100
+SAMPLE_SHUFFLE = 1000
+
+
+def is_shard_stream(spec: str) -> bool:
+    """A shard list only the webdataset library can read in order: URLs, pipes, brace patterns."""
+    return spec.startswith(STREAM_PREFIXES) or ("{" in spec and ".." in spec)
+
+
+def shard_urls(spec: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(spec))
+
+
+class ShardStream:
+    """webdataset shards read in order through the webdataset library: shards shuffled per pass from
+    the seed, split between ranks (split_by_node) and workers (split_by_worker), samples mixed in a
+    seeded buffer. The order depends only on the seed, the number of ranks and of workers, so a
+    resumed run skips the batches it has trained on and continues at the exact sample."""
+
+    def __init__(
+        self,
+        spec: str,
+        size: int,
+        augment: tuple[str, ...],
+        seed: int,
+        encode_target: Callable[[Any], torch.Tensor],
+    ):
+        self.spec, self.size, self.augment, self.seed = spec, size, augment, seed
+        self.encode_target = encode_target
+        self.urls = shard_urls(spec)
+        self.fingerprint = hashlib.sha256(json.dumps({"shards": self.urls}).encode()).hexdigest()
+
+    def loader(self, batch: int, workers: int, world: int, skip: int) -> Iterator:
+        import random
+
+        import webdataset as wds
+
+        if len(self.urls) < world * max(1, workers):
+            raise MicromergeError(
+                f"--data {self.spec}: {len(self.urls)} shards for {world} process(es) x {max(1, workers)} "
+                "worker(s): each needs a shard of its own; lower --workers or split the corpus into more shards"
+            )
+        pipeline = (
+            wds.WebDataset(
+                self.urls,
+                shardshuffle=SHARD_SHUFFLE,
+                detshuffle=True,
+                seed=self.seed,
+                nodesplitter=wds.split_by_node,
+                workersplitter=wds.split_by_worker,
+                empty_check=False,
+            )
+            .shuffle(SAMPLE_SHUFFLE, rng=random.Random(self.seed))
+            .map(_StreamDecoder(self))
+            .batched(batch, partial=False)
+            .repeat()
+        )
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
+        batches = iter(loader)
+        for _ in range(skip):  # already trained on: read again, not trained again
+            next(batches)
+        return batches
+
+
+class _StreamDecoder:
+    """One webdataset sample -> (pixels, target, readable), augmented from (seed, shard, key, pass)."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+        self.seen: dict[tuple[str, str], int] = {}
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stream = self.stream
+        image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
+        caption = sample.get("txt", b"")
+        caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption)
+        target = stream.encode_target(caption)
+        name = (str(sample.get("__url__")), str(sample.get("__key__")))
+        occurrence = self.seen.get(name, 0)
+        self.seen[name] = occurrence + 1
+        pixels = None
+        if image is not None:
+            payload = {"bytes": image, "path": None}
+            if stream.augment:
+                key = int.from_bytes(hashlib.sha256("|".join(name).encode()).digest()[:6], "little")
+                pixels = augmented_pixels(
+                    payload, stream.size, stream.augment, sample_seed(stream.seed, occurrence, key)
+                )
+            else:
+                pixels = decode_one(payload, stream.size)
+        if pixels is None:
+            return torch.zeros((3, stream.size, stream.size), dtype=torch.uint8), target, torch.tensor(False)
+        return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)

@@ -1,0 +1,234 @@
+"""Fine-tuning on streamed data (issue 16): the same order and bytes as the in-memory path,
+augmentation drawn from the seed (so resuming stays exact), the path chosen and said, memory that
+does not grow with the corpus, and bad input as one line.
+
+Facts from public sources: open_clip's training transform is RandomResizedCrop(image_size,
+scale=(0.9, 1.0), bicubic) then the model's mean/std (open_clip/transform.py, read through the
+search tool); webdataset shards are plain tar files whose members `KEY.EXT` group into samples.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from micromerge.core.errors import MicromergeError
+from micromerge.finetune import trainer
+from micromerge.finetune.streaming import choose_in_memory, index_pairs
+from micromerge.finetune.trainer import run_finetune
+from tests.helpers import write_checkpoint
+from tests.test_finetune import CAPTIONS, _png, config, write_csv_folder
+
+
+@pytest.fixture
+def base(tmp_path):
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    return tmp_path / "base.safetensors"
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_shards(folder: Path, n: int, per_shard: int = 7) -> Path:
+    folder.mkdir(parents=True)
+    for first in range(0, n, per_shard):
+        with tarfile.open(folder / f"shard-{first // per_shard:06d}.tar", "w") as archive:
+            for i in range(first, min(n, first + per_shard)):
+                for suffix, payload in ((".png", _png(i)), (".txt", CAPTIONS[i % 6].encode())):
+                    info = tarfile.TarInfo(f"sample{i:04d}{suffix}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["csv", "tar"])
+def test_streaming_without_augmentation_equals_the_in_memory_run(tmp_path, base, layout):
+    data = (
+        write_csv_folder(tmp_path / "pairs", n=24) if layout == "csv" else write_shards(tmp_path / "wds", 24)
+    )
+    memory = run_finetune(config(base, data, tmp_path / "memory", max_steps=4, data_in_memory="yes"))
+    streamed = run_finetune(
+        config(base, data, tmp_path / "stream", max_steps=4, data_in_memory="no", workers=2)
+    )
+    assert _same(_weights(memory), _weights(streamed))
+    manifest = json.loads((tmp_path / "stream" / "manifest.json").read_text())
+    assert manifest["data_path"]["in_memory"] is False and "asked for" in manifest["data_path"]["why"]
+    single = run_finetune(
+        config(base, data, tmp_path / "single", max_steps=4, data_in_memory="no", workers=0)
+    )
+    assert _same(_weights(streamed), _weights(single)), "the number of workers changes nothing"
+
+
+def test_supervised_streams_its_task_too(tmp_path, base):
+    from tests.ubench_fixture import write_fixture
+
+    bench = write_fixture(tmp_path / "bench", per_class=6, corrupt=0)
+    values = dict(mode="supervised", task="kather_et_al_2016", max_steps=3, batch_size=4)
+    memory = run_finetune(config(base, bench, tmp_path / "memory", data_in_memory="yes", **values))
+    streamed = run_finetune(config(base, bench, tmp_path / "stream", data_in_memory="no", **values))
+    assert _same(_weights(memory), _weights(streamed))
+
+
+def test_augmentation_is_drawn_from_the_seed_and_survives_a_resume(tmp_path, base, monkeypatch):
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    augmented = dict(max_steps=8, augment=("crop", "flip", "rot90", "stain-jitter"), lr=1e-3)
+    straight = run_finetune(config(base, data, tmp_path / "straight", **augmented))
+    again = run_finetune(config(base, data, tmp_path / "again", **augmented))
+    plain = run_finetune(config(base, data, tmp_path / "plain", max_steps=8, lr=1e-3))
+    assert _same(_weights(straight), _weights(again)), "same seed, same augmentation"
+    assert not _same(_weights(straight), _weights(plain)), "augmentation changes what is seen"
+    manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["augment"] == ["crop", "flip", "rot90", "stain-jitter"]
+    assert manifest["data_path"]["in_memory"] is False and "augmentation" in manifest["data_path"]["why"]
+
+    saved = trainer._save_state
+
+    def save_then_die(accelerator, cfg, prepared, micro_step, step, history):
+        saved(accelerator, cfg, prepared, micro_step, step, history)
+        raise KeyboardInterrupt  # killed right after the checkpoint of step 4
+
+    interrupted = config(base, data, tmp_path / "resumed", save_every=4, **augmented)
+    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(interrupted)
+    monkeypatch.setattr(trainer, "_save_state", saved)
+    resumed = run_finetune(replace(interrupted, resume=True))
+    assert _same(_weights(straight), _weights(resumed)), "resumed at the exact sample, same augmentation"
+
+
+def test_the_path_is_chosen_by_size_and_augmentation_and_said(tmp_path, base, capsys):
+    assert choose_in_memory("auto", 1000, 224, ())[0] is True
+    assert choose_in_memory("auto", 1_000_000, 224, ())[0] is False, "150 GB of decoded Quilt-1M images"
+    assert choose_in_memory("auto", 10, 32, ("crop",))[0] is False
+    with pytest.raises(MicromergeError, match="augmentation needs the streaming path"):
+        choose_in_memory("yes", 10, 32, ("flip",))
+    data = write_csv_folder(tmp_path / "pairs", n=16)
+    run_finetune(replace(config(base, data, tmp_path / "auto", max_steps=1), progress=True))
+    assert "data: 16 examples, in memory (the decoded images take" in capsys.readouterr().err
+
+
+def test_an_unreadable_image_in_a_stream_is_one_line(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs", n=16)
+    for i in range(16):
+        (data / f"img{i}.png").write_bytes(b"not a png")
+    with pytest.raises(MicromergeError, match="unreadable and the streaming path cannot skip it"):
+        run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
+
+
+def test_the_shard_fingerprint_is_cheap_and_still_sees_a_changed_shard(tmp_path):
+    shards = write_shards(tmp_path / "wds", 14)
+    first = index_pairs(str(shards))
+    assert len(first) == 14 and first.kind == "tar"
+    with tarfile.open(shards / "shard-000001.tar", "a") as archive:
+        for suffix, payload in ((".png", _png(99)), (".txt", b"one more")):
+            info = tarfile.TarInfo(f"sample0099{suffix}")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    second = index_pairs(str(shards))
+    assert len(second) == 15 and second.fingerprint != first.fingerprint
+
+
+RSS = """
+import sys
+from pathlib import Path
+from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.trainer import run_finetune
+base, data, out, in_memory = sys.argv[1:5]
+run_finetune(FinetuneConfig(mode="contrastive", base=base, data=data, out=Path(out), max_steps=2, batch_size=8,
+                            device="cpu", progress=False, data_in_memory=in_memory, workers=0))
+# VmHWM: this process's own peak (ru_maxrss would start from the forking parent's, pytest's)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) // 1024)
+"""
+
+
+def _peak_rss_mb(base: Path, data: Path, out: Path, in_memory: str) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", RSS, str(base), str(data), str(out), in_memory], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_streaming_memory_does_not_grow_with_the_corpus(tmp_path):
+    """A corpus ten times larger: the streamed run's peak RSS stays put, the in-memory run's grows by
+    the decoded images (the positive control that shows the measurement can see it)."""
+    base = tmp_path / "base.safetensors"
+    write_checkpoint(base, 0, arch="micro-clip")  # 64 px: 12 KiB per decoded image
+    small = write_csv_folder(tmp_path / "small", n=400)
+    large = write_csv_folder(tmp_path / "large", n=4000)
+    streamed = [_peak_rss_mb(base, d, tmp_path / f"s-{d.name}", "no") for d in (small, large)]
+    in_memory = [_peak_rss_mb(base, d, tmp_path / f"m-{d.name}", "yes") for d in (small, large)]
+    assert in_memory[1] - in_memory[0] > 30, in_memory
+    assert streamed[1] - streamed[0] < 12, streamed
+
+
+def _pipe_spec(shards: Path) -> str:
+    """A webdataset URL pattern read through a pipe, as remote shards are (no network needed)."""
+    count = len(list(shards.glob("*.tar")))
+    return f"pipe:cat {shards}/shard-{{000000..{count - 1:06d}}}.tar"
+
+
+def test_a_shard_stream_is_read_in_a_seeded_order_and_resumes_at_the_exact_sample(
+    tmp_path, base, monkeypatch
+):
+    spec = _pipe_spec(write_shards(tmp_path / "wds", 28, per_shard=7))
+    values = dict(max_steps=6, workers=2, augment=("crop", "flip"), lr=1e-3)
+    straight = run_finetune(config(base, spec, tmp_path / "straight", **values))
+    again = run_finetune(config(base, spec, tmp_path / "again", **values))
+    assert _same(_weights(straight), _weights(again))
+    manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert manifest["data_path"]["in_memory"] is False and "webdataset" in manifest["data_path"]["why"]
+
+    saved = trainer._save_state
+
+    def save_then_die(accelerator, cfg, prepared, micro_step, step, history):
+        saved(accelerator, cfg, prepared, micro_step, step, history)
+        raise KeyboardInterrupt
+
+    interrupted = config(base, spec, tmp_path / "resumed", save_every=3, **values)
+    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(interrupted)
+    monkeypatch.setattr(trainer, "_save_state", saved)
+    assert _same(_weights(straight), _weights(run_finetune(replace(interrupted, resume=True))))
+
+
+def test_a_shard_stream_needs_a_length_and_a_shard_per_worker(tmp_path, base):
+    spec = _pipe_spec(write_shards(tmp_path / "wds", 14, per_shard=7))
+    with pytest.raises(MicromergeError, match="has no length: give --max-steps"):
+        run_finetune(replace(config(base, spec, tmp_path / "a"), max_steps=None))
+    with pytest.raises(MicromergeError, match="2 shards for 1 process"):
+        run_finetune(config(base, spec, tmp_path / "b", workers=3))
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base):
+    import os
+
+    from tests.helpers import two_process_launch
+    from tests.test_finetune import _contrastive_args
+
+    spec = _pipe_spec(write_shards(tmp_path / "wds", 32, per_shard=8))
+    args = _contrastive_args(base, spec, tmp_path / "ddp", steps=3, batch_size=4)
+    command = two_process_launch(*args, "--save-every", "0", "--workers", "1")
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and len(set(manifest["rank_weight_sha256"])) == 1
