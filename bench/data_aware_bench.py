@@ -42,7 +42,7 @@ for index in (1, 2):
 """
 
 RUN = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
 from micromerge.eval.engine import EvalSettings
 from micromerge.eval.statistics import statistics_input
@@ -64,8 +64,8 @@ if device.type == "cuda":
     torch.cuda.synchronize()
 seconds = time.perf_counter() - started
 peak = torch.cuda.max_memory_allocated() // 2**20 if device.type == "cuda" else None
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-                  "cuda_peak_mb": peak}))
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) // 1024
+print(json.dumps({"seconds": seconds, "peak_rss_mb": rss, "cuda_peak_mb": peak}))
 """
 
 

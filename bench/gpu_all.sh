@@ -3,12 +3,12 @@
 # the GPU tests (tests/test_gpu.py), then the fine-tuning, sweep and merge benches on CUDA.
 # Usage: bench/gpu_all.sh OUT_DIR [STEP ...]   (the project importable by $PYTHON, HF_HUB_OFFLINE=1);
 # STEPs: pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda
-# data_aware_cuda (default: all, in that order).
+# data_aware_cuda streaming_cuda (default: all, in that order).
 # Each step writes its own file, so a step that fails or runs out of time loses only itself.
 set -u
 out=${1:?usage: bench/gpu_all.sh OUT_DIR [STEP ...]}
 shift
-wanted=${*:-pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda data_aware_cuda}
+wanted=${*:-pytest_gpu finetune_cuda sweep_cuda sweep_cuda_closed_set merge_cuda methods_merge_cuda data_aware_cuda streaming_cuda}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -34,3 +34,6 @@ step merge_cuda "$py" bench/merge_bench.py --device cuda --repeats 3
 step methods_merge_cuda "$py" bench/methods_merge_bench.py --device cuda
 # issue 14: Fishers, Grams and learned coefficients at ViT-B/16 size on μ-Bench-sized data
 step data_aware_cuda "$py" bench/data_aware_bench.py --model ViT-B-16 --device cuda --steps 1000
+# issue 16: the streaming trainer against open_clip_train on the same webdataset shards
+step streaming_cuda "$py" bench/streaming_bench.py --model ViT-B-32 --device cuda --batch-size 256 \
+    --steps 200 --precision bf16 --workers 8

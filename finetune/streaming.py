@@ -343,7 +343,8 @@ def shard_urls(spec: str) -> list[str]:
 class ShardStream:
     """webdataset shards read in order through the webdataset library: shards shuffled per pass from
     the seed, split between ranks (split_by_node) and workers (split_by_worker), samples mixed in a
-    seeded buffer. The order depends only on the seed, the number of ranks and of workers, so a
+    seeded buffer. Built from the pipeline stages webdataset 0.2 and 1.0 share, so it runs beside
+    open_clip's training extra (which pins webdataset <= 0.2.86). The order depends only on the seed, the number of ranks and of workers, so a
     resumed run skips the batches it has trained on and continues at the exact sample."""
 
     def __init__(
@@ -369,21 +370,17 @@ class ShardStream:
                 f"--data {self.spec}: {len(self.urls)} shards for {world} process(es) x {max(1, workers)} "
                 "worker(s): each needs a shard of its own; lower --workers or split the corpus into more shards"
             )
-        pipeline = (
-            wds.WebDataset(
-                self.urls,
-                shardshuffle=SHARD_SHUFFLE,
-                detshuffle=True,
-                seed=self.seed,
-                nodesplitter=wds.split_by_node,
-                workersplitter=wds.split_by_worker,
-                empty_check=False,
-            )
-            .shuffle(SAMPLE_SHUFFLE, rng=random.Random(self.seed))
-            .map(_StreamDecoder(self))
-            .batched(batch, partial=False)
-            .repeat()
-        )
+        # every rank and worker draws the same shard order (seed, pass), then takes its own shards
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.detshuffle(SHARD_SHUFFLE, seed=self.seed),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            wds.shuffle(SAMPLE_SHUFFLE, rng=random.Random(self.seed)),
+            wds.map(_StreamDecoder(self)),
+            wds.batched(batch, partial=False),
+        ).repeat()
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
         batches = iter(loader)
         for _ in range(skip):  # already trained on: read again, not trained again
