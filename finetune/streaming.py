@@ -32,6 +32,14 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, load_pairs
 
+FINGERPRINTS = {
+    "table": "the table's bytes, image file names and sizes",
+    "arrow": "the dataset's Arrow fingerprint, file names and sizes",
+    "tar": "shard names and sizes, every member's tar header",
+    "bytes": "every byte",
+}
+"""What a streamed corpus's fingerprint is made of, by index kind (recorded in the manifest)."""
+
 IN_MEMORY_BUDGET = 4 << 30
 """`--data-in-memory auto`: decode into memory when the decoded images take at most this many bytes."""
 

@@ -32,6 +32,7 @@ from micromerge.eval.pairs import DecodedData, decode_checked, load_pairs
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from micromerge.finetune.streaming import (
+    FINGERPRINTS,
     CorpusIndex,
     ShardStream,
     StreamedSamples,
@@ -161,7 +162,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         in_memory, why = choose_in_memory(cfg.data_in_memory, len(index), size, cfg.augment)
         if not in_memory:
             stream = StreamedSamples(index, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
-            path = {"in_memory": False, "why": why, "fingerprint": "names, sizes and tar headers"}
+            path = {"in_memory": False, "why": why, "fingerprint": FINGERPRINTS[index.kind]}
             return Prepared(clip, clip, model_config, None, None, None, index.fingerprint, *common,
                             stream=stream, count=len(index), data_path=path)  # fmt: skip
         pairs = load_pairs(cfg.data)

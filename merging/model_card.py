@@ -54,9 +54,10 @@ def model_card(
     if hub:
         header += ["base_model:", *[f"- {name}" for name in hub]]
     header.append("---")
-    inputs = record.get("inputs_sha256") or (
-        {record["base"]: record.get("base_sha256")} if record.get("base") else {}
-    )
+    inputs = record.get("inputs_sha256") or {}
+    if not inputs and record.get("base"):  # a fine-tuned run: its base, {file: sha256}
+        digest = record.get("base_sha256")
+        inputs = digest if isinstance(digest, dict) else {record["base"]: digest}
     lines = [
         *header,
         "",
@@ -119,5 +120,13 @@ def write_model_card(
 ) -> Path:
     record = checkpoint_provenance(files)
     path = folder / "README.md"
-    write_text_atomic(path, model_card(Path(checkpoint).stem or checkpoint, record, library, evaluation))
+    write_text_atomic(path, model_card(_title(checkpoint), record, library, evaluation))
     return path
+
+
+def _title(checkpoint: str) -> str:
+    """A run folder's name for its `model.safetensors`, else the file's stem (or the zoo name)."""
+    path = Path(checkpoint)
+    if path.stem in ("model", "open_clip_model") and path.parent.name:
+        return path.parent.name
+    return path.stem or checkpoint

@@ -172,3 +172,7 @@ def test_a_finetuned_run_folder_has_a_model_card(tmp_path):
     run_finetune(config(base, data, tmp_path / "run"))
     card = (tmp_path / "run" / "README.md").read_text()
     assert "finetune-contrastive" in card and "library_name: open_clip" in card
+    assert "\n# run\n" in card, "the run folder's name, not model.safetensors's stem"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    ((name, digest),) = manifest["base_sha256"].items()
+    assert f"| `{name}` | `{digest}` |" in card

@@ -55,11 +55,29 @@ def write_shards(folder: Path, n: int, per_shard: int = 7) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("layout", ["csv", "tar"])
+def write_arrow(folder: Path, n: int) -> Path:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {
+        "image": [{"bytes": _png(i), "path": None} for i in range(n)],
+        "caption": [CAPTIONS[i % 6] for i in range(n)],
+    }
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    return folder
+
+
+FINGERPRINTED = {
+    "csv": "the table's bytes, image file names and sizes",
+    "tar": "shard names and sizes, every member's tar header",
+    "arrow": "the dataset's Arrow fingerprint, file names and sizes",
+}
+
+
+@pytest.mark.parametrize("layout", ["csv", "tar", "arrow"])
 def test_streaming_without_augmentation_equals_the_in_memory_run(tmp_path, base, layout):
-    data = (
-        write_csv_folder(tmp_path / "pairs", n=24) if layout == "csv" else write_shards(tmp_path / "wds", 24)
-    )
+    writers = {"csv": write_csv_folder, "tar": write_shards, "arrow": write_arrow}
+    data = writers[layout](tmp_path / layout, 24)
     memory = run_finetune(config(base, data, tmp_path / "memory", max_steps=4, data_in_memory="yes"))
     streamed = run_finetune(
         config(base, data, tmp_path / "stream", max_steps=4, data_in_memory="no", workers=2)
@@ -67,6 +85,7 @@ def test_streaming_without_augmentation_equals_the_in_memory_run(tmp_path, base,
     assert _same(_weights(memory), _weights(streamed))
     manifest = json.loads((tmp_path / "stream" / "manifest.json").read_text())
     assert manifest["data_path"]["in_memory"] is False and "asked for" in manifest["data_path"]["why"]
+    assert manifest["data_path"]["fingerprint"] == FINGERPRINTED[layout]
     single = run_finetune(
         config(base, data, tmp_path / "single", max_steps=4, data_in_memory="no", workers=0)
     )
