@@ -230,3 +230,23 @@ finetuned = ["{models[1]}"]
         kinds["supervised-alpha"]["search"] == "grid" and kinds["supervised-alpha"]["granularity"] == "block"
     )
     assert (tmp_path / "report" / "figures" / "coefficients_run1.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--learning-rate", "0"], "--learning-rate 0.0: must be positive"),
+        (["--steps", "0"], "--steps 0: must be a positive integer"),
+        (["--granularity", "neuron"], "'neuron' is not one of"),
+    ],
+)
+def test_bad_learning_settings_are_one_line(tmp_path, extra, needle):
+    from tests.helpers import write_checkpoint
+
+    for seed in range(2):
+        write_checkpoint(tmp_path / f"m{seed}.safetensors", seed)
+    args = ["--base", str(tmp_path / "m0.safetensors"), "--ft", str(tmp_path / "m1.safetensors")]
+    result = CliRunner().invoke(cli, ["merge", *args, "--method", "adamerging", "--data", "x", *extra])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 or "Usage" in result.output
+    assert not list(tmp_path.glob("*merged*"))

@@ -251,3 +251,16 @@ def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and len(set(manifest["rank_weight_sha256"])) == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("workers", -1, "--workers -1: must be an integer of at least 0"),
+        ("data_in_memory", "maybe", "--data-in-memory maybe: expected auto, yes or no"),
+        ("augment", ("blur",), "--augment blur: choose from"),
+    ],
+)
+def test_bad_streaming_settings_are_one_line(tmp_path, base, field, value, needle):
+    with pytest.raises(MicromergeError, match=needle):
+        config(base, tmp_path, tmp_path / "out", **{field: value})
