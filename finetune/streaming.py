@@ -265,10 +265,7 @@ class StreamedSamples(torch.utils.data.Dataset):
             if self.augment
             else decode_one(payload, self.size)
         )
-        target = self.encode_target(self._target(i))
-        if pixels is None:
-            return torch.zeros((3, self.size, self.size), dtype=torch.uint8), target, torch.tensor(False)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)
+        return _sample(pixels, self.encode_target(self._target(i)), self.size)
 
 
 def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
@@ -284,6 +281,13 @@ def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: i
     if image.size != (size, size):  # no crop named: fit as the in-memory path does
         return decode_one({"bytes": _png(image), "path": None}, size)
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _sample(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """(pixels, target, readable): an unreadable image travels as zeros with readable False."""
+    if pixels is None:
+        return torch.zeros((3, size, size), dtype=torch.uint8), target, torch.tensor(False)
+    return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -352,8 +356,9 @@ class ShardStream:
     """webdataset shards read in order through the webdataset library: shards shuffled per pass from
     the seed, split between ranks (split_by_node) and workers (split_by_worker), samples mixed in a
     seeded buffer. Built from the pipeline stages webdataset 0.2 and 1.0 share, so it runs beside
-    open_clip's training extra (which pins webdataset <= 0.2.86). The order depends only on the seed, the number of ranks and of workers, so a
-    resumed run skips the batches it has trained on and continues at the exact sample."""
+    open_clip's training extra (which pins webdataset <= 0.2.86). The order depends only on the seed
+    and the numbers of ranks and workers, so a resumed run skips the batches it has trained on and
+    continues at the exact sample."""
 
     def __init__(
         self,
@@ -422,6 +427,4 @@ class _StreamDecoder:
                 )
             else:
                 pixels = decode_one(payload, stream.size)
-        if pixels is None:
-            return torch.zeros((3, stream.size, stream.size), dtype=torch.uint8), target, torch.tensor(False)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)
+        return _sample(pixels, target, stream.size)
