@@ -29,8 +29,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.data import column_values
 from micromerge.eval.images import decode_one
-from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, load_pairs
+from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, PairData, load_pairs
 
 FINGERPRINTS = {
     "table": "the table's bytes, image file names and sizes",
@@ -95,7 +96,7 @@ class CorpusIndex:
     source: str
     kind: str  # table | arrow | tar | bytes
     images: list  # table: file paths; arrow: row numbers; tar: (shard, offset, size); bytes: payloads
-    targets: list  # captions (str) or class indices (int); tar: (shard, offset, size, ".txt" or ".json")
+    targets: list  # captions (str) or class indices (int); tar: (shard, offset, size, ".txt"|".json", key)
     fingerprint: str
     arrow_layout: str = "save_to_disk"  # or "ubench": a μ-Bench copy, opened as `eval` opens it
 
@@ -174,7 +175,7 @@ def _index_tar(spec: str, shards: list[Path]) -> CorpusIndex:
             if image is None or caption is None:
                 raise MicromergeError(f"{shard}: sample {key} needs an image and a caption (.txt or .json)")
             images.append((str(shard), *image))
-            targets.append((str(shard), *caption[1], caption[0]))
+            targets.append((str(shard), *caption[1], caption[0], key))
     fingerprint = hashlib.sha256(
         json.dumps({"shards": _file_facts(shards), "members": headers}).encode()
     ).hexdigest()
@@ -223,35 +224,16 @@ class StreamedSamples(torch.utils.data.Dataset):
 
     def _payload(self, i: int) -> dict:
         location = self.index.images[i]
-        if self.index.kind == "table":
-            return {"path": location, "bytes": None}
-        if self.index.kind == "tar":
-            return {"bytes": _read_member(location), "path": None}
-        if self.index.kind == "bytes":
-            return location
-        if self._arrow is None:  # opened in the worker: memory-mapped, never pickled to it
-            import datasets
-
-            if self.index.arrow_layout == "ubench":
-                from micromerge.eval.data import load_benchmark
-
-                dataset = load_benchmark(self.index.source).dataset
-            else:
-                dataset = datasets.load_from_disk(self.index.source)
-            column = next(c for c in IMAGE_COLUMNS if c in dataset.column_names)
-            self._arrow = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
-        (value,) = self._arrow[int(location)].values()
-        return value if isinstance(value, dict) else {"path": value, "bytes": None}
+        if self.index.kind == "arrow":
+            if self._arrow is None:  # opened in the worker: memory-mapped, never pickled to it
+                self._arrow = _arrow_images(self.index)
+            (value,) = self._arrow[int(location)].values()
+            return _as_payload(value)
+        return _located_payload(self.index.kind, location)
 
     def _target(self, i: int) -> Any:
         target = self.index.targets[i]
-        if self.index.kind != "tar":
-            return target
-        text = _read_member(target[:3]).decode("utf-8", "replace")
-        if target[3] == ".json":  # webdataset's other caption form: {"caption": ...}
-            meta = json.loads(text)
-            text = str(meta.get("caption", "") if isinstance(meta, dict) else "")
-        return text.strip()
+        return _tar_caption(target, strict=False) if self.index.kind == "tar" else target
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixels, target, readable): an unreadable image comes back as zeros with readable False,
@@ -266,6 +248,72 @@ class StreamedSamples(torch.utils.data.Dataset):
             else decode_one(payload, self.size)
         )
         return _sample(pixels, self.encode_target(self._target(i)), self.size)
+
+
+def _as_payload(value: Any) -> dict:
+    return value if isinstance(value, dict) else {"path": value, "bytes": None}
+
+
+def _located_payload(kind: str, location: Any) -> dict:
+    """One sample's image payload from its index entry (all kinds but arrow)."""
+    if kind == "table":
+        return {"path": location, "bytes": None}
+    if kind == "tar":
+        return {"bytes": _read_member(location), "path": None}
+    return location  # bytes: the payload itself
+
+
+def _arrow_images(index: CorpusIndex):
+    """The image column of an indexed Arrow corpus, memory-mapped, with images left undecoded."""
+    import datasets
+
+    if index.arrow_layout == "ubench":
+        from micromerge.eval.data import load_benchmark
+
+        dataset = load_benchmark(index.source).dataset
+    else:
+        dataset = datasets.load_from_disk(index.source)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    column = next(c for c in IMAGE_COLUMNS if c in dataset.column_names)
+    return dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+
+
+def _tar_caption(target: tuple, strict: bool) -> str:
+    """A tar sample's caption from its `.txt`, or the `caption` of its `.json` (webdataset's other
+    form). Strict (the in-memory path, which reads the corpus before training): bad bytes and empty
+    captions are one-line errors naming the sample. Streamed, a worker cannot stop the run with one
+    line, so bad bytes are replaced."""
+    shard, _offset, _size, suffix, key = target
+    raw = _read_member(target[:3])
+    try:
+        text = raw.decode("utf-8", "strict" if strict else "replace")
+        if suffix == ".json":
+            meta = json.loads(text)
+            text = str(meta.get("caption", "") if isinstance(meta, dict) else "")
+    except UnicodeDecodeError as exc:
+        raise MicromergeError(f"{shard}: sample {key}: caption is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        if not strict:
+            return ""
+        raise MicromergeError(f"{shard}: sample {key}: .json is not valid JSON ({exc.msg})") from exc
+    if strict and not text.strip():
+        raise MicromergeError(f"{shard}: sample {key} has an image but no caption ({suffix})")
+    return text.strip()
+
+
+def indexed_pairs(index: CorpusIndex) -> PairData:
+    """Every sample's image bytes (or path) and caption, read once from the index: the in-memory
+    path, so a corpus is indexed once and its bytes are read once whichever path is chosen."""
+    if index.kind == "arrow":
+        images = _arrow_images(index)
+        payloads = [_as_payload(v) for v in column_values(images, images.column_names[0])]
+    else:
+        payloads = [_located_payload(index.kind, location) for location in index.images]
+    captions = (
+        [_tar_caption(t, strict=True) for t in index.targets] if index.kind == "tar" else list(index.targets)
+    )
+    return PairData(payloads, captions, index.source)
 
 
 def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
@@ -391,7 +439,7 @@ class ShardStream:
             wds.split_by_worker,
             wds.tarfile_to_samples(),
             wds.shuffle(SAMPLE_SHUFFLE, rng=random.Random(self.seed)),
-            wds.map(_StreamDecoder(self)),
+            _StreamDecoder(self),
             wds.batched(batch, partial=False),
         ).repeat()
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
@@ -402,28 +450,34 @@ class ShardStream:
 
 
 class _StreamDecoder:
-    """One webdataset sample -> (pixels, target, readable), augmented from (seed, shard, key, pass)."""
+    """A pipeline stage: webdataset samples -> (pixels, target, readable), augmented from (seed,
+    pass, shard, key). Called once per pass of the data (DataPipeline.repeat), so it counts passes
+    itself: a sample is augmented afresh on each pass, and it keeps nothing per sample."""
 
     def __init__(self, stream: ShardStream):
         self.stream = stream
-        self.seen: dict[tuple[str, str], int] = {}
+        self.passes = 0
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        current = self.passes
+        self.passes += 1
+        for sample in samples:
+            yield self._decode(sample, current)
+
+    def _decode(self, sample: dict, current: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stream = self.stream
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
         caption = sample.get("txt", b"")
         caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption)
         target = stream.encode_target(caption)
-        name = (str(sample.get("__url__")), str(sample.get("__key__")))
-        occurrence = self.seen.get(name, 0)
-        self.seen[name] = occurrence + 1
         pixels = None
         if image is not None:
             payload = {"bytes": image, "path": None}
             if stream.augment:
-                key = int.from_bytes(hashlib.sha256("|".join(name).encode()).digest()[:6], "little")
+                name = f"{sample.get('__url__')}|{sample.get('__key__')}"
+                key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "little")
                 pixels = augmented_pixels(
-                    payload, stream.size, stream.augment, sample_seed(stream.seed, occurrence, key)
+                    payload, stream.size, stream.augment, sample_seed(stream.seed, current, key)
                 )
             else:
                 pixels = decode_one(payload, stream.size)

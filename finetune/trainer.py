@@ -28,7 +28,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.eval.images import resident_on_device
-from micromerge.eval.pairs import DecodedData, decode_checked, load_pairs
+from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from micromerge.finetune.streaming import (
@@ -39,6 +39,7 @@ from micromerge.finetune.streaming import (
     batches,
     choose_in_memory,
     index_pairs,
+    indexed_pairs,
     is_shard_stream,
     stream_loader,
 )
@@ -165,7 +166,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             path = {"in_memory": False, "why": why, "fingerprint": FINGERPRINTS[index.kind]}
             return Prepared(clip, clip, model_config, None, None, None, index.fingerprint, *common,
                             stream=stream, count=len(index), data_path=path)  # fmt: skip
-        pairs = load_pairs(cfg.data)
+        pairs = indexed_pairs(index)
         fingerprint = pairs.fingerprint()
         data = decode_checked(
             pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress

@@ -22,8 +22,15 @@ import torch
 from safetensors.torch import load_file
 
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.pairs import load_pairs
 from micromerge.finetune import trainer
-from micromerge.finetune.streaming import choose_in_memory, index_pairs
+from micromerge.finetune.streaming import (
+    ShardStream,
+    _StreamDecoder,
+    choose_in_memory,
+    index_pairs,
+    indexed_pairs,
+)
 from micromerge.finetune.trainer import run_finetune
 from tests.helpers import write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config, write_csv_folder
@@ -159,6 +166,41 @@ def test_the_shard_fingerprint_is_cheap_and_still_sees_a_changed_shard(tmp_path)
             archive.addfile(info, io.BytesIO(payload))
     second = index_pairs(str(shards))
     assert len(second) == 15 and second.fingerprint != first.fingerprint
+
+
+@pytest.mark.parametrize("layout", ["csv", "tar", "arrow"])
+def test_the_in_memory_path_reads_the_index_it_made_and_gets_what_the_loader_gets(tmp_path, layout):
+    """The in-memory path reads its bytes from the corpus index (one pass over an Arrow image
+    column or the tar members, instead of indexing and then loading the whole corpus again), and
+    must get exactly what the plain loader gets: same payloads, captions and every-byte fingerprint."""
+    make = {"csv": write_csv_folder, "tar": write_shards, "arrow": write_arrow}[layout]
+    data = make(tmp_path / "pairs", 20)
+    loaded, indexed = load_pairs(str(data)), indexed_pairs(index_pairs(str(data)))
+    assert indexed.captions == loaded.captions
+    assert [p.get("bytes") for p in indexed.payloads] == [p.get("bytes") for p in loaded.payloads]
+    assert [p.get("path") for p in indexed.payloads] == [p.get("path") for p in loaded.payloads]
+    assert indexed.fingerprint() == loaded.fingerprint()
+
+
+def test_the_shard_decoder_draws_augmentation_per_pass_and_keeps_nothing_per_sample(tmp_path):
+    """Augmentation on a shard stream is drawn from (seed, pass, shard, key): the same on a replay,
+    new on the next pass, and the decoder holds no per-sample record (over Quilt-1M a record per
+    sample and worker would grow to about 100 MB in each worker)."""
+    import webdataset as wds
+
+    spec = _pipe_spec(write_shards(tmp_path / "wds", 14))
+    stream = ShardStream(spec, 32, ("crop", "flip"), 0, lambda caption: torch.tensor(len(caption)))
+
+    def one_pass(decoder):
+        samples = wds.DataPipeline(wds.SimpleShardList(stream.urls), wds.tarfile_to_samples())
+        return [pixels for pixels, _target, _readable in decoder(iter(samples))]
+
+    decoder = _StreamDecoder(stream)
+    first, second = one_pass(decoder), one_pass(decoder)
+    replay = one_pass(_StreamDecoder(stream))
+    assert len(first) == 14 and all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True)), "a new pass, new draws"
+    assert vars(decoder).keys() == {"stream", "passes"} and decoder.passes == 2
 
 
 RSS = """
