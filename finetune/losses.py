@@ -7,9 +7,23 @@ import torch.nn.functional as F
 
 
 def clip_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    across_ranks: bool = False,
 ) -> torch.Tensor:
-    """Mean of image->text and text->image cross-entropy over the in-batch similarities."""
+    """Mean of image->text and text->image cross-entropy over the in-batch similarities.
+
+    Across ranks (DDP), every rank's features join the batch, as open_clip's ClipLoss does: each
+    image's negatives are the whole global batch, so N processes of batch B train like one of
+    batch N x B (without it, DDP would train N separate B-way contrastive tasks). The features are
+    gathered with their gradient, so after DDP's averaging every rank holds the gradient of the
+    global loss."""
+    if across_ranks:
+        from torch.distributed.nn.functional import all_gather
+
+        image_features = torch.cat(all_gather(image_features))
+        text_features = torch.cat(all_gather(text_features))
     logits = logit_scale * image_features @ text_features.T
     targets = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

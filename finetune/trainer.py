@@ -51,7 +51,9 @@ from micromerge.merging.sources import open_source
 
 # Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
 LOSS_READ_EVERY = 10
-NO_DECAY_MARKERS = ("bias", "logit_scale", "ln_", "norm", "bn", "positional_embedding", "class_embedding")
+# open_clip_train's rule: no weight decay on gains, biases, norms and the temperature (any tensor of
+# fewer than two dimensions, or a name holding one of these), decay on everything else
+NO_DECAY_MARKERS = ("bn", "ln", "bias", "logit_scale")
 
 
 @dataclass
@@ -379,7 +381,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                         if isinstance(out, dict)
                         else out[:3]
                     )
-                    loss = clip_loss(image_f.float(), text_f.float(), scale.float())
+                    loss = clip_loss(image_f.float(), text_f.float(), scale.float(), world > 1)
                 else:
                     loss = torch.nn.functional.cross_entropy(model(pixels).float(), batch_targets)
                 accelerator.backward(loss)

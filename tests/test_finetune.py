@@ -330,9 +330,17 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, base):
 
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
+    """Two gloo processes of batch 6 end identical, and equal to one process of batch 12: the
+    contrastive loss gathers both processes' features (open_clip's ClipLoss does likewise), so
+    each image's negatives are the global batch. Without the gather they would train two
+    separate 6-way tasks and end elsewhere."""
     data = write_csv_folder(tmp_path / "pairs", n=48)
     command = two_process_launch(
-        *_contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=6), "--save-every", "0"
+        *_contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=6),
+        "--save-every",
+        "0",
+        "--lr",
+        "1e-3",
     )
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
@@ -342,6 +350,14 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     assert manifest["processes"] == 2
     assert len(set(manifest["rank_weight_sha256"])) == 1
     assert manifest["images_seen"] == 4 * 6 * 2
+    one = run_finetune(config(base, data, tmp_path / "one", max_steps=4, batch_size=12))
+    two, one = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(one))
+    losses = [(tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in ("ddp", "one")]
+    assert [[json.loads(row)["loss"] for row in log] for log in losses] == [
+        [json.loads(row)["loss"] for row in losses[1]]
+    ] * 2
+    for key in one:  # float noise only (sums in another order): the steps move weights ~2e-3
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-6, msg=key)
 
 
 def test_runs_in_one_process_each_get_their_own_accelerate_state(tmp_path, base):
