@@ -185,6 +185,8 @@ def load_pairs(spec: str) -> PairData:
             data = _from_table(tables[0])
         elif shards:
             data = _from_tar(shards)
+        elif any(path.rglob("*.parquet")):  # a local copy of a hub dataset repository
+            data = _from_hf(datasets.load_dataset(str(path), split="train"), spec)
         else:
             raise MicromergeError(
                 f"--data {spec}: folder has no captions.csv/.jsonl, no .tar shards and is not a saved dataset"

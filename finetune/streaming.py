@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 from collections.abc import Callable, Iterator
@@ -247,7 +248,7 @@ class StreamedSamples(torch.utils.data.Dataset):
             if self.augment
             else decode_one(payload, self.size)
         )
-        return _sample(pixels, self.encode_target(self._target(i)), self.size)
+        return sample_tuple(pixels, self.encode_target(self._target(i)), self.size)
 
 
 def _as_payload(value: Any) -> dict:
@@ -331,7 +332,7 @@ def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: i
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _sample(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     """(pixels, target, readable): an unreadable image travels as zeros with readable False."""
     if pixels is None:
         return torch.zeros((3, size, size), dtype=torch.uint8), target, torch.tensor(False)
@@ -402,7 +403,7 @@ def shard_urls(spec: str) -> list[str]:
 
 class ShardStream:
     """webdataset shards read in order through the webdataset library: shards shuffled per pass from
-    the seed, split between ranks (split_by_node) and workers (split_by_worker), samples mixed in a
+    the seed, split between ranks (as split_by_node) and workers (split_by_worker), samples mixed in a
     seeded buffer. Built from the pipeline stages webdataset 0.2 and 1.0 share, so it runs beside
     open_clip's training extra (which pins webdataset <= 0.2.86). The order depends only on the seed
     and the numbers of ranks and workers, so a resumed run skips the batches it has trained on and
@@ -421,7 +422,7 @@ class ShardStream:
         self.urls = shard_urls(spec)
         self.fingerprint = hashlib.sha256(json.dumps({"shards": self.urls}).encode()).hexdigest()
 
-    def loader(self, batch: int, workers: int, world: int, skip: int) -> Iterator:
+    def loader(self, batch: int, workers: int, world: int, rank: int, skip: int) -> Iterator:
         import random
 
         import webdataset as wds
@@ -435,7 +436,7 @@ class ShardStream:
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             wds.detshuffle(SHARD_SHUFFLE, seed=self.seed),
-            wds.split_by_node,
+            _NodeSplit(rank, world),
             wds.split_by_worker,
             wds.tarfile_to_samples(),
             wds.shuffle(SAMPLE_SHUFFLE, rng=random.Random(self.seed)),
@@ -447,6 +448,18 @@ class ShardStream:
         for _ in range(skip):  # already trained on: read again, not trained again
             next(batches)
         return batches
+
+
+class _NodeSplit:
+    """This process's shards: every world-th from its rank on (webdataset's split_by_node, with the
+    rank and world given rather than read from torch.distributed, so one process can be tested as
+    any rank)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        return itertools.islice(shards, self.rank, None, self.world)
 
 
 class _StreamDecoder:
@@ -481,4 +494,4 @@ class _StreamDecoder:
                 )
             else:
                 pixels = decode_one(payload, stream.size)
-        return _sample(pixels, target, stream.size)
+        return sample_tuple(pixels, target, stream.size)

@@ -30,6 +30,7 @@ from micromerge.core.progress import progress_bar
 from micromerge.eval.images import resident_on_device
 from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.hub_stream import HubStream, is_hub_layout
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
@@ -69,7 +70,7 @@ class Prepared:
     base_sha256: dict[str, str]
     arch_name: str | None
     stream: StreamedSamples | None = None  # the streaming path, by index
-    shards: ShardStream | None = None  # the streaming path, in order (webdataset)
+    shards: ShardStream | HubStream | None = None  # the streaming path, in order (webdataset, datasets)
     count: int = 0  # usable examples
     data_path: dict[str, Any] | None = None  # which path, and why
 
@@ -149,15 +150,32 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     size = int(model_config["vision_cfg"]["image_size"])
     tokenizer = tokenizer_for(model_config)
     common = (cfg.base, hashes, arch_name)
-    if cfg.mode == "contrastive" and is_shard_stream(cfg.data):
+    hub = None
+    if cfg.mode == "contrastive" and is_hub_layout(cfg.data) and cfg.data_in_memory != "yes":
+        hub = HubStream(cfg.data, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+        if hub.rows is not None and choose_in_memory(cfg.data_in_memory, hub.rows, size, cfg.augment)[0]:
+            hub = None  # small enough: loaded whole by the in-memory path below
+    if cfg.mode == "contrastive" and (is_shard_stream(cfg.data) or hub is not None):
         if cfg.max_steps is None:
             raise MicromergeError(
-                f"--data {cfg.data}: a shard stream has no length: give --max-steps "
+                f"--data {cfg.data}: a stream has no length here: give --max-steps "
                 "(open_clip_train asks for --train-num-samples likewise)"
             )
-        shards = ShardStream(cfg.data, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
-        why = f"a stream of {len(shards.urls)} shards, read in order by the webdataset library"
-        path = {"in_memory": False, "why": why, "fingerprint": "shard names"}
+        if hub is not None:
+            shards = hub
+            unknown = hub.rows is None and cfg.data_in_memory == "auto" and not cfg.augment
+            reason = (
+                "its size is not known before download"
+                if unknown
+                else choose_in_memory(cfg.data_in_memory, hub.rows or 0, size, cfg.augment)[1]
+            )
+            why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {reason}"
+            fingerprint = "data file paths (hub: at their commit) and local sizes"
+        else:
+            shards = ShardStream(cfg.data, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+            why = f"a stream of {len(shards.urls)} shards, read in order by the webdataset library"
+            fingerprint = "shard names"
+        path = {"in_memory": False, "why": why, "fingerprint": fingerprint}
         return Prepared(clip, clip, model_config, None, None, None, shards.fingerprint, *common,
                         shards=shards, data_path=path)  # fmt: skip
     if cfg.mode == "contrastive":
@@ -323,7 +341,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     ).view(1, 3, 1, 1)
     resident, stream_batches = None, None
     if prepared.shards is not None:
-        stream_batches = prepared.shards.loader(batch, cfg.workers, world, skip=micro_step)
+        stream_batches = prepared.shards.loader(
+            batch, cfg.workers, world, accelerator.process_index, skip=micro_step
+        )
     elif prepared.stream is not None:
         plan = batches(lambda epoch: epoch_order(n, cfg.seed, epoch), micro_step, total_micro, per_epoch,
                        batch, world, accelerator.process_index)  # fmt: skip

@@ -271,7 +271,7 @@ def test_a_shard_stream_is_read_in_a_seeded_order_and_resumes_at_the_exact_sampl
 
 def test_a_shard_stream_needs_a_length_and_a_shard_per_worker(tmp_path, base):
     spec = _pipe_spec(write_shards(tmp_path / "wds", 14, per_shard=7))
-    with pytest.raises(MicromergeError, match="has no length: give --max-steps"):
+    with pytest.raises(MicromergeError, match="a stream has no length here: give --max-steps"):
         run_finetune(replace(config(base, spec, tmp_path / "a"), max_steps=None))
     with pytest.raises(MicromergeError, match="2 shards for 1 process"):
         run_finetune(config(base, spec, tmp_path / "b", workers=3))

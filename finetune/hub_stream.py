@@ -1,0 +1,181 @@
+"""Image-caption datasets in the Hugging Face hub's layout, read with `streaming=True`.
+
+A hub dataset such as Quilt-1M is parquet files (images embedded as `{bytes, path}` structs, the
+`datasets` features in the schema's metadata). Loading it the ordinary way downloads every file and
+converts it to an Arrow cache first: 150 GB before the first step. Streamed, `datasets` reads the
+files as it goes: shards (files, or parquet row groups after `reshard`) are shuffled per pass from
+the seed, split between processes (`split_dataset_by_node`) and DataLoader workers, and samples
+mixed in a seeded buffer. The same path reads a local copy of such a repository (a folder of its
+parquet files, as `huggingface-cli download --repo-type dataset` leaves it), which is how it is
+tested here: the hub only adds the download.
+
+The order depends only on the seed and the numbers of processes and workers, so a resumed run reads
+again, without training on them, the batches it had trained on and continues at the exact sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.images import decode_one
+from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
+from micromerge.finetune.streaming import augmented_pixels, sample_seed, sample_tuple
+
+SAMPLE_SHUFFLE = 1000
+LOCAL_SUFFIXES = (".parquet",)
+
+
+def is_hub_layout(spec: str) -> bool:
+    """A hub dataset id (`owner/name`, optionally `@revision`) that is not a local path, or a local
+    folder holding only parquet files (a downloaded hub repository)."""
+    path = Path(spec)
+    if path.exists():
+        return path.is_dir() and _local_files(path) != [] and not _other_layout(path)
+    return "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+
+
+def _local_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+
+
+def _other_layout(folder: Path) -> bool:
+    """The folder is a layout another loader reads (captions table, tar shards, save_to_disk)."""
+    names = ("captions.csv", "captions.jsonl", "dataset_info.json", "dataset_dict.json", "state.json")
+    return any((folder / n).is_file() for n in names) or any(folder.glob("*.tar"))
+
+
+class HubStream:
+    """A hub-layout dataset streamed with `datasets` (`streaming=True`): see the module docstring."""
+
+    def __init__(
+        self,
+        spec: str,
+        size: int,
+        augment: tuple[str, ...],
+        seed: int,
+        encode_target: Callable[[Any], torch.Tensor],
+    ):
+        self.spec, self.size, self.augment, self.seed = spec, size, augment, seed
+        self.encode_target = encode_target
+        self.dataset, files, self.rows = _open_streaming(spec)
+        columns = list(self.dataset.features or {})
+        self.image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
+        self.caption_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
+        if self.image_column is None or self.caption_column is None:
+            raise MicromergeError(
+                f"--data {spec}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a caption column "
+                f"({'/'.join(CAPTION_COLUMNS)}); found {columns}"
+            )
+        import datasets
+
+        self.dataset = self.dataset.select_columns([self.image_column, self.caption_column])
+        self.dataset = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        self.fingerprint = hashlib.sha256(json.dumps({"files": files}).encode()).hexdigest()
+
+    @property
+    def num_shards(self) -> int:
+        return self.dataset.num_shards
+
+    def loader(self, batch: int, workers: int, world: int, rank: int, skip: int) -> Iterator:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = self.dataset
+        need = world * max(1, workers)
+        if dataset.num_shards < need:  # parquet: one shard per row group instead of per file
+            dataset = dataset.reshard()
+        if dataset.num_shards < need:
+            raise MicromergeError(
+                f"--data {self.spec}: {dataset.num_shards} shards (files or parquet row groups) for {world} "
+                f"process(es) x {max(1, workers)} worker(s): each needs a shard of its own; lower --workers "
+                "or write the data in more files"
+            )
+        # every process draws the same shard order from the seed (and the pass), then takes its own
+        dataset = split_dataset_by_node(
+            dataset.shuffle(seed=self.seed, buffer_size=SAMPLE_SHUFFLE), rank=rank, world_size=world
+        )
+        samples = _HubSamples(self, dataset, rank)
+        loader = torch.utils.data.DataLoader(samples, batch_size=batch, drop_last=True, num_workers=workers)
+        batches = iter(loader)
+        for _ in range(skip):  # already trained on: read again, not trained again
+            next(batches)
+        return batches
+
+
+class _HubSamples(torch.utils.data.IterableDataset):
+    """Endless passes over this process's share of the stream: (pixels, target, readable) per row.
+    Each pass reshuffles (`set_epoch`); augmentation is drawn from (seed, pass, process, worker, n)."""
+
+    def __init__(self, stream: HubStream, dataset, rank: int):
+        self.stream, self.dataset, self.rank = stream, dataset, rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = self.stream
+        for current in itertools.count():
+            self.dataset.set_epoch(current)
+            yielded = False
+            for n, row in enumerate(self.dataset):
+                yielded = True
+                caption = str(row[stream.caption_column] or "").strip()
+                payload = row[stream.image_column]
+                payload = payload if isinstance(payload, dict) else {"path": payload, "bytes": None}
+                if stream.augment:
+                    key = int.from_bytes(
+                        hashlib.sha256(f"{self.rank}|{worker}|{n}".encode()).digest()[:6], "little"
+                    )
+                    seed = sample_seed(stream.seed, current, key)
+                    pixels = augmented_pixels(payload, stream.size, stream.augment, seed)
+                else:
+                    pixels = decode_one(payload, stream.size)
+                yield sample_tuple(pixels, stream.encode_target(caption), stream.size)
+            if not yielded:  # an empty share would loop here for ever
+                return
+
+
+def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
+    """(the train split as an IterableDataset, the data files it reads, its number of rows when known
+    without reading the data: the parquet footers of a local copy, the hub card's split sizes) for a
+    hub id or local copy. The files (resolved hub paths carry the revision's commit; local ones get
+    their sizes) are the stream's fingerprint: cheap, and it changes when the repository or a file does."""
+    import datasets
+
+    name, _, revision = spec.partition("@") if not Path(spec).exists() else (spec, "", "")
+    try:
+        builder = datasets.load_dataset_builder(name, revision=revision or None)
+    except Exception as exc:  # the hub's and fsspec's errors have no common base
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        how = (
+            "offline (HF_HUB_OFFLINE=1) and not in the cache"
+            if offline
+            else f"could not be opened ({type(exc).__name__})"
+        )
+        raise MicromergeError(
+            f"--data {spec}: the hub dataset {how}; pass a local copy: a folder of its parquet files "
+            f"(huggingface-cli download --repo-type dataset {name} --local-dir DIR)"
+        ) from exc
+    splits = builder.config.data_files or {}
+    split = "train" if "train" in splits else next(iter(splits), None)
+    if split is None:
+        raise MicromergeError(f"--data {spec}: no data files found (expected parquet files of a train split)")
+    files = [str(f) for f in splits[split]]
+    facts = [(f, os.path.getsize(f)) if os.path.isfile(f) else (f, None) for f in files]
+    return builder.as_streaming_dataset(split=split), facts, _row_count(builder, split, files)
+
+
+def _row_count(builder, split: str, files: list[str]) -> int | None:
+    if files and all(os.path.isfile(f) and f.endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    known = (builder.info.splits or {}).get(split)
+    return known.num_examples if known is not None and known.num_examples else None

@@ -1,0 +1,149 @@
+"""Fine-tuning on a dataset in the Hugging Face hub's layout, streamed (issue 16: "`streaming=True`
+for hub datasets").
+
+The fixture is a hub dataset repository as `push_to_hub` writes one and `huggingface-cli download
+--repo-type dataset` copies it: parquet files `data/train-0000K-of-0000N.parquet`, the image column a
+`{bytes, path}` struct with the `datasets` features (`Image`) in the parquet schema's metadata
+(datasets' "Share a dataset" and "Image dataset" docs, read through the search tool; written here
+by `Dataset.to_parquet`, the writer push_to_hub uses). The hub itself is unreachable from this
+machine; a hub id only adds the download in front of the same `datasets` streaming reader.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from micromerge.core.errors import MicromergeError
+from micromerge.finetune import trainer
+from micromerge.finetune.hub_stream import HubStream, is_hub_layout
+from micromerge.finetune.trainer import run_finetune
+from tests.helpers import write_checkpoint
+from tests.test_finetune import CAPTIONS, _png, config
+from tests.test_streaming import _same, _weights
+
+
+@pytest.fixture(autouse=True)
+def no_pause_after_a_pass(monkeypatch):
+    """datasets (5.x) waits 5 s for pyarrow's threads whenever a parquet stream ends or is closed
+    (apache/arrow#45214): nothing over a real pass of hours, a minute over these tiny ones."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+@pytest.fixture
+def base(tmp_path):
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    return tmp_path / "base.safetensors"
+
+
+def write_hub_repo(folder: Path, n: int, files: int = 4, row_group: int | None = None) -> Path:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    (folder / "data").mkdir(parents=True)
+    per_file = -(-n // files)
+    for k in range(files):
+        rows = range(k * per_file, min(n, (k + 1) * per_file))
+        table = {
+            "image": [{"bytes": _png(i), "path": None} for i in rows],
+            "caption": [f"{CAPTIONS[i % len(CAPTIONS)]} (sample {i})" for i in rows],
+        }
+        part = datasets.Dataset.from_dict(table, features=features)
+        part.to_parquet(str(folder / "data" / f"train-{k:05d}-of-{files:05d}.parquet"), batch_size=row_group)
+    return folder
+
+
+def _sample_number(caption: str) -> torch.Tensor:
+    return torch.tensor(int(caption.rsplit("sample ", 1)[1].rstrip(")")))
+
+
+def test_a_hub_layout_copy_is_recognised_and_its_parquet_keeps_the_image_feature(tmp_path):
+    import pyarrow.parquet as pq
+
+    repo = write_hub_repo(tmp_path / "repo", 8)
+    assert is_hub_layout(str(repo)) and is_hub_layout("wisdomik/Quilt_1M") and not is_hub_layout("./x/y")
+    metadata = pq.read_schema(next((repo / "data").glob("*.parquet"))).metadata[b"huggingface"]
+    assert json.loads(metadata)["info"]["features"]["image"]["_type"] == "Image"
+
+
+def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path):
+    """split_dataset_by_node: with 4 files and 2 processes each reads 2 files, in a seeded order."""
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    stream = HubStream(str(repo), 32, (), 0, _sample_number)
+    assert stream.rows == 16 and stream.num_shards == 4
+    shares = []
+    for rank in (0, 1):
+        batches = stream.loader(batch=1, workers=0, world=2, rank=rank, skip=0)
+        shares.append([int(next(batches)[1]) for _ in range(8)])
+    assert not set(shares[0]) & set(shares[1]) and set(shares[0]) | set(shares[1]) == set(range(16))
+    again = stream.loader(batch=1, workers=0, world=2, rank=0, skip=0)
+    assert [int(next(again)[1]) for _ in range(8)] == shares[0], "the order is the seed's alone"
+    skipped = stream.loader(batch=1, workers=0, world=2, rank=0, skip=3)
+    assert [int(next(skipped)[1]) for _ in range(5)] == shares[0][3:], "resuming continues at the sample"
+
+    other = write_hub_repo(tmp_path / "other", 20)  # another file at the same path: a new fingerprint
+    first = sorted((repo / "data").glob("*.parquet"))[0]
+    first.write_bytes(sorted((other / "data").glob("*.parquet"))[0].read_bytes())
+    assert HubStream(str(repo), 32, (), 0, _sample_number).fingerprint != stream.fingerprint
+
+
+def test_a_streamed_hub_dataset_trains_reproducibly_and_resumes_at_the_exact_sample(
+    tmp_path, base, monkeypatch
+):
+    repo = write_hub_repo(tmp_path / "repo", 32)
+    values = dict(max_steps=6, workers=2, augment=("crop", "flip"), data_in_memory="no")
+    straight = run_finetune(config(base, repo, tmp_path / "straight", **values))
+    again = run_finetune(config(base, repo, tmp_path / "again", **values))
+    assert _same(_weights(straight), _weights(again))
+    manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert manifest["data_path"]["in_memory"] is False
+    assert "streamed by datasets (streaming=True): asked for" in manifest["data_path"]["why"]
+
+    saved = trainer._save_state
+
+    def save_then_die(accelerator, cfg, prepared, micro_step, step, history):
+        saved(accelerator, cfg, prepared, micro_step, step, history)
+        raise KeyboardInterrupt
+
+    interrupted = config(base, repo, tmp_path / "resumed", save_every=3, **values)
+    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(interrupted)
+    monkeypatch.setattr(trainer, "_save_state", saved)
+    assert _same(_weights(straight), _weights(run_finetune(replace(interrupted, resume=True))))
+
+
+def test_auto_loads_a_small_local_copy_whole_and_says_why(tmp_path, base, capsys):
+    """The row count comes from the parquet footers, so `auto` can weigh the decoded size before
+    reading any image: a small copy is decoded into memory, like any small corpus."""
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    run_finetune(config(base, repo, tmp_path / "run", max_steps=2, progress=True))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data_path"]["in_memory"] is True
+    assert "data: 16 examples, in memory" in capsys.readouterr().err
+
+
+def test_too_few_shards_are_split_by_row_group_then_refused_in_one_line(tmp_path):
+    repo = write_hub_repo(tmp_path / "repo", 12, files=1, row_group=4)  # one file, 3 row groups
+    stream = HubStream(str(repo), 32, (), 0, _sample_number)
+    assert stream.num_shards == 1
+    batches = stream.loader(batch=2, workers=2, world=1, rank=0, skip=0)  # resharded: 3 row groups
+    assert len(next(batches)[1]) == 2
+    with pytest.raises(MicromergeError, match="3 shards .* for 4 process"):
+        stream.loader(batch=2, workers=1, world=4, rank=0, skip=0)
+
+
+def test_an_uncached_hub_id_offline_is_one_line_naming_the_local_copy(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(
+        MicromergeError, match=r"offline \(HF_HUB_OFFLINE=1\) and not in the cache; pass a local copy"
+    ):
+        run_finetune(config(base, "someone/quilt-like", tmp_path / "run", max_steps=2))
