@@ -20,13 +20,34 @@ def clip_loss(
     gathered with their gradient, so after DDP's averaging every rank holds the gradient of the
     global loss."""
     if across_ranks:
-        from torch.distributed.nn.functional import all_gather
-
-        image_features = torch.cat(all_gather(image_features))
-        text_features = torch.cat(all_gather(text_features))
+        image_features = _GatherWithGradient.apply(image_features)
+        text_features = _GatherWithGradient.apply(text_features)
     logits = logit_scale * image_features @ text_features.T
     targets = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order; the gradient of the whole goes back to each
+    rank's own rows, summed over the ranks (each rank's loss uses every row). The same as
+    `torch.distributed.nn.functional.all_gather`, which torch 2.14 deprecates for a private API."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.count = dist.get_rank(), len(rows)
+        gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, rows.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        gradient = gradient.contiguous()
+        dist.all_reduce(gradient)
+        return gradient[ctx.rank * ctx.count : (ctx.rank + 1) * ctx.count]
 
 
 class ZeroShotHead(torch.nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -285,6 +286,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         shutil.rmtree(cfg.out / "state", ignore_errors=True)
         return cfg.out / "model.safetensors"
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise MicromergeError(
+            "accelerate launch --use_fsdp: accelerate shards models over GPUs only; on the CPU the "
+            "processes would not share the work: launch with --multi_gpu (DDP over gloo) instead"
+        )
     # accelerate keeps its state in process-wide singletons, so a second run in one process (a
     # script or notebook: a CPU run, then a bf16 GPU run) would inherit the first run's device and
     # precision, or refuse. Each run starts from a fresh state; under a distributed launch the
@@ -406,7 +412,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                     loss = torch.nn.functional.cross_entropy(model(pixels).float(), batch_targets)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                    # all of the model's parameters (frozen ones hold no gradient): under FSDP,
+                    # accelerate clips by the global norm only when handed exactly these
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
@@ -434,18 +442,26 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     from accelerate.utils import gather_object
 
-    rank_digests = gather_object([_weights_digest(accelerator.unwrap_model(model))])
+    # the whole state on every DDP rank; under FSDP gathered from the shards onto the main process
+    state = accelerator.get_state_dict(model)
+    rank_digests = gather_object([_weights_digest(state) if state else None])
     path = cfg.out / "model.safetensors"
     if accelerator.is_main_process:
+        hardware = {
+            "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+            "distributed": accelerator.distributed_type.value,
+            "processes": world,
+        }
         _write_final(
-            accelerator.unwrap_model(model),
+            state,
             prepared,
             cfg,
             history,
             time.perf_counter() - started,
             seen,
-            rank_digests,
-            {"device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision},
+            [d for d in rank_digests if d],
+            hardware,
         )
     accelerator.wait_for_everyone()
     return path
@@ -492,19 +508,19 @@ def _save_state(
     accelerator.wait_for_everyone()
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over every weight, so the manifest can show all DDP ranks ended identical."""
     import hashlib
 
     digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
+    for key, value in sorted(state.items()):
         digest.update(key.encode())
         digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 def _write_final(
-    model,
+    state: dict[str, torch.Tensor],
     prepared: Prepared,
     cfg: FinetuneConfig,
     history,
@@ -513,11 +529,11 @@ def _write_final(
     rank_digests: list[str],
     hardware: dict[str, str],
 ) -> None:
-    clip = model.clip if cfg.mode == "supervised" else model
+    prefix = "clip." if cfg.mode == "supervised" else ""
     tensors = {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in clip.state_dict().items()
-        if k != "attn_mask"
+        k.removeprefix(prefix): v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in state.items()
+        if k.startswith(prefix) and k != f"{prefix}attn_mask"
     }
     losses = [row["loss"] for row in history]
     manifest = {
@@ -533,7 +549,6 @@ def _write_final(
         "domain": cfg.domain,
         "classes": prepared.classes,
         "steps": len(history),
-        "processes": len(rank_digests),
         **hardware,
         "rank_weight_sha256": rank_digests,
         "corrupt_images_skipped": prepared.data.n_corrupt if prepared.data is not None else None,
@@ -555,7 +570,11 @@ def _write_final(
     with atomic_output(cfg.out / "model.safetensors", "wb") as handle:
         handle.write(save(tensors, metadata=metadata))
     if cfg.mode == "supervised":
-        head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        head = {
+            k.removeprefix("head."): v.detach().cpu().contiguous()
+            for k, v in state.items()
+            if k.startswith("head.")
+        }
         with atomic_output(cfg.out / "head.safetensors", "wb") as handle:
             handle.write(save(head, metadata={"classes": json.dumps(prepared.classes)}))
     write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))

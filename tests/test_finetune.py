@@ -360,6 +360,14 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-6, msg=key)
 
 
+def test_fsdp_on_the_cpu_is_refused_in_one_line(tmp_path, base, monkeypatch):
+    """accelerate runs FSDP on GPUs only: launched with --use_fsdp on CPUs, its processes would not
+    form one sharded job (measured: each believed itself rank 0 of 1)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(MicromergeError, match="--use_fsdp: accelerate shards models over GPUs only"):
+        run_finetune(config(base, write_csv_folder(tmp_path / "pairs"), tmp_path / "run"))
+
+
 def test_runs_in_one_process_each_get_their_own_accelerate_state(tmp_path, base):
     """accelerate's state is process-wide: a run must not inherit or trip over an earlier one's."""
     from accelerate import Accelerator

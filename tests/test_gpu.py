@@ -171,6 +171,42 @@ def test_finetune_on_cuda_in_bf16_trains_and_starts_where_cpu_starts(tmp_path, m
     assert runs["bf16"][-1] < runs["bf16"][0], "bf16 training lowers the loss"
 
 
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_fsdp_through_accelerate_ends_where_a_plain_gpu_run_ends(tmp_path, models, version):
+    """`accelerate launch --use_fsdp` (one GPU, so one shard: what this machine can show) takes the
+    FSDP paths of the trainer — gradient clipping by the global norm, a sharded save_state, the
+    state gathered whole for model.safetensors — and must end where the plain run ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_finetune import _contrastive_args
+
+    data = write_csv_folder(tmp_path / "pairs", n=48)
+    plain = run_finetune(
+        config(models[0], data, tmp_path / "plain", device="cuda", precision="no", max_steps=4)
+    )
+    launcher = Path(sys.executable).with_name("accelerate")
+    fsdp = [str(launcher), "launch", "--use_fsdp", "--fsdp_version", version, "--num_processes", "1",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap", "ResidualAttentionBlock",
+            "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "-m", "micromerge.cli"]  # fmt: skip
+    args = _contrastive_args(models[0], data, tmp_path / "fsdp", steps=4)
+    args[args.index("--device") + 1] = "cuda"
+    result = subprocess.run(
+        [*fsdp, *args, "--lr", "1e-3", "--save-every", "2"], capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "fsdp" / "manifest.json").read_text())["distributed"] == "FSDP"
+    sharded, whole = load_file(str(tmp_path / "fsdp" / "model.safetensors")), load_file(str(plain))
+    assert sharded.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(sharded[key], whole[key], rtol=0, atol=1e-5, msg=key)
+
+
 def _log(run_dir, device, precision):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["device"].split(":")[0] == device and manifest["mixed_precision"] == precision

@@ -67,7 +67,11 @@ def test_a_hub_layout_copy_is_recognised_and_its_parquet_keeps_the_image_feature
     import pyarrow.parquet as pq
 
     repo = write_hub_repo(tmp_path / "repo", 8)
-    assert is_hub_layout(str(repo)) and is_hub_layout("wisdomik/Quilt_1M") and not is_hub_layout("./x/y")
+    assert (
+        is_hub_layout(str(repo))
+        and is_hub_layout("your-org/pathology-image-captions")
+        and not is_hub_layout("./x/y")
+    )
     metadata = pq.read_schema(next((repo / "data").glob("*.parquet"))).metadata[b"huggingface"]
     assert json.loads(metadata)["info"]["features"]["image"]["_type"] == "Image"
 
