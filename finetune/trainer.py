@@ -8,6 +8,7 @@ LATEST pointer that is switched only once a checkpoint is complete. A run killed
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -296,11 +297,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # precision, or refuse. Each run starts from a fresh state; under a distributed launch the
     # process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision="no" if use_cpu else cfg.precision,
-        gradient_accumulation_steps=cfg.accum_steps,
-    )
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision)
     resume_from = _check_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
@@ -339,26 +336,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         if log_path.is_file():
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             history = [row for row in history if row["step"] <= micro_step // cfg.accum_steps]
-    mean = torch.tensor(
-        prepared.model_config.get("preprocess_cfg", {}).get("mean", OPENAI_MEAN), device=accelerator.device
-    ).view(1, 3, 1, 1)
-    std = torch.tensor(
-        prepared.model_config.get("preprocess_cfg", {}).get("std", OPENAI_STD), device=accelerator.device
-    ).view(1, 3, 1, 1)
-    resident, stream_batches = None, None
-    if prepared.shards is not None:
-        stream_batches = prepared.shards.loader(
-            batch, cfg.workers, world, accelerator.process_index, skip=micro_step
-        )
-    elif prepared.stream is not None:
-        plan = batches(lambda epoch: epoch_order(n, cfg.seed, epoch), micro_step, total_micro, per_epoch,
-                       batch, world, accelerator.process_index)  # fmt: skip
-        stream_batches = iter(stream_loader(prepared.stream, plan, cfg.workers))
-    else:
-        targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
-        resident = resident_on_device(prepared.data.pixels, np.arange(n), accelerator.device)
-        if resident is not None:  # on a GPU: batches are gathered on the device, no per-step copy
-            targets = targets.to(accelerator.device)
+    feed = _MicroBatches(prepared, cfg, accelerator, micro_step, total_micro, per_epoch)
     clip = (
         accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
     )
@@ -369,69 +347,36 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         unit="step",
         disable=not (cfg.progress and accelerator.is_main_process),
     )
-    started, seen, permutation, permutation_epoch = time.perf_counter(), 0, None, -1
+    started, seen = time.perf_counter(), 0
     pending: list[tuple[int, float, float, torch.Tensor]] = []  # step, lr, images/s, loss on device
     try:
         model.train()
         while micro_step < total_micro:
-            epoch, offset = divmod(micro_step, per_epoch)
-            if epoch != permutation_epoch and stream_batches is None:
-                permutation = epoch_order(n, cfg.seed, epoch)
-                permutation_epoch = epoch
-                if resident is not None:
-                    device_permutation = permutation.to(accelerator.device)
-            start = (offset * world + accelerator.process_index) * batch
-            if stream_batches is not None:
-                pixels, batch_targets, readable = next(stream_batches)
-                if not bool(readable.all()):
-                    raise MicromergeError(
-                        f"--data {cfg.data}: an image of step {micro_step} is unreadable and the streaming path "
-                        "cannot skip it; fix the corpus, or --data-in-memory yes (which drops unreadable images)"
-                    )
-                pixels, batch_targets = pixels.to(accelerator.device), batch_targets.to(accelerator.device)
-            elif resident is not None:
-                chosen = device_permutation[start : start + batch]
-                pixels, batch_targets = resident[chosen], targets[chosen]
+            micro = [feed.get(micro_step + j) for j in range(min(cfg.accum_steps, total_micro - micro_step))]
+            if cfg.mode == "contrastive":
+                loss = _contrastive_gradients(model, accelerator, micro, across_ranks=world > 1)
             else:
-                index = permutation[start : start + batch].numpy()
-                sorted_pixels = np.ascontiguousarray(prepared.data.pixels[np.sort(index)])
-                pixels = torch.from_numpy(sorted_pixels)[torch.from_numpy(np.argsort(np.argsort(index)))]
-                pixels = pixels.to(accelerator.device)
-                batch_targets = targets[torch.from_numpy(index)].to(accelerator.device)
-            pixels = ((pixels.float() / 255.0) - mean) / std
-            with accelerator.accumulate(model), accelerator.autocast():
-                if cfg.mode == "contrastive":
-                    out = model(pixels, batch_targets)
-                    image_f, text_f, scale = (
-                        (out["image_features"], out["text_features"], out["logit_scale"])
-                        if isinstance(out, dict)
-                        else out[:3]
-                    )
-                    loss = clip_loss(image_f.float(), text_f.float(), scale.float(), world > 1)
-                else:
-                    loss = torch.nn.functional.cross_entropy(model(pixels).float(), batch_targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip:
-                    # all of the model's parameters (frozen ones hold no gradient): under FSDP,
-                    # accelerate clips by the global norm only when handed exactly these
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            seen += len(pixels) * world
-            if accelerator.sync_gradients:
-                scheduler.step()
-                with torch.no_grad():
-                    clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-                step = micro_step // cfg.accum_steps
-                rate = seen / max(1e-9, time.perf_counter() - started)
-                pending.append((step, scheduler.get_last_lr()[0], round(rate, 1), loss.detach()))
-                bar.update(1)
-                saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
-                if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
-                    _record_losses(pending, history, bar)
-                if saving:
-                    _save_state(accelerator, cfg, prepared, micro_step, step, history)
+                loss = _supervised_gradients(model, accelerator, micro)
+            if cfg.grad_clip:
+                # all of the model's parameters (frozen ones hold no gradient): under FSDP,
+                # accelerate clips by the global norm only when handed exactly these
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+            micro_step += len(micro)
+            seen += sum(len(pixels) for pixels, _ in micro) * world
+            step = math.ceil(micro_step / cfg.accum_steps)
+            rate = seen / max(1e-9, time.perf_counter() - started)
+            pending.append((step, scheduler.get_last_lr()[0], round(rate, 1), loss))
+            bar.update(1)
+            saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
+            if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
+                _record_losses(pending, history, bar)
+            if saving:
+                _save_state(accelerator, cfg, prepared, micro_step, step, history)
     except torch.cuda.OutOfMemoryError as exc:
         raise MicromergeError(
             f"out of GPU memory at --batch-size {cfg.batch_size}: lower it and raise --accum-steps to keep the effective batch "
@@ -465,6 +410,117 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         )
     accelerator.wait_for_everyone()
     return path
+
+
+class _MicroBatches:
+    """Micro-batch number i -> (normalised pixels, targets) on the device, from whichever path the
+    data took: a stream (its own order), pixels resident on the GPU, or the host array. The in-memory
+    order is the seeded permutation of each epoch, each rank taking its own slice."""
+
+    def __init__(
+        self, prepared: Prepared, cfg: FinetuneConfig, accelerator, first: int, total: int, per_epoch: int
+    ):
+        self.prepared, self.cfg, self.device = prepared, cfg, accelerator.device
+        self.per_epoch, self.world, self.rank = (
+            per_epoch,
+            accelerator.num_processes,
+            accelerator.process_index,
+        )
+        preprocess = prepared.model_config.get("preprocess_cfg", {})
+        self.mean = torch.tensor(preprocess.get("mean", OPENAI_MEAN), device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.get("std", OPENAI_STD), device=self.device).view(1, 3, 1, 1)
+        self.resident, self.stream, self.epoch, self.permutation = None, None, -1, None
+        n, batch, workers = prepared.count, cfg.batch_size, cfg.workers
+        if prepared.shards is not None:
+            self.stream = prepared.shards.loader(batch, workers, self.world, self.rank, skip=first)
+        elif prepared.stream is not None:
+            plan = batches(lambda epoch: epoch_order(n, cfg.seed, epoch), first, total, per_epoch, batch,
+                           self.world, self.rank)  # fmt: skip
+            self.stream = iter(stream_loader(prepared.stream, plan, workers))
+        else:
+            targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
+            self.resident = resident_on_device(prepared.data.pixels, np.arange(n), self.device)
+            # on a GPU the batches are gathered on the device: no per-step copy
+            self.targets = targets.to(self.device) if self.resident is not None else targets
+
+    def get(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is not None:
+            pixels, targets, readable = next(self.stream)
+            if not bool(readable.all()):
+                raise MicromergeError(
+                    f"--data {self.cfg.data}: an image of step {micro} is unreadable and the streaming path "
+                    "cannot skip it; fix the corpus, or --data-in-memory yes (which drops unreadable images)"
+                )
+            pixels, targets = pixels.to(self.device), targets.to(self.device)
+        else:
+            epoch, offset = divmod(micro, self.per_epoch)
+            if epoch != self.epoch:
+                self.epoch, self.permutation = epoch, epoch_order(self.prepared.count, self.cfg.seed, epoch)
+                if self.resident is not None:
+                    self.permutation = self.permutation.to(self.device)
+            start = (offset * self.world + self.rank) * self.cfg.batch_size
+            chosen = self.permutation[start : start + self.cfg.batch_size]
+            if self.resident is not None:
+                pixels, targets = self.resident[chosen], self.targets[chosen]
+            else:
+                index = chosen.numpy()
+                rows = np.ascontiguousarray(self.prepared.data.pixels[np.sort(index)])  # sorted: one pass
+                pixels = torch.from_numpy(rows)[torch.from_numpy(np.argsort(np.argsort(index)))]
+                pixels, targets = pixels.to(self.device), self.targets[chosen].to(self.device)
+        return ((pixels.float() / 255.0) - self.mean) / self.std, targets
+
+
+def _clip_features(model, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    out = model(pixels, tokens)
+    image, text, scale = (
+        (out["image_features"], out["text_features"], out["logit_scale"])
+        if isinstance(out, dict)
+        else out[:3]
+    )
+    return image.float(), text.float(), scale.float()
+
+
+def _contrastive_gradients(model, accelerator, micro: list, across_ranks: bool) -> torch.Tensor:
+    """Gradients of one step's contrastive loss over all its micro-batches at once (and every
+    process's, across ranks), returned as the loss. Accumulating several micro-batches works as
+    open_clip_train's --accum-freq does: their features are first computed without gradients, then
+    each micro-batch is run again with gradients and its fresh features replace its cached ones in
+    the whole step's loss. Every image's negatives are thus the whole accumulated batch, and the
+    summed gradients equal those of one batch of that size (averaging per-micro-batch losses
+    instead would train smaller contrastive tasks). Unlike open_clip_train, the temperature's
+    gradient is taken once, not once per micro-batch, so the equality is exact."""
+    if len(micro) == 1:
+        with accelerator.autocast():
+            image, text, scale = _clip_features(model, *micro[0])
+            loss = clip_loss(image, text, scale, across_ranks)
+        accelerator.backward(loss)
+        return loss.detach()
+    with torch.no_grad(), accelerator.autocast():
+        cached = [_clip_features(model, pixels, tokens)[:2] for pixels, tokens in micro]
+    first = None
+    for j, (pixels, tokens) in enumerate(micro):
+        last = j == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            image, text, scale = _clip_features(model, pixels, tokens)
+            images = torch.cat([c[0] for c in cached[:j]] + [image] + [c[0] for c in cached[j + 1 :]])
+            texts = torch.cat([c[1] for c in cached[:j]] + [text] + [c[1] for c in cached[j + 1 :]])
+            loss = clip_loss(images, texts, scale if j == 0 else scale.detach(), across_ranks)
+            accelerator.backward(loss)
+        first = loss.detach() if first is None else first
+    return first
+
+
+def _supervised_gradients(model, accelerator, micro: list) -> torch.Tensor:
+    """Gradients of the mean cross-entropy over all of one step's micro-batches; returns that mean."""
+    rows = sum(len(labels) for _, labels in micro)
+    total = 0.0
+    for j, (pixels, labels) in enumerate(micro):
+        last = j == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            loss = torch.nn.functional.cross_entropy(model(pixels).float(), labels) * (len(labels) / rows)
+            accelerator.backward(loss)
+        total = total + loss.detach()
+    return total
 
 
 def _record_losses(

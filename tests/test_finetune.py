@@ -360,6 +360,29 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-6, msg=key)
 
 
+@pytest.mark.parametrize("mode", ["contrastive", "supervised"])
+def test_accumulating_micro_batches_trains_like_one_batch_of_their_size(tmp_path, base, mode):
+    """Two micro-batches of 6 per step equal one batch of 12: for the contrastive loss, because the
+    step's loss is taken over the whole accumulated batch (open_clip_train's --accum-freq: cached
+    features, each micro-batch's gradient through its own rows), for cross-entropy because the step
+    averages over every row. Averaging two 6-way contrastive losses would end elsewhere."""
+    if mode == "contrastive":
+        data, extra = write_csv_folder(tmp_path / "pairs", n=48), {}
+    else:
+        data = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
+        extra = dict(mode="supervised", task="kather_et_al_2016", lr=1e-4)
+    runs = {}
+    for name, batch, accum in (("one", 12, 1), ("accumulated", 6, 2)):
+        cfg = config(base, data, tmp_path / name, max_steps=3, batch_size=batch, accum_steps=accum, **extra)
+        weights = load_file(str(run_finetune(cfg)))
+        log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        runs[name] = (weights, [row["loss"] for row in log])
+    (one, one_losses), (accumulated, accumulated_losses) = runs["one"], runs["accumulated"]
+    assert accumulated_losses == pytest.approx(one_losses, abs=2e-6) and len(one_losses) == 3
+    for key in one:
+        torch.testing.assert_close(accumulated[key], one[key], rtol=0, atol=5e-6, msg=key)
+
+
 def test_fsdp_on_the_cpu_is_refused_in_one_line(tmp_path, base, monkeypatch):
     """accelerate runs FSDP on GPUs only: launched with --use_fsdp on CPUs, its processes would not
     form one sharded job (measured: each believed itself rank 0 of 1)."""
