@@ -23,7 +23,7 @@ step() {
     echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
 }
 step pytest_gpu "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-step finetune_cuda "$py" bench/finetune_bench.py --model ViT-B-32 --device cuda --batch-size 256 --steps 200
+step finetune_cuda "$py" bench/finetune_bench.py --against plain-loop --model ViT-B-32 --device cuda --batch-size 256 --steps 200
 # issue 12: the μ-Bench protocol at full size (17,315 rows, ten caption keys), then closed-set as before
 step sweep_cuda "$py" bench/sweep_bench.py --model ViT-B-16 --device cuda --images 2000 --rows 17315 \
     --stored-px 224 --batch-size 512 --skip-naive --bootstrap 1000 --protocol ubench
@@ -35,5 +35,5 @@ step methods_merge_cuda "$py" bench/methods_merge_bench.py --device cuda
 # issue 14: Fishers, Grams and learned coefficients at ViT-B/16 size on μ-Bench-sized data
 step data_aware_cuda "$py" bench/data_aware_bench.py --model ViT-B-16 --device cuda --steps 1000
 # issue 16: the streaming trainer against open_clip_train on the same webdataset shards
-step streaming_cuda "$py" bench/streaming_bench.py --model ViT-B-32 --device cuda --batch-size 256 \
+step streaming_cuda "$py" bench/finetune_bench.py --against open_clip_train --model ViT-B-32 --device cuda --batch-size 256 \
     --steps 200 --precision bf16 --workers 8

@@ -30,7 +30,7 @@ from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
 from micromerge.finetune.streaming import augmented_pixels, sample_seed, sample_tuple
 
-SAMPLE_SHUFFLE = 1000
+SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
 
 

@@ -752,14 +752,20 @@ def _finetune_options(func):
             "--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs)."
         ),
         click.option("--batch-size", type=int, default=64, show_default=True, help="Per process."),
-        click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation."),
+        click.option(
+            "--accum-steps",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Micro-batches per step; contrastive: one loss over all of them (open_clip_train's --accum-freq).",
+        ),
         click.option("--lr", type=float, default=1e-4, show_default=True),
         click.option(
             "--weight-decay",
             type=float,
             default=0.1,
             show_default=True,
-            help="Not applied to norms, biases, embeddings, logit scale.",
+            help="Not applied to gains, biases, norms and the logit scale (open_clip_train's rule).",
         ),
         click.option("--warmup-steps", type=int, default=0, show_default=True),
         click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables."),
