@@ -10,7 +10,7 @@ parquet files, as `huggingface-cli download --repo-type dataset` leaves it), whi
 tested here: the hub only adds the download.
 
 The order depends only on the seed and the numbers of processes and workers, so a resumed run reads
-again, without training on them, the batches it had trained on and continues at the exact sample.
+again the rows it had trained on (without decoding their images) and continues at the exact sample.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
-from micromerge.finetune.streaming import augmented_pixels, sample_seed, sample_tuple
+from micromerge.finetune.streaming import augmented_pixels, sample_seed, sample_tuple, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
@@ -102,25 +102,29 @@ class HubStream:
         dataset = split_dataset_by_node(
             dataset.shuffle(seed=self.seed, buffer_size=SAMPLE_SHUFFLE), rank=rank, world_size=world
         )
-        samples = _HubSamples(self, dataset, rank)
+        samples = _HubSamples(self, dataset, rank, skip_samples=(skip, batch))
         loader = torch.utils.data.DataLoader(samples, batch_size=batch, drop_last=True, num_workers=workers)
         batches = iter(loader)
-        for _ in range(skip):  # already trained on: read again, not trained again
+        for _ in range(skip):  # already trained on: read again (not decoded), not trained again
             next(batches)
         return batches
 
 
 class _HubSamples(torch.utils.data.IterableDataset):
     """Endless passes over this process's share of the stream: (pixels, target, readable) per row.
-    Each pass reshuffles (`set_epoch`); augmentation is drawn from (seed, pass, process, worker, n)."""
+    Each pass reshuffles (`set_epoch`); augmentation is drawn from (seed, pass, process, worker, n).
+    The rows of the batches a resumed run has already trained on are read but not decoded (zeros,
+    marked unreadable, dropped by the loader)."""
 
-    def __init__(self, stream: HubStream, dataset, rank: int):
+    def __init__(self, stream: HubStream, dataset, rank: int, skip_samples: tuple[int, int]):
         self.stream, self.dataset, self.rank = stream, dataset, rank
+        self.skip, self.batch = skip_samples
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         stream = self.stream
+        undecoded = skipped_here(self.skip) * self.batch
         for current in itertools.count():
             self.dataset.set_epoch(current)
             yielded = False
@@ -129,7 +133,10 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 caption = str(row[stream.caption_column] or "").strip()
                 payload = row[stream.image_column]
                 payload = payload if isinstance(payload, dict) else {"path": payload, "bytes": None}
-                if stream.augment:
+                if undecoded:
+                    undecoded -= 1
+                    pixels = None
+                elif stream.augment:
                     key = int.from_bytes(
                         hashlib.sha256(f"{self.rank}|{worker}|{n}".encode()).digest()[:6], "little"
                     )

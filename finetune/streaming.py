@@ -446,14 +446,22 @@ class ShardStream:
             wds.split_by_worker,
             wds.tarfile_to_samples(),
             wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.seed)),
-            _StreamDecoder(self),
-            wds.batched(batch, partial=False),
+            wds.batched(batch, collation_fn=list, partial=False),
+            _StreamDecoder(self, skip),
         ).repeat()
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
         batches = iter(loader)
-        for _ in range(skip):  # already trained on: read again, not trained again
+        for _ in range(skip):  # already trained on: read again (not decoded), not trained again
             next(batches)
         return batches
+
+
+def skipped_here(skip: int) -> int:
+    """How many of the first `skip` batches this DataLoader worker makes: the loader asks its
+    workers in turn (batch i from worker i mod W), and an endless stream never retires one."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return len(range(worker, skip, workers))
 
 
 class _NodeSplit:
@@ -469,28 +477,36 @@ class _NodeSplit:
 
 
 class _StreamDecoder:
-    """A pipeline stage: webdataset samples -> (pixels, target, readable), augmented from (seed,
-    pass, shard, key). Called once per pass of the data (DataPipeline.repeat), so it counts passes
-    itself: a sample is augmented afresh on each pass, and it keeps nothing per sample."""
+    """A pipeline stage: batches of webdataset samples -> (pixels, target, readable) batches,
+    augmented from (seed, pass, shard, key). Called once per pass of the data (DataPipeline.repeat),
+    so it counts passes itself (a sample is augmented afresh on each pass) and this worker's batches:
+    the ones a resumed run has already trained on are read but not decoded (their images come back
+    as zeros, marked unreadable, and are dropped by the loader), so resuming deep into a corpus
+    costs reading the tar shards up to there, not decoding them. It keeps nothing per sample."""
 
-    def __init__(self, stream: ShardStream):
-        self.stream = stream
-        self.passes = 0
+    def __init__(self, stream: ShardStream, skip: int):
+        self.stream, self.skip = stream, skip
+        self.passes, self.batches = 0, 0
 
-    def __call__(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __call__(self, batches: Iterator[list[dict]]) -> Iterator[tuple[torch.Tensor, ...]]:
         current = self.passes
         self.passes += 1
-        for sample in samples:
-            yield self._decode(sample, current)
+        skipped = skipped_here(self.skip)
+        for samples in batches:
+            decode = self.batches >= skipped
+            self.batches += 1
+            yield torch.utils.data.default_collate([self._decode(s, current, decode) for s in samples])
 
-    def _decode(self, sample: dict, current: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decode(
+        self, sample: dict, current: int, decode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stream = self.stream
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
         caption = sample.get("txt", b"")
         caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption)
         target = stream.encode_target(caption)
         pixels = None
-        if image is not None:
+        if image is not None and decode:
             payload = {"bytes": image, "path": None}
             if stream.augment:
                 name = f"{sample.get('__url__')}|{sample.get('__key__')}"

@@ -192,15 +192,35 @@ def test_the_shard_decoder_draws_augmentation_per_pass_and_keeps_nothing_per_sam
     stream = ShardStream(spec, 32, ("crop", "flip"), 0, lambda caption: torch.tensor(len(caption)))
 
     def one_pass(decoder):
-        samples = wds.DataPipeline(wds.SimpleShardList(stream.urls), wds.tarfile_to_samples())
-        return [pixels for pixels, _target, _readable in decoder(iter(samples))]
+        batches = wds.DataPipeline(
+            wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(7, collation_fn=list)
+        )
+        return [image for pixels, _target, _readable in decoder(iter(batches)) for image in pixels]
 
-    decoder = _StreamDecoder(stream)
+    decoder = _StreamDecoder(stream, skip=0)
     first, second = one_pass(decoder), one_pass(decoder)
-    replay = one_pass(_StreamDecoder(stream))
+    replay = one_pass(_StreamDecoder(stream, skip=0))
     assert len(first) == 14 and all(torch.equal(a, b) for a, b in zip(first, replay, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True)), "a new pass, new draws"
-    assert vars(decoder).keys() == {"stream", "passes"} and decoder.passes == 2
+    assert vars(decoder).keys() == {"stream", "skip", "passes", "batches"} and decoder.passes == 2
+
+
+def test_resuming_a_shard_stream_reads_the_batches_it_skips_without_decoding_them(tmp_path, monkeypatch):
+    """Resuming deep into a stream must not cost decoding everything before it: the skipped batches
+    are read from the shards but their images are never decoded, and the first batch after them is
+    exactly the one an uninterrupted stream gives there."""
+    from micromerge.finetune import streaming
+
+    spec = _pipe_spec(write_shards(tmp_path / "wds", 28, per_shard=7))
+    stream = ShardStream(spec, 32, ("crop",), 0, lambda caption: torch.tensor(len(caption)))
+    straight = stream.loader(batch=4, workers=0, world=1, rank=0, skip=0)
+    wanted = [next(straight) for _ in range(4)][3]
+    decoded = []
+    original = streaming.augmented_pixels
+    monkeypatch.setattr(streaming, "augmented_pixels", lambda *a: decoded.append(1) or original(*a))
+    pixels, targets, readable = next(stream.loader(batch=4, workers=0, world=1, rank=0, skip=3))
+    assert len(decoded) == 4, "only the batch handed out was decoded"
+    assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])
 
 
 RSS = """
