@@ -205,6 +205,26 @@ def test_the_shard_decoder_draws_augmentation_per_pass_and_keeps_nothing_per_sam
     assert vars(decoder).keys() == {"stream", "skip", "passes", "batches"} and decoder.passes == 2
 
 
+def test_processes_read_disjoint_shards_that_cover_the_stream(tmp_path):
+    """Each process takes every world-th shard of the seeded shard order (split_by_node's rule):
+    two ranks' first passes are disjoint and together hold every sample once."""
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for shard in range(4):
+        with tarfile.open(folder / f"shard-{shard:06d}.tar", "w") as archive:
+            for i in range(shard * 5, shard * 5 + 5):
+                for suffix, payload in ((".png", _png(i)), (".txt", f"sample {i}".encode())):
+                    info = tarfile.TarInfo(f"s{i:04d}{suffix}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    stream = ShardStream(_pipe_spec(folder), 32, (), 0, lambda caption: torch.tensor(int(caption.split()[1])))
+    shares = []
+    for rank in (0, 1):
+        batches = stream.loader(batch=1, workers=0, world=2, rank=rank, skip=0)
+        shares.append([int(next(batches)[1]) for _ in range(10)])
+    assert not set(shares[0]) & set(shares[1]) and set(shares[0]) | set(shares[1]) == set(range(20))
+
+
 def test_resuming_a_shard_stream_reads_the_batches_it_skips_without_decoding_them(tmp_path, monkeypatch):
     """Resuming deep into a stream must not cost decoding everything before it: the skipped batches
     are read from the shards but their images are never decoded, and the first batch after them is
