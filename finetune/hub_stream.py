@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
-from micromerge.finetune.streaming import augmented_pixels, sample_seed, sample_tuple, skipped_here
+from micromerge.finetune.streaming import named_sample_seed, sample_pixels, sample_tuple, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
@@ -136,14 +135,9 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 if undecoded:
                     undecoded -= 1
                     pixels = None
-                elif stream.augment:
-                    key = int.from_bytes(
-                        hashlib.sha256(f"{self.rank}|{worker}|{n}".encode()).digest()[:6], "little"
-                    )
-                    seed = sample_seed(stream.seed, current, key)
-                    pixels = augmented_pixels(payload, stream.size, stream.augment, seed)
                 else:
-                    pixels = decode_one(payload, stream.size)
+                    seed = named_sample_seed(stream.seed, current, f"{self.rank}|{worker}|{n}")
+                    pixels = sample_pixels(payload, stream.size, stream.augment, seed)
                 yield sample_tuple(pixels, stream.encode_target(caption), stream.size)
             if not yielded:  # an empty share would loop here for ever
                 return

@@ -242,12 +242,7 @@ class StreamedSamples(torch.utils.data.Dataset):
         traceback)."""
         epoch, i = item
         payload = self._payload(i)
-        # without augmentation, exactly the in-memory path's decode
-        pixels = (
-            augmented_pixels(payload, self.size, self.augment, sample_seed(self.seed, epoch, i))
-            if self.augment
-            else decode_one(payload, self.size)
-        )
+        pixels = sample_pixels(payload, self.size, self.augment, sample_seed(self.seed, epoch, i))
         return sample_tuple(pixels, self.encode_target(self._target(i)), self.size)
 
 
@@ -358,6 +353,17 @@ def _read_member(location: tuple[str, int, int]) -> bytes:
 def sample_seed(seed: int, epoch: int, i: int) -> int:
     digest = hashlib.sha256(f"{seed}|{epoch}|{i}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def named_sample_seed(seed: int, current: int, name: str) -> int:
+    """The augmentation seed of a streamed sample known by a name rather than an index."""
+    return sample_seed(seed, current, int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "little"))
+
+
+def sample_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
+    """One streamed image, uint8 [3, S, S] or None: through the augmentations drawn from `seed`, or,
+    without augmentation, exactly the in-memory path's decode (so the two paths then train alike)."""
+    return augmented_pixels(payload, size, augment, seed) if augment else decode_one(payload, size)
 
 
 def batches(
@@ -507,13 +513,6 @@ class _StreamDecoder:
         target = stream.encode_target(caption)
         pixels = None
         if image is not None and decode:
-            payload = {"bytes": image, "path": None}
-            if stream.augment:
-                name = f"{sample.get('__url__')}|{sample.get('__key__')}"
-                key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "little")
-                pixels = augmented_pixels(
-                    payload, stream.size, stream.augment, sample_seed(stream.seed, current, key)
-                )
-            else:
-                pixels = decode_one(payload, stream.size)
+            seed = named_sample_seed(stream.seed, current, f"{sample.get('__url__')}|{sample.get('__key__')}")
+            pixels = sample_pixels({"bytes": image, "path": None}, stream.size, stream.augment, seed)
         return sample_tuple(pixels, target, stream.size)

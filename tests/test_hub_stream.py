@@ -154,15 +154,15 @@ def test_an_uncached_hub_id_offline_is_one_line_naming_the_local_copy(tmp_path, 
 
 
 def test_resuming_a_hub_stream_reads_the_batches_it_skips_without_decoding_them(tmp_path, monkeypatch):
-    from micromerge.finetune import hub_stream
+    from micromerge.finetune import streaming
 
     repo = write_hub_repo(tmp_path / "repo", 16)
     stream = HubStream(str(repo), 32, (), 0, _sample_number)
     straight = stream.loader(batch=2, workers=0, world=1, rank=0, skip=0)
     wanted = [next(straight) for _ in range(4)][3]
     decoded = []
-    original = hub_stream.decode_one
-    monkeypatch.setattr(hub_stream, "decode_one", lambda *a: decoded.append(1) or original(*a))
+    original = streaming.decode_one
+    monkeypatch.setattr(streaming, "decode_one", lambda *a: decoded.append(1) or original(*a))
     pixels, targets, readable = next(stream.loader(batch=2, workers=0, world=1, rank=0, skip=3))
     assert len(decoded) == 2, "only the batch handed out was decoded"
     assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])
