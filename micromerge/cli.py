@@ -739,7 +739,9 @@ def _finetune_options(func):
     options = [
         click.option("--base", help="Checkpoint to start from: zoo name, hf-hub: id, file or folder."),
         click.option(
-            "--data", help="Training data (see README: CSV/JSONL folder, saved dataset, .tar shards, hub id)."
+            "--data",
+            help="Training data (see README): CSV/JSONL folder, saved dataset, .tar shards or a shard "
+            "pattern/URL, a hub dataset id or a local copy of one (parquet files, streamed).",
         ),
         click.option(
             "--out",
