@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
-from micromerge.finetune.streaming import named_sample_seed, sample_pixels, sample_tuple, skipped_here
+from micromerge.finetune.streaming import SampleRecipe, named_sample_seed, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
@@ -55,16 +55,8 @@ def _other_layout(folder: Path) -> bool:
 class HubStream:
     """A hub-layout dataset streamed with `datasets` (`streaming=True`): see the module docstring."""
 
-    def __init__(
-        self,
-        spec: str,
-        size: int,
-        augment: tuple[str, ...],
-        seed: int,
-        encode_target: Callable[[Any], torch.Tensor],
-    ):
-        self.spec, self.size, self.augment, self.seed = spec, size, augment, seed
-        self.encode_target = encode_target
+    def __init__(self, spec: str, recipe: SampleRecipe):
+        self.spec, self.recipe = spec, recipe
         self.dataset, files, self.rows = _open_streaming(spec)
         columns = list(self.dataset.features or {})
         self.image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
@@ -99,7 +91,7 @@ class HubStream:
             )
         # every process draws the same shard order from the seed (and the pass), then takes its own
         dataset = split_dataset_by_node(
-            dataset.shuffle(seed=self.seed, buffer_size=SAMPLE_SHUFFLE), rank=rank, world_size=world
+            dataset.shuffle(seed=self.recipe.seed, buffer_size=SAMPLE_SHUFFLE), rank=rank, world_size=world
         )
         samples = _HubSamples(self, dataset, rank, skip_samples=(skip, batch))
         loader = torch.utils.data.DataLoader(samples, batch_size=batch, drop_last=True, num_workers=workers)
@@ -132,13 +124,9 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 caption = str(row[stream.caption_column] or "").strip()
                 payload = row[stream.image_column]
                 payload = payload if isinstance(payload, dict) else {"path": payload, "bytes": None}
-                if undecoded:
-                    undecoded -= 1
-                    pixels = None
-                else:
-                    seed = named_sample_seed(stream.seed, current, f"{self.rank}|{worker}|{n}")
-                    pixels = sample_pixels(payload, stream.size, stream.augment, seed)
-                yield sample_tuple(pixels, stream.encode_target(caption), stream.size)
+                seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
+                yield stream.recipe.make(None if undecoded else payload, caption, seed)
+                undecoded = max(0, undecoded - 1)
             if not yielded:  # an empty share would loop here for ever
                 return
 

@@ -205,19 +205,28 @@ def choose_in_memory(setting: str, count: int, size: int, augment: tuple[str, ..
     return False, f"the decoded images would take {need / 2**30:.1f} GiB, over {IN_MEMORY_BUDGET >> 30} GiB"
 
 
+@dataclass(frozen=True)
+class SampleRecipe:
+    """How every streamed sample is made, whichever reader yields it (an index, webdataset shards,
+    a hub stream): decoded at `size`, augmented from `seed` when `augment` names any, its caption or
+    label turned into a tensor by `encode_target`."""
+
+    size: int
+    augment: tuple[str, ...]
+    seed: int
+    encode_target: Callable[[Any], torch.Tensor]
+
+    def make(self, payload: dict | None, target: Any, seed: int) -> tuple[torch.Tensor, ...]:
+        """(pixels, target, readable) of one sample; no payload: left undecoded (zeros, unreadable)."""
+        pixels = None if payload is None else sample_pixels(payload, self.size, self.augment, seed)
+        return sample_tuple(pixels, self.encode_target(target), self.size)
+
+
 class StreamedSamples(torch.utils.data.Dataset):
     """Sample (epoch, i) -> (uint8 [3, S, S] image, target): read, decoded and augmented on demand."""
 
-    def __init__(
-        self,
-        index: CorpusIndex,
-        size: int,
-        augment: tuple[str, ...],
-        seed: int,
-        encode_target: Callable[[Any], torch.Tensor],
-    ):
-        self.index, self.size, self.augment, self.seed = index, size, augment, seed
-        self.encode_target = encode_target
+    def __init__(self, index: CorpusIndex, recipe: SampleRecipe):
+        self.index, self.recipe = index, recipe
         self._arrow = None
 
     def __len__(self) -> int:
@@ -242,8 +251,7 @@ class StreamedSamples(torch.utils.data.Dataset):
         traceback)."""
         epoch, i = item
         payload = self._payload(i)
-        pixels = sample_pixels(payload, self.size, self.augment, sample_seed(self.seed, epoch, i))
-        return sample_tuple(pixels, self.encode_target(self._target(i)), self.size)
+        return self.recipe.make(payload, self._target(i), sample_seed(self.recipe.seed, epoch, i))
 
 
 def _as_payload(value: Any) -> dict:
@@ -421,16 +429,8 @@ class ShardStream:
     and the numbers of ranks and workers, so a resumed run skips the batches it has trained on and
     continues at the exact sample."""
 
-    def __init__(
-        self,
-        spec: str,
-        size: int,
-        augment: tuple[str, ...],
-        seed: int,
-        encode_target: Callable[[Any], torch.Tensor],
-    ):
-        self.spec, self.size, self.augment, self.seed = spec, size, augment, seed
-        self.encode_target = encode_target
+    def __init__(self, spec: str, recipe: SampleRecipe):
+        self.spec, self.recipe = spec, recipe
         self.urls = shard_urls(spec)
         self.fingerprint = hashlib.sha256(json.dumps({"shards": self.urls}).encode()).hexdigest()
 
@@ -447,11 +447,11 @@ class ShardStream:
         # every rank and worker draws the same shard order (seed, pass), then takes its own shards
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
-            wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.seed),
+            wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.recipe.seed),
             _NodeSplit(rank, world),
             wds.split_by_worker,
             wds.tarfile_to_samples(),
-            wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.seed)),
+            wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
             wds.batched(batch, collation_fn=list, partial=False),
             _StreamDecoder(self, skip),
         ).repeat()
@@ -510,9 +510,6 @@ class _StreamDecoder:
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
         caption = sample.get("txt", b"")
         caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption)
-        target = stream.encode_target(caption)
-        pixels = None
-        if image is not None and decode:
-            seed = named_sample_seed(stream.seed, current, f"{sample.get('__url__')}|{sample.get('__key__')}")
-            pixels = sample_pixels({"bytes": image, "path": None}, stream.size, stream.augment, seed)
-        return sample_tuple(pixels, target, stream.size)
+        payload = {"bytes": image, "path": None} if image is not None and decode else None
+        name = f"{sample.get('__url__')}|{sample.get('__key__')}"
+        return stream.recipe.make(payload, caption, named_sample_seed(stream.recipe.seed, current, name))

@@ -37,6 +37,7 @@ from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
     CorpusIndex,
+    SampleRecipe,
     ShardStream,
     StreamedSamples,
     batches,
@@ -152,9 +153,10 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     size = int(model_config["vision_cfg"]["image_size"])
     tokenizer = tokenizer_for(model_config)
     common = (cfg.base, hashes, arch_name)
+    captions = SampleRecipe(size, cfg.augment, cfg.seed, _Tokenize(tokenizer))  # contrastive samples
     hub = None
     if cfg.mode == "contrastive" and is_hub_layout(cfg.data) and cfg.data_in_memory != "yes":
-        hub = HubStream(cfg.data, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+        hub = HubStream(cfg.data, captions)
         if hub.rows is not None and choose_in_memory(cfg.data_in_memory, hub.rows, size, cfg.augment)[0]:
             hub = None  # small enough: loaded whole by the in-memory path below
     if cfg.mode == "contrastive" and (is_shard_stream(cfg.data) or hub is not None):
@@ -174,7 +176,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {reason}"
             fingerprint = "data file paths (hub: at their commit) and local sizes"
         else:
-            shards = ShardStream(cfg.data, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+            shards = ShardStream(cfg.data, captions)
             why = f"a stream of {len(shards.urls)} shards, read in order by the webdataset library"
             fingerprint = "shard names"
         path = {"in_memory": False, "why": why, "fingerprint": fingerprint}
@@ -184,7 +186,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         index = index_pairs(cfg.data)
         in_memory, why = choose_in_memory(cfg.data_in_memory, len(index), size, cfg.augment)
         if not in_memory:
-            stream = StreamedSamples(index, size, cfg.augment, cfg.seed, _Tokenize(tokenizer))
+            stream = StreamedSamples(index, captions)
             path = {"in_memory": False, "why": why, "fingerprint": FINGERPRINTS[index.kind]}
             return Prepared(clip, clip, model_config, None, None, None, index.fingerprint, *common,
                             stream=stream, count=len(index), data_path=path)  # fmt: skip
@@ -218,7 +220,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     in_memory, why = choose_in_memory(cfg.data_in_memory, len(task.rows), size, cfg.augment)
     if not in_memory:
         index = CorpusIndex(cfg.data, "arrow", list(task.rows), list(task.labels), fingerprint, "ubench")
-        stream = StreamedSamples(index, size, cfg.augment, cfg.seed, _label)
+        stream = StreamedSamples(index, SampleRecipe(size, cfg.augment, cfg.seed, _label))
         path = {"in_memory": False, "why": why, "fingerprint": "the benchmark's files"}
         return Prepared(model, clip, model_config, None, None, list(task.classes), fingerprint, *common,
                         stream=stream, count=len(index), data_path=path)  # fmt: skip

@@ -21,6 +21,7 @@ import torch
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune import trainer
 from micromerge.finetune.hub_stream import HubStream, is_hub_layout
+from micromerge.finetune.streaming import SampleRecipe
 from micromerge.finetune.trainer import run_finetune
 from tests.helpers import write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config
@@ -79,7 +80,7 @@ def test_a_hub_layout_copy_is_recognised_and_its_parquet_keeps_the_image_feature
 def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path):
     """split_dataset_by_node: with 4 files and 2 processes each reads 2 files, in a seeded order."""
     repo = write_hub_repo(tmp_path / "repo", 16)
-    stream = HubStream(str(repo), 32, (), 0, _sample_number)
+    stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
     assert stream.rows == 16 and stream.num_shards == 4
     shares = []
     for rank in (0, 1):
@@ -94,7 +95,7 @@ def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path):
     other = write_hub_repo(tmp_path / "other", 20)  # another file at the same path: a new fingerprint
     first = sorted((repo / "data").glob("*.parquet"))[0]
     first.write_bytes(sorted((other / "data").glob("*.parquet"))[0].read_bytes())
-    assert HubStream(str(repo), 32, (), 0, _sample_number).fingerprint != stream.fingerprint
+    assert HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number)).fingerprint != stream.fingerprint
 
 
 def test_a_streamed_hub_dataset_trains_reproducibly_and_resumes_at_the_exact_sample(
@@ -135,7 +136,7 @@ def test_auto_loads_a_small_local_copy_whole_and_says_why(tmp_path, base, capsys
 
 def test_too_few_shards_are_split_by_row_group_then_refused_in_one_line(tmp_path):
     repo = write_hub_repo(tmp_path / "repo", 12, files=1, row_group=4)  # one file, 3 row groups
-    stream = HubStream(str(repo), 32, (), 0, _sample_number)
+    stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
     assert stream.num_shards == 1
     batches = stream.loader(batch=2, workers=2, world=1, rank=0, skip=0)  # resharded: 3 row groups
     assert len(next(batches)[1]) == 2
@@ -157,7 +158,7 @@ def test_resuming_a_hub_stream_reads_the_batches_it_skips_without_decoding_them(
     from micromerge.finetune import streaming
 
     repo = write_hub_repo(tmp_path / "repo", 16)
-    stream = HubStream(str(repo), 32, (), 0, _sample_number)
+    stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
     straight = stream.loader(batch=2, workers=0, world=1, rank=0, skip=0)
     wanted = [next(straight) for _ in range(4)][3]
     decoded = []

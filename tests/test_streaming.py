@@ -25,6 +25,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
 from micromerge.finetune import trainer
 from micromerge.finetune.streaming import (
+    SampleRecipe,
     ShardStream,
     _StreamDecoder,
     choose_in_memory,
@@ -189,7 +190,9 @@ def test_the_shard_decoder_draws_augmentation_per_pass_and_keeps_nothing_per_sam
     import webdataset as wds
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 14))
-    stream = ShardStream(spec, 32, ("crop", "flip"), 0, lambda caption: torch.tensor(len(caption)))
+    stream = ShardStream(
+        spec, SampleRecipe(32, ("crop", "flip"), 0, lambda caption: torch.tensor(len(caption)))
+    )
 
     def one_pass(decoder):
         batches = wds.DataPipeline(
@@ -217,7 +220,9 @@ def test_processes_read_disjoint_shards_that_cover_the_stream(tmp_path):
                     info = tarfile.TarInfo(f"s{i:04d}{suffix}")
                     info.size = len(payload)
                     archive.addfile(info, io.BytesIO(payload))
-    stream = ShardStream(_pipe_spec(folder), 32, (), 0, lambda caption: torch.tensor(int(caption.split()[1])))
+    stream = ShardStream(
+        _pipe_spec(folder), SampleRecipe(32, (), 0, lambda caption: torch.tensor(int(caption.split()[1])))
+    )
     shares = []
     for rank in (0, 1):
         batches = stream.loader(batch=1, workers=0, world=2, rank=rank, skip=0)
@@ -232,7 +237,7 @@ def test_resuming_a_shard_stream_reads_the_batches_it_skips_without_decoding_the
     from micromerge.finetune import streaming
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 28, per_shard=7))
-    stream = ShardStream(spec, 32, ("crop",), 0, lambda caption: torch.tensor(len(caption)))
+    stream = ShardStream(spec, SampleRecipe(32, ("crop",), 0, lambda caption: torch.tensor(len(caption))))
     straight = stream.loader(batch=4, workers=0, world=1, rank=0, skip=0)
     wanted = [next(straight) for _ in range(4)][3]
     decoded = []
