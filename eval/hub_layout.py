@@ -18,6 +18,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
+from micromerge.core.hub_download import hf_download_command
 
 HUB_ID = "jnirschl/uBench"
 HUB_REVISION = "3f2c5b590bc7a208d5b60f3527ce4c76a331aa2b"
@@ -164,8 +165,9 @@ def fetch_from_hub(revision: str) -> Path:
     except Exception as exc:
         raise MicromergeError(
             f"--data {HUB_ID}@{revision[:12]}: not in the Hugging Face cache and the hub is unreachable "
-            f"({type(exc).__name__}; HF_HUB_OFFLINE=1 fails fast); download the '{HUB_FOLDER}' folder "
-            "where there is a network and pass --data PATH/TO/COPY"
+            f"({type(exc).__name__}; HF_HUB_OFFLINE=1 fails fast); copy it where there is a network "
+            f"(`{hf_download_command(HUB_ID, dataset=True, revision=revision, include=HUB_FOLDER + '/*')}`) "
+            "and pass --data DIR"
         ) from exc
     folder = Path(root) / HUB_FOLDER
     if not is_hub_layout(folder):

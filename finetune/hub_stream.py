@@ -6,7 +6,7 @@ converts it to an Arrow cache first: 150 GB before the first step. Streamed, `da
 files as it goes: shards (files, or parquet row groups after `reshard`) are shuffled per pass from
 the seed, split between processes (`split_dataset_by_node`) and DataLoader workers, and samples
 mixed in a seeded buffer. The same path reads a local copy of such a repository (a folder of its
-parquet files, as `huggingface-cli download --repo-type dataset` leaves it), which is how it is
+parquet files, as `hf download --repo-type dataset` leaves it), which is how it is
 tested here: the hub only adds the download.
 
 The order depends only on the seed and the numbers of processes and workers, so a resumed run reads
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.hub_download import hf_download_command
 from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
 from micromerge.finetune.streaming import SampleRecipe, named_sample_seed, skipped_here
 
@@ -150,7 +151,7 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
         )
         raise MicromergeError(
             f"--data {spec}: the hub dataset {how}; pass a local copy: a folder of its parquet files "
-            f"(huggingface-cli download --repo-type dataset {name} --local-dir DIR)"
+            f"(`{hf_download_command(name, dataset=True, revision=revision or None)}`) and pass --data DIR"
         ) from exc
     splits = builder.config.data_files or {}
     split = "train" if "train" in splits else next(iter(splits), None)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.hub_download import hf_download_command
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
 from micromerge.merging.numpy_backend import NumpyBackend
@@ -155,7 +156,7 @@ def _offline_error(what: str, repo: str, exc: Exception) -> MicromergeError:
     why = "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if offline else "the hub is unreachable"
     return MicromergeError(
         f"{what}: cannot fetch {repo} ({why}); download it where there is a network "
-        f"(`hf download {repo} --local-dir DIR`) and pass DIR instead, or set HF_HUB_OFFLINE=1 to fail fast"
+        f"(`{hf_download_command(repo)}`) and pass DIR instead, or set HF_HUB_OFFLINE=1 to fail fast"
     )
 
 

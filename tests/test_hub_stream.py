@@ -1,7 +1,7 @@
 """Fine-tuning on a dataset in the Hugging Face hub's layout, streamed (issue 16: "`streaming=True`
 for hub datasets").
 
-The fixture is a hub dataset repository as `push_to_hub` writes one and `huggingface-cli download
+The fixture is a hub dataset repository as `push_to_hub` writes one and `hf download
 --repo-type dataset` copies it: parquet files `data/train-0000K-of-0000N.parquet`, the image column a
 `{bytes, path}` struct with the `datasets` features (`Image`) in the parquet schema's metadata
 (datasets' "Share a dataset" and "Image dataset" docs, read through the search tool; written here
