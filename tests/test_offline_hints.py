@@ -28,7 +28,9 @@ def download_help() -> str:
     assert "hf" in {entry.name for entry in entry_points(group="console_scripts")}
     executable = shutil.which("hf", path=str(Path(sys.executable).parent)) or shutil.which("hf")
     assert executable, "huggingface_hub's `hf` CLI is not installed beside this Python"
-    return subprocess.run([executable, "download", "--help"], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [executable, "download", "--help"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _offline_message(open_it) -> str:
