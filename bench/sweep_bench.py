@@ -70,8 +70,9 @@ def make_fixture(folder: Path, images: int, stored_px: int, rows: int) -> tuple[
         upscale, features=ubench_features(all_label_names()), num_proc=min(8, workers)
     )
     distinct = len(big)
-    if rows > distinct:
+    if rows:  # repeated up to `rows`, or its first `rows` (a quick rehearsal of the GPU command on a CPU)
         big = datasets.concatenate_datasets([big] * -(-rows // distinct)).select(range(rows))
+        distinct = min(distinct, rows)
     write_hub_layout(big, folder / "bench" / HUB_FOLDER, 7)
     return folder / "bench", distinct
 
@@ -200,7 +201,9 @@ def _synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000, help="Distinct images in the fixture.")
-    parser.add_argument("--rows", type=int, default=0, help="Repeat the fixture's rows up to this many.")
+    parser.add_argument(
+        "--rows", type=int, default=0, help="Repeat (or cut) the fixture's rows to this many."
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--stored-px", type=int, default=224, help="Size the fixture's images are stored at.")
     parser.add_argument("--model", default="micro-clip")
