@@ -12,7 +12,9 @@ and over the steps after the first (from each trainer's own log), the process's 
 and both loss curves every 10 steps. The two use the same buffer sizes (2,000 shards, 5,000 samples) but
 draw from them, and their crops, differently,
 so the curves agree only statistically here; `tests/test_open_clip_alignment.py` feeds both the
-same batches and holds them equal step for step.
+same batches and holds them equal step for step. A third run streams the same pairs from a local
+copy of a hub dataset repository (parquet files, one per shard) through `datasets` (`streaming=True`),
+the path a `--data owner/name` corpus takes; open_clip_train has no such reader to compare with.
 
 plain-loop (issue 4): the trainer against a minimal PyTorch loop on data decoded once in memory
 (same model, batch, optimiser, steps), throughput from the first step.
@@ -100,6 +102,19 @@ def write_shards(corpus: Path, folder: Path, per_shard: int = 500) -> int:
                     archive.addfile(info, io.BytesIO(payload))
         count += 1
     return count
+
+
+def write_parquet_repo(corpus: Path, folder: Path, files: int) -> Path:
+    """The same corpus as a local copy of a hub dataset repository (`data/train-0000K-of-0000N.parquet`,
+    the image feature in the schema metadata, as `push_to_hub` writes it), for the hub-stream row."""
+    import datasets
+
+    dataset = datasets.load_from_disk(str(corpus))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        part = dataset.shard(files, k, contiguous=True)
+        part.to_parquet(str(folder / "data" / f"train-{k:05d}-of-{files:05d}.parquet"))
+    return folder
 
 
 def timed(command: list[str], cwd: Path) -> tuple[float, int, str]:
@@ -196,7 +211,13 @@ def against_open_clip_train(args: argparse.Namespace) -> dict:
                   "--lr", settings["lr"], "--wd", settings["weight_decay"], "--grad-clip-norm", settings["grad_clip"],
                   "--warmup", "0", "--save-frequency", "0", "--logs", str(folder / "logs"), "--name", "bench",
                   "--log-every-n-steps", "10", "--seed", "0", "--report-to", ""]  # fmt: skip
-        for name, command in (("micromerge (streaming)", ours), ("open_clip_train", theirs)):
+        hub = write_parquet_repo(corpus, folder / "hub", count)
+        ours_hub = [*ours, "--data-in-memory", "no"]
+        ours_hub[ours_hub.index("--data") + 1] = str(hub)
+        ours_hub[ours_hub.index("--out") + 1] = str(folder / "ours-hub")
+        runs = (("micromerge (streaming)", ours), ("micromerge (hub parquet stream)", ours_hub),
+                ("open_clip_train", theirs))  # fmt: skip
+        for name, command in runs:
             seconds, rss, _ = timed(command, folder)
             figures[name] = {
                 "seconds": round(seconds, 1),
@@ -204,15 +225,26 @@ def against_open_clip_train(args: argparse.Namespace) -> dict:
                 "peak_rss_mb": rss,
             }
             print(name, figures[name], flush=True)
-        log = [json.loads(line) for line in (folder / "ours" / "train_log.jsonl").read_text().splitlines()]
-        figures["micromerge (streaming)"]["images_per_s_after_first_step"] = round(
-            ours_after_first(log, args.batch_size), 1
-        )
+        logs = {}
+        for name, run in (
+            ("micromerge (streaming)", "ours"),
+            ("micromerge (hub parquet stream)", "ours-hub"),
+        ):
+            lines = (folder / run / "train_log.jsonl").read_text().splitlines()
+            logs[name] = {row["step"]: row for row in map(json.loads, lines)}
+            rows_of_run = list(logs[name].values())
+            figures[name]["images_per_s_after_first_step"] = round(
+                ours_after_first(rows_of_run, args.batch_size), 1
+            )
         rows, rate = open_clip_log(folder / "logs" / "bench" / "out.log", args.batch_size)
         figures["open_clip_train"]["images_per_s_after_first_step"] = round(rate, 1)
-        ours_by_step = {row["step"]: row["loss"] for row in log}
         curves = [
-            {"step": step, "open_clip_train": loss, "micromerge": ours_by_step.get(step)}
+            {
+                "step": step,
+                "open_clip_train": loss,
+                "micromerge": logs["micromerge (streaming)"].get(step, {}).get("loss"),
+                "micromerge_hub": logs["micromerge (hub parquet stream)"].get(step, {}).get("loss"),
+            }
             for step, _, loss in rows
         ]
     return {"figures": figures, "settings": settings, "shards": count, "loss_curves": curves}
