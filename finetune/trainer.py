@@ -205,7 +205,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     from micromerge.eval.zeroshot import class_embeddings
 
     bench = load_benchmark(cfg.data)
-    chosen = select_tasks(discover_tasks(bench.dataset), cfg.task)
+    chosen = select_tasks(discover_tasks(bench.dataset), cfg.task, option="--task")
     if len(chosen) != 1 or len(chosen[0].classes) < 2:
         names = ", ".join(t.name for t in chosen)
         raise MicromergeError(

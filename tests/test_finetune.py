@@ -185,6 +185,10 @@ def test_supervised_refuses_a_selection_of_several_tasks(tmp_path, base):
     for task in ("all", "fine", "kather_et_al_2016,opencell"):
         with pytest.raises(MicromergeError, match=f"--task {task}: supervised fine-tuning trains one task"):
             run_finetune(config(base, bench, tmp_path / "sup", mode="supervised", task=task, max_steps=1))
+    with pytest.raises(MicromergeError, match=r"^--task: unknown task\(s\) \['no_such_source'\]"):
+        run_finetune(
+            config(base, bench, tmp_path / "sup", mode="supervised", task="no_such_source", max_steps=1)
+        )
     assert not (tmp_path / "sup" / "model.safetensors").exists()
 
 
