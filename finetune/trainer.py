@@ -154,10 +154,13 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     tokenizer = tokenizer_for(model_config)
     common = (cfg.base, hashes, arch_name)
     captions = SampleRecipe(size, cfg.augment, cfg.seed, _Tokenize(tokenizer))  # contrastive samples
-    hub = None
+    hub, hub_why = None, ""
     if cfg.mode == "contrastive" and is_hub_layout(cfg.data) and cfg.data_in_memory != "yes":
         hub = HubStream(cfg.data, captions)
-        if hub.rows is not None and choose_in_memory(cfg.data_in_memory, hub.rows, size, cfg.augment)[0]:
+        in_memory, hub_why = choose_in_memory(cfg.data_in_memory, hub.rows or 0, size, cfg.augment)
+        if in_memory and hub.rows is None:
+            hub_why = "its size is not known before download"
+        elif in_memory:
             hub = None  # small enough: loaded whole by the in-memory path below
     if cfg.mode == "contrastive" and (is_shard_stream(cfg.data) or hub is not None):
         if cfg.max_steps is None:
@@ -167,13 +170,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             )
         if hub is not None:
             shards = hub
-            unknown = hub.rows is None and cfg.data_in_memory == "auto" and not cfg.augment
-            reason = (
-                "its size is not known before download"
-                if unknown
-                else choose_in_memory(cfg.data_in_memory, hub.rows or 0, size, cfg.augment)[1]
-            )
-            why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {reason}"
+            why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {hub_why}"
             fingerprint = "data file paths (hub: at their commit) and local sizes"
         else:
             shards = ShardStream(cfg.data, captions)
@@ -312,6 +309,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         how = "in memory" if prepared.data_path["in_memory"] else f"streamed by {cfg.workers} workers"
         size = f"{n} examples, " if prepared.shards is None else ""
         print(f"data: {size}{how} ({prepared.data_path['why']})", file=sys.stderr)
+        if isinstance(prepared.shards, HubStream):
+            _say_pauses_between_passes(prepared.shards.rows, cfg, world)
     # a shard stream has no epochs: the run is its --max-steps, one pass of the data order
     per_epoch = n // (batch * world) if prepared.shards is None else cfg.max_steps * cfg.accum_steps
     if per_epoch == 0:
@@ -510,6 +509,29 @@ def _contrastive_gradients(model, accelerator, micro: list, across_ranks: bool) 
             accelerator.backward(loss)
         first = loss.detach() if first is None else first
     return first
+
+
+def _say_pauses_between_passes(rows: int | None, cfg: FinetuneConfig, world: int) -> None:
+    """datasets (5.x) sleeps SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) whenever a parquet stream ends, its
+    guard against apache/arrow#45214; on a small corpus streamed for many passes that adds up
+    (BENCHMARKS.md measured it as the hub stream's whole gap), so say it and the way round it."""
+    import datasets
+
+    pause = float(getattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0))
+    if not rows or not pause:
+        return
+    passes = cfg.max_steps * cfg.accum_steps * cfg.batch_size * world / rows
+    if passes * pause >= 60:
+        name, _, revision = cfg.data.partition("@") if not Path(cfg.data).exists() else (cfg.data, "", "")
+        load = f"datasets.load_dataset({name!r}, split='train'" + (
+            f", revision={revision!r})" if revision else ")"
+        )
+        print(
+            f"note: about {passes:.0f} passes over {rows} rows, and datasets pauses {pause:g} s at the end of "
+            f"each (about {passes * pause / 60:.0f} min in all); for a corpus this small, save it once with "
+            f"`{load}.save_to_disk(DIR)` and pass DIR (read memory-mapped, no pause)",
+            file=sys.stderr,
+        )
 
 
 def _supervised_gradients(model, accelerator, micro: list) -> torch.Tensor:

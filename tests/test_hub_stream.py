@@ -134,6 +134,33 @@ def test_auto_loads_a_small_local_copy_whole_and_says_why(tmp_path, base, capsys
     assert "data: 16 examples, in memory" in capsys.readouterr().err
 
 
+def test_a_small_corpus_streamed_for_many_passes_is_told_about_datasets_pause(
+    tmp_path, base, capsys, monkeypatch
+):
+    """datasets pauses SLEEP_TIME_ON_THREADS_SHUTDOWN at the end of every parquet pass (5 s in 5.x;
+    BENCHMARKS.md measured it as the hub stream's whole gap on a 3,900-pair corpus): a run of many
+    passes says so, with the way round it; a run of one pass does not."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 5)
+    many = config(base, "your-org/captions@v2", tmp_path / "run", max_steps=20_000, batch_size=256)
+    trainer._say_pauses_between_passes(5_000, many, world=1)
+    note = capsys.readouterr().err
+    assert note.startswith("note: about 1024 passes over 5000 rows") and "about 85 min in all" in note
+    assert (
+        "`datasets.load_dataset('your-org/captions', split='train', revision='v2').save_to_disk(DIR)`" in note
+    )
+    assert note.count("\n") == 1
+    trainer._say_pauses_between_passes(1_000_000, many, world=1)  # five passes: 25 s, not worth a line
+    trainer._say_pauses_between_passes(None, many, world=1)  # size unknown
+    assert capsys.readouterr().err == ""
+    file = write_hub_repo(tmp_path / "repo", 16)
+    streamed = config(base, file, tmp_path / "streamed", max_steps=2, data_in_memory="no", progress=True)
+    monkeypatch.setattr(trainer, "_say_pauses_between_passes", lambda rows, cfg, world: print(f"rows={rows}"))
+    run_finetune(streamed)
+    assert "rows=16" in capsys.readouterr().out
+
+
 def test_too_few_shards_are_split_by_row_group_then_refused_in_one_line(tmp_path):
     repo = write_hub_repo(tmp_path / "repo", 12, files=1, row_group=4)  # one file, 3 row groups
     stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
