@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from micromerge.core.atomic import atomic_output
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.eval.corpus_questions import corpus_questions, open_corpus
@@ -39,6 +38,7 @@ from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
+from micromerge.merging.torch_save import save_tensors
 
 KINDS = ("fisher", "gram")
 SPLIT = "select"
@@ -161,8 +161,7 @@ def model_statistics(
         stats = gram_matrices(model, bank, questions, request.batch_size)
     stats = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, "wb") as handle:
-        handle.write(save(stats, metadata={"micromerge.statistics": sha256_json(described)}))
+    save_tensors(path, stats, {"micromerge.statistics": sha256_json(described)})
     return stats, described
 
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save
 
 import micromerge
-from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
@@ -52,6 +51,7 @@ from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from micromerge.merging.plan import LOGIT_SCALE_MAX
 from micromerge.merging.sources import open_source
+from micromerge.merging.torch_save import save_tensors
 
 # Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
 LOSS_READ_EVERY = 10
@@ -647,16 +647,14 @@ def _write_final(
     }
     if prepared.arch_name:
         metadata["micromerge.arch"] = prepared.arch_name
-    with atomic_output(cfg.out / "model.safetensors", "wb") as handle:
-        handle.write(save(tensors, metadata=metadata))
+    save_tensors(cfg.out / "model.safetensors", tensors, metadata)
     if cfg.mode == "supervised":
         head = {
             k.removeprefix("head."): v.detach().cpu().contiguous()
             for k, v in state.items()
             if k.startswith("head.")
         }
-        with atomic_output(cfg.out / "head.safetensors", "wb") as handle:
-            handle.write(save(head, metadata={"classes": json.dumps(prepared.classes)}))
+        save_tensors(cfg.out / "head.safetensors", head, {"classes": json.dumps(prepared.classes)})
     write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     write_json_atomic(
         cfg.out / "manifest.json",

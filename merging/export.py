@@ -18,14 +18,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save
-
-from micromerge.core.atomic import atomic_output, output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import image_size, normalisation, resolve_model_config
 from micromerge.merging.sources import open_source
+from micromerge.merging.torch_save import save_tensors
 from micromerge.merging.torch_sources import load_all
 
 FORMATS = ("transformers", "open_clip")
@@ -69,8 +68,7 @@ def _write_open_clip(config: dict[str, Any], tensors: dict, folder: Path) -> Non
     mean, std = normalisation(config)
     preprocess = {"size": image_size(config), "mean": mean.tolist(), "std": std.tolist()}
     model_cfg = {k: v for k, v in config.items() if k != "preprocess_cfg"}
-    with atomic_output(folder / "open_clip_model.safetensors", "wb") as handle:
-        handle.write(save(tensors, metadata={"format": "pt"}))
+    save_tensors(folder / "open_clip_model.safetensors", tensors, {"format": "pt"})
     write_json_atomic(
         folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     )
@@ -83,8 +81,7 @@ def _write_transformers(checkpoint: str, config: dict[str, Any], tensors: dict, 
             f"{checkpoint}: only ViT CLIPs with the CLIP text tower export to transformers format "
             "(use --format open_clip)"
         )
-    with atomic_output(folder / "model.safetensors", "wb") as handle:
-        handle.write(save(hf_clip.openclip_to_hf(tensors), metadata={"format": "pt"}))
+    save_tensors(folder / "model.safetensors", hf_clip.openclip_to_hf(tensors), {"format": "pt"})
     write_json_atomic(folder / "config.json", hf_clip.openclip_config_to_hf(config))
     if not text.get("hf_tokenizer_name") and int(text.get("vocab_size", 49408)) == CLIP_VOCABULARY:
         _write_clip_tokenizer(folder, int(text.get("context_length", 77)))

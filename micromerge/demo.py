@@ -95,24 +95,17 @@ def _write_data(cfg: DemoConfig, data: Path) -> None:
 
 
 def _write_init(cfg: DemoConfig, path: Path) -> None:
-    from safetensors.torch import save
-
-    from micromerge.core.atomic import atomic_output
     from micromerge.merging.models import build_model, get_model_config
+    from micromerge.merging.torch_save import save_tensors
 
     torch.manual_seed(cfg.seed)
     model = build_model(get_model_config(ARCH))
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "attn_mask"}
-    with atomic_output(path, "wb") as handle:
-        handle.write(
-            save(
-                tensors,
-                metadata={
-                    "micromerge.arch": ARCH,
-                    "micromerge.core.provenance": json.dumps({"kind": "random init", "seed": cfg.seed}),
-                },
-            )
-        )
+    metadata = {
+        "micromerge.arch": ARCH,
+        "micromerge.core.provenance": json.dumps({"kind": "random init", "seed": cfg.seed}),
+    }
+    save_tensors(path, tensors, metadata)
 
 
 def train_contrastive(

@@ -109,6 +109,15 @@ def test_contrastive_from_csv_writes_a_checkpoint_merge_accepts(tmp_path, base):
     assert result.exit_code == 0, result.output
 
 
+def test_the_same_run_twice_writes_the_same_checkpoint_bytes(tmp_path, base):
+    """Same inputs and seed, same sha256 (results and reports find checkpoints by it): the
+    checkpoint carries four metadata keys, which safetensors' own `save` wrote in a random order."""
+    data = write_csv_folder(tmp_path / "pairs")
+    first = run_finetune(config(base, data, tmp_path / "first", domain="pathology"))
+    second = run_finetune(config(base, data, tmp_path / "second", domain="pathology"))
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_jsonl_saved_dataset_and_tar_shards_give_the_same_training(tmp_path, base):
     n = 16
     (tmp_path / "jsonl").mkdir()
