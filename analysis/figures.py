@@ -23,10 +23,13 @@ PALETTE = sns.color_palette("colorblind")
 
 
 def save(figure: plt.Figure, folder: Path, name: str) -> list[Path]:
+    """PNG and SVG with the same bytes for the same figure: no date or software version, and the
+    SVG's element ids salted with the figure's name (matplotlib salts them with a fresh uuid4)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.svg"]
     figure.savefig(paths[0], dpi=130, bbox_inches="tight", metadata={"Software": None})
-    figure.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    with matplotlib.rc_context({"svg.hashsalt": name}):
+        figure.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
     plt.close(figure)
     return paths
 

@@ -159,6 +159,19 @@ def test_report_renders_with_embedded_images_and_working_links(tmp_path):
     assert len(provenance["results_store_sha256"]) == 64 and provenance["runs"][0]["method"] == "wise-ft"
 
 
+def test_the_same_results_give_a_report_with_the_same_bytes(tmp_path):
+    """Every file of the report (figures, tables, markdown, html, provenance) is a function of its
+    inputs; matplotlib would otherwise salt each SVG's ids with a random uuid."""
+    store = write_store(tmp_path / "r.jsonl")
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for folder in folders:
+        build_report(store, folder, target="domain:pathology")
+    files = [sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()) for folder in folders]
+    assert files[0] == files[1] and any(p.suffix == ".svg" for p in files[0])
+    for relative in files[0]:
+        assert (folders[0] / relative).read_bytes() == (folders[1] / relative).read_bytes(), relative
+
+
 def test_bad_input_missing_rows_unknown_group_single_alpha(tmp_path):
     with pytest.warns(UserWarning, match="alpha=0.5 has 2 of 3 tasks"):
         load_runs(write_store(tmp_path / "missing.jsonl", drop=("bio-a", 0.5)))
