@@ -132,6 +132,12 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 return
 
 
+def hub_name_and_revision(spec: str) -> tuple[str, str]:
+    """(`owner/name`, revision or "") of a hub id `owner/name[@revision]`; a local path is all name."""
+    name, _, revision = spec.partition("@") if not Path(spec).exists() else (spec, "", "")
+    return name, revision
+
+
 def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     """(the train split as an IterableDataset, the data files it reads, its number of rows when known
     without reading the data: the parquet footers of a local copy, the hub card's split sizes) for a
@@ -139,7 +145,7 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     their sizes) are the stream's fingerprint: cheap, and it changes when the repository or a file does."""
     import datasets
 
-    name, _, revision = spec.partition("@") if not Path(spec).exists() else (spec, "", "")
+    name, revision = hub_name_and_revision(spec)
     try:
         builder = datasets.load_dataset_builder(name, revision=revision or None)
     except Exception as exc:  # the hub's and fsspec's errors have no common base

@@ -31,7 +31,7 @@ from micromerge.core.progress import progress_bar
 from micromerge.eval.images import resident_on_device
 from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
-from micromerge.finetune.hub_stream import HubStream, is_hub_layout
+from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision, is_hub_layout
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
@@ -522,7 +522,7 @@ def _say_pauses_between_passes(rows: int | None, cfg: FinetuneConfig, world: int
         return
     passes = cfg.max_steps * cfg.accum_steps * cfg.batch_size * world / rows
     if passes * pause >= 60:
-        name, _, revision = cfg.data.partition("@") if not Path(cfg.data).exists() else (cfg.data, "", "")
+        name, revision = hub_name_and_revision(cfg.data)
         load = f"datasets.load_dataset({name!r}, split='train'" + (
             f", revision={revision!r})" if revision else ")"
         )
