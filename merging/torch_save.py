@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from micromerge.merging.tensor_source import TensorMeta
-from micromerge.merging.torch_backend import dtype_name
+from micromerge.merging.torch_backend import TorchBackend, dtype_name
 from micromerge.merging.writer import SafetensorsStreamWriter
 
 
@@ -26,7 +26,7 @@ def save_tensors(
 ) -> None:
     """Write `tensors` (any device; copied to the CPU one at a time) with `metadata` to `path`."""
     metas = {key: TensorMeta(tuple(t.shape), dtype_name(t.dtype)) for key, t in tensors.items()}
+    host = TorchBackend(torch.device("cpu"))  # the merge's own tensor-to-bytes step
     with SafetensorsStreamWriter(path, metas, dict(metadata), force=force) as writer:
         for key in writer.order:
-            flat = tensors[key].detach().to("cpu").contiguous().reshape(-1)
-            writer.write(key, memoryview(flat.view(torch.uint8).numpy()))
+            writer.write(key, host.host_bytes(tensors[key], metas[key].dtype))
