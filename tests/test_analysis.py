@@ -33,15 +33,21 @@ def write_store(
     method: str = "wise-ft",
     shift_all: float = 0.0,
     label: str | None = None,
+    values_by_task: dict | None = None,
+    select_shift: dict[float, float] | None = None,
 ) -> Path:
+    """`select_shift` adds to the select half's values at the alphas it names (the other halves
+    keep theirs), so the alpha chosen there can differ from the report half's best."""
     rows = []
-    for (task, level, domain), values in VALUES.items():
+    for (task, level, domain), values in (values_by_task or VALUES).items():
         for alpha, value in zip((0.0, 0.5, 1.0), values, strict=True):
             if alpha not in alphas or (drop and drop == (task, alpha)):
                 continue
             for split, shift in (("all", 0.0), ("select", 0.0), ("report", -0.01)):
                 for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
                     v = value + shift + (shift_all if alpha > 0 else 0.0)
+                    if split == "select":
+                        v += (select_shift or {}).get(alpha, 0.0)
                     rows.append(
                         {
                             "run_id": run_id,
@@ -94,6 +100,27 @@ def test_metrics_equal_hand_computed_values(tmp_path):
         and row["vs_finetuned"] == pytest.approx(-0.10)
         and row["normalised"] == pytest.approx(0.8 / 0.9)
     )
+
+
+def test_alpha_is_chosen_on_the_select_half_and_reported_on_the_report_half(tmp_path):
+    """The select half favours alpha 1 (every task +0.5 there, on that half only); the report half
+    still favours 0.5. The honest protocol picks 1 and reports the report half's value at 1."""
+    run = load_runs(write_store(tmp_path / "r.jsonl", select_shift={1.0: 0.5}))[0]
+    summary = summarise(run, "domain:pathology")
+    assert summary.best_alpha["all_task_mean"] == 1.0
+    assert summary.best_report["all_task_mean"] == pytest.approx((0.60 + 0.90 + 0.40) / 3 - 0.01)
+
+
+def test_pareto_front_drops_points_dominated_with_a_tie_and_auc_is_normalised_by_the_alpha_range(tmp_path):
+    values = {
+        **VALUES,
+        ("path-a", "fine", "pathology"): (0.50, 0.80, 0.80),
+    }  # alpha 1: target tied, control lower
+    run = load_runs(write_store(tmp_path / "r.jsonl", values_by_task=values))[0]
+    assert [p[0] for p in summarise(run, "domain:pathology").pareto] == [0.0, 0.5]
+    half = load_runs(write_store(tmp_path / "half.jsonl", alphas=(0.0, 0.5)))[0]
+    overall = [sum(v[i] for v in VALUES.values()) / 3 for i in range(2)]
+    assert summarise(half, "domain:pathology").auc["all tasks"] == pytest.approx(sum(overall) / 2)
 
 
 def test_figures_have_axes_labels_and_series(tmp_path):

@@ -77,6 +77,59 @@ def test_regmean_on_one_linear_layer_is_the_least_squares_solution():
     torch.testing.assert_close(at_zero["layer.weight"], base["layer.weight"], atol=1e-5, rtol=0)
 
 
+def test_fishers_that_differ_only_in_scale_count_alike():
+    """FusionBench divides each model's Fisher by its global L2 norm (normalised over models): a
+    specialist whose Fisher is 1000 times the base's everywhere gets no more say for it."""
+    torch.manual_seed(2)
+    base, ft = {"w": torch.zeros(4, 3)}, {"w": torch.ones(4, 3)}
+    fisher = torch.rand(4, 3) + 0.1
+    scaled = ({"w": fisher}, {"w": 1000 * fisher})
+    merged = merge_state_dicts("fisher", base, [ft], MethodParams(), strength=0.5, statistics=scaled)["w"]
+    torch.testing.assert_close(merged, torch.full((4, 3), 0.5), atol=1e-5, rtol=0)
+
+
+def test_fisher_with_two_specialists_weighs_base_one_minus_alpha_and_each_alpha_over_two():
+    torch.manual_seed(3)
+    models = [{"w": torch.randn(5)} for _ in range(3)]
+    fisher = {"w": torch.rand(5) + 0.1}
+    merged = merge_state_dicts(
+        "fisher", models[0], models[1:], MethodParams(), strength=0.6, statistics=(fisher,) * 3
+    )["w"]
+    expected = 0.4 * models[0]["w"] + 0.3 * models[1]["w"] + 0.3 * models[2]["w"]
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
+
+
+def test_regmean_with_two_specialists_follows_the_closed_form_at_any_offdiag_scale():
+    """Model weights l = (1 - alpha, alpha / 2, alpha / 2). With r = 0 only the Grams' diagonals
+    remain, so each input column j is the mean of the models' columns weighted by l_i G_i[j, j];
+    with r = 0.95 (FusionBench's CLIP default) W = (sum l_i W_i G~_i)(sum l_i G~_i)^-1 with
+    G~ = r G + (1 - r) diag(G), computed here in float64 numpy."""
+    rng = np.random.default_rng(4)
+    inputs = [rng.normal(size=(30, 4)) * s for s in ([1, 1, 1, 1], [2, 1, 0.5, 1], [1, 3, 1, 0.2])]
+    grams = [x.T @ x / len(x) for x in inputs]
+    weights = [rng.normal(size=(3, 4)) for _ in range(3)]
+    shares = [0.4, 0.3, 0.3]
+    statistics = tuple({"layer.weight": torch.tensor(g, dtype=torch.float32)} for g in grams)
+    models = [{"layer.weight": torch.tensor(w, dtype=torch.float32)} for w in weights]
+
+    def merged(ratio: float) -> torch.Tensor:
+        params = MethodParams(offdiag_scale=ratio)
+        return merge_state_dicts(
+            "regmean", models[0], models[1:], params, strength=0.6, statistics=statistics
+        )["layer.weight"]
+
+    column_weights = np.array(
+        [[share * g[j, j] for j in range(4)] for share, g in zip(shares, grams, strict=True)]
+    )
+    diagonal = sum(w * column_weights[i] for i, w in enumerate(weights)) / column_weights.sum(axis=0)
+    torch.testing.assert_close(merged(0.0), torch.tensor(diagonal, dtype=torch.float32), atol=1e-5, rtol=0)
+    tilde = [0.95 * g + 0.05 * np.diag(np.diag(g)) for g in grams]
+    closed = sum(share * w @ t for share, w, t in zip(shares, weights, tilde, strict=True)) @ np.linalg.inv(
+        sum(share * t for share, t in zip(shares, tilde, strict=True))
+    )
+    torch.testing.assert_close(merged(0.95), torch.tensor(closed, dtype=torch.float32), atol=1e-5, rtol=0)
+
+
 @pytest.fixture
 def setting(tmp_path):
     bench = write_fixture(tmp_path / "bench", fmt="save_to_disk", per_class=4)

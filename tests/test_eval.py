@@ -204,6 +204,23 @@ def test_source_table_override_changes_a_scale(tmp_path, bench):
         load_source_table(tmp_path / "bad.toml")
 
 
+def test_null_dataset_rows_matched_by_two_rules_are_unassigned_not_guessed(tmp_path, bench):
+    """A row whose evidence two sources' rules both match is not given to the first one: its task is
+    named `unassigned_<digest of its template>` (eval/source_metadata.py), never None."""
+    from micromerge.eval.source_metadata import load_source_table
+
+    (tmp_path / "two.toml").write_text('[sources.kather_et_al_2016]\nnull_dataset_match = "h2b|chromatin"\n')
+    dataset = load_benchmark(str(bench)).dataset
+    default = {t.name: t for t in discover_tasks(dataset)}
+    tasks = {t.name: t for t in discover_tasks(dataset, load_source_table(tmp_path / "two.toml"))}
+    unassigned = [name for name in tasks if name.startswith("unassigned_")]
+    assert "held_et_al_2010_h2b" not in tasks and len(unassigned) == 1
+    assert tasks[unassigned[0]].n_images == 18, "the 18 Held rows, together"
+    assert tasks["kather_et_al_2016"].n_images == default["kather_et_al_2016"].n_images, (
+        "none given to kather"
+    )
+
+
 def test_metrics_equal_hand_computed_values():
     y_true = np.array([0, 0, 0, 1, 1, 2])
     y_pred = np.array([0, 0, 1, 1, 2, 2])
@@ -215,6 +232,40 @@ def test_metrics_equal_hand_computed_values():
     with_ci = classification_metrics(y_true, y_pred, 3, bootstrap=200, seed=1)
     assert with_ci["accuracy"]["ci_low"] <= 4 / 6 <= with_ci["accuracy"]["ci_high"]
     assert with_ci == classification_metrics(y_true, y_pred, 3, bootstrap=200, seed=1), "seeded"
+
+
+def test_metrics_count_only_the_classes_a_task_has_seen():
+    """Classes absent from the truth do not dilute balanced accuracy; macro-F1 counts a class that
+    was predicted but never true (F1 0) and ignores one neither true nor predicted: the conventions
+    of scikit-learn's balanced_accuracy_score and f1_score(average="macro"), whose default labels
+    are the union of y_true and y_pred."""
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 3, 1, 2, 2])  # class 3 predicted once, never true; class 4 never seen
+    values = metrics_from_confusion(confusion_matrix(y_true, y_pred, 5))
+    assert values["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    # F1: c0 2*2/(3+2)=0.8, c1 2*1/(2+1)=2/3, c2 2*1/(1+2)=2/3, c3 0
+    assert values["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3 + 0) / 4)
+
+
+def test_correctness_metrics_keep_unknown_classes_out_of_balanced_accuracy():
+    """Label -1 (a question whose true class the task does not list) counts in accuracy only."""
+    from micromerge.eval.metrics import correctness_metrics
+
+    values = correctness_metrics(np.array([0, 0, 1, -1, -1]), np.array([1, 0, 1, 0, 0]), 2, bootstrap=0)
+    assert values["accuracy"]["value"] == pytest.approx(2 / 5)
+    assert values["balanced_accuracy"]["value"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_option_scoring_never_picks_a_padding_slot():
+    """Rows have different numbers of options; the padded slots (-1) must not win even when the
+    text the padding would gather (id 0) is the most similar to the image."""
+    from micromerge.eval.zeroshot import option_correct
+
+    text_emb = torch.eye(3)
+    image_emb = torch.tensor([[1.0, 0.5, 0.2], [1.0, 0.5, 0.2]])
+    options = torch.tensor([[1, 2, -1], [2, 1, -1]])  # text 0 is in neither row's options
+    answers = torch.tensor([0, 1])  # text 1 is the best of each row's own options
+    assert option_correct(image_emb, text_emb, options, answers).tolist() == [True, True]
 
 
 def test_confusion_bootstrap_matches_resampling_images():

@@ -124,6 +124,12 @@ def test_breadcrumbs_drops_the_outliers_and_the_smallest():
         "k", torch.zeros(10), [tau], 1.0, MethodParams(density=0.95, gamma=0.1)
     )
     assert crowded.tolist() == [0.0, *tau[1:].tolist()]  # 9 kept: only 1 outlier can go... and it is 10
+    overfull = METHODS["breadcrumbs"].merge(
+        "k", torch.zeros(10), [tau], 1.0, MethodParams(density=0.9, gamma=0.2)
+    )
+    assert overfull.tolist() == crowded.tolist(), (
+        "9 kept + 2 outliers > 10: one outlier fewer, never fewer kept"
+    )
     two = METHODS["breadcrumbs"].merge("k", torch.zeros(10), [tau, -tau], 0.5, params)
     assert two.tolist() == [0.0] * 10  # summed, no sign election
 
