@@ -189,6 +189,33 @@ def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_froze
     assert torch.allclose(head["weight"], zero_shot, atol=0.05), "two small steps from the zero-shot head"
 
 
+def test_clip_loss_equals_open_clips_own():
+    """Our symmetric InfoNCE against open_clip.loss.ClipLoss (one process), the loss
+    open_clip_train minimises, on features of any norm and a logit scale already exponentiated."""
+    from open_clip.loss import ClipLoss
+
+    from micromerge.finetune.losses import clip_loss
+
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    scale = torch.tensor(14.3)
+    torch.testing.assert_close(
+        clip_loss(image, text, scale), ClipLoss()(image, text, scale), atol=1e-6, rtol=0
+    )
+
+
+def test_the_zero_shot_head_scores_logit_scale_times_cosine_whatever_the_feature_norm():
+    """WiSE-FT's head: at initialisation its logits are the zero-shot classifier's, logit_scale times
+    the cosine of the image feature and each class embedding."""
+    from micromerge.finetune.losses import ZeroShotHead
+
+    generator = torch.Generator().manual_seed(1)
+    classes = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=-1)
+    features = 7 * torch.randn(5, 16, generator=generator)
+    expected = 100.0 * torch.nn.functional.normalize(features, dim=-1) @ classes.T
+    torch.testing.assert_close(ZeroShotHead(classes, 100.0)(features), expected, atol=1e-5, rtol=0)
+
+
 def test_supervised_refuses_a_selection_of_several_tasks(tmp_path, base):
     bench = write_fixture(tmp_path / "bench", per_class=2, corrupt=0)
     for task in ("all", "fine", "kather_et_al_2016,opencell"):

@@ -148,3 +148,15 @@ alpha_rules = {{ "visual.*" = 0.5 }}
     assert all(
         r["parameters"]["statistics"][0]["split"] == "select" for r in rows if r["method"] == "regmean"
     )
+
+
+def test_an_ingredient_that_ties_the_soup_joins_it(tmp_path, setting):
+    """Recipe 1 adds an ingredient when the soup's held-out accuracy does not drop: three copies of
+    one checkpoint tie at every step, so all three join (a strict rule would keep the first only)."""
+    settings, models = setting
+    copies = [tmp_path / f"copy{i}.safetensors" for i in range(2)]
+    for copy in copies:
+        copy.write_bytes(Path(models[0]).read_bytes())
+    result = greedy_soup(models[0], tuple(map(str, copies)), settings, torch.device("cpu"))
+    assert [step.kept for step in result.steps] == [True, True, True]
+    assert result.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))

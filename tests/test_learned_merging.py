@@ -28,7 +28,7 @@ from micromerge.eval.engine import Evaluator, prepare
 from micromerge.eval.statistics import select_questions
 from micromerge.eval.store import ResultStore, coefficients_file
 from micromerge.merging.methods import MethodParams
-from micromerge.merging.methods.learned import coefficient_group
+from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
 from tests.test_data_aware import setting, write_noise_png  # noqa: F401 (a fixture)
@@ -250,3 +250,9 @@ def test_bad_learning_settings_are_one_line(tmp_path, extra, needle):
     assert result.exit_code == 2 and needle in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 or "Usage" in result.output
     assert not list(tmp_path.glob("*merged*"))
+
+
+def test_a_key_without_a_learned_coefficient_takes_each_tasks_mean_over_the_groups():
+    table = CoefficientTable(("block.0", "block.1"), {"x": 0, "y": 1}, ((0.2, 1.0), (0.4, 0.0)))
+    assert table.for_key("y") == (0.4, 0.0)
+    assert table.for_key("a_buffer") == pytest.approx((0.3, 0.5))
