@@ -40,17 +40,49 @@ def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
         FinetuneConfig(**{**config("b", "d", tmp_path).__dict__, **override})
 
 
-def test_resume_refuses_changed_data_at_the_same_path(tmp_path, base, monkeypatch):
-    data = write_csv_folder(tmp_path / "pairs")
+def _killed_after_step_two(tmp_path, base, data, monkeypatch) -> None:
+    """The run folder a kill after the step-2 save leaves: state, no manifest, no model."""
     with monkeypatch.context() as patch:  # keep the step-2 state a kill would have left behind
         patch.setattr("micromerge.finetune.trainer.shutil.rmtree", lambda *a, **k: None)
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2))
     for name in ("manifest.json", "model.safetensors"):
         (tmp_path / "run" / name).unlink()
     assert (tmp_path / "run" / "state" / "LATEST").is_file()
+
+
+def test_resume_refuses_changed_data_at_the_same_path(tmp_path, base, monkeypatch):
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
     (data / "img0.png").write_bytes(_png(99))  # the same path now holds other bytes
     with pytest.raises(MicromergeError, match="the data changed since that run started"):
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+
+
+def test_resume_refuses_other_hyper_parameters(tmp_path, base, monkeypatch):
+    """Continuing a run's optimizer state under another learning rate would give weights that
+    neither setting produces; the config digest saved with the state catches it."""
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    changed = config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True, lr=2e-3)
+    with pytest.raises(MicromergeError, match="the run there used other settings"):
+        run_finetune(changed)
+
+
+def test_each_saved_state_replaces_the_one_before(tmp_path, base, monkeypatch):
+    """A run keeps one resumable state: each holds the weights and AdamW's two moments (three times
+    the model), so keeping every one would fill the disk of a long run with --save-every."""
+    from micromerge.finetune import trainer
+
+    listings, save = [], trainer._save_state
+
+    def save_and_look(accelerator, cfg, *args):
+        save(accelerator, cfg, *args)
+        listings.append(sorted(path.name for path in (cfg.out / "state").iterdir()))
+
+    monkeypatch.setattr(trainer, "_save_state", save_and_look)
+    data = write_csv_folder(tmp_path / "pairs")
+    run_finetune(config(base, data, tmp_path / "run", max_steps=6, save_every=2))
+    assert listings == [["LATEST", "step-00000002"], ["LATEST", "step-00000004"]]
 
 
 def test_state_left_by_a_kill_after_the_manifest_is_removed(tmp_path, base):

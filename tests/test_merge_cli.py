@@ -74,8 +74,10 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
 
 
 def test_same_inputs_same_bytes(pair):
+    """DARE draws its drop masks from --seed: the same seed gives the same bytes, another seed other
+    weights, and the seed is in the provenance, so the checkpoint says how to make it again."""
     tmp, _, _ = pair
-    for name in ("a", "b"):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         assert (
             invoke(
                 "--base",
@@ -85,13 +87,19 @@ def test_same_inputs_same_bytes(pair):
                 "--method",
                 "dare",
                 "--seed",
-                3,
+                seed,
                 "--out",
                 tmp / f"{name}.safetensors",
             ).exit_code
             == 0
         )
     assert (tmp / "a.safetensors").read_bytes() == (tmp / "b.safetensors").read_bytes()
+    a, c = load_file(str(tmp / "a.safetensors")), load_file(str(tmp / "c.safetensors"))
+    assert any(not torch.equal(a[key], c[key]) for key in a), "another seed, other drop masks"
+    for name, seed in (("a", 3), ("c", 4)):
+        with safe_open(str(tmp / f"{name}.safetensors"), "pt") as handle:
+            assert json.loads(handle.metadata()["micromerge.core.provenance"])["seed"] == seed
+        assert json.loads((tmp / f"{name}.safetensors.manifest.json").read_text())["seed"] == seed
 
 
 def test_alphas_write_one_checkpoint_per_alpha(pair):

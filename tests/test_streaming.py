@@ -28,6 +28,7 @@ from micromerge.finetune.streaming import (
     SampleRecipe,
     ShardStream,
     _StreamDecoder,
+    batches,
     choose_in_memory,
     index_pairs,
     indexed_pairs,
@@ -135,6 +136,31 @@ def test_augmentation_is_drawn_from_the_seed_and_survives_a_resume(tmp_path, bas
     monkeypatch.setattr(trainer, "_save_state", saved)
     resumed = run_finetune(replace(interrupted, resume=True))
     assert _same(_weights(straight), _weights(resumed)), "resumed at the exact sample, same augmentation"
+
+
+def test_each_epoch_is_a_fresh_seeded_permutation_that_the_ranks_share_out(tmp_path):
+    """An epoch visits every sample once in a new order (a DataLoader's shuffle, reproducible): the
+    same order every epoch would repeat each batch's composition, and the paths differ only in how
+    they read, so the streamed plan must be this order too, ranks taking disjoint slices of it."""
+    n, batch, world = 40, 4, 2
+    per_epoch = n // (batch * world)
+    orders = [trainer.epoch_order(n, 7, epoch) for epoch in range(3)]
+    assert all(sorted(order.tolist()) == list(range(n)) for order in orders)
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+    assert torch.equal(orders[1], trainer.epoch_order(n, 7, 1)), "fixed by the seed"
+    assert not torch.equal(orders[0], trainer.epoch_order(n, 8, 0)), "and changed by it"
+    plans = [
+        list(batches(lambda e: trainer.epoch_order(n, 7, e), 0, 2 * per_epoch, per_epoch, batch, world, rank))
+        for rank in range(world)
+    ]
+    for epoch in range(2):
+        seen = [
+            i for plan in plans for step in plan[epoch * per_epoch : (epoch + 1) * per_epoch] for e, i in step
+        ]
+        assert all(e == epoch for plan in plans for e, _ in plan[epoch * per_epoch][:1])
+        assert sorted(seen) == list(range(n)), "each rank its own slice, together every sample once"
+    interleaved = [i for step in zip(*plans, strict=True) for rank_step in step for _, i in rank_step]
+    assert interleaved[:n] == orders[0].tolist() and interleaved[n:] == orders[1].tolist()
 
 
 def test_the_path_is_chosen_by_size_and_augmentation_and_said(tmp_path, base, capsys):

@@ -1,0 +1,68 @@
+"""The two file-level promises every artefact's provenance rests on: an input's recorded sha256 is
+the sha256 of the bytes it holds now (the digest cache never answers for a file that changed), and
+equal JSON payloads are written as equal bytes (so same inputs and seed give byte-identical
+manifests and result rows, whatever order the code built the dictionaries in)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from micromerge.core.atomic import write_json_atomic
+from micromerge.core.hashing import sha256_file
+
+
+def _plant(cache_dir, digest: str) -> None:
+    """Overwrite the one cached digest, so a later answer shows whether the cache was consulted."""
+    (entry,) = (cache_dir / "sha256").iterdir()
+    record = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**record, "sha256": digest}))
+
+
+def test_the_digest_cache_answers_for_an_unchanged_file(tmp_path):
+    path, cache = tmp_path / "w.bin", tmp_path / "cache"
+    path.write_bytes(b"a" * 64)
+    assert sha256_file(path, cache) == hashlib.sha256(b"a" * 64).hexdigest()
+    _plant(cache, "f" * 64)
+    assert sha256_file(path, cache) == "f" * 64, "an unchanged file is answered from the cache"
+
+
+def test_a_file_rewritten_in_place_is_hashed_again(tmp_path):
+    """Same size and inode, later modification time: a checkpoint overwritten by a second run."""
+    path, cache = tmp_path / "w.bin", tmp_path / "cache"
+    path.write_bytes(b"a" * 64)
+    sha256_file(path, cache)
+    _plant(cache, "f" * 64)
+    before = path.stat()
+    with open(path, "r+b") as handle:
+        handle.write(b"b" * 64)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not tick
+    assert path.stat().st_ino == before.st_ino and path.stat().st_size == before.st_size
+    assert sha256_file(path, cache) == hashlib.sha256(b"b" * 64).hexdigest()
+
+
+def test_a_file_replaced_by_rename_with_the_old_time_is_hashed_again(tmp_path):
+    """Same size and modification time, another inode: what `cp -p` or an atomic save leaves."""
+    path, cache = tmp_path / "w.bin", tmp_path / "cache"
+    path.write_bytes(b"a" * 64)
+    sha256_file(path, cache)
+    _plant(cache, "f" * 64)
+    before = path.stat()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"b" * 64)
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    keep_inode_alive = tmp_path / "old.bin"
+    os.link(path, keep_inode_alive)  # so the new file cannot reuse the old inode number
+    os.replace(replacement, path)
+    assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_ino != before.st_ino
+    assert sha256_file(path, cache) == hashlib.sha256(b"b" * 64).hexdigest()
+
+
+def test_equal_json_payloads_are_equal_bytes_whatever_their_key_order(tmp_path):
+    forward = {"method": "ties", "parameters": {"alpha": 0.5, "density": 0.2}, "seed": 0}
+    backward = {"seed": 0, "parameters": {"density": 0.2, "alpha": 0.5}, "method": "ties"}
+    write_json_atomic(tmp_path / "a.json", forward)
+    write_json_atomic(tmp_path / "b.json", backward)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert json.loads((tmp_path / "a.json").read_text()) == forward
