@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from micromerge.cli import cli
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.questions import option_log_probs
 from micromerge.eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
 from micromerge.eval.store import ResultStore
 from micromerge.merging.in_memory import merge_state_dicts
@@ -162,6 +163,37 @@ def test_grams_are_the_mean_outer_product_of_each_layers_input(setting):
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" in grams
     assert "transformer.resblocks.0.mlp.c_proj.weight" in grams, "the text tower's layers too"
     assert not any("out_proj" in key for key in grams), "open_clip's fused attention hides out_proj's input"
+
+
+def test_questions_are_a_seeded_draw_and_score_only_their_own_options(setting):
+    """The statistics' questions: a draw fixed by the seed (another seed, other questions), each
+    scored by the model's softmax over its own options at its temperature, padding never a
+    candidate; checked against the rule written out with the tokenizer and model alone."""
+    settings, models = setting
+    prepared = prepare(settings)
+    with open_source(models[0]) as source:
+        model, config = load_model(source)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    every = select_questions(evaluator, 10**6, seed=0)
+    drawn = select_questions(evaluator, 12, seed=0)
+    assert len(drawn) == 12 < len(every)
+    assert np.array_equal(drawn.positions, select_questions(evaluator, 12, seed=0).positions)
+    other = select_questions(evaluator, 12, seed=1)
+    assert not (
+        np.array_equal(drawn.positions, other.positions) and np.array_equal(drawn.options, other.options)
+    )
+    padded = every.take(np.flatnonzero((every.options < 0).any(axis=1))[:6])
+    assert len(padded), "the fixture has questions with fewer options than the widest"
+    with torch.no_grad():
+        scored = option_log_probs(model, evaluator, padded, 0, len(padded))
+        for row, (position, options) in enumerate(zip(padded.positions, padded.options, strict=True)):
+            own = options[options >= 0]
+            image = model.encode_image(evaluator.pixels.take(np.array([position])))
+            texts = model.encode_text(evaluator.tokenizer([evaluator.texts[i] for i in own]))
+            image, texts = image / image.norm(dim=-1, keepdim=True), texts / texts.norm(dim=-1, keepdim=True)
+            expected = (model.logit_scale.exp() * image @ texts.T).log_softmax(dim=1)[0]
+            torch.testing.assert_close(scored[row, : len(own)], expected, atol=1e-5, rtol=0)
+            assert torch.isneginf(scored[row, len(own) :]).all()
 
 
 def test_statistics_never_see_the_report_half(tmp_path, setting):

@@ -234,6 +234,81 @@ def test_metrics_equal_hand_computed_values():
     assert with_ci == classification_metrics(y_true, y_pred, 3, bootstrap=200, seed=1), "seeded"
 
 
+def test_the_printed_group_means_equal_hand_computed_ones():
+    """`eval` prints the paper's aggregates: per level, and per domain/modality/... over the
+    fine-grained tasks only, each task once (the pooled row, not its per-caption-key rows, not the
+    headline rows), on the whole benchmark (not a select/report half), "unknown" never a group."""
+    from micromerge.eval.aggregate import aggregate
+
+    coarse_groups = dict.fromkeys(("domain", "subdomain", "modality", "submodality", "scale"), "all")
+    pathology = {"domain": "pathology", "modality": "light microscopy", "scale": "tissue"}
+
+    def row(task, level, value, **extra):
+        groups = {**coarse_groups, **(pathology if level == "fine" else {}), "level": level}
+        base = {"task": task, "level": level, "metric": "accuracy", "value": value, "split": "all"}
+        return {**base, "caption_key": None, "groups": groups, **extra}
+
+    cells = {"level": "fine", "domain": "cell biology", "modality": "light microscopy", "scale": "unknown"}
+    rows = [
+        row("kather", "fine", 0.9),
+        row("bbbc", "fine", 0.3, groups=cells),
+        row("modality", "coarse", 0.5, caption_key="all"),
+        row("modality", "coarse", 0.1, caption_key="modality_0"),  # a per-key row: reported beside
+        row("coarse", "headline", 0.99, groups={"level": "headline"}),
+        row("kather", "fine", 0.0, split="select"),
+        row("kather", "fine", 0.2, metric="balanced_accuracy"),
+    ]
+    assert aggregate(rows) == pytest.approx(
+        {
+            "level:fine": 0.6,
+            "level:coarse": 0.5,
+            "domain:pathology": 0.9,
+            "domain:cell biology": 0.3,
+            "modality:light microscopy": 0.6,
+            "scale:tissue": 0.9,
+            "overall": (0.9 + 0.3 + 0.5) / 3,
+        }
+    )
+    assert aggregate(rows, split="select") == pytest.approx(
+        {
+            "level:fine": 0.0,
+            "domain:pathology": 0.0,
+            "modality:light microscopy": 0.0,
+            "scale:tissue": 0.0,
+            "overall": 0.0,
+        }
+    )
+
+
+def test_a_class_embedding_is_the_renormalised_mean_of_its_unit_prompt_embeddings():
+    """CLIP's prompt ensemble (CLIP_benchmark's zero_shot_classifier, OpenAI's notebook): each
+    prompt's embedding normalised, averaged per class, the mean normalised again. A long prompt
+    embedding must not outvote the others, and every class must score on the same scale."""
+    from micromerge.eval.tasks import Task
+    from micromerge.eval.zeroshot import class_embeddings
+
+    vectors = {
+        "a cell.": [10.0, 0.0, 0.0],
+        "an image of cell.": [0.0, 1.0, 0.0],
+        "a nucleus.": [0.0, 0.0, 3.0],
+        "an image of nucleus.": [0.0, 4.0, 0.0],
+    }
+
+    class Texts(torch.nn.Module):
+        def encode_text(self, tokens):
+            return tokens
+
+    def tokenizer(texts):
+        return torch.tensor([vectors[t] for t in texts])
+
+    task = Task(
+        "t", "fine", ("cell", "nucleus"), ("cell", "nucleus"), ("a {}.", "an image of {}."), (0, 1), (0, 1)
+    )
+    embedded = class_embeddings(Texts(), tokenizer, task, torch.device("cpu"))
+    half = 0.5**0.5
+    torch.testing.assert_close(embedded, torch.tensor([[half, half, 0.0], [0.0, half, half]]))
+
+
 def test_metrics_count_only_the_classes_a_task_has_seen():
     """Classes absent from the truth do not dilute balanced accuracy; macro-F1 counts a class that
     was predicted but never true (F1 0) and ignores one neither true nor predicted: the conventions

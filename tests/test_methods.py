@@ -100,6 +100,10 @@ def test_dare_equals_its_formula_with_the_seeded_masks():
     torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
     assert torch.equal(merged, run("dare", FTS[:2], lam, drop_rate=p, seed=seed)), "same seed, same result"
     assert not torch.equal(merged, run("dare", FTS[:2], lam, drop_rate=p, seed=seed + 1))
+    # each model's task vector and each tensor is dropped independently (Yu et al.'s per-model
+    # random drop): one mask for all models would drop an entry from every task at once
+    assert not torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], dare_mask(BASE.shape, p, seed, "other.weight", 0))
 
 
 def test_dare_drops_about_p_and_preserves_the_mean():
