@@ -113,11 +113,38 @@ def test_an_output_that_is_an_input_is_refused(pair):
         (("--method", "linear", "--weights", "nan,1"), "--weights 'nan'"),
         (("--weights", "0.5,0.5"), "only the linear method takes weights"),
         (("--alpha-rule", "visual.*=nan"), "--alpha-rule visual.*="),
+        (("--method", "linear", "--weights", "0.2,0.3,0.5"), "linear needs 2 weights"),
+        (("--method", "linear", "--alpha-rule", "visual.*=0.1"), "--alpha-rule does not apply to linear"),
     ],
 )
 def test_non_finite_or_meaningless_parameters_are_refused(pair, flags, needle):
     one_line_error(_merge(pair, *flags, "--out", pair / "o.safetensors"), needle)
     assert not list(pair.glob("o.safetensors*"))
+
+
+def test_a_rule_pattern_that_matches_no_key_is_said(pair):
+    """`--exclude visul.*` (a typo) would otherwise merge everything without a word."""
+    result = _merge(pair, "--exclude", "visul.*", "--out", pair / "o.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "warning: rule pattern 'visul.*' matches no key" in result.stderr
+
+
+def test_integer_tensors_keep_the_bases_values_and_dtype(tmp_path):
+    """A counter or index buffer (BatchNorm's num_batches_tracked, position ids) is no weight: never
+    interpolated, and never cast by --dtype, which applies to float tensors only."""
+    for name, seed in (("a", 0), ("b", 1)):
+        tensors = {
+            **random_state_dict(seed),
+            "visual.steps_tracked": torch.tensor([10 + seed, 7], dtype=torch.int64),
+        }
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"micromerge.arch": "nano-clip"})
+    out = tmp_path / "o.safetensors"
+    args = ["--base", tmp_path / "a.safetensors", "--ft", tmp_path / "b.safetensors", "--alpha", "0.5"]
+    assert invoke(*args, "--dtype", "bfloat16", "--out", out).exit_code == 0
+    merged = load_file(str(out))
+    assert merged["visual.steps_tracked"].dtype == torch.int64  # torch.equal ignores dtypes
+    assert merged["visual.steps_tracked"].tolist() == [10, 7]
+    assert merged["visual.proj"].dtype == torch.bfloat16
 
 
 def test_a_merge_that_overflows_the_output_dtype_is_refused(tmp_path):

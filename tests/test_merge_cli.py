@@ -126,9 +126,12 @@ def test_alphas_write_one_checkpoint_per_alpha(pair):
 
 
 def test_task_arithmetic_ties_with_several_ft_and_rules(pair):
+    """Alpha rules are tried in order and the first match wins (a general rule after a specific
+    one does not override it); a `re:` pattern is searched anywhere in the key, not anchored."""
     tmp, base, ft = pair
     ft2 = write_checkpoint(tmp / "ft2.safetensors", 2)
     out = tmp / "ta.safetensors"
+    rules = ["visual.transformer.resblocks.0.*=0.1", r"re:resblocks\.1\.mlp=0.3", "visual.transformer.*=0.9"]
     result = invoke(
         "--base",
         tmp / "base.safetensors",
@@ -142,8 +145,7 @@ def test_task_arithmetic_ties_with_several_ft_and_rules(pair):
         0.5,
         "--include",
         "visual.*",
-        "--alpha-rule",
-        "visual.transformer.resblocks.0.*=0.1",
+        *[part for rule in rules for part in ("--alpha-rule", rule)],
         "--out",
         out,
     )
@@ -152,20 +154,14 @@ def test_task_arithmetic_ties_with_several_ft_and_rules(pair):
     assert torch.equal(merged["token_embedding.weight"], base["token_embedding.weight"]), (
         "text tower not merged"
     )
-    key0 = "visual.transformer.resblocks.0.mlp.c_fc.weight"
-    key1 = "visual.transformer.resblocks.1.mlp.c_fc.weight"
-    torch.testing.assert_close(
-        merged[key0],
-        base[key0] + 0.1 * ((ft[key0] - base[key0]) + (ft2[key0] - base[key0])),
-        atol=1e-6,
-        rtol=0,
-    )
-    torch.testing.assert_close(
-        merged[key1],
-        base[key1] + 0.5 * ((ft[key1] - base[key1]) + (ft2[key1] - base[key1])),
-        atol=1e-6,
-        rtol=0,
-    )
+    for key, strength in (
+        ("visual.transformer.resblocks.0.mlp.c_fc.weight", 0.1),
+        ("visual.transformer.resblocks.1.mlp.c_fc.weight", 0.3),
+        ("visual.transformer.resblocks.1.attn.in_proj_weight", 0.9),
+        ("visual.proj", 0.5),
+    ):
+        expected = base[key] + strength * ((ft[key] - base[key]) + (ft2[key] - base[key]))
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=0, msg=key)
     result = invoke(
         "--base",
         tmp / "base.safetensors",
