@@ -64,6 +64,11 @@ def test_open_clip_loads_the_export_with_local_dir(tmp_path, checkpoint):
 def test_transformers_processor_and_pipeline_open_the_export(tmp_path, checkpoint):
     folder = _export(checkpoint, tmp_path / "hf")
     processor = transformers.CLIPProcessor.from_pretrained(folder)
+    text_config = transformers.CLIPConfig.from_pretrained(folder).text_config
+    assert (text_config.bos_token_id, text_config.eos_token_id) == (
+        processor.tokenizer.bos_token_id,
+        processor.tokenizer.eos_token_id,
+    ), "the model's special tokens are the tokenizer's"
     with open_source(str(checkpoint)) as source:
         ours, config = load_model(source)
     ours.eval()

@@ -20,7 +20,7 @@ from tests.helpers import random_state_dict, write_checkpoint
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_hf_clip(seed=0):
+def tiny_hf_clip(seed=0, act="quick_gelu"):
     torch.manual_seed(seed)
     config = transformers.CLIPConfig(
         text_config=dict(
@@ -30,7 +30,7 @@ def tiny_hf_clip(seed=0):
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=16,
-            hidden_act="quick_gelu",
+            hidden_act=act,
             eos_token_id=999,
             bos_token_id=998,
             pad_token_id=0,
@@ -42,7 +42,7 @@ def tiny_hf_clip(seed=0):
             num_attention_heads=4,
             image_size=32,
             patch_size=8,
-            hidden_act="quick_gelu",
+            hidden_act=act,
         ),
         projection_dim=24,
     )
@@ -84,14 +84,17 @@ def assert_same_embeddings(hf_model, oc_model):
         )
 
 
-def test_transformers_folder_converts_to_open_clip_with_identical_embeddings(tmp_path):
-    hf_model = tiny_hf_clip()
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_transformers_folder_converts_to_open_clip_with_identical_embeddings(tmp_path, act):
+    """OpenAI's CLIPs and PLIP use quick_gelu; CLIPs trained since (e.g. LAION's in transformers
+    format) use gelu, which the open_clip config must follow or every MLP computes another function."""
+    hf_model = tiny_hf_clip(act=act)
     hf_model.save_pretrained(tmp_path / "plip-like")
     with open_source(str(tmp_path / "plip-like")) as source:
         assert "visual.transformer.resblocks.0.attn.in_proj_weight" in source.keys()
         assert not any(k.startswith("vision_model") for k in source.keys())
         oc_model, config = load_model(source)
-    assert config["quick_gelu"] is True and config["vision_cfg"]["patch_size"] == 8
+    assert config["quick_gelu"] is (act == "quick_gelu") and config["vision_cfg"]["patch_size"] == 8
     assert_same_embeddings(hf_model, oc_model)
 
 
@@ -108,9 +111,24 @@ def test_export_to_transformers_round_trips(tmp_path):
     assert_same_embeddings(reloaded, oc_model)
 
 
+def test_export_leaves_out_the_causal_mask_a_state_dict_may_carry(tmp_path):
+    """The text tower's causal mask is derived from the context length (transformers builds its own);
+    a state dict that carries it as a tensor exports the same weights as one without."""
+    from micromerge.merging.hf_clip import openclip_to_hf
+
+    state = random_state_dict(2)
+    with_mask = {**state, "attn_mask": torch.full((16, 16), float("-inf")).triu(1)}
+    plain, exported = openclip_to_hf(state), openclip_to_hf(with_mask)
+    assert plain.keys() == exported.keys() and all(torch.equal(plain[k], exported[k]) for k in plain)
+
+
 def test_pytorch_bin_and_sharded_safetensors_forms_of_transformers_checkpoints(tmp_path):
     hf_model = tiny_hf_clip(seed=4)
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    # checkpoints saved before transformers 4.31 (openai/clip-vit-base-patch32's, PLIP's) also hold
+    # both towers' position_ids buffers, non-persistent since (transformers PRs 24505 and 45385)
+    state["text_model.embeddings.position_ids"] = torch.arange(16).expand(1, -1)
+    state["vision_model.embeddings.position_ids"] = torch.arange(17).expand(1, -1)
     (tmp_path / "bin").mkdir()
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "bin" / "config.json").write_text(hf_model.config.to_json_string())
