@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+import micromerge
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
@@ -42,6 +43,7 @@ from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams
 from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
+from micromerge.merging.torch_sources import load_all
 
 LEARNED = ("adamerging", "supervised")
 GRID = tuple(i / 10 for i in range(11))
@@ -254,13 +256,16 @@ def learned_coefficients(
         digests = [sorted(input_hashes([source]).values()) for source in sources]
         described = {
             **request.describe(),
+            # part of the cache key: coefficients learned by another version (0.1.0 learned from
+            # corrupted task vectors) are learned again, not reused
+            "micromerge_version": micromerge.__version__,
             "data_fingerprint": prepared.bench.fingerprint,
             "models_sha256": digests,
         }
         path = Path(settings.cache_dir) / "statistics" / f"{kind}-{sha256_json(described)[:24]}.json"
         if not path.is_file():
             model, config = load_model(sources[0])
-            finetuned = [{k: torch.as_tensor(s.read(k)) for k in model.state_dict()} for s in sources[1:]]
+            finetuned = [load_all(source) for source in sources[1:]]  # copies: read() reuses its buffer
             write_json_atomic(
                 path, _learn(request, described, model, config, finetuned, prepared, settings, device)
             )
