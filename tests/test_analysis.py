@@ -8,7 +8,7 @@ import pytest
 
 from micromerge.analysis import figures
 from micromerge.analysis.ablate import load_ablation, run_ablation
-from micromerge.analysis.metrics import summarise, task_changes
+from micromerge.analysis.metrics import summarise, task_changes, valid_groups
 from micromerge.analysis.report import build_report
 from micromerge.analysis.tables import load_runs
 from micromerge.core.errors import MicromergeError
@@ -100,6 +100,28 @@ def test_metrics_equal_hand_computed_values(tmp_path):
         and row["vs_finetuned"] == pytest.approx(-0.10)
         and row["normalised"] == pytest.approx(0.8 / 0.9)
     )
+
+
+def test_the_harmonic_criterion_prefers_balance_where_the_arithmetic_mean_would_not(tmp_path):
+    """alpha 0 and 1 each sacrifice one side (target 0.2 / control 0.9, then 0.95 / 0.2); alpha 0.5
+    holds both at 0.5. Their arithmetic means (0.55, 0.5, 0.575) favour alpha 1; their harmonic
+    means (0.33, 0.5, 0.33) favour 0.5, which is what the criterion is for."""
+    values = {
+        ("path-a", "fine", "pathology"): (0.20, 0.50, 0.95),
+        ("bio-a", "fine", "biology"): (0.90, 0.50, 0.20),
+    }
+    run = load_runs(write_store(tmp_path / "r.jsonl", values_by_task=values))[0]
+    best = summarise(run, "domain:pathology").best_alpha
+    assert best["harmonic_target_control"] == 0.5 and best["all_task_mean"] == 1.0
+
+
+def test_unknown_is_never_offered_as_a_group(tmp_path):
+    """A source whose scale the metadata table does not know is left out of the scale groups, not
+    grouped with every other unknown source as if that were a scale."""
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    run.table.loc[run.table["task"] == "bio-a", "scale"] = "unknown"
+    groups = valid_groups(run)
+    assert "scale:cell" in groups and not any(group.endswith(":unknown") for group in groups)
 
 
 def test_alpha_is_chosen_on_the_select_half_and_reported_on_the_report_half(tmp_path):
