@@ -28,13 +28,18 @@ def test_the_digest_cache_answers_for_an_unchanged_file(tmp_path):
     assert sha256_file(path, cache) == "f" * 64, "an unchanged file is answered from the cache"
 
 
-def test_a_file_rewritten_in_place_is_hashed_again(tmp_path):
-    """Same size and inode, later modification time: a checkpoint overwritten by a second run."""
+def _hashed_with_a_planted_digest(tmp_path):
+    """A file hashed once, its cached digest then replaced: only a fresh hash gives the true one."""
     path, cache = tmp_path / "w.bin", tmp_path / "cache"
     path.write_bytes(b"a" * 64)
     sha256_file(path, cache)
     _plant(cache, "f" * 64)
-    before = path.stat()
+    return path, cache, path.stat()
+
+
+def test_a_file_rewritten_in_place_is_hashed_again(tmp_path):
+    """Same size and inode, later modification time: a checkpoint overwritten by a second run."""
+    path, cache, before = _hashed_with_a_planted_digest(tmp_path)
     with open(path, "r+b") as handle:
         handle.write(b"b" * 64)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not tick
@@ -44,11 +49,7 @@ def test_a_file_rewritten_in_place_is_hashed_again(tmp_path):
 
 def test_a_file_replaced_by_rename_with_the_old_time_is_hashed_again(tmp_path):
     """Same size and modification time, another inode: what `cp -p` or an atomic save leaves."""
-    path, cache = tmp_path / "w.bin", tmp_path / "cache"
-    path.write_bytes(b"a" * 64)
-    sha256_file(path, cache)
-    _plant(cache, "f" * 64)
-    before = path.stat()
+    path, cache, before = _hashed_with_a_planted_digest(tmp_path)
     replacement = tmp_path / "new.bin"
     replacement.write_bytes(b"b" * 64)
     os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
