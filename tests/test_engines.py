@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.job import job_from_mapping, run_merge_job
+from micromerge.merging.methods import METHODS
 from tests.helpers import random_state_dict
 
 
@@ -196,3 +198,27 @@ def test_both_engines_refuse_nonfinite_inputs_and_write_nothing(tmp_path, checkp
     with pytest.warns(UserWarning, match="merging anyway"):
         output = _merge(tmp_path, "allowed", allow_nonfinite=True, **pair)
     assert torch.isnan(load_file(str(output.path))["visual.proj"][1, 1])
+
+
+STREAMED = [m for m, method in METHODS.items() if method.statistics is None and m != "linear"]
+
+
+@pytest.mark.parametrize("name", STREAMED)
+def test_the_file_engine_equals_the_in_memory_merge_for_every_data_free_method(tmp_path, name):
+    """The file engine reads each tensor into a buffer its source reuses, and a method's whole-model
+    `prepare` reads every key before any is merged: both hold only if nothing keeps a read past the
+    next one. merge_state_dicts holds every tensor in memory, so the two agree only if that is so."""
+    method = METHODS[name]
+    count = 1 if method.max_finetuned == 1 else 2
+    models = [random_state_dict(seed) for seed in range(count + 1)]
+    paths = []
+    for seed, tensors in enumerate(models):
+        paths.append(str(tmp_path / f"m{seed}.safetensors"))
+        save_file(tensors, paths[-1], metadata={"micromerge.arch": "nano-clip"})
+    job = job_from_mapping({"base": paths[0], "finetuned": paths[1:], "method": name, "alpha": 0.4,
+                            "out": str(tmp_path / "o.safetensors"), "engine": "torch"})  # fmt: skip
+    (output,) = run_merge_job(job, progress=False)
+    written = load_file(str(output.path))
+    expected = merge_state_dicts(name, models[0], models[1:], job.spec.params, strength=0.4)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(written[key], tensor, atol=1e-6, rtol=0, msg=f"{name}: {key}")
