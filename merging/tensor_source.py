@@ -72,6 +72,8 @@ class TensorSource:
         raise NotImplementedError
 
     def read(self, key: str) -> Any:
+        """The tensor `key` as the backend's array. It may be a view of a buffer the source reuses
+        for its next read (the streaming merge holds one tensor per input): copy what you keep."""
         raise NotImplementedError
 
     def close(self) -> None:
