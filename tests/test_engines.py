@@ -14,7 +14,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.job import job_from_mapping, run_merge_job
 from micromerge.merging.methods import METHODS
-from tests.helpers import random_state_dict
+from tests.helpers import random_state_dict, write_checkpoint
 
 
 def _checkpoint(path, seed, dtype=torch.float32):
@@ -210,11 +210,8 @@ def test_the_file_engine_equals_the_in_memory_merge_for_every_data_free_method(t
     next one. merge_state_dicts holds every tensor in memory, so the two agree only if that is so."""
     method = METHODS[name]
     count = 1 if method.max_finetuned == 1 else 2
-    models = [random_state_dict(seed) for seed in range(count + 1)]
-    paths = []
-    for seed, tensors in enumerate(models):
-        paths.append(str(tmp_path / f"m{seed}.safetensors"))
-        save_file(tensors, paths[-1], metadata={"micromerge.arch": "nano-clip"})
+    paths = [str(tmp_path / f"m{seed}.safetensors") for seed in range(count + 1)]
+    models = [write_checkpoint(path, seed) for seed, path in enumerate(paths)]
     job = job_from_mapping({"base": paths[0], "finetuned": paths[1:], "method": name, "alpha": 0.4,
                             "out": str(tmp_path / "o.safetensors"), "engine": "torch"})  # fmt: skip
     (output,) = run_merge_job(job, progress=False)
