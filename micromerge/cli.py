@@ -30,9 +30,12 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        warnings.showwarning = _show_warning
+        # Scoped to the command: a caller that imports the CLI (tests, notebooks, click's
+        # CliRunner) gets its own warning display back afterwards.
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
         except MicromergeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)

@@ -6,6 +6,7 @@ import resource
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -343,6 +344,29 @@ def test_nonfinite_input_refused_or_warned(pair):
         tmp / "o.safetensors",
     )
     assert result.exit_code == 0 and "warning:" in result.stderr and "NaN" in result.stderr
+
+
+def test_the_one_line_warning_display_ends_with_the_command(pair, monkeypatch):
+    """The CLI prints warnings as one `warning:` line only while a command runs; whoever called
+    it (a notebook, a test runner) has its own warning display back afterwards."""
+
+    def callers_display(*args, **kwargs):
+        pass
+
+    monkeypatch.setattr(warnings, "showwarning", callers_display)
+    tmp, _, _ = pair
+    result = invoke(
+        "--base",
+        tmp / "base.safetensors",
+        "--ft",
+        tmp / "ft.safetensors",
+        "--alpha",
+        "1.5",
+        "--out",
+        tmp / "o.safetensors",
+    )
+    assert result.exit_code == 0 and "warning:" in result.stderr
+    assert warnings.showwarning is callers_display
 
 
 def test_alpha_outside_unit_interval_warns_extrapolation(pair):
