@@ -64,21 +64,35 @@ def find_hub_layout(path: Path) -> Path | None:
 
 
 def shard_files(folder: Path, split: str = "test") -> list[Path]:
-    """The split's shards in order, refusing a set with a shard missing."""
-    shards = sorted(p for p in folder.glob("*.arrow") if (m := _SHARD.match(p.name)) and m["split"] == split)
-    if not shards:
+    """The split's shards in order, refusing a set with a shard missing or mixed with another set's
+    (a re-sharded copy written over an old one: `-of-00007` beside `-of-00008`)."""
+    matches = [
+        (p, m) for p in sorted(folder.glob("*.arrow")) if (m := _SHARD.match(p.name)) and m["split"] == split
+    ]
+    if not matches:
         raise MicromergeError(
             f"--data {folder}: no '*-{split}-NNNNN-of-NNNNN.arrow' shards for split {split!r}"
         )
-    count = int(_SHARD.match(shards[0].name)["count"])
-    present = {int(_SHARD.match(p.name)["index"]) for p in shards}
-    missing = [shard_name(i, count, split) for i in range(count) if i not in present]
-    if missing or len(shards) != count:
+    counts = sorted({m["count"] for _, m in matches})
+    if len(counts) > 1:
         raise MicromergeError(
-            f"--data {folder}: shard(s) missing: {', '.join(missing) or 'inconsistent -of- counts'}; "
-            "copy the whole folder again (`micromerge data verify` checks it)"
+            f"--data {folder}: shards of {len(counts)} different sets (-of-{', -of-'.join(counts)}); "
+            "copy the whole folder again into an empty folder (`micromerge data verify` checks it)"
         )
-    return shards
+    count = int(counts[0])
+    present = {int(m["index"]) for _, m in matches}
+    missing = [shard_name(i, count, split) for i in range(count) if i not in present]
+    beyond = [p.name for p, m in matches if int(m["index"]) >= count]
+    if missing or beyond:
+        problem = (
+            f"shard(s) missing: {', '.join(missing)}"
+            if missing
+            else f"shard(s) past the set: {', '.join(beyond)}"
+        )
+        raise MicromergeError(
+            f"--data {folder}: {problem}; copy the whole folder again (`micromerge data verify` checks it)"
+        )
+    return [p for p, _ in matches]
 
 
 def read_hub_layout(folder: Path, split: str = "test") -> datasets.Dataset:

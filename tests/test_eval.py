@@ -131,6 +131,31 @@ def test_bad_copies_are_one_line_errors(tmp_path, bench):
         assert len(result.output.strip().splitlines()) == 1
 
 
+def test_shards_of_another_split_are_ignored_and_of_another_set_refused(tmp_path, bench):
+    """A folder may hold other splits' shards (`<builder>-<split>-NNNNN-of-NNNNN.arrow`, the
+    `datasets` builder-cache naming SCHEMA.md cites); shards of another *set* of the same split
+    (a re-sharded copy written over an old one) or numbered past their set are a broken copy, even
+    when every index 0..N-1 is present."""
+    first = bench / "ubench-test-00000-of-00007.arrow"
+    shutil.copyfile(first, bench / "ubench-validation-00000-of-00001.arrow")
+    assert len(load_benchmark(str(bench)).dataset) == 78
+    mixed, beyond, two = tmp_path / "mixed", tmp_path / "beyond", tmp_path / "two"
+    shutil.copytree(bench, mixed)
+    (mixed / "ubench-test-00003-of-00007.arrow").rename(mixed / "ubench-test-00003-of-00008.arrow")
+    shutil.copytree(bench, beyond)
+    shutil.copyfile(first, beyond / "ubench-test-00007-of-00007.arrow")
+    for copy in ("a", "b"):
+        shutil.copytree(bench, two / copy / "perception" / "0.1.0")
+    for path, message in (
+        (mixed, "shards of 2 different sets (-of-00007, -of-00008)"),
+        (beyond, "shard(s) past the set: ubench-test-00007-of-00007.arrow"),
+        (two, "holds 2 μ-Bench shard folders"),
+    ):
+        result = _tasks_cli(path)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
 def test_data_verify_names_the_changed_shard(tmp_path, bench):
     import hashlib
 
