@@ -115,6 +115,45 @@ def test_lines_of_the_wrong_shape_are_skipped_and_counted(tmp_path):
     assert [r["alpha"] for r in rows] == [0.0]
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"schema": 2, **_row(0.25)},  # another schema version
+        {"schema": 1, **_row(True)},  # a bool is an int to Python, not an alpha
+        {"schema": 1, **_row(0.25, value=True)},
+        {"schema": 1, **_row(0.25, split=3)},
+    ],
+    ids=["schema", "bool-alpha", "bool-value", "split-not-text"],
+)
+def test_each_field_of_the_wrong_type_makes_the_line_no_row(tmp_path, line):
+    """Readers group and average these fields: a line whose field has the wrong type is
+    skipped (and counted), never read as a row with alpha 1 or accuracy 1."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"schema": 1, **_row(0.0)}) + "\n" + json.dumps(line) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped 1 line\(s\).*first: line 2"):
+        rows = ResultStore(path).rows()
+    assert [r["alpha"] for r in rows] == [0.0]
+
+
+def test_a_bad_line_mid_file_is_counted_even_when_the_last_row_has_no_newline(tmp_path):
+    """Only the *last* line of a file without a trailing newline may be a torn append; a bad line
+    before it is damage the user hears about."""
+    path = tmp_path / "r.jsonl"
+    rows = [json.dumps({"schema": 1, **_row(a)}) for a in (0.0, 1.0)]
+    path.write_text(rows[0] + "\n{not json\n" + rows[1])  # no trailing newline
+    with pytest.warns(UserWarning, match=r"skipped 1 line\(s\).*first: line 2"):
+        assert [r["alpha"] for r in ResultStore(path).rows()] == [0.0, 1.0]
+
+
+def test_done_is_the_finished_work_of_one_run_only(tmp_path):
+    """Resume skips what `done(run_id)` returns: another run's rows at the same alpha and task
+    must not make this run skip its own work."""
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row(0.0, run_id="a"), _row(0.5, run_id="b")])
+    assert store.done("a") == {(0.0, "t", None, "all", "accuracy")}
+    assert store.done("c") == set()
+
+
 def test_non_finite_values_are_stored_as_valid_json(tmp_path):
     store = ResultStore(tmp_path / "r.jsonl")
     store.append([_row(0.0, value=float("nan"))])
