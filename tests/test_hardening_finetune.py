@@ -33,11 +33,41 @@ def base(tmp_path):
         ({"max_steps": -3}, "--max-steps -3"),
         ({"lp_epochs": -5}, "--lp-epochs -5"),
         ({"seed": -1}, "--seed -1"),
+        ({"lr": 0.0}, "--lr 0.0: must be a finite number > 0"),  # a run that cannot move
+        ({"max_bad_fraction": 1.5}, "--max-bad-fraction 1.5"),
+        ({"epochs": True}, "--epochs True"),  # a bool is an int to Python, not a count
+        ({"workers": -1}, "--workers -1"),
     ],
 )
 def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
     with pytest.raises(MicromergeError, match=needle.replace("+", r"\+")):
         FinetuneConfig(**{**config("b", "d", tmp_path).__dict__, **override})
+
+
+def test_the_recorded_hyper_parameters_are_exactly_what_can_change_the_weights(tmp_path):
+    """`hyperparameters()` is the manifest's record and the digest a resume compares: how the data
+    is read, where and with how much progress output must not refuse a resume; the seed and
+    every training choice must. `freeze_text` is recorded as resolved (contrastive: False)."""
+    from dataclasses import replace
+
+    run = config("b", "d", tmp_path / "run")
+    logistics = replace(
+        run, out=tmp_path / "elsewhere", workers=0, data_in_memory="no", device="cuda", progress=True
+    )
+    assert logistics.hyperparameters() == run.hyperparameters()
+    for change in ({"seed": 1}, {"lr": 2e-3}, {"augment": ("flip",)}, {"freeze_text": True}):
+        assert replace(run, **change).hyperparameters() != run.hyperparameters(), change
+    assert run.hyperparameters()["freeze_text"] is False
+    assert replace(run, mode="supervised", task="t").hyperparameters()["freeze_text"] is True
+
+
+def test_an_unknown_key_in_a_finetune_config_file_is_named():
+    """A misspelt key (`learning_rate` for `lr`) would otherwise train with the default silently."""
+    from micromerge.finetune.config import config_from_mapping
+
+    values = {"mode": "contrastive", "base": "b", "data": "d", "out": "o", "learning_rate": 1e-4}
+    with pytest.raises(MicromergeError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        config_from_mapping(values)
 
 
 def _killed_after_step_two(tmp_path, base, data, monkeypatch) -> None:
