@@ -10,7 +10,7 @@ import json
 import os
 
 from micromerge.core.atomic import write_json_atomic
-from micromerge.core.hashing import sha256_file
+from micromerge.core.hashing import sha256_file, sha256_json
 
 
 def _plant(cache_dir, digest: str) -> None:
@@ -58,6 +58,23 @@ def test_a_file_replaced_by_rename_with_the_old_time_is_hashed_again(tmp_path):
     os.replace(replacement, path)
     assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_ino != before.st_ino
     assert sha256_file(path, cache) == hashlib.sha256(b"b" * 64).hexdigest()
+
+
+def test_a_file_that_grew_with_its_old_time_and_inode_is_hashed_again(tmp_path):
+    """Same inode and modification time, another size: an append whose clock did not tick (or a
+    copy tool that restores times), which only the size in the fingerprint can tell."""
+    path, cache, before = _hashed_with_a_planted_digest(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(b"a")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert sha256_file(path, cache) == hashlib.sha256(b"a" * 65).hexdigest()
+
+
+def test_the_digest_of_a_payload_does_not_depend_on_its_key_order():
+    """Config and dataset fingerprints are compared across runs that build dicts in any order."""
+    assert sha256_json({"a": 1, "b": {"c": 2, "d": 3}}) == sha256_json({"b": {"d": 3, "c": 2}, "a": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
 
 
 def test_equal_json_payloads_are_equal_bytes_whatever_their_key_order(tmp_path):

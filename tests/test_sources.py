@@ -366,3 +366,12 @@ def test_unknown_name_and_missing_file(tmp_path):
     write_checkpoint(tmp_path / "ok.safetensors", 0)
     with open_source(str(tmp_path / "ok.safetensors")) as source:
         assert source.arch.name == "nano-clip"
+
+
+def test_a_zoo_entry_with_an_unknown_format_is_named(tmp_path):
+    """A zoo file edited by hand: an entry whose format no loader handles fails at load, naming it,
+    not later as a KeyError when a merge asks for that checkpoint."""
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[mine]\nformat = "pickle"\nrepo = "me/mine"\n')
+    with pytest.raises(MicromergeError, match=r"\[mine\] format must be one of"):
+        load_zoo(zoo)
