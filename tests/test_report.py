@@ -1,0 +1,172 @@
+"""The numbers `micromerge report` prints, checked against values computed by hand from the store
+`tests.test_analysis.write_store` writes (accuracy per task at alpha 0 / 0.5 / 1: modality
+0.90/0.85/0.60 coarse; path-a 0.50/0.80/0.90 pathology; bio-a 0.80/0.75/0.40 biology; the
+'report' half 1 point lower), and what the report says about the runs it could not summarise
+in full: no controls, no domain in the manifest, alpha rules, missing learned coefficients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from micromerge.analysis.report import build_report
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.store import ResultStore
+from tests.test_analysis import write_store
+
+# select half +0.2 at alpha 1: the mean-accuracy and harmonic criteria choose 1, worst-group 0.5
+SELECT_SHIFT = {1.0: 0.2}
+
+
+def _table(out: Path, name: str) -> list[dict]:
+    return json.loads((out / "tables" / f"{name}.json").read_text())
+
+
+def _rewrite(store: Path, **changes) -> Path:
+    """The same rows with some fields replaced (what another command or version would have written)."""
+    rows = [{**json.loads(line), **changes} for line in store.read_text().splitlines()]
+    store.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return store
+
+
+def test_the_headline_and_criteria_tables_equal_hand_computed_values(tmp_path):
+    """Base/fine-tuned target = path-a at alpha 0/1; forgetting = bio-a 0.80 - 0.40; the select half's
+    all-task means are 0.733, 0.800, 0.833 (shifted), so alpha 1 is chosen and reported on the report
+    half: (0.60 + 0.90 + 0.40) / 3 - 0.01 = 0.623; worst group picks 0.5 (0.79 there); the AUC of
+    the all-task curve 0.733, 0.800, 0.633 over [0, 1] is 0.742."""
+    store = write_store(tmp_path / "r.jsonl", select_shift=SELECT_SHIFT)
+    out = tmp_path / "rep"
+    build_report(store, out, target="domain:pathology")
+    assert _table(out, "headline") == [
+        {
+            "run": "wise-ft: base + ft",
+            "target": "domain:pathology",
+            "base: target": "50.0",
+            "fine-tuned: target": "90.0",
+            "gain (pts)": "40.0",
+            "forgetting on controls (pts)": "40.0",
+            "chosen α (select half)": "1",
+            "all-task mean at chosen α (report half)": "62.3",
+            "AUC all tasks": "74.2",
+        }
+    ]
+    criteria = {row["criterion"]: row for row in _table(out, "alpha_selection")}
+    assert {text: (row["α chosen on select half"], row["all-task mean on report half (%)"]) for text, row in criteria.items()} == {
+        "highest mean accuracy over all tasks": ("1", "62.3"),
+        "highest accuracy of the worst group (coarse, fine, each domain)": ("0.5", "79.0"),
+        "highest harmonic mean of target and control accuracy": ("1", "62.3"),
+    }  # fmt: skip
+    markdown = (out / "report.md").read_text()
+    assert (
+        "changed the target (domain:pathology) by 40.0 points and the controls (domain:biology) by "
+        "-40.0 points; α=1, chosen on the select half, gives 62.3% mean accuracy on the report half."
+    ) in markdown
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["results_store_sha256"] == hashlib.sha256(store.read_bytes()).hexdigest()
+
+
+def test_group_means_are_percent_per_alpha(tmp_path):
+    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology")
+    by_alpha = {row.pop("alpha"): row for row in _table(tmp_path / "rep", "groups_run0")}
+    assert by_alpha[0.0] == pytest.approx(
+        {"domain:pathology": 50.0, "domain:biology": 80.0, "level:coarse": 90.0, "level:fine": 65.0, "all tasks": 73.33}
+    )  # fmt: skip
+    assert by_alpha[1.0]["domain:biology"] == pytest.approx(40.0)
+
+
+def test_a_target_without_controls_reports_no_forgetting_number(tmp_path):
+    """`level:coarse` has no control groups, so forgetting is undefined: 'n/a', never 'nan'."""
+    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="level:coarse")
+    (row,) = _table(tmp_path / "rep", "headline")
+    assert row["forgetting on controls (pts)"] == "n/a" and row["gain (pts)"] == "-30.0"
+    assert "by n/a points" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_without_a_recorded_domain_the_target_is_the_first_fine_domain_and_the_report_says_so(tmp_path):
+    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep")
+    (row,) = _table(tmp_path / "rep", "headline")
+    assert row["target"] == "domain:biology"
+    note = "no fine-tuning domain recorded in the checkpoint manifest; target defaults to domain:biology (set --target)"
+    assert note in (tmp_path / "rep" / "report.md").read_text()
+    assert note in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_alpha_endpoints_under_rules_are_said_not_to_be_the_real_models(tmp_path):
+    """With per-block alpha rules, alpha 0 and 1 are not the base and the specialist."""
+    store = _rewrite(write_store(tmp_path / "r.jsonl"), parameters={"alpha_rules": [["visual.*", 0.3]]})
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    assert (
+        "which under its include/exclude/alpha rules are NOT the real models"
+        in (tmp_path / "rep" / "report.md").read_text()
+    )
+    plain = tmp_path / "plain"
+    build_report(write_store(tmp_path / "p.jsonl"), plain, target="domain:pathology")
+    markdown = (plain / "report.md").read_text()
+    assert "lowest and highest α" in markdown and "NOT the real models" not in markdown
+
+
+def test_missing_learned_coefficients_are_a_note_not_a_failure(tmp_path):
+    described = {"coefficients_sha256": "ab" * 32, "method": "adamerging"}
+    store = _rewrite(write_store(tmp_path / "r.jsonl"), parameters={"statistics": [described]})
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    expected = tmp_path / "r.jsonl.coefficients" / ("ab" * 8 + ".json")
+    assert f"learned coefficients not found at {expected}" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_store_of_evaluations_only_is_one_line_that_says_to_sweep(tmp_path):
+    store = _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0,)), alpha=None, method="none")
+    with pytest.raises(MicromergeError, match="no sweep runs .* run `micromerge sweep` first"):
+        build_report(store, tmp_path / "rep")
+
+
+def test_run_labels_are_escaped_in_the_html(tmp_path):
+    store = write_store(tmp_path / "r.jsonl", label="ties <k=0.2> & dare")
+    page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
+    assert "<li><b>ties &lt;k=0.2&gt; &amp; dare</b>" in page and "<k=0.2>" not in page
+
+
+def _add_paper_headline(store: Path) -> Path:
+    """ubench headline rows as `eval`/`sweep` write them (level 'headline', one per split): coarse
+    0.70/0.60 and fine 0.40/0.55 at alpha 0/1 on the whole benchmark, other numbers on the halves."""
+    rows = []
+    for alpha, coarse, fine in ((0.0, 0.70, 0.40), (1.0, 0.60, 0.55)):
+        for split, shift in (("all", 0.0), ("select", 0.2), ("report", -0.2)):
+            for task, key, value in (
+                ("ubench:coarse", "coarse keys pooled", coarse),
+                ("ubench:fine", "classification_1", fine),
+            ):
+                v = value + shift
+                rows.append(
+                    {"run_id": "r1", "alpha": alpha, "task": task, "level": "headline", "split": split,
+                     "metric": "accuracy", "caption_key": key, "groups": {"level": "headline"}, "value": v,
+                     "ci_low": v - 0.03, "ci_high": v + 0.04, "n_images": 100, "n_corrupt": 0, "n_classes": 0,
+                     "method": "wise-ft", "parameters": {}, "protocol": "ubench",
+                     "model": {"base": "base.safetensors", "finetuned": ["ft.safetensors"]},
+                     "dataset": {"source": "fixture", "fingerprint": "abc"}}
+                )  # fmt: skip
+    ResultStore(store).append(rows)
+    return store
+
+
+def test_the_paper_headline_is_the_whole_benchmark_coarse_and_fine_with_their_intervals(tmp_path):
+    store = _add_paper_headline(
+        _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0, 1.0)), protocol="ubench")
+    )
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    assert _table(tmp_path / "rep", "paper_headline") == [
+        {"run": "wise-ft [ubench]: base + ft", "protocol": "ubench", "alpha": 0.0, "coarse %": 70.0,
+         "coarse 95% CI": "[67.0, 74.0]", "fine %": 40.0, "fine 95% CI": "[37.0, 44.0]"},
+        {"run": "wise-ft [ubench]: base + ft", "protocol": "ubench", "alpha": 1.0, "coarse %": 60.0,
+         "coarse 95% CI": "[57.0, 64.0]", "fine %": 55.0, "fine 95% CI": "[52.0, 59.0]"},
+    ]  # fmt: skip
+
+
+def test_an_unknown_target_names_the_flag_and_the_valid_groups(tmp_path):
+    """The error a user of `report --target` reads names the flag, not an internal 'group'."""
+    with pytest.raises(
+        MicromergeError, match=r"^--target domain:virology: not a group of run .*'domain:biology'"
+    ):
+        build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:virology")
