@@ -161,13 +161,16 @@ def _offline_error(what: str, repo: str, exc: Exception) -> MicromergeError:
 
 
 def _hub_file(repo: str, filename: str) -> Path | None:
-    """A file of a hub repo via the cache; None only when the hub says the repo lacks it."""
-    from huggingface_hub import hf_hub_download
+    """A file of a hub repo via the cache; None only when the hub says the repo lacks it, now or
+    (offline) in the cache's record of an earlier look-up (`.no_exist/<revision>/<filename>`)."""
+    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename))
     except LocalEntryNotFoundError:
+        if try_to_load_from_cache(repo, filename) is _CACHED_NO_EXIST:
+            return None
         raise  # offline and not cached: not the same as "the repo has no such file"
     except EntryNotFoundError:
         return None

@@ -1,0 +1,171 @@
+"""How `open_source` picks and opens a checkpoint's files (merging/sources.py): which file of a
+folder wins, what a broken safetensors index or an unreadable file says, which forms need torch,
+and where the architecture comes from for hub checkpoints.
+
+Formats: the sharded-safetensors index (`model.safetensors.index.json` with a `weight_map` of key
+-> shard file) and a repository holding both `model.safetensors` and `pytorch_model.bin` are the
+transformers `save_pretrained` layouts (transformers docs, "Sharded checkpoints"); open_clip hub
+repositories hold `open_clip_model.safetensors` beside `open_clip_config.json` with a `model_cfg`
+(open_clip `push_to_hf_hub`); huggingface_hub's cache records a file the repository lacks as
+`.no_exist/<revision>/<filename>` (huggingface_hub docs, "Understand caching")."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from micromerge.core.errors import MicromergeError
+from micromerge.merging.models import get_model_config
+from micromerge.merging.sources import NeedsTorch, _offline_error, open_source
+from micromerge.merging.zoo import load_zoo
+from tests.helpers import random_state_dict
+from tests.test_sources import _hub_cache, tiny_hf_clip
+
+
+def test_a_folder_with_safetensors_and_a_pickle_is_read_from_the_safetensors(tmp_path):
+    """Hub repositories often hold both forms; the pickle is never opened when safetensors exist."""
+    tensors = random_state_dict(1)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    torch.save(random_state_dict(2), tmp_path / "pytorch_model.bin")
+    with open_source(str(tmp_path)) as source:
+        assert source.label.endswith("model.safetensors")
+        assert torch.equal(source.read("visual.proj"), tensors["visual.proj"])
+
+
+def test_an_open_clip_folder_takes_its_architecture_from_open_clip_config(tmp_path):
+    save_file(random_state_dict(1), str(tmp_path / "open_clip_model.safetensors"))
+    config = get_model_config("nano-clip")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    with open_source(str(tmp_path)) as source:
+        assert source.arch.model_config == config
+
+
+def _sharded(folder, weight_map: dict | None):
+    folder.mkdir()
+    save_file(random_state_dict(1), str(folder / "model-00001-of-00001.safetensors"))
+    index = {"metadata": {}} | ({"weight_map": weight_map} if weight_map is not None else {})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder / "model.safetensors.index.json"
+
+
+def test_a_broken_safetensors_index_is_one_line(tmp_path):
+    with pytest.raises(MicromergeError, match=r"not a safetensors index \(needs a 'weight_map' object\)"):
+        open_source(str(_sharded(tmp_path / "no-map", None)))
+    missing = _sharded(
+        tmp_path / "gone", {"a": "model-00001-of-00001.safetensors", "b": "model-x.safetensors"}
+    )
+    with pytest.raises(MicromergeError, match="shard model-x.safetensors is missing"):
+        open_source(str(missing))
+
+
+def test_an_unreadable_file_says_so_before_opening_it(tmp_path, monkeypatch):
+    """Simulated at `os.access`: the suite runs as root, whom permission bits never stop."""
+    path = tmp_path / "w.safetensors"
+    save_file(random_state_dict(1), str(path))
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: str(p) != str(path) and real_access(p, mode, **kw)
+    )
+    with pytest.raises(MicromergeError, match="file is not readable"):
+        open_source(str(path))
+
+
+def test_transformers_format_needs_torch_for_the_numpy_engine(tmp_path):
+    tiny_hf_clip(seed=1).save_pretrained(tmp_path / "hf")
+    with pytest.raises(NeedsTorch, match="transformers-format keys are converted with torch"):
+        open_source(str(tmp_path / "hf"), arrays="numpy")
+
+
+def test_the_offline_error_says_whether_the_hub_was_off_or_unreachable(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" in str(
+        _offline_error("x", "o/r", OSError())
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    message = str(_offline_error("x", "o/r", OSError()))
+    assert "the hub is unreachable" in message and "not in the Hugging Face cache" not in message
+
+
+def test_an_open_clip_hub_repo_without_a_config_is_opened_when_the_cache_says_it_has_none(tmp_path):
+    """The cache's `.no_exist` record means the repo has no open_clip_config.json: not an error."""
+    tensors = random_state_dict(3)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    snapshot = _hub_cache(
+        "me/bare", {"open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes()}
+    )
+    no_exist = snapshot.parent.parent / ".no_exist" / snapshot.name
+    no_exist.mkdir(parents=True)
+    (no_exist / "open_clip_config.json").touch()
+    with open_source("hf-hub:me/bare") as source:
+        assert torch.equal(source.read("visual.proj"), tensors["visual.proj"])
+        assert source.arch.model_config is None
+
+
+def test_an_open_clip_hub_repo_the_hub_says_has_no_config_is_opened(tmp_path, monkeypatch):
+    """Online, the hub answering 'no such file' for open_clip_config.json is not an error."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    tensors = random_state_dict(3)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    _hub_cache("me/bare", {"open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes()})
+    real_download = huggingface_hub.hf_hub_download
+
+    def download(repo_id, filename, **kwargs):
+        if filename == "open_clip_config.json":
+            raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        return real_download(repo_id=repo_id, filename=filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with open_source("hf-hub:me/bare") as source:
+        assert torch.equal(source.read("visual.proj"), tensors["visual.proj"])
+
+
+def test_a_zoo_architecture_config_wins_over_the_repo_config(tmp_path):
+    """BiomedCLIP's shipped config (local text-tower path) is used, not the repo's, which names a
+    hub tokenizer and text model that cannot be fetched offline."""
+    entry = load_zoo()["biomedclip"]
+    save_file(random_state_dict(3), str(tmp_path / "w.safetensors"))
+    repo_config = {"model_cfg": get_model_config("nano-clip"), "preprocess_cfg": {}}
+    _hub_cache(
+        entry.repo,
+        {
+            "open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+            "open_clip_config.json": json.dumps(repo_config).encode(),
+        },
+    )
+    with open_source("biomedclip") as source:
+        assert source.arch.model_config == entry.model_config()
+
+
+def test_a_sharded_transformers_hub_repo_with_a_shard_not_cached_says_how_to_fetch_it(tmp_path):
+    hf_model = tiny_hf_clip(seed=2)
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    files = {
+        n: (tmp_path / "hf" / n).read_bytes()
+        for n in ("config.json", "model.safetensors.index.json", *shards[1:])
+    }
+    _hub_cache("vinid/plip", files)
+    with pytest.raises(MicromergeError, match=r"vinid/plip.*hf download") as info:
+        open_source("plip")
+    assert "\n" not in str(info.value)
+
+
+def test_a_zoo_tag_open_clip_does_not_know_is_named(tmp_path, monkeypatch):
+    """A zoo file edited for an open_clip release that renamed a tag: say which, do not download."""
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text(
+        '[old]\ndescription = "x"\nformat = "open_clip_tag"\nopen_clip_name = "ViT-B-32"\ntag = "openai-2021"\n'
+    )
+    monkeypatch.setattr("micromerge.merging.sources.load_zoo", lambda: load_zoo(zoo))
+    with pytest.raises(
+        MicromergeError, match="zoo:old: open_clip has no pretrained tag 'openai-2021' for ViT-B-32"
+    ):
+        open_source("old")
