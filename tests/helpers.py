@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -46,3 +47,16 @@ def two_process_launch(*cli_args: str) -> list[str]:
         "micromerge.cli",
         *cli_args,
     ]
+
+
+def deny_access(monkeypatch, path: Path, mode: int) -> None:
+    """Make `os.access(path, mode)` answer False, as for a file or folder the user may not read or
+    write. The suite runs as root, whom permission bits never stop, so chmod cannot show it."""
+    real_access = os.access
+
+    def access(candidate, asked, **kwargs):
+        if Path(candidate) == Path(path) and asked & mode:
+            return False
+        return real_access(candidate, asked, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)

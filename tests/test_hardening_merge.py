@@ -366,22 +366,15 @@ def test_out_that_is_a_file_is_one_line_for_report_finetune_and_export(pair):
 
 
 def test_out_that_cannot_be_written_is_one_line_before_any_work(pair, monkeypatch):
-    """A read-only folder (a mounted dataset volume, another user's results). The suite runs as
-    root, for whom permission bits grant everything, so the refusal is simulated at `os.access`,
-    the one question `output_folder` asks."""
+    """A read-only folder (a mounted dataset volume, another user's results), simulated at
+    `os.access`, the one question `output_folder` asks."""
     from click.testing import CliRunner
 
     from micromerge.cli import cli
+    from tests.helpers import deny_access
 
     (pair / "locked").mkdir()
-    real_access = os.access
-
-    def access(path, mode, **kwargs):
-        if Path(path) == pair / "locked" and mode & os.W_OK:
-            return False
-        return real_access(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
+    deny_access(monkeypatch, pair / "locked", os.W_OK)
     result = CliRunner().invoke(cli, ["report", str(pair / "none.jsonl"), "--out", str(pair / "locked")])
     assert result.exit_code == 2 and "locked: not writable; choose another folder" in result.output
     assert list((pair / "locked").iterdir()) == []

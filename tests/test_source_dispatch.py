@@ -22,7 +22,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.merging.models import get_model_config
 from micromerge.merging.sources import NeedsTorch, _offline_error, open_source
 from micromerge.merging.zoo import load_zoo
-from tests.helpers import random_state_dict
+from tests.helpers import deny_access, random_state_dict
 from tests.test_sources import _hub_cache, tiny_hf_clip
 
 
@@ -63,13 +63,9 @@ def test_a_broken_safetensors_index_is_one_line(tmp_path):
 
 
 def test_an_unreadable_file_says_so_before_opening_it(tmp_path, monkeypatch):
-    """Simulated at `os.access`: the suite runs as root, whom permission bits never stop."""
     path = tmp_path / "w.safetensors"
     save_file(random_state_dict(1), str(path))
-    real_access = os.access
-    monkeypatch.setattr(
-        os, "access", lambda p, mode, **kw: str(p) != str(path) and real_access(p, mode, **kw)
-    )
+    deny_access(monkeypatch, path, os.R_OK)
     with pytest.raises(MicromergeError, match="file is not readable"):
         open_source(str(path))
 
@@ -90,13 +86,17 @@ def test_the_offline_error_says_whether_the_hub_was_off_or_unreachable(monkeypat
     assert "the hub is unreachable" in message and "not in the Hugging Face cache" not in message
 
 
-def test_an_open_clip_hub_repo_without_a_config_is_opened_when_the_cache_says_it_has_none(tmp_path):
-    """The cache's `.no_exist` record means the repo has no open_clip_config.json: not an error."""
+def _cached_repo_without_config(tmp_path):
+    """`hf-hub:me/bare` in the hub cache: open_clip weights, no open_clip_config.json."""
     tensors = random_state_dict(3)
     save_file(tensors, str(tmp_path / "w.safetensors"))
-    snapshot = _hub_cache(
-        "me/bare", {"open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes()}
-    )
+    weights = (tmp_path / "w.safetensors").read_bytes()
+    return tensors, _hub_cache("me/bare", {"open_clip_model.safetensors": weights})
+
+
+def test_an_open_clip_hub_repo_without_a_config_is_opened_when_the_cache_says_it_has_none(tmp_path):
+    """The cache's `.no_exist` record means the repo has no open_clip_config.json: not an error."""
+    tensors, snapshot = _cached_repo_without_config(tmp_path)
     no_exist = snapshot.parent.parent / ".no_exist" / snapshot.name
     no_exist.mkdir(parents=True)
     (no_exist / "open_clip_config.json").touch()
@@ -110,9 +110,7 @@ def test_an_open_clip_hub_repo_the_hub_says_has_no_config_is_opened(tmp_path, mo
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    tensors = random_state_dict(3)
-    save_file(tensors, str(tmp_path / "w.safetensors"))
-    _hub_cache("me/bare", {"open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes()})
+    tensors, _ = _cached_repo_without_config(tmp_path)
     real_download = huggingface_hub.hf_hub_download
 
     def download(repo_id, filename, **kwargs):
