@@ -335,6 +335,12 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
     assert mixed.exit_code == 0, mixed.output
     described = json.loads((tmp_path / "f.safetensors.manifest.json").read_text())["statistics"]
     assert [d["split"] for d in described] == ["select", "corpus"], "the base on μ-Bench's select half"
+    base_only = CliRunner().invoke(
+        cli, [*args, "--force", "--base-data", str(general), "--data", settings.data]
+    )
+    assert base_only.exit_code == 0, base_only.output
+    described = json.loads((tmp_path / "f.safetensors.manifest.json").read_text())["statistics"]
+    assert [d["split"] for d in described] == ["corpus", "select"], "the specialist on the select half"
     alone = CliRunner().invoke(cli, [*args, "--force", "--ft-data", str(special)])
     assert alone.exit_code == 2 and "give --data" in alone.output
     free = CliRunner().invoke(cli, [*args[:5], "--method", "wise-ft", "--base-data", str(general)])

@@ -86,9 +86,10 @@ def test_outputs_get_the_permissions_any_new_file_gets(pair):
 
 
 def test_distinct_alphas_get_distinct_files(pair):
-    result = _merge(pair, "--alphas", "0.00001,0.00002", "--out", pair / "tiny")
+    """Also alphas equal to six significant digits (`%g` would give both one name)."""
+    result = _merge(pair, "--alphas", "0.00001,0.00002,0.1234567,0.1234568", "--out", pair / "tiny")
     assert result.exit_code == 0, result.output
-    assert len(list((pair / "tiny").glob("*.safetensors"))) == 2
+    assert len(list((pair / "tiny").glob("*.safetensors"))) == 4
 
 
 def test_an_output_that_is_an_input_is_refused(pair):
@@ -227,6 +228,7 @@ def _ablation(tmp: Path, extra: str) -> Path:
         ('bootstrap = "abc"', "bootstrap must be an integer"),
         ('methods = "wise-ft"', "methods must be a list of strings"),
         ('[ablation.method_parameters.ties]\ndensity = "abc"', "density must be a finite number"),
+        ("[ablation.method_parameters.ties]\ndensity = 2", "--density 2.0: must be in (0, 1]"),
     ],
 )
 def test_ablation_config_types_are_checked(pair, extra, needle):
