@@ -161,9 +161,7 @@ def greedy_soup(
         }
         for row in best.rows
     ]
-    store = ResultStore(settings.store)
-    done = store.done(run_id)
-    store.append([r for r in rows if ResultStore.identity(r) not in done])
+    ResultStore(settings.store).append(rows)  # skips rows an earlier run wrote, under the store's lock
     return replace(result, run_id=run_id)
 
 

@@ -18,8 +18,10 @@ from micromerge.analysis.metrics import curve
 from micromerge.analysis.soup import GREEDY_SOUP, candidate_store, greedy_soup, write_soup
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings
 from micromerge.eval.store import ResultStore
+from micromerge.merging.rules import KeyRules
 from tests.helpers import write_checkpoint
 from tests.ubench_fixture import write_fixture
 
@@ -158,5 +160,16 @@ def test_an_ingredient_that_ties_the_soup_joins_it(tmp_path, setting):
     for copy in copies:
         copy.write_bytes(Path(models[0]).read_bytes())
     result = greedy_soup(models[0], tuple(map(str, copies)), settings, torch.device("cpu"))
+    assert [step.ingredient for step in result.steps] == [models[0], *map(str, copies)], "ties: base first"
     assert [step.kept for step in result.steps] == [True, True, True]
     assert result.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+
+
+def test_alpha_rules_are_refused_before_any_candidate_is_evaluated(setting):
+    """A soup is a uniform average: per-key alphas have no meaning in it (the ablation grid skips
+    them; a script calling greedy_soup gets one line, and no candidate is evaluated)."""
+    settings, models = setting
+    rules = KeyRules(strength_rules=(("visual.*", 0.5),))
+    with pytest.raises(MicromergeError, match="alpha rules do not apply"):
+        greedy_soup(models[0], (models[1],), settings, torch.device("cpu"), rules)
+    assert not Path(settings.store).exists() and not candidate_store(Path(settings.store)).exists()
