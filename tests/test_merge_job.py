@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.job import MAX_ALPHAS, job_from_mapping
 from tests.helpers import write_checkpoint
+from tests.test_hardening_merge import _merge
 from tests.test_merge_cli import invoke, one_line_error
 
 
@@ -25,10 +26,6 @@ def pair(tmp_path):
     write_checkpoint(tmp_path / "base.safetensors", 0)
     write_checkpoint(tmp_path / "ft.safetensors", 1)
     return tmp_path
-
-
-def _merge(tmp, *extra):
-    return invoke("--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", *extra)
 
 
 def _tensors(path):
