@@ -1,0 +1,258 @@
+"""`micromerge ablate CONFIG`: every key of the config reaches the grid as written, relative paths
+resolve against the config's folder, the defaults are the documented ones, and `run_ablation` hands
+the grid's settings, labels and per-model corpora to the sweep, the soup and the report.
+
+The end-to-end ablation tests (test_analysis, test_greedy_soup, test_learned_merging) show the grid
+runs; these show it runs *what the config says* (mutation audit round 12: a dropped key, an
+unresolved path or a default changed in `load_ablation` passed every end-to-end test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from micromerge.analysis import ablate
+from micromerge.analysis.ablate import Ablation, SoupJob, grid_jobs, load_ablation, run_ablation
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.engine import EvalSettings
+from micromerge.merging.job import MergeJob
+from micromerge.merging.rules import KeyRules
+
+FULL = """[ablation]
+data = "../bench"
+store = "./out/r.jsonl"
+report = "./out/report"
+alphas = "0,0.5"
+methods = ["wise-ft", "fisher", "greedy-soup"]
+tasks = "fine"
+protocol = "closed-set"
+bootstrap = 7
+seed = 3
+batch_size = 5
+target = "domain:pathology"
+
+[ablation.method_parameters.wise-ft]
+alpha = 0.25
+
+[[ablation.pairs]]
+base = "../base.safetensors"
+finetuned = "./ft.safetensors"
+base_data = "../base-corpus"
+ft_data = ["./ft-corpus"]
+
+[[ablation.pairs]]
+name = "absolute"
+base = "/abs/base.safetensors"
+finetuned = ["/abs/a.safetensors", "/abs/b.safetensors"]
+
+[ablation.rule_sets.vision]
+include = ["visual.*"]
+exclude = ["visual.proj"]
+"""
+
+MINIMAL = """[ablation]
+data = "/d"
+store = "/s.jsonl"
+report = "/r"
+methods = ["wise-ft"]
+
+[[ablation.pairs]]
+base = "/b.safetensors"
+finetuned = ["/f.safetensors"]
+"""
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    path = folder / "grid.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_config(tmp_path):
+    """'./' and '../' are the config's folder (so a config in configs/ names files beside it); a
+    path without them is left as written (a zoo name, hf-hub: id, or a path from the working folder)."""
+    folder = tmp_path / "configs"
+    ablation = load_ablation(_config(tmp_path, FULL))
+    assert ablation == Ablation(
+        data=str(folder / "../bench"),
+        store=folder / "./out/r.jsonl",
+        report=folder / "./out/report",
+        alphas="0,0.5",
+        pairs=(
+            {
+                "name": "../base.safetensors",
+                "base": str(folder / "../base.safetensors"),
+                "finetuned": [str(folder / "./ft.safetensors")],
+                "own_data": {
+                    "base_data": str(folder / "../base-corpus"),
+                    "ft_data": [str(folder / "./ft-corpus")],
+                },
+            },
+            {
+                "name": "absolute",
+                "base": "/abs/base.safetensors",
+                "finetuned": ["/abs/a.safetensors", "/abs/b.safetensors"],
+                "own_data": {"base_data": None, "ft_data": []},
+            },
+        ),
+        methods=("wise-ft", "fisher", "greedy-soup"),
+        rule_sets={"vision": {"include": ["visual.*"], "exclude": ["visual.proj"]}},
+        tasks="fine",
+        protocol="closed-set",
+        bootstrap=7,
+        seed=3,
+        batch_size=5,
+        target="domain:pathology",
+        method_parameters={"wise-ft": {"alpha": 0.25}},
+    )
+
+
+def test_defaults_are_the_documented_ones(tmp_path):
+    ablation = load_ablation(_config(tmp_path, MINIMAL))
+    assert (ablation.alphas, ablation.rule_sets, ablation.tasks, ablation.protocol) == (
+        "0:1:0.1",
+        {"all": {}},
+        "all",
+        "ubench",
+    )
+    assert (ablation.bootstrap, ablation.seed, ablation.batch_size, ablation.target) == (1000, 0, 256, None)
+    assert ablation.method_parameters == {}
+    assert ablation.pairs[0]["name"] == "/b.safetensors", "a pair without a name is named by its base"
+
+
+@pytest.mark.parametrize("key", ["data", "store", "report", "pairs", "methods"])
+def test_a_missing_or_empty_required_key_is_named(tmp_path, key):
+    lines = MINIMAL.replace("methods = [", "methods = [] #[") if key == "methods" else MINIMAL
+    if key == "pairs":
+        lines = lines.split("[[ablation.pairs]]")[0] + "pairs = []\n"
+    elif key != "methods":
+        lines = "\n".join(line for line in lines.splitlines() if not line.startswith(f"{key} ="))
+    with pytest.raises(MicromergeError, match=rf"grid.toml: \[ablation\] needs '{key}'"):
+        load_ablation(_config(tmp_path, lines))
+
+
+@pytest.mark.parametrize(
+    "pair, needle",
+    [
+        ('base = "/b"', "every pair needs base and finetuned"),
+        ('finetuned = ["/f"]', "every pair needs base and finetuned"),
+        ('base = "/b"\nfinetuned = ["/f"]\nft = "/g"', r"unknown key\(s\) \['ft'\]"),
+    ],
+)
+def test_a_bad_pair_is_named(tmp_path, pair, needle):
+    text = MINIMAL.split("[[ablation.pairs]]")[0] + f"[[ablation.pairs]]\n{pair}\n"
+    with pytest.raises(MicromergeError, match=needle):
+        load_ablation(_config(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ("[ablation.method_parameters]\nties = 3", "method_parameters.ties must be a table, not 3"),
+        # an unknown method is named before anything about its parameters
+        ("[ablation.method_parameters]\ntis = 3", "--method tis: unknown merge method"),
+        ("[ablation.rule_sets]\nodd = 3", "rule_sets.odd must be a table, not 3"),
+        ('[ablation.rule_sets.odd]\nkeep = ["x"]', r"rule set 'odd'.*unknown key\(s\) \['keep'\]"),
+        ('[ablation.rule_sets.odd]\ninclude = "visual.*"', "include"),
+        ("[ablation.method_parameters.ties]\nwindow = 3", r"ties / all: unknown key\(s\) \['window'\]"),
+    ],
+)
+def test_bad_tables_in_the_grid_are_named(tmp_path, extra, needle):
+    method = "tis" if "tis =" in extra else "ties"
+    text = MINIMAL.replace('methods = ["wise-ft"]', f'methods = ["{method}"]') + extra + "\n"
+    with pytest.raises(MicromergeError, match=needle):
+        load_ablation(_config(tmp_path, text))
+
+
+def test_the_grid_gives_each_method_what_it_takes(tmp_path):
+    """alphas and seed from the ablation, method parameters and rule sets merged into each job; the
+    pair's own corpora only for Fisher/RegMean (other methods would refuse them); a soup gets the
+    rule set's include/exclude."""
+    ablation = load_ablation(_config(tmp_path, FULL))
+    jobs = dict(grid_jobs(ablation))
+    assert len(jobs) == 2 * 3
+    folder = tmp_path / "configs"
+    wise = jobs["../base.safetensors / wise-ft / vision"]
+    assert isinstance(wise, MergeJob)
+    assert wise.alphas == (0.0, 0.5) and wise.spec.params.seed == 3 and wise.spec.params.strength == 0.25
+    assert wise.spec.rules == KeyRules(("visual.*",), ("visual.proj",))
+    assert wise.model_data == ()
+    fisher = jobs["../base.safetensors / fisher / vision"]
+    assert isinstance(fisher, MergeJob)
+    assert fisher.model_data == (str(folder / "../base-corpus"), str(folder / "./ft-corpus"))
+    assert jobs["absolute / fisher / vision"].model_data == ()
+    soup = jobs["absolute / greedy-soup / vision"]
+    assert soup == SoupJob(
+        "/abs/base.safetensors",
+        ("/abs/a.safetensors", "/abs/b.safetensors"),
+        KeyRules(("visual.*",), ("visual.proj",)),
+    )
+
+
+def test_rule_sets_override_method_parameters(tmp_path):
+    text = MINIMAL + '[ablation.method_parameters.wise-ft]\ninclude = ["text.*"]\n'
+    text += '[ablation.rule_sets.vision]\ninclude = ["visual.*"]\n'
+    (job,) = (job for _, job in grid_jobs(load_ablation(_config(tmp_path, text))))
+    assert job.spec.rules.include == ("visual.*",)
+
+
+def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeypatch):
+    """The wiring, recorded: reference models once per pair with the ablation's settings, one
+    sweep per job with its label and per-model corpora, the soup on rank 0 only, and the report
+    for the configured target."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        ablate, "run_eval", lambda model, settings, device: calls.append(("eval", model, settings))
+    )
+    monkeypatch.setattr(
+        ablate, "run_sweep", lambda plan, settings, device: calls.append(("sweep", plan, settings))
+    )
+    monkeypatch.setattr(ablate, "greedy_soup", lambda *args: calls.append(("soup", *args)))
+    monkeypatch.setattr(
+        ablate, "build_report", lambda store, report, target: calls.append(("report", target))
+    )
+    ablation = load_ablation(_config(tmp_path, FULL))
+    run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False, rank=1, world_size=2)
+
+    expected = EvalSettings(
+        data=ablation.data,
+        store=ablation.store,
+        cache_dir=tmp_path / "cache",
+        tasks="fine",
+        protocol="closed-set",
+        batch_size=5,
+        bootstrap=7,
+        seed=3,
+        progress=False,
+        rank=1,
+        world_size=2,
+    )
+    assert all(call[2] == expected for call in calls if call[0] in ("eval", "sweep"))
+    evaluated = [call[1] for call in calls if call[0] == "eval"]
+    assert evaluated == [
+        *(p["base"] for p in ablation.pairs[:1]),
+        *ablation.pairs[0]["finetuned"],
+        ablation.pairs[1]["base"],
+        *ablation.pairs[1]["finetuned"],
+    ]
+    sweeps = {call[1].label: call[1] for call in calls if call[0] == "sweep"}
+    assert set(sweeps) == {label for label, job in grid_jobs(ablation) if isinstance(job, MergeJob)}
+    fisher = sweeps["../base.safetensors / fisher / vision"]
+    assert fisher.model_data == dict(grid_jobs(ablation))["../base.safetensors / fisher / vision"].model_data
+    assert fisher.alphas == (0.0, 0.5)
+    assert not [call for call in calls if call[0] == "soup"], "rank 1 of 2 leaves the soups to rank 0"
+    assert calls[-1] == ("report", "domain:pathology")
+
+    calls.clear()
+    run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    soups = [call for call in calls if call[0] == "soup"]
+    assert [call[-1] for call in soups] == [
+        "../base.safetensors / greedy-soup / vision",
+        "absolute / greedy-soup / vision",
+    ]
+    assert soups[1][1:3] == ("/abs/base.safetensors", ("/abs/a.safetensors", "/abs/b.safetensors"))
+    assert soups[1][5] == KeyRules(("visual.*",), ("visual.proj",))
