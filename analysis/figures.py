@@ -50,9 +50,7 @@ def _short_labels(runs: list[Run]) -> tuple[list[str], str]:
             while not label.endswith(shared):
                 shared = shared[1:]
         cut = shared.find(" ")  # end at a word boundary: never cut a name in half
-        shared = shared[cut:] if cut > 0 else ""
-        if any(len(label) <= len(shared) for label in distinct):
-            shared = ""
+        shared = shared[cut:] if cut > 0 else ""  # shorter than every label: each keeps a name
     short = [label[: len(label) - len(shared)].rstrip(" :—") if shared else label for label in labels]
     counts = Counter(short)
     named = [

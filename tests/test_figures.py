@@ -1,0 +1,176 @@
+"""Figures draw the numbers of the results store, not just axes with the right labels: every line,
+band, marker and cell is checked against the store's values (test_analysis checks labels and
+series counts; a curve drawn in fractions instead of percent, a band from the mean instead of the
+lower bound, or a Pareto plot with its axes swapped passed those checks: mutation audit round 12).
+
+Data: tests.test_analysis.write_store (three tasks at alpha 0, 0.5, 1; intervals value ± 0.05)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.collections import PathCollection, PolyCollection, QuadMesh
+
+from micromerge.analysis import figures
+from micromerge.analysis.metrics import curve, summarise, task_changes
+from micromerge.analysis.tables import load_runs
+from tests.test_analysis import write_store
+
+TARGET = "domain:pathology"
+
+
+def _run(tmp_path, **kwargs):
+    run = load_runs(write_store(tmp_path / "r.jsonl", **kwargs))[0]
+    return run, summarise(run, TARGET)
+
+
+def _band(collection: PolyCollection) -> tuple[float, float]:
+    vertices = np.concatenate([path.vertices for path in collection.get_paths()])
+    return float(vertices[:, 1].min()), float(vertices[:, 1].max())
+
+
+def test_accuracy_vs_alpha_draws_each_groups_curve_band_and_end_points_in_percent(tmp_path):
+    run, summary = _run(tmp_path, label="wise-ft: base + specialist", select_shift={1.0: 0.3})
+    assert summary.best_alpha["all_task_mean"] == 1.0, (
+        "not the middle of the axis, nor the report half's best"
+    )
+    ax = figures.accuracy_vs_alpha([run], [summary]).axes[0]
+    lines = {line.get_label().split(" — ")[1]: line for line in ax.get_lines() if " — " in line.get_label()}
+    assert set(lines) == {TARGET, "domain:biology", "all tasks"}
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    ends = [c for c in ax.collections if isinstance(c, PathCollection)]
+    for index, group in enumerate([TARGET, "domain:biology", None]):
+        frame = curve(run, group)
+        line = lines[group or "all tasks"]
+        np.testing.assert_allclose(line.get_xdata(), frame["alpha"])
+        np.testing.assert_allclose(line.get_ydata(), frame["value"] * 100)
+        assert _band(bands[index]) == pytest.approx(
+            (frame["ci_low"].min() * 100, frame["ci_high"].max() * 100)
+        )
+        np.testing.assert_allclose(
+            ends[index].get_offsets(),
+            [[0.0, frame["value"].iloc[0] * 100], [1.0, frame["value"].iloc[-1] * 100]],
+        )
+    colours = [tuple(lines[g].get_color()) for g in (TARGET, "domain:biology", "all tasks")]
+    assert len(set(colours)) == 3, "colour = group"
+    best = summary.best_alpha["all_task_mean"]
+    marked = [line for line in ax.get_lines() if line.get_label().startswith("_")]
+    assert [tuple(line.get_xdata()) for line in marked] == [(best, best)]
+    assert [text.get_text() for text in ax.texts] == [f"α={best:g}"]
+
+
+def test_several_runs_share_colours_by_group_and_name_their_shared_ending_once(tmp_path):
+    store = write_store(tmp_path / "r.jsonl", label="wise-ft: base + specialist")
+    write_store(store, run_id="r2", method="ties", shift_all=-0.05, label="ties: base + specialist")
+    runs = sorted(load_runs(store), key=lambda r: r.run_id)
+    ax = figures.accuracy_vs_alpha(runs, [summarise(r, TARGET) for r in runs]).axes[0]
+    named = [line for line in ax.get_lines() if " — " in line.get_label()]
+    by_group: dict[str, set] = {}
+    for line in named:
+        by_group.setdefault(line.get_label().split(" — ")[1], set()).add(tuple(line.get_color()))
+    assert all(len(colours) == 1 for colours in by_group.values()), by_group
+    assert {line.get_label().split(" — ")[0] for line in named} == {"wise-ft", "ties"}
+    assert "(base + specialist)" in ax.get_title()
+
+
+@pytest.mark.parametrize(
+    "labels, short, shared",
+    [
+        (["wise-ft: base + path", "ties: base + path"], ["wise-ft", "ties"], "base + path"),
+        # the shared ending starts inside a word: cut at the next word boundary, never mid-name
+        (["alpha-x run", "beta-x run"], ["alpha-x", "beta-x"], "run"),
+        # one label is the whole shared ending, which has no word boundary to cut at: nothing is cut
+        (["base", "wise-ft base"], ["base", "wise-ft base"], ""),
+        (["same", "same"], ["same (run r0aaaa)", "same (run r1aaaa)"], ""),
+        (["only one"], ["only one"], ""),
+    ],
+)
+def test_short_labels_drop_the_shared_ending_and_tell_equal_labels_apart(labels, short, shared):
+    class Named:
+        def __init__(self, label: str, index: int) -> None:
+            self.label, self.run_id = label, f"r{index}aaaaaaaa"
+
+    assert figures._short_labels([Named(label, i) for i, label in enumerate(labels)]) == (short, shared)
+
+
+def test_per_task_grid_draws_every_task_in_percent_coloured_by_domain(tmp_path):
+    run, _ = _run(tmp_path)
+    figure = figures.per_task_grid(run)
+    changes = task_changes(run)
+    used = [ax for ax in figure.axes if ax.get_title()]
+    titles = [ax.get_title() for ax in used]
+    assert titles == ["modality\n(coarse, all)", "bio-a\n(fine, biology)", "path-a\n(fine, pathology)"]
+    for ax in used:
+        frame = changes[changes["task"] == ax.get_title().split("\n")[0]]
+        (line,) = ax.get_lines()
+        np.testing.assert_allclose(line.get_ydata(), frame["value"] * 100)
+        assert _band(ax.collections[0]) == pytest.approx(
+            (frame["ci_low"].min() * 100, frame["ci_high"].max() * 100)
+        )
+    assert len({tuple(ax.get_lines()[0].get_color()) for ax in used}) == 3, "one colour per domain"
+    assert [ax.axison for ax in figure.axes] == [True, True, True, False], "the empty fourth panel is hidden"
+
+
+def test_pareto_plots_target_against_control_with_the_front_and_ends_marked(tmp_path):
+    run, summary = _run(tmp_path)
+    ax = figures.pareto([run], [summary]).axes[0]
+    (line,) = ax.get_lines()
+    target, control = curve(run, TARGET), curve(run, "domain:biology")
+    np.testing.assert_allclose(line.get_xdata(), target["value"] * 100)
+    np.testing.assert_allclose(line.get_ydata(), control["value"] * 100)
+    (front,) = ax.collections
+    np.testing.assert_allclose(front.get_offsets(), [[t * 100, c * 100] for _, t, c in summary.pareto])
+    marks = {text.get_text(): text.xy for text in ax.texts}
+    assert marks["α=0 (base)"] == pytest.approx(
+        (target["value"].iloc[0] * 100, control["value"].iloc[0] * 100)
+    )
+    assert marks["α=1 (fine-tuned)"] == pytest.approx(
+        (target["value"].iloc[-1] * 100, control["value"].iloc[-1] * 100)
+    )
+
+
+def test_pareto_without_controls_plots_the_target_on_both_axes(tmp_path):
+    run, _ = _run(tmp_path)
+    summary = summarise(run, "level:coarse")
+    assert summary.controls == ()
+    (line,) = figures.pareto([run], [summary]).axes[0].get_lines()
+    np.testing.assert_allclose(line.get_xdata(), line.get_ydata())
+
+
+def test_heatmap_cells_are_changes_against_the_base_in_points_on_a_symmetric_scale(tmp_path):
+    run, _ = _run(tmp_path)
+    ax = figures.heatmap(run).axes[0]
+    changes = task_changes(run)
+    tasks = list(dict.fromkeys(changes["task"]))
+    assert [label.get_text() for label in ax.get_yticklabels()] == tasks, "tasks in the analysis order"
+    expected = np.array([changes[changes["task"] == task]["vs_base"].to_numpy() * 100 for task in tasks])
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(expected.shape), expected)
+    limit = np.abs(expected).max()
+    assert (mesh.norm.vmin, mesh.norm.vmax) == pytest.approx((-limit, limit))
+    assert sorted(text.get_text() for text in ax.texts) == sorted(f"{v:.0f}" for v in expected.ravel())
+
+
+def test_learned_coefficients_draws_each_specialists_column_and_the_start(tmp_path):
+    saved = {
+        "table": {
+            "groups": ["visual.a", "visual.b", "text.a"],
+            "values": [[0.1, 0.7], [0.2, 0.8], [0.3, 0.9]],
+        },
+        "described": {"init": 0.4, "kind": "adamerging", "granularity": "layer"},
+    }
+    ax = figures.learned_coefficients(saved, "run").axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_allclose(lines["specialist 1"].get_ydata(), [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(lines["specialist 2"].get_ydata(), [0.7, 0.8, 0.9])
+    assert tuple(lines["start"].get_ydata()) == (0.4, 0.4)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["visual.a", "visual.b", "text.a"]
+    assert ax.get_title() == "run: adamerging coefficients per layer"
+
+
+def test_saved_figures_carry_no_software_version(tmp_path):
+    """Same results, same bytes, across matplotlib upgrades too: no version in the PNG or SVG."""
+    run, summary = _run(tmp_path)
+    png, svg = figures.save(figures.accuracy_vs_alpha([run], [summary]), tmp_path, "acc")
+    assert b"Software" not in png.read_bytes() and b"matplotlib" not in png.read_bytes().lower()
+    assert "Matplotlib v" not in svg.read_text() and "<dc:date>" not in svg.read_text()
