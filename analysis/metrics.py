@@ -152,6 +152,13 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
         base, finetuned = at(alphas[0]), at(alphas[-1])
     select = _criterion_scores(run, target, controls, metric, "select")
     report = _criterion_scores(run, target, controls, metric, "report")
+    for split, scores, needed in (("select", select, CRITERIA), ("report", report, ("all_task_mean",))):
+        empty = [c for c in needed if scores.empty or scores[c].isna().all()]
+        if empty:  # a benchmark (or --tasks subset) too small for one half to hold an image of a group
+            raise MicromergeError(
+                f"run {run.label}: the {split} half has no image for {', '.join(empty)} (target {target}), "
+                "so alpha can be neither chosen nor reported; evaluate more tasks or images (--tasks)"
+            )
     best_alpha = {c: float(select[c].idxmax()) for c in CRITERIA}
     best_report = {c: float(report.loc[best_alpha[c], "all_task_mean"]) for c in CRITERIA}
     full = _criterion_scores(run, target, controls, metric, "all")

@@ -95,13 +95,14 @@ def _score(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # candidates are single points by design
         run = next(r for r in load_runs(settings.store) if r.run_id == rows[0]["run_id"])
-    select = curve(run, None, "accuracy", "select")["value"]
-    report = curve(run, None, "accuracy", "report")["value"]
-    if select.empty or report.empty:
+    halves = {split: curve(run, None, "accuracy", split)["value"] for split in ("select", "report")}
+    empty = [split for split, values in halves.items() if values.empty]
+    if empty:
         raise MicromergeError(
-            f"{settings.store}: candidate {list(weights)} has no select/report-half accuracy"
+            f"{settings.data}: none of the evaluated tasks' images is in the {empty[0]} half, so a soup "
+            "can be neither chosen nor reported; evaluate more tasks or images (--tasks)"
         )
-    return Scored(weights, float(select.iloc[0]), float(report.iloc[0]), rows)
+    return Scored(weights, float(halves["select"].iloc[0]), float(halves["report"].iloc[0]), rows)
 
 
 def uniform(members: list[int], count: int) -> tuple[float, ...]:

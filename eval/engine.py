@@ -187,9 +187,12 @@ class Evaluator:
         The halves split the *images*, once for the whole benchmark (a seeded permutation of its
         rows), not each task separately: an image belongs to one half for every task that asks
         about it, so nothing chosen or learned on the select half has seen a report-half image,
-        even through another task's question. Each task's halves are about, not exactly, half."""
+        even through another task's question. Each task's halves are about, not exactly, half.
+        A half that holds none of the task's images is left out: it has no accuracy to report (a
+        row of NaN would be skipped by every mean over tasks, silently), as the headline rows do."""
         in_select = self.select_half[rows]
-        return {"all": rows, "select": rows[in_select], "report": rows[~in_select]}
+        halves = {"all": rows, "select": rows[in_select], "report": rows[~in_select]}
+        return {split: members for split, members in halves.items() if len(members)}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -274,8 +277,8 @@ class Evaluator:
         for task in self.tasks:
             parts = [outcomes[(task.name, q.key)] for q in task.questions]
             pooled = _concat(parts)
-            if len(pooled.rows):
-                members = self._splits(task.name, np.unique(pooled.rows))[split]
+            members = self._splits(task.name, np.unique(pooled.rows)).get(split) if len(pooled.rows) else None
+            if members is not None:
                 paired[task.name] = self._subset(pooled, members).correct
         return paired
 
@@ -293,6 +296,8 @@ class Evaluator:
                 parts = {key: self._subset(o, members) for key, o in mine.items()}
                 parts[POOLED] = _concat(list(parts.values()))
                 for key, part in parts.items():
+                    if not len(part.rows):  # this question is asked of no image in this half
+                        continue
                     metrics = correctness_metrics(
                         part.labels,
                         part.correct,
@@ -437,9 +442,24 @@ def prepare(settings: EvalSettings, writes_results: bool = True) -> Prepared:
     return Prepared(bench, tasks, np.array(outside, dtype=np.int64))
 
 
+def _completion_identity(alpha: float | None, task: str, protocol: str) -> tuple:
+    """The row that marks a task done at `alpha`: its accuracy on all of its images (pooled over its
+    questions under the ubench protocol), the one split every evaluated task has."""
+    return (alpha, task, POOLED if protocol == "ubench" else None, "all", "accuracy")
+
+
 def _complete(done: set, alpha: float | None, tasks: list[Task], protocol: str) -> bool:
-    key = POOLED if protocol == "ubench" else None
-    return all((alpha, t.name, key, "report", "accuracy") in done for t in tasks)
+    return all(_completion_identity(alpha, t.name, protocol) in done for t in tasks)
+
+
+def _unstored(rows: list[dict[str, Any]], done: set, protocol: str) -> list[dict[str, Any]]:
+    """The rows not in the store yet, completion rows last: a kill tears an append after some
+    whole lines (the store drops the torn one), so a point whose completion rows are all stored
+    has every other row stored too."""
+    fresh = [r for r in rows if ResultStore.identity(r) not in done]
+    return sorted(
+        fresh, key=lambda r: ResultStore.identity(r) == _completion_identity(r["alpha"], r["task"], protocol)
+    )
 
 
 def run_eval(
@@ -486,7 +506,7 @@ def run_eval(
         {**_base_row(run_id, settings, bench, provenance), "alpha": None, **r}
         for r in evaluator.evaluate(model)
     ]
-    store.append([r for r in rows if ResultStore.identity(r) not in done])
+    store.append(_unstored(rows, done, settings.protocol))
     return rows
 
 
@@ -566,7 +586,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                     {**_base_row(run_id, settings, bench, provenance), "alpha": alpha, **r}
                     for r in evaluator.evaluate(merger.model)
                 ]
-                store.append([r for r in rows if ResultStore.identity(r) not in done])
+                store.append(_unstored(rows, done, settings.protocol))
     finally:
         base.close()
         for source in finetuned:

@@ -595,6 +595,23 @@ def test_store_ignores_and_repairs_a_torn_last_line(tmp_path):
         assert len(store.rows()) == 2
 
 
+@pytest.mark.parametrize("protocol", ["ubench", "closed-set"])
+def test_a_point_that_lost_the_end_of_its_append_is_evaluated_again(tmp_path, bench, models, protocol):
+    """A kill tears an append after some whole line (the store drops the torn one). The rows that
+    mark a task done are written last, so a point missing any of its rows is not done, and the
+    next run writes what is missing. (They used to be each task's report-half row, written before
+    the ubench headline rows: a point that lost only its headline rows counted as done.)"""
+    args = _eval_args(tmp_path, bench, models[0], store="e.jsonl", protocol=protocol)
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    path = tmp_path / "e.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    complete = sorted(_identity(r) for r in ResultStore(path).rows())
+    for lost in (1, 2, len(lines) // 2):
+        path.write_text("".join(lines[:-lost]))
+        assert CliRunner().invoke(cli, args).exit_code == 0
+        assert sorted(_identity(r) for r in ResultStore(path).rows()) == complete, lost
+
+
 @pytest.mark.slow
 def test_sweep_killed_with_sigkill_resumes_without_redoing_rows(tmp_path, bench, models):
     command = [

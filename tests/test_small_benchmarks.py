@@ -1,0 +1,74 @@
+"""A benchmark (or a --tasks subset) too small for both halves to hold an image: the empty half has
+no accuracy, so it gets no result rows, and whatever needs that half (choosing alpha, choosing a
+soup) says so in one line.
+
+Before: every task wrote NaN rows for the empty half (numpy's 'invalid value' warnings); means over
+tasks skipped them silently, `micromerge report` died in pandas' argmax, and the greedy soup ranked
+its ingredients by NaN. Found by the mutation audit, round 12: the soup's guard for an empty half
+could never fire, because the half was never empty, only NaN."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from micromerge.analysis.soup import greedy_soup
+from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.engine import EvalSettings, run_eval
+from micromerge.eval.hub_layout import write_hub_layout
+from micromerge.eval.store import ResultStore
+from tests.helpers import write_checkpoint
+from tests.ubench_fixture import fixture_dataset
+
+
+@pytest.fixture
+def one_image(tmp_path):
+    """The fixture benchmark cut to its first image, in the Hub's layout; two checkpoints."""
+    bench = write_hub_layout(
+        fixture_dataset(per_class=2, corrupt=0).select([0]), tmp_path / "b" / "perception" / "0.1.0", 1
+    )
+    models = []
+    for seed in range(2):
+        write_checkpoint(tmp_path / f"m{seed}.safetensors", seed)
+        models.append(str(tmp_path / f"m{seed}.safetensors"))
+    settings = EvalSettings(
+        data=str(bench), store=tmp_path / "r.jsonl", cache_dir=tmp_path / "cache", bootstrap=0, progress=False
+    )
+    return settings, models
+
+
+def test_the_empty_half_gets_no_rows_and_no_nan(one_image):
+    settings, models = one_image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_eval(models[0], settings, torch.device("cpu"))
+    rows = ResultStore(settings.store).rows()
+    splits = {row["split"] for row in rows}
+    assert "all" in splits and len(splits) == 2, "the image's own half, and no other"
+    assert all(np.isfinite(row["value"]) and row["n_images"] == 1 for row in rows)
+
+
+def test_a_soup_needs_both_halves_and_says_so(one_image):
+    settings, models = one_image
+    with pytest.raises(
+        MicromergeError,
+        match=r"perception/0\.1\.0: none of the evaluated tasks' images is in the (select|report) half",
+    ):
+        greedy_soup(models[0], (models[1],), settings, torch.device("cpu"))
+
+
+def test_report_on_a_sweep_without_a_select_half_is_one_line(one_image, tmp_path):
+    settings, models = one_image
+    sweep = ["sweep", "--base", models[0], "--ft", models[1], "--alphas", "0,1", "--data", settings.data]
+    sweep += ["--store", str(settings.store), "--cache-dir", str(settings.cache_dir), "--bootstrap", "0"]
+    assert CliRunner().invoke(cli, [*sweep, "--device", "cpu", "--quiet"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["report", str(settings.store), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "half has no image for" in result.output and "evaluate more tasks or images" in result.output
+    assert not Path(tmp_path / "report" / "report.html").exists()
