@@ -181,3 +181,108 @@ def test_a_finetuned_run_folder_has_a_model_card(tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     ((name, digest),) = manifest["base_sha256"].items()
     assert f"| `{name}` | `{digest}` |" in card
+
+
+def _our_pixels(image: Image.Image, config: dict) -> torch.Tensor:
+    """What micromerge's own evaluation feeds the model for `image` (eval/images.py + normalisation)."""
+    import io
+
+    from micromerge.eval.images import decode_one
+    from micromerge.merging.models import image_size, normalisation
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    decoded = torch.from_numpy(decode_one({"bytes": buffer.getvalue()}, image_size(config)).copy())
+    mean, std = normalisation(config)
+    return ((decoded.float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1))[None]
+
+
+def test_both_exports_preprocess_an_image_as_micromerges_evaluation_does(tmp_path, checkpoint):
+    """The numbers on the model card were measured with micromerge's preprocessing (bicubic resize
+    of the shorter side, centre crop, OpenAI CLIP's mean and std); an image that is neither square
+    nor the input size shows a wrong resample filter, size, crop or normalisation in either export."""
+    from micromerge.merging.models import normalisation
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    with open_source(str(checkpoint)) as source:
+        _, config = load_model(source)
+    ours = _our_pixels(image, config)
+    hf = transformers.CLIPImageProcessor.from_pretrained(_export(checkpoint, tmp_path / "hf"))
+    # transformers resizes through its own array round trip: a few pixels land one grey level apart
+    levels = (
+        (hf(images=image, return_tensors="pt")["pixel_values"] - ours)
+        * 255
+        * normalisation(config)[1].view(3, 1, 1)
+    )
+    assert levels.abs().max() < 1.01 and (levels.abs() > 0.01).float().mean() < 0.02
+    folder = _export(checkpoint, tmp_path / "oc", "--format", "open_clip")
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    torch.testing.assert_close(preprocess(image)[None], ours, atol=1e-5, rtol=0)
+
+
+def test_the_exported_tokenizer_follows_openai_clips_conventions(tmp_path, checkpoint):
+    """Its special tokens are CLIPTokenizer's own defaults (OpenAI's: unknown and padding are
+    <|endoftext|>), its length is the model's context (16 for nano-clip, not CLIP's 77), and both
+    transformers tokenizers give open_clip's ids for ordinary English, which uses the first BPE
+    merges (transformers skips merges.txt's first line, the '#version' header)."""
+    folder = _export(checkpoint, tmp_path / "hf")
+    defaults = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    with open_source(str(checkpoint)) as source:
+        _, config = load_model(source)
+    text = "in the thin section of an inflamed intestine, the nuclei are stained with haematoxylin"
+    expected = open_clip.tokenizer.SimpleTokenizer().encode(text)
+    for use_fast in (False, True):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, use_fast=use_fast)
+        specials = ("bos_token", "eos_token", "unk_token", "pad_token")
+        assert {k: getattr(tokenizer, k) for k in specials} == {k: getattr(defaults, k) for k in specials}
+        assert tokenizer.model_max_length == config["text_cfg"]["context_length"] == 16
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected, use_fast
+
+
+def test_merges_txt_reads_as_clips_ranks_where_the_first_line_is_skipped(tmp_path, checkpoint):
+    """OpenAI's merges.txt starts with a '#version: 0.2' header, and readers written for it (the
+    transformers 4 CLIPTokenizer, ports of it) drop the first line unread: without the header they
+    would lose CLIP's first merge ('i n'). transformers 5 accepts either, so the file is checked."""
+    folder = _export(checkpoint, tmp_path / "hf")
+    lines = (folder / "merges.txt").read_text().strip().split("\n")
+    ranks = open_clip.tokenizer.SimpleTokenizer().bpe_ranks
+    assert [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]] == sorted(
+        ranks, key=ranks.__getitem__
+    )
+
+
+def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path, checkpoint):
+    from micromerge.core.errors import MicromergeError
+    from micromerge.merging.export import _write_transformers, export_checkpoint
+
+    with pytest.raises(
+        MicromergeError, match=r"--format 'onnx': choose one of \['transformers', 'open_clip'\]"
+    ):
+        export_checkpoint(str(checkpoint), tmp_path / "x", fmt="onnx")
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "README.md").write_text("the user's own notes")
+    with pytest.raises(MicromergeError, match="already holds README.md; pass --force"):
+        export_checkpoint(str(checkpoint), tmp_path / "card", fmt="open_clip")
+    assert (tmp_path / "card" / "README.md").read_text() == "the user's own notes"
+    for config in (
+        {"vision_cfg": {"timm_model_name": "convnext_tiny"}, "text_cfg": {}},
+        {"vision_cfg": {"image_size": 32}, "text_cfg": {"hf_model_name": "bert-base-uncased"}},
+    ):
+        with pytest.raises(MicromergeError, match="only ViT CLIPs with the CLIP text tower"):
+            _write_transformers("m", config, {}, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_text_tower_with_its_own_tokenizer_gets_no_clip_vocabulary(tmp_path, checkpoint):
+    """open_clip configs name a Hugging Face tokenizer (hf_tokenizer_name) when the text tower was
+    not trained on CLIP's BPE: writing CLIP's vocabulary beside it would tokenise wrongly."""
+    from micromerge.merging.export import _write_transformers
+    from micromerge.merging.torch_sources import load_all
+
+    with open_source(str(checkpoint)) as source:
+        _, config = load_model(source)
+        tensors = load_all(source)
+    config = {**config, "text_cfg": {**config["text_cfg"], "hf_tokenizer_name": "org/other-tokenizer"}}
+    with pytest.warns(UserWarning, match="no tokenizer written"):
+        _write_transformers("m", config, tensors, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "vocab.json").exists()

@@ -1,0 +1,106 @@
+"""The model card: every fact on it comes from the checkpoint's provenance, found where micromerge
+writes it, and is printed as it was measured. test_export checks a card end to end; these check each
+field against the record it comes from (mutation audit round 12: the hub ids, the evaluation's
+percentages and intervals, the fine-tuning hyperparameters, the learned-from data and the
+header-only provenance had no test).
+
+Hugging Face model-card metadata (the YAML block, `library_name`, `base_model` as a list of repo
+ids): huggingface.co/docs/hub/model-cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from micromerge.merging.model_card import checkpoint_provenance, model_card
+from tests.helpers import random_state_dict
+
+
+def _header(card: str) -> list[str]:
+    return card.split("---\n")[1].splitlines()
+
+
+def test_hub_inputs_become_base_model_ids_and_the_library_is_what_loads_the_folder():
+    record = {
+        "method": "ties",
+        "base": "hf-hub:org/base-clip",
+        "inputs": ["hf-hub:org/plip", "local/ft.safetensors", "hf-hub:org/base-clip"],
+    }
+    header = _header(model_card("m", record, "micromerge"))
+    assert header == [
+        "library_name: open_clip",
+        "license: other",
+        "tags:",
+        "- micromerge",
+        "- clip",
+        "- microscopy",
+        "- ties",
+        "base_model:",
+        "- org/base-clip",
+        "- org/plip",
+    ]
+    assert "base_model:" not in model_card(
+        "m", {"method": "ties", "inputs": ["a.safetensors"]}, "transformers"
+    )
+
+
+def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
+    rows = [
+        {"task": "ubench:coarse", "split": "report", "value": 0.8125, "ci_low": 0.7004, "ci_high": 0.9051}
+    ]
+    card = model_card("m", {"method": "wise-ft"}, "open_clip", rows)
+    assert "| ubench:coarse | report | 81.2 % | 70.0 – 90.5 |" in card.splitlines()
+
+
+def test_a_finetuned_runs_card_has_its_kind_base_digests_and_hyperparameters():
+    record = {
+        "kind": "finetune-contrastive",
+        "base": "clip-b32",
+        "base_sha256": {"clip-b32/open_clip_model.safetensors": "ab" * 32},
+        "hyperparameters": {"lr": 1e-05, "epochs": 3},
+    }
+    card = model_card("run", record, "micromerge")
+    assert "- finetune-contrastive" in _header(card) and "(`finetune-contrastive`)" in card
+    assert f"| `clip-b32/open_clip_model.safetensors` | `{'ab' * 32}` |" in card.splitlines()
+    assert json.dumps(record["hyperparameters"], indent=2, sort_keys=True) in card
+    single = model_card(
+        "run",
+        {"kind": "finetune-contrastive", "base": "b.safetensors", "base_sha256": "cd" * 32},
+        "open_clip",
+    )
+    assert f"| `b.safetensors` | `{'cd' * 32}` |" in single.splitlines()
+
+
+def test_a_data_aware_merge_says_what_data_it_learned_from():
+    statistics = [{"model": "base", "data": "ubench", "split": "select", "samples": 256}]
+    card = model_card("m", {"method": "fisher", "statistics": statistics}, "open_clip")
+    assert "Data it learned from" in card and json.dumps(statistics, indent=2, sort_keys=True) in card
+    assert "Data it learned from" not in model_card("m", {"method": "ties"}, "open_clip")
+
+
+def _safetensors_with_provenance(path: Path, record: dict) -> Path:
+    save_file(random_state_dict(0), str(path), metadata={"micromerge.core.provenance": json.dumps(record)})
+    return path
+
+
+def test_provenance_is_found_in_the_manifest_beside_the_file_first_then_the_folders_then_the_header(tmp_path):
+    model = _safetensors_with_provenance(tmp_path / "m.safetensors", {"method": "from-header"})
+    assert checkpoint_provenance([model]) == {"method": "from-header"}, "a lone file: its header"
+    (tmp_path / "manifest.json").write_text(json.dumps({"method": "from-folder"}))
+    assert checkpoint_provenance([model]) == {"method": "from-folder"}
+    (tmp_path / "m.safetensors.manifest.json").write_text(json.dumps({"method": "from-file"}))
+    assert checkpoint_provenance([model]) == {"method": "from-file"}
+
+
+def test_a_corrupt_manifest_falls_back_to_the_header_and_a_foreign_file_has_none(tmp_path):
+    model = _safetensors_with_provenance(tmp_path / "m.safetensors", {"method": "from-header"})
+    (tmp_path / "m.safetensors.manifest.json").write_text('{"method": ')
+    (tmp_path / "manifest.json").write_text("not json")
+    assert checkpoint_provenance([model]) == {"method": "from-header"}
+    foreign = tmp_path / "other" / "weights.safetensors"
+    foreign.parent.mkdir()
+    save_file(random_state_dict(0), str(foreign))
+    assert checkpoint_provenance([foreign]) == {}
+    assert "No micromerge provenance was found" in model_card("weights", {}, "open_clip")
