@@ -117,6 +117,35 @@ def _open_sharded(index_path: Path, arrays: ArrayKind) -> TensorSource:
     return _maybe_transformers(_open_safetensors(shards, str(index_path), arrays), index_path.parent, arrays)
 
 
+def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path) -> dict:
+    """`{"preprocess_cfg": {"mean", "std"}}` from a preprocessing config that names them (open_clip's
+    `preprocess_cfg`, transformers' `preprocessor_config.json`), else {}. The model config is where
+    the evaluation, fine-tuning and exports read a checkpoint's image normalisation
+    (`models.normalisation`), so a model trained with other statistics than OpenAI CLIP's keeps them."""
+    if mean_key not in preprocessing or std_key not in preprocessing:
+        return {}
+    values = {name: preprocessing[key] for name, key in (("mean", mean_key), ("std", std_key))}
+    for name, value in values.items():
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and (name == "mean" or all(v > 0 for v in value))
+        ):
+            key = mean_key if name == "mean" else std_key
+            raise MicromergeError(f"{file}: {key} must be three numbers (one per RGB channel), not {value!r}")
+    return {"preprocess_cfg": {name: [float(v) for v in value] for name, value in values.items()}}
+
+
+def _open_clip_model_config(config_file: Path) -> dict | None:
+    """open_clip_config.json's `model_cfg`, with the normalisation its `preprocess_cfg` names."""
+    config = json.loads(config_file.read_text())
+    model_config = config.get("model_cfg")
+    if model_config is None:
+        return None
+    return {**model_config, **_normalisation(config.get("preprocess_cfg") or {}, "mean", "std", config_file)}
+
+
 def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = "torch") -> TensorSource:
     keys = source.keys()
     if not hf_clip.is_transformers_clip(keys):
@@ -129,7 +158,13 @@ def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = 
     config_path = folder / "config.json"
     arch = ArchInfo()
     if config_path.is_file():
-        arch = ArchInfo(model_config=hf_clip.hf_config_to_openclip(json.loads(config_path.read_text())))
+        model_config = hf_clip.hf_config_to_openclip(json.loads(config_path.read_text()))
+        processor = folder / "preprocessor_config.json"
+        if processor.is_file():
+            model_config.update(
+                _normalisation(json.loads(processor.read_text()), "image_mean", "image_std", processor)
+            )
+        arch = ArchInfo(model_config=model_config)
     return MappedSource(source, hf_clip.hf_to_openclip_recipes(keys), arch=arch)
 
 
@@ -143,7 +178,7 @@ def _open_folder(folder: Path, allow_pickle: bool, arrays: ArrayKind) -> TensorS
             source = _open_path(folder / name, allow_pickle, arrays)
             config_file = folder / "open_clip_config.json"
             if config_file.is_file():
-                source.arch = ArchInfo(model_config=json.loads(config_file.read_text()).get("model_cfg"))
+                source.arch = ArchInfo(model_config=_open_clip_model_config(config_file))
             return source
     raise MicromergeError(
         f"{folder}: no checkpoint found (expected model.safetensors, pytorch_model.bin, "
@@ -186,7 +221,7 @@ def _open_openclip_hub(repo: str, label: str, model_config: dict | None = None) 
         raise _offline_error(label, repo, exc) from exc
     source = _open_path(weights, allow_pickle=False)
     if model_config is None and config_file is not None:
-        model_config = json.loads(config_file.read_text()).get("model_cfg")
+        model_config = _open_clip_model_config(config_file)
     if model_config is not None:
         source.arch = ArchInfo(model_config=model_config)
     return source
@@ -214,6 +249,12 @@ def _open_transformers_hub(repo: str, label: str) -> TensorSource:
         raise _offline_error(label, repo, last_error)
     if config_file is None or weights is None:
         raise MicromergeError(f"{label}: {repo} has no config.json with model weights in transformers format")
+    try:  # into the snapshot beside config.json, where the folder reader finds the image normalisation
+        _hub_file(repo, "preprocessor_config.json")
+    except LocalEntryNotFoundError:  # offline and not cached: OpenAI CLIP's normalisation, as before
+        pass
+    except Exception as exc:
+        raise _offline_error(label, repo, exc) from exc
     if weights.name.endswith(".index.json"):
         for shard in set(json.loads(weights.read_text())["weight_map"].values()):
             try:
