@@ -6,6 +6,7 @@ each added when the held-out accuracy of the uniform soup does not drop."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,12 @@ from safetensors.torch import load_file
 
 from micromerge.analysis.ablate import SoupJob, grid_jobs, load_ablation, run_ablation
 from micromerge.analysis.metrics import curve
-from micromerge.analysis.soup import GREEDY_SOUP, candidate_store, greedy_soup, write_soup
+from micromerge.analysis.soup import GREEDY_SOUP, SoupResult, candidate_store, greedy_soup, write_soup
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import EvalSettings
+from micromerge.eval.aggregate import is_task_row
+from micromerge.eval.engine import EvalSettings, run_eval
 from micromerge.eval.store import ResultStore
 from micromerge.merging.rules import KeyRules
 from tests.helpers import write_checkpoint
@@ -46,6 +48,12 @@ def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path
     settings, models = setting
     result = greedy_soup(models[0], tuple(models[1:]), settings, torch.device("cpu"))
     own = result.own_select
+    for model in models:  # each ingredient alone, evaluated as a plain checkpoint: its select-half mean
+        rows = run_eval(model, replace(settings, store=tmp_path / "alone.jsonl"), torch.device("cpu"))
+        alone = [
+            r["value"] for r in rows if is_task_row(r) and (r["split"], r["metric"]) == ("select", "accuracy")
+        ]
+        assert own[model] == pytest.approx(sum(alone) / len(alone), abs=1e-6)
     order = [step.ingredient for step in result.steps]
     assert order == sorted(models, key=lambda m: (-own[m], models.index(m)))
     best, members = result.steps[0].select_mean, [order[0]]
@@ -173,3 +181,54 @@ def test_alpha_rules_are_refused_before_any_candidate_is_evaluated(setting):
     with pytest.raises(MicromergeError, match="alpha rules do not apply"):
         greedy_soup(models[0], (models[1],), settings, torch.device("cpu"), rules)
     assert not Path(settings.store).exists() and not candidate_store(Path(settings.store)).exists()
+
+
+def test_a_soup_with_include_and_exclude_keeps_them_in_its_rows_and_its_checkpoint(tmp_path, setting):
+    """Keys the rules leave out keep the base's values in every candidate and in the written soup,
+    and the rules are part of the recipe a reader of the results sees."""
+    settings, models = setting
+    rules = KeyRules(include=("visual.*",), exclude=("visual.proj",))
+    result = greedy_soup(models[0], tuple(models[1:]), settings, torch.device("cpu"), rules)
+    run = next(r for r in load_runs(settings.store) if r.run_id == result.run_id)
+    assert (run.parameters["include"], run.parameters["exclude"]) == (["visual.*"], ["visual.proj"])
+
+    written = write_soup(result, tmp_path / "soup.safetensors", force=False, rules=rules)
+    soup, inputs = load_file(str(written.path)), [load_file(m) for m in models]
+    mixed = [k for k in soup if rules.is_merged(k)]
+    assert mixed and len(mixed) < len(soup)
+    for key, value in soup.items():
+        expected = (
+            sum(w * state[key] for w, state in zip(result.weights, inputs, strict=True))
+            if rules.is_merged(key)
+            else inputs[0][key]
+        )
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
+
+
+def test_write_soup_writes_the_recipes_weights_in_the_models_order(tmp_path, setting):
+    """A recipe whose weights are not symmetric (what a search on the fixture rarely gives), so a
+    weight applied to the wrong model shows; an existing output is kept unless force is passed."""
+    _, models = setting
+    result = SoupResult(
+        models=tuple(models),
+        own_select={m: 0.0 for m in models},
+        steps=(),
+        weights=(0.5, 0.5, 0.0),
+        select_mean=0.0,
+        report_mean=0.0,
+        run_id="r",
+    )
+    out = tmp_path / "soup.safetensors"
+    written = write_soup(result, out, force=False, progress=False)
+    soup, inputs = load_file(str(out)), [load_file(m) for m in models]
+    for key in soup:
+        torch.testing.assert_close(soup[key], 0.5 * inputs[0][key] + 0.5 * inputs[1][key], atol=1e-6, rtol=0)
+    assert written.manifest[GREEDY_SOUP]["run_id"] == "r"
+    before = out.read_bytes()
+    with pytest.raises(MicromergeError, match="force"):
+        write_soup(replace(result, weights=(0.0, 0.5, 0.5)), out, force=False, progress=False)
+    assert out.read_bytes() == before
+    write_soup(replace(result, weights=(0.0, 0.5, 0.5)), out, force=True, progress=False)
+    torch.testing.assert_close(
+        load_file(str(out))["visual.proj"], 0.5 * inputs[1]["visual.proj"] + 0.5 * inputs[2]["visual.proj"]
+    )
