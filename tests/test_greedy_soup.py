@@ -232,3 +232,16 @@ def test_write_soup_writes_the_recipes_weights_in_the_models_order(tmp_path, set
     torch.testing.assert_close(
         load_file(str(out))["visual.proj"], 0.5 * inputs[1]["visual.proj"] + 0.5 * inputs[2]["visual.proj"]
     )
+
+
+def test_a_soup_chosen_under_other_settings_is_another_run(tmp_path, setting):
+    """The run id names the chosen candidate's own run (inputs' sha256, data, bootstrap, seed), not
+    only the recipe: with more bootstrap resamples the recipe is the same (intervals do not move the
+    point values it is chosen on), but the rows carry other intervals and must not be skipped as
+    already written."""
+    settings, models = setting
+    plain = greedy_soup(models[0], (models[1],), settings, torch.device("cpu"))
+    resampled = greedy_soup(models[0], (models[1],), replace(settings, bootstrap=20), torch.device("cpu"))
+    assert plain.describe() == resampled.describe() and plain.run_id != resampled.run_id
+    rows = [r for r in ResultStore(settings.store).rows() if r["run_id"] == resampled.run_id]
+    assert rows and any(r["ci_low"] < r["value"] for r in rows)

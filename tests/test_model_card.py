@@ -26,7 +26,7 @@ def test_hub_inputs_become_base_model_ids_and_the_library_is_what_loads_the_fold
     record = {
         "method": "ties",
         "base": "hf-hub:org/base-clip",
-        "inputs": ["hf-hub:org/plip", "local/ft.safetensors", "hf-hub:org/base-clip"],
+        "inputs": ["hf-hub:org/plip", "local/ft.safetensors", "hf-hub:org/plip"],
     }
     header = _header(model_card("m", record, "micromerge"))
     assert header == [
