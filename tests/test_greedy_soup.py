@@ -57,7 +57,12 @@ def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path
     order = [step.ingredient for step in result.steps]
     assert order == sorted(models, key=lambda m: (-own[m], models.index(m)))
     best, members = result.steps[0].select_mean, [order[0]]
+    assert result.steps[0].weights == tuple(float(m == order[0]) for m in models)
     for step in result.steps[1:]:
+        tried = [*members, step.ingredient]
+        assert step.weights == tuple(1 / len(tried) if m in tried else 0.0 for m in models), (
+            "the trial's soup"
+        )
         assert step.kept == (step.select_mean >= best)
         if step.kept:
             best, members = step.select_mean, [*members, step.ingredient]
@@ -66,6 +71,7 @@ def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path
 
     run = next(r for r in load_runs(settings.store) if r.run_id == result.run_id)
     assert run.method == GREEDY_SOUP and run.parameters["weights"] == list(result.weights)
+    assert run.parameters["order"] == order and run.parameters["ingredients"] == models
     assert curve(run, None, "accuracy", "report")["value"].iloc[0] == pytest.approx(result.report_mean)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
