@@ -10,6 +10,7 @@ could never fire, because the half was never empty, only NaN."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,33 @@ def test_report_on_a_sweep_without_a_select_half_is_one_line(one_image, tmp_path
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "half has no image for" in result.output and "evaluate more tasks or images" in result.output
     assert not Path(tmp_path / "report" / "report.html").exists()
+
+
+def test_closed_set_a_task_with_images_in_one_half_only_gets_rows_for_that_half(tmp_path, one_image):
+    """Closed-set scoring needs two classes: two nirschl_et_al_2018 images of different classes
+    and one eulenberg_et_al_2017 image. Whichever image the benchmark puts in the select half
+    (each order of the three is tried), no row is NaN, and in one order the nirschl task has all
+    of its images in the report half: it gets no select-half rows."""
+    settings, models = one_image
+    dataset = fixture_dataset(per_class=2, corrupt=0)
+    rows = [r for r in range(len(dataset)) if dataset[r]["dataset"] == "nirschl_et_al_2018"]
+    pair = [rows[0], next(r for r in rows if dataset[r]["label"] != dataset[rows[0]]["label"])]
+    other = next(r for r in range(len(dataset)) if dataset[r]["dataset"] == "eulenberg_et_al_2017_darkfield")
+    halves_seen = []
+    for rotation in range(3):
+        chosen = [*pair, other][rotation:] + [*pair, other][:rotation]
+        bench = write_hub_layout(
+            dataset.select(chosen), tmp_path / f"b{rotation}" / "perception" / "0.1.0", 1
+        )
+        store = tmp_path / f"closed{rotation}.jsonl"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            run_eval(
+                models[0],
+                replace(settings, data=str(bench), store=store, protocol="closed-set"),
+                torch.device("cpu"),
+            )
+        written = ResultStore(store).rows()
+        assert all(np.isfinite(row["value"]) for row in written)
+        halves_seen.append({row["split"] for row in written if row["task"] == "nirschl_et_al_2018"})
+    assert {"all", "report"} in halves_seen, halves_seen
