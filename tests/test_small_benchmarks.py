@@ -103,3 +103,31 @@ def test_closed_set_a_task_with_images_in_one_half_only_gets_rows_for_that_half(
         assert all(np.isfinite(row["value"]) for row in written)
         halves_seen.append({row["split"] for row in written if row["task"] == "nirschl_et_al_2018"})
     assert {"all", "report"} in halves_seen, halves_seen
+
+
+def test_a_question_asked_of_no_image_in_a_half_gets_no_row_there(tmp_path, one_image):
+    """Every caption of a μ-Bench row is nullable (../shared/ubench/SCHEMA.md), so an image can
+    hold one question of a task and not the other. Two images, one per half, the first without
+    its `stain_1` caption: the stain task has images in both halves, but `stain_1` is asked in
+    the second image's half only, so that question gets rows there and none (not NaN) in the other."""
+    settings, models = one_image
+    dataset = fixture_dataset(per_class=2, corrupt=0).select([0, 1])
+
+    def drop_second_stain_caption(row: dict, index: int) -> dict:
+        return {"captions": {**row["captions"], "stain_1": None}} if index == 0 else {}
+
+    dataset = dataset.map(drop_second_stain_caption, with_indices=True, features=dataset.features)
+    bench = write_hub_layout(dataset, tmp_path / "two" / "perception" / "0.1.0", 1)
+    store = tmp_path / "two.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_eval(models[0], replace(settings, data=str(bench), store=store), torch.device("cpu"))
+    written = ResultStore(store).rows()
+    assert all(np.isfinite(row["value"]) for row in written)
+    asked = {row["split"] for row in written if row.get("caption_key") == "stain_1"}
+    assert asked == {"all", "select"} or asked == {"all", "report"}, asked
+    assert {row["split"] for row in written if row.get("caption_key") == "stain_0"} == {
+        "all",
+        "select",
+        "report",
+    }
