@@ -18,13 +18,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from micromerge.analysis.metrics import summarise
 from micromerge.analysis.soup import greedy_soup
+from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings, run_eval
 from micromerge.eval.hub_layout import write_hub_layout
 from micromerge.eval.store import ResultStore
 from tests.helpers import write_checkpoint
+from tests.test_analysis import write_store
 from tests.ubench_fixture import fixture_dataset
 
 
@@ -131,3 +134,15 @@ def test_a_question_asked_of_no_image_in_a_half_gets_no_row_there(tmp_path, one_
         "select",
         "report",
     }
+
+
+@pytest.mark.parametrize("missing", ["select", "report"])
+def test_summarising_a_run_without_one_half_names_that_half(tmp_path, missing):
+    """`--tasks` can pick tasks whose images all fall in one half (the halves split the whole
+    benchmark's images): a store without that half's rows, summarised, is one line naming it."""
+    full = ResultStore(write_store(tmp_path / "full.jsonl")).rows()
+    store = tmp_path / "halved.jsonl"
+    ResultStore(store).append([row for row in full if row["split"] != missing])
+    (run,) = load_runs(store)
+    with pytest.raises(MicromergeError, match=f"the {missing} half has no image for all_task_mean"):
+        summarise(run, "domain:pathology")
