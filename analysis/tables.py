@@ -14,6 +14,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.store import ResultStore
+from micromerge.merging.sources import PICKLE_SUFFIXES
 
 
 @dataclass
@@ -37,17 +38,26 @@ SINGLE_POINT_METHODS = ("none", "greedy-soup")
 """Runs with no curve by design: an `eval` of one model, and a greedy soup (one chosen point)."""
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def _model_name(spec: str, whole: bool) -> str:
+    """A checkpoint file by its stem (a run folder's model.safetensors by its folder); anything else
+    (a zoo name, an hf-hub: id, a folder) whole for the base, by its last part for a specialist."""
+    path = Path(spec)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return (
+            path.parent.name if path.stem in ("model", "open_clip_model") and path.parent.name else path.stem
+        )
+    return spec if whole else path.name
+
+
 def run_label(row: dict[str, Any]) -> str:
     if row.get("label"):
         return str(row["label"])
     model = row["model"]
-    names = [Path(str(model["base"])).stem if Path(str(model["base"])).suffix else str(model["base"])]
-    names += [
-        Path(str(f)).parent.name if Path(str(f)).name == "model.safetensors" else Path(str(f)).stem
-        for f in model.get("finetuned", [])
-    ]
-    if Path(names[0]).name == "model" or names[0] == "model":
-        names[0] = Path(str(model["base"])).parent.name
+    names = [_model_name(str(model["base"]), whole=True)]
+    names += [_model_name(str(f), whole=False) for f in model.get("finetuned", [])]
     protocol = f" [{row['protocol']}]" if row.get("protocol") else ""
     return f"{row['method']}{protocol}: {' + '.join(names)}"
 
