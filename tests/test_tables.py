@@ -10,6 +10,7 @@ import warnings
 import pytest
 
 from micromerge.analysis.tables import load_runs, run_label
+from micromerge.eval.store import ResultStore
 from tests.test_analysis import write_store
 
 
@@ -50,3 +51,65 @@ def test_single_point_runs_load_without_a_missing_curve_warning(tmp_path):
     assert soup.method == "greedy-soup"
     with pytest.warns(UserWarning, match="a single alpha, so no curve"):
         load_runs(write_store(tmp_path / "s.jsonl", alphas=(0.5,)))
+
+
+def _rows(tmp_path, run_id: str, method: str, alphas: tuple, model: dict, fingerprint="F", protocol="ubench"):
+    """write_store's rows as `eval` (alpha null) or `sweep` writes them, with inputs' digests."""
+    rows = ResultStore(
+        write_store(tmp_path / f"{run_id}.jsonl", alphas=alphas, run_id=run_id, method=method)
+    ).rows()
+    dataset = {"source": "fixture", "fingerprint": fingerprint}
+    alpha = {"alpha": None} if method == "none" else {}
+    return [{**row, "model": model, "dataset": dataset, "protocol": protocol, **alpha} for row in rows]
+
+
+def test_a_sweep_takes_as_references_the_evaluations_of_its_own_inputs_on_its_data_and_protocol(tmp_path):
+    """With per-block alpha rules, alpha 0 and 1 are not the base and the specialist: a sweep is
+    compared with their own `micromerge eval` runs, found by sha256, on the same data and protocol.
+    Evaluations of the same checkpoints on other data or under the other protocol come later in
+    the store, so a key that ignored either would pick them."""
+    base, specialist = "b" * 64, "s" * 64
+    evaluated = {"finetuned": [], "finetuned_sha256": []}
+    store = tmp_path / "all.jsonl"
+    ResultStore(store).append(
+        _rows(
+            tmp_path, "e-base", "none", (0.0,), {"base": "b.safetensors", "base_sha256": [base], **evaluated}
+        )
+        + _rows(
+            tmp_path,
+            "e-ft",
+            "none",
+            (1.0,),
+            {"base": "f.safetensors", "base_sha256": [specialist], **evaluated},
+        )
+        + _rows(
+            tmp_path,
+            "e-data",
+            "none",
+            (0.5,),
+            {"base": "b", "base_sha256": [base], **evaluated},
+            fingerprint="G",
+        )
+        + _rows(
+            tmp_path,
+            "e-cs",
+            "none",
+            (0.5,),
+            {"base": "f", "base_sha256": [specialist], **evaluated},
+            protocol="closed-set",
+        )
+        + _rows(
+            tmp_path,
+            "sweep",
+            "wise-ft",
+            (0.0, 0.5, 1.0),
+            {"base": "b", "base_sha256": [base], "finetuned": ["f"], "finetuned_sha256": [specialist]},
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-point runs
+        runs = {run.run_id: run for run in load_runs(store)}
+    sweep = runs["sweep"]
+    assert sweep.base_reference is not None and sweep.base_reference.equals(runs["e-base"].table)
+    assert sweep.finetuned_reference is not None and sweep.finetuned_reference.equals(runs["e-ft"].table)
+    assert runs["e-base"].base_reference is None, "an evaluation has no references of its own"
