@@ -113,3 +113,10 @@ def test_a_sweep_takes_as_references_the_evaluations_of_its_own_inputs_on_its_da
     assert sweep.base_reference is not None and sweep.base_reference.equals(runs["e-base"].table)
     assert sweep.finetuned_reference is not None and sweep.finetuned_reference.equals(runs["e-ft"].table)
     assert runs["e-base"].base_reference is None, "an evaluation has no references of its own"
+
+
+def test_rows_written_before_the_protocol_field_are_closed_set_runs(tmp_path):
+    """Stores from before `--protocol ubench` hold rows without a protocol: they were scored
+    against every class of the task, so they are closed-set runs and never a ubench reference."""
+    (run,) = load_runs(write_store(tmp_path / "old.jsonl"))
+    assert run.protocol == "closed-set"
