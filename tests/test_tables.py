@@ -34,6 +34,7 @@ def _row(base: str, finetuned: list[str], **extra) -> dict:
             "wise-ft [ubench]: runs/base + plip-local + plip",
         ),
         (_row("ckpt/open_clip_model.safetensors", ["e/epoch_3.pt"]), "wise-ft: ckpt + epoch_3"),
+        (_row("model.safetensors", ["m1.safetensors"]), "wise-ft: model + m1"),  # in the working folder
         (_row("m0.safetensors", ["m1.safetensors"], label="my run"), "my run"),
     ],
 )
