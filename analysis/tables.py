@@ -115,7 +115,7 @@ def _attach_references(runs: list[Run]) -> None:
     evaluated = {
         _reference_key(r, list(r.model.get("base_sha256") or [])): r.table
         for r in runs
-        if r.method == "none" and r.table["alpha"].isna().all()
+        if r.method == "none"  # `micromerge eval`: one model, alpha null
     }
     for run in runs:
         if run.method == "none":
