@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.store import ResultStore
+from micromerge.merging.model_card import checkpoint_provenance
 from micromerge.merging.sources import PICKLE_SUFFIXES
 
 
@@ -160,7 +160,8 @@ def _warn_missing(table: pd.DataFrame, label: str) -> None:
 
 
 def finetuned_domain(run: Run, store: Path) -> str | None:
-    """The fine-tuning domain recorded in the fine-tuned checkpoint's manifest, if any.
+    """The fine-tuning domain recorded in the fine-tuned checkpoint's provenance (found as the
+    model card finds it: its own manifest, its folder's, or its safetensors header), if any.
 
     The checkpoint is found by what it holds, not by where the report runs: each candidate path
     (the absolute file the sweep read, the recorded path against the store's own folder, the
@@ -176,9 +177,7 @@ def finetuned_domain(run: Run, store: Path) -> str | None:
                 continue
             if index < len(digests) and sha256_file(path, default_cache_dir()) != digests[index]:
                 continue
-            for manifest in (path.parent / "manifest.json", Path(str(path) + ".manifest.json")):
-                if manifest.is_file():
-                    domain = json.loads(manifest.read_text()).get("domain")
-                    if domain:
-                        return str(domain)
+            domain = checkpoint_provenance([path]).get("domain")
+            if domain:
+                return str(domain)
     return None

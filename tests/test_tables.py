@@ -5,12 +5,17 @@ holds (mutation audit round 12)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 
+import pandas as pd
 import pytest
+from safetensors.torch import save_file
 
 from micromerge.analysis.tables import load_runs, run_label
 from micromerge.eval.store import ResultStore
+from tests.helpers import random_state_dict
 from tests.test_analysis import write_store
 
 
@@ -121,3 +126,43 @@ def test_rows_written_before_the_protocol_field_are_closed_set_runs(tmp_path):
     against every class of the task, so they are closed-set runs and never a ubench reference."""
     (run,) = load_runs(write_store(tmp_path / "old.jsonl"))
     assert run.protocol == "closed-set"
+
+
+def test_the_specialists_domain_is_read_from_the_checkpoint_the_sweep_read(tmp_path):
+    """The report's default target: the domain in the specialist's provenance. The checkpoint is
+    the one whose sha256 the sweep recorded, wherever it is now (the recorded absolute path holds
+    other bytes here, the copy beside the store is the one), and its own manifest speaks before its
+    folder's, as for the model card; a checkpoint with its provenance in the header only is read too."""
+    from micromerge.analysis.tables import Run, finetuned_domain
+
+    def checkpoint(path, seed: int, header_domain: str | None = None) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = (
+            {"micromerge.core.provenance": json.dumps({"domain": header_domain})} if header_domain else None
+        )
+        save_file(random_state_dict(seed), str(path), metadata=metadata)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    store = tmp_path / "results" / "r.jsonl"
+    digest = checkpoint(tmp_path / "results" / "runs" / "ft.safetensors", 1)
+    (tmp_path / "results" / "runs" / "ft.safetensors.manifest.json").write_text(
+        json.dumps({"domain": "pathology"})
+    )
+    (tmp_path / "results" / "runs" / "manifest.json").write_text(json.dumps({"domain": "the folder's"}))
+    checkpoint(tmp_path / "moved" / "ft.safetensors", 2, header_domain="biology")
+    model = {
+        "finetuned": ["runs/ft.safetensors"],
+        "finetuned_files": [str(tmp_path / "moved" / "ft.safetensors")],
+        "finetuned_sha256": [digest],
+    }
+    run = Run("r", "r", "wise-ft", {}, model, {}, pd.DataFrame())
+    assert finetuned_domain(run, store) == "pathology"
+    header_only = checkpoint(tmp_path / "h" / "ft.safetensors", 3, header_domain="biology")
+    moved = {"finetuned": [str(tmp_path / "h" / "ft.safetensors")], "finetuned_sha256": [header_only]}
+    assert finetuned_domain(Run("h", "h", "wise-ft", {}, moved, {}, pd.DataFrame()), store) == "biology"
+    assert (
+        finetuned_domain(
+            Run("x", "x", "wise-ft", {}, {**moved, "finetuned_sha256": [digest]}, {}, pd.DataFrame()), store
+        )
+        is None
+    )
