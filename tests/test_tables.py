@@ -166,3 +166,7 @@ def test_the_specialists_domain_is_read_from_the_checkpoint_the_sweep_read(tmp_p
         )
         is None
     )
+    recorded = {**moved, "finetuned": ["gone/ft.safetensors"], "finetuned_files": moved["finetuned"]}
+    assert finetuned_domain(Run("a", "a", "wise-ft", {}, recorded, {}, pd.DataFrame()), store) == "biology", (
+        "the relative name resolves nowhere: the absolute file the sweep read"
+    )
