@@ -286,3 +286,34 @@ def test_a_text_tower_with_its_own_tokenizer_gets_no_clip_vocabulary(tmp_path, c
     with pytest.warns(UserWarning, match="no tokenizer written"):
         _write_transformers("m", config, tensors, tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "vocab.json").exists()
+
+
+def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, checkpoint, monkeypatch):
+    """Only a folder with weights and a model card goes up, as a model repo, in one commit named
+    for the folder; an empty HF_HUB_OFFLINE means online (huggingface_hub reads it the same way)."""
+    import huggingface_hub
+
+    folder = _export(checkpoint, tmp_path / "hf")
+    monkeypatch.setattr(huggingface_hub, "HfApi", _StubHub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    (tmp_path / "no-card").mkdir()
+    (tmp_path / "no-card" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "README.md").write_text("a card")
+    for path, needle in (
+        (checkpoint, "not a folder; `micromerge export CHECKPOINT --out FOLDER` makes one"),
+        (tmp_path / "no-card", "model card (README.md); export it first"),
+        (tmp_path / "no-weights", "no weights (model.safetensors or open_clip_model.safetensors)"),
+    ):
+        _StubHub.calls = []
+        refused = CliRunner().invoke(cli, ["push", str(path), "--repo", "lab/x"])
+        assert refused.exit_code == 2 and needle in refused.output and not _StubHub.calls, refused.output
+    result = CliRunner().invoke(cli, ["push", str(folder), "--repo", "lab/merged"])
+    assert result.exit_code == 0, result.output
+    (_, upload) = _StubHub.calls[-1]
+    assert upload == {
+        "folder_path": str(folder),
+        "repo_id": "lab/merged",
+        "repo_type": "model",
+        "commit_message": "micromerge: upload hf",
+    }
