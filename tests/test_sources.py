@@ -375,3 +375,19 @@ def test_a_zoo_entry_with_an_unknown_format_is_named(tmp_path):
     zoo.write_text('[mine]\nformat = "pickle"\nrepo = "me/mine"\n')
     with pytest.raises(MicromergeError, match=r"\[mine\] format must be one of"):
         load_zoo(zoo)
+
+
+def test_a_zoo_entry_with_an_unknown_field_is_named(tmp_path):
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[mine]\nformat = "open_clip_hub"\nrepo = "me/mine"\nrevison = "main"\n')
+    with pytest.raises(MicromergeError, match=r"zoo.toml: \[mine\] .*'revison'"):
+        load_zoo(zoo)
+
+
+def test_zoo_sources_say_where_each_format_is_fetched_from():
+    """`micromerge zoo` shows each entry's source: the open_clip tag, or the hub repo and whether
+    open_clip or transformers reads it."""
+    zoo = load_zoo()
+    assert zoo["openai-vit-b-32"].source == "open_clip ViT-B-32 pretrained='openai'"
+    assert zoo["quiltnet-b-32"].source == "hf-hub:wisdomik/QuiltNet-B-32"
+    assert zoo["plip"].source == "transformers hf-hub:vinid/plip"
