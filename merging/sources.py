@@ -13,6 +13,7 @@ This module imports torch only on the paths that need it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -124,17 +125,25 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
     (`models.normalisation`), so a model trained with other statistics than OpenAI CLIP's keeps them."""
     if mean_key not in preprocessing or std_key not in preprocessing:
         return {}
-    values = {name: preprocessing[key] for name, key in (("mean", mean_key), ("std", std_key))}
-    for name, value in values.items():
+    values = {}
+    for name, key in (("mean", mean_key), ("std", std_key)):
+        value = preprocessing[key]
+        channels = [value] * 3 if _is_number(value) else value  # one number: every channel (transformers)
         if not (
-            isinstance(value, list)
-            and len(value) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            and (name == "mean" or all(v > 0 for v in value))
+            isinstance(channels, list)
+            and len(channels) == 3
+            and all(_is_number(v) for v in channels)
+            and (name == "mean" or all(v > 0 for v in channels))
         ):
-            key = mean_key if name == "mean" else std_key
-            raise MicromergeError(f"{file}: {key} must be three numbers (one per RGB channel), not {value!r}")
-    return {"preprocess_cfg": {name: [float(v) for v in value] for name, value in values.items()}}
+            raise MicromergeError(
+                f"{file}: {key} must be three numbers (one per RGB channel) or one, not {value!r}"
+            )
+        values[name] = [float(v) for v in channels]
+    return {"preprocess_cfg": values}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _open_clip_model_config(config_file: Path) -> dict | None:

@@ -80,6 +80,13 @@ def test_a_transformers_folders_processor_config_gives_the_normalisation(tmp_pat
     assert _normalisation_of(str(tmp_path / "hf")) == (MEAN, STD)
 
 
+def test_one_number_is_every_channels(tmp_path):
+    """CLIPImageProcessor takes a single float for image_mean/image_std (every channel)."""
+    tiny_hf_clip(seed=1).save_pretrained(tmp_path / "hf")
+    transformers.CLIPImageProcessor(image_mean=0.5, image_std=0.25).save_pretrained(tmp_path / "hf")
+    assert _normalisation_of(str(tmp_path / "hf")) == ([0.5] * 3, [0.25] * 3)
+
+
 def test_a_transformers_hub_repo_brings_its_processor_config_when_cached(tmp_path):
     tiny_hf_clip(seed=2).save_pretrained(tmp_path / "plip")
     transformers.CLIPImageProcessor(image_mean=MEAN, image_std=STD).save_pretrained(tmp_path / "plip")
@@ -99,6 +106,7 @@ def test_a_transformers_hub_repo_brings_its_processor_config_when_cached(tmp_pat
         ({"mean": [0.5, 0.5], "std": STD}, r"mean must be three numbers .*not \[0.5, 0.5\]"),
         ({"mean": MEAN, "std": [0.5, 0.0, 0.5]}, "std must be three numbers"),
         ({"mean": MEAN, "std": "0.5"}, "std must be three numbers"),
+        ({"mean": MEAN, "std": [0.5, float("nan"), 0.5]}, "std must be three numbers"),
     ],
 )
 def test_a_malformed_normalisation_is_one_line_naming_the_file(tmp_path, preprocess, needle):
