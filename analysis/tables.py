@@ -14,7 +14,7 @@ from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.store import ResultStore
 from micromerge.merging.model_card import checkpoint_provenance
-from micromerge.merging.sources import PICKLE_SUFFIXES
+from micromerge.merging.sources import CHECKPOINT_SUFFIXES, checkpoint_name
 
 
 @dataclass
@@ -38,18 +38,10 @@ SINGLE_POINT_METHODS = ("none", "greedy-soup")
 """Runs with no curve by design: an `eval` of one model, and a greedy soup (one chosen point)."""
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
 def _model_name(spec: str, whole: bool) -> str:
-    """A checkpoint file by its stem (a run folder's model.safetensors by its folder); anything else
-    (a zoo name, an hf-hub: id, a folder) whole for the base, by its last part for a specialist."""
-    path = Path(spec)
-    if path.suffix in CHECKPOINT_SUFFIXES:
-        return (
-            path.parent.name if path.stem in ("model", "open_clip_model") and path.parent.name else path.stem
-        )
-    return spec if whole else path.name
+    """A checkpoint file by its name (`checkpoint_name`); anything else (a zoo name, an hf-hub: id,
+    a folder) whole for the base, by its last part for a specialist."""
+    return spec if whole and Path(spec).suffix not in CHECKPOINT_SUFFIXES else checkpoint_name(spec)
 
 
 def run_label(row: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
+from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
 
 LIBRARIES = {"transformers": "transformers", "open_clip": "open_clip", "micromerge": "open_clip"}
@@ -120,13 +121,5 @@ def write_model_card(
 ) -> Path:
     record = checkpoint_provenance(files)
     path = folder / "README.md"
-    write_text_atomic(path, model_card(_title(checkpoint), record, library, evaluation))
+    write_text_atomic(path, model_card(checkpoint_name(checkpoint), record, library, evaluation))
     return path
-
-
-def _title(checkpoint: str) -> str:
-    """A run folder's name for its `model.safetensors`, else the file's stem (or the zoo name)."""
-    path = Path(checkpoint)
-    if path.stem in ("model", "open_clip_model") and path.parent.name:
-        return path.parent.name
-    return path.stem or checkpoint

@@ -13,11 +13,11 @@ This module imports torch only on the paths that need it.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Literal
 
+from micromerge.core.config_schema import is_finite_number
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hf_download_command
 from micromerge.merging import hf_clip
@@ -27,7 +27,20 @@ from micromerge.merging.tensor_source import ArchInfo, ArrayView, SafetensorsSou
 from micromerge.merging.zoo import ZooEntry, load_zoo
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 ArrayKind = Literal["torch", "numpy"]
+
+
+def checkpoint_name(spec: str) -> str:
+    """A checkpoint as people call it (a model card's title, a run's label): a checkpoint file by its
+    stem, a run folder's model.safetensors or open_clip_model.safetensors by its folder, anything
+    else (a zoo name, an hf-hub: id, a folder) by its last part, where a dot is no suffix."""
+    path = Path(spec)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return (
+            path.parent.name if path.stem in ("model", "open_clip_model") and path.parent.name else path.stem
+        )
+    return path.name or spec
 
 
 class NeedsTorch(MicromergeError):
@@ -128,11 +141,13 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
     values = {}
     for name, key in (("mean", mean_key), ("std", std_key)):
         value = preprocessing[key]
-        channels = [value] * 3 if _is_number(value) else value  # one number: every channel (transformers)
+        channels = (
+            [value] * 3 if is_finite_number(value) else value
+        )  # one number: every channel (transformers)
         if not (
             isinstance(channels, list)
             and len(channels) == 3
-            and all(_is_number(v) for v in channels)
+            and all(is_finite_number(v) for v in channels)
             and (name == "mean" or all(v > 0 for v in channels))
         ):
             raise MicromergeError(
@@ -140,10 +155,6 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
             )
         values[name] = [float(v) for v in channels]
     return {"preprocess_cfg": values}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _open_clip_model_config(config_file: Path) -> dict | None:

@@ -26,7 +26,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
@@ -43,19 +43,21 @@ def _str_or_list_of_str(value: Any) -> bool:
 
 
 def _alphas(value: Any) -> bool:
-    return _is_str(value) or _list_of(_is_number)(value)
+    return _is_str(value) or _list_of(is_finite_number)(value)
 
 
 def _rules(value: Any) -> bool:
     if isinstance(value, dict):
-        return all(_is_str(k) and _is_number(v) for k, v in value.items())
+        return all(_is_str(k) and is_finite_number(v) for k, v in value.items())
     return _list_of(
-        lambda r: _is_str(r) or (isinstance(r, list) and len(r) == 2 and _is_str(r[0]) and _is_number(r[1]))
+        lambda r: (
+            _is_str(r) or (isinstance(r, list) and len(r) == 2 and _is_str(r[0]) and is_finite_number(r[1]))
+        )
     )(value)
 
 
 def _weights(value: Any) -> bool:
-    return _is_str(value) or _list_of(_is_number)(value)
+    return _is_str(value) or _list_of(is_finite_number)(value)
 
 
 def _table(value: Any) -> bool:
@@ -65,7 +67,7 @@ def _table(value: Any) -> bool:
 KINDS: dict[str, tuple[Check, str]] = {
     "bool": (_is_bool, "a boolean (true or false, unquoted)"),
     "int": (_is_int, "an integer"),
-    "number": (_is_number, "a finite number"),
+    "number": (is_finite_number, "a finite number"),
     "str": (_is_str, "a string"),
     "str_list": (_list_of(_is_str), 'a list of strings (e.g. ["visual.*"])'),
     "str_or_str_list": (_str_or_list_of_str, "a string or a list of strings"),
