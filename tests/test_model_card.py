@@ -104,3 +104,18 @@ def test_a_corrupt_manifest_falls_back_to_the_header_and_a_foreign_file_has_none
     save_file(random_state_dict(0), str(foreign))
     assert checkpoint_provenance([foreign]) == {}
     assert "No micromerge provenance was found" in model_card("weights", {}, "open_clip")
+
+
+def test_the_card_is_titled_by_the_checkpoints_name(tmp_path):
+    """A run folder's model.safetensors by its folder, a file by its stem, a hub id by its repo
+    name, dots and all (it was cut at the last dot, as if it were a file suffix)."""
+    from micromerge.merging.model_card import write_model_card
+
+    for checkpoint, title in (
+        ("runs/pathology/model.safetensors", "pathology"),
+        ("merged-a0.5.safetensors", "merged-a0.5"),
+        ("hf-hub:org/clip.v2", "clip.v2"),
+        ("plip", "plip"),
+    ):
+        card = write_model_card(tmp_path, checkpoint, [], "open_clip").read_text()
+        assert f"\n# {title}\n" in card, checkpoint
