@@ -111,6 +111,12 @@ def _field(struct: pa.Array, name: str) -> pa.Array:
 CaptionLists = dict[str, tuple[list, list]]  # caption key -> (options per row, answer_idx per row)
 
 
+def _asked(options: list | None, answer: object) -> bool:
+    """Whether a row's caption entry is a question to score: it has options and an answer (a null or
+    blank `answer_idx` is a question not asked of this image, like a null entry)."""
+    return bool(options) and answer is not None and str(answer).strip() != ""
+
+
 def _caption_lists(captions: pa.StructArray | None, keys: tuple[str, ...]) -> CaptionLists:
     """Every caption key's options and answers, read once from Arrow (nulls kept as None)."""
     if captions is None:
@@ -126,7 +132,7 @@ def _question(
     key: str, lists: tuple[list, list], rows: list[int], classes_of_rows: list, classes: tuple[str, ...]
 ) -> OptionQuestion | None:
     options, answers = lists
-    kept = [r for r in rows if options[r] and answers[r] is not None and str(answers[r]).strip() != ""]
+    kept = [r for r in rows if _asked(options[r], answers[r])]
     if not kept:
         return None
     text_ids: dict[str, int] = {}
@@ -167,7 +173,7 @@ def _class_captions(lists: CaptionLists, key: str, rows: list[int], values: list
     options, answers = lists[key]
     found: dict[str, str] = {}
     for r in rows:
-        if values[r] not in found and options[r] and answers[r] is not None:
+        if values[r] not in found and _asked(options[r], answers[r]):
             found[values[r]] = options[r][int(answers[r])]
     return tuple(found.get(c, class_text(c)) for c in classes)
 
