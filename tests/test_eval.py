@@ -19,13 +19,14 @@ from click.testing import CliRunner
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import column_values, load_benchmark
+from micromerge.eval.hub_layout import write_hub_layout
 from micromerge.eval.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
 from micromerge.eval.store import ResultStore
 from micromerge.eval.tasks import discover_tasks
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
 from tests.helpers import two_process_launch, write_checkpoint
-from tests.ubench_fixture import write_fixture
+from tests.ubench_fixture import fixture_dataset, write_fixture
 
 
 @pytest.fixture
@@ -59,6 +60,21 @@ def test_loader_reads_every_layout_through_one_path(tmp_path, bench):
     assert first[0]["captions"]["stain_0"] is not None and first[-1]["captions"]["stain_0"] is None
 
 
+def test_a_saved_dataset_dict_is_read_one_split_at_a_time(tmp_path):
+    """A `save_to_disk` DatasetDict (dataset_dict.json + one folder per split) gives the asked split
+    only, never its splits' Arrow files read together; a split it lacks is named in one line."""
+    folder = tmp_path / "dict"
+    splits = {
+        "test": fixture_dataset(per_class=2, corrupt=0),
+        "train": fixture_dataset(per_class=1, corrupt=0),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    assert len(load_benchmark(str(folder)).dataset) == 26
+    assert len(load_benchmark(str(folder), split="train").dataset) == 13
+    with pytest.raises(MicromergeError, match=r"dict: has splits \['test', 'train'\], not 'validation'"):
+        load_benchmark(str(folder), split="validation")
+
+
 def test_hub_shards_are_memory_mapped_not_copied(bench):
     dataset = load_benchmark(str(bench)).dataset
     files = sorted(f["filename"] for f in dataset.cache_files)
@@ -77,8 +93,34 @@ def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
     flat.save_to_disk(str(tmp_path / "flat"))
     with pytest.raises(MicromergeError, match="column 'captions' must be a struct"):
         load_benchmark(str(tmp_path / "flat"))
+    for name, entry in (  # a caption entry needs its options as strings and its answer_idx
+        ("unanswered", {"question": datasets.Value("string"), "options": [datasets.Value("string")]}),
+        ("numbered", {"answer_idx": datasets.Value("string"), "options": [datasets.Value("int64")]}),
+        ("worded", {"answer_idx": datasets.Value("string"), "options": datasets.Value("string")}),
+    ):
+        features = datasets.Features({**dataset.features, "captions": {"modality_0": entry}})
+        undecoded = dataset.cast_column("image", datasets.Image(decode=False))
+        rows = {c: column_values(undecoded, c) for c in dataset.column_names if c != "captions"}
+        rows["captions"] = [{"modality_0": None}] * len(dataset)
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / name))
+        with pytest.raises(
+            MicromergeError, match=r"captions.modality_0 must be a struct with 'options' \(list"
+        ):
+            load_benchmark(str(tmp_path / name))
+    empty = write_hub_layout(dataset.select([]), tmp_path / "empty" / "perception" / "0.1.0", 1)
+    with pytest.raises(MicromergeError, match="0.1.0: the split has no rows"):
+        load_benchmark(str(empty))
     dataset.add_column("a_new_column", ["x"] * len(dataset)).save_to_disk(str(tmp_path / "extra"))
     assert "a_new_column" in load_benchmark(str(tmp_path / "extra")).dataset.column_names
+    # a copy re-written by other tools (polars, pandas through pyarrow) may hold large_string
+    # columns and plain integer labels: as good as string and ClassLabel
+    large = dataset.cast_column("dataset", datasets.Value("large_string"))
+    large.cast_column("label_name", datasets.Value("large_string")).save_to_disk(str(tmp_path / "large"))
+    assert column_values(load_benchmark(str(tmp_path / "large")).dataset, "dataset")[0] == "kather_et_al_2016"
+    dataset.cast_column("label", datasets.Value("int64")).save_to_disk(str(tmp_path / "int"))
+    assert column_values(load_benchmark(str(tmp_path / "int")).dataset, "label") == column_values(
+        dataset, "label"
+    )
 
 
 def _hub_snapshot(revision: str, source: Path) -> Path:
@@ -92,14 +134,17 @@ def _hub_snapshot(revision: str, source: Path) -> Path:
     return target
 
 
-def test_hub_id_reads_the_cached_snapshot_offline(bench):
+def test_hub_id_reads_the_cached_snapshot_offline(tmp_path, bench):
+    """`ubench` is the pinned revision; `@REV` picks another snapshot (here a smaller benchmark)."""
     from micromerge.eval.hub_layout import HUB_REVISION
 
     _hub_snapshot(HUB_REVISION, bench)
     assert len(load_benchmark("ubench").dataset) == 78
     other = "0123456789abcdef0123456789abcdef01234567"
-    _hub_snapshot(other, bench)
-    assert len(load_benchmark(f"jnirschl/uBench@{other}").dataset) == 78
+    _hub_snapshot(other, write_fixture(tmp_path / "smaller", per_class=2))
+    for spec in (f"jnirschl/uBench@{other}", f"ubench@{other}"):
+        assert len(load_benchmark(spec).dataset) == 26, spec
+    assert len(load_benchmark(f"ubench@{HUB_REVISION}").dataset) == 78
 
 
 def test_hub_copy_offline_without_cache_is_a_clear_error():

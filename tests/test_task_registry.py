@@ -160,3 +160,39 @@ def test_tasks_come_coarse_first_then_fine_by_name_whatever_the_row_order(rows):
     ]
     reversed_rows = {column: values[::-1] for column, values in rows.items()}
     assert list(_tasks(reversed_rows)) == names
+
+
+def test_a_fine_task_of_one_class_is_scored_by_its_questions_only(rows):
+    """opencell's two rows relabelled to one class: nothing to tell apart under closed-set."""
+    rows["label_name"][12] = rows["label_name"][11]
+    opencell = _tasks(rows)["opencell"]
+    assert opencell.classes == ("mitochondria",) and opencell.rows == () and opencell.labels == ()
+    assert opencell.image_rows == (11, 12)
+
+
+def test_the_fine_headline_holds_only_sources_of_the_papers_tables():
+    """opencell is on the Hub but not in the paper (paper_tables = false, eval/ubench_sources.toml)
+    and does not set fine_headline: it stays out of the fine headline all the same."""
+    from micromerge.eval.source_metadata import load_source_table
+
+    assert load_source_table().info("opencell").fine_headline
+    tasks = _tasks(fixture_rows(per_class=1, corrupt=0))
+    assert tasks["opencell"].groups["paper"] == "no" and tasks["opencell"].groups["fine_headline"] == "no"
+    assert tasks["kather_et_al_2016"].groups["fine_headline"] == "yes"
+
+
+def test_a_task_selection_reads_names_and_levels_with_spaces_after_commas(rows):
+    from micromerge.eval.tasks import select_tasks
+
+    tasks = list(_tasks(rows).values())
+    chosen = select_tasks(tasks, "stain, fine")
+    assert [t.name for t in chosen] == ["stain", *[t.name for t in tasks if t.level == "fine"]]
+    assert [t.name for t in select_tasks(tasks, ("modality ", " opencell"))] == ["modality", "opencell"]
+
+
+@pytest.mark.parametrize("mpp", [0.2, 5.0])
+def test_a_median_on_the_edge_of_its_scales_range_is_inside_it(rows, mpp):
+    """tissue is 0.2-5 µm/px, both ends included (eval/ubench_sources.toml [scales])."""
+    for row in (0, 1, 2):
+        rows["microns_per_pixel"][row] = mpp
+    assert _tasks(rows)["kather_et_al_2016"].notes == ()

@@ -1,0 +1,132 @@
+"""The corpus index of the streaming path (finetune/streaming.py) on its own: how tar members group
+into samples, which caption a sample takes, what each kind of fingerprint sees, and how much memory
+`--data-in-memory auto` counts on.
+
+Facts from public sources: webdataset shards are plain tar files whose members `KEY.EXT` group into
+one sample per KEY, the caption in `.txt` or in the `caption` field of `.json` (webdataset's README
+and open_clip_train's data.py, read through the search tool); a tar member's data is padded to
+512-byte blocks, so a shard's size does not change when one caption changes by a byte (POSIX ustar).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.pairs import load_pairs
+from micromerge.finetune.streaming import (
+    IN_MEMORY_BUDGET,
+    SampleRecipe,
+    StreamedSamples,
+    choose_in_memory,
+    index_pairs,
+    indexed_pairs,
+)
+from tests.test_finetune import _png, write_csv_folder
+from tests.test_streaming import write_arrow
+
+
+def _shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _streamed_captions(spec: str) -> list[str]:
+    samples = StreamedSamples(index_pairs(spec), SampleRecipe(16, (), 0, lambda caption: caption))
+    return [samples[(0, i)][1] for i in range(len(samples))]
+
+
+def test_tar_members_group_by_key_whatever_the_suffixs_case_and_the_txt_caption_comes_first(tmp_path):
+    """`a.PNG` + `a.txt`, `b.jpg` + `b.JSON`, and `c` with both a .txt and a .json caption (the .txt
+    is the caption, as the plain loader reads it); the index, its in-memory read and the streamed
+    samples agree with `load_pairs`."""
+    shard = _shard(
+        tmp_path / "wds" / "shard-000000.tar",
+        [
+            ("a.PNG", _png(0)),
+            ("a.txt", b"caption of a"),
+            ("b.jpg", _png(1)),
+            ("b.JSON", json.dumps({"caption": "caption of b", "text": "not this"}).encode()),
+            ("c.png", _png(2)),
+            ("c.json", json.dumps({"caption": "the json's caption of c"}).encode()),
+            ("c.txt", b"the txt's caption of c"),
+        ],
+    )
+    expected = ["caption of a", "caption of b", "the txt's caption of c"]
+    assert load_pairs(str(shard.parent)).captions == expected
+    index = index_pairs(str(shard.parent))
+    assert index.kind == "tar" and len(index) == 3
+    assert indexed_pairs(index).captions == expected
+    assert _streamed_captions(str(shard.parent)) == expected
+    assert [p["bytes"] for p in indexed_pairs(index).payloads] == [_png(0), _png(1), _png(2)]
+
+
+def test_a_tar_fingerprint_sees_a_caption_changed_inside_an_unchanged_shard_size(tmp_path):
+    def write(caption: bytes) -> str:
+        _shard(tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.txt", caption)])
+        return index_pairs(str(tmp_path / "wds")).fingerprint
+
+    shard = tmp_path / "wds" / "shard-000000.tar"
+    first = write(b"tumor")
+    size = shard.stat().st_size
+    assert write(b"tumour") != first and shard.stat().st_size == size
+
+
+def test_a_table_fingerprint_sees_an_image_replaced_under_its_name(tmp_path):
+    """The table is unchanged; the fingerprint reads image names and sizes, not their bytes."""
+    data = write_csv_folder(tmp_path / "pairs", n=6)
+    before = index_pairs(str(data)).fingerprint
+    (data / "img3.png").write_bytes(_png(40) + b"\0" * 7)
+    assert index_pairs(str(data)).fingerprint != before
+
+
+def test_an_arrow_fingerprint_sees_its_data_file_rewritten_under_the_same_state(tmp_path):
+    """save_to_disk's state.json carries the dataset's fingerprint; an Arrow file copied over from
+    another dataset keeps that state, and the index must still tell them apart."""
+    data = write_arrow(tmp_path / "arrow", 6)
+    before = index_pairs(str(data)).fingerprint
+    other = write_arrow(tmp_path / "other", 9)
+    (arrow_file,) = data.glob("*.arrow")
+    shutil.copyfile(next(other.glob("*.arrow")), arrow_file)
+    assert index_pairs(str(data)).fingerprint != before
+
+
+def test_auto_counts_three_bytes_a_pixel_against_the_budget():
+    """uint8 RGB: 224 x 224 x 3 = 150,528 bytes an image; 28,532 images fit in 4 GiB, 28,533 do not."""
+    assert IN_MEMORY_BUDGET == 4 << 30
+    fits, why = choose_in_memory("auto", 28_532, 224, ())
+    assert fits and why == "the decoded images take 4096 MiB, within 4 GiB"
+    assert choose_in_memory("auto", 1000, 224, ()) == (True, "the decoded images take 144 MiB, within 4 GiB")
+    assert choose_in_memory("auto", 28_533, 224, ()) == (
+        False,
+        "the decoded images would take 4.0 GiB, over 4 GiB",
+    )
+
+
+def test_a_streamed_json_caption_is_read_from_its_caption_field(tmp_path):
+    shard = _shard(
+        tmp_path / "wds" / "shard-000000.tar",
+        [("a.png", _png(0)), ("a.json", json.dumps({"caption": " an H&E tile ", "key": "a"}).encode())],
+    )
+    assert _streamed_captions(str(shard.parent)) == ["an H&E tile"]
+
+
+def test_an_empty_caption_stops_the_in_memory_read_naming_the_sample(tmp_path):
+    """The in-memory path reads every caption before training, so it can stop with one line; the
+    streamed path's workers cannot (an exception there reaches the trainer as a worker's traceback)."""
+    shard = _shard(tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.txt", b"  \n")])
+    with pytest.raises(
+        MicromergeError, match=r"shard-000000.tar: sample a has an image but no caption \(.txt\)"
+    ):
+        indexed_pairs(index_pairs(str(shard.parent)))
