@@ -86,6 +86,10 @@ def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
     dataset.remove_columns(["dataset"]).save_to_disk(str(tmp_path / "missing"))
     with pytest.raises(MicromergeError, match=r"missing required column\(s\) \['dataset'\]"):
         load_benchmark(str(tmp_path / "missing"))
+    paths = dataset.remove_columns(["image"]).add_column("image", ["img.png"] * len(dataset))
+    paths.save_to_disk(str(tmp_path / "paths"))
+    with pytest.raises(MicromergeError, match="column 'image' must be a datasets Image, not Value"):
+        load_benchmark(str(tmp_path / "paths"))
     dataset.cast_column("label", datasets.Value("string")).save_to_disk(str(tmp_path / "typed"))
     with pytest.raises(MicromergeError, match="column 'label' must be a ClassLabel"):
         load_benchmark(str(tmp_path / "typed"))
