@@ -16,14 +16,19 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
 from micromerge.finetune.streaming import (
+    AUGMENTATIONS,
     IN_MEMORY_BUDGET,
     SampleRecipe,
     StreamedSamples,
+    augmented_pixels,
     choose_in_memory,
     index_pairs,
     indexed_pairs,
@@ -130,3 +135,58 @@ def test_an_empty_caption_stops_the_in_memory_read_naming_the_sample(tmp_path):
         MicromergeError, match=r"shard-000000.tar: sample a has an image but no caption \(.txt\)"
     ):
         indexed_pairs(index_pairs(str(shard.parent)))
+
+
+def _asymmetric_png(size: int = 16) -> bytes:
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[0, :, 0] = 255  # a red top row
+    pixels[:, 0, 1] = 200  # a green left column
+    pixels[size - 3, size - 2, 2] = 90
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_rot90_draws_each_of_the_four_quarter_turns():
+    payload = {"bytes": _asymmetric_png(), "path": None}
+    original = augmented_pixels(payload, 16, (), 0)
+    turns = {augmented_pixels(payload, 16, ("rot90",), seed).tobytes() for seed in range(40)}
+    assert turns == {np.ascontiguousarray(np.rot90(original, k, axes=(1, 2))).tobytes() for k in range(4)}
+
+
+def test_augmentations_apply_in_the_order_named_from_the_one_seed():
+    """`augment = ["flip", "rot90"]` flips, then turns, both drawn from the sample's seed in turn."""
+    payload = {"bytes": _asymmetric_png(), "path": None}
+
+    def by_hand(names: tuple[str, ...], seed: int) -> bytes:
+        image = Image.open(io.BytesIO(payload["bytes"])).convert("RGB")
+        torch.random.default_generator.manual_seed(seed)
+        for name in names:
+            image = AUGMENTATIONS[name](16)(image)
+        return np.asarray(image).transpose(2, 0, 1).tobytes()
+
+    orders = [("flip", "rot90"), ("rot90", "flip")]
+    for seed in range(6):
+        for names in orders:
+            assert augmented_pixels(payload, 16, names, seed).tobytes() == by_hand(names, seed)
+    assert any(by_hand(orders[0], seed) != by_hand(orders[1], seed) for seed in range(6))
+
+
+def test_the_crop_is_open_clip_trainings_own():
+    """`crop` is the RandomResizedCrop that open_clip's training transform starts with: same size,
+    scale, ratio and interpolation (asked of the installed open_clip, not copied from it)."""
+    import open_clip
+    from torchvision.transforms import RandomResizedCrop
+
+    theirs = next(
+        t
+        for t in open_clip.image_transform(224, is_train=True).transforms
+        if isinstance(t, RandomResizedCrop)
+    )
+    ours = AUGMENTATIONS["crop"](224)
+    assert (ours.size, ours.scale, ours.ratio, ours.interpolation) == (
+        theirs.size,
+        theirs.scale,
+        theirs.ratio,
+        theirs.interpolation,
+    )

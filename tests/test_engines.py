@@ -192,12 +192,21 @@ def test_both_engines_refuse_nonfinite_inputs_and_write_nothing(tmp_path, checkp
     ft["visual.proj"][1, 1] = float("nan")
     save_file(ft, checkpoints[1])
     pair = {"base": checkpoints[0], "finetuned": [checkpoints[1]], "engine": engine}
-    with pytest.raises(MicromergeError, match="'visual.proj' contains NaN or Inf"):
+    with pytest.raises(MicromergeError, match="'visual.proj' contains NaN or Inf") as refused:
         _merge(tmp_path, "refused", **pair)
+    assert str(refused.value).startswith(f"{checkpoints[1]}: "), "named where it is: the input"
     assert not list(tmp_path.glob("refused*"))
     with pytest.warns(UserWarning, match="merging anyway"):
         output = _merge(tmp_path, "allowed", allow_nonfinite=True, **pair)
     assert torch.isnan(load_file(str(output.path))["visual.proj"][1, 1])
+    _checkpoint(checkpoints[1], 1, torch.float16)  # a finite specialist, and an Inf in the base
+    base = _checkpoint(checkpoints[0], 0)
+    base["token_embedding.weight"][0, 0] = float("inf")
+    save_file(base, checkpoints[0], metadata={"micromerge.arch": "nano-clip"})
+    for excluded in ((), ("token_embedding.weight",)):  # merged, or copied from the base as it is
+        with pytest.raises(MicromergeError, match="'token_embedding.weight' contains NaN or Inf") as refused:
+            _merge(tmp_path, "refused", **pair, exclude=excluded)
+        assert str(refused.value).startswith(f"{checkpoints[0]}: ")
 
 
 STREAMED = [m for m, method in METHODS.items() if method.statistics is None and m != "linear"]

@@ -179,7 +179,15 @@ def test_merge_alphas_resume_after_a_kill_and_recover_a_lost_manifest(pair):
     recovered = json.loads((pair / "killed" / "alpha-0.5.safetensors.manifest.json").read_text())
     assert recovered["recovered_from_header"] and recovered["parameters"]["alpha"] == 0.5
     assert len(recovered["inputs_sha256"]) == 2
-    changed = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed", "--include", "visual.*")
+    for other in (  # anything else that makes the bytes or says how they were made: not kept
+        ("--include", "visual.*"),
+        ("--method", "task-arithmetic"),  # one specialist: wise-ft's numbers, another provenance
+        ("--dtype", "float16"),
+    ):
+        changed = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed", *other)
+        one_line_error(changed, "output exists (not from these inputs and parameters)")
+    write_checkpoint(pair / "ft.safetensors", 2)  # another specialist at the same path
+    changed = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed")
     one_line_error(changed, "output exists (not from these inputs and parameters)")
 
 

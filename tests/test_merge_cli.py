@@ -76,7 +76,8 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
 
 def test_same_inputs_same_bytes(pair):
     """DARE draws its drop masks from --seed: the same seed gives the same bytes, another seed other
-    weights, and the seed is in the provenance, so the checkpoint says how to make it again."""
+    weights, and the seed is in the provenance, so the checkpoint says how to make it again. WiSE-FT
+    draws nothing: its seed is none (null), so two seeds give one file."""
     tmp, _, _ = pair
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         assert (
@@ -101,6 +102,11 @@ def test_same_inputs_same_bytes(pair):
         with safe_open(str(tmp / f"{name}.safetensors"), "pt") as handle:
             assert json.loads(handle.metadata()["micromerge.core.provenance"])["seed"] == seed
         assert json.loads((tmp / f"{name}.safetensors.manifest.json").read_text())["seed"] == seed
+    for seed in (3, 4):  # a method that draws nothing: the seed is no input, the bytes stay the same
+        args = ["--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", "--seed", seed]
+        assert invoke(*args, "--out", tmp / f"wise-{seed}.safetensors").exit_code == 0
+        assert json.loads((tmp / f"wise-{seed}.safetensors.manifest.json").read_text())["seed"] is None
+    assert (tmp / "wise-3.safetensors").read_bytes() == (tmp / "wise-4.safetensors").read_bytes()
 
 
 def test_alphas_write_one_checkpoint_per_alpha(pair):
