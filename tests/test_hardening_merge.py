@@ -46,6 +46,18 @@ def test_force_replaces_only_regular_files(pair):
     one_line_error(_merge(pair, "--out", pair / "folder", "--force"), "not a regular file")
 
 
+@pytest.mark.parametrize("provenance", [None, "null", "[1, 2]", "not json"])
+def test_an_existing_checkpoint_made_elsewhere_is_neither_kept_nor_overwritten(pair, provenance):
+    """Another tool's safetensors file at --out (no provenance, or one that is not our record) is
+    not this merge's output: one line, and the file as it was."""
+    out = pair / "theirs.safetensors"
+    metadata = {} if provenance is None else {"micromerge.core.provenance": provenance}
+    save_file({"w": torch.zeros(2)}, str(out), metadata=metadata)
+    before = out.read_bytes()
+    one_line_error(_merge(pair, "--out", out), "output exists (not from these inputs and parameters)")
+    assert out.read_bytes() == before
+
+
 def test_two_writers_to_one_name_do_not_both_win(tmp_path):
     """The existence check and the publish are one step: the later writer fails, nothing is lost."""
     target = tmp_path / "out.bin"

@@ -72,6 +72,16 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
         meta = handle.metadata()
     assert json.loads(meta["micromerge.core.provenance"])["inputs_sha256"] == digests
     assert meta["micromerge.arch"] == "nano-clip"
+    assert (manifest["merged_keys"], manifest["copied_keys"]) == (len(base), 0)
+    only_visual = tmp / "visual.safetensors"
+    args = ["--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", "--include", "visual.*"]
+    assert invoke(*args, "--out", only_visual, "--quiet").exit_code == 0
+    manifest = json.loads((tmp / "visual.safetensors.manifest.json").read_text())
+    visual = sum(key.startswith("visual.") for key in base)
+    assert 0 < visual < len(base) and (manifest["merged_keys"], manifest["copied_keys"]) == (
+        visual,
+        len(base) - visual,
+    )
 
 
 def test_same_inputs_same_bytes(pair):
@@ -519,3 +529,27 @@ def test_streaming_peak_memory_is_far_below_loading_every_input(tmp_path, engine
     assert extra < 0.5 * checkpoint_mb, (
         f"merge held {extra} MB over baseline for {checkpoint_mb:.0f} MB checkpoints"
     )
+
+
+def test_the_merge_carries_the_bases_model_config_so_it_loads_without_a_name(tmp_path):
+    """A checkpoint known only by its full model config (a fine-tuned run's, a converted hub model's)
+    gives a merge that carries that config and builds again from it alone."""
+    from micromerge.merging.models import get_model_config, load_model
+    from micromerge.merging.sources import open_source
+
+    config = get_model_config("nano-clip")
+    config["vision_cfg"]["layers"] = 1  # not any named architecture's config
+    for name, seed in (("base", 0), ("ft", 1)):
+        tensors = random_state_dict(seed)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("visual.transformer.resblocks.1.")}
+        save_file(
+            tensors, str(tmp_path / f"{name}.safetensors"), {"micromerge.model_config": json.dumps(config)}
+        )
+    args = ["--base", tmp_path / "base.safetensors", "--ft", tmp_path / "ft.safetensors"]
+    assert invoke(*args, "--out", tmp_path / "m.safetensors", "--quiet").exit_code == 0
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["micromerge.model_config"]) == config and "micromerge.arch" not in metadata
+    with open_source(str(tmp_path / "m.safetensors")) as merged:
+        model, _ = load_model(merged)
+    assert len(model.visual.transformer.resblocks) == 1
