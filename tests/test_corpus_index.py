@@ -190,3 +190,13 @@ def test_the_crop_is_open_clip_trainings_own():
         theirs.ratio,
         theirs.interpolation,
     )
+
+
+def test_the_every_byte_fingerprint_sees_a_caption_changed_under_the_same_images(tmp_path):
+    data = write_csv_folder(tmp_path / "pairs", n=6)
+    before = load_pairs(str(data)).fingerprint()
+    table = data / "captions.csv"
+    header, first, *rest = table.read_text().splitlines()
+    table.write_text("\n".join([header, first.replace(",", ",an edited caption: ", 1), *rest]) + "\n")
+    assert load_pairs(str(data)).captions[0].startswith("an edited caption: ")
+    assert load_pairs(str(data)).fingerprint() != before

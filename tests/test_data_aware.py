@@ -331,6 +331,10 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
     assert own.exit_code == 0, own.output
     described = json.loads((tmp_path / "f.safetensors.manifest.json").read_text())["statistics"]
     assert [d["data"] for d in described] == [str(general), str(special)]
+    swapped = CliRunner().invoke(cli, [*args, "--base-data", str(special), "--ft-data", str(general)])
+    assert (
+        swapped.exit_code == 2 and "output exists (not from these inputs and parameters)" in swapped.output
+    ), "the same models and parameters on other data make another merge"
     mixed = CliRunner().invoke(cli, [*args, "--force", "--ft-data", str(special), "--data", settings.data])
     assert mixed.exit_code == 0, mixed.output
     described = json.loads((tmp_path / "f.safetensors.manifest.json").read_text())["statistics"]
