@@ -200,3 +200,37 @@ def test_the_every_byte_fingerprint_sees_a_caption_changed_under_the_same_images
     table.write_text("\n".join([header, first.replace(",", ",an edited caption: ", 1), *rest]) + "\n")
     assert load_pairs(str(data)).captions[0].startswith("an edited caption: ")
     assert load_pairs(str(data)).fingerprint() != before
+
+
+def test_blank_lines_in_a_jsonl_table_are_no_rows(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.png").write_bytes(_png(i))
+    rows = [json.dumps({"image": f"{i}.png", "caption": f"caption {i}"}) for i in range(2)]
+    (folder / "captions.jsonl").write_text(f"{rows[0]}\n\n   \n{rows[1]}\n\n")
+    assert load_pairs(str(folder)).captions == ["caption 0", "caption 1"]
+
+
+def test_samples_of_a_shard_stream_draw_their_own_augmentation(tmp_path):
+    """The draw is seeded by (seed, pass, shard, key): six copies of one image under six keys come out
+    augmented six ways, not one."""
+    import webdataset as wds
+
+    from micromerge.finetune.streaming import ShardStream, _StreamDecoder
+    from tests.test_streaming import _pipe_spec
+
+    members = [
+        (f"s{i}{suffix}", payload)
+        for i in range(6)
+        for suffix, payload in ((".png", _png(0)), (".txt", b"x"))
+    ]
+    folder = _shard(tmp_path / "wds" / "shard-000000.tar", members).parent
+    stream = ShardStream(
+        _pipe_spec(folder), SampleRecipe(32, ("crop", "flip"), 0, lambda caption: torch.tensor(0))
+    )
+    batches = wds.DataPipeline(
+        wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(6, collation_fn=list)
+    )
+    images = [image for pixels, _, _ in _StreamDecoder(stream, skip=0)(iter(batches)) for image in pixels]
+    assert len(images) == 6 and len({image.numpy().tobytes() for image in images}) == 6
