@@ -68,39 +68,46 @@ def _read_utf8(path: Path) -> str:
         raise MicromergeError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
-def _from_table(path: Path) -> PairData:
+def _numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """A table's rows, each with the line of the file it ends on (what an editor shows: the CSV
+    header is line 1, blank JSONL lines count), so an error names the line to fix."""
     if path.suffix == ".csv":
-        records = list(csv.DictReader(io.StringIO(_read_utf8(path), newline="")))
-    else:
-        records = []
-        for number, line in enumerate(_read_utf8(path).splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise MicromergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise MicromergeError(
-                        f"{path}:{number}: a JSON object per line is expected, not {record!r}"[:200]
-                    )
-                records.append(record)
+        reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+        return [(reader.line_num, record) for record in reader]
+    records = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MicromergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise MicromergeError(
+                    f"{path}:{number}: a JSON object per line is expected, not {record!r}"[:200]
+                )
+            records.append((number, record))
+    return records
+
+
+def _from_table(path: Path) -> PairData:
+    records = _numbered_records(path)
     if not records:
         raise MicromergeError(f"{path}: no rows")
-    columns = list(records[0])
+    columns = list(records[0][1])
     image_col = _pick(columns, IMAGE_COLUMNS, "image", str(path))
     caption_col = _pick(columns, CAPTION_COLUMNS, "caption", str(path))
     payloads, captions = [], []
-    for number, record in enumerate(records, 2 if path.suffix == ".csv" else 1):
+    for number, record in records:
         name, caption = str(record.get(image_col) or "").strip(), str(record.get(caption_col) or "").strip()
         if not name:
-            raise MicromergeError(f"{path}: row {number} has a caption but no image")
+            raise MicromergeError(f"{path}: line {number} has a caption but no image")
         image_path = (path.parent / name).resolve()
         if not image_path.is_file():
             raise MicromergeError(
-                f"{path}: row {number}: caption for image {name} but the file does not exist"
+                f"{path}: line {number}: caption for image {name} but the file does not exist"
             )
         if not caption:
-            raise MicromergeError(f"{path}: row {number}: image {name} has no caption")
+            raise MicromergeError(f"{path}: line {number}: image {name} has no caption")
         payloads.append({"path": str(image_path), "bytes": None})
         captions.append(caption)
     return PairData(payloads, captions, str(path))

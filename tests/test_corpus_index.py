@@ -234,3 +234,20 @@ def test_samples_of_a_shard_stream_draw_their_own_augmentation(tmp_path):
     )
     images = [image for pixels, _, _ in _StreamDecoder(stream, skip=0)(iter(batches)) for image in pixels]
     assert len(images) == 6 and len({image.numpy().tobytes() for image in images}) == 6
+
+
+def test_a_bad_table_row_is_named_by_its_line_in_the_file(tmp_path):
+    """CSV: the header is line 1, so the second data row is line 3; JSONL: blank lines count (what an
+    editor shows; the JSONL count used to skip them and name the wrong line)."""
+    folder = write_csv_folder(tmp_path / "csv", n=3)
+    table = folder / "captions.csv"
+    header, first, second, third = table.read_text().splitlines()
+    table.write_text("\n".join([header, first, "," + second.split(",", 1)[1], third]) + "\n")
+    with pytest.raises(MicromergeError, match=r"captions.csv: line 3 has a caption but no image"):
+        load_pairs(str(folder))
+    table.write_text("\n".join([header, first, second.split(",", 1)[0] + ",", third]) + "\n")
+    with pytest.raises(MicromergeError, match=r"captions.csv: line 3: image img1.png has no caption"):
+        load_pairs(str(folder))
+    (folder / "lines.jsonl").write_text('{"image": "img0.png", "caption": "a"}\n\n{"image": "img1.png"}\n')
+    with pytest.raises(MicromergeError, match=r"lines.jsonl: line 3: image img1.png has no caption"):
+        load_pairs(str(folder / "lines.jsonl"))

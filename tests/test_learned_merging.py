@@ -128,8 +128,13 @@ def test_a_learned_merge_is_its_formula_and_keeps_its_coefficients_beside_the_ch
     for key, tensor in base.items():
         expected = tensor + sum(values[groups[key]][i] * (s[key] - tensor) for i, s in enumerate(specialists))
         torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=0, msg=key)
+    coefficients = tmp_path / "ada.safetensors.coefficients.json"
+    kept_bytes = coefficients.read_bytes()
+    coefficients.unlink()  # a run killed after the checkpoint, before the files beside it
+    (tmp_path / "ada.safetensors.manifest.json").unlink()
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "kept" in again.output, again.output
+    assert coefficients.read_bytes() == kept_bytes, "the kept checkpoint gets its coefficients back"
 
 
 def _poison(settings, tmp_path, rows: set[int], name: str):
