@@ -161,11 +161,16 @@ def _from_hf(dataset: datasets.Dataset, where: str) -> PairData:
         payloads = column_values(dataset.cast_column(image_col, datasets.Image(decode=False)), image_col)
     else:
         payloads = [{"path": p, "bytes": None} for p in column_values(dataset, image_col)]
-    captions = [str(c or "").strip() for c in column_values(dataset, caption_col)]
+    return PairData(payloads, dataset_captions(dataset, caption_col, where), where)
+
+
+def dataset_captions(dataset: datasets.Dataset, column: str, where: str) -> list[str]:
+    """A dataset's captions, stripped; a null or blank one is a one-line error naming its row."""
+    captions = [str(c or "").strip() for c in column_values(dataset, column)]
     for index, caption in enumerate(captions):
         if not caption:
             raise MicromergeError(f"{where}: row {index} has an image but no caption")
-    return PairData(payloads, captions, where)
+    return captions
 
 
 def load_pairs(spec: str) -> PairData:

@@ -32,7 +32,14 @@ from PIL import Image, UnidentifiedImageError
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import column_values
 from micromerge.eval.images import decode_one
-from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, PairData, load_pairs
+from micromerge.eval.pairs import (
+    CAPTION_COLUMNS,
+    IMAGE_COLUMNS,
+    IMAGE_SUFFIXES,
+    PairData,
+    dataset_captions,
+    load_pairs,
+)
 
 FINGERPRINTS = {
     "table": "the table's bytes, image file names and sizes",
@@ -148,7 +155,7 @@ def _index_arrow(spec: str, dataset, folder: Path) -> CorpusIndex:
         raise MicromergeError(
             f"--data {spec}: needs an image and a caption column; found {dataset.column_names}"
         )
-    captions = [str(c or "").strip() for c in dataset[caption_col]]
+    captions = dataset_captions(dataset, caption_col, f"--data {spec}")
     arrow_files = sorted(folder.glob("*.arrow"))
     fingerprint = hashlib.sha256(
         json.dumps({"fingerprint": dataset._fingerprint, "files": _file_facts(arrow_files)}).encode()

@@ -54,18 +54,18 @@ def _streamed_captions(spec: str) -> list[str]:
 
 def test_tar_members_group_by_key_whatever_the_suffixs_case_and_the_txt_caption_comes_first(tmp_path):
     """`a.PNG` + `a.txt`, `b.jpg` + `b.JSON`, and `c` with both a .txt and a .json caption (the .txt
-    is the caption, as the plain loader reads it); the index, its in-memory read and the streamed
-    samples agree with `load_pairs`."""
+    is the caption, as the plain loader reads it), written c first: samples come in key order on
+    every path, so the index, its in-memory read and the streamed samples agree with `load_pairs`."""
     shard = _shard(
         tmp_path / "wds" / "shard-000000.tar",
         [
+            ("c.png", _png(2)),
+            ("c.json", json.dumps({"caption": "the json's caption of c"}).encode()),
+            ("c.txt", b"the txt's caption of c"),
             ("a.PNG", _png(0)),
             ("a.txt", b"caption of a"),
             ("b.jpg", _png(1)),
             ("b.JSON", json.dumps({"caption": "caption of b", "text": "not this"}).encode()),
-            ("c.png", _png(2)),
-            ("c.json", json.dumps({"caption": "the json's caption of c"}).encode()),
-            ("c.txt", b"the txt's caption of c"),
         ],
     )
     expected = ["caption of a", "caption of b", "the txt's caption of c"]
@@ -251,3 +251,22 @@ def test_a_bad_table_row_is_named_by_its_line_in_the_file(tmp_path):
     (folder / "lines.jsonl").write_text('{"image": "img0.png", "caption": "a"}\n\n{"image": "img1.png"}\n')
     with pytest.raises(MicromergeError, match=r"lines.jsonl: line 3: image img1.png has no caption"):
         load_pairs(str(folder / "lines.jsonl"))
+
+
+def test_an_arrow_corpus_caption_is_stripped_and_a_missing_one_named_on_every_path(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+
+    def corpus(name: str, captions: list) -> str:
+        rows = {"image": [{"bytes": _png(i), "path": None} for i in range(3)], "caption": captions}
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    padded = corpus("padded", ["  stroma ", "tumor\n", "adipose"])
+    assert index_pairs(padded).targets == load_pairs(padded).captions == ["stroma", "tumor", "adipose"]
+    for captions in (["stroma", None, "adipose"], ["stroma", "  ", "adipose"]):
+        missing = corpus("missing", captions)
+        for read in (load_pairs, index_pairs):
+            with pytest.raises(MicromergeError, match="missing: row 1 has an image but no caption"):
+                read(missing)
