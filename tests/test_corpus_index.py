@@ -270,3 +270,38 @@ def test_an_arrow_corpus_caption_is_stripped_and_a_missing_one_named_on_every_pa
         for read in (load_pairs, index_pairs):
             with pytest.raises(MicromergeError, match="missing: row 1 has an image but no caption"):
                 read(missing)
+
+
+def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):
+    """Whichever split `save_to_disk` wrote first (here validation), the train split is the corpus."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+
+    def split(captions: list[str]) -> datasets.Dataset:
+        images = [{"bytes": _png(i), "path": None} for i in range(len(captions))]
+        return datasets.Dataset.from_dict({"image": images, "caption": captions}, features=features)
+
+    folder = tmp_path / "dict"
+    datasets.DatasetDict({"validation": split(["held out"]), "train": split(["one", "two"])}).save_to_disk(
+        str(folder)
+    )
+    assert load_pairs(str(folder)).captions == ["one", "two"]
+    assert index_pairs(str(folder)).targets == ["one", "two"]
+
+
+def test_a_shard_streams_captions_are_stripped_as_the_indexed_paths_are(tmp_path):
+    import webdataset as wds
+
+    from micromerge.finetune.streaming import ShardStream, _StreamDecoder
+    from tests.test_streaming import _pipe_spec
+
+    folder = _shard(
+        tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.txt", b"  padded caption \n")]
+    )
+    stream = ShardStream(_pipe_spec(folder.parent), SampleRecipe(32, (), 0, lambda caption: caption))
+    batches = wds.DataPipeline(
+        wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(1, collation_fn=list)
+    )
+    ((_, targets, _),) = list(_StreamDecoder(stream, skip=0)(iter(batches)))
+    assert list(targets) == ["padded caption"] == _streamed_captions(str(folder.parent))
