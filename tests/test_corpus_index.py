@@ -305,3 +305,19 @@ def test_a_shard_streams_captions_are_stripped_as_the_indexed_paths_are(tmp_path
     )
     ((_, targets, _),) = list(_StreamDecoder(stream, skip=0)(iter(batches)))
     assert list(targets) == ["padded caption"] == _streamed_captions(str(folder.parent))
+
+
+def test_unreadable_images_are_dropped_with_their_own_targets_up_to_the_fraction_allowed():
+    """`--max-bad-fraction 0.25`: one bad image of four is allowed (not more than a quarter), two are
+    not; the images kept keep their own captions."""
+    from micromerge.eval.pairs import decode_checked
+
+    good = [{"bytes": _png(i), "path": None} for i in range(4)]
+    bad = {"bytes": b"not an image", "path": None}
+    kept = decode_checked([good[0], bad, good[2], good[3]], ["a", "b", "c", "d"], 16, 0.25, "corpus", False)
+    assert kept.targets == ["a", "c", "d"] and kept.n_corrupt == 1 and kept.pixels.shape == (3, 3, 16, 16)
+    assert np.array_equal(
+        kept.pixels[1], decode_checked([good[2]], ["c"], 16, 0.0, "corpus", False).pixels[0]
+    )
+    with pytest.raises(MicromergeError, match="corpus: 2 of 4 images are unreadable"):
+        decode_checked([good[0], bad, bad, good[3]], ["a", "b", "c", "d"], 16, 0.25, "corpus", False)
