@@ -321,3 +321,14 @@ def test_unreadable_images_are_dropped_with_their_own_targets_up_to_the_fraction
     )
     with pytest.raises(MicromergeError, match="corpus: 2 of 4 images are unreadable"):
         decode_checked([good[0], bad, bad, good[3]], ["a", "b", "c", "d"], 16, 0.25, "corpus", False)
+
+
+def test_a_broken_json_caption_stops_the_in_memory_read_and_streams_as_empty(tmp_path):
+    """Read before training (in memory), a .json that is not JSON is a one-line error; streamed, a
+    worker cannot stop the run with one line, so the sample's caption is empty."""
+    shard = _shard(
+        tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.json", b'{"caption": "cut')]
+    )
+    with pytest.raises(MicromergeError, match=r"shard-000000.tar: sample a: .json is not valid JSON"):
+        indexed_pairs(index_pairs(str(shard.parent)))
+    assert _streamed_captions(str(shard.parent)) == [""]
