@@ -173,6 +173,20 @@ def dataset_captions(dataset: datasets.Dataset, column: str, where: str) -> list
     return captions
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A `save_to_disk` folder: of one Dataset (dataset_info.json) or of a DatasetDict
+    (dataset_dict.json, one folder per split: what `load_dataset(...).save_to_disk` writes)."""
+    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json"))
+
+
+def load_saved_corpus(path: Path) -> datasets.Dataset:
+    """A saved corpus, memory-mapped; of a DatasetDict, its train split (else its first)."""
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded
+
+
 def load_pairs(spec: str) -> PairData:
     """Image-caption pairs from a CSV/JSONL file or folder, a save_to_disk folder, tar shards, or a hub id."""
     path = Path(spec)
@@ -188,11 +202,8 @@ def load_pairs(spec: str) -> PairData:
     elif path.is_dir():
         tables = [path / name for name in ("captions.csv", "captions.jsonl") if (path / name).is_file()]
         shards = sorted(path.glob("*.tar"))
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-            data = _from_hf(loaded, spec)
+        if is_saved_dataset(path):
+            data = _from_hf(load_saved_corpus(path), spec)
         elif tables:
             data = _from_table(tables[0])
         elif shards:

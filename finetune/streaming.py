@@ -38,7 +38,9 @@ from micromerge.eval.pairs import (
     IMAGE_SUFFIXES,
     PairData,
     dataset_captions,
+    is_saved_dataset,
     load_pairs,
+    load_saved_corpus,
 )
 
 FINGERPRINTS = {
@@ -120,17 +122,11 @@ def index_pairs(spec: str) -> CorpusIndex:
     """An image-caption corpus as an index: nothing but file names, offsets and captions is read."""
     path = Path(spec)
     shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.suffix == ".tar" else []
-    if shards and not any(
-        (path / n).is_file() for n in ("captions.csv", "captions.jsonl", "dataset_info.json")
-    ):
+    tables = any((path / n).is_file() for n in ("captions.csv", "captions.jsonl"))
+    if shards and not tables and not is_saved_dataset(path):
         return _index_tar(spec, shards)
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        import datasets
-
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-        return _index_arrow(spec, dataset, path)
+    if is_saved_dataset(path):
+        return _index_arrow(spec, load_saved_corpus(path))
     pairs = load_pairs(spec)  # a table: paths and captions only (bytes are read per sample)
     if any(p.get("path") is None for p in pairs.payloads):  # a hub dataset: its bytes are in memory already
         return CorpusIndex(spec, "bytes", pairs.payloads, pairs.captions, pairs.fingerprint())
@@ -148,7 +144,7 @@ def index_pairs(spec: str) -> CorpusIndex:
     return CorpusIndex(spec, "table", [str(f) for f in files], pairs.captions, fingerprint)
 
 
-def _index_arrow(spec: str, dataset, folder: Path) -> CorpusIndex:
+def _index_arrow(spec: str, dataset) -> CorpusIndex:
     image_col = next((c for c in IMAGE_COLUMNS if c in dataset.column_names), None)
     caption_col = next((c for c in CAPTION_COLUMNS if c in dataset.column_names), None)
     if image_col is None or caption_col is None:
@@ -156,7 +152,7 @@ def _index_arrow(spec: str, dataset, folder: Path) -> CorpusIndex:
             f"--data {spec}: needs an image and a caption column; found {dataset.column_names}"
         )
     captions = dataset_captions(dataset, caption_col, f"--data {spec}")
-    arrow_files = sorted(folder.glob("*.arrow"))
+    arrow_files = sorted({Path(f["filename"]) for f in dataset.cache_files})  # the split's own files
     fingerprint = hashlib.sha256(
         json.dumps({"fingerprint": dataset._fingerprint, "files": _file_facts(arrow_files)}).encode()
     ).hexdigest()
@@ -283,9 +279,7 @@ def _arrow_images(index: CorpusIndex):
 
         dataset = load_benchmark(index.source).dataset
     else:
-        dataset = datasets.load_from_disk(index.source)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        dataset = load_saved_corpus(Path(index.source))
     column = next(c for c in IMAGE_COLUMNS if c in dataset.column_names)
     return dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
 

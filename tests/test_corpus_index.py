@@ -273,7 +273,9 @@ def test_an_arrow_corpus_caption_is_stripped_and_a_missing_one_named_on_every_pa
 
 
 def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):
-    """Whichever split `save_to_disk` wrote first (here validation), the train split is the corpus."""
+    """What `load_dataset(...).save_to_disk` writes (dataset_dict.json, a folder per split) is indexed
+    like a saved Dataset, memory-mapped; whichever split comes first (here validation), the train
+    split is the corpus. (It used to be read whole into memory as a hub dataset's bytes.)"""
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
@@ -287,7 +289,14 @@ def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):
         str(folder)
     )
     assert load_pairs(str(folder)).captions == ["one", "two"]
-    assert index_pairs(str(folder)).targets == ["one", "two"]
+    index = index_pairs(str(folder))
+    assert index.kind == "arrow" and index.targets == ["one", "two"], "memory-mapped, not read into memory"
+    assert [p["bytes"] for p in indexed_pairs(index).payloads] == [_png(0), _png(1)]
+    samples = StreamedSamples(index, SampleRecipe(16, (), 0, lambda caption: caption))
+    assert [samples[(0, i)][1] for i in range(2)] == ["one", "two"]
+    before = index.fingerprint
+    split(["one", "two", "three"]).save_to_disk(str(folder / "train"))
+    assert index_pairs(str(folder)).fingerprint != before, "the train split's own files are fingerprinted"
 
 
 def test_a_shard_streams_captions_are_stripped_as_the_indexed_paths_are(tmp_path):
