@@ -341,3 +341,25 @@ def test_a_broken_json_caption_stops_the_in_memory_read_and_streams_as_empty(tmp
     with pytest.raises(MicromergeError, match=r"shard-000000.tar: sample a: .json is not valid JSON"):
         indexed_pairs(index_pairs(str(shard.parent)))
     assert _streamed_captions(str(shard.parent)) == [""]
+
+
+@pytest.mark.parametrize("header", ["filename,captions", "filepath,text", "path,caption", "file,text"])
+def test_a_caption_table_names_its_columns_as_common_corpora_do(tmp_path, header):
+    """The image and caption columns go by several names (eval/pairs.py IMAGE_COLUMNS and
+    CAPTION_COLUMNS, as README says): each pair is read."""
+    folder = write_csv_folder(tmp_path / "pairs", n=3)
+    table = folder / "captions.csv"
+    table.write_text("\n".join([header, *table.read_text().splitlines()[1:]]) + "\n")
+    assert (
+        load_pairs(str(folder)).captions
+        == load_pairs(str(write_csv_folder(tmp_path / "plain", n=3))).captions
+    )
+
+
+def test_a_folder_with_both_tables_reads_the_csv_and_an_empty_shard_set_is_no_corpus(tmp_path):
+    folder = write_csv_folder(tmp_path / "pairs", n=3)
+    (folder / "captions.jsonl").write_text(json.dumps({"image": "img0.png", "caption": "from jsonl"}) + "\n")
+    assert len(load_pairs(str(folder)).captions) == 3
+    _shard(tmp_path / "empty" / "shard-000000.tar", [])
+    with pytest.raises(MicromergeError, match="empty: the dataset is empty"):
+        load_pairs(str(tmp_path / "empty"))
