@@ -28,6 +28,8 @@ from micromerge.eval.images import decode_payloads
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename")
 CAPTION_COLUMNS = ("caption", "text", "captions")
+CAPTION_TABLES = ("captions.csv", "captions.jsonl")
+"""A folder's caption table, by the names looked for (the first one present is read)."""
 
 
 @dataclass
@@ -200,7 +202,7 @@ def load_pairs(spec: str) -> PairData:
                 f"--data {spec}: expected a .csv/.jsonl of captions, a .tar shard, or a folder"
             )
     elif path.is_dir():
-        tables = [path / name for name in ("captions.csv", "captions.jsonl") if (path / name).is_file()]
+        tables = [path / name for name in CAPTION_TABLES if (path / name).is_file()]
         shards = sorted(path.glob("*.tar"))
         if is_saved_dataset(path):
             data = _from_hf(load_saved_corpus(path), spec)

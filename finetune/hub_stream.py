@@ -27,7 +27,7 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hf_download_command
-from micromerge.eval.pairs import CAPTION_COLUMNS, IMAGE_COLUMNS
+from micromerge.eval.pairs import CAPTION_COLUMNS, CAPTION_TABLES, IMAGE_COLUMNS, is_saved_dataset
 from micromerge.finetune.streaming import SampleRecipe, named_sample_seed, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
@@ -49,8 +49,8 @@ def _local_files(folder: Path) -> list[Path]:
 
 def _other_layout(folder: Path) -> bool:
     """The folder is a layout another loader reads (captions table, tar shards, save_to_disk)."""
-    names = ("captions.csv", "captions.jsonl", "dataset_info.json", "dataset_dict.json", "state.json")
-    return any((folder / n).is_file() for n in names) or any(folder.glob("*.tar"))
+    tables = any((folder / n).is_file() for n in (*CAPTION_TABLES, "state.json"))
+    return tables or is_saved_dataset(folder) or any(folder.glob("*.tar"))
 
 
 class HubStream:

@@ -34,6 +34,7 @@ from micromerge.eval.data import column_values
 from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import (
     CAPTION_COLUMNS,
+    CAPTION_TABLES,
     IMAGE_COLUMNS,
     IMAGE_SUFFIXES,
     PairData,
@@ -122,20 +123,15 @@ def index_pairs(spec: str) -> CorpusIndex:
     """An image-caption corpus as an index: nothing but file names, offsets and captions is read."""
     path = Path(spec)
     shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.suffix == ".tar" else []
-    tables = any((path / n).is_file() for n in ("captions.csv", "captions.jsonl"))
-    if shards and not tables and not is_saved_dataset(path):
-        return _index_tar(spec, shards)
     if is_saved_dataset(path):
         return _index_arrow(spec, load_saved_corpus(path))
+    if shards and not any((path / n).is_file() for n in CAPTION_TABLES):
+        return _index_tar(spec, shards)
     pairs = load_pairs(spec)  # a table: paths and captions only (bytes are read per sample)
     if any(p.get("path") is None for p in pairs.payloads):  # a hub dataset: its bytes are in memory already
         return CorpusIndex(spec, "bytes", pairs.payloads, pairs.captions, pairs.fingerprint())
     files = [Path(p["path"]) for p in pairs.payloads]
-    table = (
-        next(path / n for n in ("captions.csv", "captions.jsonl") if (path / n).is_file())
-        if path.is_dir()
-        else path
-    )
+    table = next(path / n for n in CAPTION_TABLES if (path / n).is_file()) if path.is_dir() else path
     fingerprint = hashlib.sha256(
         json.dumps(
             {"table": hashlib.sha256(table.read_bytes()).hexdigest(), "files": _file_facts(files)}

@@ -141,9 +141,8 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
     values = {}
     for name, key in (("mean", mean_key), ("std", std_key)):
         value = preprocessing[key]
-        channels = (
-            [value] * 3 if is_finite_number(value) else value
-        )  # one number: every channel (transformers)
+        # one number stands for every channel (transformers allows it)
+        channels = [value] * 3 if is_finite_number(value) else value
         if not (
             isinstance(channels, list)
             and len(channels) == 3
