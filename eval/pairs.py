@@ -2,10 +2,12 @@
 statistics on (`eval.corpus_questions`). Every reader yields image payloads ({'bytes'} or {'path'})
 plus captions or labels.
 
-Image-caption pairs come from a folder with captions.csv/.jsonl, a Hugging Face dataset (a
-save_to_disk folder or a hub id), or webdataset tar shards (`key.png` + `key.txt` per sample,
-read with the standard tarfile module). Supervised data is one task of a μ-Bench-schema dataset.
-Images are decoded once (see eval.images) and corrupt ones are skipped and counted.
+Image-caption pairs come from a caption table (.csv/.tsv/.jsonl, or a folder with captions.csv,
+.tsv or .jsonl), a Hugging Face dataset (a save_to_disk folder or a hub id), or webdataset tar
+shards (`key.png` + `key.txt` per sample, read with the standard tarfile module). Supervised data
+is one task of a μ-Bench-schema dataset. Images are decoded once (see eval.images) and corrupt
+ones are skipped and counted. A table or dataset written for another tool names its columns
+after `#` in the spec (`CorpusSpec`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,19 @@ from micromerge.eval.data import column_values
 from micromerge.eval.images import decode_payloads
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename")
-CAPTION_COLUMNS = ("caption", "text", "captions")
-CAPTION_TABLES = ("captions.csv", "captions.jsonl")
+# The usual names, looked for in this order. open_clip_train's CSV defaults (`--csv-img-key filepath
+# --csv-caption-key title`, params.py) and Quilt-1M's quilt_1M_lookup.csv (`image_path`, `caption`)
+# are among them.
+IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename", "image_path")
+CAPTION_COLUMNS = ("caption", "text", "captions", "title")
+CAPTION_TABLES = ("captions.csv", "captions.tsv", "captions.jsonl")
 """A folder's caption table, by the names looked for (the first one present is read)."""
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+SEPARATORS = {"comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
+"""A delimited table's field separators, by the names `#sep=` takes, in the order a header's tie
+is broken (open_clip_train writes tab by default; `csv` and pandas, comma)."""
+SPEC_OPTIONS = ("image", "caption", "sep", "root")
+TAR_SHARDS = "webdataset shards (a sample's image and caption are its files)"
 
 
 @dataclass
@@ -56,11 +67,91 @@ class DecodedData:
     n_corrupt: int
 
 
-def _pick(columns: list[str], options: tuple[str, ...], what: str, where: str) -> str:
-    for name in options:
-        if name in columns:
-            return name
-    raise MicromergeError(f"{where}: no {what} column (expected one of {list(options)}; found {columns})")
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A corpus as `--data` (or `--base-data`/`--ft-data`) names it: where it is and, after `#`,
+    options for a table or dataset written for another tool: which columns hold the image and the
+    caption, a table's field separator, and the folder a table's image paths are relative to (the
+    table's own folder by default): `quilt_1M_lookup.csv#root=quilt_1m`,
+    `train.csv#sep=tab,image=filepath,caption=title`. Without them the usual names are looked for
+    and a delimited table's separator is read from its header. The options live in the one string
+    so that everything that records or keys on the corpus (manifests, resume, the statistics
+    cache) sees them, and each corpus of a merge has its own."""
+
+    location: str
+    image: str | None = None
+    caption: str | None = None
+    separator: str | None = None
+    root: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> CorpusSpec:
+        location, mark, options = spec.rpartition("#")
+        if not mark or Path(spec).exists():  # a file whose name has a '#' is that file
+            return cls(spec)
+        values: dict[str, str] = {}
+        for item in options.split(","):
+            key, equals, value = (part.strip() for part in item.partition("="))
+            if not equals or key not in SPEC_OPTIONS or not value or key in values:
+                raise MicromergeError(
+                    f"--data {spec}: {item.strip()!r} after '#': expected image=COLUMN, caption=COLUMN, "
+                    f"sep={'|'.join(SEPARATORS)} and root=FOLDER, each at most once, separated by commas"
+                )
+            values[key] = value
+        separator = values.get("sep")
+        if separator is not None and separator not in SEPARATORS:
+            raise MicromergeError(f"--data {spec}: sep={separator}: expected one of {', '.join(SEPARATORS)}")
+        return cls(
+            location,
+            values.get("image"),
+            values.get("caption"),
+            SEPARATORS.get(separator or ""),
+            values.get("root"),
+        )
+
+    def options(self) -> dict[str, str]:
+        """The options given (for fingerprints: another column of the same bytes is another corpus)."""
+        given = {"image": self.image, "caption": self.caption, "sep": self.separator, "root": self.root}
+        return {key: value for key, value in given.items() if value is not None}
+
+    def refuse(self, what: str, keys: tuple[str, ...] = SPEC_OPTIONS) -> None:
+        """Stop when an option among `keys` was given for a corpus (`what`) that has no such thing."""
+        given = {key: value for key, value in self.options().items() if key in keys}
+        if given:
+            named = ",".join(f"{key}={value!r}" for key, value in given.items())
+            raise MicromergeError(f"--data {self.location}: #{named} does not apply to {what}")
+
+    def columns(self, found: list[str], where: str) -> tuple[str, str]:
+        """(image column, caption column): the ones named after `#`, else the first usual names."""
+        return (
+            self._column(found, self.image, IMAGE_COLUMNS, "image", where),
+            self._column(found, self.caption, CAPTION_COLUMNS, "caption", where),
+        )
+
+    def _column(
+        self, found: list[str], named: str | None, usual: tuple[str, ...], what: str, where: str
+    ) -> str:
+        if named is not None:
+            if named not in found:
+                raise MicromergeError(f"{where}: no column {named!r} (#{what}={named}); found {found}")
+            return named
+        for name in usual:
+            if name in found:
+                return name
+        raise MicromergeError(
+            f"{where}: no {what} column (expected one of {list(usual)}; found {found}); "
+            f"name yours: --data '{self.location}#{what}=COLUMN'"
+        )
+
+
+def table_separator(path: Path, header: str, corpus: CorpusSpec) -> str:
+    """A delimited table's separator: the one named, tab for .tsv, else the one its header line
+    holds most of (ties in SEPARATORS' order; none: comma, a one-column table)."""
+    if corpus.separator is not None:
+        return corpus.separator
+    if path.suffix == ".tsv":
+        return "\t"
+    return max(SEPARATORS.values(), key=header.count)
 
 
 def _read_utf8(path: Path) -> str:
@@ -70,12 +161,15 @@ def _read_utf8(path: Path) -> str:
         raise MicromergeError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
-def _numbered_records(path: Path) -> list[tuple[int, dict]]:
+def _numbered_records(path: Path, corpus: CorpusSpec) -> list[tuple[int, dict]]:
     """A table's rows, each with the line of the file it ends on (what an editor shows: the CSV
     header is line 1, blank JSONL lines count), so an error names the line to fix."""
-    if path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+    if path.suffix != ".jsonl":
+        text = _read_utf8(path)
+        separator = table_separator(path, text.partition("\n")[0], corpus)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
         return [(reader.line_num, record) for record in reader]
+    corpus.refuse("a JSONL table (one object per line)", ("sep",))
     records = []
     for number, line in enumerate(_read_utf8(path).splitlines(), 1):
         if line.strip():
@@ -91,22 +185,23 @@ def _numbered_records(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _from_table(path: Path) -> PairData:
-    records = _numbered_records(path)
+def _from_table(path: Path, corpus: CorpusSpec) -> PairData:
+    records = _numbered_records(path, corpus)
     if not records:
         raise MicromergeError(f"{path}: no rows")
-    columns = list(records[0][1])
-    image_col = _pick(columns, IMAGE_COLUMNS, "image", str(path))
-    caption_col = _pick(columns, CAPTION_COLUMNS, "caption", str(path))
+    image_col, caption_col = corpus.columns(list(records[0][1]), str(path))
+    folder = path.parent / corpus.root if corpus.root else path.parent
+    if not folder.is_dir():
+        raise MicromergeError(f"--data {path}: #root={corpus.root}: no folder {folder}")
     payloads, captions = [], []
     for number, record in records:
         name, caption = str(record.get(image_col) or "").strip(), str(record.get(caption_col) or "").strip()
         if not name:
             raise MicromergeError(f"{path}: line {number} has a caption but no image")
-        image_path = (path.parent / name).resolve()
+        image_path = (folder / name).resolve()
         if not image_path.is_file():
             raise MicromergeError(
-                f"{path}: line {number}: caption for image {name} but the file does not exist"
+                f"{path}: line {number}: caption for image {name} but the file does not exist ({image_path})"
             )
         if not caption:
             raise MicromergeError(f"{path}: line {number}: image {name} has no caption")
@@ -156,14 +251,20 @@ def _tar_caption(shard: Path, key: str, parts: dict[str, bytes]) -> str:
     return caption
 
 
-def _from_hf(dataset: datasets.Dataset, where: str) -> PairData:
-    image_col = _pick(dataset.column_names, IMAGE_COLUMNS, "image", where)
-    caption_col = _pick(dataset.column_names, CAPTION_COLUMNS, "caption", where)
+def _from_hf(dataset: datasets.Dataset, where: str, corpus: CorpusSpec) -> PairData:
+    image_col, caption_col = dataset_columns(dataset.column_names, corpus, where)
     if isinstance(dataset.features[image_col], datasets.Image):
         payloads = column_values(dataset.cast_column(image_col, datasets.Image(decode=False)), image_col)
     else:
         payloads = [{"path": p, "bytes": None} for p in column_values(dataset, image_col)]
     return PairData(payloads, dataset_captions(dataset, caption_col, where), where)
+
+
+def dataset_columns(column_names: list[str], corpus: CorpusSpec, where: str) -> tuple[str, str]:
+    """A dataset's (image, caption) columns; `#sep=` and `#root=` are refused (a dataset has no
+    separator, and where its images are is its own business)."""
+    corpus.refuse("a dataset (only image= and caption= name its columns)", ("sep", "root"))
+    return corpus.columns(column_names, where)
 
 
 def dataset_captions(dataset: datasets.Dataset, column: str, where: str) -> list[str]:
@@ -190,40 +291,45 @@ def load_saved_corpus(path: Path) -> datasets.Dataset:
 
 
 def load_pairs(spec: str) -> PairData:
-    """Image-caption pairs from a CSV/JSONL file or folder, a save_to_disk folder, tar shards, or a hub id."""
-    path = Path(spec)
+    """Image-caption pairs from a CSV/TSV/JSONL file or folder, a save_to_disk folder, tar shards, or a
+    hub id; `#options` as `CorpusSpec` says."""
+    corpus = CorpusSpec.parse(spec)
+    path = Path(corpus.location)
     if path.is_file():
-        if path.suffix in (".csv", ".jsonl"):
-            data = _from_table(path)
+        if path.suffix in TABLE_SUFFIXES:
+            data = _from_table(path, corpus)
         elif path.suffix == ".tar":
+            corpus.refuse(TAR_SHARDS)
             data = _from_tar([path])
         else:
             raise MicromergeError(
-                f"--data {spec}: expected a .csv/.jsonl of captions, a .tar shard, or a folder"
+                f"--data {spec}: expected a .csv/.tsv/.jsonl of captions, a .tar shard, or a folder"
             )
     elif path.is_dir():
         tables = [path / name for name in CAPTION_TABLES if (path / name).is_file()]
         shards = sorted(path.glob("*.tar"))
         if is_saved_dataset(path):
-            data = _from_hf(load_saved_corpus(path), spec)
+            data = _from_hf(load_saved_corpus(path), spec, corpus)
         elif tables:
-            data = _from_table(tables[0])
+            data = _from_table(tables[0], corpus)
         elif shards:
+            corpus.refuse(TAR_SHARDS)
             data = _from_tar(shards)
         elif any(path.rglob("*.parquet")):  # a local copy of a hub dataset repository
-            data = _from_hf(datasets.load_dataset(str(path), split="train"), spec)
+            data = _from_hf(datasets.load_dataset(str(path), split="train"), spec, corpus)
         else:
             raise MicromergeError(
-                f"--data {spec}: folder has no captions.csv/.jsonl, no .tar shards and is not a saved dataset"
+                f"--data {spec}: folder has no captions.csv/.tsv/.jsonl, no .tar shards and is not a saved dataset"
             )
-    elif "/" in spec and not spec.startswith((".", "/")):
+    elif "/" in corpus.location and not corpus.location.startswith((".", "/")):
         try:
-            data = _from_hf(datasets.load_dataset(spec, split="train"), spec)
+            dataset = datasets.load_dataset(corpus.location, split="train")
         except Exception as exc:
             raise MicromergeError(
                 f"--data {spec}: not a local path, and the hub dataset could not be loaded ({type(exc).__name__}); "
                 "offline, pass a local copy"
             ) from exc
+        data = _from_hf(dataset, spec, corpus)
     else:
         raise MicromergeError(f"--data {spec}: no such file or folder")
     if not data.payloads:

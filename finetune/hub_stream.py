@@ -15,9 +15,7 @@ again the rows it had trained on (without decoding their images) and continues a
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +25,8 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hf_download_command
-from micromerge.eval.pairs import CAPTION_COLUMNS, CAPTION_TABLES, IMAGE_COLUMNS, is_saved_dataset
-from micromerge.finetune.streaming import SampleRecipe, named_sample_seed, skipped_here
+from micromerge.eval.pairs import CAPTION_TABLES, CorpusSpec, dataset_columns, is_saved_dataset
+from micromerge.finetune.streaming import SampleRecipe, corpus_fingerprint, named_sample_seed, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
@@ -37,10 +35,11 @@ LOCAL_SUFFIXES = (".parquet",)
 def is_hub_layout(spec: str) -> bool:
     """A hub dataset id (`owner/name`, optionally `@revision`) that is not a local path, or a local
     folder holding only parquet files (a downloaded hub repository)."""
-    path = Path(spec)
+    location = CorpusSpec.parse(spec).location
+    path = Path(location)
     if path.exists():
         return path.is_dir() and _local_files(path) != [] and not _other_layout(path)
-    return "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+    return "/" in location and not location.startswith((".", "/", "~")) and location.count("/") == 1
 
 
 def _local_files(folder: Path) -> list[Path]:
@@ -58,20 +57,15 @@ class HubStream:
 
     def __init__(self, spec: str, recipe: SampleRecipe):
         self.spec, self.recipe = spec, recipe
-        self.dataset, files, self.rows = _open_streaming(spec)
+        corpus = CorpusSpec.parse(spec)
+        self.dataset, files, self.rows = _open_streaming(corpus.location)
         columns = list(self.dataset.features or {})
-        self.image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
-        self.caption_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
-        if self.image_column is None or self.caption_column is None:
-            raise MicromergeError(
-                f"--data {spec}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a caption column "
-                f"({'/'.join(CAPTION_COLUMNS)}); found {columns}"
-            )
+        self.image_column, self.caption_column = dataset_columns(columns, corpus, f"--data {spec}")
         import datasets
 
         self.dataset = self.dataset.select_columns([self.image_column, self.caption_column])
         self.dataset = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
-        self.fingerprint = hashlib.sha256(json.dumps({"files": files}).encode()).hexdigest()
+        self.fingerprint = corpus_fingerprint({"files": files}, corpus)
 
     @property
     def num_shards(self) -> int:

@@ -33,12 +33,13 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import column_values
 from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import (
-    CAPTION_COLUMNS,
     CAPTION_TABLES,
-    IMAGE_COLUMNS,
     IMAGE_SUFFIXES,
+    TAR_SHARDS,
+    CorpusSpec,
     PairData,
     dataset_captions,
+    dataset_columns,
     is_saved_dataset,
     load_pairs,
     load_saved_corpus,
@@ -110,6 +111,7 @@ class CorpusIndex:
     targets: list  # captions (str) or class indices (int); tar: (shard, offset, size, ".txt"|".json", key)
     fingerprint: str
     arrow_layout: str = "save_to_disk"  # or "ubench": a μ-Bench copy, opened as `eval` opens it
+    image_column: str = "image"  # arrow: the column the images are read from
 
     def __len__(self) -> int:
         return len(self.images)
@@ -120,39 +122,44 @@ def _file_facts(paths: list[Path]) -> list[tuple[str, int]]:
 
 
 def index_pairs(spec: str) -> CorpusIndex:
-    """An image-caption corpus as an index: nothing but file names, offsets and captions is read."""
-    path = Path(spec)
+    """An image-caption corpus as an index: nothing but file names, offsets and captions is read.
+    The `#options` (`eval.pairs.CorpusSpec`) are part of the fingerprint when given."""
+    corpus = CorpusSpec.parse(spec)
+    path = Path(corpus.location)
     shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.suffix == ".tar" else []
     if is_saved_dataset(path):
-        return _index_arrow(spec, load_saved_corpus(path))
+        return _index_arrow(spec, load_saved_corpus(path), corpus)
     if shards and not any((path / n).is_file() for n in CAPTION_TABLES):
+        corpus.refuse(TAR_SHARDS)
         return _index_tar(spec, shards)
     pairs = load_pairs(spec)  # a table: paths and captions only (bytes are read per sample)
     if any(p.get("path") is None for p in pairs.payloads):  # a hub dataset: its bytes are in memory already
         return CorpusIndex(spec, "bytes", pairs.payloads, pairs.captions, pairs.fingerprint())
     files = [Path(p["path"]) for p in pairs.payloads]
     table = next(path / n for n in CAPTION_TABLES if (path / n).is_file()) if path.is_dir() else path
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {"table": hashlib.sha256(table.read_bytes()).hexdigest(), "files": _file_facts(files)}
-        ).encode()
-    ).hexdigest()
+    facts = {"table": hashlib.sha256(table.read_bytes()).hexdigest(), "files": _file_facts(files)}
+    fingerprint = corpus_fingerprint(facts, corpus)
     return CorpusIndex(spec, "table", [str(f) for f in files], pairs.captions, fingerprint)
 
 
-def _index_arrow(spec: str, dataset) -> CorpusIndex:
-    image_col = next((c for c in IMAGE_COLUMNS if c in dataset.column_names), None)
-    caption_col = next((c for c in CAPTION_COLUMNS if c in dataset.column_names), None)
-    if image_col is None or caption_col is None:
-        raise MicromergeError(
-            f"--data {spec}: needs an image and a caption column; found {dataset.column_names}"
-        )
+def corpus_fingerprint(facts: dict, corpus: CorpusSpec) -> str:
+    """The digest of a corpus's facts, and of its `#options` when any are given (the same bytes
+    read by other columns are another corpus; a spec without options keeps its old digest)."""
+    options = corpus.options()
+    return hashlib.sha256(
+        json.dumps({**facts, "options": options} if options else facts).encode()
+    ).hexdigest()
+
+
+def _index_arrow(spec: str, dataset, corpus: CorpusSpec) -> CorpusIndex:
+    image_col, caption_col = dataset_columns(dataset.column_names, corpus, f"--data {spec}")
     captions = dataset_captions(dataset, caption_col, f"--data {spec}")
     arrow_files = sorted({Path(f["filename"]) for f in dataset.cache_files})  # the split's own files
-    fingerprint = hashlib.sha256(
-        json.dumps({"fingerprint": dataset._fingerprint, "files": _file_facts(arrow_files)}).encode()
-    ).hexdigest()
-    return CorpusIndex(spec, "arrow", list(range(len(dataset))), captions, fingerprint)
+    facts = {"fingerprint": dataset._fingerprint, "files": _file_facts(arrow_files)}
+    rows = list(range(len(dataset)))
+    return CorpusIndex(
+        spec, "arrow", rows, captions, corpus_fingerprint(facts, corpus), image_column=image_col
+    )
 
 
 def _index_tar(spec: str, shards: list[Path]) -> CorpusIndex:
@@ -275,8 +282,8 @@ def _arrow_images(index: CorpusIndex):
 
         dataset = load_benchmark(index.source).dataset
     else:
-        dataset = load_saved_corpus(Path(index.source))
-    column = next(c for c in IMAGE_COLUMNS if c in dataset.column_names)
+        dataset = load_saved_corpus(Path(CorpusSpec.parse(index.source).location))
+    column = index.image_column
     return dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
 
 

@@ -134,7 +134,8 @@ def statistics_data_options(func):
     )(func)
     return click.option(
         "--base-data",
-        help="Fisher/RegMean: the base's own corpus (general data: any image-caption format `finetune` reads).",
+        help="Fisher/RegMean: the base's own corpus (general data: any image-caption format `finetune` "
+        "reads, '#options' included).",
     )(func)
 
 
@@ -743,8 +744,10 @@ def _finetune_options(func):
         click.option("--base", help="Checkpoint to start from: zoo name, hf-hub: id, file or folder."),
         click.option(
             "--data",
-            help="Training data (see README): CSV/JSONL folder, saved dataset, .tar shards or a shard "
-            "pattern/URL, a hub dataset id or a local copy of one (parquet files, streamed).",
+            help="Training data (see README): a CSV/TSV/JSONL caption table or a folder with one, saved "
+            "dataset, .tar shards or a shard pattern/URL, a hub dataset id or a local copy of one (parquet "
+            "files, streamed). A table or dataset made for another tool: "
+            "'PATH#image=COLUMN,caption=COLUMN,sep=tab,root=IMAGE_FOLDER'.",
         ),
         click.option(
             "--out",
