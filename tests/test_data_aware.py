@@ -149,12 +149,14 @@ def test_grams_are_the_mean_outer_product_of_each_layers_input(setting):
         model, config = load_model(source)
     evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
     questions = select_questions(evaluator, 12, seed=0)
-    seen = []
+    grams = gram_matrices(model, evaluator, questions, batch_size=5)
+    seen = []  # every question's image once, in one batch: the reference does not batch as grams do
     block = model.visual.transformer.resblocks[0]
     handle = block.ln_2.register_forward_hook(
         lambda _m, _i, output: seen.append(output.detach().reshape(-1, output.shape[-1]))
     )
-    grams = gram_matrices(model, evaluator, questions, batch_size=5)
+    with torch.no_grad():
+        model.encode_image(evaluator.pixels.take(questions.positions))
     handle.remove()
     x = torch.cat(seen)  # ln_2's output is c_fc's input
     torch.testing.assert_close(
@@ -163,6 +165,48 @@ def test_grams_are_the_mean_outer_product_of_each_layers_input(setting):
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" in grams
     assert "transformer.resblocks.0.mlp.c_proj.weight" in grams, "the text tower's layers too"
     assert not any("out_proj" in key for key in grams), "open_clip's fused attention hides out_proj's input"
+
+
+def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_models_own_belief(setting):
+    """Matena & Raffel's diagonal Fisher, written out question by question: the target drawn from the
+    model's own softmax over the question's options (a torch Generator seeded with the seed, one draw
+    per question in order), the gradient of that log-probability for every parameter, squared, and
+    the mean over questions (not the sum)."""
+    from micromerge.eval.statistics import fisher_diagonal
+
+    settings, models = setting
+    prepared = prepare(settings)
+    with open_source(models[1]) as source:
+        model, config = load_model(source)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    questions = select_questions(evaluator, 5, seed=3)
+    fisher = fisher_diagonal(model, evaluator, questions, seed=7)
+    params = dict(model.named_parameters())
+    expected = {key: torch.zeros_like(p) for key, p in params.items()}
+    generator = torch.Generator().manual_seed(7)
+    targets = []
+    for position, options in zip(questions.positions, questions.options, strict=True):
+        own = options[options >= 0]
+        image = model.encode_image(evaluator.pixels.take(np.array([position])))
+        texts = model.encode_text(evaluator.tokenizer([evaluator.texts[i] for i in own]))
+        image, texts = image / image.norm(dim=-1, keepdim=True), texts / texts.norm(dim=-1, keepdim=True)
+        log_probs = (model.logit_scale.exp() * image @ texts.T).log_softmax(dim=1)[0]
+        drawn = int(torch.multinomial(log_probs.detach().exp(), 1, generator=generator))
+        targets.append(drawn)
+        grads = torch.autograd.grad(log_probs[drawn], list(params.values()), allow_unused=True)
+        for key, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                expected[key] += grad**2 / len(questions)
+    assert set(fisher) == set(params) and any(t != 0 for t in targets), "some draws are not the first option"
+    for key in params:  # float32 sums in another order (the token embedding gathers many positions)
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(fisher[key], expected[key], atol=1e-5 * scale, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "gram", "unknown"])
+def test_a_statistics_request_needs_a_known_kind_and_at_least_one_question(kind):
+    with pytest.raises(Exception, match=r"--samples 0: must be at least 1|statistics 'unknown'"):
+        StatisticsRequest(kind, samples=0)
 
 
 def test_questions_are_a_seeded_draw_and_score_only_their_own_options(setting):
@@ -221,6 +265,9 @@ def test_statistics_never_see_the_report_half(tmp_path, setting):
         assert described["split"] == "select"
         for key in clean:
             torch.testing.assert_close(dirty[key], clean[key], atol=0, rtol=0, msg=f"{kind} {key}")
+        other_model, other_described = model_statistics(models[0], request, settings, torch.device("cpu"))
+        assert other_described["model_sha256"] != described["model_sha256"]
+        assert any(not torch.equal(other_model[k], clean[k]) for k in clean), "another model's own statistics"
 
 
 def write_noise_png() -> bytes:

@@ -320,3 +320,49 @@ def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
     for _ in progress_bar(range(10), desc="quiet", file=silent, disable=True):
         pass
     assert silent.getvalue() == ""
+
+
+def test_a_truncated_image_is_a_corrupt_image_not_a_crash_at_resize():
+    """PIL opens a file lazily: a PNG cut in half opens, and only fails when its pixels are read.
+    They are read inside the guard, so it is counted as corrupt, and the good one beside it kept."""
+    from tests.test_finetune import _png
+
+    whole = _png(0)
+    payloads = [{"bytes": whole[: len(whole) // 2], "path": None}, {"bytes": whole, "path": None}]
+    pixels, valid = decode_payloads(payloads, 16, progress=False)
+    assert valid.tolist() == [False, True] and not pixels[0].any() and pixels[1].any()
+
+
+def test_pixels_come_from_the_feeds_own_rows_normalised_as_open_clip_does():
+    """A feed serves the cache rows it was given (the evaluator's valid rows, not the dataset's
+    first ones), by range or by position, as ToTensor then Normalize(mean, std) make them."""
+    import torch
+
+    from micromerge.eval.images import ImageCache, PixelFeed
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    rows = np.array([4, 1, 5])
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    feed = PixelFeed(ImageCache(pixels, np.ones(6, dtype=bool)), rows, mean, std, torch.device("cpu"))
+
+    def expected(cache_rows):
+        return (torch.from_numpy(pixels[cache_rows]).float() / 255 - mean.view(1, 3, 1, 1)) / std.view(
+            1, 3, 1, 1
+        )
+
+    torch.testing.assert_close(feed.batch(1, 3), expected([1, 5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(feed.take(np.array([2, 0])), expected([5, 4]), atol=1e-6, rtol=0)
+
+
+def test_images_past_the_first_decoding_chunk_land_in_their_own_rows():
+    """Payloads are decoded 256 at a time: the 300th image is the 300th row, and a corrupt one
+    past the first chunk is marked at its own row."""
+    from micromerge.eval.images import decode_one
+    from tests.test_finetune import _png
+
+    payloads = [{"bytes": _png(i % 7), "path": None} for i in range(300)]
+    payloads[270] = {"bytes": b"not an image", "path": None}
+    pixels, valid = decode_payloads(payloads, 8, progress=False)
+    assert np.flatnonzero(~valid).tolist() == [270]
+    for row in (0, 255, 256, 299):
+        assert np.array_equal(pixels[row], decode_one(payloads[row], 8)), row
