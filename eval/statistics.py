@@ -176,20 +176,14 @@ def statistics_input(
     model_data: tuple[str | None, ...] = (),
 ) -> StatisticsInput:
     """Every model's statistics (base first) for a data-aware merge, or the coefficients a learned
-    merge learns jointly from all of them, with what data they came from. `model_data`: per model
-    (base first), a corpus of its own to estimate on (None: the select half of `settings.data`)."""
+    merge learns jointly from all of them, with what data they came from. `model_data`: empty, or
+    per model (base first) a corpus of its own or None (the select half of `settings.data`), as
+    `merging.job.model_data` checks it (only fisher and regmean take it, one per model)."""
     if kind not in KINDS:
-        if any(model_data):
-            raise MicromergeError(
-                f"{kind} learns one set of coefficients from μ-Bench's select half: per-model data "
-                "(--base-data/--ft-data) is for fisher and regmean"
-            )
         from micromerge.eval.coefficients import learned_coefficients
 
         return learned_coefficients(kind, models, params, settings, device, allow_pickle, arch)
-    if len(model_data) > len(models):
-        raise MicromergeError(f"{len(model_data)} per-model data given for {len(models)} models")
-    data = (*model_data, *[None] * (len(models) - len(model_data)))
+    data = model_data or (None,) * len(models)
     request = StatisticsRequest(kind, params.samples, params.seed)
     computed = [
         model_statistics(m, request, settings, device, allow_pickle, arch, d)

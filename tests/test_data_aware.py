@@ -179,7 +179,7 @@ def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_model
     with open_source(models[1]) as source:
         model, config = load_model(source)
     evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
-    questions = select_questions(evaluator, 5, seed=3)
+    questions = select_questions(evaluator, 5, seed=7)
     fisher = fisher_diagonal(model, evaluator, questions, seed=7)
     params = dict(model.named_parameters())
     expected = {key: torch.zeros_like(p) for key, p in params.items()}
@@ -201,6 +201,10 @@ def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_model
     for key in params:  # float32 sums in another order (the token embedding gathers many positions)
         scale = float(expected[key].abs().max())
         torch.testing.assert_close(fisher[key], expected[key], atol=1e-5 * scale, rtol=1e-4, msg=key)
+    request = StatisticsRequest("fisher", samples=5, seed=7)  # the seed draws questions and targets
+    cached, _ = model_statistics(models[1], request, settings, torch.device("cpu"))
+    for key in params:
+        torch.testing.assert_close(cached[key], fisher[key], atol=0, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("kind", ["fisher", "gram", "unknown"])
@@ -268,6 +272,32 @@ def test_statistics_never_see_the_report_half(tmp_path, setting):
         other_model, other_described = model_statistics(models[0], request, settings, torch.device("cpu"))
         assert other_described["model_sha256"] != described["model_sha256"]
         assert any(not torch.equal(other_model[k], clean[k]) for k in clean), "another model's own statistics"
+
+
+def test_statistics_ask_the_authors_questions_whatever_protocol_a_sweep_reports_and_take_the_merge_seed(
+    tmp_path, setting
+):
+    """A closed-set sweep still estimates its statistics on μ-Bench's own questions (the same
+    numbers as a ubench one), and the merge's --seed is the statistics' seed (another seed,
+    another draw of questions and of Fisher targets)."""
+    from micromerge.eval.statistics import statistics_input
+
+    settings, models = setting
+    closed = replace(settings, protocol="closed-set")
+    cpu = torch.device("cpu")
+    for seed in (0, 2):
+        params = MethodParams(samples=8, seed=seed)
+        ubench = statistics_input("fisher", tuple(models), params, settings, cpu)
+        other = statistics_input(
+            "fisher", tuple(models), params, replace(closed, cache_dir=tmp_path / str(seed)), cpu
+        )
+        assert [d["seed"] for d in ubench.described] == [seed, seed]
+        for mine, theirs in zip(ubench.values, other.values, strict=True):
+            for key in mine:
+                torch.testing.assert_close(theirs[key], mine[key], atol=0, rtol=0)
+    first, second = (statistics_input("fisher", tuple(models), MethodParams(samples=8, seed=seed), settings, cpu)
+                     for seed in (0, 2))  # fmt: skip
+    assert any(not torch.equal(first.values[1][k], second.values[1][k]) for k in first.values[1])
 
 
 def write_noise_png() -> bytes:

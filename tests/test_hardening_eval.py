@@ -366,3 +366,30 @@ def test_images_past_the_first_decoding_chunk_land_in_their_own_rows():
     assert np.flatnonzero(~valid).tolist() == [270]
     for row in (0, 255, 256, 299):
         assert np.array_equal(pixels[row], decode_one(payloads[row], 8)), row
+
+
+def test_a_payload_without_bytes_or_path_is_a_missing_image():
+    """A null image stored as a struct ({bytes: null, path: null}) decodes to nothing, counted."""
+    from micromerge.eval.images import decode_one
+
+    assert decode_one({"bytes": None, "path": None}, 8) is None and decode_one(None, 8) is None
+
+
+def test_the_image_cache_is_rebuilt_when_its_pixels_are_gone_or_its_rows_differ(tmp_path):
+    """The cache is (fingerprint, size): a half-present cache (index without pixels, as a deleted
+    .npy leaves it) is built again, and one of another row count is never served."""
+    import datasets
+
+    from tests.test_finetune import _png
+
+    def dataset(n, offset):
+        rows = {"image": [{"bytes": _png(offset + i), "path": None} for i in range(n)]}
+        return datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+
+    four, two = dataset(4, 0), dataset(2, 10)
+    first = np.array(build_image_cache(four, "f", 8, tmp_path, progress=False).pixels)
+    (tmp_path / "images" / "f-8px.npy").unlink()
+    again = build_image_cache(four, "f", 8, tmp_path, progress=False)
+    assert np.array_equal(np.asarray(again.pixels), first)
+    other = build_image_cache(two, "f", 8, tmp_path, progress=False)
+    assert other.pixels.shape[0] == 2 and not np.array_equal(np.asarray(other.pixels), first[:2])
