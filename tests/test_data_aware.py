@@ -396,6 +396,35 @@ def test_a_model_can_have_statistics_on_its_own_corpus(tmp_path, setting):
     assert any(not torch.equal(own[k], bench[k]) for k in own), "other data, other Fishers"
 
 
+def test_a_corpus_changed_in_place_is_other_data_and_a_few_bad_images_are_skipped(tmp_path, setting):
+    """The statistics cache keys on the corpus's bytes, not its path: captions rewritten in place
+    are estimated again. A corpus image that does not decode is skipped (up to half of the drawn
+    ones, corpus_questions.MAX_BAD_FRACTION); more is a one-line error naming the corpus."""
+    from micromerge.core.errors import MicromergeError
+    from micromerge.eval.corpus_questions import corpus_questions, open_corpus
+
+    settings, models = setting
+    corpus = write_corpus_folder(tmp_path / "corpus", seed=1)
+    request = StatisticsRequest("gram", samples=6)
+    before, first = model_statistics(models[1], request, settings, torch.device("cpu"), data=str(corpus))
+    table = corpus / "captions.csv"
+    table.write_text(table.read_text().replace("tissue type", "cell type"))
+    after, second = model_statistics(models[1], request, settings, torch.device("cpu"), data=str(corpus))
+    assert first["data_fingerprint"] != second["data_fingerprint"]
+    assert any(not torch.equal(before[k], after[k]) for k in before), "estimated again on the new captions"
+    with open_source(models[1]) as source:
+        _, config = load_model(source)
+    (corpus / "0.png").write_bytes(b"not a png")
+    pairs, _ = open_corpus(str(corpus))
+    bank, questions = corpus_questions(pairs, config, 12, 0, torch.device("cpu"), progress=False)
+    assert len(questions) == 11, "the one unreadable image skipped"
+    for index in range(1, 7):
+        (corpus / f"{index}.png").write_bytes(b"not a png")
+    pairs, _ = open_corpus(str(corpus))
+    with pytest.raises(MicromergeError, match=r"7 of 12 images are unreadable"):
+        corpus_questions(pairs, config, 12, 0, torch.device("cpu"), progress=False)
+
+
 def test_merge_takes_each_models_own_corpus(tmp_path, setting):
     settings, models = setting
     general, special = (
