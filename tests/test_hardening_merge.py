@@ -291,6 +291,24 @@ def _with_header(path: Path, header: object, data: bytes = b"") -> Path:
             "__metadata__",
         ),
         (b"[" * 100000 + b"]" * 100000, b"", "not JSON"),
+        (b"[1]", b"", "not a JSON object"),
+        (
+            {"__metadata__": {"a": 1}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "__metadata__ must map strings to strings",
+        ),
+        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}},
+            b"\0" * 8,
+            "malformed data_offsets",
+        ),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "do not match its shape"),
+        (
+            {"w": {"dtype": "F64X", "shape": [1], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "unsupported dtype 'F64X'",
+        ),
         ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed shape"),
         ({"w": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed shape"),
         (
@@ -309,12 +327,59 @@ def _with_header(path: Path, header: object, data: bytes = b"") -> Path:
             b"\0" * 4,
             "model_config metadata is not JSON",
         ),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "__metadata__": {"micromerge.model_config": "[" * 100000 + "]" * 100000},
+            },
+            b"\0" * 4,
+            "model_config metadata is not JSON",
+        ),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "__metadata__": {"micromerge.model_config": "[1]"},
+            },
+            b"\0" * 4,
+            "model_config metadata is not a JSON object",
+        ),
     ],
 )
 def test_hostile_headers_are_one_line_errors(tmp_path, header, data, needle):
     path = _with_header(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(MicromergeError, match=needle):
         open_source(str(path), arrays="numpy")
+
+
+def test_a_header_length_past_the_end_of_the_file_is_named(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b'{"w": {}}')
+    with pytest.raises(
+        MicromergeError,
+        match=r"cut.safetensors: corrupt or truncated safetensors header \(declares 1000 bytes\)",
+    ):
+        open_source(str(path), arrays="numpy")
+
+
+def test_empty_tensors_overlap_nothing_and_a_file_cut_after_opening_is_named_at_the_read(tmp_path):
+    """A zero-size tensor takes no bytes, so it overlaps nothing wherever its offsets point (here
+    inside another's); a file truncated between opening and reading is a one-line error, not a
+    tensor of stale bytes."""
+    header = {
+        "empty": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "__metadata__": {"micromerge.arch": "ViT-B-32"},
+    }
+    path = _with_header(tmp_path / "m.safetensors", header, struct.pack("<2f", 1.5, -2.0))
+    source = open_source(str(path), arrays="numpy")
+    assert source.arch.name == "ViT-B-32" and source.meta("empty").shape == (0,)
+    assert source.read("w").tolist() == [1.5, -2.0]
+    source.close()
+    assert source.read("w").tolist() == [1.5, -2.0], "a closed source opens its file again"
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(MicromergeError, match=r"m.safetensors: file changed or truncated while reading 'w'"):
+        source.read("w")
+    source.close()
 
 
 def test_unknown_arch_is_refused_before_writing(pair):
