@@ -484,3 +484,56 @@ def test_unwritable_output_names_are_one_line(pair, out):
     (pair / "a-file").write_text("x")
     one_line_error(_merge(pair, "--out", pair / out), "choose another --out")
     assert (pair / "a-file").read_text() == "x"
+
+
+def test_a_specialist_missing_a_key_or_holding_another_is_named_before_merging(pair):
+    """Every merged key must be in the specialist, with the base's shape, and it may hold no key
+    of its own: each difference is counted and its first example named."""
+    state = load_file(str(pair / "ft.safetensors"))
+    missing = {k: v for k, v in state.items() if k != "visual.proj"}
+    save_file(missing, str(pair / "missing.safetensors"))
+    result = invoke(
+        "--base",
+        pair / "base.safetensors",
+        "--ft",
+        pair / "missing.safetensors",
+        "--out",
+        pair / "o.safetensors",
+    )
+    one_line_error(result, "1 key(s) missing from the fine-tuned checkpoint, first ['visual.proj']")
+    save_file({**state, "visual.extra": torch.zeros(2)}, str(pair / "extra.safetensors"))
+    result = invoke(
+        "--base",
+        pair / "base.safetensors",
+        "--ft",
+        pair / "extra.safetensors",
+        "--out",
+        pair / "o.safetensors",
+    )
+    one_line_error(result, "1 key(s) not in the base, first ['visual.extra']")
+    assert not (pair / "o.safetensors").exists()
+
+
+def test_a_sharded_checkpoint_reads_each_key_from_its_shard_with_every_shards_metadata(tmp_path):
+    """A safetensors index names each key's shard: each key is read from its own file, the
+    metadata of every shard is kept (the arch may be in any one), and a key in two shards is refused."""
+    import numpy as np
+    from safetensors.numpy import save_file as save_numpy
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    save_numpy(
+        {"a": np.array([1.0, 2.0], dtype=np.float32)}, str(folder / names[0]), {"micromerge.arch": "ViT-B-32"}
+    )
+    save_numpy({"b": np.array([3.0], dtype=np.float32)}, str(folder / names[1]), {"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"a": names[0], "b": names[1]}}))
+    with open_source(str(index), arrays="numpy") as source:
+        assert source.read("b").tolist() == [3.0] and source.read("a").tolist() == [1.0, 2.0]
+        assert source.arch.name == "ViT-B-32" and source.metadata["format"] == "pt"
+    save_numpy({"b": np.array([3.0], dtype=np.float32), "a": np.zeros(2, np.float32)}, str(folder / names[1]))
+    with pytest.raises(
+        MicromergeError, match=r"model-00002-of-00002.safetensors: tensor 'a' appears in two shards"
+    ):
+        open_source(str(index), arrays="numpy")

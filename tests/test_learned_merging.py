@@ -306,3 +306,74 @@ def test_a_key_without_a_learned_coefficient_takes_each_tasks_mean_over_the_grou
     table = CoefficientTable(("block.0", "block.1"), {"x": 0, "y": 1}, ((0.2, 1.0), (0.4, 0.0)))
     assert table.for_key("y") == (0.4, 0.0)
     assert table.for_key("a_buffer") == pytest.approx((0.3, 0.5))
+
+
+class _ToyScorer(torch.nn.Module):
+    """A one-weight 'model' asked two-option questions: option 1's logit is the weight, option 0's
+    is 0, so p(option 1) = sigmoid(w) and every number of the learners can be written by hand. It
+    records the questions of every call, as the learners batch them."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(self.model.weight)
+        self.seen: list[list[int]] = []
+
+    def forward(self, questions):
+        self.seen.append(questions.positions.tolist())
+        w = self.model.weight[0, 0].expand(len(questions))
+        return torch.stack([torch.zeros_like(w), w], dim=1).log_softmax(dim=1)
+
+
+def _toy(count: int = 200):
+    from micromerge.eval.questions import Questions
+
+    scorer = _ToyScorer()
+    merge = FunctionalMerge(scorer.model, [{"weight": torch.ones(1, 1)}], "task")  # tau = +1
+    options = np.tile(np.array([0, 1]), (count, 1))
+    return scorer, merge, Questions(np.arange(count), options, np.ones(count, dtype=np.int64))
+
+
+def test_gradient_learning_draws_a_seeded_batch_per_step_and_minimises_the_labelled_cross_entropy():
+    """Each step takes BATCH (64) distinct questions drawn with the seed, sorted; the supervised
+    loss is the cross-entropy of each question's own answer (here option 1): at the start
+    (lambda = init = 0.3, so w = 0.3) it is log(1 + e^-0.3), and learning raises lambda. AdaMerging's
+    entropy at the start is the Bernoulli entropy of sigmoid(0.3)."""
+    import math
+
+    from micromerge.eval.coefficients import BATCH, LearningRequest, learn_by_gradient
+
+    request = LearningRequest(
+        "supervised", "task", "gradient", samples=200, seed=5, steps=3, learning_rate=0.1
+    )
+    scorer, merge, questions = _toy()
+    coefficients, history = learn_by_gradient(request, scorer, merge, questions, progress=False)
+    assert len(history) == 3 and len(scorer.seen) == 3 and BATCH == 64
+    for batch in scorer.seen:
+        assert len(set(batch)) == BATCH and batch == sorted(batch)
+    assert scorer.seen[0] != scorer.seen[1], "another batch each step"
+    assert history[0] == pytest.approx(math.log1p(math.exp(-0.3)), rel=1e-6)
+    assert float(coefficients[0, 0]) > 0.3 and history[-1] < history[0]
+    again, _, _ = _toy()
+    learn_by_gradient(request, again, merge, questions, progress=False)
+    assert again.seen == scorer.seen, "the same seed, the same batches"
+    other, _, _ = _toy()
+    learn_by_gradient(replace(request, seed=6), other, merge, questions, progress=False)
+    assert other.seen != scorer.seen, "another seed, other batches"
+    p = 1 / (1 + math.exp(-0.3))
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    request = replace(request, kind="adamerging")
+    assert learn_by_gradient(request, _toy()[0], merge, questions, progress=False)[1][0] == pytest.approx(
+        entropy, rel=1e-6
+    )
+
+
+def test_the_grid_search_records_select_accuracy_as_a_fraction_once_per_coefficient_and_pass():
+    from micromerge.eval.coefficients import GRID_PASSES, LearningRequest, learn_by_grid
+
+    scorer, merge, questions = _toy(10)
+    request = LearningRequest("supervised", "task", "grid")
+    coefficients, history = learn_by_grid(request, scorer, merge, questions, progress=False)
+    assert GRID_PASSES == 2 and len(history) == 1 + GRID_PASSES * 1, "the start, then each pass's one cell"
+    assert history == [1.0, 1.0, 1.0], "w = 0.3 > 0 answers every question: accuracy 1, kept"
+    assert float(coefficients[0, 0]) == pytest.approx(0.3)
