@@ -377,3 +377,38 @@ def test_the_grid_search_records_select_accuracy_as_a_fraction_once_per_coeffici
     assert GRID_PASSES == 2 and len(history) == 1 + GRID_PASSES * 1, "the start, then each pass's one cell"
     assert history == [1.0, 1.0, 1.0], "w = 0.3 > 0 answers every question: accuracy 1, kept"
     assert float(coefficients[0, 0]) == pytest.approx(0.3)
+
+
+def test_a_learner_refuses_what_it_cannot_learn_from():
+    from micromerge.core.errors import MicromergeError
+    from micromerge.eval.coefficients import LearningRequest
+
+    with pytest.raises(MicromergeError, match="AdaMerging learns by gradient"):
+        LearningRequest("adamerging", "task", "grid")
+    with pytest.raises(MicromergeError, match="a fine-tuned checkpoint has no tensor 'weight'"):
+        FunctionalMerge(_ToyScorer().model, [{"other": torch.ones(1, 1)}], "task")
+
+
+def test_coefficients_learned_by_another_version_are_learned_again(setting, monkeypatch):  # noqa: F811
+    """The cache key holds the package version (0.1.0 learned from corrupted task vectors)."""
+    import micromerge
+
+    settings, models = setting
+    params = MethodParams(steps=2, granularity="task", samples=16)
+    first = learned_coefficients("adamerging", models, params, settings, CPU)
+    monkeypatch.setattr(micromerge, "__version__", "0.0.1-other")
+    again = learned_coefficients("adamerging", models, params, settings, CPU)
+    assert (
+        first.described[0]["micromerge_version"] != again.described[0]["micromerge_version"] == "0.0.1-other"
+    )
+    assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
+
+
+def test_coefficients_are_learned_per_specialist_not_per_base(three):
+    """The cache key holds every model's sha256: another specialist on the same base learns anew."""
+    settings, models = three
+    params = MethodParams(steps=2, granularity="task", samples=16)
+    one = learned_coefficients("adamerging", (models[0], models[1]), params, settings, CPU)
+    other = learned_coefficients("adamerging", (models[0], models[2]), params, settings, CPU)
+    assert one.described[0]["models_sha256"][1] != other.described[0]["models_sha256"][1]
+    assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
