@@ -60,14 +60,18 @@ class SourceTable:
         return matches[0] if len(matches) == 1 else None
 
     def scale_mismatch(self, name: str, median_mpp: float | None) -> str | None:
-        """A note when the source's median microns/pixel lies outside its scale's plausible range."""
+        """A note when the source's median microns/pixel lies outside its scale's plausible range, with
+        the reason the table gives for the scale (so a reader can judge which of the two is wrong)."""
         scale = self.info(name).scale
         if median_mpp is None or scale not in self.scales:
             return None
         low, high = self.scales[scale]
         if low <= median_mpp <= high:
             return None
-        return f"median {median_mpp:g} µm/px is outside {scale}'s {low:g}–{high:g}"
+        reason = self.info(name).scale_reason
+        return (
+            f"median {median_mpp:g} µm/px is outside {scale}'s {low:g}–{high:g} ({scale} because: {reason})"
+        )
 
 
 def _read(path: Path) -> dict:
@@ -98,11 +102,14 @@ def _entries(data: dict, path: Path) -> dict[str, dict]:
 
 
 def load_source_table(override: Path | None = None) -> SourceTable:
-    """The shipped table, with `override`'s entries replacing ours key by key."""
+    """The shipped table, with `override`'s entries replacing ours key by key (a scale given without
+    its reason is explained as set in the override file)."""
     data = _read(DEFAULT_TABLE)
     entries = {name: dict(entry) for name, entry in _entries(data, DEFAULT_TABLE).items()}
     scales = {name: (float(r[0]), float(r[1])) for name, r in data.get("scales", {}).items()}
     if override is not None:
         for name, entry in _entries(_read(override), override).items():
+            if "scale" in entry and "scale_reason" not in entry:  # ours would explain another scale
+                entry = {**entry, "scale_reason": f"set in {override.name}"}
             entries.setdefault(name, {}).update(entry)
     return SourceTable({name: SourceInfo(name, **entry) for name, entry in entries.items()}, scales)

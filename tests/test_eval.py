@@ -271,8 +271,18 @@ def test_source_table_override_changes_a_scale(tmp_path, bench):
     table = load_source_table(tmp_path / "mine.toml")
     tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset, table)}
     assert tasks["kather_et_al_2016"].groups["scale"] == "subcellular"
-    assert tasks["kather_et_al_2016"].notes == ("median 0.5 µm/px is outside subcellular's 0–0.35",)
+    assert tasks["kather_et_al_2016"].notes == (
+        "median 0.5 µm/px is outside subcellular's 0–0.35 (subcellular because: set in mine.toml)",
+    )
     assert tasks["kather_et_al_2016"].groups["taxonomy"] == "neoplastic histopathology", "other keys stay"
+    (tmp_path / "why.toml").write_text(
+        '[sources.kather_et_al_2016]\nscale = "subcellular"\nscale_reason = "organelles"\n'
+    )
+    tasks = {
+        t.name: t
+        for t in discover_tasks(load_benchmark(str(bench)).dataset, load_source_table(tmp_path / "why.toml"))
+    }
+    assert tasks["kather_et_al_2016"].notes[0].endswith("(subcellular because: organelles)")
     (tmp_path / "bad.toml").write_text("[sources.kather_et_al_2016]\nscale = 3\n")
     with pytest.raises(MicromergeError, match=r"bad.toml: sources.kather_et_al_2016.scale must be a str"):
         load_source_table(tmp_path / "bad.toml")

@@ -133,7 +133,9 @@ def test_a_fine_tasks_groups_and_scale_note_ignore_missing_and_outlying_values(r
     assert kather.groups["subdomain"] == "gastrointestinal pathology"
     assert kather.notes == (), "median 0.5 µm/px lies in tissue's 0.2-5; the mean (13.7) would not"
     rows["microns_per_pixel"][0] = 40.0
-    assert _tasks(rows)["kather_et_al_2016"].notes == ("median 40 µm/px is outside tissue's 0.2–5",)
+    assert _tasks(rows)["kather_et_al_2016"].notes == (
+        "median 40 µm/px is outside tissue's 0.2–5 (tissue because: H&E tissue tiles: the class is the tissue type)",
+    )
 
 
 def test_a_coarse_task_of_one_class_is_scored_by_its_questions_only(rows):
