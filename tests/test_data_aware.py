@@ -142,12 +142,17 @@ def setting(tmp_path):
     return settings, [str(tmp_path / f"m{seed}.safetensors") for seed in range(2)]
 
 
+def _model_and_evaluator(settings, checkpoint):
+    """A model and the evaluator of the setting's μ-Bench copy for it, on CPU."""
+    prepared = prepare(settings)
+    with open_source(checkpoint) as source:
+        model, config = load_model(source)
+    return model, Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+
+
 def test_grams_are_the_mean_outer_product_of_each_layers_input(setting):
     settings, models = setting
-    prepared = prepare(settings)
-    with open_source(models[0]) as source:
-        model, config = load_model(source)
-    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    model, evaluator = _model_and_evaluator(settings, models[0])
     questions = select_questions(evaluator, 12, seed=0)
     grams = gram_matrices(model, evaluator, questions, batch_size=5)
     seen = []  # every question's image once, in one batch: the reference does not batch as grams do
@@ -175,10 +180,7 @@ def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_model
     from micromerge.eval.statistics import fisher_diagonal
 
     settings, models = setting
-    prepared = prepare(settings)
-    with open_source(models[1]) as source:
-        model, config = load_model(source)
-    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    model, evaluator = _model_and_evaluator(settings, models[1])
     questions = select_questions(evaluator, 5, seed=7)
     fisher = fisher_diagonal(model, evaluator, questions, seed=7)
     params = dict(model.named_parameters())
@@ -218,10 +220,7 @@ def test_questions_are_a_seeded_draw_and_score_only_their_own_options(setting):
     scored by the model's softmax over its own options at its temperature, padding never a
     candidate; checked against the rule written out with the tokenizer and model alone."""
     settings, models = setting
-    prepared = prepare(settings)
-    with open_source(models[0]) as source:
-        model, config = load_model(source)
-    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    model, evaluator = _model_and_evaluator(settings, models[0])
     every = select_questions(evaluator, 10**6, seed=0)
     drawn = select_questions(evaluator, 12, seed=0)
     assert len(drawn) == 12 < len(every)
@@ -247,10 +246,7 @@ def test_questions_are_a_seeded_draw_and_score_only_their_own_options(setting):
 def test_statistics_never_see_the_report_half(tmp_path, setting):
     """Replace every report-half image by noise: Fishers and Grams do not change."""
     settings, models = setting
-    prepared = prepare(settings)
-    with open_source(models[1]) as source:
-        _, config = load_model(source)
-    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, torch.device("cpu"))
+    _, evaluator = _model_and_evaluator(settings, models[1])
     report_rows = set(np.flatnonzero(~evaluator.select_half).tolist())
     dataset = datasets.load_from_disk(settings.data)
     noise = write_noise_png()
