@@ -194,3 +194,78 @@ def test_resuming_a_hub_stream_reads_the_batches_it_skips_without_decoding_them(
     pixels, targets, readable = next(stream.loader(batch=2, workers=0, world=1, rank=0, skip=3))
     assert len(decoded) == 2, "only the batch handed out was decoded"
     assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["captions.csv", "captions.tsv", "captions.jsonl", "state.json", "dataset_info.json", "shard-000000.tar"],
+)
+def test_a_folder_with_parquet_files_is_a_hub_copy_unless_another_loader_reads_it(tmp_path, other):
+    """Parquet files beside a caption table, a save_to_disk file or tar shards belong to that
+    other layout (its loader reads the folder); parquet files alone, at any depth, are a hub copy."""
+    repo = write_hub_repo(tmp_path / "repo", 4)
+    assert is_hub_layout(str(repo))
+    (repo / other).write_text("{}")
+    assert not is_hub_layout(str(repo))
+
+
+@pytest.mark.parametrize(
+    "spec, hub",
+    [("owner/name", True), ("owner/name@v1.0", True), ("owner/name#caption=title", True),
+     ("owner/name/extra", False), ("./name", False), ("/name", False), ("~/name", False), ("name", False)],
+)  # fmt: skip
+def test_a_hub_id_is_one_owner_and_one_name_and_never_a_path(tmp_path, monkeypatch, spec, hub):
+    monkeypatch.chdir(tmp_path)  # none of these exists here
+    assert is_hub_layout(spec) is hub
+
+
+def test_the_seed_orders_the_stream(tmp_path):
+    """The shard order and the sample buffer are drawn from the run's seed: another seed, another order."""
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    orders = []
+    for seed in (0, 1):
+        batches = HubStream(str(repo), SampleRecipe(32, (), seed, _sample_number)).loader(1, 0, 1, 0, 0)
+        orders.append([int(next(batches)[1]) for _ in range(16)])
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(16)) and orders[0] != orders[1]
+
+
+def test_each_pass_over_a_stream_is_shuffled_anew(tmp_path):
+    """`set_epoch` per pass: the second pass over the data is another permutation of it."""
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    batches = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number)).loader(1, 0, 1, 0, 0)
+    order = [int(next(batches)[1]) for _ in range(32)]
+    assert sorted(order[:16]) == sorted(order[16:]) == list(range(16)) and order[:16] != order[16:]
+
+
+def test_streamed_captions_are_stripped_and_a_null_one_is_empty(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(2)], "caption": ["  stroma \n", None]}
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(tmp_path / "repo" / "data" / "train.parquet")
+    )
+    seen = []
+    recipe = SampleRecipe(32, (), 0, lambda caption: seen.append(caption) or torch.tensor(0))
+    batches = HubStream(str(tmp_path / "repo"), recipe).loader(1, 0, 1, 0, 0)
+    next(batches), next(batches)
+    assert sorted(seen) == ["", "stroma"]
+
+
+class _SeedEcho:
+    """A sample recipe that hands back the augmentation seed each sample was given."""
+
+    seed = 0
+
+    def make(self, payload, caption, seed):
+        return torch.zeros(1), torch.tensor(seed % 2**62), torch.tensor(True)
+
+
+def test_every_worker_draws_its_own_augmentation_seeds(tmp_path):
+    """A sample's augmentation seed names the pass, the process, the worker and the sample's place
+    in that worker's share: two workers' first samples are not augmented alike."""
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    batches = HubStream(str(repo), _SeedEcho()).loader(batch=1, workers=2, world=1, rank=0, skip=0)
+    seeds = [int(next(batches)[1]) for _ in range(8)]
+    assert len(set(seeds)) == 8
