@@ -269,3 +269,38 @@ def test_every_worker_draws_its_own_augmentation_seeds(tmp_path):
     batches = HubStream(str(repo), _SeedEcho()).loader(batch=1, workers=2, world=1, rank=0, skip=0)
     seeds = [int(next(batches)[1]) for _ in range(8)]
     assert len(set(seeds)) == 8
+
+
+def _parquet(path: Path, numbers: range, word: str = "sample") -> None:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {
+        "image": [{"bytes": _png(i), "path": None} for i in numbers],
+        "caption": [f"{word} {i}" for i in numbers],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_share_is_an_empty_file_stops_instead_of_spinning(tmp_path):
+    """An empty parquet file is a shard with no rows: its worker ends its share (the loader goes
+    on with the others) rather than passing over nothing for ever, which would hang the run."""
+    _parquet(tmp_path / "repo" / "data" / "train-00000-of-00002.parquet", range(8))
+    _parquet(tmp_path / "repo" / "data" / "train-00001-of-00002.parquet", range(0))
+    stream = HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, _sample_number))
+    batches = stream.loader(batch=1, workers=2, world=1, rank=0, skip=0)
+    assert sorted(int(next(batches)[1]) for _ in range(8)) == list(range(8))
+
+
+def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
+    """A local folder named with an '@' is a path, not `name@revision`; of a repository with test
+    and train files the train split is streamed."""
+    repo = tmp_path / "quilt@v2"
+    _parquet(repo / "data" / "test-00000-of-00001.parquet", range(3), word="test")
+    _parquet(repo / "data" / "train-00000-of-00001.parquet", range(5))
+    stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
+    assert stream.rows == 5
+    batches = stream.loader(batch=1, workers=0, world=1, rank=0, skip=0)
+    assert sorted(int(next(batches)[1]) for _ in range(5)) == list(range(5))
