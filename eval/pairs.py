@@ -290,6 +290,12 @@ def load_saved_corpus(path: Path) -> datasets.Dataset:
     return loaded
 
 
+def is_hub_id(location: str) -> bool:
+    """`owner/name` (optionally `@revision`): one slash, not a relative, absolute or home path.
+    Asked only of what is not a local file or folder."""
+    return location.count("/") == 1 and not location.startswith((".", "/", "~"))
+
+
 def load_pairs(spec: str) -> PairData:
     """Image-caption pairs from a CSV/TSV/JSONL file or folder, a save_to_disk folder, tar shards, or a
     hub id; `#options` as `CorpusSpec` says."""
@@ -321,7 +327,7 @@ def load_pairs(spec: str) -> PairData:
             raise MicromergeError(
                 f"--data {spec}: folder has no captions.csv/.tsv/.jsonl, no .tar shards and is not a saved dataset"
             )
-    elif "/" in corpus.location and not corpus.location.startswith((".", "/")):
+    elif is_hub_id(corpus.location):
         try:
             dataset = datasets.load_dataset(corpus.location, split="train")
         except Exception as exc:

@@ -25,7 +25,7 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hf_download_command
-from micromerge.eval.pairs import CAPTION_TABLES, CorpusSpec, dataset_columns, is_saved_dataset
+from micromerge.eval.pairs import CAPTION_TABLES, CorpusSpec, dataset_columns, is_hub_id, is_saved_dataset
 from micromerge.finetune.streaming import SampleRecipe, corpus_fingerprint, named_sample_seed, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
@@ -39,7 +39,7 @@ def is_hub_layout(spec: str) -> bool:
     path = Path(location)
     if path.exists():
         return path.is_dir() and _local_files(path) != [] and not _other_layout(path)
-    return "/" in location and not location.startswith((".", "/", "~")) and location.count("/") == 1
+    return is_hub_id(location)
 
 
 def _local_files(folder: Path) -> list[Path]:
