@@ -96,9 +96,14 @@ def shard_files(folder: Path, split: str = "test") -> list[Path]:
 
 
 def read_hub_layout(folder: Path, split: str = "test") -> datasets.Dataset:
-    """Memory-map and concatenate the shards; a truncated or foreign file is a one-line error."""
+    """Memory-map and concatenate the shards; a truncated or foreign file is a one-line error.
+
+    Every shard must hold the first one's columns and types: `datasets.concatenate_datasets`
+    fills a column one shard lacks with nulls and adds the columns it has extra, so a foreign shard
+    copied in by mistake would otherwise become rows of nulls."""
+    shards = shard_files(folder, split)
     parts = []
-    for shard in shard_files(folder, split):
+    for shard in shards:
         try:
             parts.append(datasets.Dataset.from_file(str(shard)))
         except Exception as exc:  # pyarrow raises several types for a truncated stream
@@ -106,10 +111,27 @@ def read_hub_layout(folder: Path, split: str = "test") -> datasets.Dataset:
                 f"--data {shard}: not a readable Arrow stream shard ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:100]}); it may be truncated: copy it again"
             ) from exc
-    try:
-        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    except ValueError as exc:
-        raise MicromergeError(f"--data {folder}: the shards have different schemas ({exc})") from exc
+        if parts[-1].features != parts[0].features:
+            raise MicromergeError(
+                f"--data {shard}: not a shard of the same dataset as {shards[0].name} "
+                f"({_column_difference(parts[0].features, parts[-1].features)}); copy the whole folder "
+                "again (`micromerge data verify` checks it)"
+            )
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _column_difference(expected: datasets.Features, found: datasets.Features) -> str:
+    missing = [name for name in expected if name not in found]
+    extra = [name for name in found if name not in expected]
+    if missing or extra:
+        named = [
+            f"columns {what}: {', '.join(names[:5])}"
+            for what, names in (("missing", missing), ("extra", extra))
+            if names
+        ]
+        return "; ".join(named)
+    changed = next(name for name in expected if expected[name] != found[name])
+    return f"column {changed!r} of another type"
 
 
 def write_hub_layout(dataset: datasets.Dataset, folder: Path, num_shards: int, split: str = "test") -> Path:

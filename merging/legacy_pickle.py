@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,23 @@ def _plain_parameter(data: Any, *_ignored: Any) -> torch.Tensor:
     return data
 
 
+class _OrderedDict(dict):
+    """What an `OrderedDict` is read as. A plain `dict` would do but for `state_dict()`'s: it
+    carries a `_metadata` attribute (per-module versions, no weights) that the pickle restores with
+    BUILD, which needs an instance `__dict__` a plain `dict` lacks."""
+
+
+# Only what weights need is real: tensor rebuilders, dicts, and the set of non-persistent buffer
+# names; every other name (torch.Size, dtypes, slices, ...) is a StandIn, which holds no weights.
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _plain_tensor,
     ("torch._utils", "_rebuild_tensor"): _plain_tensor,
     ("torch._utils", "_rebuild_parameter"): _plain_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _plain_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _safe_rebuild_from_type,
-    ("collections", "OrderedDict"): dict,
-    ("torch", "Size"): torch.Size,
+    ("collections", "OrderedDict"): _OrderedDict,
     ("copyreg", "_reconstructor"): _safe_reconstructor,
     ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
 }
 
 
@@ -102,8 +108,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
         return type(name, (StandIn,), {"stand_in_for": f"{module}.{name}"})
 
 
@@ -129,20 +133,17 @@ def collect_tensors(
         out[prefix.rstrip(".")] = obj.detach()
     elif isinstance(obj, StandIn):
         state = obj.__dict__["_state"]
-        if "_parameters" in state or "_modules" in state:
+        if "_parameters" in state or "_modules" in state:  # an nn.Module: its state_dict's entries
             skip = set(state.get("_non_persistent_buffers_set") or ())
-            for name, value in (state.get("_parameters") or {}).items():
-                if value is not None:
+            buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skip}
+            for group in (state.get("_parameters") or {}, buffers, state.get("_modules") or {}):
+                for name, value in group.items():
                     collect_tensors(value, f"{prefix}{name}.", out)
-            for name, value in (state.get("_buffers") or {}).items():
-                if value is not None and name not in skip:
-                    collect_tensors(value, f"{prefix}{name}.", out)
-            for name, value in (state.get("_modules") or {}).items():
-                if value is not None:
-                    collect_tensors(value, f"{prefix}{name}.", out)
-        else:
+        else:  # any other object: its public attributes, and what stands for its own contents
             for name, value in state.items():
-                if isinstance(name, str) and not name.startswith("_"):
+                if name in ("_value", "_items"):  # a non-dict state; a list subclass's items
+                    collect_tensors(value, prefix, out)
+                elif isinstance(name, str) and not name.startswith("_"):
                     collect_tensors(value, f"{prefix}{name}.", out)
     elif isinstance(obj, dict):
         for name, value in obj.items():
@@ -171,11 +172,16 @@ def to_openclip_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_legacy_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a whole-module pickle, by open_clip key, with no code from the file run."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULE)
+        with warnings.catch_warnings():  # the legacy format compares each module's source with
+            # its class's, which a stand-in has none of: one warning per module class, all noise
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULE)
     except Exception as exc:  # any failure of a foreign pickle is the file's problem
         raise MicromergeError(
             f"{path}: not a readable torch pickle ({type(exc).__name__}: {exc})".splitlines()[0]
         ) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # a trainer checkpoint whose other entries (args, ...) need pickle
     tensors = to_openclip_keys(collect_tensors(obj))
     if not tensors:
         raise MicromergeError(f"{path}: the pickle holds no tensors")

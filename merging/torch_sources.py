@@ -106,9 +106,9 @@ def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
                 "tensors with micromerge's restricted unpickler (no code from the file is run)"
             ) from exc
         tensors = load_legacy_pickle(path)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # a malformed pickle fails inside torch's rebuilders with any type
         raise MicromergeError(
-            f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:120]})"
+            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         ) from exc
     else:
         tensors = _unwrap_state_dict(obj, path)

@@ -227,6 +227,73 @@ def test_data_verify_names_the_changed_shard(tmp_path, bench):
     assert published.exit_code == 2 and "7 of 7 shard(s) differ" in published.output
 
 
+def test_the_written_dataset_info_records_each_shards_length(bench):
+    """`datasets`' builder records every shard's row count in `dataset_info.json`
+    (`splits.test.shard_lengths`, DatasetInfo/SplitInfo); the fixture carries them as the Hub's does."""
+    info = json.loads((bench / "dataset_info.json").read_text())
+    split = info["splits"]["test"]
+    rows = [len(datasets.Dataset.from_file(str(p))) for p in sorted(bench.glob("*.arrow"))]
+    assert split["shard_lengths"] == rows and split["num_examples"] == sum(rows) == 78
+    assert not (bench / "state.json").exists()
+
+
+def test_a_repository_copy_is_read_at_perception_0_1_0_beside_other_shard_folders(tmp_path, bench):
+    """A copy of the whole repository is read at `perception/0.1.0` (SCHEMA.md's folder) even when
+    another shard folder lies below it (an older copy kept in a subfolder)."""
+    root = bench.parent.parent
+    shutil.copytree(bench, root / "old" / "perception" / "0.1.0")
+    (root / "old" / "perception" / "0.1.0" / "ubench-test-00006-of-00007.arrow").unlink()
+    assert len(load_benchmark(str(root)).dataset) == 78
+
+
+def test_a_shard_of_another_dataset_is_refused_not_read_as_rows_of_nulls(tmp_path, bench):
+    """`datasets.concatenate_datasets` (5.x) fills the columns a shard lacks with nulls and adds
+    the ones it has extra: a foreign shard under a μ-Bench name would become rows of nulls."""
+    full = datasets.Dataset.from_file(str(bench / "ubench-test-00005-of-00007.arrow"))
+    foreign = datasets.Dataset.from_dict({"image_id": ["x"], "something_else": [1]})
+    retyped = full.cast_column("pmid", datasets.Value("large_string"))
+    for name, dataset, message in (
+        (
+            "foreign",
+            foreign,
+            "columns missing: image, label, label_name, dataset, domain; columns extra: something_else",
+        ),
+        ("retyped", retyped, "column 'pmid' of another type"),
+    ):
+        copy = tmp_path / name
+        shutil.copytree(bench, copy)
+        write_hub_layout(dataset, tmp_path / f"{name}-shard", 1)
+        shutil.copyfile(
+            tmp_path / f"{name}-shard" / "ubench-test-00000-of-00001.arrow",
+            copy / "ubench-test-00005-of-00007.arrow",
+        )
+        result = _tasks_cli(copy)
+        assert result.exit_code == 2, result.output
+        assert (
+            "ubench-test-00005-of-00007.arrow: not a shard of the same dataset as ubench-test-00000-of-00007.arrow"
+            in result.output
+        )
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_data_verify_names_a_missing_shard(bench):
+    (bench / "ubench-test-00002-of-00007.arrow").unlink()
+    expected = {name: "0" * 64 for name in ("ubench-test-00002-of-00007.arrow",)}
+    from micromerge.eval.hub_layout import verify_shards
+
+    assert verify_shards(bench, expected) == [("ubench-test-00002-of-00007.arrow", "missing")]
+
+
+def test_a_cached_snapshot_without_the_shard_folder_is_named(tmp_path, bench):
+    from micromerge.eval.hub_layout import HUB_REVISION
+
+    snapshot = _hub_snapshot(HUB_REVISION, bench)
+    for shard in snapshot.glob("*.arrow"):
+        shard.unlink()
+    with pytest.raises(MicromergeError, match="the snapshot at .* has no perception/0.1.0 shards"):
+        load_benchmark("ubench")
+
+
 def test_tasks_are_discovered_as_the_benchmark_defines_them(bench):
     tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset)}
     coarse = {"modality", "submodality", "domain", "subdomain", "stain"}
