@@ -17,11 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet
 from datasets import ClassLabel, Image, Value
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file, sha256_json
-from micromerge.eval.hub_layout import HUB_ID, HUB_REVISION, fetch_from_hub, find_hub_layout, read_hub_layout
+from micromerge.eval.hub_layout import (
+    HUB_ID,
+    HUB_REVISION,
+    column_difference,
+    fetch_from_hub,
+    find_hub_layout,
+    read_hub_layout,
+)
 from micromerge.eval.schema import REQUIRED_STRING_COLUMNS
 
 HUB_ALIASES = ("ubench", HUB_ID)
@@ -73,6 +81,7 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
     for kind, pattern in (("parquet", "**/*.parquet"), ("arrow", "**/*.arrow")):
         files = sorted(str(p) for p in path.glob(pattern))
         if files:
+            _refuse_files_of_other_datasets([Path(f) for f in files], kind)
             try:
                 return datasets.load_dataset(kind, data_files={split: files}, split=split)
             except Exception as exc:
@@ -84,6 +93,32 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
         f"--data {path}: not a μ-Bench copy (no perception/0.1.0 shards, no save_to_disk folder, "
         "no .parquet or .arrow files)"
     )
+
+
+def _refuse_files_of_other_datasets(files: list[Path], kind: str) -> None:
+    """Every file must hold the first one's columns: `datasets` refuses a mismatch only as "An
+    error occurred while generating the dataset", naming neither the file nor the columns. Types
+    may differ (a column all null in one file): `datasets` casts each file to the first's."""
+    first = _file_features(files[0], kind)
+    for file in files[1:]:
+        found = _file_features(file, kind)
+        if set(found) != set(first):
+            raise MicromergeError(
+                f"--data {file}: not a file of the same dataset as {files[0].name} "
+                f"({column_difference(first, found)}); remove it or copy the dataset again"
+            )
+
+
+def _file_features(file: Path, kind: str) -> datasets.Features:
+    try:
+        if kind == "parquet":
+            return datasets.Features.from_arrow_schema(pyarrow.parquet.read_schema(file))
+        return datasets.Dataset.from_file(str(file)).features
+    except Exception as exc:  # pyarrow raises several types for a truncated or foreign file
+        raise MicromergeError(
+            f"--data {file}: not a readable .{kind} file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:100]}); it may be truncated: copy it again"
+        ) from exc
 
 
 def _load_saved(path: Path, split: str) -> datasets.Dataset:

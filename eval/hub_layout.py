@@ -114,13 +114,14 @@ def read_hub_layout(folder: Path, split: str = "test") -> datasets.Dataset:
         if parts[-1].features != parts[0].features:
             raise MicromergeError(
                 f"--data {shard}: not a shard of the same dataset as {shards[0].name} "
-                f"({_column_difference(parts[0].features, parts[-1].features)}); copy the whole folder "
+                f"({column_difference(parts[0].features, parts[-1].features)}); copy the whole folder "
                 "again (`micromerge data verify` checks it)"
             )
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def _column_difference(expected: datasets.Features, found: datasets.Features) -> str:
+def column_difference(expected: datasets.Features, found: datasets.Features) -> str:
+    """How two files' columns differ, for an error naming the file that is not of the dataset."""
     missing = [name for name in expected if name not in found]
     extra = [name for name in found if name not in expected]
     if missing or extra:

@@ -113,6 +113,26 @@ def _check_resume_inputs(cfg: FinetuneConfig, resume_from: Path, prepared: Prepa
         )
 
 
+def _check_finished_settings(cfg: FinetuneConfig) -> None:
+    """Resuming a finished run hands back its model, so only under the settings it was trained
+    with: under others the model would be passed off as theirs (a demo or script that changed
+    --epochs would sweep the old specialist)."""
+    manifest_path = cfg.out / "manifest.json"
+    try:
+        trained = json.loads(manifest_path.read_text()).get("hyperparameters") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MicromergeError(
+            f"--resume {cfg.out}: {manifest_path.name} is unreadable ({exc}); start over with --force"
+        ) from exc
+    wanted = json.loads(json.dumps(cfg.hyperparameters(), default=str))
+    changed = sorted(k for k in set(wanted) | set(trained) if wanted.get(k) != trained.get(k))
+    if changed:
+        raise MicromergeError(
+            f"--resume {cfg.out}: that run finished with other settings ({', '.join(changed[:4])}); "
+            "use the same flags, or --force to train again"
+        )
+
+
 def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
     """The latest resumable state, after refusing to mix runs in one folder."""
     state_dir = cfg.out / "state"
@@ -283,6 +303,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     output_folder(cfg.out)
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
         # already finished: resuming is a no-op, apart from the state a kill after the manifest left
+        _check_finished_settings(cfg)
         shutil.rmtree(cfg.out / "state", ignore_errors=True)
         return cfg.out / "model.safetensors"
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()

@@ -68,18 +68,36 @@ class DemoConfig:
 
 
 def _stage(
-    name: str, done_marker: Path, digest: str, work: Callable[[], None], say: Callable[[str], None]
+    name: str,
+    marker: Path,
+    digest: str,
+    work: Callable[[], None],
+    say: Callable[[str], None],
+    outputs: tuple[Path, ...] = (),
 ) -> None:
-    """Run a stage unless its marker says it finished with the same settings."""
-    if done_marker.is_file() and json.loads(done_marker.read_text()).get("digest") == digest:
-        say(f"[{name}] done before: reusing {done_marker.parent}")
+    """Run a stage unless its marker says it finished with the same settings.
+
+    The marker is written before the work too (unfinished): an interrupted stage resumes under
+    the same settings, and under other settings, like a finished stage of other settings, its
+    `outputs` are removed first, so no model or result of the old settings is taken for the new."""
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    if recorded is not None and recorded.get("digest") == digest and recorded.get("finished", True):
+        say(f"[{name}] done before: reusing {marker.parent}")
         return
+    if recorded is not None and recorded.get("digest") != digest:
+        for output in outputs:
+            if output.is_dir():
+                shutil.rmtree(output)
+            else:
+                output.unlink(missing_ok=True)
     started = time.perf_counter()
     say(f"[{name}] ...")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"digest": digest, "finished": False}))
     work()
-    done_marker.parent.mkdir(parents=True, exist_ok=True)
-    done_marker.write_text(json.dumps({"digest": digest, "seconds": round(time.perf_counter() - started, 1)}))
-    say(f"[{name}] finished in {time.perf_counter() - started:.0f} s")
+    seconds = round(time.perf_counter() - started, 1)
+    marker.write_text(json.dumps({"digest": digest, "finished": True, "seconds": seconds}))
+    say(f"[{name}] finished in {seconds:.0f} s")
 
 
 def _write_data(cfg: DemoConfig, data: Path) -> None:
@@ -158,16 +176,19 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         lambda: _write_data(cfg, data),
         say,
     )
+    init_digest = sha256_json([cfg.digest("seed"), ARCH])[:16]
     _stage(
         "2/6 initialise a tiny CLIP",
         stages / "init.json",
-        cfg.digest("seed"),
+        init_digest,
         lambda: _write_init(cfg, init),
         say,
     )
-    train_digest = cfg.digest(
-        "seed", "bench_per_class", "corpus_per_class", "pretrain_epochs", "batch_size", "lr"
-    )
+    # Each stage's digest holds the digests of the stages it reads: new data or a new base is
+    # trained on again, never reused.
+    train_digest = sha256_json([data_digest, init_digest, cfg.digest("pretrain_epochs", "batch_size", "lr")])[
+        :16
+    ]
     _stage(
         "3/6 pretrain the base on the general corpus",
         stages / "pretrain.json",
@@ -176,16 +197,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
             cfg, init, data / "corpus-general", base_run, cfg.pretrain_epochs, "general", 30
         ),
         say,
+        outputs=(base_run,),
     )
-    specialist_digest = cfg.digest(
-        "seed",
-        "bench_per_class",
-        "corpus_per_class",
-        "pretrain_epochs",
-        "finetune_epochs",
-        "batch_size",
-        "lr",
-    )
+    specialist_digest = sha256_json([train_digest, cfg.digest("finetune_epochs", "batch_size", "lr")])[:16]
     _stage(
         "4/6 fine-tune the pathology specialist",
         stages / "specialist.json",
@@ -200,6 +214,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
             10,
         ),
         say,
+        outputs=(specialist_run,),
     )
 
     jobs = [
@@ -254,6 +269,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         ],
         sweeps,
         say,
+        outputs=(store.parent,),
     )
     say("[6/6 report] ...")
     html = build_report(store, report_dir, target="domain:pathology")

@@ -11,7 +11,7 @@ from micromerge.analysis.metrics import curve
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
-from micromerge.demo import DemoConfig, run_demo
+from micromerge.demo import DemoConfig, _stage, run_demo
 
 
 @pytest.mark.slow
@@ -109,6 +109,17 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "same seed, same weights"
+    # Another --finetune-epochs: the specialist is trained again and swept into an emptied store
+    # (it used to be kept, and its old sweep reported, under the new settings).
+    messages: list[str] = []
+    run_demo(DemoConfig(out=tmp_path / "a", **{**small, "finetune_epochs": 2}), say=messages.append)
+    assert sum("done before" in m for m in messages) == 3, messages
+    manifest = json.loads((tmp_path / "a" / "runs" / "pathology-specialist" / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["epochs"] == 2
+    store = (tmp_path / "a" / "results" / "results.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["run_id"] for line in store}) == 4, (
+        "one run per sweep, none of the old specialist"
+    )
 
 
 def test_demo_validates_its_inputs(tmp_path):
@@ -120,3 +131,30 @@ def test_demo_validates_its_inputs(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "file")])
     assert result.exit_code == 2 and "not a folder" in result.stderr
     assert not Path(tmp_path / "file").is_dir()
+
+
+def test_a_stage_resumes_under_its_settings_and_starts_over_under_others(tmp_path):
+    """The marker is written before the work: an interrupted stage runs again over what it left
+    (training resumes mid-run), but a stage of other settings, finished or not, loses its outputs
+    first."""
+    marker, output = tmp_path / "stages" / "train.json", tmp_path / "run"
+    ran: list[bool] = []
+
+    def work(fail: bool = False):
+        ran.append(output.exists())
+        output.mkdir(exist_ok=True)
+        if fail:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _stage("train", marker, "a", lambda: work(fail=True), say=lambda _: None, outputs=(output,))
+    assert json.loads(marker.read_text()) == {"digest": "a", "finished": False}
+    _stage("train", marker, "a", work, say=lambda _: None, outputs=(output,))
+    assert ran == [False, True], "same settings: resumed over the interrupted stage's outputs"
+    _stage("train", marker, "a", work, say=lambda _: None, outputs=(output,))
+    assert len(ran) == 2, "finished with the same settings: reused"
+    _stage("train", marker, "b", work, say=lambda _: None, outputs=(output,))
+    assert ran[-1] is False, "other settings: the old outputs removed first"
+    marker.write_text(json.dumps({"digest": "b"}))  # a marker from before the 'finished' field
+    _stage("train", marker, "b", work, say=lambda _: None, outputs=(output,))
+    assert len(ran) == 3

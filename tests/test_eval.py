@@ -12,6 +12,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import open_clip
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 from click.testing import CliRunner
@@ -274,6 +276,35 @@ def test_a_shard_of_another_dataset_is_refused_not_read_as_rows_of_nulls(tmp_pat
             in result.output
         )
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_parquet_folder_names_a_file_of_another_dataset_and_casts_mere_type_differences(tmp_path):
+    """`datasets`' parquet builder casts every file to the first one's features (so a column that
+    is all null in one file, typed `null` there, loads) but refuses other columns only as "An error
+    occurred while generating the dataset"; the file and its columns are named instead."""
+    folder = write_fixture(tmp_path / "pq", fmt="parquet")
+    rows = datasets.Dataset.from_parquet(str(folder / "test-00000-of-00001.parquet"))
+    first, second = rows.select(range(40)), rows.select(range(40, len(rows)))
+    table = second.with_format("arrow")[:]  # as another tool writes it: no features metadata
+    table = table.set_column(table.schema.get_field_index("pmid"), "pmid", pyarrow.nulls(len(table)))
+    (folder / "test-00000-of-00001.parquet").unlink()
+    first.to_parquet(str(folder / "test-00000-of-00002.parquet"))
+    pyarrow.parquet.write_table(table.replace_schema_metadata(None), folder / "test-00001-of-00002.parquet")
+    assert len(load_benchmark(str(folder)).dataset) == len(rows)
+    foreign = folder / "test-00002-of-00002.parquet"
+    datasets.Dataset.from_dict({"image_id": ["x"], "something_else": [1]}).to_parquet(str(foreign))
+    result = _tasks_cli(folder)
+    assert result.exit_code == 2, result.output
+    assert (
+        "test-00002-of-00002.parquet: not a file of the same dataset as test-00000-of-00002.parquet"
+        in result.output
+    )
+    assert "columns extra: something_else" in result.output and len(result.output.strip().splitlines()) == 1
+    foreign.write_bytes(b"PAR1 cut short")
+    result = _tasks_cli(folder)
+    assert (
+        result.exit_code == 2 and "test-00002-of-00002.parquet: not a readable .parquet file" in result.output
+    )
 
 
 def test_data_verify_names_a_missing_shard(bench):

@@ -302,6 +302,24 @@ def test_output_folder_with_another_run_is_refused(tmp_path, base):
     assert result.exit_code == 0, result.output
 
 
+def test_resuming_a_finished_run_hands_back_its_model_only_under_its_own_settings(tmp_path, base):
+    """A finished run resumed with its own settings is a no-op; with others (here --max-steps 4
+    where it trained 3) it would pass the old model off as the new one, so it is refused."""
+    data = write_csv_folder(tmp_path / "pairs")
+    path = run_finetune(config(base, data, tmp_path / "run"))
+    trained = path.read_bytes()
+    assert run_finetune(config(base, data, tmp_path / "run", resume=True)) == path
+    with pytest.raises(
+        MicromergeError,
+        match=r"--resume .*run: that run finished with other settings \(max_steps\); .*--force",
+    ):
+        run_finetune(config(base, data, tmp_path / "run", resume=True, max_steps=4))
+    assert path.read_bytes() == trained
+    (tmp_path / "run" / "manifest.json").write_text("{cut")
+    with pytest.raises(MicromergeError, match="manifest.json is unreadable"):
+        run_finetune(config(base, data, tmp_path / "run", resume=True))
+
+
 def _contrastive_args(base, data, out, steps, batch_size=8):
     """`finetune contrastive` arguments as the CLI tests run it: on the CPU, quiet."""
     return [

@@ -170,3 +170,38 @@ def test_an_unknown_target_names_the_flag_and_the_valid_groups(tmp_path):
         MicromergeError, match=r"^--target domain:virology: not a group of run .*'domain:biology'"
     ):
         build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:virology")
+
+
+def test_the_recorded_fine_tuning_domain_is_the_target_unless_target_is_given(tmp_path):
+    """The specialist's manifest names its domain; `--target` still wins over it."""
+    (tmp_path / "ft.safetensors").write_bytes(b"the specialist")
+    (tmp_path / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "pathology"}))
+    store = _rewrite(write_store(tmp_path / "r.jsonl"), model={"base": "b", "finetuned": ["ft.safetensors"]})
+    build_report(store, tmp_path / "rep")
+    (row,) = _table(tmp_path / "rep", "headline")
+    assert row["target"] == "domain:pathology" and row["gain (pts)"] == "40.0"
+    assert "no fine-tuning domain recorded" not in (tmp_path / "rep" / "report.md").read_text()
+    build_report(store, tmp_path / "given", target="domain:biology")
+    (row,) = _table(tmp_path / "given", "headline")
+    assert row["target"] == "domain:biology" and row["gain (pts)"] == "-40.0"
+
+
+@pytest.mark.parametrize("rule", ["alpha_rules", "include", "exclude"])
+def test_each_kind_of_rule_makes_the_endpoints_not_the_real_models(tmp_path, rule):
+    store = _rewrite(
+        write_store(tmp_path / "r.jsonl"),
+        parameters={rule: [["visual.*", 0.3]] if rule == "alpha_rules" else ["visual.*"]},
+    )
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    assert "NOT the real models" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_the_pareto_table_is_each_alpha_s_target_and_control_accuracy(tmp_path):
+    """Pathology (path-a) 0.50/0.80/0.90 and biology (bio-a) 0.80/0.75/0.40 at alpha 0/0.5/1: no
+    point dominates another, so all three are on the front."""
+    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology")
+    assert _table(tmp_path / "rep", "pareto_run0") == [
+        {"alpha": 0.0, "target": 0.5, "control": 0.8},
+        {"alpha": 0.5, "target": 0.8, "control": 0.75},
+        {"alpha": 1.0, "target": 0.9, "control": 0.4},
+    ]
