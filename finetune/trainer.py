@@ -634,7 +634,7 @@ def _write_final(
     tensors = {
         k.removeprefix(prefix): v.detach().to("cpu", torch.float32).contiguous()
         for k, v in state.items()
-        if k.startswith(prefix) and k != f"{prefix}attn_mask"
+        if k.startswith(prefix)  # open_clip keeps the causal attn_mask out of state_dict()
     }
     losses = [row["loss"] for row in history]
     manifest = {

@@ -118,7 +118,7 @@ def _write_init(cfg: DemoConfig, path: Path) -> None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(get_model_config(ARCH))
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "attn_mask"}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "micromerge.arch": ARCH,
         "micromerge.core.provenance": json.dumps({"kind": "random init", "seed": cfg.seed}),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
-from micromerge.finetune.trainer import run_finetune
+from micromerge.finetune.trainer import epoch_order, run_finetune
 from tests.helpers import two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
@@ -302,22 +302,48 @@ def test_output_folder_with_another_run_is_refused(tmp_path, base):
     assert result.exit_code == 0, result.output
 
 
+def test_freeze_text_in_contrastive_training_trains_the_image_tower_and_the_temperature(tmp_path, base):
+    """--freeze-text holds every text-tower weight; the temperature is shared by both towers and
+    keeps training (LiT-style image-side tuning)."""
+    path = run_finetune(config(base, write_csv_folder(tmp_path / "p"), tmp_path / "run", freeze_text=True))
+    trained, original = load_file(str(path)), load_file(str(base))
+    changed = {k for k in trained if not torch.equal(trained[k], original[k])}
+    assert "logit_scale" in changed and "visual.proj" in changed
+    assert changed - {"logit_scale"} == {k for k in changed if k.startswith("visual.")}
+
+
+def test_each_epoch_is_its_own_seeded_permutation():
+    first, again, second = epoch_order(50, 3, 0), epoch_order(50, 3, 0), epoch_order(50, 3, 1)
+    assert sorted(first.tolist()) == list(range(50)) and torch.equal(first, again)
+    assert not torch.equal(first, second) and not torch.equal(first, epoch_order(50, 4, 0))
+
+
 def test_resuming_a_finished_run_hands_back_its_model_only_under_its_own_settings(tmp_path, base):
-    """A finished run resumed with its own settings is a no-op; with others (here --max-steps 4
-    where it trained 3) it would pass the old model off as the new one, so it is refused."""
+    """A finished run resumed with its own settings is a no-op; with others (here --max-steps 13
+    where it trained 12) it would pass the old model off as the new one, so it is refused. The
+    manifest's loss summary is the log's."""
     data = write_csv_folder(tmp_path / "pairs")
-    path = run_finetune(config(base, data, tmp_path / "run"))
+    path = run_finetune(config(base, data, tmp_path / "run", max_steps=12))
     trained = path.read_bytes()
-    assert run_finetune(config(base, data, tmp_path / "run", resume=True)) == path
+    assert run_finetune(config(base, data, tmp_path / "run", max_steps=12, resume=True)) == path
+    log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in log]
+    assert len(losses) == 12
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["loss_summary"] == {
+        "first": losses[0],
+        "last": losses[-1],
+        "min": min(losses),
+        "mean_last_10": pytest.approx(sum(losses[-10:]) / 10),
+    }
     with pytest.raises(
         MicromergeError,
         match=r"--resume .*run: that run finished with other settings \(max_steps\); .*--force",
     ):
-        run_finetune(config(base, data, tmp_path / "run", resume=True, max_steps=4))
+        run_finetune(config(base, data, tmp_path / "run", max_steps=13, resume=True))
     assert path.read_bytes() == trained
     (tmp_path / "run" / "manifest.json").write_text("{cut")
     with pytest.raises(MicromergeError, match="manifest.json is unreadable"):
-        run_finetune(config(base, data, tmp_path / "run", resume=True))
+        run_finetune(config(base, data, tmp_path / "run", max_steps=12, resume=True))
 
 
 def _contrastive_args(base, data, out, steps, batch_size=8):
@@ -460,3 +486,15 @@ def test_runs_in_one_process_each_get_their_own_accelerate_state(tmp_path, base)
     run_finetune(config(base, data, tmp_path / "run", max_steps=2))
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["device"] == "cpu" and manifest["mixed_precision"] == "no"
+
+
+def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are_named(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs", n=6)
+    with pytest.raises(
+        MicromergeError,
+        match=r"6 usable examples is less than one batch \(8 x 1 processes\); lower --batch-size",
+    ):
+        run_finetune(config(base, data, tmp_path / "small", max_steps=None, epochs=1))
+    with pytest.raises(MicromergeError, match=r"--freeze visual\.nothing\.\*: matches no parameter"):
+        run_finetune(config(base, data, tmp_path / "frozen", batch_size=2, freeze=("visual.nothing.*",)))
+    assert not (tmp_path / "small" / "model.safetensors").exists()

@@ -5,6 +5,7 @@ caption files with bad bytes are one line (C9). Each test fails on the code befo
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -86,6 +87,17 @@ def test_resume_refuses_changed_data_at_the_same_path(tmp_path, base, monkeypatc
     (data / "img0.png").write_bytes(_png(99))  # the same path now holds other bytes
     with pytest.raises(MicromergeError, match="the data changed since that run started"):
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, base, monkeypatch):
+    """The kill left a log running past the saved state (steps 3 and 4 were logged, not saved):
+    the resumed run drops them before it trains those steps again."""
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    log = tmp_path / "run" / "train_log.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_other_hyper_parameters(tmp_path, base, monkeypatch):

@@ -1,6 +1,7 @@
 """micromerge's contrastive trainer against open_clip_train's own training step (issue 16): the
-same base weights, batches in the same order and the same hyper-parameters give the same loss at
-every step and the same weights at the end.
+same base weights, batches in the same order and the same hyper-parameters (a warm-up, and a base
+temperature above the cap both clamp to) give the same loss at every step and the same weights at
+the end.
 
 The reference is open_clip_train's `train_one_epoch` (open_clip_train/train.py, in the open_clip
 wheel), called with its own `cosine_lr` schedule and open_clip's `ClipLoss`, and an AdamW built as
@@ -14,11 +15,12 @@ model's mean/std as open_clip's `Normalize` does).
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from micromerge.eval.pairs import decode_checked, load_pairs
 from micromerge.finetune.trainer import epoch_order, run_finetune
@@ -27,7 +29,9 @@ from micromerge.merging.sources import open_source
 from tests.helpers import write_checkpoint
 from tests.test_finetune import config, write_csv_folder
 
-STEPS, BATCH, LR, WD, CLIP = 6, 8, 1e-3, 0.2, 1.0
+STEPS, BATCH, LR, WD, CLIP, WARMUP = 6, 8, 1e-3, 0.2, 1.0, 2
+# The base starts above the temperature cap open_clip_train clamps to after every step (ln 100).
+LOGIT_SCALE = 4.8
 
 
 class _Batches:
@@ -64,7 +68,9 @@ def _open_clip_train(base, data) -> tuple[list[float], dict[str, torch.Tensor]]:
         pixels = torch.from_numpy(np.ascontiguousarray(decoded.pixels[index.numpy()]))
         batches.append((((pixels.float() / 255.0) - mean) / std, tokens[index]))
 
-    args = parse_args(["--lr", str(LR), "--wd", str(WD), "--grad-clip-norm", str(CLIP), "--warmup", "0"])
+    args = parse_args(
+        ["--lr", str(LR), "--wd", str(WD), "--grad-clip-norm", str(CLIP), "--warmup", str(WARMUP)]
+    )
     vars(args).update(  # what open_clip_train's main() sets before it trains
         device="cpu", precision="fp32", batch_size=BATCH, world_size=1, rank=0, local_rank=0, distill=False,
         beta1=0.9, beta2=0.98, eps=1e-6, log_every_n_steps=10**6, wandb=False,
@@ -95,7 +101,7 @@ def _open_clip_train(base, data) -> tuple[list[float], dict[str, torch.Tensor]]:
         0,
         optimizer,
         None,
-        cosine_lr(optimizer, LR, 0, STEPS),
+        cosine_lr(optimizer, LR, WARMUP, STEPS),
         None,
         args,
     )
@@ -105,18 +111,23 @@ def _open_clip_train(base, data) -> tuple[list[float], dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("path", ["in-memory", "streamed"])
 def test_the_trainer_follows_open_clip_train_step_for_step(tmp_path, path):
     base = tmp_path / "base.safetensors"
-    write_checkpoint(base, 0, arch="micro-clip")
+    tensors = write_checkpoint(base, 0, arch="micro-clip")
+    save_file(
+        {**tensors, "logit_scale": torch.tensor(LOGIT_SCALE)},
+        str(base),
+        metadata={"micromerge.arch": "micro-clip"},
+    )
     data = write_csv_folder(tmp_path / "pairs", n=STEPS * BATCH)
     ours = run_finetune(
         config(base, data, tmp_path / "ours", max_steps=STEPS, batch_size=BATCH, lr=LR, weight_decay=WD,
-               grad_clip=CLIP, data_in_memory="yes" if path == "in-memory" else "no", workers=0)
+               grad_clip=CLIP, warmup_steps=WARMUP, data_in_memory="yes" if path == "in-memory" else "no", workers=0)
     )  # fmt: skip
     our_losses = [
         json.loads(line)["loss"] for line in (tmp_path / "ours" / "train_log.jsonl").read_text().splitlines()
     ]
     their_losses, their_weights = _open_clip_train(base, data)
     assert len(their_losses) == STEPS
-    assert our_losses == pytest.approx(their_losses, abs=2e-6)  # ours are logged to 6 decimals
+    assert our_losses == pytest.approx(their_losses, rel=1e-6, abs=2e-6)  # ours logged to 6 decimals
     trained, start = load_file(str(ours)), load_file(str(base))
     assert trained.keys() == their_weights.keys()
     # float noise (sums in another order: gradient norm, logits transposed) moves weights by < 5e-6,
@@ -125,3 +136,4 @@ def test_the_trainer_follows_open_clip_train_step_for_step(tmp_path, path):
         torch.testing.assert_close(value, their_weights[key], rtol=0, atol=5e-6, msg=key)
     moved = {k for k in trained if not torch.equal(trained[k], start[k])}
     assert "positional_embedding" in moved and "visual.proj" in moved  # trained, decayed alike
+    assert float(trained["logit_scale"]) <= math.log(100) < LOGIT_SCALE  # clamped, as theirs is
