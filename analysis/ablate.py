@@ -21,6 +21,9 @@ from micromerge.eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
 from micromerge.merging.job import MergeJob, job_from_mapping
 from micromerge.merging.methods import get_method
 from micromerge.merging.rules import KeyRules
+from micromerge.merging.sources import CheckpointAccess
+
+PAIR_ACCESS_SCHEMA = {"allow_pickle": "bool", "arch": "str"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,18 @@ def load_ablation(path: str | Path) -> Ablation:
 
     pairs = []
     for pair in section["pairs"]:
-        reject_unknown_keys(f"{path} pair", pair, {"name", "base", "finetuned", "base_data", "ft_data"})
+        reject_unknown_keys(
+            f"{path} pair",
+            pair,
+            {"name", "base", "finetuned", "base_data", "ft_data", "allow_pickle", "arch"},
+        )
         if not pair.get("base") or not pair.get("finetuned"):
             raise MicromergeError(f"{path}: every pair needs base and finetuned")
+        check_section(
+            f"{path} pair {pair.get('name') or pair['base']}",
+            {k: pair[k] for k in ("allow_pickle", "arch") if k in pair},
+            PAIR_ACCESS_SCHEMA,
+        )
         finetuned = pair["finetuned"] if isinstance(pair["finetuned"], list) else [pair["finetuned"]]
         pairs.append(
             {
@@ -63,6 +75,8 @@ def load_ablation(path: str | Path) -> Ablation:
                 "base": resolve(pair["base"]),
                 "finetuned": [resolve(f) for f in finetuned],
                 # Fisher/RegMean: each model's own corpus (the others use the ablation's μ-Bench data)
+                # how the pair's checkpoints are opened (a wise-ft pickle, a file without its arch)
+                "access": CheckpointAccess(bool(pair.get("allow_pickle", False)), pair.get("arch")),
                 "own_data": {
                     "base_data": resolve(pair["base_data"]) if pair.get("base_data") else None,
                     "ft_data": [resolve(f) for f in pair.get("ft_data") or []],
@@ -96,6 +110,7 @@ class SoupJob:
     base: str
     finetuned: tuple[str, ...]
     rules: KeyRules
+    access: CheckpointAccess
 
 
 def _skipped(label: str, why: str) -> None:
@@ -114,6 +129,11 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
             parameters = ablation.method_parameters.get(method, {})
             if not isinstance(parameters, dict):
                 raise MicromergeError(f"method_parameters.{method} must be a table, not {parameters!r}")
+            for key in sorted(set(parameters) & set(PAIR_ACCESS_SCHEMA)):
+                raise MicromergeError(
+                    f"method_parameters.{method}.{key}: how checkpoints are opened is a pair's setting "
+                    f"(pairs = [{{ ..., {key} = ... }}]), not a method's"
+                )
             for rule_name, rules in ablation.rule_sets.items():
                 if not isinstance(rules, dict):
                     raise MicromergeError(f"rule_sets.{rule_name} must be a table, not {rules!r}")
@@ -126,7 +146,9 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                         _skipped(label, "a soup is a uniform average: alpha rules do not apply")
                         continue
                     rule = KeyRules(tuple(rules.get("include") or ()), tuple(rules.get("exclude") or ()))
-                    jobs.append((label, SoupJob(pair["base"], tuple(pair["finetuned"]), rule)))
+                    jobs.append(
+                        (label, SoupJob(pair["base"], tuple(pair["finetuned"]), rule, pair["access"]))
+                    )
                     continue
                 wanted = get_method(method).min_finetuned
                 if len(pair["finetuned"]) < wanted:
@@ -140,6 +162,8 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                         "alphas": ablation.alphas,
                         "seed": ablation.seed,
                         **(pair["own_data"] if get_method(method).statistics in ("fisher", "gram") else {}),
+                        "allow_pickle": pair["access"].allow_pickle,
+                        **({"arch": pair["access"].arch} if pair["access"].arch else {}),
                         **values,
                     }
                 )
@@ -169,16 +193,24 @@ def run_ablation(
         world_size=world_size,
     )
     for pair in ablation.pairs:  # the reference points, once per pair, shared by every method and rule set
+        access = pair["access"]
         for model in (pair["base"], *pair["finetuned"]):
-            run_eval(model, settings, device)
+            run_eval(model, settings, device, access.allow_pickle, access.arch)
     for label, job in grid_jobs(ablation):
         if isinstance(job, SoupJob):
             if rank == 0:  # each step of a soup depends on the last: one process chooses
-                greedy_soup(job.base, job.finetuned, settings, device, job.rules, label)
+                greedy_soup(job.base, job.finetuned, settings, device, job.rules, label, job.access)
             continue
         run_sweep(
             SweepPlan(
-                job.base, job.finetuned, job.spec, job.alphas or (), label=label, model_data=job.model_data
+                job.base,
+                job.finetuned,
+                job.spec,
+                job.alphas or (),
+                job.allow_pickle,
+                job.arch,
+                label=label,
+                model_data=job.model_data,
             ),
             settings,
             device,

@@ -34,6 +34,7 @@ from micromerge.merging.job import job_from_mapping, run_merge_job
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.rules import KeyRules
+from micromerge.merging.sources import CheckpointAccess
 
 GREEDY_SOUP = "greedy-soup"
 SELECTION = "select-half all-task mean accuracy; an ingredient joins when it does not drop (>=)"
@@ -88,10 +89,12 @@ def _score(
     rules: KeyRules,
     settings: EvalSettings,
     device: torch.device,
+    access: CheckpointAccess,
 ) -> Scored:
     spec = MergeSpec("linear", MethodParams(weights=weights), rules)
     label = f"{GREEDY_SOUP} candidate {list(weights)}"
-    rows = run_sweep(SweepPlan(base, finetuned, spec, (1.0,), label=label), settings, device)
+    plan = SweepPlan(base, finetuned, spec, (1.0,), access.allow_pickle, access.arch, label=label)
+    rows = run_sweep(plan, settings, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # candidates are single points by design
         run = next(r for r in load_runs(settings.store) if r.run_id == rows[0]["run_id"])
@@ -116,6 +119,7 @@ def greedy_soup(
     device: torch.device,
     rules: KeyRules = KeyRules(),
     label: str | None = None,
+    access: CheckpointAccess = CheckpointAccess(),
 ) -> SoupResult:
     """Choose the soup on the select half, write its rows to `settings.store`, and return the recipe."""
     if rules.strength_rules:
@@ -125,12 +129,12 @@ def greedy_soup(
     models = (base, *finetuned)
     side = replace(settings, store=candidate_store(Path(settings.store)), rank=0, world_size=1)
     count = len(models)
-    own = {i: _score(base, finetuned, uniform([i], count), rules, side, device) for i in range(count)}
+    own = {i: _score(base, finetuned, uniform([i], count), rules, side, device, access) for i in range(count)}
     order = sorted(range(count), key=lambda i: (-own[i].select_mean, i))
     members, best = [order[0]], own[order[0]]
     steps = [SoupStep(models[order[0]], best.weights, best.select_mean, True)]
     for index in order[1:]:
-        trial = _score(base, finetuned, uniform([*members, index], count), rules, side, device)
+        trial = _score(base, finetuned, uniform([*members, index], count), rules, side, device, access)
         kept = trial.select_mean >= best.select_mean
         steps.append(SoupStep(models[index], trial.weights, trial.select_mean, kept))
         if kept:
@@ -167,7 +171,12 @@ def greedy_soup(
 
 
 def write_soup(
-    result: SoupResult, out: Path, force: bool, rules: KeyRules = KeyRules(), progress: bool = True
+    result: SoupResult,
+    out: Path,
+    force: bool,
+    rules: KeyRules = KeyRules(),
+    progress: bool = True,
+    access: CheckpointAccess = CheckpointAccess(),
 ) -> MergeOutput:
     """The chosen soup as a checkpoint: a linear merge with the soup's weights; the manifest keeps the recipe."""
     job = job_from_mapping(
@@ -180,6 +189,8 @@ def write_soup(
             "exclude": list(rules.exclude),
             "out": str(out),
             "force": force,
+            "allow_pickle": access.allow_pickle,
+            **({"arch": access.arch} if access.arch else {}),
         }
     )
     recipe = {GREEDY_SOUP: {**result.describe(), "run_id": result.run_id}}

@@ -43,6 +43,7 @@ def export_checkpoint(
     arch: str | None = None,
     force: bool = False,
     evaluation: list[dict[str, Any]] | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Write `checkpoint` into the folder `out` in `fmt`, with its model card; returns the folder."""
     if fmt not in FORMATS:
@@ -51,7 +52,7 @@ def export_checkpoint(
     existing = [name for name in (*FILES[fmt], "README.md") if (folder / name).exists()]
     if existing and not force:
         raise MicromergeError(f"{folder}: already holds {' and '.join(existing)}; pass --force to overwrite")
-    with open_source(checkpoint, arch=arch) as source:
+    with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
         metas = {k: source.meta(k) for k in source.keys()}
         config = resolve_model_config(source.arch, metas)
         tensors = load_all(source)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,15 @@ from micromerge.merging.zoo import ZooEntry, load_zoo
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 ArrayKind = Literal["torch", "numpy"]
+
+
+@dataclass(frozen=True)
+class CheckpointAccess:
+    """How a run opens its checkpoints: whether the restricted pickle reader may read files that
+    hold Python objects, and the architecture for files that do not name theirs."""
+
+    allow_pickle: bool = False
+    arch: str | None = None
 
 
 def checkpoint_name(spec: str) -> str:

@@ -336,23 +336,32 @@ def zoo_command() -> None:
     help="transformers: CLIPModel + CLIPProcessor files; open_clip: what `local-dir:`/`hf-hub:` load.",
 )
 @ARCH
+@ALLOW_PICKLE
 @click.option(
     "--results", type=click.Path(), help="A results store: put this checkpoint's `eval` in its model card."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing folder's files.")
 @friendly_errors
 def export_command(
-    checkpoint: str, out: str, fmt: str, arch: str | None, results: str | None, force: bool
+    checkpoint: str,
+    out: str,
+    fmt: str,
+    arch: str | None,
+    allow_pickle: bool,
+    results: str | None,
+    force: bool,
 ) -> None:
     """Export a checkpoint as a folder other tools open (e.g. a merged PLIP), with its model card."""
     from micromerge.merging.export import export_checkpoint
 
-    evaluation = _evaluation_of(checkpoint, results, arch) if results else None
-    path = export_checkpoint(checkpoint, out, fmt, arch=arch, force=force, evaluation=evaluation)
+    evaluation = _evaluation_of(checkpoint, results, arch, allow_pickle) if results else None
+    path = export_checkpoint(
+        checkpoint, out, fmt, arch=arch, force=force, evaluation=evaluation, allow_pickle=allow_pickle
+    )
     click.echo(f"wrote {path} ({fmt}, with README.md)")
 
 
-def _evaluation_of(checkpoint: str, store: str, arch: str | None) -> list[dict[str, Any]]:
+def _evaluation_of(checkpoint: str, store: str, arch: str | None, allow_pickle: bool) -> list[dict[str, Any]]:
     """The checkpoint's own `eval` rows in the store (matched by sha256): each task's accuracy on
     all its images, and the paper's headline numbers."""
     from micromerge.eval.engine import POOLED
@@ -360,7 +369,7 @@ def _evaluation_of(checkpoint: str, store: str, arch: str | None) -> list[dict[s
     from micromerge.merging.execute import input_hashes
     from micromerge.merging.sources import open_source
 
-    with open_source(checkpoint, arch=arch) as source:
+    with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
         digests = sorted(input_hashes([source]).values())
     rows = [
         r
@@ -709,13 +718,20 @@ def soup_command(
     from micromerge.analysis.soup import greedy_soup, write_soup
     from micromerge.core.devices import resolve_device
     from micromerge.merging.rules import KeyRules
+    from micromerge.merging.sources import CheckpointAccess
 
     out, force = values.pop("out"), values.pop("force")
     settings, state = _eval_settings(values)
     if not state.is_main_process:
         return  # one process chooses: each step depends on the last
+    access = CheckpointAccess(values["allow_pickle"], values["arch"])
     result = greedy_soup(
-        base, finetuned, settings, resolve_device(values["device"]), KeyRules(tuple(include), tuple(exclude))
+        base,
+        finetuned,
+        settings,
+        resolve_device(values["device"]),
+        KeyRules(tuple(include), tuple(exclude)),
+        access=access,
     )
     for step in result.steps:
         verdict = "kept" if step.kept else "left out"
@@ -727,7 +743,7 @@ def soup_command(
     click.echo(f"results in {settings.store} (run {result.run_id})")
     if out:
         rules = KeyRules(tuple(include), tuple(exclude))
-        written = write_soup(result, Path(out), force, rules, progress=settings.progress)
+        written = write_soup(result, Path(out), force, rules, progress=settings.progress, access=access)
         click.echo(f"wrote {written.path} (manifest {written.manifest_path.name})")
 
 

@@ -19,6 +19,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings
 from micromerge.merging.job import MergeJob
 from micromerge.merging.rules import KeyRules
+from micromerge.merging.sources import CheckpointAccess
 
 FULL = """[ablation]
 data = "../bench"
@@ -46,6 +47,8 @@ ft_data = ["./ft-corpus"]
 name = "absolute"
 base = "/abs/base.safetensors"
 finetuned = ["/abs/a.safetensors", "/abs/b.safetensors"]
+allow_pickle = true
+arch = "nano-clip"
 
 [ablation.rule_sets.vision]
 include = ["visual.*"]
@@ -87,6 +90,7 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
                 "name": "../base.safetensors",
                 "base": str(folder / "../base.safetensors"),
                 "finetuned": [str(folder / "./ft.safetensors")],
+                "access": CheckpointAccess(),
                 "own_data": {
                     "base_data": str(folder / "../base-corpus"),
                     "ft_data": [str(folder / "./ft-corpus")],
@@ -96,6 +100,7 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
                 "name": "absolute",
                 "base": "/abs/base.safetensors",
                 "finetuned": ["/abs/a.safetensors", "/abs/b.safetensors"],
+                "access": CheckpointAccess(allow_pickle=True, arch="nano-clip"),
                 "own_data": {"base_data": None, "ft_data": []},
             },
         ),
@@ -141,6 +146,8 @@ def test_a_missing_or_empty_required_key_is_named(tmp_path, key):
         ('base = "/b"', "every pair needs base and finetuned"),
         ('finetuned = ["/f"]', "every pair needs base and finetuned"),
         ('base = "/b"\nfinetuned = ["/f"]\nft = "/g"', r"unknown key\(s\) \['ft'\]"),
+        ('base = "/b"\nfinetuned = ["/f"]\nallow_pickle = "yes"', r"pair /b: allow_pickle must be a boolean"),
+        ('base = "/b"\nfinetuned = ["/f"]\narch = 3', r"pair /b: arch must be a string"),
     ],
 )
 def test_a_bad_pair_is_named(tmp_path, pair, needle):
@@ -159,6 +166,10 @@ def test_a_bad_pair_is_named(tmp_path, pair, needle):
         ('[ablation.rule_sets.odd]\nkeep = ["x"]', r"rule set 'odd'.*unknown key\(s\) \['keep'\]"),
         ('[ablation.rule_sets.odd]\ninclude = "visual.*"', "include"),
         ("[ablation.method_parameters.ties]\nwindow = 3", r"ties / all: unknown key\(s\) \['window'\]"),
+        (
+            "[ablation.method_parameters.ties]\nallow_pickle = true",
+            r"method_parameters.ties.allow_pickle: .* a pair's setting",
+        ),
     ],
 )
 def test_bad_tables_in_the_grid_are_named(tmp_path, extra, needle):
@@ -190,6 +201,12 @@ def test_the_grid_gives_each_method_what_it_takes(tmp_path):
         "/abs/base.safetensors",
         ("/abs/a.safetensors", "/abs/b.safetensors"),
         KeyRules(("visual.*",), ("visual.proj",)),
+        CheckpointAccess(allow_pickle=True, arch="nano-clip"),
+    )
+    assert (wise.allow_pickle, wise.arch) == (False, None)
+    assert (jobs["absolute / wise-ft / vision"].allow_pickle, jobs["absolute / wise-ft / vision"].arch) == (
+        True,
+        "nano-clip",
     )
 
 
@@ -206,7 +223,11 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     for the configured target."""
     calls: list[tuple] = []
     monkeypatch.setattr(
-        ablate, "run_eval", lambda model, settings, device: calls.append(("eval", model, settings))
+        ablate,
+        "run_eval",
+        lambda model, settings, device, allow_pickle, arch: calls.append(
+            ("eval", model, settings, allow_pickle, arch)
+        ),
     )
     monkeypatch.setattr(
         ablate, "run_sweep", lambda plan, settings, device: calls.append(("sweep", plan, settings))
@@ -232,27 +253,28 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         world_size=2,
     )
     assert all(call[2] == expected for call in calls if call[0] in ("eval", "sweep"))
-    evaluated = [call[1] for call in calls if call[0] == "eval"]
+    evaluated = [(call[1], call[3], call[4]) for call in calls if call[0] == "eval"]
     assert evaluated == [
-        *(p["base"] for p in ablation.pairs[:1]),
-        *ablation.pairs[0]["finetuned"],
-        ablation.pairs[1]["base"],
-        *ablation.pairs[1]["finetuned"],
+        *((m, False, None) for m in (ablation.pairs[0]["base"], *ablation.pairs[0]["finetuned"])),
+        *((m, True, "nano-clip") for m in (ablation.pairs[1]["base"], *ablation.pairs[1]["finetuned"])),
     ]
     sweeps = {call[1].label: call[1] for call in calls if call[0] == "sweep"}
     assert set(sweeps) == {label for label, job in grid_jobs(ablation) if isinstance(job, MergeJob)}
     fisher = sweeps["../base.safetensors / fisher / vision"]
     assert fisher.model_data == dict(grid_jobs(ablation))["../base.safetensors / fisher / vision"].model_data
-    assert fisher.alphas == (0.0, 0.5)
+    assert fisher.alphas == (0.0, 0.5) and (fisher.allow_pickle, fisher.arch) == (False, None)
+    opened = sweeps["absolute / wise-ft / vision"]
+    assert (opened.allow_pickle, opened.arch) == (True, "nano-clip")
     assert not [call for call in calls if call[0] == "soup"], "rank 1 of 2 leaves the soups to rank 0"
     assert calls[-1] == ("report", "domain:pathology")
 
     calls.clear()
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
     soups = [call for call in calls if call[0] == "soup"]
-    assert [call[-1] for call in soups] == [
+    assert [call[-2] for call in soups] == [
         "../base.safetensors / greedy-soup / vision",
         "absolute / greedy-soup / vision",
     ]
     assert soups[1][1:3] == ("/abs/base.safetensors", ("/abs/a.safetensors", "/abs/b.safetensors"))
     assert soups[1][5] == KeyRules(("visual.*",), ("visual.proj",))
+    assert [call[-1] for call in soups] == [CheckpointAccess(), CheckpointAccess(True, "nano-clip")]

@@ -317,3 +317,22 @@ def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, c
         "repo_type": "model",
         "commit_message": "micromerge: upload hf",
     }
+
+
+def test_a_checkpoint_holding_python_objects_is_exported_with_allow_pickle(tmp_path):
+    """A trainer's `{"state_dict": ..., "args": Namespace}` needs the restricted reader: export takes
+    --allow-pickle as merge and eval do (its refusal names that flag, which export lacked)."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import random_state_dict
+
+    tensors = random_state_dict(5)
+    torch.save({"state_dict": tensors, "args": argparse.Namespace(lr=1e-5)}, tmp_path / "trained.pt")
+    refused = CliRunner().invoke(cli, ["export", str(tmp_path / "trained.pt"), "--out", str(tmp_path / "no")])
+    assert refused.exit_code == 2 and "pass --allow-pickle" in refused.output
+    folder = _export(tmp_path / "trained.pt", tmp_path / "oc", "--format", "open_clip", "--allow-pickle")
+    exported = load_file(str(folder / "open_clip_model.safetensors"))
+    assert exported.keys() == tensors.keys()
+    assert all(torch.equal(exported[k], v) for k, v in tensors.items())

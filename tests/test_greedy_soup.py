@@ -251,3 +251,23 @@ def test_a_soup_chosen_under_other_settings_is_another_run(tmp_path, setting):
     assert plain.describe() == resampled.describe() and plain.run_id != resampled.run_id
     rows = [r for r in ResultStore(settings.store).rows() if r["run_id"] == resampled.run_id]
     assert rows and any(r["ci_low"] < r["value"] for r in rows)
+
+
+def test_soup_reads_a_specialist_that_needs_allow_pickle_when_given_it(tmp_path, setting):
+    """`soup` took --allow-pickle and --arch but chose and wrote the soup without them; the
+    refusal then named the very flag the user had passed."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    settings, models = setting
+    pickled = tmp_path / "m2.pt"
+    torch.save({"state_dict": load_file(models[2]), "args": argparse.Namespace(lr=1e-5)}, pickled)
+    args = ["soup", "--base", models[0], "--ft", models[1], "--ft", str(pickled), "--data", settings.data]
+    args += ["--store", str(settings.store), "--cache-dir", str(settings.cache_dir), "--bootstrap", "0"]
+    args += ["--device", "cpu", "--quiet", "--arch", "nano-clip", "--out", str(tmp_path / "s.safetensors")]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "pass --allow-pickle" in refused.output
+    result = CliRunner().invoke(cli, [*args, "--allow-pickle"])
+    assert result.exit_code == 0, result.output
+    assert "m2.pt" in result.output and (tmp_path / "s.safetensors").is_file()
