@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.tensor_source import Recipe
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ _FIXED = {
 }
 _TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
 _LAYER = re.compile(r"^(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_IGNORED = re.compile(r"(position_ids|\.num_batches_tracked)$")
+_IGNORED = re.compile(r"position_ids$")  # a buffer of older transformers versions, not a weight
 
 
 def is_transformers_clip(keys: list[str]) -> bool:
@@ -71,8 +72,6 @@ def hf_to_openclip_recipes(hf_keys: list[str]) -> dict[str, Recipe]:
         else:
             unknown.append(key)
     if unknown:
-        from micromerge.core.errors import MicromergeError
-
         raise MicromergeError(
             f"transformers CLIP checkpoint has keys with no open_clip equivalent: {unknown[:3]} "
             f"(+{max(0, len(unknown) - 3)} more); only ViT CLIP checkpoints are supported"
@@ -103,36 +102,60 @@ def openclip_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         elif key == "attn_mask":
             continue
         else:
-            from micromerge.core.errors import MicromergeError
-
             raise MicromergeError(
                 f"cannot export key {key!r} to transformers CLIP format (only ViT CLIPs are supported)"
             )
     return out
 
 
-def hf_config_to_openclip(config: dict[str, Any]) -> dict[str, Any]:
-    """open_clip model config (the dict `open_clip.model.CLIP(**cfg)` takes) from a CLIPConfig dict."""
-    text, vision = config["text_config"], config["vision_config"]
+def _sub_config(config: dict[str, Any], tower: str, label: str) -> dict[str, Any]:
+    """A tower's settings as transformers' CLIPConfig resolves them: `<tower>_config`, unless the
+    config also carries the `<tower>_config_dict` of older transformers versions, which then is
+    the whole of it (CLIPConfig completes it with its defaults and writes every key over
+    `<tower>_config`, those the dict left out included)."""
+    for name in (f"{tower}_config_dict", f"{tower}_config"):
+        part = config.get(name)
+        if part is not None and not isinstance(part, dict):
+            raise MicromergeError(f"{label}: {name} must be an object, not {part!r}")
+        if part is not None:
+            return part
+    return {}
+
+
+def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") -> dict[str, Any]:
+    """open_clip model config (the dict `open_clip.model.CLIP(**cfg)` takes) from a CLIPConfig dict;
+    a key a config leaves out takes transformers' CLIPTextConfig/CLIPVisionConfig default."""
+    text, vision = _sub_config(config, "text", label), _sub_config(config, "vision", label)
+
+    def number(section: dict[str, Any], name: str, key: str, default: int) -> int:
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise MicromergeError(f"{label}: {name}.{key} must be a positive integer, not {value!r}")
+        return value
+
     act = vision.get("hidden_act", "quick_gelu")
+    v_width, t_width = (
+        number(vision, "vision_config", "hidden_size", 768),
+        number(text, "text_config", "hidden_size", 512),
+    )
     return {
-        "embed_dim": int(config.get("projection_dim", 512)),
+        "embed_dim": number(config, "config", "projection_dim", 512),
         "quick_gelu": act == "quick_gelu",
         "vision_cfg": {
-            "image_size": int(vision.get("image_size", 224)),
-            "layers": int(vision.get("num_hidden_layers", 12)),
-            "width": int(vision.get("hidden_size", 768)),
-            "head_width": int(vision.get("hidden_size", 768)) // int(vision.get("num_attention_heads", 12)),
-            "mlp_ratio": int(vision.get("intermediate_size", 3072)) / int(vision.get("hidden_size", 768)),
-            "patch_size": int(vision.get("patch_size", 32)),
+            "image_size": number(vision, "vision_config", "image_size", 224),
+            "layers": number(vision, "vision_config", "num_hidden_layers", 12),
+            "width": v_width,
+            "head_width": v_width // number(vision, "vision_config", "num_attention_heads", 12),
+            "mlp_ratio": number(vision, "vision_config", "intermediate_size", 3072) / v_width,
+            "patch_size": number(vision, "vision_config", "patch_size", 32),
         },
         "text_cfg": {
-            "context_length": int(text.get("max_position_embeddings", 77)),
-            "vocab_size": int(text.get("vocab_size", 49408)),
-            "width": int(text.get("hidden_size", 512)),
-            "heads": int(text.get("num_attention_heads", 8)),
-            "layers": int(text.get("num_hidden_layers", 12)),
-            "mlp_ratio": int(text.get("intermediate_size", 2048)) / int(text.get("hidden_size", 512)),
+            "context_length": number(text, "text_config", "max_position_embeddings", 77),
+            "vocab_size": number(text, "text_config", "vocab_size", 49408),
+            "width": t_width,
+            "heads": number(text, "text_config", "num_attention_heads", 8),
+            "layers": number(text, "text_config", "num_hidden_layers", 12),
+            "mlp_ratio": number(text, "text_config", "intermediate_size", 2048) / t_width,
         },
     }
 

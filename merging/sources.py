@@ -129,11 +129,26 @@ def _open_safetensors(files: list[Path], label: str, arrays: ArrayKind) -> Safet
     return source
 
 
-def _open_sharded(index_path: Path, arrays: ArrayKind) -> TensorSource:
+def _read_json_object(path: Path, fix: str) -> dict:
+    """A checkpoint's JSON side file as a dict, or one line naming it and `fix`."""
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError) as exc:
-        raise MicromergeError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from exc
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MicromergeError(f"{path}: unreadable ({str(exc).splitlines()[0][:100]}); {fix}") from exc
+    if not isinstance(value, dict):
+        raise MicromergeError(f"{path}: holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    weight_map = _read_json_object(index_path, "copy it again").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MicromergeError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)")
+    return weight_map
+
+
+def _open_sharded(index_path: Path, arrays: ArrayKind) -> TensorSource:
+    weight_map = _weight_map(index_path)
     shards = sorted({index_path.parent / name for name in weight_map.values()})
     for shard in shards:
         if not shard.is_file():
@@ -168,7 +183,7 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
 
 def _open_clip_model_config(config_file: Path) -> dict | None:
     """open_clip_config.json's `model_cfg`, with the normalisation its `preprocess_cfg` names."""
-    config = json.loads(config_file.read_text())
+    config = _read_json_object(config_file, "copy it again, or remove it and pass --arch")
     model_config = config.get("model_cfg")
     if model_config is None:
         return None
@@ -187,12 +202,12 @@ def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = 
     config_path = folder / "config.json"
     arch = ArchInfo()
     if config_path.is_file():
-        model_config = hf_clip.hf_config_to_openclip(json.loads(config_path.read_text()))
+        hf_config = _read_json_object(config_path, "copy it again")
+        model_config = hf_clip.hf_config_to_openclip(hf_config, str(config_path))
         processor = folder / "preprocessor_config.json"
         if processor.is_file():
-            model_config.update(
-                _normalisation(json.loads(processor.read_text()), "image_mean", "image_std", processor)
-            )
+            preprocessing = _read_json_object(processor, "copy it again, or remove it for OpenAI CLIP's")
+            model_config.update(_normalisation(preprocessing, "image_mean", "image_std", processor))
         arch = ArchInfo(model_config=model_config)
     return MappedSource(source, hf_clip.hf_to_openclip_recipes(keys), arch=arch)
 
@@ -285,7 +300,7 @@ def _open_transformers_hub(repo: str, label: str) -> TensorSource:
     except Exception as exc:
         raise _offline_error(label, repo, exc) from exc
     if weights.name.endswith(".index.json"):
-        for shard in set(json.loads(weights.read_text())["weight_map"].values()):
+        for shard in set(_weight_map(weights).values()):
             try:
                 _hub_file(repo, shard)
             except Exception as exc:

@@ -167,3 +167,82 @@ def test_a_zoo_tag_open_clip_does_not_know_is_named(tmp_path, monkeypatch):
         MicromergeError, match="zoo:old: open_clip has no pretrained tag 'openai-2021' for ViT-B-32"
     ):
         open_source("old")
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        {},  # every key left to transformers' defaults (ViT-B/32: what openai/clip-vit-base-patch32 is)
+        {"projection_dim": 24, "text_config": {"hidden_size": 32}, "vision_config": {"image_size": 64}},
+        # older transformers versions also wrote *_config_dict: it is then the whole tower's config
+        {
+            "text_config": {"hidden_size": 32, "num_hidden_layers": 3},
+            "text_config_dict": {"num_hidden_layers": 2, "max_position_embeddings": 16},
+            "vision_config": {"patch_size": 16},
+            "vision_config_dict": {"patch_size": 8, "hidden_act": "gelu"},
+        },
+    ],
+)
+def test_a_transformers_config_is_read_as_transformers_resolves_it(written):
+    """The reference is transformers' own CLIPConfig: what it makes of a config.json (its defaults
+    for what the file leaves out, `*_config_dict` over `*_config`) is what we read."""
+    import transformers
+
+    from micromerge.merging.hf_clip import hf_config_to_openclip
+
+    resolved = transformers.CLIPConfig(**json.loads(json.dumps(written))).to_dict()
+    assert hf_config_to_openclip(written) == hf_config_to_openclip(resolved)
+    full = hf_config_to_openclip(resolved)
+    vision, text = resolved["vision_config"], resolved["text_config"]
+    assert full["vision_cfg"]["patch_size"] == vision["patch_size"]
+    assert full["quick_gelu"] == (vision["hidden_act"] == "quick_gelu")
+    assert full["text_cfg"]["layers"] == text["num_hidden_layers"]
+    assert full["embed_dim"] == resolved["projection_dim"]
+
+
+def test_broken_json_beside_a_checkpoint_is_one_line(tmp_path):
+    from micromerge.merging.hf_clip import openclip_to_hf
+
+    hf, oc = tmp_path / "hf", tmp_path / "oc"
+    hf.mkdir(), oc.mkdir()
+    tensors = random_state_dict(0)
+    save_file({k: v.contiguous() for k, v in openclip_to_hf(tensors).items()}, str(hf / "model.safetensors"))
+    save_file(tensors, str(oc / "open_clip_model.safetensors"))
+    for folder, name, text, needle in (
+        (hf, "config.json", "{cut", r"config.json: unreadable \(Expecting property name"),
+        (hf, "config.json", "[1, 2]", "config.json: holds a JSON list, not an object"),
+        (
+            hf,
+            "config.json",
+            '{"text_config": {"hidden_size": "wide"}}',
+            r"text_config.hidden_size must be a positive integer, not 'wide'",
+        ),
+        (hf, "config.json", '{"vision_config": 3}', "vision_config must be an object, not 3"),
+        (oc, "open_clip_config.json", "{cut", r"open_clip_config.json: unreadable .*pass --arch"),
+    ):
+        (folder / name).write_text(text)
+        with pytest.raises(MicromergeError, match=needle):
+            open_source(str(folder))
+        (folder / name).unlink()
+    (hf / "config.json").write_text("{}")
+    (hf / "preprocessor_config.json").write_text("{cut")
+    with pytest.raises(MicromergeError, match="preprocessor_config.json: unreadable .*OpenAI CLIP's"):
+        open_source(str(hf))
+    with pytest.raises(MicromergeError, match=r"not a safetensors index \(needs a 'weight_map' object\)"):
+        open_source(str(_sharded(tmp_path / "list-map", ["a"])))
+
+
+def test_keys_without_a_counterpart_in_the_other_format_are_named():
+    """Only ViT CLIPs exist in transformers' format: a key of anything else (an adapter, a head) is
+    named, in both directions, instead of being dropped from the weights."""
+    from micromerge.merging.hf_clip import hf_to_openclip_recipes, openclip_to_hf
+
+    with pytest.raises(
+        MicromergeError,
+        match=r"no open_clip equivalent: \['vision_model.encoder.layers.0.adapter.weight'\] \(\+0 more\)",
+    ):
+        hf_to_openclip_recipes(
+            ["vision_model.encoder.layers.0.adapter.weight", "text_model.embeddings.position_ids"]
+        )
+    with pytest.raises(MicromergeError, match="cannot export key 'head.weight' to transformers CLIP format"):
+        openclip_to_hf({**random_state_dict(0), "head.weight": torch.zeros(2, 2)})
