@@ -19,6 +19,7 @@ from typing import Any
 import click
 import torch
 
+from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 
@@ -80,7 +81,7 @@ def _stage(
     The marker is written before the work too (unfinished): an interrupted stage resumes under
     the same settings, and under other settings, like a finished stage of other settings, its
     `outputs` are removed first, so no model or result of the old settings is taken for the new."""
-    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    recorded = _read_marker(marker)
     if recorded is not None and recorded.get("digest") == digest and recorded.get("finished", True):
         say(f"[{name}] done before: reusing {marker.parent}")
         return
@@ -92,12 +93,23 @@ def _stage(
                 output.unlink(missing_ok=True)
     started = time.perf_counter()
     say(f"[{name}] ...")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"digest": digest, "finished": False}))
+    write_json_atomic(marker, {"digest": digest, "finished": False})
     work()
     seconds = round(time.perf_counter() - started, 1)
-    marker.write_text(json.dumps({"digest": digest, "finished": True, "seconds": seconds}))
+    write_json_atomic(marker, {"digest": digest, "finished": True, "seconds": seconds})
     say(f"[{name}] finished in {seconds:.0f} s")
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """A stage's marker; one that cannot be read (written by hand, or by a version that did not
+    write it atomically) stands for a stage of unknown settings, so its outputs are rebuilt."""
+    if not marker.is_file():
+        return None
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {"digest": None}
+    return recorded if isinstance(recorded, dict) else {"digest": None}
 
 
 def _write_data(cfg: DemoConfig, data: Path) -> None:

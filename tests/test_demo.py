@@ -158,3 +158,6 @@ def test_a_stage_resumes_under_its_settings_and_starts_over_under_others(tmp_pat
     marker.write_text(json.dumps({"digest": "b"}))  # a marker from before the 'finished' field
     _stage("train", marker, "b", work, say=lambda _: None, outputs=(output,))
     assert len(ran) == 3
+    marker.write_text('{"digest": "b", "fin')  # cut short: settings unknown, so built again
+    _stage("train", marker, "b", work, say=lambda _: None, outputs=(output,))
+    assert ran[-1] is False and json.loads(marker.read_text())["finished"] is True
