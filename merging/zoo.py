@@ -52,7 +52,10 @@ class ZooEntry:
 
 
 def load_zoo(path: Path = ZOO_FILE) -> dict[str, ZooEntry]:
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise MicromergeError(f"{path}: not a readable zoo ({exc}); fix the entry you edited") from exc
     entries: dict[str, ZooEntry] = {}
     for name, fields in data.items():
         if fields.get("format") not in FORMATS:

@@ -384,6 +384,15 @@ def test_a_zoo_entry_with_an_unknown_field_is_named(tmp_path):
         load_zoo(zoo)
 
 
+def test_a_zoo_file_that_is_no_toml_is_named(tmp_path):
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[mine]\nformat = "open_clip_hub\n')
+    with pytest.raises(
+        MicromergeError, match=r"zoo.toml: not a readable zoo \(.*\); fix the entry you edited"
+    ):
+        load_zoo(zoo)
+
+
 def test_zoo_sources_say_where_each_format_is_fetched_from():
     """`micromerge zoo` shows each entry's source: the open_clip tag, or the hub repo and whether
     open_clip or transformers reads it."""
