@@ -126,7 +126,11 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
             for _, row in rows.iterrows():
                 name = "coarse" if row["task"].endswith("coarse") else "fine"
                 record[f"{name} %"] = round(100 * row["value"], 1)
-                record[f"{name} 95% CI"] = f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+                record[f"{name} 95% CI"] = (
+                    "n/a (--bootstrap 0)"
+                    if row.get("bootstrap") == 0
+                    else f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+                )
             records.append(record)
     return pd.DataFrame.from_records(records)
 

@@ -73,7 +73,7 @@ def load_runs(store_path: str | Path) -> list[Run]:
         table = pd.DataFrame.from_records([_record(r) for r in run_rows if is_task_row(r)])
         headline = pd.DataFrame.from_records(
             [
-                {**_record(r), "caption_key": r.get("caption_key")}
+                {**_record(r), "caption_key": r.get("caption_key"), "bootstrap": r.get("bootstrap")}
                 for r in run_rows
                 if r.get("level") == "headline"
             ]

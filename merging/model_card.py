@@ -95,9 +95,7 @@ def model_card(
     if evaluation:
         lines += ["| task | split | accuracy | 95% interval |", "|---|---|---|---|"]
         lines += [
-            f"| {r['task']} | {r['split']} | {100 * r['value']:.1f} % | "
-            f"{100 * r['ci_low']:.1f} – {100 * r['ci_high']:.1f} |"
-            for r in evaluation
+            f"| {r['task']} | {r['split']} | {100 * r['value']:.1f} % | {_interval(r)} |" for r in evaluation
         ]
         lines.append("")
     else:
@@ -110,6 +108,14 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _interval(row: dict[str, Any]) -> str:
+    """An evaluation row's bootstrap interval; an evaluation run with --bootstrap 0 has none (its
+    ci_low and ci_high are the point value, which is no interval)."""
+    if row.get("bootstrap") == 0:
+        return "not computed (--bootstrap 0)"
+    return f"{100 * row['ci_low']:.1f} – {100 * row['ci_high']:.1f}"
 
 
 def write_model_card(

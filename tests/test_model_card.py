@@ -52,6 +52,10 @@ def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
     ]
     card = model_card("m", {"method": "wise-ft"}, "open_clip", rows)
     assert "| ubench:coarse | report | 81.2 % | 70.0 – 90.5 |" in card.splitlines()
+    # evaluated with --bootstrap 0: the row's ci_low/ci_high are its point value, no interval
+    unbooted = [{**rows[0], "ci_low": 0.8125, "ci_high": 0.8125, "bootstrap": 0}]
+    card = model_card("m", {"method": "wise-ft"}, "open_clip", unbooted)
+    assert "| ubench:coarse | report | 81.2 % | not computed (--bootstrap 0) |" in card.splitlines()
 
 
 def test_a_finetuned_runs_card_has_its_kind_base_digests_and_hyperparameters():

@@ -205,3 +205,20 @@ def test_the_pareto_table_is_each_alpha_s_target_and_control_accuracy(tmp_path):
         {"alpha": 0.5, "target": 0.8, "control": 0.75},
         {"alpha": 1.0, "target": 0.9, "control": 0.4},
     ]
+
+
+def test_a_run_without_bootstrap_reports_no_interval(tmp_path):
+    """With --bootstrap 0 a row's ci_low and ci_high are its point value: no interval to print."""
+    store = _rewrite(
+        _add_paper_headline(
+            _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0, 1.0)), protocol="ubench")
+        ),
+        bootstrap=0,
+    )
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    rows = _table(tmp_path / "rep", "paper_headline")
+    assert (
+        {row["coarse 95% CI"] for row in rows}
+        == {row["fine 95% CI"] for row in rows}
+        == {"n/a (--bootstrap 0)"}
+    )
