@@ -545,7 +545,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                 table.setdefault((row["task"], row.get("caption_key")), {})[row["metric"]] = row
         for (task, key), metrics in table.items():
             acc = metrics["accuracy"]
-            interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"])
+            interval = (
+                "-" if acc.get("bootstrap") == 0 else "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"])
+            )
             corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
             balanced = metrics.get("balanced_accuracy", {}).get("value", float("nan"))
             click.echo(

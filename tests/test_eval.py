@@ -668,8 +668,14 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
 
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
     args = _eval_args(tmp_path, bench, models[0], bootstrap=10)
-    assert CliRunner().invoke(cli, args).exit_code == 0
+    printed = CliRunner().invoke(cli, args)
+    assert printed.exit_code == 0
     first = (tmp_path / "r.jsonl").read_text()
+    task_lines = [line for line in printed.output.splitlines() if line.startswith("kather_et_al_2016")]
+    assert task_lines and all("[" in line for line in task_lines), "a bootstrap interval per task"
+    unbooted = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0], store="n.jsonl"))
+    task_lines = [line for line in unbooted.output.splitlines() if line.startswith("kather_et_al_2016")]
+    assert task_lines and not any("[" in line for line in task_lines), "--bootstrap 0: no interval printed"
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert (tmp_path / "r.jsonl").read_text() == first
 
