@@ -108,6 +108,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
+        if name == "UntypedStorage" and module in ("torch", "torch.storage"):  # newer dtypes
+            raise pickle.UnpicklingError(
+                "it holds uint16/uint32/uint64/float8 tensors, which the restricted reader does not "
+                "rebuild; save the model's state_dict() and pass that file without --allow-pickle"
+            )
         return type(name, (StandIn,), {"stand_in_for": f"{module}.{name}"})
 
 

@@ -205,3 +205,14 @@ class _Packed:
 
     def __setstate__(self, state):
         (self.weight,) = state
+
+
+def test_a_pickle_with_the_newer_dtypes_says_what_to_do(tmp_path):
+    """torch pickles uint16/uint32/uint64/float8 tensors over an untyped storage
+    (`_rebuild_tensor_v3`), which the restricted reader does not rebuild: said, not an
+    AttributeError from inside torch."""
+    torch.save({"args": argparse.Namespace(), "w": torch.ones(2, dtype=torch.uint16)}, tmp_path / "u16.pt")
+    with pytest.raises(
+        MicromergeError, match=r"u16.pt: .*uint16/uint32/uint64/float8 tensors.*state_dict\(\)"
+    ):
+        _read(tmp_path / "u16.pt")
