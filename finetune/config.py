@@ -70,6 +70,12 @@ class FinetuneConfig:
             raise MicromergeError(f"--data-in-memory {self.data_in_memory}: expected auto, yes or no")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise MicromergeError(f"--workers {self.workers}: must be an integer of at least 0")
+        if self.mode == "contrastive" and (self.task or self.lp_epochs):
+            given = "task" if self.task else "lp_epochs"
+            raise MicromergeError(
+                f"finetune contrastive: {given} applies to supervised fine-tuning only (a task's labels, "
+                'a linear-probe head); remove it or set mode = "supervised"'
+            )
         from micromerge.finetune.streaming import check_augment
 
         check_augment(self.augment)

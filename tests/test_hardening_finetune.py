@@ -38,6 +38,9 @@ def base(tmp_path):
         ({"max_bad_fraction": 1.5}, "--max-bad-fraction 1.5"),
         ({"epochs": True}, "--epochs True"),  # a bool is an int to Python, not a count
         ({"workers": -1}, "--workers -1"),
+        # a [finetune] table can name what the contrastive command has no flag for
+        ({"lp_epochs": 1}, "finetune contrastive: lp_epochs applies to supervised fine-tuning only"),
+        ({"task": "kather_et_al_2016"}, "finetune contrastive: task applies to supervised fine-tuning only"),
     ],
 )
 def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
