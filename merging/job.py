@@ -173,6 +173,16 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MicromergeError(f"--seed {seed!r}: must be a non-negative integer")
+    unused = [
+        name for name in TUNABLE if values.get(name) is not None and name not in get_method(method).uses
+    ]
+    if unused:  # silently ignored, it would read as applied (--density with wise-ft merges no sparser)
+        takes = [f"--{n.replace('_', '-')}" for n in get_method(method).uses if n in TUNABLE]
+        raise MicromergeError(
+            f"--{unused[0].replace('_', '-')}: {method} does not use it"
+            + (f" (it takes {', '.join(takes)})" if takes else "")
+            + "; remove it, or choose a method that does (`micromerge methods`)"
+        )
     defaults = replace(MethodParams(), **dict(get_method(method).param_defaults))
     alpha = values.get("alpha")
     params = MethodParams(

@@ -239,7 +239,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
                     "finetuned": [str(specialist_run / "model.safetensors")],
                     "method": method,
                     "alphas": cfg.alphas,
-                    "density": 0.2,
+                    **({"density": 0.2} if method == "ties" else {}),
                 }
             ),
         )

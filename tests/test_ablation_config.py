@@ -166,6 +166,7 @@ def test_a_bad_pair_is_named(tmp_path, pair, needle):
         ('[ablation.rule_sets.odd]\nkeep = ["x"]', r"rule set 'odd'.*unknown key\(s\) \['keep'\]"),
         ('[ablation.rule_sets.odd]\ninclude = "visual.*"', "include"),
         ("[ablation.method_parameters.ties]\nwindow = 3", r"ties / all: unknown key\(s\) \['window'\]"),
+        ("[ablation.method_parameters.ties]\nbeta = 0.5", "--beta: ties does not use it"),
         (
             "[ablation.method_parameters.ties]\nallow_pickle = true",
             r"method_parameters.ties.allow_pickle: .* a pair's setting",

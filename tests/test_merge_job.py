@@ -111,6 +111,16 @@ def test_a_methods_own_parameter_defaults_apply():
         (("--device", "tpu"), "--device tpu: expected auto, cpu, cuda or cuda:N"),
         # checked before AdaMerging's statistics are learned (minutes), not after
         (("--method", "adamerging", "--learning-rate", "0"), "--learning-rate 0.0: must be positive"),
+        # a knob the method does not read would merge as if it had been applied
+        (("--density", "0.2"), "--density: wise-ft does not use it; remove it"),
+        (
+            ("--method", "ties", "--samples", "10"),
+            "--samples: ties does not use it (it takes --density, --topk-scope)",
+        ),
+        (
+            ("--method", "task-arithmetic", "--granularity", "layer"),
+            "--granularity: task-arithmetic does not use it",
+        ),
     ],
 )
 def test_bad_counts_seeds_and_alphas_are_one_line(pair, flags, needle, monkeypatch):
