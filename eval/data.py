@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow
+import pyarrow.ipc
 import pyarrow.parquet
 from datasets import ClassLabel, Image, Value
 
@@ -113,7 +115,13 @@ def _file_features(file: Path, kind: str) -> datasets.Features:
     try:
         if kind == "parquet":
             return datasets.Features.from_arrow_schema(pyarrow.parquet.read_schema(file))
-        return datasets.Dataset.from_file(str(file)).features
+        with pyarrow.memory_map(str(file)) as source:  # `datasets` reads Arrow's file and stream formats
+            try:
+                schema = pyarrow.ipc.open_file(source).schema
+            except pyarrow.ArrowInvalid:
+                source.seek(0)
+                schema = pyarrow.ipc.open_stream(source).schema
+        return datasets.Features.from_arrow_schema(schema)
     except Exception as exc:  # pyarrow raises several types for a truncated or foreign file
         raise MicromergeError(
             f"--data {file}: not a readable .{kind} file ({type(exc).__name__}: "

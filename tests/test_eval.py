@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import open_clip
 import pyarrow
+import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 import torch
@@ -304,6 +305,30 @@ def test_a_parquet_folder_names_a_file_of_another_dataset_and_casts_mere_type_di
     result = _tasks_cli(folder)
     assert (
         result.exit_code == 2 and "test-00002-of-00002.parquet: not a readable .parquet file" in result.output
+    )
+
+
+@pytest.mark.parametrize("arrow_format", ["file", "stream"])
+def test_an_arrow_folder_in_either_ipc_format_loads_and_names_a_foreign_file(tmp_path, arrow_format):
+    """`datasets`' arrow builder reads Arrow's IPC file format and its stream format (the one its
+    cache and the Hub's shards use); a folder of either loads, and a file of another dataset in it
+    is named by its columns."""
+    dataset = fixture_dataset(2, 0, 0)
+    table = dataset.with_format("arrow")[:].replace_schema_metadata(dataset.features.arrow_schema.metadata)
+    writer = pyarrow.ipc.new_file if arrow_format == "file" else pyarrow.ipc.new_stream
+    folder = tmp_path / "arrows"
+    folder.mkdir()
+    for index, part in enumerate((table.slice(0, 10), table.slice(10))):
+        with writer(str(folder / f"part-{index}.arrow"), table.schema) as out:
+            out.write_table(part)
+    assert len(load_benchmark(str(folder)).dataset) == len(dataset)
+    foreign = pyarrow.table({"image_id": ["x"], "something_else": [1]})
+    with writer(str(folder / "part-2.arrow"), foreign.schema) as out:
+        out.write_table(foreign)
+    result = _tasks_cli(folder)
+    assert (
+        result.exit_code == 2
+        and "part-2.arrow: not a file of the same dataset as part-0.arrow" in result.output
     )
 
 
