@@ -22,6 +22,7 @@ from micromerge.analysis.tables import Run, finetuned_domain, load_runs
 from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
+from micromerge.eval.metrics import has_interval
 from micromerge.eval.store import coefficients_file
 
 CRITERIA_TEXT = {
@@ -128,7 +129,7 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
                 record[f"{name} %"] = round(100 * row["value"], 1)
                 record[f"{name} 95% CI"] = (
                     "n/a (--bootstrap 0)"
-                    if row.get("bootstrap") == 0
+                    if not has_interval(row)
                     else f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
                 )
             records.append(record)

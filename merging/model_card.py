@@ -15,6 +15,7 @@ from typing import Any
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.metrics import has_interval
 from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
 
@@ -111,9 +112,7 @@ def model_card(
 
 
 def _interval(row: dict[str, Any]) -> str:
-    """An evaluation row's bootstrap interval; an evaluation run with --bootstrap 0 has none (its
-    ci_low and ci_high are the point value, which is no interval)."""
-    if row.get("bootstrap") == 0:
+    if not has_interval(row):
         return "not computed (--bootstrap 0)"
     return f"{100 * row['ci_low']:.1f} – {100 * row['ci_high']:.1f}"
 

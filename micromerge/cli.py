@@ -529,6 +529,7 @@ def _eval_settings(values: dict[str, Any]):
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     from micromerge.eval.aggregate import aggregate
+    from micromerge.eval.metrics import has_interval
 
     by_alpha: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
@@ -545,9 +546,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                 table.setdefault((row["task"], row.get("caption_key")), {})[row["metric"]] = row
         for (task, key), metrics in table.items():
             acc = metrics["accuracy"]
-            interval = (
-                "-" if acc.get("bootstrap") == 0 else "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"])
-            )
+            interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"]) if has_interval(acc) else "-"
             corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
             balanced = metrics.get("balanced_accuracy", {}).get("value", float("nan"))
             click.echo(
