@@ -281,7 +281,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         ],
         sweeps,
         say,
-        outputs=(store.parent,),
+        outputs=(store,),  # only the demo's own store: README's examples write beside it
     )
     say("[6/6 report] ...")
     html = build_report(store, report_dir, target="domain:pathology")

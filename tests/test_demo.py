@@ -112,7 +112,10 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     # Another --finetune-epochs: the specialist is trained again and swept into an emptied store
     # (it used to be kept, and its old sweep reported, under the new settings).
     messages: list[str] = []
+    users_own = tmp_path / "a" / "results" / "eval.jsonl"  # where README's eval example writes
+    users_own.write_text("{}\n")
     run_demo(DemoConfig(out=tmp_path / "a", **{**small, "finetune_epochs": 2}), say=messages.append)
+    assert users_own.read_text() == "{}\n", "only the demo's own store is rebuilt"
     assert sum("done before" in m for m in messages) == 3, messages
     manifest = json.loads((tmp_path / "a" / "runs" / "pathology-specialist" / "manifest.json").read_text())
     assert manifest["hyperparameters"]["epochs"] == 2
