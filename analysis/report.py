@@ -22,7 +22,7 @@ from micromerge.analysis.tables import Run, finetuned_domain, load_runs
 from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
-from micromerge.eval.metrics import has_interval
+from micromerge.core.provenance import has_interval
 from micromerge.eval.store import coefficients_file
 
 CRITERIA_TEXT = {

@@ -14,12 +14,6 @@ import numpy as np
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def has_interval(row: dict) -> bool:
-    """Whether a result row holds a bootstrap interval: with --bootstrap 0 its ci_low and ci_high
-    are its point value, which no table should print as an interval."""
-    return row.get("bootstrap") != 0
-
-
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(
         n_classes, n_classes

@@ -15,7 +15,7 @@ from typing import Any
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.metrics import has_interval
+from micromerge.core.provenance import has_interval
 from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
 

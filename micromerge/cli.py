@@ -528,8 +528,8 @@ def _eval_settings(values: dict[str, Any]):
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
+    from micromerge.core.provenance import has_interval
     from micromerge.eval.aggregate import aggregate
-    from micromerge.eval.metrics import has_interval
 
     by_alpha: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:

@@ -33,3 +33,9 @@ def provenance(
         "inputs_sha256": inputs,
         "seed": seed,
     }
+
+
+def has_interval(row: Any) -> bool:
+    """Whether a result row holds a bootstrap interval, by the bootstrap count it records: with
+    --bootstrap 0 its ci_low and ci_high are its point value, which no table prints as an interval."""
+    return row.get("bootstrap") != 0
