@@ -98,18 +98,57 @@ def _entries(data: dict, path: Path) -> dict[str, dict]:
                 raise MicromergeError(
                     f"--sources {path}: sources.{name}.{key} must be a {expected.__name__}, not {value!r}"
                 )
+        pattern = entry.get("null_dataset_match")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise MicromergeError(
+                    f"--sources {path}: sources.{name}.null_dataset_match {pattern!r} is not a regular "
+                    f"expression ({exc})"
+                ) from exc
     return sources
 
 
+def _scales(data: dict, path: Path) -> dict[str, tuple[float, float]]:
+    """[scales]: each scale's plausible microns/pixel as [low, high]."""
+    scales = data.get("scales", {})
+    if not isinstance(scales, dict):
+        raise MicromergeError(f"--sources {path}: [scales] must be a table of [low, high] ranges")
+    ranges = {}
+    for name, bounds in scales.items():
+        numbers = isinstance(bounds, list) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds
+        )
+        if not numbers or len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
+            raise MicromergeError(
+                f"--sources {path}: scales.{name} = {bounds!r}: expected [low, high] microns/pixel, "
+                "0 <= low <= high"
+            )
+        ranges[name] = (float(bounds[0]), float(bounds[1]))
+    return ranges
+
+
+def _check_tables(data: dict, path: Path) -> dict:
+    unknown = sorted(set(data) - {"sources", "scales"})
+    if unknown:
+        raise MicromergeError(
+            f"--sources {path}: unknown table(s) {unknown}; the file has [sources.NAME] and [scales] only"
+        )
+    return data
+
+
 def load_source_table(override: Path | None = None) -> SourceTable:
-    """The shipped table, with `override`'s entries replacing ours key by key (a scale given without
-    its reason is explained as set in the override file)."""
-    data = _read(DEFAULT_TABLE)
+    """The shipped table, with `override`'s entries (sources and scales) replacing ours key by key
+    (a scale given without its reason is explained as set in the override file)."""
+    data = _check_tables(_read(DEFAULT_TABLE), DEFAULT_TABLE)
     entries = {name: dict(entry) for name, entry in _entries(data, DEFAULT_TABLE).items()}
-    scales = {name: (float(r[0]), float(r[1])) for name, r in data.get("scales", {}).items()}
+    scales = _scales(data, DEFAULT_TABLE)
     if override is not None:
-        for name, entry in _entries(_read(override), override).items():
+        mine = _check_tables(_read(override), override)
+        for name, entry in _entries(mine, override).items():
             if "scale" in entry and "scale_reason" not in entry:  # ours would explain another scale
                 entry = {**entry, "scale_reason": f"set in {override.name}"}
             entries.setdefault(name, {}).update(entry)
+        scales.update(_scales(mine, override))
     return SourceTable({name: SourceInfo(name, **entry) for name, entry in entries.items()}, scales)

@@ -411,6 +411,42 @@ def test_source_table_override_changes_a_scale(tmp_path, bench):
         load_source_table(tmp_path / "bad.toml")
 
 
+def test_source_table_override_replaces_a_scale_range(tmp_path, bench):
+    """`--sources` is "a TOML of the same shape": its [scales] replace ours (they were read from
+    the shipped table only, and an override's [scales] was silently ignored)."""
+    from micromerge.eval.source_metadata import load_source_table
+
+    (tmp_path / "mine.toml").write_text("[scales]\ntissue = [0.6, 5.0]\n")
+    table = load_source_table(tmp_path / "mine.toml")
+    assert table.scales["tissue"] == (0.6, 5.0) and table.scales["cellular"] == (0.05, 1.5)
+    tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset, table)}
+    assert tasks["kather_et_al_2016"].notes[0].startswith("median 0.5 µm/px is outside tissue's 0.6–5")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[sources.kather_et_al_2016]\nnull_dataset_match = "(h2b"\n',
+            r"mine.toml: sources.kather_et_al_2016.null_dataset_match '\(h2b' is not a regular expression",
+        ),
+        ('[source.kather_et_al_2016]\nscale = "tissue"\n', r"mine.toml: unknown table\(s\) \['source'\]"),
+        (
+            "[scales]\ntissue = [5.0, 0.2]\n",
+            r"mine.toml: scales.tissue = \[5.0, 0.2\]: expected \[low, high\]",
+        ),
+        ('[scales]\ntissue = "0.2-5"\n', r"mine.toml: scales.tissue = '0.2-5': expected"),
+    ],
+)
+def test_a_bad_source_table_override_is_named_when_read(tmp_path, text, message):
+    """A bad regex failed later inside `tasks` with a bare re.error; a misspelt table was ignored."""
+    from micromerge.eval.source_metadata import load_source_table
+
+    (tmp_path / "mine.toml").write_text(text)
+    with pytest.raises(MicromergeError, match=message):
+        load_source_table(tmp_path / "mine.toml")
+
+
 def test_null_dataset_rows_matched_by_two_rules_are_unassigned_not_guessed(tmp_path, bench):
     """A row whose evidence two sources' rules both match is not given to the first one: its task is
     named `unassigned_<digest of its template>` (eval/source_metadata.py), never None."""

@@ -384,6 +384,49 @@ def test_a_zoo_entry_with_an_unknown_field_is_named(tmp_path):
         load_zoo(zoo)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('mine = "me/mine"\n', r"zoo.toml: mine = 'me/mine' is not a table; write it as \[mine\]"),
+        (
+            '[mine]\ndescription = "d"\nformat = "open_clip_hub"\n',
+            r"\[mine\] format 'open_clip_hub' needs repo",
+        ),
+        (
+            '[mine]\ndescription = "d"\nformat = "open_clip_tag"\narch = "ViT-B-32"\n',
+            r"\[mine\] format 'open_clip_tag' needs open_clip_name and tag",
+        ),
+        (
+            '[mine]\ndescription = "d"\nformat = "transformers_hub"\nrepo = 5\n',
+            r"\[mine\] repo must be a quoted",
+        ),
+        (
+            '[mine]\ndescription = "d"\nformat = "open_clip_hub"\nrepo = "me/mine"\nfinetuned_from = "opnai"\n',
+            r"\[mine\] finetuned_from = 'opnai' names no zoo entry",
+        ),
+        (
+            '[mine]\ndescription = "d"\nformat = "open_clip_hub"\nrepo = "me/mine"\narch_config = "nope.json"\n',
+            r"\[mine\] arch_config 'nope.json': no such file",
+        ),
+        ("# all entries commented out\n", r"zoo.toml: the zoo has no entries"),
+    ],
+)
+def test_a_hand_edited_zoo_entry_is_checked_when_the_zoo_is_read(tmp_path, text, message):
+    """Each of these loaded before (or failed with an AttributeError / a bare ValueError from
+    `micromerge zoo`), and a merge naming the entry went on to download `hf-hub:None` or
+    `pretrained='None'`: now the entry and what it lacks are named when the zoo is read."""
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text(text)
+    with pytest.raises(MicromergeError, match=message):
+        load_zoo(zoo)
+
+
+def test_the_shipped_zoo_passes_its_own_checks():
+    """Every shipped entry has its format's fields, and every finetuned_from names an entry."""
+    zoo = load_zoo()
+    assert zoo["plip"].finetuned_from in zoo and zoo["biomedclip"].model_config() is not None
+
+
 def test_a_zoo_file_that_is_no_toml_is_named(tmp_path):
     zoo = tmp_path / "zoo.toml"
     zoo.write_text('[mine]\nformat = "open_clip_hub\n')
