@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hub_download import hf_download_command
+from micromerge.core.hub_download import hf_download_command, hub_offline
 from micromerge.eval.pairs import CAPTION_TABLES, CorpusSpec, dataset_columns, is_hub_id, is_saved_dataset
 from micromerge.finetune.streaming import SampleRecipe, corpus_fingerprint, named_sample_seed, skipped_here
 
@@ -143,7 +143,7 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     try:
         builder = datasets.load_dataset_builder(name, revision=revision or None)
     except Exception as exc:  # the hub's and fsspec's errors have no common base
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        offline = hub_offline(dataset=True)
         how = (
             "offline (HF_HUB_OFFLINE=1) and not in the cache"
             if offline

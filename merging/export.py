@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
 from micromerge.merging.model_card import write_model_card
@@ -57,11 +57,12 @@ def export_checkpoint(
         config = resolve_model_config(source.arch, metas)
         tensors = load_all(source)
         files = list(source.files)
-    if fmt == "transformers":
-        _write_transformers(checkpoint, config, tensors, folder)
-    else:
-        _write_open_clip(config, tensors, folder)
-    write_model_card(folder, checkpoint, files, fmt, evaluation)
+    with staged_files(folder) as staging:  # all of the export's files, or none of them
+        if fmt == "transformers":
+            _write_transformers(checkpoint, config, tensors, staging)
+        else:
+            _write_open_clip(config, tensors, staging)
+        write_model_card(staging, checkpoint, files, fmt, evaluation)
     return folder
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.hub_download import hub_offline
 
 WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
 
@@ -21,7 +21,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
         raise MicromergeError(
             f"{folder}: no weights ({' or '.join(WEIGHTS)}) and model card (README.md); export it first"
         )
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+    if hub_offline():
         raise MicromergeError("HF_HUB_OFFLINE is set: the hub cannot be reached; unset it to push")
     from huggingface_hub import HfApi
 

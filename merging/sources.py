@@ -20,7 +20,7 @@ from typing import Literal
 
 from micromerge.core.config_schema import is_finite_number
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hub_download import hf_download_command
+from micromerge.core.hub_download import hf_download_command, hub_offline
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
 from micromerge.merging.numpy_backend import NumpyBackend
@@ -231,7 +231,7 @@ def _open_folder(folder: Path, allow_pickle: bool, arrays: ArrayKind) -> TensorS
 
 
 def _offline_error(what: str, repo: str, exc: Exception) -> MicromergeError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    offline = hub_offline()
     why = "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if offline else "the hub is unreachable"
     return MicromergeError(
         f"{what}: cannot fetch {repo} ({why}); download it where there is a network "

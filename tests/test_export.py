@@ -85,7 +85,7 @@ def test_transformers_processor_and_pipeline_open_the_export(tmp_path, checkpoin
     with torch.no_grad():
         mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
         std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
-        pixels = ((torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255 - mean) / std)[None]
+        pixels = ((torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std)[None]
         image_emb = torch.nn.functional.normalize(ours.encode_image(pixels), dim=-1)
         text_emb = torch.nn.functional.normalize(ours.encode_text(expected), dim=-1)
         probs = (ours.logit_scale.exp() * image_emb @ text_emb.T).softmax(dim=-1)[0]
@@ -149,7 +149,7 @@ def test_push_uploads_an_exported_folder_as_one_commit(tmp_path, checkpoint, mon
     _StubHub.calls = []
     offline = CliRunner().invoke(cli, ["push", str(folder), "--repo", "lab/merged"])
     assert offline.exit_code == 2 and "HF_HUB_OFFLINE" in offline.output and not _StubHub.calls
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "false")  # huggingface_hub reads this as online
     result = CliRunner().invoke(
         cli, ["push", str(folder), "--repo", "lab/merged", "--private", "--token", "t"]
     )
@@ -336,3 +336,38 @@ def test_a_checkpoint_holding_python_objects_is_exported_with_allow_pickle(tmp_p
     exported = load_file(str(folder / "open_clip_model.safetensors"))
     assert exported.keys() == tensors.keys()
     assert all(torch.equal(exported[k], v) for k, v in tensors.items())
+
+
+def test_an_export_stopped_half_way_leaves_none_of_its_files(tmp_path, checkpoint, monkeypatch):
+    """Ctrl-C after the weights were written left model.safetensors and config.json without the
+    tokenizer or card, and the rerun was refused ("already holds model.safetensors; pass --force"):
+    the export's files are staged and renamed in together, and a staging folder a killed export
+    left (which `push` would upload) is removed by the next export."""
+    import os
+
+    from micromerge.merging import export
+
+    def interrupted(folder, context_length):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    left_by_a_killed_export = out / ".staging.999999999.abc"  # no such pid runs
+    left_by_a_killed_export.mkdir()
+    (left_by_a_killed_export / "model.safetensors").write_bytes(b"half")
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "_write_clip_tokenizer", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export.export_checkpoint(str(checkpoint), out)
+    assert os.listdir(out) == []
+    folder = _export(checkpoint, out)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]

@@ -86,6 +86,36 @@ def test_the_offline_error_says_whether_the_hub_was_off_or_unreachable(monkeypat
     assert "the hub is unreachable" in message and "not in the Hugging Face cache" not in message
 
 
+@pytest.mark.parametrize(
+    ("hub", "datasets_flag", "offline", "offline_for_datasets"),
+    [
+        ("1", None, True, True),
+        ("TRUE", None, True, True),
+        ("yes", None, True, True),
+        ("false", None, False, False),
+        ("0", None, False, False),
+        ("", None, False, False),
+        (None, None, False, False),
+        ("1", "0", True, False),
+        (None, "on", False, True),
+    ],
+)
+def test_offline_settings_are_read_as_the_hub_libraries_read_them(
+    monkeypatch, hub, datasets_flag, offline, offline_for_datasets
+):
+    """huggingface_hub/constants.py: HF_HUB_OFFLINE is on for 1/ON/YES/TRUE in any case; datasets/
+    config.py: HF_DATASETS_OFFLINE, when set, decides for datasets. `push` refused HF_HUB_OFFLINE=false
+    (the hub reads it as online) and the stream's error missed HF_HUB_OFFLINE=true."""
+    from micromerge.core.hub_download import hub_offline
+
+    for name, value in (("HF_HUB_OFFLINE", hub), ("HF_DATASETS_OFFLINE", datasets_flag)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert hub_offline() is offline and hub_offline(dataset=True) is offline_for_datasets
+
+
 def _cached_repo_without_config(tmp_path):
     """`hf-hub:me/bare` in the hub cache: open_clip weights, no open_clip_config.json."""
     tensors = random_state_dict(3)

@@ -11,6 +11,7 @@ import errno
 import glob
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -132,6 +133,29 @@ def _running(pid: int) -> bool:
 def _remove_quietly(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name)
+
+
+@contextlib.contextmanager
+def staged_files(folder: Path) -> Iterator[Path]:
+    """Yield a hidden folder inside `folder` to write a set of files that belong together (an
+    export's weights, configs, tokenizer and card); they are renamed into `folder` only once the
+    block succeeds, so a failure or Ctrl-C half-way leaves none of them. Staging folders carry the
+    writer's pid: the next writer removes those a killed writer left (a push would upload them)."""
+    for stale in folder.glob(".staging.*"):
+        pid_text = stale.name.split(".")[2]
+        if stale.is_dir() and pid_text.isdigit() and not _running(int(pid_text)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}.", dir=folder))
+    try:
+        yield staging
+        for file in sorted(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    except OSError as exc:
+        raise MicromergeError(
+            f"{folder}: could not write ({exc.strerror or exc}); no file was left behind"
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

@@ -1,4 +1,5 @@
-"""The command that makes a local copy of something on the Hugging Face Hub.
+"""The command that makes a local copy of something on the Hugging Face Hub, and whether the
+user has told the hub libraries to stay offline.
 
 Every offline error names it, so it must be one a user can paste: huggingface_hub's `hf` CLI
 (added in 0.34, the only one since 1.0 removed `huggingface-cli`; pyproject requires >= 0.34).
@@ -6,6 +7,10 @@ One function, so the three places that say it (checkpoints, μ-Bench, hub corpor
 """
 
 from __future__ import annotations
+
+import os
+
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
 
 
 def hf_download_command(
@@ -20,3 +25,14 @@ def hf_download_command(
     if include:
         words += ["--include", f"'{include}'"]
     return " ".join([*words, "--local-dir", "DIR"])
+
+
+def hub_offline(*, dataset: bool = False) -> bool:
+    """True when HF_HUB_OFFLINE is set the way huggingface_hub reads it (1/on/yes/true, any case);
+    for datasets, HF_DATASETS_OFFLINE when set decides instead (datasets/config.py). Read as the
+    libraries read it, so an error never blames an offline setting they ignore (`=false`), nor
+    misses one they obey (`=true`)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if dataset and os.environ.get("HF_DATASETS_OFFLINE") is not None:
+        value = os.environ["HF_DATASETS_OFFLINE"]
+    return (value or "").upper() in TRUE_VALUES
