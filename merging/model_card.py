@@ -24,20 +24,30 @@ LIBRARIES = {"transformers": "transformers", "open_clip": "open_clip", "micromer
 
 def checkpoint_provenance(files: list[Path]) -> dict[str, Any]:
     """The provenance of a checkpoint: `<file>.manifest.json`, a `manifest.json` beside it, or the
-    record in its safetensors header; {} for a checkpoint micromerge did not make."""
+    record in its safetensors header; {} for a checkpoint micromerge did not make. Only a record
+    micromerge wrote counts (a JSON object with `micromerge_version`): a folder's `manifest.json`
+    may belong to another tool, and its card would then describe a merge that never happened."""
     for file in files:
         for manifest in (file.with_name(file.name + ".manifest.json"), file.with_name("manifest.json")):
             try:
-                return json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError):
+                record = json.loads(manifest.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
+            if _is_ours(record):
+                return record
         if file.suffix == ".safetensors":
             try:
                 _, metadata, _ = parse_safetensors_header(file)
-                return json.loads(metadata.get("micromerge.core.provenance", "{}"))
+                record = json.loads(metadata.get("micromerge.core.provenance", "{}"))
             except (MicromergeError, json.JSONDecodeError):
                 continue
+            if _is_ours(record):
+                return record
     return {}
+
+
+def _is_ours(record: Any) -> bool:
+    return isinstance(record, dict) and "micromerge_version" in record
 
 
 def _hub_ids(record: dict[str, Any]) -> list[str]:
@@ -65,9 +75,10 @@ def model_card(
         "",
         f"# {title}",
         "",
-        f"Made with micromerge {micromerge.__version__} (`{method}`)."
+        f"Made with micromerge {record.get('micromerge_version', '(version not recorded)')} (`{method}`); "
+        f"this card by micromerge {micromerge.__version__}."
         if record
-        else "Exported by micromerge.",
+        else f"Exported by micromerge {micromerge.__version__}.",
         "",
         "## How it was made",
         "",

@@ -19,6 +19,7 @@ from typing import Any
 import click
 import torch
 
+import micromerge
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
@@ -133,7 +134,9 @@ def _write_init(cfg: DemoConfig, path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "micromerge.arch": ARCH,
-        "micromerge.core.provenance": json.dumps({"kind": "random init", "seed": cfg.seed}),
+        "micromerge.core.provenance": json.dumps(
+            {"kind": "random init", "seed": cfg.seed, "micromerge_version": micromerge.__version__}
+        ),
     }
     save_tensors(path, tensors, metadata)
 

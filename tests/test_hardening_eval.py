@@ -245,9 +245,13 @@ def test_report_finds_the_specialist_by_its_bytes_not_the_current_folder(setup, 
     for folder in (work / "ckpt", elsewhere / "ckpt"):
         folder.mkdir(parents=True)
     write_checkpoint(work / "ckpt" / "ft.safetensors", 1)
-    (work / "ckpt" / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "pathology"}))
+    (work / "ckpt" / "ft.safetensors.manifest.json").write_text(
+        json.dumps({"domain": "pathology", "micromerge_version": "0.1"})
+    )
     write_checkpoint(elsewhere / "ckpt" / "ft.safetensors", 2)  # same relative path, other bytes
-    (elsewhere / "ckpt" / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "biology"}))
+    (elsewhere / "ckpt" / "ft.safetensors.manifest.json").write_text(
+        json.dumps({"domain": "biology", "micromerge_version": "0.1"})
+    )
     monkeypatch.chdir(work)
     args = [
         "sweep",

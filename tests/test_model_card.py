@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import save_file
 
 from micromerge.merging.model_card import checkpoint_provenance, model_card
@@ -90,24 +91,58 @@ def _safetensors_with_provenance(path: Path, record: dict) -> Path:
 
 
 def test_provenance_is_found_in_the_manifest_beside_the_file_first_then_the_folders_then_the_header(tmp_path):
-    model = _safetensors_with_provenance(tmp_path / "m.safetensors", {"method": "from-header"})
-    assert checkpoint_provenance([model]) == {"method": "from-header"}, "a lone file: its header"
-    (tmp_path / "manifest.json").write_text(json.dumps({"method": "from-folder"}))
-    assert checkpoint_provenance([model]) == {"method": "from-folder"}
-    (tmp_path / "m.safetensors.manifest.json").write_text(json.dumps({"method": "from-file"}))
-    assert checkpoint_provenance([model]) == {"method": "from-file"}
+    model = _safetensors_with_provenance(
+        tmp_path / "m.safetensors", {"method": "from-header", "micromerge_version": "0.1"}
+    )
+    assert checkpoint_provenance([model]) == {"method": "from-header", "micromerge_version": "0.1"}, (
+        "a lone file: its header"
+    )
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"method": "from-folder", "micromerge_version": "0.1"})
+    )
+    assert checkpoint_provenance([model]) == {"method": "from-folder", "micromerge_version": "0.1"}
+    (tmp_path / "m.safetensors.manifest.json").write_text(
+        json.dumps({"method": "from-file", "micromerge_version": "0.1"})
+    )
+    assert checkpoint_provenance([model]) == {"method": "from-file", "micromerge_version": "0.1"}
 
 
 def test_a_corrupt_manifest_falls_back_to_the_header_and_a_foreign_file_has_none(tmp_path):
-    model = _safetensors_with_provenance(tmp_path / "m.safetensors", {"method": "from-header"})
+    model = _safetensors_with_provenance(
+        tmp_path / "m.safetensors", {"method": "from-header", "micromerge_version": "0.1"}
+    )
     (tmp_path / "m.safetensors.manifest.json").write_text('{"method": ')
     (tmp_path / "manifest.json").write_text("not json")
-    assert checkpoint_provenance([model]) == {"method": "from-header"}
+    assert checkpoint_provenance([model]) == {"method": "from-header", "micromerge_version": "0.1"}
     foreign = tmp_path / "other" / "weights.safetensors"
     foreign.parent.mkdir()
     save_file(random_state_dict(0), str(foreign))
     assert checkpoint_provenance([foreign]) == {}
     assert "No micromerge provenance was found" in model_card("weights", {}, "open_clip")
+
+
+@pytest.mark.parametrize("foreign", ['{"name": "web app", "files": ["a.js"]}', "[1, 2]", '"text"'])
+def test_another_tools_manifest_beside_a_checkpoint_is_not_its_provenance(tmp_path, foreign):
+    """A folder's manifest.json may be any tool's: a JSON object without `micromerge_version` made
+    a card "Made with micromerge (`unknown`)" with an empty input table, and a JSON list crashed
+    export with an AttributeError. Only micromerge's own records count; the header is next."""
+    model = tmp_path / "m.safetensors"
+    save_file(random_state_dict(0), str(model))
+    (tmp_path / "manifest.json").write_text(foreign)
+    assert checkpoint_provenance([model]) == {}
+    header = _safetensors_with_provenance(
+        tmp_path / "h.safetensors", {"method": "ties", "micromerge_version": "0.1"}
+    )
+    assert checkpoint_provenance([header]) == {"method": "ties", "micromerge_version": "0.1"}
+
+
+def test_the_card_names_the_version_that_made_the_model_and_the_one_that_wrote_the_card():
+    """The card said "Made with micromerge <the exporting version>": a model merged by 0.1.0 and
+    exported by a later one was credited to the later one."""
+    import micromerge
+
+    card = model_card("m", {"method": "ties", "micromerge_version": "0.0.9"}, "open_clip")
+    assert f"Made with micromerge 0.0.9 (`ties`); this card by micromerge {micromerge.__version__}." in card
 
 
 def test_the_card_is_titled_by_the_checkpoints_name(tmp_path):

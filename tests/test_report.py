@@ -175,7 +175,9 @@ def test_an_unknown_target_names_the_flag_and_the_valid_groups(tmp_path):
 def test_the_recorded_fine_tuning_domain_is_the_target_unless_target_is_given(tmp_path):
     """The specialist's manifest names its domain; `--target` still wins over it."""
     (tmp_path / "ft.safetensors").write_bytes(b"the specialist")
-    (tmp_path / "ft.safetensors.manifest.json").write_text(json.dumps({"domain": "pathology"}))
+    (tmp_path / "ft.safetensors.manifest.json").write_text(
+        json.dumps({"domain": "pathology", "micromerge_version": "0.1"})
+    )
     store = _rewrite(write_store(tmp_path / "r.jsonl"), model={"base": "b", "finetuned": ["ft.safetensors"]})
     build_report(store, tmp_path / "rep")
     (row,) = _table(tmp_path / "rep", "headline")

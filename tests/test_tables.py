@@ -138,7 +138,9 @@ def test_the_specialists_domain_is_read_from_the_checkpoint_the_sweep_read(tmp_p
     def checkpoint(path, seed: int, header_domain: str | None = None) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = (
-            {"micromerge.core.provenance": json.dumps({"domain": header_domain})} if header_domain else None
+            {"micromerge.core.provenance": json.dumps({"domain": header_domain, "micromerge_version": "0.1"})}
+            if header_domain
+            else None
         )
         save_file(random_state_dict(seed), str(path), metadata=metadata)
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -146,9 +148,11 @@ def test_the_specialists_domain_is_read_from_the_checkpoint_the_sweep_read(tmp_p
     store = tmp_path / "results" / "r.jsonl"
     digest = checkpoint(tmp_path / "results" / "runs" / "ft.safetensors", 1)
     (tmp_path / "results" / "runs" / "ft.safetensors.manifest.json").write_text(
-        json.dumps({"domain": "pathology"})
+        json.dumps({"domain": "pathology", "micromerge_version": "0.1"})
     )
-    (tmp_path / "results" / "runs" / "manifest.json").write_text(json.dumps({"domain": "the folder's"}))
+    (tmp_path / "results" / "runs" / "manifest.json").write_text(
+        json.dumps({"domain": "the folder's", "micromerge_version": "0.1"})
+    )
     checkpoint(tmp_path / "moved" / "ft.safetensors", 2, header_domain="biology")
     model = {
         "finetuned": ["runs/ft.safetensors"],
