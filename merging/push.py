@@ -6,8 +6,7 @@ from pathlib import Path
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hub_offline
-
-WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
+from micromerge.merging.export import FILES
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -17,9 +16,12 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
         raise MicromergeError(
             f"{folder}: not a folder; `micromerge export CHECKPOINT --out FOLDER` makes one"
         )
-    if not any((folder / name).is_file() for name in WEIGHTS) or not (folder / "README.md").is_file():
+    complete = [fmt for fmt, names in FILES.items() if all((folder / name).is_file() for name in names)]
+    if not complete or not (folder / "README.md").is_file():
+        layouts = " or ".join(" + ".join(names) for names in FILES.values())
         raise MicromergeError(
-            f"{folder}: no weights ({' or '.join(WEIGHTS)}) and model card (README.md); export it first"
+            f"{folder}: not an export ({layouts}, and a model card README.md); "
+            "`micromerge export CHECKPOINT --out FOLDER` makes one"
         )
     if hub_offline():
         raise MicromergeError("HF_HUB_OFFLINE is set: the hub cannot be reached; unset it to push")

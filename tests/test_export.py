@@ -163,7 +163,7 @@ def test_push_uploads_an_exported_folder_as_one_commit(tmp_path, checkpoint, mon
     assert _StubHub.calls[2][1]["folder_path"] == str(folder) and "hub.example/lab/merged" in result.output
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(cli, ["push", str(tmp_path / "empty"), "--repo", "lab/x"])
-    assert empty.exit_code == 2 and "export it first" in empty.output
+    assert empty.exit_code == 2 and "not an export" in empty.output
 
 
 def test_a_finetuned_run_folder_has_a_model_card(tmp_path):
@@ -289,7 +289,7 @@ def test_a_text_tower_with_its_own_tokenizer_gets_no_clip_vocabulary(tmp_path, c
 
 
 def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, checkpoint, monkeypatch):
-    """Only a folder with weights and a model card goes up, as a model repo, in one commit named
+    """Only a folder with weights, their config and a model card goes up, as a model repo, in one commit named
     for the folder; an empty HF_HUB_OFFLINE means online (huggingface_hub reads it the same way)."""
     import huggingface_hub
 
@@ -300,10 +300,18 @@ def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, c
     (tmp_path / "no-card" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     (tmp_path / "no-weights").mkdir()
     (tmp_path / "no-weights" / "README.md").write_text("a card")
+    (tmp_path / "no-config").mkdir()  # weights and card, no config: no tool could load the repo
+    for name in ("model.safetensors", "README.md"):
+        (tmp_path / "no-config" / name).write_bytes((folder / name).read_bytes())
+    not_an_export = (
+        "not an export (model.safetensors + config.json or open_clip_model.safetensors + "
+        "open_clip_config.json, and a model card README.md)"
+    )
     for path, needle in (
         (checkpoint, "not a folder; `micromerge export CHECKPOINT --out FOLDER` makes one"),
-        (tmp_path / "no-card", "model card (README.md); export it first"),
-        (tmp_path / "no-weights", "no weights (model.safetensors or open_clip_model.safetensors)"),
+        (tmp_path / "no-card", not_an_export),
+        (tmp_path / "no-weights", not_an_export),
+        (tmp_path / "no-config", not_an_export),
     ):
         _StubHub.calls = []
         refused = CliRunner().invoke(cli, ["push", str(path), "--repo", "lab/x"])
