@@ -19,7 +19,7 @@ import micromerge
 from micromerge.analysis import figures
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs
-from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
 from micromerge.core.provenance import has_interval
@@ -139,8 +139,15 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
 def build_report(
     store: str | Path, out: str | Path, target: str | None = None, metric: str = "accuracy"
 ) -> Path:
-    """Write report.md, report.html, figures/ and tables/ into `out`; returns the HTML path."""
+    """Write report.md, report.html, provenance.json, figures/ and tables/ into `out`, all of them
+    or (on a failure or Ctrl-C) none, replacing an earlier report whole; returns the HTML path."""
     store, out = Path(store), output_folder(out)
+    with staged_files(out) as staging:
+        _write_report(store, staging, target, metric)
+    return out / "report.html"
+
+
+def _write_report(store: Path, out: Path, target: str | None, metric: str) -> None:
     runs = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
     if not runs:
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
@@ -213,9 +220,7 @@ def build_report(
     provenance = _provenance(store, runs)
     write_json_atomic(out / "provenance.json", provenance)
     write_text_atomic(out / "report.md", _markdown(runs, summaries, tables, paths, notes, provenance, out))
-    html_path = out / "report.html"
-    write_text_atomic(html_path, _html(runs, summaries, tables, paths, notes, provenance))
-    return html_path
+    write_text_atomic(out / "report.html", _html(runs, summaries, tables, paths, notes, provenance))
 
 
 def _learned_coefficients(store: Path, run: Run, notes: list[str]) -> dict[str, Any] | None:

@@ -13,10 +13,12 @@ de-duplicate by identity. Non-finite metric values are stored as null (JSON has 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,12 +70,20 @@ class ResultStore:
         return (row["alpha"], row["task"], row.get("caption_key"), row.get("split", "all"), row["metric"])
 
     def check_writable(self) -> None:
-        """Fail before any work when results could not be saved (a folder, a read-only file)."""
+        """Fail before any work when results could not be saved (a folder, a read-only file, a path
+        through a file), and leave nothing behind: a run refused for a mistyped --data made an
+        empty store (and its folder) where the user never meant one."""
         if self.path.is_dir():
             raise MicromergeError(f"--store {self.path}: is a folder; pass a .jsonl file path")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+            if self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+                return
+            nearest = next(p for p in self.path.parents if p.exists())
+            if not nearest.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(nearest))
+            with tempfile.TemporaryFile(dir=nearest):  # its folders are made when rows are written
+                pass
         except OSError as exc:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
 

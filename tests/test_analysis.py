@@ -284,3 +284,38 @@ def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path):
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
     assert ablation.store.stat().st_size == size, "a second run redoes nothing"
     assert html.is_file() and "vision-only" in html.read_text()
+
+
+def test_a_new_report_replaces_the_old_one_whole_and_an_interrupted_one_changes_nothing(
+    tmp_path, monkeypatch
+):
+    """A report of two runs, then of one into the same folder: figures/per_task_run1.png and
+    tables/tasks_run1.csv of the run no longer in the store were left beside the new report (a
+    reader browsing figures/ saw a run the report does not have). And figures were written in
+    place: Ctrl-C half-way left new figures beside the old report.md. The report is staged and
+    moved in whole."""
+    from micromerge.analysis import figures
+
+    two = write_store(tmp_path / "two.jsonl")
+    write_store(two, run_id="r2", method="ties")
+    build_report(two, tmp_path / "report", target="domain:pathology")
+    assert (tmp_path / "report" / "figures" / "per_task_run1.png").is_file()
+    build_report(write_store(tmp_path / "one.jsonl"), tmp_path / "report", target="domain:pathology")
+    names = sorted(p.relative_to(tmp_path / "report").as_posix() for p in (tmp_path / "report").rglob("*"))
+    assert not [n for n in names if "run1" in n], names
+    assert not [n for n in names if n.startswith(".")], "no staging folder is left"
+    before = {p: p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
+    drawn = []
+
+    def interrupted(figure, folder, name):
+        drawn.append(name)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        return save(figure, folder, name)
+
+    save = figures.save
+    monkeypatch.setattr(figures, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(two, tmp_path / "report", target="domain:pathology")
+    after = {p: p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
+    assert after == before

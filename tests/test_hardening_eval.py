@@ -204,6 +204,34 @@ def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
         assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_run_refused_for_its_input_leaves_no_store_behind(setup, tmp_path):
+    """The store was created (empty, with its folder) as the first check of every run, so a mistyped
+    --data left `results/results.jsonl` behind; `soup` left its candidate store. The check now
+    writes nothing, and an existing store is opened without being created."""
+    tmp, bench = setup
+    store = tmp_path / "new-folder" / "r.jsonl"
+    for command in (
+        ["eval", "--model", str(tmp / "a.safetensors")],
+        ["soup", "--base", str(tmp / "a.safetensors"), "--ft", str(tmp / "a.safetensors")],
+    ):
+        args = [*command, "--data", str(tmp / "no-such-bench"), "--quiet", "--store", str(store)]
+        result = CliRunner().invoke(cli, [*args, "--cache-dir", str(tmp / "cache")])
+        assert result.exit_code == 2 and "no-such-bench" in result.output, result.output
+        assert not (tmp_path / "new-folder").exists(), sorted((tmp_path / "new-folder").iterdir())
+    args = [
+        "eval",
+        "--model",
+        str(tmp / "a.safetensors"),
+        "--data",
+        str(bench),
+        "--quiet",
+        "--tasks",
+        "modality",
+    ]
+    result = CliRunner().invoke(cli, [*args, "--store", str(store), "--cache-dir", str(tmp / "cache")])
+    assert result.exit_code == 0 and store.stat().st_size > 0, result.output
+
+
 def _png_declaring(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from micromerge.cli import merge_command
+from micromerge.core.errors import MicromergeError
 from micromerge.merging.rules import KeyRules, parse_strength_rule
 from tests.helpers import write_checkpoint
 
@@ -36,6 +38,19 @@ def test_every_kind_of_pattern_that_matches_no_key_is_reported():
 def test_an_alpha_rule_splits_at_its_last_equals_sign():
     """A regular expression may itself hold '=': only the text after the last one is the value."""
     assert parse_strength_rule("re:a=b=0.3") == ("re:a=b", 0.3)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("=0.3", r"--alpha-rule '=0.3': expected PATTERN=VALUE"),
+        ("visual.*", r"--alpha-rule 'visual.\*': expected PATTERN=VALUE"),
+        ("visual.*=high", r"'high' is not a number"),
+    ],
+)
+def test_an_alpha_rule_without_a_pattern_or_a_number_is_refused(text, message):
+    with pytest.raises(MicromergeError, match=message):
+        parse_strength_rule(text)
 
 
 def test_merge_leaves_excluded_keys_at_the_base(tmp_path):

@@ -138,9 +138,11 @@ def _remove_quietly(name: str) -> None:
 @contextlib.contextmanager
 def staged_files(folder: Path) -> Iterator[Path]:
     """Yield a hidden folder inside `folder` to write a set of files that belong together (an
-    export's weights, configs, tokenizer and card); they are renamed into `folder` only once the
-    block succeeds, so a failure or Ctrl-C half-way leaves none of them. Staging folders carry the
-    writer's pid: the next writer removes those a killed writer left (a push would upload them)."""
+    export's weights, configs, tokenizer and card; a report's pages, figures/ and tables/); they
+    are renamed into `folder` only once the block succeeds, so a failure or Ctrl-C half-way leaves
+    none of them. A subfolder replaces its namesake whole: a report of fewer runs leaves no
+    figure of an earlier one behind. Staging folders carry the writer's pid: the next writer
+    removes those a killed writer left (a push would upload them)."""
     for stale in folder.glob(".staging.*"):
         pid_text = stale.name.split(".")[2]
         if stale.is_dir() and pid_text.isdigit() and not _running(int(pid_text)):
@@ -148,8 +150,11 @@ def staged_files(folder: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}.", dir=folder))
     try:
         yield staging
-        for file in sorted(staging.iterdir()):
-            os.replace(file, folder / file.name)
+        for entry in sorted(staging.iterdir()):
+            target = folder / entry.name
+            if entry.is_dir() and target.is_dir():
+                target.rename(staging / f".replaced-{entry.name}")  # removed with the staging folder
+            os.replace(entry, target)
     except OSError as exc:
         raise MicromergeError(
             f"{folder}: could not write ({exc.strerror or exc}); no file was left behind"
