@@ -282,10 +282,14 @@ def test_a_text_tower_with_its_own_tokenizer_gets_no_clip_vocabulary(tmp_path, c
     with open_source(str(checkpoint)) as source:
         _, config = load_model(source)
         tensors = load_all(source)
-    config = {**config, "text_cfg": {**config["text_cfg"], "hf_tokenizer_name": "org/other-tokenizer"}}
-    with pytest.warns(UserWarning, match="no tokenizer written"):
-        _write_transformers("m", config, tensors, tmp_path)
-    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "vocab.json").exists()
+    for index, text_cfg in enumerate(
+        ({"hf_tokenizer_name": "org/other-tokenizer"}, {"vocab_size": 30522})  # or another vocabulary
+    ):
+        other = {**config, "text_cfg": {**config["text_cfg"], **text_cfg}}
+        with pytest.warns(UserWarning, match="no tokenizer written"):
+            _write_transformers("m", other, tensors, tmp_path / str(index))
+        written = tmp_path / str(index)
+        assert (written / "model.safetensors").is_file() and not (written / "vocab.json").exists()
 
 
 def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, checkpoint, monkeypatch):
