@@ -195,7 +195,7 @@ def run_ablation(
     for pair in ablation.pairs:  # the reference points, once per pair, shared by every method and rule set
         access = pair["access"]
         for model in (pair["base"], *pair["finetuned"]):
-            run_eval(model, settings, device, access.allow_pickle, access.arch)
+            run_eval(model, settings, device, access)
     for label, job in grid_jobs(ablation):
         if isinstance(job, SoupJob):
             if rank == 0:  # each step of a soup depends on the last: one process chooses
@@ -207,8 +207,7 @@ def run_ablation(
                 job.finetuned,
                 job.spec,
                 job.alphas or (),
-                job.allow_pickle,
-                job.arch,
+                job.access,
                 label=label,
                 model_data=job.model_data,
             ),

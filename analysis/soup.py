@@ -93,7 +93,7 @@ def _score(
 ) -> Scored:
     spec = MergeSpec("linear", MethodParams(weights=weights), rules)
     label = f"{GREEDY_SOUP} candidate {list(weights)}"
-    plan = SweepPlan(base, finetuned, spec, (1.0,), access.allow_pickle, access.arch, label=label)
+    plan = SweepPlan(base, finetuned, spec, (1.0,), access, label=label)
     rows = run_sweep(plan, settings, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # candidates are single points by design

@@ -42,7 +42,7 @@ from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams
 from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
 from micromerge.merging.models import load_model
-from micromerge.merging.sources import open_source
+from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_sources import load_all
 
 LEARNED = ("adamerging", "supervised")
@@ -244,14 +244,13 @@ def learned_coefficients(
     params: MethodParams,
     settings: EvalSettings,
     device: torch.device,
-    allow_pickle: bool = False,
-    arch: str | None = None,
+    access: CheckpointAccess = CheckpointAccess(),
 ) -> StatisticsInput:
     """The learned table (cached), as the one statistic a learned merge reads, with what it saw."""
     request = LearningRequest.from_params(kind, params)
     settings = replace(settings, protocol="ubench")
     prepared = prepare(settings, writes_results=False)
-    sources = [open_source(m, allow_pickle=allow_pickle, arch=arch) for m in models]
+    sources = [access.open(m) for m in models]
     try:
         digests = [sorted(input_hashes([source]).values()) for source in sources]
         described = {

@@ -40,7 +40,7 @@ from micromerge.merging.methods import get_method
 from micromerge.merging.models import image_size, load_model, normalisation, tokenizer_for
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.resident import ResidentMerge
-from micromerge.merging.sources import open_source
+from micromerge.merging.sources import CheckpointAccess
 
 PROTOCOLS = ("ubench", "closed-set")
 HALVES = "per-image"
@@ -85,8 +85,7 @@ class SweepPlan:
     finetuned: tuple[str, ...]
     spec: MergeSpec
     alphas: tuple[float, ...]
-    allow_pickle: bool = False
-    arch: str | None = None
+    access: CheckpointAccess = CheckpointAccess()
     label: str | None = (
         None  # a name for reports (ablations name pair/method/rule set); not part of the run id
     )
@@ -466,13 +465,12 @@ def run_eval(
     model_spec: str,
     settings: EvalSettings,
     device: torch.device,
-    allow_pickle: bool = False,
-    arch: str | None = None,
+    access: CheckpointAccess = CheckpointAccess(),
 ) -> list[dict[str, Any]]:
     """Evaluate one checkpoint; rows go to the store (alpha is null). Re-running skips finished work."""
     prepared = prepare(settings)
     bench, tasks = prepared.bench, prepared.tasks
-    with open_source(model_spec, allow_pickle=allow_pickle, arch=arch) as source:
+    with access.open(model_spec) as source:
         hashes = input_hashes([source])
         run_id = sha256_json(
             {
@@ -518,9 +516,7 @@ def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.devic
     from micromerge.eval.statistics import statistics_input
 
     models = (plan.base, *plan.finetuned)
-    return statistics_input(
-        kind, models, plan.spec.params, settings, device, plan.allow_pickle, plan.arch, plan.model_data
-    )
+    return statistics_input(kind, models, plan.spec.params, settings, device, plan.access, plan.model_data)
 
 
 def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> list[dict[str, Any]]:
@@ -528,8 +524,8 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
     prepared = prepare(settings)
     bench, tasks = prepared.bench, prepared.tasks
     store = ResultStore(settings.store)
-    base = open_source(plan.base, allow_pickle=plan.allow_pickle, arch=plan.arch)
-    finetuned = [open_source(f, allow_pickle=plan.allow_pickle, arch=plan.arch) for f in plan.finetuned]
+    base = plan.access.open(plan.base)
+    finetuned = [plan.access.open(f) for f in plan.finetuned]
     try:
         hashes = input_hashes([base, *finetuned])
         base_hashes = [hashes[str(f)] for f in base.files]

@@ -37,7 +37,7 @@ from micromerge.eval.questions import QuestionBank, Questions, option_log_probs,
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.models import load_model
-from micromerge.merging.sources import open_source
+from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_save import save_tensors
 
 KINDS = ("fisher", "gram")
@@ -124,8 +124,7 @@ def model_statistics(
     request: StatisticsRequest,
     settings: EvalSettings,
     device: torch.device,
-    allow_pickle: bool = False,
-    arch: str | None = None,
+    access: CheckpointAccess = CheckpointAccess(),
     data: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(statistics keyed by state-dict key, their description), computed once and cached; on
@@ -137,7 +136,7 @@ def model_statistics(
     else:
         pairs, corpus = open_corpus(data)
         described = {**describe_request(request), **corpus}
-    with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
+    with access.open(checkpoint) as source:
         described["model_sha256"] = sorted(input_hashes([source]).values())
         path = (
             Path(settings.cache_dir)
@@ -171,8 +170,7 @@ def statistics_input(
     params: MethodParams,
     settings: EvalSettings,
     device: torch.device,
-    allow_pickle: bool = False,
-    arch: str | None = None,
+    access: CheckpointAccess = CheckpointAccess(),
     model_data: tuple[str | None, ...] = (),
 ) -> StatisticsInput:
     """Every model's statistics (base first) for a data-aware merge, or the coefficients a learned
@@ -182,11 +180,10 @@ def statistics_input(
     if kind not in KINDS:
         from micromerge.eval.coefficients import learned_coefficients
 
-        return learned_coefficients(kind, models, params, settings, device, allow_pickle, arch)
+        return learned_coefficients(kind, models, params, settings, device, access)
     data = model_data or (None,) * len(models)
     request = StatisticsRequest(kind, params.samples, params.seed)
     computed = [
-        model_statistics(m, request, settings, device, allow_pickle, arch, d)
-        for m, d in zip(models, data, strict=True)
+        model_statistics(m, request, settings, device, access, d) for m, d in zip(models, data, strict=True)
     ]
     return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])

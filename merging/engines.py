@@ -18,7 +18,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.merging.backend import ArrayBackend
 from micromerge.merging.methods import get_method
 from micromerge.merging.numpy_backend import NumpyBackend
-from micromerge.merging.sources import ArrayKind, NeedsTorch, open_source
+from micromerge.merging.sources import ArrayKind, CheckpointAccess, NeedsTorch
 from micromerge.merging.tensor_source import TensorSource
 
 ENGINES = ("auto", "numpy", "torch")
@@ -33,8 +33,7 @@ class EngineRequest:
     method: str
     out_dtype: str | None
     checkpoints: tuple[str, ...]
-    allow_pickle: bool = False
-    arch: str | None = None
+    access: CheckpointAccess = CheckpointAccess()
 
 
 def _why_not_numpy(request: EngineRequest) -> str | None:
@@ -52,9 +51,7 @@ def _open_all(request: EngineRequest, arrays: ArrayKind) -> list[TensorSource]:
     opened: list[TensorSource] = []
     try:
         for checkpoint in request.checkpoints:
-            opened.append(
-                open_source(checkpoint, allow_pickle=request.allow_pickle, arch=request.arch, arrays=arrays)
-            )
+            opened.append(request.access.open(checkpoint, arrays))
     except BaseException:
         for source in opened:
             with contextlib.suppress(Exception):

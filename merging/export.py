@@ -23,7 +23,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import image_size, normalisation, resolve_model_config
-from micromerge.merging.sources import open_source
+from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_save import save_tensors
 from micromerge.merging.torch_sources import load_all
 
@@ -40,10 +40,9 @@ def export_checkpoint(
     checkpoint: str,
     out: str | Path,
     fmt: str = "transformers",
-    arch: str | None = None,
+    access: CheckpointAccess = CheckpointAccess(),
     force: bool = False,
     evaluation: list[dict[str, Any]] | None = None,
-    allow_pickle: bool = False,
 ) -> Path:
     """Write `checkpoint` into the folder `out` in `fmt`, with its model card; returns the folder."""
     if fmt not in FORMATS:
@@ -52,7 +51,7 @@ def export_checkpoint(
     existing = [name for name in (*FILES[fmt], "README.md") if (folder / name).exists()]
     if existing and not force:
         raise MicromergeError(f"{folder}: already holds {' and '.join(existing)}; pass --force to overwrite")
-    with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
+    with access.open(checkpoint) as source:
         metas = {k: source.meta(k) for k in source.keys()}
         config = resolve_model_config(source.arch, metas)
         tensors = load_all(source)

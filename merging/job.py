@@ -18,6 +18,7 @@ from micromerge.merging.execute import MergeOutput, StatisticsInput, finished_ou
 from micromerge.merging.methods import TUNABLE, MethodParams, get_method
 from micromerge.merging.plan import MergeSpec, check_method_params
 from micromerge.merging.rules import KeyRules, parse_strength_rule
+from micromerge.merging.sources import CheckpointAccess
 
 JOB_KEYS = {
     "base",
@@ -118,8 +119,7 @@ class MergeJob:
     device: str = "auto"
     engine: str = "auto"
     force: bool = False
-    allow_pickle: bool = False
-    arch: str | None = None
+    access: CheckpointAccess = CheckpointAccess()
     data: str | None = None
     """Data-aware methods: the μ-Bench copy whose select half the statistics are estimated on."""
     model_data: tuple[str | None, ...] = ()
@@ -221,8 +221,7 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         device=str(values.get("device") or "auto"),
         engine=str(values.get("engine") or "auto"),
         force=bool(values.get("force", False)),
-        allow_pickle=bool(values.get("allow_pickle", False)),
-        arch=values.get("arch"),
+        access=CheckpointAccess(bool(values.get("allow_pickle", False)), values.get("arch")),
         data=values.get("data"),
         model_data=model_data(values, method, len(finetuned)),
         cache_dir=values.get("cache_dir"),
@@ -267,8 +266,7 @@ def run_merge_job(
         method=job.spec.method,
         out_dtype=job.spec.out_dtype,
         checkpoints=(job.base, *job.finetuned),
-        allow_pickle=job.allow_pickle,
-        arch=job.arch,
+        access=job.access,
     )
     backend, sources = open_inputs(request)
     base, finetuned = sources[0], sources[1:]

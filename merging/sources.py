@@ -40,6 +40,9 @@ class CheckpointAccess:
     allow_pickle: bool = False
     arch: str | None = None
 
+    def open(self, spec: str, arrays: ArrayKind = "torch") -> TensorSource:
+        return open_source(spec, allow_pickle=self.allow_pickle, arch=self.arch, arrays=arrays)
+
 
 def checkpoint_name(spec: str) -> str:
     """A checkpoint as people call it (a model card's title, a run's label): a checkpoint file by its

@@ -12,13 +12,16 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from micromerge import __version__
 from micromerge.core.errors import MicromergeError
+
+if TYPE_CHECKING:  # the commands import what they run lazily: `micromerge --help` stays fast
+    from micromerge.merging.sources import CheckpointAccess
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -286,9 +289,7 @@ def _merge_statistics(job, quiet: bool):
     )
     models = (job.base, *job.finetuned)
     device = resolve_device(job.device)
-    return statistics_input(
-        kind, models, job.spec.params, settings, device, job.allow_pickle, job.arch, job.model_data
-    )
+    return statistics_input(kind, models, job.spec.params, settings, device, job.access, job.model_data)
 
 
 cli.add_command(merge_command)
@@ -353,23 +354,22 @@ def export_command(
 ) -> None:
     """Export a checkpoint as a folder other tools open (e.g. a merged PLIP), with its model card."""
     from micromerge.merging.export import export_checkpoint
+    from micromerge.merging.sources import CheckpointAccess
 
-    evaluation = _evaluation_of(checkpoint, results, arch, allow_pickle) if results else None
-    path = export_checkpoint(
-        checkpoint, out, fmt, arch=arch, force=force, evaluation=evaluation, allow_pickle=allow_pickle
-    )
+    access = CheckpointAccess(allow_pickle, arch)
+    evaluation = _evaluation_of(checkpoint, results, access) if results else None
+    path = export_checkpoint(checkpoint, out, fmt, access, force=force, evaluation=evaluation)
     click.echo(f"wrote {path} ({fmt}, with README.md)")
 
 
-def _evaluation_of(checkpoint: str, store: str, arch: str | None, allow_pickle: bool) -> list[dict[str, Any]]:
+def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> list[dict[str, Any]]:
     """The checkpoint's own `eval` rows in the store (matched by sha256): each task's accuracy on
     all its images, and the paper's headline numbers."""
     from micromerge.eval.engine import POOLED
     from micromerge.eval.store import ResultStore
     from micromerge.merging.execute import input_hashes
-    from micromerge.merging.sources import open_source
 
-    with open_source(checkpoint, allow_pickle=allow_pickle, arch=arch) as source:
+    with access.open(checkpoint) as source:
         digests = sorted(input_hashes([source]).values())
     rows = [
         r
@@ -643,9 +643,11 @@ def eval_command(model: str, **values: Any) -> None:
     """Zero-shot evaluation of one checkpoint on every μ-Bench task."""
     from micromerge.core.devices import resolve_device
     from micromerge.eval.engine import run_eval
+    from micromerge.merging.sources import CheckpointAccess
 
     settings, _ = _eval_settings(values)
-    rows = run_eval(model, settings, resolve_device(values["device"]), values["allow_pickle"], values["arch"])
+    access = CheckpointAccess(values["allow_pickle"], values["arch"])
+    rows = run_eval(model, settings, resolve_device(values["device"]), access)
     _print_table(rows)
     click.echo(f"\nresults in {settings.store}")
 
@@ -669,6 +671,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     from micromerge.eval.engine import SweepPlan, run_sweep
     from micromerge.merging.job import job_from_mapping
     from micromerge.merging.methods import TUNABLE
+    from micromerge.merging.sources import CheckpointAccess
 
     job = job_from_mapping(
         {
@@ -692,8 +695,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
         job.finetuned,
         job.spec,
         job.alphas or (),
-        values["allow_pickle"],
-        values["arch"],
+        CheckpointAccess(values["allow_pickle"], values["arch"]),
         model_data=job.model_data,
     )
     rows = run_sweep(plan, settings, resolve_device(values["device"]))

@@ -204,11 +204,8 @@ def test_the_grid_gives_each_method_what_it_takes(tmp_path):
         KeyRules(("visual.*",), ("visual.proj",)),
         CheckpointAccess(allow_pickle=True, arch="nano-clip"),
     )
-    assert (wise.allow_pickle, wise.arch) == (False, None)
-    assert (jobs["absolute / wise-ft / vision"].allow_pickle, jobs["absolute / wise-ft / vision"].arch) == (
-        True,
-        "nano-clip",
-    )
+    assert wise.access == CheckpointAccess()
+    assert jobs["absolute / wise-ft / vision"].access == CheckpointAccess(True, "nano-clip")
 
 
 def test_rule_sets_override_method_parameters(tmp_path):
@@ -226,9 +223,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     monkeypatch.setattr(
         ablate,
         "run_eval",
-        lambda model, settings, device, allow_pickle, arch: calls.append(
-            ("eval", model, settings, allow_pickle, arch)
-        ),
+        lambda model, settings, device, access: calls.append(("eval", model, settings, access)),
     )
     monkeypatch.setattr(
         ablate, "run_sweep", lambda plan, settings, device: calls.append(("sweep", plan, settings))
@@ -254,18 +249,20 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         world_size=2,
     )
     assert all(call[2] == expected for call in calls if call[0] in ("eval", "sweep"))
-    evaluated = [(call[1], call[3], call[4]) for call in calls if call[0] == "eval"]
+    evaluated = [(call[1], call[3]) for call in calls if call[0] == "eval"]
     assert evaluated == [
-        *((m, False, None) for m in (ablation.pairs[0]["base"], *ablation.pairs[0]["finetuned"])),
-        *((m, True, "nano-clip") for m in (ablation.pairs[1]["base"], *ablation.pairs[1]["finetuned"])),
+        *((m, CheckpointAccess()) for m in (ablation.pairs[0]["base"], *ablation.pairs[0]["finetuned"])),
+        *(
+            (m, CheckpointAccess(True, "nano-clip"))
+            for m in (ablation.pairs[1]["base"], *ablation.pairs[1]["finetuned"])
+        ),
     ]
     sweeps = {call[1].label: call[1] for call in calls if call[0] == "sweep"}
     assert set(sweeps) == {label for label, job in grid_jobs(ablation) if isinstance(job, MergeJob)}
     fisher = sweeps["../base.safetensors / fisher / vision"]
     assert fisher.model_data == dict(grid_jobs(ablation))["../base.safetensors / fisher / vision"].model_data
-    assert fisher.alphas == (0.0, 0.5) and (fisher.allow_pickle, fisher.arch) == (False, None)
-    opened = sweeps["absolute / wise-ft / vision"]
-    assert (opened.allow_pickle, opened.arch) == (True, "nano-clip")
+    assert fisher.alphas == (0.0, 0.5) and fisher.access == CheckpointAccess()
+    assert sweeps["absolute / wise-ft / vision"].access == CheckpointAccess(True, "nano-clip")
     assert not [call for call in calls if call[0] == "soup"], "rank 1 of 2 leaves the soups to rank 0"
     assert calls[-1] == ("report", "domain:pathology")
 

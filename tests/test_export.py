@@ -117,6 +117,14 @@ def test_the_model_card_says_how_the_model_was_made_and_what_it_scored(tmp_path,
     for digest in manifest["inputs_sha256"].values():
         assert digest in card
     assert '"density": 0.2' in card and "ubench:coarse" in card and "| all |" in card
+    swept = CliRunner().invoke(  # a sweep from this checkpoint: its rows carry the same base sha256
+        cli,
+        ["sweep", "--base", str(merged), "--ft", str(ft), "--alphas", "0,1", "--data", str(bench)]
+        + ["--store", str(store), "--bootstrap", "0", "--cache-dir", str(tmp_path / "cache"), "--quiet"],
+    )
+    assert swept.exit_code == 0, swept.output
+    again = _export(merged, tmp_path / "card-after-sweep", "--results", str(store))
+    assert (again / "README.md").read_text() == card, "only the checkpoint's own `eval` rows"
     unevaluated = _export(base, tmp_path / "plain", "--format", "open_clip")
     assert "Not evaluated here" in (unevaluated / "README.md").read_text()
     wrong = CliRunner().invoke(

@@ -207,6 +207,8 @@ def test_config_file_and_dtype(pair):
     assert result.exit_code == 0, result.output
     merged = load_file(str(tmp / "cfg.safetensors"))
     assert merged["visual.proj"].dtype == torch.bfloat16
+    manifest = json.loads((tmp / "cfg.safetensors.manifest.json").read_text())
+    assert manifest["method"] == "slerp", "a flag's default (wise-ft) must not override the file"
     yaml_config = tmp / "merge.yaml"
     yaml_config.write_text(
         f"merge:\n  base: {tmp / 'base.safetensors'}\n  finetuned: [{tmp / 'ft.safetensors'}]\n  alpha: 0.9\n"
