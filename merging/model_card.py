@@ -105,9 +105,10 @@ def model_card(
         lines += ["No micromerge provenance was found beside this checkpoint.", ""]
     lines += ["## Evaluation", ""]
     if evaluation:
-        lines += ["| task | split | accuracy | 95% interval |", "|---|---|---|---|"]
+        lines += ["| task | protocol | split | accuracy | 95% interval |", "|---|---|---|---|---|"]
         lines += [
-            f"| {r['task']} | {r['split']} | {100 * r['value']:.1f} % | {_interval(r)} |" for r in evaluation
+            f"| {r['task']} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % | {_interval(r)} |"
+            for r in evaluation
         ]
         lines.append("")
     else:

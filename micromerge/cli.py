@@ -364,8 +364,10 @@ def export_command(
 
 def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> list[dict[str, Any]]:
     """The checkpoint's own `eval` rows in the store (matched by sha256): each task's accuracy on
-    all its images, and the paper's headline numbers."""
-    from micromerge.eval.engine import POOLED
+    all its images (pooled over its caption keys) and the paper's two headline numbers; per
+    protocol, the store's latest run of it (an earlier run, on other data or settings, would put a
+    second, different number beside each task)."""
+    from micromerge.eval.engine import HEADLINE_COARSE, HEADLINE_FINE, POOLED
     from micromerge.eval.store import ResultStore
     from micromerge.merging.execute import input_hashes
 
@@ -378,13 +380,21 @@ def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> lis
         and sorted(r["model"].get("base_sha256") or []) == digests
         and r["metric"] == "accuracy"
         and r["split"] == "all"
-        and r.get("caption_key") in (POOLED, None, "coarse keys pooled", "classification_1")
+        and (r["task"] in (HEADLINE_COARSE, HEADLINE_FINE) or r.get("caption_key") in (POOLED, None))
     ]
     if not rows:
         raise MicromergeError(
             f"--results {store}: no `micromerge eval` of {checkpoint} in it (matched by sha256)"
         )
-    return rows
+    latest = {r.get("protocol"): r["run_id"] for r in rows}
+    older = sorted({r["run_id"] for r in rows} - set(latest.values()))
+    if older:
+        warnings.warn(
+            f"--results {store}: {len(older)} earlier eval run(s) of {checkpoint} left out of the card "
+            f"(the latest per protocol is used): {', '.join(older)}",
+            stacklevel=2,
+        )
+    return [r for r in rows if latest[r.get("protocol")] == r["run_id"]]
 
 
 @cli.command("push")

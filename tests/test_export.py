@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from micromerge.cli import cli
+from micromerge.eval.store import ResultStore
 from micromerge.merging.models import load_model, tokenizer_for
 from micromerge.merging.sources import open_source
 from tests.helpers import write_checkpoint
@@ -117,6 +118,18 @@ def test_the_model_card_says_how_the_model_was_made_and_what_it_scored(tmp_path,
     for digest in manifest["inputs_sha256"].values():
         assert digest in card
     assert '"density": 0.2' in card and "ubench:coarse" in card and "| all |" in card
+    table = card.split("## Evaluation")[1].split("## Licence")[0].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("| ")][1:]
+    assert {row[1:3] for row in map(tuple, cells)} == {("ubench", "all")}, "all images, not the halves"
+    assert len({row[0] for row in cells}) == len(cells), "one row per task: its accuracy, caption keys pooled"
+    fine = [row[3] for row in cells if row[0] == "kather_et_al_2016"]
+    pooled = next(
+        r
+        for r in ResultStore(store).rows()
+        if (r["task"], r["caption_key"], r["split"], r["metric"])
+        == ("kather_et_al_2016", "all", "all", "accuracy")
+    )
+    assert fine == [f"{100 * pooled['value']:.1f} %"]
     swept = CliRunner().invoke(  # a sweep from this checkpoint: its rows carry the same base sha256
         cli,
         ["sweep", "--base", str(merged), "--ft", str(ft), "--alphas", "0,1", "--data", str(bench)]
@@ -125,6 +138,32 @@ def test_the_model_card_says_how_the_model_was_made_and_what_it_scored(tmp_path,
     assert swept.exit_code == 0, swept.output
     again = _export(merged, tmp_path / "card-after-sweep", "--results", str(store))
     assert (again / "README.md").read_text() == card, "only the checkpoint's own `eval` rows"
+    closed = CliRunner().invoke(  # the other protocol: a second table section, each row named by it
+        cli,
+        ["eval", "--model", str(merged), "--data", str(bench), "--store", str(store), "--bootstrap", "0"]
+        + ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--protocol", "closed-set", "--quiet"],
+    )
+    assert closed.exit_code == 0, closed.output
+    both = (_export(merged, tmp_path / "both", "--results", str(store)) / "README.md").read_text()
+    assert {"ubench", "closed-set"} <= {
+        line.split("|")[2].strip() for line in both.splitlines() if line.startswith("| kather")
+    }
+    reevaluated = CliRunner().invoke(  # the same protocol again with other settings: the latest wins
+        cli,
+        ["eval", "--model", str(merged), "--data", str(bench), "--store", str(store), "--bootstrap", "0"]
+        + ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--seed", "1", "--quiet"],
+    )
+    assert reevaluated.exit_code == 0, reevaluated.output
+    latest = CliRunner().invoke(
+        cli, ["export", str(merged), "--out", str(tmp_path / "latest"), "--results", str(store)]
+    )
+    assert latest.exit_code == 0 and "1 earlier eval run(s)" in latest.output, latest.output
+    rows = [
+        line
+        for line in (tmp_path / "latest" / "README.md").read_text().splitlines()
+        if line.startswith("| kather")
+    ]
+    assert len(rows) == 2, rows
     unevaluated = _export(base, tmp_path / "plain", "--format", "open_clip")
     assert "Not evaluated here" in (unevaluated / "README.md").read_text()
     wrong = CliRunner().invoke(

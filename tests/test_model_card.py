@@ -49,14 +49,21 @@ def test_hub_inputs_become_base_model_ids_and_the_library_is_what_loads_the_fold
 
 def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
     rows = [
-        {"task": "ubench:coarse", "split": "report", "value": 0.8125, "ci_low": 0.7004, "ci_high": 0.9051}
+        {
+            "task": "ubench:coarse",
+            "protocol": "ubench",
+            "split": "report",
+            "value": 0.8125,
+            "ci_low": 0.7004,
+            "ci_high": 0.9051,
+        }
     ]
     card = model_card("m", {"method": "wise-ft"}, "open_clip", rows)
-    assert "| ubench:coarse | report | 81.2 % | 70.0 – 90.5 |" in card.splitlines()
+    assert "| ubench:coarse | ubench | report | 81.2 % | 70.0 – 90.5 |" in card.splitlines()
     # evaluated with --bootstrap 0: the row's ci_low/ci_high are its point value, no interval
     unbooted = [{**rows[0], "ci_low": 0.8125, "ci_high": 0.8125, "bootstrap": 0}]
     card = model_card("m", {"method": "wise-ft"}, "open_clip", unbooted)
-    assert "| ubench:coarse | report | 81.2 % | not computed (--bootstrap 0) |" in card.splitlines()
+    assert "| ubench:coarse | ubench | report | 81.2 % | not computed (--bootstrap 0) |" in card.splitlines()
 
 
 def test_a_finetuned_runs_card_has_its_kind_base_digests_and_hyperparameters():
