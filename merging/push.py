@@ -8,6 +8,9 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hub_offline
 from micromerge.merging.export import FILES
 
+# what an export or atomic write still running (or killed) has in the folder: never uploaded
+IN_PROGRESS = [".staging.*", ".*.tmp"]
+
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Create the model repo if needed and upload the folder as one commit; returns the commit URL."""
@@ -34,5 +37,6 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
         repo_id=repo_id,
         repo_type="model",
         commit_message=f"micromerge: upload {folder.name}",
+        ignore_patterns=IN_PROGRESS,
     )
     return str(getattr(commit, "commit_url", commit))

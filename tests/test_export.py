@@ -375,7 +375,13 @@ def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, c
         "repo_id": "lab/merged",
         "repo_type": "model",
         "commit_message": "micromerge: upload hf",
+        "ignore_patterns": [".staging.*", ".*.tmp"],
     }
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = ["model.safetensors", ".staging.123.ab/model.safetensors", ".model.safetensors.9.x.tmp"]
+    kept = list(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert kept == ["model.safetensors"], "huggingface_hub's own filter leaves the work in progress out"
 
 
 def test_a_checkpoint_holding_python_objects_is_exported_with_allow_pickle(tmp_path):
