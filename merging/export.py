@@ -14,6 +14,7 @@ Every export folder gets a model card (README.md, `merging.model_card`).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,21 @@ def export_checkpoint(
         else:
             _write_open_clip(config, tensors, staging)
         write_model_card(staging, checkpoint, files, fmt, evaluation)
+        _refuse_replacing_inputs(staging, folder, files)
     return folder
+
+
+def _refuse_replacing_inputs(staging: Path, folder: Path, inputs: list[Path]) -> None:
+    """`--out` the checkpoint's own folder with --force replaced a run's open_clip
+    model.safetensors with the transformers-keyed one (its manifest's sha256 then named weights
+    that no longer existed): an input is never an output, as in `merge`."""
+    for written in staging.iterdir():
+        target = folder / written.name
+        if target.exists() and any(os.path.samefile(target, f) for f in inputs if f.exists()):
+            raise MicromergeError(
+                f"--out {folder}: the export would replace {target.name}, the checkpoint being exported; "
+                "choose another --out"
+            )
 
 
 def _write_open_clip(config: dict[str, Any], tensors: dict, folder: Path) -> None:

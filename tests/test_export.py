@@ -436,3 +436,26 @@ def test_an_export_stopped_half_way_leaves_none_of_its_files(tmp_path, checkpoin
         "tokenizer_config.json",
         "vocab.json",
     ]
+
+
+def test_an_export_into_the_checkpoints_own_folder_never_replaces_the_checkpoint(tmp_path, checkpoint):
+    """A run folder exported into itself with --force: model.safetensors (open_clip keys, the one
+    its manifest's sha256 names) was replaced by the transformers-keyed export. Refused, nothing
+    written; the open_clip layout beside it (other file names) is allowed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(checkpoint.read_bytes())
+    before = (run / "model.safetensors").read_bytes()
+    refused = CliRunner().invoke(
+        cli, ["export", str(run / "model.safetensors"), "--out", str(run), "--force"]
+    )
+    assert (
+        refused.exit_code == 2
+        and "would replace model.safetensors, the checkpoint being exported" in refused.output
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["model.safetensors"]
+    assert (run / "model.safetensors").read_bytes() == before
+    _export(run / "model.safetensors", run, "--format", "open_clip")
+    assert (run / "open_clip_model.safetensors").is_file() and (
+        run / "model.safetensors"
+    ).read_bytes() == before
