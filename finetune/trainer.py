@@ -133,25 +133,39 @@ def _check_finished_settings(cfg: FinetuneConfig) -> None:
         )
 
 
+RUN_FILES = ("manifest.json", "model.safetensors", "head.safetensors", "train_log.jsonl", "README.md")
+
+
+def _refuse_base_inside_out(cfg: FinetuneConfig) -> None:
+    """A base inside --out (the folder of an earlier run, or a model.safetensors put there) was
+    replaced by the fine-tuned model, or deleted by --force before it was read."""
+    base = Path(cfg.base)
+    if not base.exists():  # a zoo name or hub id
+        return
+    base, out = base.resolve(), cfg.out.resolve()
+    if base == out or out in base.parents:
+        raise MicromergeError(
+            f"--base {cfg.base} lies inside --out {cfg.out}: the run would replace it (--force would "
+            "delete it first); choose another --out"
+        )
+
+
 def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
-    """The latest resumable state, after refusing to mix runs in one folder."""
+    """The latest resumable state, after refusing to mix runs in one folder, or to replace files
+    of the names a run writes (a model.safetensors of the user's was silently overwritten)."""
     state_dir = cfg.out / "state"
-    holds_run = (cfg.out / "manifest.json").exists() or state_dir.exists()
-    if holds_run and cfg.force:
+    holds = [name for name in RUN_FILES if (cfg.out / name).exists()]
+    holds += ["state/"] if state_dir.exists() else []
+    if holds and cfg.force:
         if is_main:
             shutil.rmtree(state_dir, ignore_errors=True)
-            for name in (
-                "manifest.json",
-                "model.safetensors",
-                "head.safetensors",
-                "train_log.jsonl",
-                "README.md",
-            ):
+            for name in RUN_FILES:
                 (cfg.out / name).unlink(missing_ok=True)
         return None
-    if holds_run and not cfg.resume:
+    if holds and not cfg.resume:
         raise MicromergeError(
-            f"--out {cfg.out}: holds another run; pass --resume to continue it or --force to start over"
+            f"--out {cfg.out}: holds {', '.join(holds)} (another run, or files of yours); pass --resume "
+            "to continue a run or --force to replace them"
         )
     latest = state_dir / "LATEST"
     if cfg.resume and latest.is_file():
@@ -300,6 +314,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    _refuse_base_inside_out(cfg)
     output_folder(cfg.out)
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
         # already finished: resuming is a no-op, apart from the state a kill after the manifest left

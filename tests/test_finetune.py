@@ -302,6 +302,28 @@ def test_output_folder_with_another_run_is_refused(tmp_path, base):
     assert result.exit_code == 0, result.output
 
 
+def test_a_base_inside_the_output_folder_is_never_replaced_or_deleted(tmp_path, base):
+    """`--base runs/x/model.safetensors --out runs/x` replaced the base with the fine-tuned model,
+    and with --force deleted it before reading it ("no such file"). Refused, the base untouched;
+    a folder holding a model.safetensors of the user's (no run) needs --force as a run does."""
+    data = write_csv_folder(tmp_path / "pairs")
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(base.read_bytes())
+    for extra in ((), ("--force",), ("--resume",)):
+        args = _contrastive_args(folder / "model.safetensors", data, folder, steps=1)
+        result = CliRunner().invoke(cli, [*args, *extra])
+        assert result.exit_code == 2 and "lies inside --out" in result.stderr, result.output
+        assert (folder / "model.safetensors").read_bytes() == base.read_bytes()
+    args = _contrastive_args(base, data, folder, steps=1)
+    result = CliRunner().invoke(cli, args)
+    assert (
+        result.exit_code == 2 and "holds model.safetensors (another run, or files of yours)" in result.stderr
+    )
+    assert (folder / "model.safetensors").read_bytes() == base.read_bytes()
+    assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
+
+
 def test_freeze_text_in_contrastive_training_trains_the_image_tower_and_the_temperature(tmp_path, base):
     """--freeze-text holds every text-tower weight; the temperature is shared by both towers and
     keeps training (LiT-style image-side tuning)."""
