@@ -77,6 +77,13 @@ class ResultStore:
             raise MicromergeError(f"--store {self.path}: is a folder; pass a .jsonl file path")
         try:
             if self.path.exists():
+                with open(self.path, "rb") as handle:
+                    start = handle.read(4096).lstrip()
+                if start and not start.startswith(b"{"):  # rows would be appended to, say, a checkpoint
+                    raise MicromergeError(
+                        f"--store {self.path}: exists and is not a results store (JSON lines); "
+                        "pass a .jsonl path"
+                    )
                 os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
                 return
             nearest = next(p for p in self.path.parents if p.exists())

@@ -204,10 +204,11 @@ def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
         assert len(result.output.strip().splitlines()) == 1
 
 
-def test_a_run_refused_for_its_input_leaves_no_store_behind(setup, tmp_path):
+def test_a_run_refused_for_its_input_leaves_no_store_behind_and_no_other_file_is_a_store(setup, tmp_path):
     """The store was created (empty, with its folder) as the first check of every run, so a mistyped
     --data left `results/results.jsonl` behind; `soup` left its candidate store. The check now
-    writes nothing, and an existing store is opened without being created."""
+    writes nothing. And an existing file that is not JSON lines (a checkpoint passed as --store)
+    had its tail cut as a torn row and rows appended: it is refused."""
     tmp, bench = setup
     store = tmp_path / "new-folder" / "r.jsonl"
     for command in (
@@ -230,6 +231,11 @@ def test_a_run_refused_for_its_input_leaves_no_store_behind(setup, tmp_path):
     ]
     result = CliRunner().invoke(cli, [*args, "--store", str(store), "--cache-dir", str(tmp / "cache")])
     assert result.exit_code == 0 and store.stat().st_size > 0, result.output
+    checkpoint = (tmp / "a.safetensors").read_bytes()  # `--store` given the checkpoint by mistake:
+    mistaken = [*args, "--store", str(tmp / "a.safetensors"), "--cache-dir", str(tmp / "cache")]
+    result = CliRunner().invoke(cli, mistaken)
+    assert result.exit_code == 2 and "is not a results store" in result.output, result.output
+    assert (tmp / "a.safetensors").read_bytes() == checkpoint, "its tail was cut as a torn row, rows appended"
 
 
 def _png_declaring(width: int, height: int) -> bytes:
