@@ -168,6 +168,17 @@ def train_contrastive(
     )
 
 
+def _remove_demo_folder(out: Path) -> None:
+    """`--fresh` removes a demo's folder only: `--out . --fresh` (or `~`) removed the whole folder,
+    a checkout or a home with it. A demo folder is one with the demo's `stages/` record."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "stages").is_dir():
+        raise MicromergeError(
+            f"--out {out}: not a demo folder (no stages/ in it), so --fresh will not remove it; "
+            "choose a new or a demo folder"
+        )
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[str, Any]:
     from micromerge.analysis.metrics import summarise
     from micromerge.analysis.report import build_report
@@ -176,7 +187,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
     from micromerge.merging.job import job_from_mapping
 
     if cfg.fresh:
-        shutil.rmtree(cfg.out, ignore_errors=True)
+        _remove_demo_folder(cfg.out)
     out = cfg.out
     data, init = out / "data", out / "checkpoints" / "init.safetensors"
     base_run, specialist_run = out / "runs" / "base", out / "runs" / "pathology-specialist"

@@ -136,6 +136,27 @@ def test_demo_validates_its_inputs(tmp_path):
     assert not Path(tmp_path / "file").is_dir()
 
 
+def test_fresh_removes_a_demo_folder_only(tmp_path):
+    """`demo --out . --fresh` removed the folder whole (a checkout, a home): --fresh now refuses a
+    non-empty folder without the demo's stages/ record, and still starts a demo folder over."""
+    from micromerge.demo import _remove_demo_folder
+
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(mine), "--fresh"])
+    assert result.exit_code == 2 and "not a demo folder (no stages/ in it)" in result.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    demo = tmp_path / "demo-out"
+    (demo / "stages").mkdir(parents=True)
+    (demo / "runs").mkdir()
+    _remove_demo_folder(demo)
+    assert not demo.exists()
+    (tmp_path / "empty").mkdir()
+    _remove_demo_folder(tmp_path / "empty")
+    _remove_demo_folder(tmp_path / "never-made")
+
+
 def test_a_stage_resumes_under_its_settings_and_starts_over_under_others(tmp_path):
     """The marker is written before the work: an interrupted stage runs again over what it left
     (training resumes mid-run), but a stage of other settings, finished or not, loses its outputs
