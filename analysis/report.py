@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,22 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+# every file a report writes into figures/ and tables/: those of an earlier report that this one
+# did not write again (its runs left the store) are removed; any other file there is the user's
+REPORT_FILES = re.compile(
+    r"figures/(accuracy_vs_alpha|pareto_target_vs_control|(per_task|heatmap|coefficients)_run\d+)\.(png|svg)"
+    r"|tables/(headline|paper_headline|alpha_selection|(groups|tasks|pareto)_run\d+)\.(csv|json)"
+)
+
+
 def build_report(
     store: str | Path, out: str | Path, target: str | None = None, metric: str = "accuracy"
 ) -> Path:
     """Write report.md, report.html, provenance.json, figures/ and tables/ into `out`, all of them
-    or (on a failure or Ctrl-C) none, replacing an earlier report whole; returns the HTML path."""
+    or (on a failure or Ctrl-C) none, and no file of an earlier report that this one does not
+    replace; files of the user's own stay. Returns the HTML path."""
     store, out = Path(store), output_folder(out)
-    with staged_files(out) as staging:
+    with staged_files(out, superseded=REPORT_FILES.fullmatch) as staging:
         _write_report(store, staging, target, metric)
     return out / "report.html"
 

@@ -293,17 +293,30 @@ def test_a_new_report_replaces_the_old_one_whole_and_an_interrupted_one_changes_
     tables/tasks_run1.csv of the run no longer in the store were left beside the new report (a
     reader browsing figures/ saw a run the report does not have). And figures were written in
     place: Ctrl-C half-way left new figures beside the old report.md. The report is staged and
-    moved in whole."""
+    moved in; of the files already there, only an earlier report's are removed (a figure of the
+    user's own in figures/ stays)."""
     from micromerge.analysis import figures
+    from micromerge.analysis.report import REPORT_FILES
 
     two = write_store(tmp_path / "two.jsonl")
     write_store(two, run_id="r2", method="ties")
+    (tmp_path / "report" / "figures").mkdir(parents=True)
+    (tmp_path / "report" / "figures" / "microscope.png").write_bytes(b"the user's own figure")
     build_report(two, tmp_path / "report", target="domain:pathology")
     assert (tmp_path / "report" / "figures" / "per_task_run1.png").is_file()
+    written = [
+        p.relative_to(tmp_path / "report").as_posix()
+        for sub in ("figures", "tables")
+        for p in (tmp_path / "report" / sub).iterdir()
+    ]
+    assert [n for n in written if not REPORT_FILES.fullmatch(n)] == ["figures/microscope.png"], (
+        "REPORT_FILES names every file a report writes"
+    )
     build_report(write_store(tmp_path / "one.jsonl"), tmp_path / "report", target="domain:pathology")
     names = sorted(p.relative_to(tmp_path / "report").as_posix() for p in (tmp_path / "report").rglob("*"))
     assert not [n for n in names if "run1" in n], names
     assert not [n for n in names if n.startswith(".")], "no staging folder is left"
+    assert (tmp_path / "report" / "figures" / "microscope.png").read_bytes() == b"the user's own figure"
     before = {p: p.read_bytes() for p in (tmp_path / "report").rglob("*") if p.is_file()}
     drawn = []
 

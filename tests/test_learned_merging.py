@@ -239,6 +239,10 @@ def test_a_sweep_keeps_the_coefficients_beside_its_store_and_the_report_plots_th
     build_report(settings.store, tmp_path / "report")
     assert (tmp_path / "report" / "figures" / "coefficients_run0.png").is_file()
     assert "coefficients_run0.png" in (tmp_path / "report" / "report.md").read_text()
+    from micromerge.analysis.report import REPORT_FILES
+
+    figures = [f"figures/{p.name}" for p in (tmp_path / "report" / "figures").iterdir()]
+    assert all(REPORT_FILES.fullmatch(name) for name in figures), figures
 
 
 def test_an_ablation_runs_both_learned_methods(tmp_path, setting):  # noqa: F811

@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -136,13 +136,15 @@ def _remove_quietly(name: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_files(folder: Path) -> Iterator[Path]:
+def staged_files(folder: Path, superseded: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
     """Yield a hidden folder inside `folder` to write a set of files that belong together (an
     export's weights, configs, tokenizer and card; a report's pages, figures/ and tables/); they
     are renamed into `folder` only once the block succeeds, so a failure or Ctrl-C half-way leaves
-    none of them. A subfolder replaces its namesake whole: a report of fewer runs leaves no
-    figure of an earlier one behind. Staging folders carry the writer's pid: the next writer
-    removes those a killed writer left (a push would upload them)."""
+    none of them. Files already in `folder` that this set did not write, and that
+    `superseded(relative path)` says an earlier set of the same kind wrote, are then removed (a
+    report of fewer runs leaves no figure of an earlier run behind); every other file stays (a
+    `figures/` of the user's own). Staging folders carry the writer's pid: the next writer removes
+    those a killed writer left (a push would upload them)."""
     for stale in folder.glob(".staging.*"):
         pid_text = stale.name.split(".")[2]
         if stale.is_dir() and pid_text.isdigit() and not _running(int(pid_text)):
@@ -150,11 +152,15 @@ def staged_files(folder: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}.", dir=folder))
     try:
         yield staging
-        for entry in sorted(staging.iterdir()):
-            target = folder / entry.name
-            if entry.is_dir() and target.is_dir():
-                target.rename(staging / f".replaced-{entry.name}")  # removed with the staging folder
-            os.replace(entry, target)
+        written = sorted(p.relative_to(staging) for p in staging.rglob("*") if not p.is_dir())
+        for name in written:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, folder / name)
+        subfolders = {name.parts[0] for name in written if len(name.parts) > 1}
+        for old in sorted(p for sub in subfolders for p in (folder / sub).rglob("*") if not p.is_dir()):
+            name = old.relative_to(folder)
+            if name not in written and superseded(name.as_posix()):
+                old.unlink()
     except OSError as exc:
         raise MicromergeError(
             f"{folder}: could not write ({exc.strerror or exc}); no file was left behind"
