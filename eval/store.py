@@ -78,12 +78,7 @@ class ResultStore:
         try:
             if self.path.exists():
                 with open(self.path, "rb") as handle:
-                    start = handle.read(4096).lstrip()
-                if start and not start.startswith(b"{"):  # rows would be appended to, say, a checkpoint
-                    raise MicromergeError(
-                        f"--store {self.path}: exists and is not a results store (JSON lines); "
-                        "pass a .jsonl path"
-                    )
+                    self._refuse_other_files(handle.read(4096))
                 os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
                 return
             nearest = next(p for p in self.path.parents if p.exists())
@@ -93,6 +88,15 @@ class ResultStore:
                 pass
         except OSError as exc:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
+
+    def _refuse_other_files(self, start: bytes) -> None:
+        """Rows are never appended to a file that is not a store (a checkpoint given as --store:
+        its tail was cut as a torn row, then rows appended)."""
+        first = start.lstrip()[:1]
+        if first and first != b"{":
+            raise MicromergeError(
+                f"--store {self.path}: exists and is not a results store (JSON lines); pass a .jsonl path"
+            )
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -145,6 +149,7 @@ class ResultStore:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.lseek(fd, 0, os.SEEK_END)
             data = os.pread(fd, size, 0) if size else b""
+            self._refuse_other_files(data)
             _, seen = self._parse(data, warn=False)
             fresh = []
             for row in rows:

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import load_benchmark
 from micromerge.eval.images import build_image_cache, decode_payloads
 from micromerge.eval.store import ResultStore
@@ -159,6 +160,20 @@ def test_non_finite_values_are_stored_as_valid_json(tmp_path):
     store.append([_row(0.0, value=float("nan"))])
     text = (tmp_path / "r.jsonl").read_text()
     assert "NaN" not in text and json.loads(text, parse_constant=lambda c: pytest.fail(c))["value"] is None
+
+
+def test_rows_are_never_appended_to_a_file_that_is_not_a_store(tmp_path):
+    """Every writer (a soup's relabelled rows, the demo's) appends through the store, not only
+    those that checked it first: a checkpoint's bytes are refused there too, left as they were."""
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(256)))
+    before = checkpoint.read_bytes()
+    with pytest.raises(MicromergeError, match="model.safetensors: exists and is not a results store"):
+        ResultStore(checkpoint).append([_row(0.0)])
+    assert checkpoint.read_bytes() == before
+    torn_first = tmp_path / "r.jsonl"
+    torn_first.write_text('{"schema": 1, "run_id": "x", "al')  # a kill during the first append: still a store
+    assert ResultStore(torn_first).append([_row(0.0)]) == 1
 
 
 def test_report_survives_a_store_with_junk_lines(setup):
