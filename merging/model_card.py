@@ -18,6 +18,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.provenance import has_interval
 from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
+from micromerge.merging.zoo import ZooEntry, load_zoo
 
 LIBRARIES = {"transformers": "transformers", "open_clip": "open_clip", "micromerge": "open_clip"}
 
@@ -51,9 +52,31 @@ def _is_ours(record: Any) -> bool:
 
 
 def _hub_ids(record: dict[str, Any]) -> list[str]:
-    """Inputs that name a Hugging Face repo (hf-hub:org/name), for the card's base_model field."""
-    names = [*record.get("inputs", []), record.get("base") or ""]
-    return sorted({str(n).removeprefix("hf-hub:") for n in names if str(n).startswith("hf-hub:")})
+    """Inputs that live on the Hugging Face Hub, for the card's base_model field (the Hub draws a
+    model's family tree from it): hf-hub:org/name ids, and zoo names (`zoo:plip` as a merge records
+    its inputs, `plip` as a fine-tune records its base) by the repo their weights come from."""
+    names = [str(n) for n in (*record.get("inputs", []), record.get("base") or "") if n]
+    try:
+        zoo = load_zoo()
+    except MicromergeError:  # a broken zoo file costs the card its base_model, not the export
+        zoo = {}
+    ids = set()
+    for name in names:
+        if name.startswith("hf-hub:"):
+            ids.add(name.removeprefix("hf-hub:"))
+        elif name.removeprefix("zoo:") in zoo and (name.startswith("zoo:") or not Path(name).exists()):
+            repo = _zoo_repo(zoo[name.removeprefix("zoo:")])  # a bare name: a zoo one unless a path
+            ids.update([repo] if repo else [])
+    return sorted(ids)
+
+
+def _zoo_repo(entry: ZooEntry) -> str | None:
+    if entry.format != "open_clip_tag":
+        return entry.repo
+    from open_clip.pretrained import get_pretrained_cfg
+
+    hub = get_pretrained_cfg(entry.open_clip_name or "", entry.tag or "").get("hf_hub", "")
+    return hub.rstrip("/") or None
 
 
 def model_card(

@@ -47,6 +47,24 @@ def test_hub_inputs_become_base_model_ids_and_the_library_is_what_loads_the_fold
     )
 
 
+def test_zoo_inputs_name_the_hub_repos_their_weights_come_from():
+    """The flagship merge, WiSE-FT of PLIP (`--base openai-vit-b-32 --ft plip`), records its inputs
+    as zoo labels, and a fine-tune of a zoo model its base as the bare name: the card had no
+    base_model for either. A zoo hub entry is its repo; an open_clip tag is the repo open_clip
+    fetches it from (open_clip/pretrained.py: ViT-B-32 'openai' -> timm/vit_base_patch32_clip_224.openai)."""
+    merged = _header(
+        model_card("m", {"method": "wise-ft", "inputs": ["zoo:openai-vit-b-32", "zoo:plip"]}, "open_clip")
+    )
+    assert merged[merged.index("base_model:") + 1 :] == [
+        "- timm/vit_base_patch32_clip_224.openai",
+        "- vinid/plip",
+    ]
+    tuned = _header(
+        model_card("run", {"kind": "finetune-contrastive", "base": "quiltnet-b-32"}, "micromerge")
+    )
+    assert tuned[tuned.index("base_model:") + 1 :] == ["- wisdomik/QuiltNet-B-32"]
+
+
 def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
     rows = [
         {
