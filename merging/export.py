@@ -19,10 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import micromerge
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
-from micromerge.merging.model_card import write_model_card
+from micromerge.merging.execute import input_hashes
+from micromerge.merging.model_card import checkpoint_provenance, write_model_card
 from micromerge.merging.models import image_size, normalisation, resolve_model_config
 from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_save import save_tensors
@@ -57,11 +59,12 @@ def export_checkpoint(
         config = resolve_model_config(source.arch, metas)
         tensors = load_all(source)
         files = list(source.files)
+        metadata = _export_metadata(fmt, files, input_hashes([source]))
     with staged_files(folder) as staging:  # all of the export's files, or none of them
         if fmt == "transformers":
-            _write_transformers(checkpoint, config, tensors, staging)
+            _write_transformers(checkpoint, config, tensors, staging, metadata)
         else:
-            _write_open_clip(config, tensors, staging)
+            _write_open_clip(config, tensors, staging, metadata)
         write_model_card(staging, checkpoint, files, fmt, evaluation)
         _refuse_replacing_inputs(staging, folder, files)
     return folder
@@ -80,24 +83,48 @@ def _refuse_replacing_inputs(staging: Path, folder: Path, inputs: list[Path]) ->
             )
 
 
-def _write_open_clip(config: dict[str, Any], tensors: dict, folder: Path) -> None:
+def _export_metadata(fmt: str, files: list[Path], digests: dict[str, str]) -> dict[str, str]:
+    """The exported weights carry their provenance in the safetensors header, as merged and
+    fine-tuned checkpoints do: the record of how the model was made (if micromerge made it) plus
+    what was exported from what, so the exported file is an artefact with a history of its own."""
+    record = checkpoint_provenance(files) or {"micromerge_version": micromerge.__version__, "kind": "export"}
+    record = {
+        **record,
+        "export": {
+            "format": fmt,
+            "source_sha256": {Path(name).name: digest for name, digest in digests.items()},
+            "micromerge_version": micromerge.__version__,
+        },
+    }
+    return {"format": "pt", "micromerge.core.provenance": json.dumps(record, sort_keys=True)}
+
+
+def _write_open_clip(
+    config: dict[str, Any], tensors: dict, folder: Path, metadata: dict[str, str] | None = None
+) -> None:
     mean, std = normalisation(config)
     preprocess = {"size": image_size(config), "mean": mean.tolist(), "std": std.tolist()}
     model_cfg = {k: v for k, v in config.items() if k != "preprocess_cfg"}
-    save_tensors(folder / "open_clip_model.safetensors", tensors, {"format": "pt"})
+    save_tensors(folder / "open_clip_model.safetensors", tensors, metadata or {"format": "pt"})
     write_json_atomic(
         folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     )
 
 
-def _write_transformers(checkpoint: str, config: dict[str, Any], tensors: dict, folder: Path) -> None:
+def _write_transformers(
+    checkpoint: str,
+    config: dict[str, Any],
+    tensors: dict,
+    folder: Path,
+    metadata: dict[str, str] | None = None,
+) -> None:
     text = config.get("text_cfg", {})
     if "vision_cfg" not in config or config["vision_cfg"].get("timm_model_name") or text.get("hf_model_name"):
         raise MicromergeError(
             f"{checkpoint}: only ViT CLIPs with the CLIP text tower export to transformers format "
             "(use --format open_clip)"
         )
-    save_tensors(folder / "model.safetensors", hf_clip.openclip_to_hf(tensors), {"format": "pt"})
+    save_tensors(folder / "model.safetensors", hf_clip.openclip_to_hf(tensors), metadata or {"format": "pt"})
     write_json_atomic(folder / "config.json", hf_clip.openclip_config_to_hf(config))
     if not text.get("hf_tokenizer_name") and int(text.get("vocab_size", 49408)) == CLIP_VOCABULARY:
         _write_clip_tokenizer(folder, int(text.get("context_length", 77)))

@@ -459,3 +459,47 @@ def test_an_export_into_the_checkpoints_own_folder_never_replaces_the_checkpoint
     assert (run / "open_clip_model.safetensors").is_file() and (
         run / "model.safetensors"
     ).read_bytes() == before
+
+
+def test_the_exported_weights_carry_their_provenance(tmp_path, checkpoint):
+    """Only the README said where an export came from: its weights' header was bare, so an exported
+    model merged or exported again had no history. The header now holds the record of how the
+    model was made (a merge's, here) and what was exported from what."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from micromerge.merging.model_card import checkpoint_provenance
+
+    write_checkpoint(tmp_path / "ft.safetensors", 6)
+    merged = tmp_path / "m.safetensors"
+    args = [
+        "merge",
+        "--base",
+        str(checkpoint),
+        "--ft",
+        str(tmp_path / "ft.safetensors"),
+        "--out",
+        str(merged),
+    ]
+    assert CliRunner().invoke(cli, [*args, "--quiet"]).exit_code == 0
+    digest = hashlib.sha256(merged.read_bytes()).hexdigest()
+    for fmt, weights in (("transformers", "model.safetensors"), ("open_clip", "open_clip_model.safetensors")):
+        folder = _export(merged, tmp_path / fmt, "--format", fmt)
+        with safe_open(str(folder / weights), "pt") as handle:
+            assert handle.metadata()["format"] == "pt", "transformers reads this key"
+        record = checkpoint_provenance([folder / weights])
+        assert record["method"] == "wise-ft" and record["inputs_sha256"]
+        assert record["export"]["format"] == fmt and record["export"]["source_sha256"] == {
+            "m.safetensors": digest
+        }
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    from tests.helpers import random_state_dict
+
+    save_file(random_state_dict(0), str(foreign), metadata={"micromerge.arch": "nano-clip"})
+    record = checkpoint_provenance(
+        [_export(foreign, tmp_path / "f", "--format", "open_clip") / "open_clip_model.safetensors"]
+    )
+    assert record["kind"] == "export" and "method" not in record
