@@ -13,7 +13,6 @@ de-duplicate by identity. Non-finite metric values are stored as null (JSON has 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
@@ -82,9 +81,8 @@ class ResultStore:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
                 return
             nearest = next(p for p in self.path.parents if p.exists())
-            if not nearest.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(nearest))
-            with tempfile.TemporaryFile(dir=nearest):  # its folders are made when rows are written
+            # its folders are made when rows are written; a file on the way is NotADirectoryError
+            with tempfile.TemporaryFile(dir=nearest):
                 pass
         except OSError as exc:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc

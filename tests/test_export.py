@@ -354,6 +354,9 @@ def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, c
     (tmp_path / "no-config").mkdir()  # weights and card, no config: no tool could load the repo
     for name in ("model.safetensors", "README.md"):
         (tmp_path / "no-config" / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "no-card-but-config").mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / "no-card-but-config" / name).write_bytes((folder / name).read_bytes())
     not_an_export = (
         "not an export (model.safetensors + config.json or open_clip_model.safetensors + "
         "open_clip_config.json, and a model card README.md)"
@@ -363,6 +366,7 @@ def test_push_refuses_what_is_not_an_export_and_uploads_a_model_repo(tmp_path, c
         (tmp_path / "no-card", not_an_export),
         (tmp_path / "no-weights", not_an_export),
         (tmp_path / "no-config", not_an_export),
+        (tmp_path / "no-card-but-config", not_an_export),
     ):
         _StubHub.calls = []
         refused = CliRunner().invoke(cli, ["push", str(path), "--repo", "lab/x"])

@@ -322,6 +322,10 @@ def test_a_base_inside_the_output_folder_is_never_replaced_or_deleted(tmp_path, 
     )
     assert (folder / "model.safetensors").read_bytes() == base.read_bytes()
     assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
+    killed_early = tmp_path / "killed-early"  # only a state/ of a run killed before its first log
+    (killed_early / "state").mkdir(parents=True)
+    result = CliRunner().invoke(cli, _contrastive_args(base, data, killed_early, steps=1))
+    assert result.exit_code == 2 and "holds state/" in result.stderr, result.output
 
 
 def test_freeze_text_in_contrastive_training_trains_the_image_tower_and_the_temperature(tmp_path, base):

@@ -225,7 +225,9 @@ def test_a_run_refused_for_its_input_leaves_no_store_behind_and_no_other_file_is
     writes nothing. And an existing file that is not JSON lines (a checkpoint passed as --store)
     had its tail cut as a torn row and rows appended: it is refused."""
     tmp, bench = setup
-    store = tmp_path / "new-folder" / "r.jsonl"
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    store = stores / "new-folder" / "r.jsonl"
     for command in (
         ["eval", "--model", str(tmp / "a.safetensors")],
         ["soup", "--base", str(tmp / "a.safetensors"), "--ft", str(tmp / "a.safetensors")],
@@ -233,7 +235,7 @@ def test_a_run_refused_for_its_input_leaves_no_store_behind_and_no_other_file_is
         args = [*command, "--data", str(tmp / "no-such-bench"), "--quiet", "--store", str(store)]
         result = CliRunner().invoke(cli, [*args, "--cache-dir", str(tmp / "cache")])
         assert result.exit_code == 2 and "no-such-bench" in result.output, result.output
-        assert not (tmp_path / "new-folder").exists(), sorted((tmp_path / "new-folder").iterdir())
+        assert sorted(stores.iterdir()) == [], "no store, no folder, and the probe leaves nothing"
     args = [
         "eval",
         "--model",

@@ -65,6 +65,15 @@ def test_zoo_inputs_name_the_hub_repos_their_weights_come_from():
     assert tuned[tuned.index("base_model:") + 1 :] == ["- wisdomik/QuiltNet-B-32"]
 
 
+def test_a_bare_name_that_is_a_local_folder_is_not_taken_for_the_zoo_entry(tmp_path, monkeypatch):
+    """`--base plip` opens a folder named plip before the zoo (merging/sources.py): its card must
+    not claim vinid/plip as the base."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plip").mkdir()
+    card = model_card("run", {"kind": "finetune-contrastive", "base": "plip"}, "micromerge")
+    assert "base_model:" not in card
+
+
 def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
     rows = [
         {

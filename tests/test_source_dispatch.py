@@ -97,6 +97,7 @@ def test_the_offline_error_says_whether_the_hub_was_off_or_unreachable(monkeypat
         ("", None, False, False),
         (None, None, False, False),
         ("1", "0", True, False),
+        ("1", "", True, False),  # set, even empty, HF_DATASETS_OFFLINE decides for datasets
         (None, "on", False, True),
     ],
 )
