@@ -24,6 +24,14 @@ from micromerge.merging.rules import KeyRules
 from micromerge.merging.sources import CheckpointAccess
 
 PAIR_ACCESS_SCHEMA = {"allow_pickle": "bool", "arch": "str"}
+PAIR_SCHEMA = {
+    "name": "str",
+    "base": "str",
+    "finetuned": "str_or_str_list",
+    "base_data": "str",
+    "ft_data": "str_list",
+    **PAIR_ACCESS_SCHEMA,
+}
 
 
 @dataclass(frozen=True)
@@ -56,18 +64,10 @@ def load_ablation(path: str | Path) -> Ablation:
 
     pairs = []
     for pair in section["pairs"]:
-        reject_unknown_keys(
-            f"{path} pair",
-            pair,
-            {"name", "base", "finetuned", "base_data", "ft_data", "allow_pickle", "arch"},
-        )
+        reject_unknown_keys(f"{path} pair", pair, set(PAIR_SCHEMA))
         if not pair.get("base") or not pair.get("finetuned"):
             raise MicromergeError(f"{path}: every pair needs base and finetuned")
-        check_section(
-            f"{path} pair {pair.get('name') or pair['base']}",
-            {k: pair[k] for k in ("allow_pickle", "arch") if k in pair},
-            PAIR_ACCESS_SCHEMA,
-        )
+        check_section(f"{path} pair {pair.get('name') or pair['base']}", pair, PAIR_SCHEMA)
         finetuned = pair["finetuned"] if isinstance(pair["finetuned"], list) else [pair["finetuned"]]
         pairs.append(
             {
@@ -83,11 +83,25 @@ def load_ablation(path: str | Path) -> Ablation:
                 },
             }
         )
+    names = [pair["name"] for pair in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # their results would share labels in the store and the report
+        raise MicromergeError(f"{path}: pair name {repeated[0]!r} is used twice; give each pair its own name")
+    for method in sorted(set(section.get("method_parameters") or {}) - set(section["methods"])):
+        try:  # a typo ([ablation.method_parameters.tie]) is named with the methods there are
+            get_method(method)
+        except MicromergeError as exc:
+            raise MicromergeError(f"{path}: method_parameters.{method}: {exc}") from exc
+        warnings.warn(
+            f"{path}: method_parameters.{method}: {method} is not in methods {list(section['methods'])}; unused",
+            stacklevel=2,
+        )
+    alphas = section.get("alphas", "0:1:0.1")
     ablation = Ablation(
         data=resolve(section["data"]),
         store=Path(resolve(section["store"])),
         report=Path(resolve(section["report"])),
-        alphas=str(section.get("alphas", "0:1:0.1")),
+        alphas=",".join(str(a) for a in alphas) if isinstance(alphas, list) else str(alphas),
         pairs=tuple(pairs),
         methods=tuple(section["methods"]),
         rule_sets=section.get("rule_sets") or {"all": {}},

@@ -148,12 +148,39 @@ def test_a_missing_or_empty_required_key_is_named(tmp_path, key):
         ('base = "/b"\nfinetuned = ["/f"]\nft = "/g"', r"unknown key\(s\) \['ft'\]"),
         ('base = "/b"\nfinetuned = ["/f"]\nallow_pickle = "yes"', r"pair /b: allow_pickle must be a boolean"),
         ('base = "/b"\nfinetuned = ["/f"]\narch = 3', r"pair /b: arch must be a string"),
+        # these ran into an AttributeError traceback, or a path of a number, later in the grid
+        ('base = "/b"\nfinetuned = [1]', r"pair /b: finetuned must be a string or a list of strings"),
+        ('name = 3\nbase = "/b"\nfinetuned = ["/f"]', r"pair 3: name must be a string"),
+        ('base = "/b"\nfinetuned = ["/f"]\nft_data = "/c"', r"pair /b: ft_data must be a list of strings"),
     ],
 )
 def test_a_bad_pair_is_named(tmp_path, pair, needle):
     text = MINIMAL.split("[[ablation.pairs]]")[0] + f"[[ablation.pairs]]\n{pair}\n"
     with pytest.raises(MicromergeError, match=needle):
         load_ablation(_config(tmp_path, text))
+
+
+def test_two_pairs_of_one_name_and_parameters_of_a_method_outside_the_grid_are_named(tmp_path):
+    """Two pairs named alike (or unnamed with one base) wrote their results under the same labels;
+    `method_parameters.tie` (a typo) was ignored, leaving TIES at its defaults."""
+    second = '[[ablation.pairs]]\nbase = "/b.safetensors"\nfinetuned = ["/g.safetensors"]\n'
+    with pytest.raises(MicromergeError, match=r"grid.toml: pair name '/b.safetensors' is used twice"):
+        load_ablation(_config(tmp_path, MINIMAL + second))
+    typo = MINIMAL + "[ablation.method_parameters.tie]\ndensity = 0.3\n"
+    with pytest.raises(MicromergeError, match=r"grid.toml: method_parameters.tie: --method tie: unknown"):
+        load_ablation(_config(tmp_path, typo))
+    outside = MINIMAL + "[ablation.method_parameters.ties]\ndensity = 0.3\n"
+    with pytest.warns(
+        UserWarning, match=r"method_parameters.ties: ties is not in methods \['wise-ft'\]; unused"
+    ):
+        load_ablation(_config(tmp_path, outside))
+
+
+def test_alphas_given_as_a_list_are_the_same_grid_as_the_string(tmp_path):
+    """The schema accepts `alphas = [0, 0.5]`; it was turned into the string "[0, 0.5]", which the
+    sweep then refused ("--alphas '[0': expected a number")."""
+    listed = load_ablation(_config(tmp_path, MINIMAL.replace("methods =", "alphas = [0, 0.5]\nmethods =")))
+    assert [job.alphas for _, job in grid_jobs(listed)] == [(0.0, 0.5)]
 
 
 @pytest.mark.parametrize(
