@@ -236,20 +236,12 @@ def test_a_run_refused_for_its_input_leaves_no_store_behind_and_no_other_file_is
         result = CliRunner().invoke(cli, [*args, "--cache-dir", str(tmp / "cache")])
         assert result.exit_code == 2 and "no-such-bench" in result.output, result.output
         assert sorted(stores.iterdir()) == [], "no store, no folder, and the probe leaves nothing"
-    args = [
-        "eval",
-        "--model",
-        str(tmp / "a.safetensors"),
-        "--data",
-        str(bench),
-        "--quiet",
-        "--tasks",
-        "modality",
-    ]
-    result = CliRunner().invoke(cli, [*args, "--store", str(store), "--cache-dir", str(tmp / "cache")])
+    args = ["eval", "--model", str(tmp / "a.safetensors"), "--data", str(bench), "--tasks", "modality"]
+    args += ["--quiet", "--cache-dir", str(tmp / "cache")]
+    result = CliRunner().invoke(cli, [*args, "--store", str(store)])
     assert result.exit_code == 0 and store.stat().st_size > 0, result.output
     checkpoint = (tmp / "a.safetensors").read_bytes()  # `--store` given the checkpoint by mistake:
-    mistaken = [*args, "--store", str(tmp / "a.safetensors"), "--cache-dir", str(tmp / "cache")]
+    mistaken = [*args, "--store", str(tmp / "a.safetensors")]
     result = CliRunner().invoke(cli, mistaken)
     assert result.exit_code == 2 and "is not a results store" in result.output, result.output
     assert (tmp / "a.safetensors").read_bytes() == checkpoint, "its tail was cut as a torn row, rows appended"
