@@ -88,12 +88,12 @@ class ResultStore:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
 
     def _refuse_other_files(self, start: bytes) -> None:
-        """Rows are never appended to a file that is not a store (a checkpoint given as --store:
-        its tail was cut as a torn row, then rows appended)."""
-        first = start.lstrip()[:1]
-        if first and first != b"{":
+        """Rows are never appended to a checkpoint given as --store (its tail was cut as a torn
+        row, then rows appended). Told by its first bytes, not by unreadable lines: a store whose
+        first line a crash filled with NULs is still a store, its junk skipped as before."""
+        if _is_checkpoint(start):
             raise MicromergeError(
-                f"--store {self.path}: exists and is not a results store (JSON lines); pass a .jsonl path"
+                f"--store {self.path}: is a checkpoint, not a results store (JSON lines); pass a .jsonl path"
             )
 
     def rows(self) -> list[dict[str, Any]]:
@@ -179,6 +179,14 @@ class ResultStore:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _is_checkpoint(start: bytes) -> bool:
+    """The first bytes of a checkpoint file: torch's zip (PK 03 04), a pickle (protocol 2 and
+    later start with 0x80), or safetensors (a little-endian u64 header length, then its JSON)."""
+    if start.startswith((b"PK\x03\x04", b"\x80")):
+        return True
+    return len(start) >= 9 and start[8:9] == b"{" and 0 < int.from_bytes(start[:8], "little") < 1 << 30
 
 
 def _parses(line: bytes) -> bool:

@@ -162,18 +162,27 @@ def test_non_finite_values_are_stored_as_valid_json(tmp_path):
     assert "NaN" not in text and json.loads(text, parse_constant=lambda c: pytest.fail(c))["value"] is None
 
 
-def test_rows_are_never_appended_to_a_file_that_is_not_a_store(tmp_path):
+def test_rows_are_never_appended_to_a_checkpoint_but_a_damaged_store_goes_on(tmp_path):
     """Every writer (a soup's relabelled rows, the demo's) appends through the store, not only
-    those that checked it first: a checkpoint's bytes are refused there too, left as they were."""
+    those that checked it first: a checkpoint's bytes are refused there too, left as they were.
+    Only a checkpoint (told by its first bytes): a store whose first line a crash zeroed keeps
+    taking rows, as tests/test_hostile_bytes.py's property asks of any junk."""
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(256)))
     before = checkpoint.read_bytes()
-    with pytest.raises(MicromergeError, match="model.safetensors: exists and is not a results store"):
+    with pytest.raises(MicromergeError, match="model.safetensors: is a checkpoint, not a results store"):
         ResultStore(checkpoint).append([_row(0.0)])
     assert checkpoint.read_bytes() == before
     torn_first = tmp_path / "r.jsonl"
     torn_first.write_text('{"schema": 1, "run_id": "x", "al')  # a kill during the first append: still a store
     assert ResultStore(torn_first).append([_row(0.0)]) == 1
+    zeroed = tmp_path / "z.jsonl"  # a crash left its first block NULs: junk skipped, the store goes on
+    zeroed.write_bytes(b"\x00" * 64 + b"\n" + json.dumps({"schema": 1, **_row(0.5)}).encode() + b"\n")
+    assert ResultStore(zeroed).append([_row(0.0)]) == 1
+    for magic in (b"PK\x03\x04", b"\x80\x02"):  # torch's zip, a pickle
+        (tmp_path / "m.pt").write_bytes(magic + bytes(64))
+        with pytest.raises(MicromergeError, match="m.pt: is a checkpoint"):
+            ResultStore(tmp_path / "m.pt").append([_row(0.0)])
 
 
 def test_report_survives_a_store_with_junk_lines(setup):
@@ -219,11 +228,11 @@ def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
         assert len(result.output.strip().splitlines()) == 1
 
 
-def test_a_run_refused_for_its_input_leaves_no_store_behind_and_no_other_file_is_a_store(setup, tmp_path):
+def test_a_run_refused_for_its_input_leaves_no_store_behind_and_a_checkpoint_is_no_store(setup, tmp_path):
     """The store was created (empty, with its folder) as the first check of every run, so a mistyped
     --data left `results/results.jsonl` behind; `soup` left its candidate store. The check now
-    writes nothing. And an existing file that is not JSON lines (a checkpoint passed as --store)
-    had its tail cut as a torn row and rows appended: it is refused."""
+    writes nothing. And a checkpoint passed as --store had its tail cut as a torn row and rows
+    appended: it is refused."""
     tmp, bench = setup
     stores = tmp_path / "stores"
     stores.mkdir()
@@ -243,7 +252,7 @@ def test_a_run_refused_for_its_input_leaves_no_store_behind_and_no_other_file_is
     checkpoint = (tmp / "a.safetensors").read_bytes()  # `--store` given the checkpoint by mistake:
     mistaken = [*args, "--store", str(tmp / "a.safetensors")]
     result = CliRunner().invoke(cli, mistaken)
-    assert result.exit_code == 2 and "is not a results store" in result.output, result.output
+    assert result.exit_code == 2 and "is a checkpoint, not a results store" in result.output, result.output
     assert (tmp / "a.safetensors").read_bytes() == checkpoint, "its tail was cut as a torn row, rows appended"
 
 

@@ -119,9 +119,14 @@ def test_results_store_reader(lines, newline):
             for row in rows:
                 ResultStore.identity(row)
                 assert isinstance(row["run_id"], str) and isinstance(row["task"], str)
-            ResultStore(path).append(
-                [{"run_id": "x", "alpha": 0.5, "task": "t", "metric": "accuracy", "value": 1.0}]
-            )
-            assert any(r["run_id"] == "x" for r in ResultStore(path).rows())
+            before = path.read_bytes()
+            try:
+                ResultStore(path).append(
+                    [{"run_id": "x", "alpha": 0.5, "task": "t", "metric": "accuracy", "value": 1.0}]
+                )
+            except MicromergeError as error:  # bytes a checkpoint starts with: refused, untouched
+                assert "is a checkpoint" in str(error) and path.read_bytes() == before
+            else:
+                assert any(r["run_id"] == "x" for r in ResultStore(path).rows())
     finally:
         path.unlink()
