@@ -14,13 +14,18 @@ Every export folder gets a model card (README.md, `merging.model_card`).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import micromerge
-from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
+from micromerge.core.atomic import (
+    output_folder,
+    same_file,
+    staged_files,
+    write_json_atomic,
+    write_text_atomic,
+)
 from micromerge.core.errors import MicromergeError
 from micromerge.merging import hf_clip
 from micromerge.merging.execute import input_hashes
@@ -76,7 +81,7 @@ def _refuse_replacing_inputs(staging: Path, folder: Path, inputs: list[Path]) ->
     that no longer existed): an input is never an output, as in `merge`."""
     for written in staging.iterdir():
         target = folder / written.name
-        if target.exists() and any(os.path.samefile(target, f) for f in inputs if f.exists()):
+        if any(same_file(target, f) for f in inputs):
             raise MicromergeError(
                 f"--out {folder}: the export would replace {target.name}, the checkpoint being exported; "
                 "choose another --out"

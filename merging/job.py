@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.engines import EngineRequest, open_inputs
 from micromerge.merging.execute import MergeOutput, StatisticsInput, finished_output, merge_to_file
@@ -247,13 +248,6 @@ def model_data(values: dict[str, Any], method: str, count: int) -> tuple[str | N
     return (base, *(finetuned or [None] * count))
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def run_merge_job(
     job: MergeJob, progress: bool = True, statistics: StatisticsInput | None = None
 ) -> list[MergeOutput]:
@@ -274,7 +268,7 @@ def run_merge_job(
     try:
         inputs = [f for source in sources for f in source.files]
         for _, path in outputs:
-            clash = next((f for f in inputs if _same_file(path, f)), None)
+            clash = next((f for f in inputs if same_file(path, f)), None)
             if clash is not None:
                 raise MicromergeError(f"--out {path}: is an input ({clash}); choose another --out")
         for alpha, path in outputs:

@@ -169,6 +169,15 @@ def staged_files(folder: Path, superseded: Callable[[str], bool] = lambda name: 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether writing `a` would replace `b` (the same path, or a link to the same file): an
+    output is never one of its inputs."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write canonical JSON (sorted keys, fixed indent) so equal payloads give equal bytes."""
     with atomic_output(path, "w") as handle:
