@@ -6,7 +6,7 @@ Resumable because every sweep is: re-running the same config finishes what is mi
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +176,10 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                         "alphas": ablation.alphas,
                         "seed": ablation.seed,
                         **(pair["own_data"] if get_method(method).statistics in ("fisher", "gram") else {}),
-                        "allow_pickle": pair["access"].allow_pickle,
-                        **({"arch": pair["access"].arch} if pair["access"].arch else {}),
                         **values,
                     }
                 )
+                job = replace(job, access=pair["access"])
                 jobs.append((label, job))
     return jobs
 

@@ -189,10 +189,8 @@ def write_soup(
             "exclude": list(rules.exclude),
             "out": str(out),
             "force": force,
-            "allow_pickle": access.allow_pickle,
-            **({"arch": access.arch} if access.arch else {}),
         }
     )
     recipe = {GREEDY_SOUP: {**result.describe(), "run_id": result.run_id}}
-    (output,) = run_merge_job(replace(job, extra=recipe), progress=progress)
+    (output,) = run_merge_job(replace(job, access=access, extra=recipe), progress=progress)
     return output

@@ -681,7 +681,6 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     from micromerge.eval.engine import SweepPlan, run_sweep
     from micromerge.merging.job import job_from_mapping
     from micromerge.merging.methods import TUNABLE
-    from micromerge.merging.sources import CheckpointAccess
 
     job = job_from_mapping(
         {
@@ -697,16 +696,13 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
             "include": list(values.pop("include")),
             "exclude": list(values.pop("exclude")),
             "alpha_rules": list(values.pop("alpha_rules")),
+            "allow_pickle": values["allow_pickle"],
+            "arch": values["arch"],
         }
     )
     settings, state = _eval_settings(values)
     plan = SweepPlan(
-        job.base,
-        job.finetuned,
-        job.spec,
-        job.alphas or (),
-        CheckpointAccess(values["allow_pickle"], values["arch"]),
-        model_data=job.model_data,
+        job.base, job.finetuned, job.spec, job.alphas or (), job.access, model_data=job.model_data
     )
     rows = run_sweep(plan, settings, resolve_device(values["device"]))
     state.wait_for_everyone()

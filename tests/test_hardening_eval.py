@@ -185,6 +185,26 @@ def test_rows_are_never_appended_to_a_checkpoint_but_a_damaged_store_goes_on(tmp
             ResultStore(tmp_path / "m.pt").append([_row(0.0)])
 
 
+def test_sweep_opens_its_checkpoints_as_its_flags_say(setup):
+    """`sweep --allow-pickle --arch` reach the checkpoints the sweep opens, through the job it
+    builds, as in `merge`: a trainer's `{"state_dict", "args": Namespace}` needs the first."""
+    import argparse
+
+    import torch
+
+    from tests.helpers import random_state_dict
+
+    tmp, bench = setup
+    torch.save({"state_dict": random_state_dict(1), "args": argparse.Namespace(lr=1e-5)}, tmp / "b.pt")
+    args = ["sweep", "--base", str(tmp / "a.safetensors"), "--ft", str(tmp / "b.pt"), "--data", str(bench)]
+    args += ["--alphas", "0", "--tasks", "modality", "--store", str(tmp / "s.jsonl"), "--quiet"]
+    args += ["--cache-dir", str(tmp / "cache"), "--bootstrap", "0"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "pass --allow-pickle" in refused.output, refused.output
+    opened = CliRunner().invoke(cli, [*args, "--allow-pickle", "--arch", "nano-clip"])
+    assert opened.exit_code == 0, opened.output
+
+
 def test_report_survives_a_store_with_junk_lines(setup):
     tmp, bench = setup
     assert _sweep(tmp, bench, "--alphas", "0,1").exit_code == 0
