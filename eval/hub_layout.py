@@ -173,10 +173,27 @@ def write_hub_layout(dataset: datasets.Dataset, folder: Path, num_shards: int, s
     return folder
 
 
-def verify_shards(
-    folder: Path, expected: dict[str, str], cache_dir: Path | None = None
-) -> list[tuple[str, str]]:
-    """(shard, status) for every expected shard: ok, differs (sha256 ...) or missing."""
+def checked_checksums(checksums: object, source: str) -> dict[str, str]:
+    """`checksums` as {shard file name: sha256}, refusing what would verify nothing or look outside
+    the folder: an empty object, a name that is not a shard file name, a digest that is not 64 hex."""
+    if not isinstance(checksums, dict) or not checksums:
+        raise MicromergeError(f"{source}: must be a non-empty JSON object {{shard name: sha256}}")
+    for name, digest in checksums.items():
+        if not _SHARD.match(name) or Path(name).name != name:
+            raise MicromergeError(
+                f"{source}: {name!r} is not a shard file name (NAME-SPLIT-NNNNN-of-NNNNN.arrow, no folder)"
+            )
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest.lower()):
+            raise MicromergeError(
+                f"{source}: the checksum of {name} is not a sha256 (64 hex digits): {digest!r}"
+            )
+    return {name: digest.lower() for name, digest in checksums.items()}
+
+
+def verify_shards(folder: Path, expected: dict[str, str]) -> list[tuple[str, str]]:
+    """(shard, status) for every expected shard (ok, differs (sha256 ...) or missing), then for every
+    shard file the folder holds beyond them (unexpected): the loader reads every shard file, so a
+    folder with one more (say `-of-00008` copied over a `-of-00007` set) is not the published copy."""
     report = []
     for name, digest in sorted(expected.items()):
         path = folder / name
@@ -187,7 +204,8 @@ def verify_shards(
         report.append(
             (name, "ok" if actual == digest else f"differs (sha256 {actual[:16]}…, published {digest[:16]}…)")
         )
-    return report
+    extra = sorted(p.name for p in folder.glob("*.arrow") if _SHARD.match(p.name) and p.name not in expected)
+    return report + [(name, "unexpected (not one of the expected shards)") for name in extra]
 
 
 def fetch_from_hub(revision: str) -> Path:

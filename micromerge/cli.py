@@ -617,7 +617,7 @@ def data_verify_command(path: str, expected: str | None) -> None:
     from pathlib import Path
 
     from micromerge.core.errors import MicromergeError
-    from micromerge.eval.hub_layout import PUBLISHED_SHARDS, find_hub_layout, verify_shards
+    from micromerge.eval.hub_layout import PUBLISHED_SHARDS, checked_checksums, find_hub_layout, verify_shards
 
     folder = find_hub_layout(Path(path)) if Path(path).is_dir() else None
     if folder is None:
@@ -627,20 +627,19 @@ def data_verify_command(path: str, expected: str | None) -> None:
     checksums = PUBLISHED_SHARDS
     if expected:
         try:
-            checksums = json.loads(Path(expected).read_text(encoding="utf-8"))
+            loaded = json.loads(Path(expected).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise MicromergeError(
                 f"--expected {expected}: not a JSON object of shard checksums ({exc})"
             ) from exc
-        if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
-            raise MicromergeError(f"--expected {expected}: must be a JSON object {{shard name: sha256}}")
+        checksums = checked_checksums(loaded, f"--expected {expected}")
     report = verify_shards(folder, checksums)
     for name, status in report:
         click.echo(f"{name}  {status}")
     bad = [name for name, status in report if status != "ok"]
     if bad:
         raise MicromergeError(
-            f"{folder}: {len(bad)} of {len(report)} shard(s) differ or are missing: {', '.join(bad)}"
+            f"{folder}: {len(bad)} of {len(report)} shard(s) differ, are missing or unexpected: {', '.join(bad)}"
         )
     click.echo(f"{folder}: all {len(report)} shards match")
 

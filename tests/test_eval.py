@@ -333,11 +333,15 @@ def test_an_arrow_folder_in_either_ipc_format_loads_and_names_a_foreign_file(tmp
 
 
 def test_data_verify_names_a_missing_shard(bench):
-    (bench / "ubench-test-00002-of-00007.arrow").unlink()
-    expected = {name: "0" * 64 for name in ("ubench-test-00002-of-00007.arrow",)}
+    import hashlib
+
     from micromerge.eval.hub_layout import verify_shards
 
-    assert verify_shards(bench, expected) == [("ubench-test-00002-of-00007.arrow", "missing")]
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bench.glob("*.arrow")}
+    (bench / "ubench-test-00002-of-00007.arrow").unlink()
+    report = dict(verify_shards(bench, expected))
+    assert report.pop("ubench-test-00002-of-00007.arrow") == "missing"
+    assert set(report.values()) == {"ok"} and len(report) == 6
 
 
 def test_a_cached_snapshot_without_the_shard_folder_is_named(tmp_path, bench):
@@ -922,3 +926,49 @@ def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert {r["prompts"] for r in ResultStore(tmp_path / "r.jsonl").rows()} == {"captions"}
+
+
+def test_data_verify_names_a_shard_beyond_the_expected_set(tmp_path, bench):
+    """Every `*-test-NNNNN-of-NNNNN.arrow` file is read by the loader (which then refuses the mixed
+    set), so a copy with one more shard than the published seven is not verified."""
+    import hashlib
+
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bench.glob("*.arrow")}
+    (tmp_path / "sums.json").write_text(json.dumps(expected))
+    shutil.copyfile(bench / "ubench-test-00000-of-00007.arrow", bench / "ubench-test-00007-of-00008.arrow")
+    result = CliRunner().invoke(
+        cli, ["data", "verify", str(bench), "--expected", str(tmp_path / "sums.json")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "ubench-test-00007-of-00008.arrow  unexpected" in result.output
+    assert (
+        "1 of 8 shard(s) differ, are missing or unexpected: ubench-test-00007-of-00008.arrow" in result.output
+    )
+
+
+@pytest.mark.parametrize(
+    "expected, message",
+    [
+        ({}, "must be a non-empty JSON object"),
+        ([], "must be a non-empty JSON object"),
+        ({"../../etc/passwd": "0" * 64}, "'../../etc/passwd' is not a shard file name"),
+        ({"sub/ubench-test-00000-of-00007.arrow": "0" * 64}, "is not a shard file name"),
+        ({"ubench-test-00000-of-00007.arrow": 1}, "is not a sha256 (64 hex digits): 1"),
+        ({"ubench-test-00000-of-00007.arrow": "abc"}, "is not a sha256 (64 hex digits): 'abc'"),
+    ],
+)
+def test_data_verify_refuses_checksums_that_verify_nothing(tmp_path, bench, expected, message):
+    """An empty object verified "all 0 shards match" (exit 0); a name with a folder checked a file
+    outside the copy."""
+    (tmp_path / "sums.json").write_text(json.dumps(expected))
+    result = CliRunner().invoke(
+        cli, ["data", "verify", str(bench), "--expected", str(tmp_path / "sums.json")]
+    )
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_published_checksums_pass_their_own_check():
+    from micromerge.eval.hub_layout import PUBLISHED_SHARDS, checked_checksums
+
+    assert checked_checksums(PUBLISHED_SHARDS, "published") == PUBLISHED_SHARDS
