@@ -76,24 +76,31 @@ def _stage(
     work: Callable[[], None],
     say: Callable[[str], None],
     outputs: tuple[Path, ...] = (),
+    products: tuple[Path, ...] = (),
 ) -> None:
-    """Run a stage unless its marker says it finished with the same settings.
+    """Run a stage unless its marker says it finished with the same settings and its `products`
+    (what later stages read) are all still there.
 
     The marker is written before the work too (unfinished): an interrupted stage resumes under
-    the same settings, and under other settings, like a finished stage of other settings, its
-    `outputs` are removed first, so no model or result of the old settings is taken for the new."""
+    the same settings. Under other settings, like a finished stage of other settings, its `outputs`
+    are removed first, so no model or result of the old settings is taken for the new; so are they
+    when a finished stage's product was deleted (a reused stage then handed later stages a missing
+    file: `rm results.jsonl` made the report fail). Training is deterministic, so the stage's
+    outputs come back as they were and the later stages' records stay true."""
     recorded = _read_marker(marker)
-    if recorded is not None and recorded.get("digest") == digest and recorded.get("finished", True):
+    finished = recorded is not None and recorded.get("finished", True)
+    missing = [path for path in products if not path.exists()]
+    if recorded is not None and recorded.get("digest") == digest and finished and not missing:
         say(f"[{name}] done before: reusing {marker.parent}")
         return
-    if recorded is not None and recorded.get("digest") != digest:
+    if recorded is not None and (recorded.get("digest") != digest or (finished and missing)):
         for output in outputs:
             if output.is_dir():
                 shutil.rmtree(output)
             else:
                 output.unlink(missing_ok=True)
     started = time.perf_counter()
-    say(f"[{name}] ...")
+    say(f"[{name}] ..." if not (finished and missing) else f"[{name}] ... ({missing[0]} is gone: again)")
     write_json_atomic(marker, {"digest": digest, "finished": False})
     work()
     seconds = round(time.perf_counter() - started, 1)
@@ -201,6 +208,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         data_digest,
         lambda: _write_data(cfg, data),
         say,
+        products=tuple(data / name for name in ("ubench-synthetic", "corpus-general", "corpus-pathology")),
     )
     init_digest = sha256_json([cfg.digest("seed"), ARCH])[:16]
     _stage(
@@ -209,6 +217,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         init_digest,
         lambda: _write_init(cfg, init),
         say,
+        products=(init,),
     )
     # Each stage's digest holds the digests of the stages it reads: new data or a new base is
     # trained on again, never reused.
@@ -224,6 +233,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         ),
         say,
         outputs=(base_run,),
+        products=(base_run / "model.safetensors",),
     )
     specialist_digest = sha256_json([train_digest, cfg.digest("finetune_epochs", "batch_size", "lr")])[:16]
     _stage(
@@ -241,6 +251,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         ),
         say,
         outputs=(specialist_run,),
+        products=(specialist_run / "model.safetensors",),
     )
 
     jobs = [
@@ -296,6 +307,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
         sweeps,
         say,
         outputs=(store,),  # only the demo's own store: README's examples write beside it
+        products=(store,),
     )
     say("[6/6 report] ...")
     html = build_report(store, report_dir, target="domain:pathology")

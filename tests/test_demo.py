@@ -67,6 +67,12 @@ def test_demo_shows_forgetting_and_recovery(tmp_path):
     assert sum("done before" in m for m in messages) == 5, "every finished stage is reused"
 
 
+def _result_values(out: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / "results" / "results.jsonl").read_text().splitlines()]
+    keys = ("method", "protocol", "alpha", "task", "caption_key", "split", "metric", "value")
+    return sorted(tuple(str(r[k]) if k == "caption_key" else r[k] for k in keys) for r in rows)
+
+
 @pytest.mark.slow
 def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     small = dict(
@@ -82,25 +88,7 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     values = []
     for name in ("a", "b"):
         run_demo(DemoConfig(out=tmp_path / name, **small), say=lambda _: None)
-        rows = [
-            json.loads(line)
-            for line in (tmp_path / name / "results" / "results.jsonl").read_text().splitlines()
-        ]
-        values.append(
-            sorted(
-                (
-                    r["method"],
-                    r["protocol"],
-                    r["alpha"],
-                    r["task"],
-                    str(r["caption_key"]),
-                    r["split"],
-                    r["metric"],
-                    r["value"],
-                )
-                for r in rows
-            )
-        )
+        values.append(_result_values(tmp_path / name))
     assert values[0] == values[1]
     from safetensors.torch import load_file
 
@@ -109,6 +97,20 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "same seed, same weights"
+    # A finished stage whose product was deleted runs again (the reused sweep stage made the report
+    # fail on the missing store); training is deterministic, so the base comes back byte for byte.
+    base_weights = tmp_path / "b" / "runs" / "base" / "model.safetensors"
+    before = base_weights.read_bytes()
+    base_weights.unlink()
+    (tmp_path / "b" / "results" / "results.jsonl").unlink()
+    said: list[str] = []
+    run_demo(DemoConfig(out=tmp_path / "b", **small), say=said.append)
+    assert base_weights.read_bytes() == before
+    assert [m.split("]")[0] for m in said if "is gone: again" in m] == [
+        "[3/6 pretrain the base on the general corpus",
+        "[5/6 sweep alpha on every task",
+    ], said
+    assert _result_values(tmp_path / "b") == values[1], "the sweeps again, the same numbers"
     # Another --finetune-epochs: the specialist is trained again and swept into an emptied store
     # (it used to be kept, and its old sweep reported, under the new settings).
     messages: list[str] = []
@@ -185,3 +187,34 @@ def test_a_stage_resumes_under_its_settings_and_starts_over_under_others(tmp_pat
     marker.write_text('{"digest": "b", "fin')  # cut short: settings unknown, so built again
     _stage("train", marker, "b", work, say=lambda _: None, outputs=(output,))
     assert ran[-1] is False and json.loads(marker.read_text())["finished"] is True
+
+
+def test_a_finished_stage_whose_product_is_gone_runs_again_from_scratch(tmp_path):
+    """`rm results/results.jsonl` (or a run's weights) after a finished demo: the stage was reused
+    and the next one failed on the missing file. A finished stage with a product missing loses its
+    outputs and runs again; an interrupted one still resumes over what it left."""
+    marker, output = tmp_path / "stages" / "train.json", tmp_path / "run"
+    product = output / "model.safetensors"
+    ran: list[bool] = []
+
+    def work():
+        ran.append(output.exists())
+        output.mkdir(exist_ok=True)
+        (output / "state").mkdir(exist_ok=True)
+        product.write_text("weights")
+
+    def stage(say=lambda _: None):
+        _stage("train", marker, "a", work, say=say, outputs=(output,), products=(product,))
+
+    stage()
+    stage()
+    assert ran == [False], "finished, product there: reused"
+    product.unlink()
+    said: list[str] = []
+    stage(say=said.append)
+    assert ran == [False, False], "product gone: outputs removed, run again"
+    assert product.read_text() == "weights" and any(f"{product} is gone: again" in m for m in said)
+    marker.write_text(json.dumps({"digest": "a", "finished": False}))
+    product.unlink()
+    stage()
+    assert ran[-1] is True, "interrupted: resumed over its outputs even without the product"
