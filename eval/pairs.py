@@ -290,6 +290,37 @@ def load_saved_corpus(path: Path) -> datasets.Dataset:
     return loaded
 
 
+def training_split(splits: list[str], where: str) -> str:
+    """The split a corpus is trained (or its statistics estimated) on: `train`, else the only one.
+    A repository of several splits and none named train is refused rather than one of them taken
+    silently (a `test` split trained on would be a leak nobody sees)."""
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    if not splits:
+        raise MicromergeError(
+            f"--data {where}: no data files found (expected parquet files of a train split)"
+        )
+    raise MicromergeError(
+        f"--data {where}: splits {', '.join(splits)} and none named train; keep the one to train on in a "
+        "folder of its own (or name its files train-*.parquet)"
+    )
+
+
+def _load_split(location: str, spec: str) -> datasets.Dataset:
+    """The training split of a hub dataset or of a local copy of its repository (parquet files)."""
+    try:
+        builder = datasets.load_dataset_builder(location)
+    except Exception as exc:  # the hub's and fsspec's errors have no common base
+        what = "the dataset" if Path(location).exists() else "not a local path, and the hub dataset"
+        raise MicromergeError(
+            f"--data {spec}: {what} could not be opened ({type(exc).__name__}); offline, pass a local copy"
+        ) from exc
+    split = training_split(list(builder.config.data_files or {}), spec)
+    return datasets.load_dataset(location, split=split)
+
+
 def is_hub_id(location: str) -> bool:
     """`owner/name` (optionally `@revision`): one slash, not a relative, absolute or home path.
     Asked only of what is not a local file or folder."""
@@ -322,20 +353,13 @@ def load_pairs(spec: str) -> PairData:
             corpus.refuse(TAR_SHARDS)
             data = _from_tar(shards)
         elif any(path.rglob("*.parquet")):  # a local copy of a hub dataset repository
-            data = _from_hf(datasets.load_dataset(str(path), split="train"), spec, corpus)
+            data = _from_hf(_load_split(str(path), spec), spec, corpus)
         else:
             raise MicromergeError(
                 f"--data {spec}: folder has no captions.csv/.tsv/.jsonl, no .tar shards and is not a saved dataset"
             )
     elif is_hub_id(corpus.location):
-        try:
-            dataset = datasets.load_dataset(corpus.location, split="train")
-        except Exception as exc:
-            raise MicromergeError(
-                f"--data {spec}: not a local path, and the hub dataset could not be loaded ({type(exc).__name__}); "
-                "offline, pass a local copy"
-            ) from exc
-        data = _from_hf(dataset, spec, corpus)
+        data = _from_hf(_load_split(corpus.location, spec), spec, corpus)
     else:
         raise MicromergeError(f"--data {spec}: no such file or folder")
     if not data.payloads:

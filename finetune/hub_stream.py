@@ -25,7 +25,14 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hf_download_command, hub_offline
-from micromerge.eval.pairs import CAPTION_TABLES, CorpusSpec, dataset_columns, is_hub_id, is_saved_dataset
+from micromerge.eval.pairs import (
+    CAPTION_TABLES,
+    CorpusSpec,
+    dataset_columns,
+    is_hub_id,
+    is_saved_dataset,
+    training_split,
+)
 from micromerge.finetune.streaming import SampleRecipe, corpus_fingerprint, named_sample_seed, skipped_here
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
@@ -154,9 +161,7 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
             f"(`{hf_download_command(name, dataset=True, revision=revision or None)}`) and pass --data DIR"
         ) from exc
     splits = builder.config.data_files or {}
-    split = "train" if "train" in splits else next(iter(splits), None)
-    if split is None:
-        raise MicromergeError(f"--data {spec}: no data files found (expected parquet files of a train split)")
+    split = training_split(list(splits), spec)
     files = [str(f) for f in splits[split]]
     facts = [(f, os.path.getsize(f)) if os.path.isfile(f) else (f, None) for f in files]
     return builder.as_streaming_dataset(split=split), facts, _row_count(builder, split, files)

@@ -304,3 +304,26 @@ def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_
     assert stream.rows == 5
     batches = stream.loader(batch=1, workers=0, world=1, rank=0, skip=0)
     assert sorted(int(next(batches)[1]) for _ in range(5)) == list(range(5))
+
+
+def test_the_in_memory_and_statistics_readers_take_the_same_split_as_the_stream(tmp_path):
+    """A local copy whose only split is not named train: the stream read it, but the in-memory path
+    (`--data-in-memory yes`, and Fisher/RegMean's `--base-data`) asked `datasets` for split="train"
+    and died with its `ValueError: Unknown split "train"` traceback. Both read the train split,
+    else the only one; several and none named train is one line from both."""
+    from micromerge.eval.pairs import load_pairs
+
+    only = tmp_path / "only-test"
+    _parquet(only / "data" / "test-00000-of-00001.parquet", range(4))
+    assert load_pairs(str(only)).captions == [f"sample {i}" for i in range(4)]
+    assert HubStream(str(only), SampleRecipe(32, (), 0, _sample_number)).rows == 4
+    both = tmp_path / "both"
+    _parquet(both / "data" / "train-00000-of-00001.parquet", range(5))
+    _parquet(both / "data" / "test-00000-of-00001.parquet", range(3), word="test")
+    assert load_pairs(str(both)).captions == [f"sample {i}" for i in range(5)]
+    neither = tmp_path / "neither"
+    _parquet(neither / "data" / "test-00000-of-00001.parquet", range(3))
+    _parquet(neither / "data" / "validation-00000-of-00001.parquet", range(3))
+    for read in (load_pairs, lambda spec: HubStream(spec, SampleRecipe(32, (), 0, _sample_number))):
+        with pytest.raises(MicromergeError, match="and none named train; keep the one to train on"):
+            read(str(neither))
