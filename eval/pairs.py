@@ -283,10 +283,10 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def load_saved_corpus(path: Path) -> datasets.Dataset:
-    """A saved corpus, memory-mapped; of a DatasetDict, its train split (else its first)."""
+    """A saved corpus, memory-mapped; of a DatasetDict, its training split (`training_split`)."""
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        loaded = loaded[training_split(list(loaded), str(path))]
     return loaded
 
 

@@ -298,6 +298,14 @@ def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):
     before = index.fingerprint
     split(["one", "two", "three"]).save_to_disk(str(folder / "train"))
     assert index_pairs(str(folder)).fingerprint != before, "the train split's own files are fingerprinted"
+    # no train split: the only one is the corpus; several, and none is taken silently
+    only, several = tmp_path / "only", tmp_path / "several"
+    datasets.DatasetDict({"validation": split(["held out"])}).save_to_disk(str(only))
+    assert load_pairs(str(only)).captions == ["held out"]
+    datasets.DatasetDict({"validation": split(["a"]), "test": split(["b"])}).save_to_disk(str(several))
+    for read in (load_pairs, index_pairs):
+        with pytest.raises(MicromergeError, match="splits validation, test and none named train"):
+            read(str(several))
 
 
 def test_a_shard_streams_captions_are_stripped_as_the_indexed_paths_are(tmp_path):
