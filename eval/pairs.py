@@ -154,9 +154,15 @@ def table_separator(path: Path, header: str, corpus: CorpusSpec) -> str:
     return max(SEPARATORS.values(), key=header.count)
 
 
+def _separator_name(separator: str) -> str:
+    return next(name for name, value in SEPARATORS.items() if value == separator)
+
+
 def _read_utf8(path: Path) -> str:
+    """The text, without the byte-order mark Excel's "CSV UTF-8" puts first (pandas, which
+    open_clip_train reads tables with, drops it too; kept, it became part of the first column's name)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise MicromergeError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
@@ -168,7 +174,19 @@ def _numbered_records(path: Path, corpus: CorpusSpec) -> list[tuple[int, dict]]:
         text = _read_utf8(path)
         separator = table_separator(path, text.partition("\n")[0], corpus)
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
-        return [(reader.line_num, record) for record in reader]
+        header = reader.fieldnames or []
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise MicromergeError(f"{path}: column {repeated[0]!r} is named twice in the header; rename one")
+        records = []
+        for record in reader:
+            if None in record:  # more fields than the header: an unquoted separator in a caption
+                raise MicromergeError(
+                    f"{path}: line {reader.line_num} has {len(header) + len(record[None])} fields, the header "
+                    f"{len(header)}; quote a caption holding {_separator_name(separator)}s (\"a, b\")"
+                )
+            records.append((reader.line_num, record))
+        return records
     corpus.refuse("a JSONL table (one object per line)", ("sep",))
     records = []
     for number, line in enumerate(_read_utf8(path).splitlines(), 1):

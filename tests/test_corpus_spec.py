@@ -309,3 +309,47 @@ def test_a_missing_path_is_named_as_missing_not_looked_up_on_the_hub(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MicromergeError, match=f"--data {spec}: no such file or folder"):
         load_pairs(spec)
+
+
+def test_a_table_saved_by_excel_with_a_byte_order_mark_is_read_as_open_clip_train_reads_it(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark. It became part of the first
+    column's name (`'\\ufeffimage'`: "no image column"); pandas, which open_clip_train's CsvDataset
+    reads tables with, drops it, and so do we (and for JSONL)."""
+    from open_clip_train.data import CsvDataset
+
+    folder = tmp_path / "excel"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"img{i}.png").write_bytes(_png(i))
+    table = folder / "captions.csv"
+    table.write_bytes(b"\xef\xbb\xbfimage,caption\r\nimg0.png,a cell\r\nimg1.png,b cell\r\n")
+    theirs = CsvDataset(str(table), None, "image", "caption", sep=",")
+    assert load_pairs(str(table)).captions == [str(c) for c in theirs.captions] == ["a cell", "b cell"]
+    assert index_pairs(str(table)).targets == ["a cell", "b cell"]
+    lines = folder / "captions.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"image": "img0.png", "caption": "a cell"}\n')
+    assert load_pairs(str(lines)).captions == ["a cell"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "image,caption\nimg0.png,H&E stain, 40x\n",
+            "line 2 has 3 fields, the header 2; quote a caption holding commas",
+        ),
+        (
+            "image\tcaption\nimg0.png\ta\tb\n",
+            "line 2 has 3 fields, the header 2; quote a caption holding tabs",
+        ),
+        ("image,caption,caption\nimg0.png,a,b\n", "column 'caption' is named twice in the header"),
+    ],
+)
+def test_a_row_with_more_fields_than_the_header_or_a_repeated_column_is_refused(tmp_path, text, message):
+    """An unquoted comma in a caption split it: `H&E stain, 40x` trained as `H&E stain`, the rest
+    dropped without a word (csv.DictReader files extra fields under None). A header naming a column
+    twice read the last one silently. pandas refuses the first ("Expected 2 fields in line 2, saw 3")."""
+    (tmp_path / "img0.png").write_bytes(_png(0))
+    (tmp_path / "captions.csv").write_text(text)
+    with pytest.raises(MicromergeError, match=message.replace("(", r"\(")):
+        load_pairs(str(tmp_path / "captions.csv"))
