@@ -118,9 +118,9 @@ class _HubSamples(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         stream = self.stream
         undecoded = skipped_here(self.skip) * self.batch
+        yielded = False
         for current in itertools.count():
             self.dataset.set_epoch(current)
-            yielded = False
             for n, row in enumerate(self.dataset):
                 yielded = True
                 caption = str(row[stream.caption_column] or "").strip()
@@ -129,7 +129,9 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
                 yield stream.recipe.make(None if undecoded else payload, caption, seed)
                 undecoded = max(0, undecoded - 1)
-            if not yielded:  # an empty share would loop here for ever
+            # an empty share would loop here for ever; shards are dealt afresh each pass, so a
+            # worker that has had rows goes on past a pass whose share was an empty file
+            if not yielded:
                 return
 
 

@@ -458,8 +458,8 @@ class ShardStream:
             wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
             wds.batched(batch, collation_fn=list, partial=False),
             _StreamDecoder(self, skip),
-        ).repeat()
-        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
+        )
+        loader = torch.utils.data.DataLoader(_Passes(pipeline), batch_size=None, num_workers=workers)
         batches = iter(loader)
         for _ in range(skip):  # already trained on: read again (not decoded), not trained again
             next(batches)
@@ -472,6 +472,26 @@ def skipped_here(skip: int) -> int:
     info = torch.utils.data.get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return len(range(worker, skip, workers))
+
+
+class _Passes(torch.utils.data.IterableDataset):
+    """Pass after pass over a pipeline (what webdataset's `.repeat()` does), ending when the first
+    pass yields nothing: `.repeat()` spun for ever on a worker whose shards hold no full batch, and
+    the loader, which asks its workers in turn, hung with it (an empty shard, or a corpus of none).
+    Shards are dealt to workers afresh each pass, so a worker that has yielded goes on past an empty
+    pass. Which worker ends depends only on the seed, so the batch order, and resuming, stay exact."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __iter__(self) -> Iterator:
+        yielded = False
+        while True:
+            for item in self.pipeline:
+                yielded = True
+                yield item
+            if not yielded:
+                return
 
 
 class _NodeSplit:
@@ -512,8 +532,26 @@ class _StreamDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stream = self.stream
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
-        caption = sample.get("txt", b"")
-        caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption)
+        caption = _sample_caption(sample)
         payload = {"bytes": image, "path": None} if image is not None and decode else None
         name = f"{sample.get('__url__')}|{sample.get('__key__')}"
         return stream.recipe.make(payload, caption, named_sample_seed(stream.recipe.seed, current, name))
+
+
+def _sample_caption(sample: dict) -> str:
+    """A webdataset sample's caption: its `txt`, else the `caption` of its `json`, as the indexed
+    path reads a local shard (the stream read `txt` only: a corpus captioned in `.json` trained on
+    empty text). Bad bytes are replaced, bad JSON is no caption: a worker cannot stop the run."""
+
+    def text(key: str) -> str:
+        value = sample.get(key, b"")
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    caption = text("txt").strip()
+    if not caption and "json" in sample:
+        try:
+            meta = json.loads(text("json"))
+        except json.JSONDecodeError:
+            return ""
+        caption = str(meta.get("caption", "") if isinstance(meta, dict) else "").strip()
+    return caption

@@ -482,7 +482,14 @@ class _MicroBatches:
 
     def get(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stream is not None:
-            pixels, targets, readable = next(self.stream)
+            try:
+                pixels, targets, readable = next(self.stream)
+            except StopIteration:  # every worker's share passed without a full batch
+                raise MicromergeError(
+                    f"--data {self.cfg.data}: the stream ran dry at step {micro}: no shard holds a full batch "
+                    f"of {self.cfg.batch_size} samples (empty shards?); check the shards or lower --batch-size"
+                ) from None
+
             if not bool(readable.all()):
                 raise MicromergeError(
                     f"--data {self.cfg.data}: an image of step {micro} is unreadable and the streaming path "

@@ -292,6 +292,9 @@ def test_a_worker_whose_share_is_an_empty_file_stops_instead_of_spinning(tmp_pat
     stream = HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, _sample_number))
     batches = stream.loader(batch=1, workers=2, world=1, rank=0, skip=0)
     assert sorted(int(next(batches)[1]) for _ in range(8)) == list(range(8))
+    # Files are dealt to workers afresh each pass: a worker that had rows goes on past a pass whose
+    # share was the empty file (it used to end there, and with both ended the stream ran dry).
+    assert sorted(int(next(batches)[1]) for _ in range(8 * 9)) == sorted(list(range(8)) * 9)
 
 
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):

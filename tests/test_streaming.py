@@ -348,6 +348,56 @@ def test_a_shard_stream_needs_a_length_and_a_shard_per_worker(tmp_path, base):
         run_finetune(config(base, spec, tmp_path / "b", workers=3))
 
 
+@pytest.mark.timeout(120)
+def test_a_stream_without_a_full_batch_stops_in_one_line_instead_of_spinning(tmp_path, base):
+    """webdataset's `.repeat()` passed over shards that hold no full batch for ever, and the run
+    hung without a word (an empty shard set, or a pipe that yields nothing). A worker whose shards
+    hold none now ends its share; the others go on, and when none is left the run stops."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "shard-000000.tar", "w"):
+        pass
+    with pytest.raises(
+        MicromergeError, match=r"the stream ran dry at step 0: no shard holds a full batch of 4"
+    ):
+        run_finetune(config(base, _pipe_spec(empty), tmp_path / "dry", max_steps=2, batch_size=4, workers=1))
+    mixed = write_shards(tmp_path / "mixed", 8, per_shard=8)
+    with tarfile.open(mixed / "shard-000001.tar", "w"):
+        pass
+    spec = _pipe_spec(mixed)
+    path = run_finetune(config(base, spec, tmp_path / "mixed-run", max_steps=3, batch_size=4, workers=2))
+    assert json.loads((path.parent / "manifest.json").read_text())["steps"] == 3
+
+
+def test_a_streamed_webdataset_sample_is_captioned_by_its_json_as_the_index_reads_it(tmp_path):
+    """`key.png` + `key.json` ({"caption": ...}) is webdataset's other caption form; the indexed
+    path read it, the stream read `txt` only and trained on empty text."""
+    import webdataset as wds
+
+    from micromerge.finetune.streaming import SampleRecipe, ShardStream, _StreamDecoder
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    with tarfile.open(folder / "shard-000000.tar", "w") as archive:
+        for name, payload in (
+            ("a.png", _png(0)),
+            ("a.json", json.dumps({"caption": " from the json "}).encode()),
+            ("b.png", _png(1)),
+            ("b.txt", b"from the txt"),
+            ("c.png", _png(2)),
+            ("c.json", b"{not json"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    stream = ShardStream(_pipe_spec(folder), SampleRecipe(32, (), 0, lambda caption: caption))
+    batches = wds.DataPipeline(
+        wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(1, collation_fn=list)
+    )
+    targets = [t for _, (t,), _ in _StreamDecoder(stream, skip=0)(iter(batches))]
+    assert targets == ["from the json", "from the txt", ""]
+
+
 @pytest.mark.slow
 def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base):
     import os
