@@ -176,6 +176,13 @@ def _write_report(store: Path, out: Path, target: str | None, metric: str) -> No
                 f"--target {group}: not a group of run {run.label}; valid groups: {valid_groups(run)}"
             )
         summaries.append(summarise(run, group, metric))
+        if run.trained_on:
+            own = sorted(t for t, mark in run.trained_on.items() if mark == "task")
+            notes.append(
+                f"{run.label}: a model in it was fine-tuned (supervised) on this benchmark's own images "
+                f"({', '.join(own) or 'of tasks not evaluated here'}): the numbers of "
+                f"{', '.join(sorted(run.trained_on))} and the headline are not zero-shot"
+            )
         if summaries[-1].references == "alpha endpoints":
             rules = any(run.parameters.get(k) for k in ("alpha_rules", "include", "exclude"))
             notes.append(

@@ -13,6 +13,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.store import ResultStore
+from micromerge.eval.trained_on import TRAINED_ON
 from micromerge.merging.model_card import checkpoint_provenance
 from micromerge.merging.sources import CHECKPOINT_SUFFIXES, checkpoint_name
 
@@ -32,6 +33,9 @@ class Run:
     # the same data and protocol; None where the store has no such evaluation (alpha 0/1 stand in).
     base_reference: pd.DataFrame | None = None
     finetuned_reference: pd.DataFrame | None = None
+    # tasks whose rows are not zero-shot: a model of the run was trained on them ("task") or on
+    # images they score ("images"), as the evaluation marked them (eval.trained_on)
+    trained_on: dict[str, str] = field(default_factory=dict)
 
 
 SINGLE_POINT_METHODS = ("none", "greedy-soup")
@@ -91,6 +95,11 @@ def load_runs(store_path: str | Path) -> list[Run]:
                 table,
                 first.get("protocol", "closed-set"),
                 headline,
+                trained_on={
+                    r["task"]: r[TRAINED_ON]
+                    for r in run_rows
+                    if r.get(TRAINED_ON) and r.get("level") != "headline"
+                },
             )
         )
     _attach_references(runs)

@@ -28,6 +28,7 @@ from micromerge.eval.metrics import classification_metrics, correctness_metrics
 from micromerge.eval.source_metadata import load_source_table
 from micromerge.eval.store import ResultStore, coefficients_file
 from micromerge.eval.tasks import Task, discover_tasks, select_tasks
+from micromerge.eval.trained_on import mark_rows, trained_on_marks, warn_trained_on
 from micromerge.eval.zeroshot import (
     class_embeddings,
     image_embeddings,
@@ -36,6 +37,7 @@ from micromerge.eval.zeroshot import (
     text_embeddings,
 )
 from micromerge.merging.execute import input_hashes
+from micromerge.merging.lineage import sources_lineage
 from micromerge.merging.methods import get_method
 from micromerge.merging.models import image_size, load_model, normalisation, tokenizer_for
 from micromerge.merging.plan import MergeSpec
@@ -397,6 +399,7 @@ class Prepared:
     tasks: list[Task]
     # rows of the sources outside the paper's tables, from every task (not only the selected ones)
     outside_paper_rows: np.ndarray
+    every: list[Task]  # every task of the benchmark, selected or not (what a model was trained on)
 
 
 def _check_cache_dir(cache_dir: Path) -> None:
@@ -438,7 +441,7 @@ def prepare(settings: EvalSettings, writes_results: bool = True) -> Prepared:
             stacklevel=2,
         )
     outside = sorted({r for t in every if t.groups.get("paper") == "no" for r in t.image_rows})
-    return Prepared(bench, tasks, np.array(outside, dtype=np.int64))
+    return Prepared(bench, tasks, np.array(outside, dtype=np.int64), every)
 
 
 def _completion_identity(alpha: float | None, task: str, protocol: str) -> tuple:
@@ -488,6 +491,8 @@ def run_eval(
         if _complete(done, None, tasks, settings.protocol):
             return [r for r in store.rows() if r["run_id"] == run_id]
         model, config = load_model(source)
+        trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.every, tasks)
+    warn_trained_on(model_spec, trained, marks)
     model.to(device)
     evaluator = Evaluator(bench, tasks, config, settings, device, prepared.outside_paper_rows)
     provenance = {
@@ -502,7 +507,7 @@ def run_eval(
     }
     rows = [
         {**_base_row(run_id, settings, bench, provenance), "alpha": None, **r}
-        for r in evaluator.evaluate(model)
+        for r in mark_rows(evaluator.evaluate(model), marks)
     ]
     store.append(_unstored(rows, done, settings.protocol))
     return rows
@@ -557,6 +562,9 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         todo = [a for a in plan.alphas if not _complete(done, a, tasks, settings.protocol)]
         mine = todo[settings.rank :: settings.world_size]
         if mine:
+            lineage = sources_lineage([base, *finetuned])
+            trained, marks = trained_on_marks(lineage, bench.fingerprint, prepared.every, tasks)
+            warn_trained_on(f"a model of {plan.label or plan.spec.method}", trained, marks)
             model, config = load_model(base)
             merger = ResidentMerge(
                 model, plan.spec, base, finetuned, device, statistics.values if statistics else None
@@ -580,7 +588,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
                 merger.apply(alpha)
                 rows = [
                     {**_base_row(run_id, settings, bench, provenance), "alpha": alpha, **r}
-                    for r in evaluator.evaluate(merger.model)
+                    for r in mark_rows(evaluator.evaluate(merger.model), marks)
                 ]
                 store.append(_unstored(rows, done, settings.protocol))
     finally:

@@ -183,7 +183,7 @@ def _numbered_records(path: Path, corpus: CorpusSpec) -> list[tuple[int, dict]]:
             if None in record:  # more fields than the header: an unquoted separator in a caption
                 raise MicromergeError(
                     f"{path}: line {reader.line_num} has {len(header) + len(record[None])} fields, the header "
-                    f"{len(header)}; quote a caption holding {_separator_name(separator)}s (\"a, b\")"
+                    f'{len(header)}; quote a caption holding {_separator_name(separator)}s ("a, b")'
                 )
             records.append((reader.line_num, record))
         return records

@@ -28,6 +28,7 @@ from micromerge.core.atomic import output_folder, write_json_atomic, write_text_
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
+from micromerge.core.provenance import SUPERVISED_ON, task_data_fingerprint
 from micromerge.eval.images import resident_on_device
 from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
@@ -47,6 +48,7 @@ from micromerge.finetune.streaming import (
     stream_loader,
 )
 from micromerge.merging.execute import input_hashes
+from micromerge.merging.lineage import sources_lineage
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from micromerge.merging.plan import LOGIT_SCALE_MAX
@@ -72,6 +74,7 @@ class Prepared:
     base_label: str
     base_sha256: dict[str, str]
     arch_name: str | None
+    base_supervised_on: list[str]  # the base's supervised lineage, carried on (merging.lineage)
     stream: StreamedSamples | None = None  # the streaming path, by index
     shards: ShardStream | HubStream | None = None  # the streaming path, in order (webdataset, datasets)
     count: int = 0  # usable examples
@@ -184,9 +187,10 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         hashes = input_hashes([source])
         clip, model_config = load_model(source)
         arch_name = source.arch.name
+        lineage = sources_lineage([source])
     size = int(model_config["vision_cfg"]["image_size"])
     tokenizer = tokenizer_for(model_config)
-    common = (cfg.base, hashes, arch_name)
+    common = (cfg.base, hashes, arch_name, lineage)
     captions = SampleRecipe(size, cfg.augment, cfg.seed, _Tokenize(tokenizer))  # contrastive samples
     hub, hub_why = None, ""
     if cfg.mode == "contrastive" and is_hub_layout(cfg.data) and cfg.data_in_memory != "yes":
@@ -246,7 +250,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     task = chosen[0]
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
     head = ZeroShotHead(texts, float(clip.logit_scale.detach().exp()))
-    fingerprint = sha256_json({"data": bench.fingerprint, "task": task.name})
+    fingerprint = task_data_fingerprint(bench.fingerprint, task.name)
     model = ImageClassifier(clip, head)
     in_memory, why = choose_in_memory(cfg.data_in_memory, len(task.rows), size, cfg.augment)
     if not in_memory:
@@ -676,6 +680,7 @@ def _write_final(
         "rank_weight_sha256": rank_digests,
         "corrupt_images_skipped": prepared.data.n_corrupt if prepared.data is not None else None,
         "data_path": prepared.data_path,
+        **({SUPERVISED_ON: prepared.base_supervised_on} if prepared.base_supervised_on else {}),
         "loss_summary": {
             "first": losses[0] if losses else None,
             "last": losses[-1] if losses else None,

@@ -22,9 +22,10 @@ from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.core.progress import progress_bar
-from micromerge.core.provenance import provenance
+from micromerge.core.provenance import SUPERVISED_ON, provenance
 from micromerge.merging.backend import ArrayBackend
 from micromerge.merging.dtypes import READABLE_NAMES
+from micromerge.merging.lineage import sources_lineage
 from micromerge.merging.methods import ModelScan, get_method
 from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
 from micromerge.merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
@@ -219,6 +220,9 @@ def merge_to_file(
         array_library=backend.name,
     )
     record["inputs"] = [s.label for s in sources]
+    lineage = sources_lineage(sources)
+    if lineage:  # absent when empty: merges of other inputs keep their bytes
+        record[SUPERVISED_ON] = lineage
     if statistics is not None:
         record["statistics"] = statistics.described
     with ThreadPoolExecutor(max_workers=1) as hasher:

@@ -7,6 +7,12 @@ import platform
 from typing import Any
 
 import micromerge
+from micromerge.core.hashing import sha256_json
+
+SUPERVISED_ON = "supervised_on"
+"""The provenance field of a checkpoint made from others (a fine-tune of a base, a merge): the
+labelled benchmark data its inputs were trained on (`supervised_lineage`), so the fact outlives
+every step after the supervised fine-tune that trained on it."""
 
 
 def provenance(
@@ -39,3 +45,20 @@ def has_interval(row: Any) -> bool:
     """Whether a result row holds a bootstrap interval, by the bootstrap count it records: with
     --bootstrap 0 its ci_low and ci_high are its point value, which no table prints as an interval."""
     return row.get("bootstrap") != 0
+
+
+def task_data_fingerprint(benchmark_fingerprint: str, task: str) -> str:
+    """The data of a supervised fine-tune on one task of a benchmark (its `data_fingerprint`), and
+    what evaluation on a benchmark compares every task of it with."""
+    return sha256_json({"data": benchmark_fingerprint, "task": task})
+
+
+def supervised_lineage(record: Any) -> list[str]:
+    """The task data (`task_data_fingerprint`) a checkpoint's weights were trained on with labels:
+    its own, if it is a supervised fine-tune, and what its inputs were (`SUPERVISED_ON`)."""
+    if not isinstance(record, dict):
+        return []
+    own = record.get("data_fingerprint") if record.get("kind") == "finetune-supervised" else None
+    inherited = record.get(SUPERVISED_ON)
+    values = [own, *(inherited if isinstance(inherited, list) else [])]
+    return sorted({value for value in values if isinstance(value, str)})

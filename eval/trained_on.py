@@ -1,0 +1,58 @@
+"""Rows of tasks a model has been trained on: marked, and said, never silently reported as zero-shot.
+
+`micromerge finetune supervised --data BENCH --task T` trains on task T's own images of BENCH. Its
+provenance records that (`core.provenance.task_data_fingerprint`), and the checkpoints made from it
+carry it on (`merging.lineage`). Evaluated on the same benchmark (the same files), T's rows are
+marked `trained_on: "task"`, the rows of every other task scoring any of T's images
+`trained_on: "images"` (the model has seen them, with other labels), and the headline rows, which
+pool tasks, `"images"` too. A benchmark of other files, such as another copy or the held-out split
+of the data trained on, marks nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from micromerge.core.provenance import task_data_fingerprint
+from micromerge.eval.tasks import Task
+
+TRAINED_ON = "trained_on"
+
+
+def trained_on_marks(
+    lineage: list[str], benchmark_fingerprint: str, every: list[Task], evaluated: list[Task]
+) -> tuple[list[str], dict[str, str]]:
+    """(the benchmark's tasks the lineage trained on, {evaluated task: "task" | "images"})."""
+    trained = [t for t in every if task_data_fingerprint(benchmark_fingerprint, t.name) in lineage]
+    if not trained:
+        return [], {}
+    names = {t.name for t in trained}
+    seen = {row for t in trained for row in t.image_rows}
+    marks = {}
+    for task in evaluated:
+        if task.name in names:
+            marks[task.name] = "task"
+        elif seen.intersection(task.image_rows):
+            marks[task.name] = "images"
+    return sorted(names), marks
+
+
+def mark_rows(rows: list[dict[str, Any]], marks: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows with their `trained_on` mark (headline rows pool tasks: "images" when any is marked)."""
+    if not marks:
+        return rows
+    marked = []
+    for row in rows:
+        mark = marks.get(row["task"]) or ("images" if row.get("level") == "headline" else None)
+        marked.append({**row, TRAINED_ON: mark} if mark else row)
+    return marked
+
+
+def warn_trained_on(what: str, trained: list[str], marks: dict[str, str]) -> None:
+    if trained:
+        warnings.warn(
+            f"{what} was fine-tuned (supervised) on this benchmark's own images of {', '.join(trained)}: "
+            f"the rows of {len(marks)} task(s) scoring them are not zero-shot (marked {TRAINED_ON} in the store)",
+            stacklevel=3,
+        )

@@ -1,0 +1,139 @@
+"""A model fine-tuned (supervised) on a benchmark's own task is never reported as zero-shot on it.
+
+`finetune supervised --data BENCH --task T` trains on T's images of BENCH (README's own example
+trains on the demo's benchmark and evaluates on it). Its rows were stored as zero-shot accuracies,
+and a merge or a further fine-tune of it lost even the manifest that said what it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from micromerge.cli import cli
+from micromerge.core.provenance import SUPERVISED_ON, task_data_fingerprint
+from micromerge.eval.data import load_benchmark
+from micromerge.eval.trained_on import TRAINED_ON
+from micromerge.finetune.trainer import run_finetune
+from micromerge.merging.tensor_source import parse_safetensors_header
+from tests.helpers import write_checkpoint
+from tests.test_finetune import config, write_csv_folder
+from tests.ubench_fixture import write_fixture
+
+TASK = "kather_et_al_2016"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained-on")
+    bench = write_fixture(tmp / "bench", per_class=4, corrupt=0)
+    write_checkpoint(tmp / "base.safetensors", 0)
+    supervised = run_finetune(
+        config(
+            tmp / "base.safetensors",
+            bench,
+            tmp / "sup",
+            mode="supervised",
+            task=TASK,
+            batch_size=6,
+            max_steps=1,
+        )
+    )
+    return tmp, bench, supervised
+
+
+def _eval(tmp: Path, model: Path, bench: Path, store: str):
+    result = CliRunner().invoke(
+        cli,
+        ["eval", "--model", str(model), "--data", str(bench), "--store", str(tmp / store),
+         "--cache-dir", str(tmp / "cache"), "--bootstrap", "0", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp / store).read_text().splitlines()]
+    return result, rows
+
+
+def _marks(rows: list[dict]) -> dict[str, set]:
+    marks: dict[str, set] = {}
+    for row in rows:
+        marks.setdefault(row["task"], set()).add(row.get(TRAINED_ON))
+    return marks
+
+
+def _header_record(path: Path) -> dict:
+    _, metadata, _ = parse_safetensors_header(path)
+    return json.loads(metadata["micromerge.core.provenance"])
+
+
+def test_the_trained_task_and_the_tasks_sharing_its_images_are_marked_others_not(trained):
+    tmp, bench, supervised = trained
+    result, rows = _eval(tmp, supervised, bench, "sup.jsonl")
+    assert f"fine-tuned (supervised) on this benchmark's own images of {TASK}" in result.output
+    marks = _marks(rows)
+    assert marks[TASK] == {"task"}
+    assert marks["modality"] == marks["domain"] == {"images"}, "coarse tasks score the trained images too"
+    assert marks["opencell"] == {None}, "a task of other images is still zero-shot"
+    assert {r.get(TRAINED_ON) for r in rows if r["level"] == "headline"} == {"images"}
+    _, rows = _eval(tmp, tmp / "base.safetensors", bench, "base.jsonl")
+    assert all(TRAINED_ON not in r for r in rows), "the base was not trained on it"
+
+
+def test_another_copy_of_other_images_marks_nothing(trained, tmp_path):
+    tmp, _, supervised = trained
+    other = write_fixture(tmp_path / "other", per_class=4, corrupt=0, seed=1)
+    result, rows = _eval(tmp_path, supervised, other, "other.jsonl")
+    assert all(TRAINED_ON not in r for r in rows) and "fine-tuned (supervised)" not in result.output
+
+
+def test_merges_and_further_fine_tunes_carry_the_lineage_and_are_marked(trained, tmp_path):
+    tmp, bench, supervised = trained
+    fingerprint = task_data_fingerprint(load_benchmark(str(bench)).fingerprint, TASK)
+    assert json.loads((supervised.parent / "manifest.json").read_text())["data_fingerprint"] == fingerprint
+    merged = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(
+        cli,
+        ["merge", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--alpha", "0.5",
+         "--out", str(merged), "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _header_record(merged)[SUPERVISED_ON] == [fingerprint]
+    manifest = json.loads(merged.with_name(merged.name + ".manifest.json").read_text())
+    assert manifest[SUPERVISED_ON] == [fingerprint]
+    _, rows = _eval(tmp_path, merged, bench, "merged.jsonl")
+    assert _marks(rows)[TASK] == {"task"}
+    further = run_finetune(
+        config(
+            merged, write_csv_folder(tmp_path / "pairs", n=8), tmp_path / "further", batch_size=4, max_steps=1
+        )
+    )
+    assert _header_record(further)[SUPERVISED_ON] == [fingerprint]
+    plain = tmp_path / "plain.safetensors"
+    write_checkpoint(plain, 1)
+    other = CliRunner().invoke(
+        cli,
+        ["merge", "--base", str(tmp / "base.safetensors"), "--ft", str(plain), "--alpha", "0.5",
+         "--out", str(tmp_path / "plain-merge.safetensors"), "--quiet"],
+    )  # fmt: skip
+    assert other.exit_code == 0 and SUPERVISED_ON not in _header_record(tmp_path / "plain-merge.safetensors")
+
+
+def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, tmp_path):
+    tmp, bench, supervised = trained
+    store = tmp_path / "sweep.jsonl"
+    result = CliRunner().invoke(
+        cli,
+        ["sweep", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--data", str(bench),
+         "--alphas", "0,1", "--store", str(store), "--cache-dir", str(tmp / "cache"), "--bootstrap", "0",
+         "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned (supervised) on this benchmark's own images" in result.output
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    assert _marks(rows)[TASK] == {"task"} and _marks(rows)["opencell"] == {None}
+    report = CliRunner().invoke(cli, ["report", str(store), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"fine-tuned (supervised) on this benchmark's own images ({TASK})" in text
