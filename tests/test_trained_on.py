@@ -72,6 +72,9 @@ def test_the_trained_task_and_the_tasks_sharing_its_images_are_marked_others_not
     tmp, bench, supervised = trained
     result, rows = _eval(tmp, supervised, bench, "sup.jsonl")
     assert f"fine-tuned (supervised) on this benchmark's own images of {TASK}" in result.output
+    assert (
+        "(trained on its task: not zero-shot)" in result.output and "(trained on its images" in result.output
+    )
     marks = _marks(rows)
     assert marks[TASK] == {"task"}
     assert marks["modality"] == marks["domain"] == {"images"}, "coarse tasks score the trained images too"
