@@ -79,6 +79,12 @@ class EvalSettings:
             raise MicromergeError(f"--seed {self.seed}: must be non-negative")
         if self.protocol not in PROTOCOLS:
             raise MicromergeError(f"--protocol {self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "ubench" and self.prompts != "names":
+            # it changed nothing but the run id: the same numbers stored again as another run
+            raise MicromergeError(
+                f"--prompts {self.prompts}: applies to --protocol closed-set only (the ubench protocol "
+                "scores each image against its own caption options, not prompts)"
+            )
 
 
 @dataclass(frozen=True)

@@ -926,6 +926,14 @@ def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert {r["prompts"] for r in ResultStore(tmp_path / "r.jsonl").rows()} == {"captions"}
+    # under the ubench protocol it changed nothing but the run id (the same numbers stored twice)
+    args = [*_eval_args(tmp_path, bench, models[0], store="u.jsonl"), "--prompts", "captions"]
+    refused = CliRunner().invoke(cli, args)
+    assert (
+        refused.exit_code == 2
+        and "--prompts captions: applies to --protocol closed-set only" in refused.output
+    )
+    assert not (tmp_path / "u.jsonl").exists()
 
 
 def test_data_verify_names_a_shard_beyond_the_expected_set(tmp_path, bench):
