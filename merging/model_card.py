@@ -15,7 +15,7 @@ from typing import Any
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
-from micromerge.core.provenance import has_interval
+from micromerge.core.provenance import has_interval, supervised_lineage
 from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
 from micromerge.merging.zoo import ZooEntry, load_zoo
@@ -121,6 +121,14 @@ def model_card(
             "```",
             "",
         ]
+        lineage = supervised_lineage(record)
+        if lineage:
+            lines += [
+                "Trained with labels on benchmark data (a supervised fine-tune on a μ-Bench task, here or in "
+                f"an input; task data sha256 {', '.join(f[:16] for f in lineage)}): on that benchmark its "
+                "numbers for those tasks, and for tasks sharing their images, are not zero-shot.",
+                "",
+            ]
         if record.get("statistics"):
             lines += ["Data it learned from (select half of μ-Bench, or each model's own corpus):", ""]
             lines += ["```json", json.dumps(record["statistics"], indent=2, sort_keys=True), "```", ""]
@@ -130,7 +138,8 @@ def model_card(
     if evaluation:
         lines += ["| task | protocol | split | accuracy | 95% interval |", "|---|---|---|---|---|"]
         lines += [
-            f"| {r['task']} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % | {_interval(r)} |"
+            f"| {r['task']}{_trained_on(r)} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % "
+            f"| {_interval(r)} |"
             for r in evaluation
         ]
         lines.append("")
@@ -144,6 +153,12 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _trained_on(row: dict[str, Any]) -> str:
+    """eval.trained_on's mark: the model was trained on the task or on its images."""
+    mark = row.get("trained_on")
+    return f" (trained on its {'images' if mark == 'images' else 'task'}: not zero-shot)" if mark else ""
 
 
 def _interval(row: dict[str, Any]) -> str:

@@ -140,3 +140,19 @@ def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, t
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"fine-tuned (supervised) on this benchmark's own images ({TASK})" in text
+
+
+def test_the_model_card_says_what_the_model_was_trained_on(trained, tmp_path):
+    """An exported specialist's card lists its μ-Bench numbers: the ones of the task it was trained
+    on are marked, and the card says it was trained with labels on benchmark data."""
+    tmp, bench, supervised = trained
+    _eval(tmp_path, supervised, bench, "card.jsonl")
+    result = CliRunner().invoke(
+        cli,
+        ["export", str(supervised), "--out", str(tmp_path / "export"), "--format", "open_clip",
+         "--results", str(tmp_path / "card.jsonl")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| {TASK} (trained on its task: not zero-shot) |" in card
+    assert "| opencell |" in card and "Trained with labels on benchmark data" in card
