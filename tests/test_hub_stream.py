@@ -112,8 +112,8 @@ def test_a_streamed_hub_dataset_trains_reproducibly_and_resumes_at_the_exact_sam
 
     saved = trainer._save_state
 
-    def save_then_die(accelerator, cfg, prepared, micro_step, step, history):
-        saved(accelerator, cfg, prepared, micro_step, step, history)
+    def save_then_die(*args):
+        saved(*args)
         raise KeyboardInterrupt
 
     interrupted = config(base, repo, tmp_path / "resumed", save_every=3, **values)

@@ -11,6 +11,7 @@ proves the payload is live), and must leave no trace through micromerge.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -147,3 +148,58 @@ def test_a_view_claiming_more_elements_than_its_storage_is_refused(tmp_path, all
         path.write_bytes(_legacy_file({"weight": torch.ones(1).expand(10**10), "x": _Reduce(print)}))
     with pytest.raises(MicromergeError, match=r"bomb.pt: tensor 'weight' claims 10,000,000,000 elements"):
         open_source(str(path), allow_pickle=allow_pickle)
+
+
+def _interrupted_run(tmp_path: Path, monkeypatch) -> tuple[Path, Path, Path]:
+    """(base, data, run): a contrastive run killed right after its step-2 state was saved."""
+    from tests.test_finetune import write_csv_folder
+    from tests.test_hardening_finetune import _killed_after_step_two
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    base = tmp_path / "base.safetensors"
+    write_checkpoint(base, 0)
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    return base, data, tmp_path / "run"
+
+
+def test_resuming_a_run_never_unpickles_a_state_file_with_code_in_it(tmp_path, monkeypatch):
+    """accelerate saved the registered LR scheduler as `custom_checkpoint_0.pkl` and loads it with
+    `torch.load(weights_only=False)`: a run folder handed over with a payload in that file ran it on
+    `finetune --resume` (checked by hand: a `touch` ran). The schedule is now in trainer_state.json;
+    an earlier micromerge's state (its schedule only in the pickle) has it read with
+    weights_only=True and moved there, and resumes to the same weights as a run never stopped; a
+    payload in its place, or a pickle beside a JSON schedule, is refused and never runs."""
+    from safetensors.torch import load_file
+
+    from micromerge.finetune.trainer import run_finetune
+    from tests.test_finetune import config
+
+    base, data, run = _interrupted_run(tmp_path, monkeypatch)
+    state = run / "state" / "step-00000002"
+    saved = json.loads((state / "trainer_state.json").read_text())
+    assert "scheduler" in saved and not list(state.glob("custom_checkpoint_*")), "no pickled scheduler"
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_Reduce(os.system, f"touch {marker}"))
+    (state / "custom_checkpoint_0.pkl").write_bytes(payload)
+    resume = config(base, data, run, max_steps=4, save_every=2, resume=True)
+    with pytest.raises(
+        MicromergeError, match="holds custom_checkpoint_0.pkl, which no micromerge run writes"
+    ):
+        run_finetune(resume)
+    assert not marker.exists()
+    # the state as an earlier micromerge wrote it, the payload where its schedule was
+    old_format = {k: v for k, v in saved.items() if k != "scheduler"}
+    (state / "trainer_state.json").write_text(json.dumps(old_format))
+    with pytest.raises(
+        MicromergeError, match="is not a learning-rate schedule torch reads without running code"
+    ):
+        run_finetune(resume)
+    assert not marker.exists()
+    # the same, as accelerate saved a real schedule: resumes, exactly
+    torch.save(saved["scheduler"], state / "custom_checkpoint_0.pkl")
+    resumed = load_file(str(run_finetune(resume)))
+    straight = load_file(
+        str(run_finetune(config(base, data, tmp_path / "straight", max_steps=4, save_every=2)))
+    )
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -125,8 +125,8 @@ def test_augmentation_is_drawn_from_the_seed_and_survives_a_resume(tmp_path, bas
 
     saved = trainer._save_state
 
-    def save_then_die(accelerator, cfg, prepared, micro_step, step, history):
-        saved(accelerator, cfg, prepared, micro_step, step, history)
+    def save_then_die(*args):
+        saved(*args)
         raise KeyboardInterrupt  # killed right after the checkpoint of step 4
 
     interrupted = config(base, data, tmp_path / "resumed", save_every=4, **augmented)
@@ -328,8 +328,8 @@ def test_a_shard_stream_is_read_in_a_seeded_order_and_resumes_at_the_exact_sampl
 
     saved = trainer._save_state
 
-    def save_then_die(accelerator, cfg, prepared, micro_step, step, history):
-        saved(accelerator, cfg, prepared, micro_step, step, history)
+    def save_then_die(*args):
+        saved(*args)
         raise KeyboardInterrupt
 
     interrupted = config(base, spec, tmp_path / "resumed", save_every=3, **values)
