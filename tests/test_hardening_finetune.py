@@ -166,3 +166,28 @@ def test_caption_files_with_bad_bytes_are_one_line(tmp_path, base, make, needle)
     make(data)
     with pytest.raises(MicromergeError, match=needle):
         run_finetune(config(base, data, tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda state: (state / "LATEST").write_text("step-00000009"), "(No such file or directory)"),
+        (lambda state: (state / "LATEST").write_text("../../elsewhere"), "not a step-NNNNNNNN folder"),
+        (lambda state: (state / "step-00000002" / "trainer_state.json").write_text("{cut"), "Expecting"),
+        (
+            lambda state: (state / "step-00000002" / "trainer_state.json").write_text("[]"),
+            "lacks config_digest",
+        ),
+    ],
+)
+def test_a_damaged_saved_state_is_one_line(tmp_path, base, monkeypatch, damage, message):
+    """A state folder copied in part or edited by hand was a traceback on --resume (FileNotFoundError,
+    JSONDecodeError, KeyError); LATEST naming a folder outside state/ was followed there."""
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    damage(tmp_path / "run" / "state")
+    with pytest.raises(
+        MicromergeError, match=r"--resume .*run: its saved state state/.* is unreadable or incomplete"
+    ) as raised:
+        run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+    assert message in str(raised.value) and "start over with --force" in str(raised.value)
