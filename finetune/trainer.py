@@ -217,6 +217,21 @@ def _schedule_in_json(cfg: FinetuneConfig, folder: Path, saved: dict[str, Any], 
     pickles[0].unlink()
 
 
+def _load_saved_state(accelerator, cfg: FinetuneConfig, folder: Path) -> None:
+    """Model, optimizer and random states back through accelerate (safetensors, and torch.load with
+    weights_only); a damaged or foreign file among them is one line, not torch's traceback."""
+    try:
+        with warnings.catch_warnings():  # torch's note on a file's pickle protocol: refused below
+            warnings.simplefilter("ignore")
+            accelerator.load_state(str(folder))
+    except Exception as exc:  # torch, safetensors and accelerate raise their own types
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise MicromergeError(
+            f"--resume {cfg.out}: state/{folder.name} could not be loaded ({type(exc).__name__}: {first}); "
+            "it is damaged or was not written by micromerge: start over with --force"
+        ) from exc
+
+
 def _saved_state(cfg: FinetuneConfig, latest: Path) -> tuple[Path, dict[str, Any]]:
     """The state LATEST names and its trainer_state.json. A state folder copied in part, edited or
     damaged on disk was a traceback (FileNotFoundError, JSONDecodeError, KeyError); LATEST naming
@@ -428,7 +443,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     log_path = cfg.out / "train_log.jsonl"
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
-        accelerator.load_state(str(resume_from))
+        _load_saved_state(accelerator, cfg, resume_from)
         scheduler.load_state_dict(saved["scheduler"])
         micro_step = saved["micro_step"]
         if log_path.is_file():

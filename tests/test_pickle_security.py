@@ -203,3 +203,26 @@ def test_resuming_a_run_never_unpickles_a_state_file_with_code_in_it(tmp_path, m
         str(run_finetune(config(base, data, tmp_path / "straight", max_steps=4, save_every=2)))
     )
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "model.safetensors"])
+def test_a_payload_or_damage_in_the_saved_tensors_never_runs_and_is_one_line(tmp_path, monkeypatch, name):
+    """accelerate reads the optimizer and random states with torch.load(weights_only=True) and the
+    model with safetensors: a payload in any of them runs nothing. The optimizer's or the model's
+    was torch's multi-line traceback; it is one line. (accelerate itself skips random states it
+    cannot read, with a warning: the data order and augmentation do not depend on them.)"""
+    from micromerge.finetune.trainer import run_finetune
+    from tests.test_finetune import config
+
+    base, data, run = _interrupted_run(tmp_path, monkeypatch)
+    marker = tmp_path / "ran"
+    (run / "state" / "step-00000002" / name).write_bytes(pickle.dumps(_Reduce(os.system, f"touch {marker}")))
+    resume = config(base, data, run, max_steps=4, save_every=2, resume=True)
+    if name == "random_states_0.pkl":
+        run_finetune(resume)
+    else:
+        with pytest.raises(
+            MicromergeError, match=r"state/step-00000002 could not be loaded \(.*start over with --force"
+        ):
+            run_finetune(resume)
+    assert not marker.exists()
