@@ -16,6 +16,8 @@ to the main store, where reports and ablations see one run with one point.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 
 from micromerge.analysis.metrics import curve
 from micromerge.analysis.tables import load_runs
+from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
@@ -168,6 +171,26 @@ def greedy_soup(
     ]
     ResultStore(settings.store).append(rows)  # skips rows an earlier run wrote, under the store's lock
     return replace(result, run_id=run_id)
+
+
+def check_soup_out(out: Path, force: bool, models: tuple[str, ...]) -> None:
+    """Refuse an --out the soup could not be written to before the search, not after it: the search
+    evaluates every candidate (minutes to hours), then `--out` was found to exist. An output of an
+    earlier soup (its manifest holds the recipe) is left for the write to reuse or refuse, as the
+    chosen weights decide; an input given as --out is refused."""
+    clash = next((m for m in models if Path(m).exists() and same_file(out, Path(m))), None)
+    if clash is not None:
+        raise MicromergeError(f"--out {out}: is an input ({clash}); choose another --out")
+    if force or not os.path.lexists(out):
+        return
+    try:
+        manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and GREEDY_SOUP in manifest):
+        raise MicromergeError(
+            f"--out {out}: exists (not a soup's output); pass --force to overwrite or choose another --out"
+        )
 
 
 def write_soup(

@@ -725,7 +725,7 @@ def soup_command(
     base: str, finetuned: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], **values: Any
 ) -> None:
     """Greedy soup of the base and the fine-tuned models, chosen on the select half, reported on the other."""
-    from micromerge.analysis.soup import greedy_soup, write_soup
+    from micromerge.analysis.soup import check_soup_out, greedy_soup, write_soup
     from micromerge.core.devices import resolve_device
     from micromerge.merging.rules import KeyRules
     from micromerge.merging.sources import CheckpointAccess
@@ -735,6 +735,8 @@ def soup_command(
     if not state.is_main_process:
         return  # one process chooses: each step depends on the last
     access = CheckpointAccess(values["allow_pickle"], values["arch"])
+    if out:
+        check_soup_out(Path(out), force, (base, *finetuned))
     result = greedy_soup(
         base,
         finetuned,

@@ -116,6 +116,25 @@ def test_soup_command_prints_the_steps_and_writes_the_checkpoint(tmp_path, setti
     assert "report half" in result.output and (tmp_path / "s.safetensors").is_file()
     refused = CliRunner().invoke(cli, [*args, "--include", "visual.*", "--exclude", "visual.*"])
     assert refused.exit_code == 2 and "leave no key" in refused.output
+    again = CliRunner().invoke(cli, [*args, "--quiet", "--out", str(tmp_path / "s.safetensors")])
+    assert again.exit_code == 0, "an earlier soup's output is left for the write to reuse"
+
+
+def test_an_out_the_soup_cannot_write_is_refused_before_any_candidate_is_evaluated(tmp_path, setting):
+    """`--out` was looked at only after the search (every candidate evaluated, minutes to hours),
+    then refused for existing; a file of the user's, or an input, is refused first."""
+    settings, models = setting
+    args = ["soup", "--base", models[0], "--ft", models[1], "--data", settings.data, "--quiet"]
+    args += ["--store", str(settings.store), "--cache-dir", str(settings.cache_dir), "--bootstrap", "0"]
+    (tmp_path / "mine.safetensors").write_bytes(b"the user's")
+    for out, message in (
+        (tmp_path / "mine.safetensors", "exists (not a soup's output); pass --force"),
+        (Path(models[1]), "is an input"),
+    ):
+        result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not Path(settings.store).exists() and not candidate_store(Path(settings.store)).exists()
+    assert (tmp_path / "mine.safetensors").read_bytes() == b"the user's"
 
 
 def test_ablation_runs_soups_and_skips_what_a_method_cannot_take(tmp_path, setting):
