@@ -12,6 +12,7 @@ named `<|startoftext|>` and `<|endoftext|>`.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import open_clip
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.store import ResultStore
 from micromerge.merging.models import load_model, tokenizer_for
 from micromerge.merging.sources import open_source
@@ -507,3 +509,29 @@ def test_the_exported_weights_carry_their_provenance(tmp_path, checkpoint):
         [_export(foreign, tmp_path / "f", "--format", "open_clip") / "open_clip_model.safetensors"]
     )
     assert record["kind"] == "export" and "method" not in record
+
+
+def test_a_set_that_fails_half_way_through_publishing_says_so(tmp_path, monkeypatch):
+    """The files of a staged set are renamed into place one at a time; a failure among the renames
+    (a full disk's rename of a folder, a file made read-only meanwhile) left the first ones in place,
+    and the error still said "no file was left behind"."""
+    import micromerge.core.atomic as atomic
+
+    renames = []
+    real = os.replace
+
+    def second_fails(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    with pytest.raises(MicromergeError, match="no file was left behind"), atomic.staged_files(tmp_path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(atomic.os, "replace", second_fails)
+    with pytest.raises(
+        MicromergeError, match=r"1 of its files were already in place \(a.txt, ...\): write it again"
+    ), atomic.staged_files(tmp_path) as staging:
+        for name in ("a.txt", "b.txt"):
+            (staging / name).write_text(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"], "the staging folder is removed"

@@ -150,21 +150,28 @@ def staged_files(folder: Path, superseded: Callable[[str], bool] = lambda name: 
         if stale.is_dir() and pid_text.isdigit() and not _running(int(pid_text)):
             shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}.", dir=folder))
+    published: list[Path] = []
     try:
         yield staging
         written = sorted(p.relative_to(staging) for p in staging.rglob("*") if not p.is_dir())
         for name in written:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, folder / name)
+            published.append(name)
         subfolders = {name.parts[0] for name in written if len(name.parts) > 1}
         for old in sorted(p for sub in subfolders for p in (folder / sub).rglob("*") if not p.is_dir()):
             name = old.relative_to(folder)
             if name not in written and superseded(name.as_posix()):
                 old.unlink()
     except OSError as exc:
-        raise MicromergeError(
-            f"{folder}: could not write ({exc.strerror or exc}); no file was left behind"
-        ) from exc
+        # renames are one at a time: a failure among them leaves the ones done (the set cannot be
+        # published in one step), and the message must not promise otherwise
+        left = (
+            f"{len(published)} of its files were already in place ({published[0]}, ...): write it again"
+            if published
+            else "no file was left behind"
+        )
+        raise MicromergeError(f"{folder}: could not write ({exc.strerror or exc}); {left}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
