@@ -142,10 +142,9 @@ def build_image_cache(
     folder = cache_dir / "images"
     stem = folder / f"{fingerprint}-{size}px"
     index_path, pixels_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
-    if index_path.is_file() and pixels_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index.get("rows") == len(dataset):
-            return ImageCache(np.load(pixels_path, mmap_mode="r"), np.array(index["valid"], dtype=bool))
+    cached = _cached_pixels(index_path, pixels_path, len(dataset), size)
+    if cached is not None:
+        return cached
     payloads = column_values(dataset.cast_column(column, datasets.Image(decode=False)), column)
     pixels, valid = decode_payloads(payloads, size, progress)
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,3 +155,19 @@ def build_image_cache(
         {"rows": len(payloads), "size": size, "valid": valid.tolist(), "corrupt": int((~valid).sum())},
     )
     return ImageCache(np.load(pixels_path, mmap_mode="r"), valid)
+
+
+def _cached_pixels(index_path: Path, pixels_path: Path, rows: int, size: int) -> ImageCache | None:
+    """The cache when whole and of this data; None (so it is built again) when missing, damaged on
+    disk (a cut .npy, a bad index: numpy's and json's tracebacks) or not of these rows and size."""
+    if not (index_path.is_file() and pixels_path.is_file()):
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        pixels = np.load(pixels_path, mmap_mode="r")
+        valid = np.array(index["valid"], dtype=bool)
+    except (OSError, ValueError, EOFError, KeyError, TypeError):
+        return None
+    if index.get("rows") != rows or pixels.shape != (rows, 3, size, size) or valid.shape != (rows,):
+        return None
+    return ImageCache(pixels, valid)

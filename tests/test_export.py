@@ -529,9 +529,12 @@ def test_a_set_that_fails_half_way_through_publishing_says_so(tmp_path, monkeypa
     with pytest.raises(MicromergeError, match="no file was left behind"), atomic.staged_files(tmp_path):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(atomic.os, "replace", second_fails)
-    with pytest.raises(
-        MicromergeError, match=r"1 of its files were already in place \(a.txt, ...\): write it again"
-    ), atomic.staged_files(tmp_path) as staging:
+    with (
+        pytest.raises(
+            MicromergeError, match=r"1 of its files were already in place \(a.txt, ...\): write it again"
+        ),
+        atomic.staged_files(tmp_path) as staging,
+    ):
         for name in ("a.txt", "b.txt"):
             (staging / name).write_text(name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"], "the staging folder is removed"

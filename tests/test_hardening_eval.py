@@ -469,3 +469,29 @@ def test_the_image_cache_is_rebuilt_when_its_pixels_are_gone_or_its_rows_differ(
     assert np.array_equal(np.asarray(again.pixels), first)
     other = build_image_cache(two, "f", 8, tmp_path, progress=False)
     assert other.pixels.shape[0] == 2 and not np.array_equal(np.asarray(other.pixels), first[:2])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda npy, index: npy.write_bytes(npy.read_bytes()[: len(npy.read_bytes()) // 2]),  # cut short
+        lambda npy, index: npy.write_bytes(b"not numpy"),
+        lambda npy, index: index.write_text("{cut"),
+        lambda npy, index: index.write_text(json.dumps({"rows": 4})),  # no valid mask
+        lambda npy, index: np.save(npy, np.zeros((4, 3, 4, 4), dtype=np.uint8)),  # another size's pixels
+    ],
+)
+def test_an_image_cache_damaged_on_disk_is_built_again(tmp_path, damage):
+    """A cache file cut short by a full disk, or hand-edited, was numpy's or json's traceback on
+    every later eval (the cache is reused across runs, so the user never saw why); pixels of another
+    shape were served as these. The cache is built again."""
+    import datasets
+
+    from tests.test_finetune import _png
+
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(4)]}
+    four = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+    first = np.array(build_image_cache(four, "f", 8, tmp_path, progress=False).pixels)
+    damage(tmp_path / "images" / "f-8px.npy", tmp_path / "images" / "f-8px.json")
+    again = build_image_cache(four, "f", 8, tmp_path, progress=False)
+    assert np.array_equal(np.asarray(again.pixels), first) and bool(np.all(again.valid))
