@@ -262,17 +262,27 @@ def learned_coefficients(
             "models_sha256": digests,
         }
         path = Path(settings.cache_dir) / "statistics" / f"{kind}-{sha256_json(described)[:24]}.json"
-        if not path.is_file():
+        saved = _cached_table(path)
+        if saved is None:
             model, config = load_model(sources[0])
             finetuned = [load_all(source) for source in sources[1:]]  # copies: read() reuses its buffer
             write_json_atomic(
                 path, _learn(request, described, model, config, finetuned, prepared, settings, device)
             )
+            saved = json.loads(path.read_text())  # as every later run reads it: one JSON round trip
     finally:
         for source in sources:
             source.close()
-    saved = json.loads(path.read_text())
     return StatisticsInput((CoefficientTable.from_json(saved["table"]),), [saved["described"]], saved)
+
+
+def _cached_table(path: Path) -> dict[str, Any] | None:
+    """The cached learned table, or None (learned again) when missing or damaged on disk."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and {"table", "described"} <= saved.keys() else None
 
 
 def _learn(request, described, model, config, finetuned, prepared, settings, device) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from micromerge.core.errors import MicromergeError
@@ -143,8 +144,9 @@ def model_statistics(
             / "statistics"
             / f"{request.kind}-{sha256_json(described)[:24]}.safetensors"
         )
-        if path.is_file():
-            return load_file(str(path)), described
+        cached = _cached_statistics(path)
+        if cached is not None:
+            return cached, described
         model, config = load_model(source)
     model = model.to(device)
     if data is None:
@@ -187,3 +189,14 @@ def statistics_input(
         model_statistics(m, request, settings, device, access, d) for m, d in zip(models, data, strict=True)
     ]
     return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])
+
+
+def _cached_statistics(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached statistics, or None (so they are computed again) when missing or damaged on disk:
+    a cut file was safetensors' traceback on every later merge."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError):
+        return None

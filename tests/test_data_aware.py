@@ -453,3 +453,31 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
     assert free.exit_code == 2 and "only fisher and regmean" in free.output
     count = CliRunner().invoke(cli, [*args, "--ft-data", str(special), "--ft-data", str(general)])
     assert count.exit_code == 2 and "one per --ft" in count.output
+
+
+@pytest.mark.parametrize("method", ["regmean", "adamerging"])
+def test_a_statistics_cache_damaged_on_disk_is_computed_again(tmp_path, setting, method):
+    """The cached Gram/Fisher tensors (safetensors) and learned tables (JSON) are reused across runs;
+    one cut short on disk was safetensors' or json's traceback on every later merge. It is computed
+    again, to the same merge."""
+    settings, models = setting
+    args = ["merge", "--base", models[0], "--ft", models[1], "--method", method, "--data", settings.data]
+    args += [
+        "--cache-dir",
+        str(settings.cache_dir),
+        "--quiet",
+        "--force",
+        "--out",
+        str(tmp_path / "m.safetensors"),
+    ]
+    args += ["--samples", "16"] if method == "regmean" else ["--steps", "2"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    first = load_file(str(tmp_path / "m.safetensors"))
+    cached = sorted((settings.cache_dir / "statistics").iterdir())
+    assert cached
+    for path in cached:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(first[k], merged[k]) for k in first)
