@@ -22,7 +22,7 @@ from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, tas
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_file
+from micromerge.core.hashing import sha256_file, sha256_json
 from micromerge.core.provenance import has_interval
 from micromerge.eval.store import coefficients_file
 
@@ -247,10 +247,16 @@ def _learned_coefficients(store: Path, run: Run, notes: list[str]) -> dict[str, 
         return None
     path = coefficients_file(store, described)
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
         notes.append(f"{run.label}: learned coefficients not found at {path} (the sweep writes them there)")
         return None
+    table = saved.get("table") if isinstance(saved, dict) else None
+    if table is None or sha256_json(table) != described["coefficients_sha256"] or "described" not in saved:
+        # the figure would show another table than the one the run's rows were merged with
+        notes.append(f"{run.label}: {path} is not the table this run used (its sha256 differs); no figure")
+        return None
+    return saved
 
 
 def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> str:

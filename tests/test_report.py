@@ -114,6 +114,18 @@ def test_missing_learned_coefficients_are_a_note_not_a_failure(tmp_path):
     build_report(store, tmp_path / "rep", target="domain:pathology")
     expected = tmp_path / "r.jsonl.coefficients" / ("ab" * 8 + ".json")
     assert f"learned coefficients not found at {expected}" in (tmp_path / "rep" / "report.md").read_text()
+    # a file there of another table (overwritten, edited), or of bytes that are not text: no figure of
+    # a table the run never used, and no UnicodeDecodeError traceback
+    expected.parent.mkdir()
+    for content in (
+        json.dumps({"table": {"groups": ["g"], "values": [[1.0]]}, "described": {}}).encode(),
+        b"\xff\xfe",
+    ):
+        expected.write_bytes(content)
+        build_report(store, tmp_path / "rep", target="domain:pathology")
+        markdown = (tmp_path / "rep" / "report.md").read_text()
+        assert "is not the table this run used" in markdown or "learned coefficients not found" in markdown
+        assert not (tmp_path / "rep" / "figures" / "coefficients_run0.png").exists()
 
 
 def test_a_store_of_evaluations_only_is_one_line_that_says_to_sweep(tmp_path):
