@@ -19,6 +19,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -40,6 +41,8 @@ SEPARATORS = {"comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
 """A delimited table's field separators, by the names `#sep=` takes, in the order a header's tie
 is broken (open_clip_train writes tab by default; `csv` and pandas, comma)."""
 SPEC_OPTIONS = ("image", "caption", "sep", "root")
+CAPTION_SUFFIXES = (".txt", ".json")
+"""A webdataset sample's caption members: `.txt`, else the `caption` of `.json`."""
 TAR_SHARDS = "webdataset shards (a sample's image and caption are its files)"
 
 
@@ -245,7 +248,7 @@ def _from_tar(shards: list[Path]) -> PairData:
             raise MicromergeError(f"{shard}: not a readable tar shard ({exc})") from exc
         for key, parts in sorted(samples.items()):
             image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
-            caption = _tar_caption(shard, key, parts)
+            caption = tar_caption(shard, key, parts)
             if image is None:
                 raise MicromergeError(f"{shard}: sample {key} has a caption but no image")
             if not caption:
@@ -255,7 +258,7 @@ def _from_tar(shards: list[Path]) -> PairData:
     return PairData(payloads, captions, ",".join(str(s) for s in shards))
 
 
-def _tar_caption(shard: Path, key: str, parts: dict[str, bytes]) -> str:
+def tar_caption(shard: Path, key: str, parts: dict[str, Any]) -> str:
     """A sample's caption from `.txt`, else from the `caption` of its `.json`; bad bytes are one line."""
     try:
         caption = parts.get(".txt", b"").decode("utf-8").strip()

@@ -33,6 +33,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import column_values
 from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import (
+    CAPTION_SUFFIXES,
     CAPTION_TABLES,
     IMAGE_SUFFIXES,
     TAR_SHARDS,
@@ -43,6 +44,7 @@ from micromerge.eval.pairs import (
     is_saved_dataset,
     load_pairs,
     load_saved_corpus,
+    tar_caption,
 )
 
 FINGERPRINTS = {
@@ -108,7 +110,7 @@ class CorpusIndex:
     source: str
     kind: str  # table | arrow | tar | bytes
     images: list  # table: file paths; arrow: row numbers; tar: (shard, offset, size); bytes: payloads
-    targets: list  # captions (str) or class indices (int); tar: (shard, offset, size, ".txt"|".json", key)
+    targets: list  # captions (str) or class indices (int)
     fingerprint: str
     arrow_layout: str = "save_to_disk"  # or "ubench": a μ-Bench copy, opened as `eval` opens it
     image_column: str = "image"  # arrow: the column the images are read from
@@ -163,26 +165,36 @@ def _index_arrow(spec: str, dataset, corpus: CorpusSpec) -> CorpusIndex:
 
 
 def _index_tar(spec: str, shards: list[Path]) -> CorpusIndex:
-    """Each sample's image and caption members located from the tar headers (data is skipped)."""
+    """Each sample's image member located from the tar headers (its data is read when the sample is
+    drawn) and its caption read now: captions are small, and reading them here refuses an empty or
+    undecodable one before training on either path, as for a table (streamed, an empty caption was
+    trained on as empty text, since a worker cannot stop the run with one line)."""
     images, targets, headers = [], [], []
     for shard in shards:
-        members: dict[str, dict[str, tuple[int, int]]] = {}
+        members: dict[str, dict[str, Any]] = {}
         try:
             with tarfile.open(shard) as archive:
                 for member in archive:
                     if member.isfile():
                         key, _, ext = member.name.rpartition(".")
-                        members.setdefault(key, {})[f".{ext.lower()}"] = (member.offset_data, member.size)
+                        suffix = f".{ext.lower()}"
+                        if suffix in CAPTION_SUFFIXES:
+                            handle = archive.extractfile(member)
+                            members.setdefault(key, {})[suffix] = handle.read() if handle else b""
+                        else:
+                            members.setdefault(key, {})[suffix] = (member.offset_data, member.size)
                         headers.append((shard.name, member.name, member.size))
         except tarfile.TarError as exc:
             raise MicromergeError(f"{shard}: not a readable tar shard ({exc})") from exc
         for key, parts in sorted(members.items()):
             image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
-            caption = next(((s, parts[s]) for s in (".txt", ".json") if s in parts), None)
-            if image is None or caption is None:
+            if image is None or not set(CAPTION_SUFFIXES) & parts.keys():
                 raise MicromergeError(f"{shard}: sample {key} needs an image and a caption (.txt or .json)")
+            caption = tar_caption(shard, key, parts)
+            if not caption:
+                raise MicromergeError(f"{shard}: sample {key} has an image but no caption (.txt)")
             images.append((str(shard), *image))
-            targets.append((str(shard), *caption[1], caption[0], key))
+            targets.append(caption)
     fingerprint = hashlib.sha256(
         json.dumps({"shards": _file_facts(shards), "members": headers}).encode()
     ).hexdigest()
@@ -249,7 +261,7 @@ class StreamedSamples(torch.utils.data.Dataset):
 
     def _target(self, i: int) -> Any:
         target = self.index.targets[i]
-        return _tar_caption(target, strict=False) if self.index.kind == "tar" else target
+        return target
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixels, target, readable): an unreadable image comes back as zeros with readable False,
@@ -287,29 +299,6 @@ def _arrow_images(index: CorpusIndex):
     return dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
 
 
-def _tar_caption(target: tuple, strict: bool) -> str:
-    """A tar sample's caption from its `.txt`, or the `caption` of its `.json` (webdataset's other
-    form). Strict (the in-memory path, which reads the corpus before training): bad bytes and empty
-    captions are one-line errors naming the sample. Streamed, a worker cannot stop the run with one
-    line, so bad bytes are replaced."""
-    shard, _offset, _size, suffix, key = target
-    raw = _read_member(target[:3])
-    try:
-        text = raw.decode("utf-8", "strict" if strict else "replace")
-        if suffix == ".json":
-            meta = json.loads(text)
-            text = str(meta.get("caption", "") if isinstance(meta, dict) else "")
-    except UnicodeDecodeError as exc:
-        raise MicromergeError(f"{shard}: sample {key}: caption is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        if not strict:
-            return ""
-        raise MicromergeError(f"{shard}: sample {key}: .json is not valid JSON ({exc.msg})") from exc
-    if strict and not text.strip():
-        raise MicromergeError(f"{shard}: sample {key} has an image but no caption ({suffix})")
-    return text.strip()
-
-
 def indexed_pairs(index: CorpusIndex) -> PairData:
     """Every sample's image bytes (or path) and caption, read once from the index: the in-memory
     path, so a corpus is indexed once and its bytes are read once whichever path is chosen."""
@@ -318,10 +307,7 @@ def indexed_pairs(index: CorpusIndex) -> PairData:
         payloads = [_as_payload(v) for v in column_values(images, images.column_names[0])]
     else:
         payloads = [_located_payload(index.kind, location) for location in index.images]
-    captions = (
-        [_tar_caption(t, strict=True) for t in index.targets] if index.kind == "tar" else list(index.targets)
-    )
-    return PairData(payloads, captions, index.source)
+    return PairData(payloads, list(index.targets), index.source)
 
 
 def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:

@@ -33,7 +33,9 @@ from micromerge.finetune.streaming import (
     index_pairs,
     indexed_pairs,
 )
-from tests.test_finetune import _png, write_csv_folder
+from micromerge.finetune.trainer import run_finetune
+from tests.helpers import write_checkpoint
+from tests.test_finetune import _png, config, write_csv_folder
 from tests.test_streaming import write_arrow
 
 
@@ -127,14 +129,24 @@ def test_a_streamed_json_caption_is_read_from_its_caption_field(tmp_path):
     assert _streamed_captions(str(shard.parent)) == ["an H&E tile"]
 
 
-def test_an_empty_caption_stops_the_in_memory_read_naming_the_sample(tmp_path):
-    """The in-memory path reads every caption before training, so it can stop with one line; the
-    streamed path's workers cannot (an exception there reaches the trainer as a worker's traceback)."""
+def test_an_empty_caption_stops_both_paths_naming_the_sample(tmp_path):
+    """Captions are read when the shards are indexed, so an empty one stops the run with one line
+    before training, streamed as in memory (streamed, it was trained on as empty text: a worker
+    cannot stop the run with one line). A `.txt` left empty with a `.json` caption beside it takes
+    the `.json`'s, as the plain tar reader does."""
+    base = tmp_path / "base.safetensors"
+    write_checkpoint(base, 0)
     shard = _shard(tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.txt", b"  \n")])
-    with pytest.raises(
-        MicromergeError, match=r"shard-000000.tar: sample a has an image but no caption \(.txt\)"
-    ):
-        indexed_pairs(index_pairs(str(shard.parent)))
+    for in_memory in ("yes", "no"):
+        with pytest.raises(
+            MicromergeError, match=r"shard-000000.tar: sample a has an image but no caption \(.txt\)"
+        ):
+            run_finetune(config(base, shard.parent, tmp_path / f"run-{in_memory}", data_in_memory=in_memory))
+    both = _shard(
+        tmp_path / "both" / "shard-000000.tar",
+        [("a.png", _png(0)), ("a.txt", b""), ("a.json", json.dumps({"caption": "from the json"}).encode())],
+    )
+    assert index_pairs(str(both.parent)).targets == ["from the json"] == load_pairs(str(both.parent)).captions
 
 
 def _asymmetric_png(size: int = 16) -> bytes:
@@ -341,15 +353,14 @@ def test_unreadable_images_are_dropped_with_their_own_targets_up_to_the_fraction
         decode_checked([good[0], bad, bad, good[3]], ["a", "b", "c", "d"], 16, 0.25, "corpus", False)
 
 
-def test_a_broken_json_caption_stops_the_in_memory_read_and_streams_as_empty(tmp_path):
-    """Read before training (in memory), a .json that is not JSON is a one-line error; streamed, a
-    worker cannot stop the run with one line, so the sample's caption is empty."""
+def test_a_broken_json_caption_stops_both_paths_before_training(tmp_path):
+    """A .json that is not JSON is a one-line error when the shards are indexed, so on the streamed
+    path too (it used to stream as an empty caption: a worker cannot stop the run with one line)."""
     shard = _shard(
         tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.json", b'{"caption": "cut')]
     )
     with pytest.raises(MicromergeError, match=r"shard-000000.tar: sample a: .json is not valid JSON"):
-        indexed_pairs(index_pairs(str(shard.parent)))
-    assert _streamed_captions(str(shard.parent)) == [""]
+        index_pairs(str(shard.parent))
 
 
 @pytest.mark.parametrize("header", ["filename,captions", "filepath,text", "path,caption", "file,text"])
