@@ -31,12 +31,19 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        commit_message=f"micromerge: upload {folder.name}",
-        ignore_patterns=IN_PROGRESS,
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"micromerge: upload {folder.name}",
+            ignore_patterns=IN_PROGRESS,
+        )
+    except Exception as exc:  # huggingface_hub's HTTP errors, httpx's connection errors, a bad repo id
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise MicromergeError(
+            f"--repo {repo_id}: the upload failed ({type(exc).__name__}: {first}); check the network, the "
+            "repo id (owner/name) and the token (--token or HF_TOKEN, with write access)"
+        ) from exc
     return str(getattr(commit, "commit_url", commit))

@@ -538,3 +538,24 @@ def test_a_set_that_fails_half_way_through_publishing_says_so(tmp_path, monkeypa
         for name in ("a.txt", "b.txt"):
             (staging / name).write_text(name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"], "the staging folder is removed"
+
+
+def test_a_push_the_hub_refuses_or_cannot_reach_is_one_line(tmp_path, checkpoint, monkeypatch):
+    """Online without a network (DNS), a wrong token or a repo of someone else's: huggingface_hub's
+    or httpx's exception was a traceback. One line naming the repo and what to check."""
+    import huggingface_hub
+
+    class _Unreachable(_StubHub):
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("[Errno -2] Name or service not known\nmore detail")
+
+    folder = _export(checkpoint, tmp_path / "hf")
+    monkeypatch.setattr(huggingface_hub, "HfApi", _Unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    result = CliRunner().invoke(cli, ["push", str(folder), "--repo", "lab/merged"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "--repo lab/merged: the upload failed (ConnectionError: [Errno -2] Name or service not known); "
+        "check the network" in result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1
