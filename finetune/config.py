@@ -66,6 +66,12 @@ class FinetuneConfig:
             raise MicromergeError(f"--precision {self.precision}: expected no, bf16 or fp16")
         if not 0 <= self.max_bad_fraction <= 1:
             raise MicromergeError(f"--max-bad-fraction {self.max_bad_fraction}: must be in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            # accelerate places each process on its own GPU: a `cuda:1` was trained on cuda:0
+            raise MicromergeError(
+                f"--device {self.device}: expected auto, cpu or cuda (fine-tuning runs on the GPU accelerate "
+                "gives each process; choose one with CUDA_VISIBLE_DEVICES=N)"
+            )
         if self.data_in_memory not in ("auto", "yes", "no"):
             raise MicromergeError(f"--data-in-memory {self.data_in_memory}: expected auto, yes or no")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:

@@ -27,6 +27,7 @@ import torch
 
 import micromerge
 from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.devices import resolve_device
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
@@ -396,7 +397,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         _check_finished_settings(cfg)
         shutil.rmtree(cfg.out / "state", ignore_errors=True)
         return cfg.out / "model.safetensors"
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    use_cpu = resolve_device(cfg.device).type == "cpu"  # `cuda` without a GPU: one line, not a CPU run
     if use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise MicromergeError(
             "accelerate launch --use_fsdp: accelerate shards models over GPUs only; on the CPU the "

@@ -813,7 +813,12 @@ def _finetune_options(func):
             show_default=True,
             help="Mixed precision on GPU.",
         ),
-        DEVICE,
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto, cpu or cuda (the GPU accelerate gives each process; pick one with CUDA_VISIBLE_DEVICES).",
+        ),
         click.option(
             "--save-every",
             type=int,

@@ -191,3 +191,18 @@ def test_a_damaged_saved_state_is_one_line(tmp_path, base, monkeypatch, damage, 
     ) as raised:
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
     assert message in str(raised.value) and "start over with --force" in str(raised.value)
+
+
+def test_a_device_the_run_would_not_use_is_refused(tmp_path, base):
+    """`--device cuda` on a machine without a GPU trained on the CPU without a word, and `cuda:1`
+    (or a typo such as `gpu`) was accepted while accelerate put the run on its own device."""
+    import torch
+
+    data = write_csv_folder(tmp_path / "pairs")
+    for device in ("cuda:1", "gpu"):
+        with pytest.raises(MicromergeError, match=f"--device {device}: expected auto, cpu or cuda"):
+            config(base, data, tmp_path / "run", device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(MicromergeError, match="--device cuda: no CUDA device is available here"):
+            run_finetune(config(base, data, tmp_path / "run", device="cuda", max_steps=1))
+        assert not (tmp_path / "run" / "model.safetensors").exists()
