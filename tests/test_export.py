@@ -540,14 +540,19 @@ def test_a_set_that_fails_half_way_through_publishing_says_so(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"], "the staging folder is removed"
 
 
-def test_a_push_the_hub_refuses_or_cannot_reach_is_one_line(tmp_path, checkpoint, monkeypatch):
-    """Online without a network (DNS), a wrong token or a repo of someone else's: huggingface_hub's
-    or httpx's exception was a traceback. One line naming the repo and what to check."""
+@pytest.mark.parametrize("error", ["ConnectionError", "HFValidationError"])
+def test_a_push_the_hub_refuses_or_cannot_reach_is_one_line(tmp_path, checkpoint, monkeypatch, error):
+    """Online without a network (DNS), a wrong token, a repo of someone else's or a malformed id:
+    huggingface_hub's or httpx's exception (not all of them OSErrors) was a traceback. One line
+    naming the repo and what to check."""
     import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    raised = {"ConnectionError": ConnectionError, "HFValidationError": HFValidationError}[error]
 
     class _Unreachable(_StubHub):
         def create_repo(self, repo_id, **kwargs):
-            raise ConnectionError("[Errno -2] Name or service not known\nmore detail")
+            raise raised("[Errno -2] Name or service not known\nmore detail")
 
     folder = _export(checkpoint, tmp_path / "hf")
     monkeypatch.setattr(huggingface_hub, "HfApi", _Unreachable)
@@ -555,7 +560,7 @@ def test_a_push_the_hub_refuses_or_cannot_reach_is_one_line(tmp_path, checkpoint
     result = CliRunner().invoke(cli, ["push", str(folder), "--repo", "lab/merged"])
     assert result.exit_code == 2, result.output
     assert (
-        "--repo lab/merged: the upload failed (ConnectionError: [Errno -2] Name or service not known); "
+        f"--repo lab/merged: the upload failed ({error}: [Errno -2] Name or service not known); "
         "check the network" in result.output
     )
     assert len(result.output.strip().splitlines()) == 1
