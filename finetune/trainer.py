@@ -13,11 +13,9 @@ import fnmatch
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision, is_hub_layout
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
+from micromerge.finetune.saved_state import load_saved_state, read_saved_state, schedule_in_json
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
     CorpusIndex,
@@ -175,83 +174,14 @@ def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
         )
     latest = state_dir / "LATEST"
     if cfg.resume and latest.is_file():
-        resume_from, saved = _saved_state(cfg, latest)
+        resume_from, saved = read_saved_state(cfg, latest)
         if saved["config_digest"] != sha256_json(cfg.hyperparameters()):
             raise MicromergeError(
                 f"--resume {cfg.out}: the run there used other settings; use the same flags or --force"
             )
-        _schedule_in_json(cfg, resume_from, saved, is_main)
+        schedule_in_json(cfg, resume_from, saved, is_main)
         return resume_from
     return None
-
-
-def _schedule_in_json(cfg: FinetuneConfig, folder: Path, saved: dict[str, Any], is_main: bool) -> None:
-    """Keep the schedule of an earlier micromerge's state in trainer_state.json. accelerate saved the
-    registered scheduler as `custom_checkpoint_0.pkl` and loads it with weights_only=False, running
-    whatever code the file holds; its state_dict is numbers and lists, which torch.load reads with
-    weights_only=True, so it is read so, moved into trainer_state.json and the pickle removed. A
-    pickle torch will not read so, or one beside a schedule already saved as JSON, is refused. The
-    main process alone does it (the others wait for it before they read the state)."""
-    pickles = sorted(folder.glob("custom_checkpoint_*.pkl")) if is_main else []
-    if not pickles:
-        return
-    if "scheduler" in saved or [p.name for p in pickles] != ["custom_checkpoint_0.pkl"]:
-        raise MicromergeError(
-            f"--resume {cfg.out}: state/{folder.name} holds {pickles[-1].name}, which no micromerge run "
-            "writes (loading it would run its code); remove it, or start over with --force"
-        )
-    try:
-        with warnings.catch_warnings():  # torch's note on a payload's pickle protocol: refused below
-            warnings.simplefilter("ignore")
-            schedule = torch.load(pickles[0], map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's refusal of a payload, or a damaged file
-        raise MicromergeError(
-            f"--resume {cfg.out}: state/{folder.name}/{pickles[0].name} is not a learning-rate schedule "
-            f"torch reads without running code ({type(exc).__name__}); start over with --force"
-        ) from exc
-    if not isinstance(schedule, dict) or not isinstance(schedule.get("last_epoch"), int):
-        raise MicromergeError(
-            f"--resume {cfg.out}: state/{folder.name}/{pickles[0].name} is not a learning-rate schedule; "
-            "start over with --force"
-        )
-    write_json_atomic(folder / "trainer_state.json", {**saved, "scheduler": schedule})
-    pickles[0].unlink()
-
-
-def _load_saved_state(accelerator, cfg: FinetuneConfig, folder: Path) -> None:
-    """Model, optimizer and random states back through accelerate (safetensors, and torch.load with
-    weights_only); a damaged or foreign file among them is one line, not torch's traceback."""
-    try:
-        with warnings.catch_warnings():  # torch's note on a file's pickle protocol: refused below
-            warnings.simplefilter("ignore")
-            accelerator.load_state(str(folder))
-    except Exception as exc:  # torch, safetensors and accelerate raise their own types
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
-        raise MicromergeError(
-            f"--resume {cfg.out}: state/{folder.name} could not be loaded ({type(exc).__name__}: {first}); "
-            "it is damaged or was not written by micromerge: start over with --force"
-        ) from exc
-
-
-def _saved_state(cfg: FinetuneConfig, latest: Path) -> tuple[Path, dict[str, Any]]:
-    """The state LATEST names and its trainer_state.json. A state folder copied in part, edited or
-    damaged on disk was a traceback (FileNotFoundError, JSONDecodeError, KeyError); LATEST naming
-    anything but a step folder of this run's state/ is refused too."""
-    name = latest.read_text(errors="replace").strip()
-    folder = latest.parent / name
-    try:
-        if not re.fullmatch(r"step-\d{8}", name):
-            raise ValueError(f"LATEST names {name[:40]!r}, not a step-NNNNNNNN folder")
-        saved = json.loads((folder / "trainer_state.json").read_text())
-        if not isinstance(saved, dict) or not {"config_digest", "micro_step", "step"} <= saved.keys():
-            raise ValueError("trainer_state.json lacks config_digest, micro_step or step")
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise MicromergeError(
-            f"--resume {cfg.out}: its saved state state/{name[:40]} is unreadable or incomplete ({reason}); "
-            "start over with --force"
-        ) from exc
-    return folder, saved
 
 
 def _prepare(cfg: FinetuneConfig) -> Prepared:
@@ -444,7 +374,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     log_path = cfg.out / "train_log.jsonl"
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
-        _load_saved_state(accelerator, cfg, resume_from)
+        load_saved_state(accelerator, cfg, resume_from)
         scheduler.load_state_dict(saved["scheduler"])
         micro_step = saved["micro_step"]
         if log_path.is_file():
