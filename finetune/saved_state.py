@@ -86,3 +86,32 @@ def read_saved_state(cfg: FinetuneConfig, latest: Path) -> tuple[Path, dict[str,
             "start over with --force"
         ) from exc
     return folder, saved
+
+
+def restore_schedule(
+    cfg: FinetuneConfig, scheduler: torch.optim.lr_scheduler.LRScheduler, saved: dict
+) -> None:
+    """Put the learning-rate schedule back where the saved state left it. Its JSON must have the
+    fields, types and lengths of this run's own schedule: an edited or damaged one was a KeyError from
+    inside torch, or, worse, loaded with another number of groups and trained at the wrong rates."""
+    expected, given = scheduler.state_dict(), saved.get("scheduler")
+
+    def same_shape(a: Any, b: Any) -> bool:
+        if isinstance(a, bool) or isinstance(b, bool):
+            return isinstance(a, bool) and isinstance(b, bool)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return isinstance(a, float) or isinstance(b, int)  # an int field stays an int
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same_shape(x, y) for x, y in zip(a, b, strict=True))
+        return a is None and b is None if a is None or b is None else type(a) is type(b)
+
+    if (
+        not isinstance(given, dict)
+        or set(given) != set(expected)
+        or not all(same_shape(expected[key], given[key]) for key in expected)
+    ):
+        raise MicromergeError(
+            f"--resume {cfg.out}: the learning-rate schedule in its trainer_state.json is not this run's "
+            "(fields, types or number of parameter groups differ); start over with --force"
+        )
+    scheduler.load_state_dict(given)

@@ -35,7 +35,12 @@ from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision, is_hub_layout
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
-from micromerge.finetune.saved_state import load_saved_state, read_saved_state, schedule_in_json
+from micromerge.finetune.saved_state import (
+    load_saved_state,
+    read_saved_state,
+    restore_schedule,
+    schedule_in_json,
+)
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
     CorpusIndex,
@@ -375,7 +380,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         load_saved_state(accelerator, cfg, resume_from)
-        scheduler.load_state_dict(saved["scheduler"])
+        restore_schedule(cfg, scheduler, saved)
         micro_step = saved["micro_step"]
         if log_path.is_file():
             history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]

@@ -206,3 +206,26 @@ def test_a_device_the_run_would_not_use_is_refused(tmp_path, base):
         with pytest.raises(MicromergeError, match="--device cuda: no CUDA device is available here"):
             run_finetune(config(base, data, tmp_path / "run", device="cuda", max_steps=1))
         assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda schedule: {},
+        lambda schedule: {**schedule, "base_lrs": [*schedule["base_lrs"], 0.1]},  # another group count
+        lambda schedule: {**schedule, "last_epoch": 2.5},
+        lambda schedule: "warmup",
+    ],
+)
+def test_a_schedule_that_is_not_this_runs_is_one_line(tmp_path, base, monkeypatch, edit):
+    """The schedule is JSON in trainer_state.json: an edited or damaged one was a KeyError from inside
+    torch, or loaded with another number of parameter groups and trained at the wrong rates."""
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    path = tmp_path / "run" / "state" / "step-00000002" / "trainer_state.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "scheduler": edit(saved["scheduler"])}))
+    with pytest.raises(
+        MicromergeError, match="the learning-rate schedule in its trainer_state.json is not this run's"
+    ):
+        run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
