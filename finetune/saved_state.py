@@ -79,6 +79,9 @@ def read_saved_state(cfg: FinetuneConfig, latest: Path) -> tuple[Path, dict[str,
         saved = json.loads((folder / "trainer_state.json").read_text())
         if not isinstance(saved, dict) or not {"config_digest", "micro_step", "step"} <= saved.keys():
             raise ValueError("trainer_state.json lacks config_digest, micro_step or step")
+        counts = (saved["micro_step"], saved["step"])
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise ValueError(f"trainer_state.json: micro_step and step must be counts, not {counts!r}"[:120])
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise MicromergeError(

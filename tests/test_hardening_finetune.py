@@ -178,6 +178,12 @@ def test_caption_files_with_bad_bytes_are_one_line(tmp_path, base, make, needle)
             lambda state: (state / "step-00000002" / "trainer_state.json").write_text("[]"),
             "lacks config_digest",
         ),
+        (
+            lambda state: (state / "step-00000002" / "trainer_state.json").write_text(
+                json.dumps({"config_digest": "x", "micro_step": "2", "step": 2})
+            ),
+            "micro_step and step must be counts",
+        ),
     ],
 )
 def test_a_damaged_saved_state_is_one_line(tmp_path, base, monkeypatch, damage, message):
