@@ -118,3 +118,28 @@ def restore_schedule(
             "(fields, types or number of parameter groups differ); start over with --force"
         )
     scheduler.load_state_dict(given)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The loss log of the steps trained so far (`train_log.jsonl`, rewritten whole at each save).
+    Lines that are not a step's record (damaged on disk, edited) are dropped with one warning: the
+    log feeds the manifest's loss summary, not the weights, so it is no reason to stop a resume."""
+    if not path.is_file():
+        return []
+    rows, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = None
+        if (
+            isinstance(row, dict)
+            and isinstance(row.get("step"), int)
+            and isinstance(row.get("loss"), (int, float))
+        ):
+            rows.append(row)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        warnings.warn(f"{path}: {dropped} line(s) that are not a step's loss record dropped", stacklevel=2)
+    return rows

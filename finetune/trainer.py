@@ -37,6 +37,7 @@ from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision, is_
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
 from micromerge.finetune.saved_state import (
     load_saved_state,
+    read_log,
     read_saved_state,
     restore_schedule,
     schedule_in_json,
@@ -382,9 +383,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         load_saved_state(accelerator, cfg, resume_from)
         restore_schedule(cfg, scheduler, saved)
         micro_step = saved["micro_step"]
-        if log_path.is_file():
-            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-            history = [row for row in history if row["step"] <= micro_step // cfg.accum_steps]
+        history = [row for row in read_log(log_path) if row["step"] <= micro_step // cfg.accum_steps]
     feed = _MicroBatches(prepared, cfg, accelerator, micro_step, total_micro, per_epoch)
     clip = (
         accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)

@@ -235,3 +235,16 @@ def test_a_schedule_that_is_not_this_runs_is_one_line(tmp_path, base, monkeypatc
         MicromergeError, match="the learning-rate schedule in its trainer_state.json is not this run's"
     ):
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+
+
+def test_a_damaged_loss_log_is_no_reason_to_stop_a_resume(tmp_path, base, monkeypatch):
+    """train_log.jsonl feeds the manifest's loss summary, not the weights: a cut or edited line was a
+    JSONDecodeError/KeyError traceback on --resume. The lines are dropped with one warning."""
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    log = tmp_path / "run" / "train_log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], '{"step": 2, "lo', '{"no": "step"}', *lines[2:]]) + "\n")
+    with pytest.warns(UserWarning, match="2 line\\(s\\) that are not a step's loss record dropped"):
+        run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 3, 4]
