@@ -52,7 +52,8 @@ def mark_rows(rows: list[dict[str, Any]], marks: dict[str, str]) -> list[dict[st
 def warn_trained_on(what: str, trained: list[str], marks: dict[str, str]) -> None:
     if trained:
         warnings.warn(
-            f"{what} was fine-tuned (supervised) on this benchmark's own images of {', '.join(trained)}: "
+            f"{what} is, or was made from, a model fine-tuned (supervised) on this benchmark's own images of "
+            f"{', '.join(trained)}: "
             f"the rows of {len(marks)} task(s) scoring them are not zero-shot (marked {TRAINED_ON} in the store)",
             stacklevel=3,
         )
