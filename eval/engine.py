@@ -36,7 +36,7 @@ from micromerge.eval.zeroshot import (
     predict,
     text_embeddings,
 )
-from micromerge.merging.execute import input_hashes
+from micromerge.merging.execute import input_hashes, warn_repeated_inputs
 from micromerge.merging.lineage import sources_lineage
 from micromerge.merging.methods import get_method
 from micromerge.merging.models import image_size, load_model, normalisation, tokenizer_for
@@ -539,6 +539,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
     finetuned = [plan.access.open(f) for f in plan.finetuned]
     try:
         hashes = input_hashes([base, *finetuned])
+        warn_repeated_inputs([base, *finetuned], hashes)
         base_hashes = [hashes[str(f)] for f in base.files]
         ft_hashes = [hashes[str(f)] for s in finetuned for f in s.files]
         parameters = plan.spec.describe()

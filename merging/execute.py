@@ -195,6 +195,28 @@ def input_hashes(sources: list[TensorSource]) -> dict[str, str]:
     return {str(f): d for f, d in zip(files, digests, strict=True)}
 
 
+def warn_repeated_inputs(sources: list[TensorSource], hashes: dict[str, str]) -> None:
+    """Say when a fine-tuned model has the base's weights (its task vector is zero: the merge is the
+    base at every alpha) or another fine-tuned model's (it is counted twice in a sum or a vote):
+    usually a path typed twice or a copy, and the output does not show it."""
+    digests = [tuple(hashes[str(f)] for f in source.files) for source in sources]
+    seen: dict[tuple[str, ...], str] = {}
+    for source, digest in zip(sources[1:], digests[1:], strict=True):
+        if digest == digests[0]:
+            warnings.warn(
+                f"--ft {source.label}: the same weights as --base (sha256 {digest[0][:12]}…): its task "
+                "vector is zero, so it changes nothing",
+                stacklevel=2,
+            )
+        elif digest in seen:
+            warnings.warn(
+                f"--ft {source.label}: the same weights as --ft {seen[digest]} (sha256 {digest[0][:12]}…): "
+                "it is counted twice",
+                stacklevel=2,
+            )
+        seen.setdefault(digest, source.label)
+
+
 def merge_to_file(
     spec: MergeSpec,
     base: TensorSource,
@@ -255,6 +277,7 @@ def merge_to_file(
                 statistics.values if statistics else None,
             )
             record["inputs_sha256"] = hashes_future.result()
+            warn_repeated_inputs(sources, record["inputs_sha256"])
             writer.replace_metadata(_file_metadata(record, base))
     elapsed = time.perf_counter() - start
     manifest = {

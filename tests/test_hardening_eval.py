@@ -495,3 +495,31 @@ def test_an_image_cache_damaged_on_disk_is_built_again(tmp_path, damage):
     damage(tmp_path / "images" / "f-8px.npy", tmp_path / "images" / "f-8px.json")
     again = build_image_cache(four, "f", 8, tmp_path, progress=False)
     assert np.array_equal(np.asarray(again.pixels), first) and bool(np.all(again.valid))
+
+
+def test_a_sweep_of_a_specialist_with_the_bases_weights_says_so(setup):
+    """The sweep hashes its inputs before any alpha: a specialist with the base's weights (a path
+    typed twice) gives the base's numbers at every alpha, and is named in a warning."""
+    tmp, bench = setup
+    args = [
+        "sweep",
+        "--base",
+        str(tmp / "a.safetensors"),
+        "--ft",
+        str(tmp / "a.safetensors"),
+        "--data",
+        str(bench),
+    ]
+    args += [
+        "--alphas",
+        "0,1",
+        "--store",
+        str(tmp / "s.jsonl"),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--bootstrap",
+        "0",
+    ]
+    result = CliRunner().invoke(cli, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"--ft {tmp / 'a.safetensors'}: the same weights as --base" in result.output

@@ -555,3 +555,27 @@ def test_the_merge_carries_the_bases_model_config_so_it_loads_without_a_name(tmp
     with open_source(str(tmp_path / "m.safetensors")) as merged:
         model, _ = load_model(merged)
     assert len(model.visual.transformer.resblocks) == 1
+
+
+def test_a_specialist_with_the_bases_or_another_specialists_weights_is_named(pair):
+    """`--ft` typed as the base (or a copy of it) has a zero task vector: the merge is the base at
+    every alpha, and nothing said so; a specialist given twice is counted twice in a sum or a vote.
+    Both are warned about (by content, so a copy under another name too); distinct inputs are not."""
+    import shutil
+
+    tmp, _, _ = pair
+    copy = tmp / "copy-of-base.safetensors"
+    shutil.copyfile(tmp / "base.safetensors", copy)
+    ft = tmp / "ft.safetensors"
+    same = invoke(
+        "--base", tmp / "base.safetensors", "--ft", copy, "--alpha", 0.5, "--out", tmp / "a.safetensors"
+    )
+    assert same.exit_code == 0 and f"--ft {copy}: the same weights as --base" in same.stderr
+    assert "its task vector is zero" in same.stderr
+    twice = invoke("--base", tmp / "base.safetensors", "--ft", ft, "--ft", ft, "--method", "task-arithmetic",
+                   "--alpha", 0.5, "--out", tmp / "b.safetensors")  # fmt: skip
+    assert twice.exit_code == 0 and f"--ft {ft}: the same weights as --ft {ft}" in twice.stderr
+    plain = invoke(
+        "--base", tmp / "base.safetensors", "--ft", ft, "--alpha", 0.5, "--out", tmp / "c.safetensors"
+    )
+    assert plain.exit_code == 0 and "the same weights" not in plain.stderr
