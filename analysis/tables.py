@@ -11,9 +11,9 @@ import pandas as pd
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
+from micromerge.core.provenance import TRAINED_ON
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.store import ResultStore
-from micromerge.eval.trained_on import TRAINED_ON
 from micromerge.merging.model_card import checkpoint_provenance
 from micromerge.merging.sources import CHECKPOINT_SUFFIXES, checkpoint_name
 

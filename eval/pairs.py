@@ -339,7 +339,8 @@ def _load_split(location: str, spec: str) -> datasets.Dataset:
             f"--data {spec}: {what} could not be opened ({type(exc).__name__}); offline, pass a local copy"
         ) from exc
     split = training_split(list(builder.config.data_files or {}), spec)
-    return datasets.load_dataset(location, split=split)
+    builder.download_and_prepare()  # what load_dataset does, on the builder already resolved
+    return builder.as_dataset(split=split)
 
 
 def is_hub_id(location: str) -> bool:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from micromerge.core.provenance import task_data_fingerprint
+from micromerge.core.provenance import TRAINED_ON, task_data_fingerprint
 from micromerge.eval.tasks import Task
-
-TRAINED_ON = "trained_on"
 
 
 def trained_on_marks(

@@ -15,7 +15,7 @@ from typing import Any
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
-from micromerge.core.provenance import has_interval, supervised_lineage
+from micromerge.core.provenance import has_interval, supervised_lineage, trained_on_note
 from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
 from micromerge.merging.zoo import ZooEntry, load_zoo
@@ -138,7 +138,7 @@ def model_card(
     if evaluation:
         lines += ["| task | protocol | split | accuracy | 95% interval |", "|---|---|---|---|---|"]
         lines += [
-            f"| {r['task']}{_trained_on(r)} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % "
+            f"| {r['task']}{trained_on_note(r)} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % "
             f"| {_interval(r)} |"
             for r in evaluation
         ]
@@ -153,12 +153,6 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def _trained_on(row: dict[str, Any]) -> str:
-    """eval.trained_on's mark: the model was trained on the task or on its images."""
-    mark = row.get("trained_on")
-    return f" (trained on its {'images' if mark == 'images' else 'task'}: not zero-shot)" if mark else ""
 
 
 def _interval(row: dict[str, Any]) -> str:

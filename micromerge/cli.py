@@ -538,7 +538,7 @@ def _eval_settings(values: dict[str, Any]):
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    from micromerge.core.provenance import has_interval
+    from micromerge.core.provenance import has_interval, trained_on_note
     from micromerge.eval.aggregate import aggregate
 
     by_alpha: dict[Any, list[dict[str, Any]]] = {}
@@ -558,8 +558,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             acc = metrics["accuracy"]
             interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"]) if has_interval(acc) else "-"
             corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
-            if acc.get("trained_on"):  # eval.trained_on: a model was trained on this task or its images
-                corrupt += f"  (trained on its {'images' if acc['trained_on'] == 'images' else 'task'}: not zero-shot)"
+            corrupt += trained_on_note(acc)
             balanced = metrics.get("balanced_accuracy", {}).get("value", float("nan"))
             click.echo(
                 f"{task:<34} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "

@@ -14,9 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from micromerge.cli import cli
-from micromerge.core.provenance import SUPERVISED_ON, task_data_fingerprint
+from micromerge.core.provenance import SUPERVISED_ON, TRAINED_ON, task_data_fingerprint
 from micromerge.eval.data import load_benchmark
-from micromerge.eval.trained_on import TRAINED_ON
 from micromerge.finetune.trainer import run_finetune
 from micromerge.merging.tensor_source import parse_safetensors_header
 from tests.helpers import write_checkpoint

@@ -9,6 +9,9 @@ from typing import Any
 import micromerge
 from micromerge.core.hashing import sha256_json
 
+TRAINED_ON = "trained_on"
+"""The result-row field marking a task whose number is not zero-shot: a model evaluated was trained
+on that task ("task") or on images it scores ("images"); absent otherwise (eval.trained_on)."""
 SUPERVISED_ON = "supervised_on"
 """The provenance field of a checkpoint made from others (a fine-tune of a base, a merge): the
 labelled benchmark data its inputs were trained on (`supervised_lineage`), so the fact outlives
@@ -45,6 +48,12 @@ def has_interval(row: Any) -> bool:
     """Whether a result row holds a bootstrap interval, by the bootstrap count it records: with
     --bootstrap 0 its ci_low and ci_high are its point value, which no table prints as an interval."""
     return row.get("bootstrap") != 0
+
+
+def trained_on_note(row: Any) -> str:
+    """What a table or card prints after a row's task when the row is marked `TRAINED_ON`."""
+    mark = row.get(TRAINED_ON)
+    return f" (trained on its {'images' if mark == 'images' else 'task'}: not zero-shot)" if mark else ""
 
 
 def task_data_fingerprint(benchmark_fingerprint: str, task: str) -> str:
