@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from micromerge.analysis.metrics import GROUP_KINDS, table_groups
 from micromerge.analysis.report import build_report
 from micromerge.analysis.soup import GREEDY_SOUP, greedy_soup
+from micromerge.analysis.tables import task_table
 from micromerge.core.config_files import load_section, reject_unknown_keys
 from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.core.errors import MicromergeError
@@ -113,8 +115,34 @@ def load_ablation(path: str | Path) -> Ablation:
         target=section.get("target"),
         method_parameters=section.get("method_parameters") or {},
     )
-    grid_jobs(ablation)  # validate the whole grid now
+    try:  # validate the whole grid now
+        check_target_form(ablation.target)
+        grid_jobs(ablation)
+    except MicromergeError as exc:
+        raise MicromergeError(f"{path}: {exc}") from exc
     return ablation
+
+
+def check_target_form(target: str | None) -> None:
+    """`KIND:VALUE` of a kind the report knows, checked before anything runs."""
+    kind, _, value = (target or "level:fine").partition(":")
+    if kind not in ("level", *GROUP_KINDS) or not value:
+        raise MicromergeError(
+            f"target {target!r}: expected level:coarse|fine or one of "
+            f"{', '.join(k + ':VALUE' for k in GROUP_KINDS)} (e.g. domain:pathology)"
+        )
+
+
+def check_target(target: str | None, rows: list[dict[str, Any]], data: str) -> None:
+    """The target is a group of the benchmark's tasks. The report checks it too, but only after
+    every sweep of the grid (hours on μ-Bench): here it is checked on the first model's evaluation."""
+    if target is None:
+        return
+    groups = table_groups(task_table(rows))
+    if target not in groups:
+        raise MicromergeError(
+            f"target {target!r}: not a group of the tasks of {data}; valid groups: {groups}"
+        )
 
 
 @dataclass(frozen=True)
@@ -206,9 +234,8 @@ def run_ablation(
         world_size=world_size,
     )
     for pair in ablation.pairs:  # the reference points, once per pair, shared by every method and rule set
-        access = pair["access"]
         for model in (pair["base"], *pair["finetuned"]):
-            run_eval(model, settings, device, access)
+            check_target(ablation.target, run_eval(model, settings, device, pair["access"]), ablation.data)
     for label, job in grid_jobs(ablation):
         if isinstance(job, SoupJob):
             if rank == 0:  # each step of a soup depends on the last: one process chooses

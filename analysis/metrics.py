@@ -20,7 +20,13 @@ GROUP_KINDS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "sc
 
 
 def valid_groups(run: Run) -> list[str]:
-    fine = run.table[run.table["level"] == "fine"]
+    return table_groups(run.table)
+
+
+def table_groups(table: pd.DataFrame) -> list[str]:
+    """Every group a target or control can name in a task table: `level:coarse|fine`, and
+    `KIND:VALUE` for each value of each group kind among its fine-grained tasks."""
+    fine = table[table["level"] == "fine"]
     return sorted(
         {f"domain:{d}" for d in fine["domain"].unique()}
         | {

@@ -74,7 +74,7 @@ def load_runs(store_path: str | Path) -> list[Run]:
     runs = []
     for run_id, run_rows in by_run.items():
         first = run_rows[0]
-        table = pd.DataFrame.from_records([_record(r) for r in run_rows if is_task_row(r)])
+        table = task_table(run_rows)
         headline = pd.DataFrame.from_records(
             [
                 {**_record(r), "caption_key": r.get("caption_key"), "bootstrap": r.get("bootstrap")}
@@ -128,6 +128,11 @@ def _attach_references(runs: list[Run]) -> None:
 
 
 GROUP_COLUMNS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale", "paper")
+
+
+def task_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Store rows -> one table row per task row (headline rows left out), with its groups."""
+    return pd.DataFrame.from_records([_record(r) for r in rows if is_task_row(r)])
 
 
 def _record(row: dict[str, Any]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         base=str(values["base"]),
         finetuned=tuple(str(f) for f in finetuned),
         spec=spec,
-        alphas=tuple(parse_alphas(alphas)) if alphas not in (None, "") else None,
+        alphas=tuple(parse_alphas(alphas)) if alphas is not None else None,
         out=values.get("out"),
         device=str(values.get("device") or "auto"),
         engine=str(values.get("engine") or "auto"),

@@ -184,6 +184,61 @@ def test_alphas_given_as_a_list_are_the_same_grid_as_the_string(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "line, needle",
+    [
+        # an empty list: every sweep of the grid evaluated nothing, and the report was written
+        ("alphas = []", r"grid.toml: --alphas '': no values"),
+        ('alphas = ""', r"grid.toml: --alphas '': no values"),
+        # the report refused these, but only once every sweep of the grid had run
+        (
+            'target = "pathology"',
+            r"grid.toml: target 'pathology': expected level:coarse\|fine or one of domain:",
+        ),
+        ('target = "domain:"', r"grid.toml: target 'domain:': expected"),
+        ('target = "organ:liver"', r"grid.toml: target 'organ:liver': expected"),
+    ],
+)
+def test_an_empty_alpha_list_or_a_target_of_no_group_kind_is_refused_at_load(tmp_path, line, needle):
+    with pytest.raises(MicromergeError, match=needle):
+        load_ablation(_config(tmp_path, MINIMAL.replace("methods =", f"{line}\nmethods =")))
+
+
+def _task_row(task: str, level: str, **groups: str) -> dict:
+    """A stored evaluation row, as much of it as the report's task table reads."""
+    numbers = {"metric": "accuracy", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n_images": 10}
+    return {"alpha": None, "task": task, "level": level, "groups": groups, **numbers}
+
+
+EVALUATED = [
+    _task_row("domain", "coarse"),
+    _task_row("breakhis", "fine", domain="pathology", subdomain="breast pathology"),
+    _task_row("cell-cycle", "fine", domain="biology", modality="fluorescence microscopy"),
+]
+
+
+def test_a_target_that_is_no_group_of_the_benchmark_stops_the_grid_before_its_first_sweep(
+    tmp_path, monkeypatch
+):
+    """`target = "domain:patholgy"`: checked against the groups of the first evaluation's tasks,
+    so the grid stops after one evaluation, not after every sweep (the report's own check)."""
+    calls: list[str] = []
+    monkeypatch.setattr(ablate, "run_eval", lambda *args: calls.append("eval") or EVALUATED)
+    monkeypatch.setattr(ablate, "run_sweep", lambda *args: calls.append("sweep"))
+    monkeypatch.setattr(ablate, "build_report", lambda *args: calls.append("report"))
+    for target in ("domain:patholgy", "subdomain:breast", "modality:electron microscopy"):
+        text = MINIMAL.replace("methods =", f'target = "{target}"\nmethods =')
+        with pytest.raises(MicromergeError, match=rf"target '{target}': not a group of the tasks of /d"):
+            run_ablation(load_ablation(_config(tmp_path, text)), tmp_path, torch.device("cpu"), False)
+        assert calls == ["eval"], calls
+        calls.clear()
+    for target in ("domain:pathology", "subdomain:breast pathology", "level:coarse"):
+        text = MINIMAL.replace("methods =", f'target = "{target}"\nmethods =')
+        run_ablation(load_ablation(_config(tmp_path, text)), tmp_path, torch.device("cpu"), False)
+        assert calls == ["eval", "eval", "sweep", "report"], calls
+        calls.clear()
+
+
+@pytest.mark.parametrize(
     "extra, needle",
     [
         ("[ablation.method_parameters]\nties = 3", "method_parameters.ties must be a table, not 3"),
@@ -250,7 +305,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     monkeypatch.setattr(
         ablate,
         "run_eval",
-        lambda model, settings, device, access: calls.append(("eval", model, settings, access)),
+        lambda model, settings, device, access: calls.append(("eval", model, settings, access)) or EVALUATED,
     )
     monkeypatch.setattr(
         ablate, "run_sweep", lambda plan, settings, device: calls.append(("sweep", plan, settings))

@@ -223,6 +223,9 @@ def test_report_survives_a_store_with_junk_lines(setup):
         (("--batch-size", "-5"), "--batch-size -5"),
         (("--bootstrap", "100000000"), "--bootstrap 100000000: must be in"),
         (("--bootstrap", "-1"), "--bootstrap -1"),
+        # `--alphas "$ALPHAS"` with the variable unset: the sweep evaluated nothing and said
+        # "results in s.jsonl", a store it never wrote
+        (("--alphas", ""), "--alphas '': no values"),
     ],
 )
 def test_bad_numbers_are_one_line(setup, flags, needle):
