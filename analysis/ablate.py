@@ -20,7 +20,7 @@ from micromerge.core.config_files import load_section, reject_unknown_keys
 from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
-from micromerge.merging.job import MergeJob, job_from_mapping
+from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas
 from micromerge.merging.methods import get_method
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.sources import CheckpointAccess
@@ -116,6 +116,7 @@ def load_ablation(path: str | Path) -> Ablation:
         method_parameters=section.get("method_parameters") or {},
     )
     try:  # validate the whole grid now
+        parse_alphas(alphas)  # as written: `alphas = []` joins to "", which reads as no --alphas
         check_target_form(ablation.target)
         grid_jobs(ablation)
     except MicromergeError as exc:

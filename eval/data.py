@@ -59,6 +59,8 @@ def hub_revision(source: str) -> str | None:
 
 def load_benchmark(source: str, split: str = "test", cache_dir: Path | None = None) -> Benchmark:
     """Open μ-Bench from the Hub cache or a local copy, validate it, fingerprint its files."""
+    if not source.strip():  # Path("") is the working folder, and its shards would be searched for under it
+        raise MicromergeError(f"--data {source!r}: empty; give 'ubench' (the Hub copy) or a μ-Bench folder")
     revision = hub_revision(source)
     dataset = (
         read_hub_layout(fetch_from_hub(revision), split) if revision else _load_local(Path(source), split)

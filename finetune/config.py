@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from micromerge.core.config_schema import refuse_blank
 from micromerge.core.errors import MicromergeError
 
 
@@ -108,6 +109,7 @@ def config_from_mapping(values: dict[str, Any]) -> FinetuneConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise MicromergeError(f"finetune config: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    refuse_blank(values, {})
     for required in ("mode", "base", "data", "out"):
         if not values.get(required):
             raise MicromergeError(f"finetune: --{required} is required")

@@ -64,6 +64,10 @@ def open_source(
     spec: str, *, allow_pickle: bool = False, arch: str | None = None, arrays: ArrayKind = "torch"
 ) -> TensorSource:
     """Open a checkpoint by zoo name, `hf-hub:org/repo`, file or folder; `arch` overrides detection."""
+    if not spec.strip():  # Path("") is the working folder: a run folder there would be opened
+        raise MicromergeError(
+            f"checkpoint {spec!r}: empty (an unset variable?); give a zoo name, hf-hub: id, file or folder"
+        )
     path = Path(spec)
     if path.exists():
         source = _open_path(path, allow_pickle, arrays)

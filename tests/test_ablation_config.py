@@ -187,8 +187,8 @@ def test_alphas_given_as_a_list_are_the_same_grid_as_the_string(tmp_path):
     "line, needle",
     [
         # an empty list: every sweep of the grid evaluated nothing, and the report was written
-        ("alphas = []", r"grid.toml: --alphas '': no values"),
-        ('alphas = ""', r"grid.toml: --alphas '': no values"),
+        ("alphas = []", r"grid.toml: --alphas \[\]: no values"),
+        ('alphas = ""', r"grid.toml \[ablation\]: alphas = '' is empty; give a value, or remove alphas"),
         # the report refused these, but only once every sweep of the grid had run
         (
             'target = "pathology"',

@@ -225,7 +225,7 @@ def test_report_survives_a_store_with_junk_lines(setup):
         (("--bootstrap", "-1"), "--bootstrap -1"),
         # `--alphas "$ALPHAS"` with the variable unset: the sweep evaluated nothing and said
         # "results in s.jsonl", a store it never wrote
-        (("--alphas", ""), "--alphas '': no values"),
+        (("--alphas", ""), "--alphas '': empty (an unset variable?)"),
     ],
 )
 def test_bad_numbers_are_one_line(setup, flags, needle):

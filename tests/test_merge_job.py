@@ -107,7 +107,7 @@ def test_a_methods_own_parameter_defaults_apply():
         (("--alphas", "0:1:0"), "STEP must be > 0"),
         (("--alphas", "1:0:0.5"), "STOP >= START"),
         # an unset shell variable: it merged once, at the method's default alpha
-        (("--alphas", ""), "--alphas '': no values"),
+        (("--alphas", ""), "--alphas '': empty (an unset variable?)"),
         (("--alphas", ",".join(["0.5"] * (MAX_ALPHAS + 1))), "at most 10,000"),
         (("--alphas", "0,1", "--out", "sweep.safetensors"), "with --alphas, --out is a folder"),
         (("--device", "tpu"), "--device tpu: expected auto, cpu, cuda or cuda:N"),

@@ -166,12 +166,36 @@ ABLATION_SCHEMA = {
 }
 
 
+def is_blank(value: Any) -> bool:
+    """An empty string, or a list holding one. `key = ""` or `--option "$UNSET"` reads as a value
+    but names none; taken as 'not given' it silently ran a default (`--method ""` merged with
+    wise-ft, `--out ""` wrote to checkpoints/merged/), taken as a path it was the working folder."""
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value)
+
+
+def refuse_blank(values: dict[str, Any], flags: dict[str, str]) -> None:
+    """One line naming the first option given an empty value (`flags`: key -> flag where the
+    flag is not `--key`)."""
+    for key, value in values.items():
+        if is_blank(value):
+            flag = flags.get(key, "--" + key.replace("_", "-"))
+            what = "empty" if isinstance(value, str) else "an empty entry"
+            raise MicromergeError(
+                f"{flag} {value!r}: {what} (an unset variable?); give a value, or drop {flag} for its default"
+            )
+
+
 def check_section(source: str, values: dict[str, Any], schema: dict[str, str]) -> dict[str, Any]:
     """`values` unchanged when every key is known and every value of its kind; else one line."""
     unknown = sorted(set(values) - set(schema))
     if unknown:
         raise MicromergeError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(schema)}")
     for key, value in values.items():
+        if is_blank(value):
+            what = "is empty" if isinstance(value, str) else "holds an empty entry"
+            raise MicromergeError(f"{source}: {key} = {value!r} {what}; give a value, or remove {key}")
         check, expected = KINDS[schema[key]]
         if not check(value):
             raise MicromergeError(f"{source}: {key} must be {expected}, not {value!r}"[:300])
