@@ -36,6 +36,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         # Scoped to the command: a caller that imports the CLI (tests, notebooks, click's
         # CliRunner) gets its own warning display back afterwards.
         try:
+            _refuse_blank_parameters(click.get_current_context())
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return func(*args, **kwargs)
@@ -47,6 +48,25 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+def _refuse_blank_parameters(ctx: click.Context) -> None:
+    """An empty option or argument as typed (`--out "$OUT"` with the variable unset) in one line:
+    read as 'not given' it silently ran a default (`report --target ""`), read as a path it was the
+    working folder (`report --out ""` wrote report.html there). An empty environment variable
+    (HF_TOKEN=) keeps its usual meaning, unset."""
+    from micromerge.core.config_schema import is_blank
+
+    for param in ctx.command.params:
+        name = param.name or ""
+        value = ctx.params.get(name)
+        value = list(value) if isinstance(value, tuple) else value
+        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE or not is_blank(value):
+            continue
+        shown = param.human_readable_name if isinstance(param, click.Argument) else max(param.opts, key=len)
+        what = "empty" if isinstance(value, str) else "an empty entry"
+        fix = "give a value" if param.required else f"give a value, or drop {shown} for its default"
+        raise MicromergeError(f"{shown} {value!r}: {what} (an unset variable?); {fix}")
 
 
 ARCH = click.option(

@@ -92,3 +92,33 @@ def test_an_empty_finetune_option_is_refused(tmp_path, key):
 def test_what_counts_as_blank():
     assert is_blank("") and is_blank("  ") and is_blank(["a", ""]) and is_blank([" "])
     assert not any(is_blank(v) for v in ("a", [], ["a"], 0, None, False, {"": 1}))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        # the report's default target, silently
+        (
+            ["report", "r.jsonl", "--target", ""],
+            "--target '': empty (an unset variable?); give a value, or drop",
+        ),
+        # report.html written into the working folder
+        (["report", "r.jsonl", "--out", ""], "--out '': empty"),
+        (["report", "", "--out", "rep"], "RESULTS '': empty (an unset variable?); give a value"),
+        (["export", "", "--out", "x"], "CHECKPOINT '': empty"),
+        (["export", "base.safetensors", "--out", ""], "--out '': empty (an unset variable?); give a value"),
+        (["data", "verify", " "], "PATH ' ': empty"),
+        (["tasks", "--data", ""], "--data '': empty"),
+        (["soup", "--base", "base.safetensors", "--ft", "", "--data", "d"], "--ft ['']: an empty entry"),
+    ],
+)
+def test_every_command_refuses_an_empty_value_as_typed(pair, args, needle):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert sorted(p.name for p in pair.iterdir()) == ["base.safetensors", "ft.safetensors"]
+
+
+def test_an_empty_environment_variable_still_means_unset(pair):
+    """HF_TOKEN= is the shell's way to unset a token: push goes on to its own checks."""
+    result = CliRunner().invoke(cli, ["push", str(pair / "none"), "--repo", "a/b"], env={"HF_TOKEN": ""})
+    assert result.exit_code == 2 and "none: not a folder" in result.output, result.output
