@@ -122,6 +122,31 @@ def _sub_config(config: dict[str, Any], tower: str, label: str) -> dict[str, Any
     return {}
 
 
+OPENCLIP_ACTIVATIONS = ("quick_gelu", "gelu")
+"""The MLP activations open_clip's CLIP builds (its `quick_gelu` flag), one for both towers."""
+
+
+def _activation(text: dict[str, Any], vision: dict[str, Any], label: str) -> str:
+    """The one activation both towers use. Another (transformers' gelu_new, relu) or one per tower
+    loaded anyway, with open_clip computing a different function in every MLP than the checkpoint
+    was trained with: every embedding changed, silently."""
+    acts = {
+        tower: part.get("hidden_act", "quick_gelu") for tower, part in (("text", text), ("vision", vision))
+    }
+    for tower, act in acts.items():
+        if act not in OPENCLIP_ACTIVATIONS:
+            raise MicromergeError(
+                f"{label}: {tower}_config.hidden_act {act!r} has no open_clip equivalent "
+                f"(open_clip builds {' or '.join(OPENCLIP_ACTIVATIONS)})"
+            )
+    if acts["text"] != acts["vision"]:
+        raise MicromergeError(
+            f"{label}: text_config.hidden_act {acts['text']!r} and vision_config.hidden_act "
+            f"{acts['vision']!r} differ; open_clip builds one activation for both towers"
+        )
+    return acts["vision"]
+
+
 def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") -> dict[str, Any]:
     """open_clip model config (the dict `open_clip.model.CLIP(**cfg)` takes) from a CLIPConfig dict;
     a key a config leaves out takes transformers' CLIPTextConfig/CLIPVisionConfig default."""
@@ -133,11 +158,18 @@ def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") ->
             raise MicromergeError(f"{label}: {name}.{key} must be a positive integer, not {value!r}")
         return value
 
-    act = vision.get("hidden_act", "quick_gelu")
+    act = _activation(text, vision, label)
     v_width, t_width = (
         number(vision, "vision_config", "hidden_size", 768),
         number(text, "text_config", "hidden_size", 512),
     )
+    v_heads = number(vision, "vision_config", "num_attention_heads", 12)
+    t_heads = number(text, "text_config", "num_attention_heads", 8)
+    for name, width, heads in (("vision_config", v_width, v_heads), ("text_config", t_width, t_heads)):
+        if width % heads:  # transformers refuses it too; open_clip's message would not name the file
+            raise MicromergeError(
+                f"{label}: {name}.hidden_size {width} is not divisible by num_attention_heads {heads}"
+            )
     return {
         "embed_dim": number(config, "config", "projection_dim", 512),
         "quick_gelu": act == "quick_gelu",
@@ -145,7 +177,7 @@ def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") ->
             "image_size": number(vision, "vision_config", "image_size", 224),
             "layers": number(vision, "vision_config", "num_hidden_layers", 12),
             "width": v_width,
-            "head_width": v_width // number(vision, "vision_config", "num_attention_heads", 12),
+            "head_width": v_width // v_heads,
             "mlp_ratio": number(vision, "vision_config", "intermediate_size", 3072) / v_width,
             "patch_size": number(vision, "vision_config", "patch_size", 32),
         },
@@ -153,7 +185,7 @@ def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") ->
             "context_length": number(text, "text_config", "max_position_embeddings", 77),
             "vocab_size": number(text, "text_config", "vocab_size", 49408),
             "width": t_width,
-            "heads": number(text, "text_config", "num_attention_heads", 8),
+            "heads": t_heads,
             "layers": number(text, "text_config", "num_hidden_layers", 12),
             "mlp_ratio": number(text, "text_config", "intermediate_size", 2048) / t_width,
         },

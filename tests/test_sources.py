@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import sys
 import types
 from pathlib import Path
@@ -96,6 +97,50 @@ def test_transformers_folder_converts_to_open_clip_with_identical_embeddings(tmp
         oc_model, config = load_model(source)
     assert config["quick_gelu"] is (act == "quick_gelu") and config["vision_cfg"]["patch_size"] == 8
     assert_same_embeddings(hf_model, oc_model)
+
+
+@pytest.mark.parametrize(
+    "tower, edit, needle",
+    [
+        # loaded as gelu: every MLP computed another function than the checkpoint was trained with
+        (
+            "text_config",
+            {"hidden_act": "gelu_new"},
+            "text_config.hidden_act 'gelu_new' has no open_clip equivalent",
+        ),
+        ("vision_config", {"hidden_act": "relu"}, "vision_config.hidden_act 'relu' has no open_clip"),
+        # open_clip has one quick_gelu flag, which followed the vision tower: the text tower was wrong
+        (
+            "text_config",
+            {"hidden_act": "gelu"},
+            "text_config.hidden_act 'gelu' and vision_config.hidden_act 'quick_gelu' differ",
+        ),
+        # open_clip's AssertionError, with a hint to pass --arch, instead of the config's own fault
+        (
+            "vision_config",
+            {"num_attention_heads": 5},
+            "vision_config.hidden_size 48 is not divisible by num_attention_heads 5",
+        ),
+        (
+            "text_config",
+            {"num_attention_heads": 3},
+            "text_config.hidden_size 32 is not divisible by num_attention_heads 3",
+        ),
+    ],
+)
+def test_a_transformers_config_open_clip_cannot_follow_is_named(tmp_path, tower, edit, needle):
+    """What transformers' CLIPModel would compute from config.json, open_clip must too, or the
+    checkpoint is refused: it is never loaded as another function."""
+    tiny_hf_clip().save_pretrained(tmp_path / "clip")
+    config_path = tmp_path / "clip" / "config.json"
+    config = json.loads(config_path.read_text())
+    config[tower].update(edit)
+    config_path.write_text(json.dumps(config))
+    with (
+        pytest.raises(MicromergeError, match=re.escape(needle)),
+        open_source(str(tmp_path / "clip")) as source,
+    ):
+        load_model(source)
 
 
 def test_export_to_transformers_round_trips(tmp_path):
