@@ -127,7 +127,8 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 payload = row[stream.image_column]
                 payload = payload if isinstance(payload, dict) else {"path": payload, "bytes": None}
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
-                yield stream.recipe.make(None if undecoded else payload, caption, seed)
+                # a row without a caption is left undecoded: unreadable, it stops the run at its step
+                yield stream.recipe.make(None if undecoded or not caption else payload, caption, seed)
                 undecoded = max(0, undecoded - 1)
             # an empty share would loop here for ever; shards are dealt afresh each pass, so a
             # worker that has had rows goes on past a pass whose share was an empty file

@@ -260,8 +260,7 @@ class StreamedSamples(torch.utils.data.Dataset):
         return _located_payload(self.index.kind, location)
 
     def _target(self, i: int) -> Any:
-        target = self.index.targets[i]
-        return target
+        return self.index.targets[i]
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixels, target, readable): an unreadable image comes back as zeros with readable False,
@@ -519,7 +518,9 @@ class _StreamDecoder:
         stream = self.stream
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
         caption = _sample_caption(sample)
-        payload = {"bytes": image, "path": None} if image is not None and decode else None
+        # no caption: not decoded, so the sample is unreadable and the run stops at its step, as
+        # the indexed path refuses it before training (it trained on empty text)
+        payload = {"bytes": image, "path": None} if image is not None and caption and decode else None
         name = f"{sample.get('__url__')}|{sample.get('__key__')}"
         return stream.recipe.make(payload, caption, named_sample_seed(stream.recipe.seed, current, name))
 

@@ -503,8 +503,9 @@ class _MicroBatches:
 
             if not bool(readable.all()):
                 raise MicromergeError(
-                    f"--data {self.cfg.data}: an image of step {micro} is unreadable and the streaming path "
-                    "cannot skip it; fix the corpus, or --data-in-memory yes (which drops unreadable images)"
+                    f"--data {self.cfg.data}: an image of step {micro} is unreadable or has no caption, and "
+                    "the streaming path cannot skip it; fix the corpus, or --data-in-memory yes (which drops "
+                    "unreadable images)"
                 )
             pixels, targets = pixels.to(self.device), targets.to(self.device)
         else:

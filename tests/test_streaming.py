@@ -178,7 +178,7 @@ def test_an_unreadable_image_in_a_stream_is_one_line(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs", n=16)
     for i in range(16):
         (data / f"img{i}.png").write_bytes(b"not a png")
-    with pytest.raises(MicromergeError, match="unreadable and the streaming path cannot skip it"):
+    with pytest.raises(MicromergeError, match="unreadable or has no caption, and the streaming path cannot skip it"):
         run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
 
 
@@ -394,8 +394,22 @@ def test_a_streamed_webdataset_sample_is_captioned_by_its_json_as_the_index_read
     batches = wds.DataPipeline(
         wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(1, collation_fn=list)
     )
-    targets = [t for _, (t,), _ in _StreamDecoder(stream, skip=0)(iter(batches))]
-    assert targets == ["from the json", "from the txt", ""]
+    decoded = [(t, bool(r)) for _, (t,), (r,) in _StreamDecoder(stream, skip=0)(iter(batches))]
+    # a sample left with no caption is not decoded: unreadable, it stops the run at its step
+    assert decoded == [("from the json", True), ("from the txt", True), ("", False)]
+
+
+def test_a_streamed_sample_without_a_caption_stops_the_run_in_one_line(tmp_path, base):
+    """The indexed path refuses an image without a caption before training; a stream cannot see it
+    coming and trained on empty text. Now the run stops at that sample's step."""
+    folder = write_shards(tmp_path / "wds", 8, per_shard=8)
+    with tarfile.open(folder / "shard-000001.tar", "w") as archive:
+        for name, payload in (("x.png", _png(50)), ("x.txt", b"  \n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    with pytest.raises(MicromergeError, match=r"step \d+ is unreadable or has no caption"):
+        run_finetune(config(base, _pipe_spec(folder), tmp_path / "run", batch_size=3, max_steps=6, workers=0))
 
 
 @pytest.mark.slow
