@@ -7,6 +7,7 @@ both are filled from one documented table, which a user may override per source.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,19 @@ class SourceInfo:
 class SourceTable:
     sources: dict[str, SourceInfo]
     scales: dict[str, tuple[float, float]] = field(default_factory=dict)
+    override_file: Path | None = None
+    overridden: tuple[str, ...] = ()  # the sources the override file names
+
+    def warn_unmatched_overrides(self, present: set[str]) -> None:
+        """An override for a source the data does not have (a typo: `synth-blood-cell`) changed
+        nothing, silently; it is named, with the sources there are."""
+        unmatched = sorted(set(self.overridden) - present)
+        if unmatched:
+            warnings.warn(
+                f"--sources {self.override_file}: {unmatched} name no source of this data, so change "
+                f"nothing; its sources: {sorted(present)}",
+                stacklevel=3,
+            )
 
     def info(self, name: str) -> SourceInfo:
         return self.sources.get(name, SourceInfo(name))
@@ -144,11 +158,14 @@ def load_source_table(override: Path | None = None) -> SourceTable:
     data = _check_tables(_read(DEFAULT_TABLE), DEFAULT_TABLE)
     entries = {name: dict(entry) for name, entry in _entries(data, DEFAULT_TABLE).items()}
     scales = _scales(data, DEFAULT_TABLE)
+    overridden: tuple[str, ...] = ()
     if override is not None:
         mine = _check_tables(_read(override), override)
         for name, entry in _entries(mine, override).items():
             if "scale" in entry and "scale_reason" not in entry:  # ours would explain another scale
                 entry = {**entry, "scale_reason": f"set in {override.name}"}
             entries.setdefault(name, {}).update(entry)
+            overridden += (name,)
         scales.update(_scales(mine, override))
-    return SourceTable({name: SourceInfo(name, **entry) for name, entry in entries.items()}, scales)
+    infos = {name: SourceInfo(name, **entry) for name, entry in entries.items()}
+    return SourceTable(infos, scales, override, overridden)

@@ -250,6 +250,7 @@ def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) 
             )
         )
     sources = _null_source_names(dataset, captions, column_values(dataset, "dataset"), table)
+    table.warn_unmatched_overrides(set(sources))
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, source in enumerate(sources):
         by_source[source].append(i)

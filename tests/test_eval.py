@@ -980,3 +980,23 @@ def test_the_published_checksums_pass_their_own_check():
     from micromerge.eval.hub_layout import PUBLISHED_SHARDS, checked_checksums
 
     assert checked_checksums(PUBLISHED_SHARDS, "published") == PUBLISHED_SHARDS
+
+
+def test_an_override_of_a_source_the_data_lacks_is_warned_about(tmp_path, bench):
+    """A misspelt source (`kather_et_al_2061`) changed nothing, silently; an override that matches
+    says nothing."""
+    import warnings
+
+    from micromerge.eval.source_metadata import load_source_table
+
+    dataset = load_benchmark(str(bench)).dataset
+    (tmp_path / "mine.toml").write_text(
+        '[sources.kather_et_al_2061]\nscale = "subcellular"\n[sources.kather_et_al_2016]\nscale = "tissue"\n'
+    )
+    with pytest.warns(UserWarning, match=r"mine.toml: \['kather_et_al_2061'\] name no source of this data"):
+        discover_tasks(dataset, load_source_table(tmp_path / "mine.toml"))
+    (tmp_path / "fine.toml").write_text('[sources.kather_et_al_2016]\nscale = "tissue"\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        discover_tasks(dataset, load_source_table(tmp_path / "fine.toml"))
+        discover_tasks(dataset, load_source_table())

@@ -178,7 +178,9 @@ def test_an_unreadable_image_in_a_stream_is_one_line(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs", n=16)
     for i in range(16):
         (data / f"img{i}.png").write_bytes(b"not a png")
-    with pytest.raises(MicromergeError, match="unreadable or has no caption, and the streaming path cannot skip it"):
+    with pytest.raises(
+        MicromergeError, match="unreadable or has no caption, and the streaming path cannot skip it"
+    ):
         run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
 
 
