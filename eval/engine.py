@@ -51,6 +51,13 @@ the earlier per-task split are never mixed with these."""
 MAX_BOOTSTRAP = 100_000
 
 
+def check_bootstrap(resamples: int) -> None:
+    """The resample count every evaluation takes; checked where a command starts (the demo's
+    sweeps come after minutes of training)."""
+    if not 0 <= resamples <= MAX_BOOTSTRAP:
+        raise MicromergeError(f"--bootstrap {resamples}: must be in [0, {MAX_BOOTSTRAP:,}] (0: no intervals)")
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     data: str
@@ -71,10 +78,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise MicromergeError(f"--batch-size {self.batch_size}: must be at least 1")
-        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
-            raise MicromergeError(
-                f"--bootstrap {self.bootstrap}: must be in [0, {MAX_BOOTSTRAP:,}] (0: no intervals)"
-            )
+        check_bootstrap(self.bootstrap)
         if self.seed < 0:
             raise MicromergeError(f"--seed {self.seed}: must be non-negative")
         if self.protocol not in PROTOCOLS:

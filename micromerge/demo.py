@@ -47,6 +47,8 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from micromerge.eval.engine import check_bootstrap
+
         if self.seed < 0:
             raise MicromergeError(f"--seed {self.seed}: must be a non-negative integer")
         if self.bench_per_class < 4:
@@ -59,6 +61,7 @@ class DemoConfig:
             )
         if self.pretrain_epochs < 1 or self.finetune_epochs < 1:
             raise MicromergeError("--pretrain-epochs and --finetune-epochs must be at least 1")
+        check_bootstrap(self.bootstrap)  # the sweeps come after minutes of training
         if self.batch_size < 2:
             raise MicromergeError(f"--batch-size {self.batch_size}: contrastive training needs at least 2")
         if self.out.exists() and not self.out.is_dir():

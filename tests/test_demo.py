@@ -132,6 +132,9 @@ def test_demo_validates_its_inputs(tmp_path):
         DemoConfig(seed=-1)
     with pytest.raises(MicromergeError, match="--bench-per-class 1"):
         DemoConfig(bench_per_class=1)
+    # refused when its sweeps came, after minutes of data generation and training
+    with pytest.raises(MicromergeError, match=r"--bootstrap -1: must be in \[0, 100,000\]"):
+        DemoConfig(bootstrap=-1)
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "file")])
     assert result.exit_code == 2 and "not a folder" in result.stderr
