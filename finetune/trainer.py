@@ -345,6 +345,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision)
+    if cfg.mode == "contrastive" and cfg.batch_size * accelerator.num_processes < 2:
+        # one pair is its own only candidate: InfoNCE is log(1) = 0, so the run trained nothing
+        raise MicromergeError(
+            f"--batch-size {cfg.batch_size}: contrastive training needs at least 2 pairs in a step (over "
+            "one pair the loss is 0 and has no gradient: the run would train nothing)"
+        )
     resume_from = _check_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)

@@ -248,3 +248,21 @@ def test_a_damaged_loss_log_is_no_reason_to_stop_a_resume(tmp_path, base, monkey
     with pytest.warns(UserWarning, match="2 line\\(s\\) that are not a step's loss record dropped"):
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 3, 4]
+
+
+def test_a_contrastive_batch_of_one_pair_is_refused_before_any_work(tmp_path, base):
+    """Over one pair InfoNCE is log(1) = 0 whatever the weights: `--batch-size 1` ran, wrote a
+    model equal to its base and a manifest, and trained nothing."""
+    import torch
+
+    from micromerge.finetune.losses import clip_loss
+
+    image, text = torch.randn(1, 8, requires_grad=True), torch.randn(1, 8, requires_grad=True)
+    loss = clip_loss(image, text, torch.tensor(10.0))
+    loss.backward()
+    assert loss.item() == 0 and not image.grad.any() and not text.grad.any()
+
+    data = write_csv_folder(tmp_path / "pairs", n=8)
+    with pytest.raises(MicromergeError, match=r"--batch-size 1: contrastive training needs at least 2"):
+        run_finetune(config(base, data, tmp_path / "run", batch_size=1))
+    assert not (tmp_path / "run" / "model.safetensors").exists()
