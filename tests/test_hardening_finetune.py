@@ -251,8 +251,8 @@ def test_a_damaged_loss_log_is_no_reason_to_stop_a_resume(tmp_path, base, monkey
 
 
 def test_a_contrastive_batch_of_one_pair_is_refused_before_any_work(tmp_path, base):
-    """Over one pair InfoNCE is log(1) = 0 whatever the weights: `--batch-size 1` ran, wrote a
-    model equal to its base and a manifest, and trained nothing."""
+    """Over one pair InfoNCE is log(1) = 0 whatever the weights: `--batch-size 1` ran and wrote
+    a "specialist" and its manifest that had learned nothing from the data (weight decay alone moved it)."""
     import torch
 
     from micromerge.finetune.losses import clip_loss
