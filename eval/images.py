@@ -16,7 +16,9 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
@@ -25,6 +27,10 @@ from micromerge.core.progress import progress_bar
 from micromerge.eval.data import column_values
 
 _UPLOAD_ROWS = 1024  # rows per host-to-device copy: bounds the extra host memory of the upload
+DECODE_RULE = "bicubic resize + centre crop, RGB uint8 (v1)"  # bump when decode_one changes
+DECODE_IDENTITY = f"{DECODE_RULE}; Pillow {PIL.__version__}; torchvision {torchvision.__version__}"
+"""What decoded pixels depend on besides the bytes and the size: cached pixels (and statistics
+computed from them) made under another rule or resampling library are made again, not reused."""
 
 
 @dataclass
@@ -152,14 +158,21 @@ def build_image_cache(
         np.save(handle, pixels)
     write_json_atomic(
         index_path,
-        {"rows": len(payloads), "size": size, "valid": valid.tolist(), "corrupt": int((~valid).sum())},
+        {
+            "rows": len(payloads),
+            "size": size,
+            "decode": DECODE_IDENTITY,
+            "valid": valid.tolist(),
+            "corrupt": int((~valid).sum()),
+        },
     )
     return ImageCache(np.load(pixels_path, mmap_mode="r"), valid)
 
 
 def _cached_pixels(index_path: Path, pixels_path: Path, rows: int, size: int) -> ImageCache | None:
     """The cache when whole and of this data; None (so it is built again) when missing, damaged on
-    disk (a cut .npy, a bad index: numpy's and json's tracebacks) or not of these rows and size."""
+    disk (a cut .npy, a bad index: numpy's and json's tracebacks), not of these rows and size, or
+    decoded otherwise than this version decodes."""
     if not (index_path.is_file() and pixels_path.is_file()):
         return None
     try:
@@ -169,5 +182,7 @@ def _cached_pixels(index_path: Path, pixels_path: Path, rows: int, size: int) ->
     except (OSError, ValueError, EOFError, KeyError, TypeError):
         return None
     if index.get("rows") != rows or pixels.shape != (rows, 3, size, size) or valid.shape != (rows,):
+        return None
+    if index.get("decode") != DECODE_IDENTITY:  # decoded by another rule or Pillow/torchvision
         return None
     return ImageCache(pixels, valid)

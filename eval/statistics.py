@@ -34,6 +34,7 @@ from micromerge.core.hashing import sha256_json
 from micromerge.eval.corpus_questions import corpus_questions, open_corpus
 from micromerge.eval.data import Benchmark
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import QuestionBank, Questions, option_log_probs, select_questions
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import MethodParams
@@ -139,6 +140,7 @@ def model_statistics(
         described = {**describe_request(request), **corpus}
     with access.open(checkpoint) as source:
         described["model_sha256"] = sorted(input_hashes([source]).values())
+        described["decode"] = DECODE_IDENTITY  # the pixels the statistics are computed from
         path = (
             Path(settings.cache_dir)
             / "statistics"

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from micromerge.cli import cli
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import option_log_probs
 from micromerge.eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
 from micromerge.eval.store import ResultStore
@@ -263,6 +264,7 @@ def test_statistics_never_see_the_report_half(tmp_path, setting):
         dirty, dirty_described = model_statistics(models[1], request, other, torch.device("cpu"))
         assert described["data_fingerprint"] != dirty_described["data_fingerprint"], "really other data"
         assert described["split"] == "select"
+        assert described["decode"] == DECODE_IDENTITY, "keyed on how the pixels were decoded"
         for key in clean:
             torch.testing.assert_close(dirty[key], clean[key], atol=0, rtol=0, msg=f"{kind} {key}")
         other_model, other_described = model_statistics(models[0], request, settings, torch.device("cpu"))

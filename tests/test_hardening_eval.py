@@ -500,6 +500,29 @@ def test_an_image_cache_damaged_on_disk_is_built_again(tmp_path, damage):
     assert np.array_equal(np.asarray(again.pixels), first) and bool(np.all(again.valid))
 
 
+def test_pixels_decoded_under_another_rule_or_library_are_decoded_again(tmp_path, monkeypatch):
+    """The cache key was the data and the size: pixels an earlier micromerge decoded otherwise, or
+    another Pillow/torchvision resampled, were served as this version's, so a fresh machine and a
+    warm cache gave different numbers. The decode identity is in the index; statistics are keyed on it."""
+    import datasets
+
+    from micromerge.eval import images
+    from micromerge.eval.images import DECODE_IDENTITY
+    from tests.test_finetune import _png
+
+    assert "Pillow" in DECODE_IDENTITY and "torchvision" in DECODE_IDENTITY
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(4)]}
+    four = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+    build_image_cache(four, "f", 8, tmp_path, progress=False)
+    np.save(tmp_path / "images" / "f-8px.npy", np.full((4, 3, 8, 8), 7, dtype=np.uint8))  # marked
+    assert int(build_image_cache(four, "f", 8, tmp_path, progress=False).pixels.max()) == 7, "reused"
+    monkeypatch.setattr(images, "DECODE_IDENTITY", "another rule; Pillow 0; torchvision 0")
+    rebuilt = build_image_cache(four, "f", 8, tmp_path, progress=False)
+    assert not np.all(np.asarray(rebuilt.pixels) == 7), "decoded again"
+    index = json.loads((tmp_path / "images" / "f-8px.json").read_text())
+    assert index["decode"] == "another rule; Pillow 0; torchvision 0"
+
+
 def test_a_sweep_of_a_specialist_with_the_bases_weights_says_so(setup):
     """The sweep hashes its inputs before any alpha: a specialist with the base's weights (a path
     typed twice) gives the base's numbers at every alpha, and is named in a warning."""
