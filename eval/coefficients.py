@@ -36,6 +36,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import Questions, option_log_probs, select_questions
 from micromerge.eval.statistics import SPLIT
 from micromerge.merging.execute import StatisticsInput, input_hashes
@@ -260,6 +261,7 @@ def learned_coefficients(
             "micromerge_version": micromerge.__version__,
             "data_fingerprint": prepared.bench.fingerprint,
             "models_sha256": digests,
+            "decode": DECODE_IDENTITY,  # the pixels they are learned from
         }
         path = Path(settings.cache_dir) / "statistics" / f"{kind}-{sha256_json(described)[:24]}.json"
         saved = _cached_table(path)

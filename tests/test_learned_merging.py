@@ -26,6 +26,7 @@ from micromerge.analysis.report import build_report
 from micromerge.cli import cli
 from micromerge.eval.coefficients import FunctionalMerge, _Scorer, learned_coefficients
 from micromerge.eval.engine import Evaluator, prepare
+from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.statistics import select_questions
 from micromerge.eval.store import ResultStore, coefficients_file
 from micromerge.merging.methods import MethodParams
@@ -179,6 +180,7 @@ def test_the_supervised_alpha_never_reads_the_report_half(tmp_path, setting, sea
     report_poisoned = learn(_poison(settings, tmp_path, set(np.flatnonzero(~select).tolist()), "report"))
     select_poisoned = learn(_poison(settings, tmp_path, set(np.flatnonzero(select).tolist()), "select"))
     assert report_poisoned.described[0]["data_fingerprint"] != clean.described[0]["data_fingerprint"]
+    assert clean.described[0]["decode"] == DECODE_IDENTITY, "keyed on how the pixels were decoded"
     assert report_poisoned.values[0].values == clean.values[0].values
     assert select_poisoned.values[0].values != clean.values[0].values
     if search == "grid":
