@@ -61,6 +61,12 @@ def run_label(row: dict[str, Any]) -> str:
 def load_runs(store_path: str | Path) -> list[Run]:
     """Every run in a results store; rows missing from a run are reported, not fatal."""
     path = Path(store_path)
+    if path.is_dir():
+        stores = sorted(p.name for p in path.glob("*.jsonl"))
+        raise MicromergeError(
+            f"{path}: is a folder; pass the results store (a .jsonl file)"
+            + (f" in it: {', '.join(stores[:3])}" if stores else "")
+        )
     if not path.is_file():
         raise MicromergeError(
             f"{path}: results store not found (run `micromerge sweep` or `micromerge eval` first)"

@@ -134,6 +134,14 @@ def test_a_store_of_evaluations_only_is_one_line_that_says_to_sweep(tmp_path):
         build_report(store, tmp_path / "rep")
 
 
+def test_a_folder_given_as_the_store_names_the_stores_in_it(tmp_path):
+    """`report demo-out/results` said "results store not found (run sweep first)" of a folder
+    holding the store."""
+    write_store(tmp_path / "results" / "results.jsonl")
+    with pytest.raises(MicromergeError, match=r"results: is a folder; pass .* in it: results.jsonl$"):
+        build_report(tmp_path / "results", tmp_path / "rep")
+
+
 def test_run_labels_are_escaped_in_the_html(tmp_path):
     store = write_store(tmp_path / "r.jsonl", label="ties <k=0.2> & dare")
     page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
