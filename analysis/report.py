@@ -165,12 +165,14 @@ def _write_report(store: Path, out: Path, target: str | None, metric: str) -> No
     for run in runs:
         domain = finetuned_domain(run, Path(store))
         group = target or (f"domain:{domain}" if domain else None)
+        why = "no fine-tuning domain recorded in the checkpoint manifest"
+        if target is None and group is not None and group not in valid_groups(run):
+            # `finetune --domain histopathology`: refused as if the user had typed a wrong --target
+            why, group = f"the recorded fine-tuning domain {domain!r} is no domain of this benchmark", None
         if group is None:
             fine_domains = sorted(run.table[run.table["level"] == "fine"]["domain"].unique())
             group = f"domain:{fine_domains[0]}" if fine_domains else "level:coarse"
-            notes.append(
-                f"{run.label}: no fine-tuning domain recorded in the checkpoint manifest; target defaults to {group} (set --target)"
-            )
+            notes.append(f"{run.label}: {why}; target defaults to {group} (set --target)")
         if group not in valid_groups(run):
             raise MicromergeError(
                 f"--target {group}: not a group of run {run.label}; valid groups: {valid_groups(run)}"

@@ -81,7 +81,7 @@ class FinetuneConfig:
             given = "task" if self.task else "lp_epochs"
             raise MicromergeError(
                 f"finetune contrastive: {given} applies to supervised fine-tuning only (a task's labels, "
-                'a linear-probe head); remove it or set mode = "supervised"'
+                "a linear-probe head); remove it, or run `finetune supervised`"
             )
         from micromerge.finetune.streaming import check_augment
 

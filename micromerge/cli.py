@@ -898,6 +898,11 @@ def _run_finetune(ctx: click.Context, mode: str, values: dict[str, Any]) -> None
     mapping: dict[str, Any] = {}
     if config_file:
         mapping.update(load_section(config_file, "finetune", FINETUNE_SCHEMA))
+    if mapping.get("mode", mode) != mode:  # the subcommand is the mode: the file's was overridden, silently
+        raise MicromergeError(
+            f"{config_file} [finetune]: mode = {mapping['mode']!r}, but this is `finetune {mode}`; "
+            f"run `finetune {mapping['mode']}`, or remove mode"
+        )
     mapping.update({k: v for k, v in values.items() if k not in mapping and v not in ((), None)})
     mapping.update(explicit_options(ctx, values))
     mapping = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.items() if v is not None}

@@ -40,7 +40,10 @@ def base(tmp_path):
         ({"workers": -1}, "--workers -1"),
         # a [finetune] table can name what the contrastive command has no flag for
         ({"lp_epochs": 1}, "finetune contrastive: lp_epochs applies to supervised fine-tuning only"),
-        ({"task": "kather_et_al_2016"}, "finetune contrastive: task applies to supervised fine-tuning only"),
+        (
+            {"task": "kather_et_al_2016"},
+            "finetune contrastive: task applies to supervised fine-tuning only .* run `finetune supervised`",
+        ),
     ],
 )
 def test_hyper_parameters_out_of_range_are_refused(tmp_path, override, needle):
@@ -63,6 +66,22 @@ def test_the_recorded_hyper_parameters_are_exactly_what_can_change_the_weights(t
         assert replace(run, **change).hyperparameters() != run.hyperparameters(), change
     assert run.hyperparameters()["freeze_text"] is False
     assert replace(run, mode="supervised", task="t").hyperparameters()["freeze_text"] is True
+
+
+@pytest.mark.parametrize("mode", ["supervised", "other"])
+def test_a_config_files_mode_other_than_the_subcommand_is_refused(tmp_path, mode):
+    """The subcommand is the mode: a file's `mode = "supervised"` under `finetune contrastive`
+    was overridden silently, and the task it named was then refused with the advice to set
+    mode = "supervised", the very line the file had."""
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    path = tmp_path / "ft.toml"
+    path.write_text(f'[finetune]\nmode = "{mode}"\nbase = "b"\ndata = "d"\nout = "o"\n')
+    result = CliRunner().invoke(cli, ["finetune", "contrastive", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"ft.toml [finetune]: mode = '{mode}', but this is `finetune contrastive`" in result.output
 
 
 def test_an_unknown_key_in_a_finetune_config_file_is_named():

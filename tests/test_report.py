@@ -94,6 +94,26 @@ def test_without_a_recorded_domain_the_target_is_the_first_fine_domain_and_the_r
     assert note in (tmp_path / "rep" / "report.html").read_text()
 
 
+def test_a_recorded_domain_that_is_no_domain_of_the_benchmark_is_a_note_not_a_target_error(tmp_path):
+    """`finetune --domain histopathology` (μ-Bench says pathology): the report refused with
+    "--target domain:histopathology: not a group", naming a flag the user never typed."""
+    (tmp_path / "ft.safetensors").write_bytes(b"the specialist")
+    (tmp_path / "ft.safetensors.manifest.json").write_text(
+        json.dumps({"domain": "histopathology", "micromerge_version": "0.1"})
+    )
+    store = _rewrite(write_store(tmp_path / "r.jsonl"), model={"base": "b", "finetuned": ["ft.safetensors"]})
+    build_report(store, tmp_path / "rep")
+    (row,) = _table(tmp_path / "rep", "headline")
+    assert row["target"] == "domain:biology"
+    note = (
+        "the recorded fine-tuning domain 'histopathology' is no domain of this benchmark; target "
+        "defaults to domain:biology (set --target)"
+    )
+    assert note in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(MicromergeError, match=r"^--target domain:histopathology: not a group"):
+        build_report(store, tmp_path / "typed", target="domain:histopathology")
+
+
 def test_alpha_endpoints_under_rules_are_said_not_to_be_the_real_models(tmp_path):
     """With per-block alpha rules, alpha 0 and 1 are not the base and the specialist."""
     store = _rewrite(write_store(tmp_path / "r.jsonl"), parameters={"alpha_rules": [["visual.*", 0.3]]})
