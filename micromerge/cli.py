@@ -675,7 +675,9 @@ def eval_command(model: str, **values: Any) -> None:
     from micromerge.eval.engine import run_eval
     from micromerge.merging.sources import CheckpointAccess
 
-    settings, _ = _eval_settings(values)
+    settings, state = _eval_settings(values)
+    if not state.is_main_process:
+        return  # one model is one process's work: under `accelerate launch` each did it all and printed it
     access = CheckpointAccess(values["allow_pickle"], values["arch"])
     rows = run_eval(model, settings, resolve_device(values["device"]), access)
     _print_table(rows)

@@ -890,6 +890,26 @@ def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, 
     assert by_process == {"0/2": {0.0, 0.5, 1.0}, "1/2": {0.25, 0.75}}
 
 
+@pytest.mark.parametrize("process, evaluates", [(0, True), (1, False)])
+def test_under_a_launch_one_process_evaluates_a_model(
+    tmp_path, bench, models, monkeypatch, process, evaluates
+):
+    """`accelerate launch ... eval`: every process evaluated the whole benchmark and printed the
+    whole table (the store kept one copy); the main process does it, the others stop."""
+    import accelerate
+
+    class SecondOfTwo:  # as PartialState is in process `process` of a two-process launch
+        def __init__(self, cpu: bool = False):
+            self.process_index, self.num_processes, self.is_main_process = process, 2, process == 0
+
+    monkeypatch.setattr(accelerate, "PartialState", SecondOfTwo)
+    args = ["eval", "--model", str(models[0]), "--data", str(bench), "--store", str(tmp_path / "e.jsonl")]
+    args += ["--bootstrap", "0", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert ("results in" in result.output) is evaluates and (tmp_path / "e.jsonl").exists() is evaluates
+
+
 def test_tasks_command_lists_counts(bench):
     result = CliRunner().invoke(cli, ["tasks", "--data", str(bench)])
     assert result.exit_code == 0, result.output
