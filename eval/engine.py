@@ -570,8 +570,11 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
             }
         )[:16]
         done = store.done(run_id)
-        todo = [a for a in plan.alphas if not _complete(done, a, tasks, settings.protocol)]
-        mine = todo[settings.rank :: settings.world_size]
+        # dealt from the whole list, then what is finished dropped: dealt from what was left, a
+        # process reading the store after another had finished an alpha took another share, and
+        # an alpha fell between them
+        share = plan.alphas[settings.rank :: settings.world_size]
+        mine = [a for a in share if not _complete(done, a, tasks, settings.protocol)]
         if mine:
             lineage = sources_lineage([base, *finetuned])
             trained, marks = trained_on_marks(lineage, bench.fingerprint, prepared.every, tasks)

@@ -910,6 +910,27 @@ def test_under_a_launch_one_process_evaluates_a_model(
     assert ("results in" in result.output) is evaluates and (tmp_path / "e.jsonl").exists() is evaluates
 
 
+def test_a_process_that_starts_after_another_finished_an_alpha_still_takes_its_own_share(
+    tmp_path, bench, models
+):
+    """The share was dealt from the alphas not yet in the store: a process that read the store
+    after the other had finished its alpha 0.5 dealt [0, 1] anew, took 0, and alpha 1 was no
+    process's (an ablation's later sweeps lost it silently). The share is dealt from the whole list."""
+    from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
+    from micromerge.merging.job import job_from_mapping
+
+    job = job_from_mapping({"base": str(models[0]), "finetuned": [str(models[1])], "alphas": "0,0.5,1"})
+    plan = SweepPlan(job.base, job.finetuned, job.spec, job.alphas, job.access)
+    settings = EvalSettings(str(bench), tmp_path / "s.jsonl", tmp_path / "cache", bootstrap=0, progress=False)
+    second, first = (EvalSettings(**{**settings.__dict__, "rank": r, "world_size": 2}) for r in (1, 0))
+    run_sweep(plan, second, torch.device("cpu"))  # process 1 of 2 is first to the store
+    run_sweep(plan, first, torch.device("cpu"))
+    by_process = {}
+    for row in ResultStore(tmp_path / "s.jsonl").rows():
+        by_process.setdefault(row["process"], set()).add(row["alpha"])
+    assert by_process == {"1/2": {0.5}, "0/2": {0.0, 1.0}}
+
+
 def test_tasks_command_lists_counts(bench):
     result = CliRunner().invoke(cli, ["tasks", "--data", str(bench)])
     assert result.exit_code == 0, result.output
