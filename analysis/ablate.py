@@ -6,6 +6,7 @@ Resumable because every sweep is: re-running the same config finishes what is mi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,14 @@ def run_ablation(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> Path:
+    wait_for_everyone: Callable[[], None] = lambda: None,
+) -> Path | None:
+    """Run the grid, then write the report; the report's path (None in processes other than the first).
+
+    Under `accelerate launch` the processes share the grid: the reference evaluations are dealt out
+    (the first, whose rows check the target, is every process's), each sweep's alphas are split,
+    the soups are the first process's, and the first process writes the report once every process
+    has finished (a process that wrote it earlier reported another's alphas as missing)."""
     settings = EvalSettings(
         data=ablation.data,
         store=ablation.store,
@@ -234,9 +242,15 @@ def run_ablation(
         rank=rank,
         world_size=world_size,
     )
-    for pair in ablation.pairs:  # the reference points, once per pair, shared by every method and rule set
-        for model in (pair["base"], *pair["finetuned"]):
-            check_target(ablation.target, run_eval(model, settings, device, pair["access"]), ablation.data)
+    # the reference points, once per pair, shared by every method and rule set
+    references = [
+        (model, pair["access"]) for pair in ablation.pairs for model in (pair["base"], *pair["finetuned"])
+    ]
+    first, first_access = references[0]
+    check_target(ablation.target, run_eval(first, settings, device, first_access), ablation.data)
+    for index, (model, access) in enumerate(references[1:], start=1):
+        if index % world_size == rank:
+            run_eval(model, settings, device, access)
     for label, job in grid_jobs(ablation):
         if isinstance(job, SoupJob):
             if rank == 0:  # each step of a soup depends on the last: one process chooses
@@ -255,4 +269,5 @@ def run_ablation(
             settings,
             device,
         )
-    return build_report(ablation.store, ablation.report, ablation.target)
+    wait_for_everyone()
+    return build_report(ablation.store, ablation.report, ablation.target) if rank == 0 else None

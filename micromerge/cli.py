@@ -1006,20 +1006,27 @@ def report_command(results: str, out: str, target: str | None, metric: str) -> N
 @QUIET
 @friendly_errors
 def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool) -> None:
-    """Run a grid (pairs x methods x alphas x rule sets) from a TOML/YAML file through sweep and report."""
-    from pathlib import Path
+    """Run a grid (pairs x methods x alphas x rule sets) from a TOML/YAML file through sweep and report
+    (`accelerate launch` shares it between processes)."""
+    from accelerate import PartialState
 
     from micromerge.analysis.ablate import load_ablation, run_ablation
     from micromerge.core.devices import resolve_device
     from micromerge.core.hashing import default_cache_dir
 
+    ablation = load_ablation(config)
+    state = PartialState(cpu=device == "cpu")
     html = run_ablation(
-        load_ablation(config),
+        ablation,
         Path(cache_dir) if cache_dir else default_cache_dir(),
         resolve_device(device),
-        progress=not quiet,
+        progress=not quiet and state.is_main_process,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        wait_for_everyone=state.wait_for_everyone,
     )
-    click.echo(f"wrote {html}")
+    if html is not None:
+        click.echo(f"wrote {html}")
 
 
 if __name__ == "__main__":  # `python -m micromerge.cli` / `accelerate launch -m micromerge.cli`

@@ -298,9 +298,9 @@ def test_rule_sets_override_method_parameters(tmp_path):
 
 
 def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeypatch):
-    """The wiring, recorded: reference models once per pair with the ablation's settings, one
-    sweep per job with its label and per-model corpora, the soup on rank 0 only, and the report
-    for the configured target."""
+    """The wiring, recorded: reference models once per pair with the ablation's settings (dealt out
+    between processes), one sweep per job with its label and per-model corpora, the soup on rank 0
+    only, and the report for the configured target, on rank 0, after every process has finished."""
     calls: list[tuple] = []
     monkeypatch.setattr(
         ablate,
@@ -331,14 +331,16 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         world_size=2,
     )
     assert all(call[2] == expected for call in calls if call[0] in ("eval", "sweep"))
-    evaluated = [(call[1], call[3]) for call in calls if call[0] == "eval"]
-    assert evaluated == [
+    references = [
         *((m, CheckpointAccess()) for m in (ablation.pairs[0]["base"], *ablation.pairs[0]["finetuned"])),
         *(
             (m, CheckpointAccess(True, "nano-clip"))
             for m in (ablation.pairs[1]["base"], *ablation.pairs[1]["finetuned"])
         ),
     ]
+    evaluated = [(call[1], call[3]) for call in calls if call[0] == "eval"]
+    # the first (its rows check the target) in every process, the others dealt out: 1, 3 to rank 1
+    assert evaluated == [references[0], references[1], references[3]]
     sweeps = {call[1].label: call[1] for call in calls if call[0] == "sweep"}
     assert set(sweeps) == {label for label, job in grid_jobs(ablation) if isinstance(job, MergeJob)}
     fisher = sweeps["../base.safetensors / fisher / vision"]
@@ -346,10 +348,23 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     assert fisher.alphas == (0.0, 0.5) and fisher.access == CheckpointAccess()
     assert sweeps["absolute / wise-ft / vision"].access == CheckpointAccess(True, "nano-clip")
     assert not [call for call in calls if call[0] == "soup"], "rank 1 of 2 leaves the soups to rank 0"
-    assert calls[-1] == ("report", "domain:pathology")
+    assert calls[-1][0] == "sweep", "rank 1 of 2 leaves the report to rank 0"
+
+    calls.clear()
+    waited = lambda: calls.append(("waited",))  # noqa: E731
+    run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), False, 0, 2, wait_for_everyone=waited)
+    assert [(call[1], call[3]) for call in calls if call[0] == "eval"] == [
+        references[0],
+        references[2],
+        references[4],
+    ]
+    assert calls[-2:] == [("waited",), ("report", "domain:pathology")], (
+        "the report once every process is done"
+    )
 
     calls.clear()
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    assert [(call[1], call[3]) for call in calls if call[0] == "eval"] == references
     soups = [call for call in calls if call[0] == "soup"]
     assert [call[-2] for call in soups] == [
         "../base.safetensors / greedy-soup / vision",
@@ -358,3 +373,36 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     assert soups[1][1:3] == ("/abs/base.safetensors", ("/abs/a.safetensors", "/abs/b.safetensors"))
     assert soups[1][5] == KeyRules(("visual.*",), ("visual.proj",))
     assert [call[-1] for call in soups] == [CheckpointAccess(), CheckpointAccess(True, "nano-clip")]
+
+
+def test_ablate_under_a_launch_tells_the_grid_which_process_it_is(tmp_path, monkeypatch):
+    """`accelerate launch ... ablate`: the command passed no rank, so every process ran the whole
+    grid (every alpha of every sweep, every soup) and wrote the report, a process that finished
+    first writing it without the others' alphas."""
+    import accelerate
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    class SecondOfTwo:  # PartialState in process 1 of a two-process launch
+        process_index, num_processes, is_main_process = 1, 2, False
+
+        def __init__(self, cpu: bool = False):
+            self.waits = 0
+
+        def wait_for_everyone(self):
+            self.waits += 1
+
+    received = {}
+
+    def run(ablation, cache_dir, device, progress, rank, world_size, wait_for_everyone):
+        received.update(rank=rank, world_size=world_size, progress=progress, wait=wait_for_everyone)
+
+    monkeypatch.setattr(accelerate, "PartialState", SecondOfTwo)
+    monkeypatch.setattr(ablate, "run_ablation", run)
+    result = CliRunner().invoke(cli, ["ablate", str(_config(tmp_path, MINIMAL)), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (received["rank"], received["world_size"], received["progress"]) == (1, 2, False)
+    received["wait"]()
+    assert received["wait"].__self__.waits == 1, "the launch's own barrier"
+    assert "wrote" not in result.output
