@@ -226,9 +226,10 @@ def run_ablation(
     """Run the grid, then write the report; the report's path (None in processes other than the first).
 
     Under `accelerate launch` the processes share the grid: the reference evaluations are dealt out
-    (the first, whose rows check the target, is every process's), each sweep's alphas are split,
-    the soups are the first process's, and the first process writes the report once every process
-    has finished (a process that wrote it earlier reported another's alphas as missing)."""
+    (the first, whose rows check the target, is every process's), then the alphas of every sweep
+    and the soups, in turn across the whole grid, so the processes finish together; the first
+    writes the report once every process has finished (a process that wrote it earlier reported
+    another's alphas as missing, and one waiting long at the barrier would hit its timeout)."""
     settings = EvalSettings(
         data=ablation.data,
         store=ablation.store,
@@ -251,23 +252,24 @@ def run_ablation(
     for index, (model, access) in enumerate(references[1:], start=1):
         if index % world_size == rank:
             run_eval(model, settings, device, access)
+    dealt = 0  # units of work dealt so far (an alpha; a soup, one per model it weighs): taken in turn
     for label, job in grid_jobs(ablation):
         if isinstance(job, SoupJob):
-            if rank == 0:  # each step of a soup depends on the last: one process chooses
+            if dealt % world_size == rank:  # each step of a soup depends on the last: one process chooses
                 greedy_soup(job.base, job.finetuned, settings, device, job.rules, label, job.access)
+            dealt += 1 + len(job.finetuned)
             continue
-        run_sweep(
-            SweepPlan(
-                job.base,
-                job.finetuned,
-                job.spec,
-                job.alphas or (),
-                job.access,
-                label=label,
-                model_data=job.model_data,
-            ),
-            settings,
-            device,
+        plan = SweepPlan(
+            job.base,
+            job.finetuned,
+            job.spec,
+            job.alphas or (),
+            job.access,
+            label=label,
+            model_data=job.model_data,
+            first_process=dealt % world_size,
         )
+        run_sweep(plan, settings, device)
+        dealt += len(plan.alphas)
     wait_for_everyone()
     return build_report(ablation.store, ablation.report, ablation.target) if rank == 0 else None

@@ -102,6 +102,10 @@ class SweepPlan:
         None  # a name for reports (ablations name pair/method/rule set); not part of the run id
     )
     model_data: tuple[str | None, ...] = ()  # Fisher/RegMean: per model (base first), a corpus of its own
+    # the process the first alpha is dealt to: a grid of sweeps deals each on from where the last
+    # left off, so its processes finish together (from process 0 each time, process 0 took the
+    # remainder of every sweep, and the others waited on it at the grid's end)
+    first_process: int = 0
 
 
 HEADLINE_COARSE, HEADLINE_FINE = "ubench:coarse", "ubench:fine"
@@ -535,7 +539,8 @@ def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.devic
 
 
 def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> list[dict[str, Any]]:
-    """Every alpha on every task; resumable; this process takes alphas rank, rank+world, ..."""
+    """Every alpha on every task; resumable; the processes take turns at the alphas, from
+    `plan.first_process` on."""
     prepared = prepare(settings)
     bench, tasks = prepared.bench, prepared.tasks
     store = ResultStore(settings.store)
@@ -573,7 +578,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         # dealt from the whole list, then what is finished dropped: dealt from what was left, a
         # process reading the store after another had finished an alpha took another share, and
         # an alpha fell between them
-        share = plan.alphas[settings.rank :: settings.world_size]
+        share = plan.alphas[(settings.rank - plan.first_process) % settings.world_size :: settings.world_size]
         mine = [a for a in share if not _complete(done, a, tasks, settings.protocol)]
         if mine:
             lineage = sources_lineage([base, *finetuned])

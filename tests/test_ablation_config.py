@@ -375,6 +375,27 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     assert [call[-1] for call in soups] == [CheckpointAccess(), CheckpointAccess(True, "nano-clip")]
 
 
+def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_together(tmp_path, monkeypatch):
+    """Every sweep was dealt from process 0 and every soup was process 0's: with 11 alphas on 8
+    GPUs process 0 ran twice the alphas of process 7 in every sweep, and the others waited at the
+    grid's end, long enough on μ-Bench for a barrier's timeout. Work is dealt on across the grid."""
+    work: dict[int, list] = {0: [], 1: []}
+    text = MINIMAL.replace(
+        'methods = ["wise-ft"]', 'alphas = "0,0.5,1"\nmethods = ["wise-ft", "greedy-soup", "ties"]'
+    )
+    ablation = load_ablation(_config(tmp_path, text))
+    monkeypatch.setattr(ablate, "run_eval", lambda *args: EVALUATED)
+    monkeypatch.setattr(ablate, "build_report", lambda *args: None)
+    for rank, done in work.items():
+        monkeypatch.setattr(ablate, "run_sweep", lambda plan, settings, device, done=done: done.append(plan))
+        monkeypatch.setattr(ablate, "greedy_soup", lambda *args, done=done: done.append("soup"))
+        run_ablation(ablation, tmp_path, torch.device("cpu"), False, rank, 2)
+    # wise-ft's alphas from process 0 (0, 1 to it, 0.5 to 1); the soup (the 4th unit) to process 1,
+    # weighing two units (its base and specialist); ties's alphas from where that left off
+    assert [getattr(p, "first_process", p) for p in work[0]] == [0, 1]
+    assert [getattr(p, "first_process", p) for p in work[1]] == [0, "soup", 1]
+
+
 def test_ablate_under_a_launch_tells_the_grid_which_process_it_is(tmp_path, monkeypatch):
     """`accelerate launch ... ablate`: the command passed no rank, so every process ran the whole
     grid (every alpha of every sweep, every soup) and wrote the report, a process that finished

@@ -916,6 +916,8 @@ def test_a_process_that_starts_after_another_finished_an_alpha_still_takes_its_o
     """The share was dealt from the alphas not yet in the store: a process that read the store
     after the other had finished its alpha 0.5 dealt [0, 1] anew, took 0, and alpha 1 was no
     process's (an ablation's later sweeps lost it silently). The share is dealt from the whole list."""
+    from dataclasses import replace
+
     from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
     from micromerge.merging.job import job_from_mapping
 
@@ -925,10 +927,19 @@ def test_a_process_that_starts_after_another_finished_an_alpha_still_takes_its_o
     second, first = (EvalSettings(**{**settings.__dict__, "rank": r, "world_size": 2}) for r in (1, 0))
     run_sweep(plan, second, torch.device("cpu"))  # process 1 of 2 is first to the store
     run_sweep(plan, first, torch.device("cpu"))
-    by_process = {}
-    for row in ResultStore(tmp_path / "s.jsonl").rows():
-        by_process.setdefault(row["process"], set()).add(row["alpha"])
-    assert by_process == {"1/2": {0.5}, "0/2": {0.0, 1.0}}
+
+    def shares(store):
+        by_process = {}
+        for row in ResultStore(store).rows():
+            by_process.setdefault(row["process"], set()).add(row["alpha"])
+        return by_process
+
+    assert shares(tmp_path / "s.jsonl") == {"1/2": {0.5}, "0/2": {0.0, 1.0}}
+    # a grid deals each sweep on from where the last left off: dealt from process 1, it takes the remainder
+    rotated = replace(plan, first_process=1)
+    for process in (first, second):
+        run_sweep(rotated, replace(process, store=tmp_path / "r.jsonl"), torch.device("cpu"))
+    assert shares(tmp_path / "r.jsonl") == {"1/2": {0.0, 1.0}, "0/2": {0.5}}
 
 
 def test_tasks_command_lists_counts(bench):
