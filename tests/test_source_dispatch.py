@@ -207,8 +207,8 @@ def test_a_zoo_tag_open_clip_does_not_know_is_named(tmp_path, monkeypatch):
         {"projection_dim": 24, "text_config": {"hidden_size": 32}, "vision_config": {"image_size": 64}},
         # older transformers versions also wrote *_config_dict: it is then the whole tower's config
         {
-            "text_config": {"hidden_size": 32, "num_hidden_layers": 3},
-            "text_config_dict": {"num_hidden_layers": 2, "max_position_embeddings": 16},
+            "text_config": {"hidden_size": 32, "num_hidden_layers": 3, "hidden_act": "quick_gelu"},
+            "text_config_dict": {"num_hidden_layers": 2, "max_position_embeddings": 16, "hidden_act": "gelu"},
             "vision_config": {"patch_size": 16},
             "vision_config_dict": {"patch_size": 8, "hidden_act": "gelu"},
         },
