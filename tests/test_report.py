@@ -94,14 +94,19 @@ def test_without_a_recorded_domain_the_target_is_the_first_fine_domain_and_the_r
     assert note in (tmp_path / "rep" / "report.html").read_text()
 
 
+def _store_of_a_specialist_fine_tuned_on(tmp_path: Path, domain: str) -> Path:
+    """A store whose specialist's manifest records `domain` (as `finetune --domain` writes it)."""
+    (tmp_path / "ft.safetensors").write_bytes(b"the specialist")
+    (tmp_path / "ft.safetensors.manifest.json").write_text(
+        json.dumps({"domain": domain, "micromerge_version": "0.1"})
+    )
+    return _rewrite(write_store(tmp_path / "r.jsonl"), model={"base": "b", "finetuned": ["ft.safetensors"]})
+
+
 def test_a_recorded_domain_that_is_no_domain_of_the_benchmark_is_a_note_not_a_target_error(tmp_path):
     """`finetune --domain histopathology` (μ-Bench says pathology): the report refused with
     "--target domain:histopathology: not a group", naming a flag the user never typed."""
-    (tmp_path / "ft.safetensors").write_bytes(b"the specialist")
-    (tmp_path / "ft.safetensors.manifest.json").write_text(
-        json.dumps({"domain": "histopathology", "micromerge_version": "0.1"})
-    )
-    store = _rewrite(write_store(tmp_path / "r.jsonl"), model={"base": "b", "finetuned": ["ft.safetensors"]})
+    store = _store_of_a_specialist_fine_tuned_on(tmp_path, "histopathology")
     build_report(store, tmp_path / "rep")
     (row,) = _table(tmp_path / "rep", "headline")
     assert row["target"] == "domain:biology"
@@ -214,11 +219,7 @@ def test_an_unknown_target_names_the_flag_and_the_valid_groups(tmp_path):
 
 def test_the_recorded_fine_tuning_domain_is_the_target_unless_target_is_given(tmp_path):
     """The specialist's manifest names its domain; `--target` still wins over it."""
-    (tmp_path / "ft.safetensors").write_bytes(b"the specialist")
-    (tmp_path / "ft.safetensors.manifest.json").write_text(
-        json.dumps({"domain": "pathology", "micromerge_version": "0.1"})
-    )
-    store = _rewrite(write_store(tmp_path / "r.jsonl"), model={"base": "b", "finetuned": ["ft.safetensors"]})
+    store = _store_of_a_specialist_fine_tuned_on(tmp_path, "pathology")
     build_report(store, tmp_path / "rep")
     (row,) = _table(tmp_path / "rep", "headline")
     assert row["target"] == "domain:pathology" and row["gain (pts)"] == "40.0"
