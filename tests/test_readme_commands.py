@@ -1,0 +1,48 @@
+"""Every `micromerge …` and `merge …` command README.md shows names only options the command has.
+
+A renamed or removed flag left the README's example failing with "No such option" for the one
+reader who copies it; the README is the user's documentation of every capability, so its commands
+are checked here as the CLI parses them (with `--help` appended: click rejects an unknown option
+while parsing, before the eager `--help` ends the command, so nothing runs and no file is needed).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from micromerge.cli import cli, merge_command
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    """The README's shell commands that run micromerge, continuation lines joined, comments cut;
+    those with a placeholder (…) left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] in ("micromerge", "merge") and "…" not in line:
+                commands.append(words)
+    return commands
+
+
+def test_the_readme_shows_the_commands_of_every_capability():
+    shown = {" ".join(words[:3] if words[1] == "finetune" else words[:2]) for words in readme_commands()}
+    for command in ("merge --base", "micromerge eval", "micromerge sweep", "micromerge soup"):
+        assert command in shown, command
+    for command in ("micromerge report", "micromerge ablate", "micromerge export", "micromerge tasks"):
+        assert command in shown, command
+    assert {"micromerge finetune contrastive", "micromerge finetune supervised"} <= shown
+
+
+@pytest.mark.parametrize("words", readme_commands(), ids=lambda words: " ".join(words)[:80])
+def test_each_readme_command_names_only_options_its_command_has(words):
+    command, args = (merge_command, words[1:]) if words[0] == "merge" else (cli, words[1:])
+    result = CliRunner().invoke(command, [*args, "--help"])
+    assert result.exit_code == 0, f"{' '.join(words)}\n{result.output}"
