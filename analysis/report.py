@@ -114,6 +114,12 @@ def _embed(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+NO_HEADLINE = (
+    "no headline rows: no run here is of the ubench protocol, or its tasks hold no images of the "
+    "paper's sources (a --tasks selection, a --sources override setting paper_tables = false)"
+)
+
+
 def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
     """The μ-Bench paper's two numbers per run and alpha (ubench protocol only): coarse-grained
     accuracy pooled over every coarse caption key and image, fine-grained = classification_1
@@ -284,7 +290,7 @@ def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> s
         "",
         _markdown_table(tables["paper_headline"])
         if not tables["paper_headline"].empty
-        else "(no ubench-protocol run)",
+        else f"({NO_HEADLINE})",
         "",
         "## α selection (honest protocol)",
         "",
@@ -336,7 +342,7 @@ def _html(runs, summaries, tables, paths, notes, provenance) -> str:
         "epifluorescence and sources outside the paper's tables.</p>",
         tables["paper_headline"].to_html(index=False)
         if not tables["paper_headline"].empty
-        else "<p>(no ubench-protocol run)</p>",
+        else f"<p>({NO_HEADLINE})</p>",
         "<h2>α selection (honest protocol)</h2>",
         "<p>α is chosen on a seeded half of the benchmark's images (<i>select</i>, the same images for every task) and reported on the other half (<i>report</i>).</p>",
         tables["alpha_selection"].to_html(index=False),

@@ -167,6 +167,15 @@ def test_a_folder_given_as_the_store_names_the_stores_in_it(tmp_path):
         build_report(tmp_path / "results", tmp_path / "rep")
 
 
+def test_a_ubench_run_without_headline_rows_is_not_called_no_ubench_run(tmp_path):
+    """Tasks holding no image of the paper's sources give a ubench run no headline rows; the report
+    said "(no ubench-protocol run)" beside that very run."""
+    build_report(_rewrite(write_store(tmp_path / "r.jsonl"), protocol="ubench"), tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "[ubench]" in text and "no ubench-protocol run)" not in text
+    assert "(no headline rows: no run here is of the ubench protocol, or its tasks hold no images" in text
+
+
 def test_run_labels_are_escaped_in_the_html(tmp_path):
     store = write_store(tmp_path / "r.jsonl", label="ties <k=0.2> & dare")
     page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
