@@ -579,10 +579,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"]) if has_interval(acc) else "-"
             corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
             corrupt += trained_on_note(acc)
-            balanced = metrics.get("balanced_accuracy", {}).get("value", float("nan"))
+            balanced = metrics.get("balanced_accuracy", {}).get("value")
+            # none for a headline (pooled over tasks, it has no classes): a dash, not "nan"
+            balanced_text = "-" if balanced is None or balanced != balanced else f"{balanced:.3f}"
             click.echo(
                 f"{task:<34} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "
-                f"{interval:>15} {balanced:>8.3f}{corrupt}"
+                f"{interval:>15} {balanced_text:>8}{corrupt}"
             )
         for group, value in aggregate(alpha_rows).items():
             click.echo(f"  mean accuracy {group:<28} {value:.3f}")

@@ -640,6 +640,15 @@ def _eval_args(tmp_path, bench, model, store="r.jsonl", bootstrap=0, protocol="u
             "--protocol", protocol]  # fmt: skip
 
 
+def test_the_printed_table_shows_a_dash_where_a_row_has_no_balanced_accuracy(tmp_path, bench, models):
+    """A headline row is pooled over tasks, so it has no classes and no balanced accuracy: the
+    table printed "nan" in that column."""
+    result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0]))
+    assert result.exit_code == 0, result.output
+    (coarse,) = [line for line in result.output.splitlines() if line.startswith("ubench:coarse")]
+    assert coarse.split()[-1] == "-" and "nan" not in result.output
+
+
 def _load(model_path):
     with open_source(str(model_path)) as source:
         model, config = load_model(source)
