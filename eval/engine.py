@@ -527,6 +527,14 @@ def run_eval(
     return rows
 
 
+def process_share(
+    alphas: tuple[float, ...], rank: int, world_size: int, first_process: int = 0
+) -> tuple[float, ...]:
+    """The alphas process `rank` of `world_size` takes: the list dealt in turn, its first alpha to
+    `first_process`. Every process deals the same whole list, so the shares cover it once."""
+    return alphas[(rank - first_process) % world_size :: world_size]
+
+
 def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.device):
     """A data-aware method's per-model statistics, on this sweep's own data (its select half)."""
     kind = get_method(plan.spec.method).statistics
@@ -578,7 +586,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         # dealt from the whole list, then what is finished dropped: dealt from what was left, a
         # process reading the store after another had finished an alpha took another share, and
         # an alpha fell between them
-        share = plan.alphas[(settings.rank - plan.first_process) % settings.world_size :: settings.world_size]
+        share = process_share(plan.alphas, settings.rank, settings.world_size, plan.first_process)
         mine = [a for a in share if not _complete(done, a, tasks, settings.protocol)]
         if mine:
             lineage = sources_lineage([base, *finetuned])

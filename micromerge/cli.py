@@ -54,14 +54,14 @@ def _refuse_blank_parameters(ctx: click.Context) -> None:
     """An empty option or argument as typed (`--out "$OUT"` with the variable unset) in one line:
     read as 'not given' it silently ran a default (`report --target ""`), read as a path it was the
     working folder (`report --out ""` wrote report.html there). An empty environment variable
-    (HF_TOKEN=) keeps its usual meaning, unset."""
+    (HF_TOKEN=) keeps its usual meaning, unset: click does not read it."""
     from micromerge.core.config_schema import is_blank
 
     for param in ctx.command.params:
         name = param.name or ""
         value = ctx.params.get(name)
         value = list(value) if isinstance(value, tuple) else value
-        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE or not is_blank(value):
+        if not is_blank(value):
             continue
         shown = param.human_readable_name if isinstance(param, click.Argument) else max(param.opts, key=len)
         what = "empty" if isinstance(value, str) else "an empty entry"

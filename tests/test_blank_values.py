@@ -52,6 +52,16 @@ def test_an_empty_merge_option_is_refused_and_nothing_is_written(pair, flags, ne
     assert sorted(p.name for p in pair.iterdir()) == ["base.safetensors", "ft.safetensors"]
 
 
+def test_a_merge_job_built_in_python_refuses_an_empty_value_too():
+    """The CLI and config files check their own values; `job_from_mapping` is the API's door."""
+    from micromerge.merging.job import job_from_mapping
+
+    with pytest.raises(MicromergeError, match=r"--method '': empty \(an unset variable\?\)"):
+        job_from_mapping({"base": "b", "finetuned": ["f"], "method": ""})
+    with pytest.raises(MicromergeError, match=r"--ft \['f', ''\]: an empty entry"):
+        job_from_mapping({"base": "b", "finetuned": ["f", ""]})
+
+
 def test_an_empty_base_or_specialist_is_not_the_working_folder(pair):
     """A run folder (model.safetensors) as the working folder: `--ft ""` merged it."""
     (pair / "model.safetensors").write_bytes((pair / "ft.safetensors").read_bytes())
@@ -106,7 +116,8 @@ def test_what_counts_as_blank():
         (["report", "r.jsonl", "--out", ""], "--out '': empty"),
         (["report", "", "--out", "rep"], "RESULTS '': empty (an unset variable?); give a value"),
         (["export", "", "--out", "x"], "CHECKPOINT '': empty"),
-        (["export", "base.safetensors", "--out", ""], "--out '': empty (an unset variable?); give a value"),
+        # a required option has no default to fall back on
+        (["export", "base.safetensors", "--out", ""], "--out '': empty (an unset variable?); give a value\n"),
         (["data", "verify", " "], "PATH ' ': empty"),
         (["tasks", "--data", ""], "--data '': empty"),
         (["soup", "--base", "base.safetensors", "--ft", "", "--data", "d"], "--ft ['']: an empty entry"),

@@ -919,6 +919,17 @@ def test_under_a_launch_one_process_evaluates_a_model(
     assert ("results in" in result.output) is evaluates and (tmp_path / "e.jsonl").exists() is evaluates
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_process_share_together_is_the_whole_list_once_dealt_from_any_first_process(world):
+    from micromerge.eval.engine import process_share
+
+    alphas = tuple(range(7))
+    for first in range(world):
+        shares = [process_share(alphas, rank, world, first) for rank in range(world)]
+        assert sorted(a for share in shares for a in share) == list(alphas)
+        assert shares[first][0] == 0 and shares[(first + 1) % world][:1] == ((1,) if world > 1 else (0,))
+
+
 def test_a_process_that_starts_after_another_finished_an_alpha_still_takes_its_own_share(
     tmp_path, bench, models
 ):
