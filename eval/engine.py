@@ -503,7 +503,7 @@ def run_eval(
         store = ResultStore(settings.store)
         done = store.done(run_id)
         if _complete(done, None, tasks, settings.protocol):
-            return [r for r in store.rows() if r["run_id"] == run_id]
+            return store.rows(run_id)
         model, config = load_model(source)
         trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.every, tasks)
     warn_trained_on(model_spec, trained, marks)
@@ -622,4 +622,4 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         base.close()
         for source in finetuned:
             source.close()
-    return [r for r in store.rows() if r["run_id"] == run_id]
+    return store.rows(run_id)
