@@ -4,7 +4,7 @@ the store grows to the size of a paper-size ablation.
 A demo row is about 1.4 kB (its provenance rides on every row) and a μ-Bench alpha writes about 160
 rows (tasks x caption keys x splits x metrics); the paper-size ablation grid (about 130 sweeps of 11
 alphas) writes some 230,000 rows, over 300 MB. In one run, for stores of --sizes rows (copies of a
-real demo row under 16 run ids): one append of --batch fresh rows by a store object that has
+real demo row under 16 run ids): one append of --batch fresh rows of one run by a store object that has
 appended before (a sweep's case), the same by a fresh object (its first append), `done(run_id)`
 (a sweep's resume check) and `rows()` (a report's read).
 Run: .venv/bin/python bench/store_bench.py [--sizes 10000,50000,230000] [--batch 160]
@@ -53,16 +53,10 @@ ROW = {  # a demo row's fields (ubench protocol), as a sweep writes it
 }
 
 
-def rows(count: int, start: int = 0) -> list[dict]:
-    """`count` distinct rows: 16 runs, each alpha a hundred-and-sixty tasks."""
+def rows(count: int, start: int = 0, run_id: str | None = None) -> list[dict]:
+    """`count` distinct rows, of 16 runs in turn or all of `run_id` (one sweep's alpha)."""
     return [
-        {
-            **ROW,
-            "run_id": f"run{i % 16:02d}",
-            "alpha": (start + i) // 2560 / 10,
-            "task": f"task{(start + i) % 160}",
-            "caption_key": f"k{(start + i) // 160 % 16}",
-        }
+        {**ROW, "run_id": run_id or f"run{i % 16:02d}", "alpha": float(i), "task": f"task{i % 160}"}
         for i in range(start, start + count)
     ]
 
@@ -77,7 +71,7 @@ def measure(path: Path, size: int, batch: int) -> str:
     """One table row: a store of `size` rows, then its four timings."""
     store = ResultStore(path)
     store.append(rows(size))
-    warm, cold = rows(batch, size), rows(batch, size + batch)
+    warm, cold = rows(batch, size, "run03"), rows(batch, size + batch, "run03")
     appended = seconds(store.append, warm)
     fresh = seconds(ResultStore(path).append, cold)
     done = seconds(ResultStore(path).done, "run03")
