@@ -269,7 +269,7 @@ def run_ablation(
             model_data=job.model_data,
             first_process=dealt % world_size,
         )
-        run_sweep(plan, settings, device)
+        run_sweep(plan, settings, device, wait_for_everyone)
         dealt += len(plan.alphas)
     wait_for_everyone()
     return build_report(ablation.store, ablation.report, ablation.target) if rank == 0 else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -535,20 +536,45 @@ def process_share(
     return alphas[(rank - first_process) % world_size :: world_size]
 
 
-def _statistics_for(plan: SweepPlan, settings: EvalSettings, device: torch.device):
-    """A data-aware method's per-model statistics, on this sweep's own data (its select half)."""
+def _statistics_for(
+    plan: SweepPlan, settings: EvalSettings, device: torch.device, wait_for_everyone: Callable[[], None]
+):
+    """A data-aware method's per-model statistics, on this sweep's own data (its select half).
+
+    Under a launch the first process computes them (or reads them from the cache), and the others
+    read what it cached once it has: each process computed its own, the same minutes of work on
+    every GPU, and learned coefficients that differed in a last bit between GPUs (kernels that are
+    not deterministic) gave each process's rows another run id, one sweep split into several runs
+    of a few alphas each. The cache (`--cache-dir`) must be one folder for every process."""
     kind = get_method(plan.spec.method).statistics
     if kind is None:
         return None
     from micromerge.eval.statistics import statistics_input
 
     models = (plan.base, *plan.finetuned)
-    return statistics_input(kind, models, plan.spec.params, settings, device, plan.access, plan.model_data)
+    if settings.rank != 0:
+        wait_for_everyone()
+    statistics = statistics_input(
+        kind, models, plan.spec.params, settings, device, plan.access, plan.model_data
+    )
+    if settings.rank == 0:
+        wait_for_everyone()
+    return statistics
 
 
-def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> list[dict[str, Any]]:
+def _alone() -> None:
+    """The barrier of a single process: nothing to wait for."""
+
+
+def run_sweep(
+    plan: SweepPlan,
+    settings: EvalSettings,
+    device: torch.device,
+    wait_for_everyone: Callable[[], None] = _alone,
+) -> list[dict[str, Any]]:
     """Every alpha on every task; resumable; the processes take turns at the alphas, from
-    `plan.first_process` on."""
+    `plan.first_process` on (`wait_for_everyone`: the launch's barrier, as accelerate's
+    PartialState gives it; every process calls run_sweep with the same plan)."""
     prepared = prepare(settings)
     bench, tasks = prepared.bench, prepared.tasks
     store = ResultStore(settings.store)
@@ -561,7 +587,7 @@ def run_sweep(plan: SweepPlan, settings: EvalSettings, device: torch.device) -> 
         ft_hashes = [hashes[str(f)] for s in finetuned for f in s.files]
         parameters = plan.spec.describe()
         parameters.pop("alpha", None)
-        statistics = _statistics_for(plan, settings, device)
+        statistics = _statistics_for(plan, settings, device, wait_for_everyone)
         if statistics is not None:
             parameters["statistics"] = statistics.described
             if statistics.attachment is not None:

@@ -78,7 +78,9 @@ ALLOW_PICKLE = click.option(
     help="Read pickles that hold Python objects (restricted unpickler, no code run).",
 )
 CACHE_DIR = click.option(
-    "--cache-dir", type=click.Path(), help="Image and statistics cache (default: ~/.cache/micromerge)."
+    "--cache-dir",
+    type=click.Path(),
+    help="Image and statistics cache (default: ~/.cache/micromerge); one folder for every process of a launch.",
 )
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -728,7 +730,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     plan = SweepPlan(
         job.base, job.finetuned, job.spec, job.alphas or (), job.access, model_data=job.model_data
     )
-    rows = run_sweep(plan, settings, resolve_device(values["device"]))
+    rows = run_sweep(plan, settings, resolve_device(values["device"]), state.wait_for_everyone)
     state.wait_for_everyone()
     if state.is_main_process:
         _print_table(run_sweep_rows(settings, rows))

@@ -418,3 +418,35 @@ def test_coefficients_are_learned_per_specialist_not_per_base(three):
     other = learned_coefficients("adamerging", (models[0], models[2]), params, settings, CPU)
     assert one.described[0]["models_sha256"][1] != other.described[0]["models_sha256"][1]
     assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
+
+
+def test_under_a_launch_the_first_process_learns_and_the_others_read_what_it_cached(
+    setting,  # noqa: F811
+    monkeypatch,
+):
+    """Each process learned its own coefficients: the same minutes on every GPU, and coefficients
+    that differ in a last bit between GPUs (kernels that are not deterministic) gave each
+    process's rows another run id. Here the second of two processes runs in this process and its
+    barrier runs the first, as a launch would order them: one learning, one run id."""
+    import micromerge.eval.coefficients as coefficients
+    from micromerge.eval.engine import SweepPlan, run_sweep
+    from micromerge.merging.plan import MergeSpec
+
+    settings, models = setting
+    learned = []
+    real_learn = coefficients._learn
+    monkeypatch.setattr(
+        coefficients, "_learn", lambda *args: learned.append(args[6].rank) or real_learn(*args)
+    )
+    spec = MergeSpec("adamerging", MethodParams(steps=2, granularity="task", samples=16))
+    plan = SweepPlan(models[0], models[1:], spec, (0.0, 1.0))
+    first = replace(settings, rank=0, world_size=2)
+    waited = []
+
+    def barrier_of_the_second() -> None:  # the first process runs until its own barrier
+        waited.append(run_sweep(plan, first, CPU, wait_for_everyone=lambda: None))
+
+    second = run_sweep(plan, replace(settings, rank=1, world_size=2), CPU, barrier_of_the_second)
+    assert learned == [0] and len(waited) == 1, learned  # learned once, by the first process
+    assert {r["run_id"] for r in second} == {r["run_id"] for r in waited[0]}
+    assert {r["process"]: r["alpha"] for r in second} == {"0/2": 0.0, "1/2": 1.0}
