@@ -24,7 +24,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.eval.data import Benchmark, load_benchmark
-from micromerge.eval.images import ImageCache, PixelFeed, build_image_cache
+from micromerge.eval.images import DECODE_IDENTITY, ImageCache, PixelFeed, build_image_cache
 from micromerge.eval.metrics import classification_metrics, correctness_metrics
 from micromerge.eval.source_metadata import load_source_table
 from micromerge.eval.store import ResultStore, coefficients_file
@@ -403,6 +403,7 @@ def _base_row(
         "bootstrap": settings.bootstrap,
         "prompts": settings.prompts if settings.protocol == "closed-set" else None,
         "micromerge_version": micromerge.__version__,
+        "decode": DECODE_IDENTITY,
         "process": f"{settings.rank}/{settings.world_size}",
         **provenance,
     }
@@ -499,6 +500,7 @@ def run_eval(
                 "bootstrap": settings.bootstrap,
                 "seed": settings.seed,
                 "halves": HALVES,
+                "decode": DECODE_IDENTITY,  # a resume under another Pillow is another run, not mixed in
             }
         )[:16]
         store = ResultStore(settings.store)
@@ -606,6 +608,7 @@ def run_sweep(
                 "bootstrap": settings.bootstrap,
                 "seed": settings.seed,
                 "halves": HALVES,
+                "decode": DECODE_IDENTITY,  # a resume under another Pillow is another run, not mixed in
             }
         )[:16]
         done = store.done(run_id)

@@ -1072,3 +1072,23 @@ def test_an_override_of_a_source_the_data_lacks_is_warned_about(tmp_path, bench)
         warnings.simplefilter("error")
         discover_tasks(dataset, load_source_table(tmp_path / "fine.toml"))
         discover_tasks(dataset, load_source_table())
+
+
+def test_a_run_under_another_decoding_is_another_run_and_every_row_says_how_it_was_decoded(
+    tmp_path, bench, models, monkeypatch
+):
+    """Pixels decoded by another Pillow/torchvision (or rule) are decoded again (the image cache is
+    keyed on it), but the run id was not: a sweep resumed after an upgrade took the old alphas as
+    done and mixed two decodings in one run, and no row said which."""
+    from micromerge.eval import engine, images
+    from micromerge.eval.images import DECODE_IDENTITY
+
+    assert CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0])).exit_code == 0
+    other = "another rule; Pillow 0; torchvision 0"
+    monkeypatch.setattr(images, "DECODE_IDENTITY", other)
+    monkeypatch.setattr(engine, "DECODE_IDENTITY", other)
+    assert CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0])).exit_code == 0
+    runs: dict[str, set[str]] = {}
+    for row in ResultStore(tmp_path / "r.jsonl").rows():
+        runs.setdefault(row["decode"], set()).add(row["run_id"])
+    assert runs.keys() == {DECODE_IDENTITY, other} and len(runs[other] | runs[DECODE_IDENTITY]) == 2
