@@ -308,7 +308,9 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         lambda model, settings, device, access: calls.append(("eval", model, settings, access)) or EVALUATED,
     )
     monkeypatch.setattr(
-        ablate, "run_sweep", lambda plan, settings, device: calls.append(("sweep", plan, settings))
+        ablate,
+        "run_sweep",
+        lambda plan, settings, device, wait: calls.append(("sweep", plan, settings, wait)),
     )
     monkeypatch.setattr(ablate, "greedy_soup", lambda *args: calls.append(("soup", *args)))
     monkeypatch.setattr(
@@ -361,6 +363,9 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     assert calls[-2:] == [("waited",), ("report", "domain:pathology")], (
         "the report once every process is done"
     )
+    assert all(call[3] is waited for call in calls if call[0] == "sweep"), (
+        "a data-aware sweep meets the others"
+    )
 
     calls.clear()
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
@@ -387,7 +392,9 @@ def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_togethe
     monkeypatch.setattr(ablate, "run_eval", lambda *args: EVALUATED)
     monkeypatch.setattr(ablate, "build_report", lambda *args: None)
     for rank, done in work.items():
-        monkeypatch.setattr(ablate, "run_sweep", lambda plan, settings, device, done=done: done.append(plan))
+        monkeypatch.setattr(
+            ablate, "run_sweep", lambda plan, settings, device, wait, done=done: done.append(plan)
+        )
         monkeypatch.setattr(ablate, "greedy_soup", lambda *args, done=done: done.append("soup"))
         run_ablation(ablation, tmp_path, torch.device("cpu"), False, rank, 2)
     # wise-ft's alphas from process 0 (0, 1 to it, 0.5 to 1); the soup (the 4th unit) to process 1,

@@ -1092,3 +1092,25 @@ def test_a_run_under_another_decoding_is_another_run_and_every_row_says_how_it_w
     for row in ResultStore(tmp_path / "r.jsonl").rows():
         runs.setdefault(row["decode"], set()).add(row["run_id"])
     assert runs.keys() == {DECODE_IDENTITY, other} and len(runs[other] | runs[DECODE_IDENTITY]) == 2
+
+
+def test_sweep_hands_the_launchs_barrier_to_the_engine(tmp_path, bench, models, monkeypatch):
+    """A data-aware sweep's first process computes the statistics while the others wait at the
+    launch's barrier (tests/test_learned_merging.py): the command must hand that barrier in."""
+    import accelerate
+
+    from micromerge.eval import engine
+
+    class Launched:  # as PartialState is in the first process of a two-process launch
+        def __init__(self, cpu: bool = False):
+            self.process_index, self.num_processes, self.is_main_process = 0, 2, True
+
+        def wait_for_everyone(self) -> None:
+            """The barrier."""
+
+    handed = []
+    monkeypatch.setattr(accelerate, "PartialState", Launched)
+    monkeypatch.setattr(engine, "run_sweep", lambda plan, settings, device, wait: handed.append(wait) or [])
+    result = CliRunner().invoke(cli, _sweep_args(tmp_path, bench, models, alphas="0,1"))
+    assert result.exit_code == 0, result.output
+    assert len(handed) == 1 and handed[0].__func__ is Launched.wait_for_everyone
