@@ -174,3 +174,20 @@ def test_saved_figures_carry_no_software_version(tmp_path):
     png, svg = figures.save(figures.accuracy_vs_alpha([run], [summary]), tmp_path, "acc")
     assert b"Software" not in png.read_bytes() and b"matplotlib" not in png.read_bytes().lower()
     assert "Matplotlib v" not in svg.read_text() and "<dc:date>" not in svg.read_text()
+
+
+def test_pareto_names_each_runs_front_and_an_end_point_runs_share_once(tmp_path):
+    """The demo's Pareto plot: four runs ending within a point of each other printed four
+    overlapping "α=1 (fine-tuned)" labels, and its legend had two "Pareto front (wise-ft)" (the
+    ubench and closed-set runs). A run 5 points away keeps its own label; all share the base."""
+    store = write_store(tmp_path / "r.jsonl", label="wise-ft [ubench]: base + specialist")
+    write_store(store, run_id="r2", shift_all=-0.005, label="wise-ft [closed-set]: base + specialist")
+    write_store(store, run_id="r3", method="ties", shift_all=-0.05, label="ties [ubench]: base + specialist")
+    runs = sorted(load_runs(store), key=lambda r: r.run_id)
+    ax = figures.pareto(runs, [summarise(r, TARGET) for r in runs]).axes[0]
+    texts = [text.get_text() for text in ax.texts]
+    assert texts.count("α=0 (base)") == 1 and texts.count("α=1 (fine-tuned)") == 2, texts  # one base
+    fronts = [c.get_label() for c in ax.collections]
+    assert fronts == [
+        f"Pareto front ({name})" for name in ("wise-ft [ubench]", "wise-ft [closed-set]", "ties [ubench]")
+    ]
