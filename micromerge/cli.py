@@ -788,8 +788,8 @@ def run_sweep_rows(settings, rows):
     """All rows of this run once every process has finished (each process returns its view)."""
     from micromerge.eval.store import ResultStore
 
-    run_ids = {r["run_id"] for r in rows}
-    return [r for r in ResultStore(settings.store).rows() if r["run_id"] in run_ids]
+    store = ResultStore(settings.store)
+    return [row for run_id in sorted({r["run_id"] for r in rows}) for row in store.rows(run_id)]
 
 
 def _finetune_options(func):
