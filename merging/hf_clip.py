@@ -147,6 +147,20 @@ def _activation(text: dict[str, Any], vision: dict[str, Any], label: str) -> str
     return acts["vision"]
 
 
+TORCH_LAYER_NORM_EPS = 1e-5
+"""torch's LayerNorm default, which open_clip builds unless a tower's `norm_kwargs` says otherwise,
+and transformers' CLIPTextConfig/CLIPVisionConfig default `layer_norm_eps`."""
+
+
+def _norm_kwargs(section: dict[str, Any], name: str, label: str) -> dict[str, Any]:
+    """A tower's LayerNorm epsilon as open_clip's `norm_kwargs` (none for torch's default): a config
+    with another `layer_norm_eps` was loaded with 1e-5, every normalisation off by the difference."""
+    eps = section.get("layer_norm_eps", TORCH_LAYER_NORM_EPS)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise MicromergeError(f"{label}: {name}.layer_norm_eps must be a number in (0, 1), not {eps!r}")
+    return {} if eps == TORCH_LAYER_NORM_EPS else {"norm_kwargs": {"eps": float(eps)}}
+
+
 def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") -> dict[str, Any]:
     """open_clip model config (the dict `open_clip.model.CLIP(**cfg)` takes) from a CLIPConfig dict;
     a key a config leaves out takes transformers' CLIPTextConfig/CLIPVisionConfig default."""
@@ -159,6 +173,11 @@ def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") ->
         return value
 
     act = _activation(text, vision, label)
+    channels = vision.get("num_channels", 3)
+    if channels != 3:  # open_clip's patch embedding takes RGB; the weights' shape would say it later
+        raise MicromergeError(
+            f"{label}: vision_config.num_channels {channels!r}: open_clip's CLIP takes 3-channel (RGB) images"
+        )
     v_width, t_width = (
         number(vision, "vision_config", "hidden_size", 768),
         number(text, "text_config", "hidden_size", 512),
@@ -180,6 +199,7 @@ def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") ->
             "head_width": v_width // v_heads,
             "mlp_ratio": number(vision, "vision_config", "intermediate_size", 3072) / v_width,
             "patch_size": number(vision, "vision_config", "patch_size", 32),
+            **_norm_kwargs(vision, "vision_config", label),
         },
         "text_cfg": {
             "context_length": number(text, "text_config", "max_position_embeddings", 77),
@@ -188,6 +208,7 @@ def hf_config_to_openclip(config: dict[str, Any], label: str = "config.json") ->
             "heads": t_heads,
             "layers": number(text, "text_config", "num_hidden_layers", 12),
             "mlp_ratio": number(text, "text_config", "intermediate_size", 2048) / t_width,
+            **_norm_kwargs(text, "text_config", label),
         },
     }
 
@@ -216,6 +237,7 @@ def openclip_config_to_hf(model_config: dict[str, Any]) -> dict[str, Any]:
             "bos_token_id": int(text.get("vocab_size", 49408)) - 2,
             "eos_token_id": int(text.get("vocab_size", 49408)) - 1,
             "pad_token_id": 0,
+            "layer_norm_eps": float((text.get("norm_kwargs") or {}).get("eps", TORCH_LAYER_NORM_EPS)),
         },
         "vision_config": {
             "model_type": "clip_vision_model",
@@ -227,5 +249,6 @@ def openclip_config_to_hf(model_config: dict[str, Any]) -> dict[str, Any]:
             "patch_size": int(vision["patch_size"]),
             "hidden_act": act,
             "projection_dim": int(model_config["embed_dim"]),
+            "layer_norm_eps": float((vision.get("norm_kwargs") or {}).get("eps", TORCH_LAYER_NORM_EPS)),
         },
     }

@@ -21,7 +21,7 @@ from tests.helpers import random_state_dict, write_checkpoint
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_hf_clip(seed=0, act="quick_gelu"):
+def tiny_hf_clip(seed=0, act="quick_gelu", eps=1e-5):
     torch.manual_seed(seed)
     config = transformers.CLIPConfig(
         text_config=dict(
@@ -32,6 +32,7 @@ def tiny_hf_clip(seed=0, act="quick_gelu"):
             num_attention_heads=4,
             max_position_embeddings=16,
             hidden_act=act,
+            layer_norm_eps=eps,
             eos_token_id=999,
             bos_token_id=998,
             pad_token_id=0,
@@ -44,6 +45,7 @@ def tiny_hf_clip(seed=0, act="quick_gelu"):
             image_size=32,
             patch_size=8,
             hidden_act=act,
+            layer_norm_eps=eps,
         ),
         projection_dim=24,
     )
@@ -99,9 +101,33 @@ def test_transformers_folder_converts_to_open_clip_with_identical_embeddings(tmp
     assert_same_embeddings(hf_model, oc_model)
 
 
+def test_a_layer_norm_epsilon_of_its_own_is_kept_and_exported(tmp_path):
+    """A config's `layer_norm_eps` was not read: a checkpoint trained with 1e-6 (or 1e-3) was
+    loaded with torch's 1e-5 in every LayerNorm, each normalisation off by the difference."""
+    from micromerge.merging.export import export_checkpoint
+
+    hf_model = tiny_hf_clip(eps=1e-3)
+    hf_model.save_pretrained(tmp_path / "own-eps")
+    with open_source(str(tmp_path / "own-eps")) as source:
+        oc_model, config = load_model(source)
+    assert config["vision_cfg"]["norm_kwargs"] == config["text_cfg"]["norm_kwargs"] == {"eps": 1e-3}
+    assert_same_embeddings(hf_model, oc_model)
+    export_checkpoint(str(tmp_path / "own-eps"), tmp_path / "out", "transformers")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["text_config"]["layer_norm_eps"] == exported["vision_config"]["layer_norm_eps"] == 1e-3
+    assert_same_embeddings(transformers.CLIPModel.from_pretrained(tmp_path / "out").eval(), oc_model)
+
+
 @pytest.mark.parametrize(
     "tower, edit, needle",
     [
+        (
+            "vision_config",
+            {"num_channels": 1},
+            "vision_config.num_channels 1: open_clip's CLIP takes 3-channel",
+        ),
+        ("text_config", {"layer_norm_eps": "1e-5"}, "text_config.layer_norm_eps must be a number in (0, 1)"),
+        ("vision_config", {"layer_norm_eps": 0}, "vision_config.layer_norm_eps must be a number in (0, 1)"),
         # loaded as gelu: every MLP computed another function than the checkpoint was trained with
         (
             "text_config",
