@@ -570,7 +570,11 @@ def test_an_append_reads_only_what_was_written_since_and_still_sees_every_writer
     assert sum(read) < 3 * their_line, read  # the line it checks the file by, and the new one
     read.clear()
     assert mine.append([_row(0.6)]) == 0 and sum(read) < 2 * their_line
-    assert [r["alpha"] for r in ResultStore(path).rows()] == [0.0, 0.1, 0.2, 0.5, 0.6]
+    theirs.append([_row(0.65), _row(0.66)])
+    assert mine.append([_row(0.65), _row(0.66)]) == 0, "nothing written: what it read still counts"
+    read.clear()
+    assert mine.append([_row(0.8)]) == 1 and sum(read) < 1.5 * their_line, read  # one line checked
+    assert [r["alpha"] for r in ResultStore(path).rows()] == [0.0, 0.1, 0.2, 0.5, 0.6, 0.65, 0.66, 0.8]
     # It reads only its own run's lines: another run's rows are read when that run is appended.
     theirs.append([_row(0.0, run_id="other")])
     assert mine.append([_row(0.0, run_id="other"), _row(0.7)]) == 1
