@@ -13,7 +13,7 @@ de-duplicate by identity. Non-finite metric values are stored as null (JSON has 
 A store grows to hundreds of MB on a paper-size ablation (about 1.4 kB a row), so an append reads
 only what was written since this object's last append, and a run's own rows are found by its id's
 bytes before any line is decoded: reading the whole file at every append was quadratic (8.5 s of
-the demo's 66 s of sweeps, and hours on a grid of 130 sweeps).
+the demo's 66 s of sweeps, and hours on the paper grid's 191 sweeps; bench/store_bench.py).
 """
 
 from __future__ import annotations
