@@ -53,6 +53,7 @@ class Ablation:
     batch_size: int = 256
     target: str | None = None
     method_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_figures: bool | None = None  # the report's (None: up to its limit of runs)
 
 
 def load_ablation(path: str | Path) -> Ablation:
@@ -115,6 +116,7 @@ def load_ablation(path: str | Path) -> Ablation:
         batch_size=int(section.get("batch_size", 256)),
         target=section.get("target"),
         method_parameters=section.get("method_parameters") or {},
+        run_figures=section.get("run_figures"),
     )
     try:  # validate the whole grid now
         parse_alphas(alphas)  # as written: `alphas = []` joins to "", which reads as no --alphas
@@ -272,4 +274,8 @@ def run_ablation(
         run_sweep(plan, settings, device, wait_for_everyone)
         dealt += len(plan.alphas)
     wait_for_everyone()
-    return build_report(ablation.store, ablation.report, ablation.target) if rank == 0 else None
+    return (
+        build_report(ablation.store, ablation.report, ablation.target, run_figures=ablation.run_figures)
+        if rank == 0
+        else None
+    )

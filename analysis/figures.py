@@ -6,7 +6,7 @@ axes with units. Functions return the matplotlib Figure so tests can inspect it.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -14,9 +14,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from micromerge.analysis.metrics import Summary, _control_curve, curve, task_changes  # noqa: E402
+from micromerge.analysis.sets import ComparisonSet, label_parts  # noqa: E402
 from micromerge.analysis.tables import Run  # noqa: E402
 
 PALETTE = sns.color_palette("colorblind")
@@ -41,25 +43,21 @@ STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
-def _short_labels(runs: list[Run]) -> tuple[list[str], str]:
-    """Run labels without the ending they all share (e.g. ": base + pathology specialist"), and that
-    ending; runs that share a label (an older run kept in the store) are told apart by run id."""
-    labels = [run.label for run in runs]
-    distinct = list(dict.fromkeys(labels))
-    shared = ""
-    if len(distinct) > 1:
-        shared = distinct[0]
-        for label in distinct[1:]:
-            while not label.endswith(shared):
-                shared = shared[1:]
-        cut = shared.find(" ")  # end at a word boundary: never cut a name in half
-        shared = shared[cut:] if cut > 0 else ""  # shorter than every label: each keeps a name
-    short = [label[: len(label) - len(shared)].rstrip(" :—") if shared else label for label in labels]
-    counts = Counter(short)
-    named = [
-        s + (f" (run {run.run_id[:6]})" if counts[s] > 1 else "") for s, run in zip(short, runs, strict=True)
-    ]
-    return named, shared.strip(" :—")
+def _run_style(index: int) -> dict[str, object]:
+    """The colour, line style and marker of the index-th run of a figure that colours by run: ten
+    colour-blind-safe colours, then the next line style (40 runs before a style repeats)."""
+    return {
+        "color": PALETTE[index % len(PALETTE)],
+        "linestyle": STYLES[(index // len(PALETTE)) % len(STYLES)],
+        "marker": MARKERS[index % len(MARKERS)],
+    }
+
+
+def _joined(names: list[str], most: int = 3) -> str:
+    """Names of runs drawn as one curve, at most `most` of them (48 copies of a run once made a
+    legend entry 67,000 pixels wide)."""
+    shown = " = ".join(names[:most])
+    return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
 
 
 def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> plt.Figure:
@@ -67,7 +65,7 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
     axes: colour = group, line style and marker = run (method). A curve identical to one already drawn
     (WiSE-FT and task arithmetic with one specialist are one formula) is drawn once, named for both."""
     figure, ax = plt.subplots(figsize=(8, 5))
-    names, shared = _short_labels(runs)
+    names, shared = label_parts(runs)
     drawn: dict[tuple, dict] = {}  # (group, alphas, values) -> the line drawn for it and its names
     chosen: dict[float, list[str]] = {}
     for r_index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
@@ -104,7 +102,7 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
         ax.text(best, 1.01, f"α={best:g}", transform=ax.get_xaxis_transform(), fontsize=7, ha="center",
                 va="bottom", color="grey")  # fmt: skip
     for entry in drawn.values():
-        entry["line"].set_label(f"{' = '.join(entry['names'])} — {entry['group']}")
+        entry["line"].set_label(f"{_joined(list(entry['names']))} — {entry['group']}")
     ax.set_xlabel("interpolation weight α (0 = base, 1 = fine-tuned)")
     ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)")
     ax.set_title(
@@ -123,11 +121,7 @@ def per_task_grid(run: Run, metric: str = "accuracy") -> plt.Figure:
     """Small multiples of accuracy vs alpha per task, coarse first, then fine grouped by domain."""
     changes = task_changes(run, metric)
     order = changes.drop_duplicates("task")[["task", "level", "domain"]].values.tolist()
-    columns = 4
-    rows = int(np.ceil(len(order) / columns))
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(3.2 * columns, 2.4 * rows), sharex=True, squeeze=False
-    )
+    figure, axes = _panels(len(order), 4, 3.2, 2.4, legend=False)
     domains = sorted({d for _, _, d in order})
     for ax, (task, level, domain) in zip(axes.flat, order, strict=False):
         frame = changes[changes["task"] == task]
@@ -140,17 +134,23 @@ def per_task_grid(run: Run, metric: str = "accuracy") -> plt.Figure:
         ax.set_ylabel(f"{metric} (%)", fontsize=7)
         ax.set_xlabel("α", fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(order) :]:
-        ax.axis("off")
     figure.suptitle(f"{run.label}: per-task {metric} versus α", fontsize=10)
     figure.tight_layout()
     return figure
 
 
-def pareto(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> plt.Figure:
+NAMED_FRONTS = 4
+"""Up to this many runs, each run's Pareto front has its own legend entry; beyond, one entry says
+what the hollow circles are (a legend of 192 fronts was 7,643 pixels tall)."""
+
+
+def pareto(
+    runs: list[Run] | tuple[Run, ...], summaries: list[Summary] | tuple[Summary, ...],
+    metric: str = "accuracy", title: str = "",
+) -> plt.Figure:  # fmt: skip
     """Target (fine-tuning domain) versus control accuracy along alpha, one curve per run (the WiSE-FT figure)."""
     figure, ax = plt.subplots(figsize=(5.5, 5))
-    names, _ = _short_labels(runs)
+    names, _ = label_parts(runs)
     ends: list[tuple[str, tuple[float, float]]] = []
     for index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
         target = curve(run, summary.target, metric)
@@ -159,14 +159,15 @@ def pareto(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") 
             if summary.controls
             else target[["alpha", "value"]]
         )
-        color = PALETTE[index % len(PALETTE)]
+        style = _run_style(index)
         ax.plot(
             target["value"] * 100,
             control["value"].to_numpy() * 100,
             marker="o",
             markersize=3,
-            color=color,
-            label=run.label,
+            color=style["color"],
+            linestyle=style["linestyle"],
+            label=run.label if len(runs) <= NAMED_FRONTS else names[index],
         )
         for text, at in (("α=0 (base)", 0), ("α=1 (fine-tuned)", -1)):
             ends.append((text, (target["value"].iloc[at] * 100, control["value"].iloc[at] * 100)))
@@ -175,9 +176,11 @@ def pareto(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") 
             front[:, 0],
             front[:, 1],
             facecolor="none",
-            edgecolor=color,
+            edgecolor=style["color"],
             s=70,
-            label=f"Pareto front ({names[index]})",
+            label=f"Pareto front ({names[index]})"
+            if len(runs) <= NAMED_FRONTS
+            else ("Pareto front of each run (hollow circles)" if index == 0 else "_front"),
         )
     named: list[tuple[str, tuple[float, float]]] = []
     for text, point in ends:  # end points within 3 points of one already named are not named again
@@ -188,9 +191,136 @@ def pareto(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") 
             ax.annotate(text, point, fontsize=7)
     ax.set_xlabel(f"target ({summaries[0].target}) mean {metric} (%)")
     ax.set_ylabel(f"control ({', '.join(summaries[0].controls) or 'none'}) mean {metric} (%)")
-    ax.set_title("Target versus control along α")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.set_title("Target versus control along α" + (f"\n{title}" if title else ""), fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("Pareto front of each run"))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # fmt: skip
     ax.grid(alpha=0.3)
+    return figure
+
+
+def _distinct_curves(
+    runs: tuple[Run, ...],
+    names: tuple[str, ...],
+    keys: list[str | None],
+    of: Callable[[Run, str | None], pd.DataFrame],
+) -> list[tuple[list[str], dict[str | None, pd.DataFrame]]]:
+    """Each distinct run's curves (one per key: a group, or a task) with the names of every run
+    that has exactly those curves (WiSE-FT and task arithmetic with one specialist are one formula)."""
+    drawn: dict[tuple, tuple[list[str], dict]] = {}
+    for run, name in zip(runs, names, strict=True):
+        curves = {key: of(run, key) for key in keys}
+        signature = tuple(
+            (key, tuple(frame["alpha"].round(10)), tuple(frame["value"].round(10)))
+            for key, frame in curves.items()
+        )
+        drawn.setdefault(signature, ([], curves))[0].append(name)
+    return list(drawn.values())
+
+
+def _task_curve(run: Run, task: str, metric: str) -> pd.DataFrame:
+    table = run.table[
+        (run.table["metric"] == metric) & (run.table["split"] == "all") & (run.table["task"] == task)
+    ]
+    return table[["alpha", "value"]].sort_values("alpha")
+
+
+def _panels(
+    count: int, columns: int, width: float, height: float, legend: bool = True
+) -> tuple[plt.Figure, np.ndarray]:
+    """`count` panels sharing the α axis, the unused ones of the last row hidden; a panel above a
+    hidden one shows its own α tick labels (shared axes show them on the bottom row only)."""
+    rows = int(np.ceil(count / columns))
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(width * columns, height * rows + (0.9 if legend else 0)), sharex=True,
+        squeeze=False,
+    )  # fmt: skip
+    for index, ax in enumerate(axes.flat):
+        if index >= count:
+            ax.axis("off")
+        elif index + columns >= count:
+            ax.tick_params(labelbottom=True)
+    return figure, axes
+
+
+def _run_legend(figure: plt.Figure, handles: list, title: str) -> None:
+    """One legend for every panel, under them, and the set's title above."""
+    figure.suptitle(title, fontsize=10)
+    figure.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
+        fontsize=7, frameon=False,
+    )  # fmt: skip
+
+
+def set_accuracy_vs_alpha(comparison: ComparisonSet, metric: str = "accuracy") -> plt.Figure:
+    """The runs of a comparison set along alpha: one panel per group (target, each control, all
+    tasks), one line per run, the alpha chosen on the select half ringed in black. Intervals are
+    left to the per-run figures and tables: a band per run is mud at sixteen runs."""
+    first = comparison.summaries[0]
+    groups: list[str | None] = [first.target, *first.controls, None]
+    figure, axes = _panels(len(groups), min(4, len(groups)), 3.6, 2.8)
+    handles = []
+    distinct = _distinct_curves(
+        comparison.runs, comparison.names, groups, lambda run, group: curve(run, group, metric)
+    )
+    chosen = {
+        n: s.best_alpha["all_task_mean"] for n, s in zip(comparison.names, comparison.summaries, strict=True)
+    }
+    for index, (names, curves) in enumerate(distinct):
+        style = _run_style(index)
+        for ax, group in zip(axes.flat, groups, strict=False):
+            frame = curves[group]
+            (line,) = ax.plot(
+                frame["alpha"], frame["value"] * 100, markersize=3, label=_joined(names), **style
+            )
+            at = frame[frame["alpha"] == chosen[names[0]]]
+            ax.scatter(at["alpha"], at["value"] * 100, s=45, facecolor="none", edgecolor="black", zorder=3)
+        handles.append(line)
+    for ax, group in zip(axes.flat, groups, strict=False):
+        ax.set_title(group or "all tasks", fontsize=9)
+        ax.set_xlabel("α (0 = base, 1 = fine-tuned)", fontsize=8)
+        ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+    _run_legend(figure, handles, f"Accuracy versus α: {comparison.title or 'one comparison set'}\n"
+                "black rings: α chosen on the select half; intervals in the per-run tables")  # fmt: skip
+    figure.tight_layout()
+    return figure
+
+
+def set_per_task(comparison: ComparisonSet, metric: str = "accuracy") -> plt.Figure:
+    """Small multiples of accuracy versus alpha per task (coarse first, then fine by domain), one
+    line per run of the set: which tasks a method forgets, beside the others."""
+    tasks = list(  # every task of any run of the set (a --tasks subset can differ between them)
+        dict.fromkeys(
+            (task, level, domain)
+            for run in comparison.runs
+            for task, level, domain in task_changes(run, metric)[["task", "level", "domain"]].values.tolist()
+        )
+    )
+    figure, axes = _panels(len(tasks), 4, 3.2, 2.4)
+    handles = []
+    distinct = _distinct_curves(
+        comparison.runs,
+        comparison.names,
+        [t for t, _, _ in tasks],
+        lambda run, task: _task_curve(run, task, metric),
+    )
+    for index, (names, curves) in enumerate(distinct):
+        style = _run_style(index)
+        for ax, (task, _, _) in zip(axes.flat, tasks, strict=False):
+            frame = curves[task]
+            (line,) = ax.plot(
+                frame["alpha"], frame["value"] * 100, markersize=2, label=_joined(names), **style
+            )
+        handles.append(line)
+    for ax, (task, level, domain) in zip(axes.flat, tasks, strict=False):
+        ax.set_title(f"{task}\n({level}, {domain})", fontsize=8)
+        ax.set_ylabel(f"{metric} (%)", fontsize=7)
+        ax.set_xlabel("α", fontsize=7)
+        ax.grid(alpha=0.3)
+    _run_legend(figure, handles, f"Per-task {metric} versus α: {comparison.title or 'one comparison set'}")
+    figure.tight_layout()
     return figure
 
 

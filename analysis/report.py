@@ -11,6 +11,7 @@ import html
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pandas as pd
 import micromerge
 from micromerge.analysis import figures
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
+from micromerge.analysis.sets import ComparisonSet, comparison_sets
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
@@ -146,24 +148,37 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
 # every file a report writes into figures/ and tables/: those of an earlier report that this one
 # did not write again (its runs left the store) are removed; any other file there is the user's
 REPORT_FILES = re.compile(
-    r"figures/(accuracy_vs_alpha|pareto_target_vs_control|(per_task|heatmap|coefficients)_run\d+)\.(png|svg)"
-    r"|tables/(headline|paper_headline|alpha_selection|(groups|tasks|pareto)_run\d+)\.(csv|json)"
+    r"figures/((accuracy_vs_alpha|pareto_target_vs_control)(_set\d+)?|per_task_set\d+"
+    r"|(per_task|heatmap|coefficients)_run\d+)\.(png|svg)"
+    r"|tables/(headline|paper_headline|alpha_selection|comparison_sets|(groups|tasks|pareto)_run\d+)\.(csv|json)"
 )
+OVERVIEW_RUNS = 4
+"""Up to this many runs with curves share one accuracy-versus-α and one Pareto figure; beyond, one
+of each (and a per-task figure) per comparison set (analysis.sets)."""
+RUN_FIGURE_RUNS = 12
+"""Up to this many runs, each run's own figures are drawn by default and every figure is embedded
+in the page; beyond, each run's are drawn only on request (`run_figures`), and figures are linked
+from the page: a 192-run grid's own figures took 4 of a report's 4.5 minutes and 89 MB of its page."""
 
 
 def build_report(
-    store: str | Path, out: str | Path, target: str | None = None, metric: str = "accuracy"
+    store: str | Path,
+    out: str | Path,
+    target: str | None = None,
+    metric: str = "accuracy",
+    run_figures: bool | None = None,
 ) -> Path:
     """Write report.md, report.html, provenance.json, figures/ and tables/ into `out`, all of them
     or (on a failure or Ctrl-C) none, and no file of an earlier report that this one does not
-    replace; files of the user's own stay. Returns the HTML path."""
+    replace; files of the user's own stay. `run_figures`: draw each run's own figures (None: up to
+    RUN_FIGURE_RUNS runs). Returns the HTML path."""
     store, out = Path(store), output_folder(out)
     with staged_files(out, superseded=REPORT_FILES.fullmatch) as staging:
-        _write_report(store, staging, target, metric)
+        _write_report(store, staging, target, metric, run_figures)
     return out / "report.html"
 
 
-def _write_report(store: Path, out: Path, target: str | None, metric: str) -> None:
+def _write_report(store: Path, out: Path, target: str | None, metric: str, run_figures: bool | None) -> None:
     runs = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
     if not runs:
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
@@ -200,30 +215,19 @@ def _write_report(store: Path, out: Path, target: str | None, metric: str) -> No
             )
     figure_dir, table_dir = out / "figures", out / "tables"
     curves = [r for r in runs if r.table["alpha"].nunique() > 1]
-    paths: dict[str, Path] = {}
-    if curves:
-        curve_summaries = [s for r, s in zip(runs, summaries, strict=True) if r in curves]
-        paths["accuracy_vs_alpha"] = figures.save(
-            figures.accuracy_vs_alpha(curves, curve_summaries, metric), figure_dir, "accuracy_vs_alpha"
-        )[0]
-        paths["pareto"] = figures.save(
-            figures.pareto(curves, curve_summaries, metric), figure_dir, "pareto_target_vs_control"
-        )[0]
-        for index, run in enumerate(curves):
-            paths[f"tasks_{index}"] = figures.save(
-                figures.per_task_grid(run, metric), figure_dir, f"per_task_run{index}"
-            )[0]
-            paths[f"heatmap_{index}"] = figures.save(
-                figures.heatmap(run, metric), figure_dir, f"heatmap_run{index}"
-            )[0]
-    else:
+    if not curves:
         notes.append("every run has a single alpha: no curves, tables only")
-    for index, run in enumerate(runs):
-        saved = _learned_coefficients(store, run, notes)
-        if saved is not None:
-            paths[f"coefficients_{index}"] = figures.save(
-                figures.learned_coefficients(saved, run.label), figure_dir, f"coefficients_run{index}"
-            )[0]
+    overview, sets = _overview_figures(runs, summaries, curves, figure_dir, metric)
+    draw_runs = run_figures if run_figures is not None else len(curves) <= RUN_FIGURE_RUNS
+    per_run = _run_figures(store, runs, curves if draw_runs else [], figure_dir, metric, notes)
+    if curves and not draw_runs:
+        why = (
+            "--no-run-figures" if run_figures is False else f"{len(curves)} runs, more than {RUN_FIGURE_RUNS}"
+        )
+        notes.append(
+            f"each run's own figures (per-task grid, heat map) are not drawn ({why}): "
+            "`micromerge report --run-figures` draws them, about a second a run"
+        )
     headline, criteria = headline_table(runs, summaries), criteria_table(runs, summaries)
     tables: dict[str, pd.DataFrame] = {
         "headline": headline,
@@ -238,14 +242,79 @@ def _write_report(store: Path, out: Path, target: str | None, metric: str) -> No
         tables[f"pareto_run{index}"] = pd.DataFrame(
             summary.pareto, columns=["alpha", "target", "control"]
         ).round(4)
+    if sets:
+        tables["comparison_sets"] = pd.DataFrame.from_records(
+            [
+                {"set": number, "title": comparison.title, "run": name, "run_id": run.run_id}
+                for number, comparison in enumerate(sets)
+                for run, name in zip(comparison.runs, comparison.names, strict=True)
+            ]
+        )
     table_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
         write_text_atomic(table_dir / f"{name}.csv", frame.to_csv(index=False))
         write_json_atomic(table_dir / f"{name}.json", json.loads(frame.to_json(orient="records")))
     provenance = _provenance(store, runs)
     write_json_atomic(out / "provenance.json", provenance)
-    write_text_atomic(out / "report.md", _markdown(runs, summaries, tables, paths, notes, provenance, out))
-    write_text_atomic(out / "report.html", _html(runs, summaries, tables, paths, notes, provenance))
+    layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out)
+    write_text_atomic(out / "report.md", _markdown(layout))
+    write_text_atomic(out / "report.html", _html(layout))
+
+
+def _overview_figures(
+    runs: list[Run], summaries: list[Summary], curves: list[Run], figure_dir: Path, metric: str
+) -> tuple[list[tuple[str, Path]], list[ComparisonSet]]:
+    """The figures that compare runs, as (caption, PNG): one accuracy-versus-α and one Pareto figure
+    for up to OVERVIEW_RUNS runs with curves, else three per comparison set (and the sets)."""
+    curve_ids = {run.run_id for run in curves}
+    curve_summaries = [s for r, s in zip(runs, summaries, strict=True) if r.run_id in curve_ids]
+    if len(curves) <= OVERVIEW_RUNS:
+        drawn = [
+            ("accuracy versus α", figures.accuracy_vs_alpha(curves, curve_summaries, metric), "accuracy_vs_alpha"),
+            ("target versus control", figures.pareto(curves, curve_summaries, metric), "pareto_target_vs_control"),
+        ] if curves else []  # fmt: skip
+        return [(caption, figures.save(figure, figure_dir, name)[0]) for caption, figure, name in drawn], []
+    sets = comparison_sets(curves, curve_summaries)
+    overview = []
+    for number, comparison in enumerate(sets):
+        title = comparison.title or f"comparison set {number}"
+        for caption, figure, name in (
+            ("accuracy versus α", figures.set_accuracy_vs_alpha(comparison, metric), "accuracy_vs_alpha"),
+            ("target versus control", figures.pareto(comparison.runs, comparison.summaries, metric, title),
+             "pareto_target_vs_control"),
+            ("per task", figures.set_per_task(comparison, metric), "per_task"),
+        ):  # fmt: skip
+            overview.append(
+                (f"{title}: {caption}", figures.save(figure, figure_dir, f"{name}_set{number}")[0])
+            )
+    return overview, sets
+
+
+def _run_figures(
+    store: Path, runs: list[Run], drawn: list[Run], figure_dir: Path, metric: str, notes: list[str]
+) -> dict[int, list[tuple[str, Path]]]:
+    """Each run's own figures, as (caption, PNG) by its index: the per-task grid and heat map of
+    the runs in `drawn`, and the learned coefficients of every run that has them."""
+    drawn_ids = {run.run_id for run in drawn}
+    per_run: dict[int, list[tuple[str, Path]]] = {}
+    for index, run in enumerate(runs):
+        figures_of_run = []
+        if run.run_id in drawn_ids:
+            figures_of_run += [
+                ("per task", figures.per_task_grid(run, metric), f"per_task_run{index}"),
+                ("change against the base", figures.heatmap(run, metric), f"heatmap_run{index}"),
+            ]
+        saved = _learned_coefficients(store, run, notes)
+        if saved is not None:
+            figures_of_run.append(
+                (
+                    "learned coefficients",
+                    figures.learned_coefficients(saved, run.label),
+                    f"coefficients_run{index}",
+                )
+            )
+        per_run[index] = [(c, figures.save(f, figure_dir, name)[0]) for c, f, name in figures_of_run]
+    return per_run
 
 
 def _learned_coefficients(store: Path, run: Run, notes: list[str]) -> dict[str, Any] | None:
@@ -267,54 +336,101 @@ def _learned_coefficients(store: Path, run: Run, notes: list[str]) -> dict[str, 
     return saved
 
 
-def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> str:
+@dataclass(frozen=True)
+class Layout:
+    """Everything the Markdown and HTML pages show, in the order they show it."""
+
+    runs: list[Run]
+    summaries: list[Summary]
+    tables: dict[str, pd.DataFrame]
+    overview: list[tuple[str, Path]]  # (caption, PNG): the figures that compare runs
+    per_run: dict[int, list[tuple[str, Path]]]  # run index -> (caption, PNG) of its own figures
+    notes: list[str]
+    provenance: dict[str, Any]
+    out: Path
+
+    @property
+    def many(self) -> bool:
+        """Too many runs for a sentence and embedded figures each: 192 runs made an 89 MB page."""
+        return len(self.runs) > RUN_FIGURE_RUNS
+
+    def sentences(self) -> list[tuple[str, str]]:
+        """(run label, what happened to it), or one line for a report of many runs."""
+        if self.many:
+            sets = self.tables.get("comparison_sets")
+            grouped = f" in {sets['set'].nunique()} comparison sets" if sets is not None else ""
+            return [(f"{len(self.runs)} runs", f"{grouped}: the headline table has one row for each.")]
+        return [
+            (
+                run.label,
+                f": fine-tuning changed the target ({s.target}) by {_pct(s.gain)} points and the "
+                f"controls ({', '.join(s.controls) or 'none'}) by {_pct(-s.forgetting)} points; "
+                f"α={s.best_alpha['all_task_mean']:g}, chosen on the select half, gives "
+                f"{_pct(s.best_report['all_task_mean'])}% mean accuracy on the report half.",
+            )
+            for run, s in zip(self.runs, self.summaries, strict=True)
+        ]
+
+
+PAPER_HEADLINE_TEXT = (
+    "Coarse: every coarse caption key pooled over all images; fine: `classification_1` pooled, without "
+    "eulenberg darkfield/epifluorescence and sources outside the paper's tables, as the authors computed them. "
+    "Each run's protocol is in its row; the per-task tables below use each task's own number (ubench: its "
+    "caption keys pooled; closed-set: every class of the task)."
+)
+SELECTION_TEXT = (
+    "α is chosen on a seeded half of the benchmark's images (*select*, the same images for every task) "
+    "and reported on the other half (*report*)."
+)
+SETS_TEXT = (
+    "Runs that merge the same models under the same rules, scored on the same data, protocol and "
+    "target, are one comparison set: one figure each (which run is in which set: "
+    "`tables/comparison_sets.csv`)."
+)
+
+
+def _markdown(layout: Layout) -> str:
+    tables, out = layout.tables, layout.out
     lines = ["# micromerge report: forgetting and recovery", ""]
-    for run, s in zip(runs, summaries, strict=True):
-        lines.append(
-            f"- **{run.label}**: fine-tuning changed the target ({s.target}) by {_pct(s.gain)} points and the controls "
-            f"({', '.join(s.controls) or 'none'}) by {_pct(-s.forgetting)} points; α={s.best_alpha['all_task_mean']:g}, chosen on the "
-            f"select half, gives {_pct(s.best_report['all_task_mean'])}% mean accuracy on the report half."
-        )
+    lines += [f"- **{label}**{rest}" for label, rest in layout.sentences()]
+    lines += ["", "## Headline", "", _markdown_table(tables["headline"]), ""]
+    lines += ["## Paper-comparable headline (μ-Bench protocol)", "", PAPER_HEADLINE_TEXT, ""]
     lines += [
-        "",
-        "## Headline",
-        "",
-        _markdown_table(tables["headline"]),
-        "",
-        "## Paper-comparable headline (μ-Bench protocol)",
-        "",
-        "Coarse: every coarse caption key pooled over all images; fine: `classification_1` pooled, without "
-        "eulenberg darkfield/epifluorescence and sources outside the paper's tables, as the authors computed them. "
-        "Each run's protocol is in its row; the per-task tables below use each task's own number (ubench: its "
-        "caption keys pooled; closed-set: every class of the task).",
-        "",
         _markdown_table(tables["paper_headline"])
         if not tables["paper_headline"].empty
         else f"({NO_HEADLINE})",
         "",
+    ]
+    lines += [
         "## α selection (honest protocol)",
         "",
-        "α is chosen on a seeded half of the benchmark's images (`select`, the same images for every task) and reported on the other half (`report`).",
+        SELECTION_TEXT,
         "",
         _markdown_table(tables["alpha_selection"]),
         "",
     ]
-    for key, path in paths.items():
-        lines += [f"![{key}]({path.relative_to(out)})", ""]
-    for index, run in enumerate(runs):
+    if layout.overview:
+        lines += ["## Figures", ""] + ([SETS_TEXT, ""] if "comparison_sets" in tables else [])
+        for caption, path in layout.overview:
+            lines += [f"![{caption}]({path.relative_to(out)})", ""]
+    for index, run in enumerate(layout.runs):
         lines += [
-            f"## Group means, {run.label} (accuracy %)",
+            f"## {run.label}",
+            "",
+            "Group means (accuracy %):",
             "",
             _markdown_table(tables[f"groups_run{index}"]),
             "",
         ]
-    if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+        for caption, path in layout.per_run[index]:
+            lines += [f"![{caption}]({path.relative_to(out)})", ""]
+    if layout.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in layout.notes], ""]
     lines += [
         "## Provenance",
         "",
         "```json",
-        json.dumps(provenance, indent=2, sort_keys=True, default=str),
+        json.dumps(layout.provenance, indent=2, sort_keys=True, default=str),
         "```",
         "",
         "Tables as CSV and JSON: `tables/`. Figures as PNG and SVG: `figures/`.",
@@ -323,44 +439,64 @@ def _markdown(runs, summaries, tables, paths, notes, provenance, out: Path) -> s
     return "\n".join(lines)
 
 
-def _html(runs, summaries, tables, paths, notes, provenance) -> str:
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+def _figure_html(caption: str, path: Path, out: Path, embed: bool) -> str:
+    """An embedded figure (a self-contained page), or beyond a few runs one linked from figures/."""
+    source = _embed(path) if embed else html.escape(str(path.relative_to(out)))
+    image = f"<img alt='{html.escape(caption)}' src='{source}'" + ("" if embed else " loading='lazy'") + ">"
+    if not embed:
+        image = f"<a href='{source}'>{image}</a>"
+    return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def _html(layout: Layout) -> str:
+    tables, out = layout.tables, layout.out
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}summary{cursor:pointer;font-weight:bold;margin:.5em 0}"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>micromerge report</title><style>{style}</style></head><body>",
         "<h1>micromerge report: forgetting and recovery</h1><ul>",
-    ]
-    for run, s in zip(runs, summaries, strict=True):
-        parts.append(
-            f"<li><b>{html.escape(run.label)}</b>: target {html.escape(s.target)} {_pct(s.gain)} pts after fine-tuning; controls "
-            f"{_pct(-s.forgetting)} pts; α={s.best_alpha['all_task_mean']:g} (chosen on the select half) gives {_pct(s.best_report['all_task_mean'])}% on the report half.</li>"
-        )
-    parts += [
+        *[f"<li><b>{html.escape(label)}</b>{html.escape(rest)}</li>" for label, rest in layout.sentences()],
         "</ul><h2>Headline</h2>",
         tables["headline"].to_html(index=False),
         "<h2>Paper-comparable headline (μ-Bench protocol)</h2>",
-        "<p>Coarse: every coarse caption key pooled; fine: classification_1 pooled without eulenberg darkfield/"
-        "epifluorescence and sources outside the paper's tables.</p>",
+        f"<p>{html.escape(PAPER_HEADLINE_TEXT)}</p>",
         tables["paper_headline"].to_html(index=False)
         if not tables["paper_headline"].empty
         else f"<p>({NO_HEADLINE})</p>",
         "<h2>α selection (honest protocol)</h2>",
-        "<p>α is chosen on a seeded half of the benchmark's images (<i>select</i>, the same images for every task) and reported on the other half (<i>report</i>).</p>",
+        f"<p>{html.escape(SELECTION_TEXT)}</p>",
         tables["alpha_selection"].to_html(index=False),
-        "<h2>Figures</h2>",
     ]
-    for key, path in paths.items():
-        parts.append(f"<figure><img alt='{key}' src='{_embed(path)}'><figcaption>{key}</figcaption></figure>")
-    for index, run in enumerate(runs):
+    if layout.overview:
+        parts.append("<h2>Figures</h2>")
+        if "comparison_sets" in tables:
+            parts.append(f"<p>{html.escape(SETS_TEXT)}</p>")
         parts += [
-            f"<h2>Group means, {html.escape(run.label)} (accuracy %)</h2>",
-            tables[f"groups_run{index}"].to_html(index=False),
+            _figure_html(caption, path, out, embed=not layout.many) for caption, path in layout.overview
         ]
-    if notes:
-        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
+    for index, run in enumerate(layout.runs):
+        body = [
+            "<p>Group means (accuracy %):</p>",
+            tables[f"groups_run{index}"].to_html(index=False),
+            *[_figure_html(c, p, out, embed=not layout.many) for c, p in layout.per_run[index]],
+        ]
+        label = html.escape(run.label)
+        parts += (
+            [f"<details><summary>{label}</summary>", *body, "</details>"]
+            if layout.many
+            else [f"<h2>{label}</h2>", *body]
+        )
+    if layout.notes:
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in layout.notes], "</ul>"]
     parts += [
         "<h2>Provenance</h2><pre>",
-        html.escape(json.dumps(provenance, indent=2, sort_keys=True, default=str)),
+        html.escape(json.dumps(layout.provenance, indent=2, sort_keys=True, default=str)),
         "</pre>",
-        "<p>Tables as CSV and JSON in <code>tables/</code>; figures as PNG and SVG in <code>figures/</code>.</p></body></html>",
+        "<p>Tables as CSV and JSON in <code>tables/</code>; figures as PNG and SVG in <code>figures/</code>"
+        + (
+            " (this page links each run's own figures there: keep the folder beside it)"
+            if layout.many
+            else ""
+        )
+        + ".</p></body></html>",
     ]
     return "\n".join(parts)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from micromerge.core.collector import cycle_collection_paused
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.core.provenance import TRAINED_ON
@@ -77,39 +78,39 @@ def load_runs(store_path: str | Path) -> list[Run]:
     by_run: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_run.setdefault(row["run_id"], []).append(row)
-    runs = []
-    for run_id, run_rows in by_run.items():
-        first = run_rows[0]
-        table = task_table(run_rows)
-        headline = pd.DataFrame.from_records(
-            [
-                {**_record(r), "caption_key": r.get("caption_key"), "bootstrap": r.get("bootstrap")}
-                for r in run_rows
-                if r.get("level") == "headline"
-            ]
-        )
-        if first["method"] not in SINGLE_POINT_METHODS:
-            _warn_missing(table, run_label(first))
-        runs.append(
-            Run(
-                run_id,
-                run_label(first),
-                first["method"],
-                first.get("parameters", {}),
-                first["model"],
-                first["dataset"],
-                table,
-                first.get("protocol", "closed-set"),
-                headline,
-                trained_on={
-                    r["task"]: r[TRAINED_ON]
-                    for r in run_rows
-                    if r.get(TRAINED_ON) and r.get("level") != "headline"
-                },
-            )
-        )
+    with cycle_collection_paused():  # a table row per store row: hundreds of thousands on a grid
+        runs = [_run(run_id, run_rows) for run_id, run_rows in by_run.items()]
     _attach_references(runs)
     return runs
+
+
+def _run(run_id: str, run_rows: list[dict[str, Any]]) -> Run:
+    """One run's rows as its tables (missing rows are warned about, not fatal)."""
+    first = run_rows[0]
+    table = task_table(run_rows)
+    headline = pd.DataFrame.from_records(
+        [
+            {**_record(r), "caption_key": r.get("caption_key"), "bootstrap": r.get("bootstrap")}
+            for r in run_rows
+            if r.get("level") == "headline"
+        ]
+    )
+    if first["method"] not in SINGLE_POINT_METHODS:
+        _warn_missing(table, run_label(first))
+    return Run(
+        run_id,
+        run_label(first),
+        first["method"],
+        first.get("parameters", {}),
+        first["model"],
+        first["dataset"],
+        table,
+        first.get("protocol", "closed-set"),
+        headline,
+        trained_on={
+            r["task"]: r[TRAINED_ON] for r in run_rows if r.get(TRAINED_ON) and r.get("level") != "headline"
+        },
+    )
 
 
 def _reference_key(run: Run, digests: list[str]) -> tuple:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from micromerge.core.collector import cycle_collection_paused
 from micromerge.core.errors import MicromergeError
 
 SCHEMA_VERSION = 1
@@ -152,25 +153,26 @@ class ResultStore:
         skipped, first_bad = 0, None
         needles = _run_needles(runs)
         lines = data.split(b"\n")
-        for number, line in enumerate(lines, start=1):
-            if (needles is not None and not any(n in line for n in needles)) or not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                row = None
-            if not _is_row(row):
-                if number == len(lines) and not data.endswith(b"\n"):
-                    continue  # the torn tail of an interrupted append
-                skipped += 1
-                first_bad = first_bad or number
-                continue
-            if runs is not None and row["run_id"] not in runs:
-                continue
-            key = (row["run_id"], *self.identity(row))
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
+        with cycle_collection_paused():
+            for number, line in enumerate(lines, start=1):
+                if (needles is not None and not any(n in line for n in needles)) or not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    row = None
+                if not _is_row(row):
+                    if number == len(lines) and not data.endswith(b"\n"):
+                        continue  # the torn tail of an interrupted append
+                    skipped += 1
+                    first_bad = first_bad or number
+                    continue
+                if runs is not None and row["run_id"] not in runs:
+                    continue
+                key = (row["run_id"], *self.identity(row))
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
         if skipped and warn:
             warnings.warn(
                 f"{self.path}: skipped {skipped} line(s) that are not rows of this version (first: line {first_bad})",

@@ -995,12 +995,19 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
     default="accuracy",
     show_default=True,
 )
+@click.option(
+    "--run-figures/--no-run-figures",
+    default=None,
+    help="Draw each run's own figures (per-task grid, heat map). Default: up to 12 runs; beyond, "
+    "the report draws one figure per comparison set and links each run's figures from the page.",
+)
 @friendly_errors
-def report_command(results: str, out: str, target: str | None, metric: str) -> None:
-    """Markdown + self-contained HTML report (figures, tables, provenance) from a results store."""
+def report_command(results: str, out: str, target: str | None, metric: str, run_figures: bool | None) -> None:
+    """Markdown + HTML report (figures, tables, provenance) from a results store; self-contained
+    up to 12 runs."""
     from micromerge.analysis.report import build_report
 
-    click.echo(f"wrote {build_report(results, out, target, metric)}")
+    click.echo(f"wrote {build_report(results, out, target, metric, run_figures)}")
 
 
 @cli.command("ablate")

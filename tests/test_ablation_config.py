@@ -33,6 +33,7 @@ bootstrap = 7
 seed = 3
 batch_size = 5
 target = "domain:pathology"
+run_figures = false
 
 [ablation.method_parameters.wise-ft]
 alpha = 0.25
@@ -113,6 +114,7 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
         batch_size=5,
         target="domain:pathology",
         method_parameters={"wise-ft": {"alpha": 0.25}},
+        run_figures=False,
     )
 
 
@@ -224,7 +226,7 @@ def test_a_target_that_is_no_group_of_the_benchmark_stops_the_grid_before_its_fi
     calls: list[str] = []
     monkeypatch.setattr(ablate, "run_eval", lambda *args: calls.append("eval") or EVALUATED)
     monkeypatch.setattr(ablate, "run_sweep", lambda *args: calls.append("sweep"))
-    monkeypatch.setattr(ablate, "build_report", lambda *args: calls.append("report"))
+    monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: calls.append("report"))
     for target in ("domain:patholgy", "subdomain:breast", "modality:electron microscopy"):
         text = MINIMAL.replace("methods =", f'target = "{target}"\nmethods =')
         with pytest.raises(MicromergeError, match=rf"target '{target}': not a group of the tasks of /d"):
@@ -314,7 +316,9 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     )
     monkeypatch.setattr(ablate, "greedy_soup", lambda *args: calls.append(("soup", *args)))
     monkeypatch.setattr(
-        ablate, "build_report", lambda store, report, target: calls.append(("report", target))
+        ablate,
+        "build_report",
+        lambda store, report, target, run_figures: calls.append(("report", target, run_figures)),
     )
     ablation = load_ablation(_config(tmp_path, FULL))
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False, rank=1, world_size=2)
@@ -360,7 +364,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         references[2],
         references[4],
     ]
-    assert calls[-2:] == [("waited",), ("report", "domain:pathology")], (
+    assert calls[-2:] == [("waited",), ("report", "domain:pathology", False)], (
         "the report once every process is done"
     )
     assert all(call[3] is waited for call in calls if call[0] == "sweep"), (
@@ -390,7 +394,7 @@ def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_togethe
     )
     ablation = load_ablation(_config(tmp_path, text))
     monkeypatch.setattr(ablate, "run_eval", lambda *args: EVALUATED)
-    monkeypatch.setattr(ablate, "build_report", lambda *args: None)
+    monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: None)
     for rank, done in work.items():
         monkeypatch.setattr(
             ablate, "run_sweep", lambda plan, settings, device, wait, done=done: done.append(plan)

@@ -35,9 +35,11 @@ def write_store(
     label: str | None = None,
     values_by_task: dict | None = None,
     select_shift: dict[float, float] | None = None,
+    fields: dict | None = None,
 ) -> Path:
     """`select_shift` adds to the select half's values at the alphas it names (the other halves
-    keep theirs), so the alpha chosen there can differ from the report half's best."""
+    keep theirs), so the alpha chosen there can differ from the report half's best. `fields`
+    replace the rows' own (another `model`, `parameters`, `protocol`)."""
     rows = []
     for (task, level, domain), values in (values_by_task or VALUES).items():
         for alpha, value in zip((0.0, 0.5, 1.0), values, strict=True):
@@ -75,6 +77,7 @@ def write_store(
                             "parameters": {},
                             "model": {"base": "base.safetensors", "finetuned": ["ft.safetensors"]},
                             "dataset": {"source": "fixture", "fingerprint": "abc"},
+                            **(fields or {}),
                         }
                     )
     ResultStore(path).append(rows)
@@ -181,8 +184,9 @@ def test_coinciding_curves_are_drawn_once_and_named_for_both(tmp_path):
     lines = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
     labels = [line.get_label() for line in lines]
     assert len(lines) == 6, labels
-    assert sum(label.startswith("wise-ft run = task-arithmetic run — ") for label in labels) == 3
-    assert sum(label.startswith("ties run — ") for label in labels) == 3
+    assert sum(label.startswith("wise-ft = task-arithmetic — ") for label in labels) == 3
+    assert sum(label.startswith("ties — ") for label in labels) == 3
+    assert "(run)" in figure.axes[0].get_title(), "the labels' shared ending, once"
     styles = {(line.get_linestyle(), line.get_marker()) for line in lines}
     assert len(styles) == 2, "one line style and marker per drawn run"
 

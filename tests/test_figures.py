@@ -13,6 +13,7 @@ from matplotlib.collections import PathCollection, PolyCollection, QuadMesh
 
 from micromerge.analysis import figures
 from micromerge.analysis.metrics import curve, summarise, task_changes
+from micromerge.analysis.sets import label_parts
 from micromerge.analysis.tables import load_runs
 from tests.test_analysis import write_store
 
@@ -83,14 +84,22 @@ def test_several_runs_share_colours_by_group_and_name_their_shared_ending_once(t
         (["base", "wise-ft base"], ["base", "wise-ft base"], ""),
         (["same", "same"], ["same (run r0aaaa)", "same (run r1aaaa)"], ""),
         (["only one"], ["only one"], ""),
+        # ablate's labels "pair / method / rules": the shared start goes too, and an ending that
+        # starts at a word boundary is cut whole (it was kept whole: the old cut wanted a space after
+        # its first character)
+        (["p0 / wise-ft / all", "p0 / ties / all"], ["wise-ft", "ties"], "p0 / … / all"),
+        (["p0 / wise-ft", "p0 / ties"], ["wise-ft", "ties"], "p0"),
+        # the start is cut at a word's end, never mid-name; a label of shared words alone keeps all
+        (["wise one", "wisp one"], ["wise", "wisp"], "one"),
+        (["a b", "a c b"], ["a b", "a c b"], ""),
     ],
 )
-def test_short_labels_drop_the_shared_ending_and_tell_equal_labels_apart(labels, short, shared):
+def test_label_parts_drop_what_every_label_shares_and_tell_equal_labels_apart(labels, short, shared):
     class Named:
         def __init__(self, label: str, index: int) -> None:
             self.label, self.run_id = label, f"r{index}aaaaaaaa"
 
-    assert figures._short_labels([Named(label, i) for i, label in enumerate(labels)]) == (short, shared)
+    assert label_parts([Named(label, i) for i, label in enumerate(labels)]) == (short, shared)
 
 
 def test_per_task_grid_draws_every_task_in_percent_coloured_by_domain(tmp_path):

@@ -163,6 +163,7 @@ ABLATION_SCHEMA = {
     "batch_size": "int",
     "target": "str",
     "method_parameters": "table",
+    "run_figures": "bool",
 }
 
 
