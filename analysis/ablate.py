@@ -20,7 +20,7 @@ from micromerge.analysis.tables import task_table
 from micromerge.core.config_files import load_section, reject_unknown_keys
 from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import EvalSettings, SweepPlan, run_eval, run_sweep
+from micromerge.eval.engine import EvalSettings, SweepPlan, alone, run_eval, run_sweep
 from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas
 from micromerge.merging.methods import get_method
 from micromerge.merging.rules import KeyRules
@@ -223,7 +223,7 @@ def run_ablation(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    wait_for_everyone: Callable[[], None] = lambda: None,
+    wait_for_everyone: Callable[[], None] = alone,
 ) -> Path | None:
     """Run the grid, then write the report; the report's path (None in processes other than the first).
 

@@ -1,4 +1,6 @@
-"""`micromerge report`: Markdown and a self-contained HTML page (figures embedded), plus CSV/JSON exports.
+"""`micromerge report`: Markdown and an HTML page, plus CSV/JSON exports. The page is self-contained
+(figures embedded) up to RUN_FIGURE_RUNS runs; an ablation grid's report draws its runs per
+comparison set (analysis.sets) and links its figures instead.
 
 The report says which protocol produced each number: alpha is chosen on the 'select' half of
 the benchmark's images and the chosen alpha's accuracy is reported on the 'report' half.

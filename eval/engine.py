@@ -564,7 +564,7 @@ def _statistics_for(
     return statistics
 
 
-def _alone() -> None:
+def alone() -> None:
     """The barrier of a single process: nothing to wait for."""
 
 
@@ -572,7 +572,7 @@ def run_sweep(
     plan: SweepPlan,
     settings: EvalSettings,
     device: torch.device,
-    wait_for_everyone: Callable[[], None] = _alone,
+    wait_for_everyone: Callable[[], None] = alone,
 ) -> list[dict[str, Any]]:
     """Every alpha on every task; resumable; the processes take turns at the alphas, from
     `plan.first_process` on (`wait_for_everyone`: the launch's barrier, as accelerate's

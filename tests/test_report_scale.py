@@ -163,6 +163,10 @@ def _report(store: Path, out: Path, **kwargs) -> tuple[str, str, set[str]]:
 
 def test_beyond_the_overview_limit_each_comparison_set_gets_its_own_figures(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "OVERVIEW_RUNS", 4)
+    monkeypatch.setattr(report, "RUN_FIGURE_RUNS", 6)  # at the limit: still drawn and embedded
+    four = grid_store(tmp_path / "four.jsonl", methods=("wise-ft", "ties"))
+    _, _, files = _report(four, tmp_path / "four", run_figures=False)
+    assert files == {"figures/accuracy_vs_alpha.png", "figures/pareto_target_vs_control.png"}, "at the limit"
     page, markdown, files = _report(grid_store(tmp_path / "r.jsonl"), tmp_path / "rep")  # six runs
     sets = {f"figures/{name}_set{n}.png" for n in (0, 1)
             for name in ("accuracy_vs_alpha", "pareto_target_vs_control", "per_task")}  # fmt: skip
