@@ -59,10 +59,38 @@ def check_group(run: Run, group: str) -> None:
 
 def curve(run: Run, group: str | None, metric: str = "accuracy", split: str = "all") -> pd.DataFrame:
     """alpha -> mean over the group's tasks of value, ci_low, ci_high (group None: every task)."""
-    table = run.table[(run.table["metric"] == metric) & (run.table["split"] == split)]
+    return _group_curve(_rows_of(run, metric, split), group)
+
+
+def _rows_of(run: Run, metric: str, split: str) -> pd.DataFrame:
+    return run.table[(run.table["metric"] == metric) & (run.table["split"] == split)]
+
+
+def _group_curve(table: pd.DataFrame, group: str | None) -> pd.DataFrame:
     if group is not None:
         table = table[_mask(table, group)]
     return table.groupby("alpha")[["value", "ci_low", "ci_high"]].mean().reset_index().sort_values("alpha")
+
+
+class _Curves:
+    """One run's curves for one metric, each computed once: a summary asks for about forty, half of
+    them twice (84 ms a run, 16 s of a 192-run report; BENCHMARKS.md "Reports at the paper grid's
+    size")."""
+
+    def __init__(self, run: Run, metric: str) -> None:
+        self.run, self.metric = run, metric
+        self._rows: dict[str, pd.DataFrame] = {}
+        self._curves: dict[tuple[str | None, str], pd.DataFrame] = {}
+
+    def rows(self, split: str) -> pd.DataFrame:
+        if split not in self._rows:
+            self._rows[split] = _rows_of(self.run, self.metric, split)
+        return self._rows[split]
+
+    def of(self, group: str | None, split: str = "all") -> pd.DataFrame:
+        if (group, split) not in self._curves:
+            self._curves[group, split] = _group_curve(self.rows(split), group)
+        return self._curves[group, split]
 
 
 def control_groups(run: Run, target: str) -> list[str]:
@@ -88,23 +116,25 @@ class Summary:
 
 
 def _control_curve(run: Run, controls: list[str], metric: str, split: str) -> pd.DataFrame:
-    table = run.table[(run.table["metric"] == metric) & (run.table["split"] == split)]
+    return _pooled_curve(_rows_of(run, metric, split), controls)
+
+
+def _pooled_curve(table: pd.DataFrame, controls: list[str]) -> pd.DataFrame:
+    """alpha -> mean value over the tasks of every control group together."""
     mask = np.zeros(len(table), dtype=bool)
     for group in controls:
         mask |= _mask(table, group).to_numpy()
     return table[mask].groupby("alpha")["value"].mean().reset_index().sort_values("alpha")
 
 
-def _criterion_scores(run: Run, target: str, controls: list[str], metric: str, split: str) -> pd.DataFrame:
-    overall = curve(run, None, metric, split).set_index("alpha")["value"]
-    target_curve = curve(run, target, metric, split).set_index("alpha")["value"]
+def _criterion_scores(curves: _Curves, target: str, controls: list[str], split: str) -> pd.DataFrame:
+    overall = curves.of(None, split).set_index("alpha")["value"]
+    target_curve = curves.of(target, split).set_index("alpha")["value"]
     control = (
-        _control_curve(run, controls, metric, split).set_index("alpha")["value"] if controls else target_curve
+        _pooled_curve(curves.rows(split), controls).set_index("alpha")["value"] if controls else target_curve
     )
-    groups = [g for g in valid_groups(run) if g.startswith(("domain:", "level:"))]
-    worst = pd.concat([curve(run, g, metric, split).set_index("alpha")["value"] for g in groups], axis=1).min(
-        axis=1
-    )
+    groups = [g for g in valid_groups(curves.run) if g.startswith(("domain:", "level:"))]
+    worst = pd.concat([curves.of(g, split).set_index("alpha")["value"] for g in groups], axis=1).min(axis=1)
     harmonic = 2 * target_curve * control / (target_curve + control)
     return pd.DataFrame(
         {
@@ -141,11 +171,10 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
     if not alphas:
         raise MicromergeError(f"run {run.label} has no alpha values (an `eval` run): nothing to summarise")
     groups = [target, *controls, "level:coarse", "level:fine"]
+    curves = _Curves(run, metric)
 
     def at(alpha: float) -> dict[str, float]:
-        return {
-            g: float(curve(run, g, metric).set_index("alpha")["value"].get(alpha, np.nan)) for g in groups
-        }
+        return {g: float(curves.of(g).set_index("alpha")["value"].get(alpha, np.nan)) for g in groups}
 
     def evaluated(table: pd.DataFrame) -> dict[str, float]:
         reference = replace(run, table=table.assign(alpha=0.0))
@@ -156,8 +185,8 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
         base, finetuned = evaluated(run.base_reference), evaluated(run.finetuned_reference)
     else:
         base, finetuned = at(alphas[0]), at(alphas[-1])
-    select = _criterion_scores(run, target, controls, metric, "select")
-    report = _criterion_scores(run, target, controls, metric, "report")
+    select = _criterion_scores(curves, target, controls, "select")
+    report = _criterion_scores(curves, target, controls, "report")
     for split, scores, needed in (("select", select, CRITERIA), ("report", report, ("all_task_mean",))):
         empty = [c for c in needed if scores.empty or scores[c].isna().all()]
         if empty:  # a benchmark (or --tasks subset) too small for one half to hold an image of a group
@@ -167,11 +196,9 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
             )
     best_alpha = {c: float(select[c].idxmax()) for c in CRITERIA}
     best_report = {c: float(report.loc[best_alpha[c], "all_task_mean"]) for c in CRITERIA}
-    full = _criterion_scores(run, target, controls, metric, "all")
+    full = _criterion_scores(curves, target, controls, "all")
     points = [(float(a), float(full.loc[a, "target"]), float(full.loc[a, "control"])) for a in full.index]
-    auc = {g: area_under(curve(run, g, metric)) for g in [*groups, None] if g is not None} | {
-        "all tasks": area_under(curve(run, None, metric))
-    }
+    auc = {g: area_under(curves.of(g)) for g in groups} | {"all tasks": area_under(curves.of(None))}
     return Summary(
         target=target,
         controls=tuple(controls),
