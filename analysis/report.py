@@ -14,6 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +95,12 @@ def group_table(run: Run, groups: list[str]) -> pd.DataFrame:
     return table.round(2).reset_index()
 
 
-def _provenance(store: Path, runs: list[Run]) -> dict[str, Any]:
+def _provenance(store: Path, runs: list[Run], selected: tuple[str, ...]) -> dict[str, Any]:
     return {
         "micromerge_version": micromerge.__version__,
         "results_store": str(store),
         "results_store_sha256": sha256_file(store),
+        "runs_selected": list(selected) or "all",
         "runs": [
             {
                 "run_id": r.run_id,
@@ -169,21 +171,46 @@ def build_report(
     target: str | None = None,
     metric: str = "accuracy",
     run_figures: bool | None = None,
+    selected: tuple[str, ...] = (),
 ) -> Path:
     """Write report.md, report.html, provenance.json, figures/ and tables/ into `out`, all of them
     or (on a failure or Ctrl-C) none, and no file of an earlier report that this one does not
     replace; files of the user's own stay. `run_figures`: draw each run's own figures (None: up to
-    RUN_FIGURE_RUNS runs). Returns the HTML path."""
+    RUN_FIGURE_RUNS runs); `selected`: report only the runs whose label or run id matches one of
+    these globs (one pair of an ablation grid: "clip-b32+plip / *"). Returns the HTML path."""
     store, out = Path(store), output_folder(out)
     with staged_files(out, superseded=REPORT_FILES.fullmatch) as staging:
-        _write_report(store, staging, target, metric, run_figures)
+        _write_report(store, staging, target, metric, run_figures, selected)
     return out / "report.html"
 
 
-def _write_report(store: Path, out: Path, target: str | None, metric: str, run_figures: bool | None) -> None:
-    runs = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
-    if not runs:
+def select_runs(runs: list[Run], patterns: tuple[str, ...], store: Path) -> list[Run]:
+    """The runs whose label or run id matches one of the globs (all runs when there are none)."""
+    if not patterns:
+        return runs
+    kept = [r for r in runs if any(fnmatchcase(r.label, p) or fnmatchcase(r.run_id, p) for p in patterns)]
+    if not kept:
+        labels = sorted({r.label for r in runs})
+        raise MicromergeError(
+            f"--runs {' '.join(patterns)}: matches no run label or run id of {store}; its labels: "
+            + "; ".join(labels[:5])
+            + (f" (and {len(labels) - 5} more)" if len(labels) > 5 else "")
+        )
+    return kept
+
+
+def _write_report(
+    store: Path,
+    out: Path,
+    target: str | None,
+    metric: str,
+    run_figures: bool | None,
+    selected: tuple[str, ...],
+) -> None:
+    swept = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
+    if not swept:
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
+    runs = select_runs(swept, selected, store)
     summaries, notes = [], []
     for run in runs:
         domain = finetuned_domain(run, Path(store))
@@ -256,7 +283,7 @@ def _write_report(store: Path, out: Path, target: str | None, metric: str, run_f
     for name, frame in tables.items():
         write_text_atomic(table_dir / f"{name}.csv", frame.to_csv(index=False))
         write_json_atomic(table_dir / f"{name}.json", json.loads(frame.to_json(orient="records")))
-    provenance = _provenance(store, runs)
+    provenance = _provenance(store, runs, selected)
     write_json_atomic(out / "provenance.json", provenance)
     layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out)
     write_text_atomic(out / "report.md", _markdown(layout))

@@ -1001,13 +1001,27 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
     help="Draw each run's own figures (per-task grid, heat map). Default: up to 12 runs; beyond, "
     "the report draws one figure per comparison set and links each run's figures from the page.",
 )
+@click.option(
+    "--runs",
+    "selected",
+    multiple=True,
+    help="Report only the runs whose label or run id matches this glob (repeatable), e.g. "
+    "'clip-b32+plip / *' for one pair of an ablation grid. Default: every run.",
+)
 @friendly_errors
-def report_command(results: str, out: str, target: str | None, metric: str, run_figures: bool | None) -> None:
+def report_command(
+    results: str,
+    out: str,
+    target: str | None,
+    metric: str,
+    run_figures: bool | None,
+    selected: tuple[str, ...],
+) -> None:
     """Markdown + HTML report (figures, tables, provenance) from a results store; self-contained
     up to 12 runs."""
     from micromerge.analysis.report import build_report
 
-    click.echo(f"wrote {build_report(results, out, target, metric, run_figures)}")
+    click.echo(f"wrote {build_report(results, out, target, metric, run_figures, selected)}")
 
 
 @cli.command("ablate")

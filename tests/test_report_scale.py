@@ -240,3 +240,24 @@ def test_a_grid_report_is_the_same_bytes_each_time(tmp_path):
     assert files[0] == files[1] and Path("figures/per_task_set1.svg") in files[0]
     for relative in files[0]:
         assert (folders[0] / relative).read_bytes() == (folders[1] / relative).read_bytes(), relative
+
+
+def test_runs_picks_the_runs_of_one_pair_by_label_or_run_id(tmp_path):
+    store = grid_store(tmp_path / "r.jsonl")
+    report.build_report(store, tmp_path / "p0", target=TARGET, run_figures=False, selected=("p0 / *",))
+    headline = json.loads((tmp_path / "p0" / "tables" / "headline.json").read_text())
+    assert [row["run"] for row in headline] == ["p0 / wise-ft / all", "p0 / ties / all", "p0 / dare / all"]
+    provenance = json.loads((tmp_path / "p0" / "provenance.json").read_text())
+    assert provenance["runs_selected"] == ["p0 / *"] and len(provenance["runs"]) == 3
+    report.build_report(store, tmp_path / "two", target=TARGET, selected=("p0 / wise-ft / *", "p1-all-d*"))
+    headline = json.loads((tmp_path / "two" / "tables" / "headline.json").read_text())
+    assert [row["run"] for row in headline] == ["p0 / wise-ft / all", "p1 / dare / all"]
+    result = CliRunner().invoke(cli, ["report", str(store), "--out", str(tmp_path / "none"), "--target", TARGET,
+                                      "--runs", "p2 / *"])  # fmt: skip
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "--runs p2 / *: matches no run label or run id" in result.output
+    assert (
+        "p0 / dare / all; p0 / ties / all; p0 / wise-ft / all; p1 / dare / all; p1 / ties / all"
+        in result.output
+    )
+    assert "(and 1 more)" in result.output and not (tmp_path / "none" / "report.html").exists()
