@@ -998,8 +998,9 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
 @click.option(
     "--run-figures/--no-run-figures",
     default=None,
-    help="Draw each run's own figures (per-task grid, heat map). Default: up to 12 runs; beyond, "
-    "the report draws one figure per comparison set and links each run's figures from the page.",
+    help="Draw each run's own figures (per-task grid, heat map). Default: drawn up to 12 runs; beyond, "
+    "only when asked, and the page links its figures instead of embedding them. (Beyond 4 runs, runs are "
+    "compared per comparison set: the same models, rules, data, protocol and target.)",
 )
 @click.option(
     "--runs",
