@@ -247,12 +247,10 @@ def _write_report(
     if not curves:
         notes.append("every run has a single alpha: no curves, tables only")
     overview, sets = _overview_figures(runs, summaries, curves, figure_dir, metric)
-    draw_runs = run_figures if run_figures is not None else len(curves) <= RUN_FIGURE_RUNS
+    draw_runs = run_figures if run_figures is not None else len(runs) <= RUN_FIGURE_RUNS  # as Layout.many
     per_run = _run_figures(store, runs, curves if draw_runs else [], figure_dir, metric, notes)
     if curves and not draw_runs:
-        why = (
-            "--no-run-figures" if run_figures is False else f"{len(curves)} runs, more than {RUN_FIGURE_RUNS}"
-        )
+        why = "--no-run-figures" if run_figures is False else f"{len(runs)} runs, more than {RUN_FIGURE_RUNS}"
         notes.append(
             f"each run's own figures (per-task grid, heat map) are not drawn ({why}): "
             "`micromerge report --run-figures` draws them, about a second a run"
