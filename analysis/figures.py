@@ -219,11 +219,10 @@ def _distinct_curves(
     return list(drawn.values())
 
 
-def _task_curve(run: Run, task: str, metric: str) -> pd.DataFrame:
-    table = run.table[
-        (run.table["metric"] == metric) & (run.table["split"] == "all") & (run.table["task"] == task)
-    ]
-    return table[["alpha", "value"]].sort_values("alpha")
+def _task_curves(run: Run, metric: str) -> dict[str, pd.DataFrame]:
+    """Each task's alpha -> value of a run (its table filtered once, not once per task)."""
+    table = run.table[(run.table["metric"] == metric) & (run.table["split"] == "all")]
+    return {task: rows[["alpha", "value"]].sort_values("alpha") for task, rows in table.groupby("task")}
 
 
 def _panels(
@@ -300,11 +299,13 @@ def set_per_task(comparison: ComparisonSet, metric: str = "accuracy") -> plt.Fig
     )
     figure, axes = _panels(len(tasks), 4, 3.2, 2.4)
     handles = []
+    by_run = {run.run_id: _task_curves(run, metric) for run in comparison.runs}
+    no_rows = pd.DataFrame({"alpha": [], "value": []})  # a task this run did not score
     distinct = _distinct_curves(
         comparison.runs,
         comparison.names,
         [t for t, _, _ in tasks],
-        lambda run, task: _task_curve(run, task, metric),
+        lambda run, task: by_run[run.run_id].get(task, no_rows),
     )
     for index, (names, curves) in enumerate(distinct):
         style = _run_style(index)
