@@ -247,7 +247,8 @@ def _write_report(
     if not curves:
         notes.append("every run has a single alpha: no curves, tables only")
     overview, sets = _overview_figures(runs, summaries, curves, figure_dir, metric)
-    draw_runs = run_figures if run_figures is not None else len(runs) <= RUN_FIGURE_RUNS  # as Layout.many
+    many = len(runs) > RUN_FIGURE_RUNS  # 192 runs' sentences and embedded figures made an 89 MB page
+    draw_runs = run_figures if run_figures is not None else not many
     per_run = _run_figures(store, runs, curves if draw_runs else [], figure_dir, metric, notes)
     if curves and not draw_runs:
         why = "--no-run-figures" if run_figures is False else f"{len(runs)} runs, more than {RUN_FIGURE_RUNS}"
@@ -283,7 +284,7 @@ def _write_report(
         write_json_atomic(table_dir / f"{name}.json", json.loads(frame.to_json(orient="records")))
     provenance = _provenance(store, runs, selected)
     write_json_atomic(out / "provenance.json", provenance)
-    layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out)
+    layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out, many)
     write_text_atomic(out / "report.md", _markdown(layout))
     write_text_atomic(out / "report.html", _html(layout))
 
@@ -375,11 +376,7 @@ class Layout:
     notes: list[str]
     provenance: dict[str, Any]
     out: Path
-
-    @property
-    def many(self) -> bool:
-        """Too many runs for a sentence and embedded figures each: 192 runs made an 89 MB page."""
-        return len(self.runs) > RUN_FIGURE_RUNS
+    many: bool  # more than RUN_FIGURE_RUNS runs: one line for them all, figures linked, not embedded
 
     def sentences(self) -> list[tuple[str, str]]:
         """(run label, what happened to it), or one line for a report of many runs."""
