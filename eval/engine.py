@@ -480,6 +480,25 @@ def _unstored(rows: list[dict[str, Any]], done: set, protocol: str) -> list[dict
     )
 
 
+def _run_id(models: dict[str, Any], settings: EvalSettings, bench: Benchmark) -> str:
+    """A run's id: what was evaluated (`models`: the checkpoints' sha256, and for a sweep its method
+    and parameters) and everything else that changes its numbers, so that resuming adds rows only to
+    the run that computed them. The decode identity is in it: a resume under another Pillow is
+    another run, not mixed in."""
+    return sha256_json(
+        {
+            **models,
+            "data": bench.fingerprint,
+            "prompts": settings.prompts,
+            "protocol": settings.protocol,
+            "bootstrap": settings.bootstrap,
+            "seed": settings.seed,
+            "halves": HALVES,
+            "decode": DECODE_IDENTITY,
+        }
+    )[:16]
+
+
 def run_eval(
     model_spec: str,
     settings: EvalSettings,
@@ -491,18 +510,7 @@ def run_eval(
     bench, tasks = prepared.bench, prepared.tasks
     with access.open(model_spec) as source:
         hashes = input_hashes([source])
-        run_id = sha256_json(
-            {
-                "model": sorted(hashes.values()),
-                "data": bench.fingerprint,
-                "prompts": settings.prompts,
-                "protocol": settings.protocol,
-                "bootstrap": settings.bootstrap,
-                "seed": settings.seed,
-                "halves": HALVES,
-                "decode": DECODE_IDENTITY,  # a resume under another Pillow is another run, not mixed in
-            }
-        )[:16]
+        run_id = _run_id({"model": sorted(hashes.values())}, settings, bench)
         store = ResultStore(settings.store)
         done = store.done(run_id)
         if _complete(done, None, tasks, settings.protocol):
@@ -596,21 +604,11 @@ def run_sweep(
                 write_json_atomic(
                     coefficients_file(settings.store, statistics.described[0]), statistics.attachment
                 )
-        run_id = sha256_json(
-            {
-                "base": base_hashes,
-                "ft": ft_hashes,
-                "method": plan.spec.method,
-                "parameters": parameters,
-                "data": bench.fingerprint,
-                "prompts": settings.prompts,
-                "protocol": settings.protocol,
-                "bootstrap": settings.bootstrap,
-                "seed": settings.seed,
-                "halves": HALVES,
-                "decode": DECODE_IDENTITY,  # a resume under another Pillow is another run, not mixed in
-            }
-        )[:16]
+        run_id = _run_id(
+            {"base": base_hashes, "ft": ft_hashes, "method": plan.spec.method, "parameters": parameters},
+            settings,
+            bench,
+        )
         done = store.done(run_id)
         # dealt from the whole list, then what is finished dropped: dealt from what was left, a
         # process reading the store after another had finished an alpha took another share, and
