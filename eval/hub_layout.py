@@ -18,7 +18,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
-from micromerge.core.hub_download import hf_download_command
+from micromerge.core.hub_download import hf_download_command, hub_offline
 
 HUB_ID = "jnirschl/uBench"
 HUB_REVISION = "3f2c5b590bc7a208d5b60f3527ce4c76a331aa2b"
@@ -210,13 +210,31 @@ def verify_shards(folder: Path, expected: dict[str, str]) -> list[tuple[str, str
 
 def fetch_from_hub(revision: str) -> Path:
     """`perception/0.1.0` of `jnirschl/uBench` at `revision` through the Hugging Face cache: a
-    download when online, the cached snapshot when offline."""
+    download when online, the cached snapshot when offline or when the hub cannot be reached.
+
+    Offline is said to huggingface_hub explicitly (`local_files_only`), and a failed download is
+    retried from the cache: given a commit hash, huggingface_hub 1.x lists the repository's files
+    before it looks in the cache, even under HF_HUB_OFFLINE=1, so a cached snapshot whose file list
+    it did not record (one written by an earlier version) failed as if it were absent (2.x looks)."""
     from huggingface_hub import snapshot_download
 
-    try:
-        root = snapshot_download(
-            HUB_ID, repo_type="dataset", revision=revision, allow_patterns=[f"{HUB_FOLDER}/*"]
+    def fetch(local_files_only: bool) -> str:
+        return snapshot_download(
+            HUB_ID,
+            repo_type="dataset",
+            revision=revision,
+            allow_patterns=[f"{HUB_FOLDER}/*"],
+            local_files_only=local_files_only,
         )
+
+    offline = hub_offline()
+    try:
+        try:
+            root = fetch(local_files_only=offline)
+        except Exception:
+            if offline:
+                raise
+            root = fetch(local_files_only=True)
     except Exception as exc:
         raise MicromergeError(
             f"--data {HUB_ID}@{revision[:12]}: not in the Hugging Face cache and the hub is unreachable "

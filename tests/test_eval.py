@@ -154,6 +154,39 @@ def test_hub_id_reads_the_cached_snapshot_offline(tmp_path, bench):
     assert len(load_benchmark(f"ubench@{HUB_REVISION}").dataset) == 78
 
 
+def _hub_1x_snapshot_download(monkeypatch) -> list[bool]:
+    """huggingface_hub 1.x's snapshot_download as its source (1.33, _snapshot_download.py) has it:
+    given a commit hash and not `local_files_only`, it lists the repository's files on the hub
+    before it looks in the cache, so offline (or unreachable) it fails although the snapshot is
+    cached; 2.x falls back to the cache itself. Records each call's `local_files_only`."""
+    import huggingface_hub
+
+    real, calls = huggingface_hub.snapshot_download, []
+
+    def snapshot_download(*args, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        if not local_files_only:
+            raise ConnectionError("listing the repository's files: the hub cannot be reached")
+        return real(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_cached_snapshot_is_read_offline_and_when_the_hub_is_unreachable(monkeypatch, bench):
+    """HF_HUB_OFFLINE=1 is said to huggingface_hub as `local_files_only` (one call, no listing);
+    without it, a failed download is retried from the cache."""
+    from micromerge.eval.hub_layout import HUB_REVISION
+
+    _hub_snapshot(HUB_REVISION, bench)
+    calls = _hub_1x_snapshot_download(monkeypatch)
+    assert len(load_benchmark("ubench").dataset) == 78 and calls == [True]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls.clear()
+    assert len(load_benchmark("ubench").dataset) == 78 and calls == [False, True]
+
+
 def test_hub_copy_offline_without_cache_is_a_clear_error():
     with pytest.raises(
         MicromergeError, match="jnirschl/uBench@3f2c5b590bc7: not in the Hugging Face cache.*--data"
