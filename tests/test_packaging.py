@@ -75,6 +75,41 @@ def test_the_wheel_holds_one_top_level_package_and_its_data(dist):
     assert sdist.stat().st_size > 10_000
 
 
+def test_every_module_the_package_imports_is_a_declared_dependency(dist):
+    """A module the package imports but does not declare works here, where something else brought
+    it, and fails for a user whose other packages don't: tomli (imported where tomllib is missing,
+    before Python 3.11) came only as a dependency of pytest, build and recent huggingface_hub
+    releases, pyarrow only through datasets, braceexpand only through webdataset."""
+    import ast
+    import re
+    from importlib.metadata import packages_distributions
+
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        requires = {
+            re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip())[0].lower().replace("_", "-")
+            for line in archive.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:") and "extra ==" not in line
+        }
+        imported = set()
+        for name in archive.namelist():
+            if name.endswith(".py"):
+                for node in ast.walk(ast.parse(archive.read(name))):
+                    if isinstance(node, ast.Import):
+                        imported |= {alias.name.split(".")[0] for alias in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        imported.add(node.module.split(".")[0])
+    distributions = packages_distributions()
+    undeclared = {
+        module
+        for module in imported - set(sys.stdlib_module_names) - {"micromerge"}
+        # a module not installed here (tomli on Python 3.11+) is its own distribution's name
+        if not any(d.lower().replace("_", "-") in requires for d in distributions.get(module, [module]))
+    }
+    assert not undeclared, f"imported but not in pyproject's dependencies: {sorted(undeclared)}"
+
+
 def test_the_installed_wheel_runs_outside_the_checkout(dist, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
