@@ -20,6 +20,8 @@ ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl: run bench/device_whe
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# a package the image lacks and .whl does not carry fails here in seconds, not in every step
+"$py" -c "import micromerge.cli, micromerge.finetune.streaming, open_clip, open_clip_train.main, datasets, webdataset" || exit
 "$py" -m pip list 2>/dev/null | grep -i -E "^(torch|torchvision|open.clip.torch|datasets|accelerate|safetensors|huggingface.hub|transformers|pyarrow|timm|webdataset) " >"$out/packages.txt"
 PACK="$out/gpu.tar.gz" GPU_BUDGET_S=${GPU_BUDGET_S:-500} PYTHON=$py bash bench/gpu_all.sh /tmp/gpu-out "$@"
 cp /tmp/gpu-out/steps.txt "$out/" 2>/dev/null
