@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -60,3 +61,15 @@ def deny_access(monkeypatch, path: Path, mode: int) -> None:
         return real_access(candidate, asked, **kwargs)
 
     monkeypatch.setattr(os, "access", access)
+
+
+def absolute_imports(source: str | bytes) -> list[tuple[str, int]]:
+    """(module, line) of every absolute import in `source` (`import a.b`, `from a.b import c`),
+    at module level or inside a function alike: what the layer and packaging checks read."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+    return found

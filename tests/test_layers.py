@@ -7,10 +7,11 @@ the file, the line and the edge.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import absolute_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("ground", "merging", "eval", "finetune", "analysis", "top")
@@ -50,21 +51,14 @@ def layer_of_module(name: str) -> str | None:
 def wrong_edges(path: Path, source: str) -> list[str]:
     mine = layer_of_file(path)
     found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
+    for name, line in absolute_imports(source):
+        try:
+            theirs = layer_of_module(name)
+        except ValueError as exc:
+            found.append(f"{path.relative_to(ROOT)}:{line}: {exc}")
             continue
-        for name in names:
-            try:
-                theirs = layer_of_module(name)
-            except ValueError as exc:
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {exc}")
-                continue
-            if theirs is not None and LAYERS.index(theirs) > LAYERS.index(mine):
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {mine} imports {name} ({theirs})")
+        if theirs is not None and LAYERS.index(theirs) > LAYERS.index(mine):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {mine} imports {name} ({theirs})")
     return found
 
 

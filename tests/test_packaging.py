@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_checkpoint
+from tests.helpers import absolute_imports, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,6 @@ def test_every_module_the_package_imports_is_a_declared_dependency(dist):
     it, and fails for a user whose other packages don't: tomli (imported where tomllib is missing,
     before Python 3.11) came only as a dependency of pytest, build and recent huggingface_hub
     releases, pyarrow only through datasets, braceexpand only through webdataset."""
-    import ast
     import re
     from importlib.metadata import packages_distributions
 
@@ -92,14 +91,12 @@ def test_every_module_the_package_imports_is_a_declared_dependency(dist):
             for line in archive.read(metadata).decode().splitlines()
             if line.startswith("Requires-Dist:") and "extra ==" not in line
         }
-        imported = set()
-        for name in archive.namelist():
-            if name.endswith(".py"):
-                for node in ast.walk(ast.parse(archive.read(name))):
-                    if isinstance(node, ast.Import):
-                        imported |= {alias.name.split(".")[0] for alias in node.names}
-                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                        imported.add(node.module.split(".")[0])
+        imported = {
+            module.split(".")[0]
+            for name in archive.namelist()
+            if name.endswith(".py")
+            for module, _ in absolute_imports(archive.read(name))
+        }
     distributions = packages_distributions()
     undeclared = {
         module
