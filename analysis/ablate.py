@@ -20,7 +20,7 @@ from micromerge.analysis.tables import task_table
 from micromerge.core.config_files import load_section, reject_unknown_keys
 from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import EvalSettings, SweepPlan, alone, run_eval, run_sweep
+from micromerge.eval.engine import EvalSettings, SweepPlan, alone, prepare, run_eval, run_sweep
 from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas
 from micromerge.merging.methods import get_method
 from micromerge.merging.rules import KeyRules
@@ -249,16 +249,17 @@ def run_ablation(
     references = [
         (model, pair["access"]) for pair in ablation.pairs for model in (pair["base"], *pair["finetuned"])
     ]
+    prepared = prepare(settings)  # once: on the whole μ-Bench, a second or two per sweep of the grid
     first, first_access = references[0]
-    check_target(ablation.target, run_eval(first, settings, device, first_access), ablation.data)
+    check_target(ablation.target, run_eval(first, settings, device, first_access, prepared), ablation.data)
     for index, (model, access) in enumerate(references[1:], start=1):
         if index % world_size == rank:
-            run_eval(model, settings, device, access)
+            run_eval(model, settings, device, access, prepared)
     dealt = 0  # units of work dealt so far (an alpha; a soup, one per model it weighs): taken in turn
     for label, job in grid_jobs(ablation):
         if isinstance(job, SoupJob):
             if dealt % world_size == rank:  # each step of a soup depends on the last: one process chooses
-                greedy_soup(job.base, job.finetuned, settings, device, job.rules, label, job.access)
+                greedy_soup(job.base, job.finetuned, settings, device, job.rules, label, job.access, prepared)
             dealt += 1 + len(job.finetuned)
             continue
         plan = SweepPlan(
@@ -271,7 +272,7 @@ def run_ablation(
             model_data=job.model_data,
             first_process=dealt % world_size,
         )
-        run_sweep(plan, settings, device, wait_for_everyone)
+        run_sweep(plan, settings, device, wait_for_everyone, prepared)
         dealt += len(plan.alphas)
     wait_for_everyone()
     return (

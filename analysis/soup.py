@@ -30,7 +30,7 @@ from micromerge.analysis.tables import load_runs
 from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
-from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
+from micromerge.eval.engine import EvalSettings, Prepared, SweepPlan, prepare, run_sweep
 from micromerge.eval.store import ResultStore
 from micromerge.merging.execute import MergeOutput
 from micromerge.merging.job import job_from_mapping, run_merge_job
@@ -93,11 +93,12 @@ def _score(
     settings: EvalSettings,
     device: torch.device,
     access: CheckpointAccess,
+    prepared: Prepared,
 ) -> Scored:
     spec = MergeSpec("linear", MethodParams(weights=weights), rules)
     label = f"{GREEDY_SOUP} candidate {list(weights)}"
     plan = SweepPlan(base, finetuned, spec, (1.0,), access, label=label)
-    rows = run_sweep(plan, settings, device)
+    rows = run_sweep(plan, settings, device, prepared=prepared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # candidates are single points by design
         run = next(r for r in load_runs(settings.store) if r.run_id == rows[0]["run_id"])
@@ -123,8 +124,11 @@ def greedy_soup(
     rules: KeyRules = KeyRules(),
     label: str | None = None,
     access: CheckpointAccess = CheckpointAccess(),
+    prepared: Prepared | None = None,
 ) -> SoupResult:
-    """Choose the soup on the select half, write its rows to `settings.store`, and return the recipe."""
+    """Choose the soup on the select half, write its rows to `settings.store`, and return the recipe.
+
+    The benchmark is loaded once (`prepared`, or here) for the soup's candidates, a sweep each."""
     if rules.strength_rules:
         raise MicromergeError(
             "greedy-soup: alpha rules do not apply (a soup is a uniform average); use include/exclude"
@@ -132,12 +136,17 @@ def greedy_soup(
     models = (base, *finetuned)
     side = replace(settings, store=candidate_store(Path(settings.store)), rank=0, world_size=1)
     count = len(models)
-    own = {i: _score(base, finetuned, uniform([i], count), rules, side, device, access) for i in range(count)}
+    prepared = prepare(side) if prepared is None else prepared
+
+    def score(members: list[int]) -> Scored:
+        return _score(base, finetuned, uniform(members, count), rules, side, device, access, prepared)
+
+    own = {i: score([i]) for i in range(count)}
     order = sorted(range(count), key=lambda i: (-own[i].select_mean, i))
     members, best = [order[0]], own[order[0]]
     steps = [SoupStep(models[order[0]], best.weights, best.select_mean, True)]
     for index in order[1:]:
-        trial = _score(base, finetuned, uniform([*members, index], count), rules, side, device, access)
+        trial = score([*members, index])
         kept = trial.select_mean >= best.select_mean
         steps.append(SoupStep(models[index], trial.weights, trial.select_mean, kept))
         if kept:

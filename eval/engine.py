@@ -504,9 +504,13 @@ def run_eval(
     settings: EvalSettings,
     device: torch.device,
     access: CheckpointAccess = CheckpointAccess(),
+    prepared: Prepared | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate one checkpoint; rows go to the store (alpha is null). Re-running skips finished work."""
-    prepared = prepare(settings)
+    """Evaluate one checkpoint; rows go to the store (alpha is null). Re-running skips finished work.
+
+    `prepared`: `prepare(settings)` done once by a caller that runs many evaluations and sweeps on
+    the same data, tasks and protocol (an ablation), instead of once per call."""
+    prepared = prepare(settings) if prepared is None else prepared
     bench, tasks = prepared.bench, prepared.tasks
     with access.open(model_spec) as source:
         hashes = input_hashes([source])
@@ -581,11 +585,13 @@ def run_sweep(
     settings: EvalSettings,
     device: torch.device,
     wait_for_everyone: Callable[[], None] = alone,
+    prepared: Prepared | None = None,
 ) -> list[dict[str, Any]]:
     """Every alpha on every task; resumable; the processes take turns at the alphas, from
     `plan.first_process` on (`wait_for_everyone`: the launch's barrier, as accelerate's
-    PartialState gives it; every process calls run_sweep with the same plan)."""
-    prepared = prepare(settings)
+    PartialState gives it; every process calls run_sweep with the same plan). `prepared`: as in
+    `run_eval`."""
+    prepared = prepare(settings) if prepared is None else prepared
     bench, tasks = prepared.bench, prepared.tasks
     store = ResultStore(settings.store)
     base = plan.access.open(plan.base)

@@ -224,6 +224,7 @@ def test_a_target_that_is_no_group_of_the_benchmark_stops_the_grid_before_its_fi
     """`target = "domain:patholgy"`: checked against the groups of the first evaluation's tasks,
     so the grid stops after one evaluation, not after every sweep (the report's own check)."""
     calls: list[str] = []
+    monkeypatch.setattr(ablate, "prepare", lambda settings: None)
     monkeypatch.setattr(ablate, "run_eval", lambda *args: calls.append("eval") or EVALUATED)
     monkeypatch.setattr(ablate, "run_sweep", lambda *args: calls.append("sweep"))
     monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: calls.append("report"))
@@ -304,17 +305,27 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     between processes), one sweep per job with its label and per-model corpora, the soup on rank 0
     only, and the report for the configured target, on rank 0, after every process has finished."""
     calls: list[tuple] = []
+    prepared = object()  # stands for the benchmark and its tasks, loaded once for the whole grid
+    preparations: list[EvalSettings] = []
+    monkeypatch.setattr(ablate, "prepare", lambda settings: preparations.append(settings) or prepared)
+    handed: list[object] = []
     monkeypatch.setattr(
         ablate,
         "run_eval",
-        lambda model, settings, device, access: calls.append(("eval", model, settings, access)) or EVALUATED,
+        lambda model, settings, device, access, ready: (
+            handed.append(ready) or calls.append(("eval", model, settings, access)) or EVALUATED
+        ),
     )
     monkeypatch.setattr(
         ablate,
         "run_sweep",
-        lambda plan, settings, device, wait: calls.append(("sweep", plan, settings, wait)),
+        lambda plan, settings, device, wait, ready: (
+            handed.append(ready) or calls.append(("sweep", plan, settings, wait))
+        ),
     )
-    monkeypatch.setattr(ablate, "greedy_soup", lambda *args: calls.append(("soup", *args)))
+    monkeypatch.setattr(
+        ablate, "greedy_soup", lambda *args: handed.append(args[-1]) or calls.append(("soup", *args[:-1]))
+    )
     monkeypatch.setattr(
         ablate,
         "build_report",
@@ -337,6 +348,8 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         world_size=2,
     )
     assert all(call[2] == expected for call in calls if call[0] in ("eval", "sweep"))
+    assert preparations == [expected], "the benchmark is loaded once, not once per sweep"
+    assert handed == [prepared] * len(calls) and len(calls) > 3
     references = [
         *((m, CheckpointAccess()) for m in (ablation.pairs[0]["base"], *ablation.pairs[0]["finetuned"])),
         *(
@@ -372,9 +385,12 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     )
 
     calls.clear()
+    handed.clear()
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
     assert [(call[1], call[3]) for call in calls if call[0] == "eval"] == references
     soups = [call for call in calls if call[0] == "soup"]
+    steps = [call for call in calls if call[0] != "report"]
+    assert soups and handed == [prepared] * len(steps), "the soups' candidates use it too"
     assert [call[-2] for call in soups] == [
         "../base.safetensors / greedy-soup / vision",
         "absolute / greedy-soup / vision",
@@ -393,11 +409,12 @@ def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_togethe
         'methods = ["wise-ft"]', 'alphas = "0,0.5,1"\nmethods = ["wise-ft", "greedy-soup", "ties"]'
     )
     ablation = load_ablation(_config(tmp_path, text))
+    monkeypatch.setattr(ablate, "prepare", lambda settings: None)
     monkeypatch.setattr(ablate, "run_eval", lambda *args: EVALUATED)
     monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: None)
     for rank, done in work.items():
         monkeypatch.setattr(
-            ablate, "run_sweep", lambda plan, settings, device, wait, done=done: done.append(plan)
+            ablate, "run_sweep", lambda plan, settings, device, wait, ready, done=done: done.append(plan)
         )
         monkeypatch.setattr(ablate, "greedy_soup", lambda *args, done=done: done.append("soup"))
         run_ablation(ablation, tmp_path, torch.device("cpu"), False, rank, 2)

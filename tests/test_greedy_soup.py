@@ -20,7 +20,9 @@ from micromerge.analysis.soup import GREEDY_SOUP, SoupResult, candidate_store, g
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
+from micromerge.eval import engine
 from micromerge.eval.aggregate import is_task_row
+from micromerge.eval.data import load_benchmark
 from micromerge.eval.engine import EvalSettings, run_eval
 from micromerge.eval.store import ResultStore
 from micromerge.merging.rules import KeyRules
@@ -44,9 +46,12 @@ def setting(tmp_path):
     return settings, [str(m) for m in models]
 
 
-def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path, setting):
+def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path, setting, monkeypatch):
     settings, models = setting
+    loads = []
+    monkeypatch.setattr(engine, "load_benchmark", lambda *a, **k: loads.append(a) or load_benchmark(*a, **k))
     result = greedy_soup(models[0], tuple(models[1:]), settings, torch.device("cpu"))
+    assert len(loads) == 1, "the benchmark is read once for every candidate (a sweep each), not per sweep"
     own = result.own_select
     for model in models:  # each ingredient alone, evaluated as a plain checkpoint: its select-half mean
         rows = run_eval(model, replace(settings, store=tmp_path / "alone.jsonl"), torch.device("cpu"))
