@@ -196,7 +196,7 @@ class Evaluator:
                 )
         self.texts = list(text_ids)
 
-    def _splits(self, task_name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def _splits(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """All of a task's images, and its images in each half of the benchmark: 'select' (to choose
         alpha, and what data-aware merges learn from) and 'report' (to report on).
 
@@ -250,7 +250,7 @@ class Evaluator:
             )
             predictions = predict(images[index], texts)
             kept_rows = np.array([r for r, _ in keep])
-            for split, members in self._splits(task.name, kept_rows).items():
+            for split, members in self._splits(kept_rows).items():
                 chosen = np.isin(kept_rows, members)
                 metrics = classification_metrics(
                     labels[chosen],
@@ -293,7 +293,7 @@ class Evaluator:
         for task in self.tasks:
             parts = [outcomes[(task.name, q.key)] for q in task.questions]
             pooled = _concat(parts)
-            members = self._splits(task.name, np.unique(pooled.rows)).get(split) if len(pooled.rows) else None
+            members = self._splits(np.unique(pooled.rows)).get(split) if len(pooled.rows) else None
             if members is not None:
                 paired[task.name] = self._subset(pooled, members).correct
         return paired
@@ -308,7 +308,7 @@ class Evaluator:
                 continue
             image_rows = np.unique(np.concatenate([o.rows for o in mine.values()]))
             n_corrupt = len(task.image_rows) - len(image_rows)
-            for split, members in self._splits(task.name, image_rows).items():
+            for split, members in self._splits(image_rows).items():
                 parts = {key: self._subset(o, members) for key, o in mine.items()}
                 parts[POOLED] = _concat(list(parts.values()))
                 for key, part in parts.items():
