@@ -13,6 +13,7 @@ old one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from micromerge.eval.hub_layout import (
     find_hub_layout,
     read_hub_layout,
 )
-from micromerge.eval.schema import REQUIRED_STRING_COLUMNS
+from micromerge.eval.schema import NULLABLE_STRING_COLUMNS, REQUIRED_STRING_COLUMNS
 
 HUB_ALIASES = ("ubench", HUB_ID)
 
@@ -150,13 +151,20 @@ def _is_string(feature: object) -> bool:
     return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
 
+def _is_nullable(feature: object, fits: Callable[[str], bool]) -> bool:
+    """Of the type `fits` accepts, or of Arrow's null type: a column that is null in every row
+    (a parquet copy of only CellCognition's rows, whose `dataset` is null) is typed so."""
+    return isinstance(feature, Value) and (feature.dtype == "null" or fits(feature.dtype))
+
+
 def _option_list(feature: object) -> bool:
     inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
     return _is_string(inner)
 
 
 def validate_schema(dataset: datasets.Dataset, source: str) -> None:
-    """Required columns by name and type; captions, where present, as the real nested structs."""
+    """Required columns by name and type; the metadata columns and captions, where present, as the
+    real schema types them (captions as its nested structs); other columns are kept unchecked."""
     features = dataset.features
     missing = [c for c in ("image", "label", "dataset", *REQUIRED_STRING_COLUMNS) if c not in features]
     if missing:
@@ -172,10 +180,26 @@ def validate_schema(dataset: datasets.Dataset, source: str) -> None:
         raise MicromergeError(
             f"--data {source}: column 'label' must be a ClassLabel (or integer), not {label}"
         )
-    for column in ("dataset", *REQUIRED_STRING_COLUMNS):
+    for column in REQUIRED_STRING_COLUMNS:
         if not _is_string(features[column]):
             raise MicromergeError(
                 f"--data {source}: column {column!r} must be a string, not {features[column]}"
+            )
+    # `dataset` and the metadata columns tasks and reports read, where a copy has them (each may be
+    # null): a mistyped one failed deep in task discovery ("'int' object has no attribute 'replace'")
+    expected = {
+        **{
+            column: ("a string", lambda dtype: dtype in ("string", "large_string"))
+            for column in NULLABLE_STRING_COLUMNS
+        },
+        "microns_per_pixel": ("a number", lambda dtype: dtype.startswith(("float", "int"))),
+        "synthetic": ("a bool", lambda dtype: dtype == "bool"),
+    }
+    for column, (kind, fits) in expected.items():
+        if column in features and not _is_nullable(features[column], fits):
+            raise MicromergeError(
+                f"--data {source}: column {column!r} must be {kind} (or null), not {features[column]} "
+                "(Dataset.cast_column converts a copy)"
             )
     captions = features.get("captions")
     if captions is not None:

@@ -130,6 +130,52 @@ def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "column, values, needle",
+    [
+        (
+            "modality",
+            lambda n: list(range(n)),
+            r"'modality' must be a string \(or null\), not Value\('int64'\)",
+        ),
+        ("stain", lambda n: [["H&E"]] * n, r"'stain' must be a string \(or null\), not List"),
+        ("dataset", lambda n: [1.5] * n, r"'dataset' must be a string \(or null\), not Value\('float64'\)"),
+        ("microns_per_pixel", lambda n: ["0.5"] * n, r"'microns_per_pixel' must be a number \(or null\)"),
+        ("synthetic", lambda n: ["no"] * n, r"'synthetic' must be a bool \(or null\), not Value\('string'\)"),
+    ],
+)
+def test_a_mistyped_metadata_column_is_named_on_load(tmp_path, column, values, needle):
+    """SCHEMA.md types them: string metadata (nullable), `microns_per_pixel` float, `synthetic`
+    bool. A copy whose column has another type failed deep in task discovery ("'int' object has
+    no attribute 'replace'", "unhashable type: 'list'"): now one line, exit 2, naming the column."""
+    dataset = fixture_dataset(per_class=2)
+    dataset = dataset.remove_columns(column).add_column(column, values(len(dataset)))
+    dataset.save_to_disk(str(tmp_path / "typed"))
+    with pytest.raises(MicromergeError, match=needle):
+        load_benchmark(str(tmp_path / "typed"))
+    result = CliRunner().invoke(cli, ["tasks", "--data", str(tmp_path / "typed")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"column {column!r}" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_column_null_in_every_row_loads_as_the_null_type_arrow_gives_it(tmp_path):
+    """Parquet written from only the CellCognition rows (SCHEMA.md: their `dataset` is null) types
+    `dataset` as Arrow's null type, as any column null throughout (`stain` of fluorescence rows):
+    it loads, and the rows are still named by the null-dataset rule."""
+    dataset = fixture_dataset(per_class=2)
+    table = dataset.with_format("arrow")[:]
+    nulls = table.drop_columns(["dataset", "stain"])
+    nulls = nulls.append_column("dataset", pyarrow.nulls(len(table))).append_column(
+        "stain", pyarrow.nulls(len(table))
+    )
+    (tmp_path / "parquet").mkdir()
+    pyarrow.parquet.write_table(nulls, tmp_path / "parquet" / "test.parquet")
+    loaded = load_benchmark(str(tmp_path / "parquet")).dataset
+    assert loaded.features["dataset"].dtype == "null" and loaded.features["stain"].dtype == "null"
+    fine = [t.name for t in discover_tasks(loaded) if t.level == "fine"]
+    assert fine and all(name != "None" for name in fine) and "held_et_al_2010_h2b" in fine
+
+
 def _hub_snapshot(revision: str, source: Path) -> Path:
     """Lay the fixture out as huggingface_hub's cache holds a dataset snapshot:
     datasets--jnirschl--uBench/{refs/main, snapshots/<revision>/perception/0.1.0/...}."""
