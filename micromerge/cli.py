@@ -658,9 +658,10 @@ def data_verify_command(path: str, expected: str | None) -> None:
                 f"--expected {expected}: not a JSON object of shard checksums ({exc})"
             ) from exc
         checksums = checked_checksums(loaded, f"--expected {expected}")
-    report = verify_shards(folder, checksums)
-    for name, status in report:
+    report = []
+    for name, status in verify_shards(folder, checksums):
         click.echo(f"{name}  {status}")
+        report.append((name, status))
     bad = [name for name, status in report if status != "ok"]
     if bad:
         raise MicromergeError(

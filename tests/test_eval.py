@@ -423,6 +423,31 @@ def test_data_verify_names_a_missing_shard(bench):
     assert set(report.values()) == {"ok"} and len(report) == 6
 
 
+def test_data_verify_says_each_shards_status_before_hashing_the_next(bench, tmp_path, monkeypatch):
+    """The real copy is 3.6 GB, a minute or more from a cold disk: every line came at the end."""
+    import hashlib
+
+    import click
+
+    from micromerge.eval import hub_layout
+
+    sums = tmp_path / "sums.json"
+    sums.write_text(
+        json.dumps({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bench.glob("*.arrow")})
+    )
+    events: list[str] = []
+    hashed = hub_layout.sha256_file
+    monkeypatch.setattr(hub_layout, "sha256_file", lambda path: events.append("hash") or hashed(path))
+    echo = click.echo
+    monkeypatch.setattr(
+        click, "echo", lambda message=None, **kw: events.append("line") or echo(message, **kw)
+    )
+    result = CliRunner().invoke(cli, ["data", "verify", str(bench), "--expected", str(sums)])
+    assert result.exit_code == 0, result.output
+    assert events == ["hash", "line"] * 7 + ["line"], events  # then the summary line
+    assert result.output.count("  ok\n") == 7 and "all 7 shards match" in result.output
+
+
 def test_a_cached_snapshot_without_the_shard_folder_is_named(tmp_path, bench):
     from micromerge.eval.hub_layout import HUB_REVISION
 
