@@ -216,7 +216,8 @@ def _from_table(path: Path, corpus: CorpusSpec) -> PairData:
         raise MicromergeError(f"--data {path}: #root={corpus.root}: no folder {folder}")
     payloads, captions = [], []
     for number, record in records:
-        name, caption = str(record.get(image_col) or "").strip(), str(record.get(caption_col) or "").strip()
+        name = str(record.get(image_col) or "").strip()
+        caption = caption_text(record.get(caption_col), f"{path}: line {number}: column {caption_col!r}")
         if not name:
             raise MicromergeError(f"{path}: line {number} has a caption but no image")
         image_path = (folder / name).resolve()
@@ -264,7 +265,9 @@ def tar_caption(shard: Path, key: str, parts: dict[str, Any]) -> str:
         caption = parts.get(".txt", b"").decode("utf-8").strip()
         if not caption and ".json" in parts:
             meta = json.loads(parts[".json"].decode("utf-8"))
-            caption = str(meta.get("caption", "") if isinstance(meta, dict) else "").strip()
+            caption = caption_text(
+                meta.get("caption") if isinstance(meta, dict) else None, f"{shard}: sample {key}"
+            )
     except UnicodeDecodeError as exc:
         raise MicromergeError(f"{shard}: sample {key}: caption is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
@@ -273,7 +276,7 @@ def tar_caption(shard: Path, key: str, parts: dict[str, Any]) -> str:
 
 
 def _from_hf(dataset: datasets.Dataset, where: str, corpus: CorpusSpec) -> PairData:
-    image_col, caption_col = dataset_columns(dataset.column_names, corpus, where)
+    image_col, caption_col = dataset_columns(dataset.features, corpus, where)
     if isinstance(dataset.features[image_col], datasets.Image):
         payloads = column_values(dataset.cast_column(image_col, datasets.Image(decode=False)), image_col)
     else:
@@ -281,16 +284,41 @@ def _from_hf(dataset: datasets.Dataset, where: str, corpus: CorpusSpec) -> PairD
     return PairData(payloads, dataset_captions(dataset, caption_col, where), where)
 
 
-def dataset_columns(column_names: list[str], corpus: CorpusSpec, where: str) -> tuple[str, str]:
-    """A dataset's (image, caption) columns; `#sep=` and `#root=` are refused (a dataset has no
-    separator, and where its images are is its own business)."""
+def dataset_columns(features: dict[str, Any], corpus: CorpusSpec, where: str) -> tuple[str, str]:
+    """A dataset's (image, caption) columns, from its features (column name: type); `#sep=` and
+    `#root=` are refused (a dataset has no separator, and where its images are is its own business).
+    A caption column that does not hold text (a list of several captions per image, as caption
+    datasets often have; a number) is refused here, before a stream or a worker reads a row."""
     corpus.refuse("a dataset (only image= and caption= name its columns)", ("sep", "root"))
-    return corpus.columns(column_names, where)
+    image, caption = corpus.columns(list(features), where)
+    feature = features[caption]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
+        raise MicromergeError(
+            f"{where}: caption column {caption!r} holds {feature}, not text; {_ONE_CAPTION_HINT} "
+            f"(or name a text column: #caption=COLUMN)"
+        )
+    return image, caption
+
+
+_ONE_CAPTION_HINT = "give one caption per image (several of one image: one row each)"
+
+
+def caption_text(value: Any, where: str) -> str:
+    """A caption as stripped text ("" when missing). Anything else was turned into its Python repr
+    and trained on, silently: `['a smear', 'blood cells']` as one caption."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise MicromergeError(
+        f"{where}: the caption is not text but {type(value).__name__} {shown}; {_ONE_CAPTION_HINT}"
+    )
 
 
 def dataset_captions(dataset: datasets.Dataset, column: str, where: str) -> list[str]:
     """A dataset's captions, stripped; a null or blank one is a one-line error naming its row."""
-    captions = [str(c or "").strip() for c in column_values(dataset, column)]
+    captions = [caption_text(c, f"{where}: row {i}") for i, c in enumerate(column_values(dataset, column))]
     for index, caption in enumerate(captions):
         if not caption:
             raise MicromergeError(f"{where}: row {index} has an image but no caption")

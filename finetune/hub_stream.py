@@ -66,8 +66,8 @@ class HubStream:
         self.spec, self.recipe = spec, recipe
         corpus = CorpusSpec.parse(spec)
         self.dataset, files, self.rows = _open_streaming(corpus.location)
-        columns = list(self.dataset.features or {})
-        self.image_column, self.caption_column = dataset_columns(columns, corpus, f"--data {spec}")
+        features = self.dataset.features or {}
+        self.image_column, self.caption_column = dataset_columns(features, corpus, f"--data {spec}")
         import datasets
 
         self.dataset = self.dataset.select_columns([self.image_column, self.caption_column])
@@ -123,7 +123,8 @@ class _HubSamples(torch.utils.data.IterableDataset):
             self.dataset.set_epoch(current)
             for n, row in enumerate(self.dataset):
                 yielded = True
-                caption = str(row[stream.caption_column] or "").strip()
+                caption = row[stream.caption_column]
+                caption = caption.strip() if isinstance(caption, str) else ""  # typed text up front
                 payload = row[stream.image_column]
                 payload = payload if isinstance(payload, dict) else {"path": payload, "bytes": None}
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")

@@ -154,7 +154,7 @@ def corpus_fingerprint(facts: dict, corpus: CorpusSpec) -> str:
 
 
 def _index_arrow(spec: str, dataset, corpus: CorpusSpec) -> CorpusIndex:
-    image_col, caption_col = dataset_columns(dataset.column_names, corpus, f"--data {spec}")
+    image_col, caption_col = dataset_columns(dataset.features, corpus, f"--data {spec}")
     captions = dataset_captions(dataset, caption_col, f"--data {spec}")
     arrow_files = sorted({Path(f["filename"]) for f in dataset.cache_files})  # the split's own files
     facts = {"fingerprint": dataset._fingerprint, "files": _file_facts(arrow_files)}
@@ -528,7 +528,8 @@ class _StreamDecoder:
 def _sample_caption(sample: dict) -> str:
     """A webdataset sample's caption: its `txt`, else the `caption` of its `json`, as the indexed
     path reads a local shard (the stream read `txt` only: a corpus captioned in `.json` trained on
-    empty text). Bad bytes are replaced, bad JSON is no caption: a worker cannot stop the run."""
+    empty text). Bad bytes are replaced, bad JSON or a caption that is not text is no caption: a
+    worker cannot stop the run (the step that meets it does)."""
 
     def text(key: str) -> str:
         value = sample.get(key, b"")
@@ -540,5 +541,6 @@ def _sample_caption(sample: dict) -> str:
             meta = json.loads(text("json"))
         except json.JSONDecodeError:
             return ""
-        caption = str(meta.get("caption", "") if isinstance(meta, dict) else "").strip()
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        caption = caption.strip() if isinstance(caption, str) else ""  # a list or a number: no caption
     return caption

@@ -28,6 +28,7 @@ from micromerge.finetune.streaming import (
     IN_MEMORY_BUDGET,
     SampleRecipe,
     StreamedSamples,
+    _sample_caption,
     augmented_pixels,
     choose_in_memory,
     index_pairs,
@@ -283,6 +284,61 @@ def test_an_arrow_corpus_caption_is_stripped_and_a_missing_one_named_on_every_pa
         for read in (load_pairs, index_pairs):
             with pytest.raises(MicromergeError, match="missing: row 1 has an image but no caption"):
                 read(missing)
+
+
+def test_a_caption_that_is_not_text_is_refused_on_every_path_not_trained_on_as_its_repr(tmp_path):
+    """Caption datasets often hold several captions per image (a list column), and a JSONL or a
+    shard's `.json` may hold a number where text belongs. Each was turned into its Python repr and
+    trained on silently ("['a smear', 'blood cells']" as one caption); now one line names it, before
+    training: a dataset's column by its type (streamed from the hub layout too), a table's or
+    shard's caption by its line or sample."""
+    import datasets
+
+    from micromerge.finetune.hub_stream import HubStream
+    from tests.test_hub_stream import write_hub_repo
+
+    listed = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))}
+    )
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(2)], "caption": [["a", "b"], ["c"]]}
+    datasets.Dataset.from_dict(rows, features=listed).save_to_disk(str(tmp_path / "listed"))
+    for read in (load_pairs, index_pairs):
+        with pytest.raises(
+            MicromergeError,
+            match=r"listed: caption column 'caption' holds List\(Value\('string'\)\), not text",
+        ):
+            read(str(tmp_path / "listed"))
+    repo = write_hub_repo(tmp_path / "repo", 4)
+    with pytest.raises(MicromergeError, match=r"caption column 'image' holds Image\(.*\), not text"):
+        HubStream(f"{repo}#caption=image", SampleRecipe(32, (), 0, lambda texts: texts))
+
+    folder = write_csv_folder(tmp_path / "jsonl", n=2)
+    table = folder / "lines.jsonl"
+    table.write_text('{"image": "img0.png", "caption": "a"}\n{"image": "img1.png", "caption": ["b", "c"]}\n')
+    for read in (load_pairs, index_pairs):
+        with pytest.raises(
+            MicromergeError,
+            match=r"lines.jsonl: line 2: column 'caption': the caption is not text but list \['b', 'c'\]",
+        ):
+            read(str(table))
+    table.write_text('{"image": "img0.png", "caption": 7}\n')
+    with pytest.raises(
+        MicromergeError, match=r"line 1: column 'caption': the caption is not text but int 7; give one"
+    ):
+        load_pairs(str(table))
+
+    shard = _shard(
+        tmp_path / "wds" / "shard-000000.tar",
+        [("a.png", _png(0)), ("a.json", json.dumps({"caption": ["x", "y"]}).encode())],
+    )
+    for read in (load_pairs, index_pairs):
+        with pytest.raises(
+            MicromergeError, match=r"shard-000000.tar: sample a: the caption is not text but list"
+        ):
+            read(str(shard.parent))
+    assert _sample_caption({"json": json.dumps({"caption": ["x"]}).encode()}) == "", (
+        "a remote stream's worker takes it as no caption: the step that meets it stops the run"
+    )
 
 
 def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):

@@ -248,7 +248,7 @@ def test_the_options_are_part_of_a_table_index_fingerprint_and_absent_ones_keep_
 
 def test_a_hub_layout_copy_streams_from_its_named_columns(tmp_path):
     repo = write_hub_repo(tmp_path / "repo", 8)
-    spec = f"{repo}#caption=image"  # a column of the wrong kind is still a column: it is named
+    spec = f"{repo}#caption=caption,image=image"
     assert is_hub_layout(spec) and is_hub_layout("owner/name#caption=title")
     recipe = SampleRecipe(32, (), 0, lambda texts: texts)
     assert (
@@ -261,7 +261,10 @@ def test_a_hub_layout_copy_streams_from_its_named_columns(tmp_path):
         HubStream(f"{repo}#caption=report", recipe)
     with pytest.raises(MicromergeError, match=r"#sep='\|' does not apply to a dataset"):
         HubStream(f"{repo}#sep=pipe", recipe)
-    assert HubStream(spec, recipe).caption_column == "image"
+    assert (HubStream(spec, recipe).image_column, HubStream(spec, recipe).caption_column) == (
+        "image",
+        "caption",
+    )
 
 
 def test_fisher_corpora_take_the_options_and_key_their_statistics_on_them(tmp_path):
