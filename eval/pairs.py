@@ -277,10 +277,8 @@ def tar_caption(shard: Path, key: str, parts: dict[str, Any]) -> str:
 
 def _from_hf(dataset: datasets.Dataset, where: str, corpus: CorpusSpec) -> PairData:
     image_col, caption_col = dataset_columns(dataset.features, corpus, where)
-    if isinstance(dataset.features[image_col], datasets.Image):
-        payloads = column_values(dataset.cast_column(image_col, datasets.Image(decode=False)), image_col)
-    else:
-        payloads = [{"path": p, "bytes": None} for p in column_values(dataset, image_col)]
+    # images, paths, bytes or {bytes, path} structs, all as {bytes, path} (as the indexed path reads them)
+    payloads = column_values(dataset.cast_column(image_col, datasets.Image(decode=False)), image_col)
     return PairData(payloads, dataset_captions(dataset, caption_col, where), where)
 
 
@@ -288,16 +286,37 @@ def dataset_columns(features: dict[str, Any], corpus: CorpusSpec, where: str) ->
     """A dataset's (image, caption) columns, from its features (column name: type); `#sep=` and
     `#root=` are refused (a dataset has no separator, and where its images are is its own business).
     A caption column that does not hold text (a list of several captions per image, as caption
-    datasets often have; a number) is refused here, before a stream or a worker reads a row."""
+    datasets often have; a number), or an image column of neither images nor paths, is refused
+    here, before a stream or a worker reads a row (an integer column failed in pyarrow's cast)."""
     corpus.refuse("a dataset (only image= and caption= name its columns)", ("sep", "root"))
     image, caption = corpus.columns(list(features), where)
+    if not _holds_images(features[image]):
+        raise MicromergeError(
+            f"{where}: image column {image!r} holds {features[image]}, not images or their paths "
+            "(or name the image column: #image=COLUMN)"
+        )
     feature = features[caption]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
+    if not (_is_text(feature) or (isinstance(feature, datasets.Value) and feature.dtype == "null")):
         raise MicromergeError(
             f"{where}: caption column {caption!r} holds {feature}, not text; {_ONE_CAPTION_HINT} "
             f"(or name a text column: #caption=COLUMN)"
         )
     return image, caption
+
+
+def _holds_images(feature: Any) -> bool:
+    """What `datasets.Image` casts from: images, their paths, their encoded bytes, or the
+    {bytes, path} struct that parquet written without datasets' metadata holds."""
+    if isinstance(feature, dict):
+        return bool(feature) and set(feature) <= {"bytes", "path"}
+    return isinstance(feature, datasets.Image) or (
+        isinstance(feature, datasets.Value)
+        and feature.dtype in ("string", "large_string", "binary", "large_binary")
+    )
+
+
+def _is_text(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 _ONE_CAPTION_HINT = "give one caption per image (several of one image: one row each)"

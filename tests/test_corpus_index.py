@@ -341,6 +341,36 @@ def test_a_caption_that_is_not_text_is_refused_on_every_path_not_trained_on_as_i
     )
 
 
+@pytest.mark.parametrize("form", ["bytes", "struct", "path"])
+def test_a_datasets_images_as_bytes_structs_or_paths_read_alike_and_a_number_column_is_refused(
+    tmp_path, form
+):
+    """What `datasets.Image` casts from is an image column: encoded bytes, the {bytes, path} struct
+    that parquet written without datasets' metadata holds, or paths (in memory, bytes and structs
+    were taken for paths). A column of numbers failed inside pyarrow's cast; now one line."""
+    import datasets
+
+    (tmp_path / "img.png").write_bytes(_png(0))
+    images = {
+        "bytes": [_png(0), _png(1)],
+        "struct": [{"bytes": _png(0), "path": None}, {"bytes": _png(1), "path": None}],
+        "path": [str(tmp_path / "img.png")] * 2,
+    }[form]
+    datasets.Dataset.from_dict({"image": images, "caption": ["a", "b"]}).save_to_disk(str(tmp_path / form))
+    read = [load_pairs(str(tmp_path / form)), indexed_pairs(index_pairs(str(tmp_path / form)))]
+    expected = [_png(0), _png(1)] if form != "path" else [_png(0)] * 2
+    for pairs in read:
+        assert [p["bytes"] or Path(p["path"]).read_bytes() for p in pairs.payloads] == expected
+    datasets.Dataset.from_dict({"image": [0, 1], "caption": ["a", "b"]}).save_to_disk(
+        str(tmp_path / "numbers")
+    )
+    for load in (load_pairs, index_pairs):
+        with pytest.raises(
+            MicromergeError, match=r"image column 'image' holds Value\('int64'\), not images or their paths"
+        ):
+            load(str(tmp_path / "numbers"))
+
+
 def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):
     """What `load_dataset(...).save_to_disk` writes (dataset_dict.json, a folder per split) is indexed
     like a saved Dataset, memory-mapped; whichever split comes first (here validation), the train
