@@ -187,6 +187,7 @@ class SafetensorsSource(TensorSource):
                 entry.file_index = index
                 self._entries[key] = entry
             self.metadata.update(metadata)
+        self._entries = {without_ddp_prefix(list(self._entries))[k]: e for k, e in self._entries.items()}
         self.arch = arch or arch_from_metadata(self.metadata, label)
         self._handles: list[Any] = [None] * len(self.files)
         self._buffer = np.empty(0, dtype=np.uint8)
@@ -220,6 +221,18 @@ class SafetensorsSource(TensorSource):
             if handle is not None:
                 handle.close()
         self._handles = [None] * len(self.files)
+
+
+DDP_PREFIX = "module."
+
+
+def without_ddp_prefix(keys: list[str]) -> dict[str, str]:
+    """Each key as the model names it: a state dict saved from a model wrapped for DDP or
+    DataParallel (open_clip's training script saves so under a launch) prefixes every key with
+    `module.`; only when every key has it is it the wrapper's, and dropped."""
+    if keys and all(key.startswith(DDP_PREFIX) for key in keys):
+        return {key: key[len(DDP_PREFIX) :] for key in keys}
+    return {key: key for key in keys}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.legacy_pickle import load_legacy_pickle
-from micromerge.merging.tensor_source import ArchInfo, Recipe, TensorMeta, TensorSource
+from micromerge.merging.tensor_source import ArchInfo, Recipe, TensorMeta, TensorSource, without_ddp_prefix
 from micromerge.merging.torch_backend import dtype_name
 
 
@@ -138,6 +138,5 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise MicromergeError(f"{path}: holds no tensors")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-    return tensors
+    names = without_ddp_prefix(list(tensors))
+    return {names[k]: v for k, v in tensors.items()}

@@ -235,6 +235,24 @@ def test_open_clip_training_checkpoint_with_module_prefix(tmp_path):
     assert build_model(config).state_dict().keys() == tensors.keys()
 
 
+@pytest.mark.parametrize("arrays", ["torch", "numpy"])
+def test_a_safetensors_file_saved_from_a_ddp_wrapped_model_reads_as_the_model_names_its_keys(
+    tmp_path, arrays
+):
+    """Saved from a DDP/DataParallel-wrapped model (or converted from open_clip_train's epoch_N.pt),
+    every key starts with `module.`: read as the .pt of the test above is, not refused as 86 keys
+    missing; a file where only some keys have it keeps them, and the names stay unique."""
+    tensors = random_state_dict(5)
+    save_file({f"module.{k}": v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ddp.safetensors"))
+    with open_source(str(tmp_path / "ddp.safetensors"), arrays=arrays) as source:
+        assert sorted(source.keys()) == sorted(tensors)
+        assert (source.read("visual.conv1.weight") == tensors["visual.conv1.weight"].numpy()).all()
+    some = {**tensors, "module.extra": torch.zeros(2)}
+    save_file({k: v.contiguous() for k, v in some.items()}, str(tmp_path / "some.safetensors"))
+    with open_source(str(tmp_path / "some.safetensors"), arrays=arrays) as source:
+        assert sorted(source.keys()) == sorted(some)
+
+
 def _install_legacy_classes(monkeypatch):
     """Stand-ins for wise-ft's `src.models.modeling` and old open_clip's `VisualTransformer`."""
     import open_clip.model as oc_model
