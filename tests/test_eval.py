@@ -844,6 +844,42 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
     assert headline["ubench:coarse"]["value"] == pytest.approx(paper_coarse[0] / paper_coarse[1], abs=1e-12)
 
 
+def test_headline_rows_are_written_only_over_every_task_they_pool(tmp_path, bench, models):
+    """`--tasks modality` wrote a `ubench:coarse` row pooled over modality alone under the paper's
+    name, and a later `--tasks all` into the same store kept that row (its identity was there):
+    the report showed the one-task number as the coarse headline. Now a headline is written only
+    when every task it pools is scored, so resuming gives what a fresh run gives."""
+
+    def headline(store: str) -> dict[tuple, float]:
+        rows = ResultStore(tmp_path / store).rows()
+        return {
+            (r["task"], r["split"]): r["value"]
+            for r in rows
+            if r["level"] == "headline" and r["metric"] == "accuracy"
+        }
+
+    for tasks in ("modality", "coarse", "all"):
+        result = CliRunner().invoke(
+            cli, [*_eval_args(tmp_path, bench, models[0], "resumed.jsonl"), "--tasks", tasks]
+        )
+        assert result.exit_code == 0, result.output
+        written = {task for task, _ in headline("resumed.jsonl")}
+        assert (
+            written
+            == {"modality": set(), "coarse": {"ubench:coarse"}, "all": {"ubench:coarse", "ubench:fine"}}[
+                tasks
+            ]
+        )
+    fresh = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0], "fresh.jsonl"))
+    assert fresh.exit_code == 0, fresh.output
+    assert headline("resumed.jsonl") == headline("fresh.jsonl") and len(headline("fresh.jsonl")) == 6
+    fine_only = [t.name for t in discover_tasks(load_benchmark(str(bench)).dataset) if t.level == "fine"]
+    result = CliRunner().invoke(
+        cli, [*_eval_args(tmp_path, bench, models[0], "fine.jsonl"), "--tasks", ",".join(fine_only)]
+    )
+    assert result.exit_code == 0 and {t for t, _ in headline("fine.jsonl")} == {"ubench:fine"}
+
+
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
     args = _eval_args(tmp_path, bench, models[0], bootstrap=10)
     printed = CliRunner().invoke(cli, args)
