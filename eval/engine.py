@@ -21,7 +21,7 @@ import torch
 import micromerge
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
+from micromerge.core.hashing import sha256_file, sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.eval.data import Benchmark, load_benchmark
 from micromerge.eval.images import DECODE_IDENTITY, ImageCache, PixelFeed, build_image_cache
@@ -32,6 +32,7 @@ from micromerge.eval.tasks import Task, discover_tasks, select_tasks
 from micromerge.eval.trained_on import mark_rows, trained_on_marks, warn_trained_on
 from micromerge.eval.zeroshot import (
     class_embeddings,
+    effective_precision,
     image_embeddings,
     option_correct,
     predict,
@@ -398,7 +399,7 @@ def _chance(outcomes: _Outcomes) -> float:
 
 
 def _base_row(
-    run_id: str, settings: EvalSettings, bench: Benchmark, provenance: dict[str, Any]
+    run_id: str, settings: EvalSettings, bench: Benchmark, provenance: dict[str, Any], device: torch.device
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
@@ -406,6 +407,8 @@ def _base_row(
         "seed": settings.seed,
         "bootstrap": settings.bootstrap,
         "prompts": settings.prompts if settings.protocol == "closed-set" else None,
+        "precision": effective_precision(device, settings.precision),
+        "sources": str(settings.sources) if settings.sources is not None else None,
         "micromerge_version": micromerge.__version__,
         "decode": DECODE_IDENTITY,
         "process": f"{settings.rank}/{settings.world_size}",
@@ -506,23 +509,29 @@ def _unstored(rows: list[dict[str, Any]], done: set, protocol: str) -> list[dict
     )
 
 
-def _run_id(models: dict[str, Any], settings: EvalSettings, bench: Benchmark) -> str:
+def _run_id(models: dict[str, Any], settings: EvalSettings, bench: Benchmark, device: torch.device) -> str:
     """A run's id: what was evaluated (`models`: the checkpoints' sha256, and for a sweep its method
     and parameters) and everything else that changes its numbers, so that resuming adds rows only to
     the run that computed them. The decode identity is in it: a resume under another Pillow is
-    another run, not mixed in."""
-    return sha256_json(
-        {
-            **models,
-            "data": bench.fingerprint,
-            "prompts": settings.prompts,
-            "protocol": settings.protocol,
-            "bootstrap": settings.bootstrap,
-            "seed": settings.seed,
-            "halves": HALVES,
-            "decode": DECODE_IDENTITY,
-        }
-    )[:16]
+    another run, not mixed in. So are, since 0.1.2, a bf16 image forward (a sweep begun on a CPU and
+    resumed on a GPU mixed fp32 and bf16 rows) and a `--sources` override (it names and groups the
+    tasks): each only where it is present, so ids of the fp32, shipped-table runs before are kept
+    and their stores resume."""
+    identity = {
+        **models,
+        "data": bench.fingerprint,
+        "prompts": settings.prompts,
+        "protocol": settings.protocol,
+        "bootstrap": settings.bootstrap,
+        "seed": settings.seed,
+        "halves": HALVES,
+        "decode": DECODE_IDENTITY,
+    }
+    if effective_precision(device, settings.precision) != "fp32":
+        identity["precision"] = effective_precision(device, settings.precision)
+    if settings.sources is not None:
+        identity["sources"] = sha256_file(settings.sources)
+    return sha256_json(identity)[:16]
 
 
 def run_eval(
@@ -540,7 +549,7 @@ def run_eval(
     bench, tasks = prepared.bench, prepared.tasks
     with access.open(model_spec) as source:
         hashes = input_hashes([source])
-        run_id = _run_id({"model": sorted(hashes.values())}, settings, bench)
+        run_id = _run_id({"model": sorted(hashes.values())}, settings, bench, device)
         store = ResultStore(settings.store)
         done = store.done(run_id)
         if _complete(done, None, tasks, settings.protocol):
@@ -563,7 +572,7 @@ def run_eval(
         "parameters": {},
     }
     rows = [
-        {**_base_row(run_id, settings, bench, provenance), "alpha": None, **r}
+        {**_base_row(run_id, settings, bench, provenance, device), "alpha": None, **r}
         for r in mark_rows(evaluator.evaluate(model), marks)
     ]
     store.append(_unstored(rows, done, settings.protocol))
@@ -642,6 +651,7 @@ def run_sweep(
             {"base": base_hashes, "ft": ft_hashes, "method": plan.spec.method, "parameters": parameters},
             settings,
             bench,
+            device,
         )
         done = store.done(run_id)
         # dealt from the whole list, then what is finished dropped: dealt from what was left, a
@@ -677,7 +687,7 @@ def run_sweep(
             ):
                 merger.apply(alpha)
                 rows = [
-                    {**_base_row(run_id, settings, bench, provenance), "alpha": alpha, **r}
+                    {**_base_row(run_id, settings, bench, provenance, device), "alpha": alpha, **r}
                     for r in mark_rows(evaluator.evaluate(merger.model), marks)
                 ]
                 store.append(_unstored(rows, done, settings.protocol))

@@ -12,9 +12,14 @@ from micromerge.eval.images import PixelFeed
 from micromerge.eval.tasks import Task
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    """What the image forward runs in: bf16 autocast on a GPU when asked; on CPU it is slower here,
+    so fp32 whatever was asked."""
+    return "bf16" if device.type == "cuda" and precision == "bf16" else "fp32"
+
+
 def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on GPU when asked; on CPU it is slower here, so fp32."""
-    if device.type == "cuda" and precision == "bf16":
+    if effective_precision(device, precision) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 

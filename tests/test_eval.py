@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -878,6 +879,38 @@ def test_headline_rows_are_written_only_over_every_task_they_pool(tmp_path, benc
         cli, [*_eval_args(tmp_path, bench, models[0], "fine.jsonl"), "--tasks", ",".join(fine_only)]
     )
     assert result.exit_code == 0 and {t for t, _ in headline("fine.jsonl")} == {"ubench:fine"}
+
+
+def test_a_sources_override_or_a_bf16_forward_is_its_own_run_and_each_row_says_which(tmp_path, bench, models):
+    """The source table names and groups the tasks and a bf16 forward gives other numbers, but
+    neither was in the run id: a store resumed with another `--sources` file, or a sweep begun on a
+    CPU and resumed on a GPU, mixed two kinds of rows in one run. Each is now in the id where it is
+    present (the fp32, shipped-table id is kept, so stores written before resume) and in every row."""
+    from micromerge.eval.engine import EvalSettings, _run_id
+
+    plain = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0]))
+    override = tmp_path / "sources.toml"
+    override.write_text('[sources.kather_et_al_2016]\nscale = "cellular"\n')
+    changed = CliRunner().invoke(cli, [*_eval_args(tmp_path, bench, models[0]), "--sources", str(override)])
+    assert plain.exit_code == 0 and changed.exit_code == 0, changed.output
+    rows = ResultStore(tmp_path / "r.jsonl").rows()
+    runs = {r["run_id"]: (r["sources"], r["precision"]) for r in rows}
+    assert len(runs) == 2 and set(runs.values()) == {(None, "fp32"), (str(override), "fp32")}
+    kather = {r["run_id"]: r["groups"]["scale"] for r in rows if r["task"] == "kather_et_al_2016"}
+    assert sorted(kather.values()) == ["cellular", "tissue"], "each run holds its own table's groups"
+
+    loaded = load_benchmark(str(bench))
+    settings = EvalSettings(data=str(bench), store=tmp_path / "x.jsonl", cache_dir=tmp_path / "cache")
+    ids = {
+        device: _run_id({"model": ["m"]}, settings, loaded, torch.device(device))
+        for device in ("cpu", "cuda")
+    }
+    fp32_on_gpu = _run_id({"model": ["m"]}, replace(settings, precision="fp32"), loaded, torch.device("cuda"))
+    assert ids["cpu"] != ids["cuda"] and fp32_on_gpu == ids["cpu"]
+    assert (
+        _run_id({"model": ["m"]}, replace(settings, sources=override), loaded, torch.device("cpu"))
+        != ids["cpu"]
+    )
 
 
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
