@@ -408,7 +408,11 @@ def _base_row(
         "bootstrap": settings.bootstrap,
         "prompts": settings.prompts if settings.protocol == "closed-set" else None,
         "precision": effective_precision(device, settings.precision),
-        "sources": str(settings.sources) if settings.sources is not None else None,
+        "sources": (
+            {"file": str(settings.sources), "sha256": sha256_file(settings.sources)}
+            if settings.sources is not None
+            else None
+        ),
         "micromerge_version": micromerge.__version__,
         "decode": DECODE_IDENTITY,
         "process": f"{settings.rank}/{settings.world_size}",
@@ -571,10 +575,8 @@ def run_eval(
         },
         "parameters": {},
     }
-    rows = [
-        {**_base_row(run_id, settings, bench, provenance, device), "alpha": None, **r}
-        for r in mark_rows(evaluator.evaluate(model), marks)
-    ]
+    base_row = _base_row(run_id, settings, bench, provenance, device)
+    rows = [{**base_row, "alpha": None, **r} for r in mark_rows(evaluator.evaluate(model), marks)]
     store.append(_unstored(rows, done, settings.protocol))
     return rows
 
@@ -682,12 +684,13 @@ def run_sweep(
                 },
                 "label": plan.label,
             }
+            base_row = _base_row(run_id, settings, bench, provenance, device)
             for alpha in progress_bar(
                 mine, desc=f"sweep {plan.spec.method}", unit="alpha", disable=not settings.progress
             ):
                 merger.apply(alpha)
                 rows = [
-                    {**_base_row(run_id, settings, bench, provenance, device), "alpha": alpha, **r}
+                    {**base_row, "alpha": alpha, **r}
                     for r in mark_rows(evaluator.evaluate(merger.model), marks)
                 ]
                 store.append(_unstored(rows, done, settings.protocol))

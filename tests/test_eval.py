@@ -1,5 +1,6 @@
 """Evaluation: loader validation, task registry, metrics, zero-shot parity, CLI, sweeps, resume."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -894,8 +895,10 @@ def test_a_sources_override_or_a_bf16_forward_is_its_own_run_and_each_row_says_w
     changed = CliRunner().invoke(cli, [*_eval_args(tmp_path, bench, models[0]), "--sources", str(override)])
     assert plain.exit_code == 0 and changed.exit_code == 0, changed.output
     rows = ResultStore(tmp_path / "r.jsonl").rows()
-    runs = {r["run_id"]: (r["sources"], r["precision"]) for r in rows}
-    assert len(runs) == 2 and set(runs.values()) == {(None, "fp32"), (str(override), "fp32")}
+    runs = {r["run_id"]: (json.dumps(r["sources"]), r["precision"]) for r in rows}
+    digest = hashlib.sha256(override.read_bytes()).hexdigest()
+    named = json.dumps({"file": str(override), "sha256": digest})
+    assert len(runs) == 2 and set(runs.values()) == {("null", "fp32"), (named, "fp32")}
     kather = {r["run_id"]: r["groups"]["scale"] for r in rows if r["task"] == "kather_et_al_2016"}
     assert sorted(kather.values()) == ["cellular", "tissue"], "each run holds its own table's groups"
 
