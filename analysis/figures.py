@@ -334,9 +334,8 @@ def heatmap(run: Run, metric: str = "accuracy") -> plt.Figure:
     sns.heatmap(
         grid,
         ax=ax,
-        cmap="vlag",
-        center=0,
-        vmin=-limit,
+        cmap="vlag",  # white at 0: the limits are symmetric (seaborn's center= re-builds the colour
+        vmin=-limit,  # map through a call matplotlib 3.11 deprecates: a warning per heat map)
         vmax=limit,
         annot=grid.shape[1] <= 11,
         fmt=".0f",
