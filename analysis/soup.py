@@ -33,7 +33,7 @@ from micromerge.core.hashing import sha256_json
 from micromerge.eval.engine import EvalSettings, Prepared, SweepPlan, prepare, run_sweep
 from micromerge.eval.store import ResultStore
 from micromerge.merging.execute import MergeOutput
-from micromerge.merging.job import job_from_mapping, run_merge_job
+from micromerge.merging.job import check_file_out, job_from_mapping, run_merge_job
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.rules import KeyRules
@@ -187,6 +187,7 @@ def check_soup_out(out: Path, force: bool, models: tuple[str, ...]) -> None:
     evaluates every candidate (minutes to hours), then `--out` was found to exist. An output of an
     earlier soup (its manifest holds the recipe) is left for the write to reuse or refuse, as the
     chosen weights decide; an input given as --out is refused."""
+    check_file_out(out)
     clash = next((m for m in models if Path(m).exists() and same_file(out, Path(m))), None)
     if clash is not None:
         raise MicromergeError(f"--out {out}: is an input ({clash}); choose another --out")

@@ -137,13 +137,29 @@ class MergeJob:
             default = Path("checkpoints/merged") / (
                 stem + (f"-a{strength:g}" if strength is not None else "") + ".safetensors"
             )
-            return [(strength, Path(self.out) if self.out else default)]
+            out = (
+                check_file_out(Path(self.out), " (a folder of checkpoints takes --alphas)")
+                if self.out
+                else None
+            )
+            return [(strength, out or default)]
         folder = Path(self.out) if self.out else Path("checkpoints/merged") / stem
         if folder.suffix == ".safetensors":
             raise MicromergeError(
                 f"--out {folder}: with --alphas, --out is a folder (one checkpoint per alpha)"
             )
         return [(alpha, folder / alpha_file_name(alpha)) for alpha in self.alphas]
+
+
+def check_file_out(path: Path, folder_hint: str = "") -> Path:
+    """A merge writes one safetensors file: under another name (`merged.pt`, `merged`) the bytes were
+    written all the same, and every reader then took them for what the name said (a .pt for a
+    pickle: "holds Python objects ... --allow-pickle"; no suffix: an unknown format)."""
+    if path.suffix != ".safetensors":
+        raise MicromergeError(
+            f"--out {path}: the merged checkpoint is safetensors; end its name in .safetensors{folder_hint}"
+        )
+    return path
 
 
 def job_from_mapping(values: dict[str, Any]) -> MergeJob:

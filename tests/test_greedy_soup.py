@@ -135,6 +135,7 @@ def test_an_out_the_soup_cannot_write_is_refused_before_any_candidate_is_evaluat
     for out, message in (
         (tmp_path / "mine.safetensors", "exists (not a soup's output); pass --force"),
         (Path(models[1]), "is an input"),
+        (tmp_path / "soup.pt", "the merged checkpoint is safetensors; end its name in .safetensors"),
     ):
         result = CliRunner().invoke(cli, [*args, "--out", str(out)])
         assert result.exit_code == 2 and message in result.output, result.output

@@ -38,12 +38,22 @@ def _merge(tmp, *extra):
 
 
 def test_force_replaces_only_regular_files(pair):
-    fifo = pair / "pipe"
+    fifo = pair / "pipe.safetensors"
     os.mkfifo(fifo)
     one_line_error(_merge(pair, "--out", fifo, "--force"), "not a regular file")
     assert fifo.is_fifo()
-    (pair / "folder").mkdir()
-    one_line_error(_merge(pair, "--out", pair / "folder", "--force"), "not a regular file")
+    (pair / "folder.safetensors").mkdir()
+    one_line_error(_merge(pair, "--out", pair / "folder.safetensors", "--force"), "not a regular file")
+
+
+@pytest.mark.parametrize("name", ["merged.pt", "merged", "merged.bin"])
+def test_an_out_not_named_safetensors_is_refused_before_anything_is_written(pair, name):
+    """The merge wrote safetensors bytes under any name; a reader then took `merged.pt` for a
+    pickle ("holds Python objects ... --allow-pickle") and `merged` for an unknown format."""
+    one_line_error(
+        _merge(pair, "--out", pair / name), f"--out {pair / name}: the merged checkpoint is safetensors"
+    )
+    assert not (pair / name).exists() and not list(pair.glob(name + "*"))
 
 
 @pytest.mark.parametrize("provenance", [None, "null", "[1, 2]", "not json"])
