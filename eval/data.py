@@ -147,13 +147,16 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return loaded
 
 
+STRING_DTYPES = ("string", "large_string")  # large_string: a copy re-written by polars or pandas
+
+
 def _is_string(feature: object) -> bool:
-    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    return isinstance(feature, Value) and feature.dtype in STRING_DTYPES
 
 
-def _is_nullable(feature: object, fits: Callable[[str], bool]) -> bool:
-    """Of the type `fits` accepts, or of Arrow's null type: a column that is null in every row
-    (a parquet copy of only CellCognition's rows, whose `dataset` is null) is typed so."""
+def is_nullable(feature: object, fits: Callable[[str], bool] = STRING_DTYPES.__contains__) -> bool:
+    """Of the type `fits` accepts (text by default), or of Arrow's null type: a column that is null
+    in every row (a parquet copy of only CellCognition's rows, whose `dataset` is null) is typed so."""
     return isinstance(feature, Value) and (feature.dtype == "null" or fits(feature.dtype))
 
 
@@ -188,15 +191,12 @@ def validate_schema(dataset: datasets.Dataset, source: str) -> None:
     # `dataset` and the metadata columns tasks and reports read, where a copy has them (each may be
     # null): a mistyped one failed deep in task discovery ("'int' object has no attribute 'replace'")
     expected = {
-        **{
-            column: ("a string", lambda dtype: dtype in ("string", "large_string"))
-            for column in NULLABLE_STRING_COLUMNS
-        },
+        **{column: ("a string", STRING_DTYPES.__contains__) for column in NULLABLE_STRING_COLUMNS},
         "microns_per_pixel": ("a number", lambda dtype: dtype.startswith(("float", "int"))),
         "synthetic": ("a bool", lambda dtype: dtype == "bool"),
     }
     for column, (kind, fits) in expected.items():
-        if column in features and not _is_nullable(features[column], fits):
+        if column in features and not is_nullable(features[column], fits):
             raise MicromergeError(
                 f"--data {source}: column {column!r} must be {kind} (or null), not {features[column]} "
                 "(Dataset.cast_column converts a copy)"

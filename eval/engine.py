@@ -531,8 +531,9 @@ def _run_id(models: dict[str, Any], settings: EvalSettings, bench: Benchmark, de
         "halves": HALVES,
         "decode": DECODE_IDENTITY,
     }
-    if effective_precision(device, settings.precision) != "fp32":
-        identity["precision"] = effective_precision(device, settings.precision)
+    precision = effective_precision(device, settings.precision)
+    if precision != "fp32":
+        identity["precision"] = precision
     if settings.sources is not None:
         identity["sources"] = sha256_file(settings.sources)
     return sha256_json(identity)[:16]

@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.data import column_values
+from micromerge.eval.data import STRING_DTYPES, column_values, is_nullable
 from micromerge.eval.images import decode_payloads
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -296,7 +296,7 @@ def dataset_columns(features: dict[str, Any], corpus: CorpusSpec, where: str) ->
             "(or name the image column: #image=COLUMN)"
         )
     feature = features[caption]
-    if not (_is_text(feature) or (isinstance(feature, datasets.Value) and feature.dtype == "null")):
+    if not is_nullable(feature):
         raise MicromergeError(
             f"{where}: caption column {caption!r} holds {feature}, not text; {_ONE_CAPTION_HINT} "
             f"(or name a text column: #caption=COLUMN)"
@@ -310,13 +310,8 @@ def _holds_images(feature: Any) -> bool:
     if isinstance(feature, dict):
         return bool(feature) and set(feature) <= {"bytes", "path"}
     return isinstance(feature, datasets.Image) or (
-        isinstance(feature, datasets.Value)
-        and feature.dtype in ("string", "large_string", "binary", "large_binary")
+        isinstance(feature, datasets.Value) and feature.dtype in (*STRING_DTYPES, "binary", "large_binary")
     )
-
-
-def _is_text(feature: Any) -> bool:
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 _ONE_CAPTION_HINT = "give one caption per image (several of one image: one row each)"
