@@ -137,12 +137,8 @@ class MergeJob:
             default = Path("checkpoints/merged") / (
                 stem + (f"-a{strength:g}" if strength is not None else "") + ".safetensors"
             )
-            out = (
-                check_file_out(Path(self.out), " (a folder of checkpoints takes --alphas)")
-                if self.out
-                else None
-            )
-            return [(strength, out or default)]
+            hint = " (a folder of checkpoints takes --alphas)"
+            return [(strength, check_file_out(Path(self.out), hint) if self.out else default)]
         folder = Path(self.out) if self.out else Path("checkpoints/merged") / stem
         if folder.suffix == ".safetensors":
             raise MicromergeError(

@@ -187,7 +187,8 @@ class SafetensorsSource(TensorSource):
                 entry.file_index = index
                 self._entries[key] = entry
             self.metadata.update(metadata)
-        self._entries = {without_ddp_prefix(list(self._entries))[k]: e for k, e in self._entries.items()}
+        names = without_ddp_prefix(list(self._entries))
+        self._entries = {names[key]: entry for key, entry in self._entries.items()}
         self.arch = arch or arch_from_metadata(self.metadata, label)
         self._handles: list[Any] = [None] * len(self.files)
         self._buffer = np.empty(0, dtype=np.uint8)
