@@ -33,3 +33,15 @@ READABLE_NAMES = {
 }
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 """The `--dtype` choices: what merged float tensors are saved as."""
+
+
+def widest_float(names: list[str]) -> str:
+    """The float dtype that holds every value of every one of `names` (float16 and bfloat16 hold
+    each other's values only in float32): a merge of an fp16 base (OpenAI's release) with an fp32
+    fine-tune is saved as fp32, not rounded to the base's fp16."""
+    kinds = set(names)
+    if "F64" in kinds:
+        return "F64"
+    if "F32" in kinds or {"F16", "BF16"} <= kinds:
+        return "F32"
+    return names[0]

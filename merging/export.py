@@ -61,7 +61,7 @@ def export_checkpoint(
         raise MicromergeError(f"{folder}: already holds {' and '.join(existing)}; pass --force to overwrite")
     with access.open(checkpoint) as source:
         metas = {k: source.meta(k) for k in source.keys()}
-        config = resolve_model_config(source.arch, metas)
+        config = resolve_model_config(source.arch, metas, source.label)
         tensors = load_all(source)
         files = list(source.files)
         metadata = _export_metadata(fmt, files, input_hashes([source]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from functools import cache
 from typing import Any
 
@@ -94,7 +95,13 @@ def infer_model_config(metas: dict[str, TensorMeta]) -> dict[str, Any] | None:
     }
 
 
-def resolve_model_config(arch: ArchInfo, metas: dict[str, TensorMeta] | None = None) -> dict[str, Any]:
+def resolve_model_config(
+    arch: ArchInfo, metas: dict[str, TensorMeta] | None = None, label: str = "the checkpoint"
+) -> dict[str, Any]:
+    """The config a checkpoint names, else the one its shapes describe. Shapes cannot show the
+    MLP activation nor the attention heads' width, so that guess (GELU, 64-wide heads: OpenAI's
+    and open_clip's widths) is said: OpenAI CLIP and every model fine-tuned from it use QuickGELU,
+    and evaluated with GELU they score lower with nothing else to show it."""
     if arch.model_config:
         return copy.deepcopy(arch.model_config)
     if arch.name:
@@ -102,8 +109,14 @@ def resolve_model_config(arch: ArchInfo, metas: dict[str, TensorMeta] | None = N
     inferred = infer_model_config(metas or {})
     if inferred is None:
         raise MicromergeError(
-            "cannot tell this checkpoint's architecture: pass --arch NAME (an open_clip model name)"
+            f"{label}: cannot tell its architecture; pass --arch NAME (an open_clip model name)"
         )
+    warnings.warn(
+        f"{label}: names no architecture; read from its tensor shapes with GELU and 64-wide attention heads, "
+        "which shapes do not show: pass --arch NAME if it was trained otherwise (OpenAI CLIP and models "
+        "fine-tuned from it, such as PLIP and QuiltNet: ViT-B-32-quickgelu, ViT-B-16-quickgelu)",
+        stacklevel=2,
+    )
     return inferred
 
 
@@ -129,7 +142,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model a source describes and load its weights (strict: every key must match)."""
     metas = {key: source.meta(key) for key in source.keys()}
-    config = model_config or resolve_model_config(source.arch, metas)
+    config = model_config or resolve_model_config(source.arch, metas, source.label)
     try:
         model = build_model(config)
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as exc:

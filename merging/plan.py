@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from micromerge.core.errors import MicromergeError
-from micromerge.merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES
+from micromerge.merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES, widest_float
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MergeMethod, MethodParams, get_method
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
@@ -145,8 +145,12 @@ def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource
     for key in base_keys:
         meta = base.meta(key)
         is_float = meta.dtype in FLOAT_DTYPES
-        out_dtype = OUTPUT_DTYPES[spec.out_dtype] if (spec.out_dtype and is_float) else meta.dtype
         merged = is_float and key in merged_keys
+        out_dtype = meta.dtype
+        if spec.out_dtype and is_float:
+            out_dtype = OUTPUT_DTYPES[spec.out_dtype]
+        elif merged:
+            out_dtype = widest_float([meta.dtype, *(source.meta(key).dtype for source in finetuned)])
         plans.append(
             KeyPlan(key, meta, out_dtype, merged, spec.rules.strength_for(key, spec.params.strength))
         )

@@ -24,6 +24,7 @@ from micromerge.core.hub_download import hf_download_command, hub_offline
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
 from micromerge.merging.numpy_backend import NumpyBackend
+from micromerge.merging.openai_release import CLIP_CACHE, cached_release, release_digest
 from micromerge.merging.tensor_source import ArchInfo, ArrayView, SafetensorsSource, TensorSource
 from micromerge.merging.zoo import ZooEntry, load_zoo
 
@@ -237,12 +238,17 @@ def _open_folder(folder: Path, allow_pickle: bool, arrays: ArrayKind) -> TensorS
     )
 
 
-def _offline_error(what: str, repo: str, exc: Exception) -> MicromergeError:
+def _offline_error(what: str, repo: str, exc: Exception, release_url: str = "") -> MicromergeError:
     offline = hub_offline()
     why = "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if offline else "the hub is unreachable"
+    release = (
+        f", or put OpenAI's {release_url.rsplit('/', 1)[-1]} in {CLIP_CACHE}"
+        if release_digest(release_url)
+        else ""
+    )
     return MicromergeError(
         f"{what}: cannot fetch {repo} ({why}); download it where there is a network "
-        f"(`{hf_download_command(repo)}`) and pass DIR instead, or set HF_HUB_OFFLINE=1 to fail fast"
+        f"(`{hf_download_command(repo)}`) and pass DIR instead{release}, or set HF_HUB_OFFLINE=1 to fail fast"
     )
 
 
@@ -328,7 +334,13 @@ def _open_zoo(entry: ZooEntry) -> TensorSource:
         try:
             weights = Path(download_pretrained(cfg))
         except Exception as exc:
-            raise _offline_error(label, cfg.get("hf_hub", "").rstrip("/"), exc) from exc
+            # OpenAI's own file, where the `clip` package or an older open_clip cached it
+            release = cached_release(cfg.get("url", ""))
+            if release is None:
+                raise _offline_error(
+                    label, cfg.get("hf_hub", "").rstrip("/"), exc, cfg.get("url", "")
+                ) from exc
+            weights = release
         source = _open_path(weights, allow_pickle=False)
     elif entry.format == "open_clip_hub":
         source = _open_openclip_hub(entry.repo or "", label, entry.model_config())

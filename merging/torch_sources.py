@@ -15,8 +15,15 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.legacy_pickle import load_legacy_pickle
+from micromerge.merging.models import infer_model_config
+from micromerge.merging.openai_release import identify_release
 from micromerge.merging.tensor_source import ArchInfo, Recipe, TensorMeta, TensorSource, without_ddp_prefix
 from micromerge.merging.torch_backend import dtype_name
+from micromerge.merging.torchscript_archive import (
+    ArchiveContents,
+    is_torchscript_archive,
+    read_torchscript_archive,
+)
 
 
 class DictSource(TensorSource):
@@ -91,7 +98,10 @@ def load_all(source: TensorSource) -> dict[str, torch.Tensor]:
 
 def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
     """A `.pt`/`.bin` state dict or open_clip checkpoint (weights_only), or with `allow_pickle` a
-    legacy whole-module pickle read by the restricted unpickler."""
+    legacy whole-module pickle read by the restricted unpickler; a TorchScript archive is
+    `open_torchscript`'s."""
+    if is_torchscript_archive(path):
+        return open_torchscript(path, allow_pickle)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -114,6 +124,40 @@ def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
         tensors = _unwrap_state_dict(obj, path)
     _refuse_views_beyond_storage(tensors, path)
     return DictSource(tensors, label=str(path), files=[path])
+
+
+def open_torchscript(path: Path, allow_pickle: bool) -> TensorSource:
+    """A TorchScript archive's weights (merging.torchscript_archive). OpenAI's own release files,
+    known by their sha256, are read as they are and get their open_clip architecture; any other
+    archive needs `allow_pickle`, and gets the architecture its shapes and modules describe."""
+    release = identify_release(path)
+    if release is None and not allow_pickle:
+        raise MicromergeError(
+            f"{path}: a TorchScript archive (torch.jit.save), which holds code besides its weights; pass "
+            "--allow-pickle to read only its weights with micromerge's restricted reader (nothing from the "
+            "file is compiled or run)"
+        )
+    contents = read_torchscript_archive(path)
+    _refuse_views_beyond_storage(contents.tensors, path)
+    arch = ArchInfo(name=release) if release else _archive_architecture(contents)
+    return DictSource(contents.tensors, label=str(path), files=[path], arch=arch)
+
+
+def _archive_architecture(contents: ArchiveContents) -> ArchInfo:
+    """The model config a ViT CLIP archive describes: its shapes, plus what shapes cannot say and
+    its modules do (the activation's class, each tower's head count). An archive whose modules do
+    not name the activation gets none, and the shapes alone decide (with their warning)."""
+    metas = {key: TensorMeta(tuple(t.shape), dtype_name(t.dtype)) for key, t in contents.tensors.items()}
+    config = infer_model_config(metas)
+    if config is None or contents.activation is None:
+        return ArchInfo()
+    config["quick_gelu"] = contents.activation == "quick_gelu"
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    if "visual" in contents.heads:
+        vision["head_width"] = vision["width"] // contents.heads["visual"]
+    if "text" in contents.heads:
+        text["heads"] = contents.heads["text"]
+    return ArchInfo(model_config=config)
 
 
 def _refuse_views_beyond_storage(tensors: dict[str, torch.Tensor], path: Path) -> None:

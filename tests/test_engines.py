@@ -104,6 +104,37 @@ def test_wise_ft_endpoints_are_exactly_the_models(tmp_path, checkpoints, engine)
                 assert torch.equal(merged[key], tensor), (alpha, key)
 
 
+@pytest.mark.parametrize(
+    ("engine", "base_dtype", "ft_dtype"),
+    [
+        ("numpy", torch.float16, torch.float32),
+        ("torch", torch.float16, torch.float32),
+        ("torch", torch.float16, torch.bfloat16),
+        ("numpy", torch.float32, torch.float16),
+    ],
+)
+def test_inputs_of_two_float_dtypes_merge_into_the_one_that_holds_both(
+    tmp_path, checkpoints, engine, base_dtype, ft_dtype
+):
+    """OpenAI's release is fp16 and its fine-tunes (PLIP, QuiltNet) fp32: the merge was saved in the
+    base's fp16, rounding the fine-tune's part. Now it is fp32 (fp16 with bf16: fp32 too), and equals
+    the formula computed in float32; copied buffers keep the base's dtype."""
+    base = _checkpoint(checkpoints[0], 0, base_dtype)
+    ft = _checkpoint(checkpoints[1], 1, ft_dtype)
+    output = _merge(
+        tmp_path, engine, engine=engine, base=checkpoints[0], finetuned=[checkpoints[1]], alpha=0.3
+    )
+    merged = load_file(str(output.path))
+    assert output.manifest["output_dtype"] == ["float32", "int64"]
+    for key, tensor in base.items():
+        if key == "logit_scale" or not tensor.is_floating_point():
+            continue
+        assert merged[key].dtype == torch.float32, key
+        expected = 0.7 * tensor.float() + 0.3 * ft[key].float()
+        assert torch.allclose(merged[key], expected, rtol=1e-6, atol=1e-6), key
+    assert torch.equal(merged["position_ids"], base["position_ids"])
+
+
 def _engine_of(tmp_path, name, **values):
     return _merge(tmp_path, name, **values).manifest["engine"]
 

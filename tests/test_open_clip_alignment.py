@@ -127,7 +127,10 @@ def test_the_trainer_follows_open_clip_train_step_for_step(tmp_path, path):
     ]
     their_losses, their_weights = _open_clip_train(base, data)
     assert len(their_losses) == STEPS
-    assert our_losses == pytest.approx(their_losses, rel=1e-6, abs=2e-6)  # ours logged to 6 decimals
+    # ours are logged to 6 decimals; summation order differs by CPU: on an AMD EPYC without AVX-512
+    # the losses of steps 4-6 differ by up to 8.3e-6 relative while the weights agree within 5e-6
+    # (below); a schedule or loss off by a step moves the loss by 1e-3 and more
+    assert our_losses == pytest.approx(their_losses, rel=2e-5, abs=2e-6)
     trained, start = load_file(str(ours)), load_file(str(base))
     assert trained.keys() == their_weights.keys()
     # float noise (sums in another order: gradient norm, logits transposed) moves weights by < 5e-6,
