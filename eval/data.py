@@ -24,7 +24,7 @@ import pyarrow.parquet
 from datasets import ClassLabel, Image, Value
 
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import default_cache_dir, sha256_file, sha256_json
+from micromerge.core.hashing import default_cache_dir, sha256_files, sha256_json
 from micromerge.eval.hub_layout import (
     HUB_ID,
     HUB_REVISION,
@@ -58,7 +58,9 @@ def hub_revision(source: str) -> str | None:
     return (revision or HUB_REVISION) if name in HUB_ALIASES else None
 
 
-def load_benchmark(source: str, split: str = "test", cache_dir: Path | None = None) -> Benchmark:
+def load_benchmark(
+    source: str, split: str = "test", cache_dir: Path | None = None, progress: bool = True
+) -> Benchmark:
     """Open μ-Bench from the Hub cache or a local copy, validate it, fingerprint its files."""
     if not source.strip():  # Path("") is the working folder, and its shards would be searched for under it
         raise MicromergeError(f"--data {source!r}: empty; give 'ubench' (the Hub copy) or a μ-Bench folder")
@@ -68,7 +70,9 @@ def load_benchmark(source: str, split: str = "test", cache_dir: Path | None = No
     )
     validate_schema(dataset, source)
     files = sorted({f["filename"] for f in dataset.cache_files})
-    digests = [sha256_file(f, cache_dir or default_cache_dir()) for f in files]
+    digests = sha256_files(
+        files, cache_dir or default_cache_dir(), "sha256 of the benchmark's files", progress
+    )
     fingerprint = sha256_json({"files": digests, "rows": len(dataset), "split": split})
     return Benchmark(dataset, source, fingerprint[:16])
 

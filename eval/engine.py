@@ -468,7 +468,7 @@ def prepare(settings: EvalSettings, writes_results: bool = True) -> Prepared:
     if writes_results:
         ResultStore(settings.store).check_writable()
     _check_cache_dir(settings.cache_dir)
-    bench = load_benchmark(settings.data, cache_dir=settings.cache_dir)
+    bench = load_benchmark(settings.data, cache_dir=settings.cache_dir, progress=settings.progress)
     every = discover_tasks(bench.dataset, load_source_table(settings.sources))
     tasks = select_tasks(every, settings.tasks)
     if settings.protocol == "ubench":

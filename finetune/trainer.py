@@ -247,7 +247,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     from micromerge.eval.tasks import discover_tasks, select_tasks
     from micromerge.eval.zeroshot import class_embeddings
 
-    bench = load_benchmark(cfg.data)
+    bench = load_benchmark(cfg.data, progress=cfg.progress)
     chosen = select_tasks(discover_tasks(bench.dataset), cfg.task, option="--task")
     if len(chosen) != 1 or len(chosen[0].classes) < 2:
         names = ", ".join(t.name for t in chosen)

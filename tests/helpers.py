@@ -28,13 +28,20 @@ def write_checkpoint(path: Path, seed: int, arch: str = "nano-clip") -> dict[str
 
 
 def two_process_launch(*cli_args: str) -> list[str]:
-    """`accelerate launch` of the micromerge CLI on two CPU processes (gloo), as users split work."""
+    """`accelerate launch` of the micromerge CLI on two CPU processes (gloo), as users split work,
+    on a port free now: accelerate's default 29500 would be taken by a launch of another test worker."""
+    import socket
     import sys
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     launcher = Path(sys.executable).with_name("accelerate")
     return [
         str(launcher),
         "launch",
+        "--main_process_port",
+        str(port),
         "--multi_gpu",
         "--num_processes",
         "2",

@@ -84,3 +84,31 @@ def test_equal_json_payloads_are_equal_bytes_whatever_their_key_order(tmp_path):
     write_json_atomic(tmp_path / "b.json", backward)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert json.loads((tmp_path / "a.json").read_text()) == forward
+
+
+def test_hashing_files_the_cache_lacks_shows_a_bar_in_bytes_and_a_cached_run_none(
+    tmp_path, monkeypatch, capsys
+):
+    """μ-Bench's first load hashes 3.6 GB with nothing on screen; now a bar counts the bytes of the
+    files not hashed before (here the threshold is lowered to these small files), and says nothing
+    once they are cached, nor with progress off."""
+    from micromerge.core import hashing
+
+    monkeypatch.setattr(hashing, "BAR_FROM_BYTES", 100)
+    files = [tmp_path / f"shard-{i}.arrow" for i in range(3)]
+    for index, path in enumerate(files):
+        path.write_bytes(bytes([index]) * 64)
+    cache = tmp_path / "cache"
+    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
+    assert hashing.sha256_files(files, cache, "sha256 of the shards") == expected
+    shown = capsys.readouterr().err
+    assert "sha256 of the shards" in shown and "192" in shown, shown
+    assert hashing.sha256_files(files, cache, "sha256 of the shards") == expected
+    assert capsys.readouterr().err == ""
+    files[0].write_bytes(b"x" * 64)  # one file changed: 64 bytes pending, under the threshold
+    hashing.sha256_files(files, cache, "sha256 of the shards")
+    assert capsys.readouterr().err == ""
+    for path in files:
+        path.write_bytes(path.read_bytes() + b"y" * 64)
+    hashing.sha256_files(files, cache, "sha256 of the shards", progress=False)
+    assert capsys.readouterr().err == ""
