@@ -6,7 +6,8 @@ process), the weights read three ways:
   (a) micromerge's restricted reader (`open_source(..., allow_pickle=True)`, every tensor read),
   (b) what open_clip's `load_openai_model` does first: `torch.jit.load(path).state_dict()`,
   (c) the same weights as a safetensors file (`safetensors.torch.load_file`), for scale,
-with each process's peak RSS.
+with each process's peak RSS (VmHWM: ru_maxrss would carry over this process's own, which built
+the archive, through fork and exec).
 Run from the checkout (the fixture module comes from tests/): .venv/bin/python -m bench.torchscript_bench [--repeats 3]
 """
 
@@ -24,28 +25,31 @@ from pathlib import Path
 
 READERS = {
     "micromerge restricted reader": """
-import sys, resource, time
+import sys, time
+PEAK = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024
 from micromerge.merging.sources import open_source
 t = time.perf_counter()
 with open_source(sys.argv[1], allow_pickle=True) as source:
     n = sum(source.read(k).numel() for k in source.keys())
-print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, time.perf_counter() - t)
+print(n, PEAK(), time.perf_counter() - t)
 """,
     "torch.jit.load().state_dict()": """
-import sys, resource, time, warnings, torch
+import sys, time, warnings, torch
+PEAK = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024
 warnings.simplefilter("ignore")
 t = time.perf_counter()
 state = torch.jit.load(sys.argv[1], map_location="cpu").state_dict()
 n = sum(v.numel() for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask"))
-print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, time.perf_counter() - t)
+print(n, PEAK(), time.perf_counter() - t)
 """,
     "safetensors load_file (same weights)": """
-import sys, resource, time
+import sys, time
+PEAK = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024
 from safetensors.torch import load_file
 t = time.perf_counter()
 state = load_file(sys.argv[2])
 n = sum(v.sum().item() * 0 + v.numel() for v in state.values())  # every tensor touched
-print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, time.perf_counter() - t)
+print(n, PEAK(), time.perf_counter() - t)
 """,
 }
 
