@@ -335,11 +335,10 @@ def _open_zoo(entry: ZooEntry) -> TensorSource:
             weights = Path(download_pretrained(cfg))
         except Exception as exc:
             # OpenAI's own file, where the `clip` package or an older open_clip cached it
-            release = cached_release(cfg.get("url", ""))
+            url = cfg.get("url", "")
+            release = cached_release(url)
             if release is None:
-                raise _offline_error(
-                    label, cfg.get("hf_hub", "").rstrip("/"), exc, cfg.get("url", "")
-                ) from exc
+                raise _offline_error(label, cfg.get("hf_hub", "").rstrip("/"), exc, url) from exc
             weights = release
         source = _open_path(weights, allow_pickle=False)
     elif entry.format == "open_clip_hub":

@@ -139,16 +139,16 @@ def open_torchscript(path: Path, allow_pickle: bool) -> TensorSource:
         )
     contents = read_torchscript_archive(path)
     _refuse_views_beyond_storage(contents.tensors, path)
-    arch = ArchInfo(name=release) if release else _archive_architecture(contents)
-    return DictSource(contents.tensors, label=str(path), files=[path], arch=arch)
+    source = DictSource(contents.tensors, label=str(path), files=[path])
+    source.arch = ArchInfo(name=release) if release else _archive_architecture(source, contents)
+    return source
 
 
-def _archive_architecture(contents: ArchiveContents) -> ArchInfo:
+def _archive_architecture(source: DictSource, contents: ArchiveContents) -> ArchInfo:
     """The model config a ViT CLIP archive describes: its shapes, plus what shapes cannot say and
     its modules do (the activation's class, each tower's head count). An archive whose modules do
     not name the activation gets none, and the shapes alone decide (with their warning)."""
-    metas = {key: TensorMeta(tuple(t.shape), dtype_name(t.dtype)) for key, t in contents.tensors.items()}
-    config = infer_model_config(metas)
+    config = infer_model_config({key: source.meta(key) for key in source.keys()})
     if config is None or contents.activation is None:
         return ArchInfo()
     config["quick_gelu"] = contents.activation == "quick_gelu"

@@ -52,10 +52,14 @@ def sha256_file(
 ) -> str:
     """Return the hex sha256 of a file, reusing a cached digest when the file is unchanged;
     `on_bytes` is told how many bytes each read hashed (a progress bar's `update`)."""
-    file_path, fingerprint, cache_file = _cache_entry(path, cache_dir)
-    cached = _cached(fingerprint, cache_file)
-    if cached is not None:
-        return cached
+    entry = _cache_entry(path, cache_dir)
+    cached = _cached(*entry[1:])
+    return cached if cached is not None else _hash_and_cache(*entry, on_bytes)
+
+
+def _hash_and_cache(
+    file_path: Path, fingerprint: str, cache_file: Path | None, on_bytes: Callable[[int], object] | None
+) -> str:
     digest = hashlib.sha256()
     with open(file_path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -72,13 +76,19 @@ def sha256_file(
 def sha256_files(paths: Sequence[str | Path], cache_dir: Path, desc: str, progress: bool = True) -> list[str]:
     """Digests of several files, with a bar in bytes over those not hashed before when they come
     to BAR_FROM_BYTES or more: μ-Bench's first load hashes 3.6 GB (seconds to a minute, by disk)."""
-    pending = [p for p in paths if _cached(*_cache_entry(p, cache_dir)[1:]) is None]
-    total = sum(Path(p).stat().st_size for p in pending)
+    entries = [_cache_entry(p, cache_dir) for p in paths]
+    digests = [_cached(fingerprint, cache_file) for _, fingerprint, cache_file in entries]
+    total = sum(
+        entry[0].stat().st_size for entry, digest in zip(entries, digests, strict=True) if digest is None
+    )
     show = progress and total >= BAR_FROM_BYTES
     with progress_bar(
         total=total, desc=desc, unit="B", unit_scale=True, disable=not show, leave=False
     ) as bar:
-        return [sha256_file(p, cache_dir, bar.update) for p in paths]
+        return [
+            digest if digest is not None else _hash_and_cache(*entry, bar.update)
+            for entry, digest in zip(entries, digests, strict=True)
+        ]
 
 
 def sha256_bytes(data: bytes) -> str:
