@@ -227,7 +227,8 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
-    help="Output dtype (default: the base's).",
+    help="Output dtype of every float tensor (default: a merged tensor takes its inputs' dtype, the widest "
+    "where they differ, fp16 + fp32 -> fp32; a copied one keeps the base's).",
 )
 @click.option(
     "--device",
@@ -339,12 +340,13 @@ def zoo_command() -> None:
     """List the checkpoint zoo: names, architectures, sources and formats."""
     from micromerge.merging.zoo import load_zoo
 
-    entries = load_zoo()
-    width = max(len(name) for name in entries)
-    click.echo(f"{'name':<{width}}  {'arch':<20} {'domain':<11} source")
-    for entry in entries.values():
-        arch = entry.arch or (entry.arch_config and f"config:{entry.arch_config}") or "?"
-        click.echo(f"{entry.name:<{width}}  {arch:<20} {entry.domain or '':<11} {entry.source}")
+    rows = [("name", "arch", "domain", "source")] + [
+        (e.name, e.arch or (e.arch_config and f"config:{e.arch_config}") or "?", e.domain or "", e.source)
+        for e in load_zoo().values()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]  # the source goes last, unpadded
+    for *padded, source in rows:
+        click.echo("".join(f"{cell:<{width}}  " for cell, width in zip(padded, widths, strict=True)) + source)
 
 
 @cli.command("export")
@@ -462,15 +464,16 @@ def merge_main() -> None:
     _run(merge_command, "merge")
 
 
+UBENCH_DATA_HELP = (
+    "'ubench[@REVISION]' (the Hub; its cached snapshot offline) or a local μ-Bench copy: the Hub's "
+    "perception/0.1.0 folder or its parent, a save_to_disk folder, parquet/arrow files or their folder."
+)
+
+
 def _eval_options(func):
     """Options shared by `eval` and `sweep`."""
     options = [
-        click.option(
-            "--data",
-            default="ubench",
-            show_default=True,
-            help="'ubench' (hub/cache) or a local μ-Bench folder.",
-        ),
+        click.option("--data", default="ubench", show_default=True, help=UBENCH_DATA_HELP),
         click.option(
             "--tasks",
             default="all",
@@ -593,9 +596,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 @cli.command("tasks")
-@click.option(
-    "--data", default="ubench", show_default=True, help="'ubench[@REVISION]' or a local μ-Bench copy."
-)
+@click.option("--data", default="ubench", show_default=True, help=UBENCH_DATA_HELP)
 @click.option("--sources", type=click.Path(), help="TOML overriding the source metadata table.")
 @friendly_errors
 def tasks_command(data: str, sources: str | None) -> None:

@@ -470,6 +470,11 @@ def test_top_level_cli_lists_zoo():
     assert (
         result.exit_code == 0 and "plip" in result.output and "hf-hub:wisdomik/QuiltNet-B-16" in result.output
     )
+    lines = result.output.splitlines()
+    # every column starts where its heading does (BiomedCLIP's config name once pushed its row out)
+    for heading in ("arch", "domain", "source"):
+        column = lines[0].index(heading)
+        assert all(line[column - 2 : column] == "  " and line[column] != " " for line in lines[1:]), heading
 
 
 def _peak_rss_mb(args, cwd):
