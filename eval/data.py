@@ -3,8 +3,9 @@
 One door for: the Hub id (`ubench`, `jnirschl/uBench`, optionally `@REVISION`) fetched into the
 Hugging Face cache (eval.hub_layout); a copy of the Hub's `perception/0.1.0` folder or of its
 parent (Arrow stream shards + `dataset_info.json`, no `state.json`); a `save_to_disk` folder; a
-folder of parquet/arrow files. The schema check follows ../shared/ubench/SCHEMA.md: nested
-caption structs, nullable `dataset`/`stain`, unknown extra columns kept.
+folder of parquet/arrow files, or one such file. The schema check follows
+../shared/ubench/SCHEMA.md: nested caption structs, nullable `dataset`/`stain`, unknown extra
+columns kept.
 
 The fingerprint that keys the image cache and run ids is the sha256 of the files the rows come
 from (cached by path, size and mtime), so a dataset changed in place is never mistaken for the
@@ -79,29 +80,39 @@ def load_benchmark(
 
 def _load_local(path: Path, split: str) -> datasets.Dataset:
     if not path.exists():
-        raise MicromergeError(f"--data {path}: no such folder (use 'ubench' for the Hub copy)")
+        raise MicromergeError(f"--data {path}: no such file or folder (use 'ubench' for the Hub copy)")
+    if path.is_file() and path.suffix in (".parquet", ".arrow"):  # one file, e.g. a parquet export
+        return _load_files([path], path.suffix[1:], path, split)
     if not path.is_dir():
-        raise MicromergeError(f"--data {path}: not a folder (pass the folder holding the shards)")
+        raise MicromergeError(
+            f"--data {path}: not a folder (pass the folder holding the shards, or one .parquet/.arrow file)"
+        )
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return _load_saved(path, split)
     hub_folder = find_hub_layout(path)
     if hub_folder is not None:
         return read_hub_layout(hub_folder, split)
     for kind, pattern in (("parquet", "**/*.parquet"), ("arrow", "**/*.arrow")):
-        files = sorted(str(p) for p in path.glob(pattern))
+        files = sorted(path.glob(pattern))
         if files:
-            _refuse_files_of_other_datasets([Path(f) for f in files], kind)
-            try:
-                return datasets.load_dataset(kind, data_files={split: files}, split=split)
-            except Exception as exc:
-                raise MicromergeError(
-                    f"--data {path}: its .{kind} files do not load ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:100]})"
-                ) from exc
+            return _load_files(files, kind, path, split)
     raise MicromergeError(
         f"--data {path}: not a μ-Bench copy (no perception/0.1.0 shards, no save_to_disk folder, "
         "no .parquet or .arrow files)"
     )
+
+
+def _load_files(files: list[Path], kind: str, path: Path, split: str) -> datasets.Dataset:
+    """Parquet or Arrow files (IPC file or stream format) as one dataset, every file checked to be
+    of the first one's dataset."""
+    _refuse_files_of_other_datasets(files, kind)
+    try:
+        return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split)
+    except Exception as exc:
+        raise MicromergeError(
+            f"--data {path}: its .{kind} files do not load ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:100]})"
+        ) from exc
 
 
 def _refuse_files_of_other_datasets(files: list[Path], kind: str) -> None:

@@ -257,7 +257,7 @@ def test_bad_copies_are_one_line_errors(tmp_path, bench):
     for path, message in (
         (missing, "shard(s) missing: ubench-test-00003-of-00007.arrow"),
         (truncated, "ubench-test-00002-of-00007.arrow: not a readable Arrow stream shard"),
-        (tmp_path / "nowhere", "no such folder"),
+        (tmp_path / "nowhere", "no such file or folder"),
     ):
         result = _tasks_cli(path)
         assert result.exit_code == 2 and message in result.output, result.output
@@ -358,6 +358,24 @@ def test_a_shard_of_another_dataset_is_refused_not_read_as_rows_of_nulls(tmp_pat
             in result.output
         )
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_one_parquet_or_arrow_file_is_a_copy_too(tmp_path, bench):
+    """A single file loads as its folder does: a parquet export (as written by `Dataset.to_parquet`)
+    or one of the Hub's Arrow stream shards; any other file is refused in one line."""
+    folder = write_fixture(tmp_path / "pq", fmt="parquet")
+    parquet = folder / "test-00000-of-00001.parquet"
+    whole = load_benchmark(str(folder)).dataset
+    assert load_benchmark(str(parquet)).dataset.to_dict() == whole.to_dict()
+    shard = bench / "ubench-test-00005-of-00007.arrow"
+    assert load_benchmark(str(shard)).dataset.to_dict() == datasets.Dataset.from_file(str(shard)).to_dict()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("rows")
+    result = _tasks_cli(notes)
+    assert (
+        result.exit_code == 2 and "not a folder (pass the folder holding the shards, or one" in result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_a_parquet_folder_names_a_file_of_another_dataset_and_casts_mere_type_differences(tmp_path):
