@@ -95,12 +95,16 @@ def group_table(run: Run, groups: list[str]) -> pd.DataFrame:
     return table.round(2).reset_index()
 
 
-def _provenance(store: Path, runs: list[Run], selected: tuple[str, ...]) -> dict[str, Any]:
+def _provenance(
+    store: Path, runs: list[Run], summaries: list[Summary], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """What the report was made from and how: the store's sha256, the report's own settings (its
+    numbers change with the target and the metric), and each run with the target it was read by."""
     return {
         "micromerge_version": micromerge.__version__,
         "results_store": str(store),
         "results_store_sha256": sha256_file(store),
-        "runs_selected": list(selected) or "all",
+        **settings,
         "runs": [
             {
                 "run_id": r.run_id,
@@ -109,8 +113,9 @@ def _provenance(store: Path, runs: list[Run], selected: tuple[str, ...]) -> dict
                 "parameters": r.parameters,
                 "model": r.model,
                 "dataset": r.dataset,
+                "target": s.target,
             }
-            for r in runs
+            for r, s in zip(runs, summaries, strict=True)
         ],
         "alpha_selection_protocol": "alpha chosen on a seeded half of the benchmark's images ('select', the same images for every task); numbers at that alpha reported on the other half ('report')",
     }
@@ -282,7 +287,13 @@ def _write_report(
     for name, frame in tables.items():
         write_text_atomic(table_dir / f"{name}.csv", frame.to_csv(index=False))
         write_json_atomic(table_dir / f"{name}.json", json.loads(frame.to_json(orient="records")))
-    provenance = _provenance(store, runs, selected)
+    settings = {
+        "runs_selected": list(selected) or "all",
+        "target": target or "each run's fine-tuning domain (its checkpoint manifest)",
+        "metric": metric,
+        "run_figures": draw_runs,
+    }
+    provenance = _provenance(store, runs, summaries, settings)
     write_json_atomic(out / "provenance.json", provenance)
     layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out, many)
     write_text_atomic(out / "report.md", _markdown(layout))

@@ -67,6 +67,21 @@ def test_the_headline_and_criteria_tables_equal_hand_computed_values(tmp_path):
     ) in markdown
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["results_store_sha256"] == hashlib.sha256(store.read_bytes()).hexdigest()
+    # the settings its numbers depend on: another --target or --metric is another report
+    assert (provenance["target"], provenance["metric"], provenance["run_figures"]) == (
+        "domain:pathology",
+        "accuracy",
+        True,
+    )
+    assert [run["target"] for run in provenance["runs"]] == ["domain:pathology"]
+    build_report(store, tmp_path / "by-default", metric="balanced_accuracy", run_figures=False)
+    default = json.loads((tmp_path / "by-default" / "provenance.json").read_text())
+    assert (
+        default["target"].startswith("each run's fine-tuning domain")
+        and default["metric"] == "balanced_accuracy"
+    )
+    # no manifest names a domain here: the run's target is its first fine domain, and says so
+    assert default["run_figures"] is False and default["runs"][0]["target"] == "domain:biology"
 
 
 def test_group_means_are_percent_per_alpha(tmp_path):
