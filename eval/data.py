@@ -110,7 +110,7 @@ def _load_files(files: list[Path], kind: str, path: Path, split: str) -> dataset
         return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split)
     except Exception as exc:
         raise MicromergeError(
-            f"--data {path}: its .{kind} files do not load ({type(exc).__name__}: "
+            f"--data {path}: the .{kind} data does not load ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:100]})"
         ) from exc
 
