@@ -6,6 +6,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def _share_the_cores_between_workers() -> None:
+    """`make test` runs the suite on pytest-xdist workers, one per core. Each worker's torch would
+    start a thread per core, so two workers on two cores would run four threads and slow each
+    other down: give each worker (and the CLI processes its tests start) its share of the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+
+
+_share_the_cores_between_workers()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, in their usual order: on two workers the demo (minutes) then starts
+    at once and the other worker takes the short ones, instead of the demo starting last and
+    running alone while the other worker waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     """Keep the sha256 cache and the Hugging Face cache inside the test's temp dir."""
