@@ -15,6 +15,7 @@ from micromerge.demo import DemoConfig, _stage, run_demo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole default demo: 485 s on one thread of a slow 2-core machine
 def test_demo_shows_forgetting_and_recovery(tmp_path):
     out = tmp_path / "demo"
     summary_headline = run_demo(DemoConfig(out=out, progress=False), say=lambda _: None)
