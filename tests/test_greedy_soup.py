@@ -143,6 +143,7 @@ def test_an_out_the_soup_cannot_write_is_refused_before_any_candidate_is_evaluat
     assert (tmp_path / "mine.safetensors").read_bytes() == b"the user's"
 
 
+@pytest.mark.slow  # 12 sweeps and a report: 36-59 s
 def test_ablation_runs_soups_and_skips_what_a_method_cannot_take(tmp_path, setting):
     settings, models = setting
     config = tmp_path / "grid.toml"
