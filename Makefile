@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/micromerge demo
 
 # Workers for `make test`: CI machines have 2 cores (more workers than cores only adds contention,
-# and each worker imports torch: ~1.5 GB). Tests go out one at a time to the worker that is free,
+# and each worker imports torch: ~1.5 GB). Tests go out a test or two at a time to the worker that is free,
 # slow ones first (tests/conftest.py), so the minutes-long demo never starts last.
 TEST_WORKERS ?= 2
 
