@@ -75,13 +75,32 @@ def test_the_wheel_holds_one_top_level_package_and_its_data(dist):
     assert sdist.stat().st_size > 10_000
 
 
+def _module_distributions() -> dict[str, set[str]]:
+    """{top-level module: the installed distributions that provide it}. Python 3.10's
+    `packages_distributions` reads only top_level.txt, which open_clip_torch's wheel lacks (3.11
+    also infers the modules from each distribution's file list, as this does)."""
+    from importlib.metadata import distributions, packages_distributions
+
+    owners: dict[str, set[str]] = {m: set(d) for m, d in packages_distributions().items()}
+    for installed in distributions():
+        if installed.read_text("top_level.txt") is not None:  # read by packages_distributions
+            continue
+        for file in installed.files or ():
+            top = file.parts[0]
+            if top.endswith((".dist-info", ".egg-info", ".pth")) or top in ("..", "__pycache__"):
+                continue
+            module = top.removesuffix(".py") if len(file.parts) == 1 else top
+            if module.isidentifier():
+                owners.setdefault(module, set()).add(installed.metadata["Name"] or module)
+    return owners
+
+
 def test_every_module_the_package_imports_is_a_declared_dependency(dist):
     """A module the package imports but does not declare works here, where something else brought
     it, and fails for a user whose other packages don't: tomli (imported where tomllib is missing,
     before Python 3.11) came only as a dependency of pytest, build and recent huggingface_hub
     releases, pyarrow only through datasets, braceexpand only through webdataset."""
     import re
-    from importlib.metadata import packages_distributions
 
     (wheel,) = dist.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -97,10 +116,11 @@ def test_every_module_the_package_imports_is_a_declared_dependency(dist):
             if name.endswith(".py")
             for module, _ in absolute_imports(archive.read(name))
         }
-    distributions = packages_distributions()
+    distributions = _module_distributions()
+    stdlib = set(sys.stdlib_module_names) | {"tomllib"}  # from 3.11; before, the package imports tomli
     undeclared = {
         module
-        for module in imported - set(sys.stdlib_module_names) - {"micromerge"}
+        for module in imported - stdlib - {"micromerge"}
         # a module not installed here (tomli on Python 3.11+) is its own distribution's name
         if not any(d.lower().replace("_", "-") in requires for d in distributions.get(module, [module]))
     }
