@@ -7,9 +7,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def _share_the_cores_between_workers() -> None:
-    """`make test` runs the suite on pytest-xdist workers, one per core. Each worker's torch would
-    start a thread per core, so two workers on two cores would run four threads and slow each
-    other down: give each worker (and the CLI processes its tests start) its share of the cores."""
+    """`make test` runs the suite on pytest-xdist workers (two, the CI machines' cores). Each
+    worker's torch would start a thread per core, so two workers on two cores would run four
+    threads and slow each other down: give each worker (and the CLI processes its tests start) its
+    share of the cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = str(max(1, (os.cpu_count() or 1) // workers))

@@ -86,11 +86,9 @@ def _module_distributions() -> dict[str, set[str]]:
         if installed.read_text("top_level.txt") is not None:  # read by packages_distributions
             continue
         for file in installed.files or ():
-            top = file.parts[0]
-            if top.endswith((".dist-info", ".egg-info", ".pth")) or top in ("..", "__pycache__"):
-                continue
+            top = file.parts[0]  # metadata folders, .pth files and ../bin entries are no identifiers
             module = top.removesuffix(".py") if len(file.parts) == 1 else top
-            if module.isidentifier():
+            if module.isidentifier() and module != "__pycache__":
                 owners.setdefault(module, set()).add(installed.metadata["Name"] or module)
     return owners
 
