@@ -666,6 +666,11 @@ def run_sweep(
             lineage = sources_lineage([base, *finetuned])
             trained, marks = trained_on_marks(lineage, bench.fingerprint, prepared.every, tasks)
             warn_trained_on(f"a model of {plan.label or plan.spec.method}", trained, marks)
+            base_marks = (
+                trained_on_marks(sources_lineage([base]), bench.fingerprint, prepared.every, tasks)[1]
+                if marks
+                else {}
+            )
             model, config = load_model(base)
             merger = ResidentMerge(
                 model, plan.spec, base, finetuned, device, statistics.values if statistics else None
@@ -690,9 +695,10 @@ def run_sweep(
                 mine, desc=f"sweep {plan.spec.method}", unit="alpha", disable=not settings.progress
             ):
                 merger.apply(alpha)
+                own = base_marks if marks and merger.holds_the_base() else marks
                 rows = [
                     {**base_row, "alpha": alpha, **r}
-                    for r in mark_rows(evaluator.evaluate(merger.model), marks)
+                    for r in mark_rows(evaluator.evaluate(merger.model), own)
                 ]
                 store.append(_unstored(rows, done, settings.protocol))
     finally:

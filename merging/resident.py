@@ -64,3 +64,13 @@ class ResidentMerge:
                 )
             if key == LOGIT_SCALE_KEY:
                 target.clamp_(max=LOGIT_SCALE_MAX)
+
+    @torch.no_grad()
+    def holds_the_base(self) -> bool:
+        """Whether the last `apply` left the base's own weights, bit for bit (alpha 0 of every method
+        without per-block rules): the rows evaluated then are the base's, and what the specialists
+        were trained on says nothing about them (eval.trained_on)."""
+        return all(
+            torch.equal(self.targets[key].data, self.base[key].to(self.targets[key].dtype))
+            for key in self.keys
+        )

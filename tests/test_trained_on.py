@@ -123,6 +123,7 @@ def test_merges_and_further_fine_tunes_carry_the_lineage_and_are_marked(trained,
 
 
 def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, tmp_path):
+    """Its alpha 0 is the base's weights bit for bit: those rows are zero-shot and stay unmarked."""
     tmp, bench, supervised = trained
     store = tmp_path / "sweep.jsonl"
     result = CliRunner().invoke(
@@ -134,11 +135,28 @@ def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, t
     assert result.exit_code == 0, result.output
     assert "fine-tuned (supervised) on this benchmark's own images" in result.output
     rows = [json.loads(line) for line in store.read_text().splitlines()]
-    assert _marks(rows)[TASK] == {"task"} and _marks(rows)["opencell"] == {None}
+    specialist = [r for r in rows if r["alpha"] == 1]
+    assert _marks(specialist)[TASK] == {"task"} and _marks(specialist)["opencell"] == {None}
+    assert {r.get(TRAINED_ON) for r in specialist if r["level"] == "headline"} == {"images"}
+    assert all(TRAINED_ON not in r for r in rows if r["alpha"] == 0), "alpha 0 is the base, which saw nothing"
     report = CliRunner().invoke(cli, ["report", str(store), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"fine-tuned (supervised) on this benchmark's own images ({TASK})" in text
+
+
+def test_a_sweep_alpha_0_that_is_not_the_base_under_a_per_key_rule_stays_marked(trained, tmp_path):
+    """With `--alpha-rule 'visual.*=0.5'` the image tower is half the specialist's at every alpha."""
+    tmp, bench, supervised = trained
+    store = tmp_path / "rule.jsonl"
+    result = CliRunner().invoke(
+        cli,
+        ["sweep", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--data", str(bench),
+         "--alphas", "0", "--alpha-rule", "visual.*=0.5", "--store", str(store), "--cache-dir",
+         str(tmp / "cache"), "--bootstrap", "0", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _marks([json.loads(line) for line in store.read_text().splitlines()])[TASK] == {"task"}
 
 
 def test_the_model_card_says_what_the_model_was_trained_on(trained, tmp_path):
