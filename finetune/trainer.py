@@ -509,9 +509,10 @@ class _MicroBatches:
 
             if not bool(readable.all()):
                 raise MicromergeError(
-                    f"--data {self.cfg.data}: an image of step {micro} is unreadable or has no caption, and "
-                    "the streaming path cannot skip it; fix the corpus, or --data-in-memory yes (which drops "
-                    "unreadable images)"
+                    f"--data {self.cfg.data}: an image of step {micro} is unreadable or has no caption (none, "
+                    "blank, or a .json caption that is not text, such as a list), and the streaming path cannot "
+                    "skip it; fix the corpus, or for a local or hub-layout copy pass --data-in-memory yes (which "
+                    "drops unreadable images)"
                 )
             pixels, targets = pixels.to(self.device), targets.to(self.device)
         else:

@@ -179,7 +179,8 @@ def test_an_unreadable_image_in_a_stream_is_one_line(tmp_path, base):
     for i in range(16):
         (data / f"img{i}.png").write_bytes(b"not a png")
     with pytest.raises(
-        MicromergeError, match="unreadable or has no caption, and the streaming path cannot skip it"
+        MicromergeError,
+        match=r"unreadable or has no caption \(none, blank, or a .json caption that is not text, such as a list\), and the streaming path cannot skip it",
     ):
         run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
 
@@ -401,16 +402,22 @@ def test_a_streamed_webdataset_sample_is_captioned_by_its_json_as_the_index_read
     assert decoded == [("from the json", True), ("from the txt", True), ("", False)]
 
 
-def test_a_streamed_sample_without_a_caption_stops_the_run_in_one_line(tmp_path, base):
-    """The indexed path refuses an image without a caption before training; a stream cannot see it
-    coming and trained on empty text. Now the run stops at that sample's step."""
+@pytest.mark.parametrize(
+    "caption", [("x.txt", b"  \n"), ("x.json", json.dumps({"caption": ["a smear", "blood cells"]}).encode())]
+)
+def test_a_streamed_sample_without_a_caption_stops_the_run_in_one_line(tmp_path, base, caption):
+    """The indexed path refuses an image without a caption, or with a caption that is not text,
+    before training; a stream cannot see it coming and trained on empty text. Now the run stops at
+    that sample's step, and the message says a list caption counts as none."""
     folder = write_shards(tmp_path / "wds", 8, per_shard=8)
     with tarfile.open(folder / "shard-000001.tar", "w") as archive:
-        for name, payload in (("x.png", _png(50)), ("x.txt", b"  \n")):
+        for name, payload in (("x.png", _png(50)), caption):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             archive.addfile(info, io.BytesIO(payload))
-    with pytest.raises(MicromergeError, match=r"step \d+ is unreadable or has no caption"):
+    with pytest.raises(
+        MicromergeError, match=r"step \d+ is unreadable or has no caption \(none, blank, or a .json caption"
+    ):
         run_finetune(config(base, _pipe_spec(folder), tmp_path / "run", batch_size=3, max_steps=6, workers=0))
 
 
