@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint typecheck format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --maxschedchunk 1 -m "not slow"
 
-lint: $(STAMP)
+lint: typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy finds a package by its folder, and micromerge.merging lives in merging/ (pyproject's package-dir,
+# these five stages): it checks a tree of links laid out as the installed package is.
+STAGES := merging eval finetune analysis checkpoints
+TYPECHECK_TREE := build/typecheck
+
+typecheck: $(STAMP)
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/micromerge
+	ln -s $(CURDIR)/micromerge/* $(TYPECHECK_TREE)/micromerge/
+	for stage in $(STAGES); do ln -s $(CURDIR)/$$stage $(TYPECHECK_TREE)/micromerge/$$stage; done
+	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy -p micromerge --config-file $(CURDIR)/pyproject.toml \
+		--python-executable $(CURDIR)/$(BIN)/python
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
@@ -31,7 +32,8 @@ def save(figure: plt.Figure, folder: Path, name: str) -> list[Path]:
     in every save: a third of a report's time, which is mostly its figures)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.svg"]
-    box = figure.get_tightbbox(figure.canvas.get_renderer()).padded(0.1)  # savefig's pad_inches
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]  # the Agg canvas (matplotlib.use above)
+    box = figure.get_tightbbox(renderer).padded(0.1)  # savefig's pad_inches
     figure.savefig(paths[0], dpi=130, bbox_inches=box, metadata={"Software": None})
     with matplotlib.rc_context({"svg.hashsalt": name}):
         figure.savefig(paths[1], bbox_inches=box, metadata={"Date": None, "Creator": None})
@@ -200,12 +202,16 @@ def pareto(
     return figure
 
 
+CurveKey = TypeVar("CurveKey")
+"""What a figure's panels are keyed by: a task's name, or a group (None: all tasks)."""
+
+
 def _distinct_curves(
     runs: tuple[Run, ...],
     names: tuple[str, ...],
-    keys: list[str | None],
-    of: Callable[[Run, str | None], pd.DataFrame],
-) -> list[tuple[list[str], dict[str | None, pd.DataFrame]]]:
+    keys: list[CurveKey],
+    of: Callable[[Run, CurveKey], pd.DataFrame],
+) -> list[tuple[list[str], dict[CurveKey, pd.DataFrame]]]:
     """Each distinct run's curves (one per key: a group, or a task) with the names of every run
     that has exactly those curves (WiSE-FT and task arithmetic with one specialist are one formula)."""
     drawn: dict[tuple, tuple[list[str], dict]] = {}

@@ -184,7 +184,7 @@ def build_report(
     RUN_FIGURE_RUNS runs); `selected`: report only the runs whose label or run id matches one of
     these globs (one pair of an ablation grid: "clip-b32+plip / *"). Returns the HTML path."""
     store, out = Path(store), output_folder(out)
-    with staged_files(out, superseded=REPORT_FILES.fullmatch) as staging:
+    with staged_files(out, superseded=lambda name: REPORT_FILES.fullmatch(name) is not None) as staging:
         _write_report(store, staging, target, metric, run_figures, selected)
     return out / "report.html"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from micromerge.merging.methods.learned import CoefficientTable, coefficient_gro
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_sources import load_all
+
+if TYPE_CHECKING:
+    from micromerge.merging.models import ClipModel
 
 LEARNED = ("adamerging", "supervised")
 GRID = tuple(i / 10 for i in range(11))
@@ -122,7 +125,9 @@ class _Scorer(torch.nn.Module):
     the merged logit scale alone, which changes no prediction (accuracy and cross-entropy's
     argmax do not depend on it either)."""
 
-    def __init__(self, model: torch.nn.Module, evaluator: Evaluator):
+    temperature: torch.Tensor  # a buffer: moves with the module, never trained
+
+    def __init__(self, model: ClipModel, evaluator: Evaluator):
         super().__init__()
         self.model = model
         self.evaluator = evaluator

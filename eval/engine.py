@@ -344,8 +344,8 @@ class Evaluator:
         for name, by_split in headline.items():
             if name not in self.headlines:
                 continue
-            for split, parts in by_split.items():
-                pooled = _concat(parts)
+            for split, pooled_parts in by_split.items():
+                pooled = _concat(pooled_parts)
                 if not len(pooled.rows):
                     continue
                 values = correctness_metrics(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def decode_one(payload: dict | None, size: int) -> np.ndarray | None:
 
 
 def decode_payloads(
-    payloads: list[dict | None], size: int, progress: bool = True, desc: str = "decode images"
+    payloads: Sequence[dict | None], size: int, progress: bool = True, desc: str = "decode images"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode, resize and crop image payloads ({'bytes'} or {'path'}) into uint8 [N, 3, S, S] plus a valid mask."""
     n = len(payloads)

@@ -9,7 +9,7 @@ Evaluator being the bank of images and texts) or from a fine-tuning corpus
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,15 +18,22 @@ import torch.nn.functional as F
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import Evaluator
 
+if TYPE_CHECKING:
+    from micromerge.merging.models import ClipModel
+
 
 class QuestionBank(Protocol):
     """What scoring a question reads: images by position, the option texts, their tokenizer and the
     device. An Evaluator is one (μ-Bench); `eval.corpus_questions.CorpusBank` is another."""
 
-    pixels: Any
-    texts: list[str]
-    tokenizer: Any
-    device: torch.device
+    @property
+    def pixels(self) -> Any: ...
+    @property
+    def texts(self) -> list[str]: ...
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ def select_questions(evaluator: Evaluator, samples: int, seed: int, labelled: bo
 
 
 def option_log_probs(
-    model: torch.nn.Module,
+    model: ClipModel,
     bank: QuestionBank,
     questions: Questions,
     start: int,

@@ -7,15 +7,16 @@ both are filled from one documented table, which a user may override per source.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from micromerge.core.errors import MicromergeError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_TABLE = Path(__file__).with_name("ubench_sources.toml")

@@ -151,6 +151,7 @@ def model_statistics(
             return cached, described
         model, config = load_model(source)
     model = model.to(device)
+    bank: QuestionBank
     if data is None:
         bank = Evaluator(prepared.bench, prepared.tasks, config, settings, device)
         questions = select_questions(bank, request.samples, request.seed)

@@ -58,10 +58,14 @@ class FinetuneConfig:
                 raise MicromergeError(
                     f"--{name.replace('_', '-')} {value}: must be an integer of at least {low}"
                 )
-        for name, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("grad_clip", 0.0, False)):
+        for name, floor, strict in (
+            ("lr", 0.0, True),
+            ("weight_decay", 0.0, False),
+            ("grad_clip", 0.0, False),
+        ):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < low or (strict and value == low):
-                bound = f"> {low:g}" if strict else f">= {low:g}"
+            if not math.isfinite(value) or value < floor or (strict and value == floor):
+                bound = f"> {floor:g}" if strict else f">= {floor:g}"
                 raise MicromergeError(f"--{name.replace('_', '-')} {value}: must be a finite number {bound}")
         if self.precision not in ("no", "bf16", "fp16"):
             raise MicromergeError(f"--precision {self.precision}: expected no, bf16 or fp16")

@@ -33,7 +33,13 @@ from micromerge.eval.pairs import (
     is_saved_dataset,
     training_split,
 )
-from micromerge.finetune.streaming import SampleRecipe, corpus_fingerprint, named_sample_seed, skipped_here
+from micromerge.finetune.streaming import (
+    Sample,
+    SampleRecipe,
+    corpus_fingerprint,
+    named_sample_seed,
+    skipped_here,
+)
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
@@ -113,7 +119,7 @@ class _HubSamples(torch.utils.data.IterableDataset):
         self.stream, self.dataset, self.rank = stream, dataset, rank
         self.skip, self.batch = skip_samples
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Sample]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         stream = self.stream

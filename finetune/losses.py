@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from micromerge.merging.models import ClipModel
 
 
 def clip_loss(
@@ -65,7 +70,7 @@ class ZeroShotHead(torch.nn.Module):
 class ImageClassifier(torch.nn.Module):
     """The CLIP model (text tower unused) plus the head: what supervised fine-tuning trains."""
 
-    def __init__(self, clip: torch.nn.Module, head: ZeroShotHead):
+    def __init__(self, clip: ClipModel, head: ZeroShotHead):
         super().__init__()
         self.clip = clip
         self.head = head

@@ -23,7 +23,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,12 @@ from micromerge.eval.pairs import (
     load_saved_corpus,
     tar_caption,
 )
+
+if TYPE_CHECKING:
+    import datasets
+
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(pixels, target, readable): one sample as every streaming path hands it to the trainer's loader."""
 
 FINGERPRINTS = {
     "table": "the table's bytes, image file names and sizes",
@@ -234,7 +240,7 @@ class SampleRecipe:
     seed: int
     encode_target: Callable[[Any], torch.Tensor]
 
-    def make(self, payload: dict | None, target: Any, seed: int) -> tuple[torch.Tensor, ...]:
+    def make(self, payload: dict | None, target: Any, seed: int) -> Sample:
         """(pixels, target, readable) of one sample; no payload: left undecoded (zeros, unreadable)."""
         pixels = None if payload is None else sample_pixels(payload, self.size, self.augment, seed)
         return sample_tuple(pixels, self.encode_target(target), self.size)
@@ -245,7 +251,7 @@ class StreamedSamples(torch.utils.data.Dataset):
 
     def __init__(self, index: CorpusIndex, recipe: SampleRecipe):
         self.index, self.recipe = index, recipe
-        self._arrow = None
+        self._arrow: datasets.Dataset | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -262,7 +268,7 @@ class StreamedSamples(torch.utils.data.Dataset):
     def _target(self, i: int) -> Any:
         return self.index.targets[i]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> Sample:
         """(pixels, target, readable): an unreadable image comes back as zeros with readable False,
         for the trainer to stop on with one line (an exception here would reach it as a worker's
         traceback)."""
@@ -312,8 +318,8 @@ def indexed_pairs(index: CorpusIndex) -> PairData:
 def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
     """One image through the named augmentations, drawn from `seed` alone; uint8 [3, S, S] or None."""
     try:
-        image = Image.open(io.BytesIO(payload["bytes"]) if payload.get("bytes") else payload["path"])
-        image = image.convert("RGB")
+        source = io.BytesIO(payload["bytes"]) if payload.get("bytes") else payload["path"]
+        image = Image.open(source).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
         return None
     # this worker's CPU generator, for this sample only (torchvision's random transforms draw from it).
@@ -327,7 +333,7 @@ def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: i
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> Sample:
     """(pixels, target, readable): an unreadable image travels as zeros with readable False."""
     if pixels is None:
         return torch.zeros((3, size, size), dtype=torch.uint8), target, torch.tensor(False)
@@ -512,9 +518,7 @@ class _StreamDecoder:
             self.batches += 1
             yield torch.utils.data.default_collate([self._decode(s, current, decode) for s in samples])
 
-    def _decode(
-        self, sample: dict, current: int, decode: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decode(self, sample: dict, current: int, decode: bool) -> Sample:
         stream = self.stream
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
         caption = _sample_caption(sample)
@@ -541,6 +545,6 @@ def _sample_caption(sample: dict) -> str:
             meta = json.loads(text("json"))
         except json.JSONDecodeError:
             return ""
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        caption = caption.strip() if isinstance(caption, str) else ""  # a list or a number: no caption
+        found = meta.get("caption") if isinstance(meta, dict) else None
+        caption = found.strip() if isinstance(found, str) else ""  # a list or a number: no caption
     return caption

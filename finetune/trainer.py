@@ -16,7 +16,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ class Prepared:
     stream: StreamedSamples | None = None  # the streaming path, by index
     shards: ShardStream | HubStream | None = None  # the streaming path, in order (webdataset, datasets)
     count: int = 0  # usable examples
-    data_path: dict[str, Any] | None = None  # which path, and why
+    data_path: dict[str, Any] = field(default_factory=dict)  # which path, and why
 
 
 class _Tokenize:
@@ -214,6 +215,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
                 f"--data {cfg.data}: a stream has no length here: give --max-steps "
                 "(open_clip_train asks for --train-num-samples likewise)"
             )
+        shards: ShardStream | HubStream
         if hub is not None:
             shards = hub
             why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {hub_why}"
@@ -248,6 +250,7 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     from micromerge.eval.zeroshot import class_embeddings
 
     bench = load_benchmark(cfg.data, progress=cfg.progress)
+    assert cfg.task is not None  # FinetuneConfig requires it of a supervised run
     chosen = select_tasks(discover_tasks(bench.dataset), cfg.task, option="--task")
     if len(chosen) != 1 or len(chosen[0].classes) < 2:
         names = ", ".join(t.name for t in chosen)
@@ -365,8 +368,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         print(f"data: {size}{how} ({prepared.data_path['why']})", file=sys.stderr)
         if isinstance(prepared.shards, HubStream):
             _say_pauses_between_passes(prepared.shards.rows, cfg, world)
-    # a shard stream has no epochs: the run is its --max-steps, one pass of the data order
-    per_epoch = n // (batch * world) if prepared.shards is None else cfg.max_steps * cfg.accum_steps
+    if prepared.shards is None:
+        per_epoch = n // (batch * world)
+    else:  # a stream has no epochs: the run is its --max-steps (which _prepare requires), one pass of the order
+        assert cfg.max_steps is not None
+        per_epoch = cfg.max_steps * cfg.accum_steps
     if per_epoch == 0:
         raise MicromergeError(
             f"--data {cfg.data}: {n} usable examples is less than one batch ({batch} x {world} processes); lower --batch-size"
@@ -424,7 +430,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             seen += sum(len(pixels) for pixels, _ in micro) * world
             step = math.ceil(micro_step / cfg.accum_steps)
             rate = seen / max(1e-9, time.perf_counter() - started)
-            pending.append((step, scheduler.get_last_lr()[0], round(rate, 1), loss))
+            pending.append((step, float(scheduler.get_last_lr()[0]), round(rate, 1), loss))
             bar.update(1)
             saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
             if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
@@ -483,7 +489,12 @@ class _MicroBatches:
         preprocess = prepared.model_config.get("preprocess_cfg", {})
         self.mean = torch.tensor(preprocess.get("mean", OPENAI_MEAN), device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.get("std", OPENAI_STD), device=self.device).view(1, 3, 1, 1)
-        self.resident, self.stream, self.epoch, self.permutation = None, None, -1, None
+        self.resident: torch.Tensor | None = None
+        self.stream: Iterator[tuple[torch.Tensor, ...]] | None = None
+        self.epoch, self.permutation = (
+            -1,
+            torch.empty(0, dtype=torch.long),
+        )  # set at the first in-memory batch
         n, batch, workers = prepared.count, cfg.batch_size, cfg.workers
         if prepared.shards is not None:
             self.stream = prepared.shards.loader(batch, workers, self.world, self.rank, skip=first)
@@ -492,6 +503,7 @@ class _MicroBatches:
                            self.world, self.rank)  # fmt: skip
             self.stream = iter(stream_loader(prepared.stream, plan, workers))
         else:
+            assert prepared.data is not None  # neither stream: the in-memory path
             targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
             self.resident = resident_on_device(prepared.data.pixels, np.arange(n), self.device)
             # on a GPU the batches are gathered on the device: no per-step copy
@@ -526,6 +538,7 @@ class _MicroBatches:
             if self.resident is not None:
                 pixels, targets = self.resident[chosen], self.targets[chosen]
             else:
+                assert self.prepared.data is not None  # the in-memory path
                 index = chosen.numpy()
                 rows = np.ascontiguousarray(self.prepared.data.pixels[np.sort(index)])  # sorted: one pass
                 pixels = torch.from_numpy(rows)[torch.from_numpy(np.argsort(np.argsort(index)))]
@@ -560,7 +573,7 @@ def _contrastive_gradients(model, accelerator, micro: list, across_ranks: bool) 
         return loss.detach()
     with torch.no_grad(), accelerator.autocast():
         cached = [_clip_features(model, pixels, tokens)[:2] for pixels, tokens in micro]
-    first = None
+    first: torch.Tensor | None = None
     for j, (pixels, tokens) in enumerate(micro):
         last = j == len(micro) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
@@ -570,6 +583,7 @@ def _contrastive_gradients(model, accelerator, micro: list, across_ranks: bool) 
             loss = clip_loss(images, texts, scale if j == 0 else scale.detach(), across_ranks)
             accelerator.backward(loss)
         first = loss.detach() if first is None else first
+    assert first is not None  # two or more micro-batches
     return first
 
 
@@ -582,6 +596,7 @@ def _say_pauses_between_passes(rows: int | None, cfg: FinetuneConfig, world: int
     pause = float(getattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0))
     if not rows or not pause:
         return
+    assert cfg.max_steps is not None  # a stream's run is its --max-steps
     passes = cfg.max_steps * cfg.accum_steps * cfg.batch_size * world / rows
     if passes * pause >= 60:
         name, revision = hub_name_and_revision(cfg.data)
@@ -599,7 +614,7 @@ def _say_pauses_between_passes(rows: int | None, cfg: FinetuneConfig, world: int
 def _supervised_gradients(model, accelerator, micro: list) -> torch.Tensor:
     """Gradients of the mean cross-entropy over all of one step's micro-batches; returns that mean."""
     rows = sum(len(labels) for _, labels in micro)
-    total = 0.0
+    total = torch.zeros((), device=micro[0][1].device)
     for j, (pixels, labels) in enumerate(micro):
         last = j == len(micro) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():

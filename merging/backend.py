@@ -19,9 +19,12 @@ from micromerge.merging.tensor_source import TensorMeta
 
 
 class ArrayBackend(Protocol):
-    name: str
-    """The engine's name, recorded in the manifest and naming the array library in provenance."""
-    device: str
+    @property
+    def name(self) -> str:
+        """The engine's name, recorded in the manifest and naming the array library in provenance."""
+
+    @property
+    def device(self) -> str: ...
 
     def view(self, raw: np.ndarray, meta: TensorMeta) -> Any:
         """A tensor's raw bytes as this backend's typed array (no copy)."""

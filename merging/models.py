@@ -12,13 +12,19 @@ import json
 import re
 import warnings
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.arch_names import CONFIG_DIR, project_model_names
 from micromerge.merging.tensor_source import ArchInfo, TensorMeta, TensorSource, describe_key_mismatch
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    ClipModel: TypeAlias = CLIP | CustomTextCLIP
+    """What `build_model` makes: an nn.Module with encode_image, encode_text and logit_scale."""
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -120,7 +126,7 @@ def resolve_model_config(
     return inferred
 
 
-def build_model(model_config: dict[str, Any]) -> torch.nn.Module:
+def build_model(model_config: dict[str, Any]) -> ClipModel:
     """A randomly initialised open_clip model for a config; never downloads anything."""
     from open_clip.model import CLIP, CustomTextCLIP
 
@@ -139,7 +145,7 @@ def build_model(model_config: dict[str, Any]) -> torch.nn.Module:
 
 def load_model(
     source: TensorSource, model_config: dict[str, Any] | None = None
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> tuple[ClipModel, dict[str, Any]]:
     """Build the model a source describes and load its weights (strict: every key must match)."""
     metas = {key: source.meta(key) for key in source.keys()}
     config = model_config or resolve_model_config(source.arch, metas, source.label)

@@ -53,4 +53,4 @@ class NumpyBackend:
     def host_bytes(self, array: np.ndarray, dtype: str) -> memoryview:
         with np.errstate(over="ignore"):  # an overflow to Inf is checked (and refused) by the caller
             data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
-        return memoryview(data.view(np.uint8))
+        return data.view(np.uint8).data

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from micromerge.core.errors import MicromergeError
 
+Matcher = Callable[[str], bool]
 
-def _matcher(pattern: str):
+
+def _matcher(pattern: str) -> Matcher:
     if pattern.startswith("re:"):
         try:
             compiled = re.compile(pattern[3:])
@@ -28,6 +31,10 @@ class KeyRules:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     strength_rules: tuple[tuple[str, float], ...] = ()
+    # compiled once, when the rules are made (a bad regular expression is refused then)
+    _include: list[Matcher] = field(init=False, repr=False, compare=False)
+    _exclude: list[Matcher] = field(init=False, repr=False, compare=False)
+    _strength: list[tuple[Matcher, float]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_include", [_matcher(p) for p in self.include])

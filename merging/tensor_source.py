@@ -210,7 +210,7 @@ class SafetensorsSource(TensorSource):
             self._handles[entry.file_index] = handle
         view = self._buffer[:nbytes]
         if nbytes:
-            got = os.preadv(handle.fileno(), [memoryview(view)], entry.start)
+            got = os.preadv(handle.fileno(), [view.data], entry.start)
             if got != nbytes:
                 raise MicromergeError(
                     f"{self.files[entry.file_index]}: file changed or truncated while reading {key!r}"

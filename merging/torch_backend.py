@@ -63,4 +63,4 @@ class TorchBackend:
 
     def host_bytes(self, tensor: torch.Tensor, dtype: str) -> memoryview:
         data = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous().reshape(-1)
-        return memoryview(data.view(torch.uint8).numpy())
+        return data.view(torch.uint8).numpy().data

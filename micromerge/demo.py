@@ -318,7 +318,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[s
     wise_ft = next(r for r in runs if r.method == "wise-ft" and r.protocol == "ubench")
     summary = summarise(wise_ft, "domain:pathology")
     paper = wise_ft.headline[(wise_ft.headline["split"] == "all")].set_index(["alpha", "task"])["value"]
-    headline = {
+    headline: dict[str, Any] = {  # the numbers the demo prints, returned for tests and benches
         "report": str(html),
         "base_pathology": summary.base["domain:pathology"],
         "specialist_pathology": summary.finetuned["domain:pathology"],

@@ -144,7 +144,7 @@ def _captions_and_questions(
     answers = {**values, "subdomain": source.subdomain, "classification": label}
     pools = {**CAPTION_DISTRACTORS, "subdomain": subdomains, "classification": source.classes}
     questions = {
-        kind: None if answers[kind] is None else _question(rng, kind, answers[kind], pools[kind])
+        kind: None if (answer := answers[kind]) is None else _question(rng, kind, answer, pools[kind])
         for kind in QUESTION_KEYS
     }
     return captions, questions

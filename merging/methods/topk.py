@@ -94,11 +94,11 @@ def select_top(scan: ModelScan, sizes: list[list[int]]) -> list[list[TopSet]]:
     if not pending:
         return results  # type: ignore[return-value]
 
-    high: list[torch.Tensor | None] = [None] * len(sizes)
+    high: dict[int, torch.Tensor] = {}  # per task vector
     for key in keys:
         for i, tau in enumerate(scan.task_vectors(key)):
             counts = torch.bincount(magnitude_bits(tau) >> 16, minlength=BINS)
-            high[i] = counts if high[i] is None else high[i] + counts
+            high[i] = high[i] + counts if i in high else counts
     chosen = {(i, j): _bin_from_top(high[i], size) for i, j, size in pending}
 
     low: dict[tuple[int, int], torch.Tensor] = {}
