@@ -238,7 +238,8 @@ def _write_report(
             notes.append(
                 f"{run.label}: a model in it was fine-tuned (supervised) on this benchmark's own images "
                 f"({', '.join(own) or 'of tasks not evaluated here'}): the numbers of "
-                f"{', '.join(sorted(run.trained_on))} and the headline are not zero-shot"
+                f"{', '.join(sorted(run.trained_on))} and the headline are not zero-shot at the α that "
+                "include its weights (marked trained_on in the store)"
             )
         if summaries[-1].references == "alpha endpoints":
             rules = any(run.parameters.get(k) for k in ("alpha_rules", "include", "exclude"))

@@ -143,6 +143,7 @@ def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, t
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"fine-tuned (supervised) on this benchmark's own images ({TASK})" in text
+    assert "are not zero-shot at the α that include its weights" in text
 
 
 def test_a_sweep_alpha_0_that_is_not_the_base_under_a_per_key_rule_stays_marked(trained, tmp_path):
