@@ -55,6 +55,18 @@ def _eval(tmp: Path, model: Path, bench: Path, store: str):
     return result, rows
 
 
+def _sweep(trained, store: Path, *options: str):
+    """A WiSE-FT sweep of the base and the supervised specialist on the benchmark it was trained on."""
+    tmp, bench, supervised = trained
+    result = CliRunner().invoke(
+        cli,
+        ["sweep", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--data", str(bench),
+         *options, "--store", str(store), "--cache-dir", str(tmp / "cache"), "--bootstrap", "0", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return result, [json.loads(line) for line in store.read_text().splitlines()]
+
+
 def _marks(rows: list[dict]) -> dict[str, set]:
     marks: dict[str, set] = {}
     for row in rows:
@@ -124,17 +136,9 @@ def test_merges_and_further_fine_tunes_carry_the_lineage_and_are_marked(trained,
 
 def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, tmp_path):
     """Its alpha 0 is the base's weights bit for bit: those rows are zero-shot and stay unmarked."""
-    tmp, bench, supervised = trained
     store = tmp_path / "sweep.jsonl"
-    result = CliRunner().invoke(
-        cli,
-        ["sweep", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--data", str(bench),
-         "--alphas", "0,1", "--store", str(store), "--cache-dir", str(tmp / "cache"), "--bootstrap", "0",
-         "--quiet"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    result, rows = _sweep(trained, store, "--alphas", "0,1")
     assert "fine-tuned (supervised) on this benchmark's own images" in result.output
-    rows = [json.loads(line) for line in store.read_text().splitlines()]
     specialist = [r for r in rows if r["alpha"] == 1]
     assert _marks(specialist)[TASK] == {"task"} and _marks(specialist)["opencell"] == {None}
     assert {r.get(TRAINED_ON) for r in specialist if r["level"] == "headline"} == {"images"}
@@ -148,16 +152,8 @@ def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, t
 
 def test_a_sweep_alpha_0_that_is_not_the_base_under_a_per_key_rule_stays_marked(trained, tmp_path):
     """With `--alpha-rule 'visual.*=0.5'` the image tower is half the specialist's at every alpha."""
-    tmp, bench, supervised = trained
-    store = tmp_path / "rule.jsonl"
-    result = CliRunner().invoke(
-        cli,
-        ["sweep", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--data", str(bench),
-         "--alphas", "0", "--alpha-rule", "visual.*=0.5", "--store", str(store), "--cache-dir",
-         str(tmp / "cache"), "--bootstrap", "0", "--quiet"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert _marks([json.loads(line) for line in store.read_text().splitlines()])[TASK] == {"task"}
+    _, rows = _sweep(trained, tmp_path / "rule.jsonl", "--alphas", "0", "--alpha-rule", "visual.*=0.5")
+    assert _marks(rows)[TASK] == {"task"}
 
 
 def test_the_model_card_says_what_the_model_was_trained_on(trained, tmp_path):
