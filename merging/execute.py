@@ -242,9 +242,12 @@ def merge_to_file(
         array_library=backend.name,
     )
     record["inputs"] = [s.label for s in sources]
-    lineage = sources_lineage(sources)
+    lineage, base_lineage = sources_lineage(sources), sources_lineage([base])
     if lineage:  # absent when empty: merges of other inputs keep their bytes
         record[SUPERVISED_ON] = lineage
+    # a merge that leaves the base's weights bit for bit (alpha 0) is the base, and carries only the
+    # base's lineage (eval.trained_on); compared only where that changes the record
+    holds_the_base = lineage != base_lineage
     if statistics is not None:
         record["statistics"] = statistics.described
     with ThreadPoolExecutor(max_workers=1) as hasher:
@@ -253,6 +256,7 @@ def merge_to_file(
             merged = {p.key for p in plans if p.merged}
 
             def write(key: str, array: Any) -> None:
+                nonlocal holds_the_base
                 data = backend.host_bytes(array, metas[key].dtype)
                 if key in merged:  # what is written, after the cast: float16 overflow shows up here
                     written = backend.view(np.frombuffer(data, dtype=np.uint8), metas[key])
@@ -263,6 +267,8 @@ def merge_to_file(
                         f"{out_path} (merged, {metas[key].dtype})",
                         spec.allow_nonfinite,
                     )
+                    if holds_the_base:
+                        holds_the_base = data == backend.host_bytes(base.read(key), metas[key].dtype)
                 writer.write(key, data)
 
             stream_merge(
@@ -278,6 +284,10 @@ def merge_to_file(
             )
             record["inputs_sha256"] = hashes_future.result()
             warn_repeated_inputs(sources, record["inputs_sha256"])
+            if holds_the_base:
+                record.pop(SUPERVISED_ON)
+                if base_lineage:
+                    record[SUPERVISED_ON] = base_lineage
             writer.replace_metadata(_file_metadata(record, base))
     elapsed = time.perf_counter() - start
     manifest = {

@@ -25,7 +25,12 @@ def canonical_order(metas: dict[str, TensorMeta]) -> list[str]:
     return sorted(metas, key=lambda k: (-ITEM_SIZES[metas[k].dtype], k))
 
 
-def build_header(metas: dict[str, TensorMeta], metadata: dict[str, str]) -> tuple[bytes, list[str], int]:
+def build_header(
+    metas: dict[str, TensorMeta], metadata: dict[str, str], length: int | None = None
+) -> tuple[bytes, list[str], int]:
+    """The header's bytes (length prefix, JSON, spaces to a multiple of 8), the tensor order and
+    the data size. `length`: pad the JSON with spaces to this many bytes in all, as a header
+    rewritten in place must keep its length (safetensors readers allow trailing spaces)."""
     order = canonical_order(metas)
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
@@ -39,6 +44,8 @@ def build_header(metas: dict[str, TensorMeta], metadata: dict[str, str]) -> tupl
         offset += meta.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if length is not None:
+        raw += b" " * (length - 8 - len(raw))
     return struct.pack("<Q", len(raw)) + raw, order, offset
 
 
@@ -83,10 +90,11 @@ class SafetensorsStreamWriter:
         self._next += 1
 
     def replace_metadata(self, metadata: dict[str, str]) -> None:
-        """Rewrite the header in place (e.g. input digests computed while tensors streamed)."""
-        header, _, _ = build_header(self.metas, metadata)
+        """Rewrite the header in place (e.g. input digests computed while tensors streamed): the
+        same length, shorter metadata padded with spaces."""
+        header, _, _ = build_header(self.metas, metadata, len(self.header))
         if len(header) != len(self.header):
-            raise RuntimeError("replacement metadata must keep the header's length")
+            raise RuntimeError("replacement metadata must not be longer than the header it replaces")
         assert self._handle is not None
         self._handle.flush()
         os.pwrite(self._handle.fileno(), header, 0)

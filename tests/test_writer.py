@@ -112,3 +112,25 @@ def test_a_file_system_that_cannot_reserve_space_still_gets_the_file(tmp_path, m
     arrays = _write(tmp_path / "m.safetensors", list(SHAPES), {})
     loaded = load_file(str(tmp_path / "m.safetensors"))
     assert all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
+
+
+def test_the_header_rewritten_in_place_keeps_its_length_shorter_metadata_padded(tmp_path):
+    """The merge writes its header first and its final provenance last (input digests, a lineage
+    dropped when the output is the base): shorter metadata is padded with spaces, which the
+    safetensors readers skip; longer metadata cannot fit before the tensors and is refused."""
+    from safetensors import safe_open
+
+    arrays = _arrays(SHAPES)
+    metas = {k: TensorMeta(shape=SHAPES[k][0], dtype=SHAPES[k][1]) for k in SHAPES}
+    path = tmp_path / "out.safetensors"
+    with SafetensorsStreamWriter(path, metas, {"record": "x" * 40}) as writer:
+        for key in writer.order:
+            writer.write(key, memoryview(arrays[key].tobytes()))
+        length = len(writer.header)
+        with pytest.raises(RuntimeError, match="not be longer than the header it replaces"):
+            writer.replace_metadata({"record": "x" * 48})
+        writer.replace_metadata({"record": "short"})
+        assert len(writer.header) == length
+    with safe_open(str(path), "np") as handle:
+        assert handle.metadata() == {"record": "short"}
+    assert all(np.array_equal(load_file(path)[k], arrays[k]) for k in SHAPES)
