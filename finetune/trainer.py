@@ -88,6 +88,7 @@ class Prepared:
     shards: ShardStream | HubStream | None = None  # the streaming path, in order (webdataset, datasets)
     count: int = 0  # usable examples
     data_path: dict[str, Any] = field(default_factory=dict)  # which path, and why
+    task_domain: str | None = None  # supervised: the trained task's domain, what --domain defaults to
 
 
 class _Tokenize:
@@ -259,6 +260,8 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
             f"this selects {len(chosen)} ({names[:200]}): name one task"
         )
     task = chosen[0]
+    domain = task.groups.get("domain")
+    task_domain = domain if domain and domain != "unknown" else None
     texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
     head = ZeroShotHead(texts, float(clip.logit_scale.detach().exp()))
     fingerprint = task_data_fingerprint(bench.fingerprint, task.name)
@@ -269,12 +272,12 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         stream = StreamedSamples(index, SampleRecipe(size, cfg.augment, cfg.seed, _label))
         path = {"in_memory": False, "why": why, "fingerprint": "the benchmark's files"}
         return Prepared(model, clip, model_config, None, None, list(task.classes), fingerprint, *common,
-                        stream=stream, count=len(index), data_path=path)  # fmt: skip
+                        stream=stream, count=len(index), data_path=path, task_domain=task_domain)  # fmt: skip
     images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
     data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
     path = {"in_memory": True, "why": why, "fingerprint": "the benchmark's files"}
     return Prepared(model, clip, model_config, data, None, list(task.classes), fingerprint, *common,
-                    count=len(data.targets), data_path=path)  # fmt: skip
+                    count=len(data.targets), data_path=path, task_domain=task_domain)  # fmt: skip
 
 
 def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
@@ -709,7 +712,7 @@ def _write_final(
         "data_fingerprint": prepared.data_fingerprint,
         "hyperparameters": cfg.hyperparameters(),
         "seed": cfg.seed,
-        "domain": cfg.domain,
+        "domain": cfg.domain or prepared.task_domain,
         "classes": prepared.classes,
         "steps": len(history),
         **hardware,

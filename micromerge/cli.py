@@ -861,7 +861,11 @@ def _finetune_options(func):
             show_default=True,
             help="Stop if more images than this are unreadable.",
         ),
-        click.option("--domain", help="What the specialist is for (e.g. pathology); recorded for analysis."),
+        click.option(
+            "--domain",
+            help="What the specialist is for (e.g. pathology); recorded for analysis "
+            "(supervised: default, the trained task's domain).",
+        ),
         click.option(
             "--data-in-memory",
             type=click.Choice(["auto", "yes", "no"]),

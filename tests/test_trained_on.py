@@ -165,6 +165,19 @@ def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, t
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"fine-tuned (supervised) on this benchmark's own images ({TASK})" in text
     assert "are not zero-shot at the α that include its weights" in text
+    assert "no fine-tuning domain recorded" not in text, "the specialist's domain is its task's"
+
+
+def test_a_supervised_specialist_is_for_its_tasks_domain_unless_told_otherwise(trained, tmp_path):
+    """Without --domain, the manifest records the trained task's domain (its rows' `domain`), so the
+    report's default target is that domain, not a guess with a note."""
+    tmp, bench, supervised = trained
+    assert json.loads((supervised.parent / "manifest.json").read_text())["domain"] == "pathology"
+    told = run_finetune(
+        config(tmp / "base.safetensors", bench, tmp_path / "told", mode="supervised", task=TASK,
+               batch_size=6, max_steps=1, domain="gastrointestinal pathology")
+    )  # fmt: skip
+    assert json.loads((told.parent / "manifest.json").read_text())["domain"] == "gastrointestinal pathology"
 
 
 def test_a_sweep_alpha_0_that_is_not_the_base_under_a_per_key_rule_stays_marked(trained, tmp_path):
