@@ -35,7 +35,7 @@ from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
-from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import Questions, option_log_probs, select_questions
 from micromerge.eval.statistics import SPLIT
@@ -292,7 +292,16 @@ def _cached_table(path: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and {"table", "described"} <= saved.keys() else None
 
 
-def _learn(request, described, model, config, finetuned, prepared, settings, device) -> dict[str, Any]:
+def _learn(
+    request: LearningRequest,
+    described: dict[str, Any],
+    model: ClipModel,
+    config: dict[str, Any],
+    finetuned: list[dict[str, torch.Tensor]],
+    prepared: Prepared,
+    settings: EvalSettings,
+    device: torch.device,
+) -> dict[str, Any]:
     model = model.to(device).eval().requires_grad_(False)
     evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, device)
     questions = select_questions(

@@ -38,7 +38,7 @@ from micromerge.eval.zeroshot import (
     predict,
     text_embeddings,
 )
-from micromerge.merging.execute import input_hashes, warn_repeated_inputs
+from micromerge.merging.execute import StatisticsInput, input_hashes, warn_repeated_inputs
 from micromerge.merging.lineage import sources_lineage
 from micromerge.merging.methods import get_method
 from micromerge.merging.models import image_size, load_model, normalisation, tokenizer_for
@@ -592,7 +592,7 @@ def process_share(
 
 def _statistics_for(
     plan: SweepPlan, settings: EvalSettings, device: torch.device, wait_for_everyone: Callable[[], None]
-):
+) -> StatisticsInput | None:
     """A data-aware method's per-model statistics, on this sweep's own data (its select half).
 
     Under a launch the first process computes them (or reads them from the cache), and the others

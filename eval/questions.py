@@ -84,7 +84,7 @@ def option_log_probs(
     start: int,
     stop: int,
     logit_scale: torch.Tensor | None = None,
-):
+) -> torch.Tensor:
     """[B, K] log-probabilities of each question's own options (padding at -inf), at the model's
     temperature or at `logit_scale` (the log of one) when given."""
     images = F.normalize(

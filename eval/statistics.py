@@ -21,6 +21,7 @@ Statistics are cached per (kind, model sha256, data and its fingerprint, split, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def gram_matrices(model: torch.nn.Module, bank: QuestionBank, questions: Questio
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
-    def recorder(key: str):
+    def recorder(key: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, inputs: tuple, *_rest: Any) -> None:
             x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
             sums[key] = sums.get(key, 0) + x.T @ x

@@ -166,7 +166,9 @@ def _questions(
     return tuple(found)
 
 
-def _class_captions(lists: CaptionLists, key: str, rows: list[int], values: list, classes) -> tuple:
+def _class_captions(
+    lists: CaptionLists, key: str, rows: list[int], values: list, classes: tuple[str, ...]
+) -> tuple[str, ...]:
     """For `--prompts captions` under closed-set: per class, the first row's correct option."""
     if key not in lists:
         return tuple(class_text(c) for c in classes)
@@ -178,7 +180,9 @@ def _class_captions(lists: CaptionLists, key: str, rows: list[int], values: list
     return tuple(found.get(c, class_text(c)) for c in classes)
 
 
-def _null_source_names(dataset: datasets.Dataset, captions, sources: list, table: SourceTable) -> list[str]:
+def _null_source_names(
+    dataset: datasets.Dataset, captions: pa.StructArray | None, sources: list, table: SourceTable
+) -> list[str]:
     """Name the rows whose `dataset` is null by the table's rule: their classification caption
     template and annotation class names identify the source. Unmatched rows are grouped by
     template and named `unassigned_<digest>`, never None."""

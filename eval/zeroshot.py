@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 from micromerge.eval.images import PixelFeed
 from micromerge.eval.tasks import Task
 
+if TYPE_CHECKING:
+    from micromerge.merging.models import ClipModel, Tokenizer
+
 
 def effective_precision(device: torch.device, precision: str) -> str:
     """What the image forward runs in: bf16 autocast on a GPU when asked; on CPU it is slower here,
@@ -18,7 +22,7 @@ def effective_precision(device: torch.device, precision: str) -> str:
     return "bf16" if device.type == "cuda" and precision == "bf16" else "fp32"
 
 
-def autocast_for(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     if effective_precision(device, precision) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -26,8 +30,8 @@ def autocast_for(device: torch.device, precision: str):
 
 @torch.no_grad()
 def class_embeddings(
-    model,
-    tokenizer,
+    model: ClipModel,
+    tokenizer: Tokenizer,
     task: Task,
     device: torch.device,
     prompts: str = "names",
@@ -54,7 +58,7 @@ def class_embeddings(
 
 @torch.no_grad()
 def image_embeddings(
-    model, pixels: PixelFeed, batch_size: int = 256, precision: str = "fp32"
+    model: ClipModel, pixels: PixelFeed, batch_size: int = 256, precision: str = "fp32"
 ) -> torch.Tensor:
     """[N, D] normalised image embeddings for the feed's rows, in large batches."""
     outputs = []
@@ -71,7 +75,12 @@ def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def text_embeddings(
-    model, tokenizer, texts: list[str], device: torch.device, token_cache: dict, batch_size: int = 1024
+    model: ClipModel,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    device: torch.device,
+    token_cache: dict,
+    batch_size: int = 1024,
 ) -> torch.Tensor:
     """[T, D] normalised embeddings of distinct texts; tokens are cached across models (alphas)."""
     key = (id(tokenizer), "texts", len(texts), hash(tuple(texts)))

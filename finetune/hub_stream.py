@@ -19,7 +19,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from micromerge.finetune.streaming import (
     named_sample_seed,
     skipped_here,
 )
+
+if TYPE_CHECKING:
+    import datasets
 
 SAMPLE_SHUFFLE = 5000  # open_clip_train's sample buffer, as the webdataset path
 LOCAL_SUFFIXES = (".parquet",)
@@ -115,7 +118,9 @@ class _HubSamples(torch.utils.data.IterableDataset):
     The rows of the batches a resumed run has already trained on are read but not decoded (zeros,
     marked unreadable, dropped by the loader)."""
 
-    def __init__(self, stream: HubStream, dataset, rank: int, skip_samples: tuple[int, int]):
+    def __init__(
+        self, stream: HubStream, dataset: datasets.IterableDataset, rank: int, skip_samples: tuple[int, int]
+    ):
         self.stream, self.dataset, self.rank = stream, dataset, rank
         self.skip, self.batch = skip_samples
 
@@ -177,7 +182,7 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     return builder.as_streaming_dataset(split=split), facts, _row_count(builder, split, files)
 
 
-def _row_count(builder, split: str, files: list[str]) -> int | None:
+def _row_count(builder: datasets.DatasetBuilder, split: str, files: list[str]) -> int | None:
     if files and all(os.path.isfile(f) and f.endswith(".parquet") for f in files):
         import pyarrow.parquet as pq
 

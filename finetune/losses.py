@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class _GatherWithGradient(torch.autograd.Function):
     `torch.distributed.nn.functional.all_gather`, which torch 2.14 deprecates for a private API."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         ctx.rank, ctx.count = dist.get_rank(), len(rows)
@@ -47,7 +47,7 @@ class _GatherWithGradient(torch.autograd.Function):
         return torch.cat(gathered)
 
     @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         gradient = gradient.contiguous()

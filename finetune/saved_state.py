@@ -10,13 +10,16 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def schedule_in_json(cfg: FinetuneConfig, folder: Path, saved: dict[str, Any], is_main: bool) -> None:
@@ -52,7 +55,7 @@ def schedule_in_json(cfg: FinetuneConfig, folder: Path, saved: dict[str, Any], i
     pickles[0].unlink()
 
 
-def load_saved_state(accelerator, cfg: FinetuneConfig, folder: Path) -> None:
+def load_saved_state(accelerator: Accelerator, cfg: FinetuneConfig, folder: Path) -> None:
     """Model, optimizer and random states back through accelerate (safetensors, and torch.load with
     weights_only); a damaged or foreign file among them is one line, not torch's traceback."""
     try:

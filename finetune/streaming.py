@@ -20,7 +20,7 @@ import io
 import itertools
 import json
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +159,7 @@ def corpus_fingerprint(facts: dict, corpus: CorpusSpec) -> str:
     ).hexdigest()
 
 
-def _index_arrow(spec: str, dataset, corpus: CorpusSpec) -> CorpusIndex:
+def _index_arrow(spec: str, dataset: datasets.Dataset, corpus: CorpusSpec) -> CorpusIndex:
     image_col, caption_col = dataset_columns(dataset.features, corpus, f"--data {spec}")
     captions = dataset_captions(dataset, caption_col, f"--data {spec}")
     arrow_files = sorted({Path(f["filename"]) for f in dataset.cache_files})  # the split's own files
@@ -290,7 +290,7 @@ def _located_payload(kind: str, location: Any) -> dict:
     return location  # bytes: the payload itself
 
 
-def _arrow_images(index: CorpusIndex):
+def _arrow_images(index: CorpusIndex) -> datasets.Dataset:
     """The image column of an indexed Arrow corpus, memory-mapped, with images left undecoded."""
     import datasets
 
@@ -472,7 +472,7 @@ class _Passes(torch.utils.data.IterableDataset):
     Shards are dealt to workers afresh each pass, so a worker that has yielded goes on past an empty
     pass. Which worker ends depends only on the seed, so the batch order, and resuming, stay exact."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline: Iterable[tuple[torch.Tensor, ...]]):
         self.pipeline = pipeline
 
     def __iter__(self) -> Iterator:

@@ -16,10 +16,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, token
 from micromerge.merging.plan import LOGIT_SCALE_MAX
 from micromerge.merging.sources import open_source
 from micromerge.merging.torch_save import save_tensors
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # Reading a loss waits for the GPU; reading them in groups keeps the host ahead of the device.
 LOSS_READ_EVERY = 10
@@ -313,14 +316,16 @@ def _param_groups(prepared: Prepared, cfg: FinetuneConfig) -> list[dict[str, Any
     ]
 
 
-def _lr_lambdas(groups, cfg: FinetuneConfig, total_steps: int, lp_steps: int):
+def _lr_lambdas(
+    groups: list[dict[str, Any]], cfg: FinetuneConfig, total_steps: int, lp_steps: int
+) -> list[Callable[[int], float]]:
     def schedule(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def for_group(is_head: bool):
+    def for_group(is_head: bool) -> Callable[[int], float]:
         return lambda step: schedule(step) if (is_head or step >= lp_steps) else 0.0
 
     return [for_group(group["is_head"]) for group in groups]
@@ -481,7 +486,13 @@ class _MicroBatches:
     order is the seeded permutation of each epoch, each rank taking its own slice."""
 
     def __init__(
-        self, prepared: Prepared, cfg: FinetuneConfig, accelerator, first: int, total: int, per_epoch: int
+        self,
+        prepared: Prepared,
+        cfg: FinetuneConfig,
+        accelerator: Accelerator,
+        first: int,
+        total: int,
+        per_epoch: int,
     ):
         self.prepared, self.cfg, self.device = prepared, cfg, accelerator.device
         self.per_epoch, self.world, self.rank = (
@@ -549,7 +560,9 @@ class _MicroBatches:
         return ((pixels.float() / 255.0) - self.mean) / self.std, targets
 
 
-def _clip_features(model, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _clip_features(
+    model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     out = model(pixels, tokens)
     image, text, scale = (
         (out["image_features"], out["text_features"], out["logit_scale"])
@@ -559,7 +572,9 @@ def _clip_features(model, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[t
     return image.float(), text.float(), scale.float()
 
 
-def _contrastive_gradients(model, accelerator, micro: list, across_ranks: bool) -> torch.Tensor:
+def _contrastive_gradients(
+    model: torch.nn.Module, accelerator: Accelerator, micro: list, across_ranks: bool
+) -> torch.Tensor:
     """Gradients of one step's contrastive loss over all its micro-batches at once (and every
     process's, across ranks), returned as the loss. Accumulating several micro-batches works as
     open_clip_train's --accum-freq does: their features are first computed without gradients, then
@@ -614,7 +629,7 @@ def _say_pauses_between_passes(rows: int | None, cfg: FinetuneConfig, world: int
         )
 
 
-def _supervised_gradients(model, accelerator, micro: list) -> torch.Tensor:
+def _supervised_gradients(model: torch.nn.Module, accelerator: Accelerator, micro: list) -> torch.Tensor:
     """Gradients of the mean cross-entropy over all of one step's micro-batches; returns that mean."""
     rows = sum(len(labels) for _, labels in micro)
     total = torch.zeros((), device=micro[0][1].device)
@@ -639,7 +654,7 @@ def _record_losses(
 
 
 def _save_state(
-    accelerator,
+    accelerator: Accelerator,
     cfg: FinetuneConfig,
     prepared: Prepared,
     micro_step: int,
@@ -689,7 +704,7 @@ def _write_final(
     state: dict[str, torch.Tensor],
     prepared: Prepared,
     cfg: FinetuneConfig,
-    history,
+    history: list[dict[str, Any]],
     seconds: float,
     seen: int,
     rank_digests: list[str],

@@ -11,6 +11,7 @@ import copy
 import json
 import re
 import warnings
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
     ClipModel: TypeAlias = CLIP | CustomTextCLIP
     """What `build_model` makes: an nn.Module with encode_image, encode_text and logit_scale."""
+
+Tokenizer = Callable[[str | list[str]], torch.Tensor]
+"""open_clip's tokenizer for a model: text or texts -> [N, context length] token ids."""
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -171,7 +175,7 @@ def load_model(
     return model, config
 
 
-def tokenizer_for(model_config: dict[str, Any]):
+def tokenizer_for(model_config: dict[str, Any]) -> Tokenizer:
     """open_clip's tokenizer for a config; the BPE vocabulary ships in its wheel (no network)."""
     import open_clip
 

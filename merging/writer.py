@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from types import TracebackType
 from typing import IO
 
 from micromerge.core.atomic import atomic_output
@@ -100,7 +101,9 @@ class SafetensorsStreamWriter:
         os.pwrite(self._handle.fileno(), header, 0)
         self.header = header
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         assert self._context is not None
         if exc_type is None and self._next != len(self.order):
             exc = RuntimeError(f"writer closed after {self._next} of {len(self.order)} tensors")

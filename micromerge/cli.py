@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -21,10 +21,25 @@ from micromerge import __version__
 from micromerge.core.errors import MicromergeError
 
 if TYPE_CHECKING:  # the commands import what they run lazily: `micromerge --help` stays fast
+    from accelerate import PartialState
+
+    from micromerge.eval.engine import EvalSettings
+    from micromerge.merging.execute import StatisticsInput
+    from micromerge.merging.job import MergeJob
     from micromerge.merging.sources import CheckpointAccess
 
+Command = TypeVar("Command", bound=Callable[..., Any])
+"""A command function, as the decorators that add options hand it back."""
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
@@ -92,7 +107,7 @@ EXCLUDE = click.option("--exclude", multiple=True, help="Never keys matching thi
 """Options several commands take, declared once."""
 
 
-def method_options(func):
+def method_options(func: Command) -> Command:
     """The method parameters `merge` and `sweep` share (merging.methods.TUNABLE, one option each);
     None means the method's default (MethodParams)."""
     options = [
@@ -150,7 +165,7 @@ def method_options(func):
     return func
 
 
-def statistics_data_options(func):
+def statistics_data_options(func: Command) -> Command:
     """Fisher/RegMean: a corpus per model to estimate its statistics on, instead of μ-Bench's select half."""
     func = click.option(
         "--ft-data",
@@ -287,7 +302,7 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
             )
 
 
-def _merge_statistics(job, quiet: bool):
+def _merge_statistics(job: MergeJob, quiet: bool) -> StatisticsInput | None:
     """The statistics a data-aware method merges with, estimated on --data's select half."""
     from micromerge.merging.methods import get_method
 
@@ -470,7 +485,7 @@ UBENCH_DATA_HELP = (
 )
 
 
-def _eval_options(func):
+def _eval_options(func: Command) -> Command:
     """Options shared by `eval` and `sweep`."""
     options = [
         click.option("--data", default="ubench", show_default=True, help=UBENCH_DATA_HELP),
@@ -534,7 +549,7 @@ def _eval_options(func):
     return func
 
 
-def _eval_settings(values: dict[str, Any]):
+def _eval_settings(values: dict[str, Any]) -> tuple[EvalSettings, PartialState]:
     from pathlib import Path
 
     from accelerate import PartialState
@@ -786,7 +801,7 @@ def soup_command(
         click.echo(f"wrote {written.path} (manifest {written.manifest_path.name})")
 
 
-def run_sweep_rows(settings, rows):
+def run_sweep_rows(settings: EvalSettings, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """All rows of this run once every process has finished (each process returns its view)."""
     from micromerge.eval.store import ResultStore
 
@@ -794,7 +809,7 @@ def run_sweep_rows(settings, rows):
     return [row for run_id in sorted({r["run_id"] for r in rows}) for row in store.rows(run_id)]
 
 
-def _finetune_options(func):
+def _finetune_options(func: Command) -> Command:
     options = [
         click.option("--base", help="Checkpoint to start from: zoo name, hf-hub: id, file or folder."),
         click.option(

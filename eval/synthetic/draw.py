@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -10,8 +11,11 @@ from scipy.ndimage import gaussian_filter
 SIZE = 64
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 
+Color = Sequence[float] | np.ndarray
+"""RGB in [0, 1]."""
 
-def canvas(color, rng: np.random.Generator, jitter: float = 0.04) -> np.ndarray:
+
+def canvas(color: Color, rng: np.random.Generator, jitter: float = 0.04) -> np.ndarray:
     base = np.clip(np.asarray(color, np.float32) + rng.normal(0, jitter, 3), 0, 1)
     return np.broadcast_to(base, (SIZE, SIZE, 3)).copy()
 
@@ -38,7 +42,7 @@ def _window(low_y: float, high_y: float, low_x: float, high_x: float) -> tuple[s
     return span(low_y, high_y), span(low_x, high_x)
 
 
-def ellipse_mask(cy, cx, ry, rx, angle=0.0, soft=1.0) -> Mask:
+def ellipse_mask(cy: float, cx: float, ry: float, rx: float, angle: float = 0.0, soft: float = 1.0) -> Mask:
     cos, sin = np.cos(angle), np.sin(angle)
     rx, ry = max(rx, 0.3), max(ry, 0.3)
     # the mask is 0 where dist >= 1, which holds beyond max(rx, ry) from the centre at any angle
@@ -57,7 +61,7 @@ def _as_mask(mask: Mask | np.ndarray) -> Mask:
     return mask if isinstance(mask, Mask) else Mask(slice(None), slice(None), mask)
 
 
-def paint(image: np.ndarray, mask: Mask | np.ndarray, color, opacity: float = 1.0) -> None:
+def paint(image: np.ndarray, mask: Mask | np.ndarray, color: Color, opacity: float = 1.0) -> None:
     rows, cols, values = _as_mask(mask)
     alpha = (values * opacity)[..., None]
     window = image[rows, cols]
@@ -65,7 +69,7 @@ def paint(image: np.ndarray, mask: Mask | np.ndarray, color, opacity: float = 1.
     window += alpha * np.asarray(color, np.float32)
 
 
-def add_light(image: np.ndarray, mask: Mask | np.ndarray, color, gain: float = 1.0) -> None:
+def add_light(image: np.ndarray, mask: Mask | np.ndarray, color: Color, gain: float = 1.0) -> None:
     """Additive emission (fluorescence)."""
     rows, cols, values = _as_mask(mask)
     image[rows, cols] += gain * values[..., None] * np.asarray(color, np.float32)
@@ -76,7 +80,7 @@ def smooth_noise(rng: np.random.Generator, sigma: float) -> np.ndarray:
     return field / (field.std() + 1e-6)
 
 
-def line_mask(y0, x0, y1, x1, width=1.0) -> Mask:
+def line_mask(y0: float, x0: float, y1: float, x1: float, width: float = 1.0) -> Mask:
     reach = width + 0.5  # the mask is 0 where dist >= width + 0.5
     rows, cols = _window(min(y0, y1) - reach, max(y0, y1) + reach, min(x0, x1) - reach, max(x0, x1) + reach)
     py, px = _YY[rows, cols] - y0, _XX[rows, cols] - x0

@@ -7,6 +7,7 @@ is the same on every run and machine, and the benchmark never shares an image wi
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def _column_values(source: SyntheticSource) -> dict[str, str | None]:
     }
 
 
-def _candidates(rng: np.random.Generator, answer: str, pool) -> list[str]:
+def _candidates(rng: np.random.Generator, answer: str, pool: Sequence[str]) -> list[str]:
     """The answer and up to OPTION_DISTRACTORS others from `pool`, shuffled (a per-image subset)."""
     others = [v for v in pool if v != answer]
     picked = [answer, *rng.choice(others, size=min(OPTION_DISTRACTORS, len(others)), replace=False).tolist()]
@@ -99,7 +100,7 @@ def _candidates(rng: np.random.Generator, answer: str, pool) -> list[str]:
     return picked
 
 
-def _caption(rng: np.random.Generator, key: str, template: str, answer: str, pool) -> dict:
+def _caption(rng: np.random.Generator, key: str, template: str, answer: str, pool: Sequence[str]) -> dict:
     picked = _candidates(rng, answer, pool)
     return {
         "id": f"{key}:{answer}",
@@ -111,7 +112,7 @@ def _caption(rng: np.random.Generator, key: str, template: str, answer: str, poo
     }
 
 
-def _question(rng: np.random.Generator, kind: str, answer: str, pool) -> dict:
+def _question(rng: np.random.Generator, kind: str, answer: str, pool: Sequence[str]) -> dict:
     picked = _candidates(rng, answer, pool)
     return {
         "answer": answer,

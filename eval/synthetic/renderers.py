@@ -12,6 +12,7 @@ import numpy as np
 
 from micromerge.eval.synthetic.draw import (
     SIZE,
+    Color,
     add_light,
     canvas,
     ellipse_mask,
@@ -28,11 +29,11 @@ EOSIN = (0.93, 0.62, 0.78)
 HEMATOXYLIN = (0.33, 0.18, 0.52)
 
 
-def _jitter(rng, color, amount=0.06):
+def _jitter(rng: np.random.Generator, color: Color, amount: float = 0.06) -> np.ndarray:
     return np.clip(np.asarray(color) + rng.normal(0, amount, 3), 0, 1)
 
 
-def _pos(rng, margin=4):
+def _pos(rng: np.random.Generator, margin: float = 4) -> np.ndarray:
     return rng.uniform(margin, SIZE - margin, 2)
 
 

@@ -13,14 +13,17 @@ FusionBench gives non-linear parameters the plain mean. Grams come from `eval.st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
 from micromerge.merging.methods.fisher import model_weights, require_statistics, weighted_mean
 
+if TYPE_CHECKING:
+    import torch
 
-def scale_off_diagonal(gram, ratio: float):
+
+def scale_off_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
     import torch
 
     diagonal = torch.diag(torch.diagonal(gram))

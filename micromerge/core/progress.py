@@ -8,7 +8,7 @@ one every LOG_INTERVAL seconds while it runs, and one when it ends.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -34,7 +34,9 @@ class _LogLines:
 class _LogBar(tqdm):
     """A bar in a log: a new postfix (a loss, a rate) waits for the next timed line."""
 
-    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):  # noqa: ARG002 (tqdm's signature)
+    def set_postfix(
+        self, ordered_dict: Mapping[str, object] | None = None, refresh: bool | None = True, **kwargs: Any
+    ) -> None:  # noqa: ARG002 (tqdm's signature)
         super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
