@@ -268,7 +268,10 @@ def merge_to_file(
                         spec.allow_nonfinite,
                     )
                     if holds_the_base:
-                        holds_the_base = data == backend.host_bytes(base.read(key), metas[key].dtype)
+                        own = backend.host_bytes(base.read(key), metas[key].dtype)
+                        holds_the_base = bool(
+                            np.array_equal(np.frombuffer(data, np.uint8), np.frombuffer(own, np.uint8))
+                        )
                 writer.write(key, data)
 
             stream_merge(

@@ -137,17 +137,18 @@ def test_merges_and_further_fine_tunes_carry_the_lineage_and_are_marked(trained,
 def test_a_merge_that_leaves_the_base_carries_only_the_bases_lineage(trained, tmp_path):
     """`merge --alpha 0` writes the base's weights bit for bit, as a sweep's alpha 0 evaluates them."""
     tmp, bench, supervised = trained
-    for alpha, rule, marked in (("0", (), False), ("0", ("--alpha-rule", "visual.*=0.5"), True)):
-        out = tmp_path / f"alpha-{alpha}-{len(rule)}.safetensors"
+    cases = (("numpy", (), False), ("torch", (), False), ("numpy", ("--alpha-rule", "visual.*=0.5"), True))
+    for engine, rule, marked in cases:
+        out = tmp_path / f"alpha-0-{engine}-{len(rule)}.safetensors"
         result = CliRunner().invoke(
             cli,
-            ["merge", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--alpha", alpha,
-             *rule, "--out", str(out), "--quiet"],
+            ["merge", "--base", str(tmp / "base.safetensors"), "--ft", str(supervised), "--alpha", "0",
+             *rule, "--engine", engine, "--out", str(out), "--quiet"],
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
         assert (SUPERVISED_ON in _header_record(out)) is marked and (SUPERVISED_ON in manifest) is marked
-    _, rows = _eval(tmp_path, tmp_path / "alpha-0-0.safetensors", bench, "alpha0.jsonl")
+    _, rows = _eval(tmp_path, tmp_path / "alpha-0-numpy-0.safetensors", bench, "alpha0.jsonl")
     assert all(TRAINED_ON not in r for r in rows)
 
 
