@@ -115,7 +115,7 @@ def blood_cells(rng: np.random.Generator, label: str) -> np.ndarray:
         lobes = rng.integers(3, 5)
         start = rng.uniform(0, 6.28)
         for k in range(lobes):
-            lobe = start + k * 2 * np.pi / lobes
+            lobe = float(start + k * 2 * np.pi / lobes)
             paint(image, ellipse_mask(cy + 5 * np.sin(lobe), cx + 5 * np.cos(lobe), 2.8, 3.2, lobe), nucleus)
     elif label == "eosinophil":
         paint(image, ellipse_mask(cy, cx, 12, 12), (0.95, 0.7, 0.55))
