@@ -19,7 +19,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import Evaluator
 
 if TYPE_CHECKING:
-    from micromerge.merging.models import ClipModel
+    from micromerge.merging.models import ClipModel, Tokenizer
 
 
 class QuestionBank(Protocol):
@@ -31,7 +31,7 @@ class QuestionBank(Protocol):
     @property
     def texts(self) -> list[str]: ...
     @property
-    def tokenizer(self) -> Any: ...
+    def tokenizer(self) -> Tokenizer: ...
     @property
     def device(self) -> torch.device: ...
 

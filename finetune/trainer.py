@@ -505,10 +505,8 @@ class _MicroBatches:
         self.std = torch.tensor(preprocess.get("std", OPENAI_STD), device=self.device).view(1, 3, 1, 1)
         self.resident: torch.Tensor | None = None
         self.stream: Iterator[tuple[torch.Tensor, ...]] | None = None
-        self.epoch, self.permutation = (
-            -1,
-            torch.empty(0, dtype=torch.long),
-        )  # set at the first in-memory batch
+        self.epoch = -1  # no epoch's order drawn yet: the first in-memory batch draws it
+        self.permutation = torch.empty(0, dtype=torch.long)
         n, batch, workers = prepared.count, cfg.batch_size, cfg.workers
         if prepared.shards is not None:
             self.stream = prepared.shards.loader(batch, workers, self.world, self.rank, skip=first)
