@@ -6,8 +6,9 @@ carry it on (`merging.lineage`). Evaluated on the same benchmark (the same files
 marked `trained_on: "task"`, the rows of every other task scoring any of T's images
 `trained_on: "images"` (the model has seen them, with other labels), and the headline rows, which
 pool tasks, `"images"` too. A merge that leaves the base's weights bit for bit (α 0 without per-block
-rules) is the base: a sweep's rows at that α, and a merged file's lineage, are the base's own. A benchmark of other files, such as another copy or the held-out split
-of the data trained on, marks nothing.
+rules) is the base: a sweep's rows at that α, and a merged file's lineage, are the base's own. A
+benchmark of other files, such as another copy or the held-out split of the data trained on, marks
+nothing.
 """
 
 from __future__ import annotations
