@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint typecheck format bench clean
+.PHONY: demo test test-fast test-floors lint typecheck format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,20 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --maxschedchunk 1 -m "not slow"
+
+# The suite with every dependency at the floor pyproject.toml declares (each `NAME>=V` installed as
+# `NAME==V`, so a floor that cannot be installed with the others fails here) on the oldest Python it
+# allows: run by hand when a floor or a library call changes (BENCHMARKS.md). CI's `make test`
+# installs the current releases.
+FLOORS_PYTHON ?= python3.10
+FLOORS_VENV := .venv-floors
+
+test-floors:
+	rm -rf $(FLOORS_VENV) && $(FLOORS_PYTHON) -m venv $(FLOORS_VENV)
+	grep -oE '"[A-Za-z0-9_.-]+>=[0-9][^",;]*' pyproject.toml | tr -d '"' | sed 's/>=/==/' >$(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q uv
+	$(FLOORS_VENV)/bin/uv pip install -q --python $(FLOORS_VENV)/bin/python -c $(FLOORS_VENV)/floors.txt -e '.[dev]'
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 lint: typecheck
 	$(BIN)/ruff check .
@@ -52,4 +66,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOORS_VENV) build *.egg-info .pytest_cache

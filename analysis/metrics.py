@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+from scipy.integrate import trapezoid
 
 from micromerge.analysis.tables import Run
 from micromerge.core.errors import MicromergeError
@@ -161,7 +162,7 @@ def area_under(curve_frame: pd.DataFrame) -> float:
     alphas, values = curve_frame["alpha"].to_numpy(), curve_frame["value"].to_numpy()
     if len(alphas) < 2:
         return float("nan")
-    return float(np.trapezoid(values, alphas) / (alphas[-1] - alphas[0]))
+    return float(trapezoid(values, alphas) / (alphas[-1] - alphas[0]))
 
 
 def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -305,7 +306,7 @@ def test_a_caption_that_is_not_text_is_refused_on_every_path_not_trained_on_as_i
     for read in (load_pairs, index_pairs):
         with pytest.raises(
             MicromergeError,
-            match=r"listed: caption column 'caption' holds List\(Value\('string'\)\), not text",
+            match=rf"listed: caption column 'caption' holds {re.escape(str(listed['caption']))}, not text",
         ):
             read(str(tmp_path / "listed"))
     repo = write_hub_repo(tmp_path / "repo", 4)
@@ -366,7 +367,8 @@ def test_a_datasets_images_as_bytes_structs_or_paths_read_alike_and_a_number_col
     )
     for load in (load_pairs, index_pairs):
         with pytest.raises(
-            MicromergeError, match=r"image column 'image' holds Value\('int64'\), not images or their paths"
+            MicromergeError,
+            match=rf"image column 'image' holds {re.escape(str(datasets.Value('int64')))}, not images or their paths",
         ):
             load(str(tmp_path / "numbers"))
 
