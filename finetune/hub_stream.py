@@ -179,13 +179,24 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     split = training_split(list(splits), spec)
     files = [str(f) for f in splits[split]]
     facts = [(f, os.path.getsize(f)) if os.path.isfile(f) else (f, None) for f in files]
-    return builder.as_streaming_dataset(split=split), facts, _row_count(builder, split, files)
+    return builder.as_streaming_dataset(split=split), facts, _row_count(builder, split, files, spec)
 
 
-def _row_count(builder: datasets.DatasetBuilder, split: str, files: list[str]) -> int | None:
+def _row_count(builder: datasets.DatasetBuilder, split: str, files: list[str], spec: str) -> int | None:
+    """The rows of a local copy from its parquet footers, or the hub card's count. A local file with
+    a row group of no rows (pyarrow and pandas write a table of none so; `datasets` writes no row
+    group) is refused here: datasets' stream fails on it in a DataLoader worker ("BatchSize must be
+    greater than 0", datasets 5.0 to 5.2)."""
     if files and all(os.path.isfile(f) and f.endswith(".parquet") for f in files):
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        footers = [pq.ParquetFile(f).metadata for f in files]
+        for file, footer in zip(files, footers, strict=True):
+            if any(footer.row_group(i).num_rows == 0 for i in range(footer.num_row_groups)):
+                raise MicromergeError(
+                    f"--data {spec}: {file} has a row group of no rows, which datasets' stream cannot "
+                    "read; delete the file if it holds no rows, or write it again without the empty group"
+                )
+        return sum(footer.num_rows for footer in footers)
     known = (builder.info.splits or {}).get(split)
     return known.num_examples if known is not None and known.num_examples else None

@@ -12,6 +12,7 @@ machine; a hub id only adds the download in front of the same `datasets` streami
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -303,6 +304,19 @@ def test_a_worker_whose_share_is_an_empty_file_stops_instead_of_spinning(tmp_pat
     # share was the empty file (it used to end there, and with both ended the stream ran dry).
     assert sorted(int(next(batches)[1]) for _ in range(8 * 9)) == sorted(list(range(8)) * 9)
 
+
+def test_a_file_with_a_row_group_of_no_rows_is_one_line_naming_it(tmp_path):
+    """pyarrow (and pandas through it) writes a table of no rows as one row group of none, and
+    datasets' stream fails on that group in a DataLoader worker ("BatchSize must be greater than
+    0"): refused when the stream opens, naming the file. The file datasets writes (no row group at
+    all) streams, as the test above shows."""
+    _parquet(tmp_path / "repo" / "data" / "train-00000-of-00002.parquet", range(8))
+    empty = tmp_path / "repo" / "data" / "train-00001-of-00002.parquet"
+    schema = pyarrow.parquet.read_schema(tmp_path / "repo" / "data" / "train-00000-of-00002.parquet")
+    pyarrow.parquet.write_table(schema.empty_table(), str(empty))
+    assert pyarrow.parquet.ParquetFile(empty).metadata.row_group(0).num_rows == 0
+    with pytest.raises(MicromergeError, match=re.escape(f"{empty} has a row group of no rows")):
+        HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, _sample_number))
 
 
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
