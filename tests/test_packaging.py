@@ -125,6 +125,26 @@ def test_every_module_the_package_imports_is_a_declared_dependency(dist):
     assert not undeclared, f"imported but not in pyproject's dependencies: {sorted(undeclared)}"
 
 
+def test_every_requirement_has_the_floor_make_test_floors_installs(dist):
+    """`make test-floors` installs each requirement at its floor (`NAME>=V` as `NAME==V`) and runs
+    the suite there: a requirement with no floor, or another kind of bound, would be left to the
+    resolver's newest, never tried at its oldest (how np.trapezoid, numpy 2's, and click 8.2's
+    NoArgsIsHelpError once slipped past floors of numpy 1.26 and click 8.1)."""
+    import re
+
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        requirements = [
+            line.split(":", 1)[1].strip()
+            for line in archive.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+    assert len(requirements) > 20
+    for requirement in requirements:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+>=[0-9][0-9.]*(\s*;.*)?", requirement), requirement
+
+
 def test_the_installed_wheel_runs_outside_the_checkout(dist, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
