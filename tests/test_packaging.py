@@ -93,6 +93,15 @@ def _module_distributions() -> dict[str, set[str]]:
     return owners
 
 
+def _requirements(dist: Path) -> list[str]:
+    """The wheel's `Requires-Dist` entries, as written (`torch>=2.6`, `pytest>=8; extra == "dev"`)."""
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = archive.read(metadata).decode().splitlines()
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
+
+
 def test_every_module_the_package_imports_is_a_declared_dependency(dist):
     """A module the package imports but does not declare works here, where something else brought
     it, and fails for a user whose other packages don't: tomli (imported where tomllib is missing,
@@ -100,14 +109,13 @@ def test_every_module_the_package_imports_is_a_declared_dependency(dist):
     releases, pyarrow only through datasets, braceexpand only through webdataset."""
     import re
 
+    requires = {
+        re.split(r"[\s;<>=!~\[(]", requirement)[0].lower().replace("_", "-")
+        for requirement in _requirements(dist)
+        if "extra ==" not in requirement
+    }
     (wheel,) = dist.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        requires = {
-            re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip())[0].lower().replace("_", "-")
-            for line in archive.read(metadata).decode().splitlines()
-            if line.startswith("Requires-Dist:") and "extra ==" not in line
-        }
         imported = {
             module.split(".")[0]
             for name in archive.namelist()
@@ -132,14 +140,7 @@ def test_every_requirement_has_the_floor_make_test_floors_installs(dist):
     NoArgsIsHelpError once slipped past floors of numpy 1.26 and click 8.1)."""
     import re
 
-    (wheel,) = dist.glob("*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        requirements = [
-            line.split(":", 1)[1].strip()
-            for line in archive.read(metadata).decode().splitlines()
-            if line.startswith("Requires-Dist:")
-        ]
+    requirements = _requirements(dist)
     assert len(requirements) > 20
     for requirement in requirements:
         assert re.fullmatch(r"[A-Za-z0-9_.-]+>=[0-9][0-9.]*(\s*;.*)?", requirement), requirement
