@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast test-floors lint typecheck format bench clean
+.PHONY: demo test test-fast test-floors test-newest lint typecheck format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ test-floors:
 	$(FLOORS_VENV)/bin/uv pip install -q --python $(FLOORS_VENV)/bin/python -c $(FLOORS_VENV)/floors.txt -e '.[dev]'
 	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
+# Its counterpart: the newest release of every dependency, constraints.txt's pins lifted (torch and
+# webdataset are held back there for this project's machines), on the newest Python: what a user
+# installing micromerge today gets. uv, because it reads no pip configuration (a machine's pip
+# constraints would hold torch back as well). Run by hand, like test-floors.
+NEWEST_PYTHON ?= python3.13
+NEWEST_VENV := .venv-newest
+
+test-newest:
+	rm -rf $(NEWEST_VENV) && $(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q uv
+	$(NEWEST_VENV)/bin/uv pip install -q --python $(NEWEST_VENV)/bin/python -e '.[dev]'
+	$(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+
 lint: typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -66,4 +79,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(FLOORS_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOORS_VENV) $(NEWEST_VENV) build *.egg-info .pytest_cache
