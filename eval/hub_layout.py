@@ -238,9 +238,13 @@ def fetch_from_hub(revision: str) -> Path:
                 raise
             root = fetch(local_files_only=True)
     except Exception as exc:
+        why = (
+            "(HF_HUB_OFFLINE=1)"
+            if offline
+            else f"and the hub is unreachable ({type(exc).__name__}; HF_HUB_OFFLINE=1 fails fast)"
+        )
         raise MicromergeError(
-            f"--data {HUB_ID}@{revision[:12]}: not in the Hugging Face cache and the hub is unreachable "
-            f"({type(exc).__name__}; HF_HUB_OFFLINE=1 fails fast); copy it where there is a network "
+            f"--data {HUB_ID}@{revision[:12]}: not in the Hugging Face cache {why}; copy it where there is a network "
             f"(`{hf_download_command(HUB_ID, dataset=True, revision=revision, include=HUB_FOLDER + '/*')}`) "
             "and pass --data DIR"
         ) from exc

@@ -246,9 +246,10 @@ def _offline_error(what: str, repo: str, exc: Exception, release_url: str = "") 
         if release_digest(release_url)
         else ""
     )
+    fast = "" if offline else ", or set HF_HUB_OFFLINE=1 to fail fast"
     return MicromergeError(
         f"{what}: cannot fetch {repo} ({why}); download it where there is a network "
-        f"(`{hf_download_command(repo)}`) and pass DIR instead{release}, or set HF_HUB_OFFLINE=1 to fail fast"
+        f"(`{hf_download_command(repo)}`) and pass DIR instead{release}{fast}"
     )
 
 

@@ -236,7 +236,25 @@ def test_a_cached_snapshot_is_read_offline_and_when_the_hub_is_unreachable(monke
 
 def test_hub_copy_offline_without_cache_is_a_clear_error():
     with pytest.raises(
-        MicromergeError, match="jnirschl/uBench@3f2c5b590bc7: not in the Hugging Face cache.*--data"
+        MicromergeError,
+        match=r"jnirschl/uBench@3f2c5b590bc7: not in the Hugging Face cache \(HF_HUB_OFFLINE=1\);.*--data",
+    ) as raised:
+        load_benchmark("ubench")
+    assert "unreachable" not in str(raised.value)  # offline by the setting, not for want of a network
+
+
+def test_hub_copy_unreachable_without_cache_says_the_hub_could_not_be_reached(monkeypatch):
+    import huggingface_hub
+
+    def snapshot_download(*args, **kwargs):
+        raise ConnectionError("the hub cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(
+        MicromergeError,
+        match=r"not in the Hugging Face cache and the hub is unreachable \(ConnectionError; HF_HUB_OFFLINE=1 fails fast\)",
     ):
         load_benchmark("ubench")
 

@@ -78,12 +78,13 @@ def test_transformers_format_needs_torch_for_the_numpy_engine(tmp_path):
 
 def test_the_offline_error_says_whether_the_hub_was_off_or_unreachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" in str(
-        _offline_error("x", "o/r", OSError())
-    )
+    message = str(_offline_error("x", "o/r", OSError()))
+    assert "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" in message
+    assert "set HF_HUB_OFFLINE=1" not in message  # it is set: no advice to set it
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     message = str(_offline_error("x", "o/r", OSError()))
     assert "the hub is unreachable" in message and "not in the Hugging Face cache" not in message
+    assert message.endswith("or set HF_HUB_OFFLINE=1 to fail fast")
 
 
 @pytest.mark.parametrize(
