@@ -28,7 +28,8 @@ from micromerge.eval.images import DECODE_IDENTITY, ImageCache, PixelFeed, build
 from micromerge.eval.metrics import classification_metrics, correctness_metrics
 from micromerge.eval.source_metadata import load_source_table
 from micromerge.eval.store import ResultStore, coefficients_file
-from micromerge.eval.tasks import Task, discover_tasks, select_tasks
+from micromerge.eval.task_selection import select_tasks
+from micromerge.eval.tasks import Task, discover_tasks
 from micromerge.eval.trained_on import mark_rows, trained_on_marks, warn_trained_on
 from micromerge.eval.zeroshot import (
     class_embeddings,

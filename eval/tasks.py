@@ -298,21 +298,3 @@ def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) 
             )
         )
     return tasks
-
-
-def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...], option: str = "--tasks") -> list[Task]:
-    """`all`, `coarse`, `fine`, or a comma-separated list of task names and levels; errors name
-    `option`, the flag the user typed (`finetune supervised` takes one `--task`)."""
-    names = [wanted] if isinstance(wanted, str) else list(wanted)
-    names = [n.strip() for part in names for n in part.split(",") if n.strip()]
-    if not names:
-        raise MicromergeError(f"{option}: empty; give all, coarse, fine or task names")
-    if "all" in names:
-        return tasks
-    known = {t.name: t for t in tasks}
-    unknown = [n for n in names if n not in known and n not in ("coarse", "fine")]
-    if unknown:
-        raise MicromergeError(
-            f"{option}: unknown task(s) {unknown}; available: {sorted(known)} (or all, coarse, fine)"
-        )
-    return [t for t in tasks if t.name in names or t.level in names]

@@ -250,7 +250,8 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
     from datasets import Image
 
     from micromerge.eval.data import column_values, load_benchmark
-    from micromerge.eval.tasks import discover_tasks, select_tasks
+    from micromerge.eval.task_selection import select_tasks
+    from micromerge.eval.tasks import discover_tasks
     from micromerge.eval.zeroshot import class_embeddings
 
     bench = load_benchmark(cfg.data, progress=cfg.progress)

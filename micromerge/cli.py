@@ -493,7 +493,8 @@ def _eval_options(func: Command) -> Command:
             "--tasks",
             default="all",
             show_default=True,
-            help="all, coarse, fine, or comma-separated task names.",
+            help="Comma-separated: all, coarse, fine, task names, name patterns (held_*) or groups as "
+            "`micromerge tasks` lists them (domain:pathology, scale:tissue, paper:yes).",
         ),
         click.option(
             "--store",
@@ -955,7 +956,10 @@ def finetune_contrastive(ctx: click.Context, **values: Any) -> None:
 
 @finetune_group.command("supervised")
 @_finetune_options
-@click.option("--task", help="Task name in --data (a μ-Bench-schema dataset).")
+@click.option(
+    "--task",
+    help="The one task of --data (a μ-Bench-schema dataset) to train on: a name, or a pattern or group naming one.",
+)
 @click.option(
     "--freeze-text/--train-text", default=None, help="Freeze the text tower (default: frozen, as in WiSE-FT)."
 )

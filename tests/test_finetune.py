@@ -153,7 +153,8 @@ def test_jsonl_saved_dataset_and_tar_shards_give_the_same_training(tmp_path, bas
 
 def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_frozen(tmp_path, base):
     from micromerge.eval.data import load_benchmark
-    from micromerge.eval.tasks import discover_tasks, select_tasks
+    from micromerge.eval.task_selection import select_tasks
+    from micromerge.eval.tasks import discover_tasks
     from micromerge.eval.zeroshot import class_embeddings
     from micromerge.merging.models import load_model, tokenizer_for
     from micromerge.merging.sources import open_source

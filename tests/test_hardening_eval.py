@@ -354,7 +354,8 @@ def test_report_on_a_coarse_only_sweep_without_a_manifest(setup):
 
 
 def test_levels_combine_in_a_task_selection(setup):
-    from micromerge.eval.tasks import discover_tasks, select_tasks
+    from micromerge.eval.task_selection import select_tasks
+    from micromerge.eval.tasks import discover_tasks
 
     tasks = discover_tasks(load_benchmark(str(setup[1])).dataset)
     assert select_tasks(tasks, "coarse,fine") == tasks

@@ -184,7 +184,7 @@ def test_the_fine_headline_holds_only_sources_of_the_papers_tables():
 
 
 def test_a_task_selection_reads_names_and_levels_with_spaces_after_commas(rows):
-    from micromerge.eval.tasks import select_tasks
+    from micromerge.eval.task_selection import select_tasks
 
     tasks = list(_tasks(rows).values())
     chosen = select_tasks(tasks, "stain, fine")

@@ -1,0 +1,129 @@
+"""`--tasks` by name, pattern and group (eval/task_selection.py), on the fixture's tasks.
+
+The fixture (tests/ubench_fixture.py, facts from ../shared/ubench/SCHEMA.md) has the five coarse
+tasks and five sources; their groups come from the rows (`domain`, `modality`, ...) and from
+eval/ubench_sources.toml (taxonomy, scale, whether the source is in the paper's tables):
+kather_et_al_2016 and nirschl_et_al_2018 are pathology at tissue scale; eulenberg_et_al_2017_darkfield
+and held_et_al_2010_h2b biology at cellular scale; opencell is biology, subcellular, on the Hub but
+not in the paper's tables, with the taxonomy `cell, organism or structure identification` (a comma
+inside a value).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
+from micromerge.eval.task_selection import select_tasks
+from tests.helpers import write_checkpoint
+from tests.test_task_registry import _tasks
+from tests.ubench_fixture import fixture_rows, write_fixture
+
+COARSE = ["modality", "submodality", "domain", "subdomain", "stain"]
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list:
+    return list(_tasks(fixture_rows(per_class=1, corrupt=0)).values())
+
+
+def _names(tasks, wanted) -> list[str]:
+    return [t.name for t in select_tasks(tasks, wanted)]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "expected"),
+    [
+        ("domain:pathology", ["kather_et_al_2016", "nirschl_et_al_2018"]),
+        ("scale:cellular", ["eulenberg_et_al_2017_darkfield", "held_et_al_2010_h2b"]),
+        ("modality:fluorescence microscopy", ["held_et_al_2010_h2b", "opencell"]),
+        ("paper:no", ["opencell"]),
+        ("level:coarse", COARSE),
+        ("held_et_al_2010_*", ["held_et_al_2010_h2b"]),
+        ("*_et_al_201[68]", ["kather_et_al_2016", "nirschl_et_al_2018"]),
+    ],
+)
+def test_a_group_or_a_pattern_selects_exactly_its_tasks(tasks, wanted, expected):
+    assert _names(tasks, wanted) == expected
+
+
+def test_items_combine_as_a_union_in_the_benchmarks_order(tasks):
+    chosen = _names(tasks, "domain:pathology, eulenberg_*,coarse,kather_et_al_2016")
+    assert chosen == [*COARSE, "eulenberg_et_al_2017_darkfield", "kather_et_al_2016", "nirschl_et_al_2018"]
+    assert (
+        _names(tasks, "level:fine") == _names(tasks, "fine") == [t.name for t in tasks if t.level == "fine"]
+    )
+
+
+def test_a_group_value_holding_a_comma_is_read_whole(tasks):
+    assert _names(tasks, "taxonomy:cell, organism or structure identification") == ["opencell"]
+    assert _names(tasks, "coarse,taxonomy:cell, organism or structure identification,scale:tissue") == [
+        *COARSE,
+        "kather_et_al_2016",
+        "nirschl_et_al_2018",
+        "opencell",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [
+        (
+            "domain:pathologgy",
+            r"^--tasks domain:pathologgy: no task has domain 'pathologgy'; its values: biology, pathology$",
+        ),
+        ("domain:all", r"no task has domain 'all'"),  # what coarse tasks hold is no group of them
+        (
+            "colour:red",
+            r"^--tasks colour:red: 'colour' is no group kind of these tasks; kinds: domain, .*taxonomy$",
+        ),
+        ("burgess_*", r"^--tasks burgess_\*: matches no task name; task names: modality, .*opencell$"),
+        (
+            "coarse,kather",
+            r"^--tasks: unknown task\(s\) \['kather'\]; available: .*a group such as domain:pathology\)$",
+        ),
+        (" , ", r"^--tasks: empty"),
+    ],
+)
+def test_an_item_that_selects_nothing_is_one_line_naming_it_and_what_it_could_be(tasks, wanted, message):
+    with pytest.raises(MicromergeError, match=message):
+        select_tasks(tasks, wanted)
+
+
+def _eval(tmp, bench, tasks, store):
+    return CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--model",
+            str(tmp / "m.safetensors"),
+            "--data",
+            str(bench),
+            "--tasks",
+            tasks,
+            "--store",
+            str(store),
+            "--cache-dir",
+            str(tmp / "cache"),
+            "--bootstrap",
+            "0",
+            "--quiet",
+        ],
+    )
+
+
+def test_eval_scores_the_tasks_a_group_names_and_refuses_a_misspelt_one_before_writing(tmp_path):
+    bench = write_fixture(tmp_path / "bench", per_class=1)
+    write_checkpoint(tmp_path / "m.safetensors", 0)
+    store = tmp_path / "r.jsonl"
+    refused = _eval(tmp_path, bench, "domain:pathologgy", store)
+    assert refused.exit_code == 2 and "no task has domain 'pathologgy'" in refused.output
+    assert not store.exists()
+    result = _eval(tmp_path, bench, "domain:pathology", store)
+    assert result.exit_code == 0, result.output
+    scored = {json.loads(line)["task"] for line in store.read_text().splitlines()}
+    assert scored == {"kather_et_al_2016", "nirschl_et_al_2018"}
