@@ -5,8 +5,9 @@ it will be reported on: `--tasks coarse,domain:pathology` instead of eight sourc
 A selection is a comma-separated union of items, each one of:
 - `all`, `coarse`, `fine` (also written `level:coarse`, `level:fine`);
 - a task name (`kather_et_al_2016`), or a shell pattern of names (`held_et_al_2010_*`);
-- a group `KIND:VALUE` of the fine-grained tasks' metadata, as `report --target` names it
-  (`domain:pathology`, `modality:electron microscopy`, `scale:tissue`, `paper:yes`, ...). Some values
+- a group `KIND:VALUE` of the fine-grained tasks' metadata in `report --target`'s words
+  (`domain:pathology`, `modality:electron microscopy`, `scale:tissue`), and also the kinds a report
+  does not group by (`paper:yes|no`, `synthetic:yes|no`, `fine_headline:yes|no`). Some values
   hold a comma (taxonomy `cell, organism or structure identification`): a run of comma-separated
   pieces that together spell a group is read as that group.
 Every item must select something: a typo is an error that names it and what it could have been,
