@@ -614,21 +614,31 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 @cli.command("tasks")
 @click.option("--data", default="ubench", show_default=True, help=UBENCH_DATA_HELP)
 @click.option("--sources", type=click.Path(), help="TOML overriding the source metadata table.")
+@click.option(
+    "--tasks",
+    "wanted",
+    default="all",
+    show_default=True,
+    help="List only these (as eval's --tasks reads them): what a selection would score, before it runs.",
+)
 @friendly_errors
-def tasks_command(data: str, sources: str | None) -> None:
+def tasks_command(data: str, sources: str | None, wanted: str) -> None:
     """List every task with its images, classes, caption keys and metadata groups."""
     from pathlib import Path
 
     from micromerge.eval.data import load_benchmark
     from micromerge.eval.source_metadata import load_source_table
+    from micromerge.eval.task_selection import select_tasks
     from micromerge.eval.tasks import discover_tasks
 
     bench = load_benchmark(data)
+    every = discover_tasks(bench.dataset, load_source_table(Path(sources) if sources else None))
+    chosen = select_tasks(every, wanted)
     click.echo(
         f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  {'caption keys':<34} "
         "domain / subdomain / modality / scale / taxonomy / in paper"
     )
-    for task in discover_tasks(bench.dataset, load_source_table(Path(sources) if sources else None)):
+    for task in chosen:
         g = task.groups
         keys = ",".join(q.key for q in task.questions) or "-"
         click.echo(

@@ -127,3 +127,15 @@ def test_eval_scores_the_tasks_a_group_names_and_refuses_a_misspelt_one_before_w
     assert result.exit_code == 0, result.output
     scored = {json.loads(line)["task"] for line in store.read_text().splitlines()}
     assert scored == {"kather_et_al_2016", "nirschl_et_al_2018"}
+
+
+def test_the_tasks_listing_shows_what_a_selection_picks_and_refuses_a_misspelt_one_first(tmp_path):
+    bench = write_fixture(tmp_path / "bench", per_class=1)
+    listed = CliRunner().invoke(cli, ["tasks", "--data", str(bench), "--tasks", "stain,scale:tissue"])
+    assert listed.exit_code == 0, listed.output
+    rows = [line.split()[0] for line in listed.output.splitlines()[1:] if not line.startswith("  note")]
+    assert rows == ["stain", "kather_et_al_2016", "nirschl_et_al_2018"]
+    refused = CliRunner().invoke(cli, ["tasks", "--data", str(bench), "--tasks", "scale:tisue"])
+    assert refused.exit_code == 2 and refused.output.startswith(
+        "error: --tasks scale:tisue: no task has scale"
+    )
