@@ -83,13 +83,13 @@ def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...], option: str =
     items = [item for text in texts for item in _items(text, kinds)]
     if not items:
         raise MicromergeError(f"{option}: empty; give all, coarse, fine, task names, name patterns or groups")
-    if "all" in items:
-        return tasks
     names = [t.name for t in tasks]
     chosen: set[str] = set()
     unknown = []
     for item in items:
-        if item in LEVELS:
+        if item == "all":
+            chosen.update(names)
+        elif item in LEVELS:
             chosen |= _group_members(tasks, "level", item, kinds, option)
         elif item in names:
             chosen.add(item)

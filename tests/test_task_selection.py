@@ -87,6 +87,7 @@ def test_a_group_value_holding_a_comma_is_read_whole(tasks):
             r"^--tasks: unknown task\(s\) \['kather'\]; available: .*a group such as domain:pathology\)$",
         ),
         (" , ", r"^--tasks: empty"),
+        ("all,kather", r"^--tasks: unknown task\(s\) \['kather'\]"),  # `all` does not hide a typo
     ],
 )
 def test_an_item_that_selects_nothing_is_one_line_naming_it_and_what_it_could_be(tasks, wanted, message):
