@@ -33,8 +33,7 @@ from safetensors.torch import load_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.eval.corpus_questions import corpus_questions, open_corpus
-from micromerge.eval.data import Benchmark
-from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import QuestionBank, Questions, option_log_probs, select_questions
 from micromerge.merging.execute import StatisticsInput, input_hashes
@@ -118,8 +117,22 @@ def describe_request(request: StatisticsRequest) -> dict[str, Any]:
     }
 
 
-def describe(request: StatisticsRequest, bench: Benchmark) -> dict[str, Any]:
-    return {**describe_request(request), "data_fingerprint": bench.fingerprint, "split": SPLIT}
+def question_scope(prepared: Prepared) -> str | list[str]:
+    """The tasks whose select-half questions statistics and learned coefficients are drawn from, as
+    their cache keys and provenance record it: `all` for every task with questions, else the names
+    (a sweep's `--tasks coarse` learns from other questions than `--tasks fine`: one cache entry
+    served both, and the record did not say which)."""
+    names = [t.name for t in prepared.tasks]
+    return "all" if names == [t.name for t in prepared.every if t.questions] else names
+
+
+def describe(request: StatisticsRequest, prepared: Prepared) -> dict[str, Any]:
+    return {
+        **describe_request(request),
+        "data_fingerprint": prepared.bench.fingerprint,
+        "split": SPLIT,
+        "tasks": question_scope(prepared),
+    }
 
 
 def model_statistics(
@@ -135,7 +148,7 @@ def model_statistics(
     settings = replace(settings, protocol="ubench")
     if data is None:
         prepared = prepare(settings, writes_results=False)
-        described = describe(request, prepared.bench)
+        described = describe(request, prepared)
     else:
         pairs, corpus = open_corpus(data)
         described = {**describe_request(request), **corpus}

@@ -483,3 +483,21 @@ def test_a_statistics_cache_damaged_on_disk_is_computed_again(tmp_path, setting,
     assert again.exit_code == 0, again.output
     merged = load_file(str(tmp_path / "m.safetensors"))
     assert all(torch.equal(first[k], merged[k]) for k in first)
+
+
+def test_statistics_are_keyed_and_recorded_by_the_tasks_their_questions_come_from(setting):
+    """A sweep's `--tasks` limits the questions statistics are drawn from: `--tasks coarse` and the
+    whole benchmark are other statistics, each cached and recorded as what it is (one cache entry
+    served both, and the record did not say which). A selection of every task is `all`."""
+    settings, models = setting
+    cpu = torch.device("cpu")
+    coarse_settings = replace(settings, tasks="coarse")
+    coarse_tasks = [t.name for t in prepare(coarse_settings, writes_results=False).tasks]
+    request = StatisticsRequest("gram", samples=24)
+    every, every_described = model_statistics(models[1], request, settings, cpu)
+    coarse, coarse_described = model_statistics(models[1], request, coarse_settings, cpu)
+    _, spelt_out = model_statistics(models[1], request, replace(settings, tasks="coarse,fine"), cpu)
+    assert every_described["tasks"] == spelt_out["tasks"] == "all"
+    assert coarse_described["tasks"] == coarse_tasks and "kather_et_al_2016" not in coarse_tasks
+    assert any(not torch.equal(every[k], coarse[k]) for k in every), "drawn from other questions"
+    assert len(list((settings.cache_dir / "statistics").glob("gram-*.safetensors"))) == 2

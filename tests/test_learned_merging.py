@@ -410,6 +410,20 @@ def test_coefficients_learned_by_another_version_are_learned_again(setting, monk
     assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
 
 
+def test_coefficients_are_learned_per_task_selection(setting):  # noqa: F811
+    """The cache key and the record hold the tasks whose questions they learn from (a sweep's
+    `--tasks coarse` reused coefficients learned on every task)."""
+    from dataclasses import replace
+
+    settings, models = setting
+    params = MethodParams(steps=2, granularity="task", samples=16)
+    every = learned_coefficients("adamerging", models, params, settings, CPU)
+    coarse = learned_coefficients("adamerging", models, params, replace(settings, tasks="coarse"), CPU)
+    assert every.described[0]["tasks"] == "all"
+    assert coarse.described[0]["tasks"] and "kather_et_al_2016" not in coarse.described[0]["tasks"]
+    assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
+
+
 def test_coefficients_are_learned_per_specialist_not_per_base(three):
     """The cache key holds every model's sha256: another specialist on the same base learns anew."""
     settings, models = three
