@@ -42,6 +42,16 @@ def _names(tasks, wanted) -> list[str]:
         ("scale:cellular", ["eulenberg_et_al_2017_darkfield", "held_et_al_2010_h2b"]),
         ("modality:fluorescence microscopy", ["held_et_al_2010_h2b", "opencell"]),
         ("paper:no", ["opencell"]),
+        (
+            "coarse,paper:yes",
+            [
+                *COARSE,
+                "eulenberg_et_al_2017_darkfield",
+                "held_et_al_2010_h2b",
+                "kather_et_al_2016",
+                "nirschl_et_al_2018",
+            ],
+        ),
         ("level:coarse", COARSE),
         ("held_et_al_2010_*", ["held_et_al_2010_h2b"]),
         ("*_et_al_201[68]", ["kather_et_al_2016", "nirschl_et_al_2018"]),
