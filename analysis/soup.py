@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from micromerge.analysis.metrics import curve
-from micromerge.analysis.tables import load_runs
+from micromerge.analysis.tables import run_of_rows
 from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
@@ -98,10 +98,10 @@ def _score(
     spec = MergeSpec("linear", MethodParams(weights=weights), rules)
     label = f"{GREEDY_SOUP} candidate {list(weights)}"
     plan = SweepPlan(base, finetuned, spec, (1.0,), access, label=label)
-    rows = run_sweep(plan, settings, device, prepared=prepared)
+    rows = run_sweep(plan, settings, device, prepared=prepared)  # this selection's tasks only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # candidates are single points by design
-        run = next(r for r in load_runs(settings.store) if r.run_id == rows[0]["run_id"])
+        run = run_of_rows(rows[0]["run_id"], rows)
     halves = {split: curve(run, None, "accuracy", split)["value"] for split in ("select", "report")}
     empty = [split for split, values in halves.items() if values.empty]
     if empty:

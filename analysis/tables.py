@@ -79,12 +79,12 @@ def load_runs(store_path: str | Path) -> list[Run]:
     for row in rows:
         by_run.setdefault(row["run_id"], []).append(row)
     with cycle_collection_paused():  # a table row per store row: hundreds of thousands on a grid
-        runs = [_run(run_id, run_rows) for run_id, run_rows in by_run.items()]
+        runs = [run_of_rows(run_id, run_rows) for run_id, run_rows in by_run.items()]
     _attach_references(runs)
     return runs
 
 
-def _run(run_id: str, run_rows: list[dict[str, Any]]) -> Run:
+def run_of_rows(run_id: str, run_rows: list[dict[str, Any]]) -> Run:
     """One run's rows as its tables (missing rows are warned about, not fatal)."""
     first = run_rows[0]
     table = task_table(run_rows)

@@ -559,7 +559,7 @@ def run_eval(
         store = ResultStore(settings.store)
         done = store.done(run_id)
         if _complete(done, None, tasks, settings.protocol):
-            return store.rows(run_id)
+            return of_selection(store.rows(run_id), prepared)
         model, config = load_model(source)
         trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.every, tasks)
     warn_trained_on(model_spec, trained, marks)
@@ -581,6 +581,16 @@ def run_eval(
     rows = [{**base_row, "alpha": None, **r} for r in mark_rows(evaluator.evaluate(model), marks)]
     store.append(_unstored(rows, done, settings.protocol))
     return rows
+
+
+def of_selection(rows: list[dict[str, Any]], prepared: Prepared) -> list[dict[str, Any]]:
+    """The rows of this call's tasks and the headlines they complete. A run is keyed on its models,
+    data and method, not on `--tasks`, so selections evaluated into one store add up to one run (a
+    second selection resumes the first); what an evaluation or sweep returns, and what a soup
+    chooses and reports on, is its own selection's: a `--tasks coarse` soup into a store that held
+    an all-task soup chose and reported on every task's rows."""
+    wanted = {t.name for t in prepared.tasks} | prepared.headlines
+    return [row for row in rows if row["task"] in wanted]
 
 
 def process_share(
@@ -706,4 +716,4 @@ def run_sweep(
         base.close()
         for source in finetuned:
             source.close()
-    return store.rows(run_id)
+    return of_selection(store.rows(run_id), prepared)

@@ -297,3 +297,21 @@ def test_soup_reads_a_specialist_that_needs_allow_pickle_when_given_it(tmp_path,
     result = CliRunner().invoke(cli, [*args, "--allow-pickle"])
     assert result.exit_code == 0, result.output
     assert "m2.pt" in result.output and (tmp_path / "s.safetensors").is_file()
+
+
+def test_a_soup_on_some_tasks_chooses_on_those_even_in_a_store_that_holds_others(tmp_path, setting):
+    """A run is keyed on its models, data and method, not on --tasks, so a store that already holds an
+    all-task soup's candidates holds rows of every task under the candidates' run ids. A `--tasks
+    coarse` soup into it chose and reported on all of them (the all-task soup's numbers to the
+    digit); it must match the same soup into a fresh store, and its rows hold only its own tasks."""
+    settings, models = setting
+    cpu = torch.device("cpu")
+    greedy_soup(models[0], tuple(models[1:]), settings, cpu)
+    coarse = replace(settings, tasks="coarse")
+    shared = greedy_soup(models[0], tuple(models[1:]), coarse, cpu)
+    fresh = greedy_soup(models[0], tuple(models[1:]), replace(coarse, store=tmp_path / "fresh.jsonl"), cpu)
+    assert shared.own_select == fresh.own_select
+    assert (shared.select_mean, shared.report_mean) == (fresh.select_mean, fresh.report_mean)
+    coarse_tasks = {"modality", "submodality", "domain", "subdomain", "stain", "ubench:coarse"}
+    soup_rows = [r for r in ResultStore(settings.store).rows() if r["run_id"] == shared.run_id]
+    assert soup_rows and {r["task"] for r in soup_rows} <= coarse_tasks

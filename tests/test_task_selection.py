@@ -150,3 +150,27 @@ def test_the_tasks_listing_shows_what_a_selection_picks_and_refuses_a_misspelt_o
     assert refused.exit_code == 2 and refused.output.startswith(
         "error: --tasks scale:tisue: no task has scale"
     )
+
+
+def test_an_evaluation_returns_its_own_selections_rows_from_a_store_that_holds_more(tmp_path):
+    """Selections evaluated into one store add up to one run (it is keyed on the model and data, not
+    on --tasks), but what `eval` prints of a second, finished selection is that selection's rows:
+    it returned, and printed the means of, every task the store held."""
+    from dataclasses import replace
+
+    import torch
+
+    from micromerge.eval.engine import EvalSettings, run_eval
+
+    bench = write_fixture(tmp_path / "bench", per_class=1)
+    write_checkpoint(tmp_path / "m.safetensors", 0)
+    settings = EvalSettings(
+        data=str(bench), store=tmp_path / "r.jsonl", cache_dir=tmp_path / "c", bootstrap=0, progress=False
+    )
+    every = run_eval(str(tmp_path / "m.safetensors"), settings, torch.device("cpu"))
+    pathology = run_eval(
+        str(tmp_path / "m.safetensors"), replace(settings, tasks="domain:pathology"), torch.device("cpu")
+    )
+    assert {r["run_id"] for r in every} == {r["run_id"] for r in pathology}, "one run, resumed"
+    assert {r["task"] for r in pathology} == {"kather_et_al_2016", "nirschl_et_al_2018"}
+    assert {r["task"] for r in every} > {r["task"] for r in pathology}
