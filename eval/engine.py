@@ -559,7 +559,7 @@ def run_eval(
         store = ResultStore(settings.store)
         done = store.done(run_id)
         if _complete(done, None, tasks, settings.protocol):
-            return of_selection(store.rows(run_id), prepared)
+            return _of_selection(store.rows(run_id), prepared)
         model, config = load_model(source)
         trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.every, tasks)
     warn_trained_on(model_spec, trained, marks)
@@ -583,7 +583,7 @@ def run_eval(
     return rows
 
 
-def of_selection(rows: list[dict[str, Any]], prepared: Prepared) -> list[dict[str, Any]]:
+def _of_selection(rows: list[dict[str, Any]], prepared: Prepared) -> list[dict[str, Any]]:
     """The rows of this call's tasks and the headlines they complete. A run is keyed on its models,
     data and method, not on `--tasks`, so selections evaluated into one store add up to one run (a
     second selection resumes the first); what an evaluation or sweep returns, and what a soup
@@ -716,4 +716,4 @@ def run_sweep(
         base.close()
         for source in finetuned:
             source.close()
-    return of_selection(store.rows(run_id), prepared)
+    return _of_selection(store.rows(run_id), prepared)
