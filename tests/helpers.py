@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -55,6 +56,14 @@ def two_process_launch(*cli_args: str) -> list[str]:
         "micromerge.cli",
         *cli_args,
     ]
+
+
+def launch_failure(result: subprocess.CompletedProcess) -> str:
+    """What a failed `accelerate launch` said: its own traceback (the last 2,000 characters) hides
+    why a rank died (a rank's SIGABRT in a CI run said nothing more), so the ranks' output before
+    it comes first."""
+    ranks, _, launcher = result.stderr.partition("Traceback (most recent call last)")
+    return f"ranks' output:\n{ranks[-4000:]}\nlauncher:\n{launcher[-1500:]}"
 
 
 def deny_access(monkeypatch, path: Path, mode: int) -> None:

@@ -31,7 +31,7 @@ from micromerge.eval.store import ResultStore
 from micromerge.eval.tasks import discover_tasks
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-from tests.helpers import two_process_launch, write_checkpoint
+from tests.helpers import launch_failure, two_process_launch, write_checkpoint
 from tests.ubench_fixture import fixture_dataset, write_fixture
 
 
@@ -1100,7 +1100,7 @@ def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, 
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launch_failure(result)
     rows = ResultStore(tmp_path / "s.jsonl").rows()
     keys = [_identity(r) for r in rows]
     assert len(keys) == len(set(keys)) == 5 * (9 * 3 * 3 * 2 + 2 * 3)

@@ -23,7 +23,7 @@ from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.trainer import epoch_order, run_finetune
-from tests.helpers import two_process_launch, write_checkpoint
+from tests.helpers import launch_failure, two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
 
@@ -456,7 +456,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, launch_failure(result)
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["processes"] == 2
     assert len(set(manifest["rank_weight_sha256"])) == 1
