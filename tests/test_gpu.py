@@ -26,7 +26,7 @@ from micromerge.merging.methods import METHODS, MethodParams
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model
 from micromerge.merging.plan import MergeSpec
 from micromerge.merging.sources import open_source
-from tests.helpers import write_checkpoint
+from tests.helpers import launch_failure, write_checkpoint
 from tests.test_finetune import config, write_csv_folder
 from tests.ubench_fixture import write_fixture
 
@@ -199,7 +199,7 @@ def test_fsdp_through_accelerate_ends_where_a_plain_gpu_run_ends(tmp_path, model
         [*fsdp, *args, "--lr", "1e-3", "--save-every", "2"], capture_output=True, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
     assert json.loads((tmp_path / "fsdp" / "manifest.json").read_text())["distributed"] == "FSDP"
     sharded, whole = load_file(str(tmp_path / "fsdp" / "model.safetensors")), load_file(str(plain))
     assert sharded.keys() == whole.keys()
