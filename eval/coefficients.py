@@ -38,7 +38,7 @@ from micromerge.core.progress import progress_bar
 from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import Questions, option_log_probs, select_questions
-from micromerge.eval.statistics import SPLIT, question_scope
+from micromerge.eval.statistics import SPLIT, question_digest, question_scope
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams
 from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
@@ -266,6 +266,7 @@ def learned_coefficients(
             "micromerge_version": micromerge.__version__,
             "data_fingerprint": prepared.bench.fingerprint,
             "tasks": question_scope(prepared),
+            "questions": question_digest(prepared),
             "models_sha256": digests,
             "decode": DECODE_IDENTITY,  # the pixels they are learned from
         }

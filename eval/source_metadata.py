@@ -48,12 +48,14 @@ class SourceTable:
     sources: dict[str, SourceInfo]
     scales: dict[str, tuple[float, float]] = field(default_factory=dict)
     override_file: Path | None = None
-    overridden: tuple[str, ...] = ()  # the sources the override file names
+    # the sources the override file names, less those whose entry rewrites a shipped
+    # `null_dataset_match` rule: that moves rows even where its own source ends with none
+    describing: tuple[str, ...] = ()
 
     def warn_unmatched_overrides(self, present: set[str]) -> None:
         """An override for a source the data does not have (a typo: `synth-blood-cell`) changed
         nothing, silently; it is named, with the sources there are."""
-        unmatched = sorted(set(self.overridden) - present)
+        unmatched = sorted(set(self.describing) - present)
         if unmatched:
             warnings.warn(
                 f"--sources {self.override_file}: {unmatched} name no source of this data, so change "
@@ -159,14 +161,16 @@ def load_source_table(override: Path | None = None) -> SourceTable:
     data = _check_tables(_read(DEFAULT_TABLE), DEFAULT_TABLE)
     entries = {name: dict(entry) for name, entry in _entries(data, DEFAULT_TABLE).items()}
     scales = _scales(data, DEFAULT_TABLE)
-    overridden: tuple[str, ...] = ()
+    describing: tuple[str, ...] = ()
     if override is not None:
         mine = _check_tables(_read(override), override)
         for name, entry in _entries(mine, override).items():
             if "scale" in entry and "scale_reason" not in entry:  # ours would explain another scale
                 entry = {**entry, "scale_reason": f"set in {override.name}"}
+            shipped_rule = entries.get(name, {}).get("null_dataset_match")
+            if shipped_rule is None or entry.get("null_dataset_match", shipped_rule) == shipped_rule:
+                describing += (name,)
             entries.setdefault(name, {}).update(entry)
-            overridden += (name,)
         scales.update(_scales(mine, override))
     infos = {name: SourceInfo(name, **entry) for name, entry in entries.items()}
-    return SourceTable(infos, scales, override, overridden)
+    return SourceTable(infos, scales, override, describing)

@@ -15,8 +15,8 @@ read: the targets are the model's own predictions, so the same statistics serve 
       (the MLPs) and of attention's in_proj (the attention block's query input). open_clip's
       attention applies out_proj inside one fused call, so out_proj has no Gram and gets the mean.
 
-Statistics are cached per (kind, model sha256, data and its fingerprint, split, samples, seed) under
-`<cache_dir>/statistics/`, written atomically.
+Statistics are cached per (kind, model sha256, data and its fingerprint, split, samples, seed, and
+the questions themselves) under `<cache_dir>/statistics/`, written atomically.
 """
 
 from __future__ import annotations
@@ -126,12 +126,32 @@ def question_scope(prepared: Prepared) -> str | list[str]:
     return "all" if names == [t.name for t in prepared.every if t.questions] else names
 
 
+def question_digest(prepared: Prepared) -> str:
+    """A digest of the questions statistics and learned coefficients may draw from: each selected
+    task's caption keys, rows, options and answers. Names alone do not say which rows a task holds:
+    a `--sources` table whose `null_dataset_match` rules move rows under another source's name gives
+    the same names other questions, and one cache entry served both."""
+    return sha256_json(
+        [
+            [
+                task.name,
+                [
+                    [q.key, q.texts, q.rows.tolist(), q.options.tolist(), q.answers.tolist()]
+                    for q in task.questions
+                ],
+            ]
+            for task in prepared.tasks
+        ]
+    )[:16]
+
+
 def describe(request: StatisticsRequest, prepared: Prepared) -> dict[str, Any]:
     return {
         **describe_request(request),
         "data_fingerprint": prepared.bench.fingerprint,
         "split": SPLIT,
         "tasks": question_scope(prepared),
+        "questions": question_digest(prepared),
     }
 
 

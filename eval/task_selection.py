@@ -26,8 +26,9 @@ _PATTERN_CHARACTERS = "*?["
 
 
 def _groups(tasks: list[Task]) -> dict[str, set[str]]:
-    """Every group kind of the fine-grained tasks and its values (coarse tasks hold `all`)."""
-    kinds: dict[str, set[str]] = {"level": set(LEVELS)}
+    """Every group kind of the fine-grained tasks and its values (coarse tasks hold `all`), and the
+    levels the tasks have: `coarse` on a copy without coarse tasks selected nothing, silently."""
+    kinds: dict[str, set[str]] = {"level": {task.level for task in tasks}}
     for task in tasks:
         if task.level == "fine":
             for kind, value in task.groups.items():
@@ -60,15 +61,16 @@ def _items(text: str, kinds: dict[str, set[str]]) -> list[str]:
 
 
 def _group_members(
-    tasks: list[Task], kind: str, value: str, kinds: dict[str, set[str]], option: str
+    tasks: list[Task], item: str, kind: str, value: str, kinds: dict[str, set[str]], option: str
 ) -> set[str]:
+    """The tasks of group `kind` = `value`; errors name `item`, as the user wrote it."""
     if kind not in kinds:
         raise MicromergeError(
-            f"{option} {kind}:{value}: {kind!r} is no group kind of these tasks; kinds: {', '.join(sorted(kinds))}"
+            f"{option} {item}: {kind!r} is no group kind of these tasks; kinds: {', '.join(sorted(kinds))}"
         )
     if value not in kinds[kind]:
         raise MicromergeError(
-            f"{option} {kind}:{value}: no task has {kind} {value!r}; its values: {', '.join(sorted(kinds[kind]))}"
+            f"{option} {item}: no task has {kind} {value!r}; its values: {', '.join(sorted(kinds[kind]))}"
         )
     if kind == "level":
         return {t.name for t in tasks if t.level == value}
@@ -90,7 +92,7 @@ def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...], option: str =
         if item == "all":
             chosen.update(names)
         elif item in LEVELS:
-            chosen |= _group_members(tasks, "level", item, kinds, option)
+            chosen |= _group_members(tasks, item, "level", item, kinds, option)
         elif item in names:
             chosen.add(item)
         elif any(c in item for c in _PATTERN_CHARACTERS):
@@ -101,7 +103,7 @@ def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...], option: str =
                 )
             chosen.update(matched)
         elif group := _as_group(item):
-            chosen |= _group_members(tasks, *group, kinds, option)
+            chosen |= _group_members(tasks, item, *group, kinds, option)
         else:
             unknown.append(item)
     if unknown:

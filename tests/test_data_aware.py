@@ -501,3 +501,29 @@ def test_statistics_are_keyed_and_recorded_by_the_tasks_their_questions_come_fro
     assert coarse_described["tasks"] == coarse_tasks and "kather_et_al_2016" not in coarse_tasks
     assert any(not torch.equal(every[k], coarse[k]) for k in every), "drawn from other questions"
     assert len(list((settings.cache_dir / "statistics").glob("gram-*.safetensors"))) == 2
+
+
+def test_statistics_are_keyed_by_the_questions_not_only_the_task_names(setting, tmp_path):
+    """A `--sources` table whose `null_dataset_match` rules move the Held H2B rows under
+    kather_et_al_2016 (eval/ubench_sources.toml names both rules) keeps that task's name and gives it
+    other questions: `--tasks kather_et_al_2016` under it and under the shipped table were one cache
+    entry, so the second read the first's statistics."""
+    settings, models = setting
+    cpu = torch.device("cpu")
+    table = tmp_path / "moved.toml"
+    table.write_text(
+        '[sources.held_et_al_2010_h2b]\nnull_dataset_match = ""\n'
+        '[sources.kather_et_al_2016]\nnull_dataset_match = "h2b|chromatin"\n'
+    )
+    shipped = replace(settings, tasks="kather_et_al_2016")
+    moved = replace(shipped, sources=table)
+    assert len(prepare(moved, writes_results=False).tasks[0].questions[0].rows) > len(
+        prepare(shipped, writes_results=False).tasks[0].questions[0].rows
+    ), "the table moves rows under the same name"
+    request = StatisticsRequest("gram", samples=64)
+    first, first_described = model_statistics(models[1], request, shipped, cpu)
+    second, second_described = model_statistics(models[1], request, moved, cpu)
+    assert first_described["tasks"] == second_described["tasks"] == ["kather_et_al_2016"]
+    assert first_described["questions"] != second_described["questions"]
+    assert any(not torch.equal(first[k], second[k]) for k in first), "drawn from other questions"
+    assert len(list((settings.cache_dir / "statistics").glob("gram-*.safetensors"))) == 2

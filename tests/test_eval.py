@@ -1267,7 +1267,8 @@ def test_the_published_checksums_pass_their_own_check():
 
 def test_an_override_of_a_source_the_data_lacks_is_warned_about(tmp_path, bench):
     """A misspelt source (`kather_et_al_2061`) changed nothing, silently; an override that matches
-    says nothing."""
+    says nothing, nor does one that switches off a shipped `null_dataset_match` rule (its source
+    is then absent because its rows went elsewhere)."""
     import warnings
 
     from micromerge.eval.source_metadata import load_source_table
@@ -1279,10 +1280,21 @@ def test_an_override_of_a_source_the_data_lacks_is_warned_about(tmp_path, bench)
     with pytest.warns(UserWarning, match=r"mine.toml: \['kather_et_al_2061'\] name no source of this data"):
         discover_tasks(dataset, load_source_table(tmp_path / "mine.toml"))
     (tmp_path / "fine.toml").write_text('[sources.kather_et_al_2016]\nscale = "tissue"\n')
+    # switching off the shipped rule that names the Held rows (eval/ubench_sources.toml) leaves no
+    # `held_et_al_2010_h2b` task, yet it changed where those rows go: it is not "nothing"
+    (tmp_path / "moved.toml").write_text(
+        '[sources.held_et_al_2010_h2b]\nnull_dataset_match = ""\n'
+        '[sources.kather_et_al_2016]\nnull_dataset_match = "h2b|chromatin"\n'
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         discover_tasks(dataset, load_source_table(tmp_path / "fine.toml"))
         discover_tasks(dataset, load_source_table())
+        moved = {t.name for t in discover_tasks(dataset, load_source_table(tmp_path / "moved.toml"))}
+    assert "held_et_al_2010_h2b" not in moved
+    (tmp_path / "typo.toml").write_text('[sources.held_et_al_2010_hb2]\nnull_dataset_match = "nothing"\n')
+    with pytest.warns(UserWarning, match=r"\['held_et_al_2010_hb2'\] name no source of this data"):
+        discover_tasks(dataset, load_source_table(tmp_path / "typo.toml"))
 
 
 def test_a_run_under_another_decoding_is_another_run_and_every_row_says_how_it_was_decoded(

@@ -410,9 +410,11 @@ def test_coefficients_learned_by_another_version_are_learned_again(setting, monk
     assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
 
 
-def test_coefficients_are_learned_per_task_selection(setting):  # noqa: F811
+def test_coefficients_are_learned_per_task_selection(setting, tmp_path):  # noqa: F811
     """The cache key and the record hold the tasks whose questions they learn from (a sweep's
-    `--tasks coarse` reused coefficients learned on every task)."""
+    `--tasks coarse` reused coefficients learned on every task), and the questions themselves: a
+    `--sources` table that moves the Held rows under kather_et_al_2016 (both rules are in
+    eval/ubench_sources.toml) gives that name other questions."""
     from dataclasses import replace
 
     settings, models = setting
@@ -421,7 +423,17 @@ def test_coefficients_are_learned_per_task_selection(setting):  # noqa: F811
     coarse = learned_coefficients("adamerging", models, params, replace(settings, tasks="coarse"), CPU)
     assert every.described[0]["tasks"] == "all"
     assert coarse.described[0]["tasks"] and "kather_et_al_2016" not in coarse.described[0]["tasks"]
-    assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 2
+    table = tmp_path / "moved.toml"
+    table.write_text(
+        '[sources.held_et_al_2010_h2b]\nnull_dataset_match = ""\n'
+        '[sources.kather_et_al_2016]\nnull_dataset_match = "h2b|chromatin"\n'
+    )
+    kather = replace(settings, tasks="kather_et_al_2016")
+    shipped = learned_coefficients("adamerging", models, params, kather, CPU)
+    moved = learned_coefficients("adamerging", models, params, replace(kather, sources=table), CPU)
+    assert shipped.described[0]["tasks"] == moved.described[0]["tasks"] == ["kather_et_al_2016"]
+    assert shipped.described[0]["questions"] != moved.described[0]["questions"]
+    assert len(list((settings.cache_dir / "statistics").glob("adamerging-*.json"))) == 4
 
 
 def test_coefficients_are_learned_per_specialist_not_per_base(three):

@@ -105,6 +105,19 @@ def test_an_item_that_selects_nothing_is_one_line_naming_it_and_what_it_could_be
         select_tasks(tasks, wanted)
 
 
+def test_a_level_the_tasks_lack_is_named_not_an_empty_selection(tasks):
+    """`coarse` on a copy without coarse tasks (a sources-only subset) selected nothing, silently:
+    the levels are the tasks' own, as every other group's values are."""
+    fine_only = [t for t in tasks if t.level == "fine"]
+    with pytest.raises(
+        MicromergeError, match=r"^--tasks coarse: no task has level 'coarse'; its values: fine$"
+    ):
+        select_tasks(fine_only, "coarse")
+    with pytest.raises(MicromergeError, match=r"^--tasks level:coarse: no task has level 'coarse'"):
+        select_tasks(fine_only, "level:coarse,fine")
+    assert select_tasks(fine_only, "fine") == select_tasks(fine_only, "all") == fine_only
+
+
 def _eval(tmp, bench, tasks, store):
     return CliRunner().invoke(
         cli,
