@@ -121,9 +121,11 @@ def load_ablation(path: str | Path) -> Ablation:
     try:  # validate the whole grid now
         parse_alphas(alphas)  # as written: `alphas = []` joins to "", which reads as no --alphas
         check_target_form(ablation.target)
-        grid_jobs(ablation)
+        _, skipped = plan_grid(ablation)
     except MicromergeError as exc:
         raise MicromergeError(f"{path}: {exc}") from exc
+    for message in skipped:  # here only: the run plans the grid again, and said each one twice
+        warnings.warn(message, stacklevel=2)
     return ablation
 
 
@@ -159,15 +161,18 @@ class SoupJob:
     access: CheckpointAccess
 
 
-def _skipped(label: str, why: str) -> None:
-    warnings.warn(f"{label}: skipped ({why})", stacklevel=3)
-
-
 def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
+    """Every (label, job) of the grid (`plan_grid`)."""
+    return plan_grid(ablation)[0]
+
+
+def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]], list[str]]:
     """Every (label, job) of the grid, built and validated together: a bad method name,
-    parameter or rule anywhere fails before the first sweep runs. Combinations a method cannot
-    take (Model Stock with one specialist, a soup with alpha rules) are skipped with a warning."""
+    parameter or rule anywhere fails before the first sweep runs; and the combinations a method
+    cannot take (Model Stock with one specialist, a soup with alpha rules), each `label: skipped
+    (why)`, which `load_ablation` warns of."""
     jobs: list[tuple[str, MergeJob | SoupJob]] = []
+    skipped: list[str] = []
     for pair in ablation.pairs:
         for method in ablation.methods:
             if method != GREEDY_SOUP:
@@ -189,7 +194,9 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                 check_section(f"{method} / {rule_name}", values, MERGE_SCHEMA)
                 if method == GREEDY_SOUP:
                     if rules.get("alpha_rules"):
-                        _skipped(label, "a soup is a uniform average: alpha rules do not apply")
+                        skipped.append(
+                            f"{label}: skipped (a soup is a uniform average: alpha rules do not apply)"
+                        )
                         continue
                     rule = KeyRules(tuple(rules.get("include") or ()), tuple(rules.get("exclude") or ()))
                     jobs.append(
@@ -198,7 +205,7 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                     continue
                 wanted = get_method(method).min_finetuned
                 if len(pair["finetuned"]) < wanted:
-                    _skipped(label, f"{method} needs at least {wanted} fine-tuned models")
+                    skipped.append(f"{label}: skipped ({method} needs at least {wanted} fine-tuned models)")
                     continue
                 job = job_from_mapping(
                     {
@@ -213,7 +220,7 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
                 )
                 job = replace(job, access=pair["access"])
                 jobs.append((label, job))
-    return jobs
+    return jobs, skipped
 
 
 def run_ablation(

@@ -179,10 +179,13 @@ alpha_rules = {{ "visual.*" = 0.5 }}
     skipped = sorted(str(w.message).split(":")[0] for w in caught if "skipped" in str(w.message))
     assert skipped == ["one / greedy-soup / ruled", "one / model-stock / all", "one / model-stock / ruled",
                        "two / greedy-soup / ruled"]  # fmt: skip
-    labels = [label for label, _ in grid_jobs(ablation)]
-    assert len(labels) == 16 - 4
-    assert isinstance(dict(grid_jobs(ablation))["two / greedy-soup / all"], SoupJob)
-    run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        labels = [label for label, _ in grid_jobs(ablation)]
+        assert len(labels) == 16 - 4
+        assert isinstance(dict(grid_jobs(ablation))["two / greedy-soup / all"], SoupJob)
+        run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)
+    assert not [w for w in again if "skipped" in str(w.message)], "said once, when the grid is read"
     runs = {r.label for r in load_runs(ablation.store) if r.method != "none"}
     assert runs == set(labels)
     rows = ResultStore(ablation.store).rows()
@@ -199,7 +202,8 @@ def test_an_ingredient_that_ties_the_soup_joins_it(tmp_path, setting):
     copies = [tmp_path / f"copy{i}.safetensors" for i in range(2)]
     for copy in copies:
         copy.write_bytes(Path(models[0]).read_bytes())
-    result = greedy_soup(models[0], tuple(map(str, copies)), settings, torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"copy[01]\.safetensors: the same weights as --base .* changes nothing"):
+        result = greedy_soup(models[0], tuple(map(str, copies)), settings, torch.device("cpu"))
     assert [step.ingredient for step in result.steps] == [models[0], *map(str, copies)], "ties: base first"
     assert [step.kept for step in result.steps] == [True, True, True]
     assert result.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))
