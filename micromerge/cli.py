@@ -61,8 +61,19 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             sys.exit(130)
+        finally:
+            _leave_process_group()
 
     return wrapper
+
+
+def _leave_process_group() -> None:
+    """End the process group `accelerate launch` started (torch.distributed's documented exit: its
+    communicators torn down by the process, not by the interpreter's shutdown in whatever order
+    it collects them). Nothing to do in a plain run, and torch is not imported for it."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _refuse_blank_parameters(ctx: click.Context) -> None:

@@ -202,7 +202,9 @@ def test_an_ingredient_that_ties_the_soup_joins_it(tmp_path, setting):
     copies = [tmp_path / f"copy{i}.safetensors" for i in range(2)]
     for copy in copies:
         copy.write_bytes(Path(models[0]).read_bytes())
-    with pytest.warns(UserWarning, match=r"copy[01]\.safetensors: the same weights as --base .* changes nothing"):
+    with pytest.warns(
+        UserWarning, match=r"copy[01]\.safetensors: the same weights as --base .* changes nothing"
+    ):
         result = greedy_soup(models[0], tuple(map(str, copies)), settings, torch.device("cpu"))
     assert [step.ingredient for step in result.steps] == [models[0], *map(str, copies)], "ties: base first"
     assert [step.kept for step in result.steps] == [True, True, True]

@@ -584,3 +584,22 @@ def test_a_specialist_with_the_bases_or_another_specialists_weights_is_named(pai
         "--base", tmp / "base.safetensors", "--ft", ft, "--alpha", 0.5, "--out", tmp / "c.safetensors"
     )
     assert plain.exit_code == 0 and "the same weights" not in plain.stderr
+
+
+def test_a_command_ends_the_process_group_a_launch_started(tmp_path):
+    """Under `accelerate launch` every command leaves the process group itself (torch.distributed's
+    documented exit) rather than leave the communicators to the interpreter's shutdown: shown here
+    on a one-process gloo group, the same call a rank of a launch makes, for a command that works
+    and one that fails."""
+    import torch.distributed as dist
+
+    for args, code in ((["methods"], 0), (["merge", "--base", str(tmp_path / "missing.safetensors")], 2)):
+        store = dist.FileStore(str(tmp_path / f"store-{code}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == code, result.output
+            assert not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
