@@ -427,7 +427,11 @@ class Prepared:
     tasks: list[Task]
     # rows of the sources outside the paper's tables, from every task (not only the selected ones)
     outside_paper_rows: np.ndarray
-    every: list[Task]  # every task of the benchmark, selected or not (what a model was trained on)
+    every: list[Task]  # every task of the benchmark, selected or not
+    # every task as `finetune supervised --task` sees it, under the shipped source table (it takes
+    # no --sources): what the task fingerprints of a model's lineage name. Under a --sources table
+    # that moves null-dataset rows to another source, a task trained on keeps its shipped rows.
+    trainable: list[Task]
     headlines: frozenset[str] = frozenset()  # the headlines the selected tasks complete
 
 
@@ -491,7 +495,10 @@ def prepare(settings: EvalSettings, writes_results: bool = True) -> Prepared:
             stacklevel=2,
         )
     outside = sorted({r for t in every if t.groups.get("paper") == "no" for r in t.image_rows})
-    return Prepared(bench, tasks, np.array(outside, dtype=np.int64), every, complete_headlines(tasks, every))
+    trainable = every if settings.sources is None else discover_tasks(bench.dataset)
+    return Prepared(
+        bench, tasks, np.array(outside, dtype=np.int64), every, trainable, complete_headlines(tasks, every)
+    )
 
 
 def _completion_identity(alpha: float | None, task: str, protocol: str) -> tuple:
@@ -561,7 +568,7 @@ def run_eval(
         if _complete(done, None, tasks, settings.protocol):
             return _of_selection(store.rows(run_id), prepared)
         model, config = load_model(source)
-        trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.every, tasks)
+        trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.trainable, tasks)
     warn_trained_on(model_spec, trained, marks)
     model.to(device)
     evaluator = Evaluator(
@@ -675,10 +682,10 @@ def run_sweep(
         mine = [a for a in share if not _complete(done, a, tasks, settings.protocol)]
         if mine:
             lineage = sources_lineage([base, *finetuned])
-            trained, marks = trained_on_marks(lineage, bench.fingerprint, prepared.every, tasks)
+            trained, marks = trained_on_marks(lineage, bench.fingerprint, prepared.trainable, tasks)
             warn_trained_on(f"a model of {plan.label or plan.spec.method}", trained, marks)
             base_marks = (
-                trained_on_marks(sources_lineage([base]), bench.fingerprint, prepared.every, tasks)[1]
+                trained_on_marks(sources_lineage([base]), bench.fingerprint, prepared.trainable, tasks)[1]
                 if marks
                 else {}
             )

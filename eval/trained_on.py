@@ -21,10 +21,11 @@ from micromerge.eval.tasks import Task
 
 
 def trained_on_marks(
-    lineage: list[str], benchmark_fingerprint: str, every: list[Task], evaluated: list[Task]
+    lineage: list[str], benchmark_fingerprint: str, trainable: list[Task], evaluated: list[Task]
 ) -> tuple[list[str], dict[str, str]]:
-    """(the benchmark's tasks the lineage trained on, {evaluated task: "task" | "images"})."""
-    trained = [t for t in every if task_data_fingerprint(benchmark_fingerprint, t.name) in lineage]
+    """(the benchmark's tasks the lineage trained on, {evaluated task: "task" | "images"}), the tasks
+    trained on found among `trainable` (as fine-tuning saw them), their images among `evaluated`'s."""
+    trained = [t for t in trainable if task_data_fingerprint(benchmark_fingerprint, t.name) in lineage]
     if not trained:
         return [], {}
     names = {t.name for t in trained}

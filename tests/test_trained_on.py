@@ -201,3 +201,31 @@ def test_the_model_card_says_what_the_model_was_trained_on(trained, tmp_path):
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"| {TASK} (trained on its task: not zero-shot) |" in card
     assert "| opencell |" in card and "Trained with labels on benchmark data" in card
+
+
+def test_rows_trained_on_stay_marked_under_a_sources_table_that_moves_them(trained, tmp_path):
+    """`finetune supervised` reads tasks under the shipped source table (it takes no --sources).
+    The Held H2B rows have a null `dataset` and reach their task through its `null_dataset_match`
+    rule (eval/ubench_sources.toml). An evaluation whose `--sources` table moves them under
+    kather_et_al_2016 found no task named as the lineage names it, and scored the trained images
+    as zero-shot."""
+    tmp, bench, _ = trained
+    held = run_finetune(
+        config(tmp / "base.safetensors", bench, tmp_path / "held", mode="supervised",
+               task="held_et_al_2010_h2b", batch_size=6, max_steps=1)
+    )  # fmt: skip
+    table = tmp_path / "moved.toml"
+    table.write_text(
+        '[sources.held_et_al_2010_h2b]\nnull_dataset_match = ""\n'
+        '[sources.kather_et_al_2016]\nnull_dataset_match = "h2b|chromatin"\n'
+    )
+    result = CliRunner().invoke(
+        cli,
+        ["eval", "--model", str(held), "--data", str(bench), "--sources", str(table), "--store",
+         str(tmp_path / "moved.jsonl"), "--cache-dir", str(tmp / "cache"), "--bootstrap", "0", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "on this benchmark's own images of held_et_al_2010_h2b" in result.output
+    marks = _marks([json.loads(line) for line in (tmp_path / "moved.jsonl").read_text().splitlines()])
+    assert "held_et_al_2010_h2b" not in marks and marks[TASK] == {"images"}, "kather holds the Held rows now"
+    assert marks["opencell"] == {None}
