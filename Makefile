@@ -11,10 +11,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test test-fast test-floors test-newest lint typecheck format bench clean
 
+# setuptools warns of every editable install that maps folders into a package (ours: merging/ is
+# micromerge.merging) that a folder named like the package may shadow it; here that folder is the
+# package's own (micromerge/), so a new user's first command would print a box about nothing.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
