@@ -196,16 +196,17 @@ def input_hashes(sources: list[TensorSource]) -> dict[str, str]:
 
 
 def warn_repeated_inputs(sources: list[TensorSource], hashes: dict[str, str]) -> None:
-    """Say when a fine-tuned model has the base's weights (its task vector is zero: the merge is the
-    base at every alpha) or another fine-tuned model's (it is counted twice in a sum or a vote):
-    usually a path typed twice or a copy, and the output does not show it."""
+    """Say when a fine-tuned model has the base's weights (its task vector is zero: a merge of it
+    alone is the base at every alpha) or another fine-tuned model's (it is counted twice in a sum
+    or a vote): usually a path typed twice or a copy, and the output does not show it."""
     digests = [tuple(hashes[str(f)] for f in source.files) for source in sources]
     seen: dict[tuple[str, ...], str] = {}
     for source, digest in zip(sources[1:], digests[1:], strict=True):
         if digest == digests[0]:
             warnings.warn(
                 f"--ft {source.label}: the same weights as --base (sha256 {digest[0][:12]}…): its task "
-                "vector is zero, so it changes nothing",
+                "vector is zero, so it adds nothing to a sum of task vectors, and where the models are "
+                "weighed (linear, a soup, Fisher, RegMean) it gives the base a larger share",
                 stacklevel=2,
             )
         elif digest in seen:

@@ -32,15 +32,27 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 """A command function, as the decorators that add options hand it back."""
 
 
-def _show_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    click.echo(f"warning: {message}", err=True)
+def _warning_printer() -> Callable[..., None]:
+    """`warnings.showwarning` for one command: each message once, as one line. Python's own
+    once-per-place rule does not hold for a whole command: every change of the warning filters
+    (a `catch_warnings` block, in our code or a library's) clears what it remembers, and a soup
+    said the same line once for every candidate it evaluated."""
+    shown: set[str] = set()
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+    return show
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,7 +65,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             _refuse_blank_parameters(click.get_current_context())
             with warnings.catch_warnings():
-                warnings.showwarning = _show_warning
+                warnings.showwarning = _warning_printer()
                 return func(*args, **kwargs)
         except MicromergeError as exc:
             click.echo(f"error: {exc}", err=True)

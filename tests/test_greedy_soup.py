@@ -125,6 +125,20 @@ def test_soup_command_prints_the_steps_and_writes_the_checkpoint(tmp_path, setti
     assert again.exit_code == 0, "an earlier soup's output is left for the write to reuse"
 
 
+def test_the_soup_command_says_a_warning_once(tmp_path, setting):
+    """An ingredient with the base's weights was named once for every candidate evaluated (five
+    lines): the soup's candidates change the warning filters, which reset Python's own
+    once-per-place memory. A command says each warning once."""
+    settings, models = setting
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(Path(models[0]).read_bytes())
+    args = ["soup", "--base", models[0], "--ft", str(copy), "--ft", models[1], "--data", settings.data]
+    args += ["--store", str(settings.store), "--cache-dir", str(settings.cache_dir), "--bootstrap", "0"]
+    result = CliRunner().invoke(cli, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"warning: --ft {copy}: the same weights as --base") == 1, result.output
+
+
 def test_an_out_the_soup_cannot_write_is_refused_before_any_candidate_is_evaluated(tmp_path, setting):
     """`--out` was looked at only after the search (every candidate evaluated, minutes to hours),
     then refused for existing; a file of the user's, or an input, is refused first."""
@@ -203,7 +217,8 @@ def test_an_ingredient_that_ties_the_soup_joins_it(tmp_path, setting):
     for copy in copies:
         copy.write_bytes(Path(models[0]).read_bytes())
     with pytest.warns(
-        UserWarning, match=r"copy[01]\.safetensors: the same weights as --base .* changes nothing"
+        UserWarning,
+        match=r"copy[01]\.safetensors: the same weights as --base .* gives the base a larger share",
     ):
         result = greedy_soup(models[0], tuple(map(str, copies)), settings, torch.device("cpu"))
     assert [step.ingredient for step in result.steps] == [models[0], *map(str, copies)], "ties: base first"
