@@ -37,6 +37,7 @@ def comparison_key(run: Run, summary: Summary) -> tuple[Any, ...]:
     return (
         run.protocol,
         run.dataset.get("fingerprint") or run.dataset.get("source"),
+        run.task_definition,
         tuple(model.get("base_sha256") or [model.get("base")]),
         tuple(model.get("finetuned_sha256") or model.get("finetuned") or []),
         json.dumps(rules, sort_keys=True, default=str),

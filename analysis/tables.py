@@ -37,6 +37,10 @@ class Run:
     # tasks whose rows are not zero-shot: a model of the run was trained on them ("task") or on
     # images they score ("images"), as the evaluation marked them (eval.trained_on)
     trained_on: dict[str, str] = field(default_factory=dict)
+    # what else decides which rows a task holds and how they are asked: the sha256 of the run's
+    # `--sources` table (None: the shipped one) and its closed-set prompts; runs that differ in
+    # either are never each other's references, nor drawn on one figure
+    task_definition: tuple[str | None, str | None] = (None, None)
 
 
 SINGLE_POINT_METHODS = ("none", "greedy-soup")
@@ -110,16 +114,18 @@ def run_of_rows(run_id: str, run_rows: list[dict[str, Any]]) -> Run:
         trained_on={
             r["task"]: r[TRAINED_ON] for r in run_rows if r.get(TRAINED_ON) and r.get("level") != "headline"
         },
+        task_definition=((first.get("sources") or {}).get("sha256"), first.get("prompts")),
     )
 
 
 def _reference_key(run: Run, digests: list[str]) -> tuple:
-    return (tuple(sorted(digests)), run.dataset.get("fingerprint"), run.protocol)
+    return (tuple(sorted(digests)), run.dataset.get("fingerprint"), run.protocol, run.task_definition)
 
 
 def _attach_references(runs: list[Run]) -> None:
     """Give each sweep the evaluation of its real base and specialist, found by sha256 (with the
-    same data and protocol): with per-block alpha rules, alpha 0 and 1 are not those models."""
+    same data, protocol and task definition): with per-block alpha rules, alpha 0 and 1 are not
+    those models."""
     evaluated = {
         _reference_key(r, list(r.model.get("base_sha256") or [])): r.table
         for r in runs

@@ -71,6 +71,12 @@ def test_runs_of_the_same_models_rules_data_protocol_and_target_form_one_set(tmp
     assert [len(s.runs) for s in comparison_sets(runs, [summarise(r, TARGET) for r in runs])] == [3, 1]
     targets = [summarise(r, TARGET if r.method != "dare" else "level:coarse") for r in runs]
     assert [len(s.runs) for s in comparison_sets(runs, targets)] == [2, 1, 1]
+    # ... and so are runs whose tasks a --sources table read otherwise (its rows hold its sha256)
+    store = grid_store(tmp_path / "two.jsonl", pairs=("p0",))
+    write_store(store, run_id="moved", label="p0 / lines / all",
+                fields={"model": load_runs(store)[0].model, "parameters": {"include": []},
+                        "sources": {"file": "moved.toml", "sha256": "t" * 64}})  # fmt: skip
+    assert [len(s.runs) for s in _sets(store)] == [3, 1]
 
 
 def test_a_sets_accuracy_figure_draws_each_runs_group_means_in_percent_and_rings_its_chosen_alpha(tmp_path):

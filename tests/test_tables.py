@@ -59,23 +59,35 @@ def test_single_point_runs_load_without_a_missing_curve_warning(tmp_path):
         load_runs(write_store(tmp_path / "s.jsonl", alphas=(0.5,)))
 
 
-def _rows(tmp_path, run_id: str, method: str, alphas: tuple, model: dict, fingerprint="F", protocol="ubench"):
+def _rows(
+    tmp_path,
+    run_id: str,
+    method: str,
+    alphas: tuple,
+    model: dict,
+    fingerprint="F",
+    protocol="ubench",
+    **fields,
+):
     """write_store's rows as `eval` (alpha null) or `sweep` writes them, with inputs' digests."""
     rows = ResultStore(
         write_store(tmp_path / f"{run_id}.jsonl", alphas=alphas, run_id=run_id, method=method)
     ).rows()
     dataset = {"source": "fixture", "fingerprint": fingerprint}
     alpha = {"alpha": None} if method == "none" else {}
-    return [{**row, "model": model, "dataset": dataset, "protocol": protocol, **alpha} for row in rows]
+    return [
+        {**row, "model": model, "dataset": dataset, "protocol": protocol, **alpha, **fields} for row in rows
+    ]
 
 
 def test_a_sweep_takes_as_references_the_evaluations_of_its_own_inputs_on_its_data_and_protocol(tmp_path):
     """With per-block alpha rules, alpha 0 and 1 are not the base and the specialist: a sweep is
-    compared with their own `micromerge eval` runs, found by sha256, on the same data and protocol.
-    Evaluations of the same checkpoints on other data or under the other protocol come later in
-    the store, so a key that ignored either would pick them."""
+    compared with their own `micromerge eval` runs, found by sha256, on the same data and protocol,
+    under the same `--sources` table. Evaluations of the same checkpoints on other data, under the
+    other protocol or another table come later in the store, so a key that ignored one would pick them."""
     base, specialist = "b" * 64, "s" * 64
     evaluated = {"finetuned": [], "finetuned_sha256": []}
+    table = {"file": "moved.toml", "sha256": "t" * 64}
     store = tmp_path / "all.jsonl"
     ResultStore(store).append(
         _rows(
@@ -106,10 +118,35 @@ def test_a_sweep_takes_as_references_the_evaluations_of_its_own_inputs_on_its_da
         )
         + _rows(
             tmp_path,
+            "e-sources",
+            "none",
+            (0.0,),
+            {"base": "f", "base_sha256": [specialist], **evaluated},
+            sources=table,
+        )
+        + _rows(
+            tmp_path,
             "sweep",
             "wise-ft",
             (0.0, 0.5, 1.0),
             {"base": "b", "base_sha256": [base], "finetuned": ["f"], "finetuned_sha256": [specialist]},
+        )
+        + _rows(
+            tmp_path,
+            "sweep-sources",
+            "wise-ft",
+            (0.0, 0.5, 1.0),
+            {"base": "b", "base_sha256": [base], "finetuned": ["f"], "finetuned_sha256": [specialist]},
+            sources=table,
+        )
+        + _rows(
+            tmp_path,
+            "sweep-captions",
+            "wise-ft",
+            (0.0, 0.5, 1.0),
+            {"base": "b", "base_sha256": [base], "finetuned": ["f"], "finetuned_sha256": [specialist]},
+            protocol="closed-set",
+            prompts="captions",
         )
     )
     with warnings.catch_warnings():
@@ -119,6 +156,11 @@ def test_a_sweep_takes_as_references_the_evaluations_of_its_own_inputs_on_its_da
     assert sweep.base_reference is not None and sweep.base_reference.equals(runs["e-base"].table)
     assert sweep.finetuned_reference is not None and sweep.finetuned_reference.equals(runs["e-ft"].table)
     assert runs["e-base"].base_reference is None, "an evaluation has no references of its own"
+    # a --sources table names and groups the tasks otherwise: its runs are references only to its own
+    moved = runs["sweep-sources"]
+    assert moved.base_reference is None, "the base was evaluated under the shipped table only"
+    assert moved.finetuned_reference is not None and moved.finetuned_reference.equals(runs["e-sources"].table)
+    assert runs["sweep-captions"].finetuned_reference is None, "e-cs asked its questions with other prompts"
 
 
 def test_rows_written_before_the_protocol_field_are_closed_set_runs(tmp_path):
