@@ -136,6 +136,7 @@ def model_card(
         lines += ["No micromerge provenance was found beside this checkpoint.", ""]
     lines += ["## Evaluation", ""]
     if evaluation:
+        lines += ["Evaluated on:", "", *_evaluated_on(evaluation), ""]
         lines += ["| task | protocol | split | accuracy | 95% interval |", "|---|---|---|---|---|"]
         lines += [
             f"| {r['task']}{trained_on_note(r)} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % "
@@ -153,6 +154,27 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _evaluated_on(evaluation: list[dict[str, Any]]) -> list[str]:
+    """What each evaluation run was on, from its rows: the data (its files' fingerprint) and the
+    table its tasks were read under. A task's number under a `--sources` table that moved rows
+    between sources is another number under the same name, and the card did not say which."""
+    runs = {r["run_id"]: r for r in evaluation if "run_id" in r}
+    lines = []
+    for run_id, row in runs.items():
+        dataset = row.get("dataset") or {}
+        table = row.get("sources")
+        tasks = (
+            f"tasks read under `--sources {table.get('file')}` (sha256 `{table.get('sha256')}`)"
+            if isinstance(table, dict)
+            else "tasks as micromerge's shipped source table reads them"
+        )
+        lines.append(
+            f"- `{row.get('protocol') or '-'}` (run `{run_id}`, micromerge {row.get('micromerge_version', '?')}): "
+            f"{dataset.get('source', '?')} (data fingerprint `{dataset.get('fingerprint', '?')}`), {tasks}"
+        )
+    return lines
 
 
 def _interval(row: dict[str, Any]) -> str:

@@ -93,6 +93,31 @@ def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
     assert "| ubench:coarse | ubench | report | 81.2 % | not computed (--bootstrap 0) |" in card.splitlines()
 
 
+def test_the_card_says_what_each_evaluation_was_on_and_under_which_task_table():
+    """The rows' own provenance: the data's fingerprint, and the `--sources` table when one read the
+    tasks (the same task names then hold other rows)."""
+    row = {"task": "ubench:coarse", "split": "all", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6,
+           "dataset": {"source": "/data/ubench", "fingerprint": "f00d"}, "micromerge_version": "0.1.3"}  # fmt: skip
+    rows = [
+        {**row, "run_id": "r1", "protocol": "ubench", "sources": None},
+        {
+            **row,
+            "run_id": "r2",
+            "protocol": "closed-set",
+            "sources": {"file": "moved.toml", "sha256": "ab" * 32},
+        },
+    ]
+    lines = model_card("m", {"method": "wise-ft"}, "open_clip", rows).splitlines()
+    assert (
+        "- `ubench` (run `r1`, micromerge 0.1.3): /data/ubench (data fingerprint `f00d`), tasks as "
+        "micromerge's shipped source table reads them" in lines
+    )
+    assert (
+        "- `closed-set` (run `r2`, micromerge 0.1.3): /data/ubench (data fingerprint `f00d`), tasks read "
+        f"under `--sources moved.toml` (sha256 `{'ab' * 32}`)" in lines
+    )
+
+
 def test_a_finetuned_runs_card_has_its_kind_base_digests_and_hyperparameters():
     record = {
         "kind": "finetune-contrastive",
