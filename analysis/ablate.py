@@ -21,6 +21,7 @@ from micromerge.core.config_files import load_section, reject_unknown_keys
 from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings, SweepPlan, alone, prepare, run_eval, run_sweep
+from micromerge.eval.source_metadata import load_source_table
 from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas
 from micromerge.merging.methods import get_method
 from micromerge.merging.rules import KeyRules
@@ -48,6 +49,9 @@ class Ablation:
     rule_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: str = "all"
     protocol: str = "ubench"
+    prompts: str = "names"  # closed-set only, as eval's --prompts
+    sources: Path | None = None  # a table overriding the source metadata, as eval's --sources
+    precision: str = "bf16"  # the image forward on a GPU, as eval's --precision
     bootstrap: int = 1000
     seed: int = 0
     batch_size: int = 256
@@ -111,6 +115,9 @@ def load_ablation(path: str | Path) -> Ablation:
         rule_sets=section.get("rule_sets") or {"all": {}},
         tasks=section.get("tasks", "all"),
         protocol=str(section.get("protocol", "ubench")),
+        prompts=str(section.get("prompts", "names")),
+        sources=Path(resolve(section["sources"])) if section.get("sources") else None,
+        precision=str(section.get("precision", "bf16")),
         bootstrap=int(section.get("bootstrap", 1000)),
         seed=int(section.get("seed", 0)),
         batch_size=int(section.get("batch_size", 256)),
@@ -121,12 +128,37 @@ def load_ablation(path: str | Path) -> Ablation:
     try:  # validate the whole grid now
         parse_alphas(alphas)  # as written: `alphas = []` joins to "", which reads as no --alphas
         check_target_form(ablation.target)
+        _evaluation_settings(ablation, Path(), progress=False)  # their values, as eval checks its flags
+        if ablation.sources is not None:
+            load_source_table(ablation.sources)
         _, skipped = plan_grid(ablation)
     except MicromergeError as exc:
         raise MicromergeError(f"{path}: {exc}") from exc
     for message in skipped:  # here only: the run plans the grid again, and said each one twice
         warnings.warn(message, stacklevel=2)
     return ablation
+
+
+def _evaluation_settings(
+    ablation: Ablation, cache_dir: Path, progress: bool, rank: int = 0, world_size: int = 1
+) -> EvalSettings:
+    """How every evaluation, sweep and soup of the grid scores (EvalSettings checks the values)."""
+    return EvalSettings(
+        data=ablation.data,
+        store=ablation.store,
+        cache_dir=cache_dir,
+        tasks=ablation.tasks,
+        protocol=ablation.protocol,
+        prompts=ablation.prompts,
+        sources=ablation.sources,
+        precision=ablation.precision,
+        batch_size=ablation.batch_size,
+        bootstrap=ablation.bootstrap,
+        seed=ablation.seed,
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def check_target_form(target: str | None) -> None:
@@ -239,19 +271,7 @@ def run_ablation(
     and the soups, in turn across the whole grid, so the processes finish together; the first
     writes the report once every process has finished (a process that wrote it earlier reported
     another's alphas as missing, and one waiting long at the barrier would hit its timeout)."""
-    settings = EvalSettings(
-        data=ablation.data,
-        store=ablation.store,
-        cache_dir=cache_dir,
-        tasks=ablation.tasks,
-        protocol=ablation.protocol,
-        batch_size=ablation.batch_size,
-        bootstrap=ablation.bootstrap,
-        seed=ablation.seed,
-        progress=progress,
-        rank=rank,
-        world_size=world_size,
-    )
+    settings = _evaluation_settings(ablation, cache_dir, progress, rank, world_size)
     # the reference points, once per pair, shared by every method and rule set
     references = [
         (model, pair["access"]) for pair in ablation.pairs for model in (pair["base"], *pair["finetuned"])

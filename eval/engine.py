@@ -48,6 +48,8 @@ from micromerge.merging.resident import ResidentMerge
 from micromerge.merging.sources import CheckpointAccess
 
 PROTOCOLS = ("ubench", "closed-set")
+PRECISIONS = ("bf16", "fp32")  # the image forward: bf16 autocast on a GPU, or fp32
+PROMPTS = ("names", "captions")  # closed-set: class names in templates, or the class captions
 HALVES = "per-image"
 """How the benchmark is split into select and report halves; part of every run id, so results of
 the earlier per-task split are never mixed with these."""
@@ -86,6 +88,10 @@ class EvalSettings:
             raise MicromergeError(f"--seed {self.seed}: must be non-negative")
         if self.protocol not in PROTOCOLS:
             raise MicromergeError(f"--protocol {self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        if self.precision not in PRECISIONS:
+            raise MicromergeError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.prompts not in PROMPTS:
+            raise MicromergeError(f"--prompts {self.prompts!r}: expected one of {', '.join(PROMPTS)}")
         if self.protocol == "ubench" and self.prompts != "names":
             # it changed nothing but the run id: the same numbers stored again as another run
             raise MicromergeError(
@@ -568,7 +574,9 @@ def run_eval(
         if _complete(done, None, tasks, settings.protocol):
             return _of_selection(store.rows(run_id), prepared)
         model, config = load_model(source)
-        trained, marks = trained_on_marks(sources_lineage([source]), bench.fingerprint, prepared.trainable, tasks)
+        trained, marks = trained_on_marks(
+            sources_lineage([source]), bench.fingerprint, prepared.trainable, tasks
+        )
     warn_trained_on(model_spec, trained, marks)
     model.to(device)
     evaluator = Evaluator(

@@ -29,6 +29,9 @@ alphas = "0,0.5"
 methods = ["wise-ft", "fisher", "greedy-soup"]
 tasks = "fine"
 protocol = "closed-set"
+prompts = "captions"
+sources = "./sources.toml"
+precision = "fp32"
 bootstrap = 7
 seed = 3
 batch_size = 5
@@ -73,6 +76,7 @@ def _config(tmp_path: Path, text: str) -> Path:
     folder.mkdir(exist_ok=True)
     path = folder / "grid.toml"
     path.write_text(text)
+    (folder / "sources.toml").write_text('[sources.kather_et_al_2016]\nscale = "tissue"\n')  # FULL's
     return path
 
 
@@ -109,6 +113,9 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
         rule_sets={"vision": {"include": ["visual.*"], "exclude": ["visual.proj"]}},
         tasks="fine",
         protocol="closed-set",
+        prompts="captions",
+        sources=folder / "./sources.toml",
+        precision="fp32",
         bootstrap=7,
         seed=3,
         batch_size=5,
@@ -198,6 +205,12 @@ def test_alphas_given_as_a_list_are_the_same_grid_as_the_string(tmp_path):
         ),
         ('target = "domain:"', r"grid.toml: target 'domain:': expected"),
         ('target = "organ:liver"', r"grid.toml: target 'organ:liver': expected"),
+        # how the grid scores, checked as eval checks its flags: before the first evaluation
+        ('precision = "fp16"', r"grid.toml: --precision 'fp16': expected one of bf16, fp32"),
+        ('prompts = "templates"', r"grid.toml: --prompts 'templates': expected one of names, captions"),
+        ('prompts = "captions"', r"grid.toml: --prompts captions: applies to --protocol closed-set only"),
+        ('protocol = "zero-shot"', r"grid.toml: --protocol 'zero-shot': expected one of ubench, closed-set"),
+        ('sources = "./absent.toml"', r"--sources .*absent.toml: not a readable TOML file"),
     ],
 )
 def test_an_empty_alpha_list_or_a_target_of_no_group_kind_is_refused_at_load(tmp_path, line, needle):
@@ -340,6 +353,9 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         cache_dir=tmp_path / "cache",
         tasks="fine",
         protocol="closed-set",
+        prompts="captions",
+        sources=ablation.sources,
+        precision="fp32",
         batch_size=5,
         bootstrap=7,
         seed=3,
