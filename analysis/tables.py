@@ -59,8 +59,14 @@ def run_label(row: dict[str, Any]) -> str:
     model = row["model"]
     names = [_model_name(str(model["base"]), whole=True)]
     names += [_model_name(str(f), whole=False) for f in model.get("finetuned", [])]
-    protocol = f" [{row['protocol']}]" if row.get("protocol") else ""
-    return f"{row['method']}{protocol}: {' + '.join(names)}"
+    # what tells two runs of the same models apart when they score otherwise (task_definition)
+    marks = [str(row["protocol"])] if row.get("protocol") else []
+    if row.get("prompts") == "captions":
+        marks.append("caption prompts")
+    if isinstance(row.get("sources"), dict):
+        marks.append(f"sources {Path(str(row['sources'].get('file'))).name}")
+    scoring = f" [{', '.join(marks)}]" if marks else ""
+    return f"{row['method']}{scoring}: {' + '.join(names)}"
 
 
 def load_runs(store_path: str | Path) -> list[Run]:

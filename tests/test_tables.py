@@ -161,6 +161,12 @@ def test_a_sweep_takes_as_references_the_evaluations_of_its_own_inputs_on_its_da
     assert moved.base_reference is None, "the base was evaluated under the shipped table only"
     assert moved.finetuned_reference is not None and moved.finetuned_reference.equals(runs["e-sources"].table)
     assert runs["sweep-captions"].finetuned_reference is None, "e-cs asked its questions with other prompts"
+    # ... and their labels tell them apart
+    assert (sweep.label, moved.label, runs["sweep-captions"].label) == (
+        "wise-ft [ubench]: b + f",
+        "wise-ft [ubench, sources moved.toml]: b + f",
+        "wise-ft [closed-set, caption prompts]: b + f",
+    )
 
 
 def test_rows_written_before_the_protocol_field_are_closed_set_runs(tmp_path):
