@@ -136,7 +136,8 @@ def model_card(
         lines += ["No micromerge provenance was found beside this checkpoint.", ""]
     lines += ["## Evaluation", ""]
     if evaluation:
-        lines += ["Evaluated on:", "", *_evaluated_on(evaluation), ""]
+        evaluated_on = _evaluated_on(evaluation)
+        lines += ["Evaluated on:", "", *evaluated_on, ""] if evaluated_on else []
         lines += ["| task | protocol | split | accuracy | 95% interval |", "|---|---|---|---|---|"]
         lines += [
             f"| {r['task']}{trained_on_note(r)} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % "

@@ -87,6 +87,7 @@ def test_the_evaluation_table_prints_percentages_and_both_interval_ends():
     ]
     card = model_card("m", {"method": "wise-ft"}, "open_clip", rows)
     assert "| ubench:coarse | ubench | report | 81.2 % | 70.0 – 90.5 |" in card.splitlines()
+    assert "Evaluated on:" not in card, "rows without their run's provenance: nothing to say of it"
     # evaluated with --bootstrap 0: the row's ci_low/ci_high are its point value, no interval
     unbooted = [{**rows[0], "ci_low": 0.8125, "ci_high": 0.8125, "bootstrap": 0}]
     card = model_card("m", {"method": "wise-ft"}, "open_clip", unbooted)
