@@ -206,7 +206,7 @@ def warn_repeated_inputs(sources: list[TensorSource], hashes: dict[str, str]) ->
             warnings.warn(
                 f"--ft {source.label}: the same weights as --base (sha256 {digest[0][:12]}…): its task "
                 "vector is zero, so it adds nothing to a sum of task vectors, and where the models are "
-                "weighed (linear, a soup, Fisher, RegMean) it gives the base a larger share",
+                "weighed (linear, a soup, Model Stock, Fisher, RegMean) it gives the base a larger share",
                 stacklevel=2,
             )
         elif digest in seen:
