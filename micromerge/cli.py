@@ -80,9 +80,11 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _leave_process_group() -> None:
-    """End the process group `accelerate launch` started (torch.distributed's documented exit: its
-    communicators torn down by the process, not by the interpreter's shutdown in whatever order
-    it collects them). Nothing to do in a plain run, and torch is not imported for it."""
+    """End the process group `accelerate launch` started (torch.distributed's documented exit). Left
+    to the interpreter's shutdown, gloo's worker threads may still hold tensors whose release then
+    needs the GIL of an interpreter being torn down, and the process dies of SIGABRT
+    (pytorch/pytorch#179291), as a rank of the two-process fine-tune test once did at its end in
+    CI. Nothing to do in a plain run, and torch is not imported for it."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
