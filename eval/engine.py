@@ -26,6 +26,7 @@ from micromerge.core.progress import progress_bar
 from micromerge.eval.data import Benchmark, load_benchmark
 from micromerge.eval.images import DECODE_IDENTITY, ImageCache, PixelFeed, build_image_cache
 from micromerge.eval.metrics import classification_metrics, correctness_metrics
+from micromerge.eval.setting_values import PRECISIONS, PROMPTS, PROTOCOLS
 from micromerge.eval.source_metadata import load_source_table
 from micromerge.eval.store import ResultStore, coefficients_file
 from micromerge.eval.task_selection import select_tasks
@@ -47,9 +48,6 @@ from micromerge.merging.plan import MergeSpec
 from micromerge.merging.resident import ResidentMerge
 from micromerge.merging.sources import CheckpointAccess
 
-PROTOCOLS = ("ubench", "closed-set")
-PRECISIONS = ("bf16", "fp32")  # the image forward: bf16 autocast on a GPU, or fp32
-PROMPTS = ("names", "captions")  # closed-set: class names in templates, or the class captions
 HALVES = "per-image"
 """How the benchmark is split into select and report halves; part of every run id, so results of
 the earlier per-task split are never mixed with these."""

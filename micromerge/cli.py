@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from micromerge import __version__
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.setting_values import PRECISIONS, PROMPTS, PROTOCOLS
 
 if TYPE_CHECKING:  # the commands import what they run lazily: `micromerge --help` stays fast
     from accelerate import PartialState
@@ -531,7 +532,7 @@ def _eval_options(func: Command) -> Command:
         click.option("--batch-size", type=int, default=256, show_default=True),
         click.option(
             "--precision",
-            type=click.Choice(["bf16", "fp32"]),
+            type=click.Choice(PRECISIONS),
             default="bf16",
             show_default=True,
             help="Autocast on GPU (CPU always fp32).",
@@ -546,7 +547,7 @@ def _eval_options(func: Command) -> Command:
         SEED,
         click.option(
             "--protocol",
-            type=click.Choice(["ubench", "closed-set"]),
+            type=click.Choice(PROTOCOLS),
             default="ubench",
             show_default=True,
             help="ubench: each image scored against its own caption options, as the μ-Bench authors do; "
@@ -554,7 +555,7 @@ def _eval_options(func: Command) -> Command:
         ),
         click.option(
             "--prompts",
-            type=click.Choice(["names", "captions"]),
+            type=click.Choice(PROMPTS),
             default="names",
             show_default=True,
             help="closed-set: class names in templates, or class captions.",
