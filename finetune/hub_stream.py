@@ -15,6 +15,7 @@ again the rows it had trained on (without decoding their images) and continues a
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Iterator
@@ -130,9 +131,13 @@ class _HubSamples(torch.utils.data.IterableDataset):
         stream = self.stream
         undecoded = skipped_here(self.skip) * self.batch
         yielded = False
+        # datasets keeps the epoch in shared memory (for persistent workers), and forked workers
+        # share it: one worker starting its next pass reshuffled the pass another was starting, and
+        # a resumed run (whose first worker races through its undecoded pass) trained on other rows
+        dataset = copy.deepcopy(self.dataset)
         for current in itertools.count():
-            self.dataset.set_epoch(current)
-            for n, row in enumerate(self.dataset):
+            dataset.set_epoch(current)
+            for n, row in enumerate(dataset):
                 yielded = True
                 caption = row[stream.caption_column]
                 caption = caption.strip() if isinstance(caption, str) else ""  # typed text up front

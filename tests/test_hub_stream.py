@@ -100,6 +100,24 @@ def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path):
     assert HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number)).fingerprint != stream.fingerprint
 
 
+def test_a_workers_passes_leave_the_shared_epoch_alone(tmp_path):
+    """datasets keeps an IterableDataset's epoch in shared memory (`set_epoch` writes it in place, for
+    persistent workers; datasets/iterable_dataset.py), and forked DataLoader workers share it. A
+    worker that set it for its own next pass reshuffled the pass another worker was starting: a
+    resumed run, whose first worker reads its trained-on pass undecoded and so gets ahead, trained
+    on other rows at step 5 about once in 24 runs under load. Each worker now counts its passes on
+    a copy; shown in-process, where the dataset handed in is what the workers' forks share."""
+    from micromerge.finetune.hub_stream import _HubSamples
+
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
+    shared = stream.dataset.shuffle(seed=0, buffer_size=8)
+    samples = iter(_HubSamples(stream, shared, rank=0, skip_samples=(0, 8)))
+    read = [int(next(samples)[1]) for _ in range(40)]  # two passes and a half
+    assert sorted(read[:16]) == sorted(read[16:32]) == list(range(16))
+    assert shared.epoch == 0
+
+
 def test_a_streamed_hub_dataset_trains_reproducibly_and_resumes_at_the_exact_sample(
     tmp_path, base, monkeypatch
 ):
