@@ -51,6 +51,12 @@ class SourceTable:
     # the sources the override file names, less those whose entry rewrites a shipped
     # `null_dataset_match` rule: that moves rows even where its own source ends with none
     describing: tuple[str, ...] = ()
+    # the sources whose `null_dataset_match` rule the override file sets
+    override_rules: tuple[str, ...] = ()
+
+    def rule_origin(self, name: str) -> str:
+        """Where `name`'s null_dataset_match rule was written: `tasks` says which table moved rows."""
+        return f"--sources {self.override_file}" if name in self.override_rules else "shipped table"
 
     def warn_unmatched_overrides(self, present: set[str]) -> None:
         """An override for a source the data does not have (a typo: `synth-blood-cell`) changed
@@ -162,6 +168,7 @@ def load_source_table(override: Path | None = None) -> SourceTable:
     entries = {name: dict(entry) for name, entry in _entries(data, DEFAULT_TABLE).items()}
     scales = _scales(data, DEFAULT_TABLE)
     describing: tuple[str, ...] = ()
+    override_rules: tuple[str, ...] = ()
     if override is not None:
         mine = _check_tables(_read(override), override)
         for name, entry in _entries(mine, override).items():
@@ -170,7 +177,9 @@ def load_source_table(override: Path | None = None) -> SourceTable:
             shipped_rule = entries.get(name, {}).get("null_dataset_match")
             if shipped_rule is None or entry.get("null_dataset_match", shipped_rule) == shipped_rule:
                 describing += (name,)
+            if "null_dataset_match" in entry:
+                override_rules += (name,)
             entries.setdefault(name, {}).update(entry)
         scales.update(_scales(mine, override))
     infos = {name: SourceInfo(name, **entry) for name, entry in entries.items()}
-    return SourceTable(infos, scales, override, describing)
+    return SourceTable(infos, scales, override, describing, override_rules)

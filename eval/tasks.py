@@ -253,7 +253,8 @@ def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) 
                 questions=questions,
             )
         )
-    sources = _null_source_names(dataset, captions, column_values(dataset, "dataset"), table)
+    published = column_values(dataset, "dataset")
+    sources = _null_source_names(dataset, captions, published, table)
     table.warn_unmatched_overrides(set(sources))
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, source in enumerate(sources):
@@ -273,6 +274,11 @@ def discover_tasks(dataset: datasets.Dataset, table: SourceTable | None = None) 
         notes = [n for n in (table.scale_mismatch(source, _median_mpp(mpp, rows)),) if n]
         if source.startswith("unassigned_"):
             notes.append("rows with a null dataset that no null_dataset_match rule names (--sources)")
+        elif named := sum(1 for i in rows if not _present(published[i])):
+            notes.append(
+                f"{named} of its rows have a null dataset; named by the null_dataset_match rule "
+                f"{info.null_dataset_match!r} ({table.rule_origin(source)})"
+            )
         closed = len(classes) >= 2
         tasks.append(
             Task(

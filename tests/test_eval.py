@@ -609,6 +609,33 @@ def test_null_dataset_rows_matched_by_two_rules_are_unassigned_not_guessed(tmp_p
     )
 
 
+def test_tasks_says_which_rows_a_null_dataset_match_rule_named_and_in_which_table(tmp_path, bench):
+    """The 18 Held rows have a null `dataset` (../shared/ubench/SCHEMA.md); a rule names them.
+    `tasks --sources` listed the resulting tasks but not that a table had moved rows into one:
+    each task that received such rows now says how many, by which rule, from which table."""
+    shipped = CliRunner().invoke(cli, ["tasks", "--data", str(bench)])
+    assert shipped.exit_code == 0, shipped.output
+    assert re.search(
+        r"held_et_al_2010_h2b .*\n  note: 18 of its rows have a null dataset; named by the "
+        r"null_dataset_match rule '.+' \(shipped table\)",
+        shipped.output,
+    ), shipped.output
+    assert shipped.output.count("of its rows have a null dataset") == 1, "kather's rows all name it"
+    (tmp_path / "moved.toml").write_text(
+        '[sources.held_et_al_2010_h2b]\nnull_dataset_match = ""\n'
+        '[sources.kather_et_al_2016]\nnull_dataset_match = "h2b|chromatin"\n'
+    )
+    moved = CliRunner().invoke(
+        cli, ["tasks", "--data", str(bench), "--sources", str(tmp_path / "moved.toml")]
+    )
+    assert moved.exit_code == 0, moved.output
+    assert re.search(
+        r"kather_et_al_2016 .*\n  note: 18 of its rows have a null dataset; named by the "
+        rf"null_dataset_match rule 'h2b\|chromatin' \(--sources {re.escape(str(tmp_path / 'moved.toml'))}\)",
+        moved.output,
+    ), moved.output
+
+
 def test_metrics_equal_hand_computed_values():
     y_true = np.array([0, 0, 0, 1, 1, 2])
     y_pred = np.array([0, 0, 1, 1, 2, 2])
