@@ -88,7 +88,7 @@ def test_group_means_are_percent_per_alpha(tmp_path):
     build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology")
     by_alpha = {row.pop("alpha"): row for row in _table(tmp_path / "rep", "groups_run0")}
     assert by_alpha[0.0] == pytest.approx(
-        {"domain:pathology": 50.0, "domain:biology": 80.0, "level:coarse": 90.0, "level:fine": 65.0, "all tasks": 73.33}
+        {"domain:pathology": 50.0, "domain:biology": 80.0, "level:coarse": 90.0, "level:fine": 65.0, "all tasks": 73.3}
     )  # fmt: skip
     assert by_alpha[1.0]["domain:biology"] == pytest.approx(40.0)
 
