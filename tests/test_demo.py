@@ -19,13 +19,24 @@ from micromerge.demo import DemoConfig, _stage, run_demo
 def test_demo_shows_forgetting_and_recovery(tmp_path):
     out = tmp_path / "demo"
     summary_headline = run_demo(DemoConfig(out=out, progress=False), say=lambda _: None)
-    runs = {(r.method, r.protocol): r for r in load_runs(out / "results" / "results.jsonl")}
+    loaded = load_runs(out / "results" / "results.jsonl")
+    runs = {(r.method, r.protocol): r for r in loaded if r.method != "none"}
     assert set(runs) == {
         ("wise-ft", "ubench"),
         ("task-arithmetic", "ubench"),
         ("ties", "ubench"),
         ("wise-ft", "closed-set"),
     }
+    # base and specialist evaluated under both protocols: every sweep's "base" and "fine-tuned" are
+    # those models, not its end points (TIES at alpha 1 is not the specialist)
+    assert sorted(r.protocol for r in loaded if r.method == "none") == [
+        "closed-set",
+        "closed-set",
+        "ubench",
+        "ubench",
+    ]
+    assert all(r.base_reference is not None and r.finetuned_reference is not None for r in runs.values())
+    assert "lowest and highest" not in (out / "report" / "report.md").read_text()
     wise = runs[("wise-ft", "ubench")]  # the properties hold under the authors' protocol
     table = wise.table[(wise.table["metric"] == "accuracy") & (wise.table["split"] == "all")]
     base = table[table["alpha"] == 0.0]
@@ -71,7 +82,8 @@ def test_demo_shows_forgetting_and_recovery(tmp_path):
 def _result_values(out: Path) -> list[tuple]:
     rows = [json.loads(line) for line in (out / "results" / "results.jsonl").read_text().splitlines()]
     keys = ("method", "protocol", "alpha", "task", "caption_key", "split", "metric", "value")
-    return sorted(tuple(str(r[k]) if k == "caption_key" else r[k] for k in keys) for r in rows)
+    # alpha is null in the base's and the specialist's evaluation rows, caption_key in some
+    return sorted(tuple(str(r[k]) if k in ("alpha", "caption_key") else r[k] for k in keys) for r in rows)
 
 
 @pytest.mark.slow
@@ -109,7 +121,7 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     assert base_weights.read_bytes() == before
     assert [m.split("]")[0] for m in said if "is gone: again" in m] == [
         "[3/6 pretrain the base on the general corpus",
-        "[5/6 sweep alpha on every task",
+        "[5/6 evaluate the base and the specialist, sweep alpha on every task",
     ], said
     assert _result_values(tmp_path / "b") == values[1], "the sweeps again, the same numbers"
     # Another --finetune-epochs: the specialist is trained again and swept into an emptied store
@@ -123,8 +135,8 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     manifest = json.loads((tmp_path / "a" / "runs" / "pathology-specialist" / "manifest.json").read_text())
     assert manifest["hyperparameters"]["epochs"] == 2
     store = (tmp_path / "a" / "results" / "results.jsonl").read_text().splitlines()
-    assert len({json.loads(line)["run_id"] for line in store}) == 4, (
-        "one run per sweep, none of the old specialist"
+    assert len({json.loads(line)["run_id"] for line in store}) == 8, (
+        "one run per sweep and per reference evaluation, none of the old specialist"
     )
 
 
