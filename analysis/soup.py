@@ -31,7 +31,6 @@ from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.eval.engine import EvalSettings, Prepared, SweepPlan, prepare, run_sweep
-from micromerge.eval.store import ResultStore
 from micromerge.merging.execute import MergeOutput
 from micromerge.merging.job import check_file_out, job_from_mapping, run_merge_job
 from micromerge.merging.methods import MethodParams
@@ -178,7 +177,7 @@ def greedy_soup(
         }
         for row in best.rows
     ]
-    ResultStore(settings.store).append(rows)  # skips rows an earlier run wrote, under the store's lock
+    prepared.results(settings.store).append(rows)  # skips rows an earlier run wrote, under the store's lock
     return replace(result, run_id=run_id)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +437,14 @@ class Prepared:
     # that moves null-dataset rows to another source, a task trained on keeps its shipped rows.
     trainable: list[Task]
     headlines: frozenset[str] = frozenset()  # the headlines the selected tasks complete
+    # one reader per results store, shared by the evaluations and sweeps of this preparation: its
+    # index of where each run's lines lie is built once (on a paper-size grid's 500 MB store, two
+    # seconds), not at every sweep's resume check (bench/store_bench.py)
+    readers: dict[Path, ResultStore] = field(default_factory=dict)
+
+    def results(self, store: str | Path) -> ResultStore:
+        """The shared reader of `store` (a soup's candidates go to a store of their own)."""
+        return self.readers.setdefault(Path(store), ResultStore(store))
 
 
 def complete_headlines(tasks: list[Task], every: list[Task]) -> frozenset[str]:
@@ -567,7 +575,7 @@ def run_eval(
     with access.open(model_spec) as source:
         hashes = input_hashes([source])
         run_id = _run_id({"model": sorted(hashes.values())}, settings, bench, device)
-        store = ResultStore(settings.store)
+        store = prepared.results(settings.store)
         done = store.done(run_id)
         if _complete(done, None, tasks, settings.protocol):
             return _of_selection(store.rows(run_id), prepared)
@@ -657,7 +665,7 @@ def run_sweep(
     `run_eval`."""
     prepared = prepare(settings) if prepared is None else prepared
     bench, tasks = prepared.bench, prepared.tasks
-    store = ResultStore(settings.store)
+    store = prepared.results(settings.store)
     base = plan.access.open(plan.base)
     finetuned = [plan.access.open(f) for f in plan.finetuned]
     try:

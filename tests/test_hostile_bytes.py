@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from micromerge.core.config_files import load_section
@@ -110,6 +110,7 @@ store_lines = st.one_of(
 
 @SETTINGS
 @given(lines=st.lists(store_lines, max_size=8), newline=st.booleans())
+@example(lines=[b"PK\x03\x04 a zip", b'{"schema": 1}'], newline=True)
 def test_results_store_reader(lines, newline):
     path = _scratch(b"\n".join(lines) + (b"\n" if newline else b""), ".jsonl")
     try:
@@ -119,6 +120,9 @@ def test_results_store_reader(lines, newline):
             for row in rows:
                 ResultStore.identity(row)
                 assert isinstance(row["run_id"], str) and isinstance(row["task"], str)
+            reader = ResultStore(path)  # one run's rows, through the index of run lines
+            for run_id in {r["run_id"] for r in rows} | {"x"}:
+                assert reader.rows(run_id) == [r for r in rows if r["run_id"] == run_id], run_id
             before = path.read_bytes()
             try:
                 ResultStore(path).append(
@@ -128,5 +132,6 @@ def test_results_store_reader(lines, newline):
                 assert "is a checkpoint" in str(error) and path.read_bytes() == before
             else:
                 assert any(r["run_id"] == "x" for r in ResultStore(path).rows())
+                assert [r["alpha"] for r in reader.rows("x")] == [0.5], "another writer's row, seen"
     finally:
         path.unlink()
