@@ -71,7 +71,7 @@ def _json_safe(value: Any) -> Any:
 
 # a run id as this module writes it (json.dumps, sort_keys, default separators)
 _RUN_ID_KEY = b'"run_id": "'
-_RUN_ID = re.compile(rb'"run_id": "((?:[^"\\]|\\.)*)"')
+_RUN_ID = re.compile(rb'"run_id": "(?:[^"\\\n]|\\.)*"')  # on its line
 
 
 @dataclass
@@ -90,7 +90,7 @@ class _RunLines:
     inode: int
     end: int = 0
     last_line: bytes = b""
-    spans: dict[bytes, list[list[int]]] = field(default_factory=dict)  # run id -> [start, stop] of lines
+    spans: dict[str, list[list[int]]] = field(default_factory=dict)  # run id -> [start, stop] of lines
     other: list[list[int]] = field(default_factory=list)
 
     def still_holds(self, fd: int, stat: os.stat_result) -> bool:
@@ -99,7 +99,7 @@ class _RunLines:
         return os.pread(fd, len(self.last_line), self.end - len(self.last_line)) == self.last_line
 
     def take_in(
-        self, start: int, data: bytes, lines: list[tuple[bytes | None, int, int]] | None = None
+        self, start: int, data: bytes, lines: list[tuple[str | None, int, int]] | None = None
     ) -> None:
         """Index the complete lines of `data`, read from offset `start`; each line added is also put
         in `lines`, when given, as (run id or None, start, stop) offsets in the file. The ids are
@@ -112,10 +112,11 @@ class _RunLines:
         while hit >= 0:
             close = find(b'"', hit + width)
             sliced = complete[hit + width : close]
-            run_id: bytes | None = sliced
-            if b"\\" in sliced or b"\n" in sliced:  # an escape, or no closing quote on its line
+            if sliced.isascii() and b"\\" not in sliced and b"\n" not in sliced:
+                run_id: str | None = sliced.decode("ascii")
+            else:  # an escape, UTF-8 written as such, or no closing quote on its line
                 match = _RUN_ID.match(complete, hit)
-                run_id, close = (match.group(1), match.end() - 1) if match else (None, hit + width)
+                run_id, close = (_decoded(match.group(0)), match.end() - 1) if match else (None, hit + width)
             begin = rfind(b"\n", 0, hit) + 1
             stop = find(b"\n", close) + 1
             if begin > position and complete[position:begin].strip():
@@ -131,7 +132,7 @@ class _RunLines:
             self.end, self.last_line = start + cut + 1, complete[rfind(b"\n", 0, cut) + 1 :]
 
     def _add(
-        self, run_id: bytes | None, begin: int, stop: int, lines: list[tuple[bytes | None, int, int]] | None
+        self, run_id: str | None, begin: int, stop: int, lines: list[tuple[str | None, int, int]] | None
     ) -> None:
         spans = self.other if run_id is None else self.spans.setdefault(run_id, [])
         if spans and spans[-1][1] >= begin:  # a sweep's rows lie together: a span an append
@@ -144,7 +145,16 @@ class _RunLines:
 
     def of(self, run_id: str) -> list[list[int]]:
         """The spans that may hold `run_id`'s rows, in file order."""
-        return sorted(self.spans.get(json.dumps(run_id)[1:-1].encode(), []) + self.other)
+        return sorted(self.spans.get(run_id, []) + self.other)
+
+
+def _decoded(pair: bytes) -> str | None:
+    """The id of a `"run_id": "..."` pair, as JSON reads it (None where it is no JSON string)."""
+    try:
+        value = json.loads(b"{" + pair + b"}")["run_id"]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _run_needles(runs: frozenset[str] | None) -> tuple[bytes, ...] | None:
@@ -230,13 +240,11 @@ class ResultStore:
         if not self._keys:
             index.take_in(start, data)
             return data, start
-        added: list[tuple[bytes | None, int, int]] = []
+        added: list[tuple[str | None, int, int]] = []
         index.take_in(start, data, added)
-        # rows of runs whose keys are kept, written since (by another process)
-        kept = {json.dumps(run)[1:-1].encode(): run for run in self._keys}
-        for run_id, begin, stop in added:
-            if run_id is None or run_id in kept:
-                runs = frozenset(self._keys) if run_id is None else frozenset([kept[run_id]])
+        for run_id, begin, stop in added:  # rows of runs whose keys are kept, written since
+            if run_id is None or run_id in self._keys:
+                runs = frozenset(self._keys) if run_id is None else frozenset([run_id])
                 self._remember(self._parse(data[begin - start : stop - start], warn=False, runs=runs)[0])
         return data, start
 

@@ -645,6 +645,8 @@ def test_one_reader_finds_each_runs_rows_without_reading_the_others_again(tmp_pa
             json.dumps({"schema": 1, **_row(0.0, run_id="run5", task="compact")}, separators=(",", ":"))
         )
         handle.write("\n" + json.dumps({"schema": 1, **nested}, sort_keys=True) + "\n")
+        for run_id in ("ü", 'q"uote'):  # UTF-8 as such, and an escape
+            handle.write(json.dumps({"schema": 1, **_row(0.0, run_id=run_id)}, ensure_ascii=False) + "\n")
     reader = ResultStore(path)
     every = ResultStore(path).rows()
     assert reader.rows("run0") == [r for r in every if r["run_id"] == "run0"]
@@ -681,6 +683,8 @@ def test_one_reader_finds_each_runs_rows_without_reading_the_others_again(tmp_pa
     assert sum(read) < path.stat().st_size / 4
     assert reader.append([_row(0.95, run_id="run5"), _row(0.95, run_id="run7")]) == 1, "the other's row seen"
     assert len(ResultStore(path).rows("run7")) == 11 and len(ResultStore(path).rows()) == len(every) + 3
+    for run_id in ("ü", 'q"uote'):
+        assert [r["run_id"] for r in reader.rows(run_id)] == [run_id]
 
 
 def test_an_append_that_failed_to_write_is_written_by_the_next(tmp_path, monkeypatch):
