@@ -438,8 +438,8 @@ class Prepared:
     trainable: list[Task]
     headlines: frozenset[str] = frozenset()  # the headlines the selected tasks complete
     # one reader per results store, shared by the evaluations and sweeps of this preparation: its
-    # index of where each run's lines lie is built once (on a paper-size grid's 500 MB store, two
-    # seconds), not at every sweep's resume check (bench/store_bench.py)
+    # index of where each run's lines lie is built once (on a paper-size grid's 500 MB store, about
+    # a second), not at every sweep's resume check (BENCHMARKS.md, "One reader for a grid")
     readers: dict[Path, ResultStore] = field(default_factory=dict)
 
     def results(self, store: str | Path) -> ResultStore:

@@ -1,7 +1,7 @@
 """`micromerge demo`: the whole loop offline on the embedded default, in minutes on a laptop CPU.
 
 generate data -> pretrain a tiny CLIP on the general corpus -> fine-tune a pathology specialist
--> sweep WiSE-FT, task arithmetic and TIES over alpha on every task -> write the report.
+-> evaluate both, and sweep WiSE-FT, task arithmetic and TIES over alpha on every task -> write the report.
 Each stage writes its outputs atomically and is reused on a second run (`fresh` starts over);
 an interrupted demo resumes from the last finished stage (training resumes mid-run).
 """
