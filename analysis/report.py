@@ -24,7 +24,7 @@ import micromerge
 from micromerge.analysis import figures
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
-from micromerge.analysis.tables import Run, finetuned_domain, load_runs
+from micromerge.analysis.tables import Run, finetuned_domain, load_runs, run_label
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file, sha256_json
@@ -191,11 +191,15 @@ def build_report(
     return out / "report.html"
 
 
+def picked(label: str, run_id: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(label, p) or fnmatchcase(run_id, p) for p in patterns)
+
+
 def select_runs(runs: list[Run], patterns: tuple[str, ...], store: Path) -> list[Run]:
     """The runs whose label or run id matches one of the globs (all runs when there are none)."""
     if not patterns:
         return runs
-    kept = [r for r in runs if any(fnmatchcase(r.label, p) or fnmatchcase(r.run_id, p) for p in patterns)]
+    kept = [r for r in runs if picked(r.label, r.run_id, patterns)]
     if not kept:
         labels = sorted({r.label for r in runs})
         raise MicromergeError(
@@ -214,7 +218,9 @@ def _write_report(
     run_figures: bool | None,
     selected: tuple[str, ...],
 ) -> None:
-    swept = [r for r in load_runs(store) if r.table["alpha"].notna().any()]
+    # with --runs, only the selected runs' rows are read (and the evaluations they are reported against)
+    wanted = (lambda first: picked(run_label(first), first["run_id"], selected)) if selected else None
+    swept = [r for r in load_runs(store, wanted) if r.table["alpha"].notna().any()]
     if not swept:
         raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
     runs = select_runs(swept, selected, store)

@@ -222,6 +222,49 @@ class ResultStore:
         rows, _ = self._parse(data, warn=run_id is None, runs=None if run_id is None else frozenset([run_id]))
         return rows
 
+    def first_rows(self) -> dict[str, dict[str, Any]] | None:
+        """Each run's first row, runs in the order their first rows lie in the file, read from the
+        start of each run's lines only: a report of a few runs of a grid finds them (by label or
+        method) without decoding every run. None when a line does not name its run as this module
+        writes it (only reading every row tells whose it is)."""
+        if not self.path.is_file():
+            return {}
+        with open(self.path, "rb") as handle:
+            fd = handle.fileno()
+            data, start = self._catch_up(fd)
+            index = self._index_now()
+            if index.other:
+                return None
+            found = {run_id: self._first_row(fd, spans, run_id) for run_id, spans in index.spans.items()}
+            tail = _row_of(data[index.end - start :])  # a last row without its newline
+        if tail is not None and found.get(tail["run_id"]) is None:
+            found[tail["run_id"]] = (index.end, tail)
+        return {
+            run_id: first[1]
+            for run_id, first in sorted(
+                ((r, f) for r, f in found.items() if f is not None), key=lambda item: item[1][0]
+            )
+        }
+
+    @staticmethod
+    def _first_row(fd: int, spans: list[list[int]], run_id: str) -> tuple[int, dict[str, Any]] | None:
+        """The offset and row of `run_id`'s first row in its spans (a line there may be another
+        run's, naming this one in a nested field, or no row at all)."""
+        for begin, stop in spans:
+            position = begin
+            while position < stop:
+                chunk = os.pread(fd, min(stop - position, 1 << 16), position)
+                cut = chunk.find(b"\n")
+                if cut < 0:  # a line longer than the chunk: read it whole
+                    cut = os.pread(fd, stop - position, position).find(b"\n")
+                    chunk = os.pread(fd, cut + 1, position)
+                for line in chunk[: chunk.rfind(b"\n") + 1].split(b"\n")[:-1]:
+                    row = _row_of(line)
+                    if row is not None and row["run_id"] == run_id:
+                        return position, row
+                    position += len(line) + 1
+        return None
+
     def _index_now(self) -> _RunLines:
         assert self._index is not None, "read after _catch_up"
         return self._index

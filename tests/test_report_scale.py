@@ -248,6 +248,48 @@ def test_a_grid_report_is_the_same_bytes_each_time(tmp_path):
         assert (folders[0] / relative).read_bytes() == (folders[1] / relative).read_bytes(), relative
 
 
+def test_a_selection_decodes_its_runs_and_the_evaluations_only_and_gives_what_reading_all_gives(
+    tmp_path, monkeypatch
+):
+    """`report --runs 'pair / *'` of a 192-sweep grid decoded all 392,832 rows to keep a few runs. The
+    runs are now told by their first rows (found through the store's index of run lines), and only
+    the selected runs and every evaluation (a sweep's references) are decoded: the same runs, tables
+    and references as reading everything and filtering."""
+    import pandas as pd
+
+    from micromerge.analysis.tables import run_label
+    from micromerge.eval import store as store_module
+
+    store = grid_store(tmp_path / "r.jsonl", rules=("all", "vision"))
+    evaluated = {"finetuned": [], "finetuned_sha256": []}
+    write_store(store, run_id="e-b0", method="none", alphas=(0.0,),
+                fields={"alpha": None, "model": {"base": "b0", "base_sha256": ["b0" * 32], **evaluated}})  # fmt: skip
+    patterns = ("p0 / * / all",)
+    every = [r for r in load_runs(store) if r.method == "none" or report.picked(r.label, r.run_id, patterns)]
+    decoded = []
+    real_loads = store_module.json.loads
+    monkeypatch.setattr(store_module.json, "loads", lambda text: decoded.append(1) or real_loads(text))
+    some = load_runs(store, lambda first: report.picked(run_label(first), first["run_id"], patterns))
+    lines = len(store.read_text().splitlines())
+    assert len(decoded) < lines / 3, (len(decoded), lines)
+    assert (
+        [r.run_id for r in some]
+        == [r.run_id for r in every]
+        == ["p0-all-wise-ft", "p0-all-ties", "p0-all-dare", "e-b0"]
+    )
+    for mine, theirs in zip(some, every, strict=True):
+        pd.testing.assert_frame_equal(mine.table, theirs.table)
+        assert (mine.base_reference is None) == (theirs.base_reference is None)
+    assert all(r.base_reference is not None for r in some[:3]), "the evaluation of the pair's base"
+    # a store whose lines do not all name their run as the store writes them is read whole
+    row = real_loads(store.read_text().splitlines()[0])
+    with open(store, "a") as handle:
+        handle.write(json.dumps(row, separators=(",", ":")) + "\n")  # a copy, written by hand
+    assert [r.run_id for r in load_runs(store, lambda first: first["run_id"] == "p1-all-ties")] == [
+        r.run_id for r in load_runs(store)
+    ]
+
+
 def test_runs_picks_the_runs_of_one_pair_by_label_or_run_id(tmp_path):
     store = grid_store(tmp_path / "r.jsonl")
     report.build_report(store, tmp_path / "p0", target=TARGET, run_figures=False, selected=("p0 / *",))
