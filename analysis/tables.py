@@ -88,12 +88,12 @@ def load_runs(store_path: str | Path, wanted: Callable[[dict[str, Any]], bool] |
             f"{path}: results store not found (run `micromerge sweep` or `micromerge eval` first)"
         )
     store = ResultStore(path)
-    firsts = store.first_rows() if wanted is not None else None
+    firsts = (store.first_rows() if wanted is not None else None) or {}
+    chosen = {run_id for run_id, first in firsts.items() if wanted is not None and wanted(first)}
     by_run: dict[str, list[dict[str, Any]]] = {}
-    if wanted is not None and firsts and any(wanted(first) for first in firsts.values()):
-        # else every row: a selection of nothing is refused naming the runs there are
+    if chosen:  # else every row: a selection of nothing is refused naming the runs there are
         for run_id, first in firsts.items():
-            if first["method"] == "none" or wanted(first):  # an evaluation: a sweep's reference
+            if run_id in chosen or first["method"] == "none":  # an evaluation: a sweep's reference
                 by_run[run_id] = store.rows(run_id)
     else:
         for row in store.rows():

@@ -14,8 +14,9 @@ A store grows to hundreds of MB on a paper-size ablation (about 1.4 kB a row), s
 reads only what was written since it last read (by any process), and keeps where each run's lines
 lie: a run's rows are read from its own lines, and an append decodes only the rows of its own runs.
 Reading the whole file at every append was quadratic (8.5 s of the demo's 66 s of sweeps, and hours
-on the paper grid's 192 sweeps), and at every sweep's resume check ten minutes for a re-run of a
-finished grid (bench/store_bench.py). The sweeps of one preparation share one store object.
+on the paper grid's 192 sweeps; bench/store_bench.py), and at every sweep's resume check and rows
+back, 5.9 minutes for a re-run of a finished grid (BENCHMARKS.md, "One reader for a grid"). The
+sweeps of one preparation share one store object.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class _RunLines:
     """Where each run's lines lie in the file up to `end` (an offset at a line's end), and the line
     that ends there. One run's rows are then read without reading every other run's: a paper-size
     ablation's store is 500 MB, and finding a sweep's rows by scanning all of it took 1.3 to 1.8 s
-    at its resume check, its first append and its rows back, ten minutes a grid of 192 sweeps.
+    at its resume check, its first append and its rows back (the checks and rows back alone: 5.9
+    minutes for a re-run of a finished grid of 192 sweeps).
 
     A file that is still that file (the same inode, the same line at `end`: a shorter file reads
     short) has only been appended to since, by this process or another, and only the bytes past
