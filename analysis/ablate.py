@@ -201,9 +201,11 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
 def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]], list[str]]:
     """Every (label, job) of the grid, built and validated together: a bad method name,
     parameter or rule anywhere fails before the first sweep runs; and the combinations a method
-    cannot take (Model Stock with one specialist, a soup with alpha rules), each `label: skipped
-    (why)`, which `load_ablation` warns of."""
+    cannot take (Model Stock with one specialist, a soup with alpha rules) or would repeat (a
+    sign-electing variant on a one-specialist pair), each `label: skipped (why)`, which
+    `load_ablation` warns of."""
     jobs: list[tuple[str, MergeJob | SoupJob]] = []
+    merges: dict[tuple[str, str, str], tuple[str, MergeJob]] = {}
     skipped: list[str] = []
     for pair in ablation.pairs:
         for method in ablation.methods:
@@ -252,7 +254,30 @@ def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]],
                 )
                 job = replace(job, access=pair["access"])
                 jobs.append((label, job))
-    return jobs, skipped
+                merges[(pair["name"], method, rule_name)] = label, job
+    return _without_repeats(jobs, merges, skipped)
+
+
+def _without_repeats(
+    jobs: list[tuple[str, MergeJob | SoupJob]],
+    merges: dict[tuple[str, str, str], tuple[str, MergeJob]],
+    skipped: list[str],
+) -> tuple[list[tuple[str, MergeJob | SoupJob]], list[str]]:
+    """The grid less each merge that repeats another of it: a sign-electing variant (dare-ties,
+    breadcrumbs-ties) or DELLA's linear one on a one-specialist pair is the same merge as the method
+    it varies (`same_with_one_finetuned`) with the same parameters and rules, so its sweep would
+    spend its hours on the same numbers."""
+    repeats: set[str] = set()
+    for (pair, method, rule_name), (label, job) in merges.items():
+        same = get_method(method).same_with_one_finetuned
+        other = merges.get((pair, same, rule_name)) if same and len(job.finetuned) == 1 else None
+        if other is not None and replace(other[1].spec, method=method) == job.spec:
+            repeats.add(label)
+            skipped.append(
+                f"{label}: skipped (with one fine-tuned model {method} is {same}, "
+                "which this grid runs with the same parameters)"
+            )
+    return [(label, job) for label, job in jobs if label not in repeats], skipped
 
 
 def run_ablation(

@@ -40,7 +40,9 @@ EXTRA = {
     "ties": ["--density", "0.2"],
     "lines-ties": ["--density", "0.2"],
     "breadcrumbs": ["--density", "0.9"],
+    "breadcrumbs-ties": ["--density", "0.9"],
     "della": ["--density", "0.4"],
+    "della-linear": ["--density", "0.4"],
 }
 
 

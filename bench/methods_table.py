@@ -59,11 +59,18 @@ PARAMETERS = {  # as configs/ablation-paper.toml
     "lines-ties": {"density": 0.2, "beta": 0.5},
     "lines": {"beta": 0.5},
     "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "breadcrumbs-ties": {"density": 0.9, "gamma": 0.01},
     "della": {"density": 0.4, "epsilon": 0.15},
+    "della-linear": {"density": 0.4, "epsilon": 0.15},
 }
 VARIANTS = {"supervised-alpha, grid search": ("supervised-alpha", {"search": "grid"})}
 """Rows beyond each method at its defaults: the same method with other parameters."""
-ONE = [m for m in METHODS if m != "linear" and METHODS[m].min_finetuned == 1]
+ONE = [
+    m
+    for m in METHODS
+    if m != "linear" and METHODS[m].min_finetuned == 1 and METHODS[m].same_with_one_finetuned is None
+]
+"""With one specialist: each method once (a sign-electing or linear variant is then its method's merge)."""
 TWO = [m for m in METHODS if m != "linear" and METHODS[m].max_finetuned is None]
 
 

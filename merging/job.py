@@ -209,6 +209,7 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         slerp_scope=str(values.get("slerp_scope") or defaults.slerp_scope),
         gamma=_number(values, "gamma", "--gamma", defaults.gamma),
         epsilon=_number(values, "epsilon", "--epsilon", defaults.epsilon),
+        rescale=values.get("rescale") or defaults.rescale,
         beta=_number(values, "beta", "--beta", defaults.beta),
         samples=_count(values, "samples", "--samples", defaults.samples),
         offdiag_scale=_number(values, "offdiag_scale", "--offdiag-scale", defaults.offdiag_scale),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.dtypes import FLOAT_DTYPES, OUTPUT_DTYPES, widest_float
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MergeMethod, MethodParams, get_method
+from micromerge.merging.methods.task_vectors import RESCALES
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.tensor_source import TensorMeta, TensorSource, describe_key_mismatch
 
@@ -75,6 +76,8 @@ def check_method_params(method: MergeMethod, params: MethodParams) -> None:
         raise MicromergeError(f"--topk-scope {params.topk_scope!r}: choose one of {list(TOPK_SCOPES)}")
     if "slerp_scope" in method.uses and params.slerp_scope not in SLERP_SCOPES:
         raise MicromergeError(f"--slerp-scope {params.slerp_scope!r}: choose one of {list(SLERP_SCOPES)}")
+    if "rescale" in method.uses and params.rescale is not None and params.rescale not in RESCALES:
+        raise MicromergeError(f"--rescale {params.rescale!r}: choose one of {list(RESCALES)}")
     if "offdiag_scale" in method.uses and not 0.0 <= params.offdiag_scale <= 1.0:
         raise MicromergeError(f"--offdiag-scale {params.offdiag_scale}: must be in [0, 1]")
     if "granularity" in method.uses and params.granularity not in GRANULARITIES:

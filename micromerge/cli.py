@@ -160,6 +160,12 @@ def method_options(func: Command) -> Command:
         click.option(
             "--epsilon", type=float, help="DELLA: keep probabilities span density +/- epsilon by rank [0.15]."
         ),
+        click.option(
+            "--rescale",
+            type=click.Choice(["inverse", "l1"]),
+            help="DARE/DELLA: divide each kept entry by its keep probability (inverse: the papers, "
+            "FusionBench) or restore each tensor's L1 norm (l1: mergekit) [inverse; l1 for DELLA].",
+        ),
         click.option("--beta", type=float, help="LiNeS: last block's scale minus the first block's [0.5]."),
         click.option(
             "--samples",

@@ -242,7 +242,8 @@ def test_bad_input_missing_rows_unknown_group_single_alpha(tmp_path):
 
 def test_shipped_ablation_configs_parse():
     """The paper's grid skips, once each, what its methods cannot take: Model Stock for the three
-    one-specialist pairs (every rule set), a soup under the one rule set with alpha rules."""
+    one-specialist pairs (every rule set), a soup under the one rule set with alpha rules; and what
+    would repeat another of its merges: the sign-electing and linear variants on those pairs."""
     import warnings
 
     shipped = {}
@@ -256,9 +257,11 @@ def test_shipped_ablation_configs_parse():
             assert skipped == []
             continue
         single = ("clip-b32+plip", "clip-b32+quiltnet-b32", "clip-b16+quiltnet-b16")
+        repeats = ("dare-ties", "breadcrumbs-ties", "della-linear")
         assert sorted(skipped) == sorted(
             [f"{p} / model-stock / {r}" for p in single for r in ablation.rule_sets]
             + [f"{p['name']} / greedy-soup / late-blocks-strong" for p in ablation.pairs]
+            + [f"{p} / {m} / {r}" for p in single for m in repeats for r in ablation.rule_sets]
         )
     paper = shipped["ablation-paper.toml"]
     assert {p["name"] for p in paper.pairs} == {

@@ -60,6 +60,11 @@ def models(tmp_path):
         ("model-stock", [], 1e-6),
         ("breadcrumbs", ["--alpha", "0.9", "--density", "0.4", "--gamma", "0.05"], 1e-6),
         ("della", ["--alpha", "0.9", "--density", "0.4", "--epsilon", "0.1", "--seed", "2"], 1e-6),
+        ("della", ["--alpha", "0.9", "--density", "0.4", "--rescale", "inverse", "--seed", "2"], 1e-6),
+        ("della-linear", ["--alpha", "0.9", "--density", "0.4", "--seed", "2"], 1e-6),
+        ("dare", ["--alpha", "0.8", "--drop-rate", "0.5", "--rescale", "l1", "--seed", "3"], 1e-6),
+        ("dare-ties", ["--alpha", "0.8", "--drop-rate", "0.5", "--seed", "3"], 1e-6),
+        ("breadcrumbs-ties", ["--alpha", "0.9", "--density", "0.4", "--gamma", "0.05"], 1e-6),
         ("tsv", [], 1e-4),  # LAPACK vs cuSOLVER SVDs: equal to rounding, not bit for bit
         ("iso-c", [], 1e-4),
     ],

@@ -1,7 +1,9 @@
 """micromerge against the outputs FusionBench 0.2.33 and mergekit 0.1.4 / 0.1.5 produced on the
 same inputs, recorded by `tests/reference/make_reference_values.py` (which says how: those
 packages do not install offline with their dependencies, so their own merge functions were run
-on their own source and the results kept here with the versions)."""
+on their own source and the results kept here with the versions). mergekit's random sparsifiers
+(DARE, DELLA) were run with micromerge's draws in place of `torch.bernoulli`'s, so their cases hold
+micromerge to everything around the draw: mergekit's L1 rescale, sign election and sum."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ METHOD_OF_CASE = {
     "ties_model_scope": "ties",
     "ties_tensor_scope": "ties",
     "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs-ties",
+    "dare_linear": "dare",
+    "dare_ties": "dare-ties",
+    "della_linear": "della-linear",
     "tsv": "tsv",
     "iso-c": "iso-c",
     "model-stock": "model-stock",

@@ -47,6 +47,10 @@ class MethodParams:
     """Breadcrumbs: fraction of the largest task-vector magnitudes dropped (mergekit's default)."""
     epsilon: float = 0.15
     """DELLA: keep probabilities span density +/- epsilon from the smallest to the largest rank."""
+    rescale: str | None = None
+    """DARE/DELLA: kept entries divided by their keep probability ("inverse", the papers) or each
+    tensor's L1 norm restored ("l1", mergekit); None: the method's own (DARE "inverse", as its paper;
+    DELLA "l1", as mergekit defines it), which `param_defaults` also fills in for the CLI."""
     beta: float = 0.5
     """LiNeS: the last block's scale minus the first block's."""
     samples: int = 256
@@ -78,6 +82,7 @@ TUNABLE = (
     "slerp_scope",
     "gamma",
     "epsilon",
+    "rescale",
     "beta",
     "samples",
     "offdiag_scale",
@@ -132,6 +137,9 @@ class MergeMethod:
     learned on the select half ("adamerging", "supervised"); None: data-free."""
     param_defaults: tuple[tuple[str, Any], ...] = ()
     """MethodParams defaults this method sets otherwise (the supervised α's granularity is "block")."""
+    same_with_one_finetuned: str | None = None
+    """The method this one equals when merging a single fine-tuned model (a sign election over one
+    model keeps every entry): an ablation that runs both skips this one on a one-specialist pair."""
 
     def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
         """Whole-model statistics `merge` needs as `context`; None for per-tensor methods."""

@@ -1,4 +1,5 @@
-"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024), as mergekit defines it (`breadcrumbs`).
+"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024), as mergekit defines it (`breadcrumbs`, and
+`breadcrumbs-ties`, mergekit's `breadcrumbs_ties`: the same masks, then a sign elected per entry).
 
 Each task vector drops its largest `gamma` fraction of magnitudes (outliers) and then its
 smallest ones, keeping a `density` fraction: with n entries, int(density * n) are kept after
@@ -6,6 +7,8 @@ removing the int(gamma * n) largest (fewer when the two do not fit). The sparse 
 are summed without sign election, rescaling or normalisation (mergekit's defaults), and
 scaled by lambda (`--alpha`). `--topk-scope model` ranks magnitudes over the whole task
 vector, `tensor` (mergekit) per tensor; ties at either cut-off go to the lower position.
+`breadcrumbs-ties` then elects a sign per entry (the sign of the sum, exactly zero counting as +1,
+mergekit's `>= 0`) and sums the agreeing entries (mergekit's default `normalize: false`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from micromerge.merging.methods.base import (
     finish,
     single_tensor_scan,
 )
-from micromerge.merging.methods.task_vectors import TIE_BREAK, scale_and_add, summed
+from micromerge.merging.methods.task_vectors import TIE_BREAK, disjoint_merge, scale_and_add, summed
 from micromerge.merging.methods.topk import TopSet, select_top
 
 
@@ -64,19 +67,39 @@ class Breadcrumbs(MergeMethod):
             "combine": "plain sum, no sign election, no rescale (mergekit breadcrumbs defaults)",
         }
 
-    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+    def kept(
+        self, key: str, base: Array, finetuned: list[Array], params: MethodParams, context: Any
+    ) -> list[Array]:
+        """Each task vector without its --gamma largest magnitudes and its smallest (--density kept)."""
         import torch
 
         taus = [ft - base for ft in finetuned]
-        if params.density < 1:
-            scan = single_tensor_scan(key, base, finetuned)
-            context = context or breadcrumbs_context(scan, params)
-            zero = torch.zeros((), dtype=base.dtype, device=base.device)
-            taus = [
-                torch.where(outer.mask(key, tau) & ~inner.mask(key, tau), tau, zero)
-                for (outer, inner), tau in zip(context.sets, taus, strict=True)
-            ]
-        return finish(scale_and_add(summed(taus), strength, base), out)
+        if params.density >= 1:
+            return taus
+        context = context or breadcrumbs_context(single_tensor_scan(key, base, finetuned), params)
+        zero = torch.zeros((), dtype=base.dtype, device=base.device)
+        return [
+            torch.where(outer.mask(key, tau) & ~inner.mask(key, tau), tau, zero)
+            for (outer, inner), tau in zip(context.sets, taus, strict=True)
+        ]
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        return finish(
+            scale_and_add(summed(self.kept(key, base, finetuned, params, context)), strength, base), out
+        )
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        return {
+            **super().conventions(params),
+            "zero_elected_sign": "+1 (mergekit)",
+            "combine": "sign elected per entry, agreeing entries summed (mergekit breadcrumbs_ties)",
+        }
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        combined = disjoint_merge(self.kept(key, base, finetuned, params, context), 1.0, average=False)
+        return finish(scale_and_add(combined, strength, base), out)
 
 
 METHOD = Breadcrumbs(
@@ -85,4 +108,12 @@ METHOD = Breadcrumbs(
     1,
     None,
     ("strength", "density", "gamma", "topk_scope"),
+)
+TIES = BreadcrumbsTies(
+    "breadcrumbs-ties",
+    "Breadcrumbs' masks, then elect a sign per entry and sum the agreeing entries, scale (mergekit breadcrumbs_ties)",
+    1,
+    None,
+    ("strength", "density", "gamma", "topk_scope"),
+    same_with_one_finetuned="breadcrumbs",
 )

@@ -27,7 +27,7 @@ from micromerge.merging.methods.base import (
 from micromerge.merging.methods.task_vectors import (
     TIES,
     combine_task_vectors,
-    disjoint_mean,
+    disjoint_merge,
     scale_and_add,
     ties_context,
     trimmed,
@@ -78,7 +78,7 @@ class Lines(MergeMethod):
     def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
         context = context or self.prepare(single_tensor_scan(key, base, finetuned), params)
         scale = context.scale(key, strength, params.beta)
-        return finish(combine_task_vectors(key, base, finetuned, scale, sparsify=None), out)
+        return finish(combine_task_vectors(base, finetuned, scale), out)
 
 
 class LinesTies(MergeMethod):
@@ -93,7 +93,7 @@ class LinesTies(MergeMethod):
         scan = single_tensor_scan(key, base, finetuned)
         context = context or self.prepare(scan, params)
         ties = context.ties or ties_context(scan, params.density)
-        combined = disjoint_mean(trimmed(scan, key, ties.kept), ties.majority_sign)
+        combined = disjoint_merge(trimmed(scan, key, ties.kept), ties.majority_sign)
         return finish(scale_and_add(combined, context.scale(key, strength, params.beta), base), out)
 
 

@@ -1,11 +1,16 @@
-"""The generalised task-arithmetic core: task arithmetic, TIES and DARE are one function.
+"""The generalised task-arithmetic core: task arithmetic, TIES, DARE and DARE-TIES are one function.
 
 theta = theta_base + lambda * combine(sparsify(tau_i)), tau_i = theta_i - theta_base, where
   task-arithmetic: no sparsification, plain sum (a negative lambda negates a task);
   TIES (Yadav et al., NeurIPS 2023): keep the top-k% magnitudes of each tau_i, elect a sign per
          entry (sign of the sum of trimmed tau_i), average only the entries agreeing with it;
   DARE (Yu et al., ICML 2024): drop each entry of tau_i with probability p, rescale survivors
-         by 1/(1-p), sum.
+         by 1/(1-p) (the paper, FusionBench; `--rescale l1` restores each tensor's L1 norm
+         instead, as mergekit 0.1.4 and later do), sum;
+  DARE-TIES (mergekit's `dare_ties`): DARE's drop and rescale, then a sign elected per entry
+         (the sign of the sum; exactly zero counts as +1, mergekit's `>= 0`) and the agreeing
+         entries summed, not averaged (mergekit's default `normalize: false`). With one fine-tuned
+         model the election keeps every entry, so it is DARE.
 
 TIES follows its authors' code (and FusionBench) by default: the top-k is taken over the
 whole task vector (`--topk-scope model`; `tensor` is mergekit's per-tensor choice), and an
@@ -21,7 +26,6 @@ their helpers import where they use it so that the method registry loads without
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +43,17 @@ from micromerge.merging.methods.topk import TopSet, select_top
 if TYPE_CHECKING:
     import torch
 
-Sparsifier = Callable[[Array, str, int], Array]
+RESCALE_CONVENTIONS = {
+    "inverse": "each kept entry divided by its keep probability (the DARE and DELLA papers)",
+    "l1": "each tensor's L1 norm restored (mergekit 0.1.4+ rescale)",
+}
+"""How DARE and DELLA rescale the entries they keep (`--rescale`): divided by each one's keep
+probability (the DARE and DELLA papers; FusionBench's DARE), or the tensor's L1 norm restored
+(mergekit 0.1.4 and later). The two agree in expectation, not per tensor."""
+RESCALES = tuple(RESCALE_CONVENTIONS)
+DARE_RESCALE = "inverse"
+"""DARE's rescale when none is chosen: its paper's."""
+L1_FLOOR = 1e-7
 TIE_BREAK = (
     "equal magnitudes at the cut-off: lower position first (keys in checkpoint order, then flat index)"
 )
@@ -53,8 +67,9 @@ def dare_mask(shape: torch.Size, drop_rate: float, seed: int, key: str, index: i
     return torch.rand(shape, generator=generator) >= drop_rate
 
 
-def disjoint_mean(taus: list[torch.Tensor], zero_sign: float) -> torch.Tensor:
-    """Per entry, the mean of the task vectors whose sign agrees with the elected sign.
+def disjoint_merge(taus: list[torch.Tensor], zero_sign: float, *, average: bool = True) -> torch.Tensor:
+    """TIES's disjoint merge: per entry, the mean of the task vectors whose sign agrees with the
+    elected sign (their sum with `average=False`, mergekit's `normalize: false`).
 
     The elected sign is the sign of the sum; where that sum is exactly zero, `zero_sign` is used
     (TIES: the majority sign of the scope; mergekit: +1; 0 leaves the entry at the base).
@@ -68,7 +83,16 @@ def disjoint_mean(taus: list[torch.Tensor], zero_sign: float) -> torch.Tensor:
     agree = (torch.sign(stacked) == elected) & (stacked != 0)
     zero = torch.zeros((), dtype=stacked.dtype, device=stacked.device)
     total = torch.where(agree, stacked, zero).sum(dim=0)
-    return total / agree.sum(dim=0).clamp(min=1)
+    return total / agree.sum(dim=0).clamp(min=1) if average else total
+
+
+def l1_restored(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`kept` (a sparsified `tau`) scaled back to `tau`'s L1 norm: mergekit's `rescale` (RescaleNorm.l1),
+    left as it is where either norm is below L1_FLOOR, as mergekit leaves it."""
+    before, after = float(tau.abs().sum()), float(kept.abs().sum())
+    if before < L1_FLOOR or after < L1_FLOOR:
+        return kept
+    return kept * (before / after)
 
 
 def scale_and_add(combined: Array, strength: float, base: Array) -> Array:
@@ -86,19 +110,9 @@ def summed(tensors: list[Array]) -> Array:
     return total
 
 
-def combine_task_vectors(
-    key: str,
-    base: Array,
-    finetuned: list[Array],
-    strength: float,
-    *,
-    sparsify: Sparsifier | None,
-) -> Array:
-    """base + strength * sum of (sparsified) task vectors; the sum runs in model order (same bytes on any engine)."""
-    taus = [ft - base for ft in finetuned]
-    if sparsify is not None:
-        taus = [sparsify(tau, key, index) for index, tau in enumerate(taus)]
-    return scale_and_add(summed(taus), strength, base)
+def combine_task_vectors(base: Array, finetuned: list[Array], strength: float) -> Array:
+    """base + strength * sum of task vectors; the sum runs in model order (same bytes on any engine)."""
+    return scale_and_add(summed([ft - base for ft in finetuned]), strength, base)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -138,7 +152,7 @@ def ties_context(scan: ModelScan, density: float) -> TiesContext:
 
 class TaskArithmetic(MergeMethod):
     def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
-        return finish(combine_task_vectors(key, base, finetuned, strength, sparsify=None), out)
+        return finish(combine_task_vectors(base, finetuned, strength), out)
 
 
 class Ties(MergeMethod):
@@ -156,24 +170,48 @@ class Ties(MergeMethod):
     def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
         scan = single_tensor_scan(key, base, finetuned)
         context = context or ties_context(scan, params.density)
-        combined = disjoint_mean(trimmed(scan, key, context.kept), context.majority_sign)
+        combined = disjoint_merge(trimmed(scan, key, context.kept), context.majority_sign)
         return finish(scale_and_add(combined, strength, base), out)
 
 
 class Dare(MergeMethod):
     def conventions(self, params: MethodParams) -> dict[str, str]:
         return {
-            "mask_rng": "torch CPU generator seeded by sha256(seed|key|model index), then moved to the device"
+            "mask_rng": "torch CPU generator seeded by sha256(seed|key|model index), then moved to the device",
+            "rescale": RESCALE_CONVENTIONS[params.rescale or DARE_RESCALE],
+        }
+
+    def dropped(self, key: str, base: Array, finetuned: list[Array], params: MethodParams) -> list[Array]:
+        """Each task vector with its entries dropped (probability --drop-rate) and the survivors
+        rescaled, one model at a time (a second list of every model's masked tensor would double
+        the peak on the largest key)."""
+        taus = [ft - base for ft in finetuned]
+        if params.drop_rate == 0:
+            return taus
+
+        def drop(index: int, tau: torch.Tensor) -> torch.Tensor:
+            kept = tau * dare_mask(tau.shape, params.drop_rate, params.seed, key, index).to(tau.device)
+            if (params.rescale or DARE_RESCALE) == "l1":
+                return l1_restored(tau, kept)
+            return kept / (1.0 - params.drop_rate)
+
+        return [drop(index, tau) for index, tau in enumerate(taus)]
+
+    def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
+        return finish(scale_and_add(summed(self.dropped(key, base, finetuned, params)), strength, base), out)
+
+
+class DareTies(Dare):
+    def conventions(self, params: MethodParams) -> dict[str, str]:
+        return {
+            **super().conventions(params),
+            "zero_elected_sign": "+1 (mergekit)",
+            "combine": "agreeing entries summed, not averaged (mergekit dare_ties: normalize false)",
         }
 
     def merge(self, key, base, finetuned, strength, params: MethodParams, out=None, context=None) -> Array:
-        def drop(tau: torch.Tensor, tensor_key: str, index: int) -> torch.Tensor:
-            if params.drop_rate == 0:
-                return tau
-            mask = dare_mask(tau.shape, params.drop_rate, params.seed, tensor_key, index).to(tau.device)
-            return tau * mask / (1.0 - params.drop_rate)
-
-        return finish(combine_task_vectors(key, base, finetuned, strength, sparsify=drop), out)
+        combined = disjoint_merge(self.dropped(key, base, finetuned, params), 1.0, average=False)
+        return finish(scale_and_add(combined, strength, base), out)
 
 
 TASK_ARITHMETIC = TaskArithmetic(
@@ -193,9 +231,20 @@ TIES = Ties(
 )
 DARE = Dare(
     "dare",
-    "drop task-vector entries with prob. p (--drop-rate), rescale 1/(1-p), sum, scale",
+    "drop task-vector entries with prob. p (--drop-rate), rescale 1/(1-p) (--rescale), sum, scale",
     1,
     None,
-    ("strength", "drop_rate", "seed"),
+    ("strength", "drop_rate", "rescale", "seed"),
     stochastic=True,
+    param_defaults=(("rescale", DARE_RESCALE),),
+)
+DARE_TIES = DareTies(
+    "dare-ties",
+    "DARE's drop and rescale, then elect a sign per entry and sum the agreeing entries, scale (mergekit dare_ties)",
+    1,
+    None,
+    ("strength", "drop_rate", "rescale", "seed"),
+    stochastic=True,
+    param_defaults=(("rescale", DARE_RESCALE),),
+    same_with_one_finetuned="dare",
 )

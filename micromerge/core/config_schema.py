@@ -91,6 +91,7 @@ MERGE_SCHEMA = {
     "slerp_scope": "str",
     "gamma": "number",
     "epsilon": "number",
+    "rescale": "str",
     "beta": "number",
     "samples": "int",
     "offdiag_scale": "number",

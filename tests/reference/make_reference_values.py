@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn  # noqa: F401
 
+from micromerge.merging.methods.base import key_seed  # the draws both sides share
+from micromerge.merging.methods.task_vectors import dare_mask
+
 OUT = Path(__file__).with_name("reference_values.json")
 
 
@@ -164,6 +167,7 @@ def mergekit_014_cases(root: Path) -> dict[str, Any]:
         "rescaled_masked_tensor",
         "magnitude",
         "magnitude_outliers",
+        "bernoulli",
         "della_magprune",
         RescaleNorm=type("RescaleNorm", (), {"l1": "l1", "l2": "l2", "linf": "linf"}),
     )
@@ -205,20 +209,82 @@ def mergekit_014_cases(root: Path) -> dict[str, Any]:
         "merged": listed(merged),
     }
 
-    # Breadcrumbs (mergekit `breadcrumbs`: no consensus, no normalise, no rescale), per tensor.
-    merged = {
-        key: base[key]
-        + combine(
-            [sparsify["magnitude_outliers"](ft[key] - base[key], 0.5, None, gamma=0.1) for ft in fts],
-            False,
-            False,
-            0.9,
-        )
-        for key in base
-    }
-    cases["breadcrumbs"] = {
-        "reference": "mergekit 0.1.4 sparsify.magnitude_outliers (method 'breadcrumbs')",
-        "params": {"density": 0.5, "gamma": 0.1, "alpha": 0.9, "topk_scope": "tensor"},
+    # Breadcrumbs (mergekit `breadcrumbs`: no consensus, no normalise, no rescale), per tensor, and
+    # `breadcrumbs_ties` (the same with sign consensus).
+    for name, consensus, how in (
+        ("breadcrumbs", False, ""),
+        ("breadcrumbs_ties", True, " + get_mask('sum')"),
+    ):
+        merged = {
+            key: base[key]
+            + combine(
+                [sparsify["magnitude_outliers"](ft[key] - base[key], 0.5, None, gamma=0.1) for ft in fts],
+                consensus,
+                False,
+                0.9,
+            )
+            for key in base
+        }
+        cases[name] = {
+            "reference": f"mergekit 0.1.4 sparsify.magnitude_outliers{how} (method '{name}')",
+            "params": {"density": 0.5, "gamma": 0.1, "alpha": 0.9, "topk_scope": "tensor"},
+            "base": listed(base),
+            "finetuned": [listed(ft) for ft in fts],
+            "merged": listed(merged),
+        }
+
+    # The random sparsifiers draw from mergekit's global RNG; each draw is replaced here by
+    # micromerge's own (the same (seed, key, model) generator its methods use), so what is compared
+    # is everything around the draw: mergekit's L1 rescale, sign election and sum.
+    def with_draws(draw: Any, merge: Any) -> Any:
+        original = torch.bernoulli
+        torch.bernoulli = draw  # type: ignore[assignment]
+        try:
+            return merge()
+        finally:
+            torch.bernoulli = original
+
+    drawn: dict[str, Any] = {}
+
+    def dare_draw(probabilities: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        drop = 1.0 - float(probabilities.reshape(-1)[0])
+        return dare_mask(probabilities.shape, drop, 3, drawn["key"], drawn["index"]).to(probabilities.dtype)
+
+    def dare_merge(key: str, consensus: bool) -> torch.Tensor:
+        deltas = []
+        for index, ft in enumerate(fts):
+            drawn.update(key=key, index=index)
+            deltas.append(sparsify["bernoulli"](ft[key] - base[key], 0.5, "l1"))
+        return base[key] + combine(deltas, consensus, False, 0.8)
+
+    for name, consensus in (("dare_linear", False), ("dare_ties", True)):
+        merged = {key: with_draws(dare_draw, lambda k=key, c=consensus: dare_merge(k, c)) for key in base}
+        cases[name] = {
+            "reference": f"mergekit 0.1.4 sparsify.bernoulli with RescaleNorm.l1 (method '{name}'), "
+            "the Bernoulli draws micromerge's dare_mask",
+            "params": {"drop_rate": 0.5, "rescale": "l1", "seed": 3, "alpha": 0.8},
+            "base": listed(base),
+            "finetuned": [listed(ft) for ft in fts],
+            "merged": listed(merged),
+        }
+
+    def della_draw(probabilities: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(key_seed(2, drawn["key"], drawn["index"]))
+        uniform = torch.rand(drawn["shape"], generator=generator).reshape(probabilities.shape)
+        return (uniform < probabilities).to(probabilities.dtype)
+
+    def della_merge(key: str) -> torch.Tensor:
+        deltas = []
+        for index, ft in enumerate(fts):
+            drawn.update(key=key, index=index, shape=base[key].shape)
+            deltas.append(sparsify["della_magprune"](ft[key] - base[key], 0.4, 0.15, "l1"))
+        return base[key] + combine(deltas, False, False, 0.7)
+
+    merged = {key: with_draws(della_draw, lambda k=key: della_merge(k)) for key in base}
+    cases["della_linear"] = {
+        "reference": "mergekit 0.1.4 sparsify.della_magprune with RescaleNorm.l1 (method 'della_linear'), "
+        "the Bernoulli draws micromerge's own",
+        "params": {"density": 0.4, "epsilon": 0.15, "seed": 2, "alpha": 0.7},
         "base": listed(base),
         "finetuned": [listed(ft) for ft in fts],
         "merged": listed(merged),
