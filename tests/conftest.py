@@ -39,3 +39,16 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache / "hf" / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(autouse=True)
+def _figures_closed():
+    """Close the figures a test drew and left open (tests inspect a figure's axes, so they do not
+    close it): pyplot keeps every open figure for the life of the worker, and once a worker held more
+    than 20 another test's figure raised matplotlib's "More than 20 figures" warning."""
+    yield
+    import sys
+
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
