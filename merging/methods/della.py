@@ -7,9 +7,9 @@ Per output row of each task vector (a 1-D tensor is one row), entries are ranked
 to density + epsilon:  p = (density - epsilon) + 2 epsilon (rank - 1) / (n_row - 1).
 Survivors of the Bernoulli draw are rescaled so the tensor keeps its L1 norm (mergekit's
 `rescale`; `--rescale inverse` divides each survivor by its keep probability instead, as the
-DELLA paper's MagPrune does), signs are elected as in TIES and the agreeing entries averaged (mergekit's
-`normalize`; an elected sign of exactly zero counts as +1, as mergekit's `>= 0`), and the
-result is scaled by lambda (`--alpha`).
+DELLA paper's MagPrune does), signs are elected as in TIES and the agreeing entries averaged
+(mergekit's `normalize`; an elected sign of exactly zero counts as +1, as mergekit's `>= 0`),
+and the result is scaled by lambda (`--alpha`).
 
 Reproducible where mergekit is not: the draw uses a CPU generator seeded by (seed, key, model),
 and ranks come from a stable sort, so equal magnitudes rank by index on every device. A row of
