@@ -4,8 +4,10 @@ atomically per unit of work.
 A JSONL file survives `kill -9` and concurrent writers: a unit's rows go out in one write
 followed by fsync, under an exclusive lock held while the file's existing rows are read, so an
 append skips every row whose identity is already there (two identical sweeps, or two processes
-finishing the same alpha, write each row once). A torn last line (a killed writer) is cut off
-before the next append; a last line that parses is kept and given its newline. Lines that are
+finishing the same alpha, write each row once). A torn last line (a killed writer: the start of a
+row, or NULs) is cut off before the next append; any other last line is kept and given its
+newline. A file whose first line is neither a JSON object nor crash NULs (a checkpoint, a notes
+file given as --store by mistake) is refused, untouched. Lines that are
 not rows of this version (another schema, valid JSON of the wrong shape, non-finite alpha,
 undecodable bytes) are skipped and counted with the first line number, never fatal; readers
 de-duplicate by identity. Non-finite metric values are stored as null (JSON has no NaN).
@@ -69,6 +71,10 @@ def _json_safe(value: Any) -> Any:
         return [_json_safe(v) for v in value]
     return value
 
+
+_FIRST_BYTES = 32
+"""Bytes read to tell a store from another file: a checkpoint's magic is in the first 9, a row's
+`{` is first, and a crash's NULs fill whole blocks."""
 
 # a run id as this module writes it (json.dumps, sort_keys, default separators)
 _RUN_ID_KEY = b'"run_id": "'
@@ -190,7 +196,7 @@ class ResultStore:
         try:
             if self.path.exists():
                 with open(self.path, "rb") as handle:
-                    self._refuse_other_files(handle.read(4096))
+                    self._refuse_other_files(handle.read(_FIRST_BYTES))
                 os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
                 return
             nearest = next(p for p in self.path.parents if p.exists())
@@ -201,12 +207,18 @@ class ResultStore:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
 
     def _refuse_other_files(self, start: bytes) -> None:
-        """Rows are never appended to a checkpoint given as --store (its tail was cut as a torn
-        row, then rows appended). Told by its first bytes, not by unreadable lines: a store whose
-        first line a crash filled with NULs is still a store, its junk skipped as before."""
+        """Rows are never appended to a checkpoint or a document given as --store (a checkpoint's
+        tail was cut as a torn row, a notes file got rows after its text). Told by its first bytes: a
+        store's first line is a row (or a torn one, or another version's: a JSON object either
+        way), blank, or NULs where a crash zeroed its first block, its junk skipped as before."""
         if _is_checkpoint(start):
             raise MicromergeError(
                 f"--store {self.path}: is a checkpoint, not a results store (JSON lines); pass a .jsonl path"
+            )
+        if start.lstrip(b"\x00 \t\r")[:1] not in (b"", b"{", b"\n"):
+            raise MicromergeError(
+                f"--store {self.path}: not a results store (its first line is not a JSON row); pass a new "
+                ".jsonl path, or delete that line if it is a store whose first line was damaged"
             )
 
     def rows(self, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -368,7 +380,7 @@ class ResultStore:
             os.close(fd)
 
     def _append_locked(self, fd: int, rows: list[dict[str, Any]]) -> int:
-        self._refuse_other_files(os.pread(fd, 16, 0))  # a reader of a checkpoint finds no rows in it
+        self._refuse_other_files(os.pread(fd, _FIRST_BYTES, 0))  # a reader finds no rows there
         data, start = self._catch_up(fd)
         index = self._index_now()
         tail = data[index.end - start :]  # a torn line, or a last row without its newline
@@ -387,9 +399,11 @@ class ResultStore:
         written = index.end
         if tail_row is not None:
             tail += b"\n"  # a complete last row missing its newline: keep it
-        elif tail:
+        elif _is_torn_row(tail):
             os.ftruncate(fd, written)  # a torn tail left by a killed writer
             tail = b""
+        elif tail:
+            tail += b"\n"  # not ours (a line added by hand): kept, and skipped by readers
         payload = (
             tail
             + "".join(
@@ -411,6 +425,12 @@ def _row_of(line: bytes) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return row if _is_row(row) else None
+
+
+def _is_torn_row(tail: bytes) -> bool:
+    """What a writer killed mid-append leaves: the start of a row, or the NULs a crash left where
+    its bytes were to be. Only that is cut; any other last line is someone's text."""
+    return tail.lstrip(b"\x00").startswith(b"{") or not tail.strip(b"\x00 \t\r")
 
 
 def _is_checkpoint(start: bytes) -> bool:

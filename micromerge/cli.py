@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from micromerge import __version__
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.setting_values import PRECISIONS, PROMPTS, PROTOCOLS
+from micromerge.merging.methods import METHODS
 
 if TYPE_CHECKING:  # the commands import what they run lazily: `micromerge --help` stays fast
     from accelerate import PartialState
@@ -28,6 +29,9 @@ if TYPE_CHECKING:  # the commands import what they run lazily: `micromerge --hel
     from micromerge.merging.execute import StatisticsInput
     from micromerge.merging.job import MergeJob
     from micromerge.merging.sources import CheckpointAccess
+
+METHOD_HELP = f"One of `micromerge methods` ({', '.join(METHODS)})."
+"""The --method help, read from the registry so a new method shows up without an edit here."""
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 """A command function, as the decorators that add options hand it back."""
@@ -246,8 +250,7 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     type=str,
     default="wise-ft",
     show_default=True,
-    help="One of `micromerge methods` (linear, wise-ft, task-arithmetic, ties, dare, slerp, lines, "
-    "lines-ties, model-stock, breadcrumbs, della, tsv, iso-c, fisher, regmean, adamerging, supervised-alpha).",
+    help=METHOD_HELP,
 )
 @click.option(
     "--alpha",
@@ -751,7 +754,7 @@ def eval_command(model: str, **values: Any) -> None:
 @cli.command("sweep")
 @click.option("--base", required=True)
 @click.option("--ft", "finetuned", multiple=True, required=True)
-@click.option("--method", default="wise-ft", show_default=True)
+@click.option("--method", default="wise-ft", show_default=True, help=METHOD_HELP)
 @click.option("--alphas", default="0:1:0.1", show_default=True, help="START:STOP:STEP or a,b,c.")
 @click.option("--weights", help="linear: comma-separated weights.")
 @method_options

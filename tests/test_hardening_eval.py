@@ -186,6 +186,30 @@ def test_rows_are_never_appended_to_a_checkpoint_but_a_damaged_store_goes_on(tmp
             ResultStore(tmp_path / "m.pt").append([_row(0.0)])
 
 
+def test_a_document_given_as_store_is_refused_and_a_hand_added_last_line_is_kept(tmp_path):
+    """A notes file given as --store lost its last line (cut as a torn row) and got rows after its
+    text. It is refused now, untouched. A store whose last line someone typed (no newline) keeps
+    it: only a torn row, or crash NULs, is cut before an append."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# My notes\nthe line without a newline")
+    before = notes.read_bytes()
+    for check in (ResultStore(notes).check_writable, lambda: ResultStore(notes).append([_row(0.0)])):
+        with pytest.raises(MicromergeError, match="notes.md: not a results store \\(its first line"):
+            check()
+        assert notes.read_bytes() == before
+    store = tmp_path / "r.jsonl"
+    ResultStore(store).append([_row(0.0)])
+    with open(store, "a") as handle:
+        handle.write("checked by hand on Monday")
+    assert ResultStore(store).append([_row(0.5)]) == 1
+    lines = store.read_text().splitlines()
+    assert lines[1] == "checked by hand on Monday" and len(lines) == 3
+    with open(store, "ab") as handle:
+        handle.write(b"\x00" * 8)  # crash NULs where a row was to be: cut
+    assert ResultStore(store).append([_row(1.0)]) == 1
+    assert b"\x00" not in store.read_bytes() and len(store.read_text().splitlines()) == 4
+
+
 def test_sweep_opens_its_checkpoints_as_its_flags_say(setup):
     """`sweep --allow-pickle --arch` reach the checkpoints the sweep opens, through the job it
     builds, as in `merge`: a trainer's `{"state_dict", "args": Namespace}` needs the first."""

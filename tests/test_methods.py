@@ -50,6 +50,18 @@ def test_registry_holds_every_method():
     }
 
 
+@pytest.mark.parametrize("command", ["merge", "sweep"])
+def test_the_method_help_names_every_registered_method(command):
+    """The --method help once listed the methods by hand and missed the three mergekit variants."""
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    help_text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+    listed = help_text.split("One of `micromerge methods` (")[1].split(")")[0]
+    assert [name.strip() for name in listed.replace("- ", "-").split(",")] == list(METHODS)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 1.5])
 def test_wise_ft_formula(alpha):
     expected = (1 - alpha) * BASE + alpha * FTS[0]
