@@ -301,6 +301,13 @@ def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
         raise MicromergeError(
             f"--freeze {unused[0]}: matches no parameter (names look like visual.transformer.resblocks.0.*)"
         )
+    if not any(param.requires_grad for param in prepared.model.parameters()):
+        flags = " ".join(f"--freeze {p}" for p in cfg.freeze) + (
+            " (text tower frozen)" if cfg.text_frozen else ""
+        )
+        raise MicromergeError(
+            f"{flags}: freezes every parameter, so the run would train nothing; freeze fewer"
+        )
 
 
 def _param_groups(prepared: Prepared, cfg: FinetuneConfig) -> list[dict[str, Any]]:
@@ -333,7 +340,19 @@ def _lr_lambdas(
 
 
 def run_finetune(cfg: FinetuneConfig) -> Path:
-    """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the model path."""
+    """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the
+    model path. A run refused before it wrote anything leaves no empty --out folder behind."""
+    created = not cfg.out.exists()
+    try:
+        return _train(cfg)
+    except MicromergeError:
+        if created:
+            with contextlib.suppress(OSError):  # not empty (another rank's files, a saved state): kept
+                cfg.out.rmdir()
+        raise
+
+
+def _train(cfg: FinetuneConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed

@@ -524,4 +524,11 @@ def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are
         run_finetune(config(base, data, tmp_path / "small", max_steps=None, epochs=1))
     with pytest.raises(MicromergeError, match=r"--freeze visual\.nothing\.\*: matches no parameter"):
         run_finetune(config(base, data, tmp_path / "frozen", batch_size=2, freeze=("visual.nothing.*",)))
-    assert not (tmp_path / "small" / "model.safetensors").exists()
+    assert not (tmp_path / "small").exists(), "a refused run leaves no empty --out folder"
+    # everything frozen: the optimiser's 'empty parameter list' traceback, before this line
+    with pytest.raises(MicromergeError, match=r"^--freeze visual\.\* --freeze \*: freezes every parameter"):
+        run_finetune(config(base, data, tmp_path / "all", batch_size=2, freeze=("visual.*", "*")))
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(MicromergeError, match="freezes every parameter"):
+        run_finetune(config(base, data, tmp_path / "mine", batch_size=2, freeze=("*",)))
+    assert (tmp_path / "mine").is_dir(), "a folder the user made stays"
