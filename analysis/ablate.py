@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from micromerge.eval.engine import EvalSettings, SweepPlan, alone, prepare, run_
 from micromerge.eval.source_metadata import load_source_table
 from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas
 from micromerge.merging.methods import get_method
+from micromerge.merging.plan import MergeSpec, plan_merge
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.sources import CheckpointAccess
 
@@ -280,6 +282,45 @@ def _without_repeats(
     return [(label, job) for label, job in jobs if label not in repeats], skipped
 
 
+def check_grid_against_checkpoints(jobs: list[tuple[str, MergeJob | SoupJob]]) -> None:
+    """Plan every merge of the grid on its pair's checkpoints (their keys, shapes and dtypes) before
+    any evaluation. The merge plan's checks (a rule set that leaves no key, a specialist that does
+    not fit its base) ran only as a sweep began, after every sweep before it: hours into the paper
+    grid. Each checkpoint of a pair is opened once for all its merges."""
+    pairs: dict[tuple[str, tuple[str, ...], CheckpointAccess], list[tuple[str, MergeJob | SoupJob]]] = {}
+    for label, job in jobs:
+        pairs.setdefault((job.base, tuple(job.finetuned), job.access), []).append((label, job))
+    for (base, finetuned, access), pair_jobs in pairs.items():
+        with ExitStack() as opened:
+            base_source = opened.enter_context(access.open(base))
+            finetuned_sources = [opened.enter_context(access.open(f)) for f in finetuned]
+            for label, job in pair_jobs:
+                spec = job.spec if isinstance(job, MergeJob) else MergeSpec("linear", rules=job.rules)
+                try:
+                    plan_merge(spec, base_source, finetuned_sources)
+                except MicromergeError as error:
+                    raise MicromergeError(f"{label}: {error}") from error
+
+
+def describe_grid(ablation: Ablation) -> list[str]:
+    """What `ablate --dry-run` prints: each run of the grid with its alphas, then the totals (the
+    skipped combinations are `load_ablation`'s warnings), so a paper-size grid is read before it
+    spends its hours."""
+    jobs, skipped = plan_grid(ablation)
+    alphas = len(parse_alphas(ablation.alphas))
+    lines = [
+        f"{label}: {'greedy soup' if isinstance(job, SoupJob) else f'{alphas} alphas'}" for label, job in jobs
+    ]
+    sweeps = sum(isinstance(job, MergeJob) for _, job in jobs)
+    references = len({m for pair in ablation.pairs for m in (pair["base"], *pair["finetuned"])})
+    lines.append(
+        f"{len(jobs)} runs ({sweeps} sweeps of {alphas} alphas, {len(jobs) - sweeps} soups), "
+        f"{len(skipped)} skipped, {references} reference evaluations; results to {ablation.store}, "
+        f"report to {ablation.report}"
+    )
+    return lines
+
+
 def run_ablation(
     ablation: Ablation,
     cache_dir: Path,
@@ -296,6 +337,8 @@ def run_ablation(
     and the soups, in turn across the whole grid, so the processes finish together; the first
     writes the report once every process has finished (a process that wrote it earlier reported
     another's alphas as missing, and one waiting long at the barrier would hit its timeout)."""
+    jobs = grid_jobs(ablation)
+    check_grid_against_checkpoints(jobs)
     settings = _evaluation_settings(ablation, cache_dir, progress, rank, world_size)
     # the reference points, once per pair, shared by every method and rule set
     references = [
@@ -308,7 +351,7 @@ def run_ablation(
         if index % world_size == rank:
             run_eval(model, settings, device, access, prepared)
     dealt = 0  # units of work dealt so far (an alpha; a soup, one per model it weighs): taken in turn
-    for label, job in grid_jobs(ablation):
+    for label, job in jobs:
         if isinstance(job, SoupJob):
             if dealt % world_size == rank:  # each step of a soup depends on the last: one process chooses
                 greedy_soup(job.base, job.finetuned, settings, device, job.rules, label, job.access, prepared)

@@ -1100,17 +1100,32 @@ def report_command(
 @DEVICE
 @CACHE_DIR
 @QUIET
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the grid against its checkpoints and list its runs; evaluate nothing.",
+)
 @friendly_errors
-def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool) -> None:
+def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool, dry_run: bool) -> None:
     """Run a grid (pairs x methods x alphas x rule sets) from a TOML/YAML file through sweep and report
     (`accelerate launch` shares it between processes)."""
     from accelerate import PartialState
 
-    from micromerge.analysis.ablate import load_ablation, run_ablation
+    from micromerge.analysis.ablate import (
+        check_grid_against_checkpoints,
+        describe_grid,
+        grid_jobs,
+        load_ablation,
+        run_ablation,
+    )
     from micromerge.core.devices import resolve_device
     from micromerge.core.hashing import default_cache_dir
 
     ablation = load_ablation(config)
+    if dry_run:  # the list first: it needs no checkpoint, and offline the check may not reach one
+        click.echo("\n".join(describe_grid(ablation)))
+        check_grid_against_checkpoints(grid_jobs(ablation))
+        return
     state = PartialState(cpu=device == "cpu")
     html = run_ablation(
         ablation,

@@ -237,6 +237,7 @@ def test_a_target_that_is_no_group_of_the_benchmark_stops_the_grid_before_its_fi
     """`target = "domain:patholgy"`: checked against the groups of the first evaluation's tasks,
     so the grid stops after one evaluation, not after every sweep (the report's own check)."""
     calls: list[str] = []
+    monkeypatch.setattr(ablate, "check_grid_against_checkpoints", lambda jobs: calls.append("check"))
     monkeypatch.setattr(ablate, "prepare", lambda settings: None)
     monkeypatch.setattr(ablate, "run_eval", lambda *args: calls.append("eval") or EVALUATED)
     monkeypatch.setattr(ablate, "run_sweep", lambda *args: calls.append("sweep"))
@@ -245,12 +246,12 @@ def test_a_target_that_is_no_group_of_the_benchmark_stops_the_grid_before_its_fi
         text = MINIMAL.replace("methods =", f'target = "{target}"\nmethods =')
         with pytest.raises(MicromergeError, match=rf"target '{target}': not a group of the tasks of /d"):
             run_ablation(load_ablation(_config(tmp_path, text)), tmp_path, torch.device("cpu"), False)
-        assert calls == ["eval"], calls
+        assert calls == ["check", "eval"], calls
         calls.clear()
     for target in ("domain:pathology", "subdomain:breast pathology", "level:coarse"):
         text = MINIMAL.replace("methods =", f'target = "{target}"\nmethods =')
         run_ablation(load_ablation(_config(tmp_path, text)), tmp_path, torch.device("cpu"), False)
-        assert calls == ["eval", "eval", "sweep", "report"], calls
+        assert calls == ["check", "eval", "eval", "sweep", "report"], calls
         calls.clear()
 
 
@@ -320,6 +321,10 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     calls: list[tuple] = []
     prepared = object()  # stands for the benchmark and its tasks, loaded once for the whole grid
     preparations: list[EvalSettings] = []
+    checked: list[list[str]] = []
+    monkeypatch.setattr(
+        ablate, "check_grid_against_checkpoints", lambda jobs: checked.append([label for label, _ in jobs])
+    )
     monkeypatch.setattr(ablate, "prepare", lambda settings: preparations.append(settings) or prepared)
     handed: list[object] = []
     monkeypatch.setattr(
@@ -365,6 +370,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     )
     assert all(call[2] == expected for call in calls if call[0] in ("eval", "sweep"))
     assert preparations == [expected], "the benchmark is loaded once, not once per sweep"
+    assert checked == [[label for label, _ in grid_jobs(ablation)]], "every run, checked once"
     assert handed == [prepared] * len(calls) and len(calls) > 3
     references = [
         *((m, CheckpointAccess()) for m in (ablation.pairs[0]["base"], *ablation.pairs[0]["finetuned"])),
@@ -425,6 +431,7 @@ def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_togethe
         'methods = ["wise-ft"]', 'alphas = "0,0.5,1"\nmethods = ["wise-ft", "greedy-soup", "ties"]'
     )
     ablation = load_ablation(_config(tmp_path, text))
+    monkeypatch.setattr(ablate, "check_grid_against_checkpoints", lambda jobs: None)
     monkeypatch.setattr(ablate, "prepare", lambda settings: None)
     monkeypatch.setattr(ablate, "run_eval", lambda *args: EVALUATED)
     monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: None)

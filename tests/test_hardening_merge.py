@@ -278,6 +278,56 @@ def test_ablation_grid_is_validated_before_any_sweep(pair):
         load_ablation(pair / "grid.toml")
 
 
+def test_an_ablation_checks_every_merge_on_its_checkpoints_before_it_evaluates(pair):
+    """A rule set that left no key to merge, or a specialist that does not fit its base, failed as
+    its sweep began, after every sweep before it (13 s into the demo grid, hours into the paper's),
+    naming neither the run nor the rule set. `ablate --dry-run` lists the grid and runs the same check."""
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    odd = load_file(str(pair / "ft.safetensors"))
+    name = next(k for k, v in odd.items() if v.ndim == 2)
+    odd[name] = torch.zeros(odd[name].shape[0] + 1, odd[name].shape[1])
+    save_file(odd, str(pair / "odd.safetensors"), metadata={"micromerge.arch": "nano-clip"})
+    grid = _ablation(
+        pair, 'alphas = "0,1"\n[ablation.rule_sets.all]\n[ablation.rule_sets.typo]\ninclude = ["visul.*"]'
+    )
+    store, report = pair / "s.jsonl", pair / "r"
+    text = grid.read_text().replace('store = "s.jsonl"', f'store = "{store}"').replace('"r"', f'"{report}"')
+
+    def ablate(config_text: str, *flags: str):
+        grid.write_text(config_text)
+        return CliRunner().invoke(cli, ["ablate", str(grid), "--device", "cpu", "--quiet", *flags])
+
+    for flags in ((), ("--dry-run",)):
+        result = ablate(text, *flags)
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines()[-1] == (
+            f"error: {pair / 'base.safetensors'} / wise-ft / typo: the include/exclude rules leave no key to merge"
+        ), result.output
+        assert not store.exists() and not report.exists(), "nothing evaluated, nothing written"
+    misfit = text.replace(str(pair / "ft.safetensors"), str(pair / "odd.safetensors"))
+    misfit = misfit.replace('[ablation.rule_sets.typo]\ninclude = ["visul.*"]', "")
+    result = ablate(misfit, "--dry-run")
+    assert result.exit_code == 2 and f"/ wise-ft / all: {pair / 'odd.safetensors'}" in result.output, (
+        result.output
+    )
+    assert name in result.output.splitlines()[-1]
+    good = text.replace('include = ["visul.*"]', 'include = ["visual.*"]')
+    result = ablate(good, "--dry-run")
+    assert result.exit_code == 0, result.output
+    runs = [line for line in result.output.splitlines() if line.endswith(": 2 alphas")]
+    assert [line.split(" / ", 1)[1] for line in runs] == [
+        "wise-ft / all: 2 alphas",
+        "wise-ft / typo: 2 alphas",
+        "ties / all: 2 alphas",
+        "ties / typo: 2 alphas",
+    ]
+    assert "4 runs (4 sweeps of 2 alphas, 0 soups), 0 skipped, 2 reference evaluations" in result.output
+    assert not store.exists() and not report.exists()
+
+
 # ---- hostile safetensors headers ----
 
 
