@@ -37,6 +37,8 @@ CAPTION_COLUMNS = ("caption", "text", "captions", "title")
 CAPTION_TABLES = ("captions.csv", "captions.tsv", "captions.jsonl")
 """A folder's caption table, by the names looked for (the first one present is read)."""
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+DATA_FILE_SUFFIXES = (*TABLE_SUFFIXES, ".json", ".tar", ".parquet", ".arrow")
+"""What a missing data file is named: such a name is no hub id, however it is spelled."""
 SEPARATORS = {"comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
 """A delimited table's field separators, by the names `#sep=` takes, in the order a header's tie
 is broken (open_clip_train writes tab by default; `csv` and pandas, comma)."""
@@ -386,9 +388,21 @@ def _load_split(location: str, spec: str) -> datasets.Dataset:
 
 
 def is_hub_id(location: str) -> bool:
-    """`owner/name` (optionally `@revision`): one slash, not a relative, absolute or home path.
-    Asked only of what is not a local file or folder."""
-    return location.count("/") == 1 and not location.startswith((".", "/", "~"))
+    """`owner/name` (optionally `@revision`) as the hub spells repository ids (huggingface_hub's
+    `validate_repo_id`): not a relative, absolute or home path, nor a brace pattern of shards or a
+    data file that is missing (`shards/s-{000..003}.tar` and `pairs/data.csv` were looked up on
+    the hub, and the user told to download them from there). Asked only of what is not a local
+    file or folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = location.split("@", 1)[0]
+    if name.count("/") != 1 or name.lower().endswith(DATA_FILE_SUFFIXES):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_pairs(spec: str) -> PairData:

@@ -427,6 +427,14 @@ class ShardStream:
     def __init__(self, spec: str, recipe: SampleRecipe):
         self.spec, self.recipe = spec, recipe
         self.urls = shard_urls(spec)
+        missing = [
+            url for url in self.urls if not url.startswith(STREAM_PREFIXES) and not Path(url).is_file()
+        ]
+        if missing:  # found by a DataLoader worker, it was webdataset's FileNotFoundError traceback
+            more = f" (and {len(missing) - 1} more of its {len(self.urls)})" if len(missing) > 1 else ""
+            raise MicromergeError(
+                f"--data {spec}: shard {missing[0]}{more} does not exist; check the pattern"
+            )
         self.fingerprint = hashlib.sha256(json.dumps({"shards": self.urls}).encode()).hexdigest()
 
     def loader(self, batch: int, workers: int, world: int, rank: int, skip: int) -> Iterator:
@@ -445,7 +453,7 @@ class ShardStream:
             wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.recipe.seed),
             _NodeSplit(rank, world),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec)),
             wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
             wds.batched(batch, collation_fn=list, partial=False),
             _StreamDecoder(self, skip),
@@ -483,6 +491,34 @@ class _Passes(torch.utils.data.IterableDataset):
                 yield item
             if not yielded:
                 return
+
+
+class ShardReadError(MicromergeError):
+    """A shard webdataset could not read (not a tar file, cut short). Raised in a DataLoader worker,
+    it reaches the main process as torch re-raises a worker's exception: its class called with a
+    message that adds the worker's whole traceback. The class keeps the one line it was raised with
+    (the traceback's last), so the user reads one line, as everywhere else."""
+
+    def __init__(self, message: str):
+        if "\n" in message:  # re-raised from a worker: "…\nmicromerge.….ShardReadError: the line"
+            message = message.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] or message
+        super().__init__(message)
+
+
+class _UnreadableShard:
+    """webdataset's handler for a shard it cannot read: stop with one line that names the shard
+    (webdataset adds its URL as the exception's last argument). Skipping it, as open_clip_train's
+    `log_and_continue` does, would train on a corpus other than the one the manifest names."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def __call__(self, error: Exception) -> bool:
+        url = error.args[-1] if error.args else "?"
+        why = error.args[0] if len(error.args) > 1 else type(error).__name__
+        raise ShardReadError(
+            f"--data {self.spec}: shard {url} cannot be read as a tar file ({why}); re-create or re-download it"
+        ) from None
 
 
 class _NodeSplit:

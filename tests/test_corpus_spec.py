@@ -306,9 +306,13 @@ def test_finetune_trains_on_an_open_clip_table_and_records_the_spec(tmp_path):
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("spec", ["runs/corpus/captions.csv", "~/corpus", "./corpus", "corpus"])
+@pytest.mark.parametrize(
+    "spec",
+    ["runs/corpus/captions.csv", "~/corpus", "./corpus", "corpus", "corpus/captions.csv", "wds/s-{0..3}.tar"],
+)
 def test_a_missing_path_is_named_as_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch, spec):
-    """Only `owner/name` is a hub id (eval.pairs.is_hub_id, shared with the hub-stream check)."""
+    """Only `owner/name` as the hub spells it is a hub id (eval.pairs.is_hub_id, shared with the
+    hub-stream check): a missing `corpus/captions.csv` or a brace pattern is no repository."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MicromergeError, match=f"--data {spec}: no such file or folder"):
         load_pairs(spec)

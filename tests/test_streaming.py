@@ -351,6 +351,29 @@ def test_a_shard_stream_needs_a_length_and_a_shard_per_worker(tmp_path, base):
         run_finetune(config(base, spec, tmp_path / "b", workers=3))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_missing_or_unreadable_shard_is_one_line_that_names_it(tmp_path, base, workers):
+    """A pattern naming a shard that is not there, or a shard that is no tar file or was cut short
+    (an interrupted download), ended the run with webdataset's traceback from a DataLoader worker
+    (FileNotFoundError, tarfile.ReadError); a missing local shard was not even looked for before."""
+    shards = write_shards(tmp_path / "wds", 14, per_shard=7)
+    pattern = f"{shards}/shard-{{000000..000003}}.tar"
+    with pytest.raises(
+        MicromergeError, match=r"shard .*shard-000002\.tar \(and 1 more of its 4\) does not exist"
+    ):
+        run_finetune(config(base, pattern, tmp_path / "missing", workers=workers))
+    assert not (tmp_path / "missing").exists()
+    whole = (shards / "shard-000001.tar").read_bytes()
+    for name, damaged in (("junk", b"not a tar file\n"), ("cut", whole[: len(whole) // 2 + 100])):
+        (shards / "shard-000001.tar").write_bytes(damaged)
+        spec = f"{shards}/shard-{{000000..000001}}.tar"
+        with pytest.raises(MicromergeError) as caught:
+            run_finetune(config(base, spec, tmp_path / name, max_steps=4, batch_size=4, workers=workers))
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"--data {spec}: shard "), message
+        assert "shard-000001.tar cannot be read as a tar file (" in message, message
+
+
 @pytest.mark.timeout(120)
 def test_a_stream_without_a_full_batch_stops_in_one_line_instead_of_spinning(tmp_path, base):
     """webdataset's `.repeat()` passed over shards that hold no full batch for ever, and the run
