@@ -373,6 +373,20 @@ def training_split(splits: list[str], where: str) -> str:
     )
 
 
+def parquet_footer(file: str | Path, spec: str) -> Any:
+    """A local parquet file's footer (pyarrow's FileMetaData), or one line naming the file: a copy
+    cut short by an interrupted download ended the run in pyarrow's "magic bytes not found"."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file).metadata
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise MicromergeError(
+            f"--data {spec}: {file} is not a readable parquet file ({str(exc).splitlines()[0]}); "
+            "download it again"
+        ) from exc
+
+
 def _load_split(location: str, spec: str) -> datasets.Dataset:
     """The training split of a hub dataset or of a local copy of its repository (parquet files)."""
     try:
@@ -383,6 +397,9 @@ def _load_split(location: str, spec: str) -> datasets.Dataset:
             f"--data {spec}: {what} could not be opened ({type(exc).__name__}); offline, pass a local copy"
         ) from exc
     split = training_split(list(builder.config.data_files or {}), spec)
+    for file in builder.config.data_files[split]:
+        if str(file).endswith(".parquet") and Path(file).is_file():
+            parquet_footer(file, spec)  # a damaged local file named, not datasets' generation traceback
     builder.download_and_prepare()  # what load_dataset does, on the builder already resolved
     return builder.as_dataset(split=split)
 

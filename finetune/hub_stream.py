@@ -32,6 +32,7 @@ from micromerge.eval.pairs import (
     dataset_columns,
     is_hub_id,
     is_saved_dataset,
+    parquet_footer,
     training_split,
 )
 from micromerge.finetune.streaming import (
@@ -193,9 +194,7 @@ def _row_count(builder: datasets.DatasetBuilder, split: str, files: list[str], s
     group) is refused here: datasets' stream fails on it in a DataLoader worker ("BatchSize must be
     greater than 0", datasets 5.0 to 5.2)."""
     if files and all(os.path.isfile(f) and f.endswith(".parquet") for f in files):
-        import pyarrow.parquet as pq
-
-        footers = [pq.ParquetFile(f).metadata for f in files]
+        footers = [parquet_footer(f, spec) for f in files]
         for file, footer in zip(files, footers, strict=True):
             if any(footer.row_group(i).num_rows == 0 for i in range(footer.num_row_groups)):
                 raise MicromergeError(

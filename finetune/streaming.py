@@ -516,6 +516,9 @@ class _UnreadableShard:
     def __call__(self, error: Exception) -> bool:
         url = error.args[-1] if error.args else "?"
         why = error.args[0] if len(error.args) > 1 else type(error).__name__
+        opened = error.args[-2] if len(error.args) > 2 else None  # the shard's stream, which it leaves open
+        if hasattr(opened, "close"):
+            opened.close()
         raise ShardReadError(
             f"--data {self.spec}: shard {url} cannot be read as a tar file ({why}); re-create or re-download it"
         ) from None

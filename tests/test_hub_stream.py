@@ -232,7 +232,8 @@ def test_a_folder_with_parquet_files_is_a_hub_copy_unless_another_loader_reads_i
 @pytest.mark.parametrize(
     "spec, hub",
     [("owner/name", True), ("owner/name@v1.0", True), ("owner/name#caption=title", True),
-     ("owner/name/extra", False), ("./name", False), ("/name", False), ("~/name", False), ("name", False)],
+     ("owner/name/extra", False), ("./name", False), ("/name", False), ("~/name", False), ("name", False),
+     ("wds/s-{0..3}.tar", False), ("corpus/pairs.csv", False), ("owner/na..me", False)],
 )  # fmt: skip
 def test_a_hub_id_is_one_owner_and_one_name_and_never_a_path(tmp_path, monkeypatch, spec, hub):
     monkeypatch.chdir(tmp_path)  # none of these exists here
@@ -335,6 +336,22 @@ def test_a_file_with_a_row_group_of_no_rows_is_one_line_naming_it(tmp_path):
     assert pyarrow.parquet.ParquetFile(empty).metadata.row_group(0).num_rows == 0
     with pytest.raises(MicromergeError, match=re.escape(f"{empty} has a row group of no rows")):
         HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, _sample_number))
+
+
+@pytest.mark.parametrize("in_memory", ["no", "yes"])
+def test_a_parquet_file_cut_short_is_one_line_naming_it(tmp_path, base, in_memory):
+    """A local copy with a file an interrupted download cut short ended the run in pyarrow's "magic
+    bytes not found" (streamed) or datasets' DatasetGenerationError (read whole), both tracebacks."""
+    repo = write_hub_repo(tmp_path / "repo", 16, files=2)
+    cut = repo / "data" / "train-00001-of-00002.parquet"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(MicromergeError) as caught:
+        run_finetune(config(base, str(repo), tmp_path / "run", data_in_memory=in_memory, max_steps=2))
+    message = str(caught.value)
+    assert (
+        message.startswith(f"--data {repo}: {cut} is not a readable parquet file (") and "\n" not in message
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
