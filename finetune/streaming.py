@@ -517,7 +517,7 @@ class _UnreadableShard:
         url = error.args[-1] if error.args else "?"
         why = error.args[0] if len(error.args) > 1 else type(error).__name__
         opened = error.args[-2] if len(error.args) > 2 else None  # the shard's stream, which it leaves open
-        if hasattr(opened, "close"):
+        if isinstance(opened, io.IOBase):
             opened.close()
         raise ShardReadError(
             f"--data {self.spec}: shard {url} cannot be read as a tar file ({why}); re-create or re-download it"
