@@ -222,9 +222,17 @@ def statistics_input(
         return learned_coefficients(kind, models, params, settings, device, access)
     data = model_data or (None,) * len(models)
     request = StatisticsRequest(kind, params.samples, params.seed)
-    computed = [
-        model_statistics(m, request, settings, device, access, d) for m, d in zip(models, data, strict=True)
-    ]
+    computed = []
+    for index, (model, corpus) in enumerate(zip(models, data, strict=True)):
+        try:
+            computed.append(model_statistics(model, request, settings, device, access, corpus))
+        except MicromergeError as error:
+            # the corpus readers are finetune's and name its flag; here the user typed another
+            said = f"--data {corpus}"
+            if corpus is None or not str(error).startswith(said):
+                raise
+            flag = "--base-data" if index == 0 else "--ft-data"
+            raise MicromergeError(f"{flag} {corpus}{str(error)[len(said) :]}") from error
     return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])
 
 

@@ -17,7 +17,7 @@ from micromerge.core.config_schema import refuse_blank
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.engines import EngineRequest, open_inputs
 from micromerge.merging.execute import MergeOutput, StatisticsInput, finished_output, merge_to_file
-from micromerge.merging.methods import TUNABLE, MethodParams, get_method
+from micromerge.merging.methods import METHODS, TUNABLE, MethodParams, get_method
 from micromerge.merging.plan import MergeSpec, check_method_params
 from micromerge.merging.rules import KeyRules, parse_strength_rule
 from micromerge.merging.sources import CheckpointAccess
@@ -221,6 +221,11 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
         seed=seed,
     )
     check_method_params(get_method(method), params)
+    if values.get("data") and get_method(method).statistics is None:  # it was read past in silence
+        learners = ", ".join(name for name, m in METHODS.items() if m.statistics)
+        raise MicromergeError(
+            f"--data: {method} learns from no data; remove it, or choose a method that does ({learners})"
+        )
     spec = MergeSpec(
         method=method,
         params=params,

@@ -455,6 +455,16 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
     assert free.exit_code == 2 and "only fisher and regmean" in free.output
     count = CliRunner().invoke(cli, [*args, "--ft-data", str(special), "--ft-data", str(general)])
     assert count.exit_code == 2 and "one per --ft" in count.output
+    for flag in (
+        "--base-data",
+        "--ft-data",
+    ):  # the corpus readers' messages said --data, a flag of its own here
+        missing = CliRunner().invoke(
+            cli, [*args, "--force", flag, str(tmp_path / "gone"), "--data", settings.data]
+        )
+        assert missing.exit_code == 2 and f"error: {flag} {tmp_path / 'gone'}: no such file" in missing.output
+    learns_nothing = CliRunner().invoke(cli, [*args[:5], "--method", "ties", "--data", settings.data])
+    assert learns_nothing.exit_code == 2 and "--data: ties learns from no data" in learns_nothing.output
 
 
 @pytest.mark.parametrize("method", ["regmean", "adamerging"])

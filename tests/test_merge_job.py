@@ -148,6 +148,8 @@ def test_an_output_spelled_otherwise_than_its_input_is_still_refused(pair, monke
         ({"alhpa": 0.5}, "unknown key(s) ['alhpa']"),
         ({"seed": True}, "--seed True: must be a non-negative integer"),
         ({"method": "adamerging", "steps": True}, "--steps True: must be a positive integer"),
+        # read past in silence before: the user believed the merge had learned from it
+        ({"method": "ties", "data": "ubench"}, "--data: ties learns from no data; remove it"),
     ],
 )
 def test_a_job_mapping_from_a_script_is_checked_like_flags(values, needle):
