@@ -379,3 +379,23 @@ def learned_coefficients(saved: dict, label: str) -> plt.Figure:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return figure
+
+
+def models_by_group(groups: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
+    """The evaluated models side by side: one bar per model for each level and domain (the rows
+    of `analysis.evaluated.models_group_table` whose kind is level or domain; the other groups are
+    in its table), so forgetting across domains reads at a glance, as in the μ-Bench paper."""
+    shown = groups[groups["group"].str.startswith(("level:", "domain:"))]
+    models = [c for c in groups.columns if c != "group"]
+    width = 0.8 / max(1, len(models))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(shown) * max(1, len(models)) ** 0.5), 4))
+    positions = np.arange(len(shown))
+    for index, model in enumerate(models):
+        axis.bar(positions + (index - (len(models) - 1) / 2) * width, shown[model], width,
+                 label=model, color=PALETTE[index % len(PALETTE)])  # fmt: skip
+    axis.set_xticks(positions, shown["group"], rotation=20, ha="right")
+    axis.set_ylabel(f"mean task {metric} (%)")
+    axis.set_ylim(0, 100)
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(3, len(models)))
+    axis.set_title("evaluated models by level and domain")
+    return figure

@@ -22,6 +22,7 @@ import pandas as pd
 
 import micromerge
 from micromerge.analysis import figures
+from micromerge.analysis.evaluated import evaluations, models_group_table, models_table, models_task_table
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs, run_label
@@ -98,10 +99,11 @@ def group_table(run: Run, groups: list[str]) -> pd.DataFrame:
 
 
 def _provenance(
-    store: Path, runs: list[Run], summaries: list[Summary], settings: dict[str, Any]
+    store: Path, runs: list[Run], summaries: list[Summary], settings: dict[str, Any], evaluated: list[Run]
 ) -> dict[str, Any]:
     """What the report was made from and how: the store's sha256, the report's own settings (its
-    numbers change with the target and the metric), and each run with the target it was read by."""
+    numbers change with the target and the metric), each run with the target it was read by, and
+    each evaluation the models table shows."""
     return {
         "micromerge_version": micromerge.__version__,
         "results_store": str(store),
@@ -118,6 +120,16 @@ def _provenance(
                 "target": s.target,
             }
             for r, s in zip(runs, summaries, strict=True)
+        ],
+        "evaluations": [
+            {
+                "run_id": r.run_id,
+                "label": r.label,
+                "protocol": r.protocol,
+                "model": r.model,
+                "dataset": r.dataset,
+            }
+            for r in evaluated
         ],
         "alpha_selection_protocol": "alpha chosen on a seeded half of the benchmark's images ('select', the same images for every task); numbers at that alpha reported on the other half ('report')",
     }
@@ -159,9 +171,10 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
 # every file a report writes into figures/ and tables/: those of an earlier report that this one
 # did not write again (its runs left the store) are removed; any other file there is the user's
 REPORT_FILES = re.compile(
-    r"figures/((accuracy_vs_alpha|pareto_target_vs_control)(_set\d+)?|per_task_set\d+"
+    r"figures/((accuracy_vs_alpha|pareto_target_vs_control)(_set\d+)?|per_task_set\d+|models"
     r"|(per_task|heatmap|coefficients)_run\d+)\.(png|svg)"
-    r"|tables/(headline|paper_headline|alpha_selection|comparison_sets|(groups|tasks|pareto)_run\d+)\.(csv|json)"
+    r"|tables/(headline|paper_headline|alpha_selection|comparison_sets|models(_groups|_tasks)?"
+    r"|(groups|tasks|pareto)_run\d+)\.(csv|json)"
 )
 OVERVIEW_RUNS = 4
 """Up to this many runs with curves share one accuracy-versus-α and one Pareto figure; beyond, one
@@ -220,10 +233,17 @@ def _write_report(
 ) -> None:
     # with --runs, only the selected runs' rows are read (and the evaluations they are reported against)
     wanted = (lambda first: picked(run_label(first), first["run_id"], selected)) if selected else None
-    swept = [r for r in load_runs(store, wanted) if r.table["alpha"].notna().any()]
-    if not swept:
-        raise MicromergeError(f"{store}: no sweep runs (only `eval` rows); run `micromerge sweep` first")
-    runs = select_runs(swept, selected, store)
+    loaded = load_runs(store, wanted)
+    swept = [r for r in loaded if r.table["alpha"].notna().any()]
+    evaluated = evaluations(loaded)
+    if not swept and not evaluated:
+        raise MicromergeError(
+            f"{store}: no sweep and no evaluation runs; run `micromerge sweep` or `eval` first"
+        )
+    # a store of evaluations only is the models side by side; --runs then picks among them
+    runs = select_runs(swept, selected, store) if swept else []
+    if not swept and selected:
+        evaluated = select_runs(evaluated, selected, store)
     summaries, notes = [], []
     for run in runs:
         domain = finetuned_domain(run, Path(store))
@@ -258,7 +278,7 @@ def _write_report(
             )
     figure_dir, table_dir = out / "figures", out / "tables"
     curves = [r for r in runs if r.table["alpha"].nunique() > 1]
-    if not curves:
+    if runs and not curves:
         notes.append("every run has a single alpha: no curves, tables only")
     overview, sets = _overview_figures(runs, summaries, curves, figure_dir, metric)
     many = len(runs) > RUN_FIGURE_RUNS  # 192 runs' sentences and embedded figures made an 89 MB page
@@ -270,12 +290,11 @@ def _write_report(
             f"each run's own figures (per-task grid, heat map) are not drawn ({why}): "
             "`micromerge report --run-figures` draws them, about a second a run"
         )
-    headline, criteria = headline_table(runs, summaries), criteria_table(runs, summaries)
-    tables: dict[str, pd.DataFrame] = {
-        "headline": headline,
-        "paper_headline": paper_headline_table(runs),
-        "alpha_selection": criteria,
-    }
+    tables: dict[str, pd.DataFrame] = {}
+    if runs:
+        tables["headline"] = headline_table(runs, summaries)
+        tables["paper_headline"] = paper_headline_table(runs)
+        tables["alpha_selection"] = criteria_table(runs, summaries)
     for index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
         tables[f"groups_run{index}"] = group_table(
             run, [summary.target, *summary.controls, "level:coarse", "level:fine"]
@@ -284,6 +303,14 @@ def _write_report(
         tables[f"pareto_run{index}"] = pd.DataFrame(
             summary.pareto, columns=["alpha", "target", "control"]
         ).round(4)
+    if evaluated:
+        tables["models"] = models_table(evaluated, paper_headline_table(evaluated), metric)
+        tables["models_groups"] = models_group_table(evaluated, metric)
+        tables["models_tasks"] = models_task_table(evaluated, metric)
+        drawn = figures.models_by_group(tables["models_groups"], metric)
+        overview.insert(
+            0, ("evaluated models by level and domain", figures.save(drawn, figure_dir, "models")[0])
+        )
     if sets:
         tables["comparison_sets"] = pd.DataFrame.from_records(
             [
@@ -302,7 +329,7 @@ def _write_report(
         "metric": metric,
         "run_figures": draw_runs,
     }
-    provenance = _provenance(store, runs, summaries, settings)
+    provenance = _provenance(store, runs, summaries, settings, evaluated)
     write_json_atomic(out / "provenance.json", provenance)
     layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out, many)
     write_text_atomic(out / "report.md", _markdown(layout))
@@ -400,6 +427,9 @@ class Layout:
 
     def sentences(self) -> list[tuple[str, str]]:
         """(run label, what happened to it), or one line for a report of many runs."""
+        if not self.runs:
+            count = len(self.tables["models"])
+            return [(f"{count} evaluated model{'s' if count > 1 else ''}", MODELS_ONLY_TEXT)]
         if self.many:
             sets = self.tables.get("comparison_sets")
             grouped = f" in {sets['set'].nunique()} comparison sets" if sets is not None else ""
@@ -422,6 +452,13 @@ PAPER_HEADLINE_TEXT = (
     "Each run's protocol is in its row; the per-task tables below use each task's own number (ubench: its "
     "caption keys pooled; closed-set: every class of the task)."
 )
+MODELS_TEXT = (
+    "Each model as `micromerge eval` scored it, with no merging: the mean of the tasks of each group "
+    "(coarse, fine, each domain, modality …), and with the ubench protocol the paper's pooled coarse "
+    "and fine numbers. An empty cell: that model was not evaluated on that task. Per task: "
+    "`tables/models_tasks.csv`."
+)
+MODELS_ONLY_TEXT = ": no merge sweep in this store; the models are compared side by side below."
 SELECTION_TEXT = (
     "α is chosen on a seeded half of the benchmark's images (*select*, the same images for every task) "
     "and reported on the other half (*report*)."
@@ -433,26 +470,43 @@ SETS_TEXT = (
 )
 
 
+def _title(layout: Layout) -> str:
+    return "micromerge report: " + ("forgetting and recovery" if layout.runs else "zero-shot evaluation")
+
+
 def _markdown(layout: Layout) -> str:
     tables, out = layout.tables, layout.out
-    lines = ["# micromerge report: forgetting and recovery", ""]
+    lines = [f"# {_title(layout)}", ""]
     lines += [f"- **{label}**{rest}" for label, rest in layout.sentences()]
-    lines += ["", "## Headline", "", _markdown_table(tables["headline"]), ""]
-    lines += ["## Paper-comparable headline (μ-Bench protocol)", "", PAPER_HEADLINE_TEXT, ""]
-    lines += [
-        _markdown_table(tables["paper_headline"])
-        if not tables["paper_headline"].empty
-        else f"({NO_HEADLINE})",
-        "",
-    ]
-    lines += [
-        "## α selection (honest protocol)",
-        "",
-        SELECTION_TEXT,
-        "",
-        _markdown_table(tables["alpha_selection"]),
-        "",
-    ]
+    lines.append("")
+    if layout.runs:
+        lines += ["## Headline", "", _markdown_table(tables["headline"]), ""]
+        lines += ["## Paper-comparable headline (μ-Bench protocol)", "", PAPER_HEADLINE_TEXT, ""]
+        lines += [
+            _markdown_table(tables["paper_headline"])
+            if not tables["paper_headline"].empty
+            else f"({NO_HEADLINE})",
+            "",
+        ]
+    if "models" in tables:
+        lines += [
+            "## Evaluated models",
+            "",
+            MODELS_TEXT,
+            "",
+            _markdown_table(tables["models"].fillna("")),
+            "",
+        ]
+        lines += [_markdown_table(tables["models_groups"].fillna("")), ""]
+    if layout.runs:
+        lines += [
+            "## α selection (honest protocol)",
+            "",
+            SELECTION_TEXT,
+            "",
+            _markdown_table(tables["alpha_selection"]),
+            "",
+        ]
     if layout.overview:
         lines += ["## Figures", ""] + ([SETS_TEXT, ""] if "comparison_sets" in tables else [])
         for caption, path in layout.overview:
@@ -497,19 +551,33 @@ def _html(layout: Layout) -> str:
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}summary{cursor:pointer;font-weight:bold;margin:.5em 0}"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>micromerge report</title><style>{style}</style></head><body>",
-        "<h1>micromerge report: forgetting and recovery</h1><ul>",
+        f"<h1>{html.escape(_title(layout))}</h1><ul>",
         *[f"<li><b>{html.escape(label)}</b>{html.escape(rest)}</li>" for label, rest in layout.sentences()],
-        "</ul><h2>Headline</h2>",
-        tables["headline"].to_html(index=False),
-        "<h2>Paper-comparable headline (μ-Bench protocol)</h2>",
-        f"<p>{html.escape(PAPER_HEADLINE_TEXT)}</p>",
-        tables["paper_headline"].to_html(index=False)
-        if not tables["paper_headline"].empty
-        else f"<p>({NO_HEADLINE})</p>",
-        "<h2>α selection (honest protocol)</h2>",
-        f"<p>{html.escape(SELECTION_TEXT)}</p>",
-        tables["alpha_selection"].to_html(index=False),
+        "</ul>",
     ]
+    if layout.runs:
+        parts += [
+            "<h2>Headline</h2>",
+            tables["headline"].to_html(index=False),
+            "<h2>Paper-comparable headline (μ-Bench protocol)</h2>",
+            f"<p>{html.escape(PAPER_HEADLINE_TEXT)}</p>",
+            tables["paper_headline"].to_html(index=False)
+            if not tables["paper_headline"].empty
+            else f"<p>({NO_HEADLINE})</p>",
+        ]
+    if "models" in tables:
+        parts += [
+            "<h2>Evaluated models</h2>",
+            f"<p>{html.escape(MODELS_TEXT)}</p>",
+            tables["models"].to_html(index=False, na_rep=""),
+            tables["models_groups"].to_html(index=False, na_rep=""),
+        ]
+    if layout.runs:
+        parts += [
+            "<h2>α selection (honest protocol)</h2>",
+            f"<p>{html.escape(SELECTION_TEXT)}</p>",
+            tables["alpha_selection"].to_html(index=False),
+        ]
     if layout.overview:
         parts.append("<h2>Figures</h2>")
         if "comparison_sets" in tables:

@@ -1088,8 +1088,9 @@ def report_command(
     run_figures: bool | None,
     selected: tuple[str, ...],
 ) -> None:
-    """Markdown + HTML report (figures, tables, provenance) from a results store; self-contained
-    up to 12 runs."""
+    """Markdown + HTML report (figures, tables, provenance) from a results store: sweeps' forgetting
+    and recovery, and every evaluated model side by side (a store of `eval` runs only gets just
+    that); self-contained up to 12 runs."""
     from micromerge.analysis.report import build_report
 
     click.echo(f"wrote {build_report(results, out, target, metric, run_figures, selected)}")

@@ -169,9 +169,13 @@ def test_missing_learned_coefficients_are_a_note_not_a_failure(tmp_path):
         assert not (tmp_path / "rep" / "figures" / "coefficients_run0.png").exists()
 
 
-def test_a_store_of_evaluations_only_is_one_line_that_says_to_sweep(tmp_path):
-    store = _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0,)), alpha=None, method="none")
-    with pytest.raises(MicromergeError, match="no sweep runs .* run `micromerge sweep` first"):
+def test_a_store_of_neither_sweeps_nor_evaluations_is_one_line_that_says_what_to_run(tmp_path):
+    """A store of evaluations only is reported (tests/test_evaluated_models.py); one whose runs have
+    no alpha and are no evaluation has nothing to report."""
+    store = _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0,)), alpha=None, method="greedy-soup")
+    with pytest.raises(
+        MicromergeError, match="no sweep and no evaluation runs; run `micromerge sweep` or `eval`"
+    ):
         build_report(store, tmp_path / "rep")
 
 

@@ -1,0 +1,107 @@
+"""The models a results store holds `eval` runs of, side by side: the μ-Bench paper's main tables
+compare models zero-shot (CLIP, PLIP, QuiltNet, BiomedCLIP …) before anyone merges them, and a
+store with only such evaluations had no report at all.
+
+Each column is one evaluation as `micromerge eval` scored it (its protocol, data and task
+definition in its name where they differ); a model evaluated on fewer tasks has empty cells, not
+a mean over other tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+
+from micromerge.analysis.metrics import curve, table_groups
+from micromerge.analysis.tables import Run
+
+GROUP_ORDER = ("level:coarse", "level:fine")
+"""The two levels first, then every other group in name order."""
+
+
+def evaluations(runs: list[Run]) -> list[Run]:
+    """The `eval` runs (one model each, no alpha) among a store's runs."""
+    return [run for run in runs if run.method == "none"]
+
+
+def evaluation_names(evaluated: list[Run]) -> list[str]:
+    """`pathology-specialist [ubench]` for `none [ubench]: pathology-specialist`; the run id is
+    added where two evaluations would otherwise share a name (one model on two copies of the data)."""
+    names = []
+    for run in evaluated:
+        method_part, _, model = run.label.partition(": ")
+        scoring = method_part.removeprefix("none").strip()
+        names.append(f"{model} {scoring}".strip() if model else run.label)
+    return [
+        f"{name} ({run.run_id[:8]})" if names.count(name) > 1 else name
+        for name, run in zip(names, evaluated, strict=True)
+    ]
+
+
+def _group_mean(run: Run, group: str | None, metric: str) -> float:
+    """The mean over the group's tasks (None: every task), as a sweep's curve takes it at one alpha."""
+    single = replace(run, table=run.table.assign(alpha=0.0))  # an evaluation's alpha is null
+    values = curve(single, group, metric)["value"]
+    return float(values.iloc[0]) if len(values) else float("nan")
+
+
+def _groups(evaluated: list[Run]) -> list[str]:
+    found = set().union(*(table_groups(run.table) for run in evaluated))
+    return [*(g for g in GROUP_ORDER if g in found), *sorted(found - set(GROUP_ORDER))]
+
+
+def _percent(value: float) -> float:
+    return round(100 * value, 1)
+
+
+def models_table(evaluated: list[Run], paper_headline: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per evaluation: its task count, the mean over all tasks, the coarse and fine task
+    means, and (ubench protocol) the paper's pooled coarse and fine numbers with their intervals."""
+    records = []
+    for run, name in zip(evaluated, evaluation_names(evaluated), strict=True):
+        tasks = run.table[(run.table["metric"] == metric) & (run.table["split"] == "all")]["task"].nunique()
+        records.append(
+            {
+                "model": name,
+                "protocol": run.protocol,
+                "tasks": tasks,
+                f"all tasks ({metric} %)": _percent(_group_mean(run, None, metric)),
+                "coarse tasks %": _percent(_group_mean(run, "level:coarse", metric)),
+                "fine tasks %": _percent(_group_mean(run, "level:fine", metric)),
+            }
+        )
+    table = pd.DataFrame.from_records(records)
+    if paper_headline.empty or table.empty:
+        return table
+    paper = paper_headline.drop(columns=["protocol", "alpha"]).rename(
+        columns=lambda c: c if c == "run" else f"paper {c}"
+    )
+    labels = {run.label: name for run, name in zip(evaluated, evaluation_names(evaluated), strict=True)}
+    paper = paper[paper["run"].isin(labels)].assign(model=lambda f: f["run"].map(labels)).drop(columns="run")
+    return table.merge(paper, on="model", how="left")
+
+
+def models_group_table(evaluated: list[Run], metric: str) -> pd.DataFrame:
+    """Group x model: the mean of the group's tasks (%), one column per evaluation."""
+    names = evaluation_names(evaluated)
+    groups = _groups(evaluated)
+    columns = {
+        name: [_percent(_group_mean(run, group, metric)) for group in groups]
+        for run, name in zip(evaluated, names, strict=True)
+    }
+    return pd.DataFrame({"group": groups, **columns})
+
+
+def models_task_table(evaluated: list[Run], metric: str) -> pd.DataFrame:
+    """Task x model (%), with each task's level and domain; empty where a model was not evaluated."""
+    frames = []
+    for run, name in zip(evaluated, evaluation_names(evaluated), strict=True):
+        rows = run.table[(run.table["metric"] == metric) & (run.table["split"] == "all")]
+        frames.append(rows.set_index("task")["value"].mul(100).round(1).rename(name))
+    described = pd.concat(
+        [run.table[["task", "level", "domain"]] for run in evaluated], ignore_index=True
+    ).drop_duplicates("task")
+    matrix = pd.concat(frames, axis=1)
+    table = described.set_index("task").join(matrix, how="right")
+    return table.sort_values(["level", "task"]).reset_index()

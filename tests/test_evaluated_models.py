@@ -1,0 +1,126 @@
+"""`micromerge report` on the models a store holds `eval` runs of: a store of evaluations only (the
+μ-Bench paper's main comparison: several models zero-shot, nothing merged) was refused with "no
+sweep runs"; a report with sweeps did not show the evaluations side by side either."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from click.testing import CliRunner
+
+from micromerge.cli import cli
+from micromerge.eval.store import ResultStore
+from tests.test_analysis import write_store
+
+# (task, level, domain) -> accuracy, per model; the specialist was not evaluated on "golgi"
+TASKS = {
+    ("modality", "coarse", "all"): {"base": 0.80, "specialist": 0.50},
+    ("domain", "coarse", "all"): {"base": 0.70, "specialist": 0.40},
+    ("colon", "fine", "pathology"): {"base": 0.40, "specialist": 0.90},
+    ("breast", "fine", "pathology"): {"base": 0.50, "specialist": 0.70},
+    ("golgi", "fine", "biology"): {"base": 0.60},
+}
+HEADLINE = {"base": (0.75, 0.45), "specialist": (0.45, 0.80)}  # (coarse, fine), the ubench protocol
+
+
+def _evaluation_rows(model: str, protocol: str = "ubench") -> list[dict]:
+    common = {
+        "run_id": f"{model}-{protocol}",
+        "alpha": None,
+        "method": "none",
+        "parameters": {},
+        "protocol": protocol,
+        "model": {"base": f"runs/{model}/model.safetensors", "finetuned": []},
+        "dataset": {"source": "fixture", "fingerprint": "abc"},
+        "n_images": 100,
+        "n_corrupt": 0,
+        "n_classes": 3,
+    }
+    rows = []
+    for (task, level, domain), values in TASKS.items():
+        if model not in values:
+            continue
+        groups = {"level": level, "domain": domain, "modality": "light microscopy", "scale": "tissue"}
+        for split in ("all", "select", "report"):
+            value = values[model]
+            rows.append({**common, "task": task, "level": level, "split": split, "metric": "accuracy",
+                         "groups": groups, "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05})  # fmt: skip
+    if protocol == "ubench":
+        for name, value in zip(("coarse", "fine"), HEADLINE[model], strict=True):
+            rows.append({**common, "task": f"ubench:{name}", "level": "headline", "split": "all",
+                         "metric": "accuracy", "groups": {"level": "headline"}, "value": value,
+                         "ci_low": value - 0.01, "ci_high": value + 0.01, "bootstrap": 100})  # fmt: skip
+    return rows
+
+
+def _store(path: Path) -> Path:
+    ResultStore(path).append(_evaluation_rows("base") + _evaluation_rows("specialist"))
+    return path
+
+
+def _report(store: Path, out: Path, *flags: str) -> str:
+    result = CliRunner().invoke(cli, ["report", str(store), "--out", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    return (out / "report.md").read_text()
+
+
+def test_a_store_of_evaluations_only_reports_the_models_side_by_side(tmp_path):
+    markdown = _report(_store(tmp_path / "r.jsonl"), tmp_path / "report")
+    assert markdown.startswith("# micromerge report: zero-shot evaluation")
+    assert "## Headline" not in markdown and "α selection" not in markdown, "no sweep: no merge sections"
+    tables = tmp_path / "report" / "tables"
+    models = pd.read_csv(tables / "models.csv").set_index("model")
+    assert list(models.index) == ["base [ubench]", "specialist [ubench]"]
+    # hand-computed: the mean of each model's own tasks, in percent
+    assert models.loc["base [ubench]", "tasks"] == 5 and models.loc["specialist [ubench]", "tasks"] == 4
+    assert math.isclose(models.loc["base [ubench]", "all tasks (accuracy %)"], 60.0)
+    assert math.isclose(models.loc["specialist [ubench]", "all tasks (accuracy %)"], 62.5)
+    assert math.isclose(models.loc["specialist [ubench]", "coarse tasks %"], 45.0)
+    assert math.isclose(models.loc["base [ubench]", "fine tasks %"], 50.0)
+    assert models.loc["specialist [ubench]", "paper fine %"] == 80.0
+    assert models.loc["specialist [ubench]", "paper fine 95% CI"] == "[79.0, 81.0]"
+    groups = pd.read_csv(tables / "models_groups.csv").set_index("group")
+    assert list(groups.index[:2]) == ["level:coarse", "level:fine"]
+    assert math.isclose(groups.loc["domain:pathology", "specialist [ubench]"], 80.0)
+    assert math.isclose(groups.loc["domain:biology", "base [ubench]"], 60.0)
+    assert math.isnan(groups.loc["domain:biology", "specialist [ubench]"]), "not evaluated: empty, not 0"
+    tasks = pd.read_csv(tables / "models_tasks.csv").set_index("task")
+    assert tasks.loc["colon", "specialist [ubench]"] == 90.0 and math.isnan(
+        tasks.loc["golgi", "specialist [ubench]"]
+    )
+    assert tasks.loc["golgi", "domain"] == "biology"
+    assert (tmp_path / "report" / "figures" / "models.png").is_file()
+    assert "| specialist [ubench] | ubench | 4 | 62.5 | 45.0 | 80.0 | 45.0 |" in markdown
+
+
+def test_evaluations_of_one_model_under_two_protocols_are_two_columns_and_runs_picks_among_them(tmp_path):
+    store = _store(tmp_path / "r.jsonl")
+    ResultStore(store).append(_evaluation_rows("base", "closed-set"))
+    _report(store, tmp_path / "all")
+    models = pd.read_csv(tmp_path / "all" / "tables" / "models.csv")
+    assert list(models["model"]) == ["base [ubench]", "specialist [ubench]", "base [closed-set]"]
+    assert math.isnan(models.set_index("model").loc["base [closed-set]", "paper coarse %"]), (
+        "closed-set: none"
+    )
+    _report(store, tmp_path / "picked", "--runs", "*closed-set*")
+    picked = pd.read_csv(tmp_path / "picked" / "tables" / "models.csv")
+    assert list(picked["model"]) == ["base [closed-set]"]
+
+
+def test_a_report_of_sweeps_shows_the_evaluations_beside_them(tmp_path):
+    store = write_store(tmp_path / "r.jsonl")
+    ResultStore(store).append(_evaluation_rows("base"))
+    markdown = _report(store, tmp_path / "report", "--target", "domain:pathology")
+    assert markdown.startswith("# micromerge report: forgetting and recovery")
+    assert (
+        markdown.index("## Headline") < markdown.index("## Evaluated models") < markdown.index("α selection")
+    )
+    models = pd.read_csv(tmp_path / "report" / "tables" / "models.csv")
+    assert list(models["model"]) == ["base [ubench]"], "the sweep is not an evaluated model"
+    store_without = write_store(tmp_path / "sweeps-only.jsonl")
+    markdown = _report(store_without, tmp_path / "plain", "--target", "domain:pathology")
+    assert (
+        "## Evaluated models" not in markdown and not (tmp_path / "plain" / "tables" / "models.csv").exists()
+    )
