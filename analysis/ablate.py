@@ -203,7 +203,8 @@ def grid_jobs(ablation: Ablation) -> list[tuple[str, MergeJob | SoupJob]]:
 def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]], list[str]]:
     """Every (label, job) of the grid, built and validated together: a bad method name,
     parameter or rule anywhere fails before the first sweep runs; and the combinations a method
-    cannot take (Model Stock with one specialist, a soup with alpha rules) or would repeat (a
+    cannot take (Model Stock with one specialist, WiSE-FT or SLERP with two, a soup with alpha
+    rules) or would repeat (a
     sign-electing variant on a one-specialist pair), each `label: skipped (why)`, which
     `load_ablation` warns of."""
     jobs: list[tuple[str, MergeJob | SoupJob]] = []
@@ -239,9 +240,17 @@ def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]],
                         (label, SoupJob(pair["base"], tuple(pair["finetuned"]), rule, pair["access"]))
                     )
                     continue
-                wanted = get_method(method).min_finetuned
-                if len(pair["finetuned"]) < wanted:
-                    skipped.append(f"{label}: skipped ({method} needs at least {wanted} fine-tuned models)")
+                taken = get_method(method)
+                count = len(pair["finetuned"])
+                if count < taken.min_finetuned:
+                    why = f"{method} needs at least {taken.min_finetuned} fine-tuned models"
+                elif taken.max_finetuned is not None and count > taken.max_finetuned:
+                    # WiSE-FT, SLERP: their sweep refused a two-specialist pair, hours into the grid
+                    why = f"{method} takes at most {taken.max_finetuned} fine-tuned model; this pair has {count}"
+                else:
+                    why = ""
+                if why:
+                    skipped.append(f"{label}: skipped ({why})")
                     continue
                 job = job_from_mapping(
                     {

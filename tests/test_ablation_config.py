@@ -71,6 +71,12 @@ finetuned = ["/f.safetensors"]
 """
 
 
+def _load_full(tmp_path: Path) -> Ablation:
+    """FULL, whose two-specialist pair cannot take WiSE-FT: the grid says so once, as it skips it."""
+    with pytest.warns(UserWarning, match=r"absolute / wise-ft / vision: skipped \(wise-ft takes at most 1"):
+        return load_ablation(_config(tmp_path, FULL))
+
+
 def _config(tmp_path: Path, text: str) -> Path:
     folder = tmp_path / "configs"
     folder.mkdir(exist_ok=True)
@@ -84,7 +90,7 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
     """'./' and '../' are the config's folder (so a config in configs/ names files beside it); a
     path without them is left as written (a zoo name, hf-hub: id, or a path from the working folder)."""
     folder = tmp_path / "configs"
-    ablation = load_ablation(_config(tmp_path, FULL))
+    ablation = _load_full(tmp_path)
     assert ablation == Ablation(
         data=str(folder / "../bench"),
         store=folder / "./out/r.jsonl",
@@ -283,9 +289,11 @@ def test_the_grid_gives_each_method_what_it_takes(tmp_path):
     """alphas and seed from the ablation, method parameters and rule sets merged into each job; the
     pair's own corpora only for Fisher/RegMean (other methods would refuse them); a soup gets the
     rule set's include/exclude."""
-    ablation = load_ablation(_config(tmp_path, FULL))
+    ablation = _load_full(tmp_path)
     jobs = dict(grid_jobs(ablation))
-    assert len(jobs) == 2 * 3
+    assert len(jobs) == 2 * 3 - 1 and "absolute / wise-ft / vision" not in jobs, (
+        "WiSE-FT takes one specialist"
+    )
     folder = tmp_path / "configs"
     wise = jobs["../base.safetensors / wise-ft / vision"]
     assert isinstance(wise, MergeJob)
@@ -304,7 +312,7 @@ def test_the_grid_gives_each_method_what_it_takes(tmp_path):
         CheckpointAccess(allow_pickle=True, arch="nano-clip"),
     )
     assert wise.access == CheckpointAccess()
-    assert jobs["absolute / wise-ft / vision"].access == CheckpointAccess(True, "nano-clip")
+    assert jobs["absolute / fisher / vision"].access == CheckpointAccess(True, "nano-clip")
 
 
 def test_rule_sets_override_method_parameters(tmp_path):
@@ -349,7 +357,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         "build_report",
         lambda store, report, target, run_figures: calls.append(("report", target, run_figures)),
     )
-    ablation = load_ablation(_config(tmp_path, FULL))
+    ablation = _load_full(tmp_path)
     run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False, rank=1, world_size=2)
 
     expected = EvalSettings(
@@ -387,7 +395,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
     fisher = sweeps["../base.safetensors / fisher / vision"]
     assert fisher.model_data == dict(grid_jobs(ablation))["../base.safetensors / fisher / vision"].model_data
     assert fisher.alphas == (0.0, 0.5) and fisher.access == CheckpointAccess()
-    assert sweeps["absolute / wise-ft / vision"].access == CheckpointAccess(True, "nano-clip")
+    assert sweeps["absolute / fisher / vision"].access == CheckpointAccess(True, "nano-clip")
     assert not [call for call in calls if call[0] == "soup"], "rank 1 of 2 leaves the soups to rank 0"
     assert calls[-1][0] == "sweep", "rank 1 of 2 leaves the report to rank 0"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from micromerge.analysis import figures
-from micromerge.analysis.ablate import load_ablation, run_ablation
+from micromerge.analysis.ablate import grid_jobs, load_ablation, run_ablation
 from micromerge.analysis.metrics import summarise, task_changes, valid_groups
 from micromerge.analysis.report import build_report
 from micromerge.analysis.tables import load_runs
@@ -242,8 +242,10 @@ def test_bad_input_missing_rows_unknown_group_single_alpha(tmp_path):
 
 def test_shipped_ablation_configs_parse():
     """The paper's grid skips, once each, what its methods cannot take: Model Stock for the three
-    one-specialist pairs (every rule set), a soup under the one rule set with alpha rules; and what
-    would repeat another of its merges: the sign-electing and linear variants on those pairs."""
+    one-specialist pairs (every rule set), WiSE-FT and SLERP for the two-specialist pair (their
+    sweeps refused it: the grid stopped hours in), a soup under the one rule set with alpha rules;
+    and what would repeat another of its merges: the sign-electing and linear variants on the
+    one-specialist pairs."""
     import warnings
 
     shipped = {}
@@ -260,6 +262,11 @@ def test_shipped_ablation_configs_parse():
         repeats = ("dare-ties", "breadcrumbs-ties", "della-linear")
         assert sorted(skipped) == sorted(
             [f"{p} / model-stock / {r}" for p in single for r in ablation.rule_sets]
+            + [
+                f"clip-b32+plip+quiltnet-b32 / {m} / {r}"
+                for m in ("wise-ft", "slerp")
+                for r in ablation.rule_sets
+            ]
             + [f"{p['name']} / greedy-soup / late-blocks-strong" for p in ablation.pairs]
             + [f"{p} / {m} / {r}" for p in single for m in repeats for r in ablation.rule_sets]
         )
@@ -271,6 +278,7 @@ def test_shipped_ablation_configs_parse():
         "clip-b16+quiltnet-b16",
     }
     assert set(paper.methods) == {*METHODS, "greedy-soup"} - {"linear"}, "every forgetting-aware method"
+    assert len(grid_jobs(paper)) == 194
 
 
 @pytest.mark.slow
