@@ -34,7 +34,7 @@ def evaluation_names(evaluated: list[Run]) -> list[str]:
         scoring = method_part.removeprefix("none").strip()
         names.append(f"{model} {scoring}".strip() if model else run.label)
     return [
-        f"{name} ({run.run_id[:8]})" if names.count(name) > 1 else name
+        f"{name} ({run.run_id})" if names.count(name) > 1 else name
         for name, run in zip(names, evaluated, strict=True)
     ]
 
@@ -55,31 +55,27 @@ def _percent(value: float) -> float:
     return round(100 * value, 1)
 
 
-def models_table(evaluated: list[Run], paper_headline: pd.DataFrame, metric: str) -> pd.DataFrame:
+def models_table(evaluated: list[Run], paper_headlines: list[pd.DataFrame], metric: str) -> pd.DataFrame:
     """One row per evaluation: its task count, the mean over all tasks, the coarse and fine task
-    means, and (ubench protocol) the paper's pooled coarse and fine numbers with their intervals."""
+    means, and (ubench protocol) the paper's pooled coarse and fine numbers with their intervals,
+    from `paper_headlines` (the report's paper headline table of each evaluation alone, in order:
+    two evaluations of one label, one model on two copies of the data, keep their own)."""
     records = []
-    for run, name in zip(evaluated, evaluation_names(evaluated), strict=True):
+    for run, name, paper in zip(evaluated, evaluation_names(evaluated), paper_headlines, strict=True):
         tasks = run.table[(run.table["metric"] == metric) & (run.table["split"] == "all")]["task"].nunique()
-        records.append(
-            {
-                "model": name,
-                "protocol": run.protocol,
-                "tasks": tasks,
-                f"all tasks ({metric} %)": _percent(_group_mean(run, None, metric)),
-                "coarse tasks %": _percent(_group_mean(run, "level:coarse", metric)),
-                "fine tasks %": _percent(_group_mean(run, "level:fine", metric)),
-            }
-        )
-    table = pd.DataFrame.from_records(records)
-    if paper_headline.empty or table.empty:
-        return table
-    paper = paper_headline.drop(columns=["protocol", "alpha"]).rename(
-        columns=lambda c: c if c == "run" else f"paper {c}"
-    )
-    labels = {run.label: name for run, name in zip(evaluated, evaluation_names(evaluated), strict=True)}
-    paper = paper[paper["run"].isin(labels)].assign(model=lambda f: f["run"].map(labels)).drop(columns="run")
-    return table.merge(paper, on="model", how="left")
+        record = {
+            "model": name,
+            "protocol": run.protocol,
+            "tasks": tasks,
+            f"all tasks ({metric} %)": _percent(_group_mean(run, None, metric)),
+            "coarse tasks %": _percent(_group_mean(run, "level:coarse", metric)),
+            "fine tasks %": _percent(_group_mean(run, "level:fine", metric)),
+        }
+        if not paper.empty:
+            headline = paper.drop(columns=["run", "protocol", "alpha"]).iloc[0]
+            record.update({f"paper {column}": value for column, value in headline.items()})
+        records.append(record)
+    return pd.DataFrame.from_records(records)
 
 
 def models_group_table(evaluated: list[Run], metric: str) -> pd.DataFrame:

@@ -304,7 +304,8 @@ def _write_report(
             summary.pareto, columns=["alpha", "target", "control"]
         ).round(4)
     if evaluated:
-        tables["models"] = models_table(evaluated, paper_headline_table(evaluated), metric)
+        headlines = [paper_headline_table([run]) for run in evaluated]
+        tables["models"] = models_table(evaluated, headlines, metric)
         tables["models_groups"] = models_group_table(evaluated, metric)
         tables["models_tasks"] = models_task_table(evaluated, metric)
         drawn = figures.models_by_group(tables["models_groups"], metric)

@@ -25,15 +25,17 @@ TASKS = {
 HEADLINE = {"base": (0.75, 0.45), "specialist": (0.45, 0.80)}  # (coarse, fine), the ubench protocol
 
 
-def _evaluation_rows(model: str, protocol: str = "ubench") -> list[dict]:
+def _evaluation_rows(
+    model: str, protocol: str = "ubench", copy: str = "abc", headline: tuple[float, float] | None = None
+) -> list[dict]:
     common = {
-        "run_id": f"{model}-{protocol}",
+        "run_id": f"{model}-{protocol}-{copy}",
         "alpha": None,
         "method": "none",
         "parameters": {},
         "protocol": protocol,
         "model": {"base": f"runs/{model}/model.safetensors", "finetuned": []},
-        "dataset": {"source": "fixture", "fingerprint": "abc"},
+        "dataset": {"source": "fixture", "fingerprint": copy},
         "n_images": 100,
         "n_corrupt": 0,
         "n_classes": 3,
@@ -48,7 +50,7 @@ def _evaluation_rows(model: str, protocol: str = "ubench") -> list[dict]:
             rows.append({**common, "task": task, "level": level, "split": split, "metric": "accuracy",
                          "groups": groups, "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05})  # fmt: skip
     if protocol == "ubench":
-        for name, value in zip(("coarse", "fine"), HEADLINE[model], strict=True):
+        for name, value in zip(("coarse", "fine"), headline or HEADLINE[model], strict=True):
             rows.append({**common, "task": f"ubench:{name}", "level": "headline", "split": "all",
                          "metric": "accuracy", "groups": {"level": "headline"}, "value": value,
                          "ci_low": value - 0.01, "ci_high": value + 0.01, "bootstrap": 100})  # fmt: skip
@@ -124,3 +126,16 @@ def test_a_report_of_sweeps_shows_the_evaluations_beside_them(tmp_path):
     assert (
         "## Evaluated models" not in markdown and not (tmp_path / "plain" / "tables" / "models.csv").exists()
     )
+
+
+def test_one_model_on_two_copies_of_the_data_is_two_rows_each_with_its_own_headline(tmp_path):
+    """Two evaluations of one label (the same model and protocol on another copy of μ-Bench) are
+    told apart by run id, and each keeps its own paper numbers (they were matched by label)."""
+    store = tmp_path / "r.jsonl"
+    ResultStore(store).append(
+        _evaluation_rows("base") + _evaluation_rows("base", copy="def", headline=(0.2, 0.3))
+    )
+    _report(store, tmp_path / "report")
+    models = pd.read_csv(tmp_path / "report" / "tables" / "models.csv")
+    assert list(models["model"]) == ["base [ubench] (base-ubench-abc)", "base [ubench] (base-ubench-def)"]
+    assert list(models["paper coarse %"]) == [75.0, 20.0] and list(models["paper fine %"]) == [45.0, 30.0]
