@@ -311,11 +311,12 @@ def check_grid_against_checkpoints(jobs: list[tuple[str, MergeJob | SoupJob]]) -
                     raise MicromergeError(f"{label}: {error}") from error
 
 
-def describe_grid(ablation: Ablation) -> list[str]:
-    """What `ablate --dry-run` prints: each run of the grid with its alphas, then the totals (the
-    skipped combinations are `load_ablation`'s warnings), so a paper-size grid is read before it
-    spends its hours."""
-    jobs, skipped = plan_grid(ablation)
+def describe_grid(
+    ablation: Ablation, jobs: list[tuple[str, MergeJob | SoupJob]], skipped: list[str]
+) -> list[str]:
+    """What `ablate --dry-run` prints of the grid `plan_grid` made: each run with its alphas, then
+    the totals (the skipped combinations are `load_ablation`'s warnings), so a paper-size grid is
+    read before it spends its hours."""
     alphas = len(parse_alphas(ablation.alphas))
     lines = [
         f"{label}: {'greedy soup' if isinstance(job, SoupJob) else f'{alphas} alphas'}" for label, job in jobs

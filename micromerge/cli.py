@@ -1115,8 +1115,8 @@ def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool,
     from micromerge.analysis.ablate import (
         check_grid_against_checkpoints,
         describe_grid,
-        grid_jobs,
         load_ablation,
+        plan_grid,
         run_ablation,
     )
     from micromerge.core.devices import resolve_device
@@ -1124,8 +1124,9 @@ def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool,
 
     ablation = load_ablation(config)
     if dry_run:  # the list first: it needs no checkpoint, and offline the check may not reach one
-        click.echo("\n".join(describe_grid(ablation)))
-        check_grid_against_checkpoints(grid_jobs(ablation))
+        jobs, skipped = plan_grid(ablation)
+        click.echo("\n".join(describe_grid(ablation, jobs, skipped)))
+        check_grid_against_checkpoints(jobs)
         return
     state = PartialState(cpu=device == "cpu")
     html = run_ablation(
