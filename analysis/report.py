@@ -198,10 +198,13 @@ def build_report(
     replace; files of the user's own stay. `run_figures`: draw each run's own figures (None: up to
     RUN_FIGURE_RUNS runs); `selected`: report only the runs whose label or run id matches one of
     these globs (one pair of an ablation grid: "clip-b32+plip / *"). Returns the HTML path."""
-    store, out = Path(store), output_folder(out)
-    with staged_files(out, superseded=lambda name: REPORT_FILES.fullmatch(name) is not None) as staging:
-        _write_report(store, staging, target, metric, run_figures, selected)
-    return out / "report.html"
+    superseded = REPORT_FILES.fullmatch
+    with (
+        output_folder(out) as folder,
+        staged_files(folder, lambda name: superseded(name) is not None) as staging,
+    ):
+        _write_report(Path(store), staging, target, metric, run_figures, selected)
+    return folder / "report.html"
 
 
 def picked(label: str, run_id: str, patterns: tuple[str, ...]) -> bool:

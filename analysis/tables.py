@@ -83,11 +83,8 @@ def load_runs(store_path: str | Path, wanted: Callable[[dict[str, Any]], bool] |
             f"{path}: is a folder; pass the results store (a .jsonl file)"
             + (f" in it: {', '.join(stores[:3])}" if stores else "")
         )
-    if not path.is_file():
-        raise MicromergeError(
-            f"{path}: results store not found (run `micromerge sweep` or `micromerge eval` first)"
-        )
     store = ResultStore(path)
+    store.check_readable("")
     firsts = (store.first_rows() if wanted is not None else None) or {}
     chosen = {run_id for run_id, first in firsts.items() if wanted is not None and wanted(first)}
     by_run: dict[str, list[dict[str, Any]]] = {}

@@ -7,7 +7,8 @@ append skips every row whose identity is already there (two identical sweeps, or
 finishing the same alpha, write each row once). A torn last line (a killed writer: the start of a
 row, or NULs) is cut off before the next append; any other last line is kept and given its
 newline. A file whose first line is neither a JSON object nor crash NULs (a checkpoint, a notes
-file given as --store by mistake) is refused, untouched. Lines that are
+file or an indented JSON manifest given as --store by mistake) is refused, untouched, and so is
+reading one as a store (`check_readable`). Lines that are
 not rows of this version (another schema, valid JSON of the wrong shape, non-finite alpha,
 undecodable bytes) are skipped and counted with the first line number, never fatal; readers
 de-duplicate by identity. Non-finite metric values are stored as null (JSON has no NaN).
@@ -206,19 +207,36 @@ class ResultStore:
         except OSError as exc:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
 
-    def _refuse_other_files(self, start: bytes) -> None:
+    def check_readable(self, flag: str) -> None:
+        """Fail in one line, naming `flag`, when the path holds no store to read: missing, a folder,
+        or another file (a checkpoint's 49,294 "lines" and a manifest's 60 were each skipped with a
+        warning, then "no rows" or "no eval of it in it" was said of a file that was never a store)."""
+        named = f"{flag} {self.path}".lstrip()
+        if self.path.is_dir():
+            raise MicromergeError(f"{named}: is a folder; pass a results store (a .jsonl file)")
+        if not self.path.is_file():
+            raise MicromergeError(
+                f"{named}: results store not found (run `micromerge sweep` or `eval` first)"
+            )
+        with open(self.path, "rb") as handle:
+            self._refuse_other_files(handle.read(_FIRST_BYTES), flag)
+
+    def _refuse_other_files(self, start: bytes, flag: str = "--store") -> None:
         """Rows are never appended to a checkpoint or a document given as --store (a checkpoint's
         tail was cut as a torn row, a notes file got rows after its text). Told by its first bytes: a
         store's first line is a row (or a torn one, or another version's: a JSON object either
-        way), blank, or NULs where a crash zeroed its first block, its junk skipped as before."""
+        way), blank, or NULs where a crash zeroed its first block, its junk skipped as before. A
+        first line of `{` alone is an indented JSON document (a manifest), never a row."""
+        named = f"{flag} {self.path}".lstrip()
         if _is_checkpoint(start):
             raise MicromergeError(
-                f"--store {self.path}: is a checkpoint, not a results store (JSON lines); pass a .jsonl path"
+                f"{named}: is a checkpoint, not a results store (JSON lines); pass a .jsonl path"
             )
-        if start.lstrip(b"\x00 \t\r")[:1] not in (b"", b"{", b"\n"):
+        first = start.lstrip(b"\x00 \t\r")
+        if first[:1] not in (b"", b"{", b"\n") or re.match(rb"\{[ \t\r]*\n", first):
             raise MicromergeError(
-                f"--store {self.path}: not a results store (its first line is not a JSON row); pass a new "
-                ".jsonl path, or delete that line if it is a store whose first line was damaged"
+                f"{named}: not a results store (its first line is not a JSON row); pass "
+                "another .jsonl path, or delete that line if it is a store whose first line was damaged"
             )
 
     def rows(self, run_id: str | None = None) -> list[dict[str, Any]]:

@@ -342,14 +342,9 @@ def _lr_lambdas(
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the
     model path. A run refused before it wrote anything leaves no empty --out folder behind."""
-    created = not cfg.out.exists()
-    try:
+    _refuse_base_inside_out(cfg)
+    with output_folder(cfg.out):
         return _train(cfg)
-    except MicromergeError:
-        if created:
-            with contextlib.suppress(OSError):  # not empty (another rank's files, a saved state): kept
-                cfg.out.rmdir()
-        raise
 
 
 def _train(cfg: FinetuneConfig) -> Path:
@@ -357,8 +352,6 @@ def _train(cfg: FinetuneConfig) -> Path:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    _refuse_base_inside_out(cfg)
-    output_folder(cfg.out)
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
         # already finished: resuming is a no-op, apart from the state a kill after the manifest left
         _check_finished_settings(cfg)

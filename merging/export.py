@@ -55,24 +55,26 @@ def export_checkpoint(
     """Write `checkpoint` into the folder `out` in `fmt`, with its model card; returns the folder."""
     if fmt not in FORMATS:
         raise MicromergeError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
-    folder = output_folder(out)
-    existing = [name for name in (*FILES[fmt], "README.md") if (folder / name).exists()]
-    if existing and not force:
-        raise MicromergeError(f"{folder}: already holds {' and '.join(existing)}; pass --force to overwrite")
-    with access.open(checkpoint) as source:
-        metas = {k: source.meta(k) for k in source.keys()}
-        config = resolve_model_config(source.arch, metas, source.label)
-        tensors = load_all(source)
-        files = list(source.files)
-        metadata = _export_metadata(fmt, files, input_hashes([source]))
-    with staged_files(folder) as staging:  # all of the export's files, or none of them
-        if fmt == "transformers":
-            _write_transformers(checkpoint, config, tensors, staging, metadata)
-        else:
-            _write_open_clip(config, tensors, staging, metadata)
-        write_model_card(staging, checkpoint, files, fmt, evaluation)
-        _refuse_replacing_inputs(staging, folder, files)
-    return folder
+    with output_folder(out) as folder:  # removed again if nothing could be written into it
+        existing = [name for name in (*FILES[fmt], "README.md") if (folder / name).exists()]
+        if existing and not force:
+            raise MicromergeError(
+                f"{folder}: already holds {' and '.join(existing)}; pass --force to overwrite"
+            )
+        with access.open(checkpoint) as source:
+            metas = {k: source.meta(k) for k in source.keys()}
+            config = resolve_model_config(source.arch, metas, source.label)
+            tensors = load_all(source)
+            files = list(source.files)
+            metadata = _export_metadata(fmt, files, input_hashes([source]))
+        with staged_files(folder) as staging:  # all of the export's files, or none of them
+            if fmt == "transformers":
+                _write_transformers(checkpoint, config, tensors, staging, metadata)
+            else:
+                _write_open_clip(config, tensors, staging, metadata)
+            write_model_card(staging, checkpoint, files, fmt, evaluation)
+            _refuse_replacing_inputs(staging, folder, files)
+        return folder
 
 
 def _refuse_replacing_inputs(staging: Path, folder: Path, inputs: list[Path]) -> None:

@@ -445,11 +445,13 @@ def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> lis
     from micromerge.eval.store import ResultStore
     from micromerge.merging.execute import input_hashes
 
+    results = ResultStore(Path(store))
+    results.check_readable("--results")
     with access.open(checkpoint) as source:
         digests = sorted(input_hashes([source]).values())
     rows = [
         r
-        for r in ResultStore(Path(store)).rows()
+        for r in results.rows()
         if r.get("method") == "none"
         and sorted(r["model"].get("base_sha256") or []) == digests
         and r["metric"] == "accuracy"

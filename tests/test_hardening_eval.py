@@ -304,6 +304,43 @@ def test_a_run_refused_for_its_input_leaves_no_store_behind_and_a_checkpoint_is_
     assert (tmp / "a.safetensors").read_bytes() == checkpoint, "its tail was cut as a torn row, rows appended"
 
 
+def test_what_is_no_store_is_refused_in_one_line_by_every_reader(tmp_path):
+    """`report model.safetensors` skipped 49,294 "lines" with a warning, then said it held no rows;
+    `export --results manifest.json` (an indented JSON file: every line skipped) said "no eval of it
+    in it", and of a path that did not exist the same. Each is refused as what it is, naming the
+    flag the user typed; a manifest is refused as --store too, untouched. Neither leaves the empty
+    --out folders it made."""
+    write_checkpoint(tmp_path / "a.safetensors", 0)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"method": "linear", "alpha": 0.5}, indent=2))
+    before = manifest.read_bytes()
+    expected = {
+        "a.safetensors": "is a checkpoint, not a results store",
+        "manifest.json": "not a results store \\(its first line is not a JSON row\\)",
+        "missing.jsonl": "results store not found",
+        "": "is a folder; pass a results store",
+    }
+    for name, message in expected.items():
+        with pytest.raises(MicromergeError, match=f"^--results {tmp_path / name}: {message}"):
+            ResultStore(tmp_path / name).check_readable("--results")
+        nested = tmp_path / "rep" / "inner"  # the folders a refused report made are removed again
+        report = CliRunner().invoke(cli, ["report", str(tmp_path / name), "--out", str(nested)])
+        assert report.exit_code == 2 and report.output.count("\n") == 1, report.output
+        card = ["export", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "card")]
+        exported = CliRunner().invoke(cli, [*card, "--results", str(tmp_path / name)])
+        assert exported.exit_code == 2 and f"--results {tmp_path / name}: " in exported.output, (
+            exported.output
+        )
+        assert not (tmp_path / "card").exists() and not (tmp_path / "rep").exists()
+    with pytest.raises(MicromergeError, match="manifest.json: not a results store"):
+        ResultStore(manifest).append([_row(0.0)])
+    assert manifest.read_bytes() == before
+    compact = tmp_path / "r.jsonl"  # a store's first line is a whole row, `{` then its first key
+    compact.write_text(json.dumps({"schema": 1, **_row(0.5)}) + "\n")
+    ResultStore(compact).check_readable("--results")
+    assert ResultStore(compact).append([_row(0.0)]) == 1
+
+
 def _png_declaring(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

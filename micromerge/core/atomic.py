@@ -197,16 +197,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
-def output_folder(path: str | Path, flag: str = "--out") -> Path:
+@contextlib.contextmanager
+def output_folder(path: str | Path, flag: str = "--out") -> Iterator[Path]:
     """`path` as a folder that outputs can be written into: created if missing; a file or an
-    unwritable place under that name is a one-line error before any work."""
+    unwritable place under that name is a one-line error before any work. Folders it created are
+    removed again when the block fails with them still empty: a report of the wrong store, an export
+    of a folder holding no checkpoint, a refused fine-tune each left an empty --out behind."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise MicromergeError(f"{flag} {folder}: is a file, not a folder; choose a folder")
+    created = [] if folder.exists() else [folder, *(up for up in folder.parents if not up.exists())]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MicromergeError(f"{flag} {folder}: cannot create this folder ({exc.strerror or exc})") from exc
-    if not os.access(folder, os.W_OK):
-        raise MicromergeError(f"{flag} {folder}: not writable; choose another folder")
-    return folder
+    try:
+        if not os.access(folder, os.W_OK):
+            raise MicromergeError(f"{flag} {folder}: not writable; choose another folder")
+        yield folder
+    except BaseException:
+        for made in created:  # innermost first; one holding files (another process's, a saved state) stays
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise
