@@ -33,6 +33,26 @@ if TYPE_CHECKING:  # the commands import what they run lazily: `micromerge --hel
 METHOD_HELP = f"One of `micromerge methods` ({', '.join(METHODS)})."
 """The --method help, read from the registry so a new method shows up without an edit here."""
 
+
+class OneAlpha(click.ParamType):
+    """--alpha's number; a list or range typed there ("0.5,0.7") was "not a valid float", without
+    a word of the --alphas beside it that takes exactly that."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            several = isinstance(value, str) and ("," in value or ":" in value)
+            self.fail(
+                f"{value!r} is not one number"
+                + ("; several alphas go to --alphas (a,b,c or START:STOP:STEP)" if several else ""),
+                param,
+                ctx,
+            )
+
+
 Command = TypeVar("Command", bound=Callable[..., Any])
 """A command function, as the decorators that add options hand it back."""
 
@@ -254,7 +274,7 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 )
 @click.option(
     "--alpha",
-    type=float,
+    type=OneAlpha(),
     help="WiSE-FT alpha, task-arithmetic/TIES/DARE/Breadcrumbs/DELLA/TSV/Iso-C lambda, SLERP t, LiNeS's "
     "first-block scale, Model Stock's step (default 0.5; 1.0 for model-stock, tsv, iso-c).",
 )

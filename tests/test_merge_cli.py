@@ -142,6 +142,15 @@ def test_alphas_write_one_checkpoint_per_alpha(pair):
     assert torch.equal(load_file(str(files[2]))["visual.proj"], ft["visual.proj"])
 
 
+def test_several_alphas_given_to_alpha_point_to_alphas(pair):
+    """`--alpha 0.5,0.7` was "not a valid float", not a word of the --alphas that takes it."""
+    tmp, _, _ = pair
+    for typed, hint in (("0.5,0.7", True), ("0:1:0.5", True), ("half", False)):
+        result = invoke("--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors", "--alpha", typed)
+        assert result.exit_code == 2 and f"'{typed}' is not one number" in result.output, result.output
+        assert ("several alphas go to --alphas" in result.output) == hint, result.output
+
+
 def test_task_arithmetic_ties_with_several_ft_and_rules(pair):
     """Alpha rules are tried in order and the first match wins (a general rule after a specific
     one does not override it); a `re:` pattern is searched anywhere in the key, not anchored."""
