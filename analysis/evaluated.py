@@ -25,6 +25,19 @@ def evaluations(runs: list[Run]) -> list[Run]:
     return [run for run in runs if run.method == "none"]
 
 
+def evaluations_of_models_in(evaluated: list[Run], runs: list[Run]) -> list[Run]:
+    """The evaluations of models the given sweeps merge, told by sha256: `report --runs` of one pair
+    of an ablation grid showed every model of every pair beside it. An evaluation that records no
+    sha256 (a store written by hand) cannot be told apart and is kept."""
+    merged = {
+        digest
+        for run in runs
+        for key in ("base_sha256", "finetuned_sha256")
+        for digest in run.model.get(key) or []
+    }
+    return [run for run in evaluated if set(run.model.get("base_sha256") or []) <= merged]
+
+
 def evaluation_names(evaluated: list[Run]) -> list[str]:
     """`pathology-specialist [ubench]` for `none [ubench]: pathology-specialist`; the run id is
     added where two evaluations would otherwise share a name (one model on two copies of the data)."""

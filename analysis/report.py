@@ -22,7 +22,13 @@ import pandas as pd
 
 import micromerge
 from micromerge.analysis import figures
-from micromerge.analysis.evaluated import evaluations, models_group_table, models_table, models_task_table
+from micromerge.analysis.evaluated import (
+    evaluations,
+    evaluations_of_models_in,
+    models_group_table,
+    models_table,
+    models_task_table,
+)
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs, run_label
@@ -245,9 +251,18 @@ def _write_report(
         )
     # a store of evaluations only is the models side by side; --runs then picks among them
     runs = select_runs(swept, selected, store) if swept else []
+    summaries, notes = [], []
     if not swept and selected:
         evaluated = select_runs(evaluated, selected, store)
-    summaries, notes = [], []
+    elif selected:
+        merged = {run.run_id for run in evaluations_of_models_in(evaluated, runs)}
+        shown = [e for e in evaluated if e.run_id in merged or picked(e.label, e.run_id, selected)]
+        if len(shown) < len(evaluated):
+            notes.append(
+                f"{len(evaluated) - len(shown)} evaluated model(s) that no selected run merges are left out "
+                "of the models tables (`--runs` with their label or run id adds them)"
+            )
+        evaluated = shown
     for run in runs:
         domain = finetuned_domain(run, Path(store))
         group = target or (f"domain:{domain}" if domain else None)

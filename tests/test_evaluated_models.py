@@ -139,3 +139,34 @@ def test_one_model_on_two_copies_of_the_data_is_two_rows_each_with_its_own_headl
     models = pd.read_csv(tmp_path / "report" / "tables" / "models.csv")
     assert list(models["model"]) == ["base [ubench] (base-ubench-abc)", "base [ubench] (base-ubench-def)"]
     assert list(models["paper coarse %"]) == [75.0, 20.0] and list(models["paper fine %"]) == [45.0, 30.0]
+
+
+def test_runs_of_one_pair_show_only_the_evaluations_of_that_pairs_models(tmp_path):
+    """`report --runs 'clip+plip / *'` of an ablation store showed the evaluations of every pair's
+    models beside the one pair; now only the models the chosen sweeps merge (by sha256), and those
+    `--runs` names itself, with a note of how many were left out."""
+    store = tmp_path / "r.jsonl"
+    for run_id, label, base, specialist in (
+        ("s1", "clip+plip", "aa", "bb"),
+        ("s2", "clip16+quilt", "cc", "dd"),
+    ):
+        model = {"base": f"{base}.safetensors", "finetuned": [f"{specialist}.safetensors"]}
+        write_store(store, run_id=run_id, label=f"{label} / wise-ft",
+                    fields={"model": {**model, "base_sha256": [base], "finetuned_sha256": [specialist]}})  # fmt: skip
+    for name, digest in (("clip", "aa"), ("plip", "bb"), ("clip16", "cc"), ("quilt", "dd")):
+        rows = _evaluation_rows("base")
+        model = {"base": f"runs/{name}/model.safetensors", "finetuned": [], "base_sha256": [digest]}
+        ResultStore(store).append([{**r, "run_id": f"eval-{name}", "model": model} for r in rows])
+
+    def shown(out: str, *patterns: str) -> tuple[list[str], str]:
+        flags = [flag for pattern in patterns for flag in ("--runs", pattern)]
+        markdown = _report(store, tmp_path / out, "--target", "domain:pathology", *flags)
+        return list(pd.read_csv(tmp_path / out / "tables" / "models.csv")["model"]), markdown
+
+    every, _ = shown("all")
+    assert every == ["clip [ubench]", "plip [ubench]", "clip16 [ubench]", "quilt [ubench]"]
+    pair, markdown = shown("pair", "clip+plip / *")
+    assert pair == ["clip [ubench]", "plip [ubench]"]
+    assert "2 evaluated model(s) that no selected run merges are left out" in markdown
+    named, _ = shown("named", "clip+plip / *", "eval-quilt")
+    assert named == ["clip [ubench]", "plip [ubench]", "quilt [ubench]"]
