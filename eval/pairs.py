@@ -387,6 +387,22 @@ def parquet_footer(file: str | Path, spec: str) -> Any:
         ) from exc
 
 
+def first_damaged_parquet(files: list[str]) -> tuple[str, str] | None:
+    """(file, pyarrow's first line) of the first local parquet file that fails when read whole, or
+    None: a damaged page behind a valid footer fails only as it is read, and datasets' error names
+    no file. Every page is read, so it is for a path where the run stops anyway."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            for _ in pq.ParquetFile(file).iter_batches(batch_size=1024):
+                pass
+        except (OSError, pyarrow.ArrowException) as error:
+            return file, (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return None
+
+
 def _load_split(location: str, spec: str) -> datasets.Dataset:
     """The training split of a hub dataset or of a local copy of its repository (parquet files)."""
     try:
@@ -400,7 +416,20 @@ def _load_split(location: str, spec: str) -> datasets.Dataset:
     for file in builder.config.data_files[split]:
         if str(file).endswith(".parquet") and Path(file).is_file():
             parquet_footer(file, spec)  # a damaged local file named, not datasets' generation traceback
-    builder.download_and_prepare()  # what load_dataset does, on the builder already resolved
+    try:
+        builder.download_and_prepare()  # what load_dataset does, on the builder already resolved
+    except datasets.exceptions.DatasetGenerationError as exc:
+        local = [
+            str(f)
+            for f in builder.config.data_files[split]
+            if str(f).endswith(".parquet") and Path(f).is_file()
+        ]
+        damaged = first_damaged_parquet(local)
+        if damaged is None:
+            raise
+        raise MicromergeError(
+            f"--data {spec}: {damaged[0]} is damaged ({damaged[1]}); download or write it again"
+        ) from exc
     return builder.as_dataset(split=split)
 
 

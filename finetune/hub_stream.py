@@ -30,6 +30,7 @@ from micromerge.eval.pairs import (
     CAPTION_TABLES,
     CorpusSpec,
     dataset_columns,
+    first_damaged_parquet,
     is_hub_id,
     is_saved_dataset,
     parquet_footer,
@@ -38,6 +39,7 @@ from micromerge.eval.pairs import (
 from micromerge.finetune.streaming import (
     Sample,
     SampleRecipe,
+    ShardReadError,
     corpus_fingerprint,
     named_sample_seed,
     skipped_here,
@@ -77,6 +79,7 @@ class HubStream:
         self.spec, self.recipe = spec, recipe
         corpus = CorpusSpec.parse(spec)
         self.dataset, files, self.rows = _open_streaming(corpus.location)
+        self.files = [file for file, _ in files]
         features = self.dataset.features or {}
         self.image_column, self.caption_column = dataset_columns(features, corpus, f"--data {spec}")
         import datasets
@@ -138,7 +141,7 @@ class _HubSamples(torch.utils.data.IterableDataset):
         dataset = copy.deepcopy(self.dataset)
         for current in itertools.count():
             dataset.set_epoch(current)
-            for n, row in enumerate(dataset):
+            for n, row in enumerate(_rows_or_one_line(dataset, stream)):
                 yielded = True
                 caption = row[stream.caption_column]
                 caption = caption.strip() if isinstance(caption, str) else ""  # typed text up front
@@ -152,6 +155,41 @@ class _HubSamples(torch.utils.data.IterableDataset):
             # worker that has had rows goes on past a pass whose share was an empty file
             if not yielded:
                 return
+
+
+def _rows_or_one_line(dataset: datasets.IterableDataset, stream: HubStream) -> Iterator[dict[str, Any]]:
+    """The stream's rows; a file that fails as it is read (a damaged page behind a valid footer: the
+    footers were read up front) stops the run with one line naming it, not pyarrow's "Couldn't
+    deserialize thrift" traceback from a DataLoader worker, hours into a run."""
+    import pyarrow
+
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except (OSError, pyarrow.ArrowException) as error:
+            raise _unreadable(stream, error) from None
+        yield row
+
+
+def _unreadable(stream: HubStream, error: Exception) -> ShardReadError:
+    """The one line for a stream that failed: the damaged local file, or the hub's read error."""
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if not all(os.path.isfile(file) for file in stream.files):
+        return ShardReadError(
+            f"--data {stream.spec}: reading the hub stream failed ({why}); run again with --resume, or "
+            "download a local copy and pass its folder"
+        )
+    damaged = first_damaged_parquet(stream.files)
+    if damaged is None:  # not reproduced: a read error of the moment
+        return ShardReadError(
+            f"--data {stream.spec}: a file could not be read ({why}); run again with --resume"
+        )
+    return ShardReadError(
+        f"--data {stream.spec}: {damaged[0]} is damaged ({damaged[1]}); download or write it again"
+    )
 
 
 def hub_name_and_revision(spec: str) -> tuple[str, str]:

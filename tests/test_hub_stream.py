@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from micromerge.core.errors import MicromergeError
+from micromerge.eval.pairs import first_damaged_parquet
 from micromerge.finetune import trainer
 from micromerge.finetune.hub_stream import HubStream, is_hub_layout
 from micromerge.finetune.streaming import SampleRecipe
@@ -352,6 +353,31 @@ def test_a_parquet_file_cut_short_is_one_line_naming_it(tmp_path, base, in_memor
         message.startswith(f"--data {repo}: {cut} is not a readable parquet file (") and "\n" not in message
     )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("in_memory", ["no", "yes"])
+def test_a_damaged_page_behind_a_valid_footer_is_one_line_naming_the_file(tmp_path, base, in_memory):
+    """A file whose footer reads (so the up-front check passes) but whose first page header is
+    garbage failed only as it was read: pyarrow's "Couldn't deserialize thrift" traceback from a
+    DataLoader worker (streamed) or datasets' DatasetGenerationError (read whole), neither naming
+    the file. The failure path reads each file whole to name the damaged one."""
+    repo = write_hub_repo(tmp_path / "repo", 16, files=2)
+    damaged = repo / "data" / "train-00001-of-00002.parquet"
+    data = bytearray(damaged.read_bytes())
+    data[4:44] = b"\xa7" * 40  # after the leading magic: the first column chunk's page header
+    damaged.write_bytes(bytes(data))
+    assert pyarrow.parquet.ParquetFile(damaged).metadata.num_rows == 8, "the footer still reads"
+    with pytest.raises(MicromergeError) as caught:
+        run_finetune(
+            config(base, str(repo), tmp_path / "run", data_in_memory=in_memory, max_steps=4, workers=1)
+        )
+    message = str(caught.value)
+    assert message.startswith(f"--data {repo}: {damaged} is damaged (") and "\n" not in message, message
+    assert message.endswith("download or write it again")
+    assert not (tmp_path / "run").exists()
+    assert first_damaged_parquet([str(p) for p in sorted((repo / "data").glob("*.parquet"))])[0] == str(
+        damaged
+    )
 
 
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
