@@ -281,6 +281,31 @@ def test_bad_copies_are_one_line_errors(tmp_path, bench):
         assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_shard_with_garbage_in_its_text_is_one_line_naming_it(tmp_path, bench):
+    """A copy whose shard kept its size and stream framing but not its bytes (a bad disk, an
+    interrupted rsync) opened, and `tasks` ended in pyarrow's UnicodeDecodeError deep inside task
+    discovery. Arrow's full validation names the shard and the column; a save_to_disk copy too."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bench, damaged)
+    shard = damaged / "ubench-test-00002-of-00007.arrow"
+    data = shard.read_bytes()
+    at = data.index(b"none of the above")
+    shard.write_bytes(data[:at] + b"\xff\xfe" + data[at + 2 :])  # never valid UTF-8
+    result = _tasks_cli(damaged)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"--data {shard}: damaged contents (column captions: Invalid UTF8 sequence" in result.output
+    saved = tmp_path / "saved"
+    load_benchmark(str(bench)).dataset.save_to_disk(str(saved))
+    arrow = next(saved.glob("*.arrow"))
+    data = arrow.read_bytes()
+    at = data.index(b"none of the above")
+    arrow.write_bytes(data[:at] + b"\xff\xfe" + data[at + 2 :])
+    with pytest.raises(
+        MicromergeError, match=f"--data {re.escape(str(arrow))}: damaged contents \\(column captions"
+    ):
+        load_benchmark(str(saved))
+
+
 def test_shards_of_another_split_are_ignored_and_of_another_set_refused(tmp_path, bench):
     """A folder may hold other splits' shards (`<builder>-<split>-NNNNN-of-NNNNN.arrow`, the
     `datasets` builder-cache naming SCHEMA.md cites); shards of another *set* of the same split
