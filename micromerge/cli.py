@@ -728,6 +728,10 @@ def data_verify_command(path: str, expected: str | None) -> None:
     from micromerge.core.errors import MicromergeError
     from micromerge.eval.hub_layout import PUBLISHED_SHARDS, checked_checksums, find_hub_layout, verify_shards
 
+    if not Path(path).exists():
+        raise MicromergeError(
+            f"{path}: no such folder (pass a copy of the Hub's perception/0.1.0, or its parent)"
+        )
     folder = find_hub_layout(Path(path)) if Path(path).is_dir() else None
     if folder is None:
         raise MicromergeError(

@@ -351,6 +351,13 @@ def test_data_verify_names_the_changed_shard(tmp_path, bench):
     )
     published = CliRunner().invoke(cli, ["data", "verify", str(bench)])  # our fixture is not the real data
     assert published.exit_code == 2 and "7 of 7 shard(s) differ" in published.output
+    (tmp_path / "empty").mkdir()
+    for where, message in (
+        (tmp_path / "nowhere", "no such folder"),
+        (tmp_path / "empty", "no μ-Bench shard"),
+    ):
+        wrong = CliRunner().invoke(cli, ["data", "verify", str(where)])
+        assert wrong.exit_code == 2 and f"{where}: {message}" in wrong.output, wrong.output
 
 
 def test_the_written_dataset_info_records_each_shards_length(bench):
