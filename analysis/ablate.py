@@ -18,8 +18,8 @@ from micromerge.analysis.metrics import GROUP_KINDS, table_groups
 from micromerge.analysis.report import build_report
 from micromerge.analysis.soup import GREEDY_SOUP, greedy_soup
 from micromerge.analysis.tables import task_table
-from micromerge.core.config_files import load_section, reject_unknown_keys
-from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section
+from micromerge.core.config_files import load_section
+from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section, refuse_unknown_keys
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings, SweepPlan, alone, prepare, run_eval, run_sweep
 from micromerge.eval.source_metadata import load_source_table
@@ -74,7 +74,7 @@ def load_ablation(path: str | Path) -> Ablation:
 
     pairs = []
     for pair in section["pairs"]:
-        reject_unknown_keys(f"{path} pair", pair, set(PAIR_SCHEMA))
+        refuse_unknown_keys(f"{path} pair", pair, set(PAIR_SCHEMA))
         if not pair.get("base") or not pair.get("finetuned"):
             raise MicromergeError(f"{path}: every pair needs base and finetuned")
         check_section(f"{path} pair {pair.get('name') or pair['base']}", pair, PAIR_SCHEMA)
@@ -225,7 +225,7 @@ def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]],
             for rule_name, rules in ablation.rule_sets.items():
                 if not isinstance(rules, dict):
                     raise MicromergeError(f"rule_sets.{rule_name} must be a table, not {rules!r}")
-                reject_unknown_keys(f"rule set {rule_name!r}", rules, {"include", "exclude", "alpha_rules"})
+                refuse_unknown_keys(f"rule set {rule_name!r}", rules, {"include", "exclude", "alpha_rules"})
                 label = f"{pair['name']} / {method} / {rule_name}"
                 values = {**parameters, **rules}
                 check_section(f"{method} / {rule_name}", values, MERGE_SCHEMA)

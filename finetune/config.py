@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from micromerge.core.config_schema import refuse_blank
+from micromerge.core.config_schema import refuse_blank, refuse_unknown_keys
 from micromerge.core.errors import MicromergeError
 
 
@@ -110,9 +110,7 @@ class FinetuneConfig:
 
 def config_from_mapping(values: dict[str, Any]) -> FinetuneConfig:
     known = {f.name for f in fields(FinetuneConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise MicromergeError(f"finetune config: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    refuse_unknown_keys("finetune config", values, known)
     refuse_blank(values, {})
     for required in ("mode", "base", "data", "out"):
         if not values.get(required):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from micromerge.core.atomic import same_file
-from micromerge.core.config_schema import refuse_blank
+from micromerge.core.config_schema import FLAG_NAMES, refuse_blank, refuse_unknown_keys
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.engines import EngineRequest, open_inputs
 from micromerge.merging.execute import MergeOutput, StatisticsInput, finished_output, merge_to_file
@@ -160,10 +160,8 @@ def check_file_out(path: Path, folder_hint: str = "") -> Path:
 
 def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     """Build a MergeJob from flag/config values (keys as in JOB_KEYS)."""
-    unknown = sorted(set(values) - JOB_KEYS)
-    if unknown:
-        raise MicromergeError(f"merge config: unknown key(s) {unknown}; allowed: {sorted(JOB_KEYS)}")
-    refuse_blank(values, {"finetuned": "--ft", "alpha_rules": "--alpha-rule"})
+    refuse_unknown_keys("merge config", values, JOB_KEYS)
+    refuse_blank(values, FLAG_NAMES)
     if not values.get("base"):
         raise MicromergeError("merge: --base is required (a zoo name, hf-hub: id, file or folder)")
     finetuned = values.get("finetuned") or []

@@ -224,7 +224,13 @@ def test_merge_alphas_resume_after_a_kill_and_recover_a_lost_manifest(pair):
         ('include = "visual.*"', "include must be a list of strings"),
         ('alpha = "abc"', "alpha must be a finite number"),
         ("finetuned = 5", "finetuned must be a string or a list of strings"),
-        ("bogus = 1", "unknown key(s) ['bogus']"),
+        ("bogus = 1", "unknown key(s) ['bogus']; allowed: ["),
+        # a key written as its flag, and a typo, are each answered with the key meant
+        (
+            'ft = ["x"]\ndesnity = 0.2',
+            "unknown key(s) ['desnity', 'ft'] (did you mean density for desnity, finetuned for ft?)",
+        ),
+        ("alpha_rule = { a = 1 }", "(did you mean alpha_rules for alpha_rule?)"),
     ],
 )
 def test_merge_config_values_of_the_wrong_type_are_one_line(pair, body, needle):

@@ -50,9 +50,3 @@ def load_section(path: str | Path, section: str, schema: dict[str, str]) -> dict
     if not isinstance(values, dict):
         raise MicromergeError(f"{path}: [{section}] must be a table")
     return check_section(f"{path} [{section}]", values, schema)
-
-
-def reject_unknown_keys(section: str, data: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise MicromergeError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -9,8 +9,9 @@ what was expected.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from micromerge.core.errors import MicromergeError
@@ -171,6 +172,31 @@ ABLATION_SCHEMA = {
 }
 
 
+FLAG_NAMES = {"finetuned": "--ft", "alpha_rules": "--alpha-rule"}
+"""Keys whose flag has another name; every other key's flag is `--key` with dashes."""
+
+
+def refuse_unknown_keys(source: str, values: dict[str, Any], allowed: Iterable[str]) -> None:
+    """One line naming the keys that are not `allowed`, and the key each most likely meant: a
+    config written from the flags (`ft = [...]` for `--ft`) or with a typo (`desnity`) got the
+    list of 37 allowed keys to search by eye."""
+    allowed = sorted(allowed)
+    unknown = sorted(set(values) - set(allowed))
+    if not unknown:
+        return
+    by_flag = {flag.lstrip("-").replace("-", "_"): key for key, flag in FLAG_NAMES.items() if key in allowed}
+    meant = {
+        key: by_flag.get(key) or next(iter(difflib.get_close_matches(key, allowed, n=1)), None)
+        for key in unknown
+    }
+    hints = [f"{guess} for {key}" for key, guess in meant.items() if guess]
+    raise MicromergeError(
+        f"{source}: unknown key(s) {unknown}"
+        + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+        + f"; allowed: {allowed}"
+    )
+
+
 def is_blank(value: Any) -> bool:
     """An empty string, or a list holding one. `key = ""` or `--option "$UNSET"` reads as a value
     but names none; taken as 'not given' it silently ran a default (`--method ""` merged with
@@ -194,9 +220,7 @@ def refuse_blank(values: dict[str, Any], flags: dict[str, str]) -> None:
 
 def check_section(source: str, values: dict[str, Any], schema: dict[str, str]) -> dict[str, Any]:
     """`values` unchanged when every key is known and every value of its kind; else one line."""
-    unknown = sorted(set(values) - set(schema))
-    if unknown:
-        raise MicromergeError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(schema)}")
+    refuse_unknown_keys(source, values, schema)
     for key, value in values.items():
         if is_blank(value):
             what = "is empty" if isinstance(value, str) else "holds an empty entry"
