@@ -281,12 +281,18 @@ def _without_repeats(
     repeats: set[str] = set()
     for (pair, method, rule_name), (label, job) in merges.items():
         same = get_method(method).same_with_one_finetuned
-        other = merges.get((pair, same, rule_name)) if same and len(job.finetuned) == 1 else None
+        if not same or len(job.finetuned) != 1:
+            continue
+        other = merges.get((pair, same, rule_name))
         if other is not None and replace(other[1].spec, method=method) == job.spec:
             repeats.add(label)
             skipped.append(
                 f"{label}: skipped (with one fine-tuned model {method} is {same}, "
                 "which this grid runs with the same parameters)"
+            )
+        else:  # run, as asked, but its numbers are the other method's
+            warnings.warn(
+                f"{label}: with one fine-tuned model {method} is the same merge as {same}", stacklevel=2
             )
     return [(label, job) for label, job in jobs if label not in repeats], skipped
 

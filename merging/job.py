@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,18 @@ def check_file_out(path: Path, folder_hint: str = "") -> Path:
             f"--out {path}: the merged checkpoint is safetensors; end its name in .safetensors{folder_hint}"
         )
     return path
+
+
+def warn_of_a_variant_with_one_finetuned(job: MergeJob) -> None:
+    """`merge --method dare-ties` with one --ft wrote dare's merge without a word: the variants that
+    elect a sign or sum plainly differ from their method only when two or more specialists combine."""
+    same = get_method(job.spec.method).same_with_one_finetuned
+    if same and len(job.finetuned) == 1:
+        warnings.warn(
+            f"{job.spec.method} with one --ft is the same merge as {same} (they differ only in how two "
+            f"or more specialists combine); give more --ft, or use {same}",
+            stacklevel=2,
+        )
 
 
 def job_from_mapping(values: dict[str, Any]) -> MergeJob:

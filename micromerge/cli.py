@@ -337,7 +337,7 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **values: Any) -> None:
     from micromerge.core.config_files import load_section
     from micromerge.core.config_schema import MERGE_SCHEMA
-    from micromerge.merging.job import job_from_mapping, run_merge_job
+    from micromerge.merging.job import job_from_mapping, run_merge_job, warn_of_a_variant_with_one_finetuned
 
     mapping: dict[str, Any] = {}
     if config_file:
@@ -347,6 +347,7 @@ def merge_command(ctx: click.Context, config_file: str | None, quiet: bool, **va
     mapping.update(explicit_options(ctx, values))
     mapping = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.items()}
     job = job_from_mapping(mapping)
+    warn_of_a_variant_with_one_finetuned(job)
     outputs = run_merge_job(job, progress=not quiet, statistics=_merge_statistics(job, quiet))
     for output in outputs:
         if output.reused:
@@ -794,7 +795,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     """Evaluate a merge at every alpha on every task (resumable; `accelerate launch` splits alphas)."""
     from micromerge.core.devices import resolve_device
     from micromerge.eval.engine import SweepPlan, run_sweep
-    from micromerge.merging.job import job_from_mapping
+    from micromerge.merging.job import job_from_mapping, warn_of_a_variant_with_one_finetuned
     from micromerge.merging.methods import TUNABLE
 
     job = job_from_mapping(
@@ -815,6 +816,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
             "arch": values["arch"],
         }
     )
+    warn_of_a_variant_with_one_finetuned(job)
     settings, state = _eval_settings(values)
     plan = SweepPlan(
         job.base, job.finetuned, job.spec, job.alphas or (), job.access, model_data=job.model_data

@@ -186,11 +186,18 @@ finetuned = ["ft.safetensors", "ft2.safetensors"]
 [ablation.rule_sets.all]
 """
     )
-    with pytest.warns(
-        UserWarning, match=r"one / dare-ties / all: skipped \(with one fine-tuned model dare-ties is dare"
-    ):
-        ablation = load_ablation(config)
-    labels = [label for label, _ in plan_grid(ablation)[0]]
+    with pytest.warns(UserWarning) as said:
+        labels = [label for label, _ in plan_grid(load_ablation(config))[0]]
+    said = {str(warning.message) for warning in said}
+    assert any(
+        m.startswith("one / dare-ties / all: skipped (with one fine-tuned model dare-ties is dare")
+        for m in said
+    )
+    # run as asked (its twin is not in the grid), and said to be that twin's merge
+    assert (
+        "one / della-linear / all: with one fine-tuned model della-linear is the same merge as della" in said
+    )
+    assert not any(m.startswith("two / ") for m in said), "two specialists: the variants differ"
     # della-linear's della is not in the grid, and the two-specialist pair elects for real
     assert labels == [
         "one / dare / all",
@@ -202,5 +209,24 @@ finetuned = ["ft.safetensors", "ft2.safetensors"]
     config.write_text(
         config.read_text().replace("[ablation.method_parameters.dare-ties]\ndrop_rate = 0.5", "")
     )
-    labels = [label for label, _ in plan_grid(load_ablation(config))[0]]
+    with pytest.warns(UserWarning) as said:
+        labels = [label for label, _ in plan_grid(load_ablation(config))[0]]
+    assert "one / dare-ties / all: with one fine-tuned model dare-ties is the same merge as dare" in {
+        str(warning.message) for warning in said
+    }
     assert "one / dare-ties / all" in labels, "another drop rate is another merge"
+
+
+def test_merge_says_when_a_variant_with_one_finetuned_model_is_the_method_it_varies(tmp_path):
+    """`merge --method breadcrumbs-ties` with one --ft wrote breadcrumbs' merge without a word."""
+    base, ft, ft2 = (tmp_path / f"{name}.safetensors" for name in ("base", "ft", "ft2"))
+    for seed, path in enumerate((base, ft, ft2)):
+        write_checkpoint(path, seed)
+    common = ["--base", str(base), "--ft", str(ft), "--method", "breadcrumbs-ties", "--quiet"]
+    one = CliRunner().invoke(merge_command, [*common, "--out", str(tmp_path / "one.safetensors")])
+    assert one.exit_code == 0, one.output
+    assert "warning: breadcrumbs-ties with one --ft is the same merge as breadcrumbs" in one.output
+    two = CliRunner().invoke(
+        merge_command, [*common, "--ft", str(ft2), "--out", str(tmp_path / "two.safetensors")]
+    )
+    assert two.exit_code == 0 and "warning" not in two.output, two.output
