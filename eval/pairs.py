@@ -26,6 +26,7 @@ import numpy as np
 
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import STRING_DTYPES, column_values, is_nullable
+from micromerge.eval.hub_layout import HUB_FOLDER, is_hub_layout
 from micromerge.eval.images import decode_payloads
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -347,9 +348,27 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json"))
 
 
+def refuse_the_benchmark(path: Path) -> None:
+    """A copy of μ-Bench given where image-caption pairs go (its Hub folder holds a dataset_info.json,
+    so it was taken for a save_to_disk folder: datasets' FileNotFoundError traceback)."""
+    if is_hub_layout(path) or is_hub_layout(path / HUB_FOLDER):
+        raise MicromergeError(
+            f"--data {path}: a copy of μ-Bench (the benchmark), not a corpus of image-caption pairs; pass "
+            "a caption corpus here (μ-Bench is read by the --data of eval, sweep and data-aware merges, and "
+            "by `finetune supervised --task`)"
+        )
+
+
 def load_saved_corpus(path: Path) -> datasets.Dataset:
     """A saved corpus, memory-mapped; of a DatasetDict, its training split (`training_split`)."""
-    loaded = datasets.load_from_disk(str(path))
+    refuse_the_benchmark(path)
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as exc:  # no state.json, a damaged or foreign folder
+        raise MicromergeError(
+            f"--data {path}: a save_to_disk folder that does not load ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:100]}); save it again"
+        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded[training_split(list(loaded), str(path))]
     return loaded
@@ -479,6 +498,7 @@ def load_pairs(spec: str) -> PairData:
         elif any(path.rglob("*.parquet")):  # a local copy of a hub dataset repository
             data = _from_hf(_load_split(str(path), spec), spec, corpus)
         else:
+            refuse_the_benchmark(path)
             raise MicromergeError(
                 f"--data {spec}: folder has no captions.csv/.tsv/.jsonl, no .tar shards and is not a saved dataset"
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -285,3 +286,27 @@ def test_a_contrastive_batch_of_one_pair_is_refused_before_any_work(tmp_path, ba
     with pytest.raises(MicromergeError, match=r"--batch-size 1: contrastive training needs at least 2"):
         run_finetune(config(base, data, tmp_path / "run", batch_size=1))
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_mu_bench_given_as_a_caption_corpus_is_named_as_the_benchmark(tmp_path, base):
+    """`finetune contrastive --data <μ-Bench copy>`: its Hub folder holds a dataset_info.json, so it
+    was taken for a save_to_disk folder and datasets' FileNotFoundError traceback came out (its
+    parent: "no captions.csv ..."). Both are named as the benchmark, in every reader of pairs; a
+    folder that only looks saved is one line too."""
+    from micromerge.eval.pairs import load_pairs
+    from tests.ubench_fixture import write_fixture
+
+    bench = write_fixture(tmp_path / "ubench", per_class=2, corrupt=0)
+    for copy in (bench, bench.parent.parent):
+        message = f"--data {copy}: a copy of μ-Bench (the benchmark), not a corpus of image-caption pairs"
+        for in_memory in ("yes", "no"):
+            with pytest.raises(MicromergeError, match=re.escape(message)):
+                run_finetune(config(base, str(copy), tmp_path / "run", data_in_memory=in_memory))
+        with pytest.raises(MicromergeError, match=re.escape(message)):
+            load_pairs(str(copy))  # what --base-data/--ft-data of a data-aware merge read
+    looks_saved = tmp_path / "looks-saved"
+    looks_saved.mkdir()
+    (looks_saved / "dataset_info.json").write_text("{}")
+    with pytest.raises(MicromergeError, match="looks-saved: a save_to_disk folder that does not load"):
+        load_pairs(str(looks_saved))
+    assert not (tmp_path / "run").exists()
