@@ -214,6 +214,11 @@ def _option_list(feature: object) -> bool:
     return _is_string(inner)
 
 
+def _looks_like_pairs(features: datasets.Features) -> bool:
+    """Few columns, one of them captions: a fine-tuning corpus given to eval by mistake."""
+    return len(features) <= 4 and any(name in features for name in ("caption", "text", "captions"))
+
+
 def validate_schema(dataset: datasets.Dataset, source: str) -> None:
     """Required columns by name and type; the metadata columns and captions, where present, as the
     real schema types them (captions as its nested structs); other columns are kept unchecked."""
@@ -221,7 +226,12 @@ def validate_schema(dataset: datasets.Dataset, source: str) -> None:
     missing = [c for c in ("image", "label", "dataset", *REQUIRED_STRING_COLUMNS) if c not in features]
     if missing:
         raise MicromergeError(
-            f"--data {source}: missing required column(s) {missing} (μ-Bench schema: shared/ubench/SCHEMA.md)"
+            f"--data {source}: missing required column(s) {missing}, so not a copy of μ-Bench (jnirschl/uBench)"
+            + (
+                "; a corpus of image-caption pairs goes to `finetune --data`"
+                if _looks_like_pairs(features)
+                else ""
+            )
         )
     if not isinstance(features["image"], Image):
         raise MicromergeError(

@@ -90,8 +90,16 @@ def test_hub_shards_are_memory_mapped_not_copied(bench):
 def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
     dataset = datasets.load_from_disk(str(write_fixture(tmp_path / "disk", fmt="save_to_disk")))
     dataset.remove_columns(["dataset"]).save_to_disk(str(tmp_path / "missing"))
-    with pytest.raises(MicromergeError, match=r"missing required column\(s\) \['dataset'\]"):
+    with pytest.raises(
+        MicromergeError,
+        match=r"missing required column\(s\) \['dataset'\], so not a copy of μ-Bench \(jnirschl/uBench\)$",
+    ):
         load_benchmark(str(tmp_path / "missing"))
+    # a fine-tuning corpus given to eval: said to be one (the message named a file users do not have)
+    pairs = dataset.select_columns(["image"]).add_column("caption", ["a micrograph"] * len(dataset))
+    pairs.save_to_disk(str(tmp_path / "pairs"))
+    with pytest.raises(MicromergeError, match="a corpus of image-caption pairs goes to `finetune --data`$"):
+        load_benchmark(str(tmp_path / "pairs"))
     paths = dataset.remove_columns(["image"]).add_column("image", ["img.png"] * len(dataset))
     paths.save_to_disk(str(tmp_path / "paths"))
     with pytest.raises(MicromergeError, match="column 'image' must be a datasets Image, not Value"):
