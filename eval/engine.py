@@ -162,6 +162,7 @@ class Evaluator:
         self.cache: ImageCache = build_image_cache(
             bench.dataset, bench.fingerprint, size, settings.cache_dir, settings.progress
         )
+        self._refuse_unreadable_tasks()
         self.tokenizer = tokenizer_for(model_config)
         self.token_cache: dict = {}
         order = np.random.default_rng(
@@ -181,6 +182,24 @@ class Evaluator:
         )
         if settings.protocol == "ubench":
             self._index_options()
+
+    def _refuse_unreadable_tasks(self) -> None:
+        """A task none of whose images decodes got no row at all: it vanished from the printed
+        table and the report, a headline said to pool every task of its level pooled without it,
+        and a sweep never found its alphas finished (its completion row never came), so each
+        resume evaluated every alpha again. Unreadable images are skipped and counted; a task of
+        nothing but unreadable ones is a broken copy."""
+        empty = [
+            t for t in self.tasks if not self.cache.valid[np.asarray(t.image_rows, dtype=np.int64)].any()
+        ]
+        if empty:
+            first = empty[0]
+            raise MicromergeError(
+                f"--data {self.bench.source}: none of the {len(first.image_rows)} images of task {first.name} "
+                + (f"(and of {len(empty) - 1} more task(s)) " if len(empty) > 1 else "")
+                + "can be read; repair the copy (`micromerge data verify` checks one of the Hub's folder), "
+                "or leave the task out with --tasks"
+            )
 
     def _index_options(self) -> None:
         """One table of every distinct option text over all tasks and keys (embedded once per

@@ -360,6 +360,46 @@ def test_a_decompression_bomb_is_a_corrupt_image(tmp_path):
     assert not valid[0] and pixels.shape == (1, 3, 32, 32)
 
 
+def test_a_task_none_of_whose_images_reads_is_one_line_not_a_task_that_vanishes(tmp_path):
+    """Every image of one source unreadable: the task got no row (gone from the table, the report
+    and the pools of the headline said to hold every task), and a sweep, never finding its
+    completion rows, evaluated every alpha again at each resume. Refused, naming the task; the
+    other tasks go on with --tasks."""
+    import datasets
+
+    from micromerge.eval.tasks import discover_tasks
+
+    folder = write_fixture(tmp_path / "bench", per_class=2, corrupt=0, fmt="save_to_disk")
+    dataset = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image(decode=False))
+    task = next(t for t in discover_tasks(dataset) if t.level == "fine")
+    spoiled = set(task.image_rows)
+    images = [
+        {"bytes": b"not an image", "path": None} if i in spoiled else image
+        for i, image in enumerate(dataset["image"])
+    ]
+    dataset = (
+        dataset.remove_columns("image").add_column("image", images).cast_column("image", datasets.Image())
+    )
+    dataset.save_to_disk(str(tmp_path / "spoiled"))
+    write_checkpoint(tmp_path / "a.safetensors", 0)
+    args = ["eval", "--model", str(tmp_path / "a.safetensors"), "--data", str(tmp_path / "spoiled")]
+    args += [
+        "--store",
+        str(tmp_path / "r.jsonl"),
+        "--quiet",
+        "--bootstrap",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    refused = CliRunner().invoke(cli, [*args, "--tasks", f"modality,{task.name}"])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert f"none of the {len(spoiled)} images of task {task.name} can be read" in refused.output
+    assert not (tmp_path / "r.jsonl").exists()
+    kept = CliRunner().invoke(cli, [*args, "--tasks", "modality"])
+    assert kept.exit_code == 0, kept.output
+
+
 def test_a_dataset_changed_in_place_gets_a_new_fingerprint(tmp_path):
     """save_to_disk keeps a `_fingerprint` in state.json; a data file replaced under it (same names,
     same state.json) must still be seen as new data, or the image cache serves stale pixels."""
