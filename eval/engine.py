@@ -189,13 +189,18 @@ class Evaluator:
         and a sweep never found its alphas finished (its completion row never came), so each
         resume evaluated every alpha again. Unreadable images are skipped and counted; a task of
         nothing but unreadable ones is a broken copy."""
-        empty = [
-            t for t in self.tasks if not self.cache.valid[np.asarray(t.image_rows, dtype=np.int64)].any()
-        ]
+
+        def scored(task: Task) -> np.ndarray:  # the rows this protocol asks about
+            if self.settings.protocol == "ubench":
+                return np.unique(np.concatenate([q.rows for q in task.questions]).astype(np.int64))
+            return np.asarray(task.rows, dtype=np.int64)
+
+        asked = {task.name: scored(task) for task in self.tasks}
+        empty = [task for task in self.tasks if not self.cache.valid[asked[task.name]].any()]
         if empty:
             first = empty[0]
             raise MicromergeError(
-                f"--data {self.bench.source}: none of the {len(first.image_rows)} images of task {first.name} "
+                f"--data {self.bench.source}: none of the {len(asked[first.name])} images of task {first.name} "
                 + (f"(and of {len(empty) - 1} more task(s)) " if len(empty) > 1 else "")
                 + "can be read; repair the copy (`micromerge data verify` checks one of the Hub's folder), "
                 "or leave the task out with --tasks"
