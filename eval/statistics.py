@@ -109,6 +109,8 @@ class StatisticsRequest:
 
 
 def describe_request(request: StatisticsRequest) -> dict[str, Any]:
+    """`samples` is the cap asked for: a select half (or corpus) of fewer questions gives all of
+    them, and which they are is fixed by the data's fingerprint, the questions' digest and the seed."""
     return {
         "kind": request.kind,
         "samples": request.samples,

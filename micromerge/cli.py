@@ -194,7 +194,8 @@ def method_options(func: Command) -> Command:
         click.option(
             "--samples",
             type=int,
-            help="Fisher/RegMean/AdaMerging/supervised-alpha: select-half questions to learn from [256].",
+            help="Fisher/RegMean/AdaMerging/supervised-alpha: select-half questions (or corpus pairs) to learn "
+            "from, at most; fewer where there are fewer [256].",
         ),
         click.option(
             "--offdiag-scale", type=float, help="RegMean: Gram off-diagonals scaled by this [0.95]."
