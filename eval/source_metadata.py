@@ -181,5 +181,21 @@ def load_source_table(override: Path | None = None) -> SourceTable:
                 override_rules += (name,)
             entries.setdefault(name, {}).update(entry)
         scales.update(_scales(mine, override))
+    _refuse_unknown_scales(entries, scales, override or DEFAULT_TABLE)
     infos = {name: SourceInfo(name, **entry) for name, entry in entries.items()}
     return SourceTable(infos, scales, override, describing, override_rules)
+
+
+def _refuse_unknown_scales(
+    entries: dict[str, dict], scales: dict[str, tuple[float, float]], path: Path
+) -> None:
+    """`scale = "huge"` (or `"Tissue"`) was taken as a scale of its own: a report group of one
+    source, left out of `scale:tissue`, and never cross-checked against microns/pixel. A scale is
+    one [scales] names; a new one is added there with its range."""
+    for name, entry in entries.items():
+        scale = entry.get("scale")
+        if scale is not None and scale not in scales:
+            raise MicromergeError(
+                f"--sources {path}: sources.{name}.scale {scale!r} is not a scale of [scales] "
+                f"({', '.join(scales)}); use one, or add it to [scales] with its microns/pixel range"
+            )

@@ -604,6 +604,12 @@ def test_source_table_override_replaces_a_scale_range(tmp_path, bench):
     (tmp_path / "mine.toml").write_text("[scales]\ntissue = [0.6, 5.0]\n")
     table = load_source_table(tmp_path / "mine.toml")
     assert table.scales["tissue"] == (0.6, 5.0) and table.scales["cellular"] == (0.05, 1.5)
+    (tmp_path / "new.toml").write_text(
+        '[scales]\norgan = [5.0, 50.0]\n[sources.kather_et_al_2016]\nscale = "organ"\n'
+    )
+    assert load_source_table(tmp_path / "new.toml").info("kather_et_al_2016").scale == "organ", (
+        "a new scale, with its range"
+    )
     tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset, table)}
     assert tasks["kather_et_al_2016"].notes[0].startswith("median 0.5 µm/px is outside tissue's 0.6–5")
 
@@ -621,6 +627,12 @@ def test_source_table_override_replaces_a_scale_range(tmp_path, bench):
             r"mine.toml: scales.tissue = \[5.0, 0.2\]: expected \[low, high\]",
         ),
         ('[scales]\ntissue = "0.2-5"\n', r"mine.toml: scales.tissue = '0.2-5': expected"),
+        # a scale no [scales] names was a report group of its own, never cross-checked
+        (
+            '[sources.kather_et_al_2016]\nscale = "Tissue"\n',
+            r"mine.toml: sources.kather_et_al_2016.scale 'Tissue' is not a scale of \[scales\] "
+            r"\(subcellular, cellular, tissue\); use one, or add it to \[scales\]",
+        ),
     ],
 )
 def test_a_bad_source_table_override_is_named_when_read(tmp_path, text, message):
