@@ -9,6 +9,7 @@ the benchmark's images and the chosen alpha's accuracy is reported on the 'repor
 from __future__ import annotations
 
 import base64
+import difflib
 import html
 import json
 import math
@@ -213,6 +214,14 @@ def build_report(
     return folder / "report.html"
 
 
+def _meant(group: str, valid: list[str]) -> str:
+    """` (did you mean domain:pathology?)` for `pathology`, `domain:Pathology` or a near miss."""
+    value = group.rpartition(":")[2].lower()  # `pathology` of `pathology` and of `domain:Pathology`
+    by_value = [g for g in valid if g.partition(":")[2].lower() == value]
+    close = by_value or difflib.get_close_matches(group, valid, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def picked(label: str, run_id: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(label, p) or fnmatchcase(run_id, p) for p in patterns)
 
@@ -276,7 +285,8 @@ def _write_report(
             notes.append(f"{run.label}: {why}; target defaults to {group} (set --target)")
         if group not in valid_groups(run):
             raise MicromergeError(
-                f"--target {group}: not a group of run {run.label}; valid groups: {valid_groups(run)}"
+                f"--target {group}: not a group of run {run.label}{_meant(group, valid_groups(run))}; "
+                f"valid groups: {valid_groups(run)}"
             )
         summaries.append(summarise(run, group, metric))
         if run.trained_on:

@@ -244,6 +244,9 @@ def test_an_unknown_target_names_the_flag_and_the_valid_groups(tmp_path):
         MicromergeError, match=r"^--target domain:virology: not a group of run .*'domain:biology'"
     ):
         build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:virology")
+    for typed in ("pathology", "domain:Pathology", "domian:pathology"):  # the group meant is named
+        with pytest.raises(MicromergeError, match=r"\(did you mean domain:pathology\?\); valid groups"):
+            build_report(tmp_path / "r.jsonl", tmp_path / "rep", target=typed)
 
 
 def test_the_recorded_fine_tuning_domain_is_the_target_unless_target_is_given(tmp_path):
