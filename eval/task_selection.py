@@ -16,6 +16,7 @@ never a silently smaller run. The chosen tasks keep the benchmark's order.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 
 from micromerge.core.errors import MicromergeError
@@ -107,8 +108,11 @@ def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...], option: str =
         else:
             unknown.append(item)
     if unknown:
+        meant = [(item, difflib.get_close_matches(item, names, n=1)) for item in unknown]
+        hints = ", ".join(f"{close[0]} for {item}" for item, close in meant if close)
         raise MicromergeError(
-            f"{option}: unknown task(s) {unknown}; available: {sorted(names)} "
+            f"{option}: unknown task(s) {unknown}{f' (did you mean {hints}?)' if hints else ''}; "
+            f"available: {sorted(names)} "
             "(or all, coarse, fine, a name pattern such as held_*, or a group such as domain:pathology)"
         )
     return [t for t in tasks if t.name in chosen]

@@ -98,6 +98,11 @@ def test_a_group_value_holding_a_comma_is_read_whole(tasks):
         ),
         (" , ", r"^--tasks: empty"),
         ("all,kather", r"^--tasks: unknown task\(s\) \['kather'\]"),  # `all` does not hide a typo
+        (  # a near miss is answered with the name meant
+            "coarse,kather_et_al_2061",
+            r"^--tasks: unknown task\(s\) \['kather_et_al_2061'\] \(did you mean kather_et_al_2016 for "
+            r"kather_et_al_2061\?\); available:",
+        ),
     ],
 )
 def test_an_item_that_selects_nothing_is_one_line_naming_it_and_what_it_could_be(tasks, wanted, message):
