@@ -9,7 +9,6 @@ the benchmark's images and the chosen alpha's accuracy is reported on the 'repor
 from __future__ import annotations
 
 import base64
-import difflib
 import html
 import json
 import math
@@ -37,6 +36,7 @@ from micromerge.core.atomic import output_folder, staged_files, write_json_atomi
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file, sha256_json
 from micromerge.core.provenance import has_interval
+from micromerge.core.suggest import meant
 from micromerge.eval.store import coefficients_file
 
 CRITERIA_TEXT = {
@@ -214,12 +214,11 @@ def build_report(
     return folder / "report.html"
 
 
-def _meant(group: str, valid: list[str]) -> str:
+def _meant_group(group: str, valid: list[str]) -> str:
     """` (did you mean domain:pathology?)` for `pathology`, `domain:Pathology` or a near miss."""
     value = group.rpartition(":")[2].lower()  # `pathology` of `pathology` and of `domain:Pathology`
     by_value = [g for g in valid if g.partition(":")[2].lower() == value]
-    close = by_value or difflib.get_close_matches(group, valid, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return f" (did you mean {by_value[0]}?)" if by_value else meant(group, valid)
 
 
 def picked(label: str, run_id: str, patterns: tuple[str, ...]) -> bool:
@@ -285,7 +284,7 @@ def _write_report(
             notes.append(f"{run.label}: {why}; target defaults to {group} (set --target)")
         if group not in valid_groups(run):
             raise MicromergeError(
-                f"--target {group}: not a group of run {run.label}{_meant(group, valid_groups(run))}; "
+                f"--target {group}: not a group of run {run.label}{_meant_group(group, valid_groups(run))}; "
                 f"valid groups: {valid_groups(run)}"
             )
         summaries.append(summarise(run, group, metric))

@@ -16,10 +16,10 @@ never a silently smaller run. The chosen tasks keep the benchmark's order.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.suggest import closest
 from micromerge.eval.tasks import Task
 
 LEVELS = ("coarse", "fine")
@@ -108,8 +108,8 @@ def select_tasks(tasks: list[Task], wanted: str | tuple[str, ...], option: str =
         else:
             unknown.append(item)
     if unknown:
-        meant = [(item, difflib.get_close_matches(item, names, n=1)) for item in unknown]
-        hints = ", ".join(f"{close[0]} for {item}" for item, close in meant if close)
+        guesses = [(item, closest(item, names)) for item in unknown]
+        hints = ", ".join(f"{guess} for {item}" for item, guess in guesses if guess)
         raise MicromergeError(
             f"{option}: unknown task(s) {unknown}{f' (did you mean {hints}?)' if hints else ''}; "
             f"available: {sorted(names)} "

@@ -21,6 +21,7 @@ from typing import Literal
 from micromerge.core.config_schema import is_finite_number
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hub_download import hf_download_command, hub_offline
+from micromerge.core.suggest import meant
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
 from micromerge.merging.numpy_backend import NumpyBackend
@@ -84,7 +85,7 @@ def open_source(
             raise MicromergeError(f"{spec}: no such file or folder")
         else:
             raise MicromergeError(
-                f"{spec}: not a file, folder, hf-hub: id or zoo name (see `micromerge zoo`)"
+                f"{spec}: not a file, folder, hf-hub: id or zoo name{meant(spec, zoo)} (see `micromerge zoo`)"
             )
     if arch:
         require_known_architecture(arch)

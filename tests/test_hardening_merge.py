@@ -280,7 +280,10 @@ def test_ablation_config_types_are_checked(pair, extra, needle):
 def test_ablation_grid_is_validated_before_any_sweep(pair):
     path = _ablation(pair, "").read_text().replace('["wise-ft", "ties"]', '["wise-ft", "bogus"]')
     (pair / "grid.toml").write_text(path)
-    with pytest.raises(MicromergeError, match="--method bogus: unknown merge method"):
+    with pytest.raises(MicromergeError, match="--method bogus: unknown merge method; choose one of"):
+        load_ablation(pair / "grid.toml")
+    (pair / "grid.toml").write_text(path.replace('"bogus"', '"tie"'))
+    with pytest.raises(MicromergeError, match=r"--method tie: unknown merge method \(did you mean ties\?\)"):
         load_ablation(pair / "grid.toml")
 
 

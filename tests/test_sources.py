@@ -451,8 +451,10 @@ def test_pickle_suffix_with_bad_bytes_is_a_clear_error(tmp_path):
 
 
 def test_unknown_name_and_missing_file(tmp_path):
-    with pytest.raises(MicromergeError, match="zoo name"):
+    with pytest.raises(MicromergeError, match=r"zoo name \(see"):
         open_source("no-such-model")
+    with pytest.raises(MicromergeError, match=r"zoo name \(did you mean quiltnet-b-32\?\)"):
+        open_source("quiltnet-b32")  # a near miss of a zoo name is answered with it
     with pytest.raises(MicromergeError, match="no such file"):
         open_source(str(tmp_path / "missing.safetensors"))
     write_checkpoint(tmp_path / "ok.safetensors", 0)

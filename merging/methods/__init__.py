@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.suggest import meant
 from micromerge.merging.methods import (
     breadcrumbs,
     della,
@@ -64,7 +65,7 @@ def get_method(name: str) -> MergeMethod:
                 '(or list "greedy-soup" in an ablation\'s methods)'
             ) from None
         raise MicromergeError(
-            f"--method {name}: unknown merge method; choose one of {sorted(METHODS)}"
+            f"--method {name}: unknown merge method{meant(name, METHODS)}; choose one of {sorted(METHODS)}"
         ) from None
 
 

@@ -9,12 +9,12 @@ what was expected.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.suggest import closest
 
 Check = Callable[[Any], bool]
 
@@ -185,11 +185,8 @@ def refuse_unknown_keys(source: str, values: dict[str, Any], allowed: Iterable[s
     if not unknown:
         return
     by_flag = {flag.lstrip("-").replace("-", "_"): key for key, flag in FLAG_NAMES.items() if key in allowed}
-    meant = {
-        key: by_flag.get(key) or next(iter(difflib.get_close_matches(key, allowed, n=1)), None)
-        for key in unknown
-    }
-    hints = [f"{guess} for {key}" for key, guess in meant.items() if guess]
+    guesses = {key: by_flag.get(key) or closest(key, allowed) for key in unknown}
+    hints = [f"{guess} for {key}" for key, guess in guesses.items() if guess]
     raise MicromergeError(
         f"{source}: unknown key(s) {unknown}"
         + (f" (did you mean {', '.join(hints)}?)" if hints else "")
