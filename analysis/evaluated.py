@@ -10,11 +10,14 @@ a mean over other tasks.
 from __future__ import annotations
 
 from dataclasses import replace
+from fnmatch import fnmatchcase
 
 import pandas as pd
 
 from micromerge.analysis.metrics import curve, table_groups
 from micromerge.analysis.tables import Run
+from micromerge.core.errors import MicromergeError
+from micromerge.core.suggest import meant
 
 GROUP_ORDER = ("level:coarse", "level:fine")
 """The two levels first, then every other group in name order."""
@@ -114,3 +117,47 @@ def models_task_table(evaluated: list[Run], metric: str) -> pd.DataFrame:
     matrix = pd.concat(frames, axis=1)
     table = described.set_index("task").join(matrix, how="right")
     return table.sort_values(["level", "task"]).reset_index()
+
+
+def pick_baseline(evaluated: list[Run], pattern: str, store: str) -> int:
+    """The index of the one evaluation `report --baseline` names: by its name in the models table,
+    its label or its run id, as written (`base [ubench]`: brackets are a glob's character class) or
+    as a glob."""
+    names = evaluation_names(evaluated)
+    found = [
+        i
+        for i, (run, name) in enumerate(zip(evaluated, names, strict=True))
+        if any(text == pattern or fnmatchcase(text, pattern) for text in (name, run.label, run.run_id))
+    ]
+    if len(found) != 1:
+        how = "matches no evaluated model" if not found else f"matches {len(found)} evaluated models"
+        listed = [names[i] for i in found] if found else names
+        raise MicromergeError(
+            f"--baseline {pattern}: {how} of {store}{meant(pattern, names) if not found else ''}; "
+            f"{'give one of' if found else 'its evaluated models'}: {'; '.join(listed[:6])}"
+            + (f" (and {len(listed) - 6} more)" if len(listed) > 6 else "")
+        )
+    return found[0]
+
+
+def models_change_table(
+    groups: pd.DataFrame, evaluated: list[Run], baseline: int
+) -> tuple[pd.DataFrame, list[str]]:
+    """Group x model: each model's group mean minus the baseline's, in points (the μ-Bench paper's
+    forgetting, a specialist against its base: negative outside its domain), and the names of the
+    models left out because they were scored otherwise (another protocol, copy of the data or task
+    definition): a difference between them would measure the scoring, not the model."""
+    names = evaluation_names(evaluated)
+    base_run, base_name = evaluated[baseline], names[baseline]
+    scoring = (base_run.protocol, base_run.dataset.get("fingerprint"), base_run.task_definition)
+    compared: list[str] = []
+    other: list[str] = []
+    for run, name in zip(evaluated, names, strict=True):
+        if name == base_name:
+            continue
+        same = (run.protocol, run.dataset.get("fingerprint"), run.task_definition) == scoring
+        (compared if same else other).append(name)
+    change = groups[["group"]].copy()
+    for name in compared:
+        change[f"{name} − {base_name}"] = (groups[name] - groups[base_name]).round(1)
+    return change, other

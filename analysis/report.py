@@ -23,11 +23,14 @@ import pandas as pd
 import micromerge
 from micromerge.analysis import figures
 from micromerge.analysis.evaluated import (
+    evaluation_names,
     evaluations,
     evaluations_of_models_in,
+    models_change_table,
     models_group_table,
     models_table,
     models_task_table,
+    pick_baseline,
 )
 from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
@@ -180,7 +183,7 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
 REPORT_FILES = re.compile(
     r"figures/((accuracy_vs_alpha|pareto_target_vs_control)(_set\d+)?|per_task_set\d+|models"
     r"|(per_task|heatmap|coefficients)_run\d+)\.(png|svg)"
-    r"|tables/(headline|paper_headline|alpha_selection|comparison_sets|models(_groups|_tasks)?"
+    r"|tables/(headline|paper_headline|alpha_selection|comparison_sets|models(_groups|_tasks|_change)?"
     r"|(groups|tasks|pareto)_run\d+)\.(csv|json)"
 )
 OVERVIEW_RUNS = 4
@@ -199,18 +202,20 @@ def build_report(
     metric: str = "accuracy",
     run_figures: bool | None = None,
     selected: tuple[str, ...] = (),
+    baseline: str | None = None,
 ) -> Path:
     """Write report.md, report.html, provenance.json, figures/ and tables/ into `out`, all of them
     or (on a failure or Ctrl-C) none, and no file of an earlier report that this one does not
     replace; files of the user's own stay. `run_figures`: draw each run's own figures (None: up to
     RUN_FIGURE_RUNS runs); `selected`: report only the runs whose label or run id matches one of
-    these globs (one pair of an ablation grid: "clip-b32+plip / *"). Returns the HTML path."""
+    these globs (one pair of an ablation grid: "clip-b32+plip / *"); `baseline`: the evaluated model
+    the others are compared with, group by group. Returns the HTML path."""
     superseded = REPORT_FILES.fullmatch
     with (
         output_folder(out) as folder,
         staged_files(folder, lambda name: superseded(name) is not None) as staging,
     ):
-        _write_report(Path(store), staging, target, metric, run_figures, selected)
+        _write_report(Path(store), staging, target, metric, run_figures, selected, baseline)
     return folder / "report.html"
 
 
@@ -247,6 +252,7 @@ def _write_report(
     metric: str,
     run_figures: bool | None,
     selected: tuple[str, ...],
+    baseline: str | None = None,
 ) -> None:
     # with --runs, only the selected runs' rows are read (and the evaluations they are reported against)
     wanted = (lambda first: picked(run_label(first), first["run_id"], selected)) if selected else None
@@ -335,6 +341,15 @@ def _write_report(
         tables["models"] = models_table(evaluated, headlines, metric)
         tables["models_groups"] = models_group_table(evaluated, metric)
         tables["models_tasks"] = models_task_table(evaluated, metric)
+        if baseline is not None:
+            chosen = pick_baseline(evaluated, baseline, str(store))
+            baseline = evaluation_names(evaluated)[chosen]
+            tables["models_change"], other = models_change_table(tables["models_groups"], evaluated, chosen)
+            if other:
+                notes.append(
+                    f"--baseline: {', '.join(other)} scored otherwise than {baseline} (another protocol, "
+                    "copy of the data or task definition): not compared with it"
+                )
         drawn = figures.models_by_group(tables["models_groups"], metric)
         overview.insert(
             0, ("evaluated models by level and domain", figures.save(drawn, figure_dir, "models")[0])
@@ -356,10 +371,11 @@ def _write_report(
         "target": target or "each run's fine-tuning domain (its checkpoint manifest)",
         "metric": metric,
         "run_figures": draw_runs,
+        "baseline": baseline,
     }
     provenance = _provenance(store, runs, summaries, settings, evaluated)
     write_json_atomic(out / "provenance.json", provenance)
-    layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out, many)
+    layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out, many, baseline)
     write_text_atomic(out / "report.md", _markdown(layout))
     write_text_atomic(out / "report.html", _html(layout))
 
@@ -452,6 +468,7 @@ class Layout:
     provenance: dict[str, Any]
     out: Path
     many: bool  # more than RUN_FIGURE_RUNS runs: one line for them all, figures linked, not embedded
+    baseline: str | None = None  # the evaluated model `tables["models_change"]` compares the others with
 
     def sentences(self) -> list[tuple[str, str]]:
         """(run label, what happened to it), or one line for a report of many runs."""
@@ -498,6 +515,14 @@ SETS_TEXT = (
 )
 
 
+def _change_text(baseline: str | None) -> str:
+    return (
+        f"Against {baseline}, group by group (points; negative: below it — a specialist's forgetting "
+        "outside its domain, as the μ-Bench paper measured PLIP and QuiltNet against CLIP). Only models "
+        "scored as it was (protocol, data, task definition) are compared."
+    )
+
+
 def _title(layout: Layout) -> str:
     return "micromerge report: " + ("forgetting and recovery" if layout.runs else "zero-shot evaluation")
 
@@ -526,6 +551,13 @@ def _markdown(layout: Layout) -> str:
             "",
         ]
         lines += [_markdown_table(tables["models_groups"].fillna("")), ""]
+        if "models_change" in tables:
+            lines += [
+                _change_text(layout.baseline),
+                "",
+                _markdown_table(tables["models_change"].fillna("")),
+                "",
+            ]
     if layout.runs:
         lines += [
             "## α selection (honest protocol)",
@@ -600,6 +632,11 @@ def _html(layout: Layout) -> str:
             tables["models"].to_html(index=False, na_rep=""),
             tables["models_groups"].to_html(index=False, na_rep=""),
         ]
+        if "models_change" in tables:
+            parts += [
+                f"<p>{html.escape(_change_text(layout.baseline))}</p>",
+                tables["models_change"].to_html(index=False, na_rep=""),
+            ]
     if layout.runs:
         parts += [
             "<h2>α selection (honest protocol)</h2>",

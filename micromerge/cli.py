@@ -1108,6 +1108,11 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
     help="Report only the runs whose label or run id matches this glob (repeatable), e.g. "
     "'clip-b32+plip / *' for one pair of an ablation grid. Default: every run.",
 )
+@click.option(
+    "--baseline",
+    help="An evaluated model (its name in the models table, label or run id; globs allowed) the others "
+    "are compared with, group by group: e.g. the base CLIP against PLIP and QuiltNet.",
+)
 @friendly_errors
 def report_command(
     results: str,
@@ -1116,13 +1121,14 @@ def report_command(
     metric: str,
     run_figures: bool | None,
     selected: tuple[str, ...],
+    baseline: str | None,
 ) -> None:
     """Markdown + HTML report (figures, tables, provenance) from a results store: sweeps' forgetting
     and recovery, and every evaluated model side by side (a store of `eval` runs only gets just
     that); self-contained up to 12 runs."""
     from micromerge.analysis.report import build_report
 
-    click.echo(f"wrote {build_report(results, out, target, metric, run_figures, selected)}")
+    click.echo(f"wrote {build_report(results, out, target, metric, run_figures, selected, baseline)}")
 
 
 @cli.command("ablate")

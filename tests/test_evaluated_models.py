@@ -170,3 +170,31 @@ def test_runs_of_one_pair_show_only_the_evaluations_of_that_pairs_models(tmp_pat
     assert "2 evaluated model(s) that no selected run merges are left out" in markdown
     named, _ = shown("named", "clip+plip / *", "eval-quilt")
     assert named == ["clip [ubench]", "plip [ubench]", "quilt [ubench]"]
+
+
+def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):
+    """`report --baseline`: the μ-Bench paper's comparison of a specialist with its base (PLIP against
+    CLIP), in points per group; hand-computed from TASKS. Models scored otherwise (closed-set against
+    a ubench baseline) are not compared but named; a baseline that names no model, or several, is one
+    line; a later report without it leaves no stale change table."""
+    store = _store(tmp_path / "r.jsonl")
+    ResultStore(store).append(_evaluation_rows("specialist", "closed-set"))
+    markdown = _report(store, tmp_path / "report", "--baseline", "base [ubench]")
+    change = pd.read_csv(tmp_path / "report" / "tables" / "models_change.csv").set_index("group")
+    assert list(change.columns) == ["specialist [ubench] − base [ubench]"]
+    column = change["specialist [ubench] − base [ubench]"]
+    assert math.isclose(column["domain:pathology"], 80.0 - 45.0)  # (0.9 + 0.7) / 2 against (0.4 + 0.5) / 2
+    assert math.isclose(column["level:coarse"], 45.0 - 75.0)
+    assert math.isnan(column["domain:biology"]), "the specialist was not evaluated there: empty, not a number"
+    assert "Against base [ubench], group by group" in markdown
+    assert "specialist [closed-set] scored otherwise than base [ubench]" in markdown
+    for pattern, message in (
+        ("clip", "matches no evaluated model"),
+        ("*ubench*", "matches 2 evaluated models"),
+    ):
+        wrong = CliRunner().invoke(
+            cli, ["report", str(store), "--out", str(tmp_path / "x"), "--baseline", pattern]
+        )
+        assert wrong.exit_code == 2 and f"--baseline {pattern}: {message}" in wrong.output, wrong.output
+    _report(store, tmp_path / "report")
+    assert not (tmp_path / "report" / "tables" / "models_change.csv").exists()
