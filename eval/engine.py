@@ -352,6 +352,7 @@ class Evaluator:
                         len(task.classes),
                         self.settings.bootstrap,
                         self.settings.seed,
+                        images=part.rows,
                     )
                     results += self._metric_rows(
                         task,
@@ -383,6 +384,7 @@ class Evaluator:
                     0,
                     self.settings.bootstrap,
                     self.settings.seed,
+                    images=pooled.rows,
                 )["accuracy"]
                 level_task = Task(name, "headline", (), (), (), (), (), groups={"level": "headline"})
                 results.append(
@@ -564,7 +566,9 @@ def _run_id(models: dict[str, Any], settings: EvalSettings, bench: Benchmark, de
     another run, not mixed in. So are, since 0.1.2, a bf16 image forward (a sweep begun on a CPU and
     resumed on a GPU mixed fp32 and bf16 rows) and a `--sources` override (it names and groups the
     tasks): each only where it is present, so ids of the fp32, shipped-table runs before are kept
-    and their stores resume."""
+    and their stores resume. Since 0.1.5 a ubench run's intervals resample images, not questions
+    (a pooled row's and a headline's were too narrow): its id says so, so a run begun before is not
+    resumed with intervals of the other kind at its later alphas."""
     identity = {
         **models,
         "data": bench.fingerprint,
@@ -580,6 +584,8 @@ def _run_id(models: dict[str, Any], settings: EvalSettings, bench: Benchmark, de
         identity["precision"] = precision
     if settings.sources is not None:
         identity["sources"] = sha256_file(settings.sources)
+    if settings.protocol == "ubench" and settings.bootstrap > 0:
+        identity["intervals"] = "images"  # since 0.1.5; before, pooled rows resampled questions
     return sha256_json(identity)[:16]
 
 

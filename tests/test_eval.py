@@ -798,6 +798,38 @@ def test_correctness_metrics_keep_unknown_classes_out_of_balanced_accuracy():
     assert values["balanced_accuracy"]["value"] == pytest.approx((1 / 2 + 1) / 2)
 
 
+def test_pooled_questions_about_one_image_are_resampled_together():
+    """A pooled row (modality_0 and _1, every coarse key of a headline) asks several questions of
+    each image; they are not independent, and resampling them one by one gave intervals too narrow.
+    Images are resampled: the interval equals brute-force resampling of images, is as wide as one
+    question per image would give when an image's two answers always agree, and with one question
+    per image it is the one drawn before, number for number."""
+    from micromerge.eval.metrics import correctness_metrics
+
+    rng = np.random.default_rng(7)
+    right = rng.random(200) < 0.7
+    labels = rng.integers(0, 3, 200)
+    twice = dict(
+        labels=np.repeat(labels, 2), correct=np.repeat(right, 2), n_classes=3, bootstrap=20000, seed=2
+    )
+    by_image = correctness_metrics(**twice, images=np.repeat(np.arange(200), 2))["accuracy"]
+    by_question = correctness_metrics(**twice)["accuracy"]
+    once = correctness_metrics(labels, right, 3, bootstrap=20000, seed=2)["accuracy"]
+    assert by_image["ci_high"] - by_image["ci_low"] == pytest.approx(
+        once["ci_high"] - once["ci_low"], abs=0.01
+    )
+    assert (by_question["ci_high"] - by_question["ci_low"]) < 0.8 * (by_image["ci_high"] - by_image["ci_low"])
+    draws = np.random.default_rng(4).integers(0, 200, (20000, 200))  # resample images, each with both answers
+    low, high = np.percentile(right[draws].mean(axis=1), [2.5, 97.5])
+    assert by_image["ci_low"] == pytest.approx(low, abs=0.006) and by_image["ci_high"] == pytest.approx(
+        high, abs=0.006
+    )
+    single = correctness_metrics(labels, right, 3, bootstrap=500, seed=1, images=np.arange(200) * 5)
+    assert single == correctness_metrics(labels, right, 3, bootstrap=500, seed=1), (
+        "one question per image: as before"
+    )
+
+
 def test_option_scoring_never_picks_a_padding_slot():
     """Rows have different numbers of options; the padded slots (-1) must not win even when the
     text the padding would gather (id 0) is the most similar to the image."""
