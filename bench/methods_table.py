@@ -14,7 +14,7 @@ scales their learned task vector, and also reported as learned (alpha 1).
 Every data-aware method (Fisher, RegMean, AdaMerging, supervised α, greedy soup) is compared with
 the best data-free method of the same specialists (the highest report-half all-task mean, which
 can only shrink the data-aware gain): the difference of their all-task means on the report half,
-with a paired bootstrap 95% interval over each task's questions (`paired_task_mean_difference`).
+with a paired bootstrap 95% interval that resamples each task's images (`paired_task_mean_difference`).
 
 Run (nothing else running; `make demo` first or let this run it):
     .venv/bin/python bench/methods_table.py [--out demo-out]
@@ -217,7 +217,7 @@ def add_gains(rows: list[dict], labels: dict, runs: dict, base: str, settings: E
             if data_aware(labels[row["run"]][0]):
                 a, b = of(row), of(free)
                 gain = paired_task_mean_difference(
-                    [(a[t], b[t]) for t in sorted(b)], settings.bootstrap, settings.seed
+                    [(a[t][0], b[t][0], b[t][1]) for t in sorted(b)], settings.bootstrap, settings.seed
                 )
                 expected = row["report_all_task_mean"] - free["report_all_task_mean"]
                 if abs(gain["value"] - expected) > 1e-9:

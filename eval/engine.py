@@ -313,9 +313,12 @@ class Evaluator:
         return outcomes
 
     @torch.no_grad()
-    def task_correctness(self, model: torch.nn.Module, split: str = "report") -> dict[str, np.ndarray]:
-        """Right/wrong of every question each task asks about one half's images (μ-Bench protocol),
-        in an order fixed by the benchmark: two models' arrays pair question by question."""
+    def task_correctness(
+        self, model: torch.nn.Module, split: str = "report"
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(right/wrong, image row) of every question each task asks about one half's images (μ-Bench
+        protocol), in an order fixed by the benchmark: two models' arrays pair question by question,
+        and the rows let a bootstrap resample images with all their questions."""
         if self.settings.protocol != "ubench":
             raise MicromergeError("paired outcomes are defined for --protocol ubench only")
         model.eval()
@@ -327,7 +330,8 @@ class Evaluator:
             pooled = _concat(parts)
             members = self._splits(np.unique(pooled.rows)).get(split) if len(pooled.rows) else None
             if members is not None:
-                paired[task.name] = self._subset(pooled, members).correct
+                half = self._subset(pooled, members)
+                paired[task.name] = (half.correct, half.rows)
         return paired
 
     def _evaluate_options(self, model: torch.nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:

@@ -152,25 +152,37 @@ def _image_patterns(
 
 
 def paired_task_mean_difference(
-    pairs: list[tuple[np.ndarray, np.ndarray]], bootstrap: int = 1000, seed: int = 0
+    pairs: list[tuple[np.ndarray, ...]], bootstrap: int = 1000, seed: int = 0
 ) -> dict[str, float]:
     """Mean over tasks of (accuracy of A - accuracy of B), each task's questions answered by both,
-    with a paired percentile bootstrap 95% interval: per task, resampling questions draws the
-    counts of (A right, B wrong) and (A wrong, B right) from one multinomial, tasks independently,
-    so what the two models share (the same hard questions) cancels as it does in the point value."""
-    tables = []
-    for a, b in pairs:
+    with a paired percentile bootstrap 95% interval: per task, resampling draws the counts of (A
+    right, B wrong) and (A wrong, B right) together, tasks independently, so what the two models
+    share (the same hard questions) cancels as it does in the point value. A pair's optional third
+    array is each question's image: images are resampled with all their questions, as
+    `correctness_metrics` does (one question per image: the same draws as resampling questions)."""
+    tables: list[np.ndarray] = []
+    questions: list[tuple[np.ndarray, np.ndarray | None]] = []  # (kind of each question, its image)
+    for a, b, *image in pairs:
         a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-        tables.append(np.array([(a & ~b).sum(), (~a & b).sum(), (a == b).sum()], dtype=np.int64))
+        kinds = np.where(a & ~b, 0, np.where(~a & b, 1, 2))
+        tables.append(np.bincount(kinds, minlength=3).astype(np.int64))
+        questions.append((kinds, image[0] if image else None))
     value = float(np.mean([(t[0] - t[1]) / t.sum() for t in tables]))
     result = {"value": value, "ci_low": value, "ci_high": value}
     if bootstrap > 0 and tables:
         rng = np.random.default_rng(seed)
         differences = np.zeros(bootstrap)
-        for table in tables:
-            n = int(table.sum())
-            draws = rng.multinomial(n, table / n, size=bootstrap)
-            differences += (draws[:, 0] - draws[:, 1]) / n
+        for table, (kinds, images) in zip(tables, questions, strict=True):
+            image_of = None if images is None else np.unique(images, return_inverse=True)[1]
+            if image_of is None or image_of.max() + 1 == len(kinds):  # one question per image
+                n = int(table.sum())
+                draws = rng.multinomial(n, table / n, size=bootstrap)
+                differences += (draws[:, 0] - draws[:, 1]) / n
+                continue
+            m = int(image_of.max()) + 1
+            patterns, counts = _image_patterns(image_of, kinds, m, 3)
+            drawn = rng.multinomial(m, counts / m, size=bootstrap).astype(np.float64) @ patterns
+            differences += (drawn[:, 0] - drawn[:, 1]) / drawn.sum(axis=1)
         low, high = np.percentile(differences / len(tables), [2.5, 97.5])
         result.update(ci_low=float(low), ci_high=float(high))
     return result

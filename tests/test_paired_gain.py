@@ -1,6 +1,7 @@
 """The paired interval on "method A's gain over method B" (issue 14: gains of data-aware merges over
-the best data-free one, with intervals): its value by hand, its interval against an explicit
-question-resampling bootstrap, and the per-question outcomes it pairs against the evaluator's rows."""
+the best data-free one, with intervals): its value by hand, its interval against explicit
+question- and image-resampling bootstraps, and the per-question outcomes it pairs against the
+evaluator's rows."""
 
 from __future__ import annotations
 
@@ -55,5 +56,30 @@ def test_paired_outcomes_are_the_evaluators_report_half(setting):  # noqa: F811
         if r["split"] == "report" and r["caption_key"] == POOLED and r["metric"] == "accuracy"
     }
     assert set(paired) == set(rows) and paired
-    for task, correct in paired.items():
+    for task, (correct, images) in paired.items():
         assert correct.mean() == pytest.approx(rows[task], abs=1e-12), task
+        assert len(images) == len(correct) and len(np.unique(images)) < len(images), (
+            "several questions an image"
+        )
+
+
+def test_the_interval_resamples_images_with_all_their_questions():
+    """Two questions about each image, answered alike (as `_0` and `_1` mostly are): the interval is
+    brute-force resampling of images, as wide as one question per image gives, and wider than
+    resampling the questions one by one would make it."""
+    rng = np.random.default_rng(3)
+    a, b = rng.random(150) < 0.75, rng.random(150) < 0.6
+    images = np.repeat(np.arange(150), 2)
+    by_image = paired_task_mean_difference([(np.repeat(a, 2), np.repeat(b, 2), images)], 20_000, seed=1)
+    once = paired_task_mean_difference([(a, b)], 20_000, seed=1)
+    by_question = paired_task_mean_difference([(np.repeat(a, 2), np.repeat(b, 2))], 20_000, seed=1)
+    picks = np.random.default_rng(5).integers(0, 150, (20_000, 150))
+    low, high = np.percentile(a[picks].mean(axis=1) - b[picks].mean(axis=1), [2.5, 97.5])
+    assert by_image["ci_low"] == pytest.approx(low, abs=0.008) and by_image["ci_high"] == pytest.approx(
+        high, abs=0.008
+    )
+    width = by_image["ci_high"] - by_image["ci_low"]
+    assert width == pytest.approx(once["ci_high"] - once["ci_low"], abs=0.01)
+    assert by_question["ci_high"] - by_question["ci_low"] < 0.8 * width
+    unique = paired_task_mean_difference([(a, b, np.arange(150))], 500, seed=2)
+    assert unique == paired_task_mean_difference([(a, b)], 500, seed=2), "one question per image: as before"
