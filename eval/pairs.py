@@ -406,10 +406,10 @@ def parquet_footer(file: str | Path, spec: str) -> Any:
         ) from exc
 
 
-def first_damaged_parquet(files: list[str]) -> tuple[str, str] | None:
-    """(file, pyarrow's first line) of the first local parquet file that fails when read whole, or
-    None: a damaged page behind a valid footer fails only as it is read, and datasets' error names
-    no file. Every page is read, so it is for a path where the run stops anyway."""
+def damaged_parquet(files: list[str], spec: str) -> str | None:
+    """The one line naming the first local parquet file that fails when read whole, or None: a
+    damaged page behind a valid footer fails only as it is read, and datasets' error names no
+    file. Every page is read, so it is for a path where the run stops anyway."""
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -418,7 +418,8 @@ def first_damaged_parquet(files: list[str]) -> tuple[str, str] | None:
             for _ in pq.ParquetFile(file).iter_batches(batch_size=1024):
                 pass
         except (OSError, pyarrow.ArrowException) as error:
-            return file, (str(error).strip().splitlines() or [type(error).__name__])[0]
+            why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return f"--data {spec}: {file} is damaged ({why}); download or write it again"
     return None
 
 
@@ -443,12 +444,10 @@ def _load_split(location: str, spec: str) -> datasets.Dataset:
             for f in builder.config.data_files[split]
             if str(f).endswith(".parquet") and Path(f).is_file()
         ]
-        damaged = first_damaged_parquet(local)
+        damaged = damaged_parquet(local, spec)
         if damaged is None:
             raise
-        raise MicromergeError(
-            f"--data {spec}: {damaged[0]} is damaged ({damaged[1]}); download or write it again"
-        ) from exc
+        raise MicromergeError(damaged) from exc
     return builder.as_dataset(split=split)
 
 

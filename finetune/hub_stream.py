@@ -29,8 +29,8 @@ from micromerge.core.hub_download import hf_download_command, hub_offline
 from micromerge.eval.pairs import (
     CAPTION_TABLES,
     CorpusSpec,
+    damaged_parquet,
     dataset_columns,
-    first_damaged_parquet,
     is_hub_id,
     is_saved_dataset,
     parquet_footer,
@@ -182,13 +182,10 @@ def _unreadable(stream: HubStream, error: Exception) -> ShardReadError:
             f"--data {stream.spec}: reading the hub stream failed ({why}); run again with --resume, or "
             "download a local copy and pass its folder"
         )
-    damaged = first_damaged_parquet(stream.files)
-    if damaged is None:  # not reproduced: a read error of the moment
-        return ShardReadError(
-            f"--data {stream.spec}: a file could not be read ({why}); run again with --resume"
-        )
+    damaged = damaged_parquet(stream.files, stream.spec)
+    # not reproduced when read again: a read error of the moment
     return ShardReadError(
-        f"--data {stream.spec}: {damaged[0]} is damaged ({damaged[1]}); download or write it again"
+        damaged or f"--data {stream.spec}: a file could not be read ({why}); run again with --resume"
     )
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.pairs import first_damaged_parquet
+from micromerge.eval.pairs import damaged_parquet
 from micromerge.finetune import trainer
 from micromerge.finetune.hub_stream import HubStream, is_hub_layout
 from micromerge.finetune.streaming import SampleRecipe
@@ -375,9 +375,7 @@ def test_a_damaged_page_behind_a_valid_footer_is_one_line_naming_the_file(tmp_pa
     assert message.startswith(f"--data {repo}: {damaged} is damaged (") and "\n" not in message, message
     assert message.endswith("download or write it again")
     assert not (tmp_path / "run").exists()
-    assert first_damaged_parquet([str(p) for p in sorted((repo / "data").glob("*.parquet"))])[0] == str(
-        damaged
-    )
+    assert damaged_parquet([str(p) for p in sorted((repo / "data").glob("*.parquet"))], str(repo)) == message
 
 
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
