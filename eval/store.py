@@ -8,10 +8,9 @@ finishing the same alpha, write each row once). A torn last line (a killed write
 row, or NULs) is cut off before the next append; any other last line is kept and given its
 newline. A file whose first line is neither a JSON object nor crash NULs (a checkpoint, a notes
 file or an indented JSON manifest given as --store by mistake) is refused, untouched, and so is
-reading one as a store (`check_readable`). Lines that are
-not rows of this version (another schema, valid JSON of the wrong shape, non-finite alpha,
-undecodable bytes) are skipped and counted with the first line number, never fatal; readers
-de-duplicate by identity. Non-finite metric values are stored as null (JSON has no NaN).
+reading one as a store (`check_readable`). Lines that are not rows of this version (another
+schema, valid JSON of the wrong shape, non-finite alpha, undecodable bytes) are skipped and
+counted with the first line number, never fatal; readers de-duplicate by identity. Non-finite metric values are stored as null (JSON has no NaN).
 
 A store grows to hundreds of MB on a paper-size ablation (about 1.4 kB a row), so a store object
 reads only what was written since it last read (by any process), and keeps where each run's lines
