@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 import pandas as pd
 
 from micromerge.analysis.metrics import curve, table_groups
-from micromerge.analysis.tables import Run
+from micromerge.analysis.tables import Run, scoring
 from micromerge.core.errors import MicromergeError
 from micromerge.core.suggest import meant
 
@@ -149,13 +149,12 @@ def models_change_table(
     definition): a difference between them would measure the scoring, not the model."""
     names = evaluation_names(evaluated)
     base_run, base_name = evaluated[baseline], names[baseline]
-    scoring = (base_run.protocol, base_run.dataset.get("fingerprint"), base_run.task_definition)
     compared: list[str] = []
     other: list[str] = []
     for run, name in zip(evaluated, names, strict=True):
         if name == base_name:
             continue
-        same = (run.protocol, run.dataset.get("fingerprint"), run.task_definition) == scoring
+        same = scoring(run) == scoring(base_run)
         (compared if same else other).append(name)
     change = groups[["group"]].copy()
     for name in compared:

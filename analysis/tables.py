@@ -133,8 +133,14 @@ def run_of_rows(run_id: str, run_rows: list[dict[str, Any]]) -> Run:
     )
 
 
+def scoring(run: Run) -> tuple:
+    """How a run was scored: its copy of the data, protocol and task definition. Two runs' numbers
+    compare only where these agree."""
+    return (run.dataset.get("fingerprint"), run.protocol, run.task_definition)
+
+
 def _reference_key(run: Run, digests: list[str]) -> tuple:
-    return (tuple(sorted(digests)), run.dataset.get("fingerprint"), run.protocol, run.task_definition)
+    return (tuple(sorted(digests)), *scoring(run))
 
 
 def _attach_references(runs: list[Run]) -> None:
