@@ -229,12 +229,13 @@ def statistics_input(
         try:
             computed.append(model_statistics(model, request, settings, device, access, corpus))
         except MicromergeError as error:
-            # the corpus readers are finetune's and name its flag; here the user typed another
-            said = f"--data {corpus}"
-            if corpus is None or not str(error).startswith(said):
+            # the corpus readers are finetune's and name its flag, as the subject (with the spec,
+            # its location or a file in it) or in a hint of what to type; here the user typed another
+            said = "--data "
+            if corpus is None or said not in str(error):
                 raise
-            flag = "--base-data" if index == 0 else "--ft-data"
-            raise MicromergeError(f"{flag} {corpus}{str(error)[len(said) :]}") from error
+            flag = "--base-data " if index == 0 else "--ft-data "
+            raise MicromergeError(str(error).replace(said, flag)) from error
     return StatisticsInput(tuple(values for values, _ in computed), [described for _, described in computed])
 
 

@@ -463,6 +463,17 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
             cli, [*args, "--force", flag, str(tmp_path / "gone"), "--data", settings.data]
         )
         assert missing.exit_code == 2 and f"error: {flag} {tmp_path / 'gone'}: no such file" in missing.output
+        # a spec with options: the readers name its location (or a file in it), not the whole spec
+        optioned = CliRunner().invoke(
+            cli, [*args, "--force", flag, f"{general}/captions.csv#root=gone", "--data", settings.data]
+        )
+        assert optioned.exit_code == 2, optioned.output
+        assert f"error: {flag} {general / 'captions.csv'}: #root=gone: no folder" in optioned.output
+        # and in a hint of what to type (the folder's table is comma-separated, read as tabs here)
+        hinted = CliRunner().invoke(
+            cli, [*args, "--force", flag, f"{general}#sep=tab", "--data", settings.data]
+        )
+        assert hinted.exit_code == 2 and f"name yours: {flag} '{general}#image=COLUMN'" in hinted.output
     learns_nothing = CliRunner().invoke(cli, [*args[:5], "--method", "ties", "--data", settings.data])
     assert learns_nothing.exit_code == 2 and "--data: ties learns from no data" in learns_nothing.output
 
