@@ -38,7 +38,7 @@ from micromerge.core.progress import progress_bar
 from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import Questions, option_log_probs, select_questions
-from micromerge.eval.statistics import SPLIT, question_digest, question_scope
+from micromerge.eval.statistics import question_digest, question_scope, select_half
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams
 from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
@@ -105,7 +105,6 @@ class LearningRequest:
             "objective": objective,
             "granularity": self.granularity,
             "search": self.search,
-            "split": SPLIT,
             "samples": self.samples,
             "seed": self.seed,
             "init": self.init,
@@ -265,6 +264,7 @@ def learned_coefficients(
             # corrupted task vectors) are learned again, not reused
             "micromerge_version": micromerge.__version__,
             "data_fingerprint": prepared.bench.fingerprint,
+            **select_half(settings),
             "tasks": question_scope(prepared),
             "questions": question_digest(prepared),
             "models_sha256": digests,

@@ -31,7 +31,7 @@ from micromerge.eval.source_metadata import load_source_table
 from micromerge.eval.store import ResultStore, coefficients_file
 from micromerge.eval.task_selection import select_tasks
 from micromerge.eval.tasks import Task, discover_tasks
-from micromerge.eval.trained_on import mark_rows, trained_on_marks, warn_trained_on
+from micromerge.eval.trained_on import mark_rows, refuse_other_halves, trained_on_marks, warn_trained_on
 from micromerge.eval.zeroshot import (
     class_embeddings,
     effective_precision,
@@ -41,7 +41,7 @@ from micromerge.eval.zeroshot import (
     text_embeddings,
 )
 from micromerge.merging.execute import StatisticsInput, input_hashes, warn_repeated_inputs
-from micromerge.merging.lineage import sources_lineage
+from micromerge.merging.lineage import sources_lineage, sources_select_halves
 from micromerge.merging.methods import get_method
 from micromerge.merging.models import image_size, load_model, normalisation, tokenizer_for
 from micromerge.merging.plan import MergeSpec
@@ -607,6 +607,7 @@ def run_eval(
     prepared = prepare(settings) if prepared is None else prepared
     bench, tasks = prepared.bench, prepared.tasks
     with access.open(model_spec) as source:
+        refuse_other_halves(sources_select_halves([source]), bench.fingerprint, settings.seed, model_spec)
         hashes = input_hashes([source])
         run_id = _run_id({"model": sorted(hashes.values())}, settings, bench, device)
         store = prepared.results(settings.store)
@@ -705,6 +706,12 @@ def run_sweep(
     try:
         hashes = input_hashes([base, *finetuned])
         warn_repeated_inputs([base, *finetuned], hashes)
+        refuse_other_halves(
+            sources_select_halves([base, *finetuned]),
+            bench.fingerprint,
+            settings.seed,
+            f"a sweep of {', '.join([plan.base, *plan.finetuned])}",
+        )
         base_hashes = [hashes[str(f)] for f in base.files]
         ft_hashes = [hashes[str(f)] for s in finetuned for f in s.files]
         parameters = plan.spec.describe()

@@ -147,11 +147,19 @@ def question_digest(prepared: Prepared) -> str:
     )[:16]
 
 
-def describe(request: StatisticsRequest, prepared: Prepared) -> dict[str, Any]:
+def select_half(settings: EvalSettings) -> dict[str, Any]:
+    """Which images statistics and learned coefficients draw from: the select half of the halves
+    --seed draws (`engine.Evaluator`). Part of their cache key and provenance: without the seed, a
+    sweep under --seed 3 reused a table `merge --seed 3` had learned on seed 0's select half, half
+    of whose images are in seed 3's report half (`eval.trained_on.refuse_other_halves`)."""
+    return {"split": SPLIT, "halves_seed": settings.seed}
+
+
+def describe(request: StatisticsRequest, prepared: Prepared, settings: EvalSettings) -> dict[str, Any]:
     return {
         **describe_request(request),
         "data_fingerprint": prepared.bench.fingerprint,
-        "split": SPLIT,
+        **select_half(settings),
         "tasks": question_scope(prepared),
         "questions": question_digest(prepared),
     }
@@ -170,7 +178,7 @@ def model_statistics(
     settings = replace(settings, protocol="ubench")
     if data is None:
         prepared = prepare(settings, writes_results=False)
-        described = describe(request, prepared)
+        described = describe(request, prepared, settings)
     else:
         pairs, corpus = open_corpus(data)
         described = {**describe_request(request), **corpus}

@@ -9,6 +9,11 @@ pool tasks, `"images"` too. A merge that leaves the base's weights bit for bit (
 rules) is the base: a sweep's rows at that α, and a merged file's lineage, are the base's own. A
 benchmark of other files, such as another copy or the held-out split of the data trained on, marks
 nothing.
+
+A data-aware merge (Fisher, RegMean, AdaMerging, the supervised α) learns from the select half of
+the images, and its report half is held out only under the halves it learned with: those --seed
+draws. Evaluated with another --seed, about half of its report half is images it learned from
+(labels included, for the supervised α), so that is refused (`refuse_other_halves`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from micromerge.core.provenance import TRAINED_ON, task_data_fingerprint
+from micromerge.core.errors import MicromergeError
+from micromerge.core.provenance import TRAINED_ON, select_half_mark, task_data_fingerprint
 from micromerge.eval.tasks import Task
 
 
@@ -58,3 +64,24 @@ def warn_trained_on(what: str, trained: list[str], marks: dict[str, str]) -> Non
             f"the rows of {len(marks)} task(s) scoring them are not zero-shot (marked {TRAINED_ON} in the store)",
             stacklevel=3,
         )
+
+
+def refuse_other_halves(halves: list[str], benchmark_fingerprint: str, seed: int, what: str) -> None:
+    """Stop when `what` (its weights, or an input's) learned from this benchmark's select half as
+    another --seed splits it (`halves`: `merging.lineage.sources_select_halves`)."""
+    mark = select_half_mark(benchmark_fingerprint, seed)
+    prefix = mark[: -len(str(seed))]
+    others = sorted(int(m[len(prefix) :]) for m in halves if m.startswith(prefix) and m != mark)
+    if not others:
+        return
+    learned = ", ".join(f"--seed {s}" for s in others)
+    fix = (
+        f"give --seed {others[0]}"
+        if len(others) == 1 and mark not in halves
+        else "no one --seed holds its report half out"
+    )
+    raise MicromergeError(
+        f"{what}: a data-aware merge (it, or an input) learned from the select half of these images as "
+        f"{learned} splits them, and under --seed {seed} half of the report half is images it learned "
+        f"from: {fix}"
+    )

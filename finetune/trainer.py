@@ -30,7 +30,7 @@ from micromerge.core.devices import resolve_device
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
-from micromerge.core.provenance import SUPERVISED_ON, task_data_fingerprint
+from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON, task_data_fingerprint
 from micromerge.eval.images import resident_on_device
 from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
@@ -57,7 +57,7 @@ from micromerge.finetune.streaming import (
     stream_loader,
 )
 from micromerge.merging.execute import input_hashes
-from micromerge.merging.lineage import sources_lineage
+from micromerge.merging.lineage import sources_lineage, sources_select_halves
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from micromerge.merging.plan import LOGIT_SCALE_MAX
@@ -87,6 +87,7 @@ class Prepared:
     base_sha256: dict[str, str]
     arch_name: str | None
     base_supervised_on: list[str]  # the base's supervised lineage, carried on (merging.lineage)
+    base_learned_from_halves: list[str]  # the select halves the base learned from, carried on
     stream: StreamedSamples | None = None  # the streaming path, by index
     shards: ShardStream | HubStream | None = None  # the streaming path, in order (webdataset, datasets)
     count: int = 0  # usable examples
@@ -201,9 +202,10 @@ def _prepare(cfg: FinetuneConfig) -> Prepared:
         clip, model_config = load_model(source)
         arch_name = source.arch.name
         lineage = sources_lineage([source])
+        halves = sources_select_halves([source])
     size = int(model_config["vision_cfg"]["image_size"])
     tokenizer = tokenizer_for(model_config)
-    common = (cfg.base, hashes, arch_name, lineage)
+    common = (cfg.base, hashes, arch_name, lineage, halves)
     captions = SampleRecipe(size, cfg.augment, cfg.seed, _Tokenize(tokenizer))  # contrastive samples
     hub, hub_why = None, ""
     if cfg.mode == "contrastive" and is_hub_layout(cfg.data) and cfg.data_in_memory != "yes":
@@ -746,6 +748,11 @@ def _write_final(
         "corrupt_images_skipped": prepared.data.n_corrupt if prepared.data is not None else None,
         "data_path": prepared.data_path,
         **({SUPERVISED_ON: prepared.base_supervised_on} if prepared.base_supervised_on else {}),
+        **(
+            {LEARNED_FROM_HALVES: prepared.base_learned_from_halves}
+            if prepared.base_learned_from_halves
+            else {}
+        ),
         "loss_summary": {
             "first": losses[0] if losses else None,
             "last": losses[-1] if losses else None,

@@ -22,10 +22,10 @@ from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
 from micromerge.core.progress import progress_bar
-from micromerge.core.provenance import SUPERVISED_ON, provenance
+from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON, provenance
 from micromerge.merging.backend import ArrayBackend
 from micromerge.merging.dtypes import READABLE_NAMES
-from micromerge.merging.lineage import sources_lineage
+from micromerge.merging.lineage import sources_lineage, sources_select_halves
 from micromerge.merging.methods import ModelScan, get_method
 from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, KeyPlan, MergeSpec, plan_merge
 from micromerge.merging.tensor_source import TensorMeta, TensorSource, parse_safetensors_header
@@ -243,12 +243,16 @@ def merge_to_file(
         array_library=backend.name,
     )
     record["inputs"] = [s.label for s in sources]
-    lineage, base_lineage = sources_lineage(sources), sources_lineage([base])
-    if lineage:  # absent when empty: merges of other inputs keep their bytes
-        record[SUPERVISED_ON] = lineage
+    carried = {
+        SUPERVISED_ON: (sources_lineage(sources), sources_lineage([base])),
+        LEARNED_FROM_HALVES: (sources_select_halves(sources), sources_select_halves([base])),
+    }
+    for field, (lineage, _) in carried.items():
+        if lineage:  # absent when empty: merges of other inputs keep their bytes
+            record[field] = lineage
     # a merge that leaves the base's weights bit for bit (alpha 0) is the base, and carries only the
     # base's lineage (eval.trained_on); compared only where that changes the record
-    holds_the_base = lineage != base_lineage
+    holds_the_base = any(lineage != of_base for lineage, of_base in carried.values())
     if statistics is not None:
         record["statistics"] = statistics.described
     with ThreadPoolExecutor(max_workers=1) as hasher:
@@ -289,9 +293,10 @@ def merge_to_file(
             record["inputs_sha256"] = hashes_future.result()
             warn_repeated_inputs(sources, record["inputs_sha256"])
             if holds_the_base:
-                record.pop(SUPERVISED_ON)
-                if base_lineage:
-                    record[SUPERVISED_ON] = base_lineage
+                for field, (_, of_base) in carried.items():
+                    record.pop(field, None)
+                    if of_base:
+                        record[field] = of_base
             writer.replace_metadata(_file_metadata(record, base))
     elapsed = time.perf_counter() - start
     manifest = {

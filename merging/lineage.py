@@ -4,7 +4,9 @@ A supervised fine-tune on one μ-Bench task trains on that task's own images, so
 benchmark that task's accuracy, and that of every task sharing its images, is no longer zero-shot.
 Nothing in the weights says so; the provenance does (`core.provenance.supervised_lineage`), and
 every checkpoint made from others carries its inputs' lineage on (`SUPERVISED_ON`): a merge or a
-further fine-tune of a leaked specialist is known to be leaked too.
+further fine-tune of a leaked specialist is known to be leaked too. Likewise the select halves of
+μ-Bench that data-aware merges learned from (`LEARNED_FROM_HALVES`): evaluated with other halves,
+their report half is not held out (`eval.trained_on.refuse_other_halves`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from micromerge.core.provenance import supervised_lineage
+from micromerge.core.provenance import select_half_lineage, supervised_lineage
 from micromerge.merging.model_card import checkpoint_provenance
 from micromerge.merging.tensor_source import TensorSource
 
@@ -22,4 +24,12 @@ def sources_lineage(sources: Iterable[TensorSource]) -> list[str]:
     found: set[str] = set()
     for source in sources:
         found.update(supervised_lineage(checkpoint_provenance([Path(f) for f in source.files])))
+    return sorted(found)
+
+
+def sources_select_halves(sources: Iterable[TensorSource]) -> list[str]:
+    """The union of the select halves the sources' weights were learned from (`select_half_lineage`)."""
+    found: set[str] = set()
+    for source in sources:
+        found.update(select_half_lineage(checkpoint_provenance([Path(f) for f in source.files])))
     return sorted(found)

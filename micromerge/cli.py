@@ -288,7 +288,12 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @method_options
 @statistics_data_options
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed for stochastic methods (DARE, DELLA)."
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for stochastic methods (DARE, DELLA) and, with --data, of the select half data-aware "
+    "methods learn from (evaluate the merge with the same --seed).",
 )
 @INCLUDE
 @EXCLUDE
@@ -380,6 +385,7 @@ def _merge_statistics(job: MergeJob, quiet: bool) -> StatisticsInput | None:
         data=job.data or "",  # every model has data of its own: μ-Bench is not read
         store=Path(os.devnull),  # statistics write no result rows (prepare(writes_results=False))
         cache_dir=Path(job.cache_dir) if job.cache_dir else default_cache_dir(),
+        seed=job.spec.params.seed,  # the select half, as eval and sweep draw it with the same --seed
         progress=not quiet,
     )
     models = (job.base, *job.finetuned)

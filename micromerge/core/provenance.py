@@ -16,6 +16,9 @@ SUPERVISED_ON = "supervised_on"
 """The provenance field of a checkpoint made from others (a fine-tune of a base, a merge): the
 labelled benchmark data its inputs were trained on (`supervised_lineage`), so the fact outlives
 every step after the supervised fine-tune that trained on it."""
+LEARNED_FROM_HALVES = "learned_from_halves"
+"""The provenance field of a checkpoint made from others: the select halves of benchmarks that a
+data-aware merge among its inputs learned from (`select_half_lineage`), carried on as SUPERVISED_ON is."""
 
 
 def provenance(
@@ -71,3 +74,27 @@ def supervised_lineage(record: Any) -> list[str]:
     inherited = record.get(SUPERVISED_ON)
     values = [own, *(inherited if isinstance(inherited, list) else [])]
     return sorted({value for value in values if isinstance(value, str)})
+
+
+def select_half_mark(benchmark_fingerprint: str, halves_seed: int) -> str:
+    """The select half of a benchmark's images as the halves drawn with `halves_seed` (--seed) hold
+    it: what a data-aware merge learned from (`eval.statistics.select_half`)."""
+    return f"select-half:{benchmark_fingerprint}:seed={halves_seed}"
+
+
+def select_half_lineage(record: Any) -> list[str]:
+    """The select halves (`select_half_mark`) a checkpoint's weights were learned from: its own
+    statistics or learned coefficients drawn from a benchmark, and its inputs' (`LEARNED_FROM_HALVES`).
+    Statistics recorded without a halves seed were drawn by a `merge` before 0.1.6, which always
+    split the images as seed 0 does."""
+    if not isinstance(record, dict):
+        return []
+    found = set()
+    statistics = record.get("statistics")
+    for entry in statistics if isinstance(statistics, list) else []:
+        if isinstance(entry, dict) and entry.get("split") == "select" and entry.get("data_fingerprint"):
+            seed = entry.get("halves_seed", 0)
+            found.add(select_half_mark(str(entry["data_fingerprint"]), seed if isinstance(seed, int) else 0))
+    inherited = record.get(LEARNED_FROM_HALVES)
+    found.update(m for m in (inherited if isinstance(inherited, list) else []) if isinstance(m, str))
+    return sorted(found)
