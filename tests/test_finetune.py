@@ -464,9 +464,9 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     one = run_finetune(config(base, data, tmp_path / "one", max_steps=4, batch_size=12))
     two, one = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(one))
     losses = [(tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in ("ddp", "one")]
-    assert [[json.loads(row)["loss"] for row in log] for log in losses] == [
-        [json.loads(row)["loss"] for row in losses[1]]
-    ] * 2
+    ddp_losses, one_losses = ([json.loads(row)["loss"] for row in log] for log in losses)
+    # logged to 6 decimals: the float noise below can round a loss the other way (seen at torch 2.6)
+    assert ddp_losses == pytest.approx(one_losses, rel=0, abs=2e-6)
     for key in one:  # float noise only (sums in another order): the steps move weights ~2e-3
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-6, msg=key)
 
