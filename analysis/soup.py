@@ -30,7 +30,8 @@ from micromerge.analysis.tables import run_of_rows
 from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
-from micromerge.eval.engine import EvalSettings, Prepared, SweepPlan, prepare, run_sweep
+from micromerge.core.provenance import CHOSEN_ON
+from micromerge.eval.engine import EvalSettings, Prepared, SweepPlan, prepare, run_sweep, select_half
 from micromerge.merging.execute import MergeOutput
 from micromerge.merging.job import check_file_out, job_from_mapping, run_merge_job
 from micromerge.merging.methods import MethodParams
@@ -67,6 +68,7 @@ class SoupResult:
     select_mean: float
     report_mean: float
     run_id: str
+    chosen_on: dict[str, Any]  # the select half (data, halves seed) the soup was chosen on
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class SoupResult:
             "weights": list(self.weights),
             "order": [step.ingredient for step in self.steps],
             "selection": SELECTION,
+            CHOSEN_ON: self.chosen_on,
             "steps": [
                 {"ingredient": s.ingredient, "select_mean": s.select_mean, "kept": s.kept} for s in self.steps
             ],
@@ -158,6 +161,7 @@ def greedy_soup(
         best.select_mean,
         best.report_mean,
         run_id="",
+        chosen_on={"data_fingerprint": prepared.bench.fingerprint, **select_half(settings)},
     )
     run_id = sha256_json(
         {"method": GREEDY_SOUP, "chosen": best.rows[0]["run_id"], "recipe": result.describe()}

@@ -61,6 +61,14 @@ def check_bootstrap(resamples: int) -> None:
         raise MicromergeError(f"--bootstrap {resamples}: must be in [0, {MAX_BOOTSTRAP:,}] (0: no intervals)")
 
 
+def select_half(settings: EvalSettings) -> dict[str, Any]:
+    """Which images statistics, learned coefficients and a soup's choice draw from: the select half
+    of the halves --seed draws (`Evaluator`). Part of their cache key and provenance: without the seed, a
+    sweep under --seed 3 reused a table `merge --seed 3` had learned on seed 0's select half, half
+    of whose images are in seed 3's report half (`eval.trained_on.refuse_other_halves`)."""
+    return {"split": "select", "halves_seed": settings.seed}
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     data: str

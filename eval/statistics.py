@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.eval.corpus_questions import corpus_questions, open_corpus
-from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare
+from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare, select_half
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import QuestionBank, Questions, option_log_probs, select_questions
 from micromerge.merging.execute import StatisticsInput, input_hashes
@@ -43,7 +43,6 @@ from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_save import save_tensors
 
 KINDS = ("fisher", "gram")
-SPLIT = "select"
 
 
 def fisher_diagonal(model: torch.nn.Module, bank: QuestionBank, questions: Questions, seed: int) -> dict:
@@ -145,14 +144,6 @@ def question_digest(prepared: Prepared) -> str:
             for task in prepared.tasks
         ]
     )[:16]
-
-
-def select_half(settings: EvalSettings) -> dict[str, Any]:
-    """Which images statistics and learned coefficients draw from: the select half of the halves
-    --seed draws (`engine.Evaluator`). Part of their cache key and provenance: without the seed, a
-    sweep under --seed 3 reused a table `merge --seed 3` had learned on seed 0's select half, half
-    of whose images are in seed 3's report half (`eval.trained_on.refuse_other_halves`)."""
-    return {"split": SPLIT, "halves_seed": settings.seed}
 
 
 def describe(request: StatisticsRequest, prepared: Prepared, settings: EvalSettings) -> dict[str, Any]:

@@ -270,6 +270,7 @@ def test_write_soup_writes_the_recipes_weights_in_the_models_order(tmp_path, set
         select_mean=0.0,
         report_mean=0.0,
         run_id="r",
+        chosen_on={"data_fingerprint": "f00d", "split": "select", "halves_seed": 0},
     )
     out = tmp_path / "soup.safetensors"
     written = write_soup(result, out, force=False, progress=False)

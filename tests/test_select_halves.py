@@ -133,3 +133,22 @@ def test_inputs_learned_under_two_halves_have_no_seed_to_give():
     with pytest.raises(MicromergeError, match=r"as --seed 7 splits them.*give --seed 7$"):
         refuse_other_halves(halves, "cafe", 0, "m")
     refuse_other_halves(halves, "cafe", 7, "m")
+
+
+def test_a_soup_records_the_half_it_was_chosen_on_and_is_held_to_it(tmp_path, setting):  # noqa: F811
+    """A greedy soup is chosen on the select half's accuracy: its checkpoint says which half (before,
+    its recipe named neither the data nor the halves), and is evaluated only under those halves."""
+    settings, models = setting
+    soup = tmp_path / "soup.safetensors"
+    made = _invoke("soup", "--base", models[0], "--ft", models[1], "--data", settings.data, "--store",
+                   str(tmp_path / "soup.jsonl"), "--cache-dir", str(settings.cache_dir), "--bootstrap", "0",
+                   "--seed", "5", "--quiet", "--out", str(soup))  # fmt: skip
+    assert made.exit_code == 0, made.output
+    recipe = json.loads(soup.with_name(soup.name + ".manifest.json").read_text())["greedy-soup"]
+    fingerprint = recipe["chosen_on"]["data_fingerprint"]
+    assert recipe["chosen_on"] == {"data_fingerprint": fingerprint, "split": "select", "halves_seed": 5}
+    evaluate = ["eval", "--model", str(soup), "--data", settings.data, "--store", str(tmp_path / "e.jsonl"),
+                "--cache-dir", str(settings.cache_dir), "--bootstrap", "0", "--quiet"]  # fmt: skip
+    refused = _invoke(*evaluate)
+    assert refused.exit_code == 2 and refused.output.strip().endswith("give --seed 5"), refused.output
+    assert _invoke(*evaluate, "--seed", "5").exit_code == 0

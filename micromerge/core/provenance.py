@@ -19,6 +19,9 @@ every step after the supervised fine-tune that trained on it."""
 LEARNED_FROM_HALVES = "learned_from_halves"
 """The provenance field of a checkpoint made from others: the select halves of benchmarks that a
 data-aware merge among its inputs learned from (`select_half_lineage`), carried on as SUPERVISED_ON is."""
+CHOSEN_ON = "chosen_on"
+"""In a recipe chosen with data (a greedy soup's), the select half it was chosen on, recorded as
+statistics record theirs (data_fingerprint, split, halves_seed)."""
 
 
 def provenance(
@@ -84,14 +87,16 @@ def select_half_mark(benchmark_fingerprint: str, halves_seed: int) -> str:
 
 def select_half_lineage(record: Any) -> list[str]:
     """The select halves (`select_half_mark`) a checkpoint's weights were learned from: its own
-    statistics or learned coefficients drawn from a benchmark, and its inputs' (`LEARNED_FROM_HALVES`).
-    Statistics recorded without a halves seed were drawn by a `merge` before 0.1.6, which always
-    split the images as seed 0 does."""
+    statistics or learned coefficients drawn from a benchmark, the half a recipe was chosen on
+    (`CHOSEN_ON`), and its inputs' (`LEARNED_FROM_HALVES`). Statistics recorded without a halves
+    seed were drawn by a `merge` before 0.1.6, which always split the images as seed 0 does."""
     if not isinstance(record, dict):
         return []
     found = set()
     statistics = record.get("statistics")
-    for entry in statistics if isinstance(statistics, list) else []:
+    entries = [*(statistics if isinstance(statistics, list) else [])]
+    entries += [value.get(CHOSEN_ON) for value in record.values() if isinstance(value, dict)]
+    for entry in entries:
         if isinstance(entry, dict) and entry.get("split") == "select" and entry.get("data_fingerprint"):
             seed = entry.get("halves_seed", 0)
             found.add(select_half_mark(str(entry["data_fingerprint"]), seed if isinstance(seed, int) else 0))
