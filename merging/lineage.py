@@ -11,8 +11,9 @@ their report half is not held out (`eval.trained_on.refuse_other_halves`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from micromerge.core.provenance import select_half_lineage, supervised_lineage
 from micromerge.merging.model_card import checkpoint_provenance
@@ -21,15 +22,16 @@ from micromerge.merging.tensor_source import TensorSource
 
 def sources_lineage(sources: Iterable[TensorSource]) -> list[str]:
     """The union of the sources' supervised lineages (none for a checkpoint micromerge did not make)."""
-    found: set[str] = set()
-    for source in sources:
-        found.update(supervised_lineage(checkpoint_provenance([Path(f) for f in source.files])))
-    return sorted(found)
+    return _union(sources, supervised_lineage)
 
 
 def sources_select_halves(sources: Iterable[TensorSource]) -> list[str]:
     """The union of the select halves the sources' weights were learned from (`select_half_lineage`)."""
+    return _union(sources, select_half_lineage)
+
+
+def _union(sources: Iterable[TensorSource], lineage_of: Callable[[Any], list[str]]) -> list[str]:
     found: set[str] = set()
     for source in sources:
-        found.update(select_half_lineage(checkpoint_provenance([Path(f) for f in source.files])))
+        found.update(lineage_of(checkpoint_provenance([Path(f) for f in source.files])))
     return sorted(found)
