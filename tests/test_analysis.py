@@ -118,6 +118,26 @@ def test_the_harmonic_criterion_prefers_balance_where_the_arithmetic_mean_would_
     assert best["harmonic_target_control"] == 0.5 and best["all_task_mean"] == 1.0
 
 
+def test_the_worst_group_counts_each_level_beside_each_domain(tmp_path):
+    """The worst-group criterion takes the minimum over the fine domains and the two levels: at α 0.5
+    the domains are at their best (0.8, 0.8) but the coarse tasks collapse (0.3), so α 1 is the
+    choice (worst 0.6 against 0.5 at α 0); over the domains alone it would be 0.5."""
+    values = {
+        ("modality", "coarse", "all"): (0.90, 0.30, 0.90),
+        ("path-a", "fine", "pathology"): (0.50, 0.80, 0.70),
+        ("bio-a", "fine", "biology"): (0.60, 0.80, 0.60),
+    }
+    run = load_runs(write_store(tmp_path / "r.jsonl", values_by_task=values))[0]
+    assert summarise(run, "domain:pathology").best_alpha["worst_group"] == 1.0
+
+
+def test_the_pareto_front_is_drawn_from_the_whole_benchmark_not_the_select_half(tmp_path):
+    """α 0 is raised on the select half only, where it would dominate every other α; on all the
+    images (what the front shows) the three trade target against control as before."""
+    run = load_runs(write_store(tmp_path / "r.jsonl", select_shift={0.0: 0.5}))[0]
+    assert [p[0] for p in summarise(run, "domain:pathology").pareto] == [0.0, 0.5, 1.0]
+
+
 def test_unknown_is_never_offered_as_a_group(tmp_path):
     """A source whose scale the metadata table does not know is left out of the scale groups, not
     grouped with every other unknown source as if that were a scale."""

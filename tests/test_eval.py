@@ -798,6 +798,43 @@ def test_correctness_metrics_keep_unknown_classes_out_of_balanced_accuracy():
     assert values["balanced_accuracy"]["value"] == pytest.approx((1 / 2 + 1) / 2)
 
 
+def test_correctness_metrics_average_recall_over_the_classes_present_only():
+    """Balanced accuracy under the μ-Bench protocol is the mean recall over the true classes present
+    (a select or report half can hold none of a class's images), as `metrics_from_confusions` and
+    scikit-learn's balanced_accuracy_score count it; a pooled row (n_classes 0: questions of several
+    tasks, whose classes are not comparable) has accuracy only."""
+    from micromerge.eval.metrics import correctness_metrics
+
+    labels, right = np.array([0, 0, 0, 2, 2]), np.array([1, 1, 0, 1, 0])  # class 1: no question
+    values = correctness_metrics(labels, right, 3, bootstrap=0)
+    assert values["balanced_accuracy"]["value"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    pooled = correctness_metrics(np.full(5, -1), right, 0, bootstrap=50)
+    assert set(pooled) == {"accuracy"} and pooled["accuracy"]["value"] == pytest.approx(3 / 5)
+
+
+def test_one_question_per_image_intervals_are_the_multinomial_over_outcome_cells():
+    """With one question per image, a replicate is Multinomial(n, cell counts / n) over the (class,
+    right/wrong) cells present, in cell order, from the seed: the intervals stores have held since
+    before images were counted, so rows resumed across versions agree number for number."""
+    from micromerge.eval.metrics import correctness_metrics
+
+    rng = np.random.default_rng(11)
+    labels, right = rng.integers(0, 3, 60), rng.random(60) < 0.6
+    result = correctness_metrics(labels, right, 3, bootstrap=300, seed=5)
+    table = np.bincount(labels * 2 + right, minlength=8)
+    present = np.flatnonzero(table)
+    drawn = np.zeros((300, 8), dtype=np.int64)
+    drawn[:, present] = np.random.default_rng(5).multinomial(60, table[present] / 60, size=300)
+    cells = drawn.reshape(300, 4, 2)
+    accuracy = cells[:, :, 1].sum(axis=1) / 60
+    recall = cells[:, :3, 1] / cells[:, :3].sum(axis=2)
+    for name, samples in (("accuracy", accuracy), ("balanced_accuracy", np.nanmean(recall, axis=1))):
+        low, high = np.nanpercentile(samples, [2.5, 97.5])
+        assert (result[name]["ci_low"], result[name]["ci_high"]) == pytest.approx((low, high), abs=1e-12), (
+            name
+        )
+
+
 def test_pooled_questions_about_one_image_are_resampled_together():
     """A pooled row (modality_0 and _1, every coarse key of a headline) asks several questions of
     each image; they are not independent, and resampling them one by one gave intervals too narrow.
