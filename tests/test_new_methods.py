@@ -25,13 +25,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from micromerge.merging.blocks import block_depths
 from micromerge.merging.execute import StatisticsInput
 from micromerge.merging.in_memory import merge_state_dicts
 from micromerge.merging.job import job_from_mapping, run_merge_job
 from micromerge.merging.methods import METHODS, MethodParams
 from micromerge.merging.methods.della import keep_probabilities
 from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
-from micromerge.merging.methods.lines import block_depths
 from micromerge.merging.models import load_model
 from micromerge.merging.plan import LOGIT_SCALE_KEY, LOGIT_SCALE_MAX, MergeSpec
 from micromerge.merging.resident import ResidentMerge

@@ -9,33 +9,49 @@ AdaMerging, select-half accuracy for the supervised α); --alpha scales the lear
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from micromerge.merging.blocks import block_of
 from micromerge.merging.methods.base import Array, MergeMethod, MethodParams, ModelScan, finish
 from micromerge.merging.methods.fisher import require_statistics
 
-_BLOCK = re.compile(r"^((?:visual\.)?transformer\.resblocks\.\d+|visual\.layer\d+)\.")
 _EMBEDDINGS = (
+    # open_clip's ViT, and its ModifiedResNet's stem (RN50)
     "visual.conv1.",
     "visual.class_embedding",
     "visual.positional_embedding",
     "visual.ln_pre.",
+    "visual.bn1.",
+    "visual.conv2.",
+    "visual.bn2.",
+    "visual.conv3.",
+    "visual.bn3.",
+    # timm trunks (BiomedCLIP's ViT, ConvNeXt, ResNet)
+    "visual.trunk.patch_embed.",
+    "visual.trunk.cls_token",
+    "visual.trunk.reg_token",
+    "visual.trunk.pos_embed",
+    "visual.trunk.stem.",
+    "visual.trunk.conv1.",
+    "visual.trunk.bn1.",
+    # open_clip's text transformer, and a Hugging Face one (BiomedCLIP's BERT)
     "token_embedding.",
     "positional_embedding",
+    "text.transformer.embeddings.",
 )
 
 
 def coefficient_group(key: str, granularity: str) -> str:
-    """The group whose coefficient a parameter takes."""
+    """The group whose coefficient a parameter takes: `block`, each block of each tower
+    (`merging.blocks`), each tower's embeddings or stem, and each tower's head (the rest)."""
     if granularity == "task":
         return "all"
     if granularity == "layer":
         return key
-    match = _BLOCK.match(key)
-    if match:
-        return match.group(1)
+    block = block_of(key)
+    if block is not None:
+        return block.name
     tower = "visual" if key.startswith("visual.") else "text"
     return f"{tower}.{'embeddings' if key.startswith(_EMBEDDINGS) else 'head'}"
 

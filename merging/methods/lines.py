@@ -3,8 +3,8 @@ Enhances Model Merging"): scale the task vector by depth so shallow layers stay 
 
     theta = theta_base + lambda(l) * tau(l),   lambda(l) = alpha + beta * (l - 1) / (L - 1)
 
-for transformer block l of L, counted per tower (CLIP's image and text towers each have their
-own L). Keys outside the blocks (embeddings, final norms, projections, logit scale) get alpha,
+for block l of L, counted per tower (CLIP's image and text towers each have their own L; the
+blocks of every kind of tower are found by `merging.blocks`). Keys outside the blocks (embeddings, final norms, projections, logit scale) get alpha,
 as in the authors' code. `--alpha` is alpha and `--beta` beta; tau is the summed task vector
 (`lines`, task arithmetic) or TIES's merged task vector (`lines-ties`), which is how the paper
 composes LiNeS with merging methods. `lines` is elementwise: it runs on the numpy engine too.
@@ -12,10 +12,10 @@ composes LiNeS with merging methods. `lines` is elementwise: it runs on the nump
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from micromerge.merging.blocks import block_depths
 from micromerge.merging.methods.base import (
     Array,
     MergeMethod,
@@ -33,26 +33,6 @@ from micromerge.merging.methods.task_vectors import (
     trimmed,
 )
 
-BLOCK = re.compile(r"^(?P<tower>.*?)(?:resblocks|blocks|layers)\.(?P<index>\d+)\.")
-"""open_clip (`visual.transformer.resblocks.3.`, `transformer.resblocks.3.`), timm (`visual.trunk.blocks.3.`)
-and transformers (`vision_model.encoder.layers.3.`) block keys; the prefix names the tower."""
-
-
-def block_depths(keys: tuple[str, ...]) -> dict[str, float]:
-    """(l - 1) / (L - 1) in [0, 1] for every key inside a block, with L counted per tower."""
-    blocks: dict[str, int] = {}
-    found: dict[str, tuple[str, int]] = {}
-    for key in keys:
-        match = BLOCK.match(key)
-        if match:
-            tower, index = match["tower"], int(match["index"])
-            found[key] = (tower, index)
-            blocks[tower] = max(blocks.get(tower, 0), index + 1)
-    return {
-        key: index / (blocks[tower] - 1) if blocks[tower] > 1 else 0.0
-        for key, (tower, index) in found.items()
-    }
-
 
 @dataclass(frozen=True)
 class LinesContext:
@@ -64,7 +44,9 @@ class LinesContext:
 
 
 CONVENTIONS = {
-    "depth": "block index / (blocks in the tower - 1), per tower; keys outside blocks get alpha (authors' code)",
+    "depth": "block's place in the tower in forward order (stage, then index) / (blocks in the tower - 1), "
+    "per tower, for open_clip, timm and Hugging Face blocks and ResNet bottlenecks; keys outside blocks "
+    "get alpha (authors' code)",
 }
 
 
