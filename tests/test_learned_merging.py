@@ -69,6 +69,19 @@ def test_groups_are_one_per_task_block_or_tensor():
     assert [coefficient_group(k, "layer") for k in keys] == keys
 
 
+def test_questions_drawn_for_a_label_free_learner_carry_no_answers(setting):  # noqa: F811
+    """AdaMerging, Fisher and RegMean learn from the model's own predictions: the questions drawn
+    for them hold no answer to read by mistake; only the supervised α's carry the select half's."""
+    settings, models = setting
+    prepared = prepare(settings, writes_results=False)
+    with open_source(models[0]) as source:
+        _, config = load_model(source)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, CPU)
+    assert select_questions(evaluator, 64, seed=0).answers is None
+    labelled = select_questions(evaluator, 64, seed=0, labelled=True)
+    assert labelled.answers is not None and len(labelled.answers) == len(labelled) == 64
+
+
 def _select_scores(coefficients, settings, models, granularity="layer"):
     """Log-probabilities of every drawn select-half question's options under the merge with these
     coefficients (at the base model's temperature), and the questions with their answers."""

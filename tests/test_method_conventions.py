@@ -184,6 +184,8 @@ def test_slerp_per_row_matches_the_row_formula(t):
     v0, v1 = torch.randn(7, 5, 2), torch.randn(7, 5, 2)
     v1[2] = 3 * v0[2]  # a colinear row: lerp there
     v0[4] = 0  # a zero row: its norm counts as 1 (mergekit's eps), so its angle is 90°, not NaN
+    v0[5] *= 1e-10  # a row of norm <= 1e-8 counts as 1 too: nearly orthogonal, whatever its direction
+    v1[6] = -2 * v0[6]  # opposite directions: colinear, lerp
     merged = METHODS["slerp"].merge("k", v0, [v1], t, MethodParams(slerp_scope="row"))
     expected = torch.from_numpy(numpy_slerp_rows(v0.numpy(), v1.numpy(), t)).float()
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)

@@ -158,6 +158,12 @@ def test_slerp_orthogonal_unit_vectors_and_colinear_fallback():
     torch.testing.assert_close(mid, torch.tensor([1.0, 1.0]) / math.sqrt(2), atol=1e-6, rtol=0)
     colinear = METHODS["slerp"].merge("k", e0, [2 * e0], 0.5, MethodParams())
     torch.testing.assert_close(colinear, torch.tensor([1.5, 0.0]), atol=1e-6, rtol=0)
+    # opposite directions are colinear too (mergekit tests |cos|): lerp, not a division by sin(pi)
+    opposite = METHODS["slerp"].merge("k", e0, [-3 * e0], 0.25, MethodParams())
+    torch.testing.assert_close(opposite, torch.tensor([0.0, 0.0]), atol=1e-6, rtol=0)
+    # a zero tensor on either side (a bias initialised at zero) has no angle: lerp
+    zero = METHODS["slerp"].merge("k", torch.zeros(2), [e1], 0.25, MethodParams())
+    torch.testing.assert_close(zero, torch.tensor([0.0, 0.25]), atol=1e-6, rtol=0)
 
 
 def made_up_statistics(kind: str | None, count: int) -> tuple[dict, ...] | None:

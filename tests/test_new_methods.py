@@ -115,6 +115,16 @@ def test_model_stock_three_models_use_the_mean_pairwise_cosine():
     torch.testing.assert_close(merged, base + 0.5 * t * sum(taus) / 3, atol=1e-5, rtol=0)
 
 
+def test_model_stock_leaves_a_tensor_no_specialist_changed_at_the_base():
+    """A tensor a fine-tune froze (a text tower locked, as open_clip's --lock-text does) has a zero
+    task vector: mergekit clamps the norm product at 1e-6, so the cosine is 0, t is 0 and the merge
+    is the base there, not a division by zero."""
+    base = torch.tensor([1.0, -2.0, 3.0])
+    for fts in ([base.clone(), base.clone()], [base.clone(), base + torch.tensor([0.5, 0.0, 1.0])]):
+        merged = METHODS["model-stock"].merge("k", base, fts, 1.0, MethodParams())
+        assert torch.equal(merged, base)
+
+
 def test_breadcrumbs_drops_the_outliers_and_the_smallest():
     tau = torch.tensor([10.0, -9.0, 8.0, 7.0, -6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
     params = MethodParams(density=0.5, gamma=0.1)
