@@ -90,6 +90,26 @@ def test_fishers_that_differ_only_in_scale_count_alike():
     torch.testing.assert_close(merged, torch.full((4, 3), 0.5), atol=1e-5, rtol=0)
 
 
+def test_fisher_models_are_weighed_by_the_inverse_global_l2_norm_of_their_fishers():
+    """c_i = l_i (1 / |F_i|) / sum_j (1 / |F_j|), |F| the L2 norm over every key of the model (not
+    per tensor, not L1), then theta = sum c_i (F_i + 1e-6) theta_i / sum c_i (F_i + 1e-6): by
+    hand in float64."""
+    base = {"w": torch.tensor([0.0, 1.0, -1.0]), "b": torch.tensor([2.0])}
+    ft = {"w": torch.tensor([1.0, -1.0, 3.0]), "b": torch.tensor([0.0])}
+    fishers = (
+        {"w": torch.tensor([4.0, 0.0, 0.0]), "b": torch.tensor([3.0])},  # L2 5, L1 7
+        {"w": torch.tensor([2.0, 2.0, 2.0]), "b": torch.tensor([1.0])},  # L2 sqrt(13), L1 7
+    )
+    merged = merge_state_dicts("fisher", base, [ft], MethodParams(), strength=0.5, statistics=fishers)
+    inverse = np.array([1 / 5, 1 / np.sqrt(13)])
+    c = 0.5 * inverse / inverse.sum()
+    for key in base:
+        f = [fisher[key].double().numpy() + 1e-6 for fisher in fishers]
+        models = [base[key].double().numpy(), ft[key].double().numpy()]
+        expected = (c[0] * f[0] * models[0] + c[1] * f[1] * models[1]) / (c[0] * f[0] + c[1] * f[1])
+        torch.testing.assert_close(merged[key].double(), torch.from_numpy(expected), atol=1e-6, rtol=0)
+
+
 def test_fisher_with_two_specialists_weighs_base_one_minus_alpha_and_each_alpha_over_two():
     torch.manual_seed(3)
     models = [{"w": torch.randn(5)} for _ in range(3)]

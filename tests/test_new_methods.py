@@ -186,6 +186,18 @@ def test_della_samples_by_rank_and_keeps_the_l1_norm():
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), atol=0, rtol=1e-5)
 
 
+def test_della_inverse_rescale_divides_each_kept_entry_by_its_keep_probability():
+    """`--rescale inverse` (the DELLA paper's MagPrune): with epsilon 0 every entry keeps with
+    probability `density`, so each kept entry is tau / density and each dropped one 0."""
+    torch.manual_seed(1)
+    tau = torch.randn(8, 300)
+    params = MethodParams(density=0.25, epsilon=0.0, rescale="inverse", seed=2)
+    merged = METHODS["della"].merge("w", torch.zeros_like(tau), [tau], 1.0, params)
+    kept = merged != 0
+    assert 0.2 < kept.float().mean().item() < 0.3
+    torch.testing.assert_close(merged[kept], tau[kept] / 0.25, atol=1e-6, rtol=1e-6)
+
+
 def numpy_tsv(taus: list[np.ndarray]) -> np.ndarray:
     rank = min(taus[0].shape)
     kept = int(rank / len(taus))
