@@ -2,10 +2,10 @@
 and the unit the learned merges' `block` granularity gives one coefficient.
 
 open_clip names the blocks of a tower after the module that builds it, so one pattern is not
-enough. Until 0.1.7 only open_clip's own transformers (and timm's ViT blocks, for LiNeS) were
-found: BiomedCLIP's text tower, a Hugging Face BERT (`text.transformer.encoder.layer.3.`), took one
-flat LiNeS λ and one learned coefficient for all twelve of its layers, and so did its timm ViT
-(`visual.trunk.blocks.3.`) under the learned merges.
+enough. Until 0.1.7 the two had a pattern each, for open_clip's transformer blocks (LiNeS's took
+timm's ViT blocks too): BiomedCLIP's BERT layers (`text.transformer.encoder.layer.3.`) all took
+LiNeS's alpha, its 24 blocks shared two learned coefficients, and RN50's bottlenecks
+(`visual.layer2.3.`) were scaled by no depth and took one coefficient per stage.
 """
 
 from __future__ import annotations

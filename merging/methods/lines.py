@@ -4,10 +4,11 @@ Enhances Model Merging"): scale the task vector by depth so shallow layers stay 
     theta = theta_base + lambda(l) * tau(l),   lambda(l) = alpha + beta * (l - 1) / (L - 1)
 
 for block l of L, counted per tower (CLIP's image and text towers each have their own L; the
-blocks of every kind of tower are found by `merging.blocks`). Keys outside the blocks (embeddings, final norms, projections, logit scale) get alpha,
-as in the authors' code. `--alpha` is alpha and `--beta` beta; tau is the summed task vector
-(`lines`, task arithmetic) or TIES's merged task vector (`lines-ties`), which is how the paper
-composes LiNeS with merging methods. `lines` is elementwise: it runs on the numpy engine too.
+blocks of every kind of tower are found by `merging.blocks`). Keys outside the blocks
+(embeddings, final norms, projections, logit scale) get alpha, as in the authors' code.
+`--alpha` is alpha and `--beta` beta; tau is the summed task vector (`lines`, task arithmetic)
+or TIES's merged task vector (`lines-ties`), which is how the paper composes LiNeS with merging
+methods. `lines` is elementwise: it runs on the numpy engine too.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ class LinesContext:
 
 
 CONVENTIONS = {
-    "depth": "block's place in the tower in forward order (stage, then index) / (blocks in the tower - 1), "
-    "per tower, for open_clip, timm and Hugging Face blocks and ResNet bottlenecks; keys outside blocks "
-    "get alpha (authors' code)",
+    "depth": "per tower, block index / highest index in one stack (authors' code), place in forward "
+    "order (stage, then index) / (blocks - 1) across stages; open_clip, timm and Hugging Face blocks and "
+    "ResNet bottlenecks; keys outside blocks get alpha",
 }
 
 
