@@ -140,23 +140,26 @@ def pick_baseline(evaluated: list[Run], pattern: str, store: str) -> int:
     return found[0]
 
 
-def models_change_table(
-    groups: pd.DataFrame, evaluated: list[Run], baseline: int
-) -> tuple[pd.DataFrame, list[str]]:
+def models_change_table(evaluated: list[Run], baseline: int, metric: str) -> tuple[pd.DataFrame, list[str]]:
     """Group x model: each model's group mean minus the baseline's, in points (the μ-Bench paper's
     forgetting, a specialist against its base: negative outside its domain), and the names of the
     models left out because they were scored otherwise (another protocol, copy of the data or task
-    definition): a difference between them would measure the scoring, not the model."""
+    definition): a difference between them would measure the scoring, not the model. Differences
+    are taken before rounding: two means shown to 0.1 can be 0.1 further apart than the models."""
     names = evaluation_names(evaluated)
     base_run, base_name = evaluated[baseline], names[baseline]
-    compared: list[str] = []
+    groups = _groups(evaluated)
+    base_means = [_group_mean(base_run, group, metric) for group in groups]
+    change = pd.DataFrame({"group": groups})
     other: list[str] = []
     for run, name in zip(evaluated, names, strict=True):
         if name == base_name:
             continue
-        same = scoring(run) == scoring(base_run)
-        (compared if same else other).append(name)
-    change = groups[["group"]].copy()
-    for name in compared:
-        change[f"{name} − {base_name}"] = (groups[name] - groups[base_name]).round(1)
+        if scoring(run) != scoring(base_run):
+            other.append(name)
+            continue
+        means = [_group_mean(run, group, metric) for group in groups]
+        change[f"{name} − {base_name}"] = [
+            _percent(mean - base) for mean, base in zip(means, base_means, strict=True)
+        ]
     return change, other

@@ -344,7 +344,7 @@ def _write_report(
         if baseline is not None:
             chosen = pick_baseline(evaluated, baseline, str(store))
             baseline = evaluation_names(evaluated)[chosen]
-            tables["models_change"], other = models_change_table(tables["models_groups"], evaluated, chosen)
+            tables["models_change"], other = models_change_table(evaluated, chosen, metric)
             if other:
                 notes.append(
                     f"--baseline: {', '.join(other)} scored otherwise than {baseline} (another protocol, "

@@ -198,3 +198,19 @@ def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):
         assert wrong.exit_code == 2 and f"--baseline {pattern}: {message}" in wrong.output, wrong.output
     _report(store, tmp_path / "report")
     assert not (tmp_path / "report" / "tables" / "models_change.csv").exists()
+
+
+def test_the_change_against_the_baseline_is_taken_before_rounding(tmp_path):
+    """Pathology means 45.04 % (base) and 80.08 % (specialist) are shown as 45.0 and 80.1, but the
+    specialist gained 35.04 points: 35.0, not the 35.1 the two shown means would give."""
+    rows = _evaluation_rows("base") + _evaluation_rows("specialist")
+    for row in rows:
+        if row["task"] == "colon":
+            row["value"] = {"base-ubench-abc": 0.4008, "specialist-ubench-abc": 0.9016}[row["run_id"]]
+    ResultStore(tmp_path / "r.jsonl").append(rows)
+    _report(tmp_path / "r.jsonl", tmp_path / "report", "--baseline", "base [ubench]")
+    tables = tmp_path / "report" / "tables"
+    groups = pd.read_csv(tables / "models_groups.csv").set_index("group")
+    assert list(groups.loc["domain:pathology"]) == [45.0, 80.1]
+    change = pd.read_csv(tables / "models_change.csv").set_index("group")
+    assert change.loc["domain:pathology", "specialist [ubench] − base [ubench]"] == 35.0
