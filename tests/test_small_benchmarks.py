@@ -146,3 +146,20 @@ def test_summarising_a_run_without_one_half_names_that_half(tmp_path, missing):
     (run,) = load_runs(store)
     with pytest.raises(MicromergeError, match=f"the {missing} half has no image for all_task_mean"):
         summarise(run, "domain:pathology")
+
+
+def test_a_run_whose_select_half_is_empty_is_found_finished_when_run_again(one_image, monkeypatch):
+    """A run is finished when every task has its row on all of its images, the one split every
+    evaluated task has: were it keyed on a half, a benchmark whose half holds none of a task's
+    images would be evaluated again at every resume. With one image the select half (the first
+    floor(n / 2) of the seeded permutation) holds none; run again, nothing is loaded."""
+    import micromerge.eval.engine as engine
+
+    settings, models = one_image
+    first = run_eval(models[0], settings, torch.device("cpu"))
+    assert {row["split"] for row in first} == {"all", "report"}
+    monkeypatch.setattr(engine, "load_model", lambda *_: pytest.fail("evaluated again"))
+    again = run_eval(models[0], settings, torch.device("cpu"))
+    assert {ResultStore.identity(r): r["value"] for r in again} == {
+        ResultStore.identity(r): r["value"] for r in first
+    }
