@@ -94,15 +94,20 @@ def models_table(evaluated: list[Run], paper_headlines: list[pd.DataFrame], metr
     return pd.DataFrame.from_records(records)
 
 
-def models_group_table(evaluated: list[Run], metric: str) -> pd.DataFrame:
-    """Group x model: the mean of the group's tasks (%), one column per evaluation."""
-    names = evaluation_names(evaluated)
+def models_group_means(evaluated: list[Run], metric: str) -> pd.DataFrame:
+    """Group x model: the mean of the group's tasks (a fraction, unrounded), one column per
+    evaluation: what the group table shows and the change against a baseline is taken from."""
     groups = _groups(evaluated)
     columns = {
-        name: [_percent(_group_mean(run, group, metric)) for group in groups]
-        for run, name in zip(evaluated, names, strict=True)
+        name: [_group_mean(run, group, metric) for group in groups]
+        for run, name in zip(evaluated, evaluation_names(evaluated), strict=True)
     }
     return pd.DataFrame({"group": groups, **columns})
+
+
+def models_group_table(means: pd.DataFrame) -> pd.DataFrame:
+    """`models_group_means` in percent, to one decimal."""
+    return means.assign(**{name: means[name].map(_percent) for name in means.columns[1:]})
 
 
 def models_task_table(evaluated: list[Run], metric: str) -> pd.DataFrame:
@@ -140,17 +145,18 @@ def pick_baseline(evaluated: list[Run], pattern: str, store: str) -> int:
     return found[0]
 
 
-def models_change_table(evaluated: list[Run], baseline: int, metric: str) -> tuple[pd.DataFrame, list[str]]:
+def models_change_table(
+    means: pd.DataFrame, evaluated: list[Run], baseline: int
+) -> tuple[pd.DataFrame, list[str]]:
     """Group x model: each model's group mean minus the baseline's, in points (the μ-Bench paper's
     forgetting, a specialist against its base: negative outside its domain), and the names of the
     models left out because they were scored otherwise (another protocol, copy of the data or task
     definition): a difference between them would measure the scoring, not the model. Differences
-    are taken before rounding: two means shown to 0.1 can be 0.1 further apart than the models."""
+    are taken from `models_group_means`, before rounding: two means shown to 0.1 can be 0.1
+    further apart than the models."""
     names = evaluation_names(evaluated)
     base_run, base_name = evaluated[baseline], names[baseline]
-    groups = _groups(evaluated)
-    base_means = [_group_mean(base_run, group, metric) for group in groups]
-    change = pd.DataFrame({"group": groups})
+    change = means[["group"]].copy()
     other: list[str] = []
     for run, name in zip(evaluated, names, strict=True):
         if name == base_name:
@@ -158,8 +164,5 @@ def models_change_table(evaluated: list[Run], baseline: int, metric: str) -> tup
         if scoring(run) != scoring(base_run):
             other.append(name)
             continue
-        means = [_group_mean(run, group, metric) for group in groups]
-        change[f"{name} − {base_name}"] = [
-            _percent(mean - base) for mean, base in zip(means, base_means, strict=True)
-        ]
+        change[f"{name} − {base_name}"] = (means[name] - means[base_name]).map(_percent)
     return change, other

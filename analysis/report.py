@@ -27,6 +27,7 @@ from micromerge.analysis.evaluated import (
     evaluations,
     evaluations_of_models_in,
     models_change_table,
+    models_group_means,
     models_group_table,
     models_table,
     models_task_table,
@@ -339,12 +340,13 @@ def _write_report(
     if evaluated:
         headlines = [paper_headline_table([run]) for run in evaluated]
         tables["models"] = models_table(evaluated, headlines, metric)
-        tables["models_groups"] = models_group_table(evaluated, metric)
+        means = models_group_means(evaluated, metric)
+        tables["models_groups"] = models_group_table(means)
         tables["models_tasks"] = models_task_table(evaluated, metric)
         if baseline is not None:
             chosen = pick_baseline(evaluated, baseline, str(store))
             baseline = evaluation_names(evaluated)[chosen]
-            tables["models_change"], other = models_change_table(evaluated, chosen, metric)
+            tables["models_change"], other = models_change_table(means, evaluated, chosen)
             if other:
                 notes.append(
                     f"--baseline: {', '.join(other)} scored otherwise than {baseline} (another protocol, "
