@@ -104,6 +104,15 @@ def test_a_data_parallel_module_loses_its_module_prefix(tmp_path):
     _assert_same(_read(tmp_path / "dp.pt"), model.state_dict())
 
 
+def test_wrappers_are_stripped_in_any_order(tmp_path):
+    """wise-ft's ImageClassifier names the CLIP `image_encoder.model.`; a trainer module holding
+    it as `self.model` (PyTorch Lightning's habit) puts `model.` in front of that."""
+    model = _model()
+    state = {f"model.image_encoder.model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state_dict": state, "args": argparse.Namespace()}, tmp_path / "wrapped.pt")
+    _assert_same(_read(tmp_path / "wrapped.pt"), model.state_dict())
+
+
 def test_parameters_and_tensors_with_attributes_or_subclasses_are_read_as_their_data(tmp_path):
     model = _model()
     model[3].weight.tag = "decayed"  # a Parameter with Python state
@@ -120,10 +129,15 @@ def test_parameters_and_tensors_with_attributes_or_subclasses_are_read_as_their_
 
 def test_tensors_held_by_plain_objects_are_named_by_their_attributes(tmp_path):
     """Objects that are no modules: public attributes are followed (private ones are caches, not
-    weights), tuples by index, a list subclass and a non-dict state as the object itself, slots."""
-    w = [torch.full((2,), float(i)) for i in range(6)]
+    weights), tuples by index, a list subclass and a non-dict state as the object itself, slots,
+    a dict subclass by its keys (pickled as SETITEMS on the object, not as its state)."""
+    w = [torch.full((2,), float(i)) for i in range(7)]
     holder = _Holder(
-        pair=(w[0], w[1]), stack=_Stack([w[2], w[3]]), slotted=_Slotted(w[4]), packed=_Packed(w[5])
+        pair=(w[0], w[1]),
+        stack=_Stack([w[2], w[3]]),
+        slotted=_Slotted(w[4]),
+        packed=_Packed(w[5]),
+        named=_Named(weight=w[6]),
     )
     holder._cache = torch.zeros(3)
     torch.save({"holder": holder}, tmp_path / "objects.pt")
@@ -137,6 +151,7 @@ def test_tensors_held_by_plain_objects_are_named_by_their_attributes(tmp_path):
             "holder.stack.1": w[3],
             "holder.slotted.weight": w[4],
             "holder.packed.0": w[5],
+            "holder.named.weight": w[6],
         },
     )
 
@@ -186,6 +201,10 @@ class _Holder:
 
 
 class _Stack(list):
+    pass
+
+
+class _Named(dict):
     pass
 
 

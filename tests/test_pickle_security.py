@@ -16,6 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,15 +139,42 @@ def test_merge_cli_refuses_a_legacy_magic_payload_without_running_it(tmp_path):
     assert not _wait_for(marker)
 
 
-@pytest.mark.parametrize("allow_pickle", [False, True])
-def test_a_view_claiming_more_elements_than_its_storage_is_refused(tmp_path, allow_pickle):
+class _ExpandedBuffer(torch.nn.Module):
+    def __init__(self, elements: int):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(1).expand(elements))
+        self.ok = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.ok
+
+
+def _expanded_view_file(path: Path, reader: str, elements: int) -> Path:
+    """`weight`: a view of `elements` over a 1-element storage, in the file `reader` reads."""
+    if reader == "weights_only":
+        torch.save({"weight": torch.ones(1).expand(elements), "ok": torch.ones(3)}, path)
+    elif reader == "restricted":  # a legacy file with an object only --allow-pickle reads
+        path.write_bytes(_legacy_file({"weight": torch.ones(1).expand(elements), "x": _Reduce(print)}))
+    else:  # torch.jit.save keeps the view as torch.save does, as (storage, size, stride)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script is deprecated in torch 2.14
+            torch.jit.script(_ExpandedBuffer(elements)).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("reader", ["weights_only", "restricted", "torchscript"])
+def test_a_view_claiming_more_elements_than_its_storage_is_refused(tmp_path, reader):
     """torch.save keeps an expanded view as (4-byte storage, size 10^10, stride 0); reading it as
-    weights would allocate 40 GB. Refused by both readers (weights_only and restricted)."""
-    path = tmp_path / "bomb.pt"
-    torch.save({"weight": torch.ones(1).expand(10**10), "ok": torch.ones(3)}, path)
-    if allow_pickle:  # the same view inside a legacy file with an object only --allow-pickle reads
-        path.write_bytes(_legacy_file({"weight": torch.ones(1).expand(10**10), "x": _Reduce(print)}))
+    weights would allocate 40 GB. Refused by every reader (weights_only, the restricted unpickler,
+    the TorchScript archive reader), from one element more than the storage holds."""
+    allow_pickle = reader != "weights_only"
+    path = _expanded_view_file(tmp_path / "bomb.pt", reader, 10**10)
     with pytest.raises(MicromergeError, match=r"bomb.pt: tensor 'weight' claims 10,000,000,000 elements"):
+        open_source(str(path), allow_pickle=allow_pickle)
+    path = _expanded_view_file(tmp_path / "two.pt", reader, 2)
+    with pytest.raises(
+        MicromergeError, match=r"two.pt: tensor 'weight' claims 2 elements over a storage of 1 "
+    ):
         open_source(str(path), allow_pickle=allow_pickle)
 
 

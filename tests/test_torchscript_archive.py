@@ -143,6 +143,18 @@ def test_a_gelu_archive_is_built_with_gelu(tmp_path):
         assert torch.allclose(model.encode_image(images), clip.half().float().encode_image(images), atol=1e-5)
 
 
+def test_an_archive_naming_neither_activation_is_left_to_its_shapes_and_says_so(tmp_path):
+    """An activation the archive's classes do not name (SiLU here) is no reason to guess one: the
+    archive gets no architecture, and the shapes' guess comes with its warning to pass --arch."""
+    clip = _clip()
+    for block in [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]:
+        block.mlp.gelu = nn.SiLU()
+    with open_source(str(_archive(tmp_path / "silu.pt", clip)), allow_pickle=True) as source:
+        assert source.arch.name is None and source.arch.model_config is None
+        with pytest.warns(UserWarning, match="names no architecture; read from its tensor shapes with GELU"):
+            load_model(source)
+
+
 def test_open_clip_names_every_openai_release_by_its_sha256():
     """The table comes from the installed open_clip: the digests are the ones openai/CLIP's
     `_MODELS` URLs carry, each for the QuickGELU config of its model."""
