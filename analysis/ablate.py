@@ -23,7 +23,9 @@ from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_s
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.engine import EvalSettings, SweepPlan, alone, prepare, run_eval, run_sweep
 from micromerge.eval.source_metadata import load_source_table
+from micromerge.eval.trained_on import refuse_other_halves
 from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas
+from micromerge.merging.lineage import sources_select_halves
 from micromerge.merging.methods import get_method
 from micromerge.merging.plan import MergeSpec, plan_merge
 from micromerge.merging.rules import KeyRules
@@ -297,24 +299,46 @@ def _without_repeats(
     return [(label, job) for label, job in jobs if label not in repeats], skipped
 
 
-def check_grid_against_checkpoints(jobs: list[tuple[str, MergeJob | SoupJob]]) -> None:
+def check_grid_against_checkpoints(jobs: list[tuple[str, MergeJob | SoupJob]]) -> dict[str, list[str]]:
     """Plan every merge of the grid on its pair's checkpoints (their keys, shapes and dtypes) before
     any evaluation. The merge plan's checks (a rule set that leaves no key, a specialist that does
     not fit its base) ran only as a sweep began, after every sweep before it: hours into the paper
-    grid. Each checkpoint of a pair is opened once for all its merges."""
+    grid. Each checkpoint of a pair is opened once for all its merges.
+
+    Returns the select halves each checkpoint (by its spec) learned from, where it learned from any
+    (`merging.lineage`), for `refuse_grid_halves`: they need the benchmark's fingerprint."""
     pairs: dict[tuple[str, tuple[str, ...], CheckpointAccess], list[tuple[str, MergeJob | SoupJob]]] = {}
     for label, job in jobs:
         pairs.setdefault((job.base, tuple(job.finetuned), job.access), []).append((label, job))
+    halves: dict[str, list[str]] = {}
     for (base, finetuned, access), pair_jobs in pairs.items():
         with ExitStack() as opened:
             base_source = opened.enter_context(access.open(base))
             finetuned_sources = [opened.enter_context(access.open(f)) for f in finetuned]
+            for model, source in zip((base, *finetuned), (base_source, *finetuned_sources), strict=True):
+                if marks := sources_select_halves([source]):
+                    halves[model] = marks
             for label, job in pair_jobs:
                 spec = job.spec if isinstance(job, MergeJob) else MergeSpec("linear", rules=job.rules)
                 try:
                     plan_merge(spec, base_source, finetuned_sources)
                 except MicromergeError as error:
                     raise MicromergeError(f"{label}: {error}") from error
+    return halves
+
+
+def refuse_grid_halves(halves: dict[str, list[str]], fingerprint: Callable[[], str], seed: int) -> None:
+    """Stop before any evaluation when a checkpoint of the grid learned from the benchmark's select
+    half as another seed splits it (`eval.trained_on.refuse_other_halves`). Each reference
+    evaluation checks its own model, so a later pair's was refused only after the evaluations
+    before it, and `--dry-run` did not check it at all. `fingerprint` (the benchmark's) is asked
+    for only when a checkpoint learned from some select half: the dry run loads the benchmark for
+    nothing else."""
+    if not halves:
+        return
+    benchmark = fingerprint()
+    for model, marks in halves.items():
+        refuse_other_halves(marks, benchmark, seed, model)
 
 
 def describe_grid(
@@ -354,13 +378,14 @@ def run_ablation(
     writes the report once every process has finished (a process that wrote it earlier reported
     another's alphas as missing, and one waiting long at the barrier would hit its timeout)."""
     jobs = grid_jobs(ablation)
-    check_grid_against_checkpoints(jobs)
+    halves = check_grid_against_checkpoints(jobs)
     settings = _evaluation_settings(ablation, cache_dir, progress, rank, world_size)
     # the reference points, once per pair, shared by every method and rule set
     references = [
         (model, pair["access"]) for pair in ablation.pairs for model in (pair["base"], *pair["finetuned"])
     ]
     prepared = prepare(settings)  # once: on the whole μ-Bench, a second or two per sweep of the grid
+    refuse_grid_halves(halves, lambda: prepared.bench.fingerprint, ablation.seed)
     first, first_access = references[0]
     check_target(ablation.target, run_eval(first, settings, device, first_access, prepared), ablation.data)
     for index, (model, access) in enumerate(references[1:], start=1):

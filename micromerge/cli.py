@@ -1158,21 +1158,29 @@ def ablate_command(config: str, device: str, cache_dir: str | None, quiet: bool,
         describe_grid,
         load_ablation,
         plan_grid,
+        refuse_grid_halves,
         run_ablation,
     )
     from micromerge.core.devices import resolve_device
     from micromerge.core.hashing import default_cache_dir
+    from micromerge.eval.data import load_benchmark
 
     ablation = load_ablation(config)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if dry_run:  # the list first: it needs no checkpoint, and offline the check may not reach one
         jobs, skipped = plan_grid(ablation)
         click.echo("\n".join(describe_grid(ablation, jobs, skipped)))
-        check_grid_against_checkpoints(jobs)
+        halves = check_grid_against_checkpoints(jobs)
+
+        def fingerprint() -> str:
+            return load_benchmark(ablation.data, cache_dir=cache, progress=not quiet).fingerprint
+
+        refuse_grid_halves(halves, fingerprint, ablation.seed)
         return
     state = PartialState(cpu=device == "cpu")
     html = run_ablation(
         ablation,
-        Path(cache_dir) if cache_dir else default_cache_dir(),
+        cache,
         resolve_device(device),
         progress=not quiet and state.is_main_process,
         rank=state.process_index,

@@ -152,3 +152,40 @@ def test_a_soup_records_the_half_it_was_chosen_on_and_is_held_to_it(tmp_path, se
     refused = _invoke(*evaluate)
     assert refused.exit_code == 2 and refused.output.strip().endswith("give --seed 5"), refused.output
     assert _invoke(*evaluate, "--seed", "5").exit_code == 0
+
+
+def test_an_ablation_refuses_a_checkpoint_held_to_other_halves_before_it_evaluates(tmp_path, setting):  # noqa: F811
+    """A grid whose second pair holds a `merge --seed 3` checkpoint, run with seed 0: each reference
+    evaluation checked only its own model, so the first pair's were evaluated and stored before the
+    refusal, and `--dry-run` passed the grid. Both now refuse it first, writing nothing."""
+    settings, models = setting
+    merged = tmp_path / "regmean.safetensors"
+    made = _invoke("merge", "--base", models[0], "--ft", models[1], "--method", "regmean", "--samples", "12",
+                   "--seed", "3", "--out", str(merged), "--data", settings.data, "--cache-dir",
+                   str(settings.cache_dir), "--quiet")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    store, report = tmp_path / "grid.jsonl", tmp_path / "report"
+    grid = tmp_path / "grid.toml"
+
+    def ablate(seed: int, *flags: str):
+        grid.write_text(
+            f'[ablation]\ndata = "{settings.data}"\nstore = "{store}"\nreport = "{report}"\nalphas = "0.5"\n'
+            f'methods = ["wise-ft"]\nbootstrap = 0\nseed = {seed}\n'
+            f'[[ablation.pairs]]\nbase = "{models[0]}"\nfinetuned = "{models[1]}"\n'
+            f'[[ablation.pairs]]\nbase = "{merged}"\nfinetuned = "{models[1]}"\n'
+        )
+        return _invoke("ablate", str(grid), "--device", "cpu", "--quiet", "--cache-dir", str(settings.cache_dir),
+                       *flags)  # fmt: skip
+
+    for flags in (("--dry-run",), ()):
+        refused = ablate(0, *flags)
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.splitlines()[-1] == (
+            f"error: {merged}: a data-aware merge (it, or an input) learned from the select half of these "
+            "images as --seed 3 splits them, and under --seed 0 half of the report half is images it learned "
+            "from: give --seed 3"
+        )
+        assert not store.exists() and not report.exists(), "nothing evaluated, nothing written"
+    held_out = ablate(3, "--dry-run")
+    assert held_out.exit_code == 0, held_out.output
+    assert "2 runs (2 sweeps of 1 alphas, 0 soups)" in held_out.output
