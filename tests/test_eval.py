@@ -95,8 +95,11 @@ def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
         match=r"missing required column\(s\) \['dataset'\], so not a copy of μ-Bench \(jnirschl/uBench\)$",
     ):
         load_benchmark(str(tmp_path / "missing"))
-    # a fine-tuning corpus given to eval: said to be one (the message named a file users do not have)
+    # a fine-tuning corpus given to eval: said to be one (the message named a file users do not have),
+    # here with a webdataset's own two columns beside its pairs
     pairs = dataset.select_columns(["image"]).add_column("caption", ["a micrograph"] * len(dataset))
+    pairs = pairs.add_column("__key__", [str(i) for i in range(len(dataset))])
+    pairs = pairs.add_column("__url__", ["shard-0.tar"] * len(dataset))
     pairs.save_to_disk(str(tmp_path / "pairs"))
     with pytest.raises(MicromergeError, match="a corpus of image-caption pairs goes to `finetune --data`$"):
         load_benchmark(str(tmp_path / "pairs"))
@@ -165,6 +168,17 @@ def test_a_mistyped_metadata_column_is_named_on_load(tmp_path, column, values, k
     result = CliRunner().invoke(cli, ["tasks", "--data", str(tmp_path / "typed")])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"column {column!r}" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("column", ["image_id", "label_name", "domain"])
+def test_a_required_column_that_is_no_string_is_named_on_load(tmp_path, column):
+    """The required text columns (SCHEMA.md: string, never null) typed otherwise: one line naming it."""
+    dataset = fixture_dataset(per_class=2)
+    dataset = dataset.remove_columns(column).add_column(column, list(range(len(dataset))))
+    dataset.save_to_disk(str(tmp_path / "typed"))
+    needle = rf"column '{column}' must be a string, not {re.escape(str(dataset.features[column]))}$"
+    with pytest.raises(MicromergeError, match=needle):
+        load_benchmark(str(tmp_path / "typed"))
 
 
 def test_a_column_null_in_every_row_loads_as_the_null_type_arrow_gives_it(tmp_path):
@@ -1428,6 +1442,8 @@ def test_data_verify_names_a_shard_beyond_the_expected_set(tmp_path, bench):
         ({"sub/ubench-test-00000-of-00007.arrow": "0" * 64}, "is not a shard file name"),
         ({"ubench-test-00000-of-00007.arrow": 1}, "is not a sha256 (64 hex digits): 1"),
         ({"ubench-test-00000-of-00007.arrow": "abc"}, "is not a sha256 (64 hex digits): 'abc'"),
+        ({"ubench-test-00000-of-00007.arrow": "0" * 63}, f"is not a sha256 (64 hex digits): '{'0' * 63}'"),
+        ({"ubench-test-00000-of-00007.arrow": "0" * 65}, f"is not a sha256 (64 hex digits): '{'0' * 65}'"),
     ],
 )
 def test_data_verify_refuses_checksums_that_verify_nothing(tmp_path, bench, expected, message):
@@ -1439,6 +1455,19 @@ def test_data_verify_refuses_checksums_that_verify_nothing(tmp_path, bench, expe
     )
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_data_verify_reads_upper_case_checksums(tmp_path, bench):
+    """Some tools print digests in upper case (PowerShell's Get-FileHash): the same sha256."""
+    import hashlib
+
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest().upper() for p in bench.glob("*.arrow")}
+    (tmp_path / "sums.json").write_text(json.dumps(expected))
+    result = CliRunner().invoke(
+        cli, ["data", "verify", str(bench), "--expected", str(tmp_path / "sums.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("  ok") == len(expected) == 7
 
 
 def test_the_published_checksums_pass_their_own_check():
