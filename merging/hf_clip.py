@@ -42,8 +42,14 @@ _LAYER = re.compile(r"^(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)\.(weigh
 _IGNORED = re.compile(r"position_ids$")  # a buffer of older transformers versions, not a weight
 
 
-def is_transformers_clip(keys: list[str]) -> bool:
-    return any(k.startswith("vision_model.") for k in keys) and any(k.startswith("text_model.") for k in keys)
+TOWERS = ("vision_model", "text_model")
+"""The prefixes of transformers' CLIPModel towers; CLIPVisionModel(WithProjection) and
+CLIPTextModel(WithProjection) hold one of them alone."""
+
+
+def transformers_towers(keys: list[str]) -> list[str]:
+    """Which of transformers' CLIP towers the keys hold (both for a CLIPModel, none for open_clip)."""
+    return [tower for tower in TOWERS if any(k.startswith(f"{tower}.") for k in keys)]
 
 
 def hf_to_openclip_recipes(hf_keys: list[str]) -> dict[str, Recipe]:

@@ -19,6 +19,7 @@ import torch
 
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.arch_names import CONFIG_DIR, project_model_names
+from micromerge.merging.hf_clip import TOWERS, transformers_towers
 from micromerge.merging.tensor_source import ArchInfo, TensorMeta, TensorSource, describe_key_mismatch
 
 if TYPE_CHECKING:
@@ -118,9 +119,7 @@ def resolve_model_config(
         return get_model_config(arch.name)
     inferred = infer_model_config(metas or {})
     if inferred is None:
-        raise MicromergeError(
-            f"{label}: cannot tell its architecture; pass --arch NAME (an open_clip model name)"
-        )
+        raise MicromergeError(f"{label}: {_no_architecture(list(metas or {}))}")
     warnings.warn(
         f"{label}: names no architecture; read from its tensor shapes with GELU and 64-wide attention heads, "
         "which shapes do not show: pass --arch NAME if it was trained otherwise (OpenAI CLIP and models "
@@ -128,6 +127,21 @@ def resolve_model_config(
         stacklevel=2,
     )
     return inferred
+
+
+def _no_architecture(keys: list[str]) -> str:
+    """Why no model can be built, and what would mend it: `--arch` names an open_clip architecture,
+    which cannot mend a transformers tower saved alone (CLIPVisionModel, CLIPTextModel)."""
+    towers = transformers_towers(keys)
+    if len(towers) == 1:
+        lacking = next(t for t in TOWERS if t not in towers)
+        kind = towers[0].removesuffix("_model")
+        return (
+            f"transformers-format weights of the {kind} tower alone ({towers[0]}.* keys, no {lacking}.*: a "
+            f"CLIP{kind.title()}Model's, not a CLIPModel's); zero-shot evaluation needs both towers: pass the "
+            "whole CLIPModel's weights"
+        )
+    return "cannot tell its architecture; pass --arch NAME (an open_clip model name)"
 
 
 def build_model(model_config: dict[str, Any]) -> ClipModel:

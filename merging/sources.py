@@ -201,7 +201,7 @@ def _open_clip_model_config(config_file: Path) -> dict | None:
 
 def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = "torch") -> TensorSource:
     keys = source.keys()
-    if not hf_clip.is_transformers_clip(keys):
+    if len(hf_clip.transformers_towers(keys)) < 2:  # a lone tower merges key by key, as open_clip keys do
         return source
     if arrays != "torch":
         source.close()

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from micromerge.core.errors import MicromergeError
-from micromerge.merging.models import get_model_config
+from micromerge.merging.models import get_model_config, load_model
 from micromerge.merging.sources import NeedsTorch, _offline_error, open_source
 from micromerge.merging.zoo import load_zoo
 from tests.helpers import deny_access, random_state_dict
@@ -250,6 +251,18 @@ def test_broken_json_beside_a_checkpoint_is_one_line(tmp_path):
             r"text_config.hidden_size must be a positive integer, not 'wide'",
         ),
         (hf, "config.json", '{"vision_config": 3}', "vision_config must be an object, not 3"),
+        (
+            hf,
+            "config.json",
+            '{"vision_config": {"num_hidden_layers": 0}}',
+            "vision_config.num_hidden_layers must be a positive integer, not 0",
+        ),
+        (
+            hf,
+            "config.json",
+            '{"projection_dim": true}',
+            "config.projection_dim must be a positive integer, not True",
+        ),
         (oc, "open_clip_config.json", "{cut", r"open_clip_config.json: unreadable .*pass --arch"),
     ):
         (folder / name).write_text(text)
@@ -278,3 +291,48 @@ def test_keys_without_a_counterpart_in_the_other_format_are_named():
         )
     with pytest.raises(MicromergeError, match="cannot export key 'head.weight' to transformers CLIP format"):
         openclip_to_hf({**random_state_dict(0), "head.weight": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_a_transformers_tower_saved_alone_merges_and_is_named_when_evaluated(tmp_path, tower):
+    """transformers' CLIPVisionModelWithProjection / CLIPTextModelWithProjection (keys from the
+    library itself) hold one tower under `vision_model.` / `text_model.`. Merged, it is merged key by
+    key, as before. Evaluated, "cannot tell its architecture; pass --arch NAME" named a mend that
+    cannot work (an open_clip architecture does not hold its keys): it now says which tower is there
+    and that zero-shot needs both."""
+    import transformers
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    config = tiny_hf_clip().config
+    alone = (
+        transformers.CLIPVisionModelWithProjection(config.vision_config)
+        if tower == "vision"
+        else transformers.CLIPTextModelWithProjection(config.text_config)
+    )
+    held, lacking = (f"{tower}_model", "text_model" if tower == "vision" else "vision_model")
+    weights = {k: v.contiguous() for k, v in alone.state_dict().items() if not k.endswith("position_ids")}
+    assert any(k.startswith(f"{held}.") for k in weights) and not any(
+        k.startswith(f"{lacking}.") for k in weights
+    )
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        save_file({k: v * scale for k, v in weights.items()}, str(tmp_path / name / "model.safetensors"))
+    merged = tmp_path / "merged.safetensors"
+    made = CliRunner().invoke(cli, ["merge", "--base", str(tmp_path / "a"), "--ft", str(tmp_path / "b"),
+                                    "--alpha", "0.5", "--out", str(merged), "--quiet"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    with open_source(str(merged)) as source:
+        key = next(iter(weights))
+        torch.testing.assert_close(source.read(key), torch.as_tensor(weights[key] * 1.5), atol=1e-6, rtol=0)
+    message = (
+        f"{tmp_path / 'a' / 'model.safetensors'}: transformers-format weights of the {tower} tower alone "
+        f"({held}.* keys, no {lacking}.*: a CLIP{tower.title()}Model's, not a CLIPModel's); zero-shot "
+        "evaluation needs both towers: pass the whole CLIPModel's weights"
+    )
+    with (
+        open_source(str(tmp_path / "a")) as source,
+        pytest.raises(MicromergeError, match=f"^{re.escape(message)}$"),
+    ):
+        load_model(source)
