@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def test_a_complete_last_row_without_newline_is_kept(tmp_path):
     path.write_text(json.dumps({"schema": 1, **_row(0.0)}))  # no trailing newline
     store = ResultStore(path)
     assert len(store.rows()) == 1
+    run_id = store.rows()[0]["run_id"]
+    assert [r["alpha"] for r in ResultStore(path).rows(run_id)] == [0.0], "one run's reader reads it too"
+    assert store.append([_row(0.0)]) == 0, "it is there: not written again"
     store.append([_row(1.0)])
     assert [r["alpha"] for r in store.rows()] == [0.0, 1.0]
 
@@ -145,6 +149,51 @@ def test_a_bad_line_mid_file_is_counted_even_when_the_last_row_has_no_newline(tm
     path.write_text(rows[0] + "\n{not json\n" + rows[1])  # no trailing newline
     with pytest.warns(UserWarning, match=r"skipped 1 line\(s\).*first: line 2"):
         assert [r["alpha"] for r in ResultStore(path).rows()] == [0.0, 1.0]
+
+
+def test_a_torn_last_line_is_no_damage_and_a_repeated_row_is_read_once(tmp_path):
+    """A writer killed mid-append leaves the start of a row: silently not a row (the next append
+    cuts it). Stores joined with `cat` hold a row twice: readers give it once."""
+    path = tmp_path / "r.jsonl"
+    row = json.dumps({"schema": 1, **_row(0.0)})
+    path.write_text(row + "\n" + row + "\n" + row[:20])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["alpha"] for r in ResultStore(path).rows()] == [0.0]
+    assert [r["alpha"] for r in ResultStore(path).rows("r")] == [0.0]
+
+
+def test_a_torn_row_longer_than_the_next_append_leaves_nothing_behind(tmp_path):
+    """The torn tail is cut, not written over: a shorter append would leave the torn row's end."""
+    path = tmp_path / "r.jsonl"
+    whole = json.dumps({"schema": 1, **_row(0.0)}, sort_keys=True) + "\n"
+    torn = json.dumps({"schema": 1, **_row(0.5, task="t" * 500)})[:400]
+    path.write_text(whole + torn)
+    assert ResultStore(path).append([_row(1.0)]) == 1
+    lines = path.read_text().splitlines()
+    assert lines[0] + "\n" == whole and [json.loads(line)["alpha"] for line in lines] == [0.0, 1.0]
+
+
+def test_rows_another_tool_wrote_in_compact_json_count_as_written(tmp_path):
+    """A row whose run id is not spelled as this module writes it (compact JSON from another tool)
+    is indexed for every run; appended between two appends of one store object, it is still
+    seen there, not written a second time."""
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    assert store.append([_row(0.0)]) == 1
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"schema": 1, **_row(0.5)}, separators=(",", ":")) + "\n")
+    assert store.append([_row(0.5), _row(1.0)]) == 1
+    assert [json.loads(line)["alpha"] for line in path.read_text().splitlines()] == [0.0, 0.5, 1.0]
+
+
+def test_each_runs_first_row_is_found_the_last_without_its_newline_too(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows = [json.dumps({"schema": 1, **_row(a, run_id=r)}) for a, r in ((0.0, "a"), (0.5, "a"), (0.0, "b"))]
+    path.write_text("\n".join(rows))  # b's only row has no newline
+    firsts = ResultStore(path).first_rows()
+    assert {run: row["alpha"] for run, row in firsts.items()} == {"a": 0.0, "b": 0.0}
+    assert list(firsts) == ["a", "b"]
 
 
 def test_done_is_the_finished_work_of_one_run_only(tmp_path):
