@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
@@ -439,15 +439,33 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, base):
     assert log == list(range(1, steps + 1))
 
 
+def test_the_temperature_is_kept_within_clip_s_bound_after_every_step(tmp_path, base):
+    """open_clip's training loop clamps logit_scale to [0, ln 100] after each optimizer step (as
+    CLIP's paper bounds the temperature at 100): a base whose scale lies above it ends at the bound."""
+    from micromerge.merging.plan import LOGIT_SCALE_MAX
+
+    weights = load_file(str(base))
+    weights["logit_scale"] = torch.tensor(5.0)
+    save_file(weights, str(tmp_path / "hot.safetensors"), metadata={"micromerge.arch": "nano-clip"})
+    data = write_csv_folder(tmp_path / "pairs", n=8)
+    out = run_finetune(config(tmp_path / "hot.safetensors", data, tmp_path / "run", max_steps=1))
+    assert float(load_file(str(out))["logit_scale"]) == pytest.approx(LOGIT_SCALE_MAX, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     """Two gloo processes of batch 6 end identical, and equal to one process of batch 12: the
     contrastive loss gathers both processes' features (open_clip's ClipLoss does likewise), so
     each image's negatives are the global batch. Without the gather they would train two
-    separate 6-way tasks and end elsewhere."""
+    separate 6-way tasks and end elsewhere. The two processes run one epoch, which is 4 steps of
+    2 x 6 of the 48 pairs, as the one process's 4 steps of 12 are: an epoch counted per process
+    (48 / 6) ran 8."""
     data = write_csv_folder(tmp_path / "pairs", n=48)
+    args = _contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=6)
+    at = args.index("--max-steps")
+    args[at : at + 2] = ["--epochs", "1"]
     command = two_process_launch(
-        *_contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=6),
+        *args,
         "--save-every",
         "0",
         "--lr",
