@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -260,3 +261,93 @@ def test_radix_select_equals_sorting_for_any_split_into_keys(chunks, data):
     expected = torch.zeros(total, dtype=torch.bool)
     expected[order[:size]] = True
     assert torch.equal(torch.cat([top.mask(k, tensors[k]) for k in keys]), expected)
+
+
+@pytest.mark.parametrize(
+    ("method", "field", "accepted", "refused", "message"),
+    [
+        ("ties", "density", (1.0,), (0.0, 1.01), "--density {}: must be in (0, 1]"),
+        ("dare", "drop_rate", (0.0, 0.99), (1.0, -0.1), "--drop-rate {}: must be in [0, 1)"),
+        ("breadcrumbs", "gamma", (0.0,), (1.0, -0.1), "--gamma {}: must be in [0, 1)"),
+        ("regmean", "offdiag_scale", (0.0, 1.0), (1.5, -0.1), "--offdiag-scale {}: must be in [0, 1]"),
+    ],
+)
+def test_each_method_parameter_is_held_to_its_range_at_both_ends(method, field, accepted, refused, message):
+    """A drop rate of 1 drops every entry (DARE's 1/(1-p) divides by zero); a γ of 1 drops every
+    magnitude; RegMean's off-diagonal scale interpolates between the Gram and its diagonal."""
+    from micromerge.core.errors import MicromergeError
+    from micromerge.merging.methods import get_method
+    from micromerge.merging.plan import check_method_params
+
+    for value in accepted:
+        check_method_params(get_method(method), MethodParams(**{field: value}))
+    for value in refused:
+        with pytest.raises(MicromergeError, match=f"^{re.escape(message.format(value))}$"):
+            check_method_params(get_method(method), MethodParams(**{field: value}))
+
+
+def test_della_s_keep_probabilities_must_lie_in_0_1():
+    from micromerge.core.errors import MicromergeError
+    from micromerge.merging.methods import get_method
+    from micromerge.merging.plan import check_method_params
+
+    della = get_method("della")
+    check_method_params(della, MethodParams(density=0.5, epsilon=0.0))
+    for epsilon in (-0.1, 0.5):
+        with pytest.raises(
+            MicromergeError, match=rf"^--epsilon {epsilon} with --density 0.5: density - epsilon"
+        ):
+            check_method_params(della, MethodParams(density=0.5, epsilon=epsilon))
+
+
+@pytest.mark.parametrize(
+    ("method", "warns"), [("wise-ft", True), ("slerp", True), ("task-arithmetic", False)]
+)
+def test_an_interpolation_s_alpha_outside_0_1_is_said_to_extrapolate(method, warns):
+    """WiSE-FT's α and SLERP's t interpolate between two models; task arithmetic's λ is a scale,
+    above 1 by design in its paper's grids."""
+    import warnings
+
+    from micromerge.merging.methods import get_method
+    from micromerge.merging.plan import check_strength
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_strength(get_method(method), 1.5, "--alpha")
+        check_strength(get_method(method), 1.0, "--alpha")
+    assert [str(w.message) for w in caught] == (
+        ["--alpha=1.5 is outside [0, 1]: this extrapolates beyond the two models, not an interpolation"]
+        if warns
+        else []
+    )
+
+
+def _two_sources():
+    from micromerge.merging.torch_sources import DictSource
+
+    base = DictSource({"a.weight": torch.zeros(2, 2), "b.weight": torch.zeros(2)}, "base")
+    return base, [DictSource({"a.weight": torch.ones(2, 2), "b.weight": torch.ones(2)}, "ft")]
+
+
+def test_linear_weights_off_1_and_an_alpha_rule_outside_0_1_are_used_as_given_and_said():
+    """Linear's weights are not normalised (a soup of weights summing to 1.1 scales the model); an
+    α rule of WiSE-FT is an interpolation like --alpha: both are said, neither refused."""
+    import warnings
+
+    from micromerge.merging.plan import MergeSpec, plan_merge
+    from micromerge.merging.rules import KeyRules
+
+    specs = {
+        "--weights sum to 1.1, not 1: used as given (no normalisation)": MergeSpec(
+            "linear", MethodParams(weights=(0.5, 0.6))
+        ),
+        "--alpha-rule a.*=1.5 is outside [0, 1]: this extrapolates beyond the two models, not an interpolation": (
+            MergeSpec("wise-ft", rules=KeyRules(strength_rules=(("a.*", 1.5),)))
+        ),
+    }
+    for message, spec in specs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plans = plan_merge(spec, *_two_sources())
+        assert [str(w.message) for w in caught] == [message]
+        assert all(plan.merged for plan in plans)

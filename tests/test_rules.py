@@ -23,6 +23,12 @@ def test_an_excluded_key_is_not_merged_even_when_included():
     assert KeyRules(exclude=("visual.*",)).is_merged("logit_scale")
 
 
+def test_several_include_patterns_merge_what_any_of_them_matches():
+    rules = KeyRules(include=("visual.*", "re:^logit_scale$"))
+    assert rules.is_merged("visual.proj") and rules.is_merged("logit_scale")
+    assert not rules.is_merged("token_embedding.weight")
+
+
 def test_globs_are_case_sensitive_like_the_keys():
     """`Visual.*` is a typo, not another spelling: open_clip keys are lower case and a glob that
     matched them case-insensitively would merge what the user did not name."""
