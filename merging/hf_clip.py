@@ -43,8 +43,8 @@ _IGNORED = re.compile(r"position_ids$")  # a buffer of older transformers versio
 
 
 TOWERS = ("vision_model", "text_model")
-"""The prefixes of transformers' CLIPModel towers; CLIPVisionModel(WithProjection) and
-CLIPTextModel(WithProjection) hold one of them alone."""
+"""The prefixes of transformers' CLIPModel towers; CLIPVisionModelWithProjection and
+CLIPTextModelWithProjection (and transformers 4's CLIPVisionModel and CLIPTextModel) hold one alone."""
 
 
 def transformers_towers(keys: list[str]) -> list[str]:

@@ -131,7 +131,7 @@ def resolve_model_config(
 
 def _no_architecture(keys: list[str]) -> str:
     """Why no model can be built, and what would mend it: `--arch` names an open_clip architecture,
-    which cannot mend a transformers tower saved alone (CLIPVisionModel, CLIPTextModel)."""
+    which cannot mend a transformers tower saved alone (`hf_clip.TOWERS`)."""
     towers = transformers_towers(keys)
     if len(towers) == 1:
         lacking = next(t for t in TOWERS if t not in towers)
