@@ -351,3 +351,15 @@ def test_linear_weights_off_1_and_an_alpha_rule_outside_0_1_are_used_as_given_an
             plans = plan_merge(spec, *_two_sources())
         assert [str(w.message) for w in caught] == [message]
         assert all(plan.merged for plan in plans)
+
+
+def test_an_output_dtype_outside_the_choices_is_refused_by_the_plan():
+    """The CLI's --dtype is a click choice; a job mapping (a script, a config file) reaches the plan
+    with whatever it says, and an unknown one was a KeyError."""
+    from micromerge.core.errors import MicromergeError
+    from micromerge.merging.plan import MergeSpec, plan_merge
+
+    with pytest.raises(
+        MicromergeError, match=r"^--dtype float64: choose one of \['bfloat16', 'float16', 'float32'\]$"
+    ):
+        plan_merge(MergeSpec("wise-ft", out_dtype="float64"), *_two_sources())
