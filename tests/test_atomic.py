@@ -1,0 +1,54 @@
+"""Atomic outputs (`core.atomic`): the cases the merge, report and export tests do not reach."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from micromerge.core.atomic import atomic_output, same_file, staged_files
+from micromerge.core.errors import MicromergeError
+
+
+def test_a_staged_set_removes_only_what_an_earlier_set_of_its_kind_wrote(tmp_path):
+    """A report of fewer runs leaves no figure of an earlier run behind, but a file of the user's
+    own in the same subfolder stays: only what `superseded` names is removed."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "run-old.png").write_text("an earlier report's")
+    (tmp_path / "figures" / "mine.png").write_text("the user's")
+    with staged_files(tmp_path, superseded=lambda name: name.startswith("figures/run-")) as staging:
+        (staging / "figures").mkdir()
+        (staging / "figures" / "run-new.png").write_text("this report's")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["mine.png", "run-new.png"]
+    assert not list(tmp_path.glob(".staging.*"))
+
+
+def test_a_hard_link_to_an_input_is_that_input(tmp_path):
+    """`--out` naming another path to the same file (a hard link) would overwrite the input."""
+    original, linked, other = tmp_path / "ft.safetensors", tmp_path / "link.safetensors", tmp_path / "o"
+    original.write_bytes(b"weights")
+    other.write_bytes(b"weights")
+    os.link(original, linked)
+    assert same_file(linked, original) and not same_file(other, original)
+
+
+def test_without_hard_links_an_output_that_appeared_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    """On a file system without hard links (some network and FUSE mounts) publishing falls back to
+    check-then-rename: an output another writer made meanwhile is still refused, and kept."""
+
+    def no_links(*_args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "merged.safetensors"
+    with atomic_output(target, "w", force=False) as handle:
+        handle.write("first")
+    assert target.read_text() == "first"
+    second = tmp_path / "second.safetensors"
+    refused = pytest.raises(MicromergeError, match="second.safetensors: output exists")
+    with refused, atomic_output(second, "w", force=False) as handle:
+        handle.write("mine")
+        second.write_text("another writer's")
+    assert second.read_text() == "another writer's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors", "second.safetensors"]
