@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import micromerge
-from micromerge.core.atomic import output_folder, write_json_atomic, write_text_atomic
+from micromerge.core.atomic import output_folder, sync_tree, write_json_atomic, write_text_atomic
 from micromerge.core.devices import resolve_device
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
@@ -678,12 +678,14 @@ def _save_state(
     """The model and optimizer through accelerate (safetensors, and tensors torch.load reads with
     weights_only), the schedule's position in trainer_state.json: accelerate pickles a registered
     scheduler and unpickles it with weights_only=False, which runs whatever code a state folder
-    handed to the user holds."""
+    handed to the user holds. Every file of the new state reaches the disk before LATEST names it
+    and the older state is removed: a power loss never leaves only a torn state to resume from."""
     state_dir = cfg.out / "state"
     name = f"step-{step:08d}"
     accelerator.save_state(str(state_dir / name))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        sync_tree(state_dir / name)
         write_json_atomic(
             state_dir / name / "trainer_state.json",
             {

@@ -20,7 +20,7 @@ import click
 import torch
 
 import micromerge
-from micromerge.core.atomic import write_json_atomic
+from micromerge.core.atomic import sync_folder, sync_tree, write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 
@@ -133,8 +133,10 @@ def _write_data(cfg: DemoConfig, data: Path) -> None:
     write_benchmark(staging / "ubench-synthetic", seed=cfg.seed, per_class=cfg.bench_per_class)
     write_corpus(staging / "corpus-general", "general", seed=cfg.seed, per_class=cfg.corpus_per_class)
     write_corpus(staging / "corpus-pathology", "pathology", seed=cfg.seed, per_class=cfg.corpus_per_class)
+    sync_tree(staging)  # the marker that follows says "finished": the files must be on the disk first
     shutil.rmtree(data, ignore_errors=True)
     staging.rename(data)
+    sync_folder(data.parent)
 
 
 def _write_init(cfg: DemoConfig, path: Path) -> None:

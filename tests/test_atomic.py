@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,59 @@ def test_without_hard_links_an_output_that_appeared_meanwhile_is_not_replaced(tm
         second.write_text("another writer's")
     assert second.read_text() == "another writer's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors", "second.safetensors"]
+
+
+class _DiskLog:
+    """What reached the disk, in order: each fsync (by the path its descriptor names) and each
+    rename. Power loss after a rename must find the renamed file's contents on the disk."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[tuple[str, str]] = []
+        fsync = os.fsync
+
+        def logged_fsync(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", logged_fsync)
+        for name in ("replace", "rename"):
+            monkeypatch.setattr(os, name, self._logged(getattr(os, name)))
+
+    def _logged(self, move):
+        def logged_move(src, dst, **kwargs):
+            move(src, dst, **kwargs)
+            self.events.append(("rename", str(dst)))
+
+        return logged_move
+
+    def index(self, kind: str, path) -> int:
+        return self.events.index((kind, str(path)))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc")
+def test_an_outputs_contents_reach_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    """Without the fsync before the rename, ext4's delayed allocation, XFS and btrfs may commit
+    the rename first: a power loss then leaves an empty file under the final name."""
+    log = _DiskLog(monkeypatch)
+    target = tmp_path / "merged.safetensors"
+    with atomic_output(target, "w") as handle:
+        handle.write("weights")
+    synced = [path for kind, path in log.events[: log.index("rename", target)] if kind == "fsync"]
+    assert len(synced) == 1 and Path(synced[0]).name.startswith(".merged.safetensors."), synced
+    assert log.events[log.index("rename", target) + 1] == ("fsync", str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc")
+def test_a_staged_sets_files_reach_the_disk_before_they_are_published(tmp_path, monkeypatch):
+    """A report or an export is written by libraries (matplotlib, transformers) that do not
+    fsync: each of its files is synced before the first rename, and its folders after the last."""
+    log = _DiskLog(monkeypatch)
+    with staged_files(tmp_path) as staging:
+        (staging / "figures").mkdir()
+        (staging / "figures" / "a.png").write_text("figure")
+        (staging / "report.md").write_text("report")
+    first_rename = min(i for i, (kind, _) in enumerate(log.events) if kind == "rename")
+    synced = {Path(path).name for kind, path in log.events[:first_rename] if kind == "fsync"}
+    assert {"a.png", "report.md"} <= synced
+    after = log.events[max(i for i, (kind, _) in enumerate(log.events) if kind == "rename") :]
+    assert ("fsync", str(tmp_path)) in after and ("fsync", str(tmp_path / "figures")) in after

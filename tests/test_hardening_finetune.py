@@ -8,6 +8,7 @@ import io
 import json
 import re
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,28 @@ def _killed_after_step_two(tmp_path, base, data, monkeypatch) -> None:
     for name in ("manifest.json", "model.safetensors"):
         (tmp_path / "run" / name).unlink()
     assert (tmp_path / "run" / "state" / "LATEST").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
+def test_a_saved_state_reaches_the_disk_before_latest_names_it(tmp_path, base, monkeypatch):
+    """accelerate writes the model, optimizer and RNG files without fsync; LATEST is published and
+    the older state removed right after. Were LATEST's rename to reach the disk first, a power loss
+    would leave a resume only torn files, and no older state to fall back on."""
+    from tests.test_atomic import _DiskLog
+
+    data = write_csv_folder(tmp_path / "pairs")
+    log = _DiskLog(monkeypatch)
+    with monkeypatch.context() as patch:  # keep the state folder to list what it held
+        patch.setattr("micromerge.finetune.trainer.shutil.rmtree", lambda *a, **k: None)
+        run_finetune(config(base, data, tmp_path / "run", max_steps=3, save_every=2))
+    state = tmp_path / "run" / "state" / "step-00000002"
+    accelerates = {str(path) for path in state.rglob("*") if path.is_file()} - {
+        str(state / "trainer_state.json")
+    }
+    before_latest = log.events[: log.index("rename", tmp_path / "run" / "state" / "LATEST")]
+    synced = {path for kind, path in before_latest if kind == "fsync"}
+    assert len(accelerates) >= 3 and accelerates <= synced, sorted(accelerates - synced)
+    assert ("rename", str(state / "trainer_state.json")) in before_latest  # atomic: synced as written
 
 
 def test_resume_refuses_changed_data_at_the_same_path(tmp_path, base, monkeypatch):
