@@ -188,6 +188,8 @@ def test_supervised_head_starts_as_the_zero_shot_head_and_text_tower_stays_froze
     )
     assert head["weight"].shape == zero_shot.shape
     assert torch.allclose(head["weight"], zero_shot, atol=0.05), "two small steps from the zero-shot head"
+    # WiSE-FT's head is a linear layer with a bias, started at zero and trained with the weights
+    assert head["bias"].shape == (len(zero_shot),) and head["bias"].abs().max() > 0
 
 
 def test_clip_loss_equals_open_clips_own():

@@ -40,6 +40,14 @@ def base(tmp_path):
         ({"max_bad_fraction": 1.5}, "--max-bad-fraction 1.5"),
         ({"epochs": True}, "--epochs True"),  # a bool is an int to Python, not a count
         ({"workers": -1}, "--workers -1"),
+        ({"batch_size": 0}, "--batch-size 0: must be an integer of at least 1"),
+        ({"accum_steps": 0}, "--accum-steps 0: must be an integer of at least 1"),
+        ({"warmup_steps": -1}, "--warmup-steps -1: must be an integer of at least 0"),
+        ({"save_every": -1}, "--save-every -1: must be an integer of at least 0"),
+        ({"weight_decay": -0.1}, "--weight-decay -0.1: must be a finite number >= 0"),
+        ({"precision": "fp8"}, "--precision fp8: expected no, bf16 or fp16"),
+        ({"data_in_memory": "maybe"}, "--data-in-memory maybe: expected auto, yes or no"),
+        ({"mode": "supervised"}, "finetune supervised: --task is required"),
         # a [finetune] table can name what the contrastive command has no flag for
         ({"lp_epochs": 1}, "finetune contrastive: lp_epochs applies to supervised fine-tuning only"),
         (
@@ -67,6 +75,7 @@ def test_the_recorded_hyper_parameters_are_exactly_what_can_change_the_weights(t
     for change in ({"seed": 1}, {"lr": 2e-3}, {"augment": ("flip",)}, {"freeze_text": True}):
         assert replace(run, **change).hyperparameters() != run.hyperparameters(), change
     assert run.hyperparameters()["freeze_text"] is False
+    assert "augment" not in run.hyperparameters()  # runs from before augmentation keep their digest
     assert replace(run, mode="supervised", task="t").hyperparameters()["freeze_text"] is True
 
 
@@ -84,6 +93,17 @@ def test_a_config_files_mode_other_than_the_subcommand_is_refused(tmp_path, mode
     result = CliRunner().invoke(cli, ["finetune", "contrastive", "--config", str(path)])
     assert result.exit_code == 2, result.output
     assert f"ft.toml [finetune]: mode = '{mode}', but this is `finetune contrastive`" in result.output
+
+
+@pytest.mark.parametrize("required", ["mode", "base", "data", "out"])
+def test_a_finetune_config_file_must_name_what_it_trains_and_where(required):
+    """Without `out` the file's table reached Path(None): a TypeError traceback, not one line."""
+    from micromerge.finetune.config import config_from_mapping
+
+    values = {"mode": "contrastive", "base": "b", "data": "d", "out": "o"}
+    del values[required]
+    with pytest.raises(MicromergeError, match=f"finetune: --{required} is required"):
+        config_from_mapping(values)
 
 
 def test_an_unknown_key_in_a_finetune_config_file_is_named():
@@ -227,6 +247,24 @@ def test_caption_files_with_bad_bytes_are_one_line(tmp_path, base, make, needle)
             ),
             "micro_step and step must be counts",
         ),
+        (  # JSON's true is a count to Python
+            lambda state: (state / "step-00000002" / "trainer_state.json").write_text(
+                json.dumps({"config_digest": "x", "micro_step": 2, "step": True})
+            ),
+            "micro_step and step must be counts",
+        ),
+        (
+            lambda state: (state / "step-00000002" / "trainer_state.json").write_text(
+                json.dumps({"config_digest": "x", "micro_step": -2, "step": 2})
+            ),
+            "micro_step and step must be counts",
+        ),
+        (
+            lambda state: (state / "step-00000002" / "trainer_state.json").write_text(
+                json.dumps({"config_digest": "x", "step": 2})
+            ),
+            "lacks config_digest, micro_step or step",
+        ),
     ],
 )
 def test_a_damaged_saved_state_is_one_line(tmp_path, base, monkeypatch, damage, message):
@@ -263,6 +301,8 @@ def test_a_device_the_run_would_not_use_is_refused(tmp_path, base):
         lambda schedule: {},
         lambda schedule: {**schedule, "base_lrs": [*schedule["base_lrs"], 0.1]},  # another group count
         lambda schedule: {**schedule, "last_epoch": 2.5},
+        lambda schedule: {**schedule, "last_epoch": True},  # JSON's true is an int to Python
+        lambda schedule: {k: 0 if isinstance(v, bool) else v for k, v in schedule.items()},
         lambda schedule: "warmup",
     ],
 )
@@ -273,11 +313,39 @@ def test_a_schedule_that_is_not_this_runs_is_one_line(tmp_path, base, monkeypatc
     _killed_after_step_two(tmp_path, base, data, monkeypatch)
     path = tmp_path / "run" / "state" / "step-00000002" / "trainer_state.json"
     saved = json.loads(path.read_text())
-    path.write_text(json.dumps({**saved, "scheduler": edit(saved["scheduler"])}))
+    edited = edit(saved["scheduler"])
+    assert json.dumps(edited) != json.dumps(saved["scheduler"]), "the edit must change the schedule"
+    path.write_text(json.dumps({**saved, "scheduler": edited}))
     with pytest.raises(
         MicromergeError, match="the learning-rate schedule in its trainer_state.json is not this run's"
     ):
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+
+
+def test_an_old_states_pickle_that_holds_no_schedule_is_refused_before_the_state_is_changed(
+    tmp_path, base, monkeypatch
+):
+    """An earlier micromerge's state kept its schedule in `custom_checkpoint_0.pkl`, which a resume
+    moves into trainer_state.json. A pickle torch reads without running code but holding no schedule
+    (no integer `last_epoch`) is refused before anything is moved: the pickle stays, and
+    trainer_state.json is as it was (moved first, the state was rewritten and then refused)."""
+    import torch
+
+    data = write_csv_folder(tmp_path / "pairs")
+    _killed_after_step_two(tmp_path, base, data, monkeypatch)
+    state = tmp_path / "run" / "state" / "step-00000002"
+    saved = json.loads((state / "trainer_state.json").read_text())
+    (state / "trainer_state.json").write_text(
+        json.dumps({k: v for k, v in saved.items() if k != "scheduler"})
+    )
+    torch.save({"base_lrs": [1e-3], "last_epoch": "2"}, state / "custom_checkpoint_0.pkl")
+    before = (state / "trainer_state.json").read_text()
+    with pytest.raises(
+        MicromergeError, match="custom_checkpoint_0.pkl is not a learning-rate schedule; start"
+    ):
+        run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
+    assert (state / "custom_checkpoint_0.pkl").is_file()
+    assert (state / "trainer_state.json").read_text() == before
 
 
 def test_a_damaged_loss_log_is_no_reason_to_stop_a_resume(tmp_path, base, monkeypatch):
@@ -287,8 +355,9 @@ def test_a_damaged_loss_log_is_no_reason_to_stop_a_resume(tmp_path, base, monkey
     _killed_after_step_two(tmp_path, base, data, monkeypatch)
     log = tmp_path / "run" / "train_log.jsonl"
     lines = log.read_text().splitlines()
-    log.write_text("\n".join([lines[0], '{"step": 2, "lo', '{"no": "step"}', *lines[2:]]) + "\n")
-    with pytest.warns(UserWarning, match="2 line\\(s\\) that are not a step's loss record dropped"):
+    bad = ['{"step": 2, "lo', '{"no": "step"}', '{"step": 2, "loss": "0.7"}']
+    log.write_text("\n".join([lines[0], *bad, *lines[2:]]) + "\n")
+    with pytest.warns(UserWarning, match="3 line\\(s\\) that are not a step's loss record dropped"):
         run_finetune(config(base, data, tmp_path / "run", max_steps=4, save_every=2, resume=True))
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 3, 4]
 
