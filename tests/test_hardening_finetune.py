@@ -106,6 +106,20 @@ def test_a_finetune_config_file_must_name_what_it_trains_and_where(required):
         config_from_mapping(values)
 
 
+def test_a_finetune_config_files_freeze_must_be_a_list(tmp_path):
+    """`freeze = "visual.*"` (one pattern, not in a list) became the patterns 'v', 'i', 's', ...: the
+    schema names the key and what it takes."""
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    path = tmp_path / "ft.toml"
+    path.write_text('[finetune]\nbase = "b"\ndata = "d"\nout = "o"\nfreeze = "visual.*"\n')
+    result = CliRunner().invoke(cli, ["finetune", "contrastive", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "ft.toml [finetune]: freeze must be a list of strings" in result.output
+
+
 def test_an_unknown_key_in_a_finetune_config_file_is_named():
     """A misspelt key (`learning_rate` for `lr`) would otherwise train with the default silently."""
     from micromerge.finetune.config import config_from_mapping

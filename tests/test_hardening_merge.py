@@ -223,6 +223,11 @@ def test_merge_alphas_resume_after_a_kill_and_recover_a_lost_manifest(pair):
         ('force = "false"', "force must be a boolean"),
         ('include = "visual.*"', "include must be a list of strings"),
         ('alpha = "abc"', "alpha must be a finite number"),
+        ("alpha = nan", "alpha must be a finite number"),  # TOML's nan and inf are floats
+        ("seed = true", "seed must be an integer"),  # a boolean is an int to Python
+        ('alpha_rules = [["visual.*", 0.5, 1]]', "alpha_rules must be a table"),
+        ('alpha_rules = { "visual.*" = "half" }', "alpha_rules must be a table"),
+        ("samples = 2.5", "samples must be an integer"),
         ("finetuned = 5", "finetuned must be a string or a list of strings"),
         ("bogus = 1", "unknown key(s) ['bogus']; allowed: ["),
         # a key written as its flag, and a typo, are each answered with the key meant
@@ -606,3 +611,27 @@ def test_a_sharded_checkpoint_reads_each_key_from_its_shard_with_every_shards_me
         MicromergeError, match=r"model-00002-of-00002.safetensors: tensor 'a' appears in two shards"
     ):
         open_source(str(index), arrays="numpy")
+
+
+def test_an_alpha_range_of_exactly_the_limit_is_taken_and_a_trailing_comma_adds_no_alpha():
+    """`START:STOP:STEP` counts STOP itself: 0:9999:1 is 10,000 alphas, the most a sweep writes. A
+    list written by a script may end in a comma (`0,0.5,`): it names no further alpha."""
+    from micromerge.merging.job import MAX_ALPHAS, parse_alphas
+
+    assert len(parse_alphas(f"0:{MAX_ALPHAS - 1}:1")) == MAX_ALPHAS
+    with pytest.raises(MicromergeError, match=f"--alphas '0:{MAX_ALPHAS}:1': 10,001 values; at most 10,000"):
+        parse_alphas(f"0:{MAX_ALPHAS}:1")
+    assert parse_alphas("0,0.5,") == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("method", ["adamerging", "supervised-alpha"])
+def test_a_learned_merge_takes_no_corpus_per_model(method):
+    """AdaMerging and the supervised α learn their coefficients jointly on μ-Bench's select half;
+    `--base-data` (a corpus per model, Fisher's and RegMean's) was accepted and read by nothing."""
+    from micromerge.merging.job import job_from_mapping
+
+    values = {"base": "b.safetensors", "finetuned": ["f.safetensors"], "method": method, "base_data": "c.csv"}
+    with pytest.raises(
+        MicromergeError, match=f"only fisher and regmean estimate per-model statistics \\({method}"
+    ):
+        job_from_mapping(values)

@@ -65,6 +65,22 @@ def test_zoo_inputs_name_the_hub_repos_their_weights_come_from():
     assert tuned[tuned.index("base_model:") + 1 :] == ["- wisdomik/QuiltNet-B-32"]
 
 
+def test_a_zoo_file_that_does_not_read_costs_the_card_its_base_model_not_the_export(monkeypatch):
+    """A hand-edited zoo.toml with an error stops `merge --base plip`, but a card written for an
+    export of a finished checkpoint only loses the Hub ids it would have drawn from the zoo."""
+    from micromerge.core.errors import MicromergeError
+    from micromerge.merging import model_card as cards
+
+    def broken_zoo():
+        raise MicromergeError("zoo.toml: not a readable zoo")
+
+    monkeypatch.setattr(cards, "load_zoo", broken_zoo)
+    header = _header(
+        model_card("m", {"method": "wise-ft", "inputs": ["zoo:plip", "hf-hub:org/b"]}, "open_clip")
+    )
+    assert header[header.index("base_model:") + 1 :] == ["- org/b"]
+
+
 def test_a_bare_name_that_is_a_local_folder_is_not_taken_for_the_zoo_entry(tmp_path, monkeypatch):
     """`--base plip` opens a folder named plip before the zoo (merging/sources.py): its card must
     not claim vinid/plip as the base."""

@@ -112,3 +112,15 @@ def test_hashing_files_the_cache_lacks_shows_a_bar_in_bytes_and_a_cached_run_non
         path.write_bytes(path.read_bytes() + b"y" * 64)
     hashing.sha256_files(files, cache, "sha256 of the shards", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_cache_lives_where_xdg_cache_home_says(tmp_path, monkeypatch):
+    """Clusters point XDG_CACHE_HOME at scratch space (home folders are small and shared): the
+    digest, pixel and statistics caches go there, and under ~/.cache only where it is unset."""
+    from micromerge.core.hashing import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
+    assert default_cache_dir() == tmp_path / "scratch" / "micromerge"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "micromerge"

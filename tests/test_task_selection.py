@@ -39,6 +39,7 @@ def _names(tasks, wanted) -> list[str]:
     ("wanted", "expected"),
     [
         ("domain:pathology", ["kather_et_al_2016", "nirschl_et_al_2018"]),
+        ("domain : pathology", ["kather_et_al_2016", "nirschl_et_al_2018"]),  # spaces as typed
         ("scale:cellular", ["eulenberg_et_al_2017_darkfield", "held_et_al_2010_h2b"]),
         ("modality:fluorescence microscopy", ["held_et_al_2010_h2b", "opencell"]),
         ("paper:no", ["opencell"]),
@@ -77,6 +78,21 @@ def test_a_group_value_holding_a_comma_is_read_whole(tasks):
         "nirschl_et_al_2018",
         "opencell",
     ]
+
+
+def test_a_group_value_is_read_as_the_longest_group_its_pieces_spell(tasks):
+    """Where one value holding a comma starts another up to a further comma (`cell, organism or
+    structure identification` and the same `, in tissue`), the longer is meant: read shorter first,
+    the rest of it was taken for an unknown task name."""
+    from dataclasses import replace
+
+    longer = "cell, organism or structure identification, in tissue"
+    renamed = [
+        replace(t, groups={**t.groups, "taxonomy": longer}) if t.name == "kather_et_al_2016" else t
+        for t in tasks
+    ]
+    assert _names(renamed, f"taxonomy:{longer}") == ["kather_et_al_2016"]
+    assert _names(renamed, "taxonomy:cell, organism or structure identification") == ["opencell"]
 
 
 @pytest.mark.parametrize(
