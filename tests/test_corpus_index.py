@@ -322,6 +322,12 @@ def test_a_caption_that_is_not_text_is_refused_on_every_path_not_trained_on_as_i
             match=r"lines.jsonl: line 2: column 'caption': the caption is not text but list \['b', 'c'\]",
         ):
             read(str(table))
+    many = json.dumps({"image": "img0.png", "caption": [f"caption {i}" for i in range(1000)]})
+    table.write_text(many + "\n")
+    with pytest.raises(MicromergeError) as caught:
+        load_pairs(str(table))
+    assert "not text but list ['caption 0', 'caption 1'," in str(caught.value)
+    assert len(str(caught.value)) < 400, "a thousand captions quoted whole is no one-line error"
     table.write_text('{"image": "img0.png", "caption": 7}\n')
     with pytest.raises(
         MicromergeError, match=r"line 1: column 'caption': the caption is not text but int 7; give one"
@@ -365,6 +371,12 @@ def test_a_datasets_images_as_bytes_structs_or_paths_read_alike_and_a_number_col
     datasets.Dataset.from_dict({"image": [0, 1], "caption": ["a", "b"]}).save_to_disk(
         str(tmp_path / "numbers")
     )
+    # a struct, but not datasets' {bytes, path}: a web corpus's {url, width} is no image column
+    web = [{"url": "https://example.org/a.png", "width": 32}] * 2
+    datasets.Dataset.from_dict({"image": web, "caption": ["a", "b"]}).save_to_disk(str(tmp_path / "web"))
+    for load in (load_pairs, index_pairs):
+        with pytest.raises(MicromergeError, match=r"image column 'image' holds \{.*'url'.*, not images"):
+            load(str(tmp_path / "web"))
     for load in (load_pairs, index_pairs):
         with pytest.raises(
             MicromergeError,
@@ -471,3 +483,23 @@ def test_a_folder_with_both_tables_reads_the_csv_and_an_empty_shard_set_is_no_co
     _shard(tmp_path / "empty" / "shard-000000.tar", [])
     with pytest.raises(MicromergeError, match="empty: the dataset is empty"):
         load_pairs(str(tmp_path / "empty"))
+
+
+def test_a_tables_image_names_are_read_without_the_spaces_around_them(tmp_path):
+    """A table written by hand or by a spreadsheet with a space after each comma (`img0.png, a
+    smear`): the image is `img0.png`, as the caption is `a smear`."""
+    folder = write_csv_folder(tmp_path / "pairs", n=2)
+    (folder / "captions.csv").write_text("image,caption\n img0.png , a smear\nimg1.png,b\n")
+    pairs = load_pairs(str(folder))
+    assert [Path(p["path"]).name for p in pairs.payloads] == ["img0.png", "img1.png"]
+    assert pairs.captions == ["a smear", "b"]
+
+
+def test_a_folders_shards_are_read_in_the_order_of_their_names(tmp_path, monkeypatch):
+    """A folder lists its files in whatever order the file system keeps (ext4: by hash): read so,
+    the same corpus would be another sample order and another fingerprint on another machine."""
+    for name, caption in (("shard-1.tar", b"one"), ("shard-0.tar", b"zero"), ("shard-2.tar", b"two")):
+        _shard(tmp_path / "wds" / name, [("a.png", _png(0)), ("a.txt", caption)])
+    listed = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: reversed(sorted(listed(self, pattern))))
+    assert load_pairs(str(tmp_path / "wds")).captions == ["zero", "one", "two"]

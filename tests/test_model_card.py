@@ -141,8 +141,10 @@ def test_a_finetuned_runs_card_has_its_kind_base_digests_and_hyperparameters():
         "base": "clip-b32",
         "base_sha256": {"clip-b32/open_clip_model.safetensors": "ab" * 32},
         "hyperparameters": {"lr": 1e-05, "epochs": 3},
+        "data_fingerprint": "ef" * 32,  # its caption corpus: captions, not a benchmark task's labels
     }
     card = model_card("run", record, "micromerge")
+    assert "Trained with labels on benchmark data" not in card
     assert "- finetune-contrastive" in _header(card) and "(`finetune-contrastive`)" in card
     assert f"| `clip-b32/open_clip_model.safetensors` | `{'ab' * 32}` |" in card.splitlines()
     assert json.dumps(record["hyperparameters"], indent=2, sort_keys=True) in card

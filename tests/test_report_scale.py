@@ -26,7 +26,7 @@ from micromerge.cli import cli
 from tests.test_analysis import VALUES, write_store
 
 TARGET = "domain:pathology"
-PAIRS = {"p0": ("b0", "f0"), "p1": ("b1", "f1")}
+PAIRS = {"p0": ("b0", "f0"), "p1": ("b1", "f1"), "p2": ("b0", "f1"), "p3": ("b1", "f0")}
 
 
 def grid_store(path: Path, pairs=("p0", "p1"), rules=("all",), methods=("wise-ft", "ties", "dare")) -> Path:
@@ -76,6 +76,15 @@ def test_runs_of_the_same_models_rules_data_protocol_and_target_form_one_set(tmp
     write_store(store, run_id="moved", label="p0 / lines / all",
                 fields={"model": load_runs(store)[0].model, "parameters": {"include": []},
                         "sources": {"file": "moved.toml", "sha256": "t" * 64}})  # fmt: skip
+    assert [len(s.runs) for s in _sets(store)] == [3, 1]
+    # one model in common is not both: the same base with another specialist, or the reverse
+    assert [len(s.runs) for s in _sets(grid_store(tmp_path / "base.jsonl", pairs=("p0", "p2")))] == [3, 3]
+    assert [len(s.runs) for s in _sets(grid_store(tmp_path / "ft.jsonl", pairs=("p0", "p3")))] == [3, 3]
+    # ... and runs scored on another copy of the data (its files' fingerprint)
+    store = grid_store(tmp_path / "three.jsonl", pairs=("p0",))
+    write_store(store, run_id="copy", label="p0 / lines / all",
+                fields={"model": load_runs(store)[0].model, "parameters": {"include": []},
+                        "dataset": {"source": "fixture", "fingerprint": "another copy"}})  # fmt: skip
     assert [len(s.runs) for s in _sets(store)] == [3, 1]
 
 

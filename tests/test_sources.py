@@ -486,6 +486,10 @@ def test_a_zoo_entry_with_an_unknown_field_is_named(tmp_path):
             '[mine]\ndescription = "d"\nformat = "open_clip_hub"\n',
             r"\[mine\] format 'open_clip_hub' needs repo",
         ),
+        (  # an empty repo is none: it was fetched as `hf-hub:`
+            '[mine]\ndescription = "d"\nformat = "open_clip_hub"\nrepo = ""\n',
+            r"\[mine\] format 'open_clip_hub' needs repo",
+        ),
         (
             '[mine]\ndescription = "d"\nformat = "open_clip_tag"\narch = "ViT-B-32"\n',
             r"\[mine\] format 'open_clip_tag' needs open_clip_name and tag",
