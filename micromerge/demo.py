@@ -9,6 +9,7 @@ an interrupted demo resumes from the last finished stage (training resumes mid-r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -135,7 +136,7 @@ def _write_data(cfg: DemoConfig, data: Path) -> None:
     write_corpus(staging / "corpus-pathology", "pathology", seed=cfg.seed, per_class=cfg.corpus_per_class)
     sync_tree(staging)  # the marker that follows says "finished": the files must be on the disk first
     shutil.rmtree(data, ignore_errors=True)
-    staging.rename(data)
+    os.replace(staging, data)
     sync_folder(data.parent)
 
 
