@@ -116,15 +116,19 @@ def _publish_without_replacing(tmp_name: str, target: Path) -> None:
     os.unlink(tmp_name)
 
 
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_folder(folder: Path) -> None:
     """Make the renames into `folder` durable. Best effort: some network and FUSE file systems
     refuse fsync on a folder (EINVAL), and there the files' own fsync is all that can be done."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def sync_tree(folder: Path) -> None:
@@ -135,11 +139,7 @@ def sync_tree(folder: Path) -> None:
         if path.is_dir():
             folders.append(path)
         elif path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(path)
     for each in folders:
         sync_folder(each)
 
