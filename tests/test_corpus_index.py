@@ -81,6 +81,31 @@ def test_tar_members_group_by_key_whatever_the_suffixs_case_and_the_txt_caption_
     assert [p["bytes"] for p in indexed_pairs(index).payloads] == [_png(0), _png(1), _png(2)]
 
 
+def test_a_link_or_folder_member_of_a_shard_is_no_image_as_for_webdataset(tmp_path):
+    """A shard packed with `tar` from a folder of links holds symlink members (and folder members):
+    webdataset's tar iterator keeps regular members only (`tarinfo.isreg()`, webdataset 0.2.86
+    tariterators.py), so the pipeline streams sample b with its caption and no image. Every reader
+    here refuses that sample in one line rather than reading the link's target (b would be trained
+    on a's pixels) or indexing its zero bytes as an image."""
+    import webdataset as wds
+
+    shard = tmp_path / "wds" / "shard-000000.tar"
+    _shard(shard, [("a.png", _png(0)), ("a.txt", b"caption of a"), ("b.txt", b"caption of b")])
+    with tarfile.open(shard, "a") as archive:
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+        folder = tarfile.TarInfo("c.png")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(link)
+        archive.addfile(folder)
+    streamed = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
+    assert [sorted(k for k in s if not k.startswith("__")) for s in streamed] == [["png", "txt"], ["txt"]]
+    with pytest.raises(MicromergeError, match=r"shard-000000.tar: sample b has a caption but no image"):
+        load_pairs(str(shard.parent))
+    with pytest.raises(MicromergeError, match=r"shard-000000.tar: sample b needs an image and a caption"):
+        index_pairs(str(shard.parent))
+
+
 def test_a_tar_fingerprint_sees_a_caption_changed_inside_an_unchanged_shard_size(tmp_path):
     def write(caption: bytes) -> str:
         _shard(tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.txt", caption)])
