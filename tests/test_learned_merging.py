@@ -103,6 +103,39 @@ def _entropy_at(coefficients, settings, models) -> float:
     return float(torch.distributions.Categorical(logits=log_probs).entropy().mean())
 
 
+def test_questions_are_scored_at_the_base_models_temperature_whatever_the_merge_makes_it(setting):  # noqa: F811
+    """A merge that raises the logit scale sharpens every distribution and lowers the entropy
+    without changing a prediction; AdaMerging would learn exactly that. The scorer holds the base
+    model's temperature, so a merge with a specialist whose scale is e^1 times the base's scores
+    as the merged weights at the base's scale, not at their own."""
+    import copy
+
+    from micromerge.eval.questions import option_log_probs
+
+    settings, models = setting
+    prepared = prepare(settings, writes_results=False)
+    with open_source(models[0]) as source:
+        model, config = load_model(source)
+    model.requires_grad_(False)
+    evaluator = Evaluator(prepared.bench, prepared.tasks, config, settings, CPU)
+    questions = select_questions(evaluator, 32, seed=0)
+    specialist = load_file(models[1])
+    specialist["logit_scale"] = model.logit_scale.detach() + 1.0
+    merge = FunctionalMerge(model, [specialist], "task")
+    merged = merge(torch.ones(1, 1))
+    with torch.no_grad():
+        scored = torch.func.functional_call(_Scorer(model, evaluator), merged, (questions,))
+        merged_model = copy.deepcopy(model)
+        merged_model.load_state_dict({k.removeprefix("model."): v for k, v in merged.items()}, strict=False)
+        at_base_scale = option_log_probs(
+            merged_model, evaluator, questions, 0, len(questions), model.logit_scale
+        )
+        at_own_scale = option_log_probs(merged_model, evaluator, questions, 0, len(questions))
+    assert torch.allclose(merged_model.logit_scale, model.logit_scale + 1.0)
+    assert torch.allclose(scored, at_base_scale, atol=1e-5)
+    assert not torch.allclose(scored, at_own_scale, atol=1e-2)
+
+
 def test_adamerging_lowers_the_entropy_and_moves_its_coefficients(three):
     settings, models = three
     params = MethodParams(steps=40, learning_rate=0.05)
