@@ -439,6 +439,31 @@ def test_a_learner_refuses_what_it_cannot_learn_from():
         LearningRequest("adamerging", "task", "grid")
     with pytest.raises(MicromergeError, match="a fine-tuned checkpoint has no tensor 'weight'"):
         FunctionalMerge(_ToyScorer().model, [{"other": torch.ones(1, 1)}], "task")
+    with pytest.raises(MicromergeError, match="a fine-tuned checkpoint has no tensor 'weight'"):
+        FunctionalMerge(
+            _ToyScorer().model, [{"weight": torch.ones(1, 1)}, {"other": torch.ones(1, 1)}], "task"
+        )
+
+
+def test_the_functional_merge_gives_each_task_vector_its_own_coefficient():
+    """theta = theta_0 + lambda_1 tau_1 + lambda_2 tau_2, per group (here one group: task-wise)."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 1.0)
+    first, second = {"weight": torch.tensor([[3.0, 1.0]])}, {"weight": torch.tensor([[1.0, 5.0]])}
+    merge = FunctionalMerge(model, [first, second], "task")
+    merged = merge(torch.tensor([[0.5, 0.25]]))["model.weight"]
+    expected = torch.tensor([[1.0 + 0.5 * 2.0 + 0.25 * 0.0, 1.0 + 0.5 * 0.0 + 0.25 * 4.0]])
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
+
+
+def test_select_accuracy_counts_every_question_whatever_the_batches_leave_over():
+    """65 questions are a batch of 64 and one of one: the one is counted too (w = 0.3 > 0 answers
+    option 1, every answer here, so all 65 are right)."""
+    from micromerge.eval.coefficients import BATCH, _accuracy
+
+    scorer, merge, questions = _toy(BATCH + 1)
+    assert _accuracy(scorer, merge, torch.full((1, 1), 0.3), questions) == 1.0
+    assert [len(batch) for batch in scorer.seen] == [BATCH, 1]
 
 
 def test_coefficients_learned_by_another_version_are_learned_again(setting, monkeypatch):  # noqa: F811
