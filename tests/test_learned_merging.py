@@ -405,6 +405,8 @@ def test_gradient_learning_draws_a_seeded_batch_per_step_and_minimises_the_label
         assert len(set(batch)) == BATCH and batch == sorted(batch)
     assert scorer.seen[0] != scorer.seen[1], "another batch each step"
     assert history[0] == pytest.approx(math.log1p(math.exp(-0.3)), rel=1e-6)
+    started = learn_by_gradient(replace(request, init=0.8, steps=1), _toy()[0], merge, questions, False)
+    assert started[1][0] == pytest.approx(math.log1p(math.exp(-0.8)), rel=1e-6), "--init is where it starts"
     assert float(coefficients[0, 0]) > 0.3 and history[-1] < history[0]
     again, _, _ = _toy()
     learn_by_gradient(request, again, merge, questions, progress=False)
