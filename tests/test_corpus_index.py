@@ -136,6 +136,32 @@ def test_an_arrow_fingerprint_sees_its_data_file_rewritten_under_the_same_state(
     assert index_pairs(str(data)).fingerprint != before
 
 
+def test_an_arrow_fingerprint_sees_other_captions_of_the_same_length(tmp_path):
+    """Two saved datasets whose files have the same names and sizes (captions of equal length) are
+    two corpora: the dataset's own fingerprint (datasets hashes its content) tells them apart."""
+    import datasets
+
+    def saved(folder: Path, captions: list[str]) -> str:
+        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+        rows = {"image": [{"bytes": _png(i), "path": None} for i in range(2)], "caption": captions}
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+        return index_pairs(str(folder)).fingerprint
+
+    first = saved(tmp_path / "a", ["tumor one", "tumor two"])
+    second = saved(tmp_path / "b", ["tumor uno", "tumor dos"])
+    sizes = [sorted((f.name, f.stat().st_size) for f in (tmp_path / d).glob("*.arrow")) for d in "ab"]
+    assert sizes[0] == sizes[1] and first != second
+
+
+def test_a_caption_table_beside_tar_shards_is_the_corpus_on_every_path(tmp_path):
+    """A folder with captions.csv and a stray .tar (an archive of the same images, say): the plain
+    loader reads the table, and so does the index, or the two paths would train on different data."""
+    folder = write_csv_folder(tmp_path / "pairs", n=4)
+    _shard(folder / "backup.tar", [("x.png", _png(9)), ("x.txt", b"not the corpus")])
+    index = index_pairs(str(folder))
+    assert index.kind == "table" and indexed_pairs(index).captions == load_pairs(str(folder)).captions
+
+
 def test_auto_counts_three_bytes_a_pixel_against_the_budget():
     """uint8 RGB: 224 x 224 x 3 = 150,528 bytes an image; 28,532 images fit in 4 GiB, 28,533 do not."""
     assert IN_MEMORY_BUDGET == 4 << 30
@@ -209,6 +235,25 @@ def test_augmentations_apply_in_the_order_named_from_the_one_seed():
         for names in orders:
             assert augmented_pixels(payload, 16, names, seed).tobytes() == by_hand(names, seed)
     assert any(by_hand(orders[0], seed) != by_hand(orders[1], seed) for seed in range(6))
+
+
+def test_augmentation_without_a_crop_fits_the_image_as_the_in_memory_path_does():
+    """`augment = ["flip"]` on a 24 x 10 image: flipped, then resized and centre-cropped to the
+    training size like every decoded image, not handed on at its own size."""
+    from micromerge.eval.images import decode_one
+
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 24, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    payload = {"bytes": buffer.getvalue(), "path": None}
+    for seed in range(4):
+        torch.random.default_generator.manual_seed(seed)
+        flipped = AUGMENTATIONS["flip"](16)(Image.open(io.BytesIO(payload["bytes"])).convert("RGB"))
+        out = io.BytesIO()
+        flipped.save(out, format="PNG")
+        expected = decode_one({"bytes": out.getvalue(), "path": None}, 16)
+        got = augmented_pixels(payload, 16, ("flip",), seed)
+        assert got.shape == (3, 16, 16) and np.array_equal(got, expected)
 
 
 def test_the_crop_is_open_clip_trainings_own():
