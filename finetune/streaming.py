@@ -277,8 +277,10 @@ class StreamedSamples(torch.utils.data.Dataset):
         return self.recipe.make(payload, self._target(i), sample_seed(self.recipe.seed, epoch, i))
 
 
-def _as_payload(value: Any) -> dict:
-    return value if isinstance(value, dict) else {"path": value, "bytes": None}
+def _as_payload(value: dict | None) -> dict:
+    """An undecoded Arrow image cell ({bytes, path}) as a payload; a null cell is an empty one,
+    which every path reads as an unreadable image."""
+    return value if value is not None else {"path": None, "bytes": None}
 
 
 def _located_payload(kind: str, location: Any) -> dict:
@@ -319,6 +321,8 @@ def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: i
     """One image through the named augmentations, drawn from `seed` alone; uint8 [3, S, S] or None."""
     try:
         source = io.BytesIO(payload["bytes"]) if payload.get("bytes") else payload["path"]
+        if source is None:  # a null image cell: no bytes and no path
+            return None
         image = Image.open(source).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
         return None

@@ -523,6 +523,29 @@ def test_unreadable_images_are_dropped_with_their_own_targets_up_to_the_fraction
         decode_checked([good[0], bad, bad, good[3]], ["a", "b", "c", "d"], 16, 0.25, "corpus", False)
 
 
+def test_a_null_image_of_an_arrow_corpus_is_unreadable_on_every_path(tmp_path):
+    """An Arrow corpus may hold a null image cell (datasets writes None for a missing image). Read
+    undecoded it is no payload at all: the augmented path opened `None` (an AttributeError in a
+    DataLoader worker, a traceback); it is an unreadable image like any other, on every path, so
+    the trainer stops on it with its one line (or the in-memory path drops it)."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": _png(0), "path": None}, None, {"bytes": _png(1), "path": None}]}
+    datasets.Dataset.from_dict({**rows, "caption": ["a", "b", "c"]}, features=features).save_to_disk(
+        str(tmp_path / "arrow")
+    )
+    index = index_pairs(str(tmp_path / "arrow"))
+    for augment in ((), ("flip",), ("crop", "rot90")):
+        samples = StreamedSamples(index, SampleRecipe(16, augment, 0, lambda caption: caption))
+        assert [bool(samples[(0, i)][2]) for i in range(3)] == [True, False, True], augment
+    from micromerge.eval.pairs import decode_checked
+
+    pairs = indexed_pairs(index)
+    kept = decode_checked(pairs.payloads, pairs.captions, 16, 0.5, "corpus", False)
+    assert kept.targets == ["a", "c"] and kept.n_corrupt == 1
+
+
 def test_a_broken_json_caption_stops_both_paths_before_training(tmp_path):
     """A .json that is not JSON is a one-line error when the shards are indexed, so on the streamed
     path too (it used to stream as an empty caption: a worker cannot stop the run with one line)."""
