@@ -374,6 +374,23 @@ def test_a_missing_or_unreadable_shard_is_one_line_that_names_it(tmp_path, base,
         assert "shard-000001.tar cannot be read as a tar file (" in message, message
 
 
+def test_the_unreadable_shard_handler_closes_the_stream_webdataset_leaves_open(tmp_path):
+    """webdataset's tar expander hands its handler the error with the shard's open stream and URL
+    appended to its args (webdataset 0.2.86 tariterators.py, `tar_file_expander`); the run stops,
+    so the stream is closed here rather than left to the garbage collector's ResourceWarning."""
+    from micromerge.finetune.streaming import ShardReadError, _UnreadableShard
+
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(b"not a tar file\n")
+    stream = open(shard, "rb")  # noqa: SIM115 (the handler closes it)
+    error = tarfile.ReadError("bad header", stream, str(shard))
+    with pytest.raises(
+        ShardReadError, match=r"shard .*shard-000000\.tar cannot be read as a tar file \(bad header\)"
+    ):
+        _UnreadableShard("corpus")(error)
+    assert stream.closed
+
+
 @pytest.mark.timeout(120)
 def test_a_stream_without_a_full_batch_stops_in_one_line_instead_of_spinning(tmp_path, base):
     """webdataset's `.repeat()` passed over shards that hold no full batch for ever, and the run
