@@ -129,9 +129,11 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, s
     entries = {key: _parse_entry(path, key, info, data_start) for key, info in header.items()}
     previous_end, previous_key = data_start, None
     for key, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
-        if entry.start < previous_end and entry.meta.nbytes:
+        if not entry.meta.nbytes:  # a zero-size tensor takes no bytes: it overlaps nothing, ends nothing
+            continue
+        if entry.start < previous_end:
             raise MicromergeError(f"{path}: tensors {previous_key!r} and {key!r} overlap in the data section")
-        previous_end, previous_key = max(previous_end, entry.end), key
+        previous_end, previous_key = entry.end, key
     if previous_end > size:
         raise MicromergeError(
             f"{path}: truncated safetensors file ({size} bytes, header needs {previous_end}); re-download or re-export it"
@@ -203,7 +205,7 @@ class SafetensorsSource(TensorSource):
         entry = self._entries[key]
         nbytes = entry.end - entry.start
         if self._buffer.size < nbytes:
-            self._buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+            self._buffer = np.empty(nbytes, dtype=np.uint8)
         handle = self._handles[entry.file_index]
         if handle is None:
             handle = open(self.files[entry.file_index], "rb", buffering=0)  # noqa: SIM115 (closed in close())

@@ -6,9 +6,11 @@ hostile safetensors headers (C1) and number parsing (C3): one line, exit 2, noth
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -254,6 +256,24 @@ def test_non_utf8_yaml_is_one_line(pair):
     one_line_error(invoke("--config", config), "merge.yaml: not UTF-8")
 
 
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("merge:\n  ?\n", "key None is a NoneType"),  # a bare `?`: a null key (found by Hypothesis)
+        ("merge:\n  1: 0.5\n", "key 1 is a int"),
+        ("merge:\n  alpha: 0.5\n  true: x\n", "key True is a bool"),
+        ("merge:\n  alpha_rules:\n    2024-01-01: 0.5\n", "key datetime.date(2024, 1, 1) is a date"),
+        ("anchors: &a [*a, {merge: {3: x}}]\n", "key 3 is a int"),  # a list that holds itself
+    ],
+)
+def test_yaml_keys_that_are_not_names_are_one_line(pair, body, needle):
+    """YAML reads unquoted numbers, booleans, dates and a bare `?` as keys of those types; compared
+    with the schema's names they were difflib's or sorted's TypeError. Quoted, each is a name."""
+    config = pair / "merge.yaml"
+    config.write_text(body)
+    one_line_error(invoke("--config", config), "merge.yaml: " + needle + ", not a name; quote it")
+
+
 def _ablation(tmp: Path, extra: str) -> Path:
     path = tmp / "grid.toml"
     path.write_text(
@@ -393,6 +413,33 @@ def _with_header(path: Path, header: object, data: bytes = b"") -> Path:
             b"\0" * 12,
             "overlap",
         ),
+        (  # by a single byte
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [7, 15]},
+            },
+            b"\0" * 15,
+            "overlap",
+        ),
+        (  # a zero-size tensor inside `a` does not end `a`'s span
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "z": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+            },
+            b"\0" * 16,
+            "tensors 'a' and 'b' overlap",
+        ),
+        (  # offsets spanning more bytes than the tensor has
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "do not match its shape",
+        ),
+        (  # the data section one byte short
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 7,
+            "truncated safetensors file",
+        ),
         (
             {
                 "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
@@ -433,6 +480,42 @@ def test_a_header_length_past_the_end_of_the_file_is_named(tmp_path):
         match=r"cut.safetensors: corrupt or truncated safetensors header \(declares 1000 bytes\)",
     ):
         open_source(str(path), arrays="numpy")
+
+
+def test_a_header_longer_than_any_real_one_is_refused_before_it_is_read(tmp_path):
+    """safetensors caps a header at 100 MB (its Rust reader's HeaderTooLarge); a file that declares
+    more, and is long enough to hold it (sparse here), is refused from its first 8 bytes, not read
+    whole into memory and parsed."""
+    path = tmp_path / "huge.safetensors"
+    declared = (100 << 20) + 1
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", declared))
+        handle.truncate(8 + declared + 16)
+    with pytest.raises(
+        MicromergeError,
+        match=rf"huge.safetensors: corrupt or truncated safetensors header \(declares {declared} bytes\)",
+    ):
+        open_source(str(path), arrays="numpy")
+
+
+def _open_paths() -> set[str]:
+    return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+
+def test_a_closed_source_holds_no_file_open(tmp_path):
+    """A streaming merge opens every input's files; closing a source closes them (a sweep of many
+    pairs would otherwise run out of file descriptors, and Windows could not replace the file)."""
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    path = _with_header(tmp_path / "m.safetensors", header, struct.pack("<2f", 1.5, -2.0))
+    source = open_source(str(path), arrays="numpy")
+    assert source.read("w").tolist() == [1.5, -2.0]
+    assert str(path.resolve()) in _open_paths()
+    with warnings.catch_warnings(record=True) as caught:  # dropped unclosed, CPython closes it with this
+        warnings.simplefilter("always")
+        source.close()
+        gc.collect()
+    assert str(path.resolve()) not in _open_paths()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "closed, not collected"
 
 
 def test_empty_tensors_overlap_nothing_and_a_file_cut_after_opening_is_named_at_the_read(tmp_path):
