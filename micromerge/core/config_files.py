@@ -40,7 +40,31 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict):
         raise MicromergeError(f"{file_path}: top level must be a table/mapping")
+    _refuse_keys_that_are_not_names(file_path, data)
     return data
+
+
+def _refuse_keys_that_are_not_names(file_path: Path, data: dict[str, Any]) -> None:
+    """TOML keys are strings; YAML reads an unquoted `1:`, `true:`, `2024-01-01:` or a bare `?` as
+    a number, boolean, date or null, which every reader of a config compares with names (sorted
+    with them, a TypeError). Walked without recursion, each container once: YAML anchors can nest
+    deeply or refer to themselves."""
+    stack: list[Any] = [data]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if not isinstance(key, str):
+                    raise MicromergeError(
+                        f"{file_path}: key {key!r} is a {type(key).__name__}, not a name; quote it"
+                    )
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def load_section(path: str | Path, section: str, schema: dict[str, str]) -> dict[str, Any]:
