@@ -80,6 +80,7 @@ def test_safetensors_reader_on_raw_bytes(data):
     suffix=st.sampled_from([".toml", ".yaml", ".yml", ".json"]),
     raw=st.binary(max_size=40),
 )
+@example(text="merge:\n  ?\n", suffix=".yaml", raw=b"")  # a null key: found by this test, kept
 def test_config_loader(text, suffix, raw):
     path = _scratch(text.encode("utf-8", "surrogatepass") + raw, suffix)
     try:
