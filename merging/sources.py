@@ -169,11 +169,13 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
     """`{"preprocess_cfg": {"mean", "std"}}` from a preprocessing config that names them (open_clip's
     `preprocess_cfg`, transformers' `preprocessor_config.json`), else {}. The model config is where
     the evaluation, fine-tuning and exports read a checkpoint's image normalisation
-    (`models.normalisation`), so a model trained with other statistics than OpenAI CLIP's keeps them."""
-    if mean_key not in preprocessing or std_key not in preprocessing:
-        return {}
+    (`models.normalisation`), so a model trained with other statistics than OpenAI CLIP's keeps them.
+    One of the two alone is kept, the other left to OpenAI CLIP's, as CLIPImageProcessor and
+    open_clip's PreprocessCfg default each field on its own."""
     values = {}
     for name, key in (("mean", mean_key), ("std", std_key)):
+        if key not in preprocessing:
+            continue
         value = preprocessing[key]
         # one number stands for every channel (transformers allows it)
         channels = [value] * 3 if is_finite_number(value) else value
@@ -187,7 +189,7 @@ def _normalisation(preprocessing: dict, mean_key: str, std_key: str, file: Path)
                 f"{file}: {key} must be three numbers (one per RGB channel) or one, not {value!r}"
             )
         values[name] = [float(v) for v in channels]
-    return {"preprocess_cfg": values}
+    return {"preprocess_cfg": values} if values else {}
 
 
 def _open_clip_model_config(config_file: Path) -> dict | None:
@@ -222,8 +224,11 @@ def _maybe_transformers(source: TensorSource, folder: Path, arrays: ArrayKind = 
 
 
 def _open_folder(folder: Path, allow_pickle: bool, arrays: ArrayKind) -> TensorSource:
-    """A transformers CLIP folder (config.json + weights) or an open_clip folder (open_clip_config.json)."""
-    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+    """A transformers CLIP folder (config.json + weights) or an open_clip folder (open_clip_config.json).
+    A transformers folder's weights are looked for in the order `from_pretrained` looks for them
+    (transformers 5.x `modeling_utils`): a folder holding both model.safetensors and a stale sharded
+    index (re-saved unsharded over a sharded save) is read as transformers reads it."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
         if (folder / name).is_file():
             return _open_path(folder / name, allow_pickle, arrays)
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):

@@ -87,6 +87,19 @@ def test_one_number_is_every_channels(tmp_path):
     assert _normalisation_of(str(tmp_path / "hf")) == ([0.5] * 3, [0.25] * 3)
 
 
+def test_a_mean_without_a_std_keeps_the_mean_as_the_libraries_do(tmp_path):
+    """CLIPImageProcessor defaults `image_std` on its own (OPENAI_CLIP_STD) when a config names only
+    `image_mean`; a half-given normalisation is not thrown away whole."""
+    tiny_hf_clip(seed=1).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN}))
+    processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path / "hf")
+    assert _normalisation_of(str(tmp_path / "hf")) == (
+        pytest.approx(processor.image_mean),
+        pytest.approx(processor.image_std),
+    )
+    assert _normalisation_of(str(tmp_path / "hf")) == (pytest.approx(MEAN), pytest.approx(OPENAI_STD))
+
+
 def test_a_transformers_hub_repo_brings_its_processor_config_when_cached(tmp_path):
     tiny_hf_clip(seed=2).save_pretrained(tmp_path / "plip")
     transformers.CLIPImageProcessor(image_mean=MEAN, image_std=STD).save_pretrained(tmp_path / "plip")

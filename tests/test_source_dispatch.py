@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.models import get_model_config, load_model
-from micromerge.merging.sources import NeedsTorch, _offline_error, open_source
+from micromerge.merging.sources import NeedsTorch, _offline_error, checkpoint_name, open_source
 from micromerge.merging.zoo import load_zoo
 from tests.helpers import deny_access, random_state_dict
 from tests.test_sources import _hub_cache, tiny_hf_clip
@@ -35,6 +35,70 @@ def test_a_folder_with_safetensors_and_a_pickle_is_read_from_the_safetensors(tmp
     with open_source(str(tmp_path)) as source:
         assert source.label.endswith("model.safetensors")
         assert torch.equal(source.read("visual.proj"), tensors["visual.proj"])
+
+
+def test_a_folder_with_one_file_and_a_stale_sharded_index_is_read_as_transformers_reads_it(tmp_path):
+    """`save_pretrained` unsharded over a sharded save leaves the old index and shards beside the
+    new model.safetensors; `from_pretrained` reads model.safetensors first (transformers
+    modeling_utils: SAFE_WEIGHTS_NAME before SAFE_WEIGHTS_INDEX_NAME), and so does open_source."""
+    from transformers import CLIPModel
+
+    old, new = tiny_hf_clip(seed=1), tiny_hf_clip(seed=2)
+    folder = tmp_path / "hf"
+    old.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    new.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file() and (folder / "model.safetensors.index.json").is_file()
+    loaded = CLIPModel.from_pretrained(folder)
+    key = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(loaded.state_dict()[key], new.state_dict()[key])
+    with open_source(str(folder)) as source:
+        assert source.label.endswith("model.safetensors")
+        assert torch.equal(source.read("token_embedding.weight"), new.state_dict()[key])
+
+
+def test_an_index_whose_weight_map_names_no_file_is_one_line(tmp_path):
+    with pytest.raises(MicromergeError, match=r"not a safetensors index \(needs a 'weight_map' object\)"):
+        open_source(str(_sharded(tmp_path / "odd", {"visual.proj": 3})))
+
+
+@pytest.mark.parametrize(
+    "spec, name",
+    [
+        ("runs/plip-ft/model.safetensors", "plip-ft"),  # a fine-tune's run folder names it
+        ("export/open_clip_model.safetensors", "export"),
+        ("model.safetensors", "model"),  # no folder to name it by
+        ("merges/wise-0.5.safetensors", "wise-0.5"),
+        ("old/wise_ft.pt", "wise_ft"),
+        ("hf-hub:wisdomik/QuiltNet-B-32", "QuiltNet-B-32"),
+        ("ckpts/ViT-B-32.openai", "ViT-B-32.openai"),  # a dot that is no checkpoint suffix
+        ("runs/plip/", "plip"),
+        ("plip", "plip"),
+    ],
+)
+def test_a_checkpoint_is_named_as_people_call_it(spec, name):
+    assert checkpoint_name(spec) == name
+
+
+def test_an_architecture_named_for_a_checkpoint_must_exist(tmp_path):
+    save_file(random_state_dict(1), str(tmp_path / "w.safetensors"))
+    with pytest.raises(MicromergeError, match=r"--arch 'ViT-Q-99': unknown architecture"):
+        open_source(str(tmp_path / "w.safetensors"), arch="ViT-Q-99")
+    with open_source(str(tmp_path / "w.safetensors"), arch="ViT-B-32") as source:
+        assert source.arch.name == "ViT-B-32"
+
+
+def test_bfloat16_tensors_need_torch_for_the_numpy_engine(tmp_path):
+    """numpy has no bfloat16: the torch-free engine hands such a checkpoint to torch (NeedsTorch)."""
+    tensors = random_state_dict(1)
+    tensors["visual.proj"] = tensors["visual.proj"].to(torch.bfloat16)
+    save_file(tensors, str(tmp_path / "bf16.safetensors"))
+    with pytest.raises(
+        NeedsTorch, match=r"holds bfloat16 tensors \(first 'visual.proj'\), which numpy lacks"
+    ):
+        open_source(str(tmp_path / "bf16.safetensors"), arrays="numpy")
+    with open_source(str(tmp_path / "bf16.safetensors")) as source:
+        assert source.read("visual.proj").dtype == torch.bfloat16
 
 
 def test_an_open_clip_folder_takes_its_architecture_from_open_clip_config(tmp_path):

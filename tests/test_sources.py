@@ -377,6 +377,17 @@ def test_zoo_transformers_entry_with_only_pytorch_model_bin_cached(tmp_path):
     assert_same_embeddings(hf_model, oc_model)
 
 
+def test_zoo_transformers_entry_with_its_config_but_no_weights_cached_says_how_to_fetch_them():
+    """Offline, with config.json cached (a `hf download vinid/plip config.json`) but no form of the
+    weights: not the hub saying the repo has none, so the offline hint, not "no model weights"."""
+    _hub_cache("vinid/plip", {"config.json": tiny_hf_clip(seed=9).config.to_json_string().encode()})
+    with pytest.raises(MicromergeError) as info:
+        open_source("plip")
+    message = str(info.value)
+    assert "cannot fetch vinid/plip (HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache)" in message
+    assert "no config.json with model weights" not in message
+
+
 def test_zoo_open_clip_entries_resolve_through_open_clip_and_the_hub_cache(tmp_path):
     tensors = random_state_dict(8)
     save_file(tensors, str(tmp_path / "w.safetensors"))
@@ -440,6 +451,13 @@ def test_biomedclip_architecture_builds_without_any_download(monkeypatch):
 
 # torch's own notice on a plain pickle.dump (protocol 4) read by its weights_only unpickler
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
+def test_a_blank_checkpoint_name_is_named_empty():
+    """`--base "$UNSET "` or spaces alone: no file, folder or zoo name, and not looked up as one."""
+    for spec in ("", "   ", "\t"):
+        with pytest.raises(MicromergeError, match=r"empty \(an unset variable\?\)"):
+            open_source(spec)
+
+
 def test_pickle_suffix_with_bad_bytes_is_a_clear_error(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a zip or pickle at all")
     with pytest.raises(MicromergeError, match="broken.pt"):
