@@ -190,6 +190,64 @@ def test_too_few_shards_are_split_by_row_group_then_refused_in_one_line(tmp_path
     assert len(next(batches)[1]) == 2
     with pytest.raises(MicromergeError, match="3 shards .* for 4 process"):
         stream.loader(batch=2, workers=1, world=4, rank=0, skip=0)
+    with pytest.raises(MicromergeError, match=r"3 shards .* for 1 process\(es\) x 4 worker\(s\)"):
+        stream.loader(batch=2, workers=4, world=1, rank=0, skip=0)  # a worker needs a shard too
+
+
+def test_a_remote_streams_read_error_says_to_resume_or_copy_and_its_rows_come_from_the_card():
+    """Streamed from the hub (its files are hf:// URLs, no local file to check for damage), a read
+    error is the network's: resume, or train from a local copy. The row count, with no footer to
+    read, is the one the dataset card gives (none when it gives 0 or nothing)."""
+    from types import SimpleNamespace
+
+    from micromerge.finetune.hub_stream import _row_count, _unreadable
+
+    files = ["hf://datasets/your-org/pathology-image-captions@main/data/train-00000-of-00002.parquet"]
+    stream = SimpleNamespace(spec="your-org/pathology-image-captions", files=files)
+    message = str(_unreadable(stream, OSError("Connection reset by peer\nmore")))
+    assert message == (
+        "--data your-org/pathology-image-captions: reading the hub stream failed (Connection reset by "
+        "peer); run again with --resume, or download a local copy and pass its folder"
+    )
+
+    def builder(splits):
+        return SimpleNamespace(info=SimpleNamespace(splits=splits))
+
+    assert (
+        _row_count(builder({"train": SimpleNamespace(num_examples=208_414)}), "train", files, "x") == 208_414
+    )
+    assert _row_count(builder({"train": SimpleNamespace(num_examples=0)}), "train", files, "x") is None
+    assert _row_count(builder(None), "train", files, "x") is None
+
+
+def test_a_stream_reads_only_its_image_and_caption_columns(tmp_path):
+    """Hub corpora carry more columns (Quilt-1M: UMLS entities, subsets, notes...): the stream
+    selects the two it trains on, so the others are never read from the parquet pages."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "notes": datasets.Value("string"),
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "embedding": datasets.Sequence(datasets.Value("float32")),
+        }
+    )
+    rows = {
+        "notes": ["a", "b"],
+        "image": [{"bytes": _png(i), "path": None} for i in range(2)],
+        "caption": ["tumor (sample 0)", "stroma (sample 1)"],
+        "embedding": [[0.5] * 4, [1.5] * 4],
+    }
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    )
+    stream = HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, _sample_number))
+    assert stream.dataset.column_names == ["image", "caption"]
+    assert sorted(
+        int(next(stream.loader(batch=2, workers=0, world=1, rank=0, skip=0))[1][i]) for i in range(2)
+    ) == [0, 1]
 
 
 def test_an_uncached_hub_id_offline_is_one_line_naming_the_local_copy(tmp_path, base, monkeypatch):
