@@ -5,6 +5,7 @@ sweep runs"; a report with sweeps did not show the evaluations side by side eith
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +96,13 @@ def test_a_store_of_evaluations_only_reports_the_models_side_by_side(tmp_path):
     assert tasks.loc["golgi", "domain"] == "biology"
     assert (tmp_path / "report" / "figures" / "models.png").is_file()
     assert "| specialist [ubench] | ubench | 4 | 62.5 | 45.0 | 80.0 | 45.0 |" in markdown
+    assert "- **2 evaluated models**: no merge sweep in this store" in markdown
+    assert not re.search(r"\|\s*nan\s*\|", markdown), "a model not evaluated on a group is an empty cell"
+    ResultStore(tmp_path / "one.jsonl").append(_evaluation_rows("base"))
+    assert "- **1 evaluated model**: no merge sweep" in _report(tmp_path / "one.jsonl", tmp_path / "one")
+    ResultStore(tmp_path / "one.jsonl").append(_evaluation_rows("base", protocol="closed-set"))
+    closed_set = _report(tmp_path / "one.jsonl", tmp_path / "two")  # no paper numbers: empty cells
+    assert "| base [closed-set] | closed-set |" in closed_set and not re.search(r"\|\s*nan\s*\|", closed_set)
 
 
 def test_evaluations_of_one_model_under_two_protocols_are_two_columns_and_runs_picks_among_them(tmp_path):

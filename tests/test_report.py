@@ -238,6 +238,59 @@ def test_the_paper_headline_is_the_whole_benchmark_coarse_and_fine_with_their_in
     ]  # fmt: skip
 
 
+def test_the_paper_headline_is_a_percentage_to_one_decimal_and_explained(tmp_path):
+    store = _add_paper_headline(
+        _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0, 1.0)), protocol="ubench")
+    )
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    for row in rows:
+        row["value"] += 0.00346 if row["level"] == "headline" else 0.0
+    store.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    first = _table(tmp_path / "rep", "paper_headline")[0]
+    assert (first["coarse %"], first["fine %"]) == (70.3, 40.3)
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert (
+        "Coarse: every coarse caption key pooled over all images; fine: `classification_1` pooled" in markdown
+    )
+
+
+def test_the_per_task_table_is_of_the_metric_asked_for(tmp_path):
+    """`--metric macro_f1`: the tasks table holds macro F1 (here half of each accuracy), not accuracy."""
+    store = write_store(tmp_path / "r.jsonl")
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    for row in rows:
+        row["value"] *= 0.5 if row["metric"] == "macro_f1" else 1.0
+    store.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    build_report(store, tmp_path / "acc", target="domain:pathology")
+    build_report(store, tmp_path / "f1", target="domain:pathology", metric="macro_f1")
+    accuracy, f1 = _table(tmp_path / "acc", "tasks_run0"), _table(tmp_path / "f1", "tasks_run0")
+    assert [r["value"] * 0.5 for r in accuracy] == pytest.approx([r["value"] for r in f1])
+    provenance = json.loads((tmp_path / "f1" / "provenance.json").read_text())
+    assert (provenance["metric"], provenance["runs_selected"], provenance["baseline"]) == (
+        "macro_f1",
+        "all",
+        None,
+    )
+
+
+def test_a_coefficients_file_without_its_record_draws_no_figure(tmp_path):
+    """The run's table, but not the file a learned merge writes (its `described` is missing): the
+    figure's title and axes come from that record, so a note, not a figure or a KeyError."""
+    table = {"groups": ["g"], "values": [[1.0]]}
+    described = {"coefficients_sha256": hashlib.sha256(b"x").hexdigest(), "method": "adamerging"}
+    from micromerge.core.hashing import sha256_json
+
+    described["coefficients_sha256"] = sha256_json(table)
+    store = _rewrite(write_store(tmp_path / "r.jsonl"), parameters={"statistics": [described]})
+    path = tmp_path / "r.jsonl.coefficients" / (described["coefficients_sha256"][:16] + ".json")
+    path.parent.mkdir()
+    path.write_text(json.dumps({"table": table}))
+    build_report(store, tmp_path / "rep", target="domain:pathology")
+    assert "is not the table this run used" in (tmp_path / "rep" / "report.md").read_text()
+    assert not (tmp_path / "rep" / "figures" / "coefficients_run0.png").exists()
+
+
 def test_an_unknown_target_names_the_flag_and_the_valid_groups(tmp_path):
     """The error a user of `report --target` reads names the flag, not an internal 'group'."""
     with pytest.raises(
