@@ -376,12 +376,12 @@ class Evaluator:
                         n_corrupt=n_corrupt,
                         chance=_chance(part),
                     )
-                paper = task.groups.get("paper", "yes") == "yes"
                 if task.level == "coarse":
                     headline[HEADLINE_COARSE].setdefault(split, []).extend(
                         self._paper_rows(parts[k]) for k in mine
                     )
-                elif task.groups.get("fine_headline") == "yes" and paper and "classification_1" in parts:
+                # fine_headline is "yes" only for a source in the paper's tables (eval.tasks)
+                elif task.groups.get("fine_headline") == "yes" and "classification_1" in parts:
                     headline[HEADLINE_FINE].setdefault(split, []).append(parts["classification_1"])
         for name, by_split in headline.items():
             if name not in self.headlines:
@@ -498,8 +498,7 @@ def complete_headlines(tasks: list[Task], every: list[Task]) -> frozenset[str]:
             t
             for t in every
             if t.level == "fine"
-            and t.groups.get("fine_headline") == "yes"
-            and t.groups.get("paper", "yes") == "yes"
+            and t.groups.get("fine_headline") == "yes"  # in the paper's tables too (eval.tasks)
             and any(q.key == "classification_1" for q in t.questions)
         ],
     }

@@ -981,10 +981,13 @@ def test_closed_set_accuracy_equals_an_independent_implementation(tmp_path, benc
     assert "kather_et_al_2016" in result.output and "corrupt images skipped" in result.output
 
 
-def _ubench_by_hand(model, preprocess, tokenizer, dataset) -> dict[str, tuple[int, int]]:
+def _ubench_by_hand(
+    model, preprocess, tokenizer, dataset, outside=("opencell",)
+) -> dict[str, tuple[int, int]]:
     """The authors' rule written from SCHEMA.md with open_clip alone: per image and caption key,
     embed that row's own options, argmax cosine similarity, correct when it equals answer_idx.
-    Returns caption key -> (correct, scored), per fine source for classification keys."""
+    Returns caption key -> (correct, scored), per fine source for classification keys, and the
+    coarse keys pooled over the sources not `outside` the paper's tables."""
     counts: dict[str, list[int]] = {}
     with torch.no_grad():
         for row in range(len(dataset)):
@@ -1002,7 +1005,7 @@ def _ubench_by_hand(model, preprocess, tokenizer, dataset) -> dict[str, tuple[in
                 texts = texts / texts.norm(dim=-1, keepdim=True)
                 correct = int((features @ texts.T).argmax().item() == int(caption["answer_idx"]))
                 names = [key if not key.startswith("classification") else f"{record['dataset']}/{key}"]
-                if not key.startswith("classification") and record["dataset"] != "opencell":
+                if not key.startswith("classification") and record["dataset"] not in outside:
                     names.append("coarse in the paper's sources")
                 for name in names:
                     tally = counts.setdefault(name, [0, 0])
@@ -1041,6 +1044,40 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
     assert headline["ubench:fine"]["n_questions"] == sum(n for _, n in paper_fine)
     assert headline["ubench:coarse"]["n_questions"] == paper_coarse[1]
     assert headline["ubench:coarse"]["value"] == pytest.approx(paper_coarse[0] / paper_coarse[1], abs=1e-12)
+
+
+def test_a_source_outside_the_papers_tables_is_kept_out_of_both_headlines(tmp_path, bench, models):
+    """Sources on the Hub but not in the paper's tables (`paper_tables = false`: opencell and
+    sirinukunwattana_et_al_2016 in ours; here nirschl_et_al_2018 by a `--sources` table) are
+    scored as tasks but pooled into neither headline, whichever tasks a run selects: `--tasks
+    coarse` still leaves their images out of the coarse headline (they are known from every task,
+    not the selected ones), and a selection of every fine headline source but them completes the
+    fine headline."""
+    table = tmp_path / "outside.toml"
+    table.write_text("[sources.nirschl_et_al_2018]\npaper_tables = false\n")
+    outside = ("opencell", "nirschl_et_al_2018")
+    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset, outside)
+    coarse = hand.pop("coarse in the paper's sources")
+    fine = [v for k, v in hand.items() if k.endswith("classification_1") and k.split("/")[0] not in
+            (*outside, "eulenberg_et_al_2017_darkfield")]  # fmt: skip
+
+    def headline(store: str, *extra: str) -> dict[str, dict]:
+        args = [*_eval_args(tmp_path, bench, models[1], store=store), "--sources", str(table), *extra]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        rows = ResultStore(tmp_path / store).rows()
+        return {r["task"]: r for r in rows if r["level"] == "headline" and r["split"] == "all"}
+
+    every = headline("every.jsonl")
+    assert every["ubench:coarse"]["n_questions"] == coarse[1]
+    assert every["ubench:coarse"]["value"] == pytest.approx(coarse[0] / coarse[1], abs=1e-12)
+    assert every["ubench:fine"]["n_questions"] == sum(n for _, n in fine)
+    assert every["ubench:fine"]["value"] == pytest.approx(sum(c for c, _ in fine) / sum(n for _, n in fine))
+    only_coarse = headline("coarse.jsonl", "--tasks", "coarse")
+    assert set(only_coarse) == {"ubench:coarse"}
+    assert only_coarse["ubench:coarse"]["value"] == every["ubench:coarse"]["value"]
+    fine_sources = "kather_et_al_2016,held_et_al_2010_h2b"
+    assert set(headline("fine.jsonl", "--tasks", fine_sources)) == {"ubench:fine"}
 
 
 def test_headline_rows_are_written_only_over_every_task_they_pool(tmp_path, bench, models):
