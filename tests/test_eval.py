@@ -982,12 +982,13 @@ def test_closed_set_accuracy_equals_an_independent_implementation(tmp_path, benc
 
 
 def _ubench_by_hand(
-    model, preprocess, tokenizer, dataset, outside=("opencell",)
+    model, preprocess, tokenizer, dataset, outside=("opencell",), chance: dict[str, float] | None = None
 ) -> dict[str, tuple[int, int]]:
     """The authors' rule written from SCHEMA.md with open_clip alone: per image and caption key,
     embed that row's own options, argmax cosine similarity, correct when it equals answer_idx.
     Returns caption key -> (correct, scored), per fine source for classification keys, and the
-    coarse keys pooled over the sources not `outside` the paper's tables."""
+    coarse keys pooled over the sources not `outside` the paper's tables. `chance`, when given,
+    receives each name's sum of 1 / (the options of each question scored)."""
     counts: dict[str, list[int]] = {}
     with torch.no_grad():
         for row in range(len(dataset)):
@@ -1011,6 +1012,8 @@ def _ubench_by_hand(
                     tally = counts.setdefault(name, [0, 0])
                     tally[0] += correct
                     tally[1] += 1
+                    if chance is not None:
+                        chance[name] = chance.get(name, 0.0) + 1 / len(caption["options"])
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
@@ -1024,7 +1027,8 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
     ]
     assert {r["protocol"] for r in rows} == {"ubench"}
     by_key = {(r["task"], r["caption_key"]): r for r in rows}
-    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset)
+    chance: dict[str, float] = {}
+    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset, chance=chance)
     paper_coarse = hand.pop("coarse in the paper's sources")
     for name, (correct, scored) in hand.items():
         source, _, key = name.rpartition("/")
@@ -1034,6 +1038,7 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
         assert row["n_questions"] == scored and row["value"] == pytest.approx(correct / scored, abs=1e-12), (
             name
         )
+        assert row["chance"] == pytest.approx(chance[name] / scored, abs=1e-12), name
     assert len(hand) == 8 + 5 * 2, "every coarse key and both classification keys of every source"
     paper_fine = [v for k, v in hand.items() if k.endswith("classification_1") and k.split("/")[0] not in
                   ("opencell", "eulenberg_et_al_2017_darkfield")]  # fmt: skip
@@ -1042,6 +1047,12 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
         sum(c for c, _ in paper_fine) / sum(n for _, n in paper_fine), abs=1e-12
     )
     assert headline["ubench:fine"]["n_questions"] == sum(n for _, n in paper_fine)
+    # pooled over sources whose questions offer 3 or 4 options: the mean of 1/n, not 1/(mean n)
+    fine_names = [k for k in hand if k.endswith("classification_1") and k.split("/")[0] not in
+                  ("opencell", "eulenberg_et_al_2017_darkfield")]  # fmt: skip
+    assert headline["ubench:fine"]["chance"] == pytest.approx(
+        sum(chance[k] for k in fine_names) / sum(n for _, n in paper_fine), abs=1e-12
+    )
     assert headline["ubench:coarse"]["n_questions"] == paper_coarse[1]
     assert headline["ubench:coarse"]["value"] == pytest.approx(paper_coarse[0] / paper_coarse[1], abs=1e-12)
 
