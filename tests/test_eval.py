@@ -1091,6 +1091,33 @@ def test_a_source_outside_the_papers_tables_is_kept_out_of_both_headlines(tmp_pa
     assert set(headline("fine.jsonl", "--tasks", fine_sources)) == {"ubench:fine"}
 
 
+def test_a_run_id_gains_a_field_only_where_that_setting_changes_the_numbers(tmp_path):
+    """Run ids are what a store resumes by: a field added to them since 0.1.0 (a non-fp32 forward,
+    intervals that resample images, a --sources table) is added only where it applies, so an
+    fp32, --bootstrap 0 or shipped-table run keeps the id it had and its store still resumes."""
+    from types import SimpleNamespace
+
+    from micromerge.core.hashing import sha256_json
+    from micromerge.eval.engine import HALVES, EvalSettings, _run_id
+    from micromerge.eval.images import DECODE_IDENTITY
+
+    bench, cpu = SimpleNamespace(fingerprint="abc"), torch.device("cpu")
+    settings = EvalSettings("x", tmp_path / "s.jsonl", tmp_path, precision="fp32", bootstrap=0)
+    identity = {"model": ["h"], "data": "abc", "prompts": "names", "protocol": "ubench", "bootstrap": 0,
+                "seed": 0, "halves": HALVES, "decode": DECODE_IDENTITY}  # fmt: skip
+    assert _run_id({"model": ["h"]}, settings, bench, cpu) == sha256_json(identity)[:16]
+    resampled = replace(settings, bootstrap=100)
+    assert (
+        _run_id({"model": ["h"]}, resampled, bench, cpu)
+        == sha256_json({**identity, "bootstrap": 100, "intervals": "images"})[:16]
+    )
+    closed = replace(settings, protocol="closed-set", bootstrap=100)
+    assert (
+        _run_id({"model": ["h"]}, closed, bench, cpu)
+        == sha256_json({**identity, "bootstrap": 100, "protocol": "closed-set"})[:16]
+    )
+
+
 def test_headline_rows_are_written_only_over_every_task_they_pool(tmp_path, bench, models):
     """`--tasks modality` wrote a `ubench:coarse` row pooled over modality alone under the paper's
     name, and a later `--tasks all` into the same store kept that row (its identity was there):
