@@ -979,6 +979,8 @@ def test_closed_set_accuracy_equals_an_independent_implementation(tmp_path, benc
         ), task.name
     assert rows["kather_et_al_2016"]["n_corrupt"] == 1 and rows["modality"]["n_corrupt"] == 1
     assert "kather_et_al_2016" in result.output and "corrupt images skipped" in result.output
+    assert all(r["chance"] == pytest.approx(1 / r["n_classes"]) for r in rows.values()), "a uniform guess"
+    assert {r["prompts"] for r in rows.values()} == {"names"}
 
 
 def _ubench_by_hand(
@@ -1043,6 +1045,14 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
     paper_fine = [v for k, v in hand.items() if k.endswith("classification_1") and k.split("/")[0] not in
                   ("opencell", "eulenberg_et_al_2017_darkfield")]  # fmt: skip
     headline = {r["task"]: r for r in rows if r["level"] == "headline"}
+    assert {t: r["caption_key"] for t, r in headline.items()} == {
+        "ubench:coarse": "coarse keys pooled",
+        "ubench:fine": "classification_1",
+    }
+    # the task with the corrupt image says so on every row (the closed-set test: kather, modality)
+    assert {r["n_corrupt"] for r in rows if r["task"] in ("kather_et_al_2016", "modality")} == {1}
+    assert {r["prompts"] for r in rows} == {None}, "prompts apply to the closed-set protocol only"
+    assert {r["process"] for r in rows} == {"0/1"}
     assert headline["ubench:fine"]["value"] == pytest.approx(
         sum(c for c, _ in paper_fine) / sum(n for _, n in paper_fine), abs=1e-12
     )

@@ -420,7 +420,7 @@ def test_a_task_none_of_whose_images_reads_is_one_line_not_a_task_that_vanishes(
 
     folder = write_fixture(tmp_path / "bench", per_class=2, corrupt=0, fmt="save_to_disk")
     dataset = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image(decode=False))
-    task = next(t for t in discover_tasks(dataset) if t.level == "fine")
+    task, second = [t for t in discover_tasks(dataset) if t.level == "fine"][:2]
     spoiled = set(task.image_rows)
     images = [
         {"bytes": b"not an image", "path": None} if i in spoiled else image
@@ -447,6 +447,19 @@ def test_a_task_none_of_whose_images_reads_is_one_line_not_a_task_that_vanishes(
     assert not (tmp_path / "r.jsonl").exists()
     kept = CliRunner().invoke(cli, [*args, "--tasks", "modality"])
     assert kept.exit_code == 0, kept.output
+    spoiled |= set(second.image_rows)  # two such tasks: the first named, the other counted
+    images = [
+        {"bytes": b"not an image", "path": None} if i in spoiled else image for i, image in enumerate(images)
+    ]
+    dataset.remove_columns("image").add_column("image", images).cast_column(
+        "image", datasets.Image()
+    ).save_to_disk(str(tmp_path / "spoiled-two"))
+    args[args.index(str(tmp_path / "spoiled"))] = str(tmp_path / "spoiled-two")
+    both = CliRunner().invoke(cli, [*args, "--tasks", f"{task.name},{second.name}"])
+    assert (
+        both.exit_code == 2
+        and f"images of task {task.name} (and of 1 more task(s)) can be read" in both.output
+    )
 
 
 def test_a_dataset_changed_in_place_gets_a_new_fingerprint(tmp_path):
