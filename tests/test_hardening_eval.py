@@ -297,6 +297,7 @@ def test_report_survives_a_store_with_junk_lines(setup):
         (("--batch-size", "-5"), "--batch-size -5"),
         (("--bootstrap", "100000000"), "--bootstrap 100000000: must be in"),
         (("--bootstrap", "-1"), "--bootstrap -1"),
+        (("--seed", "-1"), "--seed -1: must be a non-negative integer"),
         # `--alphas "$ALPHAS"` with the variable unset: the sweep evaluated nothing and said
         # "results in s.jsonl", a store it never wrote
         (("--alphas", ""), "--alphas '': empty (an unset variable?)"),
@@ -307,6 +308,22 @@ def test_bad_numbers_are_one_line(setup, flags, needle):
     result = _sweep(tmp, bench, "--alphas", "0", *flags)
     assert result.exit_code == 2 and needle in result.output, result.output
     assert not (tmp / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("seed", -1, "--seed -1: must be non-negative"),
+        ("batch_size", 0, "--batch-size 0: must be at least 1"),
+    ],
+)
+def test_settings_built_by_a_script_are_checked_as_the_flags_are(tmp_path, field, value, needle):
+    """A script that builds EvalSettings itself (as the ablation runner and the demo do) gets the
+    same refusal the command line gives."""
+    from micromerge.eval.engine import EvalSettings
+
+    with pytest.raises(MicromergeError, match=needle):
+        EvalSettings("x", tmp_path / "s.jsonl", tmp_path, **{field: value})
 
 
 def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
