@@ -7,6 +7,7 @@ on the torch engine (merging.engines).
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,11 @@ def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+            with (
+                warnings.catch_warnings()
+            ):  # a plain pickle (protocol 4+) is read or refused here in one line
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
     except pickle.UnpicklingError as exc:
         if not allow_pickle:
             raise MicromergeError(

@@ -6,6 +6,7 @@ import pickle
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -464,8 +465,10 @@ def test_pickle_suffix_with_bad_bytes_is_a_clear_error(tmp_path):
         open_source(str(tmp_path / "broken.pt"))
     with open(tmp_path / "obj.pt", "wb") as handle:
         pickle.dump([1, 2, 3], handle)
-    with pytest.raises(MicromergeError, match="obj.pt"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(MicromergeError, match="obj.pt"):
+        warnings.simplefilter("always")
         open_source(str(tmp_path / "obj.pt"))
+    assert not caught, "the one line, without torch's protocol warning before it"
 
 
 def test_unknown_name_and_missing_file(tmp_path):
