@@ -109,11 +109,11 @@ def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            with (
-                warnings.catch_warnings()
-            ):  # a plain pickle (protocol 4+) is read or refused here in one line
+            # pre-zip format; a plain pickle (protocol 4+) is read or refused here in one line,
+            # without torch's warning about its protocol before it
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not allow_pickle:
             raise MicromergeError(
