@@ -41,6 +41,7 @@ from micromerge.finetune.streaming import (
     SampleRecipe,
     ShardReadError,
     corpus_fingerprint,
+    image_payload,
     named_sample_seed,
     skipped_here,
 )
@@ -145,8 +146,7 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 yielded = True
                 caption = row[stream.caption_column]
                 caption = caption.strip() if isinstance(caption, str) else ""  # typed text up front
-                payload = row[stream.image_column]
-                payload = payload if isinstance(payload, dict) else {"path": payload, "bytes": None}
+                payload = image_payload(row[stream.image_column])
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
                 # a row without a caption is left undecoded: unreadable, it stops the run at its step
                 yield stream.recipe.make(None if undecoded or not caption else payload, caption, seed)

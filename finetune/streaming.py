@@ -262,7 +262,7 @@ class StreamedSamples(torch.utils.data.Dataset):
             if self._arrow is None:  # opened in the worker: memory-mapped, never pickled to it
                 self._arrow = _arrow_images(self.index)
             (value,) = self._arrow[int(location)].values()
-            return _as_payload(value)
+            return image_payload(value)
         return _located_payload(self.index.kind, location)
 
     def _target(self, i: int) -> Any:
@@ -277,7 +277,7 @@ class StreamedSamples(torch.utils.data.Dataset):
         return self.recipe.make(payload, self._target(i), sample_seed(self.recipe.seed, epoch, i))
 
 
-def _as_payload(value: dict | None) -> dict:
+def image_payload(value: dict | None) -> dict:
     """An undecoded Arrow image cell ({bytes, path}) as a payload; a null cell is an empty one,
     which every path reads as an unreadable image."""
     return value if value is not None else {"path": None, "bytes": None}
@@ -311,7 +311,7 @@ def indexed_pairs(index: CorpusIndex) -> PairData:
     path, so a corpus is indexed once and its bytes are read once whichever path is chosen."""
     if index.kind == "arrow":
         images = _arrow_images(index)
-        payloads = [_as_payload(v) for v in column_values(images, images.column_names[0])]
+        payloads = [image_payload(v) for v in column_values(images, images.column_names[0])]
     else:
         payloads = [_located_payload(index.kind, location) for location in index.images]
     return PairData(payloads, list(index.targets), index.source)
