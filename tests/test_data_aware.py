@@ -197,7 +197,10 @@ def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_model
     """Matena & Raffel's diagonal Fisher, written out question by question: the target drawn from the
     model's own softmax over the question's options (a torch Generator seeded with the seed, one draw
     per question in order), the gradient of that log-probability for every parameter, squared, and
-    the mean over questions (not the sum)."""
+    the mean over questions (not the sum). Each draw is over the question's options padded with
+    zero probability to the widest question's count, as the questions are stored: a draw never
+    lands on padding, but it consumes the generator by the padded width (questions offer different
+    numbers of options, and the draws after a padded one would differ over its own options alone)."""
     from micromerge.eval.statistics import fisher_diagonal
 
     settings, models = setting
@@ -214,13 +217,16 @@ def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_model
         texts = model.encode_text(evaluator.tokenizer([evaluator.texts[i] for i in own]))
         image, texts = image / image.norm(dim=-1, keepdim=True), texts / texts.norm(dim=-1, keepdim=True)
         log_probs = (model.logit_scale.exp() * image @ texts.T).log_softmax(dim=1)[0]
-        drawn = int(torch.multinomial(log_probs.detach().exp(), 1, generator=generator))
+        padded = torch.zeros(len(options))
+        padded[: len(own)] = log_probs.detach().exp()
+        drawn = int(torch.multinomial(padded, 1, generator=generator))
         targets.append(drawn)
         grads = torch.autograd.grad(log_probs[drawn], list(params.values()), allow_unused=True)
         for key, grad in zip(params, grads, strict=True):
             if grad is not None:
                 expected[key] += grad**2 / len(questions)
     assert set(fisher) == set(params) and any(t != 0 for t in targets), "some draws are not the first option"
+    assert (questions.options[:-1] < 0).any(), "a padded question comes before another: it moves their draws"
     for key in params:  # float32 sums in another order (the token embedding gathers many positions)
         scale = float(expected[key].abs().max())
         torch.testing.assert_close(fisher[key], expected[key], atol=1e-5 * scale, rtol=1e-4, msg=key)

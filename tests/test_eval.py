@@ -984,13 +984,21 @@ def test_closed_set_accuracy_equals_an_independent_implementation(tmp_path, benc
 
 
 def _ubench_by_hand(
-    model, preprocess, tokenizer, dataset, outside=("opencell",), chance: dict[str, float] | None = None
+    model,
+    preprocess,
+    tokenizer,
+    dataset,
+    outside=("opencell",),
+    chance: dict[str, float] | None = None,
+    widths: dict[str, set[int]] | None = None,
 ) -> dict[str, tuple[int, int]]:
     """The authors' rule written from SCHEMA.md with open_clip alone: per image and caption key,
     embed that row's own options, argmax cosine similarity, correct when it equals answer_idx.
     Returns caption key -> (correct, scored), per fine source for classification keys, and the
     coarse keys pooled over the sources not `outside` the paper's tables. `chance`, when given,
-    receives each name's sum of 1 / (the options of each question scored)."""
+    receives each name's sum of 1 / (the options of each question scored), and `widths` each
+    name's set of option counts. Two options scoring within 1e-5 of the best would be broken by
+    float noise, differently here and in a batched evaluation, so the fixture must have none."""
     counts: dict[str, list[int]] = {}
     with torch.no_grad():
         for row in range(len(dataset)):
@@ -1006,7 +1014,9 @@ def _ubench_by_hand(
                     continue
                 texts = model.encode_text(tokenizer(caption["options"]))
                 texts = texts / texts.norm(dim=-1, keepdim=True)
-                correct = int((features @ texts.T).argmax().item() == int(caption["answer_idx"]))
+                scores = (features @ texts.T)[0]
+                assert (scores >= scores.max() - 1e-5).sum() == 1, f"row {row} {key}: a near-tie"
+                correct = int(scores.argmax().item() == int(caption["answer_idx"]))
                 names = [key if not key.startswith("classification") else f"{record['dataset']}/{key}"]
                 if not key.startswith("classification") and record["dataset"] not in outside:
                     names.append("coarse in the paper's sources")
@@ -1016,6 +1026,8 @@ def _ubench_by_hand(
                     tally[1] += 1
                     if chance is not None:
                         chance[name] = chance.get(name, 0.0) + 1 / len(caption["options"])
+                    if widths is not None:
+                        widths.setdefault(name, set()).add(len(caption["options"]))
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
@@ -1030,7 +1042,14 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
     assert {r["protocol"] for r in rows} == {"ubench"}
     by_key = {(r["task"], r["caption_key"]): r for r in rows}
     chance: dict[str, float] = {}
-    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset, chance=chance)
+    widths: dict[str, set[int]] = {}
+    hand = _ubench_by_hand(
+        *_load(models[1]), load_benchmark(str(bench)).dataset, chance=chance, widths=widths
+    )
+    varied = {name for name, counts in widths.items() if len(counts) > 1}
+    assert {"modality_0", "stain_1", "kather_et_al_2016/classification_0"} <= varied, (
+        "questions of one key offer different numbers of options, so the evaluation pads"
+    )
     paper_coarse = hand.pop("coarse in the paper's sources")
     for name, (correct, scored) in hand.items():
         source, _, key = name.rpartition("/")

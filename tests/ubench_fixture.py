@@ -9,6 +9,9 @@ eVLLM code and rows dumped from the real shards):
   question does not apply (stain for fluorescence sources); options are the template filled with a
   few candidates, some of which occur in no row (domains cytology/radiology, stains Gram/Congo
   Red), then "none of the above" ("`captions`");
+  The number of candidates varies from image to image within a caption key ("a few candidate
+  values (at most about 5)", "a per-image subset"): every other image here has one distractor fewer,
+  so the evaluation's padding of shorter option lists is exercised end to end;
 - questions as structs {answer, answer_idx (an int), id, name, options, question, tags} ("`questions`");
 - Held et al. 2010 rows with a null `dataset`, source-specific classification template and
   `H2B-mCherry` polygons; `opencell` on the Hub but not in the paper; `image_id` not unique
@@ -82,7 +85,7 @@ SOURCES = {
         0.2,
         ["anaphase", "interphase", "metaphase"],
         (
-            "A fluorescence micrograph of H2B-mCherry labelled chromatin in {class}.",
+            "H2B-mCherry labelled chromatin in {class}.",
             "HeLa cell nuclei imaged live during {class}.",
         ),
         "H2B-mCherry",
@@ -97,7 +100,7 @@ SOURCES = {
         ["g1", "g2", "prophase"],
         (
             "A darkfield image of a cell in {class}.",
-            "An imaging flow cytometry image of a Jurkat cell in {class}.",
+            "A flow cytometry image of a cell in {class}.",
         ),
         "cell",
     ),
@@ -131,16 +134,22 @@ def _pick(rng: np.random.Generator, answer: str, pool: list[str], distractors: i
     return picked
 
 
-def _options(rng: np.random.Generator, template: str, answer: str, pool: list[str]) -> tuple[list[str], int]:
-    """The template filled with the answer and three distractors, then none of the above."""
+def _options(
+    rng: np.random.Generator, template: str, answer: str, pool: list[str], fewer: bool
+) -> tuple[list[str], int]:
+    """The template filled with the answer and three distractors (two when `fewer`, where the pool
+    allows), then none of the above. The dropped distractor is taken after the draw, so the
+    random stream, and with it every image, is the same either way."""
     picked = _pick(rng, answer, pool, 3)
+    if fewer and len(picked) > 2:
+        picked.remove(next(v for v in reversed(picked) if v != answer))
     return [template.replace("{class}", v) for v in picked] + [NONE_OF_THE_ABOVE], picked.index(answer)
 
 
-def _caption(rng, key: str, template: str, answer: str | None, pool: list[str]) -> dict | None:
+def _caption(rng, key: str, template: str, answer: str | None, pool: list[str], fewer: bool) -> dict | None:
     if answer is None:
         return None
-    options, index = _options(rng, template, answer, pool)
+    options, index = _options(rng, template, answer, pool, fewer)
     return {
         "id": f"{key}-{answer}",
         "name": key,
@@ -198,10 +207,12 @@ def fixture_rows(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> dict[st
                 for kind, templates in TEMPLATES.items():
                     for variant, template in enumerate(templates):
                         key = f"{kind}_{variant}"
-                        captions[key] = _caption(rng, key, template, values[kind], DISTRACTORS[kind])
+                        captions[key] = _caption(
+                            rng, key, template, values[kind], DISTRACTORS[kind], i % 2 == 1
+                        )
                 for variant, template in enumerate(fine_templates):
                     key = f"classification_{variant}"
-                    captions[key] = _caption(rng, key, template, label, classes)
+                    captions[key] = _caption(rng, key, template, label, classes, i % 2 == 1)
                 rows["captions"].append(captions)
                 answers = {**values, "subdomain": subdomain, "classification": label}
                 pools = {
