@@ -336,7 +336,7 @@ class Evaluator:
         for task in self.tasks:
             parts = [outcomes[(task.name, q.key)] for q in task.questions]
             pooled = _concat(parts)
-            members = self._splits(np.unique(pooled.rows)).get(split) if len(pooled.rows) else None
+            members = self._splits(np.unique(pooled.rows)).get(split)  # None: no image in this half
             if members is not None:
                 half = self._subset(pooled, members)
                 paired[task.name] = (half.correct, half.rows)
