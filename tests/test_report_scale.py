@@ -203,6 +203,23 @@ def test_beyond_the_overview_limit_each_comparison_set_gets_its_own_figures(tmp_
     assert not (tmp_path / "rep" / "tables" / "comparison_sets.csv").exists()
 
 
+def test_a_set_whose_labels_share_no_words_is_named_by_its_number(tmp_path, monkeypatch):
+    """A set's title is what its runs' labels share; labels given by hand may share nothing, and
+    its figures are then captioned "comparison set N", never with an empty title."""
+    monkeypatch.setattr(report, "OVERVIEW_RUNS", 4)
+    store = tmp_path / "r.jsonl"
+    for index, label in enumerate(("wise-ft", "my ties", "dare run", "slerp", "lines")):
+        write_store(store, run_id=f"r{index}", method=label, shift_all=-0.02 * index, label=label)
+    (only,) = _sets(store)
+    assert only.title == "" and only.names == ("wise-ft", "my ties", "dare run", "slerp", "lines")
+    page, markdown, _ = _report(store, tmp_path / "rep", run_figures=False)
+    captions = re.findall(r"!\[([^\]]*)\]\(figures/[^)]+_set0\.png\)", markdown)
+    assert captions == [
+        f"comparison set 0: {c}" for c in ("accuracy versus α", "target versus control", "per task")
+    ]
+    assert html.escape("comparison set 0: per task") in page
+
+
 def test_beyond_the_run_limit_runs_figures_are_drawn_on_request_and_linked(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "OVERVIEW_RUNS", 4)
     monkeypatch.setattr(report, "RUN_FIGURE_RUNS", 5)
