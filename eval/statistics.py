@@ -46,6 +46,11 @@ KINDS = ("fisher", "gram")
 
 
 def fisher_diagonal(model: torch.nn.Module, bank: QuestionBank, questions: Questions, seed: int) -> dict:
+    """Matena & Raffel's diagonal Fisher: the mean over questions of each parameter's squared
+    gradient of log p(target), the target drawn from the model's own softmax over the question's
+    options. Each draw is over the options as stored, padded with zero probability to the widest
+    question's count, so it consumes the seeded generator by that width: the draws are fixed by the
+    seed and the questions drawn from (both in the cache key), as the width is."""
     model.eval()
     params = {k: p for k, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
     total = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
