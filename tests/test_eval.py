@@ -1086,6 +1086,41 @@ def test_ubench_protocol_equals_open_clip_on_the_rows(tmp_path, bench, models):
     assert headline["ubench:coarse"]["value"] == pytest.approx(paper_coarse[0] / paper_coarse[1], abs=1e-12)
 
 
+def test_a_subdomain_caption_pair_where_present_is_scored_and_pooled_into_the_coarse_headline(
+    tmp_path, models
+):
+    """SCHEMA.md ("`captions`"): "a `subdomain_*` pair may exist for some sources; not confirmed",
+    and the authors' coarse-grained perception pools "modality, submodality, domain, subdomain
+    (where present), stain". With the pair filled for two sources and null for the rest, the
+    subdomain task asks it of those sources' images only, each key scores as open_clip does on the
+    rows by hand, and the coarse headline pools it with the other coarse keys."""
+    bench = write_fixture(tmp_path / "ubench", subdomain_sources=("kather_et_al_2016", None))
+    tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset)}
+    questions = tasks["subdomain"].questions
+    assert [q.key for q in questions] == ["subdomain_0", "subdomain_1"]
+    assert [len(q.rows) for q in questions] == [36, 36], "kather's and Held's 18 images each, no other"
+    result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[1]))
+    assert result.exit_code == 0, result.output
+    rows = [
+        r
+        for r in ResultStore(tmp_path / "r.jsonl").rows()
+        if r["split"] == "all" and r["metric"] == "accuracy"
+    ]
+    by_key = {(r["task"], r["caption_key"]): r for r in rows}
+    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset)
+    for key in ("subdomain_0", "subdomain_1"):
+        correct, scored = hand[key]
+        row = by_key[("subdomain", key)]
+        assert scored == 35, "the corrupt image is one of kather's"
+        assert row["n_questions"] == scored and row["value"] == pytest.approx(correct / scored, abs=1e-12), (
+            key
+        )
+    pooled_correct, pooled_scored = hand["coarse in the paper's sources"]
+    coarse = by_key[("ubench:coarse", "coarse keys pooled")]
+    assert coarse["n_questions"] == pooled_scored
+    assert coarse["value"] == pytest.approx(pooled_correct / pooled_scored, abs=1e-12), "pooled with the pair"
+
+
 def test_a_source_outside_the_papers_tables_is_kept_out_of_both_headlines(tmp_path, bench, models):
     """Sources on the Hub but not in the paper's tables (`paper_tables = false`: opencell and
     sirinukunwattana_et_al_2016 in ours; here nirschl_et_al_2018 by a `--sources` table) are

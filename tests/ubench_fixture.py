@@ -19,7 +19,8 @@ eVLLM code and rows dumped from the real shards):
 - the Hub layout: Arrow stream shards `ubench-test-0000i-of-0000N.arrow` + `dataset_info.json`,
   no `state.json` ("Files on the Hub").
 One extra column (`annotator_notes`) stands for columns a later release may add, and one image's
-bytes are corrupt.
+bytes are corrupt. `subdomain_sources` adds the `subdomain_0/1` caption pair that "may exist for
+some sources; not confirmed" (SCHEMA.md, "`captions`"): filled for those sources, null for the rest.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from micromerge.eval.hub_layout import write_hub_layout
-from micromerge.eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
+from micromerge.eval.schema import CAPTION_KEYS, NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 
 TEMPLATES = {
     "modality": ("A micrograph acquired through {class}.", "A microscopy image obtained through {class}."),
@@ -40,6 +41,8 @@ TEMPLATES = {
     "domain": ("A micrograph, typically studied in {class}.", "A microscopy image used in {class}."),
     "stain": ("A micrograph stained with {class}.", "A specimen prepared with {class} staining."),
 }
+SUBDOMAIN_TEMPLATES = ("A micrograph from {class}.", "A microscopy image studied in {class}.")
+SUBDOMAIN_CAPTION_KEYS = ("subdomain_0", "subdomain_1")
 DISTRACTORS = {  # candidate values, some of which occur in no row
     "modality": ["light microscopy", "fluorescence microscopy", "electron microscopy", "X-ray imaging"],
     "submodality": [
@@ -51,6 +54,7 @@ DISTRACTORS = {  # candidate values, some of which occur in no row
     ],
     "domain": ["pathology", "biology", "cytology", "radiology", "dermatology"],
     "stain": ["H&E", "Gram", "Congo Red", "Giemsa", "PAS"],
+    "subdomain": ["gastrointestinal pathology", "cardiovascular pathology", "cell biology", "neuropathology"],
 }
 # dataset: (domain, subdomain, modality, submodality, stain, microns/pixel, classes, templates, polygon class)
 SOURCES = {
@@ -175,7 +179,9 @@ def _question(rng, key: str, answer: str | None, pool: list[str]) -> dict | None
     }
 
 
-def fixture_rows(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> dict[str, list]:
+def fixture_rows(
+    per_class: int = 6, seed: int = 0, corrupt: int = 1, subdomain_sources: tuple[str | None, ...] = ()
+) -> dict[str, list]:
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {name: [] for name in ubench_features(ALL_CLASSES)}
     rows["annotator_notes"] = []
@@ -213,6 +219,13 @@ def fixture_rows(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> dict[st
                 for variant, template in enumerate(fine_templates):
                     key = f"classification_{variant}"
                     captions[key] = _caption(rng, key, template, label, classes, i % 2 == 1)
+                for key, template in zip(SUBDOMAIN_CAPTION_KEYS, SUBDOMAIN_TEMPLATES, strict=True):
+                    if subdomain_sources:  # drawn only then: the default fixture's stream is unchanged
+                        asked = source in subdomain_sources
+                        pool = DISTRACTORS["subdomain"]
+                        captions[key] = (
+                            _caption(rng, key, template, subdomain, pool, i % 2 == 1) if asked else None
+                        )
                 rows["captions"].append(captions)
                 answers = {**values, "subdomain": subdomain, "classification": label}
                 pools = {
@@ -231,20 +244,32 @@ def fixture_rows(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> dict[st
     return rows
 
 
-def fixture_features() -> datasets.Features:
-    return datasets.Features({**ubench_features(ALL_CLASSES), "annotator_notes": datasets.Value("string")})
+def fixture_features(subdomain_captions: bool = False) -> datasets.Features:
+    keys = CAPTION_KEYS + (SUBDOMAIN_CAPTION_KEYS if subdomain_captions else ())
+    return datasets.Features(
+        {**ubench_features(ALL_CLASSES, keys), "annotator_notes": datasets.Value("string")}
+    )
 
 
-def fixture_dataset(per_class: int = 6, seed: int = 0, corrupt: int = 1) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(fixture_rows(per_class, seed, corrupt), features=fixture_features())
+def fixture_dataset(
+    per_class: int = 6, seed: int = 0, corrupt: int = 1, subdomain_sources: tuple[str | None, ...] = ()
+) -> datasets.Dataset:
+    rows = fixture_rows(per_class, seed, corrupt, subdomain_sources)
+    return datasets.Dataset.from_dict(rows, features=fixture_features(bool(subdomain_sources)))
 
 
 def write_fixture(
-    folder: Path, per_class: int = 6, seed: int = 0, corrupt: int = 1, fmt: str = "hub", shards: int = 7
+    folder: Path,
+    per_class: int = 6,
+    seed: int = 0,
+    corrupt: int = 1,
+    fmt: str = "hub",
+    shards: int = 7,
+    subdomain_sources: tuple[str | None, ...] = (),
 ) -> Path:
     """Write the fixture as the Hub lays it out (`fmt="hub"`: FOLDER/perception/0.1.0/...,
     returns that inner folder), as a save_to_disk folder, or as a parquet file."""
-    dataset = fixture_dataset(per_class, seed, corrupt)
+    dataset = fixture_dataset(per_class, seed, corrupt, subdomain_sources)
     if fmt == "hub":
         return write_hub_layout(dataset, folder / "perception" / "0.1.0", shards)
     if fmt == "save_to_disk":
