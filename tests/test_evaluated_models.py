@@ -85,7 +85,14 @@ def test_a_store_of_evaluations_only_reports_the_models_side_by_side(tmp_path):
     assert models.loc["specialist [ubench]", "paper fine %"] == 80.0
     assert models.loc["specialist [ubench]", "paper fine 95% CI"] == "[79.0, 81.0]"
     groups = pd.read_csv(tables / "models_groups.csv").set_index("group")
-    assert list(groups.index[:2]) == ["level:coarse", "level:fine"]
+    assert list(groups.index) == [  # the levels, then the rest by name (not a set's order)
+        "level:coarse",
+        "level:fine",
+        "domain:biology",
+        "domain:pathology",
+        "modality:light microscopy",
+        "scale:tissue",
+    ]
     assert math.isclose(groups.loc["domain:pathology", "specialist [ubench]"], 80.0)
     assert math.isclose(groups.loc["domain:biology", "base [ubench]"], 60.0)
     assert math.isnan(groups.loc["domain:biology", "specialist [ubench]"]), "not evaluated: empty, not 0"
@@ -147,6 +154,17 @@ def test_one_model_on_two_copies_of_the_data_is_two_rows_each_with_its_own_headl
     models = pd.read_csv(tmp_path / "report" / "tables" / "models.csv")
     assert list(models["model"]) == ["base [ubench] (base-ubench-abc)", "base [ubench] (base-ubench-def)"]
     assert list(models["paper coarse %"]) == [75.0, 20.0] and list(models["paper fine %"]) == [45.0, 30.0]
+
+
+def test_a_models_task_count_is_of_the_tasks_scored_on_all_its_images(tmp_path):
+    """A task with too few images for a half has rows on all images only (eval leaves an empty half
+    out): it is one of the model's tasks all the same."""
+    rows = [r for r in _evaluation_rows("base") if r["task"] != "golgi" or r["split"] == "all"]
+    store = tmp_path / "r.jsonl"
+    ResultStore(store).append(rows)
+    _report(store, tmp_path / "report")
+    models = pd.read_csv(tmp_path / "report" / "tables" / "models.csv").set_index("model")
+    assert models.loc["base [ubench]", "tasks"] == 5
 
 
 def test_runs_of_one_pair_show_only_the_evaluations_of_that_pairs_models(tmp_path):
