@@ -125,11 +125,13 @@ def test_statistics_recorded_before_the_halves_seed_are_seed_0s():
 
 
 def test_inputs_learned_under_two_halves_have_no_seed_to_give():
-    halves = [select_half_mark("f00d", 1), select_half_mark("f00d", 4), select_half_mark("cafe", 7)]
+    halves = [select_half_mark("f00d", 4), select_half_mark("f00d", 1), select_half_mark("cafe", 7)]
     refuse_other_halves(halves, "beef", 0, "m")  # other data: nothing learned from its images
     for seed in (0, 1):
         with pytest.raises(MicromergeError, match="no one --seed holds its report half out"):
             refuse_other_halves(halves, "f00d", seed, "m")
+    with pytest.raises(MicromergeError, match="as --seed 1, --seed 4 splits them"):
+        refuse_other_halves(halves, "f00d", 0, "m")  # the seeds in order, whatever the inputs' order
     with pytest.raises(MicromergeError, match=r"as --seed 7 splits them.*give --seed 7$"):
         refuse_other_halves(halves, "cafe", 0, "m")
     refuse_other_halves(halves, "cafe", 7, "m")

@@ -178,6 +178,20 @@ def test_openai_s_own_file_is_read_without_allow_pickle_and_named_by_its_digest(
         assert "visual.conv1.weight" in source.keys()
 
 
+def test_a_release_url_names_a_digest_only_when_its_folder_is_64_hex_digits():
+    """OpenAI's release URLs put the file's sha256 in the folder (open_clip's pretrained table, read
+    here from the installed open_clip): ViT-B-32's is the one open_clip's table names. A folder of
+    another length, or of 64 characters that are not all hex digits, names no digest (its file is
+    never compared against it), nor does a URL of another host."""
+    vit_b_32 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
+    assert openai_release.openai_releases()[vit_b_32] == "ViT-B-32-quickgelu"
+    folder = "https://openaipublic.azureedge.net/clip/models/{}/ViT-B-32.pt"
+    assert openai_release.release_digest(folder.format(vit_b_32)) == vit_b_32
+    assert openai_release.release_digest(folder.format(vit_b_32[:40])) is None, "hex, but not 64 digits"
+    assert openai_release.release_digest(folder.format("g" + vit_b_32[1:])) is None, "64, but not all hex"
+    assert openai_release.release_digest(f"https://example.org/{vit_b_32}/ViT-B-32.pt") is None
+
+
 def _openai_table(monkeypatch, digest: str) -> None:
     """open_clip's table entry for ViT-B-32/openai, with the fixture's digest in its release URL."""
     import open_clip.pretrained as pretrained

@@ -79,6 +79,23 @@ def _header_record(path: Path) -> dict:
     return json.loads(metadata["micromerge.core.provenance"])
 
 
+def test_the_tasks_trained_on_are_named_in_order_and_marked_by_what_they_share():
+    """`trained_on_marks` on tasks made by hand: the names come sorted (the warning and the record
+    read the same whatever order the lineage lists them in); a task sharing a trained task's image
+    is marked "images", one sharing none is not marked."""
+    from micromerge.eval.tasks import Task
+    from micromerge.eval.trained_on import trained_on_marks
+
+    names = ["zeta", "alpha", "mid", "beta", "other"]
+    tasks = [Task(n, "fine", ("a", "b"), (), (), (i, 10 + i), (0, 1)) for i, n in enumerate(names)]
+    shares = Task("shares", "coarse", ("a", "b"), (), (), (0, 99), (0, 1))
+    lineage = [task_data_fingerprint("fp", n) for n in ("zeta", "mid", "alpha", "beta")]
+    trained, marks = trained_on_marks(lineage, "fp", tasks, [*tasks, shares])
+    assert trained == ["alpha", "beta", "mid", "zeta"]
+    assert marks == {"zeta": "task", "alpha": "task", "mid": "task", "beta": "task", "shares": "images"}
+    assert trained_on_marks(lineage, "other data", tasks, tasks) == ([], {})
+
+
 def test_the_trained_task_and_the_tasks_sharing_its_images_are_marked_others_not(trained):
     tmp, bench, supervised = trained
     result, rows = _eval(tmp, supervised, bench, "sup.jsonl")
