@@ -226,6 +226,19 @@ def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):
     assert not (tmp_path / "report" / "tables" / "models_change.csv").exists()
 
 
+def test_a_baseline_matching_none_of_many_models_lists_six_and_counts_the_rest(tmp_path):
+    for count in (6, 7):
+        store = tmp_path / f"r{count}.jsonl"
+        ResultStore(store).append([r for i in range(count) for r in _evaluation_rows("base", copy=f"c{i}")])
+        wrong = CliRunner().invoke(
+            cli, ["report", str(store), "--out", str(tmp_path / "x"), "--baseline", "clip"]
+        )
+        assert wrong.exit_code == 2, wrong.output
+        listed = wrong.output.split("its evaluated models: ")[1]
+        assert listed.count("base [ubench] (base-ubench-c") == 6, listed
+        assert ("more)" in listed) == (count == 7) and ("(and 1 more)" in listed) == (count == 7), listed
+
+
 def test_the_change_against_the_baseline_is_taken_before_rounding(tmp_path):
     """Pathology means 45.04 % (base) and 80.08 % (specialist) are shown as 45.0 and 80.1, but the
     specialist gained 35.04 points: 35.0, not the 35.1 the two shown means would give."""
