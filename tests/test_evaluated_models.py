@@ -203,8 +203,13 @@ def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):
     CLIP), in points per group; hand-computed from TASKS. Models scored otherwise (closed-set against
     a ubench baseline) are not compared but named; a baseline that names no model, or several, is one
     line; a later report without it leaves no stale change table."""
-    store = _store(tmp_path / "r.jsonl")
-    ResultStore(store).append(_evaluation_rows("specialist", "closed-set"))
+    store = tmp_path / "r.jsonl"  # the model scored otherwise comes between the two compared
+    rows = (
+        _evaluation_rows("base")
+        + _evaluation_rows("specialist", "closed-set")
+        + _evaluation_rows("specialist")
+    )
+    ResultStore(store).append(rows)
     markdown = _report(store, tmp_path / "report", "--baseline", "base [ubench]")
     change = pd.read_csv(tmp_path / "report" / "tables" / "models_change.csv").set_index("group")
     assert list(change.columns) == ["specialist [ubench] − base [ubench]"]
