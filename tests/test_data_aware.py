@@ -374,7 +374,7 @@ def test_merge_and_sweep_record_the_data_and_reuse_cached_statistics(tmp_path, s
     assert set(merged) == set(load_file(models[0]))
 
 
-def write_corpus_folder(folder: Path, seed: int, count: int = 12) -> Path:
+def write_corpus_folder(folder: Path, seed: int, count: int = 12, kinds: int = 5) -> Path:
     """An image-caption corpus as `finetune` reads it: PNG files and captions.csv (image,caption)."""
     import csv
     import io
@@ -390,7 +390,7 @@ def write_corpus_folder(folder: Path, seed: int, count: int = 12) -> Path:
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
             (folder / f"{index}.png").write_bytes(buffer.getvalue())
-            writer.writerow([f"{index}.png", f"a micrograph of tissue type {index % 5} (corpus {seed})"])
+            writer.writerow([f"{index}.png", f"a micrograph of tissue type {index % kinds} (corpus {seed})"])
     return folder
 
 
@@ -418,6 +418,42 @@ def test_a_model_can_have_statistics_on_its_own_corpus(tmp_path, setting):
     assert own_described["split"] == "corpus" and own_described["data"] == str(corpus)
     assert own_described["data_fingerprint"] == described["data_fingerprint"]
     assert any(not torch.equal(own[k], bench[k]) for k in own), "other data, other Fishers"
+
+
+def test_a_corpus_of_more_captions_than_options_draws_each_images_others_from_all(tmp_path, setting):
+    """With more distinct captions than CORPUS_OPTIONS, each question is its own caption first and
+    CORPUS_OPTIONS - 1 others drawn with the seed (whether or not the draw hit its own); the texts
+    are the distinct captions in sorted order, so the draws do not depend on a set's order. Two
+    distinct captions are the fewest a question can be asked with."""
+    from micromerge.eval.corpus_questions import CORPUS_OPTIONS, corpus_questions, open_corpus
+
+    settings, models = setting
+    with open_source(models[1]) as source:
+        _, config = load_model(source)
+    corpus = write_corpus_folder(tmp_path / "corpus", seed=1, count=40, kinds=20)
+    pairs, _ = open_corpus(str(corpus))
+    bank, questions = corpus_questions(pairs, config, 40, 3, torch.device("cpu"), progress=False)
+    assert bank.texts == sorted(set(pairs.captions)) and len(bank.texts) == 20 > CORPUS_OPTIONS
+    assert questions.options.shape == (40, CORPUS_OPTIONS)
+    for position, options in zip(questions.positions, questions.options, strict=True):
+        assert bank.texts[options[0]] == pairs.captions[position], "its own caption first"
+        assert len(set(options.tolist())) == CORPUS_OPTIONS, "distinct options"
+    two = write_corpus_folder(tmp_path / "two", seed=1, count=4, kinds=2)
+    pairs, _ = open_corpus(str(two))
+    bank, questions = corpus_questions(pairs, config, 4, 0, torch.device("cpu"), progress=False)
+    assert questions.options.shape == (4, 2)
+
+
+def test_no_select_half_question_is_one_line(setting):
+    """Tasks with questions, none of them about a select-half image (a benchmark of a few images can
+    split so): statistics have nothing to be estimated on, said in one line."""
+    from micromerge.core.errors import MicromergeError
+
+    settings, models = setting
+    _, evaluator = _model_and_evaluator(settings, models[0])
+    evaluator.select_half[:] = False
+    with pytest.raises(MicromergeError, match="no select-half questions to estimate statistics on"):
+        select_questions(evaluator, 5, seed=0)
 
 
 def test_a_corpus_changed_in_place_is_other_data_and_a_few_bad_images_are_skipped(tmp_path, setting):

@@ -750,6 +750,15 @@ def test_the_printed_group_means_equal_hand_computed_ones():
             "overall": (0.9 + 0.3 + 0.5) / 3,
         }
     )
+    assert list(aggregate(rows)) == [  # printed in this order: the groups by name, then overall
+        "domain:cell biology",
+        "domain:pathology",
+        "level:coarse",
+        "level:fine",
+        "modality:light microscopy",
+        "scale:tissue",
+        "overall",
+    ]
     assert aggregate(rows, split="select") == pytest.approx(
         {
             "level:fine": 0.0,
