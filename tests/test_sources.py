@@ -130,6 +130,7 @@ def test_a_layer_norm_epsilon_of_its_own_is_kept_and_exported(tmp_path):
         ),
         ("text_config", {"layer_norm_eps": "1e-5"}, "text_config.layer_norm_eps must be a number in (0, 1)"),
         ("vision_config", {"layer_norm_eps": 0}, "vision_config.layer_norm_eps must be a number in (0, 1)"),
+        ("vision_config", {"layer_norm_eps": 1}, "vision_config.layer_norm_eps must be a number in (0, 1)"),
         # loaded as gelu: every MLP computed another function than the checkpoint was trained with
         (
             "text_config",
@@ -190,7 +191,7 @@ def test_export_leaves_out_the_causal_mask_a_state_dict_may_carry(tmp_path):
     from micromerge.merging.hf_clip import openclip_to_hf
 
     state = random_state_dict(2)
-    with_mask = {**state, "attn_mask": torch.full((16, 16), float("-inf")).triu(1)}
+    with_mask = {"attn_mask": torch.full((16, 16), float("-inf")).triu(1), **state}  # first: the rest follow
     plain, exported = openclip_to_hf(state), openclip_to_hf(with_mask)
     assert plain.keys() == exported.keys() and all(torch.equal(plain[k], exported[k]) for k in plain)
 

@@ -104,6 +104,21 @@ def test_a_disk_without_room_fails_before_any_data_and_leaves_no_file(tmp_path, 
     assert _leftovers(tmp_path) == []
 
 
+def test_the_whole_file_is_reserved_before_any_data_is_written(tmp_path, monkeypatch):
+    """posix_fallocate is asked for the file's full size (header and every tensor) at offset 0, so
+    a disk without room fails before the first byte, not part way through a merge."""
+    asked = []
+    reserve = os.posix_fallocate
+
+    def recorded(fd, offset, length):
+        asked.append((offset, length))
+        reserve(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", recorded)
+    _write(tmp_path / "m.safetensors", list(SHAPES), {"k": "v"})
+    assert asked == [(0, (tmp_path / "m.safetensors").stat().st_size)]
+
+
 def test_a_file_system_that_cannot_reserve_space_still_gets_the_file(tmp_path, monkeypatch):
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
