@@ -637,10 +637,17 @@ def test_source_table_override_replaces_a_scale_range(tmp_path, bench):
         ),
         ('[source.kather_et_al_2016]\nscale = "tissue"\n', r"mine.toml: unknown table\(s\) \['source'\]"),
         (
+            '[zz]\na = 1\n[source.k]\nscale = "tissue"\n[scale]\nb = 2\n',
+            r"table\(s\) \['scale', 'source', 'zz'\]",
+        ),
+        (
             "[scales]\ntissue = [5.0, 0.2]\n",
             r"mine.toml: scales.tissue = \[5.0, 0.2\]: expected \[low, high\]",
         ),
         ('[scales]\ntissue = "0.2-5"\n', r"mine.toml: scales.tissue = '0.2-5': expected"),
+        ("[scales]\ntissue = 0.5\n", r"mine.toml: scales.tissue = 0.5: expected \[low, high\]"),
+        ('[scales]\ntissue = [0.2, "5"]\n', r"mine.toml: scales.tissue = \[0.2, '5'\]: expected"),
+        ("[scales]\ntissue = [true, 5.0]\n", r"mine.toml: scales.tissue = \[True, 5.0\]: expected"),
         # a scale no [scales] names was a report group of its own, never cross-checked
         (
             '[sources.kather_et_al_2016]\nscale = "Tissue"\n',
@@ -1651,8 +1658,13 @@ def test_an_override_of_a_source_the_data_lacks_is_warned_about(tmp_path, bench)
         discover_tasks(dataset, load_source_table())
         moved = {t.name for t in discover_tasks(dataset, load_source_table(tmp_path / "moved.toml"))}
     assert "held_et_al_2010_h2b" not in moved
-    (tmp_path / "typo.toml").write_text('[sources.held_et_al_2010_hb2]\nnull_dataset_match = "nothing"\n')
-    with pytest.warns(UserWarning, match=r"\['held_et_al_2010_hb2'\] name no source of this data"):
+    (tmp_path / "typo.toml").write_text(  # several: named in order, not a set's
+        '[sources.zz_typo]\nscale = "tissue"\n[sources.held_et_al_2010_hb2]\nnull_dataset_match = "nothing"\n'
+        '[sources.aa_typo]\nscale = "tissue"\n'
+    )
+    with pytest.warns(
+        UserWarning, match=r"\['aa_typo', 'held_et_al_2010_hb2', 'zz_typo'\] name no source of"
+    ):
         discover_tasks(dataset, load_source_table(tmp_path / "typo.toml"))
 
 
