@@ -402,3 +402,21 @@ def test_merge_and_sweep_offer_one_flag_per_tunable_parameter():
     for command in (merge_command, sweep_command):
         names = {option.name for option in command.params}
         assert set(TUNABLE) <= names, command.name
+
+
+def test_the_sweeps_in_place_merge_leaves_excluded_keys_at_the_base(checkpoint_files):
+    """A sweep under `--include visual.*` merges the vision tower in place and leaves every other
+    key of the model the base's, at every alpha (the streaming merge copies them from the base)."""
+    from micromerge.merging.rules import KeyRules
+
+    base_state, ft_state = (load_file(str(f)) for f in checkpoint_files[:2])
+    with open_source(str(checkpoint_files[0])) as base, open_source(str(checkpoint_files[1])) as ft:
+        model, _ = load_model(base)
+        spec = MergeSpec(method="wise-ft", rules=KeyRules(include=("visual.*",)))
+        resident = ResidentMerge(model, spec, base, [ft], torch.device("cpu"))
+        resident.apply(1.0)
+        merged = resident.model.state_dict()
+    assert resident.keys and all(key.startswith("visual.") for key in resident.keys)
+    for key, tensor in base_state.items():
+        expected = ft_state[key] if key.startswith("visual.") else tensor
+        torch.testing.assert_close(merged[key], expected, atol=0, rtol=0, msg=key)
