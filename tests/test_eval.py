@@ -624,6 +624,8 @@ def test_source_table_override_replaces_a_scale_range(tmp_path, bench):
     assert load_source_table(tmp_path / "new.toml").info("kather_et_al_2016").scale == "organ", (
         "a new scale, with its range"
     )
+    (tmp_path / "one.toml").write_text("[scales]\norgan = [5.0, 5.0]\n")
+    assert load_source_table(tmp_path / "one.toml").scales["organ"] == (5.0, 5.0), "low <= high: one value"
     tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset, table)}
     assert tasks["kather_et_al_2016"].notes[0].startswith("median 0.5 µm/px is outside tissue's 0.6–5")
 
