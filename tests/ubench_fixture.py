@@ -8,10 +8,9 @@ eVLLM code and rows dumped from the real shards):
   modality_0/1, submodality_0/1, domain_0/1, stain_0/1, classification_0/1, null where a
   question does not apply (stain for fluorescence sources); options are the template filled with a
   few candidates, some of which occur in no row (domains cytology/radiology, stains Gram/Congo
-  Red), then "none of the above" ("`captions`");
-  The number of candidates varies from image to image within a caption key ("a few candidate
-  values (at most about 5)", "a per-image subset"): every other image here has one distractor fewer,
-  so the evaluation's padding of shorter option lists is exercised end to end;
+  Red), then "none of the above" ("`captions`"); their number varies from image to image within
+  a caption key ("a few candidate values (at most about 5)", "a per-image subset"): every other
+  image here has one distractor fewer, so the evaluation pads shorter option lists end to end;
 - questions as structs {answer, answer_idx (an int), id, name, options, question, tags} ("`questions`");
 - Held et al. 2010 rows with a null `dataset`, source-specific classification template and
   `H2B-mCherry` polygons; `opencell` on the Hub but not in the paper; `image_id` not unique
@@ -210,21 +209,20 @@ def fixture_rows(
                 rows["submodality"].append(submodality)
                 rows["synthetic"].append(False)
                 captions = {}
+                fewer = i % 2 == 1
                 for kind, templates in TEMPLATES.items():
                     for variant, template in enumerate(templates):
                         key = f"{kind}_{variant}"
-                        captions[key] = _caption(
-                            rng, key, template, values[kind], DISTRACTORS[kind], i % 2 == 1
-                        )
+                        captions[key] = _caption(rng, key, template, values[kind], DISTRACTORS[kind], fewer)
                 for variant, template in enumerate(fine_templates):
                     key = f"classification_{variant}"
-                    captions[key] = _caption(rng, key, template, label, classes, i % 2 == 1)
-                for key, template in zip(SUBDOMAIN_CAPTION_KEYS, SUBDOMAIN_TEMPLATES, strict=True):
-                    if subdomain_sources:  # drawn only then: the default fixture's stream is unchanged
+                    captions[key] = _caption(rng, key, template, label, classes, fewer)
+                if subdomain_sources:  # drawn only then: the default fixture's stream is unchanged
+                    for key, template in zip(SUBDOMAIN_CAPTION_KEYS, SUBDOMAIN_TEMPLATES, strict=True):
                         asked = source in subdomain_sources
                         pool = DISTRACTORS["subdomain"]
                         captions[key] = (
-                            _caption(rng, key, template, subdomain, pool, i % 2 == 1) if asked else None
+                            _caption(rng, key, template, subdomain, pool, fewer) if asked else None
                         )
                 rows["captions"].append(captions)
                 answers = {**values, "subdomain": subdomain, "classification": label}
