@@ -1113,7 +1113,8 @@ def test_a_subdomain_caption_pair_where_present_is_scored_and_pooled_into_the_co
     subdomain task asks it of those sources' images only, each key scores as open_clip does on the
     rows by hand, and the coarse headline pools it with the other coarse keys."""
     bench = write_fixture(tmp_path / "ubench", subdomain_sources=("kather_et_al_2016", None))
-    tasks = {t.name: t for t in discover_tasks(load_benchmark(str(bench)).dataset)}
+    dataset = load_benchmark(str(bench)).dataset
+    tasks = {t.name: t for t in discover_tasks(dataset)}
     questions = tasks["subdomain"].questions
     assert [q.key for q in questions] == ["subdomain_0", "subdomain_1"]
     assert [len(q.rows) for q in questions] == [36, 36], "kather's and Held's 18 images each, no other"
@@ -1125,7 +1126,7 @@ def test_a_subdomain_caption_pair_where_present_is_scored_and_pooled_into_the_co
         if r["split"] == "all" and r["metric"] == "accuracy"
     ]
     by_key = {(r["task"], r["caption_key"]): r for r in rows}
-    hand = _ubench_by_hand(*_load(models[1]), load_benchmark(str(bench)).dataset)
+    hand = _ubench_by_hand(*_load(models[1]), dataset)
     for key in ("subdomain_0", "subdomain_1"):
         correct, scored = hand[key]
         row = by_key[("subdomain", key)]
