@@ -909,6 +909,8 @@ def test_option_scoring_never_picks_a_padding_slot():
     options = torch.tensor([[1, 2, -1], [2, 1, -1]])  # text 0 is in neither row's options
     answers = torch.tensor([0, 1])  # text 1 is the best of each row's own options
     assert option_correct(image_emb, text_emb, options, answers).tolist() == [True, True]
+    own = torch.tensor([[0, 2, -1], [2, 0, 1]])  # text 0 offered: a real option, and the best one
+    assert option_correct(image_emb, text_emb, own, torch.tensor([0, 1])).tolist() == [True, True]
 
 
 def test_confusion_bootstrap_matches_resampling_images():

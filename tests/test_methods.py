@@ -69,6 +69,17 @@ def test_wise_ft_formula(alpha):
     assert torch.equal(run("wise-ft", FTS[:1], 0.0), BASE)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_wise_ft_takes_the_nearer_end_as_torch_lerp_does(alpha):
+    """`interpolate` computes from the nearer endpoint as torch.lerp does, from the fine-tuned end
+    at alpha >= 0.5. Where the product is exact (alpha 0, 0.5, 1) that gives torch.lerp's bits; at
+    0.5 the two ends' formulas round differently in about 40% of these entries. Elsewhere torch's
+    kernel may fuse the multiply-add (about 5% of entries differ by one ulp at 0.3), so only these
+    three are compared bit for bit."""
+    merged = run("wise-ft", FTS[:1], alpha)
+    torch.testing.assert_close(merged, torch.lerp(BASE, FTS[0], alpha), atol=0, rtol=0)
+
+
 def test_linear_formula_uses_weights_as_given():
     weights = (0.2, 0.3, 0.1, 0.6)  # sums to 1.2 on purpose: no silent normalisation
     expected = sum(w * t for w, t in zip(weights, [BASE, *FTS], strict=True))
