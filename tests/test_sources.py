@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.models import build_model, get_model_config, infer_model_config, load_model
 from micromerge.merging.sources import open_source
+from micromerge.merging.tensor_source import TensorMeta
 from micromerge.merging.zoo import load_zoo
 from tests.helpers import random_state_dict, write_checkpoint
 
@@ -236,6 +237,37 @@ def test_open_clip_training_checkpoint_with_module_prefix(tmp_path):
     reference = get_model_config("nano-clip")
     assert config["vision_cfg"]["width"] == reference["vision_cfg"]["width"]
     assert build_model(config).state_dict().keys() == tensors.keys()
+
+
+def _shapes_of(config):
+    """The tensor shapes an open_clip model of `config` has, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return {k: TensorMeta(tuple(v.shape), "F32") for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "vision"),
+    [
+        ("ViT-B-32", {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32}),
+        ("narrow", {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8}),
+    ],
+)
+def test_a_config_read_off_the_shapes_takes_gelu_and_the_head_width_it_says(name, vision):
+    """What `infer_model_config` reads off shapes equals the config the shapes came from; what
+    shapes cannot show it guesses as its warning says: GELU, and 64-wide heads where the width is a
+    multiple of 64 (OpenAI's and open_clip's), else about 32-wide ones (96 wide: three of 32)."""
+    config = {
+        "embed_dim": 512 if name == "ViT-B-32" else 24,
+        "quick_gelu": True,
+        "vision_cfg": {"mlp_ratio": 4.0, **vision},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 2,
+                     "mlp_ratio": 4.0},
+    }  # fmt: skip
+    inferred = infer_model_config(_shapes_of(config))
+    assert inferred["quick_gelu"] is False
+    assert inferred["vision_cfg"] == {"head_width": 64 if name == "ViT-B-32" else 32, **config["vision_cfg"]}
+    assert inferred["text_cfg"] == config["text_cfg"] and inferred["embed_dim"] == config["embed_dim"]
 
 
 @pytest.mark.parametrize("arrays", ["torch", "numpy"])
