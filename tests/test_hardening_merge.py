@@ -264,6 +264,8 @@ def test_non_utf8_yaml_is_one_line(pair):
         ("merge:\n  alpha: 0.5\n  true: x\n", "key True is a bool"),
         ("merge:\n  alpha_rules:\n    2024-01-01: 0.5\n", "key datetime.date(2024, 1, 1) is a date"),
         ("anchors: &a [*a, {merge: {3: x}}]\n", "key 3 is a int"),  # a list that holds itself
+        # a mapping referred to twice, met before the one with the bad key: the walk goes on past it
+        ("late: {4: x}\nfirst: &s {k: v}\nagain: *s\n", "key 4 is a int"),
     ],
 )
 def test_yaml_keys_that_are_not_names_are_one_line(pair, body, needle):
