@@ -215,6 +215,41 @@ def test_merge_alphas_resume_after_a_kill_and_recover_a_lost_manifest(pair):
     one_line_error(changed, "output exists (not from these inputs and parameters)")
 
 
+def test_ctrl_c_keeps_the_finished_alphas_says_so_in_one_line_and_the_rerun_resumes(pair, monkeypatch):
+    """Ctrl-C in the middle of writing the second alpha's tensors: exit 130 (a shell's code for
+    SIGINT), one line on stderr that says what was kept, nothing on stdout for it, the first
+    alpha's file whole and no temporary file left; the same command again keeps that one and
+    writes the other two, the same bytes as a run never interrupted."""
+    from micromerge.merging.numpy_backend import NumpyBackend
+
+    assert _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "full").exit_code == 0
+    tensors = len(load_file(str(pair / "base.safetensors")))
+    real, calls = NumpyBackend.host_bytes, []
+
+    def cut_in_the_second_file(self, array, dtype):
+        calls.append(1)
+        if len(calls) == tensors + tensors // 2:
+            raise KeyboardInterrupt
+        return real(self, array, dtype)
+
+    monkeypatch.setattr(NumpyBackend, "host_bytes", cut_in_the_second_file)
+    result = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "cut")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "interrupted: finished work is kept; run the same command again to resume"
+    )
+    assert "interrupted" not in result.stdout
+    assert sorted(p.name for p in (pair / "cut").iterdir()) == [
+        "alpha-0.0.safetensors",
+        "alpha-0.0.safetensors.manifest.json",
+    ]
+    monkeypatch.setattr(NumpyBackend, "host_bytes", real)
+    rerun = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "cut")
+    assert rerun.exit_code == 0 and rerun.output.count("kept") == 1 and rerun.output.count("wrote") == 2
+    for name in ("alpha-0.0.safetensors", "alpha-0.5.safetensors", "alpha-1.0.safetensors"):
+        assert (pair / "cut" / name).read_bytes() == (pair / "full" / name).read_bytes(), name
+
+
 # ---- config files: one typed schema per command ----
 
 
