@@ -563,7 +563,8 @@ def test_tasks_that_cannot_be_scored_are_named_not_silently_dropped(setup):
 
 def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
     """Off a terminal (CI, `make demo > log`) a bar writes plain lines: at the start, every
-    LOG_INTERVAL seconds and at the end, never a carriage-return redraw."""
+    LOG_INTERVAL seconds and at the end, never a carriage-return redraw; ASCII (`#` for the bar,
+    not block characters) of at most 100 columns."""
     import io
 
     from micromerge.core.progress import progress_bar
@@ -576,6 +577,9 @@ def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
     bar.close()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and 1 <= len(lines) <= 3, lines
+    assert log.getvalue().isascii() and all(len(line) <= 100 for line in lines), (
+        "a log of any encoding, any width"
+    )
     assert lines[-1].startswith("work: 100%") and "20000/20000" in lines[-1] and "loss=" in lines[-1]
     silent = io.StringIO()
     for _ in progress_bar(range(10), desc="quiet", file=silent, disable=True):
