@@ -174,6 +174,52 @@ def test_the_model_card_says_how_the_model_was_made_and_what_it_scored(tmp_path,
     assert wrong.exit_code == 2 and "no `micromerge eval`" in wrong.output
 
 
+def test_the_card_of_a_sharded_checkpoint_finds_its_evaluation_whatever_order_its_digests_take(tmp_path):
+    """An eval row records a sharded checkpoint's digests in its files' order; export matches them
+    as a set. Here the first shard's digest sorts after the second's, so comparing lists in either
+    order alone would find no evaluation."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from tests.helpers import random_state_dict
+    from tests.ubench_fixture import write_fixture
+
+    tensors = random_state_dict(5)
+    keys = sorted(tensors)
+    halves = [keys[::2], keys[1::2]]
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+
+    def write(order):
+        names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        for name, shard in zip(names, order, strict=True):
+            save_file(
+                {k: tensors[k] for k in shard}, str(folder / name), metadata={"micromerge.arch": "nano-clip"}
+            )
+        index = {"weight_map": {k: name for name, shard in zip(names, order, strict=True) for k in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        return [hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names]
+
+    if sorted(write(halves)) == write(halves):
+        assert sorted(write(halves[::-1])) != write(halves[::-1])
+    index = folder / "model.safetensors.index.json"
+    with open_source(str(index)) as source:
+        assert len(source.files) == 2
+    bench = write_fixture(tmp_path / "bench", fmt="save_to_disk", per_class=3)
+    store = tmp_path / "results.jsonl"
+    evaluated = CliRunner().invoke(
+        cli,
+        ["eval", "--model", str(index), "--data", str(bench), "--store", str(store), "--bootstrap", "0"]
+        + ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--quiet"],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    recorded = next(iter(ResultStore(store).rows()))["model"]["base_sha256"]
+    assert len(recorded) == 2 and recorded != sorted(recorded), "the files' order, not sorted"
+    card = (_export(index, tmp_path / "card", "--results", str(store)) / "README.md").read_text()
+    assert "ubench:coarse" in card and "| kather_et_al_2016 |" in card
+
+
 class _StubHub:
     """Records what `push` asks of huggingface_hub.HfApi; never reaches a network."""
 
