@@ -587,6 +587,28 @@ def test_progress_in_a_log_is_a_few_lines_not_carriage_returns():
     assert silent.getvalue() == ""
 
 
+def test_off_a_terminal_the_hub_libraries_progress_bars_stay_quiet(tmp_path):
+    """Ours print a few lines in a log; datasets' own bars ("Generating test split: …", redrawn with
+    carriage returns) are turned off for a command whose stderr is not a terminal, unless the user
+    set them. The same command with them set on shows one, so the check can see a bar."""
+    import subprocess
+    import sys
+
+    data = write_fixture(tmp_path / "bench", per_class=2, fmt="parquet") / "test-00000-of-00001.parquet"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_DISABLE_PROGRESS_BARS")}
+    command = [sys.executable, "-m", "micromerge.cli", "tasks", "--data", str(data)]
+
+    def stderr_of(cache: str, **extra: str) -> str:
+        run_env = {**env, "HF_DATASETS_CACHE": str(tmp_path / cache), **extra}
+        done = subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "Generating test split" in stderr_of("on", HF_DATASETS_DISABLE_PROGRESS_BARS="0")
+    quiet = stderr_of("off")
+    assert "Generating" not in quiet and "%|" not in quiet, quiet
+
+
 def test_a_truncated_image_is_a_corrupt_image_not_a_crash_at_resize():
     """PIL opens a file lazily: a PNG cut in half opens, and only fails when its pixels are read.
     They are read inside the guard, so it is counted as corrupt, and the good one beside it kept."""
