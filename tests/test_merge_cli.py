@@ -84,11 +84,12 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
     )
 
 
-@pytest.mark.parametrize("method", ["dare", "dare-ties"])
+@pytest.mark.parametrize("method", ["dare", "dare-ties", "della", "della-linear"])
 def test_same_inputs_same_bytes(pair, method):
-    """DARE (and DARE-TIES) draw their drop masks from --seed: the same seed gives the same bytes,
-    another seed other weights, and the seed is in the provenance, so the checkpoint says how to
-    make it again. WiSE-FT draws nothing: its seed is none (null), so two seeds give one file."""
+    """DARE and DELLA (and their variants) draw their drop masks from --seed: the same seed gives
+    the same bytes, another seed other weights, and the seed is in the provenance, so the
+    checkpoint says how to make it again. WiSE-FT draws nothing: its seed is none (null), so two
+    seeds give one file."""
     tmp, _, _ = pair
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         assert (
