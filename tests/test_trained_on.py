@@ -250,3 +250,30 @@ def test_rows_trained_on_stay_marked_under_a_sources_table_that_moves_them(train
     marks = _marks([json.loads(line) for line in (tmp_path / "moved.jsonl").read_text().splitlines()])
     assert "held_et_al_2010_h2b" not in marks and marks[TASK] == {"images"}, "kather holds the Held rows now"
     assert marks["opencell"] == {None}
+
+
+def test_the_lineages_of_several_inputs_are_recorded_sorted(tmp_path):
+    """The union of several inputs' lineages is a set; recorded as it iterates, its order would
+    follow the process's string hashing, and one merge made twice would differ in its provenance
+    bytes. Five fine-tunes given in reverse order: the union comes back sorted (a set's order
+    would be this one by chance once in 120)."""
+    import contextlib
+
+    from micromerge.core.provenance import LEARNED_FROM_HALVES
+    from micromerge.merging.lineage import sources_lineage, sources_select_halves
+    from micromerge.merging.sources import open_source
+
+    marks = [f"fingerprint-{letter}" for letter in "edcba"]
+    paths = []
+    for mark in marks:
+        path = tmp_path / f"{mark}.safetensors"
+        write_checkpoint(path, 0)
+        record = {"micromerge_version": "0.1.7", "kind": "finetune-supervised", "data_fingerprint": mark}
+        (tmp_path / f"{mark}.safetensors.manifest.json").write_text(
+            json.dumps({**record, LEARNED_FROM_HALVES: [f"select-half:{mark}:seed=0"]})
+        )
+        paths.append(path)
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_source(str(path))) for path in paths]
+        assert sources_lineage(sources) == sorted(marks)
+        assert sources_select_halves(sources) == sorted(f"select-half:{mark}:seed=0" for mark in marks)
