@@ -965,11 +965,24 @@ def _eval_args(tmp_path, bench, model, store="r.jsonl", bootstrap=0, protocol="u
 
 def test_the_printed_table_shows_a_dash_where_a_row_has_no_balanced_accuracy(tmp_path, bench, models):
     """A headline row is pooled over tasks, so it has no classes and no balanced accuracy: the
-    table printed "nan" in that column."""
+    table printed "nan" in that column. A task's row prints its numbers over all its images."""
     result = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0]))
     assert result.exit_code == 0, result.output
     (coarse,) = [line for line in result.output.splitlines() if line.startswith("ubench:coarse")]
     assert coarse.split()[-1] == "-" and "nan" not in result.output
+    stored = {
+        (r["task"], r["caption_key"], r["metric"]): r
+        for r in ResultStore(tmp_path / "r.jsonl").rows()
+        if r["split"] == "all"
+    }
+    printed = [
+        line.split()[:7] for line in result.output.splitlines() if line.startswith("kather_et_al_2016")
+    ]
+    assert len(printed) >= 2, result.output
+    for task, key, _, n, accuracy, _, balanced in printed:  # each task row: its all-images numbers
+        row = stored[(task, key, "accuracy")]
+        assert (int(n), accuracy) == (row["n_images"], f"{row['value']:.3f}"), "the 'all' rows, not a half's"
+        assert balanced == f"{stored[(task, key, 'balanced_accuracy')]['value']:.3f}"
 
 
 def _load(model_path):
