@@ -482,6 +482,8 @@ def test_top_level_cli_lists_zoo():
         result.exit_code == 0 and "plip" in result.output and "hf-hub:wisdomik/QuiltNet-B-16" in result.output
     )
     lines = result.output.splitlines()
+    arch = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert arch["plip"] == "ViT-B-32-quickgelu" and arch["biomedclip"] == "config:biomedclip.json"
     # every column starts where its heading does (BiomedCLIP's config name once pushed its row out)
     for heading in ("arch", "domain", "source"):
         column = lines[0].index(heading)
