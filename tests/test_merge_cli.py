@@ -636,3 +636,15 @@ def test_a_usage_error_on_the_command_line_is_one_line_on_stderr_with_exit_2(tmp
     assert bad.stderr.endswith(" (see `micromerge merge --help`)\n") and bad.stderr.count("\n") == 1
     bare = run("finetune")
     assert bare.returncode == 0 and bare.stderr == "" and bare.stdout.startswith("Usage: micromerge finetune")
+
+
+def test_quiet_leaves_out_the_progress_lines_and_only_them(pair):
+    """Off a terminal a merge's bar is two lines on stderr (start, end); --quiet leaves them out,
+    and the output is the same file either way."""
+    tmp, _, _ = pair
+    inputs = ("--base", tmp / "base.safetensors", "--ft", tmp / "ft.safetensors")
+    shown = invoke(*inputs, "--out", tmp / "shown.safetensors")
+    quiet = invoke(*inputs, "--out", tmp / "quiet.safetensors", "--quiet")
+    assert shown.exit_code == quiet.exit_code == 0
+    assert "merge (wise-ft): 100%" in shown.stderr and quiet.stderr == "", quiet.stderr
+    assert (tmp / "shown.safetensors").read_bytes() == (tmp / "quiet.safetensors").read_bytes()
