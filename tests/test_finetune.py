@@ -216,7 +216,11 @@ def test_the_zero_shot_head_scores_logit_scale_times_cosine_whatever_the_feature
     classes = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=-1)
     features = 7 * torch.randn(5, 16, generator=generator)
     expected = 100.0 * torch.nn.functional.normalize(features, dim=-1) @ classes.T
-    torch.testing.assert_close(ZeroShotHead(classes, 100.0)(features), expected, atol=1e-5, rtol=0)
+    head = ZeroShotHead(classes, 100.0)
+    torch.testing.assert_close(head(features), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():  # once trained, a linear layer's bias: added to each class's logit
+        head.bias.copy_(torch.tensor([0.5, -2.0, 3.0]))
+    torch.testing.assert_close(head(features), expected + head.bias, atol=1e-5, rtol=0)
 
 
 def test_supervised_refuses_a_selection_of_several_tasks(tmp_path, base):
