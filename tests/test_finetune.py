@@ -552,6 +552,10 @@ def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are
     # everything frozen: the optimiser's 'empty parameter list' traceback, before this line
     with pytest.raises(MicromergeError, match=r"^--freeze visual\.\* --freeze \*: freezes every parameter"):
         run_finetune(config(base, data, tmp_path / "all", batch_size=2, freeze=("visual.*", "*")))
+    repeated = CliRunner().invoke(  # the flag is repeatable: both patterns reach the run
+        cli, [*_contrastive_args(base, data, tmp_path / "cli", 1, 2), "--freeze", "visual.*", "--freeze", "*"]
+    )
+    assert repeated.exit_code == 2 and "error: --freeze visual.* --freeze *: freezes every" in repeated.output
     (tmp_path / "mine").mkdir()
     with pytest.raises(MicromergeError, match="freezes every parameter"):
         run_finetune(config(base, data, tmp_path / "mine", batch_size=2, freeze=("*",)))
