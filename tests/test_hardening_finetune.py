@@ -106,6 +106,27 @@ def test_a_finetune_config_file_must_name_what_it_trains_and_where(required):
         config_from_mapping(values)
 
 
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("warmup_steps = -1", "--warmup-steps -1: must be an integer of at least 0"),
+        ("batch_size = 0", "--batch-size 0: must be an integer of at least 1"),
+    ],
+)
+def test_a_finetune_config_files_value_is_not_replaced_by_a_flags_default(tmp_path, line, needle):
+    """A key the file sets and the command line leaves out keeps the file's value: the flag's default
+    (warmup 0, batch 64) would have trained silently with what the file did not ask for. Values
+    that are refused show which one reached the run, before any data is read."""
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    path = tmp_path / "ft.toml"
+    path.write_text(f'[finetune]\nbase = "b"\ndata = "d"\nout = "o"\n{line}\n')
+    result = CliRunner().invoke(cli, ["finetune", "contrastive", "--config", str(path)])
+    assert result.exit_code == 2 and needle in result.output, result.output
+
+
 def test_a_finetune_config_files_freeze_must_be_a_list(tmp_path):
     """`freeze = "visual.*"` (one pattern, not in a list) became the patterns 'v', 'i', 's', ...: the
     schema names the key and what it takes."""
