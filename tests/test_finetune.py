@@ -560,3 +560,14 @@ def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are
     with pytest.raises(MicromergeError, match="freezes every parameter"):
         run_finetune(config(base, data, tmp_path / "mine", batch_size=2, freeze=("*",)))
     assert (tmp_path / "mine").is_dir(), "a folder the user made stays"
+
+
+def test_augment_is_repeatable_on_the_command_line_and_recorded_in_its_order(tmp_path, base):
+    """`--augment rot90 --augment flip`: both reach the run in the order given (the order they are
+    applied in), and the manifest's hyperparameters, which a resume compares, record them so."""
+    data = write_csv_folder(tmp_path / "pairs", n=8)
+    args = [*_contrastive_args(base, data, tmp_path / "run", 1, 4), "--augment", "rot90", "--augment", "flip"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["augment"] == ["rot90", "flip"]
