@@ -571,3 +571,4 @@ def test_augment_is_repeatable_on_the_command_line_and_recorded_in_its_order(tmp
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["hyperparameters"]["augment"] == ["rot90", "flip"]
+    assert result.stderr == "", "--quiet (as the CLI tests run it): no progress lines at all"
