@@ -345,6 +345,7 @@ def test_merge_and_sweep_record_the_data_and_reuse_cached_statistics(tmp_path, s
     before = set(Path.cwd().iterdir())
     first = CliRunner().invoke(cli, [*args, *common, "--out", str(tmp_path / "r.safetensors")])
     assert first.exit_code == 0, first.output
+    assert first.stderr == "", "--quiet: the statistics' bars (decoding, estimating) too"
     assert set(Path.cwd().iterdir()) == before, "estimating statistics writes nothing outside the cache"
     manifest = json.loads((tmp_path / "r.safetensors.manifest.json").read_text())
     (statistics, _) = manifest["statistics"]
