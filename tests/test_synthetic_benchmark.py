@@ -71,7 +71,7 @@ def test_stain_is_null_where_it_does_not_apply_and_so_are_its_questions(hub):
 
 def test_every_question_offers_its_own_subset_ending_in_none_of_the_above(hub):
     rows = load_benchmark(str(hub)).dataset.select_columns(["dataset", "label_name", "captions", "questions"])
-    offered_per_source: dict[str | None, set[str]] = {}
+    offered_per_source: dict[str | None, set[tuple[str, ...]]] = {}
     for row in rows:
         for key, caption in row["captions"].items():
             if caption is None:
