@@ -223,6 +223,9 @@ def learn_by_grid(
     best = _accuracy(scorer, merge, coefficients, questions)
     history = [best]
     cells = [(g, t) for g in range(len(merge.groups)) for t in range(len(merge.vectors))]
+    # the grid in the table's own precision, so a cell's current value is recognised and not scored
+    # again (a python 0.3 never equals the float32 0.3 the table holds)
+    grid = coefficients.new_tensor(GRID).tolist()
     total = GRID_PASSES * len(cells)
     with progress_bar(
         total=total, desc="search supervised α", unit="coefficient", disable=not progress
@@ -230,7 +233,7 @@ def learn_by_grid(
         for _ in range(GRID_PASSES):
             for group, task in cells:
                 current = float(coefficients[group, task])
-                for value in GRID:
+                for value in grid:
                     if value == current:
                         continue
                     coefficients[group, task] = value

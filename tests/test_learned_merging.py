@@ -254,6 +254,9 @@ def test_the_supervised_alpha_improves_what_it_optimises_on_the_select_half(sett
         )
         history = learned.attachment["history"]
         assert float(after) == pytest.approx(history[-1]) and after >= before, (history, float(after))
+    # what the coefficients file says was optimised is what was
+    said = learned.described[0]["objective"]
+    assert ("cross-entropy" in said) == (search == "gradient") and ("accuracy" in said) == (search == "grid")
 
 
 def test_the_grid_keeps_the_start_where_every_value_ties(tmp_path, setting):  # noqa: F811
@@ -431,6 +434,25 @@ def test_the_grid_search_records_select_accuracy_as_a_fraction_once_per_coeffici
     assert GRID_PASSES == 2 and len(history) == 1 + GRID_PASSES * 1, "the start, then each pass's one cell"
     assert history == [1.0, 1.0, 1.0], "w = 0.3 > 0 answers every question: accuracy 1, kept"
     assert float(coefficients[0, 0]) == pytest.approx(0.3)
+
+
+def test_the_grid_search_reaches_values_above_its_start():
+    """The toy's base weight is -0.85 and its task vector +1, so w = lambda - 0.85: only lambda 0.9
+    and 1.0 answer the questions (accuracy 1; 0 below). From the start 0.3 the search must look past
+    its own value to find 0.9, the first of the best (a tie keeps the value it has). Each pass scores
+    the 10 grid values other than the cell's own (the float32 table's 0.3 is the grid's 0.3)."""
+    from micromerge.eval.coefficients import LearningRequest, learn_by_grid
+    from micromerge.eval.questions import Questions
+
+    scorer = _ToyScorer()
+    with torch.no_grad():
+        scorer.model.weight.fill_(-0.85)
+    merge = FunctionalMerge(scorer.model, [{"weight": torch.full((1, 1), 0.15)}], "task")
+    questions = Questions(np.arange(10), np.tile(np.array([0, 1]), (10, 1)), np.ones(10, dtype=np.int64))
+    request = LearningRequest("supervised", "task", "grid")
+    coefficients, history = learn_by_grid(request, scorer, merge, questions, progress=False)
+    assert float(coefficients[0, 0]) == pytest.approx(0.9) and history == [0.0, 1.0, 1.0]
+    assert len(scorer.seen) == 1 + 2 * 10, "the start, then 10 values a pass (one batch of 10 questions each)"
 
 
 def test_a_learner_refuses_what_it_cannot_learn_from():

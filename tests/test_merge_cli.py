@@ -6,6 +6,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -41,6 +42,7 @@ def one_line_error(result, *needles):
 def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
     tmp, base, ft = pair
     out = tmp / "m.safetensors"
+    started = time.perf_counter()
     result = invoke(
         "--base",
         tmp / "base.safetensors",
@@ -52,6 +54,7 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
         out,
         "--quiet",
     )
+    wall = time.perf_counter() - started
     assert result.exit_code == 0, result.output
     merged = load_file(str(out))
     for key in base:
@@ -67,7 +70,10 @@ def test_wise_ft_end_to_end_with_manifest_and_provenance(pair):
     assert set(digests.values()) == {
         hashlib.sha256((tmp / n).read_bytes()).hexdigest() for n in ("base.safetensors", "ft.safetensors")
     }
-    assert manifest["micromerge_version"] and "seconds" in manifest
+    assert manifest["micromerge_version"]
+    assert 0 <= manifest["seconds"] <= round(wall, 3) + 0.001, (
+        "the merge's own duration, within the command's"
+    )
     with safe_open(str(out), "pt") as handle:
         meta = handle.metadata()
     assert json.loads(meta["micromerge.core.provenance"])["inputs_sha256"] == digests

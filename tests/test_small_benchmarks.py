@@ -58,7 +58,7 @@ def test_the_empty_half_gets_no_rows_and_no_nan(one_image):
     assert all(np.isfinite(row["value"]) and row["n_images"] == 1 for row in rows)
 
 
-def test_a_soup_needs_both_halves_and_says_so(one_image):
+def test_a_soup_needs_every_split_and_says_so(one_image):
     settings, models = one_image
     with pytest.raises(
         MicromergeError,
@@ -112,7 +112,8 @@ def test_a_question_asked_of_no_image_in_a_half_gets_no_row_there(tmp_path, one_
     """Every caption of a μ-Bench row is nullable (../shared/ubench/SCHEMA.md), so an image can
     hold one question of a task and not the other. Two images, one per half, the first without
     its `stain_1` caption: the stain task has images in both halves, but `stain_1` is asked in
-    the second image's half only, so that question gets rows there and none (not NaN) in the other."""
+    the second image's half only, so that question gets rows there and none (not NaN) in the other,
+    and the task's row pooled over its questions is in both halves."""
     settings, models = one_image
     dataset = fixture_dataset(per_class=2, corrupt=0).select([0, 1])
 
@@ -129,11 +130,14 @@ def test_a_question_asked_of_no_image_in_a_half_gets_no_row_there(tmp_path, one_
     assert all(np.isfinite(row["value"]) for row in written)
     asked = {row["split"] for row in written if row.get("caption_key") == "stain_1"}
     assert asked == {"all", "select"} or asked == {"all", "report"}, asked
-    assert {row["split"] for row in written if row.get("caption_key") == "stain_0"} == {
-        "all",
-        "select",
-        "report",
+    every_split = {"all", "select", "report"}
+    assert {row["split"] for row in written if row.get("caption_key") == "stain_0"} == every_split
+    # the task's row pooled over its keys (caption_key "all", after the keys) is in both halves too
+    stain_task = {row["task"] for row in written if row.get("caption_key") == "stain_1"}
+    pooled = {
+        row["split"] for row in written if row["task"] in stain_task and row.get("caption_key") == "all"
     }
+    assert pooled == every_split, pooled
 
 
 @pytest.mark.parametrize("missing", ["select", "report"])
