@@ -1252,6 +1252,30 @@ def test_headline_rows_are_written_only_over_every_task_they_pool(tmp_path, benc
     assert result.exit_code == 0 and {t for t, _ in headline("fine.jsonl")} == {"ubench:fine"}
 
 
+def test_the_fine_headline_pools_exactly_the_sources_that_ask_classification_1(bench):
+    """The fine headline pools each headline source's `classification_1` question (SCHEMA.md: the
+    authors' fine-grained headline used `classification_1` only), and every caption is nullable:
+    a source whose `classification_1` is null on every row adds nothing to the pool, so a selection
+    without it still completes the headline; a source asking only `classification_1` is in it."""
+    from micromerge.eval.engine import HEADLINE_FINE, complete_headlines
+
+    every = discover_tasks(load_benchmark(str(bench)).dataset)
+    first, second = [t for t in every if t.level == "fine" and t.groups.get("fine_headline") == "yes"][:2]
+    assert (
+        {q.key for q in first.questions}
+        == {q.key for q in second.questions}
+        == {
+            "classification_0",
+            "classification_1",
+        }
+    )
+    without_key = replace(first, questions=tuple(q for q in first.questions if q.key != "classification_1"))
+    only_key = replace(second, questions=tuple(q for q in second.questions if q.key == "classification_1"))
+    every = [without_key if t is first else only_key if t is second else t for t in every]
+    assert HEADLINE_FINE in complete_headlines([t for t in every if t is not without_key], every)
+    assert HEADLINE_FINE not in complete_headlines([t for t in every if t is not only_key], every)
+
+
 def test_a_sources_override_or_a_bf16_forward_is_its_own_run_and_each_row_says_which(tmp_path, bench, models):
     """The source table names and groups the tasks and a bf16 forward gives other numbers, but
     neither was in the run id: a store resumed with another `--sources` file, or a sweep begun on a

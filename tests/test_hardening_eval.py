@@ -326,6 +326,18 @@ def test_settings_built_by_a_script_are_checked_as_the_flags_are(tmp_path, field
         EvalSettings("x", tmp_path / "s.jsonl", tmp_path, **{field: value})
 
 
+def test_the_bounds_of_the_checked_settings_are_themselves_accepted(tmp_path):
+    """The refusals above stop at the bound: a batch of one image, no intervals and the largest
+    resample count are settings a user may give."""
+    from micromerge.eval.engine import MAX_BOOTSTRAP, EvalSettings, check_bootstrap
+
+    for resamples in (0, MAX_BOOTSTRAP):
+        check_bootstrap(resamples)
+    with pytest.raises(MicromergeError, match=r"--bootstrap 100001: must be in \[0, 100,000\]"):
+        check_bootstrap(MAX_BOOTSTRAP + 1)
+    assert EvalSettings("x", tmp_path / "s.jsonl", tmp_path, batch_size=1, seed=0).batch_size == 1
+
+
 def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
     tmp, bench = setup
     (tmp / "store-folder").mkdir()
