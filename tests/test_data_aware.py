@@ -240,6 +240,8 @@ def test_the_fisher_is_the_mean_squared_gradient_at_a_seeded_draw_from_the_model
 def test_a_statistics_request_needs_a_known_kind_and_at_least_one_question(kind):
     with pytest.raises(Exception, match=r"--samples 0: must be at least 1|statistics 'unknown'"):
         StatisticsRequest(kind, samples=0)
+    if kind != "unknown":
+        assert StatisticsRequest(kind, samples=1).samples == 1, "one question is a request"
 
 
 def test_questions_are_a_seeded_draw_and_score_only_their_own_options(setting):
@@ -537,6 +539,12 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
             cli, [*args, "--force", flag, f"{general}#sep=tab", "--data", settings.data]
         )
         assert hinted.exit_code == 2 and f"name yours: {flag} '{general}#image=COLUMN'" in hinted.output
+    # the model without a corpus of its own reads --data, and a fault there names --data
+    shared = CliRunner().invoke(
+        cli, [*args, "--force", "--ft-data", str(special), "--data", str(tmp_path / "gone")]
+    )
+    assert shared.exit_code == 2 and f"--data {tmp_path / 'gone'}" in shared.output, shared.output
+    assert "--base-data" not in shared.output, shared.output
     learns_nothing = CliRunner().invoke(cli, [*args[:5], "--method", "ties", "--data", settings.data])
     assert learns_nothing.exit_code == 2 and "--data: ties learns from no data" in learns_nothing.output
 
