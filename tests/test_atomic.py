@@ -25,6 +25,23 @@ def test_a_staged_set_removes_only_what_an_earlier_set_of_its_kind_wrote(tmp_pat
     assert not list(tmp_path.glob(".staging.*"))
 
 
+def test_a_staged_set_removes_the_staging_of_a_dead_writer_only(tmp_path):
+    """Staging folders carry their writer's pid: one whose writer is gone (a killed export) is
+    removed, one whose writer still runs (two reports into one folder at once) is that writer's
+    work in progress and stays, and a plain file of that name is not ours to remove."""
+    dead = tmp_path / ".staging.999999999.abc"  # no such pid runs
+    alive = tmp_path / f".staging.{os.getpid()}.def"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    not_a_folder = tmp_path / ".staging.999999998.ghi"
+    not_a_folder.write_text("a file")
+    with staged_files(tmp_path) as staging:
+        (staging / "report.md").write_text("x")
+    assert not dead.exists() and (alive / "model.safetensors").read_bytes() == b"half"
+    assert not_a_folder.read_text() == "a file" and (tmp_path / "report.md").read_text() == "x"
+
+
 def test_a_hard_link_to_an_input_is_that_input(tmp_path):
     """`--out` naming another path to the same file (a hard link) would overwrite the input."""
     original, linked, other = tmp_path / "ft.safetensors", tmp_path / "link.safetensors", tmp_path / "o"

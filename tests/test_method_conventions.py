@@ -293,11 +293,13 @@ def test_della_s_keep_probabilities_must_lie_in_0_1():
 
     della = get_method("della")
     check_method_params(della, MethodParams(density=0.5, epsilon=0.0))
-    for epsilon in (-0.1, 0.5):
+    check_method_params(della, MethodParams(density=0.8, epsilon=0.15))  # keep probabilities 0.65 to 0.95
+    check_method_params(della, MethodParams(density=1.0, epsilon=0.1))  # density 1 keeps all: nothing sampled
+    for density, epsilon in ((0.5, -0.1), (0.5, 0.5), (0.8, 0.2)):  # 0.8 + 0.2: a keep probability of 1
         with pytest.raises(
-            MicromergeError, match=rf"^--epsilon {epsilon} with --density 0.5: density - epsilon"
+            MicromergeError, match=rf"^--epsilon {epsilon} with --density {density}: density - epsilon"
         ):
-            check_method_params(della, MethodParams(density=0.5, epsilon=epsilon))
+            check_method_params(della, MethodParams(density=density, epsilon=epsilon))
 
 
 @pytest.mark.parametrize(
@@ -345,11 +347,12 @@ def test_linear_weights_off_1_and_an_alpha_rule_outside_0_1_are_used_as_given_an
             MergeSpec("wise-ft", rules=KeyRules(strength_rules=(("a.*", 1.5),)))
         ),
     }
+    specs[""] = MergeSpec("linear", MethodParams(weights=(0.25, 0.75)))  # summing to 1: nothing to say
     for message, spec in specs.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plans = plan_merge(spec, *_two_sources())
-        assert [str(w.message) for w in caught] == [message]
+        assert [str(w.message) for w in caught] == ([message] if message else [])
         assert all(plan.merged for plan in plans)
 
 
