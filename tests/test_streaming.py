@@ -169,6 +169,9 @@ def test_the_path_is_chosen_by_size_and_augmentation_and_said(tmp_path, base, ca
     assert choose_in_memory("auto", 10, 32, ("crop",))[0] is False
     with pytest.raises(MicromergeError, match="augmentation needs the streaming path"):
         choose_in_memory("yes", 10, 32, ("flip",))
+    # the user's word over the size rule, either way
+    assert choose_in_memory("yes", 1_000_000, 224, ()) == (True, "asked for (--data-in-memory yes)")
+    assert choose_in_memory("no", 10, 32, ()) == (False, "asked for (--data-in-memory no)")
     data = write_csv_folder(tmp_path / "pairs", n=16)
     run_finetune(replace(config(base, data, tmp_path / "auto", max_steps=1), progress=True))
     assert "data: 16 examples, in memory (the decoded images take" in capsys.readouterr().err
