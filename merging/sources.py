@@ -75,12 +75,12 @@ def open_source(
         source = _open_path(path, allow_pickle, arrays)
     elif spec.startswith("hf-hub:"):
         _require_torch(arrays, f"{spec}: hub checkpoints are fetched through open_clip")
-        source = _open_openclip_hub(spec[len("hf-hub:") :], label=spec)
+        source = _open_openclip_hub(spec[len("hf-hub:") :], spec, allow_pickle)
     else:
         zoo = load_zoo()
         if spec in zoo:
             _require_torch(arrays, f"{spec}: zoo checkpoints are fetched through open_clip")
-            source = _open_zoo(zoo[spec])
+            source = _open_zoo(zoo[spec], allow_pickle)
         elif any(ch in spec for ch in "/\\.") or spec.endswith(PICKLE_SUFFIXES):
             raise MicromergeError(f"{spec}: no such file or folder")
         else:
@@ -275,7 +275,9 @@ def _hub_file(repo: str, filename: str) -> Path | None:
         return None
 
 
-def _open_openclip_hub(repo: str, label: str, model_config: dict | None = None) -> TensorSource:
+def _open_openclip_hub(
+    repo: str, label: str, allow_pickle: bool, model_config: dict | None = None
+) -> TensorSource:
     from open_clip.pretrained import download_pretrained_from_hf
 
     try:
@@ -283,7 +285,7 @@ def _open_openclip_hub(repo: str, label: str, model_config: dict | None = None) 
         weights = Path(download_pretrained_from_hf(repo))
     except Exception as exc:
         raise _offline_error(label, repo, exc) from exc
-    source = _open_path(weights, allow_pickle=False)
+    source = _open_path(weights, allow_pickle)
     if model_config is None and config_file is not None:
         model_config = _open_clip_model_config(config_file)
     if model_config is not None:
@@ -291,7 +293,7 @@ def _open_openclip_hub(repo: str, label: str, model_config: dict | None = None) 
     return source
 
 
-def _open_transformers_hub(repo: str, label: str) -> TensorSource:
+def _open_transformers_hub(repo: str, label: str, allow_pickle: bool) -> TensorSource:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
@@ -325,10 +327,12 @@ def _open_transformers_hub(repo: str, label: str) -> TensorSource:
                 _hub_file(repo, shard)
             except Exception as exc:
                 raise _offline_error(label, repo, exc) from exc
-    return _open_path(weights, allow_pickle=False)
+    return _open_path(weights, allow_pickle)
 
 
-def _open_zoo(entry: ZooEntry) -> TensorSource:
+def _open_zoo(entry: ZooEntry, allow_pickle: bool) -> TensorSource:
+    """A zoo checkpoint from the hub cache; `allow_pickle` as for a local file (a hub repo's `.bin`
+    that holds Python objects is read by the restricted reader only when the user passed it)."""
     label = f"zoo:{entry.name}"
     if entry.format == "open_clip_tag":
         from open_clip.pretrained import download_pretrained, get_pretrained_cfg
@@ -347,11 +351,11 @@ def _open_zoo(entry: ZooEntry) -> TensorSource:
             if release is None:
                 raise _offline_error(label, cfg.get("hf_hub", "").rstrip("/"), exc, url) from exc
             weights = release
-        source = _open_path(weights, allow_pickle=False)
+        source = _open_path(weights, allow_pickle)
     elif entry.format == "open_clip_hub":
-        source = _open_openclip_hub(entry.repo or "", label, entry.model_config())
+        source = _open_openclip_hub(entry.repo or "", label, allow_pickle, entry.model_config())
     else:
-        source = _open_transformers_hub(entry.repo or "", label)
+        source = _open_transformers_hub(entry.repo or "", label, allow_pickle)
     if entry.arch and not (source.arch.name or source.arch.model_config):
         source.arch = ArchInfo(name=entry.arch)
     source.label = label

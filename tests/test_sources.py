@@ -442,6 +442,53 @@ def test_zoo_open_clip_entries_resolve_through_open_clip_and_the_hub_cache(tmp_p
         assert sorted(source.keys()) == sorted(tensors)
 
 
+class _Payload:
+    """Runs `touch marker` when unpickled by the standard unpickler."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("spec", ["hf-hub:wisdomik/QuiltNet-B-32", "plip"])
+def test_a_hub_pickle_holding_objects_takes_allow_pickle_as_a_local_file_does(tmp_path, spec):
+    """A hub repo's weights as a `.bin` that holds Python objects besides its tensors (an
+    `open_clip_pytorch_model.bin`, the name open_clip falls back to when a repo has no safetensors; a
+    transformers `pytorch_model.bin`): refused by default, with the flag to pass, and read by the
+    restricted reader when it is passed, as a local file is. The refusal said to pass
+    `--allow-pickle`, which hub and zoo checkpoints ignored. No code from the file runs either way."""
+    marker = tmp_path / "pwned"
+    if spec == "plip":
+        hf_model = tiny_hf_clip(seed=9)
+        tensors = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+        name, repo, extra = (
+            "pytorch_model.bin",
+            "vinid/plip",
+            {"config.json": hf_model.config.to_json_string()},
+        )
+    else:
+        tensors = random_state_dict(8)
+        config = {"model_cfg": get_model_config("nano-clip"), "preprocess_cfg": {}}
+        name, repo, extra = (
+            "open_clip_pytorch_model.bin",
+            "wisdomik/QuiltNet-B-32",
+            {"open_clip_config.json": json.dumps(config)},
+        )
+    torch.save({**tensors, "payload": _Payload(marker)}, tmp_path / name)
+    _hub_cache(repo, {name: (tmp_path / name).read_bytes(), **{k: v.encode() for k, v in extra.items()}})
+    with pytest.raises(MicromergeError, match="holds Python objects, not just tensors; pass --allow-pickle"):
+        open_source(spec)
+    with open_source(spec, allow_pickle=True) as source:
+        if spec == "plip":  # keys converted from transformers' names: compare the models
+            model, _ = load_model(source)
+            assert_same_embeddings(hf_model, model)
+        else:
+            assert torch.equal(source.read("visual.proj"), tensors["visual.proj"])
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     "name,repo",
     [
