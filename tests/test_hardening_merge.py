@@ -742,6 +742,7 @@ def test_an_alpha_range_of_exactly_the_limit_is_taken_and_a_trailing_comma_adds_
     with pytest.raises(MicromergeError, match=f"--alphas '0:{MAX_ALPHAS}:1': 10,001 values; at most 10,000"):
         parse_alphas(f"0:{MAX_ALPHAS}:1")
     assert parse_alphas("0,0.5,") == [0.0, 0.5]
+    assert parse_alphas("0.5:0.5:0.1") == [0.5], "STOP = START is one alpha"
 
 
 @pytest.mark.parametrize("method", ["adamerging", "supervised-alpha"])

@@ -159,6 +159,14 @@ def test_a_job_mapping_from_a_script_is_checked_like_flags(values, needle):
     assert needle in str(caught.value)
 
 
+def test_a_count_of_one_is_taken():
+    """--steps and --samples must be positive: one is."""
+    job = job_from_mapping(
+        {"base": "b", "finetuned": ["f"], "method": "adamerging", "steps": 1, "samples": 1, "data": "ubench"}
+    )
+    assert (job.spec.params.steps, job.spec.params.samples) == (1, 1)
+
+
 def test_alphas_are_rounded_and_repeats_written_once(pair):
     """0:0.3:0.1 is 0, 0.1, 0.2, 0.3 (not 0.30000000000000004); a repeated alpha is one output."""
     result = _merge(pair, "--alphas", "0:0.3:0.1", "--out", pair / "sweep", "--quiet")

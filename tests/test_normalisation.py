@@ -100,6 +100,13 @@ def test_a_mean_without_a_std_keeps_the_mean_as_the_libraries_do(tmp_path):
     assert _normalisation_of(str(tmp_path / "hf")) == (pytest.approx(MEAN), pytest.approx(OPENAI_STD))
 
 
+def test_a_std_without_a_mean_keeps_the_std(tmp_path):
+    """The other half of the above: each field is defaulted on its own."""
+    tiny_hf_clip(seed=1).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"image_std": STD}))
+    assert _normalisation_of(str(tmp_path / "hf")) == (pytest.approx(OPENAI_MEAN), pytest.approx(STD))
+
+
 def test_a_transformers_hub_repo_brings_its_processor_config_when_cached(tmp_path):
     tiny_hf_clip(seed=2).save_pretrained(tmp_path / "plip")
     transformers.CLIPImageProcessor(image_mean=MEAN, image_std=STD).save_pretrained(tmp_path / "plip")
@@ -120,6 +127,7 @@ def test_a_transformers_hub_repo_brings_its_processor_config_when_cached(tmp_pat
         ({"mean": MEAN, "std": [0.5, 0.0, 0.5]}, "std must be three numbers"),
         ({"mean": MEAN, "std": "0.5"}, "std must be three numbers"),
         ({"mean": MEAN, "std": [0.5, float("nan"), 0.5]}, "std must be three numbers"),
+        ({"mean": [0.5, float("inf"), 0.5], "std": STD}, "mean must be three numbers"),
     ],
 )
 def test_a_malformed_normalisation_is_one_line_naming_the_file(tmp_path, preprocess, needle):

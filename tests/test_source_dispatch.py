@@ -60,6 +60,9 @@ def test_a_folder_with_one_file_and_a_stale_sharded_index_is_read_as_transformer
 def test_an_index_whose_weight_map_names_no_file_is_one_line(tmp_path):
     with pytest.raises(MicromergeError, match=r"not a safetensors index \(needs a 'weight_map' object\)"):
         open_source(str(_sharded(tmp_path / "odd", {"visual.proj": 3})))
+    mixed = {"visual.proj": "model-00001-of-00001.safetensors", "logit_scale": 3}  # one entry names no file
+    with pytest.raises(MicromergeError, match=r"not a safetensors index \(needs a 'weight_map' object\)"):
+        open_source(str(_sharded(tmp_path / "mixed", mixed)))
 
 
 @pytest.mark.parametrize(
