@@ -163,6 +163,19 @@ def test_each_epoch_is_a_fresh_seeded_permutation_that_the_ranks_share_out(tmp_p
     assert interleaved[:n] == orders[0].tolist() and interleaved[n:] == orders[1].tolist()
 
 
+def test_every_sample_of_every_epoch_draws_its_own_augmentation_seed():
+    """A sample's augmentation is seeded from (seed, epoch, index) alone, so a resumed or re-sharded
+    run draws the same crops; the seeds must still differ from sample to sample and epoch to epoch
+    (one crop for all would be no augmentation) and fit a non-negative 63-bit seed."""
+    from micromerge.finetune.streaming import named_sample_seed, sample_seed
+
+    seeds = [sample_seed(0, epoch, i) for epoch in range(2) for i in range(500)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(1, 0, 0) != sample_seed(0, 0, 0), "--seed changes them"
+    named = {named_sample_seed(0, 0, f"shard-{i}.tar/{i:06d}") for i in range(500)}
+    assert len(named) == 500
+
+
 def test_the_path_is_chosen_by_size_and_augmentation_and_said(tmp_path, base, capsys):
     assert choose_in_memory("auto", 1000, 224, ())[0] is True
     assert choose_in_memory("auto", 1_000_000, 224, ())[0] is False, "150 GB of decoded Quilt-1M images"
@@ -366,6 +379,9 @@ def test_a_missing_or_unreadable_shard_is_one_line_that_names_it(tmp_path, base,
     ):
         run_finetune(config(base, pattern, tmp_path / "missing", workers=workers))
     assert not (tmp_path / "missing").exists()
+    one_missing = f"{shards}/shard-{{000000..000002}}.tar"  # no "(and 0 more ...)" for one alone
+    with pytest.raises(MicromergeError, match=r"shard .*shard-000002\.tar does not exist"):
+        run_finetune(config(base, one_missing, tmp_path / "missing", workers=workers))
     whole = (shards / "shard-000001.tar").read_bytes()
     for name, damaged in (("junk", b"not a tar file\n"), ("cut", whole[: len(whole) // 2 + 100])):
         (shards / "shard-000001.tar").write_bytes(damaged)
