@@ -434,6 +434,11 @@ def _with_header(path: Path, header: object, data: bytes = b"") -> Path:
             b"\0" * 8,
             "malformed data_offsets",
         ),
+        (  # one offset a string (end minus start would be a TypeError)
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}},
+            b"\0" * 4,
+            "malformed data_offsets",
+        ),
         ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "do not match its shape"),
         (
             {"w": {"dtype": "F64X", "shape": [1], "data_offsets": [0, 8]}},
