@@ -1261,14 +1261,8 @@ def test_the_fine_headline_pools_exactly_the_sources_that_ask_classification_1(b
 
     every = discover_tasks(load_benchmark(str(bench)).dataset)
     first, second = [t for t in every if t.level == "fine" and t.groups.get("fine_headline") == "yes"][:2]
-    assert (
-        {q.key for q in first.questions}
-        == {q.key for q in second.questions}
-        == {
-            "classification_0",
-            "classification_1",
-        }
-    )
+    both_keys = {"classification_0", "classification_1"}
+    assert {q.key for q in first.questions} == {q.key for q in second.questions} == both_keys
     without_key = replace(first, questions=tuple(q for q in first.questions if q.key != "classification_1"))
     only_key = replace(second, questions=tuple(q for q in second.questions if q.key == "classification_1"))
     every = [without_key if t is first else only_key if t is second else t for t in every]

@@ -23,7 +23,7 @@ from micromerge.analysis.soup import greedy_soup
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import EvalSettings, run_eval
+from micromerge.eval.engine import POOLED, EvalSettings, run_eval
 from micromerge.eval.hub_layout import write_hub_layout
 from micromerge.eval.store import ResultStore
 from tests.helpers import write_checkpoint
@@ -132,10 +132,10 @@ def test_a_question_asked_of_no_image_in_a_half_gets_no_row_there(tmp_path, one_
     assert asked == {"all", "select"} or asked == {"all", "report"}, asked
     every_split = {"all", "select", "report"}
     assert {row["split"] for row in written if row.get("caption_key") == "stain_0"} == every_split
-    # the task's row pooled over its keys (caption_key "all", after the keys) is in both halves too
+    # the task's row pooled over its keys is in both halves too
     stain_task = {row["task"] for row in written if row.get("caption_key") == "stain_1"}
     pooled = {
-        row["split"] for row in written if row["task"] in stain_task and row.get("caption_key") == "all"
+        row["split"] for row in written if row["task"] in stain_task and row.get("caption_key") == POOLED
     }
     assert pooled == every_split, pooled
 
