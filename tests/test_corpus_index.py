@@ -106,6 +106,33 @@ def test_a_link_or_folder_member_of_a_shard_is_no_image_as_for_webdataset(tmp_pa
         index_pairs(str(shard.parent))
 
 
+def test_folder_members_of_a_shard_packed_from_folders_are_passed_over_not_the_end(tmp_path):
+    """`tar cf shard.tar pairs/ more/` writes each folder's own member before its files (POSIX
+    ustar: a directory is a typeflag-5 member). Every reader passes over such a member and goes on
+    reading: the samples after a folder member are the corpus, on the plain and the indexed path."""
+    shard = tmp_path / "wds" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as archive:
+        for name, payload in [
+            ("pairs/", None),
+            ("pairs/a.png", _png(0)),
+            ("pairs/a.txt", b"caption of a"),
+            ("more/", None),
+            ("more/b.png", _png(1)),
+            ("more/b.txt", b"caption of b"),
+        ]:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    expected = ["caption of b", "caption of a"]  # in key order: more/b before pairs/a
+    assert load_pairs(str(shard.parent)).captions == expected
+    assert indexed_pairs(index_pairs(str(shard.parent))).captions == expected
+
+
 def test_a_tar_fingerprint_sees_a_caption_changed_inside_an_unchanged_shard_size(tmp_path):
     def write(caption: bytes) -> str:
         _shard(tmp_path / "wds" / "shard-000000.tar", [("a.png", _png(0)), ("a.txt", caption)])
