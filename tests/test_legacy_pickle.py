@@ -235,3 +235,27 @@ def test_a_pickle_with_the_newer_dtypes_says_what_to_do(tmp_path):
         MicromergeError, match=r"u16.pt: .*uint16/uint32/uint64/float8 tensors.*state_dict\(\)"
     ):
         _read(tmp_path / "u16.pt")
+
+
+def test_a_merge_job_built_in_python_reads_no_pickle_and_redoes_no_merge_unless_asked(tmp_path):
+    """`job_from_mapping` is the API's door (the demo, a soup and an ablation entry build their jobs
+    through it): a mapping that names neither `allow_pickle` nor `force` gets the CLI's defaults, so
+    a trainer checkpoint holding Python objects is refused, and a finished merge is kept, not redone."""
+    from micromerge.merging.job import job_from_mapping, run_merge_job
+
+    state = _model().state_dict()
+    for name, scale in (("base", 1.0), ("ft", 2.0)):
+        weights = {key: value * scale if value.is_floating_point() else value for key, value in state.items()}
+        torch.save({"state_dict": weights, "args": argparse.Namespace(lr=1e-5)}, tmp_path / f"{name}.pt")
+    values = {"base": str(tmp_path / "base.pt"), "finetuned": [str(tmp_path / "ft.pt")], "alpha": 0.5}
+    values["out"] = str(tmp_path / "merged.safetensors")
+    with pytest.raises(MicromergeError, match="pass --allow-pickle"):
+        run_merge_job(job_from_mapping(values), progress=False)
+    assert not (tmp_path / "merged.safetensors").exists()
+    (first,) = run_merge_job(job_from_mapping({**values, "allow_pickle": True}), progress=False)
+    (again,) = run_merge_job(job_from_mapping({**values, "allow_pickle": True}), progress=False)
+    assert not first.reused and again.reused
+    (forced,) = run_merge_job(
+        job_from_mapping({**values, "allow_pickle": True, "force": True}), progress=False
+    )
+    assert not forced.reused
