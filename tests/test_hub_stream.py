@@ -434,6 +434,10 @@ def test_a_damaged_page_behind_a_valid_footer_is_one_line_naming_the_file(tmp_pa
     assert message.endswith("download or write it again")
     assert not (tmp_path / "run").exists()
     assert damaged_parquet([str(p) for p in sorted((repo / "data").glob("*.parquet"))], str(repo)) == message
+    with pytest.raises((OSError, pyarrow.ArrowException)) as read_whole:
+        for _ in pyarrow.parquet.ParquetFile(damaged).iter_batches():
+            pass
+    assert f"is damaged ({str(read_whole.value).strip().splitlines()[0]})" in message, "pyarrow's own words"
 
 
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
