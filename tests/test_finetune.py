@@ -373,6 +373,9 @@ def test_resuming_a_finished_run_hands_back_its_model_only_under_its_own_setting
         match=r"--resume .*run: that run finished with other settings \(max_steps\); .*--force",
     ):
         run_finetune(config(base, data, tmp_path / "run", max_steps=13, resume=True))
+    others = dict(max_steps=13, lr=2e-3, seed=1, grad_clip=2.0, warmup_steps=1, weight_decay=0.2)
+    with pytest.raises(MicromergeError, match=r"other settings \(grad_clip, lr, max_steps, seed\); "):
+        run_finetune(config(base, data, tmp_path / "run", resume=True, **others))  # the first four by name
     assert path.read_bytes() == trained
     (tmp_path / "run" / "manifest.json").write_text("{cut")
     with pytest.raises(MicromergeError, match="manifest.json is unreadable"):
