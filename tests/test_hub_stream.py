@@ -155,6 +155,23 @@ def test_auto_loads_a_small_local_copy_whole_and_says_why(tmp_path, base, capsys
     assert "data: 16 examples, in memory" in capsys.readouterr().err
 
 
+def test_auto_streams_a_local_copy_whose_decoded_images_are_over_the_budget(tmp_path, base, monkeypatch):
+    """The same weighing the other way: with the budget one byte below the 16 rows' decoded size,
+    `auto` streams the copy through datasets (counted from the footers' row count, before any
+    image is read)."""
+    import micromerge.finetune.streaming as streaming
+    from micromerge.merging.models import get_model_config
+
+    repo = write_hub_repo(tmp_path / "repo", 16)
+    size = get_model_config("nano-clip")["vision_cfg"]["image_size"]
+    monkeypatch.setattr(streaming, "IN_MEMORY_BUDGET", streaming.decoded_bytes(16, size) - 1)
+    run_finetune(config(base, repo, tmp_path / "run", max_steps=2))
+    path = json.loads((tmp_path / "run" / "manifest.json").read_text())["data_path"]
+    assert path["in_memory"] is False
+    assert path["why"].startswith("a hub-layout dataset of 4 shards streamed by datasets (streaming=True): ")
+    assert path["why"].endswith(" GiB, over 0 GiB"), "the size counted from the footers, over the budget"
+
+
 def test_a_small_corpus_streamed_for_many_passes_is_told_about_datasets_pause(
     tmp_path, base, capsys, monkeypatch
 ):
