@@ -350,6 +350,10 @@ def test_a_table_saved_by_excel_with_a_byte_order_mark_is_read_as_open_clip_trai
             "line 2 has 3 fields, the header 2; quote a caption holding tabs",
         ),
         ("image,caption,caption\nimg0.png,a,b\n", "column 'caption' is named twice in the header"),
+        (  # several repeated: the first by name, whatever the order of a set of strings
+            "image,caption,e,d,c,b,e,d,c,b\nimg0.png,a,1,2,3,4,5,6,7,8\n",
+            "column 'b' is named twice in the header",
+        ),
     ],
 )
 def test_a_row_with_more_fields_than_the_header_or_a_repeated_column_is_refused(tmp_path, text, message):
