@@ -109,6 +109,32 @@ def test_supervised_streams_its_task_too(tmp_path, base):
     memory = run_finetune(config(base, bench, tmp_path / "memory", data_in_memory="yes", **values))
     streamed = run_finetune(config(base, bench, tmp_path / "stream", data_in_memory="no", **values))
     assert _same(_weights(memory), _weights(streamed))
+    for run, in_memory, setting in (("memory", True, "yes"), ("stream", False, "no")):
+        manifest = json.loads((tmp_path / run / "manifest.json").read_text())
+        assert manifest["data_path"] == {
+            "in_memory": in_memory,
+            "why": f"asked for (--data-in-memory {setting})",
+            "fingerprint": "the benchmark's files",
+        }
+
+
+def test_supervised_trains_a_two_class_task_and_records_a_known_domain_only(tmp_path, base):
+    """Two classes are the fewest a classifier learns from (nirschl_et_al_2018 has two). The run's
+    domain defaults to its task's, unless the benchmark does not say it: then none is recorded,
+    not "unknown", which analysis would look for among the benchmark's domains."""
+    from tests.ubench_fixture import fixture_dataset
+
+    dataset = fixture_dataset(6, 0, 0, ())
+    values = dict(mode="supervised", task="nirschl_et_al_2018", max_steps=2, batch_size=4)
+    for name, domain in (("named", "pathology"), ("unnamed", None)):
+        if domain is None:  # the task's rows say no domain
+            dataset = dataset.map(
+                lambda row: {"domain": None if row["dataset"] == values["task"] else row["domain"]}
+            )
+        dataset.to_parquet(str(tmp_path / name / "test-00000-of-00001.parquet"))
+        run_finetune(config(base, tmp_path / name, tmp_path / f"run-{name}", **values))
+        manifest = json.loads((tmp_path / f"run-{name}" / "manifest.json").read_text())
+        assert manifest["domain"] == domain
 
 
 def test_augmentation_is_drawn_from_the_seed_and_survives_a_resume(tmp_path, base, monkeypatch):
