@@ -128,8 +128,10 @@ def test_lines_of_the_wrong_shape_are_skipped_and_counted(tmp_path):
         {"schema": 1, **_row(True)},  # a bool is an int to Python, not an alpha
         {"schema": 1, **_row(0.25, value=True)},
         {"schema": 1, **_row(0.25, split=3)},
+        {"schema": 1, **_row(0.25, task=3)},
+        {"schema": 1, **_row(0.25, metric=None)},
     ],
-    ids=["schema", "bool-alpha", "bool-value", "split-not-text"],
+    ids=["schema", "bool-alpha", "bool-value", "split-not-text", "task-not-text", "metric-not-text"],
 )
 def test_each_field_of_the_wrong_type_makes_the_line_no_row(tmp_path, line):
     """Readers group and average these fields: a line whose field has the wrong type is
