@@ -802,6 +802,19 @@ def test_an_append_reads_only_what_was_written_since_and_still_sees_every_writer
     assert mine.append([_row(0.7), _row(0.0, run_id="other")]) == 0
 
 
+def test_a_one_row_store_rewritten_in_place_with_a_row_as_long_is_read_again(tmp_path):
+    """The bytes compared where the last append ended are the whole last line, not just its `}` and
+    newline, which every row ends with: here the only line, replaced by another row of its length."""
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    assert store.append([_row(0.0, task="a")]) == 1
+    size = path.stat().st_size
+    with open(path, "w") as handle:  # truncated and rewritten: the inode stays
+        handle.write(json.dumps({"schema": 1, **_row(0.0, task="b")}, sort_keys=True) + "\n")
+    assert path.stat().st_size == size
+    assert store.append([_row(0.0, task="a")]) == 1, "task a's row is gone: written again"
+
+
 def test_a_store_rewritten_in_place_is_read_whole_again(tmp_path):
     """The same file (same inode, as long or longer) with other bytes where the last append ended
     is another store: its rows are read again, not taken from what was there before."""
