@@ -198,6 +198,35 @@ def test_each_runs_first_row_is_found_the_last_without_its_newline_too(tmp_path)
     assert list(firsts) == ["a", "b"]
 
 
+def test_a_runs_first_row_is_found_past_lines_that_are_no_rows_and_past_long_ones(tmp_path):
+    """A run's lines are found by the bytes that name it, so its span may begin with a line that
+    is no row (another schema) and hold one longer than a 64 KiB read; a run of one line is read
+    to its end, and a run whose only line is no row has no first row (and ends the search)."""
+    path = tmp_path / "r.jsonl"
+    lines = [
+        {"schema": 1, **_row(0.0, run_id="x")},
+        {"schema": 2, **_row(0.1, run_id="w")},  # w: no row at all
+        {"schema": 2, **_row(0.2, run_id="y")},
+        {"schema": 1, **_row(0.3, run_id="y", note="n" * 70_000)},  # longer than one 64 KiB read
+        {"schema": 1, **_row(0.4, run_id="y")},
+        {"schema": 1, **_row(0.5, run_id="z")},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    firsts = ResultStore(path).first_rows()
+    assert {run: row["alpha"] for run, row in firsts.items()} == {"x": 0.0, "y": 0.3, "z": 0.5}
+
+
+def test_one_runs_rows_include_a_last_row_without_its_newline_written_since_the_last_read(tmp_path):
+    """A store object reads only what was written since it last read: a row added by another
+    writer without its newline (a hand edit, a torn append that is whole) is that run's too."""
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    store.append([_row(0.0), _row(0.5)])
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"schema": 1, **_row(1.0)}))
+    assert [row["alpha"] for row in store.rows("r")] == [0.0, 0.5, 1.0]
+
+
 def test_done_is_the_finished_work_of_one_run_only(tmp_path):
     """Resume skips what `done(run_id)` returns: another run's rows at the same alpha and task
     must not make this run skip its own work."""
