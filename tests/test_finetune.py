@@ -252,6 +252,12 @@ def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, ba
     )
     trained, original = load_file(str(path)), load_file(str(base))
     assert all(torch.equal(trained[k], original[k]) for k in trained), "LP phase changes only the head"
+    lp = dict(mode="supervised", task="kather_et_al_2016", batch_size=6, max_steps=None, lp_epochs=1)
+    path = run_finetune(config(base, bench, tmp_path / "lp-ft", epochs=1, **lp))
+    assert len((tmp_path / "lp-ft" / "train_log.jsonl").read_text().splitlines()) == 4 + 4, (
+        "LP epoch, then FT's"
+    )
+    assert not torch.equal(load_file(str(path))["visual.proj"], original["visual.proj"])
     frozen = "visual.transformer.resblocks.0.*"
     path = run_finetune(
         config(base, write_csv_folder(tmp_path / "p"), tmp_path / "fr", freeze=(frozen,), max_steps=2)
