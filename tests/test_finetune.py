@@ -527,6 +527,15 @@ def test_accumulating_micro_batches_trains_like_one_batch_of_their_size(tmp_path
         torch.testing.assert_close(accumulated[key], one[key], rtol=0, atol=5e-6, msg=key)
 
 
+def test_an_epoch_that_is_no_multiple_of_the_accumulation_ends_with_a_shorter_step(tmp_path, base):
+    """30 pairs in micro-batches of 6 are 5 micro-batches an epoch; accumulating 2 a step, the epoch
+    is steps of 2, 2 and 1, and no micro-batch of the next epoch is drawn into the last step."""
+    data = write_csv_folder(tmp_path / "pairs", n=30)
+    run_finetune(config(base, data, tmp_path / "run", max_steps=None, epochs=1, batch_size=6, accum_steps=2))
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["images_seen"] == 30
+
+
 def test_fsdp_on_the_cpu_is_refused_in_one_line(tmp_path, base, monkeypatch):
     """accelerate runs FSDP on GPUs only: launched with --use_fsdp on CPUs, its processes would not
     form one sharded job (measured: each believed itself rank 0 of 1)."""

@@ -227,6 +227,26 @@ def test_one_runs_rows_include_a_last_row_without_its_newline_written_since_the_
     assert [row["alpha"] for row in store.rows("r")] == [0.0, 0.5, 1.0]
 
 
+def test_an_append_reads_past_lines_that_are_no_rows_without_a_warning(tmp_path):
+    """An append reads only its own runs' lines, to skip rows already there; a line of its run that
+    is no row (another schema) is passed over in silence there, on the first read and on catching
+    up with another writer, and counted once by a reader of every row."""
+    import warnings
+
+    path = tmp_path / "r.jsonl"
+    other_schema = json.dumps({"schema": 2, **_row(0.0)}) + "\n"
+    path.write_text(json.dumps({"schema": 1, **_row(0.0)}) + "\n" + other_schema)
+    store = ResultStore(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.append([_row(0.0), _row(0.5)]) == 1
+        with open(path, "a") as handle:  # another writer's line, read when catching up
+            handle.write(other_schema)
+        assert store.append([_row(1.0)]) == 1
+    with pytest.warns(UserWarning, match=r"skipped 2 line\(s\).*first: line 2"):
+        assert [row["alpha"] for row in ResultStore(path).rows()] == [0.0, 0.5, 1.0]
+
+
 def test_done_is_the_finished_work_of_one_run_only(tmp_path):
     """Resume skips what `done(run_id)` returns: another run's rows at the same alpha and task
     must not make this run skip its own work."""
