@@ -217,14 +217,19 @@ def test_a_runs_first_row_is_found_past_lines_that_are_no_rows_and_past_long_one
 
 
 def test_one_runs_rows_include_a_last_row_without_its_newline_written_since_the_last_read(tmp_path):
-    """A store object reads only what was written since it last read: a row added by another
-    writer without its newline (a hand edit, a torn append that is whole) is that run's too."""
+    """A store object reads only what was written since it last read: a last row added by another
+    writer without its newline (a hand edit, a torn append that is whole) is its run's too, to
+    every reader."""
     path = tmp_path / "r.jsonl"
     store = ResultStore(path)
     store.append([_row(0.0), _row(0.5)])
     with open(path, "a") as handle:
-        handle.write(json.dumps({"schema": 1, **_row(1.0)}))
+        handle.write(
+            json.dumps({"schema": 1, **_row(1.0)}) + "\n" + json.dumps({"schema": 1, **_row(0.0, run_id="s")})
+        )
     assert [row["alpha"] for row in store.rows("r")] == [0.0, 0.5, 1.0]
+    assert [row["alpha"] for row in store.rows("s")] == [0.0]
+    assert list(store.first_rows()) == ["r", "s"]
 
 
 def test_an_append_reads_past_lines_that_are_no_rows_without_a_warning(tmp_path):
