@@ -41,13 +41,18 @@ from tests.test_finetune import _png, config, write_csv_folder
 from tests.test_streaming import write_arrow
 
 
-def _shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+def _shard(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
+    """A tar shard of these members; a payload of None is a folder member."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as archive:
         for name, payload in members:
             info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
     return path
 
 
@@ -90,14 +95,13 @@ def test_a_link_or_folder_member_of_a_shard_is_no_image_as_for_webdataset(tmp_pa
     import webdataset as wds
 
     shard = tmp_path / "wds" / "shard-000000.tar"
-    _shard(shard, [("a.png", _png(0)), ("a.txt", b"caption of a"), ("b.txt", b"caption of b")])
+    _shard(
+        shard, [("a.png", _png(0)), ("a.txt", b"caption of a"), ("b.txt", b"caption of b"), ("c.png", None)]
+    )
     with tarfile.open(shard, "a") as archive:
         link = tarfile.TarInfo("b.png")
         link.type, link.linkname = tarfile.SYMTYPE, "a.png"
-        folder = tarfile.TarInfo("c.png")
-        folder.type = tarfile.DIRTYPE
         archive.addfile(link)
-        archive.addfile(folder)
     streamed = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
     assert [sorted(k for k in s if not k.startswith("__")) for s in streamed] == [["png", "txt"], ["txt"]]
     with pytest.raises(MicromergeError, match=r"shard-000000.tar: sample b has a caption but no image"):
@@ -110,24 +114,17 @@ def test_folder_members_of_a_shard_packed_from_folders_are_passed_over_not_the_e
     """`tar cf shard.tar pairs/ more/` writes each folder's own member before its files (POSIX
     ustar: a directory is a typeflag-5 member). Every reader passes over such a member and goes on
     reading: the samples after a folder member are the corpus, on the plain and the indexed path."""
-    shard = tmp_path / "wds" / "shard-000000.tar"
-    shard.parent.mkdir()
-    with tarfile.open(shard, "w") as archive:
-        for name, payload in [
+    shard = _shard(
+        tmp_path / "wds" / "shard-000000.tar",
+        [
             ("pairs/", None),
             ("pairs/a.png", _png(0)),
             ("pairs/a.txt", b"caption of a"),
             ("more/", None),
             ("more/b.png", _png(1)),
             ("more/b.txt", b"caption of b"),
-        ]:
-            info = tarfile.TarInfo(name)
-            if payload is None:
-                info.type = tarfile.DIRTYPE
-                archive.addfile(info)
-            else:
-                info.size = len(payload)
-                archive.addfile(info, io.BytesIO(payload))
+        ],
+    )
     expected = ["caption of b", "caption of a"]  # in key order: more/b before pairs/a
     assert load_pairs(str(shard.parent)).captions == expected
     assert indexed_pairs(index_pairs(str(shard.parent))).captions == expected

@@ -236,8 +236,6 @@ def test_an_append_reads_past_lines_that_are_no_rows_without_a_warning(tmp_path)
     """An append reads only its own runs' lines, to skip rows already there; a line of its run that
     is no row (another schema) is passed over in silence there, on the first read and on catching
     up with another writer, and counted once by a reader of every row."""
-    import warnings
-
     path = tmp_path / "r.jsonl"
     other_schema = json.dumps({"schema": 2, **_row(0.0)}) + "\n"
     path.write_text(json.dumps({"schema": 1, **_row(0.0)}) + "\n" + other_schema)
