@@ -527,6 +527,63 @@ def test_accumulating_micro_batches_trains_like_one_batch_of_their_size(tmp_path
         torch.testing.assert_close(accumulated[key], one[key], rtol=0, atol=5e-6, msg=key)
 
 
+class _TwoTowers(torch.nn.Module):
+    """The smallest model with CLIP's forward: unit image and text features and a learned temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = torch.nn.Linear(4, 3)
+        self.text = torch.nn.Embedding(10, 3)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image = torch.nn.functional.normalize(self.image(pixels), dim=-1)
+        text = torch.nn.functional.normalize(self.text(tokens).mean(1), dim=-1)
+        return image, text, self.logit_scale.exp()
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["contrastive", "supervised"])
+def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode):
+    """A step's micro-batches (3, 2 and 2 rows) give the loss and the gradients of one batch of all
+    7, the temperature's included: its gradient is taken once, at the first micro-batch. Two
+    micro-batches cannot show that (taking it at every micro-batch but the first is also once),
+    nor a run's logged losses alone (a loss summed with the wrong sign compares equal to itself)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from micromerge.finetune import trainer
+    from micromerge.finetune.losses import clip_loss
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    pixels = torch.randn(7, 4)
+    if mode == "contrastive":
+        model: torch.nn.Module = _TwoTowers()
+        second = torch.randint(0, 10, (7, 5))
+        whole = clip_loss(*model(pixels, second))
+    else:
+        model, second = torch.nn.Linear(4, 3), torch.tensor([0, 1, 2, 0, 1, 2, 2])
+        whole = torch.nn.functional.cross_entropy(model(pixels), second)
+    whole.backward()
+    expected = _gradients(model)
+    micro = [(pixels[a:b], second[a:b]) for a, b in ((0, 3), (3, 5), (5, 7))]
+    if mode == "contrastive":
+        loss = trainer._contrastive_gradients(model, accelerator, micro, across_ranks=False)
+    else:
+        loss = trainer._supervised_gradients(model, accelerator, micro)
+    assert float(loss) == pytest.approx(float(whole.detach()), abs=1e-6) and float(loss) > 0
+    for name, grad in _gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=1e-6, msg=name)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_an_epoch_that_is_no_multiple_of_the_accumulation_ends_with_a_shorter_step(tmp_path, base):
     """30 pairs in micro-batches of 6 are 5 micro-batches an epoch; accumulating 2 a step, the epoch
     is steps of 2, 2 and 1, and no micro-batch of the next epoch is drawn into the last step."""

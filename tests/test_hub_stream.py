@@ -192,6 +192,15 @@ def test_a_small_corpus_streamed_for_many_passes_is_told_about_datasets_pause(
     trainer._say_pauses_between_passes(1_000_000, many, world=1)  # five passes: 25 s, not worth a line
     trainer._say_pauses_between_passes(None, many, world=1)  # size unknown
     assert capsys.readouterr().err == ""
+    # a step is accum_steps micro-batches on each of `world` processes: 6 x 2 x 5 x 2 = 120 rows
+    # a step, 12 passes over 10 rows, 60 s of pauses: the least that is told
+    accumulated = config(
+        base, "your-org/captions", tmp_path / "acc", max_steps=6, batch_size=5, accum_steps=2
+    )
+    trainer._say_pauses_between_passes(10, accumulated, world=2)
+    assert capsys.readouterr().err.startswith("note: about 12 passes over 10 rows, and datasets pauses 5 s")
+    trainer._say_pauses_between_passes(11, accumulated, world=2)  # 10.9 passes: 55 s
+    assert capsys.readouterr().err == ""
     file = write_hub_repo(tmp_path / "repo", 16)
     streamed = config(base, file, tmp_path / "streamed", max_steps=2, data_in_memory="no", progress=True)
     monkeypatch.setattr(trainer, "_say_pauses_between_passes", lambda rows, cfg, world: print(f"rows={rows}"))
