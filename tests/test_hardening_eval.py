@@ -232,6 +232,45 @@ def test_one_runs_rows_include_a_last_row_without_its_newline_written_since_the_
     assert list(store.first_rows()) == ["r", "s"]
 
 
+def test_an_append_keeps_a_last_row_without_its_newline_written_since_its_last_read(tmp_path):
+    """A row another writer added after this store object's last append, whole but without its
+    newline, is a row: the next append counts it as written and puts its own rows after it, not
+    over it (cut as if it were torn, it would be lost)."""
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    assert store.append([_row(0.0, task="a longer task name than the next row's")]) == 1
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"schema": 1, **_row(0.5)}))
+    assert store.append([_row(0.5), _row(1.0)]) == 1
+    assert [json.loads(line)["alpha"] for line in path.read_text().splitlines()] == [0.0, 0.5, 1.0]
+
+
+def test_a_store_in_folders_not_made_yet_is_made_with_them(tmp_path):
+    path = tmp_path / "results" / "sweep" / "r.jsonl"
+    assert ResultStore(path).append([_row(0.0)]) == 1
+    assert [row["alpha"] for row in ResultStore(path).rows()] == [0.0]
+
+
+def test_a_rows_line_is_the_same_bytes_whatever_order_its_keys_came_in(tmp_path):
+    """Same inputs, same bytes out: a row built in another order (another tool, a merged dict)
+    is written with its keys sorted."""
+    rows = [_row(0.0, note="n"), dict(reversed(list(_row(0.0, note="n").items())))]
+    written = []
+    for n, row in enumerate(rows):
+        ResultStore(tmp_path / f"{n}.jsonl").append([row])
+        written.append((tmp_path / f"{n}.jsonl").read_bytes())
+    assert written[0] == written[1] and written[0].startswith(b'{"alpha": 0.0, "metric": "accuracy", "note"')
+
+
+def test_a_first_line_of_nuls_before_a_row_is_no_safetensors_header(tmp_path):
+    """A safetensors file starts with its header's length, never 0: eight NULs (a crash zeroed
+    them) then a row's `{` are a damaged store, appended to, not a checkpoint to refuse."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\x00" * 8 + json.dumps({"schema": 1, **_row(0.0)}).encode() + b"\n")
+    assert ResultStore(path).append([_row(0.5)]) == 1
+    assert path.read_bytes().count(b"\n") == 2
+
+
 def test_an_append_reads_past_lines_that_are_no_rows_without_a_warning(tmp_path):
     """An append reads only its own runs' lines, to skip rows already there; a line of its run that
     is no row (another schema) is passed over in silence there, on the first read and on catching
