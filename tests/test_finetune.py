@@ -1,6 +1,7 @@
 """Fine-tuning: every data format, both modes, freezing, resume after kill -9, DDP on two CPU processes, bad input."""
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -89,6 +90,12 @@ def test_contrastive_from_csv_writes_a_checkpoint_merge_accepts(tmp_path, base):
         and manifest["loss_summary"]["last"] is not None
     )
     assert manifest["images_per_s"] > 0
+    # the weights' digest (one per process) is the file's tensors in key order, as a reader recomputes it
+    digest = hashlib.sha256()
+    for key in sorted(trained):
+        digest.update(key.encode())
+        digest.update(trained[key].numpy().tobytes())
+    assert manifest["rank_weight_sha256"] == [digest.hexdigest()]
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3] and {"loss", "lr", "images_per_s"} <= set(log[0])
     result = CliRunner().invoke(
