@@ -8,7 +8,7 @@ import pytest
 
 from micromerge.analysis import figures
 from micromerge.analysis.ablate import grid_jobs, load_ablation, run_ablation
-from micromerge.analysis.metrics import summarise, task_changes, valid_groups
+from micromerge.analysis.metrics import check_group, summarise, task_changes, valid_groups
 from micromerge.analysis.report import build_report
 from micromerge.analysis.tables import load_runs
 from micromerge.core.errors import MicromergeError
@@ -145,6 +145,31 @@ def test_unknown_is_never_offered_as_a_group(tmp_path):
     run.table.loc[run.table["task"] == "bio-a", "scale"] = "unknown"
     groups = valid_groups(run)
     assert "scale:cell" in groups and not any(group.endswith(":unknown") for group in groups)
+
+
+def test_groups_are_offered_sorted_and_any_group_with_tasks_is_accepted(tmp_path):
+    """The groups offered (in an error, in the report's target list) are sorted; a group that is
+    not offered but names fine-grained tasks (scale:unknown) is still accepted when asked for,
+    and one naming none is refused with the offered list."""
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    run.table.loc[run.table["task"] == "bio-a", "scale"] = "unknown"
+    offered = [
+        "domain:biology",
+        "domain:pathology",
+        "level:coarse",
+        "level:fine",
+        "modality:fluorescence microscopy",
+        "modality:light microscopy",
+        "scale:cell",
+    ]
+    assert valid_groups(run) == offered
+    check_group(run, "scale:unknown")
+    check_group(run, "domain:pathology")
+    with pytest.raises(
+        MicromergeError,
+        match=re.escape(f"'domain:virology' does not exist in run {run.label}; valid groups: {offered}"),
+    ):
+        check_group(run, "domain:virology")
 
 
 def test_alpha_is_chosen_on_the_select_half_and_reported_on_the_report_half(tmp_path):
