@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from micromerge.analysis.report import build_report
+from micromerge.analysis.report import build_report, paper_headline_table
 from micromerge.analysis.tables import load_runs
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.store import ResultStore
@@ -236,6 +236,17 @@ def test_the_paper_headline_is_the_whole_benchmark_coarse_and_fine_with_their_in
         {"run": "wise-ft [ubench]: base + ft", "protocol": "ubench", "alpha": 1.0, "coarse %": 60.0,
          "coarse 95% CI": "[57.0, 64.0]", "fine %": 55.0, "fine 95% CI": "[52.0, 59.0]"},
     ]  # fmt: skip
+
+
+def test_a_run_without_headline_rows_before_one_with_them_leaves_the_paper_headline_whole(tmp_path):
+    """A report of several runs (an ablation: a synthetic-benchmark run beside a ubench one) lists
+    every headline row of the runs that have them, whatever comes before."""
+    without = load_runs(write_store(tmp_path / "a.jsonl", alphas=(0.0, 1.0)))
+    with_rows = load_runs(
+        _add_paper_headline(_rewrite(write_store(tmp_path / "b.jsonl", alphas=(0.0, 1.0)), protocol="ubench"))
+    )
+    table = paper_headline_table(without + with_rows)
+    assert table["alpha"].tolist() == [0.0, 1.0] and table["fine %"].tolist() == [40.0, 55.0]
 
 
 def test_the_paper_headline_is_a_percentage_to_one_decimal_and_explained(tmp_path):
