@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,18 @@ def test_the_paper_headline_is_the_whole_benchmark_coarse_and_fine_with_their_in
         {"run": "wise-ft [ubench]: base + ft", "protocol": "ubench", "alpha": 1.0, "coarse %": 60.0,
          "coarse 95% CI": "[57.0, 64.0]", "fine %": 55.0, "fine 95% CI": "[52.0, 59.0]"},
     ]  # fmt: skip
+
+
+def test_every_markdown_table_row_has_as_many_cells_as_its_header(tmp_path):
+    """report.md's tables are GitHub markdown: a row with a cell more than its header (the frame's
+    index written as a cell) would shift every value under the wrong column."""
+    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology")
+    tables = re.findall(r"(?:^\|.*\|\n)+", (tmp_path / "rep" / "report.md").read_text(), flags=re.M)
+    assert len(tables) >= 3
+    for table in tables:
+        header, rule, *rows = table.splitlines()
+        assert rule == "|" + "---|" * header.count(" | ") + "---|" and rows
+        assert all(row.count(" | ") == header.count(" | ") for row in rows), table
 
 
 def test_a_run_without_headline_rows_before_one_with_them_leaves_the_paper_headline_whole(tmp_path):
