@@ -440,6 +440,9 @@ def _train(cfg: FinetuneConfig) -> Path:
                 loss = _contrastive_gradients(model, accelerator, micro, across_ranks=world > 1)
             else:
                 loss = _supervised_gradients(model, accelerator, micro)
+                # each process's mean over its own rows: the step's loss is their mean, as DDP's gradient
+                if world > 1:
+                    loss = accelerator.reduce(loss, reduction="mean")
             if cfg.grad_clip:
                 # all of the model's parameters (frozen ones hold no gradient): under FSDP,
                 # accelerate clips by the global norm only when handed exactly these
@@ -595,7 +598,9 @@ def _contrastive_gradients(
     the whole step's loss. Every image's negatives are thus the whole accumulated batch, and the
     summed gradients equal those of one batch of that size (averaging per-micro-batch losses
     instead would train smaller contrastive tasks). Unlike open_clip_train, the temperature's
-    gradient is taken once, not once per micro-batch, so the equality is exact."""
+    gradient is taken once, not once per micro-batch, so the equality is exact; it is taken at the
+    last micro-batch, whose backward DDP synchronises and which must give every trained parameter
+    a gradient (at the first, DDP stopped the next step: "Expected to have finished reduction")."""
     if len(micro) == 1:
         with accelerator.autocast():
             image, text, scale = _clip_features(model, *micro[0])
@@ -611,7 +616,7 @@ def _contrastive_gradients(
             image, text, scale = _clip_features(model, pixels, tokens)
             images = torch.cat([c[0] for c in cached[:j]] + [image] + [c[0] for c in cached[j + 1 :]])
             texts = torch.cat([c[1] for c in cached[:j]] + [text] + [c[1] for c in cached[j + 1 :]])
-            loss = clip_loss(images, texts, scale if j == 0 else scale.detach(), across_ranks)
+            loss = clip_loss(images, texts, scale if last else scale.detach(), across_ranks)
             accelerator.backward(loss)
         first = loss.detach() if first is None else first
     assert first is not None  # two or more micro-batches

@@ -475,17 +475,20 @@ def test_the_temperature_is_kept_within_clip_s_bound_after_every_step(tmp_path, 
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
+@pytest.mark.parametrize("micro_batch, accum", [(6, 1), (3, 2)])
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, base, micro_batch, accum):
     """Two gloo processes of batch 6 end identical, and equal to one process of batch 12: the
     contrastive loss gathers both processes' features (open_clip's ClipLoss does likewise), so
     each image's negatives are the global batch. Without the gather they would train two
     separate 6-way tasks and end elsewhere. The two processes run one epoch, which is 4 steps of
     2 x 6 of the 48 pairs, as the one process's 4 steps of 12 are: an epoch counted per process
-    (48 / 6) ran 8."""
+    (48 / 6) ran 8. Each process may reach its 6 as two accumulated micro-batches of 3: their
+    gradients are kept local until the step's last, whose backward averages the sum over the
+    processes (synchronising the first instead would leave each process its own second half)."""
     data = write_csv_folder(tmp_path / "pairs", n=48)
-    args = _contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=6)
+    args = _contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=micro_batch)
     at = args.index("--max-steps")
-    args[at : at + 2] = ["--epochs", "1"]
+    args[at : at + 2] = ["--epochs", "1", "--accum-steps", str(accum)]
     command = two_process_launch(
         *args,
         "--save-every",
@@ -509,6 +512,36 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base):
     assert ddp_losses == pytest.approx(one_losses, rel=0, abs=2e-6)
     for key in one:  # float noise only (sums in another order): the steps move weights ~2e-3
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_of_supervised_accumulation_train_like_one_batch(tmp_path, base):
+    """Supervised fine-tuning across processes: two processes of two accumulated micro-batches of 3
+    take the epoch's permutation 12 rows a step, as one process of 12 does, and end with its
+    weights. DDP averages the processes' mean cross-entropies, which is the mean over all 12."""
+    data = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
+    args = ["finetune", "supervised", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "ddp"),
+            "--task", "kather_et_al_2016", "--max-steps", "3", "--batch-size", "3", "--accum-steps", "2",
+            "--lr", "1e-4", "--save-every", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+    result = subprocess.run(
+        two_process_launch(*args),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
+    assert result.returncode == 0, launch_failure(result)
+    manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and len(set(manifest["rank_weight_sha256"])) == 1
+    one_cfg = config(
+        base, data, tmp_path / "one", mode="supervised", task="kather_et_al_2016", lr=1e-4, batch_size=12
+    )
+    one, two = load_file(str(run_finetune(one_cfg))), load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    losses = [(tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in ("ddp", "one")]
+    ddp_losses, one_losses = ([json.loads(row)["loss"] for row in log] for log in losses)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-6, msg=key)
+    assert ddp_losses == pytest.approx(one_losses, rel=0, abs=2e-6) and len(one_losses) == 3
 
 
 @pytest.mark.parametrize("mode", ["contrastive", "supervised"])
@@ -558,8 +591,8 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["contrastive", "supervised"])
 def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode):
     """A step's micro-batches (3, 2 and 2 rows) give the loss and the gradients of one batch of all
-    7, the temperature's included: its gradient is taken once, at the first micro-batch. Two
-    micro-batches cannot show that (taking it at every micro-batch but the first is also once),
+    7, the temperature's included: its gradient is taken once, at the last micro-batch. Two
+    micro-batches cannot show that (taking it at every micro-batch but the last is also once),
     nor a run's logged losses alone (a loss summed with the wrong sign compares equal to itself)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
