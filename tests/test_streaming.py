@@ -507,7 +507,8 @@ def test_a_streamed_sample_without_a_caption_stops_the_run_in_one_line(tmp_path,
 
 
 @pytest.mark.slow
-def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base, accum):
     import os
 
     from tests.helpers import launch_failure, two_process_launch
@@ -515,13 +516,14 @@ def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base)
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 32, per_shard=8))
     args = _contrastive_args(base, spec, tmp_path / "ddp", steps=3, batch_size=4)
-    command = two_process_launch(*args, "--save-every", "0", "--workers", "1")
+    command = two_process_launch(*args, "--save-every", "0", "--workers", "1", "--accum-steps", str(accum))
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
     )
     assert result.returncode == 0, launch_failure(result)
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and len(set(manifest["rank_weight_sha256"])) == 1
+    assert manifest["images_seen"] == 3 * accum * 4 * 2  # steps x micro-batches x batch x processes
 
 
 @pytest.mark.parametrize(
