@@ -1,5 +1,6 @@
 """Analysis: metrics against hand-computed values, figures, the report, bad input, ablations."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 from micromerge.analysis import figures
 from micromerge.analysis.ablate import grid_jobs, load_ablation, run_ablation
-from micromerge.analysis.metrics import check_group, summarise, task_changes, valid_groups
+from micromerge.analysis.metrics import check_group, pareto_front, summarise, task_changes, valid_groups
 from micromerge.analysis.report import build_report
 from micromerge.analysis.tables import load_runs
 from micromerge.core.errors import MicromergeError
@@ -188,9 +189,40 @@ def test_pareto_front_drops_points_dominated_with_a_tie_and_auc_is_normalised_by
     }  # alpha 1: target tied, control lower
     run = load_runs(write_store(tmp_path / "r.jsonl", values_by_task=values))[0]
     assert [p[0] for p in summarise(run, "domain:pathology").pareto] == [0.0, 0.5]
-    half = load_runs(write_store(tmp_path / "half.jsonl", alphas=(0.0, 0.5)))[0]
-    overall = [sum(v[i] for v in VALUES.values()) / 3 for i in range(2)]
-    assert summarise(half, "domain:pathology").auc["all tasks"] == pytest.approx(sum(overall) / 2)
+    overall = [sum(v[i] for v in VALUES.values()) / 3 for i in range(3)]
+    for alphas in ((0.0, 0.5), (0.5, 1.0)):  # a range from 0, and one that is not
+        half = load_runs(write_store(tmp_path / f"{alphas[0]}.jsonl", alphas=alphas))[0]
+        ends = [overall[int(2 * alpha)] for alpha in alphas]
+        assert summarise(half, "domain:pathology").auc["all tasks"] == pytest.approx(sum(ends) / 2)
+
+
+def test_a_point_with_the_same_control_and_a_lower_target_is_off_the_front_listed_by_alpha():
+    """Dominance on either axis with a tie on the other (here the control): α 0.5 is off the front.
+    The front lists its points by α whatever order they came in."""
+    points = [(1.0, 0.9, 0.2), (0.5, 0.5, 0.6), (0.0, 0.3, 0.8), (0.25, 0.6, 0.6)]
+    assert pareto_front(points) == [(0.0, 0.3, 0.8), (0.25, 0.6, 0.6), (1.0, 0.9, 0.2)]
+
+
+def test_base_and_specialist_are_the_lowest_and_highest_alpha_whatever_order_rows_were_written(tmp_path):
+    """A sweep resumed from its top, or stores joined with `cat`, hold the highest α first."""
+    store = write_store(tmp_path / "r.jsonl")
+    store.write_text("".join(reversed(store.read_text().splitlines(keepends=True))))
+    summary = summarise(load_runs(store)[0], "domain:pathology")
+    assert summary.base["domain:pathology"] == pytest.approx(0.50)
+    assert summary.finetuned["domain:pathology"] == pytest.approx(0.90)
+
+
+@pytest.mark.parametrize("side", ["base_reference", "finetuned_reference"])
+def test_an_evaluation_of_one_side_alone_leaves_both_references_at_the_alpha_ends(tmp_path, side):
+    """Base and specialist are the real models' evaluations only when both are in the store: one
+    alone would set one end against the other's α end, so both stay the sweep's ends."""
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    evaluation = run.table[run.table["alpha"] == 0.5].assign(value=0.0)
+    summary = summarise(dataclasses.replace(run, **{side: evaluation}), "domain:pathology")
+    assert summary.references == "alpha endpoints"
+    assert (summary.base["domain:pathology"], summary.finetuned["domain:pathology"]) == pytest.approx(
+        (0.5, 0.9)
+    )
 
 
 def test_figures_have_axes_labels_and_series(tmp_path):
