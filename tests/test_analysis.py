@@ -212,6 +212,34 @@ def test_base_and_specialist_are_the_lowest_and_highest_alpha_whatever_order_row
     assert summary.finetuned["domain:pathology"] == pytest.approx(0.90)
 
 
+def _without_select_rows(store: Path, task: str, alphas: tuple[float, ...]) -> Path:
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    kept = [r for r in rows if not (r["task"] == task and r["split"] == "select" and r["alpha"] in alphas)]
+    store.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return store
+
+
+def test_a_select_half_without_an_image_of_the_target_is_named_not_a_wrong_alpha(tmp_path):
+    """Too few images for the select half to hold one of the target's (a small --tasks subset):
+    the target-versus-control criterion cannot be computed at any α, and says so in one line."""
+    store = _without_select_rows(write_store(tmp_path / "r.jsonl"), "path-a", (0.0, 0.5, 1.0))
+    with pytest.raises(
+        MicromergeError,
+        match=r"the select half has no image for harmonic_target_control \(target domain:pathology\), so alpha",
+    ):
+        summarise(load_runs(store)[0], "domain:pathology")
+
+
+def test_a_criterion_missing_at_one_alpha_is_chosen_among_the_others(tmp_path):
+    """A sweep missing the target's select rows at α 0.5 (where the harmonic criterion would
+    choose) still chooses, among the α that have them."""
+    store = _without_select_rows(write_store(tmp_path / "r.jsonl"), "path-a", (0.5,))
+    assert summarise(load_runs(store)[0], "domain:pathology").best_alpha["harmonic_target_control"] in (
+        0.0,
+        1.0,
+    )
+
+
 @pytest.mark.parametrize("side", ["base_reference", "finetuned_reference"])
 def test_an_evaluation_of_one_side_alone_leaves_both_references_at_the_alpha_ends(tmp_path, side):
     """Base and specialist are the real models' evaluations only when both are in the store: one
