@@ -196,6 +196,8 @@ def test_runs_of_one_pair_show_only_the_evaluations_of_that_pairs_models(tmp_pat
     assert "2 evaluated model(s) that no selected run merges are left out" in markdown
     named, _ = shown("named", "clip+plip / *", "eval-quilt")
     assert named == ["clip [ubench]", "plip [ubench]", "quilt [ubench]"]
+    both, markdown = shown("both", "clip+plip / *", "clip16+quilt / *")
+    assert both == every and "left out" not in markdown
 
 
 def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from micromerge.analysis.report import build_report, paper_headline_table
+from micromerge.analysis.report import build_report, paper_headline_table, select_runs
 from micromerge.analysis.tables import load_runs
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.store import ResultStore
@@ -237,6 +237,18 @@ def test_the_paper_headline_is_the_whole_benchmark_coarse_and_fine_with_their_in
         {"run": "wise-ft [ubench]: base + ft", "protocol": "ubench", "alpha": 1.0, "coarse %": 60.0,
          "coarse 95% CI": "[57.0, 64.0]", "fine %": 55.0, "fine 95% CI": "[52.0, 59.0]"},
     ]  # fmt: skip
+
+
+def test_runs_matching_nothing_lists_five_labels_and_counts_only_those_beyond(tmp_path):
+    store = tmp_path / "r.jsonl"
+    for n in range(6):
+        write_store(store, run_id=f"r{n}", label=f"run {n}")
+        runs = load_runs(store)
+        with pytest.raises(MicromergeError) as refused:
+            select_runs(runs, ("nothing*",), store)
+        listed = str(refused.value).split("its labels: ")[1]
+        assert listed.startswith("; ".join(f"run {i}" for i in range(min(n + 1, 5))))
+        assert listed.endswith(" (and 1 more)") if n == 5 else "more" not in listed, listed
 
 
 def test_every_markdown_table_row_has_as_many_cells_as_its_header(tmp_path):
