@@ -237,6 +237,11 @@ def test_beyond_the_run_limit_runs_figures_are_drawn_on_request_and_linked(tmp_p
     linked = re.findall(r"<a href='(figures/[^']+_run\d+\.png)'>", page)
     assert sorted(linked) == sorted(f for f in files if "_run" in f)
     assert "not drawn" not in page
+    # at the limit itself they are drawn; runs with curves get no "single alpha" note
+    monkeypatch.setattr(report, "RUN_FIGURE_RUNS", 6)
+    page, _, files = _report(store, tmp_path / "at-limit")
+    assert len([f for f in files if "_run" in f]) == 12 and "not drawn" not in page
+    assert "single alpha" not in page
     # under the limit, a user can still leave them out
     monkeypatch.setattr(report, "RUN_FIGURE_RUNS", 12)
     page, _, files = _report(store, tmp_path / "without", run_figures=False)
