@@ -515,6 +515,48 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base, micro_batc
 
 
 @pytest.mark.slow
+def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path, base):
+    """The whole launch killed mid-run (every process at once, as a lost node or a scheduler's
+    preemption kills it) and launched again with --resume: both processes load the last saved
+    state, accumulated micro-batches included, and end bit-identical to an uninterrupted launch."""
+    data = write_csv_folder(tmp_path / "pairs", n=48)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+    def launch(out: Path) -> list[str]:
+        args = _contrastive_args(base, data, out, steps=16, batch_size=3)
+        return two_process_launch(*args, "--save-every", "2", "--lr", "1e-3", "--accum-steps", "2")
+
+    straight = subprocess.run(
+        launch(tmp_path / "straight"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert straight.returncode == 0, launch_failure(straight)
+    killed = subprocess.Popen(
+        launch(tmp_path / "killed"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    latest = tmp_path / "killed" / "state" / "LATEST"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000006"):
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the kill must land mid-run"
+    resumed = subprocess.run(
+        [*launch(tmp_path / "killed"), "--resume"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert resumed.returncode == 0, launch_failure(resumed)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 17))
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_of_supervised_accumulation_train_like_one_batch(tmp_path, base):
     """Supervised fine-tuning across processes: two processes of two accumulated micro-batches of 3
     take the epoch's permutation 12 rows a step, as one process of 12 does, and end with its
