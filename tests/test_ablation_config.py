@@ -486,3 +486,55 @@ def test_ablate_under_a_launch_tells_the_grid_which_process_it_is(tmp_path, monk
     received["wait"]()
     assert received["wait"].__self__.waits == 1, "the launch's own barrier"
     assert "wrote" not in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_launched_share_the_grid_and_write_the_rows_one_process_writes(tmp_path):
+    """`accelerate launch … ablate` for real (two gloo processes sharing one store): every row of
+    the grid, numbers and intervals, is the one a single process writes, each once, and one report."""
+    import json
+    import os
+    import subprocess
+
+    from tests.helpers import launch_failure, two_process_launch, write_checkpoint
+    from tests.ubench_fixture import write_fixture
+
+    bench = write_fixture(tmp_path / "bench", per_class=4)
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    write_checkpoint(tmp_path / "ft.safetensors", 1)
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'[ablation]\ndata = "{bench}"\nprotocol = "ubench"\ntasks = "all"\n'
+            f'store = "{tmp_path / name / "results.jsonl"}"\nreport = "{tmp_path / name / "report"}"\n'
+            'alphas = "0,0.5,1"\nmethods = ["wise-ft", "ties"]\nbootstrap = 10\ntarget = "domain:pathology"\n'
+            f'[[ablation.pairs]]\nname = "pair"\nbase = "{tmp_path / "base.safetensors"}"\n'
+            f'finetuned = ["{tmp_path / "ft.safetensors"}"]\n'
+            '[ablation.rule_sets.all]\n[ablation.rule_sets.vision-only]\ninclude = ["visual.*"]\n'
+        )
+        return path
+
+    launched = subprocess.run(
+        two_process_launch(
+            "ablate", str(config("two")), "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "c2")
+        ),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
+    assert launched.returncode == 0, launch_failure(launched)
+    run_ablation(load_ablation(config("one")), tmp_path / "c1", torch.device("cpu"), progress=False)
+
+    def rows(name: str) -> list[tuple]:
+        lines = (tmp_path / name / "results.jsonl").read_text().splitlines()
+        return sorted(
+            (str(r.get("label")), str(r.get("model")), -1.0 if r["alpha"] is None else r["alpha"], r["task"],
+             r["split"], r["metric"], str(r.get("caption_key")), r["value"], r.get("ci_low"), r.get("ci_high"))
+            for r in map(json.loads, lines)
+        )  # fmt: skip
+
+    two, one = rows("two"), rows("one")
+    assert two == one and len(set(two)) == len(two) > 0
+    assert (tmp_path / "two" / "report" / "report.html").is_file()
