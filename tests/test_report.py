@@ -6,6 +6,7 @@ in full: no controls, no domain in the manifest, alpha rules, missing learned co
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
@@ -249,6 +250,24 @@ def test_runs_matching_nothing_lists_five_labels_and_counts_only_those_beyond(tm
         listed = str(refused.value).split("its labels: ")[1]
         assert listed.startswith("; ".join(f"run {i}" for i in range(min(n + 1, 5))))
         assert listed.endswith(" (and 1 more)") if n == 5 else "more" not in listed, listed
+
+
+def test_each_tables_csv_holds_the_columns_of_its_json_and_sets_are_explained_only_with_sets(tmp_path):
+    """tables/NAME.csv and NAME.json are one table (no index column in the CSV); a report of one run
+    has no comparison sets, so it does not explain them."""
+    from micromerge.analysis.report import SETS_TEXT
+
+    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology")
+    names = sorted(p.stem for p in (tmp_path / "rep" / "tables").glob("*.json"))
+    assert "headline" in names and names == sorted(
+        p.stem for p in (tmp_path / "rep" / "tables").glob("*.csv")
+    )
+    for name in filter(lambda name: _table(tmp_path / "rep", name), names):  # tables with rows
+        records = _table(tmp_path / "rep", name)
+        with open(tmp_path / "rep" / "tables" / f"{name}.csv", newline="") as handle:
+            header = next(csv.reader(handle))
+        assert sorted(header) == sorted(records[0]), name  # the JSON's keys are written sorted
+    assert SETS_TEXT not in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_every_markdown_table_row_has_as_many_cells_as_its_header(tmp_path):
