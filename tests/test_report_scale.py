@@ -59,6 +59,17 @@ def _sets(path: Path):
     return comparison_sets(runs, [summarise(r, TARGET) for r in runs])
 
 
+def test_a_specialist_is_one_set_by_its_sha256_wherever_its_file_lay_and_by_path_without_one(tmp_path):
+    """A checkpoint copied or moved between two sweeps is the same model when its sha256 is recorded;
+    rows that record no sha256 (written by hand, or by an older version) are told apart by path."""
+    for name, digests in (("sha", {"base_sha256": ["aa"], "finetuned_sha256": ["bb"]}), ("paths", {})):
+        store = tmp_path / f"{name}.jsonl"
+        for n, path in enumerate(("runs/ft/model.safetensors", "copy/model.safetensors")):
+            model = {"base": "b.safetensors", "finetuned": [path], **digests}
+            write_store(store, run_id=f"r{n}", label=f"p / m{n}", fields={"model": model})
+        assert len(_sets(store)) == (1 if digests else 2), name
+
+
 def test_runs_of_the_same_models_rules_data_protocol_and_target_form_one_set(tmp_path):
     sets = _sets(grid_store(tmp_path / "r.jsonl", rules=("all", "vision")))
     assert [s.title for s in sets] == ["p0 / … / all", "p0 / … / vision", "p1 / … / all", "p1 / … / vision"]
