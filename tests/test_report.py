@@ -231,7 +231,8 @@ def test_the_paper_headline_is_the_whole_benchmark_coarse_and_fine_with_their_in
     store = _add_paper_headline(
         _rewrite(write_store(tmp_path / "r.jsonl", alphas=(0.0, 1.0)), protocol="ubench")
     )
-    build_report(store, tmp_path / "rep", target="domain:pathology")
+    page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
+    assert "<td>[67.0, 74.0]</td>" in page and not re.search(r"<tr>\s*<th>\d+</th>", page)
     assert _table(tmp_path / "rep", "paper_headline") == [
         {"run": "wise-ft [ubench]: base + ft", "protocol": "ubench", "alpha": 0.0, "coarse %": 70.0,
          "coarse 95% CI": "[67.0, 74.0]", "fine %": 40.0, "fine 95% CI": "[37.0, 44.0]"},
@@ -255,9 +256,13 @@ def test_runs_matching_nothing_lists_five_labels_and_counts_only_those_beyond(tm
 def test_each_tables_csv_holds_the_columns_of_its_json_and_sets_are_explained_only_with_sets(tmp_path):
     """tables/NAME.csv and NAME.json are one table (no index column in the CSV); a report of one run
     has no comparison sets, so it does not explain them."""
-    from micromerge.analysis.report import SETS_TEXT
+    from micromerge.analysis.report import NO_HEADLINE, SETS_TEXT
 
-    build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology")
+    page = build_report(
+        write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology"
+    ).read_text()
+    assert "<table" in page and not re.search(r"<tr>\s*<th>\d+</th>", page), "no index column in the page"
+    assert f"<p>({NO_HEADLINE})</p>" in page, "no paper headline rows: said, not an empty table"
     names = sorted(p.stem for p in (tmp_path / "rep" / "tables").glob("*.json"))
     assert "headline" in names and names == sorted(
         p.stem for p in (tmp_path / "rep" / "tables").glob("*.csv")
