@@ -187,6 +187,10 @@ def test_a_folder_given_as_the_store_names_the_stores_in_it(tmp_path):
     write_store(tmp_path / "results" / "results.jsonl")
     with pytest.raises(MicromergeError, match=r"results: is a folder; pass .* in it: results.jsonl$"):
         build_report(tmp_path / "results", tmp_path / "rep")
+    for name in ("d", "b", "c", "a"):  # several: the first three by name, whatever the folder's order
+        (tmp_path / "results" / f"{name}.jsonl").write_text("")
+    with pytest.raises(MicromergeError, match=r"in it: a.jsonl, b.jsonl, c.jsonl$"):
+        build_report(tmp_path / "results", tmp_path / "rep")
 
 
 def test_a_ubench_run_without_headline_rows_is_not_called_no_ubench_run(tmp_path):
