@@ -221,6 +221,10 @@ def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):
     assert math.isnan(column["domain:biology"]), "the specialist was not evaluated there: empty, not a number"
     assert "Against base [ubench], group by group" in markdown
     assert "specialist [closed-set] scored otherwise than base [ubench]" in markdown
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("<table") == 3 and not re.search(r"<tr>\s*<th>\d+</th>", page), (
+        "models tables, no index"
+    )
     for pattern, message in (
         ("clip", "matches no evaluated model"),
         ("*ubench*", "matches 2 evaluated models"),
