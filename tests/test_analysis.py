@@ -98,6 +98,9 @@ def test_metrics_equal_hand_computed_values(tmp_path):
     )
     assert [p[0] for p in summary.pareto] == [0.0, 0.5, 1.0]
     changes = task_changes(run)
+    assert list(changes.columns) == [
+        "task", "level", "domain", "alpha", "value", "ci_low", "ci_high", "vs_base", "vs_finetuned", "normalised"
+    ]  # fmt: skip
     row = changes[(changes["task"] == "path-a") & (changes["alpha"] == 0.5)].iloc[0]
     assert (
         row["vs_base"] == pytest.approx(0.30)
