@@ -109,6 +109,18 @@ def test_metrics_equal_hand_computed_values(tmp_path):
     )
 
 
+def test_task_changes_are_against_the_evaluated_models_when_the_store_has_them(tmp_path):
+    """With `eval` rows of the base and the specialist (as an ablation with α rules writes them), each
+    task's change is against those models' whole-benchmark accuracy, not the sweep's α ends."""
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    evaluation = run.table[run.table["alpha"] == 0.5].assign(alpha=float("nan"))  # path-a 0.8 everywhere
+    changes = task_changes(
+        dataclasses.replace(run, base_reference=evaluation, finetuned_reference=evaluation)
+    )
+    row = changes[(changes["task"] == "path-a") & (changes["alpha"] == 1.0)].iloc[0]
+    assert (row["vs_base"], row["vs_finetuned"], row["normalised"]) == pytest.approx((0.1, 0.1, 0.9 / 0.8))
+
+
 def test_the_harmonic_criterion_prefers_balance_where_the_arithmetic_mean_would_not(tmp_path):
     """alpha 0 and 1 each sacrifice one side (target 0.2 / control 0.9, then 0.95 / 0.2); alpha 0.5
     holds both at 0.5. Their arithmetic means (0.55, 0.5, 0.575) favour alpha 1; their harmonic
