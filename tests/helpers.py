@@ -58,6 +58,19 @@ def two_process_launch(*cli_args: str) -> list[str]:
     ]
 
 
+def run_two_processes(*cli_args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`two_process_launch(*cli_args)` run to its end on the CPU (no process sees a GPU), its output
+    kept for `launch_failure`."""
+    return subprocess.run(
+        two_process_launch(*cli_args),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
+
+
 def launch_failure(result: subprocess.CompletedProcess) -> str:
     """What a failed `accelerate launch` said: its own traceback (the last 2,000 characters) hides
     why a rank died (a rank's SIGABRT in a CI run said nothing more), so the ranks' output before

@@ -493,10 +493,8 @@ def test_two_processes_launched_share_the_grid_and_write_the_rows_one_process_wr
     """`accelerate launch … ablate` for real (two gloo processes sharing one store): every row of
     the grid, numbers and intervals, is the one a single process writes, each once, and one report."""
     import json
-    import os
-    import subprocess
 
-    from tests.helpers import launch_failure, two_process_launch, write_checkpoint
+    from tests.helpers import launch_failure, run_two_processes, write_checkpoint
     from tests.ubench_fixture import write_fixture
 
     bench = write_fixture(tmp_path / "bench", per_class=4)
@@ -515,14 +513,8 @@ def test_two_processes_launched_share_the_grid_and_write_the_rows_one_process_wr
         )
         return path
 
-    launched = subprocess.run(
-        two_process_launch(
-            "ablate", str(config("two")), "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "c2")
-        ),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        timeout=300,
+    launched = run_two_processes(
+        "ablate", str(config("two")), "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "c2")
     )
     assert launched.returncode == 0, launch_failure(launched)
     run_ablation(load_ablation(config("one")), tmp_path / "c1", torch.device("cpu"), progress=False)

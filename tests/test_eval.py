@@ -31,7 +31,7 @@ from micromerge.eval.store import ResultStore
 from micromerge.eval.tasks import discover_tasks
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
-from tests.helpers import launch_failure, two_process_launch, write_checkpoint
+from tests.helpers import launch_failure, run_two_processes, write_checkpoint
 from tests.ubench_fixture import fixture_dataset, write_fixture
 
 
@@ -1444,15 +1444,7 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_rows(tmp_path, bench,
 
 @pytest.mark.slow
 def test_two_processes_split_a_sweep_through_accelerate_launch(tmp_path, bench, models):
-    command = two_process_launch(*_sweep_args(tmp_path, bench, models, alphas="0:1:0.25"))
-    result = subprocess.run(
-        command,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        timeout=300,
-    )
+    result = run_two_processes(*_sweep_args(tmp_path, bench, models, alphas="0:1:0.25"), cwd=tmp_path)
     assert result.returncode == 0, launch_failure(result)
     rows = ResultStore(tmp_path / "s.jsonl").rows()
     keys = [_identity(r) for r in rows]

@@ -24,7 +24,7 @@ from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.trainer import epoch_order, run_finetune
-from tests.helpers import launch_failure, two_process_launch, write_checkpoint
+from tests.helpers import launch_failure, run_two_processes, two_process_launch, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
 
@@ -489,16 +489,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, base, micro_batc
     args = _contrastive_args(base, data, tmp_path / "ddp", steps=4, batch_size=micro_batch)
     at = args.index("--max-steps")
     args[at : at + 2] = ["--epochs", "1", "--accum-steps", str(accum)]
-    command = two_process_launch(
-        *args,
-        "--save-every",
-        "0",
-        "--lr",
-        "1e-3",
-    )
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
-    )
+    result = run_two_processes(*args, "--save-every", "0", "--lr", "1e-3")
     assert result.returncode == 0, launch_failure(result)
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["processes"] == 2
@@ -520,21 +511,18 @@ def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path, ba
     preemption kills it) and launched again with --resume: both processes load the last saved
     state, accumulated micro-batches included, and end bit-identical to an uninterrupted launch."""
     data = write_csv_folder(tmp_path / "pairs", n=48)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
-    def launch(out: Path) -> list[str]:
+    def arguments(out: Path) -> list[str]:
         args = _contrastive_args(base, data, out, steps=16, batch_size=3)
-        return two_process_launch(*args, "--save-every", "2", "--lr", "1e-3", "--accum-steps", "2")
+        return [*args, "--save-every", "2", "--lr", "1e-3", "--accum-steps", "2"]
 
-    straight = subprocess.run(
-        launch(tmp_path / "straight"), capture_output=True, text=True, env=env, timeout=300
-    )
+    straight = run_two_processes(*arguments(tmp_path / "straight"))
     assert straight.returncode == 0, launch_failure(straight)
     killed = subprocess.Popen(
-        launch(tmp_path / "killed"),
+        two_process_launch(*arguments(tmp_path / "killed")),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         start_new_session=True,
     )
     latest = tmp_path / "killed" / "state" / "LATEST"
@@ -544,9 +532,7 @@ def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path, ba
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "model.safetensors").exists(), "the kill must land mid-run"
-    resumed = subprocess.run(
-        [*launch(tmp_path / "killed"), "--resume"], capture_output=True, text=True, env=env, timeout=300
-    )
+    resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, launch_failure(resumed)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
@@ -565,13 +551,7 @@ def test_two_cpu_processes_of_supervised_accumulation_train_like_one_batch(tmp_p
     args = ["finetune", "supervised", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "ddp"),
             "--task", "kather_et_al_2016", "--max-steps", "3", "--batch-size", "3", "--accum-steps", "2",
             "--lr", "1e-4", "--save-every", "0", "--device", "cpu", "--quiet"]  # fmt: skip
-    result = subprocess.run(
-        two_process_launch(*args),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        timeout=300,
-    )
+    result = run_two_processes(*args)
     assert result.returncode == 0, launch_failure(result)
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and len(set(manifest["rank_weight_sha256"])) == 1

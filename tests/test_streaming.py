@@ -509,17 +509,12 @@ def test_a_streamed_sample_without_a_caption_stops_the_run_in_one_line(tmp_path,
 @pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base, accum):
-    import os
-
-    from tests.helpers import launch_failure, two_process_launch
+    from tests.helpers import launch_failure, run_two_processes
     from tests.test_finetune import _contrastive_args
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 32, per_shard=8))
     args = _contrastive_args(base, spec, tmp_path / "ddp", steps=3, batch_size=4)
-    command = two_process_launch(*args, "--save-every", "0", "--workers", "1", "--accum-steps", str(accum))
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
-    )
+    result = run_two_processes(*args, "--save-every", "0", "--workers", "1", "--accum-steps", str(accum))
     assert result.returncode == 0, launch_failure(result)
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and len(set(manifest["rank_weight_sha256"])) == 1
