@@ -71,6 +71,39 @@ def run_two_processes(*cli_args: str, cwd: Path | None = None) -> subprocess.Com
     )
 
 
+def kill_launch_at_step(cli_args: list[str], out: Path, step: int) -> None:
+    """Launch `two_process_launch(*cli_args)` and kill the whole launch (every process at once, as a
+    lost node or a scheduler's preemption does) once it has saved the state of `step` under `out`:
+    the run a `--resume` must finish. The launcher and every process under it are killed by pid:
+    torch's elastic agent starts each rank in a session of its own, so killing the launcher's
+    process group left the ranks running to the end, and the `--resume` that followed found a
+    finished run (it passed whether or not resuming worked)."""
+    import signal
+    import time
+
+    import psutil
+
+    launch = subprocess.Popen(
+        two_process_launch(*cli_args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    latest, deadline = out / "state" / "LATEST", time.time() + 120
+    while time.time() < deadline and not (
+        latest.is_file() and latest.read_text().strip() >= f"step-{step:08d}"
+    ):
+        time.sleep(0.02)
+    launcher = psutil.Process(launch.pid)
+    everyone = [launcher, *launcher.children(recursive=True)]
+    for process in everyone:
+        process.send_signal(signal.SIGKILL)
+    launch.wait()
+    psutil.wait_procs(everyone, timeout=30)
+    assert not (out / "model.safetensors").exists(), "the kill must land mid-run"
+    assert (out / "state" / "LATEST").is_file(), "the killed launch must leave a state to resume from"
+
+
 def launch_failure(result: subprocess.CompletedProcess) -> str:
     """What a failed `accelerate launch` said: its own traceback (the last 2,000 characters) hides
     why a rank died (a rank's SIGABRT in a CI run said nothing more), so the ranks' output before

@@ -4,7 +4,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.trainer import epoch_order, run_finetune
-from tests.helpers import launch_failure, run_two_processes, two_process_launch, write_checkpoint
+from tests.helpers import kill_launch_at_step, launch_failure, run_two_processes, write_checkpoint
 from tests.ubench_fixture import write_fixture
 
 
@@ -518,20 +517,7 @@ def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path, ba
 
     straight = run_two_processes(*arguments(tmp_path / "straight"))
     assert straight.returncode == 0, launch_failure(straight)
-    killed = subprocess.Popen(
-        two_process_launch(*arguments(tmp_path / "killed")),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        start_new_session=True,
-    )
-    latest = tmp_path / "killed" / "state" / "LATEST"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000006"):
-        time.sleep(0.02)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the kill must land mid-run"
+    kill_launch_at_step(arguments(tmp_path / "killed"), tmp_path / "killed", 6)
     resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, launch_failure(resumed)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))

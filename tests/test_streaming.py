@@ -521,6 +521,37 @@ def test_two_processes_stream_their_own_shards_and_end_identical(tmp_path, base,
     assert manifest["images_seen"] == 3 * accum * 4 * 2  # steps x micro-batches x batch x processes
 
 
+@pytest.mark.slow
+def test_two_processes_streaming_killed_and_resumed_end_with_the_same_weights(tmp_path, base):
+    """Each process streams its own shards (every second one) with its own augmentation draws. The
+    launch killed once it has saved step 6 of 14 and launched again with --resume skips, on each
+    process, the batches that process trained on (its own count, not the launch's): a process's 32
+    samples make 5 steps of 2 x 3, so the skip crosses a whole pass and lands inside the second.
+    It ends bit-identical to an uninterrupted launch, with the same logged losses."""
+    from tests.helpers import kill_launch_at_step, launch_failure, run_two_processes
+    from tests.test_finetune import _contrastive_args
+
+    spec = _pipe_spec(write_shards(tmp_path / "wds", 64, per_shard=8))
+
+    def arguments(out: Path) -> list[str]:
+        args = _contrastive_args(base, spec, out, steps=14, batch_size=3)
+        return [*args, "--save-every", "2", "--lr", "1e-3", "--accum-steps", "2", "--workers", "1",
+                "--augment", "crop", "--augment", "flip"]  # fmt: skip
+
+    straight = run_two_processes(*arguments(tmp_path / "straight"))
+    assert straight.returncode == 0, launch_failure(straight)
+    kill_launch_at_step(arguments(tmp_path / "killed"), tmp_path / "killed", 6)
+    resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, launch_failure(resumed)
+    assert _same(
+        _weights(tmp_path / "straight" / "model.safetensors"),
+        _weights(tmp_path / "killed" / "model.safetensors"),
+    )
+    logs = [(tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in ("straight", "killed")]
+    assert [json.loads(row)["step"] for row in logs[1]] == list(range(1, 15))
+    assert [json.loads(row)["loss"] for row in logs[1]] == [json.loads(row)["loss"] for row in logs[0]]
+
+
 @pytest.mark.parametrize(
     "field, value, needle",
     [
