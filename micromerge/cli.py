@@ -96,12 +96,22 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            click.echo(f"interrupted: {_how_to_go_on(click.get_current_context())}", err=True)
             sys.exit(130)
         finally:
             _leave_process_group()
 
     return wrapper
+
+
+def _how_to_go_on(ctx: click.Context) -> str:
+    """What an interrupted command kept and how to continue it. A fine-tune keeps its last
+    checkpoint and continues only with --resume (run again as it was, it refuses the folder it
+    left), so saying "run the same command again" cost a fine-tuner a second try."""
+    if "resume" not in ctx.params:
+        return "finished work is kept; run the same command again to resume"
+    again = "again" if ctx.params["resume"] else "with --resume"
+    return f"the last checkpoint (saved every --save-every steps) is kept; run the same command {again} to continue from it"
 
 
 def _leave_process_group() -> None:

@@ -437,3 +437,47 @@ def test_mu_bench_given_as_a_caption_corpus_is_named_as_the_benchmark(tmp_path, 
     with pytest.raises(MicromergeError, match="looks-saved: a save_to_disk folder that does not load"):
         load_pairs(str(looks_saved))
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_says_to_resume_with_the_flag_a_fine_tune_needs_and_that_command_finishes(
+    tmp_path, base, monkeypatch
+):
+    """Ctrl-C after the step-2 checkpoint: exit 130 and one line that names --resume (run again as
+    it was, a fine-tune refuses the folder it left); a run given --resume, stopped again after
+    step 4, is told to run it again; the command named then ends with the weights of a run never
+    interrupted."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from micromerge.cli import cli
+    from micromerge.finetune import trainer
+    from tests.test_finetune import _contrastive_args
+
+    data = write_csv_folder(tmp_path / "pairs")
+    args = [*_contrastive_args(base, data, tmp_path / "run", steps=6), "--save-every", "2"]
+    assert (
+        CliRunner().invoke(cli, _contrastive_args(base, data, tmp_path / "straight", steps=6)).exit_code == 0
+    )
+    real = trainer._save_state
+
+    def interrupted_after_saving(*arguments):
+        real(*arguments)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", interrupted_after_saving)
+    for flags, again in (([], "with --resume"), (["--resume"], "again")):
+        result = CliRunner().invoke(cli, [*args, *flags])
+        assert result.exit_code == 130, result.output
+        assert result.stderr.splitlines()[-1] == (
+            "interrupted: the last checkpoint (saved every --save-every steps) is kept; "
+            f"run the same command {again} to continue from it"
+        )
+    assert (tmp_path / "run" / "state" / "LATEST").read_text() == "step-00000004"
+    monkeypatch.setattr(trainer, "_save_state", real)
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "pass --resume" in refused.stderr
+    assert CliRunner().invoke(cli, [*args, "--resume"]).exit_code == 0
+    straight, resumed = (
+        load_file(str(tmp_path / name / "model.safetensors")) for name in ("straight", "run")
+    )
+    assert all(straight[key].equal(resumed[key]) for key in straight)
