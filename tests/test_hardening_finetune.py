@@ -339,6 +339,10 @@ def test_a_device_the_run_would_not_use_is_refused(tmp_path, base):
         lambda schedule: {**schedule, "last_epoch": True},  # JSON's true is an int to Python
         lambda schedule: {k: 0 if isinstance(v, bool) else v for k, v in schedule.items()},
         lambda schedule: "warmup",
+        lambda schedule: {**schedule, "base_lrs": schedule["base_lrs"][0]},  # a number for the list
+        lambda schedule: {**schedule, "base_lrs": [[lr] for lr in schedule["base_lrs"]]},  # lists for numbers
+        lambda schedule: {**schedule, "base_lrs": [schedule["base_lrs"][0], "1e-3"]},  # one group's lr text
+        lambda schedule: {**schedule, "lr_lambdas": [0.5] * len(schedule["lr_lambdas"])},  # numbers for None
     ],
 )
 def test_a_schedule_that_is_not_this_runs_is_one_line(tmp_path, base, monkeypatch, edit):
