@@ -121,6 +121,25 @@ def test_fisher_with_two_specialists_weighs_base_one_minus_alpha_and_each_alpha_
     torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
 
 
+def test_tensors_the_statistics_leave_out_are_the_models_weighted_mean():
+    """FusionBench merges what a model's statistics do not cover (a buffer a Fisher lacks; for
+    RegMean anything but a linear layer's weight) as the models' weighted mean: (1 - alpha) for the
+    base, alpha / T each specialist. Here a 1-D tensor one Fisher of three lacks, and RegMean's
+    1-D tensor and a 2-D one without a Gram."""
+    torch.manual_seed(5)
+    models = [{"w": torch.randn(3, 4), "v": torch.randn(4), "u": torch.randn(2, 3)} for _ in range(3)]
+    fishers = tuple({"w": torch.rand(3, 4) + 0.1, "v": torch.rand(4) + 0.1} for _ in range(3))
+    fishers[2].pop("v")
+    grams = tuple({"w": torch.eye(4) + 0.1, "v": torch.eye(4)} for _ in range(3))
+    for method, statistics, left_out in (("fisher", fishers, ("v",)), ("regmean", grams, ("v", "u"))):
+        merged = merge_state_dicts(
+            method, models[0], models[1:], MethodParams(), strength=0.6, statistics=statistics
+        )
+        for key in left_out:
+            expected = 0.4 * models[0][key] + 0.3 * models[1][key] + 0.3 * models[2][key]
+            torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=0, msg=f"{method} {key}")
+
+
 def test_regmean_with_two_specialists_follows_the_closed_form_at_any_offdiag_scale():
     """Model weights l = (1 - alpha, alpha / 2, alpha / 2). With r = 0 only the Grams' diagonals
     remain, so each input column j is the mean of the models' columns weighted by l_i G_i[j, j];

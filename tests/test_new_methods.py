@@ -168,6 +168,10 @@ def test_della_probabilities_rise_with_rank_per_row():
     ranks = torch.tensor([[0, 3, 2, 1], [3, 0, 1, 2]], dtype=torch.float32)
     torch.testing.assert_close(probabilities, 0.3 + 0.4 * ranks / 3, atol=1e-6, rtol=0)
     torch.testing.assert_close(keep_probabilities(torch.tensor([5.0]), 0.5, 0.2), torch.tensor([0.5]))
+    # two entries already span the range: only a single entry has no rank to spread
+    torch.testing.assert_close(
+        keep_probabilities(torch.tensor([0.3, -2.0]), 0.5, 0.2), torch.tensor([0.3, 0.7])
+    )
 
 
 def test_della_samples_by_rank_and_keeps_the_l1_norm():
