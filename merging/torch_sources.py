@@ -36,13 +36,12 @@ class DictSource(TensorSource):
         label: str,
         files: Sequence[Path] = (),
         arch: ArchInfo | None = None,
-        metadata: dict[str, str] | None = None,
     ):
         self._tensors = tensors
         self.label = label
         self.files = [Path(f) for f in files]
         self.arch = arch or ArchInfo()
-        self.metadata = metadata or {}
+        self.metadata: dict[str, str] = {}  # safetensors' header metadata: these formats have none
 
     def keys(self) -> list[str]:
         return list(self._tensors)
