@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,9 @@ def test_the_same_results_give_a_report_with_the_same_bytes(tmp_path):
 def test_bad_input_missing_rows_unknown_group_single_alpha(tmp_path):
     with pytest.warns(UserWarning, match="alpha=0.5 has 2 of 3 tasks"):
         load_runs(write_store(tmp_path / "missing.jsonl", drop=("bio-a", 0.5)))
+    with warnings.catch_warnings():  # every task at every alpha: nothing to warn of
+        warnings.simplefilter("error")
+        load_runs(write_store(tmp_path / "whole.jsonl"))
     with pytest.raises(MicromergeError, match=r"domain:virology.*valid groups.*domain:pathology"):
         build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:virology")
     with pytest.warns(UserWarning, match="single alpha"):

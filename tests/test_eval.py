@@ -899,6 +899,26 @@ def test_pooled_questions_about_one_image_are_resampled_together():
     )
 
 
+def test_two_images_resample_and_an_image_of_many_questions_keeps_its_counts():
+    """Two images are enough to resample: one right and one wrong resample to 0, 1/2 or 1, so the
+    interval is [0, 1], not the point. An image asked more than 255 questions of one kind (a generic
+    corpus's, not μ-Bench's) keeps its counts: its pattern is found without packing them into bytes,
+    so 300 right answers and 44 are two patterns, not one (300 mod 256 = 44)."""
+    from micromerge.eval.metrics import _image_patterns, correctness_metrics
+
+    two = correctness_metrics(
+        np.array([0, 1]), np.array([1, 0]), 2, bootstrap=200, seed=0, images=np.arange(2)
+    )
+    assert (two["accuracy"]["ci_low"], two["accuracy"]["ci_high"]) == (0.0, 1.0)
+    image_of, cells = np.repeat([0, 1, 2], [300, 44, 3]), np.repeat([1, 1, 0], [300, 44, 3])
+    patterns, counts = _image_patterns(image_of, cells, 3, 2)
+    assert sorted(map(tuple, patterns.tolist())) == [(0, 44), (0, 300), (3, 0)] and counts.tolist() == [
+        1,
+        1,
+        1,
+    ]
+
+
 def test_option_scoring_never_picks_a_padding_slot():
     """Rows have different numbers of options; the padded slots (-1) must not win even when the
     text the padding would gather (id 0) is the most similar to the image."""
