@@ -434,7 +434,6 @@ def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_togethe
     """Every sweep was dealt from process 0 and every soup was process 0's: with 11 alphas on 8
     GPUs process 0 ran twice the alphas of process 7 in every sweep, and the others waited at the
     grid's end, long enough on μ-Bench for a barrier's timeout. Work is dealt on across the grid."""
-    work: dict[int, list] = {0: [], 1: []}
     text = MINIMAL.replace(
         'methods = ["wise-ft"]', 'alphas = "0,0.5,1"\nmethods = ["wise-ft", "greedy-soup", "ties"]'
     )
@@ -443,16 +442,22 @@ def test_the_grid_deals_alphas_and_soups_in_turn_so_the_processes_finish_togethe
     monkeypatch.setattr(ablate, "prepare", lambda settings: None)
     monkeypatch.setattr(ablate, "run_eval", lambda *args: EVALUATED)
     monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: None)
-    for rank, done in work.items():
-        monkeypatch.setattr(
-            ablate, "run_sweep", lambda plan, settings, device, wait, ready, done=done: done.append(plan)
-        )
-        monkeypatch.setattr(ablate, "greedy_soup", lambda *args, done=done: done.append("soup"))
-        run_ablation(ablation, tmp_path, torch.device("cpu"), False, rank, 2)
-    # wise-ft's alphas from process 0 (0, 1 to it, 0.5 to 1); the soup (the 4th unit) to process 1,
-    # weighing two units (its base and specialist); ties's alphas from where that left off
-    assert [getattr(p, "first_process", p) for p in work[0]] == [0, 1]
-    assert [getattr(p, "first_process", p) for p in work[1]] == [0, "soup", 1]
+    # wise-ft's alphas from process 0 (on two: 0, 1 to it, 0.5 to 1); the soup is the 4th unit and
+    # weighs two (its base and specialist), so ties's alphas are dealt from the 6th unit on. Two
+    # processes cannot tell a soup of two units from one of none (both even): three can.
+    expected = {
+        2: {0: [0, 1], 1: [0, "soup", 1]},
+        3: {0: [0, "soup", 2], 1: [0, 2], 2: [0, 2]},
+    }
+    for world, dealt in expected.items():
+        work: dict[int, list] = {rank: [] for rank in range(world)}
+        for rank, done in work.items():
+            monkeypatch.setattr(
+                ablate, "run_sweep", lambda plan, settings, device, wait, ready, done=done: done.append(plan)
+            )
+            monkeypatch.setattr(ablate, "greedy_soup", lambda *args, done=done: done.append("soup"))
+            run_ablation(ablation, tmp_path, torch.device("cpu"), False, rank, world)
+        assert {rank: [getattr(p, "first_process", p) for p in done] for rank, done in work.items()} == dealt
 
 
 def test_ablate_under_a_launch_tells_the_grid_which_process_it_is(tmp_path, monkeypatch):
