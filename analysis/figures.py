@@ -69,7 +69,7 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
     figure, ax = plt.subplots(figsize=(8, 5))
     names, shared = label_parts(runs)
     drawn: dict[tuple, dict] = {}  # (group, alphas, values) -> the line drawn for it and its names
-    chosen: dict[float, list[str]] = {}
+    chosen: dict[float, None] = {}  # each alpha chosen, once, in the order the runs chose it
     for r_index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
         style, marker = STYLES[r_index % len(STYLES)], MARKERS[r_index % len(MARKERS)]
         for g_index, group in enumerate([summary.target, *summary.controls, None]):
@@ -99,7 +99,7 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
             )
         best = summary.best_alpha["all_task_mean"]
         ax.axvline(best, color="grey", linestyle=style, linewidth=1)
-        chosen.setdefault(best, [])
+        chosen[best] = None
     for best in chosen:
         ax.text(best, 1.01, f"α={best:g}", transform=ax.get_xaxis_transform(), fontsize=7, ha="center",
                 va="bottom", color="grey")  # fmt: skip
