@@ -60,7 +60,24 @@ def write_hub_repo(folder: Path, n: int, files: int = 4, row_group: int | None =
         }
         part = datasets.Dataset.from_dict(table, features=features)
         part.to_parquet(str(folder / "data" / f"train-{k:05d}-of-{files:05d}.parquet"), batch_size=row_group)
+    _write_card(folder, n)
     return folder
+
+
+def _write_card(folder: Path, n: int) -> None:
+    """The dataset card and .gitattributes `push_to_hub` uploads beside the data (and `hf download`
+    copies): the card's YAML header declares the config's data files (`data/train-*`), the
+    features and the train split's size, which `load_dataset_builder` reads. The layout is the one
+    of cards `push_to_hub` uploaded to public hub datasets ("Upload README.md with huggingface_hub"
+    commits) and of hub-docs' datasetcard.md, both read through the search tool."""
+    size = sum(path.stat().st_size for path in (folder / "data").iterdir())
+    (folder / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: caption\n"
+        f"    dtype: string\n  splits:\n  - name: train\n    num_bytes: {size}\n    num_examples: {n}\n"
+        f"  download_size: {size}\n  dataset_size: {size}\nconfigs:\n- config_name: default\n  data_files:\n"
+        '  - split: train\n    path: data/train-*\n---\n# Dataset Card for "repo"\n'
+    )
+    (folder / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
 
 
 def _sample_number(caption: str) -> torch.Tensor:
@@ -312,6 +329,18 @@ def test_a_folder_with_parquet_files_is_a_hub_copy_unless_another_loader_reads_i
     assert is_hub_layout(str(repo))
     (repo / other).write_text("{}")
     assert not is_hub_layout(str(repo))
+
+
+def test_a_folder_of_images_and_a_readme_is_no_hub_copy_and_says_what_a_corpus_needs(tmp_path, base):
+    """A hub copy is told by its parquet files, not by any file at all: a folder of images with a
+    README (a user pointing --data at the images) is refused in one line that names the layouts."""
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        (tmp_path / "images" / f"i{i}.png").write_bytes(_png(i))
+    (tmp_path / "images" / "README.md").write_text("slides, scanned at 20x\n")
+    assert not is_hub_layout(str(tmp_path / "images"))
+    with pytest.raises(MicromergeError, match=r"folder has no captions\.csv/\.tsv/\.jsonl, no \.tar shards"):
+        run_finetune(config(base, tmp_path / "images", tmp_path / "run", max_steps=1))
 
 
 @pytest.mark.parametrize(
