@@ -19,7 +19,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file
-from micromerge.core.hub_download import hf_download_command, hub_offline
+from micromerge.core.hub_download import hf_download_command, offline_setting
 
 HUB_ID = "jnirschl/uBench"
 HUB_REVISION = "3f2c5b590bc7a208d5b60f3527ce4c76a331aa2b"
@@ -229,17 +229,17 @@ def fetch_from_hub(revision: str) -> Path:
             local_files_only=local_files_only,
         )
 
-    offline = hub_offline()
+    offline = offline_setting()
     try:
         try:
-            root = fetch(local_files_only=offline)
+            root = fetch(local_files_only=offline is not None)
         except Exception:
             if offline:
                 raise
             root = fetch(local_files_only=True)
     except Exception as exc:
         why = (
-            "(HF_HUB_OFFLINE=1)"
+            f"({offline})"
             if offline
             else f"and the hub is unreachable ({type(exc).__name__}; HF_HUB_OFFLINE=1 fails fast)"
         )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hub_download import hf_download_command, hub_offline
+from micromerge.core.hub_download import hf_download_command, offline_setting
 from micromerge.eval.pairs import (
     CAPTION_TABLES,
     CorpusSpec,
@@ -206,9 +206,9 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     try:
         builder = datasets.load_dataset_builder(name, revision=revision or None)
     except Exception as exc:  # the hub's and fsspec's errors have no common base
-        offline = hub_offline(dataset=True)
+        offline = offline_setting(dataset=True)
         how = (
-            "offline (HF_HUB_OFFLINE=1) and not in the cache"
+            f"offline ({offline}) and not in the cache"
             if offline
             else f"could not be opened ({type(exc).__name__})"
         )

@@ -20,7 +20,7 @@ from typing import Literal
 
 from micromerge.core.config_schema import is_finite_number
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hub_download import hf_download_command, hub_offline
+from micromerge.core.hub_download import hf_download_command, offline_setting
 from micromerge.core.suggest import meant
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
@@ -245,8 +245,8 @@ def _open_folder(folder: Path, allow_pickle: bool, arrays: ArrayKind) -> TensorS
 
 
 def _offline_error(what: str, repo: str, exc: Exception, release_url: str = "") -> MicromergeError:
-    offline = hub_offline()
-    why = "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if offline else "the hub is unreachable"
+    offline = offline_setting()
+    why = f"{offline} and it is not in the Hugging Face cache" if offline else "the hub is unreachable"
     release = (
         f", or put OpenAI's {release_url.rsplit('/', 1)[-1]} in {CLIP_CACHE}"
         if release_digest(release_url)

@@ -298,9 +298,34 @@ def test_an_uncached_hub_id_offline_is_one_line_naming_the_local_copy(tmp_path, 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(
-        MicromergeError, match=r"offline \(HF_HUB_OFFLINE=1\) and not in the cache; pass a local copy"
+        MicromergeError, match=r"offline \(HF_DATASETS_OFFLINE=1\) and not in the cache; pass a local copy"
     ):
         run_finetune(config(base, "someone/quilt-like", tmp_path / "run", max_steps=2))
+
+
+def test_a_hub_ids_revision_reaches_datasets_and_the_offline_line_names_datasets_own_setting(
+    tmp_path, base, monkeypatch
+):
+    """`owner/name@rev` opens that revision, and its copy command asks for it; offline by
+    HF_DATASETS_OFFLINE alone (datasets obeys it whatever HF_HUB_OFFLINE says), the line names it."""
+    import datasets
+
+    opened = []
+
+    def unreachable(name, revision=None):
+        opened.append((name, revision))
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
+    with pytest.raises(
+        MicromergeError,
+        match=r"offline \(HF_DATASETS_OFFLINE=true\) and not in the cache; .*"
+        r"hf download someone/quilt-like --repo-type dataset --revision v1\.0 --local-dir DIR",
+    ):
+        run_finetune(config(base, "someone/quilt-like@v1.0", tmp_path / "run", max_steps=2))
+    assert opened == [("someone/quilt-like", "v1.0")]
 
 
 def test_resuming_a_hub_stream_reads_the_batches_it_skips_without_decoding_them(tmp_path, monkeypatch):
@@ -422,6 +447,18 @@ def _parquet(path: Path, numbers: range, word: str = "sample") -> None:
         dataset.to_parquet(str(path))
     else:  # datasets before 5.2 divides by zero writing no rows; its file as 5.2 writes it: no row group
         pyarrow.parquet.ParquetWriter(str(path), dataset.data.table.schema).close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_of_empty_files_ends_instead_of_spinning(tmp_path, workers):
+    """A pass that yields no row ends the stream (the trainer then says it ran dry, in one line):
+    a worker that has never had a row does not pass over nothing for ever."""
+    for k in range(2):
+        _parquet(tmp_path / "repo" / "data" / f"train-0000{k}-of-00002.parquet", range(0))
+    stream = HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, _sample_number))
+    with pytest.raises(StopIteration):
+        next(stream.loader(batch=1, workers=workers, world=1, rank=0, skip=0))
 
 
 @pytest.mark.timeout(120)

@@ -176,7 +176,7 @@ def test_offline_settings_are_read_as_the_hub_libraries_read_them(
     """huggingface_hub/constants.py: HF_HUB_OFFLINE is on for 1/ON/YES/TRUE in any case; datasets/
     config.py: HF_DATASETS_OFFLINE, when set, decides for datasets. `push` refused HF_HUB_OFFLINE=false
     (the hub reads it as online) and the stream's error missed HF_HUB_OFFLINE=true."""
-    from micromerge.core.hub_download import hub_offline
+    from micromerge.core.hub_download import hub_offline, offline_setting
 
     for name, value in (("HF_HUB_OFFLINE", hub), ("HF_DATASETS_OFFLINE", datasets_flag)):
         if value is None:
@@ -184,6 +184,11 @@ def test_offline_settings_are_read_as_the_hub_libraries_read_them(
         else:
             monkeypatch.setenv(name, value)
     assert hub_offline() is offline and hub_offline(dataset=True) is offline_for_datasets
+    # the errors name the setting that decided, as the user wrote it
+    assert offline_setting() == (f"HF_HUB_OFFLINE={hub}" if offline else None)
+    deciding = "HF_DATASETS_OFFLINE" if datasets_flag is not None else "HF_HUB_OFFLINE"
+    written = datasets_flag if datasets_flag is not None else hub
+    assert offline_setting(dataset=True) == (f"{deciding}={written}" if offline_for_datasets else None)
 
 
 def _cached_repo_without_config(tmp_path):

@@ -27,12 +27,21 @@ def hf_download_command(
     return " ".join([*words, "--local-dir", "DIR"])
 
 
-def hub_offline(*, dataset: bool = False) -> bool:
-    """True when HF_HUB_OFFLINE is set the way huggingface_hub reads it (1/on/yes/true, any case);
-    for datasets, HF_DATASETS_OFFLINE when set decides instead (datasets/config.py). Read as the
+def offline_setting(*, dataset: bool = False) -> str | None:
+    """The setting that keeps the hub library offline, as the user wrote it (`HF_HUB_OFFLINE=1`), or
+    None: HF_HUB_OFFLINE read the way huggingface_hub reads it (1/on/yes/true, any case); for
+    datasets, HF_DATASETS_OFFLINE when set decides instead (datasets/config.py). Read as the
     libraries read it, so an error never blames an offline setting they ignore (`=false`), nor
-    misses one they obey (`=true`)."""
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if dataset and os.environ.get("HF_DATASETS_OFFLINE") is not None:
-        value = os.environ["HF_DATASETS_OFFLINE"]
-    return (value or "").upper() in TRUE_VALUES
+    misses one they obey (`=true`), nor names HF_HUB_OFFLINE when HF_DATASETS_OFFLINE was set."""
+    name = (
+        "HF_DATASETS_OFFLINE"
+        if dataset and os.environ.get("HF_DATASETS_OFFLINE") is not None
+        else "HF_HUB_OFFLINE"
+    )
+    value = os.environ.get(name) or ""
+    return f"{name}={value}" if value.upper() in TRUE_VALUES else None
+
+
+def hub_offline(*, dataset: bool = False) -> bool:
+    """Whether `offline_setting` finds the hub library told to stay offline."""
+    return offline_setting(dataset=dataset) is not None
