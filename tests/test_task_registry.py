@@ -76,6 +76,37 @@ def test_an_answer_outside_the_rows_options_is_one_line_naming_the_key_and_row(r
         _tasks(rows)
 
 
+def test_the_last_option_is_an_answer_in_the_row_that_holds_the_first_text(rows):
+    """Five options (0-4): '4', the last, is inside them, in the first row too, whose first option
+    is the first text of the key (index 0, which a count of options must not leave out)."""
+    rows["captions"][0]["modality_0"]["answer_idx"] = "4"
+    (question,) = [q for q in _tasks(rows)["modality"].questions if q.key == "modality_0"]
+    assert question.rows[0] == 0 and question.options[0, 0] == 0
+    assert (
+        question.answers[0] == 4
+        and question.texts[question.options[0, 4]] == rows["captions"][0]["modality_0"]["options"][4]
+    )
+
+
+def test_null_source_rows_are_named_by_their_caption_template_alone(rows):
+    """SCHEMA.md: the Held rows' `classification` caption template is source-specific, enough to
+    tell the sources apart: rows whose polygons are gone are still named by it, not unassigned."""
+    for r in HELD_ROWS:
+        rows["polygon"][r] = []
+    assert _tasks(rows)["held_et_al_2010_h2b"].image_rows == HELD_ROWS
+
+
+def test_a_coarse_kind_of_two_classes_and_no_captions_is_a_closed_set_task(rows):
+    """`subdomain` has no caption key (SCHEMA.md): with two classes it is still a task, scored
+    closed-set; with one it is none (a single class cannot be told apart from anything)."""
+    for count, present in ((2, True), (1, False)):
+        edited = {**rows, "subdomain": [f"sub{i % count}" for i in range(len(rows["subdomain"]))]}
+        tasks = _tasks(edited)
+        assert ("subdomain" in tasks) is present, count
+        if present:
+            assert tasks["subdomain"].classes == ("sub0", "sub1") and tasks["subdomain"].questions == ()
+
+
 def test_a_question_asked_of_a_row_without_a_class_labels_it_unknown(rows):
     """Coarse questions are scored on every row that holds them, class or not; per-class metrics need
     the row's class, and a row whose column value is missing has none (-1), not the first class."""
