@@ -56,7 +56,7 @@ _STORAGE_DTYPES = {
 }
 
 _CLASS_LINE = re.compile(r"^class (\w+)\((\w+)\):")
-_DECLARATION = re.compile(r"^  (__parameters__|__buffers__) = (\[.*\])\s*$")
+_DECLARATION = re.compile(r"^  (?:__parameters__|__buffers__) = (\[.*\])\s*$")
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -129,27 +129,27 @@ def _check_byte_order(archive: zipfile.ZipFile, folder: str, path: Path) -> None
         raise MicromergeError(f"{path}: its tensors are stored {order}-endian; only little-endian is read")
 
 
-def _module_classes(archive: zipfile.ZipFile, folder: str) -> dict[str, tuple[set[str], set[str]]]:
-    """{qualified class name: (parameter names, buffer names)} of every Module class the archive's
-    code defines, read line by line: the lists are literals, evaluated with `ast.literal_eval`."""
-    modules: dict[str, tuple[set[str], set[str]]] = {}
+def _module_classes(archive: zipfile.ZipFile, folder: str) -> dict[str, set[str]]:
+    """{qualified class name: the names of its parameters and buffers} of every Module class the
+    archive's code defines (`__parameters__` and `__buffers__`: a state dict holds both alike),
+    read line by line: the lists are literals, evaluated with `ast.literal_eval`."""
+    modules: dict[str, set[str]] = {}
     code = folder + "code/"
     for name in archive.namelist():
         if not (name.startswith(code) and name.endswith(".py")):
             continue
         qualifier = name[len(code) : -len(".py")].replace("/", ".")
-        current: tuple[set[str], set[str]] | None = None
+        current: set[str] | None = None
         for line in archive.read(name).decode("utf-8", "replace").splitlines():
             header = _CLASS_LINE.match(line)
             if header:
-                current = (set(), set()) if header.group(2) == "Module" else None
+                current = set() if header.group(2) == "Module" else None
                 if current is not None:
                     modules[f"{qualifier}.{header.group(1)}"] = current
                 continue
             declared = _DECLARATION.match(line)
             if declared and current is not None:
-                names = ast.literal_eval(declared.group(2))
-                current[0 if declared.group(1) == "__parameters__" else 1].update(map(str, names))
+                current.update(map(str, ast.literal_eval(declared.group(1))))
     return modules
 
 
@@ -187,12 +187,10 @@ def _class_of(obj: Any) -> str:
     return type(obj).stand_in_for if isinstance(obj, StandIn) else ""
 
 
-def _collect(
-    module: Any, modules: dict[str, tuple[set[str], set[str]]], prefix: str, out: dict[str, torch.Tensor]
-) -> None:
+def _collect(module: Any, modules: dict[str, set[str]], prefix: str, out: dict[str, torch.Tensor]) -> None:
     """A module's parameters and buffers (those that are tensors: an absent bias is None), then its
     submodules', in the order the pickle holds its attributes, as `state_dict()` names them."""
-    weights = set().union(*modules.get(_class_of(module), (set(), set())))
+    weights = modules.get(_class_of(module), set())
     for name, value in module.__dict__["_state"].items():
         if name in weights and isinstance(value, torch.Tensor):
             out[prefix + name] = value.detach()
@@ -200,7 +198,7 @@ def _collect(
             _collect(value, modules, f"{prefix}{name}.", out)
 
 
-def _activation(modules: dict[str, tuple[set[str], set[str]]]) -> str | None:
+def _activation(modules: dict[str, set[str]]) -> str | None:
     """The MLP activation the archive's module classes name (QuickGELU is open_clip's and OpenAI's
     class for CLIP's x·σ(1.702x)); None when neither is there."""
     leaves = {name.rpartition(".")[2] for name in modules}
@@ -209,7 +207,7 @@ def _activation(modules: dict[str, tuple[set[str], set[str]]]) -> str | None:
     return "gelu" if "GELU" in leaves else None
 
 
-def _heads(root: Any, modules: dict[str, tuple[set[str], set[str]]]) -> dict[str, int]:
+def _heads(root: Any, modules: dict[str, set[str]]) -> dict[str, int]:
     """The head count of the first attention module of each tower (an `nn.MultiheadAttention`
     keeps `num_heads` among its attributes): under `visual.` the image tower, else the text's."""
     heads: dict[str, int] = {}
