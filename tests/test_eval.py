@@ -353,6 +353,14 @@ def test_shards_of_another_split_are_ignored_and_of_another_set_refused(tmp_path
         assert len(result.output.strip().splitlines()) == 1
 
 
+def test_the_one_shard_folder_below_a_given_folder_is_found(tmp_path, bench):
+    """--data may name a folder above the shards' (a Hub-cache repository folder, whose snapshot
+    holds perception/0.1.0): the one shard folder found below it is read (two are refused, above)."""
+    cached = tmp_path / "datasets--jnirschl--uBench"
+    shutil.copytree(bench, cached / "snapshots" / ("ab" * 20) / "perception" / "0.1.0")
+    assert len(load_benchmark(str(cached)).dataset) == 78
+
+
 def test_data_verify_names_the_changed_shard(tmp_path, bench):
     import hashlib
 

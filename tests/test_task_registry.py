@@ -107,6 +107,15 @@ def test_a_coarse_kind_of_two_classes_and_no_captions_is_a_closed_set_task(rows)
             assert tasks["subdomain"].classes == ("sub0", "sub1") and tasks["subdomain"].questions == ()
 
 
+def test_a_source_of_two_classes_without_classification_captions_is_a_closed_set_task(rows):
+    """nirschl_et_al_2018 (rows 3-4) has two classes: without its classification captions it is
+    still a fine-grained task, scored closed-set."""
+    for row in (3, 4):
+        rows["captions"][row] = {**rows["captions"][row], "classification_0": None, "classification_1": None}
+    task = _tasks(rows)["nirschl_et_al_2018"]
+    assert len(task.classes) == 2 and task.questions == ()
+
+
 def test_a_question_asked_of_a_row_without_a_class_labels_it_unknown(rows):
     """Coarse questions are scored on every row that holds them, class or not; per-class metrics need
     the row's class, and a row whose column value is missing has none (-1), not the first class."""
