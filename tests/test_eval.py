@@ -422,6 +422,7 @@ def test_a_shard_of_another_dataset_is_refused_not_read_as_rows_of_nulls(tmp_pat
             "columns missing: image, label, label_name, dataset, domain; columns extra: something_else",
         ),
         ("retyped", retyped, "column 'pmid' of another type"),
+        ("trimmed", full.remove_columns(["annotator_notes"]), "columns missing: annotator_notes"),
     ):
         copy = tmp_path / name
         shutil.copytree(bench, copy)

@@ -150,6 +150,14 @@ def test_an_unknown_key_in_a_finetune_config_file_is_named():
         config_from_mapping(values)
 
 
+def test_the_bounds_themselves_are_accepted(tmp_path):
+    """Each bound is a setting users give: --grad-clip 0 disables clipping, --weight-decay 0 and
+    --warmup-steps 0 turn them off, --save-every 0 saves no state, --seed 0 is a seed."""
+    settings = dict(grad_clip=0.0, weight_decay=0.0, warmup_steps=0, save_every=0, lp_epochs=0, seed=0)
+    built = config(tmp_path, tmp_path, tmp_path / "out", **settings)
+    assert all(getattr(built, name) == value for name, value in settings.items())
+
+
 def _killed_after_step_two(tmp_path, base, data, monkeypatch) -> None:
     """The run folder a kill after the step-2 save leaves: state, no manifest, no model."""
     with monkeypatch.context() as patch:  # keep the step-2 state a kill would have left behind
