@@ -13,6 +13,7 @@ in captions and an int in questions.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.ipc
@@ -39,11 +40,14 @@ def test_the_hub_layout_is_seven_arrow_stream_shards_and_dataset_info_without_st
         "dataset_info.json",
         *(f"ubench-test-0000{i}-of-00007.arrow" for i in range(7)),
     ]
-    rows = 0
+    lengths = []
     for shard in sorted(inner.glob("*.arrow")):
         with pyarrow.ipc.open_stream(shard) as reader:  # a stream, not the random-access file format
-            rows += reader.read_all().num_rows
-    assert rows == len(load_benchmark(str(hub)).dataset) > 0
+            lengths.append(reader.read_all().num_rows)
+    assert sum(lengths) == len(load_benchmark(str(hub)).dataset) > 0
+    assert max(lengths) - min(lengths) <= 1, "the rows are dealt evenly over the shards"
+    split = json.loads((inner / "dataset_info.json").read_text())["splits"]["test"]
+    assert split["shard_lengths"] == lengths and split["num_examples"] == sum(lengths)
 
 
 def test_one_source_has_a_null_dataset_and_is_named_after_its_source_by_the_rule(hub):
