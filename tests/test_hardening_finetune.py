@@ -40,6 +40,7 @@ def base(tmp_path):
         ({"max_bad_fraction": 1.5}, "--max-bad-fraction 1.5"),
         ({"epochs": True}, "--epochs True"),  # a bool is an int to Python, not a count
         ({"workers": -1}, "--workers -1"),
+        ({"workers": True}, "--workers True: must be an integer"),  # a config file's `workers = true`
         ({"batch_size": 0}, "--batch-size 0: must be an integer of at least 1"),
         ({"accum_steps": 0}, "--accum-steps 0: must be an integer of at least 1"),
         ({"warmup_steps": -1}, "--warmup-steps -1: must be an integer of at least 0"),
