@@ -361,6 +361,22 @@ def test_the_one_shard_folder_below_a_given_folder_is_found(tmp_path, bench):
     assert len(load_benchmark(str(cached)).dataset) == 78
 
 
+def test_the_benchmarks_fingerprint_is_the_same_in_every_process(bench):
+    """Result rows name the benchmark by its fingerprint, and resumed or split runs match rows by
+    it: processes with other string hashing (PYTHONHASHSEED, random per process) fingerprint the
+    seven shards alike, so their files are hashed in a fixed order, not a set's."""
+    script = "import sys; from micromerge.eval.data import load_benchmark; print(load_benchmark(sys.argv[1]).fingerprint)"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(bench)],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for seed in (1, 2, 3)
+    }  # fmt: skip
+    assert len(seen) == 1 and seen != {""}
+
+
 def test_data_verify_names_the_changed_shard(tmp_path, bench):
     import hashlib
 
