@@ -103,6 +103,10 @@ def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
     pairs.save_to_disk(str(tmp_path / "pairs"))
     with pytest.raises(MicromergeError, match="a corpus of image-caption pairs goes to `finetune --data`$"):
         load_benchmark(str(tmp_path / "pairs"))
+    # a few columns none of which is a caption: no copy of μ-Bench, and no corpus either
+    dataset.select_columns(["image", "label"]).save_to_disk(str(tmp_path / "images"))
+    with pytest.raises(MicromergeError, match=r"so not a copy of μ-Bench \(jnirschl/uBench\)$"):
+        load_benchmark(str(tmp_path / "images"))
     paths = dataset.remove_columns(["image"]).add_column("image", ["img.png"] * len(dataset))
     paths.save_to_disk(str(tmp_path / "paths"))
     with pytest.raises(MicromergeError, match="column 'image' must be a datasets Image, not Value"):
@@ -496,6 +500,15 @@ def test_a_parquet_folder_names_a_file_of_another_dataset_and_casts_mere_type_di
         in result.output
     )
     assert "columns extra: something_else" in result.output and len(result.output.strip().splitlines()) == 1
+    second = folder / "test-00001-of-00002.parquet"  # the foreign file as the second of two, too
+    second.unlink()
+    foreign.rename(second)
+    result = _tasks_cli(folder)
+    assert (
+        result.exit_code == 2
+        and "test-00001-of-00002.parquet: not a file of the same dataset" in result.output
+    )
+    second.rename(foreign)
     foreign.write_bytes(b"PAR1 cut short")
     result = _tasks_cli(folder)
     assert (
