@@ -159,6 +159,29 @@ def test_the_bounds_themselves_are_accepted(tmp_path):
     assert all(getattr(built, name) == value for name, value in settings.items())
 
 
+def test_a_config_built_in_python_is_as_careful_as_the_cli(tmp_path, base):
+    """FinetuneConfig's defaults are the CLI's: a script that builds one without resume, force or
+    allow_pickle neither continues nor replaces an earlier run, nor reads a pickle that needs more
+    than torch's weights_only reader (a trainer checkpoint with its argparse arguments)."""
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_csv_folder(tmp_path / "pairs")
+    minimal = dict(
+        mode="contrastive", base=str(base), data=str(data), out=tmp_path / "run", max_steps=1, batch_size=8,
+        device="cpu", progress=False,
+    )  # fmt: skip
+    run_finetune(FinetuneConfig(**minimal))
+    with pytest.raises(MicromergeError, match="pass --resume to continue a run or --force to replace them"):
+        run_finetune(FinetuneConfig(**minimal))
+    pickled = tmp_path / "trainer.pt"
+    torch.save({"state_dict": load_file(str(base)), "args": argparse.Namespace(lr=1e-5)}, pickled)
+    with pytest.raises(MicromergeError, match="--allow-pickle"):
+        run_finetune(FinetuneConfig(**{**minimal, "base": str(pickled), "out": tmp_path / "other"}))
+
+
 def _killed_after_step_two(tmp_path, base, data, monkeypatch) -> None:
     """The run folder a kill after the step-2 save leaves: state, no manifest, no model."""
     with monkeypatch.context() as patch:  # keep the step-2 state a kill would have left behind
