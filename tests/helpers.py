@@ -71,20 +71,20 @@ def run_two_processes(*cli_args: str, cwd: Path | None = None) -> subprocess.Com
     )
 
 
-def kill_launch_at_step(cli_args: list[str], out: Path, step: int) -> None:
-    """Launch `two_process_launch(*cli_args)` and kill the whole launch (every process at once, as a
-    lost node or a scheduler's preemption does) once it has saved the state of `step` under `out`:
-    the run a `--resume` must finish. The launcher and every process under it are killed by pid:
-    torch's elastic agent starts each rank in a session of its own, so killing the launcher's
-    process group left the ranks running to the end, and the `--resume` that followed found a
-    finished run (it passed whether or not resuming worked)."""
+def kill_at_step(command: list[str], out: Path, step: int) -> None:
+    """Start `command` (a fine-tune writing to `out`: one process, or `two_process_launch(...)`) and
+    kill it whole (every process at once, as a lost node or a scheduler's preemption does) once it
+    has saved the state of `step`: the run a `--resume` must finish. The process and every process
+    under it are killed by pid: torch's elastic agent starts each rank in a session of its own, so
+    killing a launcher's process group left the ranks running to the end, and the `--resume` that
+    followed found a finished run (it passed whether or not resuming worked)."""
     import signal
     import time
 
     import psutil
 
-    launch = subprocess.Popen(
-        two_process_launch(*cli_args),
+    started = subprocess.Popen(
+        command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
@@ -94,14 +94,14 @@ def kill_launch_at_step(cli_args: list[str], out: Path, step: int) -> None:
         latest.is_file() and latest.read_text().strip() >= f"step-{step:08d}"
     ):
         time.sleep(0.02)
-    launcher = psutil.Process(launch.pid)
-    everyone = [launcher, *launcher.children(recursive=True)]
+    root = psutil.Process(started.pid)
+    everyone = [root, *root.children(recursive=True)]
     for process in everyone:
         process.send_signal(signal.SIGKILL)
-    launch.wait()
+    started.wait()
     psutil.wait_procs(everyone, timeout=30)
     assert not (out / "model.safetensors").exists(), "the kill must land mid-run"
-    assert (out / "state" / "LATEST").is_file(), "the killed launch must leave a state to resume from"
+    assert (out / "state" / "LATEST").is_file(), "the killed run must leave a state to resume from"
 
 
 def launch_failure(result: subprocess.CompletedProcess) -> str:

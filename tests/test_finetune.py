@@ -4,11 +4,9 @@ import csv
 import hashlib
 import io
 import json
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import datasets
@@ -23,7 +21,13 @@ from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.trainer import epoch_order, run_finetune
-from tests.helpers import kill_launch_at_step, launch_failure, run_two_processes, write_checkpoint
+from tests.helpers import (
+    kill_at_step,
+    launch_failure,
+    run_two_processes,
+    two_process_launch,
+    write_checkpoint,
+)
 from tests.ubench_fixture import write_fixture
 
 
@@ -433,18 +437,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs", n=40)
     steps = 60
     subprocess.run(_train_command(base, data, tmp_path / "straight", steps), check=True, capture_output=True)
-    process = subprocess.Popen(
-        _train_command(base, data, tmp_path / "killed", steps),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    latest = tmp_path / "killed" / "state" / "LATEST"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000010"):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the kill must land mid-run"
+    kill_at_step(_train_command(base, data, tmp_path / "killed", steps), tmp_path / "killed", 10)
     resumed = subprocess.run(
         [*_train_command(base, data, tmp_path / "killed", steps), "--resume"], capture_output=True, text=True
     )
@@ -517,7 +510,7 @@ def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path, ba
 
     straight = run_two_processes(*arguments(tmp_path / "straight"))
     assert straight.returncode == 0, launch_failure(straight)
-    kill_launch_at_step(arguments(tmp_path / "killed"), tmp_path / "killed", 6)
+    kill_at_step(two_process_launch(*arguments(tmp_path / "killed")), tmp_path / "killed", 6)
     resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, launch_failure(resumed)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))

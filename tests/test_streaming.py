@@ -528,7 +528,7 @@ def test_two_processes_streaming_killed_and_resumed_end_with_the_same_weights(tm
     process, the batches that process trained on (its own count, not the launch's): a process's 32
     samples make 5 steps of 2 x 3, so the skip crosses a whole pass and lands inside the second.
     It ends bit-identical to an uninterrupted launch, with the same logged losses."""
-    from tests.helpers import kill_launch_at_step, launch_failure, run_two_processes
+    from tests.helpers import kill_at_step, launch_failure, run_two_processes, two_process_launch
     from tests.test_finetune import _contrastive_args
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 64, per_shard=8))
@@ -540,7 +540,7 @@ def test_two_processes_streaming_killed_and_resumed_end_with_the_same_weights(tm
 
     straight = run_two_processes(*arguments(tmp_path / "straight"))
     assert straight.returncode == 0, launch_failure(straight)
-    kill_launch_at_step(arguments(tmp_path / "killed"), tmp_path / "killed", 6)
+    kill_at_step(two_process_launch(*arguments(tmp_path / "killed")), tmp_path / "killed", 6)
     resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, launch_failure(resumed)
     assert _same(
