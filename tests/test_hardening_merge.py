@@ -264,6 +264,9 @@ def test_ctrl_c_keeps_the_finished_alphas_says_so_in_one_line_and_the_rerun_resu
         ("seed = true", "seed must be an integer"),  # a boolean is an int to Python
         ('alpha_rules = [["visual.*", 0.5, 1]]', "alpha_rules must be a table"),
         ('alpha_rules = { "visual.*" = "half" }', "alpha_rules must be a table"),
+        # one good entry does not vouch for the rest
+        ('alpha_rules = { "visual.*" = 0.5, "text.*" = "half" }', "alpha_rules must be a table"),
+        ('weights = [0.5, "half"]', "weights must be a list of finite numbers"),
         ("samples = 2.5", "samples must be an integer"),
         ("finetuned = 5", "finetuned must be a string or a list of strings"),
         ("bogus = 1", "unknown key(s) ['bogus']; allowed: ["),

@@ -56,6 +56,28 @@ def test_a_config_may_name_one_finetuned_model_as_a_string_and_rules_as_a_table(
     torch.testing.assert_close(merged[text_key], 0.5 * base[text_key] + 0.5 * ft[text_key], atol=1e-6, rtol=0)
 
 
+def test_a_config_may_write_rules_as_a_list_and_weights_as_numbers_or_text(pair):
+    """MERGE_SCHEMA's other forms: `alpha_rules` as "PATTERN=VALUE" strings and [PATTERN, VALUE]
+    pairs, `weights` as a list of numbers or the flag's "a,b" text. Each merges as its flag does."""
+    base, ft = _tensors(pair / "base.safetensors"), _tensors(pair / "ft.safetensors")
+    text_key = next(k for k in base if k.startswith("transformer.") and base[k].is_floating_point())
+    head = f'[merge]\nbase = "{pair / "base.safetensors"}"\nfinetuned = ["{pair / "ft.safetensors"}"]\n'
+    for name, body, expected in [
+        ("rules", 'alpha = 0.5\nalpha_rules = ["visual.*=0.25", ["transformer.*", 1.0]]', (0.25, 1.0)),
+        ("numbers", 'method = "linear"\nweights = [0.3, 0.7]', (0.7, 0.7)),
+        ("text", 'method = "linear"\nweights = "0.2,0.8"', (0.8, 0.8)),
+    ]:
+        config = pair / f"{name}.toml"
+        config.write_text(head + body + f'\nout = "{pair / name}.safetensors"\n')
+        result = invoke("--config", config)
+        assert result.exit_code == 0, result.output
+        merged = _tensors(pair / f"{name}.safetensors")
+        for key, alpha in zip(("visual.proj", text_key), expected, strict=True):
+            torch.testing.assert_close(
+                merged[key], (1 - alpha) * base[key] + alpha * ft[key], atol=1e-6, rtol=0
+            )
+
+
 def test_weights_may_end_with_a_comma_like_alphas(pair):
     result = _merge(pair, "--method", "linear", "--weights", "0.3,0.7,", "--out", pair / "w.safetensors")
     assert result.exit_code == 0, result.output
