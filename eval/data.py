@@ -35,7 +35,7 @@ from micromerge.eval.hub_layout import (
     find_hub_layout,
     read_hub_layout,
 )
-from micromerge.eval.schema import NULLABLE_STRING_COLUMNS, REQUIRED_STRING_COLUMNS
+from micromerge.eval.schema import REQUIRED_STRING_COLUMNS, TASK_METADATA_COLUMNS
 
 HUB_ALIASES = ("ubench", HUB_ID)
 
@@ -220,8 +220,9 @@ def _looks_like_pairs(features: datasets.Features) -> bool:
 
 
 def validate_schema(dataset: datasets.Dataset, source: str) -> None:
-    """Required columns by name and type; the metadata columns and captions, where present, as the
-    real schema types them (captions as its nested structs); other columns are kept unchecked."""
+    """Required columns by name and type; the metadata columns tasks read and the captions, where
+    present, as the real schema types them (captions as its nested structs). Other columns are kept
+    unchecked: nothing reads them, and a copy is not refused for one of them (a numeric `pmid`)."""
     features = dataset.features
     missing = [c for c in ("image", "label", "dataset", *REQUIRED_STRING_COLUMNS) if c not in features]
     if missing:
@@ -250,7 +251,7 @@ def validate_schema(dataset: datasets.Dataset, source: str) -> None:
     # `dataset` and the metadata columns tasks and reports read, where a copy has them (each may be
     # null): a mistyped one failed deep in task discovery ("'int' object has no attribute 'replace'")
     expected = {
-        **{column: ("a string", STRING_DTYPES.__contains__) for column in NULLABLE_STRING_COLUMNS},
+        **{column: ("a string", STRING_DTYPES.__contains__) for column in TASK_METADATA_COLUMNS},
         "microns_per_pixel": ("a number", lambda dtype: dtype.startswith(("float", "int"))),
         "synthetic": ("a bool", lambda dtype: dtype == "bool"),
     }

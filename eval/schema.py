@@ -18,19 +18,11 @@ CAPTION_KINDS = ("modality", "submodality", "domain", "stain", "classification")
 CAPTION_KEYS = tuple(f"{kind}_{variant}" for kind in CAPTION_KINDS for variant in (0, 1))
 QUESTION_KEYS = ("classification", "domain", "modality", "stain", "subdomain", "submodality")
 REQUIRED_STRING_COLUMNS = ("image_id", "label_name", "domain")
-NULLABLE_STRING_COLUMNS = (
-    "dataset",
-    "institution",
-    "license",
-    "modality",
-    "ncbitaxon_id",
-    "ncbitaxon_name",
-    "pmid",
-    "split",
-    "stain",
-    "subdomain",
-    "submodality",
-)
+# The nullable text columns that tasks and their groups read, so a loader checks their type. The
+# other metadata columns (institution, license, ncbitaxon_*, pmid, split) are read by nothing here,
+# and the types of pmid and ncbitaxon_id are not confirmed (numbers are as likely as text): a copy
+# is not refused over them.
+TASK_METADATA_COLUMNS = ("dataset", "modality", "stain", "subdomain", "submodality")
 
 
 def caption_feature() -> dict:

@@ -154,6 +154,8 @@ def test_loader_rejects_missing_and_mistyped_columns_and_keeps_extras(tmp_path):
         ("modality", lambda n: list(range(n)), "a string"),
         ("stain", lambda n: [["H&E"]] * n, "a string"),
         ("dataset", lambda n: [1.5] * n, "a string"),
+        ("subdomain", lambda n: [True] * n, "a string"),
+        ("submodality", lambda n: [2] * n, "a string"),
         ("microns_per_pixel", lambda n: ["0.5"] * n, "a number"),
         ("synthetic", lambda n: ["no"] * n, "a bool"),
     ],
@@ -172,6 +174,30 @@ def test_a_mistyped_metadata_column_is_named_on_load(tmp_path, column, values, k
     result = CliRunner().invoke(cli, ["tasks", "--data", str(tmp_path / "typed")])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"column {column!r}" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_metadata_columns_nothing_reads_may_have_any_type(tmp_path):
+    """SCHEMA.md lists `institution`, `license`, `ncbitaxon_id`, `ncbitaxon_name`, `pmid` and
+    `split` without confirming their types (PubMed and NCBI Taxonomy ids are numbers; eval/schema.py
+    writes them as text, its own reading). No task or report reads them, so a copy that types them
+    otherwise (integers, Arrow's null type) loads, and its tasks are those of the text-typed copy."""
+    dataset = fixture_dataset(per_class=2)
+    n = len(dataset)
+    retyped = dataset.remove_columns(["pmid", "ncbitaxon_id", "institution", "license", "split"])
+    retyped = retyped.add_column("pmid", list(range(n))).add_column("ncbitaxon_id", [9606] * n)
+    retyped = retyped.add_column("institution", [None] * n).add_column("license", [1.0] * n)
+    retyped = retyped.add_column("split", [0] * n)
+    assert retyped.features["institution"] == datasets.Value("null")
+    retyped.save_to_disk(str(tmp_path / "retyped"))
+    dataset.save_to_disk(str(tmp_path / "text"))
+    tasks = [
+        [
+            (t.name, t.classes, t.rows, t.labels, t.groups)
+            for t in discover_tasks(load_benchmark(str(folder)).dataset)
+        ]
+        for folder in (tmp_path / "retyped", tmp_path / "text")
+    ]
+    assert tasks[0] == tasks[1] and len(tasks[0]) > 5
 
 
 @pytest.mark.parametrize("column", ["image_id", "label_name", "domain"])
