@@ -1,6 +1,7 @@
 """The embedded default: the demo's own output must show real forgetting and real recovery."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,30 @@ def test_demo_validates_its_inputs(tmp_path):
     assert not Path(tmp_path / "file").is_dir()
 
 
+def test_demo_takes_its_smallest_settings_and_refuses_one_less():
+    """The bounds themselves run (4 images a class, 10 pairs a class, one epoch each, batches of
+    2); one less is one line naming the option. A DemoConfig built in Python keeps an existing
+    demo folder (fresh is off) and shows progress, as the command does."""
+    smallest = {
+        "bench_per_class": 4,
+        "corpus_per_class": 10,
+        "pretrain_epochs": 1,
+        "finetune_epochs": 1,
+        "batch_size": 2,
+    }
+    DemoConfig(**smallest)
+    for option, needle in [
+        ("bench_per_class", "--bench-per-class 3"),
+        ("corpus_per_class", "--corpus-per-class 9"),
+        ("pretrain_epochs", "--pretrain-epochs and --finetune-epochs"),
+        ("finetune_epochs", "--pretrain-epochs and --finetune-epochs"),
+        ("batch_size", "--batch-size 1"),
+    ]:
+        with pytest.raises(MicromergeError, match=re.escape(needle)):
+            DemoConfig(**{**smallest, option: smallest[option] - 1})
+    assert DemoConfig().fresh is False and DemoConfig().progress is True
+
+
 def test_fresh_removes_a_demo_folder_only(tmp_path):
     """`demo --out . --fresh` removed the folder whole (a checkout, a home): --fresh now refuses a
     non-empty folder without the demo's stages/ record, and still starts a demo folder over."""
@@ -234,6 +259,17 @@ def test_a_finished_stage_whose_product_is_gone_runs_again_from_scratch(tmp_path
     product.unlink()
     stage()
     assert ran[-1] is True, "interrupted: resumed over its outputs even without the product"
+
+
+def test_a_stage_of_other_settings_removes_the_files_it_made_even_when_one_is_gone(tmp_path):
+    """A stage's outputs may be files (a results store), and one may already be gone when the
+    settings change: the others are removed, and the stage runs. Its marker records how long it took."""
+    marker, kept, gone = tmp_path / "stages" / "sweep.json", tmp_path / "results.jsonl", tmp_path / "log.txt"
+    _stage("sweep", marker, "a", lambda: kept.write_text("old"), say=lambda _: None, outputs=(kept, gone))
+    assert 0 <= json.loads(marker.read_text())["seconds"] < 60
+    seen: list[bool] = []
+    _stage("sweep", marker, "b", lambda: seen.append(kept.exists()), say=lambda _: None, outputs=(kept, gone))
+    assert seen == [False] and json.loads(marker.read_text())["digest"] == "b"
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
