@@ -87,6 +87,31 @@ def _result_values(out: Path) -> list[tuple]:
     return sorted(tuple(str(r[k]) if k in ("alpha", "caption_key") else r[k] for k in keys) for r in rows)
 
 
+def _check_printed_numbers(printed: dict, out: Path) -> None:
+    """What the demo prints is what its store holds: WiSE-FT's ends are the base and the
+    specialist, forgetting is the biology (control) mean's drop, in points, and the paper's
+    headline at alpha 0 and 1 is the run's headline rows."""
+    (wise,) = [
+        r
+        for r in load_runs(out / "results" / "results.jsonl")
+        if (r.method, r.protocol) == ("wise-ft", "ubench")
+    ]
+    for domain in ("pathology", "biology"):
+        values = curve(wise, f"domain:{domain}").set_index("alpha")["value"]
+        assert printed[f"base_{domain}"] == pytest.approx(values[0.0], abs=1e-9), domain
+        assert printed[f"specialist_{domain}"] == pytest.approx(values[1.0], abs=1e-9), domain
+    assert printed["forgetting_points"] == pytest.approx(
+        100 * (printed["base_biology"] - printed["specialist_biology"])
+    )
+    rows = wise.headline[wise.headline["split"] == "all"]
+    assert printed["paper_headline"] == {
+        f"{task.split(':')[1]}@{alpha:g}": value
+        for task, alpha, value in zip(rows["task"], rows["alpha"], rows["value"], strict=True)
+        if alpha in (0.0, 1.0)
+    }
+    assert {"coarse@0", "coarse@1", "fine@0", "fine@1"} <= set(printed["paper_headline"])
+
+
 @pytest.mark.slow
 def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     small = dict(
@@ -101,9 +126,10 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
     )
     values = []
     for name in ("a", "b"):
-        run_demo(DemoConfig(out=tmp_path / name, **small), say=lambda _: None)
+        printed = run_demo(DemoConfig(out=tmp_path / name, **small), say=lambda _: None)
         values.append(_result_values(tmp_path / name))
     assert values[0] == values[1]
+    _check_printed_numbers(printed, tmp_path / "b")
     from safetensors.torch import load_file
 
     weights = [
