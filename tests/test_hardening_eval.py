@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from micromerge.cli import cli
@@ -1031,3 +1032,45 @@ def test_an_append_that_failed_to_write_is_written_by_the_next(tmp_path, monkeyp
     monkeypatch.setattr(store_module.os, "write", real_write)
     assert store.append([_row(0.5)]) == 1
     assert [r["alpha"] for r in ResultStore(tmp_path / "r.jsonl").rows()] == [0.0, 0.5]
+
+
+EVALUATION = ["--store", "s.jsonl", "--cache-dir", "cache", "--bootstrap", "0", "--quiet", "--data"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is refused only where there is no GPU")
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--model", "a.safetensors", *EVALUATION],
+        ["sweep", "--base", "a.safetensors", "--ft", "b.safetensors", "--alphas", "0,1", *EVALUATION],
+        ["soup", "--base", "a.safetensors", "--ft", "b.safetensors", *EVALUATION],
+        ["merge", "--base", "a.safetensors", "--ft", "b.safetensors", "--out", "m.safetensors"],
+        [
+            "merge",
+            "--base",
+            "a.safetensors",
+            "--ft",
+            "b.safetensors",
+            "--method",
+            "fisher",
+            "--out",
+            "m",
+            "--data",
+        ],
+    ],
+    ids=["eval", "sweep", "soup", "merge", "merge-fisher"],
+)
+def test_device_cuda_on_a_machine_without_one_is_one_line_before_any_work(setup, command, monkeypatch):
+    """Every command with --device says in one line that there is no GPU, and writes nothing;
+    only the fine-tuning path had a test, and a mutant that let `cuda` through hung there."""
+    tmp, bench = setup
+    monkeypatch.chdir(tmp)
+    before = sorted(p.name for p in tmp.iterdir())
+    data = [str(bench)] if command[-1] == "--data" else []
+    result = CliRunner().invoke(cli, [*command, *data, "--device", "cuda:0"])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output
+        == "error: --device cuda:0: no CUDA device is available here; use --device cpu or auto\n"
+    )
+    assert sorted(p.name for p in tmp.iterdir()) == before
