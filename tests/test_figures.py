@@ -221,3 +221,26 @@ def test_panels_keep_their_size_as_rows_are_added_and_every_last_panel_in_a_colu
     figure.canvas.draw()
     labelled = [any(label.get_text() for label in ax.get_xticklabels()) for ax in axes.flat[:5]]
     assert labelled == [False, True, True, True, True], "the first column's top panel has one below it"
+
+
+@pytest.mark.parametrize("count", [figures.NAMED_FRONTS, figures.NAMED_FRONTS + 1])
+def test_up_to_four_runs_name_each_front_and_more_share_one_legend_entry(tmp_path, count):
+    """Up to NAMED_FRONTS runs, each line carries its run's label and each front its own legend
+    entry; beyond, the lines carry the short names and one entry stands for every front."""
+    store = tmp_path / "r.jsonl"
+    for index in range(count):
+        write_store(
+            store, run_id=f"r{index}", shift_all=-0.05 * index, label=f"m{index} [ubench]: base + specialist"
+        )
+    runs = sorted(load_runs(store), key=lambda r: r.run_id)
+    ax = figures.pareto(runs, [summarise(r, TARGET) for r in runs]).axes[0]
+    lines = [line.get_label() for line in ax.get_lines()]
+    fronts = [collection.get_label() for collection in ax.collections]
+    if count <= figures.NAMED_FRONTS:
+        assert lines == [run.label for run in runs]
+        assert fronts == [f"Pareto front (m{i})" for i in range(count)], (
+            "named by what their labels do not share"
+        )
+    else:
+        assert lines == [f"m{i}" for i in range(count)]
+        assert fronts == ["Pareto front of each run (hollow circles)"] + ["_front"] * (count - 1)
