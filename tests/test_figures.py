@@ -8,6 +8,7 @@ Data: tests.test_analysis.write_store (three tasks at alpha 0, 0.5, 1; intervals
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.collections import PathCollection, PolyCollection, QuadMesh
 from matplotlib.colors import to_rgb
@@ -244,3 +245,26 @@ def test_up_to_four_runs_name_each_front_and_more_share_one_legend_entry(tmp_pat
     else:
         assert lines == [f"m{i}" for i in range(count)]
         assert fronts == ["Pareto front of each run (hollow circles)"] + ["_front"] * (count - 1)
+
+
+def test_models_by_group_draws_each_models_level_and_domain_means_side_by_side():
+    """One bar per model for each level and domain group (other groups stay in the table), its
+    height the table's value in percent, the models' bars side by side around the group's tick;
+    a model not evaluated on a group has no bar there (NaN), not a bar at zero."""
+    groups = pd.DataFrame(
+        {
+            "group": ["level:coarse", "level:fine", "domain:biology", "domain:pathology", "scale:tissue"],
+            "base": [50.0, 60.0, 70.0, 40.0, 55.0],
+            "specialist": [45.0, 80.0, np.nan, 80.0, 65.0],
+        }
+    )
+    ax = figures.models_by_group(groups).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(groups["group"][:4])
+    assert [c.get_label() for c in ax.containers] == ["base", "specialist"]
+    for container, column, offset in zip(ax.containers, ("base", "specialist"), (-0.2, 0.2), strict=True):
+        heights = [patch.get_height() for patch in container.patches]
+        np.testing.assert_array_equal(heights, groups[column][:4].to_numpy())
+        centres = [patch.get_x() + patch.get_width() / 2 for patch in container.patches]
+        np.testing.assert_allclose(centres, np.arange(4) + offset)
+        assert all(patch.get_width() == pytest.approx(0.4) for patch in container.patches)
+    assert ax.get_ylim() == (0, 100)
