@@ -207,21 +207,17 @@ def test_pareto_names_each_runs_front_and_an_end_point_runs_share_once(tmp_path)
     ]
 
 
-def test_panels_keep_their_size_as_rows_are_added_and_every_last_panel_in_a_column_labels_alpha():
+def test_panels_keep_their_size_as_rows_are_added():
     """Each panel is width x height inches whatever the count (a grid of 23 tasks is six rows of
-    readable panels, not one page of squeezed ones), plus room for a legend below when asked; the
-    unused panels are hidden, and a panel with a hidden one below shows its own α tick labels."""
-    one_row, _ = figures._panels(2, 4, 3.2, 2.4, legend=False)
-    figure, axes = figures._panels(5, 4, 3.2, 2.4, legend=False)
+    readable panels, not one page of squeezed ones), plus room for a legend below when asked.
+    (Which panels are hidden and which label their α axis: test_report_scale.)"""
+    one_row, one_row_axes = figures._panels(2, 4, 3.2, 2.4, legend=False)
+    two_rows, two_rows_axes = figures._panels(5, 4, 3.2, 2.4, legend=False)
     with_legend, _ = figures._panels(5, 4, 3.2, 2.4, legend=True)
     assert tuple(one_row.get_size_inches()) == pytest.approx((12.8, 2.4))
-    assert tuple(figure.get_size_inches()) == pytest.approx((12.8, 4.8))
+    assert tuple(two_rows.get_size_inches()) == pytest.approx((12.8, 4.8))
     assert tuple(with_legend.get_size_inches()) == pytest.approx((12.8, 5.7))
-    assert axes.shape == (2, 4) and figures._panels(2, 4, 1, 1)[1].shape == (1, 4)
-    assert [ax.axison for ax in axes.flat] == [True] * 5 + [False] * 3
-    figure.canvas.draw()
-    labelled = [any(label.get_text() for label in ax.get_xticklabels()) for ax in axes.flat[:5]]
-    assert labelled == [False, True, True, True, True], "the first column's top panel has one below it"
+    assert one_row_axes.shape == (1, 4) and two_rows_axes.shape == (2, 4)
 
 
 @pytest.mark.parametrize("count", [figures.NAMED_FRONTS, figures.NAMED_FRONTS + 1])

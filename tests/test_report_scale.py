@@ -172,6 +172,7 @@ def test_a_panel_above_a_hidden_one_shows_its_alpha_ticks():
 
 def test_legends_stay_small_however_many_runs_share_a_curve_or_a_figure(tmp_path):
     assert figures._joined(["a", "b"]) == "a = b"
+    assert figures._joined(["a", "b", "c"]) == "a = b = c", "three names, nothing to count"
     assert figures._joined([f"copy{i}" for i in range(48)]) == "copy0 = copy1 = copy2 (+45 more)"
     runs = load_runs(grid_store(tmp_path / "r.jsonl", methods=("wise-ft", "ties", "dare")))
     ax = figures.pareto(runs, [summarise(r, TARGET) for r in runs], title="six runs").axes[0]
