@@ -90,7 +90,8 @@ def _result_values(out: Path) -> list[tuple]:
 def _check_printed_numbers(printed: dict, out: Path) -> None:
     """What the demo prints is what its store holds: WiSE-FT's ends are the base and the
     specialist, forgetting is the biology (control) mean's drop, in points, and the paper's
-    headline at alpha 0 and 1 is the run's headline rows."""
+    headline at alpha 0 and 1 is the run's headline rows. Its sweeps ran with the methods'
+    parameters it documents (TIES at density 0.2)."""
     (wise,) = [
         r
         for r in load_runs(out / "results" / "results.jsonl")
@@ -110,6 +111,11 @@ def _check_printed_numbers(printed: dict, out: Path) -> None:
         if alpha in (0.0, 1.0)
     }
     assert {"coarse@0", "coarse@1", "fine@0", "fine@1"} <= set(printed["paper_headline"])
+    parameters = {
+        r.method: r.parameters for r in load_runs(out / "results" / "results.jsonl") if r.protocol == "ubench"
+    }
+    assert parameters["ties"]["density"] == 0.2, "the demo's TIES keeps the top 20%"
+    assert "density" not in parameters["wise-ft"] and "density" not in parameters["task-arithmetic"]
 
 
 @pytest.mark.slow
