@@ -14,6 +14,9 @@ in captions and an int in questions.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.ipc
@@ -111,3 +114,23 @@ def test_the_save_to_disk_layout_holds_the_same_rows(hub, tmp_path):
         ours.select_columns(["image_id", "dataset", "captions"])[:]
         == theirs.select_columns(["image_id", "dataset", "captions"])[:]
     )
+
+
+def test_every_image_is_marked_synthetic(hub):
+    assert set(load_benchmark(str(hub)).dataset["synthetic"]) == {True}
+
+
+def test_the_benchmark_has_the_same_bytes_under_any_hash_seed(tmp_path):
+    """Same seed, same bytes (the developers' guide), also across processes: Python salts string
+    hashes per process, so anything taken from a set of strings in set order would differ."""
+    script = (
+        "import sys; from pathlib import Path; from micromerge.eval.synthetic.generate import write_benchmark; "
+        "write_benchmark(Path(sys.argv[1]), per_class=2, layout='hub')"
+    )
+    for salt in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": salt, "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / salt)], env=env, check=True)
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
+    assert len(files) == 8
+    for name in files:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
