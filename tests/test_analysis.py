@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from micromerge.analysis import figures
+from micromerge.analysis import ablate, figures
 from micromerge.analysis.ablate import grid_jobs, load_ablation, run_ablation
 from micromerge.analysis.metrics import check_group, pareto_front, summarise, task_changes, valid_groups
 from micromerge.analysis.report import build_report
@@ -406,7 +406,7 @@ def test_shipped_ablation_configs_parse():
 
 
 @pytest.mark.slow
-def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path):
+def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path, monkeypatch):
     import torch
 
     bench = write_fixture(tmp_path / "bench", per_class=4)
@@ -440,9 +440,14 @@ def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path):
     assert plain.references == ruled.references == "evaluated models"
     assert ruled.base == plain.base and ruled.finetuned == plain.finetuned
     size = ablation.store.stat().st_size
+    # The second run's report (half this test's time) is the first's: report determinism is tested
+    # on its own (test_report_scale); here only that it is asked for again, of the same store.
+    reports = []
+    monkeypatch.setattr(ablate, "build_report", lambda *args, **kwargs: reports.append(args) or html)
     with pytest.warns(UserWarning, match=r"rule pattern 'visual.transformer.resblocks.\[23\].\*'"):
         run_ablation(ablation, tmp_path / "cache", torch.device("cpu"), progress=False)  # checked again
     assert ablation.store.stat().st_size == size, "a second run redoes nothing"
+    assert reports == [(ablation.store, ablation.report, "domain:pathology")]
     assert html.is_file() and "vision-only" in html.read_text()
 
 

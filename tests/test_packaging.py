@@ -85,11 +85,12 @@ def _module_distributions() -> dict[str, set[str]]:
     for installed in distributions():
         if installed.read_text("top_level.txt") is not None:  # read by packages_distributions
             continue
+        name = installed.metadata["Name"]  # parsed anew on each read: once per distribution
         for file in installed.files or ():
             top = file.parts[0]  # metadata folders, .pth files and ../bin entries are no identifiers
             module = top.removesuffix(".py") if len(file.parts) == 1 else top
             if module.isidentifier() and module != "__pycache__":
-                owners.setdefault(module, set()).add(installed.metadata["Name"] or module)
+                owners.setdefault(module, set()).add(name or module)
     return owners
 
 
