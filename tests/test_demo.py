@@ -92,11 +92,8 @@ def _check_printed_numbers(printed: dict, out: Path) -> None:
     specialist, forgetting is the biology (control) mean's drop, in points, and the paper's
     headline at alpha 0 and 1 is the run's headline rows. Its sweeps ran with the methods'
     parameters it documents (TIES at density 0.2)."""
-    (wise,) = [
-        r
-        for r in load_runs(out / "results" / "results.jsonl")
-        if (r.method, r.protocol) == ("wise-ft", "ubench")
-    ]
+    runs = load_runs(out / "results" / "results.jsonl")
+    (wise,) = [r for r in runs if (r.method, r.protocol) == ("wise-ft", "ubench")]
     for domain in ("pathology", "biology"):
         values = curve(wise, f"domain:{domain}").set_index("alpha")["value"]
         assert printed[f"base_{domain}"] == pytest.approx(values[0.0], abs=1e-9), domain
@@ -111,9 +108,7 @@ def _check_printed_numbers(printed: dict, out: Path) -> None:
         if alpha in (0.0, 1.0)
     }
     assert {"coarse@0", "coarse@1", "fine@0", "fine@1"} <= set(printed["paper_headline"])
-    parameters = {
-        r.method: r.parameters for r in load_runs(out / "results" / "results.jsonl") if r.protocol == "ubench"
-    }
+    parameters = {r.method: r.parameters for r in runs if r.protocol == "ubench"}
     assert parameters["ties"]["density"] == 0.2, "the demo's TIES keeps the top 20%"
     assert "density" not in parameters["wise-ft"] and "density" not in parameters["task-arithmetic"]
 
