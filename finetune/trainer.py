@@ -27,7 +27,8 @@ import torch
 import micromerge
 from micromerge.core.atomic import output_folder, sync_tree, write_json_atomic, write_text_atomic
 from micromerge.core.devices import resolve_device
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import FolderInUse, MicromergeError
+from micromerge.core.folder_lock import sole_writer
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON, task_data_fingerprint
@@ -346,19 +347,15 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     model path. A run refused before it wrote anything leaves no empty --out folder behind."""
     _refuse_base_inside_out(cfg)
     with output_folder(cfg.out):
-        return _train(cfg)
+        accelerator = _accelerator(cfg)
+        with _one_run_per_folder(cfg, accelerator):
+            return _train(cfg, accelerator)
 
 
-def _train(cfg: FinetuneConfig) -> Path:
+def _accelerator(cfg: FinetuneConfig) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
-    if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
-        # already finished: resuming is a no-op, apart from the state a kill after the manifest left
-        _check_finished_settings(cfg)
-        shutil.rmtree(cfg.out / "state", ignore_errors=True)
-        return cfg.out / "model.safetensors"
     use_cpu = resolve_device(cfg.device).type == "cpu"  # `cuda` without a GPU: one line, not a CPU run
     if use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise MicromergeError(
@@ -370,7 +367,39 @@ def _train(cfg: FinetuneConfig) -> Path:
     # precision, or refuse. Each run starts from a fresh state; under a distributed launch the
     # process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision)
+    return Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision)
+
+
+@contextlib.contextmanager
+def _one_run_per_folder(cfg: FinetuneConfig, accelerator: Accelerator) -> Iterator[None]:
+    """--out locked for the whole run, before its folder check (a --force or --resume into a
+    running run's folder would delete or load the state it is writing). Only the main process
+    locks: the launch's other processes are the same run. Its refusal reaches every process, which
+    would otherwise go on alone past the folder check until the next collective, there to hang."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(sole_writer(cfg.out, "--out"))
+            except FolderInUse as exc:
+                refusal = str(exc)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            [refusal] = broadcast_object_list([refusal])
+        if refusal is not None:
+            raise FolderInUse(refusal)
+        yield
+
+
+def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
+    from accelerate.utils import set_seed
+
+    if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
+        # already finished: resuming is a no-op, apart from the state a kill after the manifest left
+        _check_finished_settings(cfg)
+        shutil.rmtree(cfg.out / "state", ignore_errors=True)
+        return cfg.out / "model.safetensors"
     if cfg.mode == "contrastive" and cfg.batch_size * accelerator.num_processes < 2:
         # one pair is its own only candidate: InfoNCE is log(1) = 0, so the run trained nothing
         raise MicromergeError(

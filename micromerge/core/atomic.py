@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import FolderInUse, MicromergeError
 
 
 @contextlib.contextmanager
@@ -251,6 +251,8 @@ def output_folder(path: str | Path, flag: str = "--out") -> Iterator[Path]:
         if not os.access(folder, os.W_OK):
             raise MicromergeError(f"{flag} {folder}: not writable; choose another folder")
         yield folder
+    except FolderInUse:
+        raise  # another run's folder now, though this one made it a moment before
     except BaseException:
         for made in created:  # innermost first; one holding files (another process's, a saved state) stays
             try:

@@ -9,3 +9,8 @@ class MicromergeError(Exception):
     """A user-fixable problem: the message names the file, key or value and the fix."""
 
     exit_code = 2
+
+
+class FolderInUse(MicromergeError):
+    """Another process is writing into the output folder now. The folder is that process's: a
+    refused run leaves it as it is, even one it made itself a moment before the other took it."""

@@ -1,0 +1,57 @@
+"""One writer per output folder: a second run into a folder another run is writing is refused.
+
+A fine-tune checks that --out holds no run before its first write, but that write comes seconds
+later (after the model and data load): two runs started a second apart both passed the check and
+wrote one folder's state, log and model over each other. The lock closes that window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from micromerge.core.errors import FolderInUse
+
+
+@contextlib.contextmanager
+def sole_writer(folder: Path, flag: str) -> Iterator[None]:
+    """Hold an exclusive flock on `folder` itself while the block runs, or refuse at once.
+
+    The folder is locked rather than a lock file in it: a file would stay behind (in a finished
+    run's folder, and in an empty refused one, which could then not be removed), and removing it
+    on release lets a third process lock a new file while a second still holds the old one. The
+    kernel drops the lock when the process ends, `kill -9` included, so no stale lock can refuse
+    a later run. A filesystem without flock (some NFS, Lustre or GPFS mounts) gets no lock, and
+    the folder check before the first write is the only guard there, as it was before.
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(os.fstat(fd))
+            raise FolderInUse(
+                f"{flag} {folder}: another run{holder} is writing into this folder now; wait for it "
+                "to end (then --resume or --force as usual), or choose another folder"
+            ) from None
+        except OSError:
+            pass  # no flock here: see above
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(folder: os.stat_result) -> str:
+    """' (process N)' for the process holding the folder's flock, as Linux's /proc/locks names
+    it; empty where that cannot be told (another OS, or the holder ended meanwhile)."""
+    device = f"{os.major(folder.st_dev):02x}:{os.minor(folder.st_dev):02x}:{folder.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 2118 fe:00:2146988 0 EOF"; a waiter's line has "->" second
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                return f" (process {fields[4]})"
+    return ""
