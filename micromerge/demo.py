@@ -21,8 +21,9 @@ import click
 import torch
 
 import micromerge
-from micromerge.core.atomic import sync_folder, sync_tree, write_json_atomic
+from micromerge.core.atomic import output_folder, sync_folder, sync_tree, write_json_atomic
 from micromerge.core.errors import MicromergeError
+from micromerge.core.folder_lock import sole_writer
 from micromerge.core.hashing import sha256_json
 
 ARCH = "micro-clip"
@@ -183,26 +184,41 @@ def train_contrastive(
     )
 
 
-def _remove_demo_folder(out: Path) -> None:
-    """`--fresh` removes a demo's folder only: `--out . --fresh` (or `~`) removed the whole folder,
-    a checkout or a home with it. A demo folder is one with the demo's `stages/` record."""
-    if out.is_dir() and any(out.iterdir()) and not (out / "stages").is_dir():
+def _empty_demo_folder(out: Path) -> None:
+    """`--fresh` empties a demo's folder only: `--out . --fresh` (or `~`) removed the whole folder,
+    a checkout or a home with it. A demo folder is one with the demo's `stages/` record. The
+    folder itself stays: it is what the running demo holds the lock of."""
+    if not out.is_dir():
+        return
+    if any(out.iterdir()) and not (out / "stages").is_dir():
         raise MicromergeError(
             f"--out {out}: not a demo folder (no stages/ in it), so --fresh will not remove it; "
             "choose a new or a demo folder"
         )
-    shutil.rmtree(out, ignore_errors=True)
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[str, Any]:
+    """The demo's stages into cfg.out, one demo at a time: a second demo started into the folder
+    (a `make demo` run again in another terminal) is refused at once, before --fresh empties it;
+    without that, both wrote the data stage's staging folder and removed it under each other."""
+    with output_folder(cfg.out), sole_writer(cfg.out, "--out"):
+        if cfg.fresh:
+            _empty_demo_folder(cfg.out)
+        return _run_stages(cfg, say)
+
+
+def _run_stages(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     from micromerge.analysis.metrics import summarise
     from micromerge.analysis.report import build_report
     from micromerge.analysis.tables import load_runs
     from micromerge.eval.engine import HALVES, EvalSettings, SweepPlan, prepare, run_eval, run_sweep
     from micromerge.merging.job import job_from_mapping
 
-    if cfg.fresh:
-        _remove_demo_folder(cfg.out)
     out = cfg.out
     data, init = out / "data", out / "checkpoints" / "init.safetensors"
     base_run, specialist_run = out / "runs" / "base", out / "runs" / "pathology-specialist"

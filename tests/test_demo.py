@@ -1,6 +1,7 @@
 """The embedded default: the demo's own output must show real forgetting and real recovery."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -206,10 +207,11 @@ def test_demo_takes_its_smallest_settings_and_refuses_one_less():
     assert DemoConfig().fresh is False and DemoConfig().progress is True
 
 
-def test_fresh_removes_a_demo_folder_only(tmp_path):
+def test_fresh_empties_a_demo_folder_only(tmp_path):
     """`demo --out . --fresh` removed the folder whole (a checkout, a home): --fresh now refuses a
-    non-empty folder without the demo's stages/ record, and still starts a demo folder over."""
-    from micromerge.demo import _remove_demo_folder
+    non-empty folder without the demo's stages/ record, and still starts a demo folder over. It
+    empties the folder rather than removing it: the folder is what the running demo has locked."""
+    from micromerge.demo import _empty_demo_folder
 
     mine = tmp_path / "my-project"
     mine.mkdir()
@@ -219,12 +221,36 @@ def test_fresh_removes_a_demo_folder_only(tmp_path):
     assert (mine / "thesis.tex").read_text() == "years of work"
     demo = tmp_path / "demo-out"
     (demo / "stages").mkdir(parents=True)
-    (demo / "runs").mkdir()
-    _remove_demo_folder(demo)
-    assert not demo.exists()
+    (demo / "runs" / "base").mkdir(parents=True)
+    (demo / "report.md").write_text("old")
+    (demo / "elsewhere").symlink_to(mine)  # a link is removed, never what it points to
+    _empty_demo_folder(demo)
+    assert demo.is_dir() and list(demo.iterdir()) == []
+    assert (mine / "thesis.tex").read_text() == "years of work"
     (tmp_path / "empty").mkdir()
-    _remove_demo_folder(tmp_path / "empty")
-    _remove_demo_folder(tmp_path / "never-made")
+    _empty_demo_folder(tmp_path / "empty")
+    _empty_demo_folder(tmp_path / "never-made")
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_demo_into_the_folder_of_a_running_demo_is_refused_before_it_changes_anything(tmp_path, fresh):
+    """A second demo into a running one's folder (`make demo` again in another terminal) stops at
+    once with one line naming the process; with --fresh it would have emptied the folder under
+    the running demo. The running demo is stood for by its lock, taken in this process."""
+    from micromerge.core.folder_lock import sole_writer
+
+    demo = tmp_path / "demo-out"
+    (demo / "stages").mkdir(parents=True)
+    (demo / "stages" / "data.json").write_text('{"digest": "x", "finished": false}\n')
+    args = ["demo", "--out", str(demo), "--quiet", *(["--fresh"] if fresh else [])]
+    with sole_writer(demo, "--out"):
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert (
+        f"--out {demo}: another run (process {os.getpid()}) is writing into this folder now" in result.stderr
+    )
+    assert result.stdout == ""  # refused before its first stage said anything
+    assert sorted(path.name for path in demo.rglob("*")) == ["data.json", "stages"]
 
 
 def test_a_stage_resumes_under_its_settings_and_starts_over_under_others(tmp_path):

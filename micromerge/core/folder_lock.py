@@ -35,7 +35,7 @@ def sole_writer(folder: Path, flag: str) -> Iterator[None]:
             holder = _lock_holder(os.fstat(fd))
             raise FolderInUse(
                 f"{flag} {folder}: another run{holder} is writing into this folder now; wait for it "
-                "to end (then --resume or --force as usual), or choose another folder"
+                "to end, or choose another folder"
             ) from None
         except OSError:
             pass  # no flock here: see above
