@@ -197,12 +197,16 @@ class ResultStore:
             if self.path.exists():
                 with open(self.path, "rb") as handle:
                     self._refuse_other_files(handle.read(_FIRST_BYTES))
-                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    self._check_lockable(fd)
+                finally:
+                    os.close(fd)
                 return
             nearest = next(p for p in self.path.parents if p.exists())
             # its folders are made when rows are written; a file on the way is NotADirectoryError
-            with tempfile.TemporaryFile(dir=nearest):
-                pass
+            with tempfile.TemporaryFile(dir=nearest) as probe:
+                self._check_lockable(probe.fileno())
         except OSError as exc:
             raise MicromergeError(f"--store {self.path}: cannot write ({exc.strerror or exc})") from exc
 
@@ -384,17 +388,49 @@ class ResultStore:
         if not rows:
             return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        made = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self._lock(fd, fcntl.LOCK_EX)
+            except MicromergeError:
+                if made and os.fstat(fd).st_size == 0:  # no rows can go there: no empty store either
+                    self.path.unlink(missing_ok=True)
+                raise
             try:
                 return self._append_locked(fd, rows)
             except BaseException:
                 self._index = None  # the kept keys may name rows that are not there
                 raise
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _check_lockable(self, fd: int) -> None:
+        """Whether the store's filesystem gives locks, asked before any work. Held by a writer now
+        (another sweep appending) is an answer too: it does."""
+        try:
+            self._lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock(self, fd: int, operation: int) -> None:
+        """flock, or one line where the filesystem gives no locks (some NFS, Lustre or GPFS mounts
+        answer ENOLCK, ENOSYS or EOPNOTSUPP). Rows go where the file ended when it was last read,
+        which only the lock keeps true: two sweeps appending there at once would write their rows
+        over each other's, or cut one's half-written row off as a killed writer's."""
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            raise MicromergeError(
+                f"--store {self.path}: this filesystem gives no file locks ({exc.strerror or exc}), "
+                "which the store's writers need; keep the store on a local disk, or on a mount with "
+                "locks (NFS with lockd, Lustre with -o flock)"
+            ) from exc
 
     def _append_locked(self, fd: int, rows: list[dict[str, Any]]) -> int:
         self._refuse_other_files(os.pread(fd, _FIRST_BYTES, 0))  # a reader finds no rows there

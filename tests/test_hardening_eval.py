@@ -4,9 +4,12 @@ before the fix and passes after."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import struct
 import warnings
@@ -446,6 +449,35 @@ def test_an_unwritable_store_or_cache_fails_before_any_work(setup):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and needle in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_store_on_a_filesystem_without_locks_is_one_line_before_any_work(setup, monkeypatch, exists):
+    """Some NFS, Lustre and GPFS mounts answer flock with ENOLCK, ENOSYS or EOPNOTSUPP. That was
+    an OSError traceback from the store's first append, after the evaluation had run (raised again
+    by the unlock in the same `finally`, which hid the first). The store now asks before any work
+    (the cache folder is not made yet) and says where a store can go; a script's append is told
+    the same and writes nothing. Simulated: every filesystem of this machine gives locks."""
+    tmp, bench = setup
+    store = tmp / "r.jsonl"
+    if exists:
+        ResultStore(store).append([_row(0.0)])
+    before = store.read_bytes() if exists else None
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    args = ["eval", "--model", str(tmp / "a.safetensors"), "--data", str(bench), "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--store", str(store), "--cache-dir", str(tmp / "cache")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    said = f"--store {store}: this filesystem gives no file locks ({os.strerror(errno.ENOLCK)})"
+    assert said in result.output and "keep the store on a local disk" in result.output
+    assert not (tmp / "cache").exists()
+    with pytest.raises(MicromergeError, match=re.escape(said)):
+        ResultStore(store).append([_row(0.5)])
+    assert (store.read_bytes() if store.exists() else None) == before
 
 
 def test_a_run_refused_for_its_input_leaves_no_store_behind_and_a_checkpoint_is_no_store(setup, tmp_path):
