@@ -128,6 +128,21 @@ def test_a_filesystem_without_locks_still_trains(tmp_path, base, monkeypatch):
     assert run_finetune(config(base, write_csv_folder(tmp_path / "pairs"), tmp_path / "run")).is_file()
 
 
+def test_a_folder_that_cannot_be_opened_to_lock_still_trains(tmp_path, base, monkeypatch):
+    """A folder the user may write into but not list (mode -wx) cannot be opened, so not locked
+    either: the run goes ahead as on a filesystem without locks, not with a PermissionError
+    traceback. Simulated: the suite runs as root, whom permission bits never stop."""
+    out, real_open = tmp_path / "run", os.open
+
+    def cannot_list(path, flags, *args, **kwargs):
+        if Path(path) == out and flags & os.O_DIRECTORY:
+            raise PermissionError(13, os.strerror(13), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", cannot_list)
+    assert run_finetune(config(base, write_csv_folder(tmp_path / "pairs"), out)).is_file()
+
+
 @pytest.mark.slow
 def test_every_process_of_a_launch_into_a_held_folder_is_refused(tmp_path, base, held_by_another_process):
     """Only the launch's main process locks --out; its refusal is broadcast, so the second

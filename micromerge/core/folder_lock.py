@@ -24,10 +24,15 @@ def sole_writer(folder: Path, flag: str) -> Iterator[None]:
     run's folder, and in an empty refused one, which could then not be removed), and removing it
     on release lets a third process lock a new file while a second still holds the old one. The
     kernel drops the lock when the process ends, `kill -9` included, so no stale lock can refuse
-    a later run. A filesystem without flock (some NFS, Lustre or GPFS mounts) gets no lock, and
-    the folder check before the first write is the only guard there, as it was before.
+    a later run. A filesystem without flock (some NFS, Lustre or GPFS mounts) gets no lock, nor
+    does a folder that cannot be opened, and the folder check before the first write is the only
+    guard there, as it was before.
     """
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a folder the user may write but not list (mode -wx) cannot be opened to lock
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
