@@ -102,6 +102,43 @@ def test_a_run_killed_while_it_held_the_folder_leaves_no_lock_behind(tmp_path, b
     assert written == ["README.md", "manifest.json", "model.safetensors", "train_log.jsonl"]
 
 
+FORK_WHILE_HOLDING = """
+import os, sys, time
+from pathlib import Path
+from micromerge.core.folder_lock import sole_writer
+with sole_writer(Path(sys.argv[1]), "--out"):
+    child = os.fork()
+    if child == 0:  # a DataLoader worker, forked while the run holds --out
+        time.sleep(60)
+        os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_process_forked_while_the_folder_is_held_does_not_hold_it(tmp_path):
+    """A flock belongs to the open descriptor, and a forked child (a DataLoader worker) got a
+    copy: after `kill -9` of a fine-tune, its workers held --out for the 5 s they took to notice,
+    and a --resume then was refused, naming the dead process. Here a process forks a child while
+    it holds the folder and then lets it go: the folder is free at once, the child still alive."""
+    import psutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    script = subprocess.Popen(
+        [sys.executable, "-c", FORK_WHILE_HOLDING, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert script.stdout is not None
+        child = psutil.Process(int(script.stdout.readline()))
+        with sole_writer(folder, "--out"):
+            assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    finally:
+        for process in (psutil.Process(script.pid), *psutil.Process(script.pid).children()):
+            process.kill()
+        script.wait()
+
+
 def test_the_folder_is_free_again_once_a_run_ends(tmp_path, base):
     """A run that ended, finished or refused, holds nothing: the next run into its folder in the
     same process (a script or notebook runs them so) goes ahead, while a lock taken in that

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from micromerge.core.errors import FolderInUse
@@ -33,6 +34,7 @@ def sole_writer(folder: Path, flag: str) -> Iterator[None]:
     except OSError:  # a folder the user may write but not list (mode -wx) cannot be opened to lock
         yield
         return
+    held = _Held(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,9 +46,27 @@ def sole_writer(folder: Path, flag: str) -> Iterator[None]:
             ) from None
         except OSError:
             pass  # no flock here: see above
+        os.register_at_fork(after_in_child=held.let_go_in_child)
         yield
     finally:
+        held.fd = None
         os.close(fd)
+
+
+@dataclass
+class _Held:
+    """The locked folder's descriptor, which a process forked while it is held (a DataLoader
+    worker) closes at once. A flock belongs to the open descriptor, and a child's copy kept it
+    held: after `kill -9` of a fine-tune, its workers held --out for the 5 s they took to notice
+    (a --resume then was refused, naming the dead process). The hook stays registered for the
+    process's life (fork hooks cannot be removed), so it does nothing once the lock is let go."""
+
+    fd: int | None
+
+    def let_go_in_child(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _lock_holder(folder: os.stat_result) -> str:
