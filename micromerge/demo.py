@@ -204,8 +204,8 @@ def _empty_demo_folder(out: Path) -> None:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = click.echo) -> dict[str, Any]:
     """The demo's stages into cfg.out, one demo at a time: a second demo started into the folder
-    (a `make demo` run again in another terminal) is refused at once, before --fresh empties it;
-    without that, both wrote the data stage's staging folder and removed it under each other."""
+    (a `make demo` run again in another terminal) is refused at once, before --fresh empties it.
+    Two at once each replaced the data folder under the other's training, and both failed."""
     with output_folder(cfg.out), sole_writer(cfg.out, "--out"):
         if cfg.fresh:
             _empty_demo_folder(cfg.out)

@@ -2,7 +2,8 @@
 
 A fine-tune checks that --out holds no run before its first write, but that write comes seconds
 later (after the model and data load): two runs started a second apart both passed the check and
-wrote one folder's state, log and model over each other. The lock closes that window.
+wrote one folder's state, log and model over each other. Two demos into one folder each replaced
+the data under the other's training. The fine-tune and the demo hold this lock for their whole run.
 """
 
 from __future__ import annotations
