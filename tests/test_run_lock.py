@@ -107,11 +107,11 @@ import os, sys, time
 from pathlib import Path
 from micromerge.core.folder_lock import sole_writer
 with sole_writer(Path(sys.argv[1]), "--out"):
-    child = os.fork()
-    if child == 0:  # a DataLoader worker, forked while the run holds --out
+    if os.fork() == 0:  # a DataLoader worker, forked while the run holds --out
+        print("child", os.getpid(), flush=True)  # the fork's hooks have run by now
         time.sleep(60)
         os._exit(0)
-print(child, flush=True)
+print("parent let go", flush=True)
 time.sleep(60)
 """
 
@@ -130,7 +130,9 @@ def test_a_process_forked_while_the_folder_is_held_does_not_hold_it(tmp_path):
     )
     try:
         assert script.stdout is not None
-        child = psutil.Process(int(script.stdout.readline()))
+        said = sorted(script.stdout.readline().split() for _ in range(2))  # either may come first
+        assert said[1] == ["parent", "let", "go"]
+        child = psutil.Process(int(said[0][1]))
         with sole_writer(folder, "--out"):
             assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
     finally:
