@@ -27,8 +27,7 @@ import torch
 import micromerge
 from micromerge.core.atomic import output_folder, sync_tree, write_json_atomic, write_text_atomic
 from micromerge.core.devices import resolve_device
-from micromerge.core.errors import FolderInUse, MicromergeError
-from micromerge.core.folder_lock import sole_writer
+from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON, task_data_fingerprint
@@ -37,12 +36,16 @@ from micromerge.eval.pairs import DecodedData, decode_checked
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision, is_hub_layout
 from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
+from micromerge.finetune.run_folder import (
+    check_finished_settings,
+    check_output_dir,
+    one_run_per_folder,
+    refuse_base_inside_out,
+)
 from micromerge.finetune.saved_state import (
     load_saved_state,
     read_log,
-    read_saved_state,
     restore_schedule,
-    schedule_in_json,
 )
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
@@ -129,72 +132,6 @@ def _check_resume_inputs(cfg: FinetuneConfig, resume_from: Path, prepared: Prepa
             f"--resume {cfg.out}: the {' and '.join(changed)} changed since that run started (other bytes at "
             "the same path); restore them, or start over with --force"
         )
-
-
-def _check_finished_settings(cfg: FinetuneConfig) -> None:
-    """Resuming a finished run hands back its model, so only under the settings it was trained
-    with: under others the model would be passed off as theirs (a demo or script that changed
-    --epochs would sweep the old specialist)."""
-    manifest_path = cfg.out / "manifest.json"
-    try:
-        trained = json.loads(manifest_path.read_text()).get("hyperparameters") or {}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise MicromergeError(
-            f"--resume {cfg.out}: {manifest_path.name} is unreadable ({exc}); start over with --force"
-        ) from exc
-    wanted = json.loads(json.dumps(cfg.hyperparameters(), default=str))
-    changed = sorted(k for k in set(wanted) | set(trained) if wanted.get(k) != trained.get(k))
-    if changed:
-        raise MicromergeError(
-            f"--resume {cfg.out}: that run finished with other settings ({', '.join(changed[:4])}); "
-            "use the same flags, or --force to train again"
-        )
-
-
-RUN_FILES = ("manifest.json", "model.safetensors", "head.safetensors", "train_log.jsonl", "README.md")
-
-
-def _refuse_base_inside_out(cfg: FinetuneConfig) -> None:
-    """A base inside --out (the folder of an earlier run, or a model.safetensors put there) was
-    replaced by the fine-tuned model, or deleted by --force before it was read."""
-    base = Path(cfg.base)
-    if not base.exists():  # a zoo name or hub id
-        return
-    base, out = base.resolve(), cfg.out.resolve()
-    if base == out or out in base.parents:
-        raise MicromergeError(
-            f"--base {cfg.base} lies inside --out {cfg.out}: the run would replace it (--force would "
-            "delete it first); choose another --out"
-        )
-
-
-def _check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
-    """The latest resumable state, after refusing to mix runs in one folder, or to replace files
-    of the names a run writes (a model.safetensors of the user's was silently overwritten)."""
-    state_dir = cfg.out / "state"
-    holds = [name for name in RUN_FILES if (cfg.out / name).exists()]
-    holds += ["state/"] if state_dir.exists() else []
-    if holds and cfg.force:
-        if is_main:
-            shutil.rmtree(state_dir, ignore_errors=True)
-            for name in RUN_FILES:
-                (cfg.out / name).unlink(missing_ok=True)
-        return None
-    if holds and not cfg.resume:
-        raise MicromergeError(
-            f"--out {cfg.out}: holds {', '.join(holds)} (another run, or files of yours); pass --resume "
-            "to continue a run or --force to replace them"
-        )
-    latest = state_dir / "LATEST"
-    if cfg.resume and latest.is_file():
-        resume_from, saved = read_saved_state(cfg, latest)
-        if saved["config_digest"] != sha256_json(cfg.hyperparameters()):
-            raise MicromergeError(
-                f"--resume {cfg.out}: the run there used other settings; use the same flags or --force"
-            )
-        schedule_in_json(cfg, resume_from, saved, is_main)
-        return resume_from
-    return None
 
 
 def _prepare(cfg: FinetuneConfig) -> Prepared:
@@ -345,10 +282,10 @@ def _lr_lambdas(
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the
     model path. A run refused before it wrote anything leaves no empty --out folder behind."""
-    _refuse_base_inside_out(cfg)
+    refuse_base_inside_out(cfg)
     with output_folder(cfg.out):
         accelerator = _accelerator(cfg)
-        with _one_run_per_folder(cfg, accelerator):
+        with one_run_per_folder(cfg, accelerator):
             return _train(cfg, accelerator)
 
 
@@ -370,34 +307,12 @@ def _accelerator(cfg: FinetuneConfig) -> Accelerator:
     return Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else cfg.precision)
 
 
-@contextlib.contextmanager
-def _one_run_per_folder(cfg: FinetuneConfig, accelerator: Accelerator) -> Iterator[None]:
-    """--out locked for the whole run, before its folder check (a --force or --resume into a
-    running run's folder would delete or load the state it is writing). Only the main process
-    locks: the launch's other processes are the same run. Its refusal reaches every process, which
-    would otherwise go on alone past the folder check until the next collective, there to hang."""
-    with contextlib.ExitStack() as held:
-        refusal = None
-        if accelerator.is_main_process:
-            try:
-                held.enter_context(sole_writer(cfg.out, "--out"))
-            except FolderInUse as exc:
-                refusal = str(exc)
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            [refusal] = broadcast_object_list([refusal])
-        if refusal is not None:
-            raise FolderInUse(refusal)
-        yield
-
-
 def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
     from accelerate.utils import set_seed
 
     if cfg.resume and not cfg.force and (cfg.out / "manifest.json").is_file():
         # already finished: resuming is a no-op, apart from the state a kill after the manifest left
-        _check_finished_settings(cfg)
+        check_finished_settings(cfg)
         shutil.rmtree(cfg.out / "state", ignore_errors=True)
         return cfg.out / "model.safetensors"
     if cfg.mode == "contrastive" and cfg.batch_size * accelerator.num_processes < 2:
@@ -406,7 +321,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             f"--batch-size {cfg.batch_size}: contrastive training needs at least 2 pairs in a step (over "
             "one pair the loss is 0 and has no gradient: the run would train nothing)"
         )
-    resume_from = _check_output_dir(cfg, accelerator.is_main_process)
+    resume_from = check_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     prepared = _prepare(cfg)
