@@ -414,6 +414,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         ) from exc
     finally:
         bar.close()
+        feed.close()
     accelerator.wait_for_everyone()
     from accelerate.utils import gather_object
 
@@ -482,6 +483,16 @@ class _MicroBatches:
             self.resident = resident_on_device(prepared.data.pixels, np.arange(n), self.device)
             # on a GPU the batches are gathered on the device: no per-step copy
             self.targets = targets.to(self.device) if self.resident is not None else targets
+
+    def close(self) -> None:
+        """Stop the stream's worker processes now. An interrupted or failed run's traceback holds
+        this object (a notebook keeps the last one), and its DataLoader workers lived on with it,
+        two idle processes of a `--workers 2` run until the next error replaced it."""
+        stream, self.stream = self.stream, None
+        close = getattr(stream, "close", None)  # a generator over the loader: its frame goes too
+        if close is not None:
+            close()
+        del stream  # the last reference: the loader's iterator shuts its workers down
 
     def get(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stream is not None:

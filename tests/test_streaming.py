@@ -137,6 +137,33 @@ def test_supervised_trains_a_two_class_task_and_records_a_known_domain_only(tmp_
         assert manifest["domain"] == domain
 
 
+@pytest.mark.parametrize("layout", ["image files", "webdataset shards"])
+def test_a_run_that_stops_early_stops_its_data_workers_with_it(tmp_path, base, monkeypatch, layout):
+    """Ctrl-C (or an error) in a streamed run: its traceback, which a notebook keeps as the last
+    one, held the DataLoader, and the run's `--workers 2` processes lived on, idle, until another
+    error replaced it. They now end with the run, while the traceback is still held."""
+    import psutil
+
+    if layout == "image files":  # streamed because it augments
+        data, values = str(write_csv_folder(tmp_path / "pairs", n=24)), dict(augment=("flip",))
+    else:
+        data, values = _pipe_spec(write_shards(tmp_path / "wds", 28, per_shard=7)), {}
+    saved = trainer._save_state
+
+    def save_then_stop(*args):
+        saved(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", save_then_stop)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    cfg = config(base, data, tmp_path / "run", max_steps=6, save_every=2, workers=2, **values)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_finetune(cfg)
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
+    assert [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE] == []
+    assert stopped.traceback  # still held, as a notebook holds it
+
+
 def test_augmentation_is_drawn_from_the_seed_and_survives_a_resume(tmp_path, base, monkeypatch):
     data = write_csv_folder(tmp_path / "pairs", n=24)
     augmented = dict(max_steps=8, augment=("crop", "flip", "rot90", "stain-jitter"), lr=1e-3)
