@@ -102,16 +102,16 @@ def test_a_run_killed_while_it_held_the_folder_leaves_no_lock_behind(tmp_path, b
     assert written == ["README.md", "manifest.json", "model.safetensors", "train_log.jsonl"]
 
 
-FORK_WHILE_HOLDING = """
+FORK_WHILE_HOLDING = r"""
 import os, sys, time
 from pathlib import Path
 from micromerge.core.folder_lock import sole_writer
 with sole_writer(Path(sys.argv[1]), "--out"):
     if os.fork() == 0:  # a DataLoader worker, forked while the run holds --out
-        print("child", os.getpid(), flush=True)  # the fork's hooks have run by now
+        os.write(1, f"child {os.getpid()}\n".encode())  # its fork hooks have run by now
         time.sleep(60)
         os._exit(0)
-print("parent let go", flush=True)
+os.write(1, b"parent let go\n")  # one write each: print's text and newline could interleave
 time.sleep(60)
 """
 
