@@ -488,11 +488,7 @@ class _MicroBatches:
         """Stop the stream's worker processes now. An interrupted or failed run's traceback holds
         this object (a notebook keeps the last one), and its DataLoader workers lived on with it,
         two idle processes of a `--workers 2` run until the next error replaced it."""
-        stream, self.stream = self.stream, None
-        close = getattr(stream, "close", None)  # a generator over the loader: its frame goes too
-        if close is not None:
-            close()
-        del stream  # the last reference: the loader's iterator shuts its workers down
+        self.stream = None  # its last reference: the loader's iterator shuts its workers down
 
     def get(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stream is not None:
