@@ -1,0 +1,96 @@
+"""`tasks` and `data verify`: what a μ-Bench copy holds, and whether it is the published one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from micromerge.cli.errors import friendly_errors
+from micromerge.cli.options import UBENCH_DATA_HELP
+from micromerge.core.errors import MicromergeError
+
+
+@click.command("tasks")
+@click.option("--data", default="ubench", show_default=True, help=UBENCH_DATA_HELP)
+@click.option("--sources", type=click.Path(), help="TOML overriding the source metadata table.")
+@click.option(
+    "--tasks",
+    "wanted",
+    default="all",
+    show_default=True,
+    help="List only these (as eval's --tasks reads them): what a selection would score, before it runs.",
+)
+@friendly_errors
+def tasks_command(data: str, sources: str | None, wanted: str) -> None:
+    """List every task with its images, classes, caption keys and metadata groups."""
+    from micromerge.eval.data import load_benchmark
+    from micromerge.eval.source_metadata import load_source_table
+    from micromerge.eval.task_selection import select_tasks
+    from micromerge.eval.tasks import discover_tasks
+
+    bench = load_benchmark(data)
+    every = discover_tasks(bench.dataset, load_source_table(Path(sources) if sources else None))
+    chosen = select_tasks(every, wanted)
+    click.echo(
+        f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  {'caption keys':<34} "
+        "domain / subdomain / modality / scale / taxonomy / in paper"
+    )
+    for task in chosen:
+        g = task.groups
+        keys = ",".join(q.key for q in task.questions) or "-"
+        click.echo(
+            f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {keys:<34} "
+            f"{g.get('domain')} / {g.get('subdomain')} / {g.get('modality')} / {g.get('scale')} / "
+            f"{g.get('taxonomy')} / {g.get('paper')}"
+        )
+        for note in task.notes:
+            click.echo(f"  note: {note}")
+
+
+@click.group("data")
+def data_group() -> None:
+    """Local copies of μ-Bench."""
+
+
+@data_group.command("verify")
+@click.argument("path", type=click.Path())
+@click.option(
+    "--expected",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON {shard name: sha256} to check against instead of the published checksums.",
+)
+@friendly_errors
+def data_verify_command(path: str, expected: str | None) -> None:
+    """Check a local copy's shards against the published SHA-256 of jnirschl/uBench's seven shards."""
+    from micromerge.eval.hub_layout import PUBLISHED_SHARDS, checked_checksums, find_hub_layout, verify_shards
+
+    if not Path(path).exists():
+        raise MicromergeError(
+            f"{path}: no such folder (pass a copy of the Hub's perception/0.1.0, or its parent)"
+        )
+    folder = find_hub_layout(Path(path)) if Path(path).is_dir() else None
+    if folder is None:
+        raise MicromergeError(
+            f"{path}: no μ-Bench shard folder (perception/0.1.0 with dataset_info.json) here"
+        )
+    checksums = PUBLISHED_SHARDS
+    if expected:
+        try:
+            loaded = json.loads(Path(expected).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MicromergeError(
+                f"--expected {expected}: not a JSON object of shard checksums ({exc})"
+            ) from exc
+        checksums = checked_checksums(loaded, f"--expected {expected}")
+    report = []
+    for name, status in verify_shards(folder, checksums):
+        click.echo(f"{name}  {status}")
+        report.append((name, status))
+    bad = [name for name, status in report if status != "ok"]
+    if bad:
+        raise MicromergeError(
+            f"{folder}: {len(bad)} of {len(report)} shard(s) differ, are missing or unexpected: {', '.join(bad)}"
+        )
+    click.echo(f"{folder}: all {len(report)} shards match")
