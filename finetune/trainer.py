@@ -499,6 +499,9 @@ class _MicroBatches:
                     f"--data {self.cfg.data}: the stream ran dry at step {micro}: no shard holds a full batch "
                     f"of {self.cfg.batch_size} samples (empty shards?); check the shards or lower --batch-size"
                 ) from None
+            except MicromergeError as exc:  # a worker's (an unreadable shard), raised again by the loader
+                # without the loader's frames, which held its workers alive as long as the error lived
+                raise exc.with_traceback(None) from None
 
             if not bool(readable.all()):
                 raise MicromergeError(

@@ -95,4 +95,6 @@ def test_ground_and_stages_below_are_allowed():
     assert not wrong_edges(
         ROOT / "analysis/x.py", "from micromerge.eval.store import ResultStore\nimport torch"
     )
-    assert not wrong_edges(ROOT / "micromerge/cli/eval_commands.py", "from micromerge.analysis.report import build_report")
+    assert not wrong_edges(
+        ROOT / "micromerge/cli/eval_commands.py", "from micromerge.analysis.report import build_report"
+    )

@@ -446,6 +446,25 @@ def test_a_missing_or_unreadable_shard_is_one_line_that_names_it(tmp_path, base,
         assert "shard-000001.tar cannot be read as a tar file (" in message, message
 
 
+def test_a_shard_a_worker_cannot_read_stops_the_workers_with_the_run(tmp_path, base):
+    """A shard read error is raised in a DataLoader worker and raised again by the loader's iterator
+    in the main process: the error's traceback then held the iterator's frames, and with them the
+    run's `--workers 2` processes, for as long as a notebook kept the error. They now end with the
+    run while the error is held, and the error is still its one line."""
+    import psutil
+
+    shards = write_shards(tmp_path / "wds", 28, per_shard=7)
+    (shards / "shard-000003.tar").write_bytes(b"not a tar file\n")
+    spec = f"{shards}/shard-{{000000..000003}}.tar"
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    with pytest.raises(MicromergeError) as caught:
+        run_finetune(config(base, spec, tmp_path / "run", max_steps=6, batch_size=4, workers=2))
+    assert "shard-000003.tar cannot be read as a tar file (" in str(caught.value)
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
+    assert [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE] == []
+    assert caught.traceback  # still held, as a notebook holds it
+
+
 def test_the_unreadable_shard_handler_closes_the_stream_webdataset_leaves_open(tmp_path):
     """webdataset's tar expander hands its handler the error with the shard's open stream and URL
     appended to its args (webdataset 0.2.86 tariterators.py, `tar_file_expander`); the run stops,
