@@ -21,7 +21,8 @@ from micromerge.analysis.tables import task_table
 from micromerge.core.config_files import load_section
 from micromerge.core.config_schema import ABLATION_SCHEMA, MERGE_SCHEMA, check_section, refuse_unknown_keys
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import EvalSettings, SweepPlan, alone, prepare, run_eval, run_sweep
+from micromerge.eval.engine import alone, prepare, run_eval, run_sweep
+from micromerge.eval.settings import EvalSettings, SweepPlan
 from micromerge.eval.source_metadata import load_source_table
 from micromerge.eval.trained_on import refuse_other_halves
 from micromerge.merging.job import MergeJob, job_from_mapping, parse_alphas

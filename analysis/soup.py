@@ -31,7 +31,8 @@ from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.provenance import CHOSEN_ON
-from micromerge.eval.engine import EvalSettings, Prepared, SweepPlan, prepare, run_sweep, select_half
+from micromerge.eval.engine import Prepared, prepare, run_sweep
+from micromerge.eval.settings import EvalSettings, SweepPlan, select_half
 from micromerge.merging.execute import MergeOutput
 from micromerge.merging.job import check_file_out, job_from_mapping, run_merge_job
 from micromerge.merging.methods import MethodParams

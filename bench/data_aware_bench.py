@@ -44,7 +44,7 @@ for index in (1, 2):
 RUN = """
 import json, sys, time, torch
 from pathlib import Path
-from micromerge.eval.engine import EvalSettings
+from micromerge.eval.settings import EvalSettings
 from micromerge.eval.statistics import statistics_input
 from micromerge.merging.methods import MethodParams
 kind, folder, data, cache, device, samples, steps = sys.argv[1:8]

@@ -42,8 +42,10 @@ from micromerge.analysis.tables import Run, load_runs
 from micromerge.core.hashing import default_cache_dir
 from micromerge.demo import DemoConfig, run_demo, train_contrastive
 from micromerge.eval.coefficients import LEARNED
-from micromerge.eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_eval, run_sweep
+from micromerge.eval.engine import prepare, run_eval, run_sweep
+from micromerge.eval.evaluator import Evaluator
 from micromerge.eval.metrics import paired_task_mean_difference
+from micromerge.eval.settings import EvalSettings, SweepPlan
 from micromerge.eval.statistics import KINDS, statistics_input
 from micromerge.eval.synthetic.generate import write_corpus
 from micromerge.merging.job import job_from_mapping, run_merge_job

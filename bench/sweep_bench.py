@@ -38,9 +38,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from micromerge.eval.data import load_benchmark
-from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
+from micromerge.eval.engine import run_sweep
 from micromerge.eval.hub_layout import HUB_FOLDER, write_hub_layout
 from micromerge.eval.schema import ubench_features
+from micromerge.eval.settings import EvalSettings, SweepPlan
 from micromerge.eval.synthetic.generate import write_benchmark
 from micromerge.eval.synthetic.spec import all_label_names
 from micromerge.eval.tasks import discover_tasks

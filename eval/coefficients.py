@@ -35,9 +35,11 @@ from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
-from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare, select_half
+from micromerge.eval.engine import Prepared, prepare
+from micromerge.eval.evaluator import Evaluator
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import Questions, option_log_probs, select_questions
+from micromerge.eval.settings import EvalSettings, select_half
 from micromerge.eval.statistics import question_digest, question_scope
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import Evaluator
+from micromerge.eval.evaluator import Evaluator
 
 if TYPE_CHECKING:
     from micromerge.merging.models import ClipModel, Tokenizer

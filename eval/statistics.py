@@ -33,9 +33,11 @@ from safetensors.torch import load_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.eval.corpus_questions import corpus_questions, open_corpus
-from micromerge.eval.engine import EvalSettings, Evaluator, Prepared, prepare, select_half
+from micromerge.eval.engine import Prepared, prepare
+from micromerge.eval.evaluator import Evaluator
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import QuestionBank, Questions, option_log_probs, select_questions
+from micromerge.eval.settings import EvalSettings, select_half
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import MethodParams
 from micromerge.merging.models import load_model

@@ -51,7 +51,7 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from micromerge.eval.engine import check_bootstrap
+        from micromerge.eval.settings import check_bootstrap
 
         if self.seed < 0:
             raise MicromergeError(f"--seed {self.seed}: must be a non-negative integer")
@@ -216,7 +216,8 @@ def _run_stages(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     from micromerge.analysis.metrics import summarise
     from micromerge.analysis.report import build_report
     from micromerge.analysis.tables import load_runs
-    from micromerge.eval.engine import HALVES, EvalSettings, SweepPlan, prepare, run_eval, run_sweep
+    from micromerge.eval.engine import prepare, run_eval, run_sweep
+    from micromerge.eval.settings import HALVES, EvalSettings, SweepPlan
     from micromerge.merging.job import job_from_mapping
 
     out = cfg.out

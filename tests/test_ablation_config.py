@@ -16,7 +16,7 @@ import torch
 from micromerge.analysis import ablate
 from micromerge.analysis.ablate import Ablation, SoupJob, grid_jobs, load_ablation, run_ablation
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import EvalSettings
+from micromerge.eval.settings import EvalSettings
 from micromerge.merging.job import MergeJob
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.sources import CheckpointAccess

@@ -22,9 +22,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from micromerge.cli import cli
-from micromerge.eval.engine import EvalSettings, Evaluator, prepare
+from micromerge.eval.engine import prepare
+from micromerge.eval.evaluator import Evaluator
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.questions import option_log_probs
+from micromerge.eval.settings import EvalSettings
 from micromerge.eval.statistics import StatisticsRequest, gram_matrices, model_statistics, select_questions
 from micromerge.eval.store import ResultStore
 from micromerge.merging.in_memory import merge_state_dicts

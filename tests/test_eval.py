@@ -1280,8 +1280,9 @@ def test_a_run_id_gains_a_field_only_where_that_setting_changes_the_numbers(tmp_
     from types import SimpleNamespace
 
     from micromerge.core.hashing import sha256_json
-    from micromerge.eval.engine import HALVES, EvalSettings, _run_id
+    from micromerge.eval.engine import _run_id
     from micromerge.eval.images import DECODE_IDENTITY
+    from micromerge.eval.settings import HALVES, EvalSettings
 
     bench, cpu = SimpleNamespace(fingerprint="abc"), torch.device("cpu")
     settings = EvalSettings("x", tmp_path / "s.jsonl", tmp_path, precision="fp32", bootstrap=0)
@@ -1341,7 +1342,8 @@ def test_the_fine_headline_pools_exactly_the_sources_that_ask_classification_1(b
     authors' fine-grained headline used `classification_1` only), and every caption is nullable:
     a source whose `classification_1` is null on every row adds nothing to the pool, so a selection
     without it still completes the headline; a source asking only `classification_1` is in it."""
-    from micromerge.eval.engine import HEADLINE_FINE, complete_headlines
+    from micromerge.eval.engine import complete_headlines
+    from micromerge.eval.evaluator import HEADLINE_FINE
 
     every = discover_tasks(load_benchmark(str(bench)).dataset)
     first, second = [t for t in every if t.level == "fine" and t.groups.get("fine_headline") == "yes"][:2]
@@ -1359,7 +1361,8 @@ def test_a_sources_override_or_a_bf16_forward_is_its_own_run_and_each_row_says_w
     neither was in the run id: a store resumed with another `--sources` file, or a sweep begun on a
     CPU and resumed on a GPU, mixed two kinds of rows in one run. Each is now in the id where it is
     present (the fp32, shipped-table id is kept, so stores written before resume) and in every row."""
-    from micromerge.eval.engine import EvalSettings, _run_id
+    from micromerge.eval.engine import _run_id
+    from micromerge.eval.settings import EvalSettings
 
     plain = CliRunner().invoke(cli, _eval_args(tmp_path, bench, models[0]))
     override = tmp_path / "sources.toml"
@@ -1576,7 +1579,8 @@ def test_evaluations_and_sweeps_of_one_preparation_index_the_store_once(tmp_path
     three scans a sweep), not again at each sweep; a greedy soup's candidate store, named by its
     own settings, gets its own reader."""
     from micromerge.eval import store as store_module
-    from micromerge.eval.engine import EvalSettings, SweepPlan, prepare, run_eval, run_sweep
+    from micromerge.eval.engine import prepare, run_eval, run_sweep
+    from micromerge.eval.settings import EvalSettings, SweepPlan
     from micromerge.merging.job import job_from_mapping
 
     built = []
@@ -1612,7 +1616,8 @@ def test_a_process_that_starts_after_another_finished_an_alpha_still_takes_its_o
     process's (an ablation's later sweeps lost it silently). The share is dealt from the whole list."""
     from dataclasses import replace
 
-    from micromerge.eval.engine import EvalSettings, SweepPlan, run_sweep
+    from micromerge.eval.engine import run_sweep
+    from micromerge.eval.settings import EvalSettings, SweepPlan
     from micromerge.merging.job import job_from_mapping
 
     job = job_from_mapping({"base": str(models[0]), "finetuned": [str(models[1])], "alphas": "0,0.5,1"})

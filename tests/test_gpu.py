@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 
 from micromerge.cli import cli
 from micromerge.eval.data import load_benchmark
-from micromerge.eval.engine import EvalSettings, Evaluator, SweepPlan, prepare, run_sweep
+from micromerge.eval.engine import prepare, run_sweep
+from micromerge.eval.evaluator import Evaluator
 from micromerge.eval.images import PixelFeed, build_image_cache
+from micromerge.eval.settings import EvalSettings, SweepPlan
 from micromerge.eval.zeroshot import image_embeddings
 from micromerge.finetune.trainer import LOSS_READ_EVERY, run_finetune
 from micromerge.merging.in_memory import merge_state_dicts

@@ -23,7 +23,8 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval import engine
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.data import load_benchmark
-from micromerge.eval.engine import EvalSettings, run_eval
+from micromerge.eval.engine import run_eval
+from micromerge.eval.settings import EvalSettings
 from micromerge.eval.store import ResultStore
 from micromerge.merging.rules import KeyRules
 from tests.helpers import write_checkpoint

@@ -417,7 +417,7 @@ def test_bad_numbers_are_one_line(setup, flags, needle):
 def test_settings_built_by_a_script_are_checked_as_the_flags_are(tmp_path, field, value, needle):
     """A script that builds EvalSettings itself (as the ablation runner and the demo do) gets the
     same refusal the command line gives."""
-    from micromerge.eval.engine import EvalSettings
+    from micromerge.eval.settings import EvalSettings
 
     with pytest.raises(MicromergeError, match=needle):
         EvalSettings("x", tmp_path / "s.jsonl", tmp_path, **{field: value})
@@ -426,7 +426,7 @@ def test_settings_built_by_a_script_are_checked_as_the_flags_are(tmp_path, field
 def test_the_bounds_of_the_checked_settings_are_themselves_accepted(tmp_path):
     """The refusals above stop at the bound: a batch of one image, no intervals and the largest
     resample count are settings a user may give."""
-    from micromerge.eval.engine import MAX_BOOTSTRAP, EvalSettings, check_bootstrap
+    from micromerge.eval.settings import MAX_BOOTSTRAP, EvalSettings, check_bootstrap
 
     for resamples in (0, MAX_BOOTSTRAP):
         check_bootstrap(resamples)

@@ -25,7 +25,8 @@ from micromerge.analysis.ablate import load_ablation, run_ablation
 from micromerge.analysis.report import build_report
 from micromerge.cli import cli
 from micromerge.eval.coefficients import FunctionalMerge, _Scorer, learned_coefficients
-from micromerge.eval.engine import Evaluator, prepare
+from micromerge.eval.engine import prepare
+from micromerge.eval.evaluator import Evaluator
 from micromerge.eval.images import DECODE_IDENTITY
 from micromerge.eval.statistics import select_questions
 from micromerge.eval.store import ResultStore, coefficients_file
@@ -550,7 +551,8 @@ def test_under_a_launch_the_first_process_learns_and_the_others_read_what_it_cac
     process's rows another run id. Here the second of two processes runs in this process and its
     barrier runs the first, as a launch would order them: one learning, one run id."""
     import micromerge.eval.coefficients as coefficients
-    from micromerge.eval.engine import SweepPlan, run_sweep
+    from micromerge.eval.engine import run_sweep
+    from micromerge.eval.settings import SweepPlan
     from micromerge.merging.plan import MergeSpec
 
     settings, models = setting

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from micromerge.eval.engine import POOLED, Evaluator, prepare
+from micromerge.eval.engine import prepare
+from micromerge.eval.evaluator import POOLED, Evaluator
 from micromerge.eval.metrics import paired_task_mean_difference
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source

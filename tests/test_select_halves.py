@@ -1,6 +1,6 @@
 """Data-aware merges learn from the select half of the halves --seed draws, and are held to it.
 
-The select/report halves are a permutation of the images seeded by --seed (`engine.Evaluator`).
+The select/report halves are a permutation of the images seeded by --seed (`eval.evaluator.Evaluator`).
 Fisher, RegMean, AdaMerging and the supervised α learn from the select half, so their report-half
 numbers are held out only under the same halves. Before 0.1.6 neither the statistics' cache key
 nor their record said which halves: `merge --seed 3` learned on seed 0's select half and recorded

@@ -23,8 +23,10 @@ from micromerge.analysis.soup import greedy_soup
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.engine import POOLED, EvalSettings, run_eval
+from micromerge.eval.engine import run_eval
+from micromerge.eval.evaluator import POOLED
 from micromerge.eval.hub_layout import write_hub_layout
+from micromerge.eval.settings import EvalSettings
 from micromerge.eval.store import ResultStore
 from tests.helpers import write_checkpoint
 from tests.test_analysis import write_store

@@ -194,7 +194,8 @@ def test_an_evaluation_returns_its_own_selections_rows_from_a_store_that_holds_m
 
     import torch
 
-    from micromerge.eval.engine import EvalSettings, run_eval
+    from micromerge.eval.engine import run_eval
+    from micromerge.eval.settings import EvalSettings
 
     bench = write_fixture(tmp_path / "bench", per_class=1)
     write_checkpoint(tmp_path / "m.safetensors", 0)

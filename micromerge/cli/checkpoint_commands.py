@@ -73,7 +73,7 @@ def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> lis
     all its images (pooled over its caption keys) and the paper's two headline numbers; per
     protocol, the store's latest run of it (an earlier run, on other data or settings, would put a
     second, different number beside each task)."""
-    from micromerge.eval.engine import HEADLINE_COARSE, HEADLINE_FINE, POOLED
+    from micromerge.eval.evaluator import HEADLINE_COARSE, HEADLINE_FINE, POOLED
     from micromerge.eval.store import ResultStore
     from micromerge.merging.execute import input_hashes
 

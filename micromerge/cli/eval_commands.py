@@ -29,7 +29,7 @@ from micromerge.eval.setting_values import PRECISIONS, PROMPTS, PROTOCOLS
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-    from micromerge.eval.engine import EvalSettings
+    from micromerge.eval.settings import EvalSettings
 
 
 def _eval_options(func: Command) -> Command:
@@ -103,7 +103,7 @@ def _eval_settings(values: dict[str, Any]) -> tuple[EvalSettings, PartialState]:
     from accelerate import PartialState
 
     from micromerge.core.hashing import default_cache_dir
-    from micromerge.eval.engine import EvalSettings
+    from micromerge.eval.settings import EvalSettings
 
     state = PartialState(cpu=values["device"] == "cpu")
     settings = EvalSettings(
@@ -193,7 +193,8 @@ def eval_command(model: str, **values: Any) -> None:
 def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: str, **values: Any) -> None:
     """Evaluate a merge at every alpha on every task (resumable; `accelerate launch` splits alphas)."""
     from micromerge.core.devices import resolve_device
-    from micromerge.eval.engine import SweepPlan, run_sweep
+    from micromerge.eval.engine import run_sweep
+    from micromerge.eval.settings import SweepPlan
     from micromerge.merging.job import job_from_mapping, warn_of_a_variant_with_one_finetuned
     from micromerge.merging.methods import TUNABLE
 

@@ -156,7 +156,7 @@ def _merge_statistics(job: MergeJob, quiet: bool) -> StatisticsInput | None:
         )
     from micromerge.core.devices import resolve_device
     from micromerge.core.hashing import default_cache_dir
-    from micromerge.eval.engine import EvalSettings
+    from micromerge.eval.settings import EvalSettings
     from micromerge.eval.statistics import statistics_input
 
     settings = EvalSettings(
