@@ -41,7 +41,7 @@ class FinetuneConfig:
     progress: bool = True
     domain: str | None = None  # what the specialist is for (recorded in the manifest, used by analysis)
     data_in_memory: str = "auto"  # auto | yes | no: decode everything once, or stream (finetune.streaming)
-    augment: tuple[str, ...] = ()  # names from finetune.streaming.AUGMENTATIONS, applied in order
+    augment: tuple[str, ...] = ()  # names from finetune.augment.AUGMENTATIONS, applied in order
     workers: int = 2  # DataLoader worker processes on the streaming path
 
     def __post_init__(self) -> None:
@@ -87,7 +87,7 @@ class FinetuneConfig:
                 f"finetune contrastive: {given} applies to supervised fine-tuning only (a task's labels, "
                 "a linear-probe head); remove it, or run `finetune supervised`"
             )
-        from micromerge.finetune.streaming import check_augment
+        from micromerge.finetune.augment import check_augment
 
         check_augment(self.augment)
 

@@ -36,15 +36,9 @@ from micromerge.eval.pairs import (
     parquet_footer,
     training_split,
 )
-from micromerge.finetune.streaming import (
-    Sample,
-    SampleRecipe,
-    ShardReadError,
-    corpus_fingerprint,
-    image_payload,
-    named_sample_seed,
-    skipped_here,
-)
+from micromerge.finetune.augment import named_sample_seed
+from micromerge.finetune.shard_stream import ShardReadError, skipped_here
+from micromerge.finetune.streaming import Sample, SampleRecipe, corpus_fingerprint, image_payload
 
 if TYPE_CHECKING:
     import datasets

@@ -1,4 +1,4 @@
-"""Training data read as it is used: memory that does not grow with the corpus, and augmentation.
+"""Training data read as it is used, by index: memory that does not grow with the corpus.
 
 The in-memory path decodes every image once into one uint8 array, which is the fastest for small
 data (the demo, one μ-Bench task) and impossible for PLIP's 208 k or Quilt-1M's million pairs. Here
@@ -10,28 +10,26 @@ decode and augment only the samples of the current batches.
 Random access keeps the trainer's data order (a seeded permutation per epoch, each rank its own
 slice) identical on both paths: without augmentation the streamed run ends bit-identical to the
 in-memory one, and resuming continues at the exact sample. Augmentation is drawn from a seed per
-(run seed, epoch, sample), so a resumed run also ends bit-identical to an uninterrupted one.
+(run seed, epoch, sample) (finetune/augment.py), so a resumed run also ends bit-identical to an
+uninterrupted one. Corpora read in order instead, without an index, are finetune/shard_stream.py
+(webdataset shards, URLs, pipes) and finetune/hub_stream.py (a hub dataset).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import itertools
 import json
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.data import column_values
-from micromerge.eval.images import decode_one
 from micromerge.eval.pairs import (
     CAPTION_SUFFIXES,
     CAPTION_TABLES,
@@ -46,6 +44,7 @@ from micromerge.eval.pairs import (
     load_saved_corpus,
     tar_caption,
 )
+from micromerge.finetune.augment import sample_pixels, sample_seed
 
 if TYPE_CHECKING:
     import datasets
@@ -63,49 +62,6 @@ FINGERPRINTS = {
 
 IN_MEMORY_BUDGET = 4 << 30
 """`--data-in-memory auto`: decode into memory when the decoded images take at most this many bytes."""
-
-
-def _crop(size: int) -> Callable:
-    """open_clip's training crop: RandomResizedCrop to the input size, scale (0.9, 1), bicubic."""
-    from torchvision.transforms import InterpolationMode, RandomResizedCrop
-
-    return RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC)
-
-
-def _flips(_size: int) -> Callable:
-    from torchvision.transforms import Compose, RandomHorizontalFlip, RandomVerticalFlip
-
-    return Compose([RandomHorizontalFlip(), RandomVerticalFlip()])
-
-
-def _rot90(_size: int) -> Callable:
-    def rotate(image: Image.Image) -> Image.Image:
-        turns = int(torch.randint(0, 4, (1,)))
-        return image.rotate(90 * turns) if turns else image
-
-    return rotate
-
-
-def _stain_jitter(_size: int) -> Callable:
-    """Small colour jitter, the usual stand-in for stain variation between pathology labs."""
-    from torchvision.transforms import ColorJitter
-
-    return ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
-
-
-AUGMENTATIONS: dict[str, Callable[[int], Callable]] = {
-    "crop": _crop,
-    "flip": _flips,
-    "rot90": _rot90,
-    "stain-jitter": _stain_jitter,
-}
-"""Augmentations by name (config `augment = ["crop", "flip", ...]`), applied in the order named."""
-
-
-def check_augment(names: tuple[str, ...]) -> None:
-    unknown = [n for n in names if n not in AUGMENTATIONS]
-    if unknown:
-        raise MicromergeError(f"--augment {unknown[0]}: choose from {sorted(AUGMENTATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -317,26 +273,6 @@ def indexed_pairs(index: CorpusIndex) -> PairData:
     return PairData(payloads, list(index.targets), index.source)
 
 
-def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
-    """One image through the named augmentations, drawn from `seed` alone; uint8 [3, S, S] or None."""
-    try:
-        source = io.BytesIO(payload["bytes"]) if payload.get("bytes") else payload["path"]
-        if source is None:  # a null image cell: no bytes and no path
-            return None
-        image = Image.open(source).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
-    # this worker's CPU generator, for this sample only (torchvision's random transforms draw from it).
-    # Not torch.manual_seed: on a CUDA build it also queues a seeding of every GPU, formatting a stack
-    # trace for each call (measured: 1.3 ms a sample, more than decoding and cropping it)
-    torch.random.default_generator.manual_seed(seed)
-    for name in augment:
-        image = AUGMENTATIONS[name](size)(image)
-    if image.size != (size, size):  # no crop named: fit as the in-memory path does
-        return decode_one({"bytes": _png(image), "path": None}, size)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-
-
 def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> Sample:
     """(pixels, target, readable): an unreadable image travels as zeros with readable False."""
     if pixels is None:
@@ -344,33 +280,11 @@ def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> 
     return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _read_member(location: tuple[str, int, int]) -> bytes:
     shard, offset, size = location
     with open(shard, "rb") as handle:
         handle.seek(offset)
         return handle.read(size)
-
-
-def sample_seed(seed: int, epoch: int, i: int) -> int:
-    digest = hashlib.sha256(f"{seed}|{epoch}|{i}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def named_sample_seed(seed: int, current: int, name: str) -> int:
-    """The augmentation seed of a streamed sample known by a name rather than an index."""
-    return sample_seed(seed, current, int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "little"))
-
-
-def sample_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: int) -> np.ndarray | None:
-    """One streamed image, uint8 [3, S, S] or None: through the augmentations drawn from `seed`, or,
-    without augmentation, exactly the in-memory path's decode (so the two paths then train alike)."""
-    return augmented_pixels(payload, size, augment, seed) if augment else decode_one(payload, size)
 
 
 def batches(
@@ -399,195 +313,3 @@ def stream_loader(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
-
-
-STREAM_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
-# open_clip_train's buffer sizes (shards: 2,000, the first draw after 500; samples: 5,000, after
-# 1,000): a smaller sample buffer leaves batches of shards written in class order full of one
-# class (measured: a loss up to 1.1 above open_clip_train's on the demo corpus with 1,000 and 100)
-SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL = 2000, 500
-SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL = 5000, 1000
-
-
-def is_shard_stream(spec: str) -> bool:
-    """A shard list only the webdataset library can read in order: URLs, pipes, brace patterns."""
-    return spec.startswith(STREAM_PREFIXES) or ("{" in spec and ".." in spec)
-
-
-def shard_urls(spec: str) -> list[str]:
-    import braceexpand
-
-    return list(braceexpand.braceexpand(spec))
-
-
-class ShardStream:
-    """webdataset shards read in order through the webdataset library: shards shuffled per pass from
-    the seed, split between ranks (as split_by_node) and workers (split_by_worker), samples mixed in a
-    seeded buffer. Built from the pipeline stages webdataset 0.2 and 1.0 share, so it runs beside
-    open_clip's training extra (which pins webdataset <= 0.2.86). The order depends only on the seed
-    and the numbers of ranks and workers, so a resumed run skips the batches it has trained on and
-    continues at the exact sample."""
-
-    def __init__(self, spec: str, recipe: SampleRecipe):
-        self.spec, self.recipe = spec, recipe
-        self.urls = shard_urls(spec)
-        missing = [
-            url for url in self.urls if not url.startswith(STREAM_PREFIXES) and not Path(url).is_file()
-        ]
-        if missing:  # found by a DataLoader worker, it was webdataset's FileNotFoundError traceback
-            more = f" (and {len(missing) - 1} more of its {len(self.urls)})" if len(missing) > 1 else ""
-            raise MicromergeError(
-                f"--data {spec}: shard {missing[0]}{more} does not exist; check the pattern"
-            )
-        self.fingerprint = hashlib.sha256(json.dumps({"shards": self.urls}).encode()).hexdigest()
-
-    def loader(self, batch: int, workers: int, world: int, rank: int, skip: int) -> Iterator:
-        import random
-
-        import webdataset as wds
-
-        if len(self.urls) < world * max(1, workers):
-            raise MicromergeError(
-                f"--data {self.spec}: {len(self.urls)} shards for {world} process(es) x {max(1, workers)} "
-                "worker(s): each needs a shard of its own; lower --workers or split the corpus into more shards"
-            )
-        # every rank and worker draws the same shard order (seed, pass), then takes its own shards
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.recipe.seed),
-            _NodeSplit(rank, world),
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec)),
-            wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
-            wds.batched(batch, collation_fn=list, partial=False),
-            _StreamDecoder(self, skip),
-        )
-        loader = torch.utils.data.DataLoader(_Passes(pipeline), batch_size=None, num_workers=workers)
-        batches = iter(loader)
-        for _ in range(skip):  # already trained on: read again (not decoded), not trained again
-            next(batches)
-        return batches
-
-
-def skipped_here(skip: int) -> int:
-    """How many of the first `skip` batches this DataLoader worker makes: the loader asks its
-    workers in turn (batch i from worker i mod W), and an endless stream never retires one."""
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return len(range(worker, skip, workers))
-
-
-class _Passes(torch.utils.data.IterableDataset):
-    """Pass after pass over a pipeline (what webdataset's `.repeat()` does), ending when the first
-    pass yields nothing: `.repeat()` spun for ever on a worker whose shards hold no full batch, and
-    the loader, which asks its workers in turn, hung with it (an empty shard, or a corpus of none).
-    Shards are dealt to workers afresh each pass, so a worker that has yielded goes on past an empty
-    pass. Which worker ends depends only on the seed, so the batch order, and resuming, stay exact."""
-
-    def __init__(self, pipeline: Iterable[tuple[torch.Tensor, ...]]):
-        self.pipeline = pipeline
-
-    def __iter__(self) -> Iterator:
-        yielded = False
-        while True:
-            for item in self.pipeline:
-                yielded = True
-                yield item
-            if not yielded:
-                return
-
-
-class ShardReadError(MicromergeError):
-    """A shard webdataset could not read (not a tar file, cut short). Raised in a DataLoader worker,
-    it reaches the main process as torch re-raises a worker's exception: its class called with a
-    message that adds the worker's whole traceback. The class keeps the one line it was raised with
-    (the traceback's last), so the user reads one line, as everywhere else."""
-
-    def __init__(self, message: str):
-        if "\n" in message:  # re-raised from a worker: "…\nmicromerge.….ShardReadError: the line"
-            message = message.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] or message
-        super().__init__(message)
-
-
-class _UnreadableShard:
-    """webdataset's handler for a shard it cannot read: stop with one line that names the shard
-    (webdataset adds its URL as the exception's last argument). Skipping it, as open_clip_train's
-    `log_and_continue` does, would train on a corpus other than the one the manifest names."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-
-    def __call__(self, error: Exception) -> bool:
-        url = error.args[-1] if error.args else "?"
-        why = error.args[0] if len(error.args) > 1 else type(error).__name__
-        opened = error.args[-2] if len(error.args) > 2 else None  # the shard's stream, which it leaves open
-        if isinstance(opened, io.IOBase):
-            opened.close()
-        raise ShardReadError(
-            f"--data {self.spec}: shard {url} cannot be read as a tar file ({why}); re-create or re-download it"
-        ) from None
-
-
-class _NodeSplit:
-    """This process's shards: every world-th from its rank on (webdataset's split_by_node, with the
-    rank and world given rather than read from torch.distributed, so one process can be tested as
-    any rank)."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-
-    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
-        return itertools.islice(shards, self.rank, None, self.world)
-
-
-class _StreamDecoder:
-    """A pipeline stage: batches of webdataset samples -> (pixels, target, readable) batches,
-    augmented from (seed, pass, shard, key). Called once per pass of the data (DataPipeline.repeat),
-    so it counts passes itself (a sample is augmented afresh on each pass) and this worker's batches:
-    the ones a resumed run has already trained on are read but not decoded (their images come back
-    as zeros, marked unreadable, and are dropped by the loader), so resuming deep into a corpus
-    costs reading the tar shards up to there, not decoding them. It keeps nothing per sample."""
-
-    def __init__(self, stream: ShardStream, skip: int):
-        self.stream, self.skip = stream, skip
-        self.passes, self.batches = 0, 0
-
-    def __call__(self, batches: Iterator[list[dict]]) -> Iterator[tuple[torch.Tensor, ...]]:
-        current = self.passes
-        self.passes += 1
-        skipped = skipped_here(self.skip)
-        for samples in batches:
-            decode = self.batches >= skipped
-            self.batches += 1
-            yield torch.utils.data.default_collate([self._decode(s, current, decode) for s in samples])
-
-    def _decode(self, sample: dict, current: int, decode: bool) -> Sample:
-        stream = self.stream
-        image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
-        caption = _sample_caption(sample)
-        # no caption: not decoded, so the sample is unreadable and the run stops at its step, as
-        # the indexed path refuses it before training (it trained on empty text)
-        payload = {"bytes": image, "path": None} if image is not None and caption and decode else None
-        name = f"{sample.get('__url__')}|{sample.get('__key__')}"
-        return stream.recipe.make(payload, caption, named_sample_seed(stream.recipe.seed, current, name))
-
-
-def _sample_caption(sample: dict) -> str:
-    """A webdataset sample's caption: its `txt`, else the `caption` of its `json`, as the indexed
-    path reads a local shard (the stream read `txt` only: a corpus captioned in `.json` trained on
-    empty text). Bad bytes are replaced, bad JSON or a caption that is not text is no caption: a
-    worker cannot stop the run (the step that meets it does)."""
-
-    def text(key: str) -> str:
-        value = sample.get(key, b"")
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-    caption = text("txt").strip()
-    if not caption and "json" in sample:
-        try:
-            meta = json.loads(text("json"))
-        except json.JSONDecodeError:
-            return ""
-        found = meta.get("caption") if isinstance(meta, dict) else None
-        caption = found.strip() if isinstance(found, str) else ""  # a list or a number: no caption
-    return caption

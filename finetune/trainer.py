@@ -47,17 +47,16 @@ from micromerge.finetune.saved_state import (
     read_log,
     restore_schedule,
 )
+from micromerge.finetune.shard_stream import ShardStream, is_shard_stream
 from micromerge.finetune.streaming import (
     FINGERPRINTS,
     CorpusIndex,
     SampleRecipe,
-    ShardStream,
     StreamedSamples,
     batches,
     choose_in_memory,
     index_pairs,
     indexed_pairs,
-    is_shard_stream,
     stream_loader,
 )
 from micromerge.merging.execute import input_hashes

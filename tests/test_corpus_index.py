@@ -24,13 +24,12 @@ from PIL import Image
 
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
+from micromerge.finetune.augment import AUGMENTATIONS, augmented_pixels
+from micromerge.finetune.shard_stream import _sample_caption
 from micromerge.finetune.streaming import (
-    AUGMENTATIONS,
     IN_MEMORY_BUDGET,
     SampleRecipe,
     StreamedSamples,
-    _sample_caption,
-    augmented_pixels,
     choose_in_memory,
     index_pairs,
     indexed_pairs,
@@ -326,7 +325,7 @@ def test_samples_of_a_shard_stream_draw_their_own_augmentation(tmp_path):
     small image may coincide.)"""
     import webdataset as wds
 
-    from micromerge.finetune.streaming import ShardStream, _StreamDecoder
+    from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
     from tests.test_streaming import _pipe_spec
 
     members = [
@@ -517,7 +516,7 @@ def test_a_saved_dataset_dict_corpus_trains_on_its_train_split(tmp_path):
 def test_a_shard_streams_captions_are_stripped_as_the_indexed_paths_are(tmp_path):
     import webdataset as wds
 
-    from micromerge.finetune.streaming import ShardStream, _StreamDecoder
+    from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
     from tests.test_streaming import _pipe_spec
 
     folder = _shard(

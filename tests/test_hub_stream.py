@@ -329,15 +329,15 @@ def test_a_hub_ids_revision_reaches_datasets_and_the_offline_line_names_datasets
 
 
 def test_resuming_a_hub_stream_reads_the_batches_it_skips_without_decoding_them(tmp_path, monkeypatch):
-    from micromerge.finetune import streaming
+    from micromerge.finetune import augment
 
     repo = write_hub_repo(tmp_path / "repo", 16)
     stream = HubStream(str(repo), SampleRecipe(32, (), 0, _sample_number))
     straight = stream.loader(batch=2, workers=0, world=1, rank=0, skip=0)
     wanted = [next(straight) for _ in range(4)][3]
     decoded = []
-    original = streaming.decode_one
-    monkeypatch.setattr(streaming, "decode_one", lambda *a: decoded.append(1) or original(*a))
+    original = augment.decode_one
+    monkeypatch.setattr(augment, "decode_one", lambda *a: decoded.append(1) or original(*a))
     pixels, targets, readable = next(stream.loader(batch=2, workers=0, world=1, rank=0, skip=3))
     assert len(decoded) == 2, "only the batch handed out was decoded"
     assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])

@@ -24,15 +24,8 @@ from safetensors.torch import load_file
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
 from micromerge.finetune import trainer
-from micromerge.finetune.streaming import (
-    SampleRecipe,
-    ShardStream,
-    _StreamDecoder,
-    batches,
-    choose_in_memory,
-    index_pairs,
-    indexed_pairs,
-)
+from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
+from micromerge.finetune.streaming import SampleRecipe, batches, choose_in_memory, index_pairs, indexed_pairs
 from micromerge.finetune.trainer import run_finetune
 from tests.helpers import write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config, write_csv_folder
@@ -220,7 +213,7 @@ def test_every_sample_of_every_epoch_draws_its_own_augmentation_seed():
     """A sample's augmentation is seeded from (seed, epoch, index) alone, so a resumed or re-sharded
     run draws the same crops; the seeds must still differ from sample to sample and epoch to epoch
     (one crop for all would be no augmentation) and fit a non-negative 63-bit seed."""
-    from micromerge.finetune.streaming import named_sample_seed, sample_seed
+    from micromerge.finetune.augment import named_sample_seed, sample_seed
 
     seeds = [sample_seed(0, epoch, i) for epoch in range(2) for i in range(500)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
@@ -332,15 +325,15 @@ def test_resuming_a_shard_stream_reads_the_batches_it_skips_without_decoding_the
     """Resuming deep into a stream must not cost decoding everything before it: the skipped batches
     are read from the shards but their images are never decoded, and the first batch after them is
     exactly the one an uninterrupted stream gives there."""
-    from micromerge.finetune import streaming
+    from micromerge.finetune import augment
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 28, per_shard=7))
     stream = ShardStream(spec, SampleRecipe(32, ("crop",), 0, lambda caption: torch.tensor(len(caption))))
     straight = stream.loader(batch=4, workers=0, world=1, rank=0, skip=0)
     wanted = [next(straight) for _ in range(4)][3]
     decoded = []
-    original = streaming.augmented_pixels
-    monkeypatch.setattr(streaming, "augmented_pixels", lambda *a: decoded.append(1) or original(*a))
+    original = augment.augmented_pixels
+    monkeypatch.setattr(augment, "augmented_pixels", lambda *a: decoded.append(1) or original(*a))
     pixels, targets, readable = next(stream.loader(batch=4, workers=0, world=1, rank=0, skip=3))
     assert len(decoded) == 4, "only the batch handed out was decoded"
     assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])
@@ -469,7 +462,7 @@ def test_the_unreadable_shard_handler_closes_the_stream_webdataset_leaves_open(t
     """webdataset's tar expander hands its handler the error with the shard's open stream and URL
     appended to its args (webdataset 0.2.86 tariterators.py, `tar_file_expander`); the run stops,
     so the stream is closed here rather than left to the garbage collector's ResourceWarning."""
-    from micromerge.finetune.streaming import ShardReadError, _UnreadableShard
+    from micromerge.finetune.shard_stream import ShardReadError, _UnreadableShard
 
     shard = tmp_path / "shard-000000.tar"
     shard.write_bytes(b"not a tar file\n")
@@ -508,7 +501,8 @@ def test_a_streamed_webdataset_sample_is_captioned_by_its_json_as_the_index_read
     path read it, the stream read `txt` only and trained on empty text."""
     import webdataset as wds
 
-    from micromerge.finetune.streaming import SampleRecipe, ShardStream, _StreamDecoder
+    from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
+    from micromerge.finetune.streaming import SampleRecipe
 
     folder = tmp_path / "wds"
     folder.mkdir()
