@@ -3,7 +3,8 @@
 Data order is a seeded permutation per epoch, so the data position is one integer; the state
 (model, optimizer, scheduler, RNG, position) is checkpointed every --save-every steps under a
 LATEST pointer that is switched only once a checkpoint is complete. A run killed with
-`kill -9` and resumed ends with the same weights as one never interrupted.
+`kill -9` and resumed ends with the same weights as one never interrupted. What the loop trains on
+is made ready in finetune/prepare.py, and its batches come from finetune/micro_batches.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +30,12 @@ from micromerge.core.devices import resolve_device
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
-from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON, task_data_fingerprint
-from micromerge.eval.images import resident_on_device
-from micromerge.eval.pairs import DecodedData, decode_checked
+from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON
 from micromerge.finetune.config import FinetuneConfig
-from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision, is_hub_layout
-from micromerge.finetune.losses import ImageClassifier, ZeroShotHead, clip_loss
+from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision
+from micromerge.finetune.losses import clip_loss
+from micromerge.finetune.micro_batches import MicroBatches
+from micromerge.finetune.prepare import Prepared, prepare_training
 from micromerge.finetune.run_folder import (
     check_finished_settings,
     check_output_dir,
@@ -47,24 +47,8 @@ from micromerge.finetune.saved_state import (
     read_log,
     restore_schedule,
 )
-from micromerge.finetune.shard_stream import ShardStream, is_shard_stream
-from micromerge.finetune.streaming import (
-    FINGERPRINTS,
-    CorpusIndex,
-    SampleRecipe,
-    StreamedSamples,
-    batches,
-    choose_in_memory,
-    index_pairs,
-    indexed_pairs,
-    stream_loader,
-)
-from micromerge.merging.execute import input_hashes
-from micromerge.merging.lineage import sources_lineage, sources_select_halves
 from micromerge.merging.model_card import write_model_card
-from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from micromerge.merging.plan import LOGIT_SCALE_MAX
-from micromerge.merging.sources import open_source
 from micromerge.merging.torch_save import save_tensors
 
 if TYPE_CHECKING:
@@ -75,46 +59,6 @@ LOSS_READ_EVERY = 10
 # open_clip_train's rule: no weight decay on gains, biases, norms and the temperature (any tensor of
 # fewer than two dimensions, or a name holding one of these), decay on everything else
 NO_DECAY_MARKERS = ("bn", "ln", "bias", "logit_scale")
-
-
-@dataclass
-class Prepared:
-    model: torch.nn.Module  # what is trained (CLIP, or CLIP + head)
-    clip: torch.nn.Module
-    model_config: dict[str, Any]
-    data: DecodedData | None  # the in-memory path; None when streaming
-    tokens: torch.Tensor | None
-    classes: list[str] | None
-    data_fingerprint: str
-    base_label: str
-    base_sha256: dict[str, str]
-    arch_name: str | None
-    base_supervised_on: list[str]  # the base's supervised lineage, carried on (merging.lineage)
-    base_learned_from_halves: list[str]  # the select halves the base learned from, carried on
-    stream: StreamedSamples | None = None  # the streaming path, by index
-    shards: ShardStream | HubStream | None = None  # the streaming path, in order (webdataset, datasets)
-    count: int = 0  # usable examples
-    data_path: dict[str, Any] = field(default_factory=dict)  # which path, and why
-    task_domain: str | None = None  # supervised: the trained task's domain, what --domain defaults to
-
-
-class _Tokenize:
-    """A caption to its token row, in a data worker (a class, so spawned workers can unpickle it)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-
-    def __call__(self, caption: str) -> torch.Tensor:
-        return self.tokenizer([caption])[0]
-
-
-def _label(value: int) -> torch.Tensor:
-    return torch.tensor(int(value))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The seeded permutation of one epoch: the data order of both paths, so the position is one integer."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def _inputs_digest(prepared: Prepared) -> dict[str, Any]:
@@ -131,96 +75,6 @@ def _check_resume_inputs(cfg: FinetuneConfig, resume_from: Path, prepared: Prepa
             f"--resume {cfg.out}: the {' and '.join(changed)} changed since that run started (other bytes at "
             "the same path); restore them, or start over with --force"
         )
-
-
-def _prepare(cfg: FinetuneConfig) -> Prepared:
-    with open_source(cfg.base, allow_pickle=cfg.allow_pickle, arch=cfg.arch) as source:
-        hashes = input_hashes([source])
-        clip, model_config = load_model(source)
-        arch_name = source.arch.name
-        lineage = sources_lineage([source])
-        halves = sources_select_halves([source])
-    size = int(model_config["vision_cfg"]["image_size"])
-    tokenizer = tokenizer_for(model_config)
-    common = (cfg.base, hashes, arch_name, lineage, halves)
-    captions = SampleRecipe(size, cfg.augment, cfg.seed, _Tokenize(tokenizer))  # contrastive samples
-    hub, hub_why = None, ""
-    if cfg.mode == "contrastive" and is_hub_layout(cfg.data) and cfg.data_in_memory != "yes":
-        hub = HubStream(cfg.data, captions)
-        in_memory, hub_why = choose_in_memory(cfg.data_in_memory, hub.rows or 0, size, cfg.augment)
-        if in_memory and hub.rows is None:
-            hub_why = "its size is not known before download"
-        elif in_memory:
-            hub = None  # small enough: loaded whole by the in-memory path below
-    if cfg.mode == "contrastive" and (is_shard_stream(cfg.data) or hub is not None):
-        if cfg.max_steps is None:
-            raise MicromergeError(
-                f"--data {cfg.data}: a stream has no length here: give --max-steps "
-                "(open_clip_train asks for --train-num-samples likewise)"
-            )
-        shards: ShardStream | HubStream
-        if hub is not None:
-            shards = hub
-            why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {hub_why}"
-            fingerprint = "data file paths (hub: at their commit) and local sizes"
-        else:
-            shards = ShardStream(cfg.data, captions)
-            why = f"a stream of {len(shards.urls)} shards, read in order by the webdataset library"
-            fingerprint = "shard names"
-        path = {"in_memory": False, "why": why, "fingerprint": fingerprint}
-        return Prepared(clip, clip, model_config, None, None, None, shards.fingerprint, *common,
-                        shards=shards, data_path=path)  # fmt: skip
-    if cfg.mode == "contrastive":
-        index = index_pairs(cfg.data)
-        in_memory, why = choose_in_memory(cfg.data_in_memory, len(index), size, cfg.augment)
-        if not in_memory:
-            stream = StreamedSamples(index, captions)
-            path = {"in_memory": False, "why": why, "fingerprint": FINGERPRINTS[index.kind]}
-            return Prepared(clip, clip, model_config, None, None, None, index.fingerprint, *common,
-                            stream=stream, count=len(index), data_path=path)  # fmt: skip
-        pairs = indexed_pairs(index)
-        fingerprint = pairs.fingerprint()
-        data = decode_checked(
-            pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress
-        )
-        path = {"in_memory": True, "why": why, "fingerprint": "every byte"}
-        return Prepared(clip, clip, model_config, data, tokenizer(data.targets), None, fingerprint, *common,
-                        count=len(data.targets), data_path=path)  # fmt: skip
-    from datasets import Image
-
-    from micromerge.eval.data import column_values, load_benchmark
-    from micromerge.eval.task_selection import select_tasks
-    from micromerge.eval.tasks import discover_tasks
-    from micromerge.eval.zeroshot import class_embeddings
-
-    bench = load_benchmark(cfg.data, progress=cfg.progress)
-    assert cfg.task is not None  # FinetuneConfig requires it of a supervised run
-    chosen = select_tasks(discover_tasks(bench.dataset), cfg.task, option="--task")
-    if len(chosen) != 1 or len(chosen[0].classes) < 2:
-        names = ", ".join(t.name for t in chosen)
-        raise MicromergeError(
-            f"--task {cfg.task}: supervised fine-tuning trains one task with two or more classes; "
-            f"this selects {len(chosen)} ({names[:200]}): name one task"
-        )
-    task = chosen[0]
-    domain = task.groups.get("domain")
-    task_domain = domain if domain and domain != "unknown" else None
-    texts = class_embeddings(clip, tokenizer, task, torch.device("cpu"))
-    head = ZeroShotHead(texts, float(clip.logit_scale.detach().exp()))
-    fingerprint = task_data_fingerprint(bench.fingerprint, task.name)
-    model = ImageClassifier(clip, head)
-    in_memory, why = choose_in_memory(cfg.data_in_memory, len(task.rows), size, cfg.augment)
-    if not in_memory:
-        index = CorpusIndex(cfg.data, "arrow", list(task.rows), list(task.labels), fingerprint, "ubench")
-        stream = StreamedSamples(index, SampleRecipe(size, cfg.augment, cfg.seed, _label))
-        path = {"in_memory": False, "why": why, "fingerprint": "the benchmark's files"}
-        return Prepared(model, clip, model_config, None, None, list(task.classes), fingerprint, *common,
-                        stream=stream, count=len(index), data_path=path, task_domain=task_domain)  # fmt: skip
-    images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
-    data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
-    path = {"in_memory": True, "why": why, "fingerprint": "the benchmark's files"}
-    return Prepared(model, clip, model_config, data, None, list(task.classes), fingerprint, *common,
-                    count=len(data.targets), data_path=path, task_domain=task_domain)  # fmt: skip
 
 
 def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
@@ -323,7 +177,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
     resume_from = check_output_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
-    prepared = _prepare(cfg)
+    prepared = prepare_training(cfg)
     if resume_from is not None:
         _check_resume_inputs(cfg, resume_from, prepared)
     _freeze(prepared, cfg)
@@ -336,7 +190,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             _say_pauses_between_passes(prepared.shards.rows, cfg, world)
     if prepared.shards is None:
         per_epoch = n // (batch * world)
-    else:  # a stream has no epochs: the run is its --max-steps (which _prepare requires), one pass of the order
+    else:  # a stream has no epochs: the run is its --max-steps (which prepare_training requires), one pass of the order
         assert cfg.max_steps is not None
         per_epoch = cfg.max_steps * cfg.accum_steps
     if per_epoch == 0:
@@ -362,7 +216,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         restore_schedule(cfg, scheduler, saved)
         micro_step = saved["micro_step"]
         history = [row for row in read_log(log_path) if row["step"] <= micro_step // cfg.accum_steps]
-    feed = _MicroBatches(prepared, cfg, accelerator, micro_step, total_micro, per_epoch)
+    feed = MicroBatches(prepared, cfg, accelerator, micro_step, total_micro, per_epoch)
     clip = (
         accelerator.unwrap_model(model).clip if cfg.mode == "supervised" else accelerator.unwrap_model(model)
     )
@@ -440,93 +294,6 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         )
     accelerator.wait_for_everyone()
     return path
-
-
-class _MicroBatches:
-    """Micro-batch number i -> (normalised pixels, targets) on the device, from whichever path the
-    data took: a stream (its own order), pixels resident on the GPU, or the host array. The in-memory
-    order is the seeded permutation of each epoch, each rank taking its own slice."""
-
-    def __init__(
-        self,
-        prepared: Prepared,
-        cfg: FinetuneConfig,
-        accelerator: Accelerator,
-        first: int,
-        total: int,
-        per_epoch: int,
-    ):
-        self.prepared, self.cfg, self.device = prepared, cfg, accelerator.device
-        self.per_epoch, self.world, self.rank = (
-            per_epoch,
-            accelerator.num_processes,
-            accelerator.process_index,
-        )
-        preprocess = prepared.model_config.get("preprocess_cfg", {})
-        self.mean = torch.tensor(preprocess.get("mean", OPENAI_MEAN), device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocess.get("std", OPENAI_STD), device=self.device).view(1, 3, 1, 1)
-        self.resident: torch.Tensor | None = None
-        self.stream: Iterator[tuple[torch.Tensor, ...]] | None = None
-        self.epoch = -1  # no epoch's order drawn yet: the first in-memory batch draws it
-        self.permutation = torch.empty(0, dtype=torch.long)
-        n, batch, workers = prepared.count, cfg.batch_size, cfg.workers
-        if prepared.shards is not None:
-            self.stream = prepared.shards.loader(batch, workers, self.world, self.rank, skip=first)
-        elif prepared.stream is not None:
-            plan = batches(lambda epoch: epoch_order(n, cfg.seed, epoch), first, total, per_epoch, batch,
-                           self.world, self.rank)  # fmt: skip
-            self.stream = iter(stream_loader(prepared.stream, plan, workers))
-        else:
-            assert prepared.data is not None  # neither stream: the in-memory path
-            targets = prepared.tokens if prepared.tokens is not None else torch.tensor(prepared.data.targets)
-            self.resident = resident_on_device(prepared.data.pixels, np.arange(n), self.device)
-            # on a GPU the batches are gathered on the device: no per-step copy
-            self.targets = targets.to(self.device) if self.resident is not None else targets
-
-    def close(self) -> None:
-        """Stop the stream's worker processes now. An interrupted or failed run's traceback holds
-        this object (a notebook keeps the last one), and its DataLoader workers lived on with it,
-        two idle processes of a `--workers 2` run until the next error replaced it."""
-        self.stream = None  # its last reference: the loader's iterator shuts its workers down
-
-    def get(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is not None:
-            try:
-                pixels, targets, readable = next(self.stream)
-            except StopIteration:  # every worker's share passed without a full batch
-                raise MicromergeError(
-                    f"--data {self.cfg.data}: the stream ran dry at step {micro}: no shard holds a full batch "
-                    f"of {self.cfg.batch_size} samples (empty shards?); check the shards or lower --batch-size"
-                ) from None
-            except MicromergeError as exc:  # a worker's (an unreadable shard), raised again by the loader
-                # without the loader's frames, which held its workers alive as long as the error lived
-                raise exc.with_traceback(None) from None
-
-            if not bool(readable.all()):
-                raise MicromergeError(
-                    f"--data {self.cfg.data}: an image of step {micro} is unreadable or has no caption (none, "
-                    "blank, or a .json caption that is not text, such as a list), and the streaming path cannot "
-                    "skip it; fix the corpus, or for a local or hub-layout copy pass --data-in-memory yes (which "
-                    "drops unreadable images)"
-                )
-            pixels, targets = pixels.to(self.device), targets.to(self.device)
-        else:
-            epoch, offset = divmod(micro, self.per_epoch)
-            if epoch != self.epoch:
-                self.epoch, self.permutation = epoch, epoch_order(self.prepared.count, self.cfg.seed, epoch)
-                if self.resident is not None:
-                    self.permutation = self.permutation.to(self.device)
-            start = (offset * self.world + self.rank) * self.cfg.batch_size
-            chosen = self.permutation[start : start + self.cfg.batch_size]
-            if self.resident is not None:
-                pixels, targets = self.resident[chosen], self.targets[chosen]
-            else:
-                assert self.prepared.data is not None  # the in-memory path
-                index = chosen.numpy()
-                rows = np.ascontiguousarray(self.prepared.data.pixels[np.sort(index)])  # sorted: one pass
-                pixels = torch.from_numpy(rows)[torch.from_numpy(np.argsort(np.argsort(index)))]
-                pixels, targets = pixels.to(self.device), self.targets[chosen].to(self.device)
-        return ((pixels.float() / 255.0) - self.mean) / self.std, targets
 
 
 def _clip_features(

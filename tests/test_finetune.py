@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
-from micromerge.finetune.trainer import epoch_order, run_finetune
+from micromerge.finetune.micro_batches import epoch_order
+from micromerge.finetune.trainer import run_finetune
 from tests.helpers import (
     kill_at_step,
     launch_failure,

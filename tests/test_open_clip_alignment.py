@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from micromerge.eval.pairs import decode_checked, load_pairs
-from micromerge.finetune.trainer import epoch_order, run_finetune
+from micromerge.finetune.micro_batches import epoch_order
+from micromerge.finetune.trainer import run_finetune
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD, load_model, tokenizer_for
 from micromerge.merging.sources import open_source
 from tests.helpers import write_checkpoint

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
 from micromerge.finetune import trainer
+from micromerge.finetune.micro_batches import epoch_order
 from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
 from micromerge.finetune.streaming import SampleRecipe, batches, choose_in_memory, index_pairs, indexed_pairs
 from micromerge.finetune.trainer import run_finetune
@@ -190,13 +191,13 @@ def test_each_epoch_is_a_fresh_seeded_permutation_that_the_ranks_share_out(tmp_p
     they read, so the streamed plan must be this order too, ranks taking disjoint slices of it."""
     n, batch, world = 40, 4, 2
     per_epoch = n // (batch * world)
-    orders = [trainer.epoch_order(n, 7, epoch) for epoch in range(3)]
+    orders = [epoch_order(n, 7, epoch) for epoch in range(3)]
     assert all(sorted(order.tolist()) == list(range(n)) for order in orders)
     assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
-    assert torch.equal(orders[1], trainer.epoch_order(n, 7, 1)), "fixed by the seed"
-    assert not torch.equal(orders[0], trainer.epoch_order(n, 8, 0)), "and changed by it"
+    assert torch.equal(orders[1], epoch_order(n, 7, 1)), "fixed by the seed"
+    assert not torch.equal(orders[0], epoch_order(n, 8, 0)), "and changed by it"
     plans = [
-        list(batches(lambda e: trainer.epoch_order(n, 7, e), 0, 2 * per_epoch, per_epoch, batch, world, rank))
+        list(batches(lambda e: epoch_order(n, 7, e), 0, 2 * per_epoch, per_epoch, batch, world, rank))
         for rank in range(world)
     ]
     for epoch in range(2):
