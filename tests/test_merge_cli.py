@@ -624,16 +624,18 @@ def test_a_command_ends_the_process_group_a_launch_started(tmp_path):
                 dist.destroy_process_group()
 
 
-def test_a_usage_error_on_the_command_line_is_one_line_on_stderr_with_exit_2(tmp_path):
-    """The console entry (`micromerge …`, as `python -m micromerge.cli` runs it) turns click's
-    three-line usage error into one line on stderr, exit 2, nothing on stdout; a bare group prints
-    its help on stdout and exits 0, as click would."""
+@pytest.mark.parametrize("module", ["micromerge.cli", "micromerge"])
+def test_a_usage_error_on_the_command_line_is_one_line_on_stderr_with_exit_2(tmp_path, module):
+    """The console entry (`micromerge …`, as `python -m micromerge.cli` runs it, and `python -m
+    micromerge` where the scripts folder is not on the PATH) turns click's three-line usage error
+    into one line on stderr, exit 2, nothing on stdout; a bare group prints its help on stdout and
+    exits 0, as click would."""
     import subprocess
     import sys
 
     def run(*args):
         return subprocess.run(
-            [sys.executable, "-m", "micromerge.cli", *args], capture_output=True, text=True, cwd=tmp_path
+            [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=tmp_path
         )
 
     bad = run("merge", "--no-such-flag")
