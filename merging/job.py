@@ -53,14 +53,17 @@ JOB_KEYS = {
 MAX_ALPHAS = 10_000
 
 
-def _finite(name: str, value: Any) -> float:
-    """A parameter as a finite float, or a one-line error naming it (NaN/Inf would write an all-NaN model)."""
+def _finite(name: str, value: Any, typed: str | None = None) -> float:
+    """A parameter as a finite float, or a one-line error naming it (NaN/Inf would write an all-NaN
+    model). `typed`: the whole value as the user typed it, where `value` is one part of it (a rule's
+    VALUE, a range's STOP), so the error quotes what they wrote."""
+    shown = repr(value) if typed is None else repr(typed)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise MicromergeError(f"{name} {value!r}: expected a number") from None
+        raise MicromergeError(f"{name} {shown}: expected a number") from None
     if not math.isfinite(number):
-        raise MicromergeError(f"{name} {value!r}: must be a finite number")
+        raise MicromergeError(f"{name} {shown}: must be a finite number")
     return number
 
 
@@ -87,7 +90,7 @@ def parse_alphas(text: str | list[float]) -> list[float]:
         parts = text.split(":")
         if len(parts) != 3:
             raise MicromergeError(f"--alphas {text!r}: expected START:STOP:STEP, e.g. 0:1:0.1")
-        start, stop, step = (_finite(f"--alphas {text!r}:", part) for part in parts)
+        start, stop, step = (_finite("--alphas", part, text) for part in parts)
         if step <= 0 or stop < start:
             raise MicromergeError(f"--alphas {text!r}: STEP must be > 0 and STOP >= START")
         count = round((stop - start) / step)
@@ -194,7 +197,7 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     if isinstance(rules_in, dict):
         rules_in = [[k, v] for k, v in rules_in.items()]
     rules = tuple(parse_strength_rule(r) if isinstance(r, str) else (str(r[0]), r[1]) for r in rules_in)
-    rules = tuple((pattern, _finite(f"--alpha-rule {pattern}=", value)) for pattern, value in rules)
+    rules = tuple((pattern, _finite("--alpha-rule", value, f"{pattern}={value}")) for pattern, value in rules)
     alphas = values.get("alphas")
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
