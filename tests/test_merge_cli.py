@@ -646,6 +646,28 @@ def test_a_usage_error_on_the_command_line_is_one_line_on_stderr_with_exit_2(tmp
     assert bare.returncode == 0 and bare.stderr == "" and bare.stdout.startswith("Usage: micromerge finetune")
 
 
+def test_the_shell_completes_commands_options_and_method_names_from_the_registry():
+    """`eval "$(_MICROMERGE_COMPLETE=bash_source micromerge)"` (README): click completes commands and
+    options; --method, not a Choice (an unknown name gets the registry's nearest names), completes
+    from the method registry."""
+    import os
+    import subprocess
+    import sys
+
+    from micromerge.merging.methods import METHODS
+
+    def complete(*words: str) -> list[str]:
+        env = {**os.environ, "COMP_WORDS": " ".join(("micromerge", *words)), "COMP_CWORD": str(len(words)),
+               "_MICROMERGE_COMPLETE": "bash_complete"}  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "micromerge"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return [line.partition(",")[2] for line in done.stdout.splitlines()]
+
+    assert complete("fine") == ["finetune"]
+    assert complete("sweep", "--method", "ti") == ["ties"]
+    assert complete("merge", "--method", "") == list(METHODS)
+
+
 def test_quiet_leaves_out_the_progress_lines_and_only_them(pair):
     """Off a terminal a merge's bar is two lines on stderr (start, end); --quiet leaves them out,
     and the output is the same file either way."""

@@ -16,7 +16,7 @@ from micromerge.cli.options import (
     DEVICE,
     EXCLUDE,
     INCLUDE,
-    METHOD_HELP,
+    METHOD,
     QUIET,
     SEED,
     UBENCH_DATA_HELP,
@@ -180,7 +180,7 @@ def eval_command(model: str, **values: Any) -> None:
 @click.command("sweep")
 @click.option("--base", required=True)
 @click.option("--ft", "finetuned", multiple=True, required=True)
-@click.option("--method", default="wise-ft", show_default=True, help=METHOD_HELP)
+@METHOD
 @click.option("--alphas", default="0:1:0.1", show_default=True, help="START:STOP:STEP or a,b,c.")
 @click.option("--weights", help="linear: comma-separated weights.")
 @method_options

@@ -15,7 +15,7 @@ from micromerge.cli.options import (
     CACHE_DIR,
     EXCLUDE,
     INCLUDE,
-    METHOD_HELP,
+    METHOD,
     QUIET,
     OneAlpha,
     explicit_options,
@@ -44,13 +44,7 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
     multiple=True,
     help="A fine-tuned checkpoint (repeat for task arithmetic, TIES, DARE).",
 )
-@click.option(
-    "--method",
-    type=str,
-    default="wise-ft",
-    show_default=True,
-    help=METHOD_HELP,
-)
+@METHOD
 @click.option(
     "--alpha",
     type=OneAlpha(),

@@ -15,6 +15,17 @@ METHOD_HELP = f"One of `micromerge methods` ({', '.join(METHODS)})."
 """The --method help, read from the registry so a new method shows up without an edit here."""
 
 
+def _method_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """--method's shell completion, from the registry. Not a click.Choice: an unknown name gets the
+    registry's own one-line error with its nearest names (merging.methods.get_method)."""
+    return [name for name in METHODS if name.startswith(incomplete)]
+
+
+METHOD = click.option(
+    "--method", default="wise-ft", show_default=True, help=METHOD_HELP, shell_complete=_method_names
+)
+
+
 class OneAlpha(click.ParamType):
     """--alpha's number; a list or range typed there ("0.5,0.7") was "not a valid float", without
     a word of the --alphas beside it that takes exactly that."""
