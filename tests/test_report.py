@@ -260,7 +260,7 @@ def test_runs_matching_nothing_lists_five_labels_and_counts_only_those_beyond(tm
 def test_each_tables_csv_holds_the_columns_of_its_json_and_sets_are_explained_only_with_sets(tmp_path):
     """tables/NAME.csv and NAME.json are one table (no index column in the CSV); a report of one run
     has no comparison sets, so it does not explain them."""
-    from micromerge.analysis.report import NO_HEADLINE, SETS_TEXT
+    from micromerge.analysis.report_page import NO_HEADLINE, SETS_TEXT
 
     page = build_report(
         write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="domain:pathology"

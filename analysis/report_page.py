@@ -1,0 +1,265 @@
+"""The report's two pages from its Layout: Markdown, and an HTML page whose figures are embedded
+(self-contained) up to report.RUN_FIGURE_RUNS runs and linked beyond. What each section says of how its
+numbers were made is written once here and shown on both pages."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from micromerge.analysis.metrics import Summary
+from micromerge.analysis.tables import Run
+
+
+def percent(value: float) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    )
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *lines])
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+NO_HEADLINE = (
+    "no headline rows: no run here is of the ubench protocol, or its tasks hold no images of the "
+    "paper's sources (a --tasks selection, a --sources override setting paper_tables = false)"
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the Markdown and HTML pages show, in the order they show it."""
+
+    runs: list[Run]
+    summaries: list[Summary]
+    tables: dict[str, pd.DataFrame]
+    overview: list[tuple[str, Path]]  # (caption, PNG): the figures that compare runs
+    per_run: dict[int, list[tuple[str, Path]]]  # run index -> (caption, PNG) of its own figures
+    notes: list[str]
+    provenance: dict[str, Any]
+    out: Path
+    many: bool  # more than report.RUN_FIGURE_RUNS runs: one line for them all, figures linked, not embedded
+    baseline: str | None = None  # the evaluated model `tables["models_change"]` compares the others with
+
+    def sentences(self) -> list[tuple[str, str]]:
+        """(run label, what happened to it), or one line for a report of many runs."""
+        if not self.runs:
+            count = len(self.tables["models"])
+            return [(f"{count} evaluated model{'s' if count > 1 else ''}", MODELS_ONLY_TEXT)]
+        if self.many:
+            sets = self.tables.get("comparison_sets")
+            grouped = f" in {sets['set'].nunique()} comparison sets" if sets is not None else ""
+            return [(f"{len(self.runs)} runs", f"{grouped}: the headline table has one row for each.")]
+        return [
+            (
+                run.label,
+                f": fine-tuning changed the target ({s.target}) by {percent(s.gain)} points and the "
+                f"controls ({', '.join(s.controls) or 'none'}) by {percent(-s.forgetting)} points; "
+                f"α={s.best_alpha['all_task_mean']:g}, chosen on the select half, gives "
+                f"{percent(s.best_report['all_task_mean'])}% mean accuracy on the report half.",
+            )
+            for run, s in zip(self.runs, self.summaries, strict=True)
+        ]
+
+
+PAPER_HEADLINE_TEXT = (
+    "Coarse: every coarse caption key pooled over all images; fine: `classification_1` pooled, without "
+    "eulenberg darkfield/epifluorescence and sources outside the paper's tables, as the authors computed them. "
+    "Each run's protocol is in its row; the per-task tables below use each task's own number (ubench: its "
+    "caption keys pooled; closed-set: every class of the task)."
+)
+MODELS_TEXT = (
+    "Each model as `micromerge eval` scored it, with no merging: the mean of the tasks of each group "
+    "(coarse, fine, each domain, modality …), and with the ubench protocol the paper's pooled coarse "
+    "and fine numbers. An empty cell: that model was not evaluated on that task. Per task: "
+    "`tables/models_tasks.csv`."
+)
+MODELS_ONLY_TEXT = ": no merge sweep in this store; the models are compared side by side below."
+SELECTION_TEXT = (
+    "α is chosen on a seeded half of the benchmark's images (*select*, the same images for every task) "
+    "and reported on the other half (*report*)."
+)
+SETS_TEXT = (
+    "Runs that merge the same models under the same rules, scored on the same data, protocol and "
+    "target, are one comparison set: one figure each (which run is in which set: "
+    "`tables/comparison_sets.csv`)."
+)
+
+
+def _change_text(baseline: str | None) -> str:
+    return (
+        f"Against {baseline}, group by group (points; negative: below it — a specialist's forgetting "
+        "outside its domain, as the μ-Bench paper measured PLIP and QuiltNet against CLIP). Only models "
+        "scored as it was (protocol, data, task definition) are compared."
+    )
+
+
+def _title(layout: Layout) -> str:
+    return "micromerge report: " + ("forgetting and recovery" if layout.runs else "zero-shot evaluation")
+
+
+def markdown_page(layout: Layout) -> str:
+    tables, out = layout.tables, layout.out
+    lines = [f"# {_title(layout)}", ""]
+    lines += [f"- **{label}**{rest}" for label, rest in layout.sentences()]
+    lines.append("")
+    if layout.runs:
+        lines += ["## Headline", "", _markdown_table(tables["headline"]), ""]
+        lines += ["## Paper-comparable headline (μ-Bench protocol)", "", PAPER_HEADLINE_TEXT, ""]
+        lines += [
+            _markdown_table(tables["paper_headline"])
+            if not tables["paper_headline"].empty
+            else f"({NO_HEADLINE})",
+            "",
+        ]
+    if "models" in tables:
+        lines += [
+            "## Evaluated models",
+            "",
+            MODELS_TEXT,
+            "",
+            _markdown_table(tables["models"].fillna("")),
+            "",
+        ]
+        lines += [_markdown_table(tables["models_groups"].fillna("")), ""]
+        if "models_change" in tables:
+            lines += [
+                _change_text(layout.baseline),
+                "",
+                _markdown_table(tables["models_change"].fillna("")),
+                "",
+            ]
+    if layout.runs:
+        lines += [
+            "## α selection (honest protocol)",
+            "",
+            SELECTION_TEXT,
+            "",
+            _markdown_table(tables["alpha_selection"]),
+            "",
+        ]
+    if layout.overview:
+        lines += ["## Figures", ""] + ([SETS_TEXT, ""] if "comparison_sets" in tables else [])
+        for caption, path in layout.overview:
+            lines += [f"![{caption}]({path.relative_to(out)})", ""]
+    for index, run in enumerate(layout.runs):
+        lines += [
+            f"## {run.label}",
+            "",
+            "Group means (accuracy %):",
+            "",
+            _markdown_table(tables[f"groups_run{index}"]),
+            "",
+        ]
+        for caption, path in layout.per_run[index]:
+            lines += [f"![{caption}]({path.relative_to(out)})", ""]
+    if layout.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in layout.notes], ""]
+    lines += [
+        "## Provenance",
+        "",
+        "```json",
+        json.dumps(layout.provenance, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "Tables as CSV and JSON: `tables/`. Figures as PNG and SVG: `figures/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _figure_html(caption: str, path: Path, out: Path, embed: bool) -> str:
+    """An embedded figure (a self-contained page), or beyond a few runs one linked from figures/."""
+    source = _embed(path) if embed else html.escape(str(path.relative_to(out)))
+    image = f"<img alt='{html.escape(caption)}' src='{source}'" + ("" if embed else " loading='lazy'") + ">"
+    if not embed:
+        image = f"<a href='{source}'>{image}</a>"
+    return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def html_page(layout: Layout) -> str:
+    tables, out = layout.tables, layout.out
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}summary{cursor:pointer;font-weight:bold;margin:.5em 0}"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>micromerge report</title><style>{style}</style></head><body>",
+        f"<h1>{html.escape(_title(layout))}</h1><ul>",
+        *[f"<li><b>{html.escape(label)}</b>{html.escape(rest)}</li>" for label, rest in layout.sentences()],
+        "</ul>",
+    ]
+    if layout.runs:
+        parts += [
+            "<h2>Headline</h2>",
+            tables["headline"].to_html(index=False),
+            "<h2>Paper-comparable headline (μ-Bench protocol)</h2>",
+            f"<p>{html.escape(PAPER_HEADLINE_TEXT)}</p>",
+            tables["paper_headline"].to_html(index=False)
+            if not tables["paper_headline"].empty
+            else f"<p>({NO_HEADLINE})</p>",
+        ]
+    if "models" in tables:
+        parts += [
+            "<h2>Evaluated models</h2>",
+            f"<p>{html.escape(MODELS_TEXT)}</p>",
+            tables["models"].to_html(index=False, na_rep=""),
+            tables["models_groups"].to_html(index=False, na_rep=""),
+        ]
+        if "models_change" in tables:
+            parts += [
+                f"<p>{html.escape(_change_text(layout.baseline))}</p>",
+                tables["models_change"].to_html(index=False, na_rep=""),
+            ]
+    if layout.runs:
+        parts += [
+            "<h2>α selection (honest protocol)</h2>",
+            f"<p>{html.escape(SELECTION_TEXT)}</p>",
+            tables["alpha_selection"].to_html(index=False),
+        ]
+    if layout.overview:
+        parts.append("<h2>Figures</h2>")
+        if "comparison_sets" in tables:
+            parts.append(f"<p>{html.escape(SETS_TEXT)}</p>")
+        parts += [
+            _figure_html(caption, path, out, embed=not layout.many) for caption, path in layout.overview
+        ]
+    for index, run in enumerate(layout.runs):
+        body = [
+            "<p>Group means (accuracy %):</p>",
+            tables[f"groups_run{index}"].to_html(index=False),
+            *[_figure_html(c, p, out, embed=not layout.many) for c, p in layout.per_run[index]],
+        ]
+        label = html.escape(run.label)
+        parts += (
+            [f"<details><summary>{label}</summary>", *body, "</details>"]
+            if layout.many
+            else [f"<h2>{label}</h2>", *body]
+        )
+    if layout.notes:
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in layout.notes], "</ul>"]
+    parts += [
+        "<h2>Provenance</h2><pre>",
+        html.escape(json.dumps(layout.provenance, indent=2, sort_keys=True, default=str)),
+        "</pre>",
+        "<p>Tables as CSV and JSON in <code>tables/</code>; figures as PNG and SVG in <code>figures/</code>"
+        + (
+            " (this page links each run's own figures there: keep the folder beside it)"
+            if layout.many
+            else ""
+        )
+        + ".</p></body></html>",
+    ]
+    return "\n".join(parts)
