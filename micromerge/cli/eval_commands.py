@@ -224,7 +224,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     rows = run_sweep(plan, settings, resolve_device(values["device"]), state.wait_for_everyone)
     state.wait_for_everyone()
     if state.is_main_process:
-        _print_table(run_sweep_rows(settings, rows))
+        _print_table(_rows_of_the_run(settings, rows))
         click.echo(f"\nresults in {settings.store}")
 
 
@@ -275,7 +275,7 @@ def soup_command(
         click.echo(f"wrote {written.path} (manifest {written.manifest_path.name})")
 
 
-def run_sweep_rows(settings: EvalSettings, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows_of_the_run(settings: EvalSettings, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """All rows of this run once every process has finished (each process returns its view)."""
     from micromerge.eval.store import ResultStore
 
