@@ -532,6 +532,25 @@ def test_a_damaged_page_behind_a_valid_footer_is_one_line_naming_the_file(tmp_pa
     assert f"is damaged ({str(read_whole.value).strip().splitlines()[0]})" in message, "pyarrow's own words"
 
 
+def test_a_damaged_file_a_worker_reads_stops_the_workers_with_the_run(tmp_path, base):
+    """As a webdataset shard's (tests/test_streaming.py): the one-line error of a file a DataLoader
+    worker cannot read, held as a notebook holds it, leaves none of the run's `--workers 2` alive."""
+    import psutil
+
+    repo = write_hub_repo(tmp_path / "repo", 16, files=2)
+    damaged = repo / "data" / "train-00001-of-00002.parquet"
+    data = bytearray(damaged.read_bytes())
+    data[4:44] = b"\xa7" * 40  # the first page header, behind a footer that reads
+    damaged.write_bytes(bytes(data))
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    with pytest.raises(MicromergeError) as caught:
+        run_finetune(config(base, str(repo), tmp_path / "run", data_in_memory="no", max_steps=4, workers=2))
+    assert f"{damaged} is damaged (" in str(caught.value)
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
+    assert [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE] == []
+    assert caught.traceback  # still held
+
+
 def test_a_local_copy_is_read_whole_whatever_its_path_holds_and_its_train_split_first(tmp_path):
     """A local folder named with an '@' is a path, not `name@revision`; of a repository with test
     and train files the train split is streamed."""
