@@ -242,7 +242,9 @@ def test_beyond_the_run_limit_runs_figures_are_drawn_on_request_and_linked(tmp_p
     assert "data:image" not in page and page.count("<details>") == 6, "linked: 192 runs made 89 MB"
     assert sorted(re.findall(r"<a href='(figures/[^']+_set\d+\.png)'>", page)) == sorted(files)
     assert "<b>6 runs</b> in 2 comparison sets" in page and "fine-tuning changed" not in page
-    assert report_page.SETS_TEXT in markdown and html.escape(report_page.SETS_TEXT) in page, "what a set is, on both"
+    assert report_page.SETS_TEXT in markdown and html.escape(report_page.SETS_TEXT) in page, (
+        "what a set is, on both"
+    )
     page, markdown, files = _report(store, tmp_path / "asked", run_figures=True)
     assert len([f for f in files if "_run" in f]) == 12
     assert "data:image" not in page, "each run's figures linked, not embedded"
