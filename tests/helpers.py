@@ -135,3 +135,19 @@ def absolute_imports(source: str | bytes) -> list[tuple[str, int]]:
         elif isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
     return found
+
+
+def descendants() -> set[int]:
+    """The pids of this process's descendants now: what `descendants_left` compares with."""
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def descendants_left(before: set[int]) -> list[str]:
+    """The names of this process's live descendants that were not there `before` (a run's DataLoader
+    workers it should have stopped); zombies, already ended, are not counted."""
+    import psutil
+
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
+    return [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE]

@@ -26,7 +26,7 @@ from micromerge.finetune import trainer
 from micromerge.finetune.hub_stream import HubStream, is_hub_layout
 from micromerge.finetune.streaming import SampleRecipe
 from micromerge.finetune.trainer import run_finetune
-from tests.helpers import write_checkpoint
+from tests.helpers import descendants, descendants_left, write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config
 from tests.test_streaming import _same, _weights
 
@@ -535,19 +535,16 @@ def test_a_damaged_page_behind_a_valid_footer_is_one_line_naming_the_file(tmp_pa
 def test_a_damaged_file_a_worker_reads_stops_the_workers_with_the_run(tmp_path, base):
     """As a webdataset shard's (tests/test_streaming.py): the one-line error of a file a DataLoader
     worker cannot read, held as a notebook holds it, leaves none of the run's `--workers 2` alive."""
-    import psutil
-
     repo = write_hub_repo(tmp_path / "repo", 16, files=2)
     damaged = repo / "data" / "train-00001-of-00002.parquet"
     data = bytearray(damaged.read_bytes())
     data[4:44] = b"\xa7" * 40  # the first page header, behind a footer that reads
     damaged.write_bytes(bytes(data))
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    before = descendants()
     with pytest.raises(MicromergeError) as caught:
         run_finetune(config(base, str(repo), tmp_path / "run", data_in_memory="no", max_steps=4, workers=2))
     assert f"{damaged} is damaged (" in str(caught.value)
-    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
-    assert [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE] == []
+    assert descendants_left(before) == []
     assert caught.traceback  # still held
 
 

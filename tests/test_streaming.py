@@ -28,7 +28,7 @@ from micromerge.finetune.micro_batches import epoch_order
 from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
 from micromerge.finetune.streaming import SampleRecipe, batches, choose_in_memory, index_pairs, indexed_pairs
 from micromerge.finetune.trainer import run_finetune
-from tests.helpers import write_checkpoint
+from tests.helpers import descendants, descendants_left, write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config, write_csv_folder
 
 
@@ -136,8 +136,6 @@ def test_a_run_that_stops_early_stops_its_data_workers_with_it(tmp_path, base, m
     """Ctrl-C (or an error) in a streamed run: its traceback, which a notebook keeps as the last
     one, held the DataLoader, and the run's `--workers 2` processes lived on, idle, until another
     error replaced it. They now end with the run, while the traceback is still held."""
-    import psutil
-
     if layout == "image files":  # streamed because it augments
         data, values = str(write_csv_folder(tmp_path / "pairs", n=24)), dict(augment=("flip",))
     else:
@@ -149,12 +147,11 @@ def test_a_run_that_stops_early_stops_its_data_workers_with_it(tmp_path, base, m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "_save_state", save_then_stop)
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    before = descendants()
     cfg = config(base, data, tmp_path / "run", max_steps=6, save_every=2, workers=2, **values)
     with pytest.raises(KeyboardInterrupt) as stopped:
         run_finetune(cfg)
-    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
-    assert [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE] == []
+    assert descendants_left(before) == []
     assert stopped.traceback  # still held, as a notebook holds it
 
 
@@ -445,17 +442,14 @@ def test_a_shard_a_worker_cannot_read_stops_the_workers_with_the_run(tmp_path, b
     in the main process: the error's traceback then held the iterator's frames, and with them the
     run's `--workers 2` processes, for as long as a notebook kept the error. They now end with the
     run while the error is held, and the error is still its one line."""
-    import psutil
-
     shards = write_shards(tmp_path / "wds", 28, per_shard=7)
     (shards / "shard-000003.tar").write_bytes(b"not a tar file\n")
     spec = f"{shards}/shard-{{000000..000003}}.tar"
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    before = descendants()
     with pytest.raises(MicromergeError) as caught:
         run_finetune(config(base, spec, tmp_path / "run", max_steps=6, batch_size=4, workers=2))
     assert "shard-000003.tar cannot be read as a tar file (" in str(caught.value)
-    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
-    assert [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE] == []
+    assert descendants_left(before) == []
     assert caught.traceback  # still held, as a notebook holds it
 
 
