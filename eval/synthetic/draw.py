@@ -69,7 +69,7 @@ def paint(image: np.ndarray, mask: Mask | np.ndarray, color: Color, opacity: flo
     window += alpha * np.asarray(color, np.float32)
 
 
-def add_light(image: np.ndarray, mask: Mask | np.ndarray, color: Color, gain: float = 1.0) -> None:
+def add_light(image: np.ndarray, mask: Mask | np.ndarray, color: Color, gain: float) -> None:
     """Additive emission (fluorescence)."""
     rows, cols, values = _as_mask(mask)
     image[rows, cols] += gain * values[..., None] * np.asarray(color, np.float32)
@@ -80,7 +80,7 @@ def smooth_noise(rng: np.random.Generator, sigma: float) -> np.ndarray:
     return field / (field.std() + 1e-6)
 
 
-def line_mask(y0: float, x0: float, y1: float, x1: float, width: float = 1.0) -> Mask:
+def line_mask(y0: float, x0: float, y1: float, x1: float, width: float) -> Mask:
     reach = width + 0.5  # the mask is 0 where dist >= width + 0.5
     rows, cols = _window(min(y0, y1) - reach, max(y0, y1) + reach, min(x0, x1) - reach, max(x0, x1) + reach)
     py, px = _YY[rows, cols] - y0, _XX[rows, cols] - x0
@@ -91,10 +91,9 @@ def line_mask(y0: float, x0: float, y1: float, x1: float, width: float = 1.0) ->
     return Mask(rows, cols, np.clip(width - dist + 0.5, 0, 1))
 
 
-def finish(image: np.ndarray, rng: np.random.Generator, noise: float = 0.02, blur: float = 0.0) -> np.ndarray:
-    if blur:
-        image = gaussian_filter(image, (blur, blur, 0))
-    image = image + rng.normal(0, noise, image.shape).astype(np.float32)
+def finish(image: np.ndarray, rng: np.random.Generator, noise: float, blur: float) -> np.ndarray:
+    """Blur (the optics), sensor noise, then 8 bits."""
+    image = gaussian_filter(image, (blur, blur, 0)) + rng.normal(0, noise, image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 

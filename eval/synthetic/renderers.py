@@ -138,13 +138,11 @@ def blood_cells(rng: np.random.Generator, label: str) -> np.ndarray:
 
 def ihc_staining(rng: np.random.Generator, label: str) -> np.ndarray:
     """IHC (DAB) staining intensity: very_weak, weak, moderate, strong (fraction and darkness of brown cells)."""
+    levels = {"very_weak": (0.05, 0.25), "weak": (0.3, 0.45), "moderate": (0.6, 0.7), "strong": (0.9, 1.0)}
+    if label not in levels:
+        raise ValueError(label)
     image = canvas((0.93, 0.93, 0.95), rng)
-    fraction, darkness = {
-        "very_weak": (0.05, 0.25),
-        "weak": (0.3, 0.45),
-        "moderate": (0.6, 0.7),
-        "strong": (0.9, 1.0),
-    }[label]
+    fraction, darkness = levels[label]
     blue = _jitter(rng, (0.45, 0.5, 0.75), 0.05)
     brown = np.array([0.55, 0.35, 0.15]) * (1.4 - 0.6 * darkness)
     for _ in range(rng.integers(30, 45)):
