@@ -151,3 +151,18 @@ def descendants_left(before: set[int]) -> list[str]:
 
     left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
     return [child.name() for child in left if child.status() != psutil.STATUS_ZOMBIE]
+
+
+def stop_at_the_next_save(monkeypatch) -> None:
+    """The next fine-tune saves its state, then stops as Ctrl-C stops it; the run after it (a
+    resume) saves and goes on as usual."""
+    from micromerge.finetune import trainer
+
+    save = trainer._save_state
+
+    def save_then_stop(*args):
+        monkeypatch.setattr(trainer, "_save_state", save)
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", save_then_stop)

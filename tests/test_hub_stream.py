@@ -26,7 +26,7 @@ from micromerge.finetune import trainer
 from micromerge.finetune.hub_stream import HubStream, is_hub_layout
 from micromerge.finetune.streaming import SampleRecipe
 from micromerge.finetune.trainer import run_finetune
-from tests.helpers import descendants, descendants_left, write_checkpoint
+from tests.helpers import descendants, descendants_left, stop_at_the_next_save, write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config
 from tests.test_streaming import _same, _weights
 
@@ -148,17 +148,10 @@ def test_a_streamed_hub_dataset_trains_reproducibly_and_resumes_at_the_exact_sam
     assert manifest["data_path"]["in_memory"] is False
     assert "streamed by datasets (streaming=True): asked for" in manifest["data_path"]["why"]
 
-    saved = trainer._save_state
-
-    def save_then_die(*args):
-        saved(*args)
-        raise KeyboardInterrupt
-
     interrupted = config(base, repo, tmp_path / "resumed", save_every=3, **values)
-    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    stop_at_the_next_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(interrupted)
-    monkeypatch.setattr(trainer, "_save_state", saved)
     assert _same(_weights(straight), _weights(run_finetune(replace(interrupted, resume=True))))
 
 

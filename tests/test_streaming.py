@@ -23,12 +23,11 @@ from safetensors.torch import load_file
 
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
-from micromerge.finetune import trainer
 from micromerge.finetune.micro_batches import epoch_order
 from micromerge.finetune.shard_stream import ShardStream, _StreamDecoder
 from micromerge.finetune.streaming import SampleRecipe, batches, choose_in_memory, index_pairs, indexed_pairs
 from micromerge.finetune.trainer import run_finetune
-from tests.helpers import descendants, descendants_left, write_checkpoint
+from tests.helpers import descendants, descendants_left, stop_at_the_next_save, write_checkpoint
 from tests.test_finetune import CAPTIONS, _png, config, write_csv_folder
 
 
@@ -140,13 +139,7 @@ def test_a_run_that_stops_early_stops_its_data_workers_with_it(tmp_path, base, m
         data, values = str(write_csv_folder(tmp_path / "pairs", n=24)), dict(augment=("flip",))
     else:
         data, values = _pipe_spec(write_shards(tmp_path / "wds", 28, per_shard=7)), {}
-    saved = trainer._save_state
-
-    def save_then_stop(*args):
-        saved(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_save_state", save_then_stop)
+    stop_at_the_next_save(monkeypatch)
     before = descendants()
     cfg = config(base, data, tmp_path / "run", max_steps=6, save_every=2, workers=2, **values)
     with pytest.raises(KeyboardInterrupt) as stopped:
@@ -167,17 +160,10 @@ def test_augmentation_is_drawn_from_the_seed_and_survives_a_resume(tmp_path, bas
     assert manifest["hyperparameters"]["augment"] == ["crop", "flip", "rot90", "stain-jitter"]
     assert manifest["data_path"]["in_memory"] is False and "augmentation" in manifest["data_path"]["why"]
 
-    saved = trainer._save_state
-
-    def save_then_die(*args):
-        saved(*args)
-        raise KeyboardInterrupt  # killed right after the checkpoint of step 4
-
     interrupted = config(base, data, tmp_path / "resumed", save_every=4, **augmented)
-    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    stop_at_the_next_save(monkeypatch)  # killed right after the checkpoint of step 4
     with pytest.raises(KeyboardInterrupt):
         run_finetune(interrupted)
-    monkeypatch.setattr(trainer, "_save_state", saved)
     resumed = run_finetune(replace(interrupted, resume=True))
     assert _same(_weights(straight), _weights(resumed)), "resumed at the exact sample, same augmentation"
 
@@ -389,17 +375,10 @@ def test_a_shard_stream_is_read_in_a_seeded_order_and_resumes_at_the_exact_sampl
     manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
     assert manifest["data_path"]["in_memory"] is False and "webdataset" in manifest["data_path"]["why"]
 
-    saved = trainer._save_state
-
-    def save_then_die(*args):
-        saved(*args)
-        raise KeyboardInterrupt
-
     interrupted = config(base, spec, tmp_path / "resumed", save_every=3, **values)
-    monkeypatch.setattr(trainer, "_save_state", save_then_die)
+    stop_at_the_next_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(interrupted)
-    monkeypatch.setattr(trainer, "_save_state", saved)
     assert _same(_weights(straight), _weights(run_finetune(replace(interrupted, resume=True))))
 
 
