@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 
 from micromerge.eval.synthetic.draw import SIZE
+from micromerge.eval.synthetic.generate import SPLIT_CODES, render_pixels
 from micromerge.eval.synthetic.spec import SOURCES
 
 RECORDED = Path(__file__).parent / "reference" / "synthetic_images.json"
 
 
 def _render(source_index: int, class_index: int, index: int, seed: int = 0) -> np.ndarray:
-    """As eval/synthetic/generate.py draws a benchmark image (its rng is seeded the same way)."""
-    source = SOURCES[source_index]
-    rng = np.random.default_rng([seed, 0, source_index, class_index, index])
-    return source.render(rng, source.classes[class_index])
+    """A benchmark image, as the generator draws it."""
+    return render_pixels(seed, SPLIT_CODES["benchmark"], source_index, class_index, index)
 
 
 @pytest.mark.parametrize("source_index", range(len(SOURCES)), ids=[s.dataset for s in SOURCES])

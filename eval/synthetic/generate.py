@@ -21,7 +21,7 @@ from micromerge.eval.prompts import class_text
 from micromerge.eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
 from micromerge.eval.synthetic.spec import SOURCES, SyntheticSource, all_label_names
 
-_SPLIT_CODES = {"benchmark": 0, "general": 1, "pathology": 2}
+SPLIT_CODES = {"benchmark": 0, "general": 1, "pathology": 2}
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -30,11 +30,16 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _render_png(job: tuple[int, int, int, int, int]) -> bytes:
-    seed, split, source_index, class_index, index = job
+def render_pixels(seed: int, split: int, source_index: int, class_index: int, index: int) -> np.ndarray:
+    """One image, drawn from its own seed alone (see the module's docstring); `split` is a
+    value of SPLIT_CODES."""
     source = SOURCES[source_index]
     rng = np.random.default_rng([seed, split, source_index, class_index, index])
-    return _png(source.render(rng, source.classes[class_index]))
+    return source.render(rng, source.classes[class_index])
+
+
+def _render_png(job: tuple[int, int, int, int, int]) -> bytes:
+    return _png(render_pixels(*job))
 
 
 def _render_all(jobs: list[tuple[int, int, int, int, int]], workers: int) -> list[bytes]:
@@ -162,13 +167,13 @@ def write_benchmark(
     for s_index, source in enumerate(SOURCES):
         for c_index, label in enumerate(source.classes):
             for i in range(per_class):
-                jobs.append((seed, _SPLIT_CODES["benchmark"], s_index, c_index, i))
+                jobs.append((seed, SPLIT_CODES["benchmark"], s_index, c_index, i))
                 meta.append((s_index, c_index, source, label, i))
     images = _render_all(jobs, workers)
     names = all_label_names()
     rows: dict[str, list] = {column: [] for column in ubench_features(names)}
     for (s_index, c_index, source, label, i), png in zip(meta, images, strict=True):
-        rng = np.random.default_rng([seed, _SPLIT_CODES["benchmark"], s_index, c_index, i, 1])
+        rng = np.random.default_rng([seed, SPLIT_CODES["benchmark"], s_index, c_index, i, 1])
         values = _column_values(source)
         captions, questions = _captions_and_questions(rng, source, label)
         rows["image_id"].append(f"{label}_{i:04d}.png")
@@ -256,14 +261,14 @@ def write_corpus(
     if kind not in ("general", "pathology"):
         raise MicromergeError(f"corpus kind {kind!r}: expected general or pathology")
     templates = GENERAL_TEMPLATES if kind == "general" else PATHOLOGY_TEMPLATES
-    rng = np.random.default_rng([seed, _SPLIT_CODES[kind]])
+    rng = np.random.default_rng([seed, SPLIT_CODES[kind]])
     jobs, captions, labels = [], [], []
     for s_index, source in enumerate(SOURCES):
         if kind == "pathology" and source.domain != "pathology":
             continue
         for c_index, label in enumerate(source.classes):
             for i in range(per_class):
-                jobs.append((seed, _SPLIT_CODES[kind], s_index, c_index, i))
+                jobs.append((seed, SPLIT_CODES[kind], s_index, c_index, i))
                 generic = (
                     kind == "general"
                     and source.domain == "pathology"
