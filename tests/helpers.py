@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -102,6 +103,20 @@ def kill_at_step(command: list[str], out: Path, step: int) -> None:
     psutil.wait_procs(everyone, timeout=30)
     assert not (out / "model.safetensors").exists(), "the kill must land mid-run"
     assert (out / "state" / "LATEST").is_file(), "the killed run must leave a state to resume from"
+
+
+def straight_and_resumed_launches(arguments: Callable[[Path], list[str]], folder: Path) -> tuple[Path, Path]:
+    """One fine-tune (`arguments(out)`: its CLI arguments, writing to `out`) launched twice on two
+    processes: straight through into `folder/straight`, and into `folder/killed` killed whole once
+    it has saved step 6, then launched again with --resume. Both launches must succeed; the
+    caller compares the two folders."""
+    straight, killed = folder / "straight", folder / "killed"
+    finished = run_two_processes(*arguments(straight))
+    assert finished.returncode == 0, launch_failure(finished)
+    kill_at_step(two_process_launch(*arguments(killed)), killed, 6)
+    resumed = run_two_processes(*arguments(killed), "--resume")
+    assert resumed.returncode == 0, launch_failure(resumed)
+    return straight, killed
 
 
 def launch_failure(result: subprocess.CompletedProcess) -> str:

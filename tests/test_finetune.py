@@ -26,7 +26,7 @@ from tests.helpers import (
     kill_at_step,
     launch_failure,
     run_two_processes,
-    two_process_launch,
+    straight_and_resumed_launches,
     write_checkpoint,
 )
 from tests.ubench_fixture import write_fixture
@@ -509,16 +509,12 @@ def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path, ba
         args = _contrastive_args(base, data, out, steps=16, batch_size=3)
         return [*args, "--save-every", "2", "--lr", "1e-3", "--accum-steps", "2"]
 
-    straight = run_two_processes(*arguments(tmp_path / "straight"))
-    assert straight.returncode == 0, launch_failure(straight)
-    kill_at_step(two_process_launch(*arguments(tmp_path / "killed")), tmp_path / "killed", 6)
-    resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
-    assert resumed.returncode == 0, launch_failure(resumed)
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    straight, killed = straight_and_resumed_launches(arguments, tmp_path)
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
+    log = (killed / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == list(range(1, 17))
 
 

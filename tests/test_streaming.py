@@ -542,7 +542,7 @@ def test_two_processes_streaming_killed_and_resumed_end_with_the_same_weights(tm
     process, the batches that process trained on (its own count, not the launch's): a process's 32
     samples make 5 steps of 2 x 3, so the skip crosses a whole pass and lands inside the second.
     It ends bit-identical to an uninterrupted launch, with the same logged losses."""
-    from tests.helpers import kill_at_step, launch_failure, run_two_processes, two_process_launch
+    from tests.helpers import straight_and_resumed_launches
     from tests.test_finetune import _contrastive_args
 
     spec = _pipe_spec(write_shards(tmp_path / "wds", 64, per_shard=8))
@@ -552,16 +552,9 @@ def test_two_processes_streaming_killed_and_resumed_end_with_the_same_weights(tm
         return [*args, "--save-every", "2", "--lr", "1e-3", "--accum-steps", "2", "--workers", "1",
                 "--augment", "crop", "--augment", "flip"]  # fmt: skip
 
-    straight = run_two_processes(*arguments(tmp_path / "straight"))
-    assert straight.returncode == 0, launch_failure(straight)
-    kill_at_step(two_process_launch(*arguments(tmp_path / "killed")), tmp_path / "killed", 6)
-    resumed = run_two_processes(*arguments(tmp_path / "killed"), "--resume")
-    assert resumed.returncode == 0, launch_failure(resumed)
-    assert _same(
-        _weights(tmp_path / "straight" / "model.safetensors"),
-        _weights(tmp_path / "killed" / "model.safetensors"),
-    )
-    logs = [(tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in ("straight", "killed")]
+    straight, killed = straight_and_resumed_launches(arguments, tmp_path)
+    assert _same(_weights(straight / "model.safetensors"), _weights(killed / "model.safetensors"))
+    logs = [(folder / "train_log.jsonl").read_text().splitlines() for folder in (straight, killed)]
     assert [json.loads(row)["step"] for row in logs[1]] == list(range(1, 15))
     assert [json.loads(row)["loss"] for row in logs[1]] == [json.loads(row)["loss"] for row in logs[0]]
 
