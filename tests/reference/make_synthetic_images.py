@@ -3,8 +3,8 @@ hand, only when a renderer change is meant; then re-measure README's demo table 
 
     .venv/bin/python -m tests.reference.make_synthetic_images
 
-Writes `synthetic_images.json` beside this file: every class's first benchmark image as block
-sums (tests/test_synthetic_renderers.py says why), with the versions that drew them.
+Writes `synthetic_images.json` beside this file: every class's first three benchmark images as
+block sums (tests/test_synthetic_renderers.py says why), with the versions that drew them.
 """
 
 from __future__ import annotations
