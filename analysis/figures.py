@@ -343,7 +343,7 @@ def heatmap(run: Run, metric: str = "accuracy") -> plt.Figure:
         cmap="vlag",  # white at 0: the limits are symmetric (seaborn's center= re-builds the colour
         vmin=-limit,  # map through a call matplotlib 3.11 deprecates: a warning per heat map)
         vmax=limit,
-        annot=grid.shape[1] <= 11,
+        annot=(grid.round() + 0.0) if grid.shape[1] <= 11 else False,  # + 0.0: "0", not "-0", for -0.4
         fmt=".0f",
         cbar_kws={"label": f"change in {metric} vs base (points)"},
         annot_kws={"fontsize": 6},

@@ -8,6 +8,7 @@ import base64
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,17 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *lines])
+
+
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+_EMPHASIS = re.compile(r"\*([^*\s](?:[^*]*[^*\s])?)\*")
+
+
+def _prose_html(text: str) -> str:
+    """The HTML of a sentence written once for both pages: escaped, with the Markdown page's
+    `code` and *emphasis* drawn as such instead of shown as backticks and asterisks."""
+    escaped = html.escape(text)
+    return _EMPHASIS.sub(r"<em>\1</em>", _CODE_SPAN.sub(r"<code>\1</code>", escaped))
 
 
 def _embed(path: Path) -> str:
@@ -194,7 +206,7 @@ def _figure_html(caption: str, path: Path, out: Path, embed: bool) -> str:
 
 def html_page(layout: Layout) -> str:
     tables, out = layout.tables, layout.out
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}summary{cursor:pointer;font-weight:bold;margin:.5em 0}"
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;font-size:12px;margin:.8em 0}td,th{border:1px solid #ccc;padding:3px 6px}th{text-align:left}img{max-width:100%}summary{cursor:pointer;font-weight:bold;margin:.5em 0}"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>micromerge report</title><style>{style}</style></head><body>",
         f"<h1>{html.escape(_title(layout))}</h1><ul>",
@@ -206,7 +218,7 @@ def html_page(layout: Layout) -> str:
             "<h2>Headline</h2>",
             tables["headline"].to_html(index=False),
             "<h2>Paper-comparable headline (μ-Bench protocol)</h2>",
-            f"<p>{html.escape(PAPER_HEADLINE_TEXT)}</p>",
+            f"<p>{_prose_html(PAPER_HEADLINE_TEXT)}</p>",
             tables["paper_headline"].to_html(index=False)
             if not tables["paper_headline"].empty
             else f"<p>({NO_HEADLINE})</p>",
@@ -214,25 +226,25 @@ def html_page(layout: Layout) -> str:
     if "models" in tables:
         parts += [
             "<h2>Evaluated models</h2>",
-            f"<p>{html.escape(MODELS_TEXT)}</p>",
+            f"<p>{_prose_html(MODELS_TEXT)}</p>",
             tables["models"].to_html(index=False, na_rep=""),
             tables["models_groups"].to_html(index=False, na_rep=""),
         ]
         if "models_change" in tables:
             parts += [
-                f"<p>{html.escape(_change_text(layout.baseline))}</p>",
+                f"<p>{_prose_html(_change_text(layout.baseline))}</p>",
                 tables["models_change"].to_html(index=False, na_rep=""),
             ]
     if layout.runs:
         parts += [
             "<h2>α selection (honest protocol)</h2>",
-            f"<p>{html.escape(SELECTION_TEXT)}</p>",
+            f"<p>{_prose_html(SELECTION_TEXT)}</p>",
             tables["alpha_selection"].to_html(index=False),
         ]
     if layout.overview:
         parts.append("<h2>Figures</h2>")
         if "comparison_sets" in tables:
-            parts.append(f"<p>{html.escape(SETS_TEXT)}</p>")
+            parts.append(f"<p>{_prose_html(SETS_TEXT)}</p>")
         parts += [
             _figure_html(caption, path, out, embed=not layout.many) for caption, path in layout.overview
         ]
@@ -249,11 +261,13 @@ def html_page(layout: Layout) -> str:
             else [f"<h2>{label}</h2>", *body]
         )
     if layout.notes:
-        parts += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in layout.notes], "</ul>"]
+        parts += ["<h2>Notes</h2><ul>", *[f"<li>{_prose_html(n)}</li>" for n in layout.notes], "</ul>"]
     parts += [
-        "<h2>Provenance</h2><pre>",
+        "<h2>Provenance</h2><details><summary>the results store's sha256, this report's settings, and "
+        "each run's and evaluation's inputs (checkpoints' sha256, data, method, parameters); also in "
+        "provenance.json</summary><pre>",
         html.escape(json.dumps(layout.provenance, indent=2, sort_keys=True, default=str)),
-        "</pre>",
+        "</pre></details>",
         "<p>Tables as CSV and JSON in <code>tables/</code>; figures as PNG and SVG in <code>figures/</code>"
         + (
             " (this page links each run's own figures there: keep the folder beside it)"

@@ -264,3 +264,16 @@ def test_models_by_group_draws_each_models_level_and_domain_means_side_by_side()
         np.testing.assert_allclose(centres, np.arange(4) + offset)
         assert all(patch.get_width() == pytest.approx(0.4) for patch in container.patches)
     assert ax.get_ylim() == (0, 100)
+
+
+def test_a_heatmap_cell_that_rounds_to_zero_reads_0_not_minus_0(tmp_path):
+    """-0.4 points is drawn as "0" (its colour still shows the sign): "-0" in a grid of whole points
+    read as a defect on the demo's heat maps, next to 0 at alpha 0."""
+    values = {
+        ("modality", "coarse", "all"): (0.900, 0.896, 0.880),  # -0.4 and -2 points against the base
+        ("path-a", "fine", "pathology"): (0.50, 0.80, 0.90),
+        ("bio-a", "fine", "biology"): (0.80, 0.75, 0.40),
+    }
+    run, _ = _run(tmp_path, values_by_task=values)
+    texts = [text.get_text() for text in figures.heatmap(run).axes[0].texts]
+    assert "-0" not in texts and texts[:3] == ["0", "0", "-2"]

@@ -208,6 +208,21 @@ def test_run_labels_are_escaped_in_the_html(tmp_path):
     assert "<li><b>ties &lt;k=0.2&gt; &amp; dare</b>" in page and "<k=0.2>" not in page
 
 
+def test_the_html_page_draws_the_markdown_pages_code_and_emphasis_instead_of_showing_the_marks(tmp_path):
+    """The sentences both pages share are written in Markdown; the HTML page showed their backticks
+    and asterisks as typed (seen in a browser on the demo's report). A run label's own `<`, `&`
+    and spaced asterisks stay text."""
+    store = write_store(tmp_path / "r.jsonl", label="a * b <c>")
+    page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
+    prose = page.split("<pre>")[0]
+    assert "<code>classification_1</code>" in prose and "(<em>select</em>," in prose
+    assert "; <code>micromerge eval</code> of the base" in prose, "a note's code span"
+    assert "`" not in prose and "*select*" not in prose
+    assert "<li><b>a * b &lt;c&gt;</b>" in prose
+    assert "(*select*," in (tmp_path / "rep" / "report.md").read_text(), "the Markdown page keeps its marks"
+    assert page.count("<details>") == 1 and "</pre></details>" in page, "the provenance, folded"
+
+
 def _add_paper_headline(store: Path) -> Path:
     """ubench headline rows as `eval`/`sweep` write them (level 'headline', one per split): coarse
     0.70/0.60 and fine 0.40/0.55 at alpha 0/1 on the whole benchmark, other numbers on the halves."""
