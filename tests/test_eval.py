@@ -32,7 +32,7 @@ from micromerge.eval.tasks import discover_tasks
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import open_source
 from tests.helpers import launch_failure, run_two_processes, write_checkpoint
-from tests.ubench_fixture import fixture_dataset, write_fixture
+from tests.ubench_fixture import fixture_dataset, fixture_features, fixture_rows, write_fixture
 
 
 @pytest.fixture
@@ -1648,6 +1648,38 @@ def test_tasks_command_lists_counts(bench):
     assert line.split()[1:5] == ["fine", "18", "3", "classification_0,classification_1"]
     assert "pathology / gastrointestinal pathology / light microscopy / tissue" in line
     assert any(line.startswith("held_et_al_2010_h2b") for line in result.output.splitlines())
+
+
+def _second_column_starts(lines: list[str]) -> set[int]:
+    return {re.match(r"\S+\s+", line).end() for line in lines}
+
+
+def test_a_real_task_name_longer_than_the_default_column_keeps_tasks_and_eval_aligned(tmp_path, models):
+    """`eulenberg_et_al_2017_epifluorescence` (36 characters, a real `dataset` value: SCHEMA.md's
+    task table) pushed its row's columns past everyone else's in a 34-wide column; the group means'
+    numbers were ragged after names longer than 28."""
+    long_name = "eulenberg_et_al_2017_epifluorescence"
+    rows = fixture_rows()
+    rows["dataset"] = [long_name if d == "eulenberg_et_al_2017_darkfield" else d for d in rows["dataset"]]
+    datasets.Dataset.from_dict(rows, features=fixture_features()).save_to_disk(str(tmp_path / "long"))
+    listed = CliRunner().invoke(cli, ["tasks", "--data", str(tmp_path / "long")])
+    assert listed.exit_code == 0, listed.output
+    lines = [line for line in listed.output.splitlines() if not line.startswith("  note")]
+    assert any(line.startswith(long_name + " ") for line in lines)
+    assert len(_second_column_starts(lines)) == 1, listed.output
+    scored = CliRunner().invoke(
+        cli,
+        ["eval", "--model", str(models[0]), "--data", str(tmp_path / "long"), "--store",
+         str(tmp_path / "r.jsonl"), "--bootstrap", "0", "--quiet"],
+    )  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    output = scored.output.splitlines()
+    start = next(i for i, line in enumerate(output) if line.startswith("task "))
+    table = output[start : next(i for i, line in enumerate(output) if line.startswith("  mean accuracy"))]
+    assert any(line.startswith(long_name + " ") for line in table)
+    assert len(_second_column_starts(table)) == 1, "\n".join(table)
+    means = [line for line in output if line.startswith("  mean accuracy")]
+    assert len(means) > 10 and len({line.rindex(" ") for line in means}) == 1, "\n".join(means)
 
 
 def test_caption_prompts_use_the_class_captions(tmp_path, bench, models):

@@ -33,15 +33,16 @@ def tasks_command(data: str, sources: str | None, wanted: str) -> None:
     bench = load_benchmark(data)
     every = discover_tasks(bench.dataset, load_source_table(Path(sources) if sources else None))
     chosen = select_tasks(every, wanted)
+    width = max([34, *(len(task.name) for task in chosen)])  # real names reach 36 (eulenberg…)
     click.echo(
-        f"{'task':<34} {'level':<6} {'images':>7} {'classes':>7}  {'caption keys':<34} "
+        f"{'task':<{width}} {'level':<6} {'images':>7} {'classes':>7}  {'caption keys':<34} "
         "domain / subdomain / modality / scale / taxonomy / in paper"
     )
     for task in chosen:
         g = task.groups
         keys = ",".join(q.key for q in task.questions) or "-"
         click.echo(
-            f"{task.name:<34} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {keys:<34} "
+            f"{task.name:<{width}} {task.level:<6} {task.n_images:>7} {len(task.classes):>7}  {keys:<34} "
             f"{g.get('domain')} / {g.get('subdomain')} / {g.get('modality')} / {g.get('scale')} / "
             f"{g.get('taxonomy')} / {g.get('paper')}"
         )

@@ -135,13 +135,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for alpha, alpha_rows in sorted(by_alpha.items(), key=lambda item: -1 if item[0] is None else item[0]):
         if alpha is not None:
             click.echo(f"\nalpha = {alpha:g}")
-        click.echo(
-            f"{'task':<34} {'caption key':<18} {'level':<8} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'bal.acc':>8}"
-        )
         table: dict[tuple[str, Any], dict[str, Any]] = {}
         for row in alpha_rows:
             if row.get("split", "all") == "all":
                 table.setdefault((row["task"], row.get("caption_key")), {})[row["metric"]] = row
+        width = max([34, *(len(task) for task, _ in table)])  # real names reach 36 (eulenberg…)
+        click.echo(
+            f"{'task':<{width}} {'caption key':<18} {'level':<8} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'bal.acc':>8}"
+        )
         for (task, key), metrics in table.items():
             acc = metrics["accuracy"]
             interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"]) if has_interval(acc) else "-"
@@ -151,11 +152,13 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             # none for a headline (pooled over tasks, it has no classes): a dash, not "nan"
             balanced_text = "-" if balanced is None or balanced != balanced else f"{balanced:.3f}"
             click.echo(
-                f"{task:<34} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "
+                f"{task:<{width}} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "
                 f"{interval:>15} {balanced_text:>8}{corrupt}"
             )
-        for group, value in aggregate(alpha_rows).items():
-            click.echo(f"  mean accuracy {group:<28} {value:.3f}")
+        means = aggregate(alpha_rows)
+        group_width = max((len(group) for group in means), default=0)
+        for group, value in means.items():
+            click.echo(f"  mean accuracy {group:<{group_width}} {value:.3f}")
 
 
 @click.command("eval")
