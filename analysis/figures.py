@@ -136,8 +136,7 @@ def per_task_grid(run: Run, metric: str = "accuracy") -> plt.Figure:
         ax.set_ylabel(f"{metric} (%)", fontsize=7)
         ax.set_xlabel("α", fontsize=7)
         ax.grid(alpha=0.3)
-    figure.suptitle(f"{run.label}: per-task {metric} versus α", fontsize=10)
-    figure.tight_layout()
+    _title_above_panels(figure, f"{run.label}: per-task {metric} versus α")
     return figure
 
 
@@ -249,9 +248,20 @@ def _panels(
     return figure, axes
 
 
-def _run_legend(figure: plt.Figure, handles: list, title: str) -> None:
-    """One legend for every panel, under them, and the set's title above."""
-    figure.suptitle(title, fontsize=10)
+def _title_above_panels(figure: plt.Figure, title: str) -> None:
+    """The suptitle, with the panels moved below it where tight_layout left them on it: over seven
+    rows of panels (the real μ-Bench's 27 tasks) it lay on the first row's titles."""
+    text = figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    boxes = [ax.get_tightbbox() for ax in figure.axes if ax.axison]
+    panels_top = max(box.y1 for box in boxes if box is not None)
+    overlap = panels_top + 0.05 * figure.dpi - text.get_window_extent().y0
+    if overlap > 0:
+        figure.subplots_adjust(top=figure.subplotpars.top - overlap / figure.bbox.height)
+
+
+def _run_legend(figure: plt.Figure, handles: list) -> None:
+    """One legend for every panel, under them."""
     figure.legend(
         handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
         fontsize=7, frameon=False,
@@ -287,9 +297,9 @@ def set_accuracy_vs_alpha(comparison: ComparisonSet, metric: str = "accuracy") -
         ax.set_xlabel("α (0 = base, 1 = fine-tuned)", fontsize=8)
         ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)", fontsize=8)
         ax.grid(alpha=0.3)
-    _run_legend(figure, handles, f"Accuracy versus α: {comparison.title or 'one comparison set'}\n"
-                "black rings: α chosen on the select half; intervals in the per-run tables")  # fmt: skip
-    figure.tight_layout()
+    _run_legend(figure, handles)
+    _title_above_panels(figure, f"Accuracy versus α: {comparison.title or 'one comparison set'}\n"
+                        "black rings: α chosen on the select half; intervals in the per-run tables")  # fmt: skip
     return figure
 
 
@@ -326,8 +336,8 @@ def set_per_task(comparison: ComparisonSet, metric: str = "accuracy") -> plt.Fig
         ax.set_ylabel(f"{metric} (%)", fontsize=7)
         ax.set_xlabel("α", fontsize=7)
         ax.grid(alpha=0.3)
-    _run_legend(figure, handles, f"Per-task {metric} versus α: {comparison.title or 'one comparison set'}")
-    figure.tight_layout()
+    _run_legend(figure, handles)
+    _title_above_panels(figure, f"Per-task {metric} versus α: {comparison.title or 'one comparison set'}")
     return figure
 
 
