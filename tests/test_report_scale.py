@@ -24,6 +24,7 @@ from micromerge.analysis.metrics import curve, summarise, task_changes
 from micromerge.analysis.sets import comparison_sets
 from micromerge.analysis.tables import load_runs
 from micromerge.cli import cli
+from micromerge.eval.store import ResultStore
 from tests.test_analysis import VALUES, write_store
 
 TARGET = "domain:pathology"
@@ -358,3 +359,44 @@ def test_runs_picks_the_runs_of_one_pair_by_label_or_run_id(tmp_path):
         in result.output
     )
     assert "(and 1 more)" in result.output and not (tmp_path / "none" / "report.html").exists()
+
+
+def test_beyond_the_run_limit_the_page_shows_each_runs_paper_headline_at_its_chosen_alpha(
+    tmp_path, monkeypatch
+):
+    """Every α of every run stays in tables/paper_headline.csv; the page of a grid shows each run's
+    chosen α, and says so (the paper grid's 200 runs x 11 α were 2,200 rows at the top of the page)."""
+    monkeypatch.setattr(report, "RUN_FIGURE_RUNS", 5)
+    store = grid_store(tmp_path / "r.jsonl")
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    first = {row["run_id"]: row for row in reversed(rows)}
+    headline = [
+        {**row, "task": task, "level": "headline", "caption_key": key, "groups": {"level": "headline"},
+         "split": "all", "metric": "accuracy", "alpha": alpha, "value": 0.5 + alpha / 4 + offset,
+         "ci_low": 0.4, "ci_high": 0.9}
+        for row in first.values() for alpha in (0.0, 0.5, 1.0)
+        for task, key, offset in (("ubench:coarse", "coarse keys pooled", 0.0), ("ubench:fine", "classification_1", 0.1))
+    ]  # fmt: skip
+    ResultStore(store).append(headline)
+    page, markdown, _ = _report(store, tmp_path / "rep", run_figures=False)
+    assert len(_table_rows(tmp_path / "rep", "paper_headline")) == 6 * 3, "every α in the table's files"
+    shown = _paper_headline_rows(markdown)
+    chosen = {"wise-ft": "0.5", "ties": "1.0", "dare": "0.5"}  # grid_store's select half
+    assert sorted(shown) == sorted((f"{p} / {m} / all", a) for p in ("p0", "p1") for m, a in chosen.items())
+    assert report_page.PAPER_HEADLINE_MANY_TEXT in markdown
+    assert "every α of every run: <code>tables/paper_headline.csv</code>" in page
+    # a few runs: every α on the page, nothing said
+    monkeypatch.setattr(report, "RUN_FIGURE_RUNS", 12)
+    _, markdown, _ = _report(store, tmp_path / "few", run_figures=False)
+    few = _paper_headline_rows(markdown)
+    assert len(few) == 18 and report_page.PAPER_HEADLINE_MANY_TEXT not in markdown
+
+
+def _paper_headline_rows(markdown: str) -> list[tuple[str, str]]:
+    """(run, alpha) of each row of the page's paper-comparable table."""
+    section = markdown.split("## Paper-comparable headline")[1].split("\n## ")[0]
+    return re.findall(r"^\| (p\d / \S+ / all) \| \S* \| ([\d.]+) \|", section, flags=re.MULTILINE)
+
+
+def _table_rows(out: Path, name: str) -> list[dict]:
+    return json.loads((out / "tables" / f"{name}.json").read_text())
