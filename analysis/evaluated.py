@@ -55,6 +55,11 @@ def evaluation_names(evaluated: list[Run]) -> list[str]:
     ]
 
 
+def _model_name(run: Run) -> str:
+    """`pathology-specialist` for `none [ubench]: pathology-specialist`: the checkpoint's name."""
+    return run.label.partition(": ")[2]
+
+
 def _group_mean(run: Run, group: str | None, metric: str) -> float:
     """The mean over the group's tasks (None: every task), as a sweep's curve takes it at one alpha."""
     single = replace(run, table=run.table.assign(alpha=0.0))  # an evaluation's alpha is null
@@ -126,13 +131,16 @@ def models_task_table(evaluated: list[Run], metric: str) -> pd.DataFrame:
 
 def pick_baseline(evaluated: list[Run], pattern: str, store: str) -> int:
     """The index of the one evaluation `report --baseline` names: by its name in the models table,
-    its label or its run id, as written (`base [ubench]`: brackets are a glob's character class) or
-    as a glob."""
+    its checkpoint's name alone (`base`, when one protocol scored it), its label or its run id, as
+    written (`base [ubench]`: brackets are a glob's character class) or as a glob."""
     names = evaluation_names(evaluated)
     found = [
         i
         for i, (run, name) in enumerate(zip(evaluated, names, strict=True))
-        if any(text == pattern or fnmatchcase(text, pattern) for text in (name, run.label, run.run_id))
+        if any(
+            text == pattern or fnmatchcase(text, pattern)
+            for text in (name, _model_name(run), run.label, run.run_id)
+        )
     ]
     if len(found) != 1:
         how = "matches no evaluated model" if not found else f"matches {len(found)} evaluated models"

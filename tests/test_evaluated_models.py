@@ -237,6 +237,27 @@ def test_baseline_compares_each_model_with_it_group_by_group(tmp_path):
     assert not (tmp_path / "report" / "tables" / "models_change.csv").exists()
 
 
+def test_a_baseline_named_by_its_checkpoint_alone_is_found_when_one_protocol_scored_it(tmp_path):
+    """`--baseline base` is what a user types after `micromerge eval --model .../base`: it named no
+    model ("its evaluated models: base [ubench]; …"). A name two protocols scored still asks for one."""
+    store = tmp_path / "r.jsonl"
+    rows = (
+        _evaluation_rows("base")
+        + _evaluation_rows("specialist", "closed-set")
+        + _evaluation_rows("specialist")
+    )
+    ResultStore(store).append(rows)
+    _report(store, tmp_path / "report", "--baseline", "base")
+    change = pd.read_csv(tmp_path / "report" / "tables" / "models_change.csv")
+    assert list(change.columns) == ["group", "specialist [ubench] − base [ubench]"]
+    both = CliRunner().invoke(
+        cli, ["report", str(store), "--out", str(tmp_path / "x"), "--baseline", "specialist"]
+    )
+    assert both.exit_code == 2, both.output
+    assert "--baseline specialist: matches 2 evaluated models" in both.output
+    assert "give one of: specialist [closed-set]; specialist [ubench]" in both.output
+
+
 def test_a_baseline_matching_none_of_many_models_lists_six_and_counts_the_rest(tmp_path):
     for count in (6, 7):
         store = tmp_path / f"r{count}.jsonl"

@@ -69,7 +69,8 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
 )
 @click.option(
     "--baseline",
-    help="An evaluated model (its name in the models table, label or run id; globs allowed) the others "
+    help="An evaluated model (its name in the models table, e.g. 'base [ubench]', or just 'base' where one "
+    "protocol scored it; its label or run id; globs allowed) the others "
     "are compared with, group by group: e.g. the base CLIP against PLIP and QuiltNet.",
 )
 @friendly_errors
