@@ -121,6 +121,7 @@ def model_card(
             "```",
             "",
         ]
+        lines += _training_lines(record)
         lineage = supervised_lineage(record)
         if lineage:
             lines += [
@@ -155,6 +156,35 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _training_lines(record: dict[str, Any]) -> list[str]:
+    """A fine-tune's data and run as its manifest measured them: what it was trained on (the input
+    table names only the base), how far, and where its loss went, so a card shared on the Hub says
+    which corpus made the specialist and a changed corpus is told by its fingerprint."""
+    if not str(record.get("kind", "")).startswith("finetune-") or "data_fingerprint" not in record:
+        return []
+    how = (record.get("data_path") or {}).get("fingerprint")
+    rows = [
+        ("data", f"`{record.get('data')}`"),
+        ("data fingerprint", f"`{record['data_fingerprint']}`" + (f" (over {how})" if how else "")),
+    ]
+    if record.get("domain"):
+        rows.append(("domain", str(record["domain"])))
+    if record.get("classes"):
+        rows.append(("classes", ", ".join(str(c) for c in record["classes"])))
+    if "steps" in record:
+        seen = f", {record['images_seen']} images seen" if "images_seen" in record else ""
+        rows.append(("steps", f"{record['steps']}{seen}"))
+    if "processes" in record:
+        rows.append(("processes", f"{record['processes']} on {record.get('device', '?')}"))
+    loss = record.get("loss_summary") or {}
+    if loss.get("first") is not None:
+        rows.append(
+            ("loss", f"{loss['first']:.4f} at the first step, {loss['last']:.4f} at the last "
+                     f"(mean of the last 10: {loss['mean_last_10']:.4f})")
+        )  # fmt: skip
+    return ["Training:", "", "| | |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
 
 
 def _evaluated_on(evaluation: list[dict[str, Any]]) -> list[str]:

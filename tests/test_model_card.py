@@ -156,6 +156,41 @@ def test_a_finetuned_runs_card_has_its_kind_base_digests_and_hyperparameters():
     assert f"| `b.safetensors` | `{'cd' * 32}` |" in single.splitlines()
 
 
+def test_a_finetuned_runs_card_says_what_it_was_trained_on_how_far_and_its_loss():
+    """The input table names only the base: the corpus that made the specialist (and its
+    fingerprint, so a changed corpus is told apart) was only in the manifest, not on the card a
+    user shares. Values as finetune/trainer.py records them."""
+    record = {
+        "kind": "finetune-supervised",
+        "base": "clip-b32",
+        "base_sha256": {"clip-b32.safetensors": "ab" * 32},
+        "data": "ubench-copy/perception/0.1.0",
+        "data_fingerprint": "ef" * 32,
+        "data_path": {"in_memory": True, "why": "fits", "fingerprint": "the benchmark's files"},
+        "domain": "pathology",
+        "classes": ["benign", "malignant"],
+        "steps": 120,
+        "images_seen": 7680,
+        "processes": 2,
+        "device": "cuda:0",
+        "loss_summary": {"first": 0.69314, "last": 0.12345, "min": 0.1, "mean_last_10": 0.13579},
+    }
+    lines = model_card("run", record, "open_clip").splitlines()
+    training = lines[lines.index("Training:") :]
+    for row in (
+        "| data | `ubench-copy/perception/0.1.0` |",
+        f"| data fingerprint | `{'ef' * 32}` (over the benchmark's files) |",
+        "| domain | pathology |",
+        "| classes | benign, malignant |",
+        "| steps | 120, 7680 images seen |",
+        "| processes | 2 on cuda:0 |",
+        "| loss | 0.6931 at the first step, 0.1235 at the last (mean of the last 10: 0.1358) |",
+    ):
+        assert row in training, row
+    merged = {"method": "wise-ft", "inputs_sha256": {"a": "1" * 64}, "data_fingerprint": "ef" * 32}
+    assert "Training:" not in model_card("run", merged, "open_clip"), "a merge was not trained"
+
+
 def test_a_data_aware_merge_says_what_data_it_learned_from():
     statistics = [{"model": "base", "data": "ubench", "split": "select", "samples": 256}]
     card = model_card("m", {"method": "fisher", "statistics": statistics}, "open_clip")
