@@ -33,7 +33,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")
-_EMPHASIS = re.compile(r"\*([^*\s](?:[^*]*[^*\s])?)\*")
+_EMPHASIS = re.compile(r"\*(\w(?:[\w ]*\w)?)\*")  # words only: `visual.*=1, text.*` in a label stays
 
 
 def _prose_html(text: str) -> str:

@@ -212,13 +212,15 @@ def test_the_html_page_draws_the_markdown_pages_code_and_emphasis_instead_of_sho
     """The sentences both pages share are written in Markdown; the HTML page showed their backticks
     and asterisks as typed (seen in a browser on the demo's report). A run label's own `<`, `&`
     and spaced asterisks stay text."""
-    store = write_store(tmp_path / "r.jsonl", label="a * b <c>")
+    store = write_store(tmp_path / "r.jsonl", label="a * b <c> visual.*=1, text.*")
     page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
     prose = page.split("<pre>")[0]
     assert "<code>classification_1</code>" in prose and "(<em>select</em>," in prose
     assert "; <code>micromerge eval</code> of the base" in prose, "a note's code span"
     assert "`" not in prose and "*select*" not in prose
-    assert "<li><b>a * b &lt;c&gt;</b>" in prose
+    assert "<li><b>a * b &lt;c&gt; visual.*=1, text.*</b>" in prose
+    assert "<li>a * b &lt;c&gt; visual.*=1, text.*: " in prose, "the label in a note, as typed"
+    assert prose.count("<em>") == 2, "select and report, nothing of the label"
     assert "(*select*," in (tmp_path / "rep" / "report.md").read_text(), "the Markdown page keeps its marks"
     assert page.count("<details>") == 1 and "</pre></details>" in page, "the provenance, folded"
 
