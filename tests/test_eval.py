@@ -1428,6 +1428,42 @@ def _sweep_args(tmp_path, bench, models, alphas="0:1:0.5", store="s.jsonl"):
     ]
 
 
+def test_a_sweep_prints_each_task_headline_and_group_across_alpha_once(tmp_path, bench, models):
+    """One line per task (its caption keys pooled), headline and group mean, one column per α, each
+    cell the store's `all`-split accuracy: the eval table printed once per α was about 60 lines an α
+    (660 for the default eleven). A source's corrupt image is said once, on its task's line."""
+    from micromerge.eval.aggregate import aggregate, is_task_row
+
+    result = CliRunner().invoke(cli, _sweep_args(tmp_path, bench, models))
+    assert result.exit_code == 0, result.output
+    rows = ResultStore(tmp_path / "s.jsonl").rows()
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("task / group"))
+    assert lines[header].split()[-3:] == ["0", "0.5", "1"]
+    table = {
+        line[: line.index("  ")].strip(): line
+        for line in lines[header + 1 :]
+        if line.strip() and "results in" not in line
+    }
+    expected: dict[str, list[float]] = {}
+    for row in rows:
+        if (
+            row["split"] == "all"
+            and row["metric"] == "accuracy"
+            and (is_task_row(row) or row["level"] == "headline")
+        ):
+            expected.setdefault(row["task"], []).append(row["value"])
+    for alpha in (0.0, 0.5, 1.0):
+        for group, value in aggregate([r for r in rows if r["alpha"] == alpha]).items():
+            expected.setdefault(f"mean {group}", []).append(value)
+    assert set(table) == set(expected) and len(table) < 60, "one line each, for all three α"
+    for name, values in expected.items():
+        cells = table[name][len(name) :].split("(")[0].split()
+        assert cells == [f"{v:.3f}" for v in values], name
+    assert table["kather_et_al_2016"].endswith("(1 corrupt images skipped)")
+    assert "balanced" not in result.output and result.output.count("alpha = ") == 0
+
+
 def test_sweep_rows_and_end_points_equal_plain_evaluation(tmp_path, bench, models):
     result = CliRunner().invoke(cli, _sweep_args(tmp_path, bench, models))
     assert result.exit_code == 0, result.output

@@ -178,6 +178,10 @@ def test_a_sweep_with_the_specialist_is_marked_and_its_report_says_so(trained, t
     assert _marks(specialist)[TASK] == {"task"} and _marks(specialist)["opencell"] == {None}
     assert {r.get(TRAINED_ON) for r in specialist if r["level"] == "headline"} == {"images"}
     assert all(TRAINED_ON not in r for r in rows if r["alpha"] == 0), "alpha 0 is the base, which saw nothing"
+    printed = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert printed[TASK].endswith("(trained on its task: not zero-shot at some α)"), result.output
+    assert printed["ubench:coarse"].endswith("(trained on its images: not zero-shot at some α)")
+    assert "(" not in printed["opencell"], "a task of other images is zero-shot at every α"
     report = CliRunner().invoke(cli, ["report", str(store), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "report.md").read_text()

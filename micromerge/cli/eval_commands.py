@@ -161,6 +161,38 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             click.echo(f"  mean accuracy {group:<{group_width}} {value:.3f}")
 
 
+def _print_sweep(rows: list[dict[str, Any]]) -> None:
+    """Each task's, headline's and group's accuracy across α, one line each, as the report's curves
+    read: the eval table printed once per α was about 60 lines an α, 660 for a default sweep.
+    Intervals, halves, caption keys and balanced accuracy are in the store and the report."""
+    from micromerge.core.provenance import trained_on_note
+    from micromerge.eval.aggregate import aggregate, is_task_row
+
+    alphas = sorted({row["alpha"] for row in rows})
+    lines: dict[str, dict[float, float]] = {}
+    notes: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("split", "all") != "all" or row["metric"] != "accuracy":
+            continue
+        if is_task_row(row) or row.get("level") == "headline":
+            lines.setdefault(row["task"], {})[row["alpha"]] = row["value"]
+            task_notes = notes.setdefault(row["task"], set())
+            if row.get("n_corrupt"):
+                task_notes.add(f"{row['n_corrupt']} corrupt images skipped")
+            if trained_on_note(row):
+                task_notes.add(trained_on_note(row).strip(" ()") + " at some α")
+    for alpha in alphas:
+        for group, value in aggregate([r for r in rows if r["alpha"] == alpha]).items():
+            lines.setdefault(f"mean {group}", {})[alpha] = value
+    width = max((len(name) for name in lines), default=len("task / group"))
+    click.echo("\naccuracy by α (all images; intervals, halves and caption keys: `micromerge report`)")
+    click.echo(f"{'task / group':<{width}} " + " ".join(f"{alpha:>6g}" for alpha in alphas))
+    for name, values in lines.items():
+        cells = " ".join(f"{values[a]:>6.3f}" if a in values else f"{'-':>6}" for a in alphas)
+        said = "; ".join(sorted(notes.get(name, ())))
+        click.echo(f"{name:<{width}} {cells}" + (f"  ({said})" if said else ""))
+
+
 @click.command("eval")
 @click.option("--model", required=True, help="Checkpoint: zoo name, hf-hub: id, file or folder.")
 @_eval_options
@@ -227,7 +259,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
     rows = run_sweep(plan, settings, resolve_device(values["device"]), state.wait_for_everyone)
     state.wait_for_everyone()
     if state.is_main_process:
-        _print_table(_rows_of_the_run(settings, rows))
+        _print_sweep(_rows_of_the_run(settings, rows))
         click.echo(f"\nresults in {settings.store}")
 
 
