@@ -125,40 +125,35 @@ def _eval_settings(values: dict[str, Any]) -> tuple[EvalSettings, PartialState]:
     return settings, state
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
+def _print_evaluation(rows: list[dict[str, Any]]) -> None:
+    """One model's table: each task and caption key over all images, then the group means."""
     from micromerge.core.provenance import has_interval, trained_on_note
     from micromerge.eval.aggregate import aggregate
 
-    by_alpha: dict[Any, list[dict[str, Any]]] = {}
+    table: dict[tuple[str, Any], dict[str, Any]] = {}
     for row in rows:
-        by_alpha.setdefault(row["alpha"], []).append(row)
-    for alpha, alpha_rows in sorted(by_alpha.items(), key=lambda item: -1 if item[0] is None else item[0]):
-        if alpha is not None:
-            click.echo(f"\nalpha = {alpha:g}")
-        table: dict[tuple[str, Any], dict[str, Any]] = {}
-        for row in alpha_rows:
-            if row.get("split", "all") == "all":
-                table.setdefault((row["task"], row.get("caption_key")), {})[row["metric"]] = row
-        width = max([34, *(len(task) for task, _ in table)])  # real names reach 36 (eulenberg…)
+        if row.get("split", "all") == "all":
+            table.setdefault((row["task"], row.get("caption_key")), {})[row["metric"]] = row
+    width = max([34, *(len(task) for task, _ in table)])  # real names reach 36 (eulenberg…)
+    click.echo(
+        f"{'task':<{width}} {'caption key':<18} {'level':<8} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'bal.acc':>8}"
+    )
+    for (task, key), metrics in table.items():
+        acc = metrics["accuracy"]
+        interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"]) if has_interval(acc) else "-"
+        corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
+        corrupt += trained_on_note(acc)
+        balanced = metrics.get("balanced_accuracy", {}).get("value")
+        # none for a headline (pooled over tasks, it has no classes): a dash, not "nan"
+        balanced_text = "-" if balanced is None or balanced != balanced else f"{balanced:.3f}"
         click.echo(
-            f"{'task':<{width}} {'caption key':<18} {'level':<8} {'n':>6} {'accuracy':>9} {'95% CI':>15} {'bal.acc':>8}"
+            f"{task:<{width}} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "
+            f"{interval:>15} {balanced_text:>8}{corrupt}"
         )
-        for (task, key), metrics in table.items():
-            acc = metrics["accuracy"]
-            interval = "[{:.3f}, {:.3f}]".format(acc["ci_low"], acc["ci_high"]) if has_interval(acc) else "-"
-            corrupt = f"  ({acc['n_corrupt']} corrupt images skipped)" if acc.get("n_corrupt") else ""
-            corrupt += trained_on_note(acc)
-            balanced = metrics.get("balanced_accuracy", {}).get("value")
-            # none for a headline (pooled over tasks, it has no classes): a dash, not "nan"
-            balanced_text = "-" if balanced is None or balanced != balanced else f"{balanced:.3f}"
-            click.echo(
-                f"{task:<{width}} {key or '-':<18} {acc['level']:<8} {acc['n_images']:>6} {acc['value']:>9.3f} "
-                f"{interval:>15} {balanced_text:>8}{corrupt}"
-            )
-        means = aggregate(alpha_rows)
-        group_width = max((len(group) for group in means), default=0)
-        for group, value in means.items():
-            click.echo(f"  mean accuracy {group:<{group_width}} {value:.3f}")
+    means = aggregate(rows)
+    group_width = max((len(group) for group in means), default=0)
+    for group, value in means.items():
+        click.echo(f"  mean accuracy {group:<{group_width}} {value:.3f}")
 
 
 def _print_sweep(rows: list[dict[str, Any]]) -> None:
@@ -208,7 +203,7 @@ def eval_command(model: str, **values: Any) -> None:
         return  # one model is one process's work: under `accelerate launch` each did it all and printed it
     access = CheckpointAccess(values["allow_pickle"], values["arch"])
     rows = run_eval(model, settings, resolve_device(values["device"]), access)
-    _print_table(rows)
+    _print_evaluation(rows)
     click.echo(f"\nresults in {settings.store}")
 
 
