@@ -678,3 +678,36 @@ def test_quiet_leaves_out_the_progress_lines_and_only_them(pair):
     assert shown.exit_code == quiet.exit_code == 0
     assert "merge (wise-ft): 100%" in shown.stderr and quiet.stderr == "", quiet.stderr
     assert (tmp / "shown.safetensors").read_bytes() == (tmp / "quiet.safetensors").read_bytes()
+
+
+def test_every_option_of_every_command_says_what_it_is_for_and_shared_inputs_say_it_alike():
+    """`--help` is where a new user learns a flag: each option has its own line (sweep's --base and
+    --ft, eval's --batch-size, report's --metric, finetune's --lr and the demo's epochs had none),
+    and the merge inputs `merge` and `sweep` both take are described in the same words."""
+    import click
+
+    def commands(group: click.Group, path: str) -> list[tuple[str, click.Command]]:
+        found: list[tuple[str, click.Command]] = []
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                found += commands(command, f"{path} {name}")
+            else:
+                found.append((f"{path} {name}", command))
+        return found
+
+    every = commands(cli, "micromerge")
+    assert len(every) >= 15  # every command, finetune's two modes and data's included
+    silent = [
+        f"{path} {option.opts[0]}"
+        for path, command in every
+        for option in command.params
+        if isinstance(option, click.Option) and not (option.help or "").strip()
+    ]
+    assert silent == []
+
+    def helps(name: str) -> dict[str, str]:
+        return {o.opts[0]: o.help or "" for o in cli.commands[name].params if isinstance(o, click.Option)}
+
+    merge, sweep = helps("merge"), helps("sweep")
+    for shared in ("--base", "--ft", "--weights"):
+        assert merge[shared] == sweep[shared], shared

@@ -27,9 +27,27 @@ from micromerge.cli.options import CACHE_DIR, DEVICE, QUIET, SEED
 @click.option(
     "--corpus-per-class", type=int, default=300, show_default=True, help="Training pairs per class."
 )
-@click.option("--pretrain-epochs", type=int, default=4, show_default=True)
-@click.option("--finetune-epochs", type=int, default=3, show_default=True)
-@click.option("--bootstrap", type=int, default=500, show_default=True)
+@click.option(
+    "--pretrain-epochs",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Epochs of the tiny CLIP on the general corpus (the base).",
+)
+@click.option(
+    "--finetune-epochs",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Epochs of the base on the pathology corpus (the specialist).",
+)
+@click.option(
+    "--bootstrap",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Bootstrap resamples for the sweeps' 95% intervals (0: none).",
+)
 @click.option("--fresh", is_flag=True, help="Start over instead of reusing finished stages.")
 @QUIET
 @friendly_errors
@@ -42,7 +60,13 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
 
 @click.command("report")
 @click.argument("results", type=click.Path())
-@click.option("--out", type=click.Path(), default="report", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(),
+    default="report",
+    show_default=True,
+    help="Folder for report.md, report.html, provenance.json, figures/ and tables/ (all written or none).",
+)
 @click.option(
     "--target",
     help="Target group, e.g. domain:pathology (default: the domain in the fine-tuned checkpoint's manifest).",
@@ -52,6 +76,7 @@ def demo_command(out: str, quiet: bool, **values: Any) -> None:
     type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]),
     default="accuracy",
     show_default=True,
+    help="What the curves, summaries and model tables show (the paper-comparable table: accuracy, as the paper).",
 )
 @click.option(
     "--run-figures/--no-run-figures",

@@ -12,14 +12,17 @@ from micromerge.cli.errors import friendly_errors
 from micromerge.cli.options import (
     ALLOW_PICKLE,
     ARCH,
+    BASE_HELP,
     CACHE_DIR,
     DEVICE,
     EXCLUDE,
+    FINETUNED_HELP,
     INCLUDE,
     METHOD,
     QUIET,
     SEED,
     UBENCH_DATA_HELP,
+    WEIGHTS_HELP,
     Command,
     method_options,
     statistics_data_options,
@@ -50,7 +53,13 @@ def _eval_options(func: Command) -> Command:
             show_default=True,
             help="Results store (JSONL).",
         ),
-        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=256,
+            show_default=True,
+            help="Images per forward pass (lower it if the GPU runs out of memory).",
+        ),
         click.option(
             "--precision",
             type=click.Choice(PRECISIONS),
@@ -208,16 +217,21 @@ def eval_command(model: str, **values: Any) -> None:
 
 
 @click.command("sweep")
-@click.option("--base", required=True)
-@click.option("--ft", "finetuned", multiple=True, required=True)
+@click.option("--base", required=True, help=BASE_HELP)
+@click.option("--ft", "finetuned", multiple=True, required=True, help=FINETUNED_HELP)
 @METHOD
 @click.option("--alphas", default="0:1:0.1", show_default=True, help="START:STOP:STEP or a,b,c.")
-@click.option("--weights", help="linear: comma-separated weights.")
+@click.option("--weights", help=WEIGHTS_HELP)
 @method_options
 @statistics_data_options
 @INCLUDE
 @EXCLUDE
-@click.option("--alpha-rule", "alpha_rules", multiple=True, help="PATTERN=VALUE: a per-key alpha.")
+@click.option(
+    "--alpha-rule",
+    "alpha_rules",
+    multiple=True,
+    help="PATTERN=VALUE: a per-key alpha, the same at every swept α; first match wins (repeatable).",
+)
 @_eval_options
 @friendly_errors
 def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: str, **values: Any) -> None:
@@ -259,7 +273,7 @@ def sweep_command(base: str, finetuned: tuple[str, ...], method: str, alphas: st
 
 
 @click.command("soup")
-@click.option("--base", required=True)
+@click.option("--base", required=True, help=BASE_HELP)
 @click.option("--ft", "finetuned", multiple=True, required=True, help="A fine-tuned model (repeat).")
 @INCLUDE
 @EXCLUDE

@@ -28,11 +28,19 @@ def _finetune_options(func: Command) -> Command:
             help="Run folder (model.safetensors, manifest.json, train_log.jsonl, state/).",
         ),
         ARCH,
-        click.option("--epochs", type=int, default=1, show_default=True),
+        click.option(
+            "--epochs", type=int, default=1, show_default=True, help="Passes over the training data."
+        ),
         click.option(
             "--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs)."
         ),
-        click.option("--batch-size", type=int, default=64, show_default=True, help="Per process."),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=64,
+            show_default=True,
+            help="Images per micro-batch, per process (a step: processes x --accum-steps x this).",
+        ),
         click.option(
             "--accum-steps",
             type=int,
@@ -40,7 +48,13 @@ def _finetune_options(func: Command) -> Command:
             show_default=True,
             help="Micro-batches per step; contrastive: one loss over all of them (open_clip_train's --accum-freq).",
         ),
-        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option(
+            "--lr",
+            type=float,
+            default=1e-4,
+            show_default=True,
+            help="AdamW's peak learning rate, reached after --warmup-steps; cosine decay to 0 after.",
+        ),
         click.option(
             "--weight-decay",
             type=float,
@@ -48,8 +62,20 @@ def _finetune_options(func: Command) -> Command:
             show_default=True,
             help="Not applied to gains, biases, norms and the logit scale (open_clip_train's rule).",
         ),
-        click.option("--warmup-steps", type=int, default=0, show_default=True),
-        click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables."),
+        click.option(
+            "--warmup-steps",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Optimizer steps of linear warm-up to --lr.",
+        ),
+        click.option(
+            "--grad-clip",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Clip the gradients' global norm to this (0: no clipping).",
+        ),
         SEED,
         click.option(
             "--precision",

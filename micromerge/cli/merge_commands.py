@@ -12,11 +12,14 @@ from micromerge.cli.errors import friendly_errors
 from micromerge.cli.options import (
     ALLOW_PICKLE,
     ARCH,
+    BASE_HELP,
     CACHE_DIR,
     EXCLUDE,
+    FINETUNED_HELP,
     INCLUDE,
     METHOD,
     QUIET,
+    WEIGHTS_HELP,
     OneAlpha,
     explicit_options,
     method_options,
@@ -37,13 +40,8 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 
 
 @click.command("merge", help=MERGE_HELP)
-@click.option("--base", help="The base (pre-trained) checkpoint.")
-@click.option(
-    "--ft",
-    "finetuned",
-    multiple=True,
-    help="A fine-tuned checkpoint (repeat for task arithmetic, TIES, DARE).",
-)
+@click.option("--base", help=BASE_HELP)
+@click.option("--ft", "finetuned", multiple=True, help=FINETUNED_HELP)
 @METHOD
 @click.option(
     "--alpha",
@@ -54,9 +52,7 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @click.option(
     "--alphas", help="Several alphas, START:STOP:STEP or a,b,c: one checkpoint each (then --out is a folder)."
 )
-@click.option(
-    "--weights", help="linear: comma-separated weights, base first (default uniform; not normalised)."
-)
+@click.option("--weights", help=WEIGHTS_HELP)
 @method_options
 @statistics_data_options
 @click.option(
@@ -70,7 +66,10 @@ transformers/open_clip folders. Output: a safetensors file plus <file>.manifest.
 @INCLUDE
 @EXCLUDE
 @click.option(
-    "--alpha-rule", "alpha_rules", multiple=True, help="PATTERN=VALUE: a per-key alpha, first match wins."
+    "--alpha-rule",
+    "alpha_rules",
+    multiple=True,
+    help="PATTERN=VALUE: a per-key alpha, first match wins (repeatable).",
 )
 @click.option(
     "--dtype",

@@ -70,6 +70,12 @@ INCLUDE = click.option(
 EXCLUDE = click.option("--exclude", multiple=True, help="Never keys matching this glob (or re:REGEX).")
 """Options several commands take, declared once."""
 
+BASE_HELP = "The base (pre-trained) checkpoint: zoo name, hf-hub: id, file or folder."
+FINETUNED_HELP = "A fine-tuned checkpoint (repeat for task arithmetic, TIES, DARE ...)."
+WEIGHTS_HELP = "linear: comma-separated weights, base first (default uniform; not normalised)."
+"""Help of the merge inputs `merge` and `sweep` both take (merge's are optional: a config file may
+give them), so the two commands describe them in the same words."""
+
 
 def method_options(func: Command) -> Command:
     """The method parameters `merge` and `sweep` share (merging.methods.TUNABLE, one option each);
