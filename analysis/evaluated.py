@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 
 import pandas as pd
 
-from micromerge.analysis.metrics import curve, table_groups
+from micromerge.analysis.metrics import METRIC_NAMES, curve, table_groups
 from micromerge.analysis.tables import Run, scoring
 from micromerge.core.errors import MicromergeError
 from micromerge.core.suggest import meant
@@ -88,7 +88,7 @@ def models_table(evaluated: list[Run], paper_headlines: list[pd.DataFrame], metr
             "model": name,
             "protocol": run.protocol,
             "tasks": tasks,
-            f"all tasks ({metric} %)": _percent(_group_mean(run, None, metric)),
+            f"all tasks ({METRIC_NAMES[metric]} %)": _percent(_group_mean(run, None, metric)),
             "coarse tasks %": _percent(_group_mean(run, "level:coarse", metric)),
             "fine tasks %": _percent(_group_mean(run, "level:fine", metric)),
         }

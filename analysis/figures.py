@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from micromerge.analysis.metrics import Summary, _control_curve, curve, task_changes  # noqa: E402
+from micromerge.analysis.metrics import METRIC_NAMES, Summary, _control_curve, curve, task_changes  # noqa: E402
 from micromerge.analysis.sets import ComparisonSet, label_parts  # noqa: E402
 from micromerge.analysis.tables import Run  # noqa: E402
 
@@ -53,6 +53,11 @@ def _run_style(index: int) -> dict[str, object]:
         "linestyle": STYLES[(index // len(PALETTE)) % len(STYLES)],
         "marker": MARKERS[index % len(MARKERS)],
     }
+
+
+def _opening(name: str) -> str:
+    """A metric's name opening a title: "Macro F1", where str.capitalize() gave "Macro f1"."""
+    return name[:1].upper() + name[1:]
 
 
 def _joined(names: list[str], most: int = 3) -> str:
@@ -106,9 +111,9 @@ def accuracy_vs_alpha(runs: list[Run], summaries: list[Summary], metric: str = "
     for entry in drawn.values():
         entry["line"].set_label(f"{_joined(list(entry['names']))} — {entry['group']}")
     ax.set_xlabel("interpolation weight α (0 = base, 1 = fine-tuned)")
-    ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)")
+    ax.set_ylabel(f"mean {METRIC_NAMES[metric]} (%)")
     ax.set_title(
-        "Accuracy versus α"
+        f"{_opening(METRIC_NAMES[metric])} versus α"
         + (f" ({shared})" if shared else "")
         + "\nbands: mean of per-task 95% bootstrap intervals; vertical lines: α chosen on the select half",
         fontsize=9,
@@ -133,10 +138,10 @@ def per_task_grid(run: Run, metric: str = "accuracy") -> plt.Figure:
             frame["alpha"], frame["ci_low"] * 100, frame["ci_high"] * 100, color=color, alpha=0.15
         )
         ax.set_title(f"{task}\n({level}, {domain})", fontsize=8)
-        ax.set_ylabel(f"{metric} (%)", fontsize=7)
+        ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)", fontsize=7)
         ax.set_xlabel("α", fontsize=7)
         ax.grid(alpha=0.3)
-    _title_above_panels(figure, f"{run.label}: per-task {metric} versus α")
+    _title_above_panels(figure, f"{run.label}: per-task {METRIC_NAMES[metric]} versus α")
     return figure
 
 
@@ -190,8 +195,8 @@ def pareto(
         ):
             named.append((text, point))
             ax.annotate(text, point, fontsize=7)
-    ax.set_xlabel(f"target ({summaries[0].target}) mean {metric} (%)")
-    ax.set_ylabel(f"control ({', '.join(summaries[0].controls) or 'none'}) mean {metric} (%)")
+    ax.set_xlabel(f"target ({summaries[0].target}) mean {METRIC_NAMES[metric]} (%)")
+    ax.set_ylabel(f"control ({', '.join(summaries[0].controls) or 'none'}) mean {METRIC_NAMES[metric]} (%)")
     ax.set_title("Target versus control along α" + (f"\n{title}" if title else ""), fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("Pareto front of each run"))
@@ -295,10 +300,10 @@ def set_accuracy_vs_alpha(comparison: ComparisonSet, metric: str = "accuracy") -
     for ax, group in zip(axes.flat, groups, strict=False):
         ax.set_title(group or "all tasks", fontsize=9)
         ax.set_xlabel("α (0 = base, 1 = fine-tuned)", fontsize=8)
-        ax.set_ylabel(f"mean {metric.replace('_', ' ')} (%)", fontsize=8)
+        ax.set_ylabel(f"mean {METRIC_NAMES[metric]} (%)", fontsize=8)
         ax.grid(alpha=0.3)
     _run_legend(figure, handles)
-    _title_above_panels(figure, f"Accuracy versus α: {comparison.title or 'one comparison set'}\n"
+    _title_above_panels(figure, f"{_opening(METRIC_NAMES[metric])} versus α: {comparison.title or 'one comparison set'}\n"
                         "black rings: α chosen on the select half; intervals in the per-run tables")  # fmt: skip
     return figure
 
@@ -333,11 +338,13 @@ def set_per_task(comparison: ComparisonSet, metric: str = "accuracy") -> plt.Fig
         handles.append(line)
     for ax, (task, level, domain) in zip(axes.flat, tasks, strict=False):
         ax.set_title(f"{task}\n({level}, {domain})", fontsize=8)
-        ax.set_ylabel(f"{metric} (%)", fontsize=7)
+        ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)", fontsize=7)
         ax.set_xlabel("α", fontsize=7)
         ax.grid(alpha=0.3)
     _run_legend(figure, handles)
-    _title_above_panels(figure, f"Per-task {metric} versus α: {comparison.title or 'one comparison set'}")
+    _title_above_panels(
+        figure, f"Per-task {METRIC_NAMES[metric]} versus α: {comparison.title or 'one comparison set'}"
+    )
     return figure
 
 
@@ -355,7 +362,7 @@ def heatmap(run: Run, metric: str = "accuracy") -> plt.Figure:
         vmax=limit,
         annot=(grid.round() + 0.0) if grid.shape[1] <= 11 else False,  # + 0.0: "0", not "-0", for -0.4
         fmt=".0f",
-        cbar_kws={"label": f"change in {metric} vs base (points)"},
+        cbar_kws={"label": f"change in {METRIC_NAMES[metric]} vs base (points)"},
         annot_kws={"fontsize": 6},
     )
     ax.set_xlabel("α")
@@ -404,7 +411,7 @@ def models_by_group(groups: pd.DataFrame, metric: str = "accuracy") -> plt.Figur
         axis.bar(positions + (index - (len(models) - 1) / 2) * width, shown[model], width,
                  label=model, color=PALETTE[index % len(PALETTE)])  # fmt: skip
     axis.set_xticks(positions, shown["group"], rotation=20, ha="right")
-    axis.set_ylabel(f"mean task {metric} (%)")
+    axis.set_ylabel(f"mean task {METRIC_NAMES[metric]} (%)")
     axis.set_ylim(0, 100)
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(3, len(models)))
     axis.set_title("evaluated models by level and domain")

@@ -17,6 +17,9 @@ from micromerge.analysis.tables import Run
 from micromerge.core.errors import MicromergeError
 
 CRITERIA = ("all_task_mean", "worst_group", "harmonic_target_control")
+METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
+"""Each metric (eval.metrics.METRICS) as the report's sentences, tables and figures name it: with
+`report --metric macro_f1` the page said "mean accuracy" beside macro-F1 numbers."""
 GROUP_KINDS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale")
 
 
@@ -227,9 +230,10 @@ def task_changes(run: Run, metric: str = "accuracy") -> pd.DataFrame:
         ["task", "level", "domain", "alpha", "value", "ci_low", "ci_high"]
     ]
     lo, hi = table["alpha"].min(), table["alpha"].max()
+    both = run.base_reference is not None and run.finetuned_reference is not None  # as summarise takes them
     base, finetuned = (
         _task_values(reference, metric)
-        if reference is not None
+        if both and reference is not None
         else table[table["alpha"] == end].set_index("task")["value"]
         for reference, end in ((run.base_reference, lo), (run.finetuned_reference, hi))
     )

@@ -29,7 +29,15 @@ from micromerge.analysis.evaluated import (
     models_task_table,
     pick_baseline,
 )
-from micromerge.analysis.metrics import CRITERIA, Summary, curve, summarise, task_changes, valid_groups
+from micromerge.analysis.metrics import (
+    CRITERIA,
+    METRIC_NAMES,
+    Summary,
+    curve,
+    summarise,
+    task_changes,
+    valid_groups,
+)
 from micromerge.analysis.report_page import Layout, html_page, markdown_page, percent
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs, run_label
@@ -41,10 +49,11 @@ from micromerge.core.suggest import meant
 from micromerge.eval.store import coefficients_file
 
 CRITERIA_TEXT = {
-    "all_task_mean": "highest mean accuracy over all tasks",
-    "worst_group": "highest accuracy of the worst group (coarse, fine, each domain)",
-    "harmonic_target_control": "highest harmonic mean of target and control accuracy",
+    "all_task_mean": "highest mean {metric} over all tasks",
+    "worst_group": "highest {metric} of the worst group (coarse, fine, each domain)",
+    "harmonic_target_control": "highest harmonic mean of target and control {metric}",
 }
+"""Each α-selection criterion in words, `{metric}` the report's metric (METRIC_NAMES)."""
 
 
 def headline_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
@@ -66,12 +75,12 @@ def headline_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def criteria_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
+def criteria_table(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> pd.DataFrame:
     return pd.DataFrame.from_records(
         [
             {
                 "run": r.label,
-                "criterion": CRITERIA_TEXT[c],
+                "criterion": CRITERIA_TEXT[c].format(metric=METRIC_NAMES[metric]),
                 "α chosen on select half": f"{s.best_alpha[c]:g}",
                 "all-task mean on report half (%)": percent(s.best_report[c]),
             }
@@ -81,12 +90,12 @@ def criteria_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
     )
 
 
-def group_table(run: Run, groups: list[str]) -> pd.DataFrame:
+def group_table(run: Run, groups: list[str], metric: str = "accuracy") -> pd.DataFrame:
     """Percent per α, to one decimal like every other percentage in the report (two decimals
     printed 78.9 beside 56.06 in one column, and claimed a precision no benchmark half has)."""
     columns = {}
     for group in [*groups, None]:
-        frame = curve(run, group)
+        frame = curve(run, group, metric)
         columns[group or "all tasks"] = frame.set_index("alpha")["value"]
     table = pd.DataFrame(columns) * 100
     table.index.name = "alpha"
@@ -220,6 +229,33 @@ def select_runs(runs: list[Run], patterns: tuple[str, ...], store: Path) -> list
     return kept
 
 
+def runs_scored_with(runs: list[Run], metric: str, store: Path) -> tuple[list[Run], list[Run]]:
+    """The runs that have `metric`, and those that do not: a ubench-protocol run has no macro F1
+    (its summary found no value where it looked for one and the report stopped on a pandas
+    IndexError). None that has it: the one-line error says which metrics the store's runs have."""
+    unscored = [run for run in runs if not (run.table["metric"] == metric).any()]
+    if runs and len(unscored) == len(runs):
+        present = sorted({m for run in runs for m in run.table["metric"].unique()})
+        raise MicromergeError(
+            f"--metric {metric}: no run of {store} has it{_why_unscored(metric)}; its runs have "
+            f"{', '.join(present)}"
+        )
+    return [run for run in runs if not any(run is other for other in unscored)], unscored
+
+
+def _why_unscored(metric: str) -> str:
+    return (
+        " (the ubench protocol has none: each image answers its own options, so there is no confusion "
+        "matrix; `--protocol closed-set` runs have it)"
+        if metric == "macro_f1"
+        else ""
+    )
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    return "; ".join(names[:shown]) + (f"; and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _write_report(
     store: Path,
     out: Path,
@@ -231,7 +267,7 @@ def _write_report(
 ) -> None:
     # with --runs, only the selected runs' rows are read (and the evaluations they are reported against)
     wanted = (lambda first: picked(run_label(first), first["run_id"], selected)) if selected else None
-    loaded = load_runs(store, wanted)
+    loaded, unscored = runs_scored_with(load_runs(store, wanted), metric, store)
     swept = [r for r in loaded if r.table["alpha"].notna().any()]
     evaluated = evaluations(loaded)
     if not swept and not evaluated:
@@ -241,6 +277,20 @@ def _write_report(
     # a store of evaluations only is the models side by side; --runs then picks among them
     runs = select_runs(swept, selected, store) if swept else []
     summaries, notes = [], []
+    if unscored:
+        models = evaluations(unscored)
+        parts = [
+            f"{len(names)} {kind} ({_listed(names)})"
+            for kind, names in (
+                ("sweep(s)", [run.label for run in unscored if run.method != "none"]),
+                ("evaluated model(s)", evaluation_names(models)),
+            )
+            if names
+        ]
+        notes.append(
+            f"left out, as they have no {metric}: {' and '.join(parts)}{_why_unscored(metric)}; "
+            "`--metric accuracy` reports them"
+        )
     if not swept and selected:
         evaluated = select_runs(evaluated, selected, store)
     elif selected:
@@ -283,6 +333,11 @@ def _write_report(
                 f"{run.label}: 'base' and 'fine-tuned' are this sweep's lowest and highest α"
                 + (", which under its include/exclude/alpha rules are NOT the real models" if rules else "")
                 + "; `micromerge eval` of the base and the specialist into this store makes them the real ones"
+                + (
+                    f" (on every task the sweep scored: {'; '.join(run.unused_references)})"
+                    if run.unused_references
+                    else ""
+                )
             )
     figure_dir, table_dir = out / "figures", out / "tables"
     curves = [r for r in runs if r.table["alpha"].nunique() > 1]
@@ -302,10 +357,10 @@ def _write_report(
     if runs:
         tables["headline"] = headline_table(runs, summaries)
         tables["paper_headline"] = paper_headline_table(runs)
-        tables["alpha_selection"] = criteria_table(runs, summaries)
+        tables["alpha_selection"] = criteria_table(runs, summaries, metric)
     for index, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
         tables[f"groups_run{index}"] = group_table(
-            run, [summary.target, *summary.controls, "level:coarse", "level:fine"]
+            run, [summary.target, *summary.controls, "level:coarse", "level:fine"], metric
         )
         tables[f"tasks_run{index}"] = task_changes(run, metric).round(4)
         tables[f"pareto_run{index}"] = pd.DataFrame(
@@ -351,7 +406,9 @@ def _write_report(
     }
     provenance = _provenance(store, runs, summaries, settings, evaluated)
     write_json_atomic(out / "provenance.json", provenance)
-    layout = Layout(runs, summaries, tables, overview, per_run, notes, provenance, out, many, baseline)
+    layout = Layout(
+        runs, summaries, tables, overview, per_run, notes, provenance, out, many, baseline, metric
+    )
     write_text_atomic(out / "report.md", markdown_page(layout))
     write_text_atomic(out / "report.html", html_page(layout))
 
@@ -363,9 +420,10 @@ def _overview_figures(
     for up to OVERVIEW_RUNS runs with curves, else three per comparison set (and the sets)."""
     curve_ids = {run.run_id for run in curves}
     curve_summaries = [s for r, s in zip(runs, summaries, strict=True) if r.run_id in curve_ids]
+    shown = METRIC_NAMES[metric]
     if len(curves) <= OVERVIEW_RUNS:
         drawn = [
-            ("accuracy versus α", figures.accuracy_vs_alpha(curves, curve_summaries, metric), "accuracy_vs_alpha"),
+            (f"{shown} versus α", figures.accuracy_vs_alpha(curves, curve_summaries, metric), "accuracy_vs_alpha"),
             ("target versus control", figures.pareto(curves, curve_summaries, metric), "pareto_target_vs_control"),
         ] if curves else []  # fmt: skip
         return [(caption, figures.save(figure, figure_dir, name)[0]) for caption, figure, name in drawn], []
@@ -374,7 +432,7 @@ def _overview_figures(
     for number, comparison in enumerate(sets):
         title = comparison.title or f"comparison set {number}"
         for caption, figure, name in (
-            ("accuracy versus α", figures.set_accuracy_vs_alpha(comparison, metric), "accuracy_vs_alpha"),
+            (f"{shown} versus α", figures.set_accuracy_vs_alpha(comparison, metric), "accuracy_vs_alpha"),
             ("target versus control", figures.pareto(comparison.runs, comparison.summaries, metric, title),
              "pareto_target_vs_control"),
             ("per task", figures.set_per_task(comparison, metric), "per_task"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from micromerge.analysis.metrics import Summary
+from micromerge.analysis.metrics import METRIC_NAMES, Summary
 from micromerge.analysis.tables import Run
 
 
@@ -67,6 +67,7 @@ class Layout:
     out: Path
     many: bool  # more than report.RUN_FIGURE_RUNS runs: one line for them all, figures linked, not embedded
     baseline: str | None = None  # the evaluated model `tables["models_change"]` compares the others with
+    metric: str = "accuracy"  # what the summaries, curves and group tables hold (`report --metric`)
 
     def sentences(self) -> list[tuple[str, str]]:
         """(run label, what happened to it), or one line for a report of many runs."""
@@ -83,7 +84,7 @@ class Layout:
                 f": fine-tuning changed the target ({s.target}) by {percent(s.gain)} points and the "
                 f"controls ({', '.join(s.controls) or 'none'}) by {percent(-s.forgetting)} points; "
                 f"α={s.best_alpha['all_task_mean']:g}, chosen on the select half, gives "
-                f"{percent(s.best_report['all_task_mean'])}% mean accuracy on the report half.",
+                f"{percent(s.best_report['all_task_mean'])}% mean {METRIC_NAMES[self.metric]} on the report half.",
             )
             for run, s in zip(self.runs, self.summaries, strict=True)
         ]
@@ -187,7 +188,7 @@ def markdown_page(layout: Layout) -> str:
         lines += [
             f"## {run.label}",
             "",
-            "Group means (accuracy %):",
+            f"Group means ({METRIC_NAMES[layout.metric]} %):",
             "",
             _markdown_table(tables[f"groups_run{index}"]),
             "",
@@ -263,7 +264,7 @@ def html_page(layout: Layout) -> str:
         ]
     for index, run in enumerate(layout.runs):
         body = [
-            "<p>Group means (accuracy %):</p>",
+            f"<p>Group means ({METRIC_NAMES[layout.metric]} %):</p>",
             tables[f"groups_run{index}"].to_html(index=False),
             *[_figure_html(c, p, out, embed=not layout.many) for c, p in layout.per_run[index]],
         ]

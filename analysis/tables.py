@@ -35,6 +35,9 @@ class Run:
     # the same data and protocol; None where the store has no such evaluation (alpha 0/1 stand in).
     base_reference: pd.DataFrame | None = None
     finetuned_reference: pd.DataFrame | None = None
+    # evaluations of the base or the specialist that were not taken as references, and why (they
+    # scored fewer tasks than the sweep): the report says so instead of "no evaluation"
+    unused_references: tuple[str, ...] = ()
     # tasks whose rows are not zero-shot: a model of the run was trained on them ("task") or on
     # images they score ("images"), as the evaluation marked them (eval.trained_on)
     trained_on: dict[str, str] = field(default_factory=dict)
@@ -146,19 +149,35 @@ def _reference_key(run: Run, digests: list[str]) -> tuple:
 def _attach_references(runs: list[Run]) -> None:
     """Give each sweep the evaluation of its real base and specialist, found by sha256 (with the
     same data, protocol and task definition): with per-block alpha rules, alpha 0 and 1 are not
-    those models."""
-    evaluated = {
-        _reference_key(r, list(r.model.get("base_sha256") or [])): r.table
-        for r in runs
-        if r.method == "none"  # `micromerge eval`: one model, alpha null
-    }
+    those models. A reference must have scored every task the sweep did, and only those tasks are
+    taken from it: an `eval --tasks domain:pathology` of the specialist left the controls' mean
+    without a value (the report stopped on a pandas IndexError), and an evaluation of more tasks
+    than the sweep's would have averaged tasks the sweep's curve does not hold. Of several, the
+    store's last that covers the sweep."""
+    evaluations: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.method == "none":  # `micromerge eval`: one model, alpha null
+            evaluations.setdefault(_reference_key(r, list(r.model.get("base_sha256") or [])), []).append(r)
     for run in runs:
         if run.method == "none":
             continue
-        run.base_reference = evaluated.get(_reference_key(run, list(run.model.get("base_sha256") or [])))
-        run.finetuned_reference = evaluated.get(
-            _reference_key(run, list(run.model.get("finetuned_sha256") or []))
-        )
+        tasks = set(run.table["task"])
+        unused = []
+        for side in ("base", "finetuned"):
+            candidates = evaluations.get(_reference_key(run, list(run.model.get(f"{side}_sha256") or [])), [])
+            covering = [e for e in candidates if tasks <= set(e.table["task"])]
+            if covering:
+                table = covering[-1].table
+                setattr(run, f"{side}_reference", table[table["task"].isin(tasks)])
+            elif candidates:
+                last = candidates[-1]
+                missing = sorted(tasks - set(last.table["task"]))
+                unused.append(
+                    f"the evaluation of {last.label.partition(': ')[2] or last.label} (run {last.run_id}) "
+                    f"scored {len(tasks) - len(missing)} of the sweep's {len(tasks)} tasks, not "
+                    f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+                )
+        run.unused_references = tuple(unused)
 
 
 GROUP_COLUMNS = ("domain", "subdomain", "modality", "submodality", "taxonomy", "scale", "paper")

@@ -294,6 +294,21 @@ def test_figures_have_axes_labels_and_series(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths) and {p.suffix for p in paths} == {".png", ".svg"}
 
 
+def test_every_figure_names_the_metric_it_draws_as_the_page_does(tmp_path):
+    """`report --metric macro_f1`: titles said "Accuracy versus α" and axes "macro_f1 (%)"."""
+    run = load_runs(write_store(tmp_path / "r.jsonl"))[0]
+    summary = summarise(run, "domain:pathology", "macro_f1")
+    curves = figures.accuracy_vs_alpha([run], [summary], "macro_f1").axes[0]
+    assert curves.get_title().startswith("Macro F1 versus α") and curves.get_ylabel() == "mean macro F1 (%)"
+    pareto = figures.pareto([run], [summary], "macro_f1").axes[0]
+    assert pareto.get_xlabel() == "target (domain:pathology) mean macro F1 (%)"
+    grid = figures.per_task_grid(run, "macro_f1")
+    assert grid.texts[0].get_text().endswith("per-task macro F1 versus α")
+    assert {a.get_ylabel() for a in grid.axes if a.get_ylabel()} == {"macro F1 (%)"}
+    heat = figures.heatmap(run, "balanced_accuracy")
+    assert heat.axes[1].get_ylabel() == "change in balanced accuracy vs base (points)"
+
+
 def test_coinciding_curves_are_drawn_once_and_named_for_both(tmp_path):
     """WiSE-FT and task arithmetic with one specialist are one formula: one line per group, both
     names in its legend entry; a third method keeps its own line style and marker."""

@@ -452,3 +452,133 @@ def test_a_summary_filters_each_split_once_and_computes_each_curve_once(tmp_path
     assert metrics.summarise(run, "domain:pathology") == expected
     assert len(calls) == len(set(calls)), "a curve computed twice"
     assert len({table for table, _ in calls}) == 3, "one filtered table per split (all, select, report)"
+
+
+def _evaluation(
+    path: Path, name: str, digest: str, alpha: float, tasks: dict | None = None, **fields
+) -> list[dict]:
+    """`micromerge eval` rows of one model: write_store's rows at `alpha` on its tasks (or `tasks`),
+    alpha null, macro F1 half the accuracy (so a reference tells itself from the sweep's own end)."""
+    model = {"base": f"{name}.safetensors", "finetuned": [], "base_sha256": [digest]}
+    written = write_store(path, alphas=(alpha,), run_id=f"eval-{name}-{fields.get('protocol')}",
+                          method="none", values_by_task=tasks, fields={"model": model, **fields})  # fmt: skip
+    rows = [{**json.loads(line), "alpha": None} for line in written.read_text().splitlines()]
+    return [{**r, "value": r["value"] / 2} if r["metric"] == "macro_f1" else r for r in rows]
+
+
+def _ubench_and_closed_set_store(path: Path) -> Path:
+    """The demo's store in small: a sweep and the evaluations of its two models under each protocol,
+    matched by sha256. The ubench protocol writes no macro_f1 (eval.metrics.correctness_metrics: each
+    image answers its own options, so there is no confusion matrix); the closed-set one does."""
+    model = {"base": "base.safetensors", "finetuned": ["ft.safetensors"], "base_sha256": ["aa"],
+             "finetuned_sha256": ["bb"]}  # fmt: skip
+    for protocol in ("ubench", "closed-set"):
+        sweep = write_store(path.with_suffix(f".{protocol}"), run_id=f"sweep-{protocol}",
+                            fields={"protocol": protocol, "model": model})  # fmt: skip
+        rows = [json.loads(line) for line in sweep.read_text().splitlines()]
+        for name, digest, alpha in (("base", "aa", 0.0), ("specialist", "bb", 1.0)):
+            rows += _evaluation(
+                path.with_suffix(f".{name}.{protocol}"), name, digest, alpha, protocol=protocol
+            )
+        ResultStore(path).append([r for r in rows if protocol == "closed-set" or r["metric"] != "macro_f1"])
+    return path
+
+
+def test_macro_f1_reports_the_runs_that_have_it_and_names_the_ubench_runs_left_out(tmp_path):
+    """`report --metric macro_f1` of the demo's store stopped on a pandas IndexError (the ubench
+    sweep's reference evaluations have no macro_f1). Now the closed-set sweep and models are
+    reported, the ubench ones named as left out, and every sentence, criterion and table heading
+    says macro F1 where it said accuracy beside macro-F1 numbers."""
+    store = _ubench_and_closed_set_store(tmp_path / "r.jsonl")
+    build_report(store, tmp_path / "rep", target="domain:pathology", metric="macro_f1")
+    assert [row["run"] for row in _table(tmp_path / "rep", "headline")] == ["wise-ft [closed-set]: base + ft"]
+    assert [row["model"] for row in _table(tmp_path / "rep", "models")] == [
+        "base [closed-set]",
+        "specialist [closed-set]",
+    ]
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert (
+        "left out, as they have no macro_f1: 1 sweep(s) (wise-ft [ubench]: base + ft) and 2 evaluated "
+        "model(s) (base [ubench]; specialist [ubench]) (the ubench protocol has none" in markdown
+    )
+    # the base's own evaluation, in macro F1: path-a 0.50 at alpha 0, halved in the evaluation
+    assert _table(tmp_path / "rep", "headline")[0]["base: target"] == "25.0"
+    assert "% mean macro F1 on the report half" in markdown and "Group means (macro F1 %)" in markdown
+    assert [row["criterion"] for row in _table(tmp_path / "rep", "alpha_selection")][0] == (
+        "highest mean macro F1 over all tasks"
+    )
+    assert "all tasks (macro F1 %)" in markdown and "mean accuracy" not in markdown
+
+    build_report(store, tmp_path / "acc", target="domain:pathology")
+    assert "left out" not in (tmp_path / "acc" / "report.md").read_text(), "accuracy: every run has it"
+
+
+def test_macro_f1_of_a_store_of_ubench_runs_only_is_one_line_naming_the_metrics_it_has(tmp_path):
+    from click.testing import CliRunner
+
+    from micromerge.cli import cli
+
+    store = tmp_path / "r.jsonl"
+    rows = [json.loads(line) for line in _ubench_and_closed_set_store(store).read_text().splitlines()]
+    store.write_text("".join(json.dumps(r) + "\n" for r in rows if r["protocol"] == "ubench"))
+    with pytest.raises(
+        MicromergeError, match=r"--metric macro_f1: no run of .* has it \(the ubench protocol"
+    ):
+        build_report(store, tmp_path / "rep", metric="macro_f1")
+    result = CliRunner().invoke(
+        cli, ["report", str(store), "--out", str(tmp_path / "rep"), "--metric", "macro_f1"]
+    )
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.endswith("its runs have accuracy, balanced_accuracy\n")
+    assert not (tmp_path / "rep").exists()
+
+
+def _sweep_with_evaluations(
+    path: Path, base_tasks: dict | None = None, specialist_tasks: dict | None = None
+) -> Path:
+    """A sweep of base `aa` and specialist `bb` on VALUES' three tasks, and an `eval` of each: the
+    sweep's α end on the sweep's tasks, or on the tasks given."""
+    model = {"base": "base.safetensors", "finetuned": ["ft.safetensors"], "base_sha256": ["aa"],
+             "finetuned_sha256": ["bb"]}  # fmt: skip
+    write_store(path, fields={"model": model})
+    for name, digest, alpha, tasks in (
+        ("base", "aa", 0.0, base_tasks),
+        ("specialist", "bb", 1.0, specialist_tasks),
+    ):
+        ResultStore(path).append(_evaluation(path.with_suffix(f".{name}"), name, digest, alpha, tasks))
+    return path
+
+
+def test_an_evaluation_of_fewer_tasks_than_the_sweep_is_not_its_reference_and_the_report_says_why(tmp_path):
+    """`eval --tasks domain:pathology` of the specialist, then a sweep of every task: the report
+    stopped on a pandas IndexError (the controls' mean of that evaluation has no value). Now the
+    sweep's α ends stand in for both models, and the note names the evaluation and the tasks it lacks."""
+    from tests.test_analysis import VALUES
+
+    pathology = {key: values for key, values in VALUES.items() if key[2] == "pathology"}
+    store = _sweep_with_evaluations(tmp_path / "r.jsonl", specialist_tasks=pathology)
+    build_report(store, tmp_path / "rep", target="domain:pathology", metric="macro_f1")
+    headline = _table(tmp_path / "rep", "headline")[0]
+    assert (headline["base: target"], headline["fine-tuned: target"]) == ("50.0", "90.0"), "α 0 and α 1"
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert (
+        "makes them the real ones (on every task the sweep scored: the evaluation of specialist (run "
+        "eval-specialist-None) scored 1 of the sweep's 3 tasks, not bio-a, modality)" in markdown
+    )
+    tasks = _table(tmp_path / "rep", "tasks_run0")
+    # the base's evaluation alone (macro F1 halved there) is not taken either: α 0, as in the headline
+    assert all(row["vs_base"] == 0.0 for row in tasks if row["alpha"] == 0.0)
+
+
+def test_an_evaluation_of_more_tasks_than_the_sweep_is_its_reference_on_the_sweeps_tasks_only(tmp_path):
+    """The base evaluated on every task, then a sweep of a few: the reference's group means took
+    the tasks the sweep never scored (here a pathology task at 0.0 halved the base's target)."""
+    from tests.test_analysis import VALUES
+
+    more = {**VALUES, ("path-b", "fine", "pathology"): (0.0, 0.0, 0.0)}
+    store = _sweep_with_evaluations(tmp_path / "r.jsonl", base_tasks=more)
+    build_report(store, tmp_path / "rep", target="domain:pathology", metric="macro_f1")
+    headline = _table(tmp_path / "rep", "headline")[0]
+    # path-a's macro F1 in the evaluations (halved): 0.50 / 2 for the base, 0.90 / 2 for the specialist
+    assert (headline["base: target"], headline["fine-tuned: target"]) == ("25.0", "45.0")
+    assert "path-b" not in {row["task"] for row in _table(tmp_path / "rep", "tasks_run0")}
