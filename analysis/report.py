@@ -229,18 +229,41 @@ def select_runs(runs: list[Run], patterns: tuple[str, ...], store: Path) -> list
     return kept
 
 
-def runs_scored_with(runs: list[Run], metric: str, store: Path) -> tuple[list[Run], list[Run]]:
-    """The runs that have `metric`, and those that do not: a ubench-protocol run has no macro F1
-    (its summary found no value where it looked for one and the report stopped on a pandas
-    IndexError). None that has it: the one-line error says which metrics the store's runs have."""
-    unscored = [run for run in runs if not (run.table["metric"] == metric).any()]
-    if runs and len(unscored) == len(runs):
-        present = sorted({m for run in runs for m in run.table["metric"].unique()})
+def scored_with(
+    runs: list[Run], evaluated: list[Run], metric: str, store: Path
+) -> tuple[list[Run], list[Run], str | None]:
+    """The sweeps and evaluations to report that have `metric`, and a note naming those that do not:
+    a ubench-protocol run has no macro F1 (its summary found no value where it looked for one and
+    the report stopped on a pandas IndexError). Sweeps none of which has it (or, in a store of
+    evaluations, no evaluation): one line saying which metrics they have; the metric does not turn
+    a report of sweeps into one of the models alone."""
+
+    def has(run: Run) -> bool:
+        return bool((run.table["metric"] == metric).any())
+
+    asked = runs or evaluated
+    if not any(has(run) for run in asked):
+        present = sorted({m for run in asked for m in run.table["metric"].unique()})
         raise MicromergeError(
-            f"--metric {metric}: no run of {store} has it{_why_unscored(metric)}; its runs have "
-            f"{', '.join(present)}"
+            f"--metric {metric}: no {'sweep' if runs else 'evaluation'} reported from {store} has it"
+            f"{_why_unscored(metric)}; they have {', '.join(present)}"
         )
-    return [run for run in runs if not any(run is other for other in unscored)], unscored
+    left_runs = [run.label for run in runs if not has(run)]
+    left_models = [
+        name for run, name in zip(evaluated, evaluation_names(evaluated), strict=True) if not has(run)
+    ]
+    if not left_runs and not left_models:
+        return runs, evaluated, None
+    parts = [
+        f"{len(names)} {kind} ({_listed(names)})"
+        for kind, names in (("sweep(s)", left_runs), ("evaluated model(s)", left_models))
+        if names
+    ]
+    note = (
+        f"left out, as they have no {metric}: {' and '.join(parts)}{_why_unscored(metric)}; "
+        "`--metric accuracy` reports them"
+    )
+    return [run for run in runs if has(run)], [run for run in evaluated if has(run)], note
 
 
 def _why_unscored(metric: str) -> str:
@@ -267,7 +290,7 @@ def _write_report(
 ) -> None:
     # with --runs, only the selected runs' rows are read (and the evaluations they are reported against)
     wanted = (lambda first: picked(run_label(first), first["run_id"], selected)) if selected else None
-    loaded, unscored = runs_scored_with(load_runs(store, wanted), metric, store)
+    loaded = load_runs(store, wanted)
     swept = [r for r in loaded if r.table["alpha"].notna().any()]
     evaluated = evaluations(loaded)
     if not swept and not evaluated:
@@ -277,20 +300,6 @@ def _write_report(
     # a store of evaluations only is the models side by side; --runs then picks among them
     runs = select_runs(swept, selected, store) if swept else []
     summaries, notes = [], []
-    if unscored:
-        models = evaluations(unscored)
-        parts = [
-            f"{len(names)} {kind} ({_listed(names)})"
-            for kind, names in (
-                ("sweep(s)", [run.label for run in unscored if run.method != "none"]),
-                ("evaluated model(s)", evaluation_names(models)),
-            )
-            if names
-        ]
-        notes.append(
-            f"left out, as they have no {metric}: {' and '.join(parts)}{_why_unscored(metric)}; "
-            "`--metric accuracy` reports them"
-        )
     if not swept and selected:
         evaluated = select_runs(evaluated, selected, store)
     elif selected:
@@ -302,6 +311,9 @@ def _write_report(
                 "of the models tables (`--runs` with their label or run id adds them)"
             )
         evaluated = shown
+    runs, evaluated, unscored = scored_with(runs, evaluated, metric, store)
+    if unscored:
+        notes.append(unscored)
     for run in runs:
         domain = finetuned_domain(run, Path(store))
         group = target or (f"domain:{domain}" if domain else None)

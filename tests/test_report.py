@@ -513,24 +513,37 @@ def test_macro_f1_reports_the_runs_that_have_it_and_names_the_ubench_runs_left_o
     assert "left out" not in (tmp_path / "acc" / "report.md").read_text(), "accuracy: every run has it"
 
 
-def test_macro_f1_of_a_store_of_ubench_runs_only_is_one_line_naming_the_metrics_it_has(tmp_path):
+def test_macro_f1_of_ubench_runs_only_is_one_line_naming_the_metrics_they_have(tmp_path):
+    """A store of ubench runs, or `--runs` picking the ubench sweep of a store of both protocols
+    (that one said "matches no run label", as if the sweep were not there; showing the closed-set
+    evaluations of its models alone would have been a report of models nobody asked for)."""
     from click.testing import CliRunner
 
     from micromerge.cli import cli
 
+    both = _ubench_and_closed_set_store(tmp_path / "both.jsonl")
     store = tmp_path / "r.jsonl"
-    rows = [json.loads(line) for line in _ubench_and_closed_set_store(store).read_text().splitlines()]
+    rows = [json.loads(line) for line in both.read_text().splitlines()]
     store.write_text("".join(json.dumps(r) + "\n" for r in rows if r["protocol"] == "ubench"))
-    with pytest.raises(
-        MicromergeError, match=r"--metric macro_f1: no run of .* has it \(the ubench protocol"
-    ):
-        build_report(store, tmp_path / "rep", metric="macro_f1")
-    result = CliRunner().invoke(
-        cli, ["report", str(store), "--out", str(tmp_path / "rep"), "--metric", "macro_f1"]
+    models = tmp_path / "models.jsonl"  # `eval` runs only: the report of the models side by side
+    models.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["protocol"] == "ubench" and r["method"] == "none")
     )
-    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert result.output.endswith("its runs have accuracy, balanced_accuracy\n")
-    assert not (tmp_path / "rep").exists()
+    for source, flags, kind in (
+        (store, [], "sweep"),
+        (both, ["--runs", "wise-ft [[]ubench]*"], "sweep"),
+        (models, [], "evaluation"),
+    ):
+        with pytest.raises(
+            MicromergeError, match=rf"--metric macro_f1: no {kind} reported from .* has it \(the ubench"
+        ):
+            build_report(source, tmp_path / "rep", metric="macro_f1", selected=tuple(flags[1:]))
+        result = CliRunner().invoke(
+            cli, ["report", str(source), "--out", str(tmp_path / "rep"), "--metric", "macro_f1", *flags]
+        )
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.endswith("they have accuracy, balanced_accuracy\n")
+        assert not (tmp_path / "rep").exists()
 
 
 def _sweep_with_evaluations(
