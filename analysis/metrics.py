@@ -116,7 +116,8 @@ class Summary:
     best_report: dict[str, float]  # criterion -> all-task mean on the report half at that alpha
     auc: dict[str, float]  # group -> area under the accuracy-vs-alpha curve over the alpha range (normalised)
     pareto: list[tuple[float, float, float]]  # (alpha, target, control) on the front
-    references: str = "alpha endpoints"  # what base/finetuned are: "evaluated models" or "alpha endpoints"
+    # what base/finetuned are: "evaluated models", "alpha endpoints", or "none" (one point, no evaluations)
+    references: str = "alpha endpoints"
 
 
 def _control_curve(run: Run, controls: list[str], metric: str, split: str) -> pd.DataFrame:
@@ -187,8 +188,10 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
     has_references = run.base_reference is not None and run.finetuned_reference is not None
     if has_references:
         base, finetuned = evaluated(run.base_reference), evaluated(run.finetuned_reference)
-    else:
+    elif len(alphas) > 1:
         base, finetuned = at(alphas[0]), at(alphas[-1])
+    else:  # one point (a soup, `sweep --alphas 0.5`): both ends were it, a gain and a forgetting of 0.0
+        base = finetuned = dict.fromkeys(groups, float("nan"))
     select = _criterion_scores(curves, target, controls, "select")
     report = _criterion_scores(curves, target, controls, "report")
     for split, scores, needed in (("select", select, CRITERIA), ("report", report, ("all_task_mean",))):
@@ -209,15 +212,20 @@ def summarise(run: Run, target: str, metric: str = "accuracy") -> Summary:
         base=base,
         finetuned=finetuned,
         gain=finetuned[target] - base[target],
-        forgetting=float(np.nanmean([base[c] - finetuned[c] for c in controls]))
-        if controls
-        else float("nan"),
+        forgetting=_mean_of_known([base[c] - finetuned[c] for c in controls]),
         best_alpha=best_alpha,
         best_report=best_report,
         auc=auc,
         pareto=pareto_front(points),
-        references="evaluated models" if has_references else "alpha endpoints",
+        references="evaluated models" if has_references else "alpha endpoints" if len(alphas) > 1 else "none",
     )
+
+
+def _mean_of_known(values: list[float]) -> float:
+    """The mean of the values that are not NaN (a control missing at one end), NaN where none is:
+    np.nanmean of no number warns "Mean of empty slice"."""
+    known = [v for v in values if not np.isnan(v)]
+    return float(np.mean(known)) if known else float("nan")
 
 
 def _task_values(table: pd.DataFrame, metric: str) -> pd.Series:
@@ -235,6 +243,8 @@ def task_changes(run: Run, metric: str = "accuracy") -> pd.DataFrame:
         _task_values(reference, metric)
         if both and reference is not None
         else table[table["alpha"] == end].set_index("task")["value"]
+        if lo != hi
+        else pd.Series(dtype=float)  # one point, no evaluations: no change to tell (NaN, not 0.0)
         for reference, end in ((run.base_reference, lo), (run.finetuned_reference, hi))
     )
     table = table.copy()

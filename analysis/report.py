@@ -38,7 +38,7 @@ from micromerge.analysis.metrics import (
     task_changes,
     valid_groups,
 )
-from micromerge.analysis.report_page import Layout, html_page, markdown_page, percent
+from micromerge.analysis.report_page import Layout, chosen_alpha, html_page, markdown_page, percent
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
 from micromerge.analysis.tables import Run, finetuned_domain, load_runs, run_label
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
@@ -67,7 +67,7 @@ def headline_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
                 "fine-tuned: target": percent(s.finetuned[s.target]),
                 "gain (pts)": percent(s.gain),
                 "forgetting on controls (pts)": percent(s.forgetting),
-                "chosen α (select half)": f"{s.best_alpha['all_task_mean']:g}",
+                "chosen α (select half)": chosen_alpha(run, s),
                 "all-task mean at chosen α (report half)": percent(s.best_report["all_task_mean"]),
                 "AUC all tasks": percent(s.auc["all tasks"]),
             }
@@ -76,6 +76,7 @@ def headline_table(runs: list[Run], summaries: list[Summary]) -> pd.DataFrame:
 
 
 def criteria_table(runs: list[Run], summaries: list[Summary], metric: str = "accuracy") -> pd.DataFrame:
+    """Each criterion's α of each run with several (a run of one point has nothing to choose)."""
     return pd.DataFrame.from_records(
         [
             {
@@ -85,18 +86,23 @@ def criteria_table(runs: list[Run], summaries: list[Summary], metric: str = "acc
                 "all-task mean on report half (%)": percent(s.best_report[c]),
             }
             for r, s in zip(runs, summaries, strict=True)
+            if r.table["alpha"].nunique() > 1
             for c in CRITERIA
-        ]
+        ],
+        columns=["run", "criterion", "α chosen on select half", "all-task mean on report half (%)"],
     )
 
 
 def group_table(run: Run, groups: list[str], metric: str = "accuracy") -> pd.DataFrame:
     """Percent per α, to one decimal like every other percentage in the report (two decimals
-    printed 78.9 beside 56.06 in one column, and claimed a precision no benchmark half has)."""
+    printed 78.9 beside 56.06 in one column, and claimed a precision no benchmark half has). A
+    group the run scored no task of (level:coarse of a `--tasks domain:pathology` sweep) has no
+    column, where it had one of NaN."""
     columns = {}
     for group in [*groups, None]:
         frame = curve(run, group, metric)
-        columns[group or "all tasks"] = frame.set_index("alpha")["value"]
+        if not frame.empty:
+            columns[group or "all tasks"] = frame.set_index("alpha")["value"]
     table = pd.DataFrame(columns) * 100
     table.index.name = "alpha"
     return table.round(1).reset_index()
@@ -338,6 +344,16 @@ def _write_report(
                 f"({', '.join(own) or 'of tasks not evaluated here'}): the numbers of "
                 f"{', '.join(sorted(run.trained_on))} and the headline are not zero-shot at the α that "
                 "include its weights (marked trained_on in the store)"
+            )
+        if summaries[-1].references == "none":
+            notes.append(
+                f"{run.label}: one point, so no 'base' and 'fine-tuned' numbers (gain, forgetting, change "
+                "per task) without `micromerge eval` of the base and the specialist into this store"
+                + (
+                    f" (on every task it scored: {'; '.join(run.unused_references)})"
+                    if run.unused_references
+                    else ""
+                )
             )
         if summaries[-1].references == "alpha endpoints":
             rules = any(run.parameters.get(k) for k in ("alpha_rules", "include", "exclude"))

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from micromerge.analysis.metrics import METRIC_NAMES, Summary
-from micromerge.analysis.tables import Run
+from micromerge.analysis.tables import GREEDY_SOUP, Run
 
 
 def percent(value: float) -> str:
@@ -26,10 +26,18 @@ def percent(value: float) -> str:
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
+    """A table, its missing values as empty cells as on the HTML page (not "nan")."""
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines = [
+        "| " + " | ".join(str(v) for v in row) + " |" for row in frame.fillna("").itertuples(index=False)
+    ]
     return "\n".join([header, rule, *lines])
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    """A table, its missing values as empty cells (pandas writes "NaN")."""
+    return frame.to_html(index=False, na_rep="")
 
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")
@@ -78,17 +86,38 @@ class Layout:
             sets = self.tables.get("comparison_sets")
             grouped = f" in {sets['set'].nunique()} comparison sets" if sets is not None else ""
             return [(f"{len(self.runs)} runs", f"{grouped}: the headline table has one row for each.")]
-        return [
-            (
-                run.label,
-                f": fine-tuning changed the target ({s.target}) by {percent(s.gain)} points and the "
-                f"controls ({', '.join(s.controls) or 'none'}) by {percent(-s.forgetting)} points; "
-                f"α={s.best_alpha['all_task_mean']:g}, chosen on the select half, gives "
-                f"{percent(s.best_report['all_task_mean'])}% mean {METRIC_NAMES[self.metric]} on the report half.",
-            )
-            for run, s in zip(self.runs, self.summaries, strict=True)
-        ]
+        return [(run.label, self._sentence(run, s)) for run, s in zip(self.runs, self.summaries, strict=True)]
 
+    def _sentence(self, run: Run, s: Summary) -> str:
+        if s.references == "none":
+            change = "no base or specialist numbers to compare it with (see the notes)"
+        else:
+            change = f"fine-tuning changed the target ({s.target}) by {percent(s.gain)} points" + (
+                f" and the controls ({', '.join(s.controls)}) by {percent(-s.forgetting)} points"
+                if s.controls
+                else " (no control group among its tasks)"
+            )
+        if run.table["alpha"].nunique() > 1:
+            point = f"α={s.best_alpha['all_task_mean']:g}, chosen on the select half,"
+        elif run.method == GREEDY_SOUP:
+            point = f"the {chosen_alpha(run, s)}, chosen on the select half,"
+        else:
+            point = f"its one α ({s.best_alpha['all_task_mean']:g})"
+        mean = f"{percent(s.best_report['all_task_mean'])}% mean {METRIC_NAMES[self.metric]}"
+        return f": {change}; {point} gives {mean} on the report half."
+
+
+def chosen_alpha(run: Run, summary: Summary) -> str:
+    """The α the select half chose, or what a run of one point is: a soup's weights were chosen on
+    the select half too; a one-α sweep had nothing to choose."""
+    if run.table["alpha"].nunique() > 1:
+        return f"{summary.best_alpha['all_task_mean']:g}"
+    if run.method == GREEDY_SOUP:
+        return "soup (weights " + ", ".join(f"{w:.3g}" for w in run.parameters.get("weights", [])) + ")"
+    return f"{summary.best_alpha['all_task_mean']:g} (its only α)"
+
+
+NO_CHOICE = "every run here is one point: no α to choose"
 
 PAPER_HEADLINE_TEXT = (
     "Coarse: every coarse caption key pooled over all images; fine: `classification_1` pooled, without "
@@ -160,15 +189,15 @@ def markdown_page(layout: Layout) -> str:
             "",
             MODELS_TEXT,
             "",
-            _markdown_table(tables["models"].fillna("")),
+            _markdown_table(tables["models"]),
             "",
         ]
-        lines += [_markdown_table(tables["models_groups"].fillna("")), ""]
+        lines += [_markdown_table(tables["models_groups"]), ""]
         if "models_change" in tables:
             lines += [
                 _change_text(layout.baseline),
                 "",
-                _markdown_table(tables["models_change"].fillna("")),
+                _markdown_table(tables["models_change"]),
                 "",
             ]
     if layout.runs:
@@ -177,7 +206,9 @@ def markdown_page(layout: Layout) -> str:
             "",
             SELECTION_TEXT,
             "",
-            _markdown_table(tables["alpha_selection"]),
+            _markdown_table(tables["alpha_selection"])
+            if len(tables["alpha_selection"])
+            else f"({NO_CHOICE})",
             "",
         ]
     if layout.overview:
@@ -232,28 +263,30 @@ def html_page(layout: Layout) -> str:
         shown, said = _paper_headline_shown(layout)
         parts += [
             "<h2>Headline</h2>",
-            tables["headline"].to_html(index=False),
+            _html_table(tables["headline"]),
             "<h2>Paper-comparable headline (μ-Bench protocol)</h2>",
             *[f"<p>{_prose_html(text)}</p>" for text in [PAPER_HEADLINE_TEXT, *said]],
-            shown.to_html(index=False) if not shown.empty else f"<p>({NO_HEADLINE})</p>",
+            _html_table(shown) if not shown.empty else f"<p>({NO_HEADLINE})</p>",
         ]
     if "models" in tables:
         parts += [
             "<h2>Evaluated models</h2>",
             f"<p>{_prose_html(MODELS_TEXT)}</p>",
-            tables["models"].to_html(index=False, na_rep=""),
-            tables["models_groups"].to_html(index=False, na_rep=""),
+            _html_table(tables["models"]),
+            _html_table(tables["models_groups"]),
         ]
         if "models_change" in tables:
             parts += [
                 f"<p>{_prose_html(_change_text(layout.baseline))}</p>",
-                tables["models_change"].to_html(index=False, na_rep=""),
+                _html_table(tables["models_change"]),
             ]
     if layout.runs:
         parts += [
             "<h2>α selection (honest protocol)</h2>",
             f"<p>{_prose_html(SELECTION_TEXT)}</p>",
-            tables["alpha_selection"].to_html(index=False),
+            _html_table(tables["alpha_selection"])
+            if len(tables["alpha_selection"])
+            else f"<p>({NO_CHOICE})</p>",
         ]
     if layout.overview:
         parts.append("<h2>Figures</h2>")
@@ -265,7 +298,7 @@ def html_page(layout: Layout) -> str:
     for index, run in enumerate(layout.runs):
         body = [
             f"<p>Group means ({METRIC_NAMES[layout.metric]} %):</p>",
-            tables[f"groups_run{index}"].to_html(index=False),
+            _html_table(tables[f"groups_run{index}"]),
             *[_figure_html(c, p, out, embed=not layout.many) for c, p in layout.per_run[index]],
         ]
         label = html.escape(run.label)

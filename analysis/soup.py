@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from micromerge.analysis.metrics import curve
-from micromerge.analysis.tables import run_of_rows
+from micromerge.analysis.tables import GREEDY_SOUP, run_of_rows
 from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
@@ -40,7 +40,6 @@ from micromerge.merging.plan import MergeSpec
 from micromerge.merging.rules import KeyRules
 from micromerge.merging.sources import CheckpointAccess
 
-GREEDY_SOUP = "greedy-soup"
 SELECTION = "select-half all-task mean accuracy; an ingredient joins when it does not drop (>=)"
 
 
@@ -174,11 +173,11 @@ def greedy_soup(
     }
     rows = [
         {
-            **row,
+            **{key: value for key, value in row.items() if key != "label"},  # the candidate's label
             "run_id": run_id,
             "method": GREEDY_SOUP,
             "parameters": parameters,
-            "label": label or f"{GREEDY_SOUP}: {' + '.join(Path(m).stem for m in models)}",
+            **({"label": label} if label else {}),  # else run_label's: its protocol, checkpoints by name
         }
         for row in best.rows
     ]

@@ -47,7 +47,8 @@ class Run:
     task_definition: tuple[str | None, str | None] = (None, None)
 
 
-SINGLE_POINT_METHODS = ("none", "greedy-soup")
+GREEDY_SOUP = "greedy-soup"
+SINGLE_POINT_METHODS = ("none", GREEDY_SOUP)
 """Runs with no curve by design: an `eval` of one model, and a greedy soup (one chosen point)."""
 
 

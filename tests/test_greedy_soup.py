@@ -77,8 +77,10 @@ def test_the_soup_follows_the_recipe_and_its_rows_are_the_written_soups(tmp_path
 
     run = next(r for r in load_runs(settings.store) if r.run_id == result.run_id)
     assert run.method == GREEDY_SOUP and run.parameters["weights"] == list(result.weights)
-    labels = {row["label"] for row in ResultStore(settings.store).rows(result.run_id)}
-    assert labels == {f"{GREEDY_SOUP}: m0 + m1 + m2"}, "unlabelled, a soup is named by its models"
+    assert not any("label" in row for row in ResultStore(settings.store).rows(result.run_id))
+    # unlabelled, a soup is named as a sweep is: its protocol, its checkpoints (runs/X/model.safetensors
+    # by X, where it said "model + model"), not its last candidate's label
+    assert run.label == f"{GREEDY_SOUP} [{settings.protocol}]: m0 + m1 + m2"
     assert run.parameters["order"] == order and run.parameters["ingredients"] == models
     assert curve(run, None, "accuracy", "report")["value"].iloc[0] == pytest.approx(result.report_mean)
     with warnings.catch_warnings():

@@ -100,7 +100,9 @@ def test_a_target_without_controls_reports_no_forgetting_number(tmp_path):
     build_report(write_store(tmp_path / "r.jsonl"), tmp_path / "rep", target="level:coarse")
     (row,) = _table(tmp_path / "rep", "headline")
     assert row["forgetting on controls (pts)"] == "n/a" and row["gain (pts)"] == "-30.0"
-    assert "by n/a points" in (tmp_path / "rep" / "report.md").read_text()
+    assert (
+        "by -30.0 points (no control group among its tasks)" in (tmp_path / "rep" / "report.md").read_text()
+    )
 
 
 def test_without_a_recorded_domain_the_target_is_the_first_fine_domain_and_the_report_says_so(tmp_path):
@@ -595,3 +597,51 @@ def test_an_evaluation_of_more_tasks_than_the_sweep_is_its_reference_on_the_swee
     # path-a's macro F1 in the evaluations (halved): 0.50 / 2 for the base, 0.90 / 2 for the specialist
     assert (headline["base: target"], headline["fine-tuned: target"]) == ("25.0", "45.0")
     assert "path-b" not in {row["task"] for row in _table(tmp_path / "rep", "tasks_run0")}
+
+
+def test_a_soup_and_a_one_alpha_sweep_are_one_point_each_not_a_gain_of_zero(tmp_path):
+    """A greedy soup (one chosen model) and `sweep --alphas 0.5` have one α: both of a run's ends
+    were that point, so the report said fine-tuning changed the target by 0.0 points, listed three
+    criteria each choosing the only α, and the tasks table a change of 0.0 everywhere."""
+    store = write_store(tmp_path / "r.jsonl", alphas=(0.0,), run_id="soup", method="greedy-soup",
+                        fields={"parameters": {"weights": [0.5, 0.5]}, "alpha": 1.0})  # fmt: skip
+    write_store(store, alphas=(0.5,), run_id="one")
+    with pytest.warns(UserWarning, match="a single alpha, so no curve"):
+        build_report(store, tmp_path / "rep", target="domain:pathology")
+    soup, one = _table(tmp_path / "rep", "headline")
+    assert [
+        soup[k] for k in ("base: target", "fine-tuned: target", "gain (pts)", "forgetting on controls (pts)")
+    ] == ["n/a"] * 4
+    assert (soup["chosen α (select half)"], one["chosen α (select half)"]) == (
+        "soup (weights 0.5, 0.5)",
+        "0.5 (its only α)",
+    )
+    assert soup["all-task mean at chosen α (report half)"] == "72.3"  # (0.90 + 0.50 + 0.80) / 3 - 0.01
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert (
+        "no base or specialist numbers to compare it with (see the notes); the soup (weights 0.5, 0.5), chosen on the select half, gives 72.3% mean accuracy"
+        in markdown
+    )
+    assert "its one α (0.5) gives" in markdown
+    assert (
+        "(every run here is one point: no α to choose)" in markdown
+        and _table(tmp_path / "rep", "alpha_selection") == []
+    )
+    assert "one point, so no 'base' and 'fine-tuned' numbers" in markdown
+    assert all(row["vs_base"] is None for row in _table(tmp_path / "rep", "tasks_run0")), "NaN, not 0.0"
+    assert not re.search(r"\bnan\b", markdown, re.IGNORECASE)
+
+
+def test_a_group_the_sweep_scored_no_task_of_has_no_column_and_no_table_shows_nan(tmp_path):
+    """A sweep of the fine tasks only: its group table had a level:coarse column of NaN, and the
+    pages printed "nan" (Markdown) and "NaN" (HTML) in every table cell without a value."""
+    from tests.test_analysis import VALUES
+
+    fine = {key: values for key, values in VALUES.items() if key[1] == "fine"}
+    store = write_store(tmp_path / "r.jsonl", values_by_task=fine)
+    page = build_report(store, tmp_path / "rep", target="domain:pathology").read_text()
+    assert [row for row in _table(tmp_path / "rep", "groups_run0")][0].keys() == {
+        "alpha", "domain:pathology", "domain:biology", "level:fine", "all tasks"
+    }  # fmt: skip
+    markdown = (tmp_path / "rep" / "report.md").read_text()
+    assert not re.search(r"\bnan\b", page + markdown, re.IGNORECASE)
