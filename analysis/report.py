@@ -235,7 +235,7 @@ def select_runs(runs: list[Run], patterns: tuple[str, ...], store: Path) -> list
     return kept
 
 
-def scored_with(
+def _scored_with(
     runs: list[Run], evaluated: list[Run], metric: str, store: Path
 ) -> tuple[list[Run], list[Run], str | None]:
     """The sweeps and evaluations to report that have `metric`, and a note naming those that do not:
@@ -281,6 +281,14 @@ def _why_unscored(metric: str) -> str:
     )
 
 
+def _unused_references(run: Run, scorer: str) -> str:
+    """Why the store's evaluations of the run's models were not its references (they scored fewer
+    tasks), where there are such: the note's advice to run `eval` would otherwise read as if none ran."""
+    if not run.unused_references:
+        return ""
+    return f" (on every task {scorer} scored: {'; '.join(run.unused_references)})"
+
+
 def _listed(names: list[str], shown: int = 3) -> str:
     return "; ".join(names[:shown]) + (f"; and {len(names) - shown} more" if len(names) > shown else "")
 
@@ -317,7 +325,7 @@ def _write_report(
                 "of the models tables (`--runs` with their label or run id adds them)"
             )
         evaluated = shown
-    runs, evaluated, unscored = scored_with(runs, evaluated, metric, store)
+    runs, evaluated, unscored = _scored_with(runs, evaluated, metric, store)
     if unscored:
         notes.append(unscored)
     for run in runs:
@@ -349,11 +357,7 @@ def _write_report(
             notes.append(
                 f"{run.label}: one point, so no 'base' and 'fine-tuned' numbers (gain, forgetting, change "
                 "per task) without `micromerge eval` of the base and the specialist into this store"
-                + (
-                    f" (on every task it scored: {'; '.join(run.unused_references)})"
-                    if run.unused_references
-                    else ""
-                )
+                + _unused_references(run, "it")
             )
         if summaries[-1].references == "alpha endpoints":
             rules = any(run.parameters.get(k) for k in ("alpha_rules", "include", "exclude"))
@@ -361,11 +365,7 @@ def _write_report(
                 f"{run.label}: 'base' and 'fine-tuned' are this sweep's lowest and highest α"
                 + (", which under its include/exclude/alpha rules are NOT the real models" if rules else "")
                 + "; `micromerge eval` of the base and the specialist into this store makes them the real ones"
-                + (
-                    f" (on every task the sweep scored: {'; '.join(run.unused_references)})"
-                    if run.unused_references
-                    else ""
-                )
+                + _unused_references(run, "the sweep")
             )
     figure_dir, table_dir = out / "figures", out / "tables"
     curves = [r for r in runs if r.table["alpha"].nunique() > 1]
