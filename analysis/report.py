@@ -401,7 +401,9 @@ def _write_report(
         tables["models_groups"] = models_group_table(means)
         tables["models_tasks"] = models_task_table(evaluated, metric)
         if baseline is not None:
-            chosen = pick_baseline(evaluated, baseline, str(store))
+            # under another metric, the models without it are left out: say so where the baseline is not found
+            scope = str(store) if metric == "accuracy" else f"{store} with {metric}"
+            chosen = pick_baseline(evaluated, baseline, scope)
             baseline = evaluation_names(evaluated)[chosen]
             tables["models_change"], other = models_change_table(means, evaluated, chosen)
             if other:

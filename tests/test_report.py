@@ -513,6 +513,10 @@ def test_macro_f1_reports_the_runs_that_have_it_and_names_the_ubench_runs_left_o
 
     build_report(store, tmp_path / "acc", target="domain:pathology")
     assert "left out" not in (tmp_path / "acc" / "report.md").read_text(), "accuracy: every run has it"
+    with pytest.raises(
+        MicromergeError, match=r"matches no evaluated model of .* with macro_f1; its evaluated"
+    ):
+        build_report(store, tmp_path / "f1", metric="macro_f1", baseline="base [[]ubench]")
 
 
 def test_macro_f1_of_ubench_runs_only_is_one_line_naming_the_metrics_they_have(tmp_path):
