@@ -40,7 +40,7 @@ from micromerge.analysis.metrics import (
 )
 from micromerge.analysis.report_page import Layout, chosen_alpha, html_page, markdown_page, percent
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
-from micromerge.analysis.tables import Run, finetuned_domain, load_runs, run_label
+from micromerge.analysis.tables import GREEDY_SOUP, Run, finetuned_domain, load_runs, run_label
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file, sha256_json
@@ -155,7 +155,9 @@ def paper_headline_table(runs: list[Run]) -> pd.DataFrame:
             continue
         frame = run.headline[(run.headline["split"] == "all") & (run.headline["metric"] == "accuracy")]
         for alpha, rows in frame.groupby("alpha", dropna=False):
-            record = {"run": run.label, "protocol": run.protocol, "alpha": alpha}
+            # a soup's rows carry its linear candidate's α 1, which read as the specialist's: no α
+            shown_alpha = None if run.method == GREEDY_SOUP else alpha
+            record = {"run": run.label, "protocol": run.protocol, "alpha": shown_alpha}
             for _, row in rows.iterrows():
                 name = "coarse" if row["task"].endswith("coarse") else "fine"
                 record[f"{name} %"] = round(100 * row["value"], 1)

@@ -29,9 +29,8 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     """A table, its missing values as empty cells as on the HTML page (not "nan")."""
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    lines = [
-        "| " + " | ".join(str(v) for v in row) + " |" for row in frame.fillna("").itertuples(index=False)
-    ]
+    cells = frame.astype(object).where(frame.notna(), "")  # fillna("") of a float column: pandas 4 refuses
+    lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join([header, rule, *lines])
 
 
@@ -164,7 +163,11 @@ def _paper_headline_shown(layout: Layout) -> tuple[pd.DataFrame, list[str]]:
     chosen = {
         r.label: s.best_alpha["all_task_mean"] for r, s in zip(layout.runs, layout.summaries, strict=True)
     }
-    shown = [chosen.get(label) == alpha for label, alpha in zip(table["run"], table["alpha"], strict=True)]
+    soups = {r.label for r in layout.runs if r.method == GREEDY_SOUP}  # one row, shown without an α
+    shown = [
+        label in soups or chosen.get(label) == alpha
+        for label, alpha in zip(table["run"], table["alpha"], strict=True)
+    ]
     return table[shown], [PAPER_HEADLINE_MANY_TEXT]
 
 

@@ -610,6 +610,11 @@ def test_a_soup_and_a_one_alpha_sweep_are_one_point_each_not_a_gain_of_zero(tmp_
     store = write_store(tmp_path / "r.jsonl", alphas=(0.0,), run_id="soup", method="greedy-soup",
                         fields={"parameters": {"weights": [0.5, 0.5]}, "alpha": 1.0})  # fmt: skip
     write_store(store, alphas=(0.5,), run_id="one")
+    headline = _add_paper_headline(tmp_path / "headline.jsonl")  # the soup's, at its candidate's α 1
+    ResultStore(store).append(
+        [{**row, "run_id": "soup", "method": "greedy-soup", "parameters": {"weights": [0.5, 0.5]}}
+         for row in map(json.loads, headline.read_text().splitlines()) if row["alpha"] == 1.0]
+    )  # fmt: skip
     with pytest.warns(UserWarning, match="a single alpha, so no curve"):
         build_report(store, tmp_path / "rep", target="domain:pathology")
     soup, one = _table(tmp_path / "rep", "headline")
@@ -633,6 +638,8 @@ def test_a_soup_and_a_one_alpha_sweep_are_one_point_each_not_a_gain_of_zero(tmp_
     )
     assert "one point, so no 'base' and 'fine-tuned' numbers" in markdown
     assert all(row["vs_base"] is None for row in _table(tmp_path / "rep", "tasks_run0")), "NaN, not 0.0"
+    (paper,) = _table(tmp_path / "rep", "paper_headline")
+    assert (paper["alpha"], paper["coarse %"]) == (None, 60.0), "a soup's row has no α (it said 1.0)"
     assert not re.search(r"\bnan\b", markdown, re.IGNORECASE)
 
 

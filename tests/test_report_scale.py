@@ -377,9 +377,15 @@ def test_beyond_the_run_limit_the_page_shows_each_runs_paper_headline_at_its_cho
         for row in first.values() for alpha in (0.0, 0.5, 1.0)
         for task, key, offset in (("ubench:coarse", "coarse keys pooled", 0.0), ("ubench:fine", "classification_1", 0.1))
     ]  # fmt: skip
-    ResultStore(store).append(headline)
+    soup = [  # a greedy soup of p0: one point, its rows at its candidate's α 1, shown without an α
+        {**row, "run_id": "soup", "method": "greedy-soup", "label": "p0 / greedy-soup / all",
+         "parameters": {"weights": [0.5, 0.5]}}
+        for row in [*rows, *headline] if row["run_id"] == first_run(rows, "p0 / wise-ft / all") and row["alpha"] == 1.0
+    ]  # fmt: skip
+    ResultStore(store).append(headline + soup)
     page, markdown, _ = _report(store, tmp_path / "rep", run_figures=False)
-    assert len(_table_rows(tmp_path / "rep", "paper_headline")) == 6 * 3, "every α in the table's files"
+    assert len(_table_rows(tmp_path / "rep", "paper_headline")) == 6 * 3 + 1, "every α in the table's files"
+    assert "| p0 / greedy-soup / all | closed-set |  | 75.0 |" in markdown, "the soup's one row, in many mode too"
     shown = _paper_headline_rows(markdown)
     chosen = {"wise-ft": "0.5", "ties": "1.0", "dare": "0.5"}  # grid_store's select half
     assert sorted(shown) == sorted((f"{p} / {m} / all", a) for p in ("p0", "p1") for m, a in chosen.items())
@@ -390,6 +396,11 @@ def test_beyond_the_run_limit_the_page_shows_each_runs_paper_headline_at_its_cho
     _, markdown, _ = _report(store, tmp_path / "few", run_figures=False)
     few = _paper_headline_rows(markdown)
     assert len(few) == 18 and report_page.PAPER_HEADLINE_MANY_TEXT not in markdown
+
+
+def first_run(rows: list[dict], label: str) -> str:
+    """The run id of the run a grid store labels so."""
+    return next(row["run_id"] for row in rows if row.get("label") == label)
 
 
 def _paper_headline_rows(markdown: str) -> list[tuple[str, str]]:
