@@ -330,6 +330,18 @@ def _write_report(
     runs, evaluated, unscored = _scored_with(runs, evaluated, metric, store)
     if unscored:
         notes.append(unscored)
+    learned = [
+        name
+        for run, name in zip(evaluated, evaluation_names(evaluated), strict=True)
+        if run.learned_from_select
+    ]
+    if learned:
+        notes.append(
+            f"{'; '.join(learned)}: learned from, or chosen on, the select half of the images it was scored "
+            "on, so its numbers in the models tables (all images) include images it learned from; the "
+            "held-out ones are its report half's (split `report` in the store; `micromerge export --results` "
+            "puts them in its model card)"
+        )
     for run in runs:
         domain = finetuned_domain(run, Path(store))
         group = target or (f"domain:{domain}" if domain else None)

@@ -13,7 +13,7 @@ import pandas as pd
 from micromerge.core.collector import cycle_collection_paused
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
-from micromerge.core.provenance import TRAINED_ON
+from micromerge.core.provenance import LEARNED_FROM_SELECT, TRAINED_ON
 from micromerge.eval.aggregate import is_task_row
 from micromerge.eval.store import ResultStore
 from micromerge.merging.model_card import checkpoint_provenance
@@ -45,6 +45,9 @@ class Run:
     # `--sources` table (None: the shipped one) and its closed-set prompts; runs that differ in
     # either are never each other's references, nor drawn on one figure
     task_definition: tuple[str | None, str | None] = (None, None)
+    # an evaluation of a checkpoint that learned from, or was chosen on, the select half of these
+    # images (LEARNED_FROM_SELECT): its numbers on all images include images it learned from
+    learned_from_select: bool = False
 
 
 GREEDY_SOUP = "greedy-soup"
@@ -134,6 +137,7 @@ def run_of_rows(run_id: str, run_rows: list[dict[str, Any]]) -> Run:
             r["task"]: r[TRAINED_ON] for r in run_rows if r.get(TRAINED_ON) and r.get("level") != "headline"
         },
         task_definition=((first.get("sources") or {}).get("sha256"), first.get("prompts")),
+        learned_from_select=any(r.get(LEARNED_FROM_SELECT) for r in run_rows),
     )
 
 

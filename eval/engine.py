@@ -25,6 +25,7 @@ from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file, sha256_json
 from micromerge.core.progress import progress_bar
+from micromerge.core.provenance import LEARNED_FROM_SELECT, select_half_mark
 from micromerge.eval.data import Benchmark, load_benchmark
 from micromerge.eval.evaluator import HEADLINE_COARSE, HEADLINE_FINE, POOLED, Evaluator
 from micromerge.eval.images import DECODE_IDENTITY
@@ -216,7 +217,9 @@ def run_eval(
     prepared = prepare(settings) if prepared is None else prepared
     bench, tasks = prepared.bench, prepared.tasks
     with access.open(model_spec) as source:
-        refuse_other_halves(sources_select_halves([source]), bench.fingerprint, settings.seed, model_spec)
+        halves = sources_select_halves([source])
+        refuse_other_halves(halves, bench.fingerprint, settings.seed, model_spec)
+        learned = select_half_mark(bench.fingerprint, settings.seed) in halves
         hashes = input_hashes([source])
         run_id = _run_id({"model": sorted(hashes.values())}, settings, bench, device)
         store = prepared.results(settings.store)
@@ -244,6 +247,8 @@ def run_eval(
     }
     base_row = _base_row(run_id, settings, bench, provenance, device)
     rows = [{**base_row, "alpha": None, **r} for r in mark_rows(evaluator.evaluate(model), marks)]
+    if learned:  # its `all` and `select` rows hold images it learned from; `report` is held out
+        rows = [{**r, LEARNED_FROM_SELECT: True} if r["split"] != "report" else r for r in rows]
     store.append(_unstored(rows, done, settings.protocol))
     return rows
 

@@ -139,6 +139,12 @@ def model_card(
     if evaluation:
         evaluated_on = _evaluated_on(evaluation)
         lines += ["Evaluated on:", "", *evaluated_on, ""] if evaluated_on else []
+        if any(r["split"] == "report" for r in evaluation):
+            lines += [
+                "It learned from, or was chosen on, the select half of these images: the numbers are "
+                "its report half's, images it never saw.",
+                "",
+            ]
         lines += ["| task | protocol | split | accuracy | 95% interval |", "|---|---|---|---|---|"]
         lines += [
             f"| {r['task']}{trained_on_note(r)} | {r.get('protocol') or '-'} | {r['split']} | {100 * r['value']:.1f} % "

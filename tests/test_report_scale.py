@@ -385,7 +385,9 @@ def test_beyond_the_run_limit_the_page_shows_each_runs_paper_headline_at_its_cho
     ResultStore(store).append(headline + soup)
     page, markdown, _ = _report(store, tmp_path / "rep", run_figures=False)
     assert len(_table_rows(tmp_path / "rep", "paper_headline")) == 6 * 3 + 1, "every α in the table's files"
-    assert "| p0 / greedy-soup / all | closed-set |  | 75.0 |" in markdown, "the soup's one row, in many mode too"
+    assert "| p0 / greedy-soup / all | closed-set |  | 75.0 |" in markdown, (
+        "the soup's one row, in many mode too"
+    )
     shown = _paper_headline_rows(markdown)
     chosen = {"wise-ft": "0.5", "ties": "1.0", "dare": "0.5"}  # grid_store's select half
     assert sorted(shown) == sorted((f"{p} / {m} / all", a) for p in ("p0", "p1") for m, a in chosen.items())

@@ -20,7 +20,12 @@ from click.testing import CliRunner
 
 from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
-from micromerge.core.provenance import LEARNED_FROM_HALVES, select_half_lineage, select_half_mark
+from micromerge.core.provenance import (
+    LEARNED_FROM_HALVES,
+    LEARNED_FROM_SELECT,
+    select_half_lineage,
+    select_half_mark,
+)
 from micromerge.eval.statistics import statistics_input
 from micromerge.eval.trained_on import refuse_other_halves
 from micromerge.finetune.trainer import run_finetune
@@ -102,6 +107,10 @@ def test_a_data_aware_merge_is_evaluated_only_under_the_halves_it_learned_from(t
     elsewhere = _invoke(*evaluate, "--model", str(merged), "--data", str(other_copy), "--store",
                         str(tmp_path / "other.jsonl"))  # fmt: skip
     assert elsewhere.exit_code == 0, "another copy's images are not the ones it learned from"
+    assert "It learned from" not in elsewhere.output
+    assert not any(
+        LEARNED_FROM_SELECT in line for line in (tmp_path / "other.jsonl").read_text().splitlines()
+    )
 
     ordinary = tmp_path / "ties.safetensors"
     assert _invoke("merge", "--base", models[0], "--ft", models[1], "--method", "ties", "--out",
@@ -153,7 +162,38 @@ def test_a_soup_records_the_half_it_was_chosen_on_and_is_held_to_it(tmp_path, se
                 "--cache-dir", str(settings.cache_dir), "--bootstrap", "0", "--quiet"]  # fmt: skip
     refused = _invoke(*evaluate)
     assert refused.exit_code == 2 and refused.output.strip().endswith("give --seed 5"), refused.output
-    assert _invoke(*evaluate, "--seed", "5").exit_code == 0
+    held_out = _invoke(*evaluate, "--seed", "5")
+    assert held_out.exit_code == 0
+    _the_held_out_numbers_are_the_report_halfs(tmp_path, soup, held_out.output)
+
+
+def _the_held_out_numbers_are_the_report_halfs(tmp_path, checkpoint, printed: str) -> None:
+    """An `eval` of a checkpoint that learned from (or was chosen on) the select half of the images
+    it is scored on marks its `all` and `select` rows, whose images it learned from, and says so
+    under its table; its model card shows the report half's numbers (it showed all images', half of
+    them learned from, on a card meant for the Hub), and a report's notes name it."""
+    rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert {(r["split"], r.get(LEARNED_FROM_SELECT, False)) for r in rows} == {
+        ("all", True), ("select", True), ("report", False)
+    }  # fmt: skip
+    assert "It learned from, or was chosen on, the select half of these images (--seed 5)" in printed
+    exported = _invoke(
+        "export", str(checkpoint), "--out", str(tmp_path / "export"), "--results", str(tmp_path / "e.jsonl")
+    )
+    assert exported.exit_code == 0, exported.output
+    card = (tmp_path / "export" / "README.md").read_text()
+    table = card.split("| task | protocol | split |")[1].split("\n\n")[0]
+    cells = [line.split(" | ") for line in table.splitlines()[2:]]
+    reported = {(r["task"], round(100 * r["value"], 1)) for r in rows if r["split"] == "report" and r["metric"] == "accuracy" and (r.get("caption_key") in ("all", None) or r["level"] == "headline")}  # fmt: skip
+    assert {cell[2] for cell in cells} == {"report"} and len(cells) == len(reported)
+    assert {(cell[0].strip("| "), float(cell[3].rstrip(" %"))) for cell in cells} == reported
+    assert "the numbers are its report half's, images it never saw" in card
+    report = _invoke("report", str(tmp_path / "e.jsonl"), "--out", str(tmp_path / "report"))
+    assert report.exit_code == 0, report.output
+    assert (
+        "learned from, or chosen on, the select half of the images it was scored on"
+        in (tmp_path / "report" / "report.md").read_text()
+    )
 
 
 def test_an_ablation_refuses_a_checkpoint_held_to_other_halves_before_it_evaluates(tmp_path, setting):  # noqa: F811

@@ -72,7 +72,10 @@ def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> lis
     """The checkpoint's own `eval` rows in the store (matched by sha256): each task's accuracy on
     all its images (pooled over its caption keys) and the paper's two headline numbers; per
     protocol, the store's latest run of it (an earlier run, on other data or settings, would put a
-    second, different number beside each task)."""
+    second, different number beside each task). A checkpoint that learned from, or was chosen on,
+    the select half of those images (LEARNED_FROM_SELECT): its report half's, the held-out numbers;
+    on all images, the card showed numbers half made of images it had learned from."""
+    from micromerge.core.provenance import LEARNED_FROM_SELECT
     from micromerge.eval.evaluator import HEADLINE_COARSE, HEADLINE_FINE, POOLED
     from micromerge.eval.store import ResultStore
     from micromerge.merging.execute import input_hashes
@@ -87,7 +90,7 @@ def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> lis
         if r.get("method") == "none"
         and sorted(r["model"].get("base_sha256") or []) == digests
         and r["metric"] == "accuracy"
-        and r["split"] == "all"
+        and r["split"] in ("all", "report")
         and (r["task"] in (HEADLINE_COARSE, HEADLINE_FINE) or r.get("caption_key") in (POOLED, None))
     ]
     if not rows:
@@ -102,7 +105,10 @@ def _evaluation_of(checkpoint: str, store: str, access: CheckpointAccess) -> lis
             f"(the latest per protocol is used): {', '.join(older)}",
             stacklevel=2,
         )
-    return [r for r in rows if latest[r.get("protocol")] == r["run_id"]]
+    rows = [r for r in rows if latest[r.get("protocol")] == r["run_id"]]
+    learned = {r["run_id"] for r in rows if r.get(LEARNED_FROM_SELECT)}
+    chosen = [r for r in rows if r["split"] == ("report" if r["run_id"] in learned else "all")]
+    return sorted(chosen, key=lambda r: r["task"] not in (HEADLINE_COARSE, HEADLINE_FINE))  # headlines first
 
 
 @click.command("push")

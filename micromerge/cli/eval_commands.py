@@ -136,7 +136,7 @@ def _eval_settings(values: dict[str, Any]) -> tuple[EvalSettings, PartialState]:
 
 def _print_evaluation(rows: list[dict[str, Any]]) -> None:
     """One model's table: each task and caption key over all images, then the group means."""
-    from micromerge.core.provenance import has_interval, trained_on_note
+    from micromerge.core.provenance import LEARNED_FROM_SELECT, has_interval, trained_on_note
     from micromerge.eval.aggregate import aggregate
 
     table: dict[tuple[str, Any], dict[str, Any]] = {}
@@ -163,6 +163,12 @@ def _print_evaluation(rows: list[dict[str, Any]]) -> None:
     group_width = max((len(group) for group in means), default=0)
     for group, value in means.items():
         click.echo(f"  mean accuracy {group:<{group_width}} {value:.3f}")
+    if any(row.get(LEARNED_FROM_SELECT) for row in rows):
+        click.echo(
+            f"\nIt learned from, or was chosen on, the select half of these images (--seed {rows[0].get('seed')}): "
+            "the numbers above include them. Held out: its report-half rows in the store "
+            "(`micromerge report`; `export --results` puts them in its model card)."
+        )
 
 
 def _print_sweep(rows: list[dict[str, Any]]) -> None:

@@ -19,6 +19,11 @@ every step after the supervised fine-tune that trained on it."""
 LEARNED_FROM_HALVES = "learned_from_halves"
 """The provenance field of a checkpoint made from others: the select halves of benchmarks that a
 data-aware merge among its inputs learned from (`select_half_lineage`), carried on as SUPERVISED_ON is."""
+LEARNED_FROM_SELECT = "learned_from_select_half"
+"""The result-row field of an `eval` of a checkpoint that learned from, or was chosen on, the select
+half of the very images it is scored on (a data-aware merge, a greedy soup, or a model made from
+one; the same --seed): true on its `all` and `select` rows, which hold those images; its `report`
+rows are the held-out numbers (eval.engine.run_eval)."""
 CHOSEN_ON = "chosen_on"
 """In a recipe chosen with data (a greedy soup's), the select half it was chosen on, recorded as
 statistics record theirs (data_fingerprint, split, halves_seed)."""
