@@ -354,6 +354,11 @@ def _write_report(
             group = f"domain:{fine_domains[0]}" if fine_domains else "level:coarse"
             notes.append(f"{run.label}: {why}; target defaults to {group} (set --target)")
         if group not in valid_groups(run):
+            if any(group in valid_groups(other) for other in runs):  # a sweep of fewer tasks among others
+                raise MicromergeError(
+                    f"--target {group}: run {run.label} scored no task of it (other runs here did); leave "
+                    "it out with --runs, or choose a target every run has"
+                )
             raise MicromergeError(
                 f"--target {group}: not a group of run {run.label}{_meant_group(group, valid_groups(run))}; "
                 f"valid groups: {valid_groups(run)}"

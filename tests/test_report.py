@@ -656,3 +656,21 @@ def test_a_group_the_sweep_scored_no_task_of_has_no_column_and_no_table_shows_na
     }  # fmt: skip
     markdown = (tmp_path / "rep" / "report.md").read_text()
     assert not re.search(r"\bnan\b", page + markdown, re.IGNORECASE)
+
+
+def test_a_target_one_sweep_of_fewer_tasks_lacks_says_so_and_how_to_leave_it_out(tmp_path):
+    """A sweep of the pathology tasks beside one of every task, `--target domain:biology`: the error
+    said "not a group of run … (did you mean domain:pathology?)", as if biology were a misspelling."""
+    from tests.test_analysis import VALUES
+
+    pathology = {key: values for key, values in VALUES.items() if key[2] != "biology"}
+    store = write_store(tmp_path / "r.jsonl", label="every task")
+    write_store(store, run_id="r2", label="pathology tasks", values_by_task=pathology)
+    with pytest.raises(
+        MicromergeError,
+        match=r"^--target domain:biology: run pathology tasks scored no task of it \(other runs here did\); "
+        r"leave it out with --runs",
+    ):
+        build_report(store, tmp_path / "rep", target="domain:biology")
+    build_report(store, tmp_path / "rep", target="domain:biology", selected=("every task",))
+    assert [row["run"] for row in _table(tmp_path / "rep", "headline")] == ["every task"]
