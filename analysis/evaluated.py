@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 import pandas as pd
 
 from micromerge.analysis.metrics import METRIC_NAMES, curve, table_groups
-from micromerge.analysis.tables import Run, scoring
+from micromerge.analysis.tables import Run, evaluated_model, scoring
 from micromerge.core.errors import MicromergeError
 from micromerge.core.suggest import meant
 
@@ -53,11 +53,6 @@ def evaluation_names(evaluated: list[Run]) -> list[str]:
         f"{name} ({run.run_id})" if names.count(name) > 1 else name
         for name, run in zip(names, evaluated, strict=True)
     ]
-
-
-def _model_name(run: Run) -> str:
-    """`pathology-specialist` for `none [ubench]: pathology-specialist`: the checkpoint's name."""
-    return run.label.partition(": ")[2]
 
 
 def _group_mean(run: Run, group: str | None, metric: str) -> float:
@@ -139,7 +134,7 @@ def pick_baseline(evaluated: list[Run], pattern: str, store: str) -> int:
         for i, (run, name) in enumerate(zip(evaluated, names, strict=True))
         if any(
             text == pattern or fnmatchcase(text, pattern)
-            for text in (name, _model_name(run), run.label, run.run_id)
+            for text in (name, evaluated_model(run), run.label, run.run_id)
         )
     ]
     if len(found) != 1:

@@ -40,7 +40,7 @@ from micromerge.analysis.metrics import (
 )
 from micromerge.analysis.report_page import Layout, chosen_alpha, html_page, markdown_page, percent
 from micromerge.analysis.sets import ComparisonSet, comparison_sets
-from micromerge.analysis.tables import GREEDY_SOUP, Run, finetuned_domain, load_runs, run_label
+from micromerge.analysis.tables import GREEDY_SOUP, Run, finetuned_domain, has_curve, load_runs, run_label
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file, sha256_json
@@ -86,7 +86,7 @@ def criteria_table(runs: list[Run], summaries: list[Summary], metric: str = "acc
                 "all-task mean on report half (%)": percent(s.best_report[c]),
             }
             for r, s in zip(runs, summaries, strict=True)
-            if r.table["alpha"].nunique() > 1
+            if has_curve(r)
             for c in CRITERIA
         ],
         columns=["run", "criterion", "α chosen on select half", "all-task mean on report half (%)"],
@@ -387,7 +387,7 @@ def _write_report(
                 + _unused_references(run, "the sweep")
             )
     figure_dir, table_dir = out / "figures", out / "tables"
-    curves = [r for r in runs if r.table["alpha"].nunique() > 1]
+    curves = [r for r in runs if has_curve(r)]
     if runs and not curves:
         notes.append("every run has a single alpha: no curves, tables only")
     overview, sets = _overview_figures(runs, summaries, curves, figure_dir, metric)

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from micromerge.analysis.metrics import METRIC_NAMES, Summary
-from micromerge.analysis.tables import GREEDY_SOUP, Run
+from micromerge.analysis.tables import GREEDY_SOUP, Run, has_curve
 
 
 def percent(value: float) -> str:
@@ -96,7 +96,7 @@ class Layout:
                 if s.controls
                 else " (no control group among its tasks)"
             )
-        if run.table["alpha"].nunique() > 1:
+        if has_curve(run):
             point = f"α={s.best_alpha['all_task_mean']:g}, chosen on the select half,"
         elif run.method == GREEDY_SOUP:
             point = f"the {chosen_alpha(run, s)}, chosen on the select half,"
@@ -109,7 +109,7 @@ class Layout:
 def chosen_alpha(run: Run, summary: Summary) -> str:
     """The α the select half chose, or what a run of one point is: a soup's weights were chosen on
     the select half too; a one-α sweep had nothing to choose."""
-    if run.table["alpha"].nunique() > 1:
+    if has_curve(run):
         return f"{summary.best_alpha['all_task_mean']:g}"
     if run.method == GREEDY_SOUP:
         return "soup (weights " + ", ".join(f"{w:.3g}" for w in run.parameters.get("weights", [])) + ")"

@@ -55,6 +55,16 @@ SINGLE_POINT_METHODS = ("none", GREEDY_SOUP)
 """Runs with no curve by design: an `eval` of one model, and a greedy soup (one chosen point)."""
 
 
+def has_curve(run: Run) -> bool:
+    """Whether a run has several α (a curve, α to choose); a soup or `sweep --alphas 0.5` has one."""
+    return bool(run.table["alpha"].nunique() > 1)
+
+
+def evaluated_model(run: Run) -> str:
+    """`pathology-specialist` for `none [ubench]: pathology-specialist`: an evaluation's checkpoint."""
+    return run.label.partition(": ")[2]
+
+
 def _model_name(spec: str, whole: bool) -> str:
     """A checkpoint file by its name (`checkpoint_name`); anything else (a zoo name, an hf-hub: id,
     a folder) whole for the base, by its last part for a specialist."""
@@ -178,7 +188,7 @@ def _attach_references(runs: list[Run]) -> None:
                 last = candidates[-1]
                 missing = sorted(tasks - set(last.table["task"]))
                 unused.append(
-                    f"the evaluation of {last.label.partition(': ')[2] or last.label} (run {last.run_id}) "
+                    f"the evaluation of {evaluated_model(last) or last.label} (run {last.run_id}) "
                     f"scored {len(tasks) - len(missing)} of the sweep's {len(tasks)} tasks, not "
                     f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
                 )
