@@ -105,7 +105,10 @@ def group_table(run: Run, groups: list[str], metric: str = "accuracy") -> pd.Dat
             columns[group or "all tasks"] = frame.set_index("alpha")["value"]
     table = pd.DataFrame(columns) * 100
     table.index.name = "alpha"
-    return table.round(1).reset_index()
+    table = table.round(1).reset_index()
+    return (
+        table.drop(columns="alpha") if run.method == GREEDY_SOUP else table
+    )  # its candidate's α 1, not its own
 
 
 def _provenance(

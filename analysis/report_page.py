@@ -25,18 +25,21 @@ def percent(value: float) -> str:
     )
 
 
+def _filled(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with its missing values (NaN, None) as empty strings: pages printed "nan", "NaN"
+    and "None". Cast first: fillna("") of a float column is refused by pandas 4."""
+    return frame.astype(object).where(frame.notna(), "")
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
-    """A table, its missing values as empty cells as on the HTML page (not "nan")."""
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    cells = frame.astype(object).where(frame.notna(), "")  # fillna("") of a float column: pandas 4 refuses
-    lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in cells.itertuples(index=False)]
+    lines = ["| " + " | ".join(str(v) for v in row) + " |" for row in _filled(frame).itertuples(index=False)]
     return "\n".join([header, rule, *lines])
 
 
 def _html_table(frame: pd.DataFrame) -> str:
-    """A table, its missing values as empty cells (pandas writes "NaN")."""
-    return frame.to_html(index=False, na_rep="")
+    return _filled(frame).to_html(index=False)
 
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")

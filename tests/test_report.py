@@ -640,6 +640,9 @@ def test_a_soup_and_a_one_alpha_sweep_are_one_point_each_not_a_gain_of_zero(tmp_
     assert all(row["vs_base"] is None for row in _table(tmp_path / "rep", "tasks_run0")), "NaN, not 0.0"
     (paper,) = _table(tmp_path / "rep", "paper_headline")
     assert (paper["alpha"], paper["coarse %"]) == (None, 60.0), "a soup's row has no α (it said 1.0)"
+    assert "alpha" not in _table(tmp_path / "rep", "groups_run0")[0], "nor its group table"
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<td>None</td>" not in page and "<td></td>" in page, "an empty cell, where the page said None"
     assert not re.search(r"\bnan\b", markdown, re.IGNORECASE)
 
 
