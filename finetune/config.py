@@ -67,6 +67,12 @@ class FinetuneConfig:
             if not math.isfinite(value) or value < floor or (strict and value == floor):
                 bound = f"> {floor:g}" if strict else f">= {floor:g}"
                 raise MicromergeError(f"--{name.replace('_', '-')} {value}: must be a finite number {bound}")
+        if self.resume and self.force:
+            # --force discarded the run --resume was asked to continue: a script that always resumes
+            # lost its checkpoints the day --force was added to it
+            raise MicromergeError(
+                "--resume and --force: one continues the run in --out, the other discards it; give one"
+            )
         if self.precision not in ("no", "bf16", "fp16"):
             raise MicromergeError(f"--precision {self.precision}: expected no, bf16 or fp16")
         if not 0 <= self.max_bad_fraction <= 1:

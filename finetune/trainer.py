@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,24 @@ def _lr_lambdas(
     return [for_group(group["is_head"]) for group in groups]
 
 
+def _check_schedule(cfg: FinetuneConfig, total_steps: int, lp_steps: int, is_main: bool) -> None:
+    """Refuse a run whose linear probe takes every step, and say when the warm-up outlasts the run.
+    `--lp-epochs 2 --max-steps 3` trained the head alone for the whole run and saved the base's
+    weights unchanged (the head is not part of the checkpoint), as if it were a specialist."""
+    if lp_steps >= total_steps:
+        raise MicromergeError(
+            f"--lp-epochs {cfg.lp_epochs}: the linear probe takes {lp_steps} steps and --max-steps "
+            f"{cfg.max_steps} ends the run within them, so the model would be saved as the base, untrained; "
+            f"raise --max-steps above {lp_steps} or lower --lp-epochs"
+        )
+    if is_main and cfg.warmup_steps > total_steps:
+        warnings.warn(
+            f"--warmup-steps {cfg.warmup_steps} is longer than the run ({total_steps} steps): the learning "
+            f"rate rises to {total_steps / cfg.warmup_steps:.0%} of --lr {cfg.lr:g} and never decays",
+            stacklevel=2,
+        )
+
+
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Train, checkpoint, and write `model.safetensors` + `manifest.json` into cfg.out; returns the
     model path. A run refused before it wrote anything leaves no empty --out folder behind."""
@@ -202,6 +221,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         (cfg.epochs * per_epoch + lp_micro) if cfg.max_steps is None else cfg.max_steps * cfg.accum_steps
     )
     total_steps = math.ceil(total_micro / cfg.accum_steps)
+    _check_schedule(cfg, total_steps, lp_micro // cfg.accum_steps, accelerator.is_main_process)
     groups = _param_groups(prepared, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -246,24 +246,24 @@ def test_supervised_refuses_a_selection_of_several_tasks(tmp_path, base):
     assert not (tmp_path / "sup" / "model.safetensors").exists()
 
 
-def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, base):
+def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, base, monkeypatch):
     bench = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
-    # 24 images, batch 6 -> 4 steps per epoch; stopping after the LP epoch leaves the CLIP untouched
-    path = run_finetune(
-        config(
-            base,
-            bench,
-            tmp_path / "lp",
-            mode="supervised",
-            task="kather_et_al_2016",
-            batch_size=6,
-            max_steps=4,
-            lp_epochs=1,
-        )
-    )
-    trained, original = load_file(str(path)), load_file(str(base))
-    assert all(torch.equal(trained[k], original[k]) for k in trained), "LP phase changes only the head"
+    # 24 images, batch 6 -> 4 steps per epoch: the state saved at step 4 is the LP epoch's end
+    import micromerge.finetune.trainer as trainer
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_write_final", stop)
     lp = dict(mode="supervised", task="kather_et_al_2016", batch_size=6, max_steps=None, lp_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config(base, bench, tmp_path / "lp", epochs=1, save_every=4, **lp))
+    after_lp = load_file(str(tmp_path / "lp" / "state" / "step-00000004" / "model.safetensors"))
+    original = load_file(str(base))
+    assert all(torch.equal(after_lp[f"clip.{k}"], original[k]) for k in original), (
+        "LP phase changes only the head"
+    )
+    monkeypatch.undo()
     path = run_finetune(config(base, bench, tmp_path / "lp-ft", epochs=1, **lp))
     assert len((tmp_path / "lp-ft" / "train_log.jsonl").read_text().splitlines()) == 4 + 4, (
         "LP epoch, then FT's"
@@ -282,6 +282,23 @@ def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, ba
         trained["visual.transformer.resblocks.1.mlp.c_fc.weight"],
         original["visual.transformer.resblocks.1.mlp.c_fc.weight"],
     )
+
+
+def test_a_linear_probe_that_takes_the_whole_run_is_refused_and_a_warm_up_longer_than_it_said(tmp_path, base):
+    """`--lp-epochs 1 --max-steps 4` (4 steps an epoch) trained the head alone for the whole run
+    and saved the base's weights as the specialist: the head is not in the checkpoint. A warm-up
+    longer than the run never reaches --lr, which the user is told."""
+    bench = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
+    lp = dict(mode="supervised", task="kather_et_al_2016", batch_size=6, lp_epochs=1)
+    with pytest.raises(
+        MicromergeError, match=r"--lp-epochs 1: the linear probe takes 4 steps and --max-steps 4 "
+    ):
+        run_finetune(config(base, bench, tmp_path / "lp", max_steps=4, **lp))
+    assert not (tmp_path / "lp" / "model.safetensors").exists()
+    with pytest.warns(
+        UserWarning, match=r"--warmup-steps 10 is longer than the run \(5 steps\): .* 50% of --lr"
+    ):
+        run_finetune(config(base, bench, tmp_path / "warm", max_steps=5, warmup_steps=10, **lp))
 
 
 # ---- bad input ----
