@@ -95,12 +95,17 @@ def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
         raise MicromergeError(
             f"--freeze {unused[0]}: matches no parameter (names look like visual.transformer.resblocks.0.*)"
         )
-    if not any(param.requires_grad for param in prepared.model.parameters()):
+    trained = [name for name, param in prepared.clip.named_parameters() if param.requires_grad]
+    if not [name for name in trained if name != "logit_scale"]:
+        # the supervised head is not saved, and the temperature alone changes no prediction: such
+        # a run saved the base's predictions as a specialist
         flags = " ".join(f"--freeze {p}" for p in cfg.freeze) + (
             " (text tower frozen)" if cfg.text_frozen else ""
         )
+        left = "nothing" if not trained else "only logit_scale, which changes no prediction"
         raise MicromergeError(
-            f"{flags}: freezes every parameter, so the run would train nothing; freeze fewer"
+            f"{flags}: freezes every weight of the checkpoint, so the run would train {left}"
+            f"{' (the head is not saved)' if cfg.mode == 'supervised' else ''}; freeze fewer"
         )
 
 

@@ -680,16 +680,36 @@ def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are
         run_finetune(config(base, data, tmp_path / "frozen", batch_size=2, freeze=("visual.nothing.*",)))
     assert not (tmp_path / "small").exists(), "a refused run leaves no empty --out folder"
     # everything frozen: the optimiser's 'empty parameter list' traceback, before this line
-    with pytest.raises(MicromergeError, match=r"^--freeze visual\.\* --freeze \*: freezes every parameter"):
+    with pytest.raises(
+        MicromergeError,
+        match=r"^--freeze visual\.\* --freeze \*: freezes every weight of the checkpoint, so the run would train nothing",
+    ):
         run_finetune(config(base, data, tmp_path / "all", batch_size=2, freeze=("visual.*", "*")))
     repeated = CliRunner().invoke(  # the flag is repeatable: both patterns reach the run
         cli, [*_contrastive_args(base, data, tmp_path / "cli", 1, 2), "--freeze", "visual.*", "--freeze", "*"]
     )
     assert repeated.exit_code == 2 and "error: --freeze visual.* --freeze *: freezes every" in repeated.output
     (tmp_path / "mine").mkdir()
-    with pytest.raises(MicromergeError, match="freezes every parameter"):
+    with pytest.raises(MicromergeError, match="freezes every weight"):
         run_finetune(config(base, data, tmp_path / "mine", batch_size=2, freeze=("*",)))
     assert (tmp_path / "mine").is_dir(), "a folder the user made stays"
+    # what is left would change no prediction of the saved checkpoint: the temperature alone, or
+    # (supervised) the head, which is not saved
+    with pytest.raises(
+        MicromergeError, match=r"would train only logit_scale, which changes no prediction; freeze"
+    ):
+        run_finetune(
+            config(base, data, tmp_path / "scale", batch_size=2, freeze=("visual.*",), freeze_text=True)
+        )
+    bench = write_fixture(tmp_path / "bench", per_class=2, corrupt=0)
+    head_only = config(
+        base, bench, tmp_path / "head", mode="supervised", task="kather_et_al_2016", freeze=("visual.*",)
+    )
+    with pytest.raises(
+        MicromergeError, match=r"\(text tower frozen\): .* would train nothing \(the head is not saved\)"
+    ):
+        run_finetune(head_only)
+    assert not (tmp_path / "scale" / "model.safetensors").exists() and not (tmp_path / "head").exists()
 
 
 def test_augment_is_repeatable_on_the_command_line_and_recorded_in_its_order(tmp_path, base):
