@@ -141,6 +141,8 @@ def plan_merge(spec: MergeSpec, base: TensorSource, finetuned: list[TensorSource
         warnings.warn(f"rule pattern {pattern!r} matches no key in {base.label}", stacklevel=2)
     if not merged_keys:
         raise MicromergeError("the include/exclude rules leave no key to merge")
+    for pattern, value, why in spec.rules.shadowed_strength_rules(base_keys):
+        warnings.warn(f"--alpha-rule {pattern}={value:g} sets no key's alpha: {why}", stacklevel=2)
     for source in finetuned:
         _check_compatible(base, source, merged_keys)
 

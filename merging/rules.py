@@ -57,6 +57,31 @@ class KeyRules:
         patterns = [*self.include, *self.exclude, *(p for p, _ in self.strength_rules)]
         return [p for p in patterns if not any(_matcher(p)(k) for k in keys)]
 
+    def shadowed_strength_rules(self, keys: list[str]) -> list[tuple[str, float, str]]:
+        """Alpha rules that match keys but set the alpha of none, each with why: an earlier rule
+        took its keys (the first match wins), or the include/exclude rules left them out.
+        `--alpha-rule 'visual.*=0.3' --alpha-rule 'visual.proj=0.9'` merged visual.proj at 0.3
+        without a word."""
+        rules = list(zip(self.strength_rules, self._strength, strict=True))
+        merged = [key for key in keys if self.is_merged(key)]
+        winner = {
+            key: next((i for i, (_, (match, _)) in enumerate(rules) if match(key)), None) for key in merged
+        }
+        shadowed = []
+        for index, ((pattern, value), (match, _)) in enumerate(rules):
+            matched = [key for key in keys if match(key)]
+            if not matched or index in winner.values():
+                continue
+            taken = [winner[key] for key in matched if key in winner]
+            why = (
+                f"every key it matches is taken by the earlier --alpha-rule {self.strength_rules[taken[0]][0]!r} "
+                "(the first matching rule wins: put the narrower rule first)"
+                if taken
+                else "every key it matches is left out of the merge by --include/--exclude"
+            )
+            shadowed.append((pattern, value, why))
+        return shadowed
+
 
 def parse_strength_rule(text: str) -> tuple[str, float]:
     """`PATTERN=VALUE` from the command line."""

@@ -156,6 +156,28 @@ def test_a_rule_pattern_that_matches_no_key_is_said(pair):
     assert "warning: rule pattern 'visul.*' matches no key" in result.stderr
 
 
+def test_an_alpha_rule_that_an_earlier_rule_or_the_exclusions_shadow_is_said(pair):
+    """The first matching rule wins: `visual.*=0.3` before `visual.proj=0.9` merged visual.proj
+    at 0.3, and the second rule, which matches keys, set nothing without a word."""
+    shadowed = ("--alpha-rule", "visual.*=0.3", "--alpha-rule", "visual.proj=0.9")
+    result = _merge(pair, *shadowed, "--out", pair / "o.safetensors")
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: --alpha-rule visual.proj=0.9 sets no key's alpha: every key it matches is taken by the earlier "
+        "--alpha-rule 'visual.*' (the first matching rule wins: put the narrower rule first)"
+    ) in result.stderr
+    excluded = ("--exclude", "visual.*", "--alpha-rule", "visual.proj=0.9")
+    result = _merge(pair, *excluded, "--out", pair / "x.safetensors")
+    assert result.exit_code == 0, result.output
+    assert (
+        "visual.proj=0.9 sets no key's alpha: every key it matches is left out of the merge by --include"
+        in (result.stderr)
+    )
+    narrow_first = ("--alpha-rule", "visual.proj=0.9", "--alpha-rule", "visual.*=0.3")
+    result = _merge(pair, *narrow_first, "--out", pair / "n.safetensors")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+
+
 def test_integer_tensors_keep_the_bases_values_and_dtype(tmp_path):
     """A counter or index buffer (BatchNorm's num_batches_tracked, position ids) is no weight: never
     interpolated, and never cast by --dtype, which applies to float tensors only."""

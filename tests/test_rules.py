@@ -41,6 +41,22 @@ def test_every_kind_of_pattern_that_matches_no_key_is_reported():
     assert rules.unused_patterns(["visual.proj", "text_projection"]) == ["txt.*", "visul.*"]
 
 
+def test_an_alpha_rule_that_sets_no_keys_alpha_is_found_with_what_took_its_keys():
+    keys = ["visual.proj", "visual.conv1.weight", "text_projection", "logit_scale"]
+    rules = KeyRules(
+        exclude=("logit_scale",),
+        strength_rules=(("visual.*", 0.3), ("re:proj", 0.9), ("visual.proj", 0.1), ("logit_*", 0.5)),
+    )
+    found = rules.shadowed_strength_rules(keys)
+    assert [(pattern, value) for pattern, value, _ in found] == [("visual.proj", 0.1), ("logit_*", 0.5)]
+    assert "the earlier --alpha-rule 'visual.*'" in found[0][2] and "--include/--exclude" in found[1][2]
+    # re:proj sets text_projection's alpha, so it is not shadowed though visual.* takes visual.proj
+    assert rules.strength_for("text_projection", 1.0) == 0.9
+    assert KeyRules(strength_rules=(("nothing.*", 0.2),)).shadowed_strength_rules(keys) == [], (
+        "unused, not shadowed"
+    )
+
+
 def test_an_alpha_rule_splits_at_its_last_equals_sign():
     """A regular expression may itself hold '=': only the text after the last one is the value."""
     assert parse_strength_rule("re:a=b=0.3") == ("re:a=b", 0.3)
