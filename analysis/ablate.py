@@ -225,6 +225,12 @@ def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]],
                     f"method_parameters.{method}.{key}: how checkpoints are opened is a pair's setting "
                     f"(pairs = [{{ ..., {key} = ... }}]), not a method's"
                 )
+            for key in sorted(set(parameters) & {"alpha", "alphas"}):
+                # every sweep of the grid sets its own alpha: a method's alpha = 0.25 changed nothing
+                raise MicromergeError(
+                    f"method_parameters.{method}.{key}: every merge of the grid takes its alpha from the "
+                    "ablation's alphas; remove it (or give the method an ablation of its own alphas)"
+                )
             for rule_name, rules in ablation.rule_sets.items():
                 if not isinstance(rules, dict):
                     raise MicromergeError(f"rule_sets.{rule_name} must be a table, not {rules!r}")

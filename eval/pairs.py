@@ -139,15 +139,26 @@ class CorpusSpec:
     ) -> str:
         if named is not None:
             if named not in found:
-                raise MicromergeError(f"{where}: no column {named!r} (#{what}={named}); found {found}")
+                raise MicromergeError(
+                    f"{where}: no column {named!r} (#{what}={named}); found {found}{_separator_hint(found)}"
+                )
             return named
         for name in usual:
             if name in found:
                 return name
         raise MicromergeError(
-            f"{where}: no {what} column (expected one of {list(usual)}; found {found}); "
+            f"{where}: no {what} column (expected one of {list(usual)}; found {found}{_separator_hint(found)}); "
             f"name yours: --data '{self.location}#{what}=COLUMN'"
         )
+
+
+def _separator_hint(found: list[str]) -> str:
+    """A header read as one column that holds another separator: the table was split with the
+    wrong one (`sep=comma` on a tab-separated file found ['file\ttext'])."""
+    if len(found) != 1:
+        return ""
+    held = [name for name, separator in SEPARATORS.items() if separator in found[0]]
+    return f" (one column whose name holds a {held[0]}: is the table sep={held[0]}?)" if held else ""
 
 
 def table_separator(path: Path, header: str, corpus: CorpusSpec) -> str:

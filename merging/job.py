@@ -199,6 +199,17 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     rules = tuple(parse_strength_rule(r) if isinstance(r, str) else (str(r[0]), r[1]) for r in rules_in)
     rules = tuple((pattern, _finite("--alpha-rule", value, f"{pattern}={value}")) for pattern, value in rules)
     alphas = values.get("alphas")
+    given = [
+        flag for flag, key in (("--alpha", "alpha"), ("--alphas", "alphas")) if values.get(key) is not None
+    ]
+    if given and "strength" not in get_method(method).uses:
+        # linear read past them: `--alphas 0,1` wrote, and `sweep` evaluated, one merge at every alpha
+        raise MicromergeError(
+            f"{given[-1]}: {method} takes no alpha (it weighs the models by --weights), so every alpha gives "
+            f"the same merge: merge {method} without one, and sweep a method that has one (wise-ft, task-arithmetic ...)"
+        )
+    if len(given) == 2:
+        raise MicromergeError("--alpha and --alphas: one merge at one alpha, or one per alpha; give one")
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MicromergeError(f"--seed {seed!r}: must be a non-negative integer")

@@ -38,8 +38,8 @@ batch_size = 5
 target = "domain:pathology"
 run_figures = false
 
-[ablation.method_parameters.wise-ft]
-alpha = 0.25
+[ablation.method_parameters.fisher]
+samples = 12
 
 [[ablation.pairs]]
 base = "../base.safetensors"
@@ -126,7 +126,7 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
         seed=3,
         batch_size=5,
         target="domain:pathology",
-        method_parameters={"wise-ft": {"alpha": 0.25}},
+        method_parameters={"fisher": {"samples": 12}},
         run_figures=False,
     )
 
@@ -276,6 +276,11 @@ def test_a_target_that_is_no_group_of_the_benchmark_stops_the_grid_before_its_fi
             "[ablation.method_parameters.ties]\nallow_pickle = true",
             r"method_parameters.ties.allow_pickle: .* a pair's setting",
         ),
+        # every sweep sets its own alpha: a method's alpha changed nothing
+        (
+            "[ablation.method_parameters.ties]\nalpha = 0.25",
+            r"method_parameters.ties.alpha: every merge of the grid",
+        ),
     ],
 )
 def test_bad_tables_in_the_grid_are_named(tmp_path, extra, needle):
@@ -297,7 +302,8 @@ def test_the_grid_gives_each_method_what_it_takes(tmp_path):
     folder = tmp_path / "configs"
     wise = jobs["../base.safetensors / wise-ft / vision"]
     assert isinstance(wise, MergeJob)
-    assert wise.alphas == (0.0, 0.5) and wise.spec.params.seed == 3 and wise.spec.params.strength == 0.25
+    assert wise.alphas == (0.0, 0.5) and wise.spec.params.seed == 3
+    assert jobs["../base.safetensors / fisher / vision"].spec.params.samples == 12
     assert wise.spec.rules == KeyRules(("visual.*",), ("visual.proj",))
     assert wise.model_data == ()
     fisher = jobs["../base.safetensors / fisher / vision"]

@@ -172,6 +172,12 @@ def test_a_file_whose_name_holds_a_hash_is_that_file_and_a_named_column_must_exi
     (folder / "odd.csv").write_text("picture,caption\na.png,x\n")
     with pytest.raises(MicromergeError, match=r"name yours: --data '.*odd.csv#image=COLUMN'"):
         load_pairs(str(folder / "odd.csv"))
+    # split with the wrong separator, the header is one column that holds the right one
+    (folder / "tabs.tsv").write_text("image\tcaption\na.png\tx\n")
+    with pytest.raises(
+        MicromergeError, match=r"found \['image\\tcaption'\] \(one column whose name holds a tab: is"
+    ):
+        load_pairs(f"{folder / 'tabs.tsv'}#sep=comma,image=image")
 
 
 def test_options_a_corpus_cannot_have_are_refused_in_one_line(tmp_path):

@@ -376,6 +376,15 @@ def test_sweep_opens_its_checkpoints_as_its_flags_say(setup):
     assert opened.exit_code == 0, opened.output
 
 
+def test_a_sweep_of_linear_is_refused_before_any_work(setup):
+    """linear weighs the models by --weights and reads no alpha: its sweep evaluated one merge at
+    every alpha and printed a flat curve as if it were one."""
+    tmp, bench = setup
+    result = _sweep(tmp, bench, "--method", "linear")
+    assert result.exit_code == 2 and "--alphas: linear takes no alpha" in result.stderr, result.output
+    assert not (tmp / "s.jsonl").exists()
+
+
 def test_report_survives_a_store_with_junk_lines(setup):
     tmp, bench = setup
     assert _sweep(tmp, bench, "--alphas", "0,1").exit_code == 0

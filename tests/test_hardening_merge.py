@@ -142,6 +142,16 @@ def test_an_output_that_is_an_input_is_refused(pair):
         (("--alpha-rule", "visual.*=x"), "--alpha-rule 'visual.*=x': 'x' is not a number"),
         (("--method", "linear", "--weights", "0.2,0.3,0.5"), "linear needs 2 weights"),
         (("--method", "linear", "--alpha-rule", "visual.*=0.1"), "--alpha-rule does not apply to linear"),
+        # linear read past these: `--alphas 0,1` wrote the same merge twice, named for two alphas
+        (
+            ("--method", "linear", "--alpha", "0.3"),
+            "--alpha: linear takes no alpha (it weighs the models by --weights)",
+        ),
+        (("--method", "linear", "--alphas", "0,1"), "--alphas: linear takes no alpha"),
+        (
+            ("--alpha", "0.3", "--alphas", "0,1"),
+            "--alpha and --alphas: one merge at one alpha, or one per alpha",
+        ),
     ],
 )
 def test_non_finite_or_meaningless_parameters_are_refused(pair, flags, needle):
