@@ -537,6 +537,10 @@ def test_merge_takes_each_models_own_corpus(tmp_path, setting):
     assert [d["split"] for d in described] == ["corpus", "select"], "the specialist on the select half"
     alone = CliRunner().invoke(cli, [*args, "--force", "--ft-data", str(special)])
     assert alone.exit_code == 2 and "give --data" in alone.output
+    # the base is the model left without data: the message says so, and the other way round
+    assert (
+        "which the models without data of their own (--base) learn from, or give --base-data" in alone.output
+    )
     free = CliRunner().invoke(cli, [*args[:5], "--method", "wise-ft", "--base-data", str(general)])
     assert free.exit_code == 2 and "only fisher and regmean" in free.output
     count = CliRunner().invoke(cli, [*args, "--ft-data", str(special), "--ft-data", str(general)])

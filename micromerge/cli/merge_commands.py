@@ -146,6 +146,7 @@ def _merge_statistics(job: MergeJob, quiet: bool) -> StatisticsInput | None:
     if not job.data and not own_data:
         raise MicromergeError(
             f"--method {job.spec.method} learns from data: give --data (a μ-Bench folder, or 'ubench')"
+            + _who_needs_data(job)
         )
     from micromerge.core.devices import resolve_device
     from micromerge.core.hashing import default_cache_dir
@@ -162,6 +163,18 @@ def _merge_statistics(job: MergeJob, quiet: bool) -> StatisticsInput | None:
     models = (job.base, *job.finetuned)
     device = resolve_device(job.device)
     return statistics_input(kind, models, job.spec.params, settings, device, job.access, job.model_data)
+
+
+def _who_needs_data(job: MergeJob) -> str:
+    """With --base-data or --ft-data given, which models --data is still for."""
+    if not job.model_data:
+        return ""
+    flags = ("--base", *["--ft"] * len(job.finetuned))
+    without = dict.fromkeys(flag for flag, data in zip(flags, job.model_data, strict=True) if not data)
+    return (
+        f", which the models without data of their own ({', '.join(without)}) learn from, or give "
+        "--base-data and one --ft-data per --ft"
+    )
 
 
 @click.command("methods")
