@@ -97,15 +97,16 @@ def _freeze(prepared: Prepared, cfg: FinetuneConfig) -> None:
         )
     trained = [name for name, param in prepared.clip.named_parameters() if param.requires_grad]
     if not [name for name in trained if name != "logit_scale"]:
-        # the supervised head is not saved, and the temperature alone changes no prediction: such
-        # a run saved the base's predictions as a specialist
+        # a supervised head is kept apart (head.safetensors), not in the checkpoint eval, merge and
+        # sweep read, and the temperature alone changes no prediction: such a run saved the base's
+        # predictions as a specialist
         flags = " ".join(f"--freeze {p}" for p in cfg.freeze) + (
             " (text tower frozen)" if cfg.text_frozen else ""
         )
         left = "nothing" if not trained else "only logit_scale, which changes no prediction"
         raise MicromergeError(
             f"{flags}: freezes every weight of the checkpoint, so the run would train {left}"
-            f"{' (the head is not saved)' if cfg.mode == 'supervised' else ''}; freeze fewer"
+            f"{' (the head is kept apart, in head.safetensors)' if cfg.mode == 'supervised' else ''}; freeze fewer"
         )
 
 
@@ -141,7 +142,7 @@ def _lr_lambdas(
 def _check_schedule(cfg: FinetuneConfig, total_steps: int, lp_steps: int, is_main: bool) -> None:
     """Refuse a run whose linear probe takes every step, and say when the warm-up outlasts the run.
     `--lp-epochs 2 --max-steps 3` trained the head alone for the whole run and saved the base's
-    weights unchanged (the head is not part of the checkpoint), as if it were a specialist."""
+    weights unchanged (the head is kept apart, in head.safetensors), as if it were a specialist."""
     if lp_steps >= total_steps:
         raise MicromergeError(
             f"--lp-epochs {cfg.lp_epochs}: the linear probe takes {lp_steps} steps and --max-steps "

@@ -286,7 +286,7 @@ def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, ba
 
 def test_a_linear_probe_that_takes_the_whole_run_is_refused_and_a_warm_up_longer_than_it_said(tmp_path, base):
     """`--lp-epochs 1 --max-steps 4` (4 steps an epoch) trained the head alone for the whole run
-    and saved the base's weights as the specialist: the head is not in the checkpoint. A warm-up
+    and saved the base's weights as the specialist (the head is kept apart, in head.safetensors). A warm-up
     longer than the run never reaches --lr, which the user is told."""
     bench = write_fixture(tmp_path / "bench", per_class=8, corrupt=0)
     lp = dict(mode="supervised", task="kather_et_al_2016", batch_size=6, lp_epochs=1)
@@ -694,7 +694,7 @@ def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are
         run_finetune(config(base, data, tmp_path / "mine", batch_size=2, freeze=("*",)))
     assert (tmp_path / "mine").is_dir(), "a folder the user made stays"
     # what is left would change no prediction of the saved checkpoint: the temperature alone, or
-    # (supervised) the head, which is not saved
+    # (supervised) the head, kept apart in head.safetensors
     with pytest.raises(
         MicromergeError, match=r"would train only logit_scale, which changes no prediction; freeze"
     ):
@@ -706,7 +706,7 @@ def test_a_corpus_smaller_than_a_batch_and_a_freeze_pattern_matching_nothing_are
         base, bench, tmp_path / "head", mode="supervised", task="kather_et_al_2016", freeze=("visual.*",)
     )
     with pytest.raises(
-        MicromergeError, match=r"\(text tower frozen\): .* would train nothing \(the head is not saved\)"
+        MicromergeError, match=r"\(text tower frozen\): .* would train nothing \(the head is kept apart"
     ):
         run_finetune(head_only)
     assert not (tmp_path / "scale" / "model.safetensors").exists() and not (tmp_path / "head").exists()
