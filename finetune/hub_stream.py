@@ -202,13 +202,13 @@ def _open_streaming(spec: str) -> tuple[Any, list, int | None]:
     except Exception as exc:  # the hub's and fsspec's errors have no common base
         offline = offline_setting(dataset=True)
         how = (
-            f"offline ({offline}) and not in the cache"
+            f"is not in the cache, and the hub cannot be reached offline ({offline})"
             if offline
             else f"could not be opened ({type(exc).__name__})"
         )
         raise MicromergeError(
-            f"--data {spec}: the hub dataset {how}; pass a local copy: a folder of its parquet files "
-            f"(`{hf_download_command(name, dataset=True, revision=revision or None)}`) and pass --data DIR"
+            f"--data {spec}: the hub dataset {how}; make a local copy, a folder of its parquet files "
+            f"(`{hf_download_command(name, dataset=True, revision=revision or None)}`), and pass --data DIR"
         ) from exc
     splits = builder.config.data_files or {}
     split = training_split(list(splits), spec)

@@ -291,7 +291,8 @@ def test_an_uncached_hub_id_offline_is_one_line_naming_the_local_copy(tmp_path, 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(
-        MicromergeError, match=r"offline \(HF_DATASETS_OFFLINE=1\) and not in the cache; pass a local copy"
+        MicromergeError,
+        match=r"is not in the cache, and the hub cannot be reached offline \(HF_DATASETS_OFFLINE=1\); make a local copy",
     ):
         run_finetune(config(base, "someone/quilt-like", tmp_path / "run", max_steps=2))
 
@@ -314,7 +315,7 @@ def test_a_hub_ids_revision_reaches_datasets_and_the_offline_line_names_datasets
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
     with pytest.raises(
         MicromergeError,
-        match=r"offline \(HF_DATASETS_OFFLINE=true\) and not in the cache; .*"
+        match=r"cannot be reached offline \(HF_DATASETS_OFFLINE=true\); .*"
         r"hf download someone/quilt-like --repo-type dataset --revision v1\.0 --local-dir DIR",
     ):
         run_finetune(config(base, "someone/quilt-like@v1.0", tmp_path / "run", max_steps=2))
