@@ -87,6 +87,14 @@ class FinetuneConfig:
             raise MicromergeError(f"--data-in-memory {self.data_in_memory}: expected auto, yes or no")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise MicromergeError(f"--workers {self.workers}: must be an integer of at least 0")
+        if self.mode == "supervised" and self.freeze_text is False:
+            # the head scores the images: the text tower is not in the forward pass, so it got no
+            # gradient and came out as it went in, while the manifest recorded it as trained
+            raise MicromergeError(
+                "finetune supervised: --train-text would train nothing (the head, not the text tower, scores "
+                "the images, so the text tower gets no gradient); drop it, or train the text tower with "
+                "`finetune contrastive`"
+            )
         if self.mode == "contrastive" and (self.task or self.lp_epochs):
             given = "task" if self.task else "lp_epochs"
             raise MicromergeError(

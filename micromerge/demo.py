@@ -160,9 +160,14 @@ def _write_init(cfg: DemoConfig, path: Path) -> None:
 def train_contrastive(
     cfg: DemoConfig, base: Path, data: Path, out: Path, epochs: int, domain: str | None, warmup: int
 ) -> None:
+    import datasets
+
     from micromerge.finetune.config import FinetuneConfig
     from micromerge.finetune.trainer import run_finetune
 
+    # a demo made small (--corpus-per-class, --*-epochs) would end inside its warm-up and say so in
+    # a warning the user cannot act on; the default demo's runs are 16 and 18 times their warm-ups
+    steps = epochs * (len(datasets.load_from_disk(str(data))) // cfg.batch_size)
     run_finetune(
         FinetuneConfig(
             mode="contrastive",
@@ -172,7 +177,7 @@ def train_contrastive(
             epochs=epochs,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
-            warmup_steps=warmup,
+            warmup_steps=min(warmup, steps // 4),
             weight_decay=0.05,
             seed=cfg.seed,
             save_every=50,

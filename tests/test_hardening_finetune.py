@@ -46,6 +46,10 @@ def base(tmp_path):
         ({"warmup_steps": -1}, "--warmup-steps -1: must be an integer of at least 0"),
         ({"save_every": -1}, "--save-every -1: must be an integer of at least 0"),
         ({"weight_decay": -0.1}, "--weight-decay -0.1: must be a finite number >= 0"),
+        (
+            {"mode": "supervised", "task": "t", "freeze_text": False},
+            "finetune supervised: --train-text would train nothing",
+        ),
         ({"resume": True, "force": True}, "--resume and --force: one continues the run in --out, the other"),
         ({"precision": "fp8"}, "--precision fp8: expected no, bf16 or fp16"),
         ({"data_in_memory": "maybe"}, "--data-in-memory maybe: expected auto, yes or no"),

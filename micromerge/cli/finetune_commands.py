@@ -191,7 +191,10 @@ def finetune_contrastive(ctx: click.Context, **values: Any) -> None:
     help="The one task of --data (a μ-Bench-schema dataset) to train on: a name, or a pattern or group naming one.",
 )
 @click.option(
-    "--freeze-text/--train-text", default=None, help="Freeze the text tower (default: frozen, as in WiSE-FT)."
+    "--freeze-text/--train-text",
+    default=None,
+    help="The text tower stays frozen, as in WiSE-FT: the head scores the images, so it gets no gradient "
+    "(--train-text is refused).",
 )
 @click.option(
     "--lp-epochs",
