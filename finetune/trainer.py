@@ -33,6 +33,7 @@ from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON
 from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.divergence import refuse_diverged_losses, refuse_diverged_weights
 from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision
 from micromerge.finetune.losses import clip_loss
 from micromerge.finetune.micro_batches import MicroBatches
@@ -283,8 +284,10 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             bar.update(1)
             saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
             if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
+                refuse_diverged_losses(accelerator, pending)
                 _record_losses(pending, history, bar)
             if saving:
+                refuse_diverged_weights(accelerator, model.parameters(), step)
                 _save_state(accelerator, cfg, prepared, micro_step, step, history, scheduler)
     except torch.cuda.OutOfMemoryError as exc:
         raise MicromergeError(
@@ -294,6 +297,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
     finally:
         bar.close()
         feed.close()
+    refuse_diverged_weights(accelerator, model.parameters(), math.ceil(micro_step / cfg.accum_steps))
     accelerator.wait_for_everyone()
     from accelerate.utils import gather_object
 

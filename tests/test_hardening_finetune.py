@@ -522,3 +522,43 @@ def test_ctrl_c_says_to_resume_with_the_flag_a_fine_tune_needs_and_that_command_
         load_file(str(tmp_path / name / "model.safetensors")) for name in ("straight", "run")
     )
     assert all(straight[key].equal(resumed[key]) for key in straight)
+
+
+def test_a_run_that_diverges_stops_in_one_line_and_writes_no_model(tmp_path, base):
+    """`--lr 1e6 --grad-clip 0` ran to the end and wrote a model of NaN weights, exit 0, with a
+    manifest holding `NaN` (not JSON). The loss is read every few steps: the first non-finite one
+    ends the run before anything after it is saved."""
+    data = write_csv_folder(tmp_path / "pairs", n=16)
+    diverging = config(base, data, tmp_path / "run", batch_size=8, max_steps=6, lr=1e6, grad_clip=0.0)
+    with pytest.raises(
+        MicromergeError,
+        match=r"^the loss became nan at step \d \(learning rate .*\): training diverged; lower --lr",
+    ):
+        run_finetune(diverging)
+    assert (
+        not (tmp_path / "run" / "model.safetensors").exists()
+        and not (tmp_path / "run" / "manifest.json").exists()
+    )
+
+
+def test_weights_that_became_non_finite_are_refused_before_a_save():
+    """An update can overflow after a finite loss: the weights are checked before each save."""
+    import torch
+    from accelerate import Accelerator
+
+    from micromerge.finetune.divergence import refuse_diverged_losses, refuse_diverged_weights
+
+    accelerator = Accelerator(cpu=True)
+    finite = [torch.ones(3), torch.zeros(2, 2)]
+    refuse_diverged_weights(accelerator, finite, 4)
+    with pytest.raises(
+        MicromergeError, match=r"the weights became non-finite \(NaN or inf\) by step 4: training"
+    ):
+        refuse_diverged_weights(accelerator, [*finite, torch.tensor([1.0, float("inf")])], 4)
+    refuse_diverged_losses(
+        accelerator, [(1, 1e-3, 10.0, torch.tensor(2.0)), (2, 1e-3, 10.0, torch.tensor(1.5))]
+    )
+    with pytest.raises(MicromergeError, match=r"the loss became inf at step 2 \(learning rate 0.001\)"):
+        refuse_diverged_losses(
+            accelerator, [(1, 1e-3, 10.0, torch.tensor(2.0)), (2, 1e-3, 10.0, torch.tensor(float("inf")))]
+        )
