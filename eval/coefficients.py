@@ -320,6 +320,13 @@ def _learn(
     scorer = _Scorer(model, evaluator)
     learn = learn_by_grid if request.search == "grid" else learn_by_gradient
     coefficients, history = learn(request, scorer, merge, questions, settings.progress)
+    if not (torch.isfinite(coefficients).all() and np.isfinite(history).all()):
+        # refused before the table is cached: the merge then stopped on its NaN output, naming
+        # --allow-nonfinite, and every later run read the same NaN table back from the cache
+        raise MicromergeError(
+            f"--method {'adamerging' if request.kind == 'adamerging' else 'supervised-alpha'}: learning diverged (a loss or coefficient became NaN or inf at "
+            f"--learning-rate {request.learning_rate:g}); lower --learning-rate"
+        )
     table = CoefficientTable(
         merge.groups, merge.key_groups, tuple(tuple(float(x) for x in row) for row in coefficients.cpu())
     )

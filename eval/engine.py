@@ -289,9 +289,16 @@ def _statistics_for(
     models = (plan.base, *plan.finetuned)
     if settings.rank != 0:
         wait_for_everyone()
-    statistics = statistics_input(
-        kind, models, plan.spec.params, settings, device, plan.access, plan.model_data
-    )
+    try:
+        statistics = statistics_input(
+            kind, models, plan.spec.params, settings, device, plan.access, plan.model_data
+        )
+    except MicromergeError:
+        # the others waited at the barrier until the launch's timeout (30 minutes); released, they
+        # find no cache, compute the same statistics and stop on the same error
+        if settings.rank == 0:
+            wait_for_everyone()
+        raise
     if settings.rank == 0:
         wait_for_everyone()
     return statistics

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from micromerge.analysis.ablate import load_ablation, run_ablation
 from micromerge.analysis.report import build_report
 from micromerge.cli import cli
+from micromerge.core.errors import MicromergeError
 from micromerge.eval.coefficients import FunctionalMerge, _Scorer, learned_coefficients
 from micromerge.eval.engine import prepare
 from micromerge.eval.evaluator import Evaluator
@@ -154,6 +155,20 @@ def test_adamerging_lowers_the_entropy_and_moves_its_coefficients(three):
     described = learned.described[0]
     assert described["split"] == "select" and described["objective"].endswith("(no labels)")
     assert described["loss"]["last"] < described["loss"]["first"]
+
+
+@pytest.mark.parametrize("kind", ["adamerging", "supervised"])
+def test_learning_that_diverges_is_one_line_and_caches_nothing(setting, kind):  # noqa: F811
+    """`--learning-rate 1e6` cached a table of NaN coefficients; the merge then stopped on its NaN
+    output naming --allow-nonfinite, and every later run read the NaN table back."""
+    settings, models = setting
+    params = MethodParams(steps=3, learning_rate=1e6, samples=32)
+    with pytest.raises(
+        MicromergeError,
+        match=r"learning diverged \(a loss or coefficient became NaN or inf at --learning-rate 1e\+06\)",
+    ):
+        learned_coefficients(kind, models, params, settings, CPU)
+    assert not list((Path(settings.cache_dir) / "statistics").glob(f"{kind}-*.json"))
 
 
 def test_a_learned_merge_is_its_formula_and_keeps_its_coefficients_beside_the_checkpoint(tmp_path, three):
@@ -573,3 +588,22 @@ def test_under_a_launch_the_first_process_learns_and_the_others_read_what_it_cac
     assert learned == [0] and len(waited) == 1, learned  # learned once, by the first process
     assert {r["run_id"] for r in second} == {r["run_id"] for r in waited[0]}
     assert {r["process"]: r["alpha"] for r in second} == {"0/2": 0.0, "1/2": 1.0}
+
+
+def test_under_a_launch_learning_that_fails_releases_the_other_processes(setting):  # noqa: F811
+    """The first process learns while the others wait at a barrier: when its learning failed (here,
+    diverged) it raised without reaching the barrier, and the others waited for the launch's
+    timeout. It now passes the barrier first; the others, finding no cache, fail the same way."""
+    from micromerge.eval.engine import run_sweep
+    from micromerge.eval.settings import SweepPlan
+    from micromerge.merging.plan import MergeSpec
+
+    settings, models = setting
+    spec = MergeSpec("adamerging", MethodParams(steps=2, granularity="task", samples=16, learning_rate=1e6))
+    plan = SweepPlan(models[0], models[1:], spec, (0.0, 1.0))
+    released = []
+    with pytest.raises(MicromergeError, match="learning diverged"):
+        run_sweep(
+            plan, replace(settings, rank=0, world_size=2), CPU, wait_for_everyone=lambda: released.append(1)
+        )
+    assert released == [1], "the barrier the other processes wait at"
