@@ -397,8 +397,11 @@ def test_methods_command_lists_every_method_with_its_engines():
     }
     assert set(lines) == set(METHODS)
     assert "numpy, torch" in lines["lines"] and "numpy" not in lines["tsv"] and "2+" in lines["model-stock"]
-    assert lines["wise-ft"].split()[-1] == "alpha", "the strength is --alpha on the command line"
-    column = result.output.splitlines()[0].index("parameters")  # every row's text starts under its heading
+    assert lines["wise-ft"].split()[-1] == "--alpha", "the strength is --alpha on the command line"
+    assert lines["ties"].endswith("--alpha, --density, --topk-scope"), (
+        "each parameter as the flag that sets it"
+    )
+    column = result.output.splitlines()[0].index("flags")  # every row's text starts under its heading
     assert all(line[column - 1] == " " and line[column] != " " for line in result.output.splitlines()[1:])
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 
 from micromerge.cli.errors import friendly_errors
-from micromerge.cli.options import UBENCH_DATA_HELP
+from micromerge.cli.options import SOURCES_HELP, UBENCH_DATA_HELP
 from micromerge.core.errors import MicromergeError
 
 
 @click.command("tasks")
 @click.option("--data", default="ubench", show_default=True, help=UBENCH_DATA_HELP)
-@click.option("--sources", type=click.Path(), help="TOML overriding the source metadata table.")
+@click.option("--sources", type=click.Path(), help=SOURCES_HELP)
 @click.option(
     "--tasks",
     "wanted",

@@ -21,6 +21,7 @@ from micromerge.cli.options import (
     METHOD,
     QUIET,
     SEED,
+    SOURCES_HELP,
     UBENCH_DATA_HELP,
     WEIGHTS_HELP,
     Command,
@@ -93,7 +94,7 @@ def _eval_options(func: Command) -> Command:
         click.option(
             "--sources",
             type=click.Path(),
-            help="TOML overriding the source metadata table (scale, taxonomy, ...).",
+            help=SOURCES_HELP,
         ),
         DEVICE,
         CACHE_DIR,

@@ -184,10 +184,12 @@ def methods_command() -> None:
     from micromerge.merging.methods import METHODS
 
     width = max(len(name) for name in METHODS)
-    click.echo(f"{'method':<{width}}  {'--ft':<5} {'engines':<12} parameters / what it does")
+    click.echo(f"{'method':<{width}}  {'--ft':<5} {'engines':<12} flags / what it does")
     for method in METHODS.values():
         count = f"{method.min_finetuned}+" if method.max_finetuned is None else str(method.max_finetuned)
         engines = "numpy, torch" if method.elementwise else "torch"
-        uses = ", ".join("alpha" if name == "strength" else name for name in method.uses)
+        uses = ", ".join(
+            "--alpha" if name == "strength" else f"--{name.replace('_', '-')}" for name in method.uses
+        )
         click.echo(f"{method.name:<{width}}  {count:<5} {engines:<12} {uses}")
         click.echo(f"{'':<{width}}  {'':<5} {'':<12} {method.summary}")

@@ -170,3 +170,4 @@ UBENCH_DATA_HELP = (
     "perception/0.1.0 folder or its parent, a save_to_disk folder, parquet/arrow files or their folder."
 )
 """Where --data points, as `tasks`, `eval`, `sweep` and `soup` read it."""
+SOURCES_HELP = "TOML overriding the source metadata table (scale, taxonomy, ...)."
