@@ -43,6 +43,7 @@ def save(figure: plt.Figure, folder: Path, name: str) -> list[Path]:
 
 STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
+HATCHES = ["", "//", "..", "xx"]
 
 
 def _run_style(index: int) -> dict[str, object]:
@@ -408,8 +409,10 @@ def models_by_group(groups: pd.DataFrame, metric: str = "accuracy") -> plt.Figur
     figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(shown) * max(1, len(models)) ** 0.5), 4))
     positions = np.arange(len(shown))
     for index, model in enumerate(models):
+        # past ten models a colour comes back, told apart by its hatch (as runs by their line style)
         axis.bar(positions + (index - (len(models) - 1) / 2) * width, shown[model], width,
-                 label=model, color=PALETTE[index % len(PALETTE)])  # fmt: skip
+                 label=model, color=PALETTE[index % len(PALETTE)],
+                 hatch=HATCHES[(index // len(PALETTE)) % len(HATCHES)], edgecolor="white")  # fmt: skip
     axis.set_xticks(positions, shown["group"], rotation=20, ha="right")
     axis.set_ylabel(f"mean task {METRIC_NAMES[metric]} (%)")
     axis.set_ylim(0, 100)

@@ -266,6 +266,17 @@ def test_models_by_group_draws_each_models_level_and_domain_means_side_by_side()
     assert ax.get_ylim() == (0, 100)
 
 
+def test_every_model_of_a_bar_chart_of_many_has_its_own_look():
+    """Past ten models the colours came back, so model 11's bars looked like model 1's; a colour
+    that comes back now has a hatch."""
+    models = {f"m{i}": [50.0 + i, 40.0] for i in range(14)}
+    groups = pd.DataFrame({"group": ["level:coarse", "domain:pathology"], **models})
+    ax = figures.models_by_group(groups).axes[0]
+    looks = [(tuple(c.patches[0].get_facecolor()), c.patches[0].get_hatch()) for c in ax.containers]
+    assert len(set(looks)) == 14
+    assert looks[10][0] == looks[0][0] and looks[10][1] != looks[0][1]
+
+
 def test_a_heatmap_cell_that_rounds_to_zero_reads_0_not_minus_0(tmp_path):
     """-0.4 points is drawn as "0" (its colour still shows the sign): "-0" in a grid of whole points
     read as a defect on the demo's heat maps, next to 0 at alpha 0."""
