@@ -1080,6 +1080,30 @@ EVALUATION = ["--store", "s.jsonl", "--cache-dir", "cache", "--bootstrap", "0", 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is refused only where there is no GPU")
 @pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("cuda:x", "--device cuda:x: expected auto, cpu, cuda or cuda:N"),
+        ("cuda:", "--device cuda:: expected auto, cpu, cuda or cuda:N"),
+        ("cuda:2", r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"),
+    ],
+)
+def test_a_cuda_device_that_is_no_device_here_is_one_line_on_a_gpu_machine(monkeypatch, name, needle):
+    """On a GPU machine `cuda:x` reached torch.device (a RuntimeError traceback) and an ordinal past
+    the last GPU failed later, deep in torch ("invalid device ordinal")."""
+    import torch
+
+    from micromerge.core.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MicromergeError, match=needle):
+        resolve_device(name)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda") == torch.device(
+        "cuda"
+    )
+
+
+@pytest.mark.parametrize(
     "command",
     [
         ["eval", "--model", "a.safetensors", *EVALUATION],
