@@ -215,8 +215,11 @@ def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]],
     skipped: list[str] = []
     for pair in ablation.pairs:
         for method in ablation.methods:
-            if method != GREEDY_SOUP:
-                get_method(method)
+            if method != GREEDY_SOUP and "strength" not in get_method(method).uses:
+                raise MicromergeError(
+                    f"methods: {method} takes no alpha, so its sweep would score one merge at every alpha; "
+                    f"remove it (greedy-soup chooses the models' weights from the data)"
+                )
             parameters = ablation.method_parameters.get(method, {})
             if not isinstance(parameters, dict):
                 raise MicromergeError(f"method_parameters.{method} must be a table, not {parameters!r}")

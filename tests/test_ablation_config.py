@@ -290,6 +290,13 @@ def test_bad_tables_in_the_grid_are_named(tmp_path, extra, needle):
         load_ablation(_config(tmp_path, text))
 
 
+def test_a_method_without_an_alpha_is_refused_in_a_grid_of_alphas(tmp_path):
+    """linear weighs the models by --weights: every alpha of its sweep was the same merge."""
+    text = MINIMAL.replace('methods = ["wise-ft"]', 'methods = ["wise-ft", "linear"]')
+    with pytest.raises(MicromergeError, match=r"grid.toml: methods: linear takes no alpha, so its sweep"):
+        load_ablation(_config(tmp_path, text))
+
+
 def test_the_grid_gives_each_method_what_it_takes(tmp_path):
     """alphas and seed from the ablation, method parameters and rule sets merged into each job; the
     pair's own corpora only for Fisher/RegMean (other methods would refuse them); a soup gets the
