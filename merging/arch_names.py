@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.suggest import meant
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -27,7 +28,10 @@ def require_known_architecture(name: str) -> None:
     open_clip_dir = _open_clip_config_dir()
     if open_clip_dir is not None and (open_clip_dir / f"{name}.json").is_file():
         return
+    known = [*project_model_names(), *(p.stem for p in open_clip_dir.glob("*.json") if open_clip_dir)]
+    other_case = {k.lower(): k for k in known}.get(name.lower())  # names are case-sensitive files
+    hint = f" (did you mean {other_case}?)" if other_case else meant(name, known)
     raise MicromergeError(
-        f"--arch {name!r}: unknown architecture; use an open_clip model name (e.g. ViT-B-32) "
-        f"or one of {project_model_names()}"
+        f"--arch {name!r}: unknown architecture{hint}; use an open_clip model name "
+        f"(e.g. ViT-B-32) or one of {project_model_names()}"
     )

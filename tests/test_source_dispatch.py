@@ -89,6 +89,12 @@ def test_an_architecture_named_for_a_checkpoint_must_exist(tmp_path):
         open_source(str(tmp_path / "w.safetensors"), arch="ViT-Q-99")
     with open_source(str(tmp_path / "w.safetensors"), arch="ViT-B-32") as source:
         assert source.arch.name == "ViT-B-32"
+    # the closest name, found whatever its case (difflib alone answered vit-b-32 with ViT-S-32)
+    for typed, close in (("vit-b-32", "ViT-B-32"), ("ViT-B-32-quickgel", "ViT-B-32-quickgelu")):
+        with pytest.raises(
+            MicromergeError, match=rf"--arch '{typed}': unknown architecture \(did you mean {close}\?\)"
+        ):
+            open_source(str(tmp_path / "w.safetensors"), arch=typed)
 
 
 def test_bfloat16_tensors_need_torch_for_the_numpy_engine(tmp_path):
