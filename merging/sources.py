@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -89,6 +90,13 @@ def open_source(
             )
     if arch:
         require_known_architecture(arch)
+        if source.arch.name and source.arch.name != arch:
+            # the weights then failed to fit with only "check --arch" to go on
+            warnings.warn(
+                f"{source.label}: --arch {arch} replaces the architecture the checkpoint names "
+                f"({source.arch.name})",
+                stacklevel=2,
+            )
         source.arch = ArchInfo(name=arch)
     return source
 

@@ -97,6 +97,26 @@ def test_an_architecture_named_for_a_checkpoint_must_exist(tmp_path):
             open_source(str(tmp_path / "w.safetensors"), arch=typed)
 
 
+def test_an_arch_that_replaces_the_one_a_checkpoint_names_is_said(tmp_path):
+    """`--arch ViT-B-32` on a checkpoint that names micro-clip failed to fit with only "check
+    --arch" to go on; the replacement is now said when the checkpoint is opened."""
+    import warnings
+
+    from tests.helpers import write_checkpoint
+
+    write_checkpoint(tmp_path / "w.safetensors", 1, arch="nano-clip")
+    with pytest.warns(
+        UserWarning,
+        match=r"w.safetensors: --arch ViT-B-32 replaces the architecture the checkpoint names \(nano-clip\)",
+    ):
+        open_source(str(tmp_path / "w.safetensors"), arch="ViT-B-32").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_source(
+            str(tmp_path / "w.safetensors"), arch="nano-clip"
+        ).close()  # the same name: nothing to say
+
+
 def test_bfloat16_tensors_need_torch_for_the_numpy_engine(tmp_path):
     """numpy has no bfloat16: the torch-free engine hands such a checkpoint to torch (NeedsTorch)."""
     tensors = random_state_dict(1)
