@@ -294,8 +294,9 @@ def _statistics_for(
             kind, models, plan.spec.params, settings, device, plan.access, plan.model_data
         )
     except MicromergeError:
-        # the others waited at the barrier until the launch's timeout (30 minutes); released, they
-        # find no cache, compute the same statistics and stop on the same error
+        # the others, at the barrier, each printed a traceback when this process ended (the
+        # process group's connection closed); released, they find no cache and are stopped by
+        # the launcher, or stop on the same error
         if settings.rank == 0:
             wait_for_everyone()
         raise

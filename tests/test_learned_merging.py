@@ -592,8 +592,9 @@ def test_under_a_launch_the_first_process_learns_and_the_others_read_what_it_cac
 
 def test_under_a_launch_learning_that_fails_releases_the_other_processes(setting):  # noqa: F811
     """The first process learns while the others wait at a barrier: when its learning failed (here,
-    diverged) it raised without reaching the barrier, and the others waited for the launch's
-    timeout. It now passes the barrier first; the others, finding no cache, fail the same way."""
+    diverged) it raised without reaching the barrier, and under `accelerate launch` each other
+    process printed a traceback from the barrier (the process group's connection closed; seen on
+    two CPU processes). It now passes the barrier first: the launcher stops the others cleanly."""
     from micromerge.eval.engine import run_sweep
     from micromerge.eval.settings import SweepPlan
     from micromerge.merging.plan import MergeSpec
