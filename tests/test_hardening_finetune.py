@@ -562,3 +562,19 @@ def test_weights_that_became_non_finite_are_refused_before_a_save():
         refuse_diverged_losses(
             accelerator, [(1, 1e-3, 10.0, torch.tensor(2.0)), (2, 1e-3, 10.0, torch.tensor(float("inf")))]
         )
+
+
+def test_every_process_of_a_launch_that_diverges_stops_on_the_same_line(tmp_path, base):
+    """Under `accelerate launch` a divergence ends every process with the one line, no process's
+    traceback, and nothing left in --out (the checks are collective: each process stops at the
+    same read, whatever loss it computed itself)."""
+    from tests.helpers import launch_failure, run_two_processes
+    from tests.test_finetune import _contrastive_args
+
+    data = write_csv_folder(tmp_path / "pairs", n=32)
+    args = _contrastive_args(base, data, tmp_path / "ddp", steps=6, batch_size=4)
+    result = run_two_processes(*args, "--lr", "1e6", "--grad-clip", "0")
+    said = [line for line in result.stderr.splitlines() if line.startswith("error: the loss became")]
+    # the launcher may stop the second process before it prints its line; neither prints a traceback
+    assert result.returncode != 0 and said and "[rank" not in result.stderr, launch_failure(result)
+    assert not (tmp_path / "ddp").exists()
