@@ -28,7 +28,8 @@ def require_known_architecture(name: str) -> None:
     open_clip_dir = _open_clip_config_dir()
     if open_clip_dir is not None and (open_clip_dir / f"{name}.json").is_file():
         return
-    known = [*project_model_names(), *(p.stem for p in open_clip_dir.glob("*.json") if open_clip_dir)]
+    shipped = [p.stem for p in open_clip_dir.glob("*.json")] if open_clip_dir is not None else []
+    known = [*project_model_names(), *shipped]
     other_case = {k.lower(): k for k in known}.get(name.lower())  # names are case-sensitive files
     hint = f" (did you mean {other_case}?)" if other_case else meant(name, known)
     raise MicromergeError(

@@ -72,7 +72,7 @@ class KeyRules:
             matched = [key for key in keys if match(key)]
             if not matched or index in winner.values():
                 continue
-            taken = [winner[key] for key in matched if key in winner]
+            taken = [won for key in matched if (won := winner.get(key)) is not None]
             why = (
                 f"every key it matches is taken by the earlier --alpha-rule {self.strength_rules[taken[0]][0]!r} "
                 "(the first matching rule wins: put the narrower rule first)"
