@@ -215,7 +215,7 @@ def plan_grid(ablation: Ablation) -> tuple[list[tuple[str, MergeJob | SoupJob]],
     skipped: list[str] = []
     for pair in ablation.pairs:
         for method in ablation.methods:
-            if method != GREEDY_SOUP and "strength" not in get_method(method).uses:
+            if method != GREEDY_SOUP and not get_method(method).takes_alpha:
                 raise MicromergeError(
                     f"methods: {method} takes no alpha, so its sweep would score one merge at every alpha; "
                     f"remove it (greedy-soup chooses the models' weights from the data)"

@@ -202,7 +202,7 @@ def job_from_mapping(values: dict[str, Any]) -> MergeJob:
     given = [
         flag for flag, key in (("--alpha", "alpha"), ("--alphas", "alphas")) if values.get(key) is not None
     ]
-    if given and "strength" not in get_method(method).uses:
+    if given and not get_method(method).takes_alpha:
         # linear read past them: `--alphas 0,1` wrote, and `sweep` evaluated, one merge at every alpha
         raise MicromergeError(
             f"{given[-1]}: {method} takes no alpha (it weighs the models by --weights), so every alpha gives "

@@ -141,6 +141,11 @@ class MergeMethod:
     """The method this one equals when merging a single fine-tuned model (a sign election over one
     model keeps every entry): an ablation that runs both skips this one on a one-specialist pair."""
 
+    @property
+    def takes_alpha(self) -> bool:
+        """Whether --alpha (and so a sweep over α) changes its merge: linear weighs by --weights."""
+        return "strength" in self.uses
+
     def prepare(self, scan: ModelScan, params: MethodParams) -> Any:
         """Whole-model statistics `merge` needs as `context`; None for per-tensor methods."""
         return None
