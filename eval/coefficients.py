@@ -43,7 +43,7 @@ from micromerge.eval.settings import EvalSettings, select_half
 from micromerge.eval.statistics import question_digest, question_scope
 from micromerge.merging.execute import StatisticsInput, input_hashes
 from micromerge.merging.methods import GRANULARITIES, SEARCHES, MethodParams
-from micromerge.merging.methods.learned import CoefficientTable, coefficient_group
+from micromerge.merging.methods.learned import ADAMERGING, SUPERVISED, CoefficientTable, coefficient_group
 from micromerge.merging.models import load_model
 from micromerge.merging.sources import CheckpointAccess
 from micromerge.merging.torch_sources import load_all
@@ -323,8 +323,9 @@ def _learn(
     if not (torch.isfinite(coefficients).all() and np.isfinite(history).all()):
         # refused before the table is cached: the merge then stopped on its NaN output, naming
         # --allow-nonfinite, and every later run read the same NaN table back from the cache
+        method = next(m.name for m in (ADAMERGING, SUPERVISED) if m.statistics == request.kind)
         raise MicromergeError(
-            f"--method {'adamerging' if request.kind == 'adamerging' else 'supervised-alpha'}: learning diverged (a loss or coefficient became NaN or inf at "
+            f"--method {method}: learning diverged (a loss or coefficient became NaN or inf at "
             f"--learning-rate {request.learning_rate:g}); lower --learning-rate"
         )
     table = CoefficientTable(
