@@ -251,7 +251,7 @@ def test_lp_ft_trains_the_head_alone_first_and_freeze_patterns_hold(tmp_path, ba
     # 24 images, batch 6 -> 4 steps per epoch: the state saved at step 4 is the LP epoch's end
     import micromerge.finetune.trainer as trainer
 
-    def stop(*args, **kwargs):
+    def stop(*args, **kwargs):  # Ctrl-C before the final write: the run keeps its saved state
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "_write_final", stop)
