@@ -142,7 +142,7 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 caption = caption.strip() if isinstance(caption, str) else ""  # typed text up front
                 payload = image_payload(row[stream.image_column])
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
-                # a row without a caption is left undecoded: unreadable, it stops the run at its step
+                # a row without a caption is left undecoded: unreadable, it is left out of the loss
                 yield stream.recipe.make(None if undecoded or not caption else payload, caption, seed)
                 undecoded = max(0, undecoded - 1)
             # an empty share would loop here for ever; shards are dealt afresh each pass, so a

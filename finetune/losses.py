@@ -10,12 +10,15 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from micromerge.merging.models import ClipModel
 
+IGNORED = -100  # the target cross_entropy leaves out of its mean (its ignore_index)
+
 
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     across_ranks: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy over the in-batch similarities.
 
@@ -23,13 +26,25 @@ def clip_loss(
     image's negatives are the whole global batch, so N processes of batch B train like one of
     batch N x B (without it, DDP would train N separate B-way contrastive tasks). The features are
     gathered with their gradient, so after DDP's averaging every rank holds the gradient of the
-    global loss."""
+    global loss.
+
+    `keep` (one flag per row of the whole batch, every rank's included) leaves the unreadable
+    samples of a stream out (finetune/unreadable.py): the loss is then exactly the loss over the
+    kept pairs alone, and the left-out rows get no gradient. A kept row is not compared with a
+    left-out one (its logit is -inf, so it adds nothing to the softmax); a left-out row is ignored
+    by the cross-entropy and left unmasked, so no row is all -inf and no NaN reaches a gradient.
+    With every row kept, the numbers are the unmasked ones, bit for bit."""
     if across_ranks:
         image_features = _GatherWithGradient.apply(image_features)
         text_features = _GatherWithGradient.apply(text_features)
     logits = logit_scale * image_features @ text_features.T
     targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    by_text = logits.T
+    if keep is not None:
+        left_out = keep[:, None] & ~keep[None, :]
+        logits, by_text = logits.masked_fill(left_out, -torch.inf), by_text.masked_fill(left_out, -torch.inf)
+        targets = targets.masked_fill(~keep, IGNORED)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(by_text, targets)) / 2
 
 
 class _GatherWithGradient(torch.autograd.Function):

@@ -5,7 +5,7 @@ normalised pixels and targets on the device, from whichever path the data took."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -15,10 +15,22 @@ from micromerge.eval.images import resident_on_device
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.prepare import Prepared
 from micromerge.finetune.streaming import batches, stream_loader
+from micromerge.finetune.unreadable import WHAT
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class MicroBatch(NamedTuple):
+    """Normalised pixels and targets on the device; for a stream, which samples are readable (on
+    the device, for the loss) and how many are not (counted on the host, without a device sync).
+    The in-memory path dropped its unreadable images when it decoded them: keep is None."""
+
+    pixels: torch.Tensor
+    targets: torch.Tensor
+    keep: torch.Tensor | None = None
+    unreadable: int = 0
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -73,7 +85,8 @@ class MicroBatches:
         two idle processes of a `--workers 2` run until the next error replaced it."""
         self.stream = None  # its last reference: the loader's iterator shuts its workers down
 
-    def get(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, micro: int) -> MicroBatch:
+        keep, unreadable = None, 0
         if self.stream is not None:
             try:
                 pixels, targets, readable = next(self.stream)
@@ -86,14 +99,15 @@ class MicroBatches:
                 # without the loader's frames, which held its workers alive as long as the error lived
                 raise exc.with_traceback(None) from None
 
-            if not bool(readable.all()):
+            unreadable = len(readable) - int(readable.sum())
+            if unreadable == len(readable):  # no sample left to train on: a shard, not a stray image
                 raise MicromergeError(
-                    f"--data {self.cfg.data}: an image of step {micro} is unreadable or has no caption (none, "
-                    "blank, or a .json caption that is not text, such as a list), and the streaming path cannot "
-                    "skip it; fix the corpus, or for a local or hub-layout copy pass --data-in-memory yes (which "
-                    "drops unreadable images)"
+                    f"--data {self.cfg.data}: all {len(readable)} samples of a batch at step "
+                    f"{micro // self.cfg.accum_steps + 1} were {WHAT}: a broken shard or folder rather "
+                    "than a stray image; fix the corpus"
                 )
             pixels, targets = pixels.to(self.device), targets.to(self.device)
+            keep = readable.to(self.device)
         else:
             epoch, offset = divmod(micro, self.per_epoch)
             if epoch != self.epoch:
@@ -110,4 +124,4 @@ class MicroBatches:
                 rows = np.ascontiguousarray(self.prepared.data.pixels[np.sort(index)])  # sorted: one pass
                 pixels = torch.from_numpy(rows)[torch.from_numpy(np.argsort(np.argsort(index)))]
                 pixels, targets = pixels.to(self.device), self.targets[chosen].to(self.device)
-        return ((pixels.float() / 255.0) - self.mean) / self.std, targets
+        return MicroBatch(((pixels.float() / 255.0) - self.mean) / self.std, targets, keep, unreadable)

@@ -184,8 +184,8 @@ class _StreamDecoder:
         stream = self.stream
         image = next((sample[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in sample), None)
         caption = _sample_caption(sample)
-        # no caption: not decoded, so the sample is unreadable and the run stops at its step, as
-        # the indexed path refuses it before training (it trained on empty text)
+        # no caption: not decoded, so the sample is unreadable and left out of the loss (it
+        # trained on empty text once), as the indexed path refuses it before training
         payload = {"bytes": image, "path": None} if image is not None and caption and decode else None
         name = f"{sample.get('__url__')}|{sample.get('__key__')}"
         return stream.recipe.make(payload, caption, named_sample_seed(stream.recipe.seed, current, name))
@@ -194,8 +194,8 @@ class _StreamDecoder:
 def _sample_caption(sample: dict) -> str:
     """A webdataset sample's caption: its `txt`, else the `caption` of its `json`, as the indexed
     path reads a local shard (the stream read `txt` only: a corpus captioned in `.json` trained on
-    empty text). Bad bytes are replaced, bad JSON or a caption that is not text is no caption: a
-    worker cannot stop the run (the step that meets it does)."""
+    empty text). Bad bytes are replaced, bad JSON or a caption that is not text is no caption: the
+    sample is then unreadable, and the trainer leaves it out and counts it (finetune/unreadable.py)."""
 
     def text(key: str) -> str:
         value = sample.get(key, b"")

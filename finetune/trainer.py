@@ -35,8 +35,8 @@ from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.divergence import refuse_diverged_losses, refuse_diverged_weights
 from micromerge.finetune.hub_stream import HubStream, hub_name_and_revision
-from micromerge.finetune.losses import clip_loss
-from micromerge.finetune.micro_batches import MicroBatches
+from micromerge.finetune.losses import IGNORED, clip_loss
+from micromerge.finetune.micro_batches import MicroBatch, MicroBatches
 from micromerge.finetune.prepare import Prepared, prepare_training
 from micromerge.finetune.run_folder import (
     check_finished_settings,
@@ -49,6 +49,7 @@ from micromerge.finetune.saved_state import (
     read_log,
     restore_schedule,
 )
+from micromerge.finetune.unreadable import UnreadableCount
 from micromerge.merging.model_card import write_model_card
 from micromerge.merging.plan import LOGIT_SCALE_MAX
 from micromerge.merging.torch_save import save_tensors
@@ -236,11 +237,13 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
     )
     model, optimizer = accelerator.prepare(prepared.model, optimizer)
     micro_step, history = 0, []
+    skipped = UnreadableCount(cfg.data, cfg.max_bad_fraction)
     log_path = cfg.out / "train_log.jsonl"
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         load_saved_state(accelerator, cfg, resume_from)
         restore_schedule(cfg, scheduler, saved)
+        skipped.restore(saved.get("unreadable"))
         micro_step = saved["micro_step"]
         history = [row for row in read_log(log_path) if row["step"] <= micro_step // cfg.accum_steps]
     feed = MicroBatches(prepared, cfg, accelerator, micro_step, total_micro, per_epoch)
@@ -260,6 +263,8 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         model.train()
         while micro_step < total_micro:
             micro = [feed.get(micro_step + j) for j in range(min(cfg.accum_steps, total_micro - micro_step))]
+            for part in micro:
+                skipped.add(len(part.pixels), part.unreadable)
             if cfg.mode == "contrastive":
                 loss = _contrastive_gradients(model, accelerator, micro, across_ranks=world > 1)
             else:
@@ -277,7 +282,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
             micro_step += len(micro)
-            seen += sum(len(pixels) for pixels, _ in micro) * world
+            seen += sum(len(part.pixels) for part in micro) * world
             step = math.ceil(micro_step / cfg.accum_steps)
             rate = seen / max(1e-9, time.perf_counter() - started)
             pending.append((step, float(scheduler.get_last_lr()[0]), round(rate, 1), loss))
@@ -285,10 +290,11 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
             if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
                 refuse_diverged_losses(accelerator, pending)
+                skipped.check(accelerator, step, say=cfg.progress and accelerator.is_main_process)
                 _record_losses(pending, history, bar)
             if saving:
                 refuse_diverged_weights(accelerator, model.parameters(), step)
-                _save_state(accelerator, cfg, prepared, micro_step, step, history, scheduler)
+                _save_state(accelerator, cfg, prepared, micro_step, step, history, scheduler, skipped)
     except torch.cuda.OutOfMemoryError as exc:
         raise MicromergeError(
             f"out of GPU memory at --batch-size {cfg.batch_size}: lower it and raise --accum-steps to keep the effective batch "
@@ -321,6 +327,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             seen,
             [d for d in rank_digests if d],
             hardware,
+            skipped,
         )
     accelerator.wait_for_everyone()
     return path
@@ -339,7 +346,7 @@ def _clip_features(
 
 
 def _contrastive_gradients(
-    model: torch.nn.Module, accelerator: Accelerator, micro: list, across_ranks: bool
+    model: torch.nn.Module, accelerator: Accelerator, micro: list[MicroBatch], across_ranks: bool
 ) -> torch.Tensor:
     """Gradients of one step's contrastive loss over all its micro-batches at once (and every
     process's, across ranks), returned as the loss. Accumulating several micro-batches works as
@@ -350,23 +357,25 @@ def _contrastive_gradients(
     instead would train smaller contrastive tasks). Unlike open_clip_train, the temperature's
     gradient is taken once, not once per micro-batch, so the equality is exact; it is taken at the
     last micro-batch, whose backward DDP synchronises and which must give every trained parameter
-    a gradient (at the first, DDP stopped the next step: "Expected to have finished reduction")."""
+    a gradient (at the first, DDP stopped the next step: "Expected to have finished reduction").
+    A stream's unreadable samples are left out of the whole step's loss (finetune/unreadable.py)."""
+    keep = _kept_rows(accelerator, micro, across_ranks)
     if len(micro) == 1:
         with accelerator.autocast():
-            image, text, scale = _clip_features(model, *micro[0])
-            loss = clip_loss(image, text, scale, across_ranks)
+            image, text, scale = _clip_features(model, micro[0].pixels, micro[0].targets)
+            loss = clip_loss(image, text, scale, across_ranks, keep)
         accelerator.backward(loss)
         return loss.detach()
     with torch.no_grad(), accelerator.autocast():
-        cached = [_clip_features(model, pixels, tokens)[:2] for pixels, tokens in micro]
+        cached = [_clip_features(model, part.pixels, part.targets)[:2] for part in micro]
     first: torch.Tensor | None = None
-    for j, (pixels, tokens) in enumerate(micro):
+    for j, (pixels, tokens, *_) in enumerate(micro):
         last = j == len(micro) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
             image, text, scale = _clip_features(model, pixels, tokens)
             images = torch.cat([c[0] for c in cached[:j]] + [image] + [c[0] for c in cached[j + 1 :]])
             texts = torch.cat([c[1] for c in cached[:j]] + [text] + [c[1] for c in cached[j + 1 :]])
-            loss = clip_loss(images, texts, scale if last else scale.detach(), across_ranks)
+            loss = clip_loss(images, texts, scale if last else scale.detach(), across_ranks, keep)
             accelerator.backward(loss)
         first = loss.detach() if first is None else first
     assert first is not None  # two or more micro-batches
@@ -397,14 +406,34 @@ def _say_pauses_between_passes(rows: int | None, cfg: FinetuneConfig, world: int
         )
 
 
-def _supervised_gradients(model: torch.nn.Module, accelerator: Accelerator, micro: list) -> torch.Tensor:
-    """Gradients of the mean cross-entropy over all of one step's micro-batches; returns that mean."""
-    rows = sum(len(labels) for _, labels in micro)
-    total = torch.zeros((), device=micro[0][1].device)
-    for j, (pixels, labels) in enumerate(micro):
+def _kept_rows(accelerator: Accelerator, micro: list[MicroBatch], across_ranks: bool) -> torch.Tensor | None:
+    """Which rows of the step's whole batch (its micro-batches in order, then across ranks in rank
+    order, as the loss gathers the features) are readable; None on the in-memory path."""
+    if micro[0].keep is None:
+        return None
+    keep = torch.cat([part.keep for part in micro if part.keep is not None])
+    return accelerator.gather(keep.to(torch.uint8)).bool() if across_ranks else keep
+
+
+def _supervised_gradients(
+    model: torch.nn.Module, accelerator: Accelerator, micro: list[MicroBatch]
+) -> torch.Tensor:
+    """Gradients of the mean cross-entropy over all of one step's micro-batches; returns that mean
+    (this process's share of it under a launch, which the caller averages as DDP averages the
+    gradients). A stream's unreadable rows are left out: the mean is over the readable rows of
+    every process, counted with one all-reduce, so each process weighs its rows alike."""
+    rows: int | torch.Tensor = sum(len(part.targets) for part in micro)
+    if micro[0].keep is not None:
+        readable = sum(part.keep.sum() for part in micro if part.keep is not None)
+        assert isinstance(readable, torch.Tensor)  # a micro-batch at least
+        rows = accelerator.reduce(readable, reduction="sum") / accelerator.num_processes
+    total = torch.zeros((), device=micro[0].targets.device)
+    for j, (pixels, labels, keep, _) in enumerate(micro):
         last = j == len(micro) - 1
+        targets = labels if keep is None else labels.masked_fill(~keep, IGNORED)
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss = torch.nn.functional.cross_entropy(model(pixels).float(), labels) * (len(labels) / rows)
+            logits = model(pixels).float()
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / rows
             accelerator.backward(loss)
         total = total + loss.detach()
     return total
@@ -429,6 +458,7 @@ def _save_state(
     step: int,
     history: list[dict[str, Any]],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    skipped: UnreadableCount,
 ) -> None:
     """The model and optimizer through accelerate (safetensors, and tensors torch.load reads with
     weights_only), the schedule's position in trainer_state.json: accelerate pickles a registered
@@ -449,6 +479,7 @@ def _save_state(
                 "config_digest": sha256_json(cfg.hyperparameters()),
                 "inputs": _inputs_digest(prepared),
                 "scheduler": scheduler.state_dict(),
+                "unreadable": skipped.state(),
             },
         )
         write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
@@ -479,6 +510,7 @@ def _write_final(
     seen: int,
     rank_digests: list[str],
     hardware: dict[str, str],
+    skipped: UnreadableCount,
 ) -> None:
     prefix = "clip." if cfg.mode == "supervised" else ""
     tensors = {
@@ -502,7 +534,10 @@ def _write_final(
         "steps": len(history),
         **hardware,
         "rank_weight_sha256": rank_digests,
-        "corrupt_images_skipped": prepared.data.n_corrupt if prepared.data is not None else None,
+        # decoding in memory dropped them; a stream left them out of the loss
+        "corrupt_images_skipped": prepared.data.n_corrupt
+        if prepared.data is not None
+        else skipped.unreadable,
         "data_path": prepared.data_path,
         **({SUPERVISED_ON: prepared.base_supervised_on} if prepared.base_supervised_on else {}),
         **(

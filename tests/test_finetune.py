@@ -614,6 +614,7 @@ def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode):
 
     from micromerge.finetune import trainer
     from micromerge.finetune.losses import clip_loss
+    from micromerge.finetune.micro_batches import MicroBatch
 
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
@@ -628,7 +629,7 @@ def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode):
         whole = torch.nn.functional.cross_entropy(model(pixels), second)
     whole.backward()
     expected = _gradients(model)
-    micro = [(pixels[a:b], second[a:b]) for a, b in ((0, 3), (3, 5), (5, 7))]
+    micro = [MicroBatch(pixels[a:b], second[a:b]) for a, b in ((0, 3), (3, 5), (5, 7))]
     if mode == "contrastive":
         loss = trainer._contrastive_gradients(model, accelerator, micro, across_ranks=False)
     else:

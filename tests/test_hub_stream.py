@@ -404,8 +404,8 @@ def test_streamed_captions_are_stripped_and_a_row_without_one_is_unreadable(tmp_
     recipe = SampleRecipe(32, (), 0, lambda caption: seen.append(caption) or torch.tensor(0))
     batches = HubStream(str(tmp_path / "repo"), recipe).loader(1, 0, 1, 0, 0)
     readable = [bool(next(batches)[2]), bool(next(batches)[2])]
-    # the row without a caption is not decoded: unreadable, it stops the run at its step (it
-    # trained on empty text)
+    # the row without a caption is not decoded: unreadable, it is left out of the loss (it
+    # trained on empty text once)
     assert sorted(zip(seen, readable, strict=True)) == [("", False), ("stroma", True)]
 
 

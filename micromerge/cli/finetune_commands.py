@@ -103,7 +103,8 @@ def _finetune_options(func: Command) -> Command:
             type=float,
             default=0.05,
             show_default=True,
-            help="Stop if more images than this are unreadable.",
+            help="Stop if more than this fraction of the images are unreadable (a stream: of those read so "
+            "far; the rest train, each unreadable one left out of its step's loss).",
         ),
         click.option(
             "--domain",

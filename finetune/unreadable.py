@@ -1,0 +1,78 @@
+"""Unreadable samples in a stream: left out of the loss, counted, and bounded by --max-bad-fraction.
+
+The in-memory path decodes every image first, drops the unreadable ones and refuses a corpus with
+more than --max-bad-fraction of them before training. A stream cannot look ahead, and it used to
+stop at the first unreadable image: on a scraped corpus of a million images (Quilt-1M, PLIP's
+Twitter pairs) a few always are, so the only way on was to clean the whole corpus first.
+open_clip_train skips them (webdataset's `log_and_continue` handler). Here a stream's batches keep
+their size (an index plan fixes each batch's samples, and the DDP gather needs equal rows), so an
+unreadable sample stays in its batch and is masked out of the loss (finetune/losses.py): the step
+trains on exactly its readable samples, and a resumed run masks the same ones. The count is
+checked against --max-bad-fraction at every loss read, over all the samples every process has
+read so far, and recorded in the run's state and manifest.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from micromerge.core.errors import MicromergeError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+WHAT = "unreadable or without a caption (none, blank, or a .json caption that is not text, such as a list)"
+
+
+@dataclass
+class UnreadableCount:
+    """Samples read and found unreadable: the totals over every process as of the last check (the
+    same on every process), and this process's since then."""
+
+    data: str
+    max_fraction: float
+    read: int = 0
+    unreadable: int = 0
+    read_here: int = 0
+    unreadable_here: int = 0
+
+    def add(self, read: int, unreadable: int) -> None:
+        self.read_here += read
+        self.unreadable_here += unreadable
+
+    def check(self, accelerator: Accelerator, step: int, say: bool) -> None:
+        """Add every process's counts since the last check (one all-reduce), and stop the run
+        when more than --max-bad-fraction of the samples read so far were unreadable. The first
+        time any are skipped, `say` prints how many (through tqdm, above a live progress bar)."""
+        here = torch.tensor([self.read_here, self.unreadable_here], dtype=torch.float64)
+        everywhere = accelerator.reduce(here.to(accelerator.device), reduction="sum").cpu()
+        earlier = self.unreadable
+        self.read += int(everywhere[0])
+        self.unreadable += int(everywhere[1])
+        self.read_here = self.unreadable_here = 0
+        if self.unreadable > self.max_fraction * self.read:
+            raise MicromergeError(
+                f"--data {self.data}: {self.unreadable} of the {self.read} samples read by step {step} were "
+                f"{WHAT} ({self.unreadable / self.read:.1%}, more than --max-bad-fraction {self.max_fraction:g}); "
+                "fix the corpus, or raise --max-bad-fraction to train on the rest"
+            )
+        if say and self.unreadable and not earlier:
+            tqdm.write(
+                f"note: {self.unreadable} of the {self.read} samples read by step {step} were {WHAT}: "
+                f"left out of the loss (up to --max-bad-fraction {self.max_fraction:g} are); the manifest "
+                "counts them",
+                file=sys.stderr,
+            )
+
+    def state(self) -> dict[str, int]:
+        """What a saved state records, so a resumed run goes on counting from there."""
+        return {"read": self.read, "unreadable": self.unreadable}
+
+    def restore(self, saved: dict[str, int] | None) -> None:
+        """The counts of a saved state (none in a state written before 0.1.14: counted from zero)."""
+        self.read, self.unreadable = (saved["read"], saved["unreadable"]) if saved else (0, 0)

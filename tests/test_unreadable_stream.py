@@ -1,0 +1,237 @@
+"""Unreadable samples in a streamed fine-tune (issue 16): left out of the loss, counted against
+--max-bad-fraction over what has been read, recorded, and resumed exactly.
+
+Facts from public sources: open_clip_train skips a webdataset sample it cannot decode (its
+`log_and_continue` handler and `filter_no_caption_or_no_image`, open_clip_train/data.py, read
+through the search tool); torch's cross_entropy leaves targets equal to its ignore_index (-100)
+out of the mean (the torch.nn.functional.cross_entropy documentation).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from micromerge.core.errors import MicromergeError
+from micromerge.finetune.losses import clip_loss
+from micromerge.finetune.micro_batches import MicroBatch
+from micromerge.finetune.trainer import run_finetune
+from tests.helpers import stop_at_the_next_save, write_checkpoint
+from tests.test_finetune import _png, config, write_csv_folder
+from tests.test_streaming import _pipe_spec, write_shards
+
+KEEP = torch.tensor([True, False, True, True, False, True, True])
+
+
+@pytest.fixture
+def base(tmp_path):
+    write_checkpoint(tmp_path / "base.safetensors", 0)
+    return tmp_path / "base.safetensors"
+
+
+def _features(rows: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(rows, 5), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(rows, 5), dim=-1).requires_grad_()
+    return image, text, torch.tensor(10.0, requires_grad=True)
+
+
+def _grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    grads = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return grads
+
+
+def test_the_masked_contrastive_loss_is_the_loss_over_the_readable_pairs_alone():
+    """Masked, the loss and every gradient equal those of the kept pairs as a batch of their own;
+    the left-out rows get no gradient; with every row kept the numbers are the unmasked ones, bit
+    for bit (so a stream without unreadable samples trains as before)."""
+    image, text, scale = _features()
+    masked = clip_loss(image, text, scale, keep=KEEP)
+    masked.backward()
+    masked_grads = _grads(image, text, scale)
+    alone = clip_loss(image[KEEP], text[KEEP], scale)
+    alone.backward()
+    alone_grads = _grads(image, text, scale)
+    assert masked.item() == pytest.approx(alone.item(), abs=1e-6) and alone.item() > 0
+    for got, expected in zip(masked_grads, alone_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not masked_grads[0][~KEEP].any() and not masked_grads[1][~KEEP].any()
+
+    every = clip_loss(image, text, scale, keep=torch.ones(7, dtype=torch.bool))
+    every.backward()
+    every_grads = _grads(image, text, scale)
+    plain = clip_loss(image, text, scale)
+    plain.backward()
+    assert torch.equal(every, plain)
+    assert all(torch.equal(a, b) for a, b in zip(every_grads, _grads(image, text, scale), strict=True))
+
+
+def test_one_readable_pair_gives_a_zero_loss_and_no_nan():
+    """A kept row is compared with kept rows only, and a left-out row is not masked: with one pair
+    kept no row is all -inf, so nothing in the gradients is NaN."""
+    image, text, scale = _features()
+    only = torch.zeros(7, dtype=torch.bool)
+    only[3] = True
+    loss = clip_loss(image, text, scale, keep=only)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in _grads(image, text, scale))
+
+
+def test_a_masked_supervised_step_is_the_mean_over_the_readable_rows_of_every_micro_batch():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from micromerge.finetune import trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model, pixels = torch.nn.Linear(4, 3), torch.randn(7, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    whole = F.cross_entropy(model(pixels[KEEP]), labels[KEEP])
+    whole.backward()
+    expected = _grads(model.weight, model.bias)
+    parts = ((0, 3), (3, 5), (5, 7))
+    micro = [MicroBatch(pixels[a:b], labels[a:b], KEEP[a:b], int((~KEEP[a:b]).sum())) for a, b in parts]
+    loss = trainer._supervised_gradients(model, accelerator, micro)
+    assert loss.item() == pytest.approx(whole.item(), abs=1e-6)
+    for got, wanted in zip(_grads(model.weight, model.bias), expected, strict=True):
+        torch.testing.assert_close(got, wanted, rtol=0, atol=1e-6)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _spoil(folder, *indices: int) -> None:
+    for i in indices:
+        (folder / f"img{i}.png").write_bytes(b"not a png")
+
+
+def test_a_stream_leaves_out_its_unreadable_images_counts_them_and_says_so(tmp_path, base, capsys):
+    """It stopped at the first one; a corpus of a million scraped images always holds a few.
+    One of 24 (4 %, under the default 5 %) is left out of its step's loss, the run trains, and the
+    manifest counts it; the note says so once."""
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    _spoil(data, 5)
+    streamed = dict(data_in_memory="no", workers=0, max_steps=3, progress=True)
+    run_finetune(config(base, data, tmp_path / "run", **streamed))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["corrupt_images_skipped"] == 1 and manifest["data_path"]["in_memory"] is False
+    err = capsys.readouterr().err
+    assert err.count("note: 1 of the 24 samples read by step 3 were unreadable or without a caption") == 1
+    # the spoilt image is one of step 1's: without it the step trains on its 7 readable pairs
+    losses = [
+        json.loads(row)["loss"] for row in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert all(loss > 0 for loss in losses) and len(losses) == 3
+
+
+def test_more_unreadable_images_than_max_bad_fraction_stop_the_run_in_one_line(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    _spoil(data, 2, 9, 17)  # 3 of 24: 12.5 %
+    streamed = dict(data_in_memory="no", workers=0, max_steps=3)
+    with pytest.raises(
+        MicromergeError,
+        match=r"^--data .*pairs: 3 of the 24 samples read by step 3 were unreadable or without a caption .*"
+        r"\(12\.5%, more than --max-bad-fraction 0\.05\); fix the corpus, or raise --max-bad-fraction to train on the rest$",
+    ):
+        run_finetune(config(base, data, tmp_path / "strict", **streamed))
+    assert not (tmp_path / "strict" / "model.safetensors").exists()
+    run_finetune(config(base, data, tmp_path / "lenient", max_bad_fraction=0.2, **streamed))
+    manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
+    assert manifest["corrupt_images_skipped"] == 3
+
+
+def test_a_batch_with_no_readable_sample_stops_the_run_in_one_line(tmp_path, base):
+    data = write_csv_folder(tmp_path / "pairs", n=16)
+    _spoil(data, *range(16))
+    with pytest.raises(
+        MicromergeError,
+        match=r"^--data .*pairs: all 8 samples of a batch at step 1 were unreadable or without a caption \(none, "
+        r"blank, or a \.json caption that is not text, such as a list\): a broken shard or folder rather than a "
+        r"stray image; fix the corpus$",
+    ):
+        run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
+
+
+def test_a_resumed_stream_leaves_out_the_same_samples_and_goes_on_counting(tmp_path, base, monkeypatch):
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    _spoil(data, 4, 20)
+    streamed = dict(data_in_memory="no", workers=0, max_steps=6, max_bad_fraction=0.1)
+    straight = run_finetune(config(base, data, tmp_path / "straight", **streamed))
+    interrupted = config(base, data, tmp_path / "resumed", save_every=3, **streamed)
+    stop_at_the_next_save(monkeypatch)  # killed right after the checkpoint of step 3 (one epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(interrupted)
+    state = next((tmp_path / "resumed" / "state").glob("step-*")) / "trainer_state.json"
+    assert json.loads(state.read_text())["unreadable"] == {"read": 24, "unreadable": 2}
+    resumed = run_finetune(replace(interrupted, resume=True))
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for run in ("straight", "resumed"):
+        assert json.loads((tmp_path / run / "manifest.json").read_text())["corrupt_images_skipped"] == 4
+
+
+@pytest.mark.parametrize(
+    "caption", [("x.txt", b"  \n"), ("x.json", json.dumps({"caption": ["a smear", "blood cells"]}).encode())]
+)
+def test_a_streamed_shard_sample_without_a_caption_is_left_out_as_unreadable(tmp_path, base, caption):
+    """A sample without a caption (or with a list for one) trained on empty text once; then it
+    stopped the run. It is now left out like an unreadable image, and counted the same way."""
+    folder = write_shards(tmp_path / "wds", 8, per_shard=8)
+    with tarfile.open(folder / "shard-000001.tar", "w") as archive:
+        for name, payload in (("x.png", _png(50)), caption):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    values = dict(batch_size=3, max_steps=6, workers=0)
+    with pytest.raises(
+        MicromergeError, match=r"2 of the 18 samples read by step 6 were unreadable or without a"
+    ):
+        run_finetune(config(base, _pipe_spec(folder), tmp_path / "strict", **values))
+    run_finetune(config(base, _pipe_spec(folder), tmp_path / "run", max_bad_fraction=0.2, **values))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["corrupt_images_skipped"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["contrastive", "supervised"])
+def test_two_processes_leave_out_the_same_samples_as_one_process_of_their_joint_batch(tmp_path, base, mode):
+    """Under a launch each process masks its own rows, and the loss is still the one-batch loss
+    over every process's readable rows: the contrastive mask is gathered with the features, the
+    supervised mean counts every process's readable rows. Two processes of batch 6 read the same
+    permutation as one of batch 12, so they end with its weights (to float noise), and the count
+    in the manifest is both processes'."""
+    from tests.helpers import launch_failure, run_two_processes
+    from tests.ubench_fixture import write_fixture
+
+    if mode == "contrastive":
+        data = write_csv_folder(tmp_path / "pairs", n=48)
+        _spoil(data, 7, 30)
+        extra, values = [], {}
+    else:  # the fixture writes one corrupt image into each task
+        data = write_fixture(tmp_path / "bench", per_class=8, corrupt=1)
+        extra, values = ["--task", "kather_et_al_2016"], dict(mode="supervised", task="kather_et_al_2016")
+    args = ["finetune", mode, "--base", str(base), "--data", str(data), "--out", str(tmp_path / "ddp"),
+            "--max-steps", "4", "--batch-size", "6", "--lr", "1e-3", "--save-every", "0", "--device", "cpu",
+            "--data-in-memory", "no", "--workers", "0", "--max-bad-fraction", "0.2", "--quiet", *extra]  # fmt: skip
+    result = run_two_processes(*args)
+    assert result.returncode == 0, launch_failure(result)
+    one = config(base, data, tmp_path / "one", max_steps=4, batch_size=12, data_in_memory="no", workers=0,
+                 max_bad_fraction=0.2, **values)  # fmt: skip
+    one_weights, two_weights = (
+        load_file(str(run_finetune(one))),
+        load_file(str(tmp_path / "ddp" / "model.safetensors")),
+    )
+    manifests = [json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("ddp", "one")]
+    assert manifests[0]["corrupt_images_skipped"] == manifests[1]["corrupt_images_skipped"] > 0
+    assert len(set(manifests[0]["rank_weight_sha256"])) == 1
+    for key in one_weights:
+        torch.testing.assert_close(two_weights[key], one_weights[key], rtol=0, atol=5e-6, msg=key)
