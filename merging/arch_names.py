@@ -30,9 +30,7 @@ def require_known_architecture(name: str) -> None:
         return
     shipped = [p.stem for p in open_clip_dir.glob("*.json")] if open_clip_dir is not None else []
     known = [*project_model_names(), *shipped]
-    other_case = {k.lower(): k for k in known}.get(name.lower())  # names are case-sensitive files
-    hint = f" (did you mean {other_case}?)" if other_case else meant(name, known)
-    raise MicromergeError(
-        f"--arch {name!r}: unknown architecture{hint}; use an open_clip model name "
+    raise MicromergeError(  # names are case-sensitive files: another case is suggested
+        f"--arch {name!r}: unknown architecture{meant(name, known)}; use an open_clip model name "
         f"(e.g. ViT-B-32) or one of {project_model_names()}"
     )
