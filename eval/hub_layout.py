@@ -191,6 +191,20 @@ def checked_checksums(checksums: object, source: str) -> dict[str, str]:
     return {name: digest.lower() for name, digest in checksums.items()}
 
 
+def first_batch_values(folder: Path, column: str) -> set[object] | None:
+    """The values of `column` in the first record batch of the folder's first shard (a glance,
+    not a read of the copy), or None when that cannot be read."""
+    import pyarrow as pa
+
+    shards = sorted(folder.glob("*.arrow"))
+    try:
+        with pa.memory_map(str(shards[0])) as source:
+            batch = pa.ipc.open_stream(source).read_next_batch()
+        return set(batch.column(column).to_pylist())
+    except (IndexError, OSError, KeyError, StopIteration, pa.ArrowException):
+        return None
+
+
 def verify_shards(folder: Path, expected: dict[str, str]) -> Iterator[tuple[str, str]]:
     """(shard, status) for every expected shard (ok, differs (sha256 ...) or missing), then for every
     shard file the folder holds beyond them (unexpected): the loader reads every shard file, so a

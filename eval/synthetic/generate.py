@@ -19,6 +19,7 @@ from micromerge.core.errors import MicromergeError
 from micromerge.eval.hub_layout import HUB_FOLDER, write_hub_layout
 from micromerge.eval.prompts import class_text
 from micromerge.eval.schema import NONE_OF_THE_ABOVE, QUESTION_KEYS, ubench_features
+from micromerge.eval.synthetic import SYNTHETIC_INSTITUTION
 from micromerge.eval.synthetic.spec import SOURCES, SyntheticSource, all_label_names
 
 SPLIT_CODES = {"benchmark": 0, "general": 1, "pathology": 2}
@@ -182,7 +183,7 @@ def write_benchmark(
         rows["label_name"].append(label)
         rows["dataset"].append(None if source.null_dataset else source.dataset)
         rows["domain"].append(source.domain)
-        rows["institution"].append("micromerge synthetic")
+        rows["institution"].append(SYNTHETIC_INSTITUTION)
         rows["license"].append("CC0-1.0")
         rows["microns_per_pixel"].append(source.microns_per_pixel)
         rows["modality"].append(values["modality"])

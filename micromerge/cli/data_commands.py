@@ -65,7 +65,14 @@ def data_group() -> None:
 @friendly_errors
 def data_verify_command(path: str, expected: str | None) -> None:
     """Check a local copy's shards against the published SHA-256 of jnirschl/uBench's seven shards."""
-    from micromerge.eval.hub_layout import PUBLISHED_SHARDS, checked_checksums, find_hub_layout, verify_shards
+    from micromerge.eval.hub_layout import (
+        PUBLISHED_SHARDS,
+        checked_checksums,
+        find_hub_layout,
+        first_batch_values,
+        verify_shards,
+    )
+    from micromerge.eval.synthetic import SYNTHETIC_INSTITUTION
 
     if not Path(path).exists():
         raise MicromergeError(
@@ -91,7 +98,14 @@ def data_verify_command(path: str, expected: str | None) -> None:
         report.append((name, status))
     bad = [name for name, status in report if status != "ok"]
     if bad:
+        ours = not expected and first_batch_values(folder, "institution") == {SYNTHETIC_INSTITUTION}
         raise MicromergeError(
             f"{folder}: {len(bad)} of {len(report)} shard(s) differ, are missing or unexpected: {', '.join(bad)}"
+            + (
+                "; this is micromerge's synthetic benchmark (`micromerge demo` writes it), not a copy of "
+                "jnirschl/uBench"
+                if ours
+                else ""
+            )  # fmt: skip
         )
     click.echo(f"{folder}: all {len(report)} shards match")
