@@ -96,7 +96,8 @@ def prepare_training(cfg: FinetuneConfig) -> Prepared:
         shards: ShardStream | HubStream
         if hub is not None:
             shards = hub
-            why = f"a hub-layout dataset of {hub.num_shards} shards streamed by datasets (streaming=True): {hub_why}"
+            count = f"{hub.num_shards} shard" + ("s" if hub.num_shards != 1 else "")
+            why = f"a hub-layout dataset of {count} streamed by datasets (streaming=True): {hub_why}"
             fingerprint = "data file paths (hub: at their commit) and local sizes"
         else:
             shards = ShardStream(cfg.data, captions)

@@ -235,3 +235,23 @@ def test_two_processes_leave_out_the_same_samples_as_one_process_of_their_joint_
     assert len(set(manifests[0]["rank_weight_sha256"])) == 1
     for key in one_weights:
         torch.testing.assert_close(two_weights[key], one_weights[key], rtol=0, atol=5e-6, msg=key)
+
+
+def test_a_hub_layout_stream_leaves_out_a_null_image_and_one_that_does_not_decode(tmp_path, base):
+    """A hub dataset's image cell can be null, or hold bytes that are no image; streamed by
+    `datasets`, both are left out and counted like any other unreadable sample (one pass of 40 rows:
+    5 steps of 8, stopping before the pass's end, where datasets pauses 5 s)."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    images: list[dict | None] = [{"bytes": _png(i), "path": None} for i in range(40)]
+    images[3], images[17] = None, {"bytes": b"no image", "path": None}
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(
+        {"image": images, "caption": [f"caption {i}" for i in range(40)]}, features=features
+    ).to_parquet(str(tmp_path / "repo" / "data" / "train.parquet"))
+    values = dict(max_steps=5, data_in_memory="no", workers=0, max_bad_fraction=0.1)
+    run_finetune(config(base, tmp_path / "repo", tmp_path / "run", **values))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["corrupt_images_skipped"] == 2
+    assert manifest["data_path"]["why"].startswith("a hub-layout dataset of 1 shard streamed by datasets")
