@@ -87,26 +87,39 @@ def test_one_readable_pair_gives_a_zero_loss_and_no_nan():
     assert all(torch.isfinite(g).all() for g in _grads(image, text, scale))
 
 
-def test_a_masked_supervised_step_is_the_mean_over_the_readable_rows_of_every_micro_batch():
+@pytest.mark.parametrize("mode", ["contrastive", "supervised"])
+def test_a_masked_step_of_three_micro_batches_trains_as_its_readable_rows_alone(mode):
+    """Accumulated micro-batches (3, 2 and 2 rows, 2 left out): the step's loss and every gradient
+    are those of one batch of the 5 readable rows: the contrastive mask spans the whole step, the
+    supervised mean counts the readable rows of every micro-batch."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from micromerge.finetune import trainer
+    from tests.test_finetune import _gradients, _TwoTowers
 
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model, pixels = torch.nn.Linear(4, 3), torch.randn(7, 4)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
-    whole = F.cross_entropy(model(pixels[KEEP]), labels[KEEP])
+    pixels = torch.randn(7, 4)
+    if mode == "contrastive":
+        model: torch.nn.Module = _TwoTowers()
+        second = torch.randint(0, 10, (7, 5))
+        whole = clip_loss(*model(pixels[KEEP], second[KEEP]))
+    else:
+        model, second = torch.nn.Linear(4, 3), torch.tensor([0, 1, 2, 0, 1, 2, 2])
+        whole = F.cross_entropy(model(pixels[KEEP]), second[KEEP])
     whole.backward()
-    expected = _grads(model.weight, model.bias)
+    expected = _gradients(model)
     parts = ((0, 3), (3, 5), (5, 7))
-    micro = [MicroBatch(pixels[a:b], labels[a:b], KEEP[a:b], int((~KEEP[a:b]).sum())) for a, b in parts]
-    loss = trainer._supervised_gradients(model, accelerator, micro)
-    assert loss.item() == pytest.approx(whole.item(), abs=1e-6)
-    for got, wanted in zip(_grads(model.weight, model.bias), expected, strict=True):
-        torch.testing.assert_close(got, wanted, rtol=0, atol=1e-6)
+    micro = [MicroBatch(pixels[a:b], second[a:b], KEEP[a:b], int((~KEEP[a:b]).sum())) for a, b in parts]
+    if mode == "contrastive":
+        loss = trainer._contrastive_gradients(model, accelerator, micro, across_ranks=False)
+    else:
+        loss = trainer._supervised_gradients(model, accelerator, micro)
+    assert loss.item() == pytest.approx(whole.item(), abs=1e-6) and loss.item() > 0
+    for name, grad in _gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=1e-6, msg=name)
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
