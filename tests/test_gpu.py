@@ -178,6 +178,30 @@ def test_finetune_on_cuda_in_bf16_trains_and_starts_where_cpu_starts(tmp_path, m
     assert runs["bf16"][-1] < runs["bf16"][0], "bf16 training lowers the loss"
 
 
+@pytest.mark.parametrize("mode", ["contrastive", "supervised"])
+def test_a_stream_with_unreadable_images_on_cuda_leaves_them_out_as_the_cpu_run_does(tmp_path, models, mode):
+    """The mask of unreadable samples lives on the device (finetune/unreadable.py): on CUDA the
+    same samples are left out, the same count is recorded, and the losses follow the CPU run's."""
+    if mode == "contrastive":
+        data, values = write_csv_folder(tmp_path / "pairs", n=48), {}
+        for i in (5, 29):
+            (data / f"img{i}.png").write_bytes(b"not a png")
+    else:  # one corrupt image in the task
+        data = write_fixture(tmp_path / "bench", per_class=8, corrupt=1)
+        values = dict(mode="supervised", task="kather_et_al_2016", batch_size=4)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        cfg = config(models[0], data, tmp_path / device, device=device, precision="no", max_steps=6,
+                     data_in_memory="no", workers=0, max_bad_fraction=0.2, **values)  # fmt: skip
+        run_finetune(cfg)
+        runs[device] = [row["loss"] for row in _log(tmp_path / device, device, "no")]
+    counts = [
+        json.loads((tmp_path / d / "manifest.json").read_text())["corrupt_images_skipped"] for d in runs
+    ]
+    assert counts[0] == counts[1] > 0
+    assert runs["cuda"] == pytest.approx(runs["cpu"], rel=1e-3)
+
+
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_fsdp_through_accelerate_ends_where_a_plain_gpu_run_ends(tmp_path, models, version):
     """`accelerate launch --use_fsdp` (one GPU, so one shard: what this machine can show) takes the
