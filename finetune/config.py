@@ -9,6 +9,12 @@ from typing import Any
 
 from micromerge.core.config_schema import refuse_blank, refuse_unknown_keys
 from micromerge.core.errors import MicromergeError
+from micromerge.core.hashing import sha256_json
+
+# Recorded with the hyper-parameters, but guards of a run rather than what it trains: a run stopped
+# by --max-bad-fraction (a stream that met more unreadable images than it allows) is resumed with
+# a larger one, not trained again from the start.
+RUN_GUARDS = frozenset({"max_bad_fraction"})
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,11 @@ class FinetuneConfig:
         values["freeze"] = list(self.freeze)
         values["freeze_text"] = self.text_frozen
         return values
+
+    def resume_digest(self) -> str:
+        """What a saved state must match to be resumed with these settings: the hyper-parameters
+        but the run's guards (RUN_GUARDS)."""
+        return sha256_json({k: v for k, v in self.hyperparameters().items() if k not in RUN_GUARDS})
 
 
 def config_from_mapping(values: dict[str, Any]) -> FinetuneConfig:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from micromerge.core.errors import FolderInUse, MicromergeError
 from micromerge.core.folder_lock import sole_writer
 from micromerge.core.hashing import sha256_json
-from micromerge.finetune.config import FinetuneConfig
+from micromerge.finetune.config import RUN_GUARDS, FinetuneConfig
 from micromerge.finetune.saved_state import read_saved_state, schedule_in_json
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ def check_output_dir(cfg: FinetuneConfig, is_main: bool) -> Path | None:
     latest = state_dir / "LATEST"
     if cfg.resume and latest.is_file():
         resume_from, saved = read_saved_state(cfg, latest)
-        if saved["config_digest"] != sha256_json(cfg.hyperparameters()):
+        # states saved before 0.1.14 digest every hyper-parameter, the guards included
+        if saved["config_digest"] not in (cfg.resume_digest(), sha256_json(cfg.hyperparameters())):
             raise MicromergeError(
                 f"--resume {cfg.out}: the run there used other settings; use the same flags or --force"
             )
@@ -82,7 +83,9 @@ def check_finished_settings(cfg: FinetuneConfig) -> None:
             f"--resume {cfg.out}: {manifest_path.name} is unreadable ({exc}); start over with --force"
         ) from exc
     wanted = json.loads(json.dumps(cfg.hyperparameters(), default=str))
-    changed = sorted(k for k in set(wanted) | set(trained) if wanted.get(k) != trained.get(k))
+    changed = sorted(
+        k for k in set(wanted) | set(trained) if k not in RUN_GUARDS and wanted.get(k) != trained.get(k)
+    )
     if changed:
         raise MicromergeError(
             f"--resume {cfg.out}: that run finished with other settings ({', '.join(changed[:4])}); "

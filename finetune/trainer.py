@@ -29,7 +29,6 @@ import micromerge
 from micromerge.core.atomic import output_folder, sync_tree, write_json_atomic, write_text_atomic
 from micromerge.core.devices import resolve_device
 from micromerge.core.errors import MicromergeError
-from micromerge.core.hashing import sha256_json
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON
 from micromerge.finetune.config import FinetuneConfig
@@ -476,7 +475,7 @@ def _save_state(
             {
                 "micro_step": micro_step,
                 "step": step,
-                "config_digest": sha256_json(cfg.hyperparameters()),
+                "config_digest": cfg.resume_digest(),
                 "inputs": _inputs_digest(prepared),
                 "scheduler": scheduler.state_dict(),
                 "unreadable": skipped.state(),

@@ -59,7 +59,8 @@ class UnreadableCount:
             raise MicromergeError(
                 f"--data {self.data}: {self.unreadable} of the {self.read} samples read by step {step} were "
                 f"{WHAT} ({self.unreadable / self.read:.1%}, more than --max-bad-fraction {self.max_fraction:g}); "
-                "fix the corpus, or raise --max-bad-fraction to train on the rest"
+                "fix the corpus, or raise --max-bad-fraction to train on the rest (with --resume: from the last "
+                "checkpoint)"
             )
         if say and self.unreadable and not earlier:
             tqdm.write(

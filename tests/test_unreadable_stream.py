@@ -154,7 +154,8 @@ def test_more_unreadable_images_than_max_bad_fraction_stop_the_run_in_one_line(t
     with pytest.raises(
         MicromergeError,
         match=r"^--data .*pairs: 3 of the 24 samples read by step 3 were unreadable or without a caption .*"
-        r"\(12\.5%, more than --max-bad-fraction 0\.05\); fix the corpus, or raise --max-bad-fraction to train on the rest$",
+        r"\(12\.5%, more than --max-bad-fraction 0\.05\); fix the corpus, or raise --max-bad-fraction to train on the rest "
+        r"\(with --resume: from the last checkpoint\)$",
     ):
         run_finetune(config(base, data, tmp_path / "strict", **streamed))
     assert not (tmp_path / "strict" / "model.safetensors").exists()
@@ -191,6 +192,56 @@ def test_a_resumed_stream_leaves_out_the_same_samples_and_goes_on_counting(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for run in ("straight", "resumed"):
         assert json.loads((tmp_path / run / "manifest.json").read_text())["corrupt_images_skipped"] == 4
+
+
+def test_a_run_stopped_by_max_bad_fraction_resumes_with_a_larger_one(tmp_path, base):
+    """A long stream stopped for more unreadable images than --max-bad-fraction allowed: the
+    message says to raise it, and --resume with the larger one goes on from the last checkpoint
+    (the fraction guards the run, it does not change what it trains) and ends where a run with the
+    larger one from the start ends. Other settings still refuse a resume."""
+    from micromerge.finetune.micro_batches import epoch_order
+
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    _spoil(data, int(epoch_order(24, 0, 0)[8]))  # one image of step 2: 1 of 16 read by then
+    streamed = dict(data_in_memory="no", workers=0, max_steps=6, save_every=1)
+    stopped = config(base, data, tmp_path / "run", max_bad_fraction=0.03, **streamed)
+    with pytest.raises(
+        MicromergeError, match=r"1 of the 16 samples read by step 2 .* \(with --resume: from the last"
+    ):
+        run_finetune(stopped)
+    assert (tmp_path / "run" / "state" / "LATEST").read_text() == "step-00000001"
+    with pytest.raises(MicromergeError, match="the run there used other settings"):
+        run_finetune(replace(stopped, max_bad_fraction=0.1, lr=2e-3, resume=True))
+    resumed = run_finetune(replace(stopped, max_bad_fraction=0.1, resume=True))
+    straight = run_finetune(config(base, data, tmp_path / "straight", max_bad_fraction=0.1, **streamed))
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finished = replace(stopped, max_bad_fraction=0.2, resume=True)  # a finished run hands its model back
+    assert run_finetune(finished) == resumed
+
+
+def test_a_state_saved_before_the_guards_left_the_digest_still_resumes(tmp_path, base, monkeypatch):
+    """States written by 0.1.13 and earlier digest every hyper-parameter, --max-bad-fraction
+    included, and count no unreadable samples: they resume under the same flags as before."""
+    from micromerge.core.hashing import sha256_json
+
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    streamed = dict(data_in_memory="no", workers=0, max_steps=6, save_every=3)
+    straight = run_finetune(config(base, data, tmp_path / "straight", **streamed))
+    interrupted = config(base, data, tmp_path / "old", **streamed)
+    stop_at_the_next_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(interrupted)
+    state = next((tmp_path / "old" / "state").glob("step-*")) / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    del saved["unreadable"]
+    saved["config_digest"] = sha256_json(interrupted.hyperparameters())
+    state.write_text(json.dumps(saved))
+    with pytest.raises(MicromergeError, match="the run there used other settings"):
+        run_finetune(replace(interrupted, max_bad_fraction=0.1, resume=True))  # as 0.1.13 refused it
+    resumed = run_finetune(replace(interrupted, resume=True))
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(
