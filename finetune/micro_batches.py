@@ -103,8 +103,8 @@ class MicroBatches:
             if unreadable == len(readable):  # no sample left to train on: a shard, not a stray image
                 raise MicromergeError(
                     f"--data {self.cfg.data}: all {len(readable)} samples of a batch at step "
-                    f"{micro // self.cfg.accum_steps + 1} were {WHAT}: a broken shard or folder rather "
-                    "than a stray image; fix the corpus"
+                    f"{micro // self.cfg.accum_steps + 1} were {WHAT}, so the step has nothing to train on "
+                    "(a whole batch is most often a broken shard or folder); fix the corpus"
                 )
             pixels, targets = pixels.to(self.device), targets.to(self.device)
             keep = readable.to(self.device)

@@ -170,8 +170,8 @@ def test_a_batch_with_no_readable_sample_stops_the_run_in_one_line(tmp_path, bas
     with pytest.raises(
         MicromergeError,
         match=r"^--data .*pairs: all 8 samples of a batch at step 1 were unreadable or without a caption \(none, "
-        r"blank, or a \.json caption that is not text, such as a list\): a broken shard or folder rather than a "
-        r"stray image; fix the corpus$",
+        r"blank, or a \.json caption that is not text, such as a list\), so the step has nothing to train on "
+        r"\(a whole batch is most often a broken shard or folder\); fix the corpus$",
     ):
         run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
 
