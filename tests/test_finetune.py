@@ -603,12 +603,16 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("mode", ["contrastive", "supervised"])
-def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode):
+def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode, masked):
     """A step's micro-batches (3, 2 and 2 rows) give the loss and the gradients of one batch of all
     7, the temperature's included: its gradient is taken once, at the last micro-batch. Two
     micro-batches cannot show that (taking it at every micro-batch but the last is also once),
-    nor a run's logged losses alone (a loss summed with the wrong sign compares equal to itself)."""
+    nor a run's logged losses alone (a loss summed with the wrong sign compares equal to itself).
+    Masked (a stream's unreadable samples, 2 of the 7), they give those of one batch of the 5
+    readable rows alone: the contrastive mask spans the whole step, the supervised mean counts the
+    readable rows of every micro-batch (finetune/unreadable.py)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -620,16 +624,25 @@ def test_three_uneven_micro_batches_give_one_batchs_loss_and_gradients(mode):
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     pixels = torch.randn(7, 4)
+    keep = (
+        torch.tensor([True, False, True, True, False, True, True])
+        if masked
+        else torch.ones(7, dtype=torch.bool)
+    )
     if mode == "contrastive":
         model: torch.nn.Module = _TwoTowers()
         second = torch.randint(0, 10, (7, 5))
-        whole = clip_loss(*model(pixels, second))
+        whole = clip_loss(*model(pixels[keep], second[keep]))
     else:
         model, second = torch.nn.Linear(4, 3), torch.tensor([0, 1, 2, 0, 1, 2, 2])
-        whole = torch.nn.functional.cross_entropy(model(pixels), second)
+        whole = torch.nn.functional.cross_entropy(model(pixels[keep]), second[keep])
     whole.backward()
     expected = _gradients(model)
-    micro = [MicroBatch(pixels[a:b], second[a:b]) for a, b in ((0, 3), (3, 5), (5, 7))]
+    micro = [
+        MicroBatch(pixels[a:b], second[a:b], keep[a:b], int((~keep[a:b]).sum())) if masked
+        else MicroBatch(pixels[a:b], second[a:b])
+        for a, b in ((0, 3), (3, 5), (5, 7))
+    ]  # fmt: skip
     if mode == "contrastive":
         loss = trainer._contrastive_gradients(model, accelerator, micro, across_ranks=False)
     else:

@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.losses import clip_loss
-from micromerge.finetune.micro_batches import MicroBatch
 from micromerge.finetune.trainer import run_finetune
 from tests.helpers import stop_at_the_next_save, write_checkpoint
 from tests.test_finetune import _png, config, write_csv_folder
@@ -85,42 +84,6 @@ def test_one_readable_pair_gives_a_zero_loss_and_no_nan():
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.isfinite(g).all() for g in _grads(image, text, scale))
-
-
-@pytest.mark.parametrize("mode", ["contrastive", "supervised"])
-def test_a_masked_step_of_three_micro_batches_trains_as_its_readable_rows_alone(mode):
-    """Accumulated micro-batches (3, 2 and 2 rows, 2 left out): the step's loss and every gradient
-    are those of one batch of the 5 readable rows: the contrastive mask spans the whole step, the
-    supervised mean counts the readable rows of every micro-batch."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from micromerge.finetune import trainer
-    from tests.test_finetune import _gradients, _TwoTowers
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    pixels = torch.randn(7, 4)
-    if mode == "contrastive":
-        model: torch.nn.Module = _TwoTowers()
-        second = torch.randint(0, 10, (7, 5))
-        whole = clip_loss(*model(pixels[KEEP], second[KEEP]))
-    else:
-        model, second = torch.nn.Linear(4, 3), torch.tensor([0, 1, 2, 0, 1, 2, 2])
-        whole = F.cross_entropy(model(pixels[KEEP]), second[KEEP])
-    whole.backward()
-    expected = _gradients(model)
-    parts = ((0, 3), (3, 5), (5, 7))
-    micro = [MicroBatch(pixels[a:b], second[a:b], KEEP[a:b], int((~KEEP[a:b]).sum())) for a, b in parts]
-    if mode == "contrastive":
-        loss = trainer._contrastive_gradients(model, accelerator, micro, across_ranks=False)
-    else:
-        loss = trainer._supervised_gradients(model, accelerator, micro)
-    assert loss.item() == pytest.approx(whole.item(), abs=1e-6) and loss.item() > 0
-    for name, grad in _gradients(model).items():
-        torch.testing.assert_close(grad, expected[name], rtol=0, atol=1e-6, msg=name)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _spoil(folder, *indices: int) -> None:
