@@ -100,7 +100,7 @@ class MicroBatches:
                 raise exc.with_traceback(None) from None
 
             unreadable = len(readable) - int(readable.sum())
-            if unreadable == len(readable):  # no sample left to train on: a shard, not a stray image
+            if unreadable == len(readable):  # nothing left to train on (the loss would be 0/0)
                 raise MicromergeError(
                     f"--data {self.cfg.data}: all {len(readable)} samples of a batch at step "
                     f"{micro // self.cfg.accum_steps + 1} were {WHAT}, so the step has nothing to train on "

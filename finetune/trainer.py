@@ -422,10 +422,9 @@ def _supervised_gradients(
     gradients). A stream's unreadable rows are left out: the mean is over the readable rows of
     every process, counted with one all-reduce, so each process weighs its rows alike."""
     rows: int | torch.Tensor = sum(len(part.targets) for part in micro)
-    if micro[0].keep is not None:
-        readable = sum(part.keep.sum() for part in micro if part.keep is not None)
-        assert isinstance(readable, torch.Tensor)  # a micro-batch at least
-        rows = accelerator.reduce(readable, reduction="sum") / accelerator.num_processes
+    kept = _kept_rows(accelerator, micro, across_ranks=False)
+    if kept is not None:
+        rows = accelerator.reduce(kept.sum(), reduction="sum") / accelerator.num_processes
     total = torch.zeros((), device=micro[0].targets.device)
     for j, (pixels, labels, keep, _) in enumerate(micro):
         last = j == len(micro) - 1
