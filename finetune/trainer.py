@@ -236,13 +236,15 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
     )
     model, optimizer = accelerator.prepare(prepared.model, optimizer)
     micro_step, history = 0, []
-    skipped = UnreadableCount(cfg.data, cfg.max_bad_fraction)
+    # decoding in memory dropped the unreadable images before training: only a stream counts them
+    skipped = UnreadableCount(cfg.data, cfg.max_bad_fraction) if prepared.data is None else None
     log_path = cfg.out / "train_log.jsonl"
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         load_saved_state(accelerator, cfg, resume_from)
         restore_schedule(cfg, scheduler, saved)
-        skipped.restore(saved.get("unreadable"))
+        if skipped is not None:
+            skipped.restore(saved.get("unreadable"))
         micro_step = saved["micro_step"]
         history = [row for row in read_log(log_path) if row["step"] <= micro_step // cfg.accum_steps]
     feed = MicroBatches(prepared, cfg, accelerator, micro_step, total_micro, per_epoch)
@@ -262,8 +264,8 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         model.train()
         while micro_step < total_micro:
             micro = [feed.get(micro_step + j) for j in range(min(cfg.accum_steps, total_micro - micro_step))]
-            for part in micro:
-                skipped.add(len(part.pixels), part.unreadable)
+            if skipped is not None:
+                skipped.add(sum(len(part.pixels) for part in micro), sum(part.unreadable for part in micro))
             if cfg.mode == "contrastive":
                 loss = _contrastive_gradients(model, accelerator, micro, across_ranks=world > 1)
             else:
@@ -289,7 +291,8 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
             saving = cfg.save_every and step % cfg.save_every == 0 and micro_step < total_micro
             if saving or len(pending) >= LOSS_READ_EVERY or micro_step >= total_micro:
                 refuse_diverged_losses(accelerator, pending)
-                skipped.check(accelerator, step, say=cfg.progress and accelerator.is_main_process)
+                if skipped is not None:
+                    skipped.check(accelerator, step, say=cfg.progress and accelerator.is_main_process)
                 _record_losses(pending, history, bar)
             if saving:
                 refuse_diverged_weights(accelerator, model.parameters(), step)
@@ -456,7 +459,7 @@ def _save_state(
     step: int,
     history: list[dict[str, Any]],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    skipped: UnreadableCount,
+    skipped: UnreadableCount | None,
 ) -> None:
     """The model and optimizer through accelerate (safetensors, and tensors torch.load reads with
     weights_only), the schedule's position in trainer_state.json: accelerate pickles a registered
@@ -477,7 +480,7 @@ def _save_state(
                 "config_digest": cfg.resume_digest(),
                 "inputs": _inputs_digest(prepared),
                 "scheduler": scheduler.state_dict(),
-                "unreadable": skipped.state(),
+                **({"unreadable": skipped.state()} if skipped is not None else {}),
             },
         )
         write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
@@ -508,7 +511,7 @@ def _write_final(
     seen: int,
     rank_digests: list[str],
     hardware: dict[str, str],
-    skipped: UnreadableCount,
+    skipped: UnreadableCount | None,
 ) -> None:
     prefix = "clip." if cfg.mode == "supervised" else ""
     tensors = {
@@ -532,10 +535,10 @@ def _write_final(
         "steps": len(history),
         **hardware,
         "rank_weight_sha256": rank_digests,
-        # decoding in memory dropped them; a stream left them out of the loss
-        "corrupt_images_skipped": prepared.data.n_corrupt
-        if prepared.data is not None
-        else skipped.unreadable,
+        # a stream left them out of the loss; decoding in memory dropped them
+        "corrupt_images_skipped": skipped.unreadable
+        if skipped is not None
+        else (prepared.data.n_corrupt if prepared.data is not None else 0),
         "data_path": prepared.data_path,
         **({SUPERVISED_ON: prepared.base_supervised_on} if prepared.base_supervised_on else {}),
         **(

@@ -110,6 +110,29 @@ def test_a_stream_leaves_out_its_unreadable_images_counts_them_and_says_so(tmp_p
     assert all(loss > 0 for loss in losses) and len(losses) == 3
 
 
+def test_an_in_memory_run_counts_no_unreadable_samples_while_it_trains(tmp_path, base, monkeypatch):
+    """Decoding in memory drops the unreadable images before the first step, so the stream's
+    count (an all-reduce at every loss read of a launch) is not kept: the manifest counts the
+    dropped image, and the saved state holds no stream count to resume."""
+    from micromerge.finetune.unreadable import UnreadableCount
+
+    def refuse(*_):
+        raise AssertionError("an in-memory run counted unreadable samples")
+
+    monkeypatch.setattr(UnreadableCount, "check", refuse)
+    data = write_csv_folder(tmp_path / "pairs", n=25)
+    _spoil(data, 5)
+    interrupted = config(base, data, tmp_path / "run", max_steps=4, save_every=2)
+    stop_at_the_next_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(interrupted)
+    state = next((tmp_path / "run" / "state").glob("step-*")) / "trainer_state.json"
+    assert "unreadable" not in json.loads(state.read_text())
+    run_finetune(replace(interrupted, resume=True))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["corrupt_images_skipped"] == 1 and manifest["data_path"]["in_memory"] is True
+
+
 def test_more_unreadable_images_than_max_bad_fraction_stop_the_run_in_one_line(tmp_path, base):
     data = write_csv_folder(tmp_path / "pairs", n=24)
     _spoil(data, 2, 9, 17)  # 3 of 24: 12.5 %
