@@ -17,6 +17,9 @@ HALVES = "per-image"
 """How the benchmark is split into select and report halves; part of every run id, so results of
 the earlier per-task split are never mixed with these."""
 MAX_BOOTSTRAP = 100_000
+MIN_BOOTSTRAP = 40
+"""The fewest resamples whose 2.5 % tails hold one draw each: `--bootstrap 1` printed an interval
+of zero width around one resample's value, an interval no reader should be shown."""
 
 
 def check_bootstrap(resamples: int) -> None:
@@ -24,6 +27,11 @@ def check_bootstrap(resamples: int) -> None:
     sweeps come after minutes of training)."""
     if not 0 <= resamples <= MAX_BOOTSTRAP:
         raise MicromergeError(f"--bootstrap {resamples}: must be in [0, {MAX_BOOTSTRAP:,}] (0: no intervals)")
+    if 0 < resamples < MIN_BOOTSTRAP:
+        raise MicromergeError(
+            f"--bootstrap {resamples}: a 95% percentile interval needs at least {MIN_BOOTSTRAP} resamples "
+            "(fewer leave a 2.5% tail less than one draw; 1000 is usual), or 0 for no intervals"
+        )
 
 
 def select_half(settings: EvalSettings) -> dict[str, Any]:

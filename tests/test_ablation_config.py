@@ -32,7 +32,7 @@ protocol = "closed-set"
 prompts = "captions"
 sources = "./sources.toml"
 precision = "fp32"
-bootstrap = 7
+bootstrap = 47
 seed = 3
 batch_size = 5
 target = "domain:pathology"
@@ -122,7 +122,7 @@ def test_every_key_reaches_the_ablation_and_relative_paths_resolve_against_the_c
         prompts="captions",
         sources=folder / "./sources.toml",
         precision="fp32",
-        bootstrap=7,
+        bootstrap=47,
         seed=3,
         batch_size=5,
         target="domain:pathology",
@@ -383,7 +383,7 @@ def test_run_ablation_hands_the_configs_settings_to_every_step(tmp_path, monkeyp
         sources=ablation.sources,
         precision="fp32",
         batch_size=5,
-        bootstrap=7,
+        bootstrap=47,
         seed=3,
         progress=False,
         rank=1,
@@ -524,7 +524,7 @@ def test_two_processes_launched_share_the_grid_and_write_the_rows_one_process_wr
         path.write_text(
             f'[ablation]\ndata = "{bench}"\nprotocol = "ubench"\ntasks = "all"\n'
             f'store = "{tmp_path / name / "results.jsonl"}"\nreport = "{tmp_path / name / "report"}"\n'
-            'alphas = "0,0.5,1"\nmethods = ["wise-ft", "ties"]\nbootstrap = 10\ntarget = "domain:pathology"\n'
+            'alphas = "0,0.5,1"\nmethods = ["wise-ft", "ties"]\nbootstrap = 40\ntarget = "domain:pathology"\n'
             f'[[ablation.pairs]]\nname = "pair"\nbase = "{tmp_path / "base.safetensors"}"\n'
             f'finetuned = ["{tmp_path / "ft.safetensors"}"]\n'
             '[ablation.rule_sets.all]\n[ablation.rule_sets.vision-only]\ninclude = ["visual.*"]\n'

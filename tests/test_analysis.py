@@ -434,7 +434,7 @@ def test_ablation_grid_runs_end_to_end_at_small_size(tmp_path, monkeypatch):
         .replace("demo-out/runs/pathology-specialist/model.safetensors", str(tmp_path / "ft.safetensors"))
         .replace("demo-out/ablation", str(tmp_path / "ablation"))
         .replace('alphas = "0:1:0.1"', 'alphas = "0,0.5,1"')
-        .replace("bootstrap = 200", "bootstrap = 10")
+        .replace("bootstrap = 200", "bootstrap = 40")
     )
     (tmp_path / "ablation.toml").write_text(small)
     ablation = load_ablation(tmp_path / "ablation.toml")

@@ -124,7 +124,7 @@ def test_demo_is_seeded_same_numbers_every_run(tmp_path):
         finetune_epochs=1,
         batch_size=16,
         alphas="0,0.5,1",
-        bootstrap=20,
+        bootstrap=40,
         progress=False,
     )
     values = []

@@ -1406,7 +1406,7 @@ def test_a_sources_override_or_a_bf16_forward_is_its_own_run_and_each_row_says_w
 
 
 def test_eval_twice_adds_no_rows(tmp_path, bench, models):
-    args = _eval_args(tmp_path, bench, models[0], bootstrap=10)
+    args = _eval_args(tmp_path, bench, models[0], bootstrap=40)
     printed = CliRunner().invoke(cli, args)
     assert printed.exit_code == 0
     first = (tmp_path / "r.jsonl").read_text()
@@ -1433,7 +1433,7 @@ def _sweep_args(tmp_path, bench, models, alphas="0:1:0.5", store="s.jsonl"):
         "--store",
         str(tmp_path / store),
         "--bootstrap",
-        "20",
+        "40",
         "--cache-dir",
         str(tmp_path / "cache"),
         "--quiet",
@@ -1500,7 +1500,7 @@ def test_sweep_rows_and_end_points_equal_plain_evaluation(tmp_path, bench, model
     )
     for alpha, model in ((0.0, models[0]), (1.0, models[1])):
         store = f"e{alpha}.jsonl"
-        CliRunner().invoke(cli, _eval_args(tmp_path, bench, model, store=store, bootstrap=20))
+        CliRunner().invoke(cli, _eval_args(tmp_path, bench, model, store=store, bootstrap=40))
         plain = {_identity(r)[1:]: r["value"] for r in ResultStore(tmp_path / store).rows()}
         swept = {_identity(r)[1:]: r["value"] for r in rows if r["alpha"] == alpha}
         assert swept == pytest.approx(plain, abs=1e-6)

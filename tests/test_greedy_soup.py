@@ -300,7 +300,7 @@ def test_a_soup_chosen_under_other_settings_is_another_run(tmp_path, setting):
     already written."""
     settings, models = setting
     plain = greedy_soup(models[0], (models[1],), settings, torch.device("cpu"))
-    resampled = greedy_soup(models[0], (models[1],), replace(settings, bootstrap=20), torch.device("cpu"))
+    resampled = greedy_soup(models[0], (models[1],), replace(settings, bootstrap=40), torch.device("cpu"))
     assert plain.describe() == resampled.describe() and plain.run_id != resampled.run_id
     rows = [r for r in ResultStore(settings.store).rows() if r["run_id"] == resampled.run_id]
     assert rows and any(r["ci_low"] < r["value"] for r in rows)

@@ -403,6 +403,8 @@ def test_report_survives_a_store_with_junk_lines(setup):
         (("--batch-size", "-5"), "--batch-size -5"),
         (("--bootstrap", "100000000"), "--bootstrap 100000000: must be in"),
         (("--bootstrap", "-1"), "--bootstrap -1"),
+        # one resample printed an interval of zero width
+        (("--bootstrap", "1"), "--bootstrap 1: a 95% percentile interval needs at least 40 resamples"),
         (("--seed", "-1"), "--seed -1: must be a non-negative integer"),
         # `--alphas "$ALPHAS"` with the variable unset: the sweep evaluated nothing and said
         # "results in s.jsonl", a store it never wrote
@@ -433,12 +435,16 @@ def test_settings_built_by_a_script_are_checked_as_the_flags_are(tmp_path, field
 
 
 def test_the_bounds_of_the_checked_settings_are_themselves_accepted(tmp_path):
-    """The refusals above stop at the bound: a batch of one image, no intervals and the largest
-    resample count are settings a user may give."""
-    from micromerge.eval.settings import MAX_BOOTSTRAP, EvalSettings, check_bootstrap
+    """The refusals above stop at the bound: a batch of one image, no intervals, the fewest
+    resamples of an interval and the largest resample count are settings a user may give."""
+    from micromerge.eval.settings import MAX_BOOTSTRAP, MIN_BOOTSTRAP, EvalSettings, check_bootstrap
 
-    for resamples in (0, MAX_BOOTSTRAP):
+    for resamples in (0, MIN_BOOTSTRAP, MAX_BOOTSTRAP):
         check_bootstrap(resamples)
+    with pytest.raises(
+        MicromergeError, match=r"^--bootstrap 39: a 95% percentile interval needs at least 40 resamples"
+    ):
+        check_bootstrap(MIN_BOOTSTRAP - 1)
     with pytest.raises(MicromergeError, match=r"--bootstrap 100001: must be in \[0, 100,000\]"):
         check_bootstrap(MAX_BOOTSTRAP + 1)
     assert EvalSettings("x", tmp_path / "s.jsonl", tmp_path, batch_size=1, seed=0).batch_size == 1
