@@ -521,15 +521,26 @@ def load_pairs(spec: str) -> PairData:
     return data
 
 
+def _sample_names(payloads: list[dict], indices: np.ndarray) -> str:
+    """Samples by their image file where the payload names one, else by their row (from 0, in the
+    corpus's own order: an Arrow row, a tar member in shard order)."""
+    return ", ".join(
+        repr(str(payloads[i]["path"])) if payloads[i] and payloads[i].get("path") else f"row {i}"
+        for i in indices
+    )
+
+
 def decode_checked(
     payloads: list[dict], targets: list, size: int, max_bad_fraction: float, where: str, progress: bool
 ) -> DecodedData:
-    """Decode images; drop corrupt ones; stop with a clear error when too many are bad."""
+    """Decode images; drop corrupt ones; stop with a clear error when too many are bad, naming the
+    first few (the error said how many, and a user cleaning a corpus of thousands had to find them)."""
     pixels, valid = decode_payloads(payloads, size, progress, desc="decode training images")
     bad = int((~valid).sum())
     if bad > max_bad_fraction * len(payloads):
         raise MicromergeError(
-            f"--data {where}: {bad} of {len(payloads)} images are unreadable (more than --max-bad-fraction {max_bad_fraction}); fix or remove them"
+            f"--data {where}: {bad} of {len(payloads)} images are unreadable (more than --max-bad-fraction "
+            f"{max_bad_fraction}), the first {_sample_names(payloads, np.flatnonzero(~valid)[:3])}; fix or remove them"
         )
     keep = np.flatnonzero(valid)
     return DecodedData(pixels[keep] if bad else pixels, [targets[i] for i in keep], bad)

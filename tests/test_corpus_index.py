@@ -542,8 +542,16 @@ def test_unreadable_images_are_dropped_with_their_own_targets_up_to_the_fraction
     assert np.array_equal(
         kept.pixels[1], decode_checked([good[2]], ["c"], 16, 0.0, "corpus", False).pixels[0]
     )
-    with pytest.raises(MicromergeError, match="corpus: 2 of 4 images are unreadable"):
+    with pytest.raises(
+        MicromergeError,
+        match=r"^--data corpus: 2 of 4 images are unreadable \(more than --max-bad-fraction 0\.25\), "
+        r"the first row 1, row 2; fix or remove them$",
+    ):
         decode_checked([good[0], bad, bad, good[3]], ["a", "b", "c", "d"], 16, 0.25, "corpus", False)
+    # by file where the payload names one; the first three of them
+    named = [{"path": f"img/{i}.png", "bytes": None} for i in range(5)]
+    with pytest.raises(MicromergeError, match=r"the first 'img/0\.png', 'img/1\.png', 'img/2\.png'; fix"):
+        decode_checked(named, list("abcde"), 16, 0.25, "corpus", False)
 
 
 def test_a_null_image_of_an_arrow_corpus_is_unreadable_on_every_path(tmp_path):
