@@ -113,7 +113,7 @@ class HubStream:
 
 
 class _HubSamples(torch.utils.data.IterableDataset):
-    """Endless passes over this process's share of the stream: (pixels, target, readable) per row.
+    """Endless passes over this process's share of the stream: (pixels, target, readable, name) per row.
     Each pass reshuffles (`set_epoch`); augmentation is drawn from (seed, pass, process, worker, n).
     The rows of the batches a resumed run has already trained on are read but not decoded (zeros,
     marked unreadable, dropped by the loader)."""
@@ -143,7 +143,8 @@ class _HubSamples(torch.utils.data.IterableDataset):
                 payload = image_payload(row[stream.image_column])
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
                 # a row without a caption is left undecoded: unreadable, it is left out of the loss
-                yield stream.recipe.make(None if undecoded or not caption else payload, caption, seed)
+                # a streamed row has no name a user could find it by (its file is not given)
+                yield stream.recipe.make(None if undecoded or not caption else payload, caption, seed, "")
                 undecoded = max(0, undecoded - 1)
             # an empty share would loop here for ever; shards are dealt afresh each pass, so a
             # worker that has had rows goes on past a pass whose share was an empty file

@@ -15,7 +15,7 @@ from micromerge.eval.images import resident_on_device
 from micromerge.finetune.config import FinetuneConfig
 from micromerge.finetune.prepare import Prepared
 from micromerge.finetune.streaming import batches, stream_loader
-from micromerge.finetune.unreadable import WHAT
+from micromerge.finetune.unreadable import WHAT, first_named
 from micromerge.merging.models import OPENAI_MEAN, OPENAI_STD
 
 if TYPE_CHECKING:
@@ -24,13 +24,15 @@ if TYPE_CHECKING:
 
 class MicroBatch(NamedTuple):
     """Normalised pixels and targets on the device; for a stream, which samples are readable (on
-    the device, for the loss) and how many are not (counted on the host, without a device sync).
-    The in-memory path dropped its unreadable images when it decoded them: keep is None."""
+    the device, for the loss), how many are not (counted on the host, without a device sync) and
+    the names of those the stream names. The in-memory path dropped its unreadable images when it
+    decoded them: keep is None."""
 
     pixels: torch.Tensor
     targets: torch.Tensor
     keep: torch.Tensor | None = None
     unreadable: int = 0
+    unreadable_names: tuple[str, ...] = ()
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -86,10 +88,10 @@ class MicroBatches:
         self.stream = None  # its last reference: the loader's iterator shuts its workers down
 
     def get(self, micro: int) -> MicroBatch:
-        keep, unreadable = None, 0
+        keep, unreadable, names = None, 0, ()
         if self.stream is not None:
             try:
-                pixels, targets, readable = next(self.stream)
+                pixels, targets, readable, named = next(self.stream)
             except StopIteration:  # every worker's share passed without a full batch
                 raise MicromergeError(
                     f"--data {self.cfg.data}: the stream ran dry at step {micro}: no shard holds a full batch "
@@ -99,12 +101,12 @@ class MicroBatches:
                 # without the loader's frames, which held its workers alive as long as the error lived
                 raise exc.with_traceback(None) from None
 
-            unreadable = len(readable) - int(readable.sum())
+            unreadable, names = len(readable) - int(readable.sum()), tuple(name for name in named if name)
             if unreadable == len(readable):  # nothing left to train on (the loss would be 0/0)
                 raise MicromergeError(
                     f"--data {self.cfg.data}: all {len(readable)} samples of a batch at step "
-                    f"{micro // self.cfg.accum_steps + 1} were {WHAT}, so the step has nothing to train on "
-                    "(a whole batch is most often a broken shard or folder); fix the corpus"
+                    f"{micro // self.cfg.accum_steps + 1} were {WHAT}{first_named(names)}, so the step has "
+                    "nothing to train on (a whole batch is most often a broken shard or folder); fix the corpus"
                 )
             pixels, targets = pixels.to(self.device), targets.to(self.device)
             keep = readable.to(self.device)
@@ -124,4 +126,4 @@ class MicroBatches:
                 rows = np.ascontiguousarray(self.prepared.data.pixels[np.sort(index)])  # sorted: one pass
                 pixels = torch.from_numpy(rows)[torch.from_numpy(np.argsort(np.argsort(index)))]
                 pixels, targets = pixels.to(self.device), self.targets[chosen].to(self.device)
-        return MicroBatch(((pixels.float() / 255.0) - self.mean) / self.std, targets, keep, unreadable)
+        return MicroBatch(((pixels.float() / 255.0) - self.mean) / self.std, targets, keep, unreadable, names)

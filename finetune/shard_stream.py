@@ -160,7 +160,7 @@ class _NodeSplit:
 
 
 class _StreamDecoder:
-    """A pipeline stage: batches of webdataset samples -> (pixels, target, readable) batches,
+    """A pipeline stage: batches of webdataset samples -> (pixels, target, readable, name) batches,
     augmented from (seed, pass, shard, key). Called once per pass of the data (DataPipeline.repeat),
     so it counts passes itself (a sample is augmented afresh on each pass) and this worker's batches:
     the ones a resumed run has already trained on are read but not decoded (their images come back
@@ -187,8 +187,10 @@ class _StreamDecoder:
         # no caption: not decoded, so the sample is unreadable and left out of the loss (it
         # trained on empty text once), as the indexed path refuses it before training
         payload = {"bytes": image, "path": None} if image is not None and caption and decode else None
-        name = f"{sample.get('__url__')}|{sample.get('__key__')}"
-        return stream.recipe.make(payload, caption, named_sample_seed(stream.recipe.seed, current, name))
+        url, key = sample.get("__url__"), sample.get("__key__")
+        seed = named_sample_seed(stream.recipe.seed, current, f"{url}|{key}")
+        # a batch a resumed run skips is not decoded either: it is no unreadable sample to name
+        return stream.recipe.make(payload, caption, seed, f"{key!r} of {url!r}" if decode else "")
 
 
 def _sample_caption(sample: dict) -> str:

@@ -49,8 +49,10 @@ from micromerge.finetune.augment import sample_pixels, sample_seed
 if TYPE_CHECKING:
     import datasets
 
-Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""(pixels, target, readable): one sample as every streaming path hands it to the trainer's loader."""
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]
+"""(pixels, target, readable, name): one sample as every streaming path hands it to the trainer's
+loader. The name is given for an unreadable sample only (empty otherwise, and where a stream names
+no sample): the run's note and its --max-bad-fraction error say which to fix."""
 
 FINGERPRINTS = {
     "table": "the table's bytes, image file names and sizes",
@@ -71,7 +73,7 @@ class CorpusIndex:
 
     source: str
     kind: str  # table | arrow | tar | bytes
-    images: list  # table: file paths; arrow: row numbers; tar: (shard, offset, size); bytes: payloads
+    images: list  # table: file paths; arrow: row numbers; tar: (shard, offset, size, key); bytes: payloads
     targets: list  # captions (str) or class indices (int)
     fingerprint: str
     arrow_layout: str = "save_to_disk"  # or "ubench": a μ-Bench copy, opened as `eval` opens it
@@ -155,7 +157,7 @@ def _index_tar(spec: str, shards: list[Path]) -> CorpusIndex:
             caption = tar_caption(shard, key, parts)
             if not caption:
                 raise MicromergeError(f"{shard}: sample {key} has an image but no caption (.txt)")
-            images.append((str(shard), *image))
+            images.append((str(shard), *image, key))
             targets.append(caption)
     fingerprint = hashlib.sha256(
         json.dumps({"shards": _file_facts(shards), "members": headers}).encode()
@@ -196,10 +198,11 @@ class SampleRecipe:
     seed: int
     encode_target: Callable[[Any], torch.Tensor]
 
-    def make(self, payload: dict | None, target: Any, seed: int) -> Sample:
-        """(pixels, target, readable) of one sample; no payload: left undecoded (zeros, unreadable)."""
+    def make(self, payload: dict | None, target: Any, seed: int, name: str) -> Sample:
+        """(pixels, target, readable, name) of one sample; no payload: left undecoded (zeros,
+        unreadable)."""
         pixels = None if payload is None else sample_pixels(payload, self.size, self.augment, seed)
-        return sample_tuple(pixels, self.encode_target(target), self.size)
+        return sample_tuple(pixels, self.encode_target(target), self.size, name)
 
 
 class StreamedSamples(torch.utils.data.Dataset):
@@ -225,12 +228,22 @@ class StreamedSamples(torch.utils.data.Dataset):
         return self.index.targets[i]
 
     def __getitem__(self, item: tuple[int, int]) -> Sample:
-        """(pixels, target, readable): an unreadable image comes back as zeros with readable False,
-        for the trainer to stop on with one line (an exception here would reach it as a worker's
-        traceback)."""
+        """(pixels, target, readable, name): an unreadable image comes back as zeros with readable
+        False, for the trainer to leave out of the loss or stop on with one line (an exception here
+        would reach it as a worker's traceback)."""
         epoch, i = item
         payload = self._payload(i)
-        return self.recipe.make(payload, self._target(i), sample_seed(self.recipe.seed, epoch, i))
+        seed = sample_seed(self.recipe.seed, epoch, i)
+        return self.recipe.make(payload, self._target(i), seed, self._name(i))
+
+    def _name(self, i: int) -> str:
+        """Sample i as the user finds it: its image file, its tar shard's member, or its row."""
+        location = self.index.images[i]
+        if self.index.kind == "table":
+            return repr(location)
+        if self.index.kind == "tar":
+            return f"{location[3]!r} of {location[0]!r}"
+        return f"row {i}"
 
 
 def image_payload(value: dict | None) -> dict:
@@ -273,15 +286,16 @@ def indexed_pairs(index: CorpusIndex) -> PairData:
     return PairData(payloads, list(index.targets), index.source)
 
 
-def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int) -> Sample:
-    """(pixels, target, readable): an unreadable image travels as zeros with readable False."""
+def sample_tuple(pixels: np.ndarray | None, target: torch.Tensor, size: int, name: str) -> Sample:
+    """(pixels, target, readable, name): an unreadable image travels as zeros with readable False
+    and its name; a readable one without (names cost a DataLoader's pickling per sample)."""
     if pixels is None:
-        return torch.zeros((3, size, size), dtype=torch.uint8), target, torch.tensor(False)
-    return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True)
+        return torch.zeros((3, size, size), dtype=torch.uint8), target, torch.tensor(False), name
+    return torch.from_numpy(np.ascontiguousarray(pixels)), target, torch.tensor(True), ""
 
 
-def _read_member(location: tuple[str, int, int]) -> bytes:
-    shard, offset, size = location
+def _read_member(location: tuple[str, int, int, str]) -> bytes:
+    shard, offset, size, _ = location
     with open(shard, "rb") as handle:
         handle.seek(offset)
         return handle.read(size)

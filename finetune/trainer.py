@@ -265,7 +265,11 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         while micro_step < total_micro:
             micro = [feed.get(micro_step + j) for j in range(min(cfg.accum_steps, total_micro - micro_step))]
             if skipped is not None:
-                skipped.add(sum(len(part.pixels) for part in micro), sum(part.unreadable for part in micro))
+                skipped.add(
+                    sum(len(part.pixels) for part in micro),
+                    sum(part.unreadable for part in micro),
+                    tuple(name for part in micro for name in part.unreadable_names),
+                )
             if cfg.mode == "contrastive":
                 loss = _contrastive_gradients(model, accelerator, micro, across_ranks=world > 1)
             else:
@@ -429,7 +433,7 @@ def _supervised_gradients(
     if kept is not None:
         rows = accelerator.reduce(kept.sum(), reduction="sum") / accelerator.num_processes
     total = torch.zeros((), device=micro[0].targets.device)
-    for j, (pixels, labels, keep, _) in enumerate(micro):
+    for j, (pixels, labels, keep, *_) in enumerate(micro):
         last = j == len(micro) - 1
         targets = labels if keep is None else labels.masked_fill(~keep, IGNORED)
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():

@@ -9,7 +9,9 @@ their size (an index plan fixes each batch's samples, and the DDP gather needs e
 unreadable sample stays in its batch and is masked out of the loss (finetune/losses.py): the step
 trains on exactly its readable samples, and a resumed run masks the same ones. The count is
 checked against --max-bad-fraction at every loss read, over all the samples every process has
-read so far, and recorded in the run's state and manifest.
+read so far, and recorded in the run's state and manifest. The note and the error name the first
+few samples this process skipped, where the stream names them (a file, a tar member, an index row;
+a hub stream's rows have no name): the count alone left a user to search a corpus for them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 WHAT = "unreadable or without a caption (none, blank, or a .json caption that is not text, such as a list)"
+NAMED = 3
+"""How many unreadable samples a message names."""
+
+
+def first_named(names: tuple[str, ...], lead: str = " (", end: str = ")") -> str:
+    """` (the first: a, b)` for a message, or nothing when the stream named none. Under a launch,
+    each process names the samples it read."""
+    return f"{lead}the first: {', '.join(names[:NAMED])}{end}" if names else ""
 
 
 @dataclass
@@ -40,10 +50,12 @@ class UnreadableCount:
     unreadable: int = 0
     read_here: int = 0
     unreadable_here: int = 0
+    names: tuple[str, ...] = ()  # the first unreadable samples this process read since it started or resumed
 
-    def add(self, read: int, unreadable: int) -> None:
+    def add(self, read: int, unreadable: int, names: tuple[str, ...]) -> None:
         self.read_here += read
         self.unreadable_here += unreadable
+        self.names = (*self.names, *names[: NAMED - len(self.names)])
 
     def check(self, accelerator: Accelerator, step: int, say: bool) -> None:
         """Add every process's counts since the last check (one all-reduce), and stop the run
@@ -58,13 +70,15 @@ class UnreadableCount:
         if self.unreadable > self.max_fraction * self.read:
             raise MicromergeError(
                 f"--data {self.data}: {self.unreadable} of the {self.read} samples read by step {step} were "
-                f"{WHAT} ({self.unreadable / self.read:.1%}, more than --max-bad-fraction {self.max_fraction:g}); "
+                f"{WHAT} ({self.unreadable / self.read:.1%}, more than --max-bad-fraction {self.max_fraction:g}"
+                f"{first_named(self.names, lead='; ', end='')}); "
                 "fix the corpus, or raise --max-bad-fraction to train on the rest (with --resume: from the last "
                 "checkpoint)"
             )
         if say and self.unreadable and not earlier:
             tqdm.write(
-                f"note: {self.unreadable} of the {self.read} samples read by step {step} were {WHAT}: "
+                f"note: {self.unreadable} of the {self.read} samples read by step {step} were "
+                f"{WHAT}{first_named(self.names)}: "
                 f"left out of the loss (up to --max-bad-fraction {self.max_fraction:g} are); the manifest "
                 "counts them",
                 file=sys.stderr,

@@ -340,7 +340,7 @@ def test_samples_of_a_shard_stream_draw_their_own_augmentation(tmp_path):
     batches = wds.DataPipeline(
         wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(6, collation_fn=list)
     )
-    images = [image for pixels, _, _ in _StreamDecoder(stream, skip=0)(iter(batches)) for image in pixels]
+    images = [image for pixels, *_ in _StreamDecoder(stream, skip=0)(iter(batches)) for image in pixels]
     assert len(images) == 6 and len({image.numpy().tobytes() for image in images}) > 1
 
 
@@ -526,7 +526,7 @@ def test_a_shard_streams_captions_are_stripped_as_the_indexed_paths_are(tmp_path
     batches = wds.DataPipeline(
         wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(1, collation_fn=list)
     )
-    ((_, targets, _),) = list(_StreamDecoder(stream, skip=0)(iter(batches)))
+    ((_, targets, *_),) = list(_StreamDecoder(stream, skip=0)(iter(batches)))
     assert list(targets) == ["padded caption"] == _streamed_captions(str(folder.parent))
 
 

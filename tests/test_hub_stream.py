@@ -332,9 +332,10 @@ def test_resuming_a_hub_stream_reads_the_batches_it_skips_without_decoding_them(
     decoded = []
     original = augment.decode_one
     monkeypatch.setattr(augment, "decode_one", lambda *a: decoded.append(1) or original(*a))
-    pixels, targets, readable = next(stream.loader(batch=2, workers=0, world=1, rank=0, skip=3))
+    pixels, targets, readable, names = next(stream.loader(batch=2, workers=0, world=1, rank=0, skip=3))
     assert len(decoded) == 2, "only the batch handed out was decoded"
-    assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])
+    assert bool(readable.all()) and not any(names) and torch.equal(pixels, wanted[0])
+    assert torch.equal(targets, wanted[1])
 
 
 @pytest.mark.parametrize(
@@ -414,8 +415,8 @@ class _SeedEcho:
 
     seed = 0
 
-    def make(self, payload, caption, seed):
-        return torch.zeros(1), torch.tensor(seed % 2**62), torch.tensor(True)
+    def make(self, payload, caption, seed, name):
+        return torch.zeros(1), torch.tensor(seed % 2**62), torch.tensor(True), name
 
 
 def test_every_worker_draws_its_own_augmentation_seeds(tmp_path):

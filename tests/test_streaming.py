@@ -262,7 +262,7 @@ def test_the_shard_decoder_draws_augmentation_per_pass_and_keeps_nothing_per_sam
         batches = wds.DataPipeline(
             wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(7, collation_fn=list)
         )
-        return [image for pixels, _target, _readable in decoder(iter(batches)) for image in pixels]
+        return [image for pixels, *_ in decoder(iter(batches)) for image in pixels]
 
     decoder = _StreamDecoder(stream, skip=0)
     first, second = one_pass(decoder), one_pass(decoder)
@@ -307,9 +307,10 @@ def test_resuming_a_shard_stream_reads_the_batches_it_skips_without_decoding_the
     decoded = []
     original = augment.augmented_pixels
     monkeypatch.setattr(augment, "augmented_pixels", lambda *a: decoded.append(1) or original(*a))
-    pixels, targets, readable = next(stream.loader(batch=4, workers=0, world=1, rank=0, skip=3))
+    pixels, targets, readable, names = next(stream.loader(batch=4, workers=0, world=1, rank=0, skip=3))
     assert len(decoded) == 4, "only the batch handed out was decoded"
-    assert bool(readable.all()) and torch.equal(pixels, wanted[0]) and torch.equal(targets, wanted[1])
+    assert bool(readable.all()) and not any(names) and torch.equal(pixels, wanted[0])
+    assert torch.equal(targets, wanted[1])
 
 
 RSS = """
@@ -485,9 +486,14 @@ def test_a_streamed_webdataset_sample_is_captioned_by_its_json_as_the_index_read
     batches = wds.DataPipeline(
         wds.SimpleShardList(stream.urls), wds.tarfile_to_samples(), wds.batched(1, collation_fn=list)
     )
-    decoded = [(t, bool(r)) for _, (t,), (r,) in _StreamDecoder(stream, skip=0)(iter(batches))]
-    # a sample left with no caption is not decoded: unreadable, it is left out of the loss
-    assert decoded == [("from the json", True), ("from the txt", True), ("", False)]
+    decoded = [(t, bool(r), n) for _, (t,), (r,), (n,) in _StreamDecoder(stream, skip=0)(iter(batches))]
+    # a sample left with no caption is not decoded: unreadable, it is left out of the loss, and
+    # named by its key and shard for the run's note
+    assert decoded == [
+        ("from the json", True, ""),
+        ("from the txt", True, ""),
+        ("", False, f"'c' of {stream.urls[0]!r}"),
+    ]
 
 
 @pytest.mark.slow

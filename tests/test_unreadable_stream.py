@@ -94,7 +94,7 @@ def _spoil(folder, *indices: int) -> None:
 def test_a_stream_leaves_out_its_unreadable_images_counts_them_and_says_so(tmp_path, base, capsys):
     """It stopped at the first one; a corpus of a million scraped images always holds a few.
     One of 24 (4 %, under the default 5 %) is left out of its step's loss, the run trains, and the
-    manifest counts it; the note says so once."""
+    manifest counts it; the note says so once, naming the file."""
     data = write_csv_folder(tmp_path / "pairs", n=24)
     _spoil(data, 5)
     streamed = dict(data_in_memory="no", workers=0, max_steps=3, progress=True)
@@ -103,6 +103,7 @@ def test_a_stream_leaves_out_its_unreadable_images_counts_them_and_says_so(tmp_p
     assert manifest["corrupt_images_skipped"] == 1 and manifest["data_path"]["in_memory"] is False
     err = capsys.readouterr().err
     assert err.count("note: 1 of the 24 samples read by step 3 were unreadable or without a caption") == 1
+    assert f"as a list) (the first: {str(data / 'img5.png')!r}): left out of the loss" in err, "named"
     # the spoilt image is one of step 1's: without it the step trains on its 7 readable pairs
     losses = [
         json.loads(row)["loss"] for row in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
@@ -140,8 +141,8 @@ def test_more_unreadable_images_than_max_bad_fraction_stop_the_run_in_one_line(t
     with pytest.raises(
         MicromergeError,
         match=r"^--data .*pairs: 3 of the 24 samples read by step 3 were unreadable or without a caption .*"
-        r"\(12\.5%, more than --max-bad-fraction 0\.05\); fix the corpus, or raise --max-bad-fraction to train on the rest "
-        r"\(with --resume: from the last checkpoint\)$",
+        r"\(12\.5%, more than --max-bad-fraction 0\.05; the first: '.*img2\.png', '.*img17\.png', '.*img9\.png'\); "
+        r"fix the corpus, or raise --max-bad-fraction to train on the rest \(with --resume: from the last checkpoint\)$",
     ):
         run_finetune(config(base, data, tmp_path / "strict", **streamed))
     assert not (tmp_path / "strict" / "model.safetensors").exists()
@@ -156,7 +157,8 @@ def test_a_batch_with_no_readable_sample_stops_the_run_in_one_line(tmp_path, bas
     with pytest.raises(
         MicromergeError,
         match=r"^--data .*pairs: all 8 samples of a batch at step 1 were unreadable or without a caption \(none, "
-        r"blank, or a \.json caption that is not text, such as a list\), so the step has nothing to train on "
+        r"blank, or a \.json caption that is not text, such as a list\) \(the first: '.*pairs/img\d+\.png', "
+        r"'.*pairs/img\d+\.png', '.*pairs/img\d+\.png'\), so the step has nothing to train on "
         r"\(a whole batch is most often a broken shard or folder\); fix the corpus$",
     ):
         run_finetune(config(base, data, tmp_path / "bad", max_steps=2, data_in_memory="no", workers=0))
@@ -249,6 +251,44 @@ def test_a_streamed_shard_sample_without_a_caption_is_left_out_as_unreadable(tmp
         run_finetune(config(base, _pipe_spec(folder), tmp_path / "strict", **values))
     run_finetune(config(base, _pipe_spec(folder), tmp_path / "run", max_bad_fraction=0.2, **values))
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["corrupt_images_skipped"] == 2
+
+
+def _corpus_with_a_bad_sixth_image(folder, kind: str) -> None:
+    """24 image-caption pairs whose sixth image (sample0005, row 5) is no image: tar shards read
+    through their index, or a `save_to_disk` Arrow dataset."""
+    import datasets
+
+    images = [_png(i) for i in range(24)]
+    images[5] = b"not a png"
+    if kind == "arrow":
+        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+        rows = {
+            "image": [{"bytes": b, "path": None} for b in images],
+            "caption": [f"cells {i}" for i in range(24)],
+        }
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+        return
+    folder.mkdir()
+    with tarfile.open(folder / "shard-000000.tar", "w") as archive:
+        for i, image in enumerate(images):
+            for suffix, payload in ((".png", image), (".txt", f"cells {i}".encode())):
+                info = tarfile.TarInfo(f"sample{i:04d}{suffix}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize(
+    "kind, named", [("tar", "'sample0005' of '{folder}/shard-000000.tar'"), ("arrow", "row 5")]
+)
+def test_an_indexed_stream_names_the_sample_it_left_out(tmp_path, base, capsys, kind, named):
+    """The note names what to fix: a tar member by its key and shard, an Arrow row by its number
+    (a table's image by its file: the first test of this module)."""
+    _corpus_with_a_bad_sixth_image(tmp_path / "corpus", kind)
+    streamed = dict(data_in_memory="no", workers=0, max_steps=3, progress=True)
+    run_finetune(config(base, tmp_path / "corpus", tmp_path / "run", **streamed))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["corrupt_images_skipped"] == 1
+    expected = named.format(folder=tmp_path / "corpus")
+    assert f"(the first: {expected}): left out of the loss" in capsys.readouterr().err
 
 
 @pytest.mark.slow
