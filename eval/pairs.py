@@ -13,10 +13,12 @@ after `#` in the spec (`CorpusSpec`).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -521,26 +523,32 @@ def load_pairs(spec: str) -> PairData:
     return data
 
 
-def _sample_names(payloads: list[dict], indices: np.ndarray) -> str:
-    """Samples by their image file where the payload names one, else by their row (from 0, in the
-    corpus's own order: an Arrow row, a tar member in shard order)."""
-    return ", ".join(
-        repr(str(payloads[i]["path"])) if payloads[i] and payloads[i].get("path") else f"row {i}"
-        for i in indices
-    )
+def payload_name(payloads: list[dict], i: int) -> str:
+    """Sample i by its image file where its payload names one, else by its row (from 0)."""
+    path = payloads[i].get("path") if payloads[i] else None
+    return repr(str(path)) if path else f"row {i}"
 
 
 def decode_checked(
-    payloads: list[dict], targets: list, size: int, max_bad_fraction: float, where: str, progress: bool
+    payloads: list[dict],
+    targets: list,
+    size: int,
+    max_bad_fraction: float,
+    where: str,
+    progress: bool,
+    name: Callable[[int], str] | None = None,
 ) -> DecodedData:
     """Decode images; drop corrupt ones; stop with a clear error when too many are bad, naming the
-    first few (the error said how many, and a user cleaning a corpus of thousands had to find them)."""
+    first few by `name` (by default `payload_name`): the error said how many, and a user cleaning a
+    corpus of thousands had to find them."""
     pixels, valid = decode_payloads(payloads, size, progress, desc="decode training images")
     bad = int((~valid).sum())
     if bad > max_bad_fraction * len(payloads):
+        named = name or functools.partial(payload_name, payloads)
+        first = ", ".join(named(int(i)) for i in np.flatnonzero(~valid)[:3])
         raise MicromergeError(
             f"--data {where}: {bad} of {len(payloads)} images are unreadable (more than --max-bad-fraction "
-            f"{max_bad_fraction}), the first {_sample_names(payloads, np.flatnonzero(~valid)[:3])}; fix or remove them"
+            f"{max_bad_fraction}), the first {first}; fix or remove them"
         )
     keep = np.flatnonzero(valid)
     return DecodedData(pixels[keep] if bad else pixels, [targets[i] for i in keep], bad)

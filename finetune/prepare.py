@@ -117,7 +117,13 @@ def prepare_training(cfg: FinetuneConfig) -> Prepared:
         pairs = indexed_pairs(index)
         fingerprint = pairs.fingerprint()
         data = decode_checked(
-            pairs.payloads, pairs.captions, size, cfg.max_bad_fraction, cfg.data, cfg.progress
+            pairs.payloads,
+            pairs.captions,
+            size,
+            cfg.max_bad_fraction,
+            cfg.data,
+            cfg.progress,
+            index.sample_name,
         )
         path = {"in_memory": True, "why": why, "fingerprint": "every byte"}
         return Prepared(clip, clip, model_config, data, tokenizer(data.targets), None, fingerprint, *common,
@@ -153,7 +159,8 @@ def prepare_training(cfg: FinetuneConfig) -> Prepared:
         return Prepared(model, clip, model_config, None, None, list(task.classes), fingerprint, *common,
                         stream=stream, count=len(index), data_path=path, task_domain=task_domain)  # fmt: skip
     images = column_values(bench.dataset.select(task.rows).cast_column("image", Image(decode=False)), "image")
-    data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress)
+    data = decode_checked(images, list(task.labels), size, cfg.max_bad_fraction, cfg.data, cfg.progress,
+                          lambda i: f"row {task.rows[i]}")  # fmt: skip
     path = {"in_memory": True, "why": why, "fingerprint": "the benchmark's files"}
     return Prepared(model, clip, model_config, data, None, list(task.classes), fingerprint, *common,
                     count=len(data.targets), data_path=path, task_domain=task_domain)  # fmt: skip

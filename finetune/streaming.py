@@ -82,6 +82,16 @@ class CorpusIndex:
     def __len__(self) -> int:
         return len(self.images)
 
+    def sample_name(self, i: int) -> str:
+        """Sample i as a user finds it to fix it: its image file, its tar member by key and shard,
+        its Arrow row (of the whole dataset: a μ-Bench task's rows are the benchmark's), or its row."""
+        location = self.images[i]
+        if self.kind == "table":
+            return repr(location)
+        if self.kind == "tar":
+            return f"{location[3]!r} of {location[0]!r}"
+        return f"row {location if self.kind == 'arrow' else i}"
+
 
 def _file_facts(paths: list[Path]) -> list[tuple[str, int]]:
     return [(path.name, path.stat().st_size) for path in paths]
@@ -234,16 +244,7 @@ class StreamedSamples(torch.utils.data.Dataset):
         epoch, i = item
         payload = self._payload(i)
         seed = sample_seed(self.recipe.seed, epoch, i)
-        return self.recipe.make(payload, self._target(i), seed, self._name(i))
-
-    def _name(self, i: int) -> str:
-        """Sample i as the user finds it: its image file, its tar shard's member, or its row."""
-        location = self.index.images[i]
-        if self.index.kind == "table":
-            return repr(location)
-        if self.index.kind == "tar":
-            return f"{location[3]!r} of {location[0]!r}"
-        return f"row {i}"
+        return self.recipe.make(payload, self._target(i), seed, self.index.sample_name(i))
 
 
 def image_payload(value: dict | None) -> dict:

@@ -4,6 +4,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -331,8 +332,34 @@ def test_corrupt_images_are_skipped_and_counted_up_to_a_limit(tmp_path, base):
     assert json.loads((path.parent / "manifest.json").read_text())["corrupt_images_skipped"] == 1
     for i in range(1, 6):
         (folder / f"img{i}.png").write_bytes(b"garbage")
-    with pytest.raises(MicromergeError, match="6 of 24 images are unreadable"):
+    with pytest.raises(MicromergeError, match=r"6 of 24 images are unreadable .*, the first '.*img0\.png', "):
         run_finetune(config(base, folder, tmp_path / "bad", max_bad_fraction=0.1))
+
+
+@pytest.mark.parametrize("kind", ["tar", "arrow"])
+def test_too_many_unreadable_images_in_memory_are_named_as_the_stream_names_them(tmp_path, base, kind):
+    """The in-memory path decodes an indexed corpus's samples without their index: it named a tar
+    member by its place among all the members. Named by the index, the error points at the member."""
+    from tests.test_unreadable_stream import _corpus_with_a_bad_sixth_image
+
+    _corpus_with_a_bad_sixth_image(tmp_path / "corpus", kind)
+    named = f"'sample0005' of '{tmp_path / 'corpus' / 'shard-000000.tar'}'" if kind == "tar" else "row 5"
+    with pytest.raises(MicromergeError, match=f"1 of 24 images .*, the first {re.escape(named)}; fix"):
+        run_finetune(
+            config(base, tmp_path / "corpus", tmp_path / "run", data_in_memory="yes", max_bad_fraction=0.01)
+        )
+
+
+def test_a_tasks_unreadable_images_are_named_by_their_benchmark_rows(tmp_path, base):
+    """A supervised task's images are some rows of the benchmark (held_et_al_2010_h2b: rows 20-31
+    of the fixture, whose rows 1, 6, 11 ... do not decode): named by their place in the task, they
+    pointed at other images."""
+    from tests.ubench_fixture import write_fixture
+
+    bench = write_fixture(tmp_path / "bench", per_class=4, corrupt=8)
+    supervised = dict(mode="supervised", task="held_et_al_2010_h2b", data_in_memory="yes", max_steps=1)
+    with pytest.raises(MicromergeError, match=r"3 of 12 images .*, the first row 21, row 26, row 31; fix"):
+        run_finetune(config(base, bench, tmp_path / "run", **supervised))
 
 
 def test_output_folder_with_another_run_is_refused(tmp_path, base):
