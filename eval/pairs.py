@@ -73,6 +73,7 @@ class DecodedData:
     pixels: np.ndarray  # [N, 3, S, S] uint8
     targets: list  # captions (contrastive) or class indices (supervised)
     n_corrupt: int
+    dropped: tuple[str, ...] = ()  # the unreadable images left out, by name
 
 
 @dataclass(frozen=True)
@@ -543,12 +544,12 @@ def decode_checked(
     corpus of thousands had to find them."""
     pixels, valid = decode_payloads(payloads, size, progress, desc="decode training images")
     bad = int((~valid).sum())
+    named = name or functools.partial(payload_name, payloads)
+    dropped = tuple(named(int(i)) for i in np.flatnonzero(~valid))
     if bad > max_bad_fraction * len(payloads):
-        named = name or functools.partial(payload_name, payloads)
-        first = ", ".join(named(int(i)) for i in np.flatnonzero(~valid)[:3])
         raise MicromergeError(
             f"--data {where}: {bad} of {len(payloads)} images are unreadable (more than --max-bad-fraction "
-            f"{max_bad_fraction}), the first {first}; fix or remove them"
+            f"{max_bad_fraction}), the first {', '.join(dropped[:3])}; fix or remove them"
         )
     keep = np.flatnonzero(valid)
-    return DecodedData(pixels[keep] if bad else pixels, [targets[i] for i in keep], bad)
+    return DecodedData(pixels[keep] if bad else pixels, [targets[i] for i in keep], bad, dropped)

@@ -24,7 +24,16 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-RUN_FILES = ("manifest.json", "model.safetensors", "head.safetensors", "train_log.jsonl", "README.md")
+UNREADABLE_LIST = "unreadable.txt"
+"""The unreadable samples a run left out, by name (finetune/unreadable.py)."""
+RUN_FILES = (
+    "manifest.json",
+    "model.safetensors",
+    "head.safetensors",
+    "train_log.jsonl",
+    "README.md",
+    UNREADABLE_LIST,
+)
 
 
 def refuse_base_inside_out(cfg: FinetuneConfig) -> None:

@@ -38,6 +38,7 @@ from micromerge.finetune.losses import IGNORED, clip_loss
 from micromerge.finetune.micro_batches import MicroBatch, MicroBatches
 from micromerge.finetune.prepare import Prepared, prepare_training
 from micromerge.finetune.run_folder import (
+    UNREADABLE_LIST,
     check_finished_settings,
     check_output_dir,
     one_run_per_folder,
@@ -300,6 +301,8 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
                 _record_losses(pending, history, bar)
             if saving:
                 refuse_diverged_weights(accelerator, model.parameters(), step)
+                if skipped is not None:
+                    skipped.gather()
                 _save_state(accelerator, cfg, prepared, micro_step, step, history, scheduler, skipped)
     except torch.cuda.OutOfMemoryError as exc:
         raise MicromergeError(
@@ -310,6 +313,8 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
         bar.close()
         feed.close()
     refuse_diverged_weights(accelerator, model.parameters(), math.ceil(micro_step / cfg.accum_steps))
+    if skipped is not None:
+        skipped.gather()
     accelerator.wait_for_everyone()
     from accelerate.utils import gather_object
 
@@ -523,6 +528,8 @@ def _write_final(
         for k, v in state.items()
         if k.startswith(prefix)  # open_clip keeps the causal attn_mask out of state_dict()
     }
+    # by name, one a line: what a user cleaning the corpus goes through
+    unreadable = skipped.listed if skipped is not None else prepared.data.dropped if prepared.data else ()
     losses = [row["loss"] for row in history]
     manifest = {
         "kind": f"finetune-{cfg.mode}",
@@ -543,6 +550,7 @@ def _write_final(
         "corrupt_images_skipped": skipped.unreadable
         if skipped is not None
         else (prepared.data.n_corrupt if prepared.data is not None else 0),
+        **({"corrupt_images_listed": UNREADABLE_LIST} if unreadable else {}),
         "data_path": prepared.data_path,
         **({SUPERVISED_ON: prepared.base_supervised_on} if prepared.base_supervised_on else {}),
         **(
@@ -573,6 +581,8 @@ def _write_final(
         }
         save_tensors(cfg.out / "head.safetensors", head, {"classes": json.dumps(prepared.classes)})
     write_text_atomic(cfg.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    if unreadable:
+        write_text_atomic(cfg.out / UNREADABLE_LIST, "".join(f"{name}\n" for name in unreadable))
     write_json_atomic(
         cfg.out / "manifest.json",
         {

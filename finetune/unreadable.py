@@ -11,14 +11,16 @@ trains on exactly its readable samples, and a resumed run masks the same ones. T
 checked against --max-bad-fraction at every loss read, over all the samples every process has
 read so far, and recorded in the run's state and manifest. The note and the error name the first
 few samples this process skipped, where the stream names them (a file, a tar member, an index row;
-a hub stream's rows have no name): the count alone left a user to search a corpus for them.
+a hub stream's rows have no name): the count alone left a user to search a corpus for them. Every
+named one is listed in the run folder's unreadable.txt, gathered from every process at each save
+(kept in the saved state, so a resumed run's list holds the samples skipped before it).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -48,14 +50,28 @@ class UnreadableCount:
     max_fraction: float
     read: int = 0
     unreadable: int = 0
+    listed: list[str] = field(default_factory=list)  # every process's named ones, as of the last gather
     read_here: int = 0
     unreadable_here: int = 0
-    names: tuple[str, ...] = ()  # the first unreadable samples this process read since it started or resumed
+    named_here: list[str] = field(default_factory=list)  # this process's since the last gather
+    names: tuple[str, ...] = ()  # the first this process read since it started or resumed, for messages
 
     def add(self, read: int, unreadable: int, names: tuple[str, ...]) -> None:
         self.read_here += read
         self.unreadable_here += unreadable
+        self.named_here.extend(names)
         self.names = (*self.names, *names[: NAMED - len(self.names)])
+
+    def gather(self) -> None:
+        """Every process's named samples since the last gather onto the list, each once (a sample
+        of every epoch is read again). A collective: called by every process, at each save and at
+        the end."""
+        from accelerate.utils import gather_object
+
+        # one list per process: gather_object joins the lists it is handed
+        everywhere = gather_object([self.named_here])
+        self.listed = list(dict.fromkeys([*self.listed, *(name for names in everywhere for name in names)]))
+        self.named_here = []
 
     def check(self, accelerator: Accelerator, step: int, say: bool) -> None:
         """Add every process's counts since the last check (one all-reduce), and stop the run
@@ -84,10 +100,12 @@ class UnreadableCount:
                 file=sys.stderr,
             )
 
-    def state(self) -> dict[str, int]:
-        """What a saved state records, so a resumed run goes on counting from there."""
-        return {"read": self.read, "unreadable": self.unreadable}
+    def state(self) -> dict[str, Any]:
+        """What a saved state records, so a resumed run goes on counting (and listing) from there."""
+        return {"read": self.read, "unreadable": self.unreadable, "names": self.listed}
 
-    def restore(self, saved: dict[str, int] | None) -> None:
-        """The counts of a saved state (none in a state written before 0.1.14: counted from zero)."""
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        """The counts of a saved state (none in a state written before 0.1.14: counted from zero;
+        no names before 0.1.15)."""
         self.read, self.unreadable = (saved["read"], saved["unreadable"]) if saved else (0, 0)
+        self.listed = list(saved.get("names", [])) if saved else []

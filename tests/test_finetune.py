@@ -329,7 +329,9 @@ def test_corrupt_images_are_skipped_and_counted_up_to_a_limit(tmp_path, base):
     folder = write_csv_folder(tmp_path / "pairs", n=24)
     (folder / "img0.png").write_bytes(b"garbage")
     path = run_finetune(config(base, folder, tmp_path / "ok", max_bad_fraction=0.1))
-    assert json.loads((path.parent / "manifest.json").read_text())["corrupt_images_skipped"] == 1
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["corrupt_images_skipped"] == 1 and manifest["corrupt_images_listed"] == "unreadable.txt"
+    assert (path.parent / "unreadable.txt").read_text() == f"{str(folder / 'img0.png')!r}\n"
     for i in range(1, 6):
         (folder / f"img{i}.png").write_bytes(b"garbage")
     with pytest.raises(MicromergeError, match=r"6 of 24 images are unreadable .*, the first '.*img0\.png', "):

@@ -104,6 +104,8 @@ def test_a_stream_leaves_out_its_unreadable_images_counts_them_and_says_so(tmp_p
     err = capsys.readouterr().err
     assert err.count("note: 1 of the 24 samples read by step 3 were unreadable or without a caption") == 1
     assert f"as a list) (the first: {str(data / 'img5.png')!r}): left out of the loss" in err, "named"
+    assert (tmp_path / "run" / "unreadable.txt").read_text() == f"{str(data / 'img5.png')!r}\n"
+    assert manifest["corrupt_images_listed"] == "unreadable.txt"
     # the spoilt image is one of step 1's: without it the step trains on its 7 readable pairs
     losses = [
         json.loads(row)["loss"] for row in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
@@ -174,12 +176,16 @@ def test_a_resumed_stream_leaves_out_the_same_samples_and_goes_on_counting(tmp_p
     with pytest.raises(KeyboardInterrupt):
         run_finetune(interrupted)
     state = next((tmp_path / "resumed" / "state").glob("step-*")) / "trainer_state.json"
-    assert json.loads(state.read_text())["unreadable"] == {"read": 24, "unreadable": 2}
+    names = [repr(str(data / f"img{i}.png")) for i in (4, 20)]
+    saved = json.loads(state.read_text())["unreadable"]
+    assert saved == {"read": 24, "unreadable": 2, "names": sorted(names, key=saved["names"].index)}
     resumed = run_finetune(replace(interrupted, resume=True))
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for run in ("straight", "resumed"):
         assert json.loads((tmp_path / run / "manifest.json").read_text())["corrupt_images_skipped"] == 4
+        # read in both epochs, listed once; the resumed run's list holds those skipped before it
+        assert sorted((tmp_path / run / "unreadable.txt").read_text().splitlines()) == sorted(names)
 
 
 def test_a_run_stopped_by_max_bad_fraction_resumes_with_a_larger_one(tmp_path, base):
@@ -322,6 +328,9 @@ def test_two_processes_leave_out_the_same_samples_as_one_process_of_their_joint_
     )
     manifests = [json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("ddp", "one")]
     assert manifests[0]["corrupt_images_skipped"] == manifests[1]["corrupt_images_skipped"] > 0
+    # both processes' skipped samples are listed (in the order they were gathered)
+    listed = [sorted((tmp_path / run / "unreadable.txt").read_text().splitlines()) for run in ("ddp", "one")]
+    assert listed[0] == listed[1] and listed[0]
     assert len(set(manifests[0]["rank_weight_sha256"])) == 1
     for key in one_weights:
         torch.testing.assert_close(two_weights[key], one_weights[key], rtol=0, atol=5e-6, msg=key)
