@@ -166,8 +166,9 @@ def model_card(
 
 def _training_lines(record: dict[str, Any]) -> list[str]:
     """A fine-tune's data and run as its manifest measured them: what it was trained on (the input
-    table names only the base), how far, and where its loss went, so a card shared on the Hub says
-    which corpus made the specialist and a changed corpus is told by its fingerprint."""
+    table names only the base), how far, what of the corpus it could not read, and where its loss
+    went, so a card shared on the Hub says which corpus made the specialist and a changed corpus is
+    told by its fingerprint."""
     if not str(record.get("kind", "")).startswith("finetune-") or "data_fingerprint" not in record:
         return []
     how = (record.get("data_path") or {}).get("fingerprint")
@@ -182,6 +183,10 @@ def _training_lines(record: dict[str, Any]) -> list[str]:
     if "steps" in record:
         seen = f", {record['images_seen']} images seen" if "images_seen" in record else ""
         rows.append(("steps", f"{record['steps']}{seen}"))
+    if record.get("corrupt_images_skipped"):
+        listed = record.get("corrupt_images_listed")
+        where = f" (listed in `{listed}` beside the run's model)" if listed else ""
+        rows.append(("unreadable images left out", f"{record['corrupt_images_skipped']}{where}"))
     if "processes" in record:
         rows.append(("processes", f"{record['processes']} on {record.get('device', '?')}"))
     loss = record.get("loss_summary") or {}

@@ -173,6 +173,8 @@ def test_a_finetuned_runs_card_says_what_it_was_trained_on_how_far_and_its_loss(
         "images_seen": 7680,
         "processes": 2,
         "device": "cuda:0",
+        "corrupt_images_skipped": 3,
+        "corrupt_images_listed": "unreadable.txt",
         "loss_summary": {"first": 0.69314, "last": 0.12345, "min": 0.1, "mean_last_10": 0.13579},
     }
     lines = model_card("run", record, "open_clip").splitlines()
@@ -184,11 +186,14 @@ def test_a_finetuned_runs_card_says_what_it_was_trained_on_how_far_and_its_loss(
         "| classes | benign, malignant |",
         "| steps | 120, 7680 images seen |",
         "| processes | 2 on cuda:0 |",
+        "| unreadable images left out | 3 (listed in `unreadable.txt` beside the run's model) |",
         "| loss | 0.6931 at the first step, 0.1235 at the last (mean of the last 10: 0.1358) |",
     ):
         assert row in training, row
     merged = {"method": "wise-ft", "inputs_sha256": {"a": "1" * 64}, "data_fingerprint": "ef" * 32}
     assert "Training:" not in model_card("run", merged, "open_clip"), "a merge was not trained"
+    clean = model_card("run", {**record, "corrupt_images_skipped": 0}, "open_clip")
+    assert "unreadable images" not in clean, "nothing left out: no row"
 
 
 def test_a_data_aware_merge_says_what_data_it_learned_from():
