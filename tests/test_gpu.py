@@ -181,7 +181,8 @@ def test_finetune_on_cuda_in_bf16_trains_and_starts_where_cpu_starts(tmp_path, m
 @pytest.mark.parametrize("mode", ["contrastive", "supervised"])
 def test_a_stream_with_unreadable_images_on_cuda_leaves_them_out_as_the_cpu_run_does(tmp_path, models, mode):
     """The mask of unreadable samples lives on the device (finetune/unreadable.py): on CUDA the
-    same samples are left out, the same count is recorded, and the losses follow the CPU run's."""
+    same samples are left out, the same count is recorded and listed, and the losses follow the
+    CPU run's."""
     if mode == "contrastive":
         data, values = write_csv_folder(tmp_path / "pairs", n=48), {}
         for i in (5, 29):
@@ -199,6 +200,8 @@ def test_a_stream_with_unreadable_images_on_cuda_leaves_them_out_as_the_cpu_run_
         json.loads((tmp_path / d / "manifest.json").read_text())["corrupt_images_skipped"] for d in runs
     ]
     assert counts[0] == counts[1] > 0
+    listed = [(tmp_path / d / "unreadable.txt").read_text() for d in runs]
+    assert listed[0] == listed[1], "the same samples listed"
     assert runs["cuda"] == pytest.approx(runs["cpu"], rel=1e-3)
 
 
