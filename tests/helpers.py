@@ -61,28 +61,48 @@ def two_process_launch(*cli_args: str) -> list[str]:
 
 def run_two_processes(*cli_args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`two_process_launch(*cli_args)` run to its end on the CPU (no process sees a GPU), its output
-    kept for `launch_failure`."""
-    return subprocess.run(
-        two_process_launch(*cli_args),
+    kept for `launch_failure`. A launch still running after 300 s is killed whole: a rank hung in
+    torch's destroy_process_group (pytorch/pytorch#75097; seen at the floors' torch 2.6, about one
+    launch in twenty on a loaded machine) outlived the launcher that subprocess.run killed."""
+    command = two_process_launch(*cli_args)
+    launched = subprocess.Popen(
+        command,
         cwd=cwd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        timeout=300,
     )
+    try:
+        stdout, stderr = launched.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        kill_whole(launched)
+        raise
+    return subprocess.CompletedProcess(command, launched.returncode, stdout, stderr)
+
+
+def kill_whole(launched: subprocess.Popen) -> None:
+    """Kill a process and every process under it at once, by pid: torch's elastic agent starts
+    each rank in a session of its own, so killing a launcher's process group leaves its ranks."""
+    import signal
+
+    import psutil
+
+    root = psutil.Process(launched.pid)
+    everyone = [root, *root.children(recursive=True)]
+    for process in everyone:
+        process.send_signal(signal.SIGKILL)
+    launched.communicate()
+    psutil.wait_procs(everyone, timeout=30)
 
 
 def kill_at_step(command: list[str], out: Path, step: int) -> None:
     """Start `command` (a fine-tune writing to `out`: one process, or `two_process_launch(...)`) and
     kill it whole (every process at once, as a lost node or a scheduler's preemption does) once it
-    has saved the state of `step`: the run a `--resume` must finish. The process and every process
-    under it are killed by pid: torch's elastic agent starts each rank in a session of its own, so
-    killing a launcher's process group left the ranks running to the end, and the `--resume` that
-    followed found a finished run (it passed whether or not resuming worked)."""
-    import signal
+    has saved the state of `step`: the run a `--resume` must finish. Killed by `kill_whole`: killing
+    the launcher's process group left the ranks running to the end, and the `--resume` that followed
+    found a finished run (it passed whether or not resuming worked)."""
     import time
-
-    import psutil
 
     started = subprocess.Popen(
         command,
@@ -95,12 +115,7 @@ def kill_at_step(command: list[str], out: Path, step: int) -> None:
         latest.is_file() and latest.read_text().strip() >= f"step-{step:08d}"
     ):
         time.sleep(0.02)
-    root = psutil.Process(started.pid)
-    everyone = [root, *root.children(recursive=True)]
-    for process in everyone:
-        process.send_signal(signal.SIGKILL)
-    started.wait()
-    psutil.wait_procs(everyone, timeout=30)
+    kill_whole(started)
     assert not (out / "model.safetensors").exists(), "the kill must land mid-run"
     assert (out / "state" / "LATEST").is_file(), "the killed run must leave a state to resume from"
 
