@@ -178,7 +178,8 @@ def test_a_resumed_stream_leaves_out_the_same_samples_and_goes_on_counting(tmp_p
     state = next((tmp_path / "resumed" / "state").glob("step-*")) / "trainer_state.json"
     names = [repr(str(data / f"img{i}.png")) for i in (4, 20)]
     saved = json.loads(state.read_text())["unreadable"]
-    assert saved == {"read": 24, "unreadable": 2, "names": sorted(names, key=saved["names"].index)}
+    assert sorted(saved.pop("names")) == sorted(names)  # in the order they were gathered
+    assert saved == {"read": 24, "unreadable": 2}
     resumed = run_finetune(replace(interrupted, resume=True))
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
