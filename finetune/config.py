@@ -16,6 +16,9 @@ from micromerge.core.hashing import sha256_json
 # a larger one, not trained again from the start.
 RUN_GUARDS = frozenset({"max_bad_fraction"})
 
+DEFAULT_MAX_BAD_FRACTION = 0.05
+"""The fraction of unreadable samples a fine-tune takes in its stride (and `data check` judges by)."""
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -40,7 +43,7 @@ class FinetuneConfig:
     freeze_text: bool | None = None  # default: True for supervised, False for contrastive
     freeze: tuple[str, ...] = ()
     lp_epochs: int = 0
-    max_bad_fraction: float = 0.05
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     resume: bool = False
     force: bool = False
     allow_pickle: bool = False

@@ -87,6 +87,22 @@ class ShardStream:
             next(batches)
         return batches
 
+    def one_pass(self, batch: int, workers: int) -> torch.utils.data.DataLoader:
+        """Every sample once, shard by shard in the list's order, unshuffled, named (`data check`);
+        each worker reads every workers-th shard."""
+        import webdataset as wds
+
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec)),
+            wds.batched(batch, collation_fn=list, partial=True),
+            _StreamDecoder(self, 0),
+        )
+        return torch.utils.data.DataLoader(
+            pipeline, batch_size=None, num_workers=min(workers, len(self.urls))
+        )
+
 
 def skipped_here(skip: int) -> int:
     """How many of the first `skip` batches this DataLoader worker makes: the loader asks its

@@ -1,15 +1,18 @@
-"""`tasks` and `data verify`: what a μ-Bench copy holds, and whether it is the published one."""
+"""`tasks`, `data verify` and `data check`: what a μ-Bench copy holds, whether it is the published
+one, and which samples of a fine-tuning corpus a fine-tune would leave out."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
 from micromerge.cli.errors import friendly_errors
-from micromerge.cli.options import SOURCES_HELP, UBENCH_DATA_HELP
+from micromerge.cli.options import QUIET, SOURCES_HELP, UBENCH_DATA_HELP
 from micromerge.core.errors import MicromergeError
+from micromerge.finetune.config import DEFAULT_MAX_BAD_FRACTION
 
 
 @click.command("tasks")
@@ -52,7 +55,7 @@ def tasks_command(data: str, sources: str | None, wanted: str) -> None:
 
 @click.group("data")
 def data_group() -> None:
-    """Local copies of μ-Bench."""
+    """Local copies of μ-Bench, and fine-tuning corpora."""
 
 
 @data_group.command("verify")
@@ -109,3 +112,58 @@ def data_verify_command(path: str, expected: str | None) -> None:
             )  # fmt: skip
         )
     click.echo(f"{folder}: all {len(report)} shards match")
+
+
+@data_group.command("check")
+@click.option(
+    "--data",
+    "corpus",
+    required=True,
+    help="The corpus, in any form `finetune contrastive --data` takes (captions table or folder, tar shards, "
+    "a webdataset shard pattern or URL, a save_to_disk folder, a hub dataset or its local copy).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Worker processes that read and decode (0: in this process).",
+)
+@click.option(
+    "--max-bad-fraction",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MAX_BAD_FRACTION,
+    show_default=True,
+    help="Say whether a fine-tune with this --max-bad-fraction would train on the corpus or stop.",
+)
+@QUIET
+@friendly_errors
+def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet: bool) -> None:
+    """Name the samples of a fine-tuning corpus a fine-tune would leave out, before it runs.
+
+    Every sample is read and decoded as a fine-tune reads it; the unreadable ones are printed one a
+    line, as a run's unreadable.txt names them, and the summary goes to stderr. Exit 0 when every
+    sample is readable, 1 when any is not.
+    """
+    from micromerge.finetune.corpus_check import check_corpus
+    from micromerge.finetune.unreadable import WHAT
+
+    found = check_corpus(corpus, workers, progress=not quiet)
+    for name in found.unreadable:
+        click.echo(name)
+    bad = len(found.unreadable)
+    if not bad:
+        click.echo(f"--data {corpus}: all {found.read} samples are readable, each with a caption", err=True)
+        return
+    stops = bad > max_bad_fraction * found.read  # the trainer's rule (finetune/unreadable.py)
+    verdict = (
+        f"more than --max-bad-fraction {max_bad_fraction:g}: a fine-tune stops on it; fix the corpus or "
+        "raise the fraction"
+        if stops
+        else f"within --max-bad-fraction {max_bad_fraction:g}: a fine-tune leaves them out and trains on the rest"
+    )
+    click.echo(
+        f"--data {corpus}: {bad} of {found.read} samples ({bad / found.read:.1%}) are {WHAT}; {verdict}",
+        err=True,
+    )
+    sys.exit(1)

@@ -9,6 +9,7 @@ import click
 from micromerge.cli.errors import friendly_errors
 from micromerge.cli.options import ALLOW_PICKLE, ARCH, QUIET, SEED, Command, explicit_options
 from micromerge.core.errors import MicromergeError
+from micromerge.finetune.config import DEFAULT_MAX_BAD_FRACTION
 
 
 def _finetune_options(func: Command) -> Command:
@@ -101,7 +102,7 @@ def _finetune_options(func: Command) -> Command:
         click.option(
             "--max-bad-fraction",
             type=float,
-            default=0.05,
+            default=DEFAULT_MAX_BAD_FRACTION,
             show_default=True,
             help="Stop if more than this fraction of the images are unreadable (a stream: of those read so "
             "far; the rest train, each unreadable one left out of its step's loss).",
