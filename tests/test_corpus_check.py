@@ -197,3 +197,19 @@ def test_a_hub_dataset_not_held_locally_is_refused_with_the_download_command(tmp
         MicromergeError, match=r"data check reads every byte of a local copy; make one \(`hf download"
     ):
         stream.one_pass(8, 0)
+
+
+def test_an_interrupted_check_says_nothing_was_written(tmp_path, monkeypatch):
+    """Ctrl-C said "finished work is kept; run the same command again to resume", which a command
+    that only reads has none of."""
+    from micromerge.finetune import corpus_check
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_check, "check_corpus", interrupted)
+    result = check("--data", str(write_csv_folder(tmp_path / "pairs", n=4)))
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == [
+        "interrupted: nothing was written; run the same command again to start over"
+    ]

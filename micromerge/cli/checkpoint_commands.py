@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from micromerge.cli.errors import friendly_errors
+from micromerge.cli.errors import friendly_errors, writes_nothing
 from micromerge.cli.options import ALLOW_PICKLE, ARCH
 from micromerge.core.errors import MicromergeError
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 @click.command("zoo")
 @friendly_errors
+@writes_nothing
 def zoo_command() -> None:
     """List the checkpoint zoo: names, architectures, sources and formats."""
     from micromerge.merging.zoo import load_zoo

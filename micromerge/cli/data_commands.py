@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from micromerge.cli.errors import friendly_errors
+from micromerge.cli.errors import friendly_errors, writes_nothing
 from micromerge.cli.options import QUIET, SOURCES_HELP, UBENCH_DATA_HELP
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import DEFAULT_MAX_BAD_FRACTION
@@ -26,6 +26,7 @@ from micromerge.finetune.config import DEFAULT_MAX_BAD_FRACTION
     help="List only these (as eval's --tasks reads them): what a selection would score, before it runs.",
 )
 @friendly_errors
+@writes_nothing
 def tasks_command(data: str, sources: str | None, wanted: str) -> None:
     """List every task with its images, classes, caption keys and metadata groups."""
     from micromerge.eval.data import load_benchmark
@@ -66,6 +67,7 @@ def data_group() -> None:
     help="JSON {shard name: sha256} to check against instead of the published checksums.",
 )
 @friendly_errors
+@writes_nothing
 def data_verify_command(path: str, expected: str | None) -> None:
     """Check a local copy's shards against the published SHA-256 of jnirschl/uBench's seven shards."""
     from micromerge.eval.hub_layout import (
@@ -138,6 +140,7 @@ def data_verify_command(path: str, expected: str | None) -> None:
 )
 @QUIET
 @friendly_errors
+@writes_nothing
 def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet: bool) -> None:
     """Name the samples of a fine-tuning corpus a fine-tune would leave out, before it runs.
 

@@ -63,10 +63,22 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+WRITES_NOTHING = "micromerge_writes_nothing"
+
+
+def writes_nothing(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a command that only reads and prints (below `friendly_errors`, which carries the mark):
+    interrupted, it has no finished work to keep or resume."""
+    setattr(func, WRITES_NOTHING, True)
+    return func
+
+
 def _how_to_go_on(ctx: click.Context) -> str:
     """What an interrupted command kept and how to continue it. A fine-tune keeps its last
     checkpoint and continues only with --resume (run again as it was, it refuses the folder it
     left), so saying "run the same command again" cost a fine-tuner a second try."""
+    if getattr(ctx.command.callback, WRITES_NOTHING, False):
+        return "nothing was written; run the same command again to start over"
     if "resume" not in ctx.params:
         return "finished work is kept; run the same command again to resume"
     again = "again" if ctx.params["resume"] else "with --resume"

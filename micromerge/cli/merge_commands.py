@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from micromerge.cli.errors import friendly_errors
+from micromerge.cli.errors import friendly_errors, writes_nothing
 from micromerge.cli.options import (
     ALLOW_PICKLE,
     ARCH,
@@ -179,6 +179,7 @@ def _who_needs_data(job: MergeJob) -> str:
 
 @click.command("methods")
 @friendly_errors
+@writes_nothing
 def methods_command() -> None:
     """List the merge methods: how many --ft each takes, the parameters it reads, the engines it runs on."""
     from micromerge.merging.methods import METHODS
