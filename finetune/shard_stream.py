@@ -76,7 +76,7 @@ class ShardStream:
             wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.recipe.seed),
             _NodeSplit(rank, world),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec)),
+            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec, self.urls)),
             wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
             wds.batched(batch, collation_fn=list, partial=False),
             _StreamDecoder(self, skip),
@@ -95,7 +95,7 @@ class ShardStream:
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec)),
+            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec, self.urls)),
             wds.batched(batch, collation_fn=list, partial=True),
             _StreamDecoder(self, 0),
         )
@@ -147,14 +147,22 @@ class ShardReadError(MicromergeError):
 class _UnreadableShard:
     """webdataset's handler for a shard it cannot read: stop with one line that names the shard
     (webdataset adds its URL as the exception's last argument). Skipping it, as open_clip_train's
-    `log_and_continue` does, would train on a corpus other than the one the manifest names."""
+    `log_and_continue` does, would train on a corpus other than the one the manifest names.
 
-    def __init__(self, spec: str):
-        self.spec = spec
+    A member cut short (an interrupted download) reaches the handler twice: from webdataset's
+    per-member loop, with " @ <stream>" added to its message and no URL, then, raised again, from
+    its per-shard loop with the stream and URL added (webdataset 0.2.86 tariterators.py,
+    `tar_file_iterator` and `tar_file_expander`). The first is passed on as it is: answering it made
+    the second line hold the first, which named no shard."""
+
+    def __init__(self, spec: str, urls: list[str]):
+        self.spec, self.urls = spec, set(urls)
 
     def __call__(self, error: Exception) -> bool:
-        url = error.args[-1] if error.args else "?"
-        why = error.args[0] if len(error.args) > 1 else type(error).__name__
+        if not error.args or error.args[-1] not in self.urls:
+            raise error  # the per-member loop: the per-shard loop calls again with the URL
+        url = error.args[-1]
+        why = str(error.args[0]).split(" @ ")[0] if len(error.args) > 1 else type(error).__name__
         opened = error.args[-2] if len(error.args) > 2 else None  # the shard's stream, which it leaves open
         if isinstance(opened, io.IOBase):
             opened.close()
