@@ -213,3 +213,16 @@ def test_an_interrupted_check_says_nothing_was_written(tmp_path, monkeypatch):
     assert result.stderr.splitlines() == [
         "interrupted: nothing was written; run the same command again to start over"
     ]
+
+
+def test_a_shard_cut_short_is_one_line_naming_it(tmp_path):
+    """An interrupted download: the check stops where a fine-tune would, with tar's reason."""
+    shards = write_shards(tmp_path / "wds", 14, per_shard=7)
+    whole = (shards / "shard-000001.tar").read_bytes()
+    (shards / "shard-000001.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    result = check("--data", _pipe_spec(shards), "--workers", "0")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: --data {_pipe_spec(shards)}: shard pipe:cat {shards}/shard-000001.tar cannot be read as a "
+        "tar file (unexpected end of data); re-create or re-download it"
+    ]
