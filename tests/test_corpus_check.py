@@ -129,6 +129,9 @@ def test_a_readable_corpus_exits_0_with_nothing_on_stdout(tmp_path):
     result = check("--data", str(data), "--workers", "0")
     assert result.exit_code == 0 and result.stdout == ""
     assert f"--data {data}: all 10 samples are readable, each with a caption" in result.stderr
+    (data / "captions.csv").write_text("image,caption\nimg0.png,cells\n")
+    one = check("--data", str(data), "--workers", "0")
+    assert f"--data {data}: its one sample is readable, with a caption" in one.stderr
 
 
 @pytest.mark.parametrize(

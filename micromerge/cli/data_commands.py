@@ -156,7 +156,12 @@ def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet
         click.echo(name)
     bad = len(found.unreadable)
     if not bad:
-        click.echo(f"--data {corpus}: all {found.read} samples are readable, each with a caption", err=True)
+        every = (
+            f"all {found.read} samples are readable, each"
+            if found.read != 1
+            else "its one sample is readable,"
+        )
+        click.echo(f"--data {corpus}: {every} with a caption", err=True)
         return
     stops = bad > max_bad_fraction * found.read  # the trainer's rule (finetune/unreadable.py)
     verdict = (
