@@ -35,8 +35,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 # The usual names, looked for in this order. open_clip_train's CSV defaults (`--csv-img-key filepath
 # --csv-caption-key title`, params.py) and Quilt-1M's quilt_1M_lookup.csv (`image_path`, `caption`)
 # are among them.
-IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename", "image_path")
-CAPTION_COLUMNS = ("caption", "text", "captions", "title")
+# the last names are webdataset's member extensions, the columns of a hub dataset kept as tar
+# shards (datasets' webdataset builder: jpg, txt, json, __key__, __url__)
+IMAGE_COLUMNS = ("image", "file", "filepath", "path", "filename", "image_path", "jpg", "jpeg", "png", "webp")
+CAPTION_COLUMNS = ("caption", "text", "captions", "title", "txt")
 CAPTION_TABLES = ("captions.csv", "captions.tsv", "captions.jsonl")
 """A folder's caption table, by the names looked for (the first one present is read)."""
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")

@@ -273,6 +273,36 @@ def test_a_hub_layout_copy_streams_from_its_named_columns(tmp_path):
     )
 
 
+def test_a_hub_dataset_kept_as_webdataset_shards_is_read_by_its_extension_columns(tmp_path):
+    """datasets reads a hub repository of tar shards with its webdataset builder, whose columns are
+    the members' extensions and the sample's key and URL: `__key__`, `__url__`, `jpg` (an image),
+    `json`, `txt` (a public dataset card's `dataset_info.features`, SlytherinGe/RSTeller's README.md,
+    read through the search tool). They were refused ("no image column") until named after `#`."""
+    features = datasets.Features(
+        {
+            "__key__": datasets.Value("string"),
+            "__url__": datasets.Value("string"),
+            "jpg": datasets.Image(),
+            "json": datasets.Value("string"),
+            "txt": datasets.Value("string"),
+        }
+    )
+    rows = {
+        "__key__": [f"{i:09d}" for i in range(6)],
+        "__url__": ["data/00000.tar"] * 6,
+        "jpg": [{"bytes": _png(i), "path": None} for i in range(6)],
+        "json": ["{}"] * 6,
+        "txt": [CAPTIONS[i] for i in range(6)],
+    }
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(tmp_path / "repo" / "data" / "train.parquet")
+    )
+    stream = HubStream(str(tmp_path / "repo"), SampleRecipe(32, (), 0, lambda texts: texts))
+    assert (stream.image_column, stream.caption_column) == ("jpg", "txt")
+    assert load_pairs(str(tmp_path / "repo")).captions == CAPTIONS[:6]
+
+
 def test_fisher_corpora_take_the_options_and_key_their_statistics_on_them(tmp_path):
     folder = tmp_path / "f"
     folder.mkdir()
