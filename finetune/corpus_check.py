@@ -13,7 +13,7 @@ shuffles them across files), are named here by their file and row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +45,12 @@ def no_target(_: object) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64)
 
 
-def check_corpus(spec: str, workers: int, progress: bool) -> CorpusCheck:
+def check_corpus(
+    spec: str, workers: int, progress: bool, found: Callable[[str], None] = lambda _: None
+) -> CorpusCheck:
     """Read every sample of the image-caption corpus `spec` (any form `finetune contrastive --data`
-    takes) once, and name the ones a fine-tune would leave out."""
+    takes) once, and name the ones a fine-tune would leave out; `found` is told each as it is met,
+    so a check of hours that is interrupted has said what it found."""
     recipe = SampleRecipe(CHECK_SIZE, (), 0, no_target)
     batches: Iterable
     if is_shard_stream(spec):
@@ -63,7 +66,10 @@ def check_corpus(spec: str, workers: int, progress: bool) -> CorpusCheck:
     with tqdm(total=total, unit="sample", desc="check samples", disable=not progress) as bar:
         for _, _, readable, names in batches:
             read += len(readable)
-            unreadable += [name for name, ok in zip(names, readable.tolist(), strict=True) if not ok]
+            for name, ok in zip(names, readable.tolist(), strict=True):
+                if not ok:
+                    unreadable.append(name)
+                    found(name)
             bar.update(len(readable))
     return CorpusCheck(read, unreadable)
 

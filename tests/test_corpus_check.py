@@ -202,19 +202,27 @@ def test_a_hub_dataset_not_held_locally_is_refused_with_the_download_command(tmp
         stream.one_pass(8, 0)
 
 
-def test_an_interrupted_check_says_nothing_was_written(tmp_path, monkeypatch):
-    """Ctrl-C said "finished work is kept; run the same command again to resume", which a command
-    that only reads has none of."""
-    from micromerge.finetune import corpus_check
+def test_an_interrupted_check_has_said_what_it_found_and_writes_no_files(tmp_path, monkeypatch):
+    """Names go out as they are found, so a check stopped after hours has printed what it met (at
+    the end only, an interrupt lost them all). Ctrl-C said "finished work is kept; run the same
+    command again to resume", which a command that writes nothing has none of."""
+    from micromerge.finetune.streaming import StreamedSamples
 
-    def interrupted(*_, **__):
-        raise KeyboardInterrupt
+    data = write_csv_folder(tmp_path / "pairs", n=150)
+    _spoil(data, 3, 70)
+    read = StreamedSamples.__getitem__
 
-    monkeypatch.setattr(corpus_check, "check_corpus", interrupted)
-    result = check("--data", str(write_csv_folder(tmp_path / "pairs", n=4)))
+    def interrupted_at_sample_100(self, item):
+        if item[1] == 100:  # in the second batch of 64: the first, with img3 in it, is done
+            raise KeyboardInterrupt
+        return read(self, item)
+
+    monkeypatch.setattr(StreamedSamples, "__getitem__", interrupted_at_sample_100)
+    result = check("--data", str(data), "--workers", "0")
     assert result.exit_code == 130
+    assert result.stdout.splitlines() == [repr(str(data / "img3.png"))]
     assert result.stderr.splitlines() == [
-        "interrupted: nothing was written; run the same command again to start over"
+        "interrupted: this command writes no files; run it again to start over"
     ]
 
 

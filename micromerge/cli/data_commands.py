@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from micromerge.cli.errors import friendly_errors, writes_nothing
 from micromerge.cli.options import QUIET, SOURCES_HELP, UBENCH_DATA_HELP
@@ -151,9 +152,7 @@ def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet
     from micromerge.finetune.corpus_check import check_corpus
     from micromerge.finetune.unreadable import WHAT
 
-    found = check_corpus(corpus, workers, progress=not quiet)
-    for name in found.unreadable:
-        click.echo(name)
+    found = check_corpus(corpus, workers, progress=not quiet, found=_say_now)
     bad = len(found.unreadable)
     if not bad:
         every = (
@@ -175,3 +174,10 @@ def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet
         err=True,
     )
     sys.exit(1)
+
+
+def _say_now(name: str) -> None:
+    """An unreadable sample's name on stdout as soon as it is found (an interrupted check keeps them),
+    above a live progress bar."""
+    tqdm.write(name, file=sys.stdout)
+    sys.stdout.flush()

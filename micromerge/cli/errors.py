@@ -78,7 +78,7 @@ def _how_to_go_on(ctx: click.Context) -> str:
     checkpoint and continues only with --resume (run again as it was, it refuses the folder it
     left), so saying "run the same command again" cost a fine-tuner a second try."""
     if getattr(ctx.command.callback, WRITES_NOTHING, False):
-        return "nothing was written; run the same command again to start over"
+        return "this command writes no files; run it again to start over"
     if "resume" not in ctx.params:
         return "finished work is kept; run the same command again to resume"
     again = "again" if ctx.params["resume"] else "with --resume"
