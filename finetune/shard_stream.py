@@ -10,6 +10,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -144,6 +145,11 @@ class ShardReadError(MicromergeError):
         super().__init__(message)
 
 
+PIPE_EXIT = re.compile(r": exit (-?\d+) \(read\)")
+"""How webdataset's `pipe:` reader says its command failed (webdataset 0.2.86 and 1.0.2 gopen.py,
+`Pipe.check_status`)."""
+
+
 class _UnreadableShard:
     """webdataset's handler for a shard it cannot read: stop with one line that names the shard
     (webdataset adds its URL as the exception's last argument). Skipping it, as open_clip_train's
@@ -166,6 +172,12 @@ class _UnreadableShard:
         opened = error.args[-2] if len(error.args) > 2 else None  # the shard's stream, which it leaves open
         if isinstance(opened, io.IOBase):
             opened.close()
+        status = PIPE_EXIT.search(why)  # webdataset's Pipe: "(args, kwargs): exit N (read) {}"
+        if status:
+            raise ShardReadError(
+                f"--data {self.spec}: shard {url}: its command exited with status {status[1]}; run the "
+                "command on its own to see why (a download's URL or credentials?), then run again"
+            ) from None
         raise ShardReadError(
             f"--data {self.spec}: shard {url} cannot be read as a tar file ({why}); re-create or re-download it"
         ) from None

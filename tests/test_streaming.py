@@ -409,6 +409,20 @@ def test_a_missing_or_unreadable_shard_is_one_line_that_names_it(tmp_path, base,
         assert message.count("cannot be read") == 1 and " @ " not in message, message
 
 
+def test_a_pipe_whose_command_fails_is_one_line_with_its_exit_status(tmp_path, base):
+    """A `pipe:` download that fails (expired credentials, a wrong URL) was "cannot be read as a tar
+    file ((('cmd',), {'shell': True, 'bufsize': 8192}): exit 3 (read) {})": webdataset's Pipe
+    repr, and a tar file blamed. Its status is said, and where to look."""
+    shards = write_shards(tmp_path / "wds", 14, per_shard=7)
+    spec = f"pipe:cat {shards}/shard-000000.tar; exit 3"
+    with pytest.raises(MicromergeError) as caught:
+        run_finetune(config(base, spec, tmp_path / "run", max_steps=6, batch_size=2, workers=0))
+    assert str(caught.value) == (
+        f"--data {spec}: shard {spec}: its command exited with status 3; run the command on its own to "
+        "see why (a download's URL or credentials?), then run again"
+    )
+
+
 def test_a_shard_a_worker_cannot_read_stops_the_workers_with_the_run(tmp_path, base):
     """A shard read error is raised in a DataLoader worker and raised again by the loader's iterator
     in the main process: the error's traceback then held the iterator's frames, and with them the
