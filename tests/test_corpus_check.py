@@ -237,3 +237,15 @@ def test_a_shard_cut_short_is_one_line_naming_it(tmp_path):
         f"error: --data {_pipe_spec(shards)}: shard pipe:cat {shards}/shard-000001.tar cannot be read as a "
         "tar file (unexpected end of data); re-create or re-download it"
     ]
+
+
+def test_shards_without_a_sample_are_an_error_not_all_readable(tmp_path):
+    """ "all 0 samples are readable" was a pass for a stream of empty shards."""
+    (tmp_path / "wds").mkdir()
+    for k in range(2):
+        tarfile.open(tmp_path / "wds" / f"shard-{k:06d}.tar", "w").close()
+    result = check("--data", _pipe_spec(tmp_path / "wds"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: --data {_pipe_spec(tmp_path / 'wds')}: no sample in it; check the shards or the pattern"
+    ]

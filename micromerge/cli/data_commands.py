@@ -153,6 +153,8 @@ def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet
     from micromerge.finetune.unreadable import WHAT
 
     found = check_corpus(corpus, workers, progress=not quiet, found=_say_now)
+    if not found.read:  # shards that hold no sample (an indexed corpus of none is refused as it is read)
+        raise MicromergeError(f"--data {corpus}: no sample in it; check the shards or the pattern")
     bad = len(found.unreadable)
     if not bad:
         every = (
