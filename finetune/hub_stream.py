@@ -112,25 +112,32 @@ class HubStream:
         return batches
 
     def one_pass(self, batch: int, workers: int) -> torch.utils.data.DataLoader:
-        """Every row of a local copy once, file by file in order, unshuffled, each unreadable one
-        named by its file and row (`data check`); each worker reads every workers-th file."""
+        """Every row of a local copy once, in order, unshuffled, each unreadable one named by its file
+        and row (`data check`); the workers share the files' row groups, so one large file is read
+        by all of them."""
         if not all(os.path.isfile(file) for file in self.files):
             name, revision = hub_name_and_revision(CorpusSpec.parse(self.spec).location)
             raise MicromergeError(
                 f"--data {self.spec}: data check reads every byte of a local copy; make one "
                 f"(`{hf_download_command(name, dataset=True, revision=revision or None)}`) and pass its folder"
             )
-        rows = _NamedRows(self)
-        return torch.utils.data.DataLoader(rows, batch_size=batch, num_workers=min(workers, len(self.files)))
+        groups = []  # (file, row group, its first row in the file), from the footers, read here
+        for file in self.files:  # (a damaged footer is a one-line error here, not in a worker)
+            footer, first = parquet_footer(file, self.spec), 0
+            for group in range(footer.num_row_groups):
+                groups.append((file, group, first))
+                first += footer.row_group(group).num_rows
+        rows = _NamedRows(self, groups)
+        return torch.utils.data.DataLoader(rows, batch_size=batch, num_workers=min(workers, len(groups)))
 
 
 class _NamedRows(torch.utils.data.IterableDataset):
-    """A local copy's rows, file by file: (pixels, target, readable, name) per row, the name
-    `row R of 'FILE'`. Read with pyarrow: datasets' stream, iterated in a DataLoader worker, deals
-    its shards among the workers itself, and which file a row came from is not known there."""
+    """A local copy's rows, row group by row group: (pixels, target, readable, name) per row, the
+    name `row R of 'FILE'`. Read with pyarrow: datasets' stream, iterated in a DataLoader worker,
+    deals its shards among the workers itself, and which file a row came from is not known there."""
 
-    def __init__(self, stream: HubStream):
-        self.stream = stream
+    def __init__(self, stream: HubStream, groups: list[tuple[str, int, int]]):
+        self.stream, self.groups = stream, groups
 
     def __iter__(self) -> Iterator[Sample]:
         import pyarrow
@@ -140,16 +147,18 @@ class _NamedRows(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = self.stream
         columns = [stream.image_column, stream.caption_column]
-        for file in stream.files[worker::workers]:
-            row = 0
+        for file, group, row in self.groups[worker::workers]:
             try:
-                for batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=columns):
-                    images, captions = (batch.column(name).to_pylist() for name in columns)
-                    for image, caption in zip(images, captions, strict=True):
-                        text = caption.strip() if isinstance(caption, str) else ""  # as the stream reads it
-                        payload = _cell_payload(image) if text else None
-                        yield stream.recipe.make(payload, text, 0, f"row {row} of {file!r}")
-                        row += 1
+                with pq.ParquetFile(file) as parquet:
+                    for batch in parquet.iter_batches(batch_size=256, row_groups=[group], columns=columns):
+                        images, captions = (batch.column(name).to_pylist() for name in columns)
+                        for image, caption in zip(images, captions, strict=True):
+                            text = (
+                                caption.strip() if isinstance(caption, str) else ""
+                            )  # as the stream reads it
+                            payload = _cell_payload(image) if text else None
+                            yield stream.recipe.make(payload, text, 0, f"row {row} of {file!r}")
+                            row += 1
             except (OSError, pyarrow.ArrowException) as error:
                 why = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise ShardReadError(

@@ -249,3 +249,28 @@ def test_shards_without_a_sample_are_an_error_not_all_readable(tmp_path):
     assert result.stderr.splitlines() == [
         f"error: --data {_pipe_spec(tmp_path / 'wds')}: no sample in it; check the shards or the pattern"
     ]
+
+
+def test_one_large_hub_file_is_shared_by_the_workers_row_group_by_row_group(tmp_path):
+    """A hub copy of one file (of several row groups) was read by one worker however many were
+    asked for; its row groups are now shared, and each row keeps its place in the file."""
+    import datasets
+
+    from micromerge.finetune.corpus_check import CHECK_SIZE, no_target
+    from micromerge.finetune.hub_stream import HubStream
+    from micromerge.finetune.streaming import SampleRecipe
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    images: list[dict | None] = [{"bytes": _png(i), "path": None} for i in range(32)]
+    images[5], images[13], images[30] = None, {"bytes": b"no image", "path": None}, None
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    file = tmp_path / "repo" / "data" / "train.parquet"
+    rows = {"image": images, "caption": [f"caption {i}" for i in range(32)]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(file), batch_size=8)  # 4 row groups
+    stream = HubStream(str(tmp_path / "repo"), SampleRecipe(CHECK_SIZE, (), 0, no_target))
+    assert stream.one_pass(8, 2).num_workers == 2
+    expected = [f"row {i} of {str(file)!r}" for i in (5, 13, 30)]
+    for workers in ("0", "2"):
+        result = check("--data", str(tmp_path / "repo"), "--workers", workers)
+        assert sorted(result.stdout.splitlines(), key=lambda n: int(n.split()[1])) == expected, workers
+        assert "3 of 32 samples" in result.stderr
