@@ -25,7 +25,7 @@ import pyarrow.ipc
 import pyarrow.parquet
 from datasets import ClassLabel, Image, Value
 
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import MicromergeError, first_line
 from micromerge.core.hashing import default_cache_dir, sha256_files, sha256_json
 from micromerge.eval.hub_layout import (
     HUB_ID,
@@ -106,7 +106,7 @@ def _refuse_damaged_contents(dataset: datasets.Dataset, files: list[str], source
 def _validation_error(schema: pyarrow.Schema, error: Exception) -> str:
     """`column captions: Invalid UTF8 sequence at string index 307` from Arrow's nested "Column 18:
     In chunk 0: Invalid: Struct child array #1 invalid: ... Invalid: Invalid UTF8 ..." message."""
-    text = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     column = re.match(r"Column (\d+):", text)
     detail = text.rsplit("Invalid: ", 1)[-1][:120]
     return f"column {schema.names[int(column.group(1))]}: {detail}" if column else detail
@@ -144,8 +144,7 @@ def _load_files(files: list[Path], kind: str, path: Path, split: str) -> dataset
         return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split)
     except Exception as exc:
         raise MicromergeError(
-            f"--data {path}: the .{kind} data does not load ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:100]})"
+            f"--data {path}: the .{kind} data does not load ({type(exc).__name__}: {first_line(exc)[:100]})"
         ) from exc
 
 
@@ -177,7 +176,7 @@ def _file_features(file: Path, kind: str) -> datasets.Features:
     except Exception as exc:  # pyarrow raises several types for a truncated or foreign file
         raise MicromergeError(
             f"--data {file}: not a readable .{kind} file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:100]}); it may be truncated: copy it again"
+            f"{first_line(exc)[:100]}); it may be truncated: copy it again"
         ) from exc
 
 
@@ -187,7 +186,7 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     except Exception as exc:
         raise MicromergeError(
             f"--data {path}: a save_to_disk folder that does not load ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:100]})"
+            f"{first_line(exc)[:100]})"
         ) from exc
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:

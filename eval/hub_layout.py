@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 from datasets.arrow_writer import ArrowWriter
 
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import MicromergeError, first_line
 from micromerge.core.hashing import sha256_file
 from micromerge.core.hub_download import hf_download_command, offline_setting
 
@@ -110,7 +110,7 @@ def read_hub_layout(folder: Path, split: str = "test") -> datasets.Dataset:
         except Exception as exc:  # pyarrow raises several types for a truncated stream
             raise MicromergeError(
                 f"--data {shard}: not a readable Arrow stream shard ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:100]}); it may be truncated: copy it again"
+                f"{first_line(exc)[:100]}); it may be truncated: copy it again"
             ) from exc
         if parts[-1].features != parts[0].features:
             raise MicromergeError(

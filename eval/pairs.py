@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import MicromergeError, first_line
 from micromerge.eval.data import STRING_DTYPES, column_values, is_nullable
 from micromerge.eval.hub_layout import HUB_FOLDER, is_hub_layout
 from micromerge.eval.images import decode_payloads
@@ -417,8 +417,7 @@ def parquet_footer(file: str | Path, spec: str) -> Any:
         return pq.ParquetFile(file).metadata
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise MicromergeError(
-            f"--data {spec}: {file} is not a readable parquet file ({str(exc).splitlines()[0]}); "
-            "download it again"
+            f"--data {spec}: {file} is not a readable parquet file ({first_line(exc)}); download it again"
         ) from exc
 
 
@@ -434,7 +433,7 @@ def damaged_parquet(files: list[str], spec: str) -> str | None:
             for _ in pq.ParquetFile(file).iter_batches(batch_size=1024):
                 pass
         except (OSError, pyarrow.ArrowException) as error:
-            why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            why = first_line(error)
             return f"--data {spec}: {file} is damaged ({why}); download or write it again"
     return None
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import MicromergeError, first_line
 from micromerge.core.hub_download import hf_download_command, offline_setting
 from micromerge.eval.pairs import (
     CAPTION_TABLES,
@@ -160,7 +160,7 @@ class _NamedRows(torch.utils.data.IterableDataset):
                             yield stream.recipe.make(payload, text, 0, f"row {row} of {file!r}")
                             row += 1
             except (OSError, pyarrow.ArrowException) as error:
-                why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                why = first_line(error)
                 raise ShardReadError(
                     f"--data {stream.spec}: {file} is damaged at row {row} ({why}); download or write it again"
                 ) from None
@@ -230,7 +230,7 @@ def _rows_or_one_line(dataset: datasets.IterableDataset, stream: HubStream) -> I
 
 def _unreadable(stream: HubStream, error: Exception) -> ShardReadError:
     """The one line for a stream that failed: the damaged local file, or the hub's read error."""
-    why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    why = first_line(error)
     if not all(os.path.isfile(file) for file in stream.files):
         return ShardReadError(
             f"--data {stream.spec}: reading the hub stream failed ({why}); run again with --resume, or "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from micromerge.core.config_schema import is_finite_number
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import MicromergeError, first_line
 from micromerge.core.hub_download import hf_download_command, offline_setting
 from micromerge.core.suggest import meant
 from micromerge.merging import hf_clip
@@ -151,7 +151,7 @@ def _read_json_object(path: Path, fix: str) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MicromergeError(f"{path}: unreadable ({str(exc).splitlines()[0][:100]}); {fix}") from exc
+        raise MicromergeError(f"{path}: unreadable ({first_line(exc)[:100]}); {fix}") from exc
     if not isinstance(value, dict):
         raise MicromergeError(f"{path}: holds a JSON {type(value).__name__}, not an object; {fix}")
     return value

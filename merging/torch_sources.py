@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from micromerge.core.errors import MicromergeError
+from micromerge.core.errors import MicromergeError, first_line
 from micromerge.merging.legacy_pickle import load_legacy_pickle
 from micromerge.merging.models import infer_model_config
 from micromerge.merging.openai_release import identify_release
@@ -122,7 +122,7 @@ def open_pickle(path: Path, allow_pickle: bool) -> TensorSource:
         tensors = load_legacy_pickle(path)
     except Exception as exc:  # a malformed pickle fails inside torch's rebuilders with any type
         raise MicromergeError(
-            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {first_line(exc)[:120]})"
         ) from exc
     else:
         tensors = _unwrap_state_dict(obj, path)

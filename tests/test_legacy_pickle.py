@@ -259,3 +259,20 @@ def test_a_merge_job_built_in_python_reads_no_pickle_and_redoes_no_merge_unless_
         job_from_mapping({**values, "allow_pickle": True, "force": True}), progress=False
     )
     assert not forced.reused
+
+
+def test_a_failure_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    """torch's rebuilders fail with any exception, some with no message (an `assert` inside them):
+    taking its first line raised IndexError, a traceback from inside micromerge's own error path.
+    The type's name stands in for the message (micromerge.core.errors.first_line)."""
+    from micromerge.merging import torch_sources
+
+    def fails_without_a_message(*_args, **_kwargs):
+        raise AssertionError
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "odd.pt")
+    monkeypatch.setattr(torch_sources.torch, "load", fails_without_a_message)
+    with pytest.raises(
+        MicromergeError, match=r"odd.pt: corrupt or truncated checkpoint \(AssertionError: AssertionError\)$"
+    ):
+        _read(tmp_path / "odd.pt", allow_pickle=False)
