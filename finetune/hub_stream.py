@@ -153,9 +153,7 @@ class _NamedRows(torch.utils.data.IterableDataset):
                     for batch in parquet.iter_batches(batch_size=256, row_groups=[group], columns=columns):
                         images, captions = (batch.column(name).to_pylist() for name in columns)
                         for image, caption in zip(images, captions, strict=True):
-                            text = (
-                                caption.strip() if isinstance(caption, str) else ""
-                            )  # as the stream reads it
+                            text = _row_caption(caption)
                             payload = _cell_payload(image) if text else None
                             yield stream.recipe.make(payload, text, 0, f"row {row} of {file!r}")
                             row += 1
@@ -164,6 +162,12 @@ class _NamedRows(torch.utils.data.IterableDataset):
                 raise ShardReadError(
                     f"--data {stream.spec}: {file} is damaged at row {row} ({why}); download or write it again"
                 ) from None
+
+
+def _row_caption(value: Any) -> str:
+    """A row's caption as the stream and `data check` read it: its text, stripped; anything else
+    (null; a type the column check let through) is none, so the row is left out as unreadable."""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _cell_payload(value: Any) -> dict:
@@ -197,8 +201,7 @@ class _HubSamples(torch.utils.data.IterableDataset):
             dataset.set_epoch(current)
             for n, row in enumerate(_rows_or_one_line(dataset, stream)):
                 yielded = True
-                caption = row[stream.caption_column]
-                caption = caption.strip() if isinstance(caption, str) else ""  # typed text up front
+                caption = _row_caption(row[stream.caption_column])
                 payload = image_payload(row[stream.image_column])
                 seed = named_sample_seed(stream.recipe.seed, current, f"{self.rank}|{worker}|{n}")
                 # a row without a caption is left undecoded: unreadable, it is left out of the loss
