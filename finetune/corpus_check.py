@@ -9,17 +9,23 @@ would leave out (an image that does not decode, a shard sample without a caption
 in the corpus's own order, in DataLoader worker processes, without shuffling or augmenting, and
 throws the decoded pixels away. A hub dataset's rows, which the training stream cannot name (it
 shuffles them across files), are named here by their file and row.
+
+A check of a million samples takes minutes to hours, so it reads the corpus in parts, one after
+another, each by all the workers; with --out the finished parts are kept in a report
+(finetune/check_report.py), and the check run again goes on from the first part not finished.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from micromerge.finetune.hub_stream import HubStream, is_hub_layout
+from micromerge.finetune.hub_stream import HubStream, RowGroup, is_hub_layout
 from micromerge.finetune.shard_stream import ShardStream, is_shard_stream
 from micromerge.finetune.streaming import SampleRecipe, StreamedSamples, index_pairs, stream_loader
 
@@ -30,14 +36,39 @@ the check keeps, and a small size keeps the resize cheap."""
 CHECK_BATCH = 64
 """Samples a worker hands back at a time."""
 
+PART_SAMPLES = 2048
+"""Samples per worker in a part of an indexed corpus or a hub copy (whole row groups, at least one
+per worker); a shard stream's part is one shard per worker, its sample count unknown until read.
+Each part starts worker processes of its own; a part of seconds makes that cost nothing measurable
+(BENCHMARKS.md: 12,000 images read in parts of 2,048 a worker or in one part, at the same rate), and
+an interrupted check loses at most the part it was in."""
+
 
 @dataclass(frozen=True)
-class CorpusCheck:
-    """What one pass over a corpus found: how many samples it read, and the unreadable ones by name
-    (in the corpus's order within each worker's share)."""
+class CheckProgress:
+    """What a check has finished: its first `parts_done` parts, the samples read in them, and the
+    unreadable ones by name, in the order read."""
 
-    read: int
-    unreadable: list[str]
+    parts_done: int = 0
+    read: int = 0
+    unreadable: tuple[str, ...] = ()
+
+
+class CorpusParts(Protocol):
+    """A corpus cut into parts that a check reads one after another. The cut depends only on the
+    corpus and `per_part` (recorded in the report), so a check resumed with other --workers reads
+    the same parts."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def samples(self) -> int | None:
+        """How many samples the corpus holds; None for a shard stream, known only once read."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, part: int, workers: int) -> Iterable[tuple[torch.Tensor, ...]]: ...
 
 
 def no_target(_: object) -> torch.Tensor:
@@ -45,36 +76,101 @@ def no_target(_: object) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64)
 
 
-def check_corpus(
-    spec: str, workers: int, progress: bool, found: Callable[[str], None] = lambda _: None
-) -> CorpusCheck:
-    """Read every sample of the image-caption corpus `spec` (any form `finetune contrastive --data`
-    takes) once, and name the ones a fine-tune would leave out; `found` is told each as it is met,
-    so a check of hours that is interrupted has said what it found."""
+def corpus_parts(spec: str, per_part: int) -> CorpusParts:
+    """The image-caption corpus `spec` (any form `finetune contrastive --data` takes) in parts sized
+    for `per_part` workers."""
     recipe = SampleRecipe(CHECK_SIZE, (), 0, no_target)
-    batches: Iterable
     if is_shard_stream(spec):
-        batches, total = ShardStream(spec, recipe).one_pass(CHECK_BATCH, workers), None
-    elif is_hub_layout(spec):
-        hub = HubStream(spec, recipe)
-        batches, total = hub.one_pass(CHECK_BATCH, workers), hub.rows
-    else:
-        index = index_pairs(spec)
-        samples = StreamedSamples(index, recipe)
-        batches, total = stream_loader(samples, _in_order(len(index)), workers), len(index)
-    read, unreadable = 0, []
-    with tqdm(total=total, unit="sample", desc="check samples", disable=not progress) as bar:
-        for _, _, readable, names in batches:
-            read += len(readable)
-            for name, ok in zip(names, readable.tolist(), strict=True):
-                if not ok:
-                    unreadable.append(name)
-                    found(name)
-            bar.update(len(readable))
-    return CorpusCheck(read, unreadable)
+        return _ShardParts(ShardStream(spec, recipe), per_part)
+    if is_hub_layout(spec):
+        return _HubParts(HubStream(spec, recipe), per_part)
+    return _IndexParts(StreamedSamples(index_pairs(spec), recipe), per_part)
 
 
-def _in_order(count: int) -> Iterator[list[tuple[int, int]]]:
-    """Every sample once, in order, in batches: a plan for the trainer's own index loader."""
-    for start in range(0, count, CHECK_BATCH):
-        yield [(0, i) for i in range(start, min(start + CHECK_BATCH, count))]
+def check_corpus(
+    parts: CorpusParts,
+    workers: int,
+    progress: bool,
+    done: CheckProgress = CheckProgress(),
+    found: Callable[[str], None] = lambda _: None,
+    kept: Callable[[CheckProgress], None] = lambda _: None,
+) -> CheckProgress:
+    """Read every sample of the parts after `done` once, and name the ones a fine-tune would leave
+    out: `found` is told each as it is met (so an interrupted check has said what it found), `kept`
+    what is finished after each part."""
+    with tqdm(
+        total=parts.samples, initial=done.read, unit="sample", desc="check samples", disable=not progress
+    ) as bar:
+        for part in range(done.parts_done, len(parts)):
+            read, unreadable = 0, []
+            for _, _, readable, names in parts.batches(part, workers):
+                read += len(readable)
+                for name, ok in zip(names, readable.tolist(), strict=True):
+                    if not ok:
+                        unreadable.append(name)
+                        found(name)
+                bar.update(len(readable))
+            done = CheckProgress(part + 1, done.read + read, (*done.unreadable, *unreadable))
+            kept(done)
+    return done
+
+
+class _ShardParts:
+    """webdataset shards, `per_part` at a time, through the library as a fine-tune reads them."""
+
+    def __init__(self, stream: ShardStream, per_part: int):
+        self.stream, self.fingerprint, self.samples = stream, stream.fingerprint, None
+        self.parts = [stream.urls[i : i + per_part] for i in range(0, len(stream.urls), per_part)]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def batches(self, part: int, workers: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        return self.stream.one_pass(CHECK_BATCH, workers, self.parts[part])
+
+
+class _HubParts:
+    """A local hub copy's row groups, at least `per_part` and `per_part` x PART_SAMPLES rows a part."""
+
+    def __init__(self, stream: HubStream, per_part: int):
+        self.stream, self.fingerprint = stream, stream.fingerprint
+        groups = stream.row_groups()
+        self.samples = sum(group.rows for group in groups)
+        self.parts: list[list[RowGroup]] = []
+        for group in groups:
+            if not self.parts or _full(self.parts[-1], per_part):
+                self.parts.append([])
+            self.parts[-1].append(group)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def batches(self, part: int, workers: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        return self.stream.one_pass(CHECK_BATCH, workers, self.parts[part])
+
+
+def _full(part: list[RowGroup], per_part: int) -> bool:
+    """A group for each worker, and PART_SAMPLES rows each."""
+    return len(part) >= per_part and sum(group.rows for group in part) >= per_part * PART_SAMPLES
+
+
+class _IndexParts:
+    """An indexed corpus (captions table, tar folder, save_to_disk) through the trainer's index
+    reader, `per_part` x PART_SAMPLES samples a part, in the corpus's order."""
+
+    def __init__(self, samples: StreamedSamples, per_part: int):
+        self.reader, self.size = samples, per_part * PART_SAMPLES
+        self.fingerprint, self.samples = samples.index.fingerprint, len(samples.index)
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples / self.size)
+
+    def batches(self, part: int, workers: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        start = part * self.size
+        return stream_loader(self.reader, _in_order(start, min(start + self.size, self.samples)), workers)
+
+
+def _in_order(start: int, stop: int) -> Iterator[list[tuple[int, int]]]:
+    """Samples start to stop once, in order, in batches: a plan for the trainer's own index loader."""
+    for first in range(start, stop, CHECK_BATCH):
+        yield [(0, i) for i in range(first, min(first + CHECK_BATCH, stop))]

@@ -88,21 +88,19 @@ class ShardStream:
             next(batches)
         return batches
 
-    def one_pass(self, batch: int, workers: int) -> torch.utils.data.DataLoader:
-        """Every sample once, shard by shard in the list's order, unshuffled, named (`data check`);
-        each worker reads every workers-th shard."""
+    def one_pass(self, batch: int, workers: int, urls: list[str]) -> torch.utils.data.DataLoader:
+        """Every sample of these shards once, shard by shard in the list's order, unshuffled, named
+        (`data check`, a few shards at a time); each worker reads every workers-th shard."""
         import webdataset as wds
 
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
+            wds.SimpleShardList(urls),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=_UnreadableShard(self.spec, self.urls)),
             wds.batched(batch, collation_fn=list, partial=True),
             _StreamDecoder(self, 0),
         )
-        return torch.utils.data.DataLoader(
-            pipeline, batch_size=None, num_workers=min(workers, len(self.urls))
-        )
+        return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls)))
 
 
 def skipped_here(skip: int) -> int:
@@ -177,6 +175,11 @@ class _UnreadableShard:
             raise ShardReadError(
                 f"--data {self.spec}: shard {url}: its command exited with status {status[1]}; run the "
                 "command on its own to see why (a download's URL or credentials?), then run again"
+            ) from None
+        if url.startswith("pipe:") and why == "empty file":  # tarfile's word for a stream of no bytes
+            raise ShardReadError(
+                f"--data {self.spec}: shard {url}: its command wrote nothing (and exited with status 0); "
+                "run the command on its own to see why, then run again"
             ) from None
         raise ShardReadError(
             f"--data {self.spec}: shard {url} cannot be read as a tar file ({why}); re-create or re-download it"

@@ -41,6 +41,11 @@ def first_named(names: tuple[str, ...], lead: str = " (", end: str = ")") -> str
     return f"{lead}the first: {', '.join(names[:NAMED])}{end}" if names else ""
 
 
+def too_many(unreadable: int, read: int, max_fraction: float) -> bool:
+    """Whether a fine-tune stops: more than --max-bad-fraction of the samples read are unreadable."""
+    return unreadable > max_fraction * read
+
+
 @dataclass
 class UnreadableCount:
     """Samples read and found unreadable: the totals over every process as of the last check (the
@@ -83,7 +88,7 @@ class UnreadableCount:
         self.read += int(everywhere[0])
         self.unreadable += int(everywhere[1])
         self.read_here = self.unreadable_here = 0
-        if self.unreadable > self.max_fraction * self.read:
+        if too_many(self.unreadable, self.read, self.max_fraction):
             raise MicromergeError(
                 f"--data {self.data}: {self.unreadable} of the {self.read} samples read by step {step} were "
                 f"{WHAT} ({self.unreadable / self.read:.1%}, more than --max-bad-fraction {self.max_fraction:g}"

@@ -199,13 +199,13 @@ def test_a_hub_dataset_not_held_locally_is_refused_with_the_download_command(tmp
     with pytest.raises(
         MicromergeError, match=r"data check reads every byte of a local copy; make one \(`hf download"
     ):
-        stream.one_pass(8, 0)
+        stream.row_groups()
 
 
-def test_an_interrupted_check_has_said_what_it_found_and_writes_no_files(tmp_path, monkeypatch):
+def test_an_interrupted_check_has_said_what_it_found_and_says_how_to_keep_its_work(tmp_path, monkeypatch):
     """Names go out as they are found, so a check stopped after hours has printed what it met (at
-    the end only, an interrupt lost them all). Ctrl-C said "finished work is kept; run the same
-    command again to resume", which a command that writes nothing has none of."""
+    the end only, an interrupt lost them all). Without --out it keeps nothing, and says that --out
+    would have (tests/test_corpus_check_resume.py)."""
     from micromerge.finetune.streaming import StreamedSamples
 
     data = write_csv_folder(tmp_path / "pairs", n=150)
@@ -222,8 +222,9 @@ def test_an_interrupted_check_has_said_what_it_found_and_writes_no_files(tmp_pat
     assert result.exit_code == 130
     assert result.stdout.splitlines() == [repr(str(data / "img3.png"))]
     assert result.stderr.splitlines() == [
-        "interrupted: this command writes no files; run it again to start over"
+        "interrupted: nothing was kept; run it again to start over, with --out FILE to keep what it finishes"
     ]
+    assert list(tmp_path.iterdir()) == [data]
 
 
 def test_a_shard_cut_short_is_one_line_naming_it(tmp_path):
@@ -268,7 +269,7 @@ def test_one_large_hub_file_is_shared_by_the_workers_row_group_by_row_group(tmp_
     rows = {"image": images, "caption": [f"caption {i}" for i in range(32)]}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(file), batch_size=8)  # 4 row groups
     stream = HubStream(str(tmp_path / "repo"), SampleRecipe(CHECK_SIZE, (), 0, no_target))
-    assert stream.one_pass(8, 2).num_workers == 2
+    assert stream.one_pass(8, 2, stream.row_groups()).num_workers == 2
     expected = [f"row {i} of {str(file)!r}" for i in (5, 13, 30)]
     for workers in ("0", "2"):
         result = check("--data", str(tmp_path / "repo"), "--workers", workers)

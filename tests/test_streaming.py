@@ -423,6 +423,24 @@ def test_a_pipe_whose_command_fails_is_one_line_with_its_exit_status(tmp_path, b
     )
 
 
+def test_a_pipe_whose_command_writes_nothing_is_one_line_naming_the_command(tmp_path):
+    """A command that succeeds with no output (a `curl` without --fail on a page of nothing, a
+    `cat` of an empty file) was "cannot be read as a tar file (empty file); re-create or re-download
+    it": tarfile's words for a stream of no bytes, and a file blamed where a command is."""
+    from micromerge.finetune.corpus_check import CHECK_BATCH, CHECK_SIZE, no_target
+    from micromerge.finetune.shard_stream import ShardStream
+    from micromerge.finetune.streaming import SampleRecipe
+
+    spec = "pipe:true"
+    stream = ShardStream(spec, SampleRecipe(CHECK_SIZE, (), 0, no_target))
+    with pytest.raises(MicromergeError) as caught:
+        list(stream.one_pass(CHECK_BATCH, 0, stream.urls))
+    assert str(caught.value) == (
+        f"--data {spec}: shard {spec}: its command wrote nothing (and exited with status 0); run the "
+        "command on its own to see why, then run again"
+    )
+
+
 def test_a_shard_a_worker_cannot_read_stops_the_workers_with_the_run(tmp_path, base):
     """A shard read error is raised in a DataLoader worker and raised again by the loader's iterator
     in the main process: the error's traceback then held the iterator's frames, and with them the

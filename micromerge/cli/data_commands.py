@@ -3,6 +3,7 @@ one, and which samples of a fine-tuning corpus a fine-tune would leave out."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from micromerge.cli.errors import friendly_errors, writes_nothing
+from micromerge.cli.errors import friendly_errors, writes_nothing, writes_nothing_without
 from micromerge.cli.options import QUIET, SOURCES_HELP, UBENCH_DATA_HELP
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import DEFAULT_MAX_BAD_FRACTION
@@ -139,20 +140,34 @@ def data_verify_command(path: str, expected: str | None) -> None:
     show_default=True,
     help="Say whether a fine-tune with this --max-bad-fraction would train on the corpus or stop.",
 )
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Keep a report (JSON) here: the samples read, the unreadable ones' names, the verdict, the corpus's "
+    "fingerprint. Written as the check goes, so a check stopped early, run again with the same --out, goes "
+    "on from where it stopped.",
+)
 @QUIET
 @friendly_errors
-@writes_nothing
-def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet: bool) -> None:
+@writes_nothing_without("out")
+def data_check_command(
+    corpus: str, workers: int, max_bad_fraction: float, out: str | None, quiet: bool
+) -> None:
     """Name the samples of a fine-tuning corpus a fine-tune would leave out, before it runs.
 
     Every sample is read and decoded as a fine-tune reads it; the unreadable ones are printed one a
     line, as a run's unreadable.txt names them, and the summary goes to stderr. Exit 0 when every
     sample is readable, 1 when any is not.
     """
-    from micromerge.finetune.corpus_check import check_corpus
-    from micromerge.finetune.unreadable import WHAT
+    from micromerge.finetune.check_report import check_with_report
+    from micromerge.finetune.corpus_check import check_corpus, corpus_parts
+    from micromerge.finetune.unreadable import WHAT, too_many
 
-    found = check_corpus(corpus, workers, progress=not quiet, found=_say_now)
+    if out:
+        say = functools.partial(click.echo, err=True)
+        found = check_with_report(corpus, workers, max_bad_fraction, Path(out), not quiet, _say_now, say)
+    else:
+        found = check_corpus(corpus_parts(corpus, max(1, workers)), workers, not quiet, found=_say_now)
     if not found.read:  # shards that hold no sample (an indexed corpus of none is refused as it is read)
         raise MicromergeError(f"--data {corpus}: no sample in it; check the shards or the pattern")
     bad = len(found.unreadable)
@@ -164,11 +179,10 @@ def data_check_command(corpus: str, workers: int, max_bad_fraction: float, quiet
         )
         click.echo(f"--data {corpus}: {every} with a caption", err=True)
         return
-    stops = bad > max_bad_fraction * found.read  # the trainer's rule (finetune/unreadable.py)
     verdict = (
         f"more than --max-bad-fraction {max_bad_fraction:g}: a fine-tune stops on it; fix the corpus or "
         "raise the fraction"
-        if stops
+        if too_many(bad, found.read, max_bad_fraction)
         else f"within --max-bad-fraction {max_bad_fraction:g}: a fine-tune leaves them out and trains on the rest"
     )
     click.echo(

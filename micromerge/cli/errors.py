@@ -73,12 +73,27 @@ def writes_nothing(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def writes_nothing_without(option: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a command that keeps its finished work only in the file its `option` names: interrupted
+    without it, it says how to keep the work the next time."""
+
+    def mark(func: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(func, WRITES_NOTHING, option)
+        return func
+
+    return mark
+
+
 def _how_to_go_on(ctx: click.Context) -> str:
     """What an interrupted command kept and how to continue it. A fine-tune keeps its last
     checkpoint and continues only with --resume (run again as it was, it refuses the folder it
     left), so saying "run the same command again" cost a fine-tuner a second try."""
-    if getattr(ctx.command.callback, WRITES_NOTHING, False):
+    mark = getattr(ctx.command.callback, WRITES_NOTHING, None)
+    if mark is True:
         return "this command writes no files; run it again to start over"
+    if isinstance(mark, str) and not ctx.params.get(mark):
+        flag = "--" + mark.replace("_", "-")
+        return f"nothing was kept; run it again to start over, with {flag} FILE to keep what it finishes"
     if "resume" not in ctx.params:
         return "finished work is kept; run the same command again to resume"
     again = "again" if ctx.params["resume"] else "with --resume"
