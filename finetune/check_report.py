@@ -53,7 +53,7 @@ def check_with_report(
         say(f"--out {path}: {why}")
     for name in done.unreadable:
         found(name)
-    with ReportWriter(path, spec, parts, per_part, max_fraction) as writer:
+    with ReportWriter(path, spec, parts, per_part, max_fraction, done) as writer:
         checked = check_corpus(parts, workers, progress, done, found, writer.kept)
         if checked.read:  # none: an error for the caller to raise, not a report
             writer.finish(checked)
@@ -124,16 +124,26 @@ def resume_point(earlier: EarlierCheck | None, parts: CorpusParts) -> tuple[Chec
 
 
 class ReportWriter:
-    """Writes the report of one check: every SAVE_EVERY_S as parts finish, at once when the check
-    stops early (the context's exit), and whole at the end (`finish`)."""
+    """Writes the report of one check: where it starts before any sample is read (so an --out that
+    cannot be written is an error now, not after hours), every SAVE_EVERY_S as parts finish, at once
+    when the check stops early (the context's exit), and whole at the end (`finish`)."""
 
-    def __init__(self, path: Path, spec: str, parts: CorpusParts, per_part: int, max_fraction: float):
+    def __init__(
+        self,
+        path: Path,
+        spec: str,
+        parts: CorpusParts,
+        per_part: int,
+        max_fraction: float,
+        start: CheckProgress,
+    ):
         self.path, self.spec, self.parts, self.per_part = path, spec, parts, per_part
-        self.max_fraction = max_fraction
+        self.max_fraction, self.start = max_fraction, start
         self.latest: CheckProgress | None = None
         self.saved_at = time.monotonic()
 
     def __enter__(self) -> ReportWriter:
+        self._write(self.start, complete=False)
         return self
 
     def __exit__(

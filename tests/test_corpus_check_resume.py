@@ -223,3 +223,16 @@ def test_a_file_that_is_not_this_corpuss_report_is_refused_and_kept(tmp_path, co
     message = message.replace("{fix}", "; choose another --out, or delete the file")
     assert result.stderr.splitlines() == [f"error: --out {report}: {message}"]
     assert report.read_text() == content.replace("{data}", str(data))
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_a_sample_is_read(tmp_path, monkeypatch):
+    """The report is first written where the check starts: a path under a file failed only at the
+    first timed write, or at the end of a check of hours."""
+    data = write_csv_folder(tmp_path / "pairs", n=10)
+    (tmp_path / "a-file").write_text("")
+    reads = _reads(monkeypatch)
+    result = check("--data", str(data), "--workers", "0", "--out", str(tmp_path / "a-file" / "check.json"))
+    assert result.exit_code == 2 and reads == []
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'a-file' / 'check.json'}: cannot write here (Not a directory); choose another --out"
+    ]
