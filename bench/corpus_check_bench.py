@@ -12,7 +12,7 @@ check of 12,000 images, whose bytes this script held) when larger. Printed as JS
 seconds per run, the samples per second beyond the start-up, and the peak RSS in MB.
 
 Run: .venv/bin/python bench/corpus_check_bench.py [--images 3000] [--size 256] [--workers 0 2]
-     [--part-samples 2048 1000000000] [--out]
+     [--part-samples 8192 1000000000] [--out]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--part-samples", type=int, nargs="+", default=[2048])
+    parser.add_argument("--part-samples", type=int, nargs="+", default=[8192])
     parser.add_argument("--out", action="store_true", help="Keep a report (--out) in every check.")
     args = parser.parse_args()
     results: dict[str, dict] = {}
@@ -109,7 +109,7 @@ def main() -> None:
         out = str(Path(temporary) / "check.json") if args.out else ""
         small = corpora.pop("10 samples (start-up)")
         for workers in args.workers:
-            start_up, _ = timed_check(small, workers, 2048, out)
+            start_up, _ = timed_check(small, workers, 8192, out)
             results[f"10 samples (start-up), --workers {workers}"] = {"seconds": round(start_up, 2)}
             for name, corpus in corpora.items():
                 for part_samples in args.part_samples:

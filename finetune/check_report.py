@@ -163,15 +163,12 @@ class ReportWriter:
 
     def _write(self, progress: CheckProgress, complete: bool) -> None:
         bad, read = len(progress.unreadable), progress.read
+        samples = self.parts.samples  # a shard stream's is known once it is read through
         report: dict[str, Any] = {
             "report": REPORT,
             "data": self.spec,
             "data_fingerprint": self.parts.fingerprint,
-            "samples_in_corpus": self.parts.samples
-            if self.parts.samples is not None
-            else read
-            if complete
-            else None,
+            "samples_in_corpus": read if samples is None and complete else samples,
             "parts": len(self.parts),
             "parts_sized_for_workers": self.per_part,
             "parts_checked": progress.parts_done,
