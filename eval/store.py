@@ -51,9 +51,11 @@ def _is_row(row: Any) -> bool:
     """The shape every reader relies on."""
     if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
         return False
-    alpha = row.get("alpha")
-    alpha_ok = alpha is None or (
-        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+    alpha = row.get("alpha")  # present, null for a reference evaluation: every key reads it
+    alpha_ok = (
+        "alpha" in row
+        and alpha is None
+        or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha))
     )
     strings = all(isinstance(row.get(k), str) for k in ("run_id", "task", "metric"))
     value = row.get("value")

@@ -112,6 +112,9 @@ store_lines = st.one_of(
 @SETTINGS
 @given(lines=st.lists(store_lines, max_size=8), newline=st.booleans())
 @example(lines=[b"PK\x03\x04 a zip", b'{"schema": 1}'], newline=True)
+@example(
+    lines=[b'{"schema": 1, "run_id": "", "task": "", "metric": ""}'], newline=False
+)  # no alpha: KeyError
 def test_results_store_reader(lines, newline):
     path = _scratch(b"\n".join(lines) + (b"\n" if newline else b""), ".jsonl")
     try:
