@@ -29,7 +29,7 @@ HALF_THE_WORK = dict(
 @pytest.mark.timeout(1800)
 def test_a_demo_of_half_the_work_shows_forgetting_and_recovery(tmp_path):
     """What `make test` runs: the whole loop, every stage as the default demo runs it, on less data
-    and fewer steps. The default demo itself took 775 s of a 1,478 s suite on one thread of a slow CI
+    and fewer steps. The default demo itself took 775 s of the 2,956 s two workers spent on a slow CI
     machine (27 min with the install, over the suite's 20), so it has a test of its own, below."""
     out = tmp_path / "demo"
     summary_headline = run_demo(DemoConfig(out=out, progress=False, **HALF_THE_WORK), say=lambda _: None)
