@@ -52,9 +52,8 @@ def _is_row(row: Any) -> bool:
     if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
         return False
     alpha = row.get("alpha")  # present, null for a reference evaluation: every key reads it
-    alpha_ok = (
-        "alpha" in row
-        and alpha is None
+    alpha_ok = "alpha" in row and (
+        alpha is None
         or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha))
     )
     strings = all(isinstance(row.get(k), str) for k in ("run_id", "task", "metric"))
