@@ -21,12 +21,12 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from micromerge.finetune.hub_stream import HubStream, is_hub_layout
+from micromerge.finetune.hub_stream import HubStream, RowGroup, is_hub_layout
 from micromerge.finetune.shard_stream import STREAM_PREFIXES, ShardStream, is_shard_stream
 from micromerge.finetune.streaming import SampleRecipe, StreamedSamples, index_pairs, stream_loader
 
@@ -88,9 +88,9 @@ def corpus_parts(spec: str, per_part: int) -> CorpusParts:
     for `per_part` workers."""
     recipe = SampleRecipe(CHECK_SIZE, (), 0, no_target)
     if is_shard_stream(spec):
-        return _ShardParts(ShardStream(spec, recipe), per_part)
+        return _shard_parts(ShardStream(spec, recipe), per_part)
     if is_hub_layout(spec):
-        return _HubParts(HubStream(spec, recipe), per_part)
+        return _hub_parts(HubStream(spec, recipe), per_part)
     return _IndexParts(StreamedSamples(index_pairs(spec), recipe), per_part)
 
 
@@ -122,41 +122,51 @@ def check_corpus(
     return done
 
 
-class _ShardParts:
-    """webdataset shards through the library as a fine-tune reads them, at least `per_part` a part:
-    a pipe's or a URL's size is unknown, so those are one a worker; local shards are taken until
-    they hold `per_part` x PART_SHARD_BYTES, so a corpus of small shards is not read in parts that
-    each cost more to start than to read."""
+class _OnePass(Protocol[Unit]):
+    """A training stream that can also read some of its units (shards, row groups) once, in order."""
 
-    def __init__(self, stream: ShardStream, per_part: int):
-        self.stream, self.fingerprint, self.samples = stream, stream.fingerprint, None
-        self.parts = _cut(stream.urls, per_part, _shard_bytes, PART_SHARD_BYTES)
+    @property
+    def fingerprint(self) -> str: ...
+
+    def one_pass(self, batch: int, workers: int, units: list[Unit]) -> Iterable[tuple[torch.Tensor, ...]]: ...
+
+
+@dataclass(frozen=True)
+class _StreamParts(Generic[Unit]):
+    """A stream's units in parts (`_shard_parts`, `_hub_parts`), read by the stream's own one pass."""
+
+    stream: _OnePass[Unit]
+    parts: list[list[Unit]]
+    samples: int | None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.stream.fingerprint
 
     def __len__(self) -> int:
         return len(self.parts)
 
     def batches(self, part: int, workers: int) -> Iterable[tuple[torch.Tensor, ...]]:
         return self.stream.one_pass(CHECK_BATCH, workers, self.parts[part])
+
+
+def _shard_parts(stream: ShardStream, per_part: int) -> _StreamParts[str]:
+    """webdataset shards through the library as a fine-tune reads them, at least `per_part` a part:
+    a pipe's or a URL's size is unknown, so those are one a worker; local shards are taken until
+    they hold `per_part` x PART_SHARD_BYTES, so a corpus of small shards is not read in parts that
+    each cost more to start than to read."""
+    return _StreamParts(stream, _cut(stream.urls, per_part, _shard_bytes, PART_SHARD_BYTES), None)
 
 
 def _shard_bytes(url: str) -> float:
     return os.path.getsize(url) if not url.startswith(STREAM_PREFIXES) else math.inf
 
 
-class _HubParts:
+def _hub_parts(stream: HubStream, per_part: int) -> _StreamParts[RowGroup]:
     """A local hub copy's row groups, at least `per_part` and `per_part` x PART_SAMPLES rows a part."""
-
-    def __init__(self, stream: HubStream, per_part: int):
-        self.stream, self.fingerprint = stream, stream.fingerprint
-        groups = stream.row_groups()
-        self.samples = sum(group.rows for group in groups)
-        self.parts = _cut(groups, per_part, lambda group: group.rows, PART_SAMPLES)
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def batches(self, part: int, workers: int) -> Iterable[tuple[torch.Tensor, ...]]:
-        return self.stream.one_pass(CHECK_BATCH, workers, self.parts[part])
+    groups = stream.row_groups()
+    parts = _cut(groups, per_part, lambda group: group.rows, PART_SAMPLES)
+    return _StreamParts(stream, parts, sum(group.rows for group in groups))
 
 
 def _cut(units: list[Unit], per_part: int, size: Callable[[Unit], float], least: float) -> list[list[Unit]]:
