@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from micromerge.core.atomic import atomic_output
+from micromerge.core.config_schema import is_count
 from micromerge.core.errors import MicromergeError
 from micromerge.core.provenance import provenance
 from micromerge.finetune.corpus_check import CheckProgress, CorpusParts, check_corpus, corpus_parts
@@ -88,24 +89,40 @@ def earlier_check(path: Path, spec: str) -> EarlierCheck | None:
             "or delete it to check this corpus"
         )
     try:
-        names = report["unreadable"]
-        if not all(isinstance(name, str) for name in names):
-            raise TypeError("a name that is not text")
-        progress = CheckProgress(int(report["parts_checked"]), int(report["read"]), tuple(names))
-        earlier = EarlierCheck(
-            str(report["data_fingerprint"]),
-            int(report["parts_sized_for_workers"]),
-            int(report["parts"]),
-            report["complete"] is True,
-            progress,
-        )
-        if earlier.per_part < 1 or not 0 <= progress.parts_done <= earlier.parts:
-            raise ValueError("its parts do not add up")
-        return earlier
+        fields = {key: report[key] for key in (*COUNTS, "unreadable", "complete", "data_fingerprint")}
     except KeyError as exc:
         raise MicromergeError(refuse.format(f"no {exc.args[0]!r} in it")) from None
-    except (TypeError, ValueError) as exc:
-        raise MicromergeError(refuse.format(f"{type(exc).__name__}: {exc}")) from None
+    why = _not_a_report(fields)
+    if why:
+        raise MicromergeError(refuse.format(why))
+    earlier = EarlierCheck(
+        str(fields["data_fingerprint"]),
+        fields["parts_sized_for_workers"],
+        fields["parts"],
+        fields["complete"],
+        CheckProgress(fields["parts_checked"], fields["read"], tuple(fields["unreadable"])),
+    )
+    if earlier.per_part < 1 or earlier.progress.parts_done > earlier.parts:
+        raise MicromergeError(refuse.format("its parts do not add up"))
+    return earlier
+
+
+COUNTS = ("parts_checked", "read", "parts_sized_for_workers", "parts")
+"""The report's fields that count something: whole numbers, as the check writes them."""
+
+
+def _not_a_report(fields: dict[str, Any]) -> str | None:
+    """What is wrong with a report's fields, if anything: an edited or damaged one is read exactly as
+    written or refused (a count of Infinity was a traceback; "abc" for the names read as three)."""
+    for key in COUNTS:
+        if not is_count(fields[key]):
+            return f"{key} is {json.dumps(fields[key])[:40]}, not a count"
+    names = fields["unreadable"]
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "unreadable is not a list of names"
+    if not isinstance(fields["complete"], bool):
+        return "complete is neither true nor false"
+    return None
 
 
 def resume_point(earlier: EarlierCheck | None, parts: CorpusParts) -> tuple[CheckProgress, str | None]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from micromerge.core.atomic import write_json_atomic
+from micromerge.core.config_schema import is_count
 from micromerge.core.errors import MicromergeError
 from micromerge.finetune.config import FinetuneConfig
 
@@ -83,7 +84,7 @@ def read_saved_state(cfg: FinetuneConfig, latest: Path) -> tuple[Path, dict[str,
         if not isinstance(saved, dict) or not {"config_digest", "micro_step", "step"} <= saved.keys():
             raise ValueError("trainer_state.json lacks config_digest, micro_step or step")
         counts = (saved["micro_step"], saved["step"])
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        if not all(is_count(n) for n in counts):
             raise ValueError(f"trainer_state.json: micro_step and step must be counts, not {counts!r}"[:120])
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from micromerge.core.config_schema import is_count
 from micromerge.core.errors import MicromergeError
 from micromerge.merging.dtypes import ITEM_SIZES
 
@@ -141,10 +142,6 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, s
     return entries, dict(metadata), size
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _parse_entry(path: Path, key: str, info: object, data_start: int) -> _Entry:
     """One tensor's header entry, strictly: a known dtype, non-negative integer dimensions and
     offsets (2.5 or -1 are refused, not rounded), offsets spanning exactly the tensor's bytes."""
@@ -153,11 +150,11 @@ def _parse_entry(path: Path, key: str, info: object, data_start: int) -> _Entry:
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
         raise MicromergeError(f"{path}: tensor {key!r} has an unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise MicromergeError(
             f"{path}: tensor {key!r} has a malformed shape {shape!r} (non-negative integers)"
         )
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
         raise MicromergeError(f"{path}: tensor {key!r} has malformed data_offsets {offsets!r}")
     meta = TensorMeta(tuple(shape), dtype)
     begin, end = offsets

@@ -206,6 +206,14 @@ def test_a_hub_copys_parts_are_whole_row_groups_one_a_worker_at_least(tmp_path, 
     assert len(readable) == 40 and all(readable)
 
 
+def _report_with(field: str, value: str) -> str:
+    """A whole report of the corpus the test writes, its `field` given the JSON text `value`."""
+    fields = {"report": '"micromerge data check"', "data": '"{data}"', "unreadable": "[]", "parts_checked": "1",
+              "read": "0", "data_fingerprint": '"0"', "parts_sized_for_workers": "1", "parts": "2",
+              "complete": "false", field: value}  # fmt: skip
+    return "{" + ", ".join(f'"{key}": {text}' for key, text in fields.items()) + "}"
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -213,16 +221,41 @@ def test_a_hub_copys_parts_are_whole_row_groups_one_a_worker_at_least(tmp_path, 
         ('{"rows": []}', 'not a data check report (no "report": "micromerge data check" in it){fix}'),
         (
             '{"report": "micromerge data check", "data": "{data}"}',
-            "not a data check report (no 'unreadable' in it){fix}",
+            "not a data check report (no 'parts_checked' in it){fix}",
         ),
         (
-            '{"report": "micromerge data check", "data": "{data}", "unreadable": [1]}',
-            "not a data check report (TypeError: a name that is not text){fix}",
+            _report_with("unreadable", "[1]"),
+            "not a data check report (unreadable is not a list of names){fix}",
+        ),
+        # "abc" was read as three names, {"a": 1} as one
+        (
+            _report_with("unreadable", '"abc"'),
+            "not a data check report (unreadable is not a list of names){fix}",
         ),
         (
-            '{"report": "micromerge data check", "data": "{data}", "unreadable": [], "parts_checked": 3, '
-            '"read": 0, "data_fingerprint": "0", "parts_sized_for_workers": 1, "parts": 2, "complete": false}',
-            "not a data check report (ValueError: its parts do not add up){fix}",
+            _report_with("unreadable", '{"a": 1}'),
+            "not a data check report (unreadable is not a list of names){fix}",
+        ),
+        # Infinity (which Python's json reads) was an OverflowError's traceback
+        (
+            _report_with("parts_checked", "Infinity"),
+            "not a data check report (parts_checked is Infinity, not a count){fix}",
+        ),
+        (_report_with("read", "-5"), "not a data check report (read is -5, not a count){fix}"),
+        (
+            _report_with("parts_checked", "1.7"),
+            "not a data check report (parts_checked is 1.7, not a count){fix}",
+        ),
+        (_report_with("parts", "true"), "not a data check report (parts is true, not a count){fix}"),
+        (_report_with("parts", '"2"'), 'not a data check report (parts is "2", not a count){fix}'),
+        (
+            _report_with("complete", '"yes"'),
+            "not a data check report (complete is neither true nor false){fix}",
+        ),
+        (_report_with("parts_checked", "3"), "not a data check report (its parts do not add up){fix}"),
+        (
+            _report_with("parts_sized_for_workers", "0"),
+            "not a data check report (its parts do not add up){fix}",
         ),
         (
             '{"report": "micromerge data check", "data": "elsewhere"}',

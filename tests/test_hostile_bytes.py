@@ -1,10 +1,11 @@
-"""Property-based tests (hypothesis) for the three parsers that read hostile bytes: the safetensors
-header reader, the config-file loader and the results-store reader. Whatever the bytes, each
+"""Property-based tests (hypothesis) for the parsers that read hostile bytes: the safetensors header
+reader, the config-file loader, the results-store reader and the `data check` report reader. Whatever the bytes, each
 returns a value or raises MicromergeError (one line for the user), never another exception."""
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import tempfile
 import warnings
@@ -17,6 +18,7 @@ from micromerge.core.config_files import load_section
 from micromerge.core.config_schema import MERGE_SCHEMA
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.store import ResultStore
+from micromerge.finetune.check_report import COUNTS, earlier_check
 from micromerge.merging.tensor_source import parse_safetensors_header
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -144,5 +146,35 @@ def test_results_store_reader(lines, newline):
                 assert path.read_bytes().startswith(before if not torn else kept), "only a torn row is cut"
                 assert any(r["run_id"] == "x" for r in ResultStore(path).rows())
                 assert [r["alpha"] for r in reader.rows("x")] == [0.5], "another writer's row, seen"
+    finally:
+        path.unlink()
+
+
+check_reports = st.fixed_dictionaries(
+    {"report": st.just("micromerge data check"), "data": st.just("corpus")},
+    optional={
+        **{count: st.integers(-2, 4) | json_values for count in COUNTS},
+        "unreadable": st.lists(st.text(max_size=4), max_size=3) | json_values,
+        "complete": st.booleans() | json_values,
+        "data_fingerprint": st.text(max_size=4) | json_values,
+    },
+)
+
+
+@SETTINGS
+@given(report=check_reports)
+@example(  # a count of Infinity (Python's json reads it): an OverflowError's traceback, found by hand
+    report={"report": "micromerge data check", "data": "corpus", "unreadable": [], "parts_checked": math.inf,
+            "read": 0, "parts_sized_for_workers": 1, "parts": 2, "complete": False, "data_fingerprint": "0"}
+)  # fmt: skip
+def test_data_check_report_reader(report):
+    path = _scratch(json.dumps(report).encode(), ".json")
+    try:
+        earlier = earlier_check(path, "corpus")
+        assert earlier is not None and earlier.per_part >= 1 and earlier.progress.read >= 0
+        assert 0 <= earlier.progress.parts_done <= earlier.parts
+        assert all(isinstance(name, str) for name in earlier.progress.unreadable)
+    except MicromergeError as error:
+        assert "\n" not in str(error)
     finally:
         path.unlink()

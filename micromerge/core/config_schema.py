@@ -27,6 +27,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_count(value: Any) -> bool:
+    """A whole number of things (a JSON integer, not a boolean, not negative)."""
+    return _is_int(value) and value >= 0
+
+
 def is_finite_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
