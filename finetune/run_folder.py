@@ -87,6 +87,8 @@ def check_finished_settings(cfg: FinetuneConfig) -> None:
     manifest_path = cfg.out / "manifest.json"
     try:
         trained = json.loads(manifest_path.read_text()).get("hyperparameters") or {}
+        if not isinstance(trained, dict):
+            raise ValueError(f"its hyperparameters are a JSON {type(trained).__name__}, not an object")
     except (OSError, ValueError, AttributeError) as exc:
         raise MicromergeError(
             f"--resume {cfg.out}: {manifest_path.name} is unreadable ({exc}); start over with --force"

@@ -180,7 +180,9 @@ def finished_output(
         statistics.keep_beside(out_path)
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # gone, cut, or not UTF-8 (a UnicodeDecodeError is a ValueError)
+        manifest = None
+    if not isinstance(manifest, dict):
         manifest = {**record, "output": str(out_path), "engine": backend.name, "recovered_from_header": True}
         write_json_atomic(manifest_path, manifest)
     return MergeOutput(out_path, manifest_path, manifest, reused=True)

@@ -442,9 +442,10 @@ def test_resuming_a_finished_run_hands_back_its_model_only_under_its_own_setting
     with pytest.raises(MicromergeError, match=r"other settings \(grad_clip, lr, max_steps, seed\); "):
         run_finetune(config(base, data, tmp_path / "run", resume=True, **others))  # the first four by name
     assert path.read_bytes() == trained
-    (tmp_path / "run" / "manifest.json").write_text("{cut")
-    with pytest.raises(MicromergeError, match="manifest.json is unreadable"):
-        run_finetune(config(base, data, tmp_path / "run", max_steps=12, resume=True))
+    for damaged in (b"{cut", b"\xff\xfe", b'{"hyperparameters": [{"lr": 1}]}'):  # the list: a traceback
+        (tmp_path / "run" / "manifest.json").write_bytes(damaged)
+        with pytest.raises(MicromergeError, match="manifest.json is unreadable"):
+            run_finetune(config(base, data, tmp_path / "run", max_steps=12, resume=True))
 
 
 def _contrastive_args(base, data, out, steps, batch_size=8):

@@ -237,6 +237,13 @@ def test_merge_alphas_resume_after_a_kill_and_recover_a_lost_manifest(pair):
     recovered = json.loads((pair / "killed" / "alpha-0.5.safetensors.manifest.json").read_text())
     assert recovered["recovered_from_header"] and recovered["parameters"]["alpha"] == 0.5
     assert len(recovered["inputs_sha256"]) == 2
+    # a manifest damaged on disk (not UTF-8 was a traceback; a JSON list was kept) is written again
+    for damaged in (b"\xff\xfe", b"[1, 2]"):
+        (pair / "killed" / "alpha-0.5.safetensors.manifest.json").write_bytes(damaged)
+        rerun = _merge(pair, "--alphas", "0:1:0.5", "--out", pair / "killed")
+        assert rerun.exit_code == 0 and rerun.output.count("kept") == 3, rerun.output
+        again = json.loads((pair / "killed" / "alpha-0.5.safetensors.manifest.json").read_text())
+        assert again == recovered
     for other in (  # anything else that makes the bytes or says how they were made: not kept
         ("--include", "visual.*"),
         ("--method", "task-arithmetic"),  # one specialist: wise-ft's numbers, another provenance
