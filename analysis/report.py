@@ -44,6 +44,7 @@ from micromerge.analysis.tables import GREEDY_SOUP, Run, finetuned_domain, has_c
 from micromerge.core.atomic import output_folder, staged_files, write_json_atomic, write_text_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_file, sha256_json
+from micromerge.core.json_text import parse_json
 from micromerge.core.provenance import has_interval
 from micromerge.core.suggest import meant
 from micromerge.eval.store import coefficients_file
@@ -529,7 +530,7 @@ def _learned_coefficients(store: Path, run: Run, notes: list[str]) -> dict[str, 
         return None
     path = coefficients_file(store, described)
     try:
-        saved = json.loads(path.read_text())
+        saved = parse_json(path.read_text())
     except (OSError, ValueError):
         notes.append(f"{run.label}: learned coefficients not found at {path} (the sweep writes them there)")
         return None

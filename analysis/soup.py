@@ -16,7 +16,6 @@ to the main store, where reports and ablations see one run with one point.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from micromerge.analysis.tables import GREEDY_SOUP, run_of_rows
 from micromerge.core.atomic import same_file
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
+from micromerge.core.json_text import parse_json
 from micromerge.core.provenance import CHOSEN_ON
 from micromerge.eval.engine import Prepared, prepare, run_sweep
 from micromerge.eval.settings import EvalSettings, SweepPlan, select_half
@@ -197,7 +197,7 @@ def check_soup_out(out: Path, force: bool, models: tuple[str, ...]) -> None:
     if force or not os.path.lexists(out):
         return
     try:
-        manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+        manifest = parse_json(out.with_name(out.name + ".manifest.json").read_text())
     except (OSError, ValueError):
         manifest = None
     if not (isinstance(manifest, dict) and GREEDY_SOUP in manifest):

@@ -21,7 +21,6 @@ beside a sweep's store (`<store>.coefficients/`), where the report plots them pe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ import micromerge
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import sha256_json
+from micromerge.core.json_text import parse_json
 from micromerge.core.progress import progress_bar
 from micromerge.eval.engine import Prepared, prepare
 from micromerge.eval.evaluator import Evaluator
@@ -283,7 +283,7 @@ def learned_coefficients(
             write_json_atomic(
                 path, _learn(request, described, model, config, finetuned, prepared, settings, device)
             )
-            saved = json.loads(path.read_text())  # as every later run reads it: one JSON round trip
+            saved = parse_json(path.read_text())  # as every later run reads it: one JSON round trip
     finally:
         for source in sources:
             source.close()
@@ -293,7 +293,7 @@ def learned_coefficients(
 def _cached_table(path: Path) -> dict[str, Any] | None:
     """The cached learned table, or None (learned again) when missing or damaged on disk."""
     try:
-        saved = json.loads(path.read_text())
+        saved = parse_json(path.read_text())
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) and {"table", "described"} <= saved.keys() else None

@@ -8,7 +8,6 @@ image bytes are skipped and recorded, never crashing a sweep.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from micromerge.core.atomic import atomic_output, write_json_atomic
+from micromerge.core.json_text import parse_json
 from micromerge.core.progress import progress_bar
 from micromerge.eval.data import column_values
 
@@ -177,7 +177,7 @@ def _cached_pixels(index_path: Path, pixels_path: Path, rows: int, size: int) ->
     if not (index_path.is_file() and pixels_path.is_file()):
         return None
     try:
-        index = json.loads(index_path.read_text())
+        index = parse_json(index_path.read_text())
         pixels = np.load(pixels_path, mmap_mode="r")
         valid = np.array(index["valid"], dtype=bool)
     except (OSError, ValueError, EOFError, KeyError, TypeError):

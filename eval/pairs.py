@@ -27,6 +27,7 @@ import datasets
 import numpy as np
 
 from micromerge.core.errors import MicromergeError, first_line
+from micromerge.core.json_text import parse_json
 from micromerge.eval.data import STRING_DTYPES, column_values, is_nullable
 from micromerge.eval.hub_layout import HUB_FOLDER, is_hub_layout
 from micromerge.eval.images import decode_payloads
@@ -214,7 +215,7 @@ def _numbered_records(path: Path, corpus: CorpusSpec) -> list[tuple[int, dict]]:
     for number, line in enumerate(_read_utf8(path).splitlines(), 1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except json.JSONDecodeError as exc:
                 raise MicromergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
@@ -283,7 +284,7 @@ def tar_caption(shard: Path, key: str, parts: dict[str, Any]) -> str:
     try:
         caption = parts.get(".txt", b"").decode("utf-8").strip()
         if not caption and ".json" in parts:
-            meta = json.loads(parts[".json"].decode("utf-8"))
+            meta = parse_json(parts[".json"].decode("utf-8"))
             caption = caption_text(
                 meta.get("caption") if isinstance(meta, dict) else None, f"{shard}: sample {key}"
             )

@@ -36,6 +36,7 @@ from typing import Any
 
 from micromerge.core.collector import cycle_collection_paused
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 
 SCHEMA_VERSION = 1
 
@@ -160,7 +161,7 @@ class _RunLines:
 def _decoded(pair: bytes) -> str | None:
     """The id of a `"run_id": "..."` pair, as JSON reads it (None where it is no JSON string)."""
     try:
-        value = json.loads(b"{" + pair + b"}")["run_id"]
+        value = parse_json(b"{" + pair + b"}")["run_id"]
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return value if isinstance(value, str) else None
@@ -358,7 +359,7 @@ class ResultStore:
                 if (needles is not None and not any(n in line for n in needles)) or not line.strip():
                     continue
                 try:
-                    row = json.loads(line.decode("utf-8"))
+                    row = parse_json(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     row = None
                 if not _is_row(row):
@@ -475,7 +476,7 @@ class ResultStore:
 
 def _row_of(line: bytes) -> dict[str, Any] | None:
     try:
-        row = json.loads(line.decode("utf-8"))
+        row = parse_json(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return row if _is_row(row) else None

@@ -24,6 +24,7 @@ from typing import Any
 from micromerge.core.atomic import atomic_output
 from micromerge.core.config_schema import is_count
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.core.provenance import provenance
 from micromerge.finetune.corpus_check import CheckProgress, CorpusParts, check_corpus, corpus_parts
 from micromerge.finetune.unreadable import too_many
@@ -78,7 +79,7 @@ def earlier_check(path: Path, spec: str) -> EarlierCheck | None:
         return None
     refuse = f"--out {path}: not a data check report ({{}}); choose another --out, or delete the file"
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise MicromergeError(refuse.format(exc)) from None
     if not isinstance(report, dict) or report.get("report") != REPORT:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from micromerge.core.errors import FolderInUse, MicromergeError
 from micromerge.core.folder_lock import sole_writer
 from micromerge.core.hashing import sha256_json
+from micromerge.core.json_text import parse_json
 from micromerge.finetune.config import RUN_GUARDS, FinetuneConfig
 from micromerge.finetune.saved_state import read_saved_state, schedule_in_json
 
@@ -86,7 +87,7 @@ def check_finished_settings(cfg: FinetuneConfig) -> None:
     --epochs would sweep the old specialist)."""
     manifest_path = cfg.out / "manifest.json"
     try:
-        trained = json.loads(manifest_path.read_text()).get("hyperparameters") or {}
+        trained = parse_json(manifest_path.read_text()).get("hyperparameters") or {}
         if not isinstance(trained, dict):
             raise ValueError(f"its hyperparameters are a JSON {type(trained).__name__}, not an object")
     except (OSError, ValueError, AttributeError) as exc:

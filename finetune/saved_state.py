@@ -6,7 +6,6 @@ the learning-rate schedule). Nothing in it may run code, and a damaged one is on
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.config_schema import is_count
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.finetune.config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def read_saved_state(cfg: FinetuneConfig, latest: Path) -> tuple[Path, dict[str,
     try:
         if not re.fullmatch(r"step-\d{8}", name):
             raise ValueError(f"LATEST names {name[:40]!r}, not a step-NNNNNNNN folder")
-        saved = json.loads((folder / "trainer_state.json").read_text())
+        saved = parse_json((folder / "trainer_state.json").read_text())
         if not isinstance(saved, dict) or not {"config_digest", "micro_step", "step"} <= saved.keys():
             raise ValueError("trainer_state.json lacks config_digest, micro_step or step")
         counts = (saved["micro_step"], saved["step"])
@@ -133,7 +133,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     rows, dropped = [], 0
     for line in path.read_text(errors="replace").splitlines():
         try:
-            row = json.loads(line) if line.strip() else None
+            row = parse_json(line) if line.strip() else None
         except ValueError:
             row = None
         if (

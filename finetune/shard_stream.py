@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.eval.pairs import IMAGE_SUFFIXES
 from micromerge.finetune.augment import named_sample_seed
 from micromerge.finetune.streaming import Sample, SampleRecipe
@@ -245,7 +246,7 @@ def _sample_caption(sample: dict) -> str:
     caption = text("txt").strip()
     if not caption and "json" in sample:
         try:
-            meta = json.loads(text("json"))
+            meta = parse_json(text("json"))
         except json.JSONDecodeError:
             return ""
         found = meta.get("caption") if isinstance(meta, dict) else None

@@ -29,6 +29,7 @@ import micromerge
 from micromerge.core.atomic import output_folder, sync_tree, write_json_atomic, write_text_atomic
 from micromerge.core.devices import resolve_device
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON
 from micromerge.finetune.config import FinetuneConfig
@@ -71,7 +72,7 @@ def _inputs_digest(prepared: Prepared) -> dict[str, Any]:
 
 
 def _check_resume_inputs(cfg: FinetuneConfig, resume_from: Path, prepared: Prepared) -> None:
-    saved = json.loads((resume_from / "trainer_state.json").read_text()).get("inputs") or {}
+    saved = parse_json((resume_from / "trainer_state.json").read_text()).get("inputs") or {}
     changed = [k for k, v in _inputs_digest(prepared).items() if saved.get(k) != v]
     if changed:
         raise MicromergeError(
@@ -241,7 +242,7 @@ def _train(cfg: FinetuneConfig, accelerator: Accelerator) -> Path:
     skipped = UnreadableCount(cfg.data, cfg.max_bad_fraction) if prepared.data is None else None
     log_path = cfg.out / "train_log.jsonl"
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        saved = parse_json((resume_from / "trainer_state.json").read_text())
         load_saved_state(accelerator, cfg, resume_from)
         restore_schedule(cfg, scheduler, saved)
         if skipped is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from micromerge.core.atomic import write_json_atomic
 from micromerge.core.errors import MicromergeError
 from micromerge.core.hashing import default_cache_dir, sha256_file
+from micromerge.core.json_text import parse_json
 from micromerge.core.progress import progress_bar
 from micromerge.core.provenance import LEARNED_FROM_HALVES, SUPERVISED_ON, provenance
 from micromerge.merging.backend import ArrayBackend
@@ -158,7 +159,7 @@ def finished_output(
     run killed between the checkpoint and its manifest is recovered: the manifest is rewritten."""
     try:
         entries, metadata, _ = parse_safetensors_header(out_path)
-        record = json.loads(metadata.get("micromerge.core.provenance", "null"))
+        record = parse_json(metadata.get("micromerge.core.provenance", "null"))
     except (MicromergeError, json.JSONDecodeError):
         return None
     if not isinstance(record, dict):
@@ -179,7 +180,7 @@ def finished_output(
     if statistics is not None:
         statistics.keep_beside(out_path)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = parse_json(manifest_path.read_text())
     except (OSError, ValueError):  # gone, cut, or not UTF-8 (a UnicodeDecodeError is a ValueError)
         manifest = None
     if not isinstance(manifest, dict):

@@ -15,6 +15,7 @@ from typing import Any
 import micromerge
 from micromerge.core.atomic import write_text_atomic
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.core.provenance import has_interval, supervised_lineage, trained_on_note
 from micromerge.merging.sources import checkpoint_name
 from micromerge.merging.tensor_source import parse_safetensors_header
@@ -31,7 +32,7 @@ def checkpoint_provenance(files: list[Path]) -> dict[str, Any]:
     for file in files:
         for manifest in (file.with_name(file.name + ".manifest.json"), file.with_name("manifest.json")):
             try:
-                record = json.loads(manifest.read_text())
+                record = parse_json(manifest.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if _is_ours(record):
@@ -39,7 +40,7 @@ def checkpoint_provenance(files: list[Path]) -> dict[str, Any]:
         if file.suffix == ".safetensors":
             try:
                 _, metadata, _ = parse_safetensors_header(file)
-                record = json.loads(metadata.get("micromerge.core.provenance", "{}"))
+                record = parse_json(metadata.get("micromerge.core.provenance", "{}"))
             except (MicromergeError, json.JSONDecodeError):
                 continue
             if _is_ours(record):

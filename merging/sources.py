@@ -12,7 +12,6 @@ This module imports torch only on the paths that need it.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Literal
 from micromerge.core.config_schema import is_finite_number
 from micromerge.core.errors import MicromergeError, first_line
 from micromerge.core.hub_download import hf_download_command, offline_setting
+from micromerge.core.json_text import parse_json
 from micromerge.core.suggest import meant
 from micromerge.merging import hf_clip
 from micromerge.merging.arch_names import require_known_architecture
@@ -149,7 +149,7 @@ def _open_safetensors(files: list[Path], label: str, arrays: ArrayKind) -> Safet
 def _read_json_object(path: Path, fix: str) -> dict:
     """A checkpoint's JSON side file as a dict, or one line naming it and `fix`."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise MicromergeError(f"{path}: unreadable ({first_line(exc)[:100]}); {fix}") from exc
     if not isinstance(value, dict):

@@ -26,6 +26,7 @@ import numpy as np
 
 from micromerge.core.config_schema import is_count
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.merging.dtypes import ITEM_SIZES
 
 _MAX_HEADER = 100 << 20
@@ -114,8 +115,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, s
     except OSError as exc:
         raise MicromergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = parse_json(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MicromergeError(
             f"{path}: corrupt safetensors header (not JSON); re-download or re-export it"
         ) from exc
@@ -271,8 +272,8 @@ def arch_from_metadata(metadata: dict[str, str], label: str = "checkpoint") -> A
     model_config = None
     if config:
         try:
-            model_config = json.loads(config)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            model_config = parse_json(config)
+        except json.JSONDecodeError as exc:
             raise MicromergeError(f"{label}: its micromerge.model_config metadata is not JSON") from exc
         if not isinstance(model_config, dict):
             raise MicromergeError(f"{label}: its micromerge.model_config metadata is not a JSON object")

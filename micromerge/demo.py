@@ -25,6 +25,7 @@ from micromerge.core.atomic import output_folder, sync_folder, sync_tree, write_
 from micromerge.core.errors import MicromergeError
 from micromerge.core.folder_lock import sole_writer
 from micromerge.core.hashing import sha256_json
+from micromerge.core.json_text import parse_json
 
 ARCH = "micro-clip"
 METHODS = ("wise-ft", "task-arithmetic", "ties")
@@ -121,7 +122,7 @@ def _read_marker(marker: Path) -> dict[str, Any] | None:
     if not marker.is_file():
         return None
     try:
-        recorded = json.loads(marker.read_text())
+        recorded = parse_json(marker.read_text())
     except (OSError, ValueError):
         return {"digest": None}
     return recorded if isinstance(recorded, dict) else {"digest": None}

@@ -257,6 +257,10 @@ def _report_with(field: str, value: str) -> str:
             _report_with("parts_sized_for_workers", "0"),
             "not a data check report (its parts do not add up){fix}",
         ),
+        (  # nested past Python's parser: a RecursionError's traceback
+            _report_with("unreadable", "[" * 3000 + "]" * 3000),
+            "not a data check report (nested too deeply to read){fix}",
+        ),
         (
             '{"report": "micromerge data check", "data": "elsewhere"}',
             "the report of a check of --data elsewhere; choose another --out, or delete it to check this corpus",

@@ -273,6 +273,10 @@ def test_state_left_by_a_kill_after_the_manifest_is_removed(tmp_path, base):
     assert not (tmp_path / "run" / "state").exists()
 
 
+DEEP = "[" * 3000 + "]" * 3000
+"""JSON nested 3,000 deep: past what Python's parser reads (a RecursionError from about 1,000)."""
+
+
 def _tar(path, members):
     with tarfile.open(path, "w") as archive:
         for name, data in members.items():
@@ -291,6 +295,15 @@ def _tar(path, members):
         (
             lambda d: _tar(d / "a.tar", {"s1.png": _png(0), "s1.json": b"{not json"}),
             ".json is not valid JSON",
+        ),
+        # JSON nested a thousand deep: Python's parser raises RecursionError, which was a traceback
+        (
+            lambda d: (d / "captions.jsonl").write_text(DEEP + "\n"),
+            r"captions.jsonl:1: not valid JSON \(nested too",
+        ),
+        (
+            lambda d: _tar(d / "a.tar", {"s1.png": _png(0), "s1.json": DEEP.encode()}),
+            r".json is not valid JSON \(nested too deeply to read\)",
         ),
     ],
 )

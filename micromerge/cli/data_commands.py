@@ -4,7 +4,6 @@ one, and which samples of a fine-tuning corpus a fine-tune would leave out."""
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from micromerge.cli.errors import friendly_errors, writes_nothing, writes_nothing_without
 from micromerge.cli.options import QUIET, SOURCES_HELP, UBENCH_DATA_HELP
 from micromerge.core.errors import MicromergeError
+from micromerge.core.json_text import parse_json
 from micromerge.finetune.config import DEFAULT_MAX_BAD_FRACTION
 
 
@@ -93,7 +93,7 @@ def data_verify_command(path: str, expected: str | None) -> None:
     checksums = PUBLISHED_SHARDS
     if expected:
         try:
-            loaded = json.loads(Path(expected).read_text(encoding="utf-8"))
+            loaded = parse_json(Path(expected).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise MicromergeError(
                 f"--expected {expected}: not a JSON object of shard checksums ({exc})"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from micromerge.core.atomic import write_json_atomic
+from micromerge.core.json_text import parse_json
 from micromerge.core.progress import progress_bar
 
 _CHUNK = 8 << 20
@@ -41,7 +42,7 @@ def _cached(fingerprint: str, cache_file: Path | None) -> str | None:
     if cache_file is None:
         return None
     try:
-        cached = json.loads(cache_file.read_text())
+        cached = parse_json(cache_file.read_text())
         return str(cached["sha256"]) if cached.get("fingerprint") == fingerprint else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
