@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,18 @@ def _read_utf8(path: Path) -> str:
         raise MicromergeError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
+def _csv_records(reader: csv.DictReader, path: Path) -> Iterator[dict[Any, Any]]:
+    """The reader's records; what the csv module cannot read, one line naming where it stopped (a
+    field over its 128 KiB limit is, in a caption table, a quote left open: the rest of the file)."""
+    try:
+        yield from reader
+    except csv.Error as exc:  # the row that failed begins on the line after the last one read
+        raise MicromergeError(
+            f"{path}: the row from line {reader.line_num + 1}: not a table csv can read ({exc}); look there "
+            "for a quote left open"
+        ) from None
+
+
 def _numbered_records(path: Path, corpus: CorpusSpec) -> list[tuple[int, dict]]:
     """A table's rows, each with the line of the file it ends on (what an editor shows: the CSV
     header is line 1, blank JSONL lines count), so an error names the line to fix."""
@@ -202,7 +214,7 @@ def _numbered_records(path: Path, corpus: CorpusSpec) -> list[tuple[int, dict]]:
         if repeated:
             raise MicromergeError(f"{path}: column {repeated[0]!r} is named twice in the header; rename one")
         records = []
-        for record in reader:
+        for record in _csv_records(reader, path):
             if None in record:  # more fields than the header: an unquoted separator in a caption
                 raise MicromergeError(
                     f"{path}: line {reader.line_num} has {len(header) + len(record[None])} fields, the header "

@@ -296,6 +296,12 @@ def _tar(path, members):
             lambda d: _tar(d / "a.tar", {"s1.png": _png(0), "s1.json": b"{not json"}),
             ".json is not valid JSON",
         ),
+        (  # a quote left open: the rest of the file one field, past csv's 128 KiB (a csv.Error's traceback)
+            lambda d: (d / "captions.csv").write_text(
+                'image,caption\nimg0.png,a\nimg0.png,"open\n' + "img0.png,a caption\n" * 8000
+            ),
+            r"captions.csv: the row from line 3: not a table csv can read \(field larger than field limit",
+        ),
         # JSON nested a thousand deep: Python's parser raises RecursionError, which was a traceback
         (
             lambda d: (d / "captions.jsonl").write_text(DEEP + "\n"),
