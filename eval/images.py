@@ -94,6 +94,11 @@ class PixelFeed:
         return (data.float().div_(255.0) - self.mean) / self.std
 
 
+UNREADABLE_IMAGE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+"""What Pillow raises for an image it cannot read: not an image, cut short, a broken chunk (some
+plugins raise SyntaxError), or a header declaring over twice Image.MAX_IMAGE_PIXELS (179 million)."""
+
+
 def decode_one(payload: dict | None, size: int) -> np.ndarray | None:
     """One image payload resized (shorter side, bicubic) and centre-cropped to uint8 [3, S, S]; None if unreadable."""
     if payload is None:
@@ -106,7 +111,7 @@ def decode_one(payload: dict | None, size: int) -> np.ndarray | None:
         else:
             return None
         image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+    except UNREADABLE_IMAGE:
         return None  # corrupt, truncated, or declaring more pixels than any micrograph: counted, skipped
     image = CenterCrop(size)(Resize(size, interpolation=InterpolationMode.BICUBIC)(image))
     return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from micromerge.core.errors import MicromergeError
-from micromerge.eval.images import decode_one
+from micromerge.eval.images import UNREADABLE_IMAGE, decode_one
 
 
 def _crop(size: int) -> Callable:
@@ -67,7 +67,7 @@ def augmented_pixels(payload: dict, size: int, augment: tuple[str, ...], seed: i
         if source is None:  # a null image cell: no bytes and no path
             return None
         image = Image.open(source).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+    except UNREADABLE_IMAGE:  # a decompression bomb's header was a worker's traceback
         return None
     # this worker's CPU generator, for this sample only (torchvision's random transforms draw from it).
     # Not torch.manual_seed: on a CUDA build it also queues a seeding of every GPU, formatting a stack

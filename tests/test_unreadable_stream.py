@@ -113,6 +113,37 @@ def test_a_stream_leaves_out_its_unreadable_images_counts_them_and_says_so(tmp_p
     assert all(loss > 0 for loss in losses) and len(losses) == 3
 
 
+def _decompression_bomb() -> bytes:
+    """A PNG whose header declares 20,000 x 20,000 pixels, over twice Pillow's MAX_IMAGE_PIXELS:
+    Image.open raises DecompressionBombError before reading a pixel (Pillow's documentation of
+    Image.open; the PNG chunk layout of the PNG specification, ISO/IEC 15948)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("augment", [(), ("crop", "flip")])
+def test_a_decompression_bomb_is_left_out_as_unreadable_with_or_without_augmentation(tmp_path, base, augment):
+    """Pillow refuses an image declaring more pixels than any micrograph with an error of its own,
+    DecompressionBombError: the augmented path let it through, a traceback that ended the run."""
+    data = write_csv_folder(tmp_path / "pairs", n=24)
+    (data / "img5.png").write_bytes(_decompression_bomb())
+    streamed = dict(data_in_memory="no", workers=0, max_steps=3, augment=augment)
+    run_finetune(config(base, data, tmp_path / "run", **streamed))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["corrupt_images_skipped"] == 1
+    assert (tmp_path / "run" / "unreadable.txt").read_text() == f"{str(data / 'img5.png')!r}\n"
+
+
 def test_an_in_memory_run_counts_no_unreadable_samples_while_it_trains(tmp_path, base, monkeypatch):
     """Decoding in memory drops the unreadable images before the first step, so the stream's
     count (an all-reduce at every loss read of a launch) is not kept: the manifest counts the
