@@ -11,7 +11,7 @@ import io
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -78,7 +78,7 @@ class ShardStream:
             wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.recipe.seed),
             _NodeSplit(rank, world),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec, self.urls)),
+            _tar_samples(_UnreadableShard(self.spec, self.urls)),
             wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
             wds.batched(batch, collation_fn=list, partial=False),
             _StreamDecoder(self, skip),
@@ -97,7 +97,7 @@ class ShardStream:
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_UnreadableShard(self.spec, self.urls)),
+            _tar_samples(_UnreadableShard(self.spec, self.urls)),
             wds.batched(batch, collation_fn=list, partial=True),
             _StreamDecoder(self, 0),
         )
@@ -142,6 +142,39 @@ class ShardReadError(MicromergeError):
         if "\n" in message:  # re-raised from a worker: "…\nmicromerge.….ShardReadError: the line"
             message = message.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] or message
         super().__init__(message)
+
+
+def _tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """webdataset's `tarfile_to_samples` (its three stages, in webdataset 0.2.86 and 1.0.2), each
+    shard's stream closed once its tar is read: a `pipe:` command's exit status was seen only when
+    one of its reads found the command already ended (webdataset's Pipe polls at each read), so a
+    command that failed after writing its output (`curl ...; exit 22`) went unnoticed whenever the
+    reads finished first; a local shard was left open for the garbage collector."""
+    from webdataset import tariterators as tar
+
+    def samples(shards: Iterable[dict]) -> Iterator[dict]:
+        opened = _closed_once_read(tar.url_opener(shards, handler=handler), handler)
+        return tar.group_by_keys(tar.tar_file_expander(opened, handler=handler), handler=handler)
+
+    return samples
+
+
+def _closed_once_read(shards: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The opened shards, each closed when the next is asked for (its tar has been read to its end):
+    a pipe read to its end first, then its command waited for, and its exit status said (webdataset's
+    Pipe.close raises for a status other than 0 or 141, a shell's broken pipe)."""
+    for shard in shards:
+        yield shard
+        stream = shard["stream"]
+        try:
+            if getattr(stream, "proc", None) is not None:  # a pipe: what follows the tar's end, drained
+                while stream.read(2**16):
+                    pass
+            stream.close()
+        except Exception as error:
+            error.args = (*error.args, stream, shard["url"])
+            if not handler(error):
+                return
 
 
 PIPE_EXIT = re.compile(r": exit (-?\d+) \(read\)")

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from micromerge.cli import cli
 from micromerge.core.errors import MicromergeError
 from micromerge.eval.pairs import load_pairs
 from micromerge.finetune.micro_batches import epoch_order
@@ -409,18 +411,27 @@ def test_a_missing_or_unreadable_shard_is_one_line_that_names_it(tmp_path, base,
         assert message.count("cannot be read") == 1 and " @ " not in message, message
 
 
-def test_a_pipe_whose_command_fails_is_one_line_with_its_exit_status(tmp_path, base):
+@pytest.mark.parametrize("then", ["exit 3", "exec >&-; sleep 1; exit 3"])
+def test_a_pipe_whose_command_fails_is_one_line_with_its_exit_status(tmp_path, base, then):
     """A `pipe:` download that fails (expired credentials, a wrong URL) was "cannot be read as a tar
     file ((('cmd',), {'shell': True, 'bufsize': 8192}): exit 3 (read) {})": webdataset's Pipe
-    repr, and a tar file blamed. Its status is said, and where to look."""
+    repr, and a tar file blamed. Its status is said, and where to look. A command that had not
+    ended when its output did (`exec >&-` closes it, then the command takes a second to fail)
+    failed unnoticed, the run trained on: webdataset's Pipe looks for the status at each read, so
+    it was missed whenever the last read came first (the fails-at-once case went so once on a
+    loaded machine, at the floors). Each pipe is now waited for once its tar is read, in a
+    fine-tune and in a check."""
     shards = write_shards(tmp_path / "wds", 14, per_shard=7)
-    spec = f"pipe:cat {shards}/shard-000000.tar; exit 3"
-    with pytest.raises(MicromergeError) as caught:
-        run_finetune(config(base, spec, tmp_path / "run", max_steps=6, batch_size=2, workers=0))
-    assert str(caught.value) == (
+    spec = f"pipe:cat {shards}/shard-000000.tar; {then}"
+    expected = (
         f"--data {spec}: shard {spec}: its command exited with status 3; run the command on its own to "
         "see why (a download's URL or credentials?), then run again"
     )
+    with pytest.raises(MicromergeError) as caught:
+        run_finetune(config(base, spec, tmp_path / "run", max_steps=6, batch_size=2, workers=0))
+    assert str(caught.value) == expected
+    result = CliRunner().invoke(cli, ["data", "check", "--data", spec, "--workers", "0", "--quiet"])
+    assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: {expected}"], result.output
 
 
 def test_a_pipe_whose_command_writes_nothing_is_one_line_naming_the_command(tmp_path):
