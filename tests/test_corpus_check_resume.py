@@ -258,7 +258,7 @@ def _report_with(field: str, value: str) -> str:
             "not a data check report (its parts do not add up){fix}",
         ),
         (  # nested past Python's parser: a RecursionError's traceback
-            _report_with("unreadable", "[" * 3000 + "]" * 3000),
+            _report_with("unreadable", "[" * 100_000 + "]" * 100_000),
             "not a data check report (nested too deeply to read){fix}",
         ),
         (

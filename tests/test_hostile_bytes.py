@@ -118,7 +118,7 @@ store_lines = st.one_of(
     lines=[b'{"schema": 1, "run_id": "", "task": "", "metric": ""}'], newline=False
 )  # no alpha: KeyError
 @example(  # nested past Python's parser: a RecursionError's traceback
-    lines=[b'{"schema": 1, "run_id": "x", "alpha": ' + b"[" * 3000 + b"]" * 3000 + b"}"], newline=True
+    lines=[b'{"schema": 1, "run_id": "x", "alpha": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"], newline=True
 )
 def test_results_store_reader(lines, newline):
     path = _scratch(b"\n".join(lines) + (b"\n" if newline else b""), ".jsonl")

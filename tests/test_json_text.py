@@ -1,6 +1,7 @@
 """JSON read from files goes through `parse_json`: Python's parser raises RecursionError (no
-ValueError) for JSON nested about a thousand deep, which every reader's `except ValueError` let
-through as a traceback (a results store, a data check report, a corpus's JSONL line)."""
+ValueError) for JSON nested deep enough (1,000 levels on Python 3.10 and 3.11, 10,000 on 3.13),
+which every reader's `except ValueError` let through as a traceback (a results store, a data check
+report, a corpus's JSONL line)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ OWN_TEXT = {
 
 
 def test_json_nested_past_the_parser_is_a_json_decode_error_that_says_so():
-    deep = "[" * 3000 + "]" * 3000
+    deep = "[" * 100_000 + "]" * 100_000
     with pytest.raises(RecursionError):
         json.loads(deep)  # what every reader met before
     for text in (deep, deep.encode()):
