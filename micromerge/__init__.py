@@ -5,4 +5,4 @@ manifests, config loading, device choice) plus the CLI and the demo that wire th
 stages (`merging`, `finetune`, `eval`, `analysis`) together.
 """
 
-__version__ = "0.1.17"
+__version__ = "0.1.18"
