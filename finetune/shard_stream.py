@@ -78,7 +78,7 @@ class ShardStream:
             wds.detshuffle(SHARD_SHUFFLE, SHARD_SHUFFLE_INITIAL, seed=self.recipe.seed),
             _NodeSplit(rank, world),
             wds.split_by_worker,
-            _tar_samples(_UnreadableShard(self.spec, self.urls)),
+            _TarSamples(_UnreadableShard(self.spec, self.urls)),
             wds.shuffle(SAMPLE_SHUFFLE, SAMPLE_SHUFFLE_INITIAL, rng=random.Random(self.recipe.seed)),
             wds.batched(batch, collation_fn=list, partial=False),
             _StreamDecoder(self, skip),
@@ -97,7 +97,7 @@ class ShardStream:
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.split_by_worker,
-            _tar_samples(_UnreadableShard(self.spec, self.urls)),
+            _TarSamples(_UnreadableShard(self.spec, self.urls)),
             wds.batched(batch, collation_fn=list, partial=True),
             _StreamDecoder(self, 0),
         )
@@ -144,19 +144,22 @@ class ShardReadError(MicromergeError):
         super().__init__(message)
 
 
-def _tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+class _TarSamples:
     """webdataset's `tarfile_to_samples` (its three stages, in webdataset 0.2.86 and 1.0.2), each
     shard's stream closed once its tar is read: a `pipe:` command's exit status was seen only when
     one of its reads found the command already ended (webdataset's Pipe polls at each read), so a
     command that failed after writing its output (`curl ...; exit 22`) went unnoticed whenever the
-    reads finished first; a local shard was left open for the garbage collector."""
-    from webdataset import tariterators as tar
+    reads finished first; a local shard was left open for the garbage collector. A class, as
+    webdataset's own stages are picklable: spawned DataLoader workers (macOS, Windows) unpickle it."""
 
-    def samples(shards: Iterable[dict]) -> Iterator[dict]:
-        opened = _closed_once_read(tar.url_opener(shards, handler=handler), handler)
-        return tar.group_by_keys(tar.tar_file_expander(opened, handler=handler), handler=handler)
+    def __init__(self, handler: Callable[[Exception], bool]):
+        self.handler = handler
 
-    return samples
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        from webdataset import tariterators as tar
+
+        opened = _closed_once_read(tar.url_opener(shards, handler=self.handler), self.handler)
+        return tar.group_by_keys(tar.tar_file_expander(opened, handler=self.handler), handler=self.handler)
 
 
 def _closed_once_read(shards: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:

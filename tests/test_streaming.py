@@ -434,6 +434,27 @@ def test_a_pipe_whose_command_fails_is_one_line_with_its_exit_status(tmp_path, b
     assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: {expected}"], result.output
 
 
+def test_a_shard_streams_datasets_pickle_as_spawned_workers_need(tmp_path):
+    """DataLoader workers started by spawn (the default on macOS and Windows) unpickle the dataset:
+    webdataset's stages pickle, and the stage that closes each shard once read (a local function at
+    first) must too. Unpickled, each reads what the original reads."""
+    import itertools
+    import pickle
+
+    from micromerge.finetune.corpus_check import CHECK_BATCH, CHECK_SIZE, no_target
+    from micromerge.finetune.shard_stream import ShardStream
+    from micromerge.finetune.streaming import SampleRecipe
+
+    shards = write_shards(tmp_path / "wds", 14, per_shard=7)
+    stream = ShardStream(f"{shards}/shard-{{000000..000001}}.tar", SampleRecipe(CHECK_SIZE, (), 0, no_target))
+    check = stream.one_pass(CHECK_BATCH, 0, stream.urls).dataset
+    training = stream.loader(4, 0, 1, 0, 0)._dataset
+    for dataset in (check, training):  # the check's one batch of 14; the training's first 3 of 4
+        again = pickle.loads(pickle.dumps(dataset))
+        names = [[batch[3] for batch in itertools.islice(d, 3)] for d in (dataset, again)]
+        assert names[0] == names[1] and len(names[0]) in (1, 3)
+
+
 def test_a_pipe_whose_command_writes_nothing_is_one_line_naming_the_command(tmp_path):
     """A command that succeeds with no output (a `curl` without --fail on a page of nothing, a
     `cat` of an empty file) was "cannot be read as a tar file (empty file); re-create or re-download
